@@ -1,0 +1,3 @@
+from vibee.cli import main
+
+main()

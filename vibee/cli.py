@@ -1,0 +1,152 @@
+"""The `vibee` command: gen, check, explain (serve and bench arrive with the runtime)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from vibee.ir.spec import SUPPORTED_TARGETS
+from vibee.spec.errors import Diagnostic, SpecError
+
+SPEC_ARG = click.argument("specs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+TARGET_OPT = click.option("--target", type=click.Choice(SUPPORTED_TARGETS), default=None,
+                          help="Generate for this target, overriding each spec's `language:`.")
+
+
+def _report(diagnostics: list[Diagnostic]) -> None:
+    for d in diagnostics:
+        click.echo(d.render(), err=True)
+
+
+def _load(specs, target, contracts=True):
+    from vibee.ir.load import load_specs
+
+    try:
+        loaded, warnings = load_specs(list(specs), target, contracts=contracts)
+    except SpecError as exc:
+        _report(exc.diagnostics)
+        n = sum(d.severity == "error" for d in exc.diagnostics)
+        click.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
+        sys.exit(2)
+    _report(warnings)
+    return loaded
+
+
+@click.group()
+@click.version_option(package_name="vibee")
+def main() -> None:
+    """vibee: inference optimizations as specs, compiled into tested torch/Triton modules."""
+
+
+@main.command()
+@SPEC_ARG
+@TARGET_OPT
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="output", show_default=True,
+              help="Directory for vibee_gen/, tests/ and MANIFEST.json.")
+@click.option("--check", "check_only", is_flag=True, help="Write nothing; exit 1 if output is stale or hand-edited.")
+def gen(specs, target, out_dir, check_only):
+    """Generate modules, references and tests from SPECS."""
+    from vibee.codegen.generate import check, plan, write
+
+    loaded = _load(specs, target)
+    out = Path(out_dir)
+    files = plan(loaded, out)
+    if check_only:
+        problems = check(files, out)
+        for p in problems:
+            click.echo(f"{out / p}" if not p.startswith(str(out)) else p, err=True)
+        if problems:
+            click.echo(f"{len(problems)} generated file(s) out of date; run `vibee gen {' '.join(specs)}`", err=True)
+            sys.exit(1)
+        click.echo(f"{out}: up to date ({len(files)} files from {len(loaded)} spec(s))")
+        return
+    written, unchanged = write(files, out)
+    for rel in written:
+        click.echo(f"wrote {out / rel}")
+    click.echo(f"{len(written)} written, {len(unchanged)} unchanged in {out}/ from {len(loaded)} spec(s)")
+
+
+@main.command("check")
+@SPEC_ARG
+@TARGET_OPT
+@click.option("--syntax-only", is_flag=True, help="Only parse; skip types, config and contract checks.")
+def check_cmd(specs, target, syntax_only):
+    """Validate SPECS without writing anything (exit 0 if valid, 2 with errors)."""
+    if syntax_only:
+        from vibee.spec.parser import parse_file
+
+        errors: list[Diagnostic] = []
+        for path in specs:
+            try:
+                parse_file(path)
+            except SpecError as exc:
+                errors.extend(exc.diagnostics)
+        if errors:
+            _report(errors)
+            sys.exit(2)
+        click.echo(f"{len(specs)} spec(s): syntax ok")
+        return
+    loaded = _load(specs, target)
+    for spec in loaded:
+        click.echo(f"{spec.path}: ok ({spec.kind}, target {spec.target})")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@TARGET_OPT
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved IR as JSON.")
+def explain(spec, target, as_json):
+    """Print SPEC's resolved IR (every default filled in) and figures derived from it."""
+    (loaded,) = _load([spec], target, contracts=False)
+    data = loaded.model_dump(mode="json")
+    derived = loaded.config.derived()
+    if as_json:
+        click.echo(json.dumps({"spec": data, "derived": derived}, indent=2))
+        return
+    from rich.console import Console
+    from rich.tree import Tree
+
+    console = Console()
+    tree = Tree(f"[bold]{loaded.name}[/] {loaded.version}  kind={loaded.kind}  target={loaded.target}  module={loaded.module}")
+    _add(tree.add("[bold]config[/] (defaults filled in)"), data["config"])
+    if loaded.variants:
+        vt = tree.add("[bold]variants[/]")
+        for v in loaded.variants:
+            node = vt.add(f"{v.name} {v.params or ''}")
+            for role in ("score_mod", "mask_mod"):
+                e = getattr(v, role)
+                if e is not None:
+                    node.add(f"{role}: {e.source}  [dim]-> torch: {e.torch}[/]")
+    if loaded.types:
+        tt = tree.add("[bold]types[/]")
+        for t in loaded.types:
+            tt.add(f"{t.name}(" + ", ".join(f"{f.name}: {f.type}" for f in t.fields) + ")")
+    if loaded.behaviors:
+        bt = tree.add("[bold]behaviors[/]")
+        for b in loaded.behaviors:
+            bt.add(f"{b.name}: {len(b.test_cases)} test case(s)" + ("" if b.known else " [yellow](documentation only)[/]"))
+    tree.add(f"[bold]test_cases[/]: {len(loaded.all_test_cases())} generated, {len(loaded.ignored_test_cases)} descriptive only")
+    if derived:
+        _add(tree.add("[bold]derived[/]"), derived)
+    console.print(tree)
+
+
+def _add(node, value) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if (isinstance(v, dict) and v) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
+                _add(node.add(str(k)), v)
+            else:
+                node.add(f"{k}: {v}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _add(node.add(f"[{i}]"), v) if isinstance(v, (dict, list)) else node.add(str(v))
+    else:
+        node.add(str(value))
+
+
+if __name__ == "__main__":
+    main()
