@@ -1,0 +1,104 @@
+"""The speculative_decode spec drives the generated code: change one knob in the shipped spec,
+regenerate, and the module behaves differently (or the spec is refused with a clear error)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from vibee.spec.errors import SpecError
+
+NAME = "igla_speculative_decode"
+
+
+def with_knob(text: str, key: str, value: str) -> str:
+    """The spec text with `key: <old>` (the first such line) set to value, comments kept."""
+    pattern = re.compile(rf"^(\s*{re.escape(key)}:\s*)([^#\n]*?)(\s*(#.*)?)$", re.MULTILINE)
+    changed, count = pattern.subn(lambda m: m.group(1) + value + m.group(3), text, count=1)
+    assert count == 1, f"the shipped spec has no '{key}:' line"
+    return changed
+
+
+@pytest.fixture
+def shipped(spec_text, gen_from_text):
+    return gen_from_text(spec_text("speculative_decode"), NAME)
+
+
+# A context whose 3-gram tail [1, 2, 3] recurs only at the start (followed by 7), while its
+# 2-gram tail [2, 3] recurs later (followed by 8).
+LONG_VS_RECENT = [1, 2, 3, 7, 9, 2, 3, 8, 5, 1, 2, 3]
+REPEATING = list(range(40)) + [0, 1, 2]
+
+
+def test_num_speculative_tokens_sets_the_proposal_length(spec_text, gen_from_text, shipped):
+    two = gen_from_text(with_knob(spec_text("speculative_decode"), "num_speculative_tokens", "2"), NAME)
+    assert shipped.impl.NgramDrafter().propose(REPEATING) == [3, 4, 5, 6]
+    assert two.impl.NgramDrafter().propose(REPEATING) == [3, 4]
+    model = lambda contexts: torch.zeros(len(contexts), 5)  # noqa: E731 - a draft model with flat logits
+    assert two.impl.DraftModelDrafter(model).propose([[1]])[0].shape == (1, 2)
+    assert two.impl.AcceptanceTracker().stats().accepted_at_position == [0, 0]
+
+
+def test_ngram_max_n_decides_which_match_wins(spec_text, gen_from_text, shipped):
+    text = spec_text("speculative_decode")
+    bigram = gen_from_text(with_knob(text, "max_n", "2"), NAME)
+    assert shipped.impl.NgramDrafter().propose(LONG_VS_RECENT) == [7, 9, 2, 3]
+    assert bigram.impl.NgramDrafter().propose(LONG_VS_RECENT) == [8, 5, 1, 2]
+
+
+def test_ngram_min_n_refuses_short_matches(spec_text, gen_from_text, shipped):
+    strict = gen_from_text(with_knob(spec_text("speculative_decode"), "min_n", "2"), NAME)
+    context = [4, 7, 1, 2, 4]  # only the single token 4 recurs
+    assert shipped.impl.NgramDrafter().propose(context) == [7, 1, 2, 4]
+    assert strict.impl.NgramDrafter().propose(context) == []
+
+
+def sampled_verification(impl):
+    """Verify drafts of token 1 against a target whose argmax is 0 (p = 0.5, 0.3, 0.1, 0.1) at
+    temperature 1; returns the fraction of drafts whose first token survived."""
+    draws = 4000
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().repeat(draws, impl.NUM_SPECULATIVE_TOKENS + 1, 1)
+    draft = torch.ones(draws, impl.NUM_SPECULATIVE_TOKENS, dtype=torch.long)
+    outputs, num_accepted = impl.verify_draft(draft, None, logits, 1.0, torch.Generator().manual_seed(0))
+    return outputs, float((num_accepted > 0).double().mean())
+
+
+def test_verification_greedy_versus_rejection_sampling(spec_text, gen_from_text, shipped):
+    greedy = gen_from_text(with_knob(spec_text("speculative_decode"), "verification", "greedy"), NAME)
+    outputs, survived = sampled_verification(greedy.impl)
+    assert survived == 0.0 and all(tokens == [0] for tokens in outputs)  # only argmax matches count
+    outputs, survived = sampled_verification(shipped.impl)
+    assert survived == pytest.approx(0.3, abs=0.04)  # p(1): accepted with probability min(1, p/q)
+    assert {tokens[0] for tokens in outputs} == {0, 1, 2, 3}
+    # The generated suite follows the knob: it passes for the greedy spec as written.
+    assert greedy.run_tests() == 0
+
+
+def test_disable_by_batch_size_null_keeps_speculation_on(spec_text, gen_from_text, shipped):
+    always = gen_from_text(with_knob(spec_text("speculative_decode"), "disable_by_batch_size", "null"), NAME)
+    assert shipped.impl.speculation_enabled(32) and not shipped.impl.speculation_enabled(33)
+    assert always.impl.speculation_enabled(10_000)
+
+
+def test_zero_speculative_tokens_is_refused(spec_text, gen_from_text):
+    with pytest.raises(SpecError) as refused:
+        gen_from_text(with_knob(spec_text("speculative_decode"), "num_speculative_tokens", "0"), NAME)
+    message = str(refused.value)
+    assert "num_speculative_tokens must be between 1 and 16, got 0" in message
+    assert re.search(r"\.vibee:\d+:\d+: error:", message)
+
+
+def test_unknown_method_is_refused_with_the_allowed_ones(spec_text, gen_from_text):
+    with pytest.raises(SpecError) as refused:
+        gen_from_text(with_knob(spec_text("speculative_decode"), "method", "medusa"), NAME)
+    message = str(refused.value)
+    assert "'medusa'" in message
+    assert "ngram" in message and "draft_model" in message
+
+
+def test_ngram_sizes_out_of_order_are_refused(spec_text, gen_from_text):
+    text = with_knob(with_knob(spec_text("speculative_decode"), "min_n", "3"), "max_n", "2")
+    with pytest.raises(SpecError, match=r"min_n \(3\) must not exceed ngram.max_n \(2\)"):
+        gen_from_text(text, NAME)
