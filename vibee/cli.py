@@ -107,6 +107,7 @@ def explain(spec, target, as_json):
         click.echo(json.dumps({"spec": data, "derived": derived}, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.tree import Tree
 
     console = Console()
@@ -119,7 +120,7 @@ def explain(spec, target, as_json):
             for role in ("score_mod", "mask_mod"):
                 e = getattr(v, role)
                 if e is not None:
-                    node.add(f"{role}: {e.source}  [dim]-> torch: {e.torch}[/]")
+                    node.add(f"{role}: {escape(e.source)}  [dim]-> torch: {escape(e.torch)}[/]")
     if loaded.types:
         tt = tree.add("[bold]types[/]")
         for t in loaded.types:
@@ -135,17 +136,20 @@ def explain(spec, target, as_json):
 
 
 def _add(node, value) -> None:
+    """Spec values as tree leaves; escaped, since `[out, in]` would otherwise read as rich markup."""
+    from rich.markup import escape
+
     if isinstance(value, dict):
         for k, v in value.items():
             if (isinstance(v, dict) and v) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
-                _add(node.add(str(k)), v)
+                _add(node.add(escape(str(k))), v)
             else:
-                node.add(f"{k}: {v}")
+                node.add(escape(f"{k}: {v}"))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _add(node.add(f"[{i}]"), v) if isinstance(v, (dict, list)) else node.add(str(v))
+            _add(node.add(f"\\[{i}]"), v) if isinstance(v, (dict, list)) else node.add(escape(str(v)))
     else:
-        node.add(str(value))
+        node.add(escape(str(value)))
 
 
 if __name__ == "__main__":

@@ -410,7 +410,7 @@ def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, igno
     out: list[Behavior] = []
     seen: dict[str, int] = {}
     for item in _expect_sequence(node, "behaviors", c):
-        m = _expect_mapping(item, "a behavior", c)
+        m = _canonical_keys(_expect_mapping(item, "a behavior", c), BEHAVIOR_KEYS)
         if m is None:
             continue
         _check_keys(m, BEHAVIOR_KEYS, "behavior", c)
@@ -452,7 +452,7 @@ def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig
     cases = []
     seen: set[str] = set()
     for item in _expect_sequence(node, "test_cases", c):
-        m = _expect_mapping(item, "a test case", c)
+        m = _canonical_keys(_expect_mapping(item, "a test case", c), TEST_CASE_KEYS)
         if m is None:
             continue
         _check_keys(m, TEST_CASE_KEYS, "test case", c)
@@ -513,6 +513,19 @@ def _expect_mapping(node: Node, what: str, c: _Collector) -> Mapping | None:
         return node
     c.error(_span(node), f"{what} must be a mapping (keys like `name:`)")
     return None
+
+
+def _canonical_keys(m: Mapping | None, known: tuple[str, ...]) -> Mapping | None:
+    """Descriptive specs write `When:` as often as `when:`; known keys match in any case."""
+    if m is None:
+        return None
+    items = []
+    for k, v in m:
+        lower = str(k.value).lower()
+        if lower != k.value and lower in known and lower not in m:
+            k = Scalar(lower, k.span, k.quoted)
+        items.append((k, v))
+    return Mapping(items, m.span)
 
 
 def _check_keys(m: Mapping, allowed: tuple[str, ...], what: str, c: _Collector) -> None:

@@ -1,0 +1,178 @@
+"""Config of the quantization kind: how linear weights are turned into low-bit codes and scales.
+Every default lives here; templates/quantization/ reads the resolved values."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from vibee.ir.spec import KindConfig
+
+BITS_ALLOWED = (4, 8)
+MIN_GROUP_SIZE = 32
+MAX_GROUP_SIZE = 1024
+PER_CHANNEL = -1
+METHODS_IMPLEMENTED = ("rtn",)
+METHODS_PLANNED = ("awq", "gptq")
+
+# Bytes of one scale, by compute dtype (scales are stored in the compute dtype).
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Zero points (asymmetric only) are stored as one uint8 per group.
+ZERO_POINT_BYTES = 1
+# Words 4-bit codes are packed into, by pack_format: how many codes one word holds.
+CODES_PER_WORD = {"int32": 8, "uint8": 2}
+# The example weight `vibee explain` sizes: [out, in] of Llama-3-8B's MLP down projection.
+EXAMPLE_SHAPE = (4096, 14336)
+
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+class QuantizationConfig(KindConfig):
+    KIND: ClassVar[str] = "quantization"
+    BEHAVIORS: ClassVar[dict[str, str]] = {
+        "quantize_weight": "quantize_weight: round-to-nearest codes, scales (and zero points) per group of a [out, in] weight",
+        "pack_int4": "pack_int4: 4-bit codes packed little-endian into words along the input dimension",
+        "unpack_int4": "unpack_int4: the exact inverse of pack_int4",
+        "dequantize": "dequantize: (code - zero) * scale back to a dense weight in the compute dtype",
+        "quant_linear": "QuantLinear: nn.Linear's call signature over a quantized weight",
+        "quantize_model": "quantize_model: swap a model's nn.Linear layers for QuantLinear, except skip_modules",
+        "weight_bytes": "weight_bytes: bytes a model's parameters and buffers occupy",
+    }
+    # What a spec test case may say; templates/quantization/test.py.j2 gives each key its meaning.
+    TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "out_features",  # the weight is [out_features, in_features] (for a model case: lm_head's vocab)
+            "in_features",  # (for a model case: the hidden size)
+            "batch",  # rows of the activation fed through QuantLinear
+            "bias",  # whether the linear layer has a bias
+            "distribution",  # weights drawn as "normal", "positive" (uniform 0..1), "outliers" or "zeros"
+            "seed",
+            "num_layers",  # model case: blocks of up/down projections before an lm_head
+        }
+    )
+    TEST_EXPECTED_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "max_abs_err",  # max |w - dequantize(quantize(w))| / (max(w) - min(w)) must not exceed this
+            "max_rel_err",  # max |QuantLinear(x) - reference output| / max |reference output|
+            "snr_db_min",  # 10 log10(|y|^2 / |y - QuantLinear(x)|^2) against the float linear y
+            "min_compression",  # bf16 bytes of the weight / bytes of qweight + scales + zeros
+            "layers_quantized",  # model case: nn.Linear layers quantize_model replaced
+            "layers_skipped",  # model case: nn.Linear layers it left alone (skip_modules)
+            "raises",  # name of the exception quantize_weight must raise for this shape, e.g. ValueError
+        }
+    )
+
+    bits: int = Field(4, strict=True, description="Bits per weight code: 4 (codes packed into words) or 8 (one int8/uint8 per code).")
+    group_size: int = Field(
+        128,
+        strict=True,
+        description=(
+            "Input-dimension weights sharing one scale: a power of two from 32 to 1024, or -1 for one group per"
+            " output channel. When not given, 8-bit configs default to -1 (per channel) and 4-bit ones to 128."
+        ),
+    )
+    symmetric: bool = Field(
+        True,
+        strict=True,
+        description=(
+            "Symmetric: codes in [-2^(b-1), 2^(b-1)-1], scale = absmax / (2^(b-1)-1), no zero point."
+            " Asymmetric: codes in [0, 2^b-1] with a uint8 zero point per group, over the group's range widened to include 0."
+        ),
+    )
+    method: str = Field("rtn", description="How codes are chosen: 'rtn' (round to nearest, ties to even). 'awq' and 'gptq' are planned.")
+    pack_format: Literal["int32", "uint8"] = Field(
+        "int32",
+        description=(
+            "Word that 4-bit codes are packed into along the input dimension, little-endian (code k of a word in bits"
+            " 4k..4k+3), stored offset to unsigned: 'int32' (8 codes per word) or 'uint8' (2). 8-bit codes are not packed."
+        ),
+    )
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Dtype of scales, of the dequantized weight and of the QuantLinear matmul."
+    )
+    skip_modules: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Linear layers quantize_model leaves in full precision: a name matches a module whose dotted name is it or ends with '.' + it.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int8_defaults_to_per_channel(cls, data: Any) -> Any:
+        # int8 has enough levels that one scale per output channel loses little; int4 needs groups.
+        if isinstance(data, dict) and data.get("bits") == 8 and "group_size" not in data:
+            return {**data, "group_size": PER_CHANNEL}
+        return data
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_supported(cls, value: int) -> int:
+        if value not in BITS_ALLOWED:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS_ALLOWED))}, got {value}")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_power_of_two(cls, value: int) -> int:
+        if value == PER_CHANNEL:
+            return value
+        is_power_of_two = value > 0 and value & (value - 1) == 0
+        if not (is_power_of_two and MIN_GROUP_SIZE <= value <= MAX_GROUP_SIZE):
+            raise ValueError(
+                f"group_size must be a power of two from {MIN_GROUP_SIZE} to {MAX_GROUP_SIZE}, "
+                f"or -1 for one group per output channel, got {value}"
+            )
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method_implemented(cls, value: str) -> str:
+        if value in METHODS_PLANNED:
+            raise ValueError(f"method '{value}' is not implemented yet, use rtn")
+        if value not in METHODS_IMPLEMENTED:
+            raise ValueError(f"method must be 'rtn' (round to nearest; 'awq' and 'gptq' are planned), got {value!r}")
+        return value
+
+    @field_validator("skip_modules")
+    @classmethod
+    def _skip_modules_are_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _MODULE_NAME.match(name):
+                raise ValueError(f"skip_modules entries are module names like 'lm_head' or 'layers.0.mlp', got {name!r}")
+        return value
+
+    # --- figures for `vibee explain` ---------------------------------------------------------
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == PER_CHANNEL else self.group_size
+
+    def weight_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the quantized weight: codes, scales and (asymmetric) zero points."""
+        groups = out_features * (in_features // self.group_size_for(in_features))
+        per_group = DTYPE_BYTES[self.compute_dtype] + (0 if self.symmetric else ZERO_POINT_BYTES)
+        return out_features * in_features * self.bits // 8 + groups * per_group
+
+    def bits_per_weight(self, in_features: int) -> float:
+        out_features = 1
+        return 8 * self.weight_bytes(out_features, in_features) / in_features
+
+    def derived(self) -> dict[str, str]:
+        out_f, in_f = EXAMPLE_SHAPE
+        group = self.group_size_for(in_f)
+        bpw = self.bits_per_weight(in_f)
+        bf16 = out_f * in_f * 2
+        quantized = self.weight_bytes(out_f, in_f)
+        if self.bits == 4:
+            per_word = CODES_PER_WORD[self.pack_format]
+            layout = f"{self.pack_format} words of shape (out, in/{per_word}): {per_word} codes each, little-endian along in"
+        else:
+            layout = f"{'int8' if self.symmetric else 'uint8'} of shape (out, in): one code per byte"
+        return {
+            "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {self.method}",
+            "groups": "one per output channel" if self.group_size == PER_CHANNEL else f"{self.group_size} input weights per scale",
+            "qweight layout": layout,
+            "bits per weight": f"{bpw:.3f} (codes {self.bits} + scales/zeros {bpw - self.bits:.3f}, group {group})",
+            "compression vs bf16": f"{16 / bpw:.2f}x",
+            f"weight {out_f}x{in_f} (Llama-3-8B down_proj)": f"{quantized / 2**20:.1f} MiB (bf16: {bf16 / 2**20:.1f} MiB)",
+        }
