@@ -28,7 +28,8 @@ serve: gen
 
 test: install
 	$(BIN)/vibee gen --check specs/tri/*.vibee
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	# one thread per worker: two xdist workers on two cores, no oversubscription
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
