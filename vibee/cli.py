@@ -53,7 +53,11 @@ def gen(specs, target, out_dir, check_only):
 
     loaded = _load(specs, target)
     out = Path(out_dir)
-    files = plan(loaded, out)
+    try:
+        files = plan(loaded, out)
+    except SpecError as exc:
+        _report(exc.diagnostics)
+        sys.exit(2)
     if check_only:
         problems = check(files, out)
         for p in problems:

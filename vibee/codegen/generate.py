@@ -4,14 +4,17 @@ unchanged files are left alone, and MANIFEST.json records what each file was mad
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import vibee
 from vibee.codegen.render import TEMPLATE_DIR, render
 from vibee.ir.spec import Spec
+from vibee.spec.errors import Diagnostic, SpecError
 
 MANIFEST = "MANIFEST.json"
 
@@ -81,8 +84,24 @@ def plan(specs: list[Spec], out_dir: Path) -> list[GeneratedFile]:
         ]
         for relpath, template, what in outputs:
             text = render(template, spec=spec, cfg=spec.config, module=spec.module, header=header(shown, spec, what))
+            _check_type_names(spec, text, template)
             files.append(GeneratedFile(relpath, text, shown, spec.source_hash, hashes))
     return files
+
+
+def _check_type_names(spec: Spec, text: str, template: str) -> None:
+    """A spec type must not take the name of something the template defines: the later
+    definition would silently replace the earlier one in the generated module."""
+    counts = Counter(
+        node.name for node in ast.parse(text).body if isinstance(node, (ast.ClassDef, ast.FunctionDef))
+    )
+    clashes = [t for t in spec.types if counts[t.name] > 1]
+    if clashes:
+        raise SpecError([
+            Diagnostic(f"type '{t.name}' clashes with a name the generated {spec.kind} module defines ({template})",
+                       t.span, f"rename the type, e.g. '{t.name}Record'")
+            for t in clashes
+        ])
 
 
 def _manifest_entries(files: list[GeneratedFile]) -> dict[str, dict]:

@@ -1,0 +1,106 @@
+"""The continuous_batch spec drives the generated scheduler: change one knob in the shipped spec,
+regenerate, and the scheduler behaves differently (or the spec is refused with a clear error)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from vibee.spec.errors import SpecError
+
+NAME = "igla_continuous_batch"
+
+
+def with_knob(text: str, key: str, value: str) -> str:
+    """The spec text with `key: <old>` (the first such line) set to value, comments kept."""
+    pattern = re.compile(rf"^(\s*{re.escape(key)}:\s*)([^#\n]*?)(\s*(#.*)?)$", re.MULTILINE)
+    changed, count = pattern.subn(lambda m: m.group(1) + value + m.group(3), text, count=1)
+    assert count == 1, f"the shipped spec has no '{key}:' line"
+    return changed
+
+
+@pytest.fixture
+def shipped(spec_text, gen_from_text):
+    return gen_from_text(spec_text("continuous_batch"), NAME)
+
+
+def first_step(gen, prompts, priorities=None, num_blocks=256, block_size=16):
+    """(seq_id, num_new_tokens) of the first step of a scheduler built with the spec's defaults."""
+    sched = gen.impl.Scheduler(gen.ref.CountingBlockSpace(num_blocks, block_size))
+    for i, prompt in enumerate(prompts):
+        priority = priorities[i] if priorities else 0
+        sched.add(gen.impl.Sequence(i, prompt, max_tokens=4, priority=priority))
+    return [(item.seq.seq_id, item.num_new_tokens) for item in sched.schedule().scheduled]
+
+
+def test_policy_priority_changes_the_admission_order(spec_text, gen_from_text, shipped):
+    by_priority = gen_from_text(with_knob(spec_text("continuous_batch"), "policy", "priority"), NAME)
+    prompts, priorities = [[1, 2], [3, 4], [5, 6]], [2, 0, 1]
+    assert [i for i, _ in first_step(shipped, prompts, priorities)] == [0, 1, 2]
+    assert [i for i, _ in first_step(by_priority, prompts, priorities)] == [1, 2, 0]
+    assert by_priority.run_tests() == 0  # the generated suite holds for the changed spec too
+
+
+def test_max_num_seqs_limits_the_batch(spec_text, gen_from_text, shipped):
+    two = gen_from_text(with_knob(spec_text("continuous_batch"), "max_num_seqs", "2"), NAME)
+    prompts = [[i, i + 1, i + 2] for i in range(5)]
+    assert len(first_step(shipped, prompts)) == 5
+    assert len(first_step(two, prompts)) == 2
+
+
+def test_max_num_batched_tokens_is_the_step_budget(spec_text, gen_from_text, shipped):
+    small = gen_from_text(with_knob(spec_text("continuous_batch"), "max_num_batched_tokens", "300"), NAME)
+    prompts = [[7] * 200, [8] * 200]
+    assert first_step(shipped, prompts) == [(0, 200), (1, 200)]
+    assert first_step(small, prompts) == [(0, 200), (1, 100)]  # the second prompt is split
+
+
+def test_long_prefill_token_threshold_caps_each_chunk(spec_text, gen_from_text, shipped):
+    capped = gen_from_text(with_knob(spec_text("continuous_batch"), "long_prefill_token_threshold", "64"), NAME)
+    prompts = [[7] * 200, [8] * 10]
+    assert first_step(shipped, prompts) == [(0, 200), (1, 10)]
+    assert first_step(capped, prompts) == [(0, 64), (1, 10)]
+
+
+def test_disabling_chunked_prefill_refuses_a_long_prompt(spec_text, gen_from_text, shipped):
+    whole = gen_from_text(with_knob(spec_text("continuous_batch"), "enable_chunked_prefill", "false"), NAME)
+    long_prompt = [5] * 9000  # longer than the 8192-token budget
+    sched = shipped.impl.Scheduler(shipped.ref.CountingBlockSpace(1024, 16))
+    sched.add(shipped.impl.Sequence(0, long_prompt, max_tokens=2))
+    assert [item.num_new_tokens for item in sched.schedule().scheduled] == [8192]
+    sched = whole.impl.Scheduler(whole.ref.CountingBlockSpace(1024, 16))
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        sched.add(whole.impl.Sequence(0, long_prompt, max_tokens=2))
+
+
+def test_watermark_decides_what_can_ever_fit(spec_text, gen_from_text, shipped):
+    half = gen_from_text(with_knob(spec_text("continuous_batch"), "watermark", "0.5"), NAME)
+    # 100 blocks of 16 tokens; the sequence needs 60 blocks at its longest (955 + 6 - 1 tokens).
+    for gen, fits in ((shipped, True), (half, False)):
+        sched = gen.impl.Scheduler(gen.ref.CountingBlockSpace(100, 16))
+        assert sched.can_ever_fit(gen.impl.Sequence(0, [1] * 955, max_tokens=6)) is fits
+
+
+def spec_error(gen_from_text, text) -> str:
+    with pytest.raises(SpecError) as info:
+        gen_from_text(text, NAME)
+    return str(info.value)
+
+
+def test_unknown_policy_is_refused_with_the_allowed_ones(spec_text, gen_from_text):
+    message = spec_error(gen_from_text, with_knob(spec_text("continuous_batch"), "policy", "lifo"))
+    assert "policy" in message and "'fcfs'" in message and "'priority'" in message and "lifo" in message
+    assert re.search(r"\.vibee:\d+:\d+: error:", message)
+
+
+def test_swap_preemption_is_refused_as_not_supported_yet(spec_text, gen_from_text):
+    message = spec_error(gen_from_text, with_knob(spec_text("continuous_batch"), "preemption_mode", "swap"))
+    assert "not supported yet" in message and "recompute" in message
+
+
+def test_budget_below_max_num_seqs_is_refused_at_its_line(spec_text, gen_from_text):
+    text = with_knob(spec_text("continuous_batch"), "max_num_batched_tokens", "100")
+    line = next(n for n, s in enumerate(text.splitlines(), 1) if s.lstrip().startswith("max_num_batched_tokens:"))
+    message = spec_error(gen_from_text, text)
+    assert f":{line}:" in message and "must be at least max_num_seqs (256)" in message

@@ -1,0 +1,176 @@
+"""Config of the continuous_batch kind: the iteration-level scheduler that decides, every engine
+step, which sequences run and how many of their tokens. Every default lives here;
+templates/continuous_batch/ reads the resolved values."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from vibee.ir.spec import KindConfig
+
+
+class ContinuousBatchConfig(KindConfig):
+    KIND: ClassVar[str] = "continuous_batch"
+    BEHAVIORS: ClassVar[dict[str, str]] = {
+        "add": "Scheduler.add: queue a new sequence, refusing one that could never fit",
+        "schedule": "Scheduler.schedule: pick the sequences and token counts of the next step within the limits",
+        "chunked_prefill": "Scheduler._chunk_limit: split a long prompt over several steps within the token budget",
+        "preempt": "Scheduler._preempt: free a running sequence's blocks and requeue it to be recomputed",
+        "update": "Scheduler.update: append the sampled tokens, finish sequences at max_tokens or a stop token",
+        "abort": "Scheduler.abort: drop a sequence wherever it is and free its blocks",
+        "can_ever_fit": "Scheduler.can_ever_fit: whether a sequence at its longest fits in the KV cache",
+        "stats": "Scheduler.stats: queue sizes, preemptions and the last step's batch",
+    }
+    # What a spec test case may say; templates/continuous_batch/test.py.j2 gives each key its meaning.
+    TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "num_requests",  # how many requests (default: len(prompt_lens))
+            "prompt_lens",  # prompt length of each request, or one length for all
+            "max_tokens",  # output tokens each request may generate (a list or one number; default 4)
+            "priorities",  # priority of each request (lower runs sooner under policy: priority)
+            "arrival_steps",  # engine step at which each request is added (default: all before step 0)
+            "stop_token_ids",  # token ids that finish a sequence when sampled (shared by every request)
+            "num_blocks",  # KV blocks of the test's block space (default: enough for every request at once)
+            "block_size",  # tokens per KV block of the test's block space (default 16)
+            "prefix_hit_tokens",  # the block space reports this many leading tokens as prefix-cache hits
+            "seed",  # seed of the random prompt token ids
+            # Scheduler settings that override the spec's config for this case only:
+            "policy",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "enable_chunked_prefill",
+            "long_prefill_token_threshold",
+            "watermark",
+        }
+    )
+    TEST_EXPECTED_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "all_finished",  # true: every request finishes; false: some are refused at add time (the rest finish)
+            "num_rejected",  # exactly this many requests are refused at add time
+            "min_preemptions",  # at least this many preemptions happen (blocks are scarce)
+            "max_preemptions",  # at most this many (0: blocks are plentiful)
+            "max_steps",  # every request finishes within this many engine steps (requests really batch)
+            "peak_batch_size",  # the most sequences scheduled in one step
+            "first_step_tokens",  # tokens scheduled in the first step
+            "prefill_chunks",  # the first request's prefill chunk sizes, in order
+            "admission_order",  # request indices in the order they are first scheduled
+        }
+    )
+
+    policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="Order of service: 'fcfs' (first come, first served) or 'priority' (lower Sequence.priority "
+        "first, then arrival). The same order picks preemption victims, from the back.",
+    )
+    max_num_seqs: int = Field(256, strict=True, description="Most sequences running at once (the decode batch size).")
+    max_num_batched_tokens: int = Field(
+        8192,
+        strict=True,
+        validate_default=True,
+        description="Token budget of one step: prompt tokens being prefilled plus one per decoding sequence.",
+    )
+    enable_chunked_prefill: bool = Field(
+        True,
+        strict=True,
+        description="Split prompts longer than the step's remaining budget over several steps. When false a "
+        "prompt is prefilled in one step, so a request whose prompt (or its recompute after preemption) "
+        "exceeds max_num_batched_tokens is refused when added.",
+    )
+    long_prefill_token_threshold: int = Field(
+        0,
+        strict=True,
+        validate_default=True,
+        description="Most prompt tokens one sequence may prefill in a step, so one long prompt cannot take "
+        "the whole budget from the others (0 = no cap beyond the budget). Needs chunked prefill.",
+    )
+    preemption_mode: Literal["recompute", "swap"] = Field(
+        "recompute",
+        description="What happens to a preempted sequence's KV: 'recompute' frees it and prefills the "
+        "sequence again later. 'swap' (copy to host memory) is not supported yet.",
+    )
+    watermark: float = Field(
+        0.01,
+        strict=True,
+        description="Fraction of KV blocks (0 <= w < 1) kept free when admitting new sequences, so running "
+        "sequences can grow without being preempted at once.",
+    )
+
+    # Checks that compare two settings sit on the later field (validated even when left at its
+    # default), so an error points at a key of the config rather than at the whole section.
+    @field_validator("max_num_seqs")
+    @classmethod
+    def _seqs_at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {value}")
+        return value
+
+    @field_validator("max_num_batched_tokens")
+    @classmethod
+    def _budget_covers_a_decode_batch(cls, value: int, info: ValidationInfo) -> int:
+        if value < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {value}")
+        seqs = info.data.get("max_num_seqs")
+        if seqs is not None and value < seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({value}) must be at least max_num_seqs ({seqs}): "
+                "every running sequence needs one token of a step's budget to decode"
+            )
+        return value
+
+    @field_validator("long_prefill_token_threshold")
+    @classmethod
+    def _threshold_caps_chunks(cls, value: int, info: ValidationInfo) -> int:
+        if value < 0:
+            raise ValueError(f"long_prefill_token_threshold must be 0 (off) or a positive token count, got {value}")
+        if value and info.data.get("enable_chunked_prefill") is False:
+            raise ValueError(
+                "long_prefill_token_threshold caps prefill chunks, which needs enable_chunked_prefill: true "
+                "(or set long_prefill_token_threshold: 0)"
+            )
+        budget = info.data.get("max_num_batched_tokens")
+        if budget is not None and value > budget:
+            raise ValueError(
+                f"long_prefill_token_threshold ({value}) is above max_num_batched_tokens ({budget}), so it would "
+                f"never cap a chunk; use at most {budget}, or 0 to turn it off"
+            )
+        return value
+
+    @field_validator("preemption_mode")
+    @classmethod
+    def _only_recompute(cls, value: str) -> str:
+        if value == "swap":
+            raise ValueError("preemption_mode 'swap' is not supported yet; use 'recompute' (free the KV and prefill again)")
+        return value
+
+    @field_validator("watermark")
+    @classmethod
+    def _watermark_is_a_fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"watermark is the fraction of KV blocks kept free, so 0 <= watermark < 1; got {value}")
+        return value
+
+    def prefill_tokens_per_seq_step(self) -> int:
+        """Most prompt tokens one sequence computes in a step."""
+        return self.long_prefill_token_threshold or self.max_num_batched_tokens
+
+    def derived(self) -> dict[str, str]:
+        per_seq = self.prefill_tokens_per_seq_step()
+        if self.enable_chunked_prefill:
+            prompts = f"any length, in chunks of at most {per_seq:,} tokens per sequence and step"
+            long_prompt = f"{math.ceil(32768 / per_seq):,} steps"
+        else:
+            prompts = f"prompt + max_tokens - 1 <= {self.max_num_batched_tokens:,} tokens (prefilled in one step)"
+            long_prompt = "1 step" if 32768 <= self.max_num_batched_tokens else "refused (longer than the step's budget)"
+        victims = "latest-arrived" if self.policy == "fcfs" else "lowest-priority (then latest-arrived)"
+        return {
+            "tokens per step (worst case)": f"{self.max_num_batched_tokens:,}",
+            "decoding sequences per step (max)": f"{self.max_num_seqs:,}",  # the budget covers them (validated)
+            "prompts accepted": prompts,
+            "a 32k-token prompt prefills in": long_prompt,
+            "blocks kept free at admission": f"{self.watermark:.1%} of the cache "
+            f"({int(self.watermark * 10_000):,} of 10,000 blocks)",
+            "preemption": f"{self.preemption_mode}: the {victims} running sequence gives way first",
+        }
