@@ -9,7 +9,7 @@ import time
 import pytest
 
 from vibee.spec import parser as spec_parser
-from vibee.spec.document import Mapping, Scalar, Sequence, Span
+from vibee.spec.document import Mapping, Sequence, Span
 from vibee.spec.errors import SpecError
 from vibee.spec.parser import parse_document, parse_file
 

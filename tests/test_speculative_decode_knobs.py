@@ -8,17 +8,11 @@ import re
 import pytest
 import torch
 
+from spec_edit import with_knob
 from vibee.spec.errors import SpecError
 
 NAME = "igla_speculative_decode"
 
-
-def with_knob(text: str, key: str, value: str) -> str:
-    """The spec text with `key: <old>` (the first such line) set to value, comments kept."""
-    pattern = re.compile(rf"^(\s*{re.escape(key)}:\s*)([^#\n]*?)(\s*(#.*)?)$", re.MULTILINE)
-    changed, count = pattern.subn(lambda m: m.group(1) + value + m.group(3), text, count=1)
-    assert count == 1, f"the shipped spec has no '{key}:' line"
-    return changed
 
 
 @pytest.fixture

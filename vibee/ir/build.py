@@ -140,7 +140,7 @@ def _header(doc: Mapping, path: str, target: str | None, c: _Collector) -> dict[
             c.warn(_span(lang_node), f"language '{language}' is not a vibee target; generating for --target {target} with default configuration")
     elif out["legacy"]:
         c.error(_span(lang_node), f"unsupported language '{language}'; vibee generates {' or '.join(SUPPORTED_TARGETS)}",
-                f"set `language: torch`, or pass --target torch to generate this spec with defaults")
+                "set `language: torch`, or pass --target torch to generate this spec with defaults")
         out["target"] = "torch"
     else:
         out["target"] = language

@@ -66,7 +66,7 @@ def _same_model_shape(by_kind: dict[str, Spec]) -> list[Diagnostic]:
         ("head_dim", a.head_dim, b.hidden_size // b.num_heads),
     ]
     return [Diagnostic(f"kv_cache model.{name} is {x} but tensor_parallel's model has {y} ({tp.path})",
-                       _at(kv, f"model.{name}"), f"describe the same model in both specs")
+                       _at(kv, f"model.{name}"), "describe the same model in both specs")
             for name, x, y in pairs if x != y]
 
 

@@ -1,0 +1,13 @@
+"""Editing spec text in tests the way a user would: change one knob, keep everything else."""
+
+from __future__ import annotations
+
+import re
+
+
+def with_knob(text: str, key: str, value: str) -> str:
+    """The spec text with `key: <old>` (the first such line) set to value, comments kept."""
+    pattern = re.compile(rf"^(\s*{re.escape(key)}:\s*)([^#\n]*?)(\s*(#.*)?)$", re.MULTILINE)
+    changed, count = pattern.subn(lambda m: m.group(1) + value + m.group(3), text, count=1)
+    assert count == 1, f"the spec has no '{key}:' line"
+    return changed
