@@ -22,9 +22,9 @@ gen: install
 check: install
 	$(BIN)/vibee gen --check specs/tri/*.vibee
 
-# Until the server lands (issue 3), the main job regenerates the modules and says where they are.
-serve: gen
-	@echo "generated modules: output/vibee_gen/   generated tests: output/tests/"
+# The main job: the OpenAI-compatible server on the built-in model (pass flags with ARGS="--port 9000 ...").
+serve: install
+	$(BIN)/vibee serve $(ARGS)
 
 test: install
 	$(BIN)/vibee gen --check specs/tri/*.vibee

@@ -239,6 +239,15 @@ class Scheduler:
         self._num_aborted += 1
         return seq
 
+    def finish_stopped(self, seq_id: int) -> Sequence | None:
+        """Finish a running sequence that the engine found complete outside the scheduler's view
+        (its text reached a stop string): FINISHED_STOPPED, blocks freed. None if it is not running."""
+        seq = self._sequences.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            return None
+        self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+        return seq
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

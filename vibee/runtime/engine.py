@@ -1,0 +1,525 @@
+"""The offline engine: requests -> generated scheduler -> model runner over the generated paged KV
+cache and attention -> sampler -> incremental detokenizer and stop strings -> outputs.
+
+One thread drives it (`step` is not reentrant); vibee/runtime/async_engine.py puts it behind
+asyncio for the server. Each choice of a request (n > 1) is its own scheduler Sequence; they
+share the prompt's KV blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from vibee.runtime.attention import AttentionBatch
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.detokenizer import IncrementalDetokenizer
+from vibee.runtime.generated import GeneratedModules, load_generated
+from vibee.runtime.loader import load_model_dir
+from vibee.runtime.model import build_model
+from vibee.runtime.outputs import CompletionOutput, RequestOutput, RequestStats, StepStats, TokenLogprob
+from vibee.runtime.sampler import Sampler, SamplingRow
+from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.stop_strings import StopStringMatcher
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATS_WINDOW_S = 10.0  # throughput and batch-size figures are averaged over this much recent time
+
+
+@dataclass
+class _Choice:
+    """One choice of a request: its scheduler sequence and the text made from it so far."""
+
+    index: int
+    seq: Any  # the generated continuous_batch.Sequence
+    detokenizer: IncrementalDetokenizer
+    stop: StopStringMatcher
+    generator: torch.Generator | None
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    last_token_time: float | None = None
+    emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
+    emitted_logprobs: int = 0
+    reported_text: str = ""  # text already reported in a RequestOutput
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    choices: list[_Choice] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_cached_tokens: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+
+class LLMEngine:
+    """Build from an EngineConfig with `LLMEngine(config)`; then add_request / step / abort_request."""
+
+    def __init__(self, config: EngineConfig, *, progress: bool = True):
+        problems = config.unbuilt_features()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype_name = config.resolve_dtype(self.device)
+        self.dtype = TORCH_DTYPES[self.dtype_name]
+        self.gen: GeneratedModules = load_generated(config.spec_dir, config.spec_overrides(self.dtype_name))
+        kv_spec = self.gen.config("kv_cache")
+        batch_spec = self.gen.config("continuous_batch")
+
+        self.loaded = load_model_dir(config.model_dir, dtype=self.dtype, device=self.device, progress=progress)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.model = build_model(self.loaded, self.gen, flash_attn=config.flash_attn)
+        self.model.eval()
+        self.weight_bytes_loaded = self.gen.quantization.weight_bytes(self.model)
+        self.quant_stats = None
+        if config.quant != "none":
+            quant_spec = self.gen.config("quantization")
+            self.quant_stats = self.gen.quantization.quantize_model(self.model, quant_spec.skip_modules)
+        self.weight_bytes = self.gen.quantization.weight_bytes(self.model)
+
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(f"--max-model-len {config.max_model_len} is longer than the model's "
+                             f"max_position_embeddings ({self.model_config.max_position_embeddings})")
+        self.block_size = kv_spec.block_size
+        self.use_kv_cache = config.kv_cache
+        # Without a KV cache there is nothing to reuse: prefix caching is meaningless there.
+        self.enable_prefix_caching = (kv_spec.enable_prefix_caching if config.enable_prefix_caching is None
+                                      else config.enable_prefix_caching) and self.use_kv_cache
+        self.max_num_seqs = config.max_num_seqs or batch_spec.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens or batch_spec.max_num_batched_tokens
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # One token per running sequence must fit in a step (the spec's rule for its own values).
+            self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
+
+        kv = self.gen.kv_cache
+        probe = kv.PagedKVCache(self.model_config.num_layers, 1, self.model_config.num_kv_heads,
+                                self.model_config.head_dim, dtype=self.dtype, device="meta", block_size=self.block_size)
+        self.kv_bytes_per_block = probe.bytes_per_block()
+        self.num_blocks = self._decide_num_blocks(kv_spec)
+        self.kv_cache = (kv.PagedKVCache(self.model_config.num_layers, self.num_blocks, self.model_config.num_kv_heads,
+                                         self.model_config.head_dim, dtype=self.dtype, device=self.device,
+                                         block_size=self.block_size) if self.use_kv_cache else None)
+        self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
+        self.scheduler = self.gen.continuous_batch.Scheduler(
+            self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_chunked_prefill=batch_spec.enable_chunked_prefill,
+            long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark)
+        self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, tuple[_Request, _Choice]] = {}
+        self._seq_ids = itertools.count()
+        self.observers: list[Any] = []
+        self.started = time.monotonic()
+        self._window: deque[tuple[float, int, int, int]] = deque()  # (time, prompt tokens, generated, batch)
+        self.totals = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
+                       "requests_aborted": 0, "preemptions": 0, "busy_time": 0.0, "batched_seqs": 0}
+
+    # --- sizing --------------------------------------------------------------------------------
+
+    def _decide_num_blocks(self, kv_spec) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        # Never more than every sequence at full length could use.
+        useful = self.max_num_seqs * math.ceil(self.max_model_len / self.block_size) + 1
+        if self.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info()
+            utilization = self.config.gpu_memory_utilization or kv_spec.gpu_memory_utilization
+            in_use = total - free
+            activations = 512 * 2**20 + self.max_num_batched_tokens * self.model_config.vocab_size * 4
+            budget = int(total * utilization) - in_use - activations
+        else:
+            budget = int(self.config.cpu_kv_cache_gib * 2**30)
+        blocks = min(useful, budget // self.kv_bytes_per_block)
+        if blocks < 1:
+            raise ValueError("no memory is left for the KV cache: raise --gpu-memory-utilization or use a smaller model")
+        return blocks
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError with a user-facing message if this request can't be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; it needs at least one token")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
+                             "completion). Please reduce the prompt or max_tokens.")
+        longest = n + params.max_tokens - 1
+        watermark = int(self.gen.config("continuous_batch").watermark * self.num_blocks)
+        if math.ceil(longest / self.block_size) > self.num_blocks - watermark:
+            raise ValueError(f"the request needs up to {longest} tokens of KV cache but the server holds "
+                             f"{(self.num_blocks - watermark) * self.block_size}; reduce the prompt or max_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already running")
+        self.check_prompt(prompt_token_ids, params)
+        req = _Request(request_id, list(prompt_token_ids), params, arrival_time or time.monotonic())
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        for index in range(params.n):
+            seq = self.gen.continuous_batch.Sequence(next(self._seq_ids), list(prompt_token_ids), params.max_tokens,
+                                                     arrival_time=req.arrival_time, stop_token_ids=frozenset(stop_ids))
+            choice = _Choice(index, seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                             StopStringMatcher(list(params.stop), params.include_stop_str_in_output),
+                             self._generator(params.seed, index),
+                             logprobs=[] if params.logprobs is not None else None)
+            req.choices.append(choice)
+        for choice in req.choices:  # all or nothing: a refused choice leaves none behind
+            try:
+                self.scheduler.add(choice.seq)
+            except ValueError:
+                for other in req.choices:
+                    self.scheduler.abort(other.seq.seq_id)
+                raise
+            self._by_seq[choice.seq.seq_id] = (req, choice)
+        self._requests[request_id] = req
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed((seed * 1_000_003 + index) % 2**63 if index else seed)
+        return g
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request wherever it is; its KV blocks are freed now. Returns its final output."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        changed = []
+        for choice in req.choices:
+            self.scheduler.abort(choice.seq.seq_id)
+            self._by_seq.pop(choice.seq.seq_id, None)
+            if choice.finish_reason is None:
+                choice.finish_reason = "abort"
+                changed.append(choice)
+        self.totals["requests_aborted"] += 1
+        self._request_finished(req, "abort", time.monotonic())
+        return RequestOutput(req.request_id, req.prompt_token_ids, [self._output(c) for c in changed], True,
+                             req.num_cached_tokens)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that changed."""
+        t0 = time.perf_counter()
+        queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
+        preemptions0 = self.scheduler.measured_stats()["num_preemptions"]
+        sched = self.scheduler.schedule()
+        now = time.monotonic()
+        if sched.is_empty:
+            return []
+        for item in sched.scheduled:
+            req, _ = self._by_seq[item.seq.seq_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
+                req.num_cached_tokens = item.seq.num_computed_tokens
+
+        sample_seqs, logits = self._run_model(sched)
+        rows = []
+        for seq in sample_seqs:
+            req, choice = self._by_seq[seq.seq_id]
+            rows.append(SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids, choice.generator))
+        results = self.sampler.sample(logits, rows) if rows else []
+        sampled = {seq.seq_id: r.token_id for seq, r in zip(sample_seqs, results)}
+        self.scheduler.update(sched, sampled)
+
+        now = time.monotonic()
+        changed: dict[str, set[int]] = {}
+        for seq, result in zip(sample_seqs, results):
+            req, choice = self._by_seq[seq.seq_id]
+            self._accept_token(req, choice, result, now)
+            changed.setdefault(req.request_id, set()).add(choice.index)
+
+        outputs = []
+        for request_id, indices in changed.items():
+            req = self._requests[request_id]
+            finished = req.finished
+            outputs.append(RequestOutput(request_id, req.prompt_token_ids,
+                                         [self._output(c) for c in req.choices if c.index in indices],
+                                         finished, req.num_cached_tokens))
+            if finished:
+                self._retire(req, now)
+
+        step_time = time.perf_counter() - t0
+        prompt_tokens = sum(item.num_new_tokens for item in sched.scheduled if item.is_prefill)
+        stats = StepStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
+            num_preemptions=self.scheduler.measured_stats()["num_preemptions"] - preemptions0,
+            prefix_cache_queries=(self.block_manager.prefix_cache_queries - queries0) * self.block_size,
+            prefix_cache_hits=(self.block_manager.prefix_cache_hits - hits0) * self.block_size,
+            num_prompt_tokens=prompt_tokens, num_generation_tokens=len(results),
+            batch_size=len(sched.scheduled), step_time=step_time)
+        self._record_step(stats, now)
+        return outputs
+
+    def _run_model(self, sched) -> tuple[list, torch.Tensor]:
+        """One forward over the step's tokens; returns the sequences to sample and their logits."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        cu = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        slot_starts: list[tuple[int, int, int]] = []  # (row in tables, start, end)
+        sample_rows: list[int] = []
+        sample_seqs = []
+        for item in sched.scheduled:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            # Without a KV cache every step recomputes the sequence from its first token.
+            feed_from = start if self.use_kv_cache else 0
+            tokens = seq.all_token_ids
+            input_ids.extend(tokens[feed_from:end])
+            positions.extend(range(feed_from, end))
+            cu.append(cu[-1] + end - feed_from)
+            seq_lens.append(end)
+            if self.use_kv_cache:
+                slot_starts.append((len(tables), start, end))
+                tables.append(self.block_manager.block_table(seq.seq_id))
+            if end == seq.num_tokens:  # its last known token is computed: its logits give the next one
+                sample_rows.append(cu[-1] - 1)
+                sample_seqs.append(seq)
+
+        dev = self.device
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        batch = AttentionBatch(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=None, slot_mapping=None,
+            is_decode=self.use_kv_cache and all(item.num_new_tokens == 1 for item in sched.scheduled))
+        if self.use_kv_cache:
+            width = max(len(t) for t in tables)
+            table_tensor = torch.zeros(len(tables), width, dtype=torch.int32)
+            for i, t in enumerate(tables):
+                table_tensor[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+            slots = []
+            for row, start, end in slot_starts:
+                p = torch.arange(start, end)
+                slots.append(table_tensor[row, p // bs].long() * bs + p % bs)
+            batch.block_tables = table_tensor.to(dev)
+            batch.slot_mapping = torch.cat(slots).to(dev)
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, batch, self.kv_cache)
+            if not sample_rows:
+                return [], hidden.new_empty(0)
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return sample_seqs, logits
+
+    def _accept_token(self, req: _Request, choice: _Choice, result, now: float) -> None:
+        """Turn one sampled token into text, logprobs and finish state for its choice."""
+        seq = choice.seq
+        token = seq.output_token_ids[-1]
+        if choice.last_token_time is None:
+            if req.first_token_time is None:
+                req.first_token_time = now
+        else:
+            req.inter_token_latencies.append(now - choice.last_token_time)
+        choice.last_token_time = now
+        if choice.logprobs is not None:
+            choice.logprobs.append(TokenLogprob(token, float(result.logprob), list(result.top_logprobs or [])))
+        status = seq.status.name
+        if status == "FINISHED_STOPPED":  # a stop token or EOS: its text is not part of the output
+            choice.text += choice.stop.flush()
+            choice.finish_reason = "stop"
+            choice.stop_reason = token if token in req.params.stop_token_ids else None
+            return
+        emit, stopped = choice.stop.feed(choice.detokenizer.add(token))
+        choice.text += emit
+        if stopped is not None:
+            if status == "RUNNING":
+                self.scheduler.finish_stopped(seq.seq_id)
+            choice.finish_reason, choice.stop_reason = "stop", stopped
+        elif status == "FINISHED_LENGTH":
+            choice.text += choice.stop.flush()
+            choice.finish_reason = "length"
+
+    def _output(self, choice: _Choice) -> CompletionOutput:
+        """The choice's state with what is new since its last report."""
+        token_ids = list(choice.seq.output_token_ids)
+        delta_tokens = token_ids[choice.emitted_tokens:]
+        delta_text = choice.text[len(choice.reported_text):]
+        choice.reported_text = choice.text
+        choice.emitted_tokens = len(token_ids)
+        delta_logprobs = None
+        if choice.logprobs is not None:
+            delta_logprobs = choice.logprobs[choice.emitted_logprobs:]
+            choice.emitted_logprobs = len(choice.logprobs)
+        return CompletionOutput(choice.index, choice.text, token_ids, delta_text, delta_tokens, delta_logprobs,
+                                list(choice.logprobs) if choice.logprobs is not None else None,
+                                choice.finish_reason, choice.stop_reason)
+
+    def _retire(self, req: _Request, now: float) -> None:
+        del self._requests[req.request_id]
+        for choice in req.choices:
+            self._by_seq.pop(choice.seq.seq_id, None)
+        reasons = {c.finish_reason for c in req.choices}
+        self.totals["requests_finished"] += 1
+        self._request_finished(req, "length" if reasons == {"length"} else "stop" if "stop" in reasons else "abort", now)
+
+    def _request_finished(self, req: _Request, reason: str, now: float) -> None:
+        stats = RequestStats(
+            request_id=req.request_id, finish_reason=reason, num_prompt_tokens=len(req.prompt_token_ids),
+            num_generation_tokens=sum(len(c.seq.output_token_ids) for c in req.choices),
+            queue_time=(req.first_scheduled_time or now) - req.arrival_time,
+            time_to_first_token=None if req.first_token_time is None else req.first_token_time - req.arrival_time,
+            e2e_latency=now - req.arrival_time, inter_token_latencies=list(req.inter_token_latencies))
+        for obs in self.observers:
+            obs.on_request_finished(stats)
+
+    # --- figures -------------------------------------------------------------------------------
+
+    def add_observer(self, observer: Any) -> None:
+        """observer.on_step(StepStats) after each step; observer.on_request_finished(RequestStats)."""
+        self.observers.append(observer)
+
+    def _record_step(self, stats: StepStats, now: float) -> None:
+        t = self.totals
+        t["steps"] += 1
+        t["prompt_tokens"] += stats.num_prompt_tokens
+        t["generation_tokens"] += stats.num_generation_tokens
+        t["preemptions"] += stats.num_preemptions
+        t["busy_time"] += stats.step_time
+        t["batched_seqs"] += stats.batch_size
+        self._window.append((now, stats.num_prompt_tokens, stats.num_generation_tokens, stats.batch_size))
+        while self._window and now - self._window[0][0] > STATS_WINDOW_S:
+            self._window.popleft()
+        for obs in self.observers:
+            obs.on_step(stats)
+
+    def _attention_module(self):
+        return self.gen.flash_attention if self.config.flash_attn else self.gen.flash_attention_reference
+
+    def info(self) -> dict[str, Any]:
+        """The six optimizations as the specs and flags resolved them, plus the model."""
+        cfg = {kind: spec.config.model_dump(mode="json") for kind, spec in self.gen.specs.items()}
+        mc = self.model_config
+        quant = {"enabled": self.config.quant != "none", **cfg["quantization"],
+                 "weight_bytes_loaded": self.weight_bytes_loaded, "weight_bytes": self.weight_bytes}
+        if self.quant_stats is not None:
+            quant["quantized"] = _plain(self.quant_stats)
+        return {
+            "model": {"name": self.config.model_name, "path": str(self.config.model_dir), "architecture": mc.architecture,
+                      "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "num_heads": mc.num_heads,
+                      "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
+                      "max_model_len": self.max_model_len, "device": self.device, "dtype": self.dtype_name},
+            "generated_from": {"spec_dir": str(self.config.spec_dir or "specs/tri"), "modules": str(self.gen.source),
+                               "specs": {k: s.path for k, s in self.gen.specs.items()}},
+            "kv_cache": {"enabled": self.use_kv_cache, **cfg["kv_cache"], "enable_prefix_caching": self.enable_prefix_caching,
+                         "num_blocks": self.num_blocks, "capacity_tokens": self.kv_capacity_tokens,
+                         "bytes_per_block": self.kv_bytes_per_block, "bytes_total": self.kv_bytes_per_block * self.num_blocks},
+            "flash_attention": {"enabled": self.config.flash_attn,
+                                "implementation": "generated flash_attention" if self.config.flash_attn else "generated reference",
+                                **cfg["flash_attention"]},
+            "continuous_batching": {**cfg["continuous_batch"], "max_num_seqs": self.max_num_seqs,
+                                    "max_num_batched_tokens": self.max_num_batched_tokens},
+            "quantization": quant,
+            "speculative_decoding": {"enabled": False, **cfg["speculative_decode"]},
+            "tensor_parallel": {"enabled": False, **cfg["tensor_parallel"], "tp_size": self.config.tensor_parallel_size},
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Live measured figures; nothing here is a constant."""
+        mem = self.block_manager.stats()
+        sched = self.scheduler.measured_stats()
+        now = time.monotonic()
+        span = max(1e-9, min(STATS_WINDOW_S, now - self.started))
+        window = list(self._window)
+        t = self.totals
+        used_blocks = self.num_blocks - mem.num_free_blocks
+        return {
+            "uptime_s": now - self.started,
+            "requests": {"running": sched["num_running"], "waiting": sched["num_waiting"],
+                         "finished": t["requests_finished"], "aborted": t["requests_aborted"]},
+            "kv_cache": {"num_blocks": self.num_blocks, "used_blocks": used_blocks, "usage": mem.usage,
+                         "used_bytes": used_blocks * self.kv_bytes_per_block,
+                         "total_bytes": self.num_blocks * self.kv_bytes_per_block,
+                         "cached_blocks": mem.num_cached_blocks,
+                         "prefix_cache_queries_tokens": mem.prefix_cache_queries * self.block_size,
+                         "prefix_cache_hits_tokens": mem.prefix_cache_hits * self.block_size,
+                         "prefix_cache_hit_rate": mem.hit_rate},
+            "batching": {"steps": t["steps"], "avg_batch_size": t["batched_seqs"] / t["steps"] if t["steps"] else 0.0,
+                         "recent_avg_batch_size": (sum(w[3] for w in window) / len(window)) if window else 0.0,
+                         "preemptions": t["preemptions"], "last_step_batched_tokens": sched["num_batched_tokens"]},
+            "throughput": {"recent_prompt_tokens_per_s": sum(w[1] for w in window) / span,
+                           "recent_generation_tokens_per_s": sum(w[2] for w in window) / span,
+                           "prompt_tokens_total": t["prompt_tokens"], "generation_tokens_total": t["generation_tokens"],
+                           "busy_fraction": t["busy_time"] / max(1e-9, now - self.started)},
+            # Work the attention module did (kernel calls, programs, KV tiles) since the server started.
+            "attention": _plain(getattr(self._attention_module(), "COUNTERS", {})),
+            "speculative_decoding": {"enabled": False},
+        }
+
+
+def _plain(obj: Any) -> Any:
+    """A dataclass or namedtuple of figures as a JSON-able dict."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _plain(getattr(obj, k)) for k in obj.__dataclass_fields__}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             on_step: Callable[[], None] | None = None) -> list[RequestOutput]:
+    """Run prompts to completion offline; returns each request's final output (all choices)."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [f"offline-{i}" for i in range(len(prompts))]
+    for rid, prompt, p in zip(ids, prompts, params_list):
+        engine.add_request(rid, prompt, p)
+    final: dict[str, dict[int, CompletionOutput]] = {rid: {} for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            for c in out.outputs:
+                final[out.request_id][c.index] = c
+        if on_step:
+            on_step()
+    return [RequestOutput(rid, prompt, [final[rid][i] for i in sorted(final[rid])], True)
+            for rid, prompt in zip(ids, prompts)]

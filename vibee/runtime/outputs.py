@@ -1,0 +1,68 @@
+"""What the engine hands out: per-step request outputs, and the figures observers (metrics) get."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the top_logprobs, best first
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # choice index, 0..n-1
+    text: str  # all text so far (a stop string excluded)
+    token_ids: list[int]  # all output tokens so far
+    delta_text: str  # new since the previous RequestOutput for this choice
+    delta_token_ids: list[int]
+    delta_logprobs: list[TokenLogprob] | None  # for delta_token_ids, when logprobs were asked for
+    logprobs: list[TokenLogprob] | None  # all of them
+    finish_reason: str | None = None  # None | "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]  # only the choices that changed in this step
+    finished: bool  # every choice has finished
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class StepStats:
+    """One engine step, for metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1 of the KV blocks in use
+    num_preemptions: int  # this step
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache this step
+    prefix_cache_hits: int  # ... and found
+    num_prompt_tokens: int  # prompt tokens computed this step (recomputation after preemption included)
+    num_generation_tokens: int  # tokens sampled this step
+    batch_size: int  # sequences in the step
+    step_time: float  # seconds
+
+
+@dataclass
+class RequestStats:
+    """One finished request (all of its choices), for metrics."""
+
+    request_id: str
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    queue_time: float  # seconds from arrival to first scheduled
+    time_to_first_token: float | None
+    e2e_latency: float
+    inter_token_latencies: list[float] = field(default_factory=list)

@@ -1,0 +1,67 @@
+"""`vibee serve`: build the engine, print what was loaded, and run the HTTP server until a signal.
+
+Shutdown: uvicorn stops accepting on SIGINT/SIGTERM and waits up to `graceful_timeout` seconds
+for open responses, which the engine keeps serving meanwhile; then the engine aborts whatever is
+left and its thread stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rich.console import Console
+
+from vibee.runtime.async_engine import AsyncEngine
+from vibee.runtime.config import EngineConfig
+
+console = Console(stderr=True)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(engine: AsyncEngine) -> list[str]:
+    """The startup summary: model, precision, KV capacity, and each optimization's state."""
+    e = engine.engine
+    mc = e.model_config
+    lines = [
+        f"model      {e.config.model_dir} ({mc.architecture}, {mc.num_layers} layers, hidden {mc.hidden_size}, "
+        f"{mc.num_heads}/{mc.num_kv_heads} heads) served as '{e.config.model_name}'",
+        f"device     {e.device} {e.dtype_name}; max_model_len {e.max_model_len}",
+        f"weights    {_gib(e.weight_bytes_loaded)}" + (
+            f" -> {_gib(e.weight_bytes)} after --quant {e.config.quant}" if e.config.quant != "none" else ""),
+        f"kv cache   {e.num_blocks} blocks x {e.block_size} tokens = {e.kv_capacity_tokens} tokens "
+        f"({_gib(e.num_blocks * e.kv_bytes_per_block)})" + ("" if e.use_kv_cache else "  [--no-kv-cache: recompute]"),
+        f"batching   max_num_seqs {e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, "
+        f"prefix caching {'on' if e.enable_prefix_caching else 'off'}",
+        f"attention  {'generated flash_attention' if e.config.flash_attn else 'generated reference (--no-flash-attn)'}",
+        f"modules    {e.gen.source}",
+    ]
+    return lines
+
+
+def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | None,
+               graceful_timeout: float = 30.0, log_level: str = "info") -> None:
+    import uvicorn
+
+    from vibee.server.app import create_app
+
+    console.print(f"[bold]vibee serve[/bold]: loading {config.model_dir}")
+    engine = AsyncEngine.from_config(config, progress=True)
+    for line in describe(engine):
+        console.print("  " + line, highlight=False)
+    app = create_app(engine, api_key=api_key)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    console.print(f"[bold green]serving[/bold green] http://{shown_host}:{port}/v1  "
+                  f"(OpenAI API; /metrics, /v1/inference/info, /v1/inference/stats)"
+                  + ("  API key required" if api_key else ""), highlight=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=graceful_timeout))
+    try:
+        server.run()
+    finally:
+        asyncio.run(engine.shutdown(timeout=0.0))
+        logging.getLogger("vibee").info("engine stopped")
+        console.print("vibee serve: stopped")
