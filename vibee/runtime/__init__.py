@@ -1,0 +1,1 @@
+"""The engine side of vibee: model, loader, tokenizer, attention, engine."""

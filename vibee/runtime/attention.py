@@ -1,0 +1,137 @@
+"""Attention for one engine step: where the step's tokens are (AttentionBatch) and the call into
+the generated attention module (AttentionBackend).
+
+A step's tokens are flattened, sequence after sequence, with no padding. With a KV cache the new
+K/V are written to their slots first, then a decode step (one token per sequence) runs
+`paged_decode` and any other step `paged_prefill` (full prompts, prompt chunks after a cached
+prefix, and decode tokens mixed in). Without a cache each step holds every token of every
+sequence and runs `varlen_attention` over the step's own K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class AttentionBatch:
+    # The step's tokens are flattened: sequence 0's new tokens, then sequence 1's, ...
+    cu_seqlens_q: torch.Tensor  # int32 [B+1], offsets of each sequence's new tokens
+    seq_lens: torch.Tensor  # int32 [B], KV length after this step (cached prefix + new tokens)
+    block_tables: torch.Tensor | None  # int32 [B, max_blocks] (None when there is no KV cache)
+    slot_mapping: torch.Tensor | None  # int64 [T], slot = block_id * block_size + offset of each new token
+    is_decode: bool  # every sequence has exactly one new token (use paged_decode)
+
+    def positions(self) -> torch.Tensor:
+        """The position of every new token (long [T]): a sequence's new tokens are its last ones."""
+        q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
+        offset_in_seq = torch.arange(int(self.cu_seqlens_q[-1]), device=q_lens.device) - self.cu_seqlens_q[:-1].long()[seq]
+        return (self.seq_lens.long() - q_lens)[seq] + offset_in_seq
+
+
+def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]] | None,
+                         block_size: int, device: torch.device | str = "cpu") -> AttentionBatch:
+    """An AttentionBatch from plain lists: sequence s has query_lens[s] new tokens, which are its
+    last ones of seq_lens[s]. block_tables None: no KV cache (then query_lens must equal seq_lens)."""
+    if len(query_lens) != len(seq_lens):
+        raise ValueError(f"query_lens has {len(query_lens)} entries and seq_lens {len(seq_lens)}")
+    cu = [0]
+    for n in query_lens:
+        cu.append(cu[-1] + n)
+    batch = AttentionBatch(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+        block_tables=None, slot_mapping=None,
+        is_decode=block_tables is not None and all(n == 1 for n in query_lens),
+    )
+    if block_tables is None:
+        if list(query_lens) != list(seq_lens):
+            raise ValueError("without a KV cache every step feeds whole sequences (query_lens == seq_lens)")
+        return batch
+    width = max((len(t) for t in block_tables), default=0) or 1
+    table = torch.zeros(len(block_tables), width, dtype=torch.int32)  # padding points at block 0, never read
+    for s, row in enumerate(block_tables):
+        table[s, : len(row)] = torch.tensor(list(row), dtype=torch.int32)
+    batch.block_tables = table.to(device)
+    positions = batch.positions()
+    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
+                                  torch.tensor(list(query_lens), device=device))
+    batch.slot_mapping = batch.block_tables[seq, positions // block_size].long() * block_size + positions % block_size
+    return batch
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """A mask variant for the generated attention: a query sees the `window` latest keys (itself
+    included), as Mistral's and Qwen2's sliding-window layers do (q_idx - kv_idx < window)."""
+
+    window: int
+    name: str = "sliding_window"
+    score_mod: Any = None
+
+    def mask_mod(self, score, b, h, q_idx, kv_idx, num_heads):
+        return (q_idx - kv_idx) < self.window
+
+
+class AttentionBackend:
+    """Calls one generated attention module (`flash_attention`, or `flash_attention_reference`
+    for --no-flash-attn) for every layer of a model.
+
+    int8 KV pages (a kv_cache generated with kv_dtype int8) hold a float32 scale per (block, kv
+    head) that the attention kernels don't read: such pages are dequantized before the call.
+    Only the blocks in the step's block tables are converted, into a scratch copy laid out in
+    block-table order, so the cost is one pass over the batch's KV per layer and step (in time
+    and in scratch memory), on top of the attention itself.
+    """
+
+    def __init__(self, fa_module: ModuleType, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float | None = None, variants: Sequence[Any] = ()):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.fa = fa_module
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.variants = tuple(variants)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
+                 kv_cache: Any, *, extra_variants: Sequence[Any] = ()) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> out [T, H, D] in q's dtype.
+        extra_variants: variants of this layer only (a model's sliding window)."""
+        variants = self.variants + tuple(extra_variants)
+        if kv_cache is None or batch.block_tables is None:
+            out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
+                                           variants=variants, scale=self.scale)
+            return out.to(dtype=q.dtype, device=q.device)
+        kv_cache.write(layer, k, v, batch.slot_mapping)
+        k_pages, v_pages, tables = self._pages(kv_cache, layer, batch, q.dtype)
+        if batch.is_decode:
+            out = self.fa.paged_decode(q, k_pages, v_pages, tables, batch.seq_lens, variants=variants, scale=self.scale)
+        else:
+            out = self.fa.paged_prefill(q, k_pages, v_pages, tables, batch.cu_seqlens_q, batch.seq_lens, causal=True,
+                                        variants=variants, scale=self.scale)
+        return out.to(dtype=q.dtype, device=q.device)
+
+    @staticmethod
+    def _pages(kv_cache: Any, layer: int, batch: AttentionBatch, dtype: torch.dtype):
+        """This layer's K/V pages as the kernels read them, with the block tables that index them."""
+        k_pages, v_pages = kv_cache.k_pages[layer], kv_cache.v_pages[layer]
+        k_scale = getattr(k_pages, "scale", None)
+        if k_scale is None:
+            return k_pages.data, v_pages.data, batch.block_tables
+        # int8: dequantize the pages of every block-table entry (padding included; a block shared
+        # by several sequences is converted once per entry) into scratch pages 0..B*max_blocks-1.
+        tables = batch.block_tables
+        ids = tables.reshape(-1).long()
+
+        def dequantize(pages) -> torch.Tensor:
+            return (pages.data[ids].float() * pages.scale[ids][:, None, :, None]).to(dtype)
+
+        scratch_tables = torch.arange(ids.numel(), dtype=torch.int32, device=tables.device).view(tables.shape)
+        return dequantize(k_pages), dequantize(v_pages), scratch_tables

@@ -1,0 +1,280 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) over flattened, unpadded token batches.
+
+Module names follow Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ...,
+lm_head), so checkpoint tensors load by name and the generated `quantize_model` finds plain
+`nn.Linear` layers to swap. The numerics follow transformers': RMSNorm in float32, RoPE with the
+rotate-half layout and cos/sin computed in float32, SwiGLU MLP, attention scale 1/sqrt(head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vibee.runtime.attention import AttentionBackend, AttentionBatch, SlidingWindow
+from vibee.runtime.model_config import LoadError, ModelConfig
+
+
+# ---- RoPE -----------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies (float32 [head_dim / 2]) and the factor cos/sin are scaled by."""
+    dim, theta = config.head_dim, config.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (theta ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], scaling["factor"]
+    if kind == "linear":  # positions divided by factor
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        # Long wavelengths (beyond the pretraining context / low_freq_factor) are slowed down by
+        # factor, short ones (below context / high_freq_factor) kept, the band between blended.
+        context = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        blend = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+        out = torch.where(wavelen > context / low, inv_freq / factor, blended)
+        return torch.where(wavelen < context / high, inv_freq, out), 1.0
+    if kind == "yarn":
+        return _yarn(config, inv_freq, factor)
+    raise ValueError(f"unsupported rope type {kind!r}")  # ModelConfig only lets the above through
+
+
+def _yarn(config: ModelConfig, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, float]:
+    """YaRN: dimensions that rotate fewer than beta_slow times over the pretraining context are
+    interpolated (divided by factor), those rotating more than beta_fast times kept, a linear
+    ramp between; cos/sin grow by the attention factor (0.1 ln(factor) + 1 unless given)."""
+    s = config.rope_scaling
+    dim, theta, context = config.head_dim, config.rope_theta, s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32.0, s.get("beta_slow") or 1.0
+
+    def dim_for_rotations(rotations: float) -> float:
+        return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = dim_for_rotations(beta_fast), dim_for_rotations(beta_slow)
+    if s.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    keep = 1 - ramp  # weight of the original (extrapolated) frequency
+    out = (inv_freq / factor) * (1 - keep) + inv_freq * keep
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s.get("attention_factor")
+    if attention is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+        else:
+            attention = mscale(factor)
+    return out, float(attention)
+
+
+class Rotary(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, head_dim] for the tokens' positions, computed in float32."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated: pairs are (i, i + D/2), as in Hugging Face checkpoints."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: Any):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
+    # On the meta device: no random init, storage comes with to_empty() and then the checkpoint.
+    return nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, h, kv, d
+        self.q_proj = _linear(config.hidden_size, h * d, config.attention_bias, dtype)
+        self.k_proj = _linear(config.hidden_size, kv * d, config.attention_bias, dtype)
+        self.v_proj = _linear(config.hidden_size, kv * d, config.attention_bias, dtype)
+        self.o_proj = _linear(h * d, config.hidden_size, config.o_proj_bias, dtype)
+        window = config.layer_window(layer)
+        self.variants = (SlidingWindow(window),) if window is not None else ()
+
+    def forward(self, x, cos, sin, backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
+        t = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        out = backend(self.layer, q, k, v, batch, kv_cache, extra_variants=self.variants)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = _linear(hidden, inner, bias, dtype)
+        self.up_proj = _linear(hidden, inner, bias, dtype)
+        self.down_proj = _linear(inner, hidden, bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(config, layer, dtype)
+        self.mlp = MLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
+
+    def forward(self, h, cos, sin, backend, batch, kv_cache) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, backend, batch, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta", dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+
+def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint must hold for this config, by Hugging Face name."""
+    hidden, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        linears = {"self_attn.q_proj": (q_out, hidden, config.attention_bias),
+                   "self_attn.k_proj": (kv_out, hidden, config.attention_bias),
+                   "self_attn.v_proj": (kv_out, hidden, config.attention_bias),
+                   "self_attn.o_proj": (hidden, q_out, config.o_proj_bias),
+                   "mlp.gate_proj": (inner, hidden, config.mlp_bias),
+                   "mlp.up_proj": (inner, hidden, config.mlp_bias),
+                   "mlp.down_proj": (hidden, inner, config.mlp_bias)}
+        for name, (n_out, n_in, bias) in linears.items():
+            shapes[p + name + ".weight"] = (n_out, n_in)
+            if bias:
+                shapes[p + name + ".bias"] = (n_out,)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    return shapes
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T], batch, kv_cache) -> hidden [T, hidden] after the final
+    norm; compute_logits(hidden rows) -> float32 logits. Parameters are uninitialised until
+    load_weights (the model is only ever run with a checkpoint's weights)."""
+
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.attention = attention
+        self.dtype = dtype
+        self.model = DecoderModel(config, dtype)
+        self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.to_empty(device=device)
+        self.requires_grad_(False)  # inference only: no autograd bookkeeping even outside no_grad
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # after to_empty, which would split them
+        self.rotary = Rotary(config, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     source: str = "weights") -> None:
+        """Copy checkpoint tensors in by Hugging Face name. Unknown names are skipped (e.g. old
+        rotary_emb.inv_freq buffers, or lm_head.weight of a tied model); a missing tensor or a
+        wrong shape is a LoadError naming it. Call before quantize_model."""
+        params = dict(self.named_parameters())  # a tied lm_head.weight appears once, as the embedding
+        where = getattr(weights, "source", source)
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in items:
+                param = params.get(name)
+                if param is None:
+                    continue
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise LoadError(f"{where}: tensor {name} has shape {list(tensor.shape)}, the config needs {list(param.shape)}")
+                param.copy_(tensor)
+                loaded.add(name)
+        missing = [name for name in params if name not in loaded]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise LoadError(f"{where}: missing tensor {missing[0]}{more}")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: Any) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, self.attention, batch, kv_cache)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def check_head_dim(config: ModelConfig, fa_module: Any, source: str = "config.json") -> None:
+    """LoadError when the generated attention was not compiled for the model's head_dim."""
+    head_dims = getattr(fa_module, "HEAD_DIMS", None)
+    if head_dims is not None and config.head_dim not in head_dims:
+        raise LoadError(f"{source}: head_dim {config.head_dim} is not supported by the generated attention "
+                        f"(it is compiled for head_dims {list(head_dims)}; add it to head_dims in the flash_attention spec)")
+
+
+def build_model(loaded: Any, gen: Any, *, flash_attn: bool = True) -> LlamaForCausalLM:
+    """The model of a LoadedModel with its weights, over the generated flash attention (or its
+    reference, for --no-flash-attn)."""
+    fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
+    config: ModelConfig = loaded.config
+    check_head_dim(config, fa, str(loaded.model_dir / "config.json"))  # the reference takes any head_dim
+    backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    model = LlamaForCausalLM(config, backend, dtype=loaded.dtype, device=loaded.device)
+    model.load_weights(loaded.weights)
+    return model
