@@ -236,3 +236,12 @@ def serve(host, port, api_key, **flags):
     except (LoadError, ValueError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def _register_bench() -> None:
+    from vibee.bench.cli import bench
+
+    main.add_command(bench)
+
+
+_register_bench()

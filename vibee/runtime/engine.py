@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from vibee.runtime.attention import AttentionBatch
+from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.detokenizer import IncrementalDetokenizer
 from vibee.runtime.generated import GeneratedModules, load_generated
@@ -133,7 +133,7 @@ class LLMEngine:
         self.observers: list[Any] = []
         self.started = time.monotonic()
         self._window: deque[tuple[float, int, int, int]] = deque()  # (time, prompt tokens, generated, batch)
-        self.totals = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
+        self.totals = {"steps": 0, "prompt_tokens": 0, "prefill_tokens_computed": 0, "generation_tokens": 0, "requests_finished": 0,
                        "requests_aborted": 0, "preemptions": 0, "busy_time": 0.0, "batched_seqs": 0}
 
     # --- sizing --------------------------------------------------------------------------------
@@ -250,9 +250,11 @@ class LLMEngine:
         now = time.monotonic()
         if sched.is_empty:
             return []
+        new_prompt_tokens = 0
         for item in sched.scheduled:
             req, _ = self._by_seq[item.seq.seq_id]
             if req.first_scheduled_time is None:
+                new_prompt_tokens += len(req.prompt_token_ids)
                 req.first_scheduled_time = now
                 # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
                 req.num_cached_tokens = item.seq.num_computed_tokens
@@ -284,71 +286,47 @@ class LLMEngine:
                 self._retire(req, now)
 
         step_time = time.perf_counter() - t0
-        prompt_tokens = sum(item.num_new_tokens for item in sched.scheduled if item.is_prefill)
+        computed_prefill = sum(item.num_new_tokens for item in sched.scheduled if item.is_prefill)
         stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
             num_preemptions=self.scheduler.measured_stats()["num_preemptions"] - preemptions0,
             prefix_cache_queries=(self.block_manager.prefix_cache_queries - queries0) * self.block_size,
             prefix_cache_hits=(self.block_manager.prefix_cache_hits - hits0) * self.block_size,
-            num_prompt_tokens=prompt_tokens, num_generation_tokens=len(results),
+            num_prompt_tokens=new_prompt_tokens, num_generation_tokens=len(results),
             batch_size=len(sched.scheduled), step_time=step_time)
-        self._record_step(stats, now)
+        self._record_step(stats, computed_prefill, now)
         return outputs
 
     def _run_model(self, sched) -> tuple[list, torch.Tensor]:
         """One forward over the step's tokens; returns the sequences to sample and their logits."""
-        bs = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        cu = [0]
+        query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        slot_starts: list[tuple[int, int, int]] = []  # (row in tables, start, end)
         sample_rows: list[int] = []
         sample_seqs = []
         for item in sched.scheduled:
             seq = item.seq
-            start = seq.num_computed_tokens
-            end = start + item.num_new_tokens
+            end = seq.num_computed_tokens + item.num_new_tokens
             # Without a KV cache every step recomputes the sequence from its first token.
-            feed_from = start if self.use_kv_cache else 0
-            tokens = seq.all_token_ids
-            input_ids.extend(tokens[feed_from:end])
-            positions.extend(range(feed_from, end))
-            cu.append(cu[-1] + end - feed_from)
+            start = seq.num_computed_tokens if self.use_kv_cache else 0
+            input_ids.extend(seq.all_token_ids[start:end])
+            query_lens.append(end - start)
             seq_lens.append(end)
             if self.use_kv_cache:
-                slot_starts.append((len(tables), start, end))
                 tables.append(self.block_manager.block_table(seq.seq_id))
             if end == seq.num_tokens:  # its last known token is computed: its logits give the next one
-                sample_rows.append(cu[-1] - 1)
+                sample_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-
-        dev = self.device
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        batch = AttentionBatch(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=None, slot_mapping=None,
-            is_decode=self.use_kv_cache and all(item.num_new_tokens == 1 for item in sched.scheduled))
-        if self.use_kv_cache:
-            width = max(len(t) for t in tables)
-            table_tensor = torch.zeros(len(tables), width, dtype=torch.int32)
-            for i, t in enumerate(tables):
-                table_tensor[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-            slots = []
-            for row, start, end in slot_starts:
-                p = torch.arange(start, end)
-                slots.append(table_tensor[row, p // bs].long() * bs + p % bs)
-            batch.block_tables = table_tensor.to(dev)
-            batch.slot_mapping = torch.cat(slots).to(dev)
+        batch = make_attention_batch(query_lens, seq_lens, tables if self.use_kv_cache else None,
+                                     self.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(ids, pos, batch, self.kv_cache)
+            hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
             if not sample_rows:
                 return [], hidden.new_empty(0)
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return sample_seqs, logits
 
     def _accept_token(self, req: _Request, choice: _Choice, result, now: float) -> None:
@@ -418,15 +396,16 @@ class LLMEngine:
         """observer.on_step(StepStats) after each step; observer.on_request_finished(RequestStats)."""
         self.observers.append(observer)
 
-    def _record_step(self, stats: StepStats, now: float) -> None:
+    def _record_step(self, stats: StepStats, computed_prefill: int, now: float) -> None:
         t = self.totals
         t["steps"] += 1
         t["prompt_tokens"] += stats.num_prompt_tokens
+        t["prefill_tokens_computed"] += computed_prefill
         t["generation_tokens"] += stats.num_generation_tokens
         t["preemptions"] += stats.num_preemptions
         t["busy_time"] += stats.step_time
         t["batched_seqs"] += stats.batch_size
-        self._window.append((now, stats.num_prompt_tokens, stats.num_generation_tokens, stats.batch_size))
+        self._window.append((now, computed_prefill, stats.num_generation_tokens, stats.batch_size))
         while self._window and now - self._window[0][0] > STATS_WINDOW_S:
             self._window.popleft()
         for obs in self.observers:
@@ -486,9 +465,11 @@ class LLMEngine:
             "batching": {"steps": t["steps"], "avg_batch_size": t["batched_seqs"] / t["steps"] if t["steps"] else 0.0,
                          "recent_avg_batch_size": (sum(w[3] for w in window) / len(window)) if window else 0.0,
                          "preemptions": t["preemptions"], "last_step_batched_tokens": sched["num_batched_tokens"]},
-            "throughput": {"recent_prompt_tokens_per_s": sum(w[1] for w in window) / span,
+            # Prefill rate counts tokens computed (prefix-cache hits are free; preempted ones count again).
+            "throughput": {"recent_prefill_tokens_per_s": sum(w[1] for w in window) / span,
                            "recent_generation_tokens_per_s": sum(w[2] for w in window) / span,
-                           "prompt_tokens_total": t["prompt_tokens"], "generation_tokens_total": t["generation_tokens"],
+                           "prompt_tokens_total": t["prompt_tokens"], "prefill_tokens_computed": t["prefill_tokens_computed"],
+                           "generation_tokens_total": t["generation_tokens"],
                            "busy_fraction": t["busy_time"] / max(1e-9, now - self.started)},
             # Work the attention module did (kernel calls, programs, KV tiles) since the server started.
             "attention": _plain(getattr(self._attention_module(), "COUNTERS", {})),

@@ -48,7 +48,7 @@ class StepStats:
     num_preemptions: int  # this step
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache this step
     prefix_cache_hits: int  # ... and found
-    num_prompt_tokens: int  # prompt tokens computed this step (recomputation after preemption included)
+    num_prompt_tokens: int  # prompt tokens of the requests first scheduled this step (cached ones included)
     num_generation_tokens: int  # tokens sampled this step
     batch_size: int  # sequences in the step
     step_time: float  # seconds

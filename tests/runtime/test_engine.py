@@ -1,0 +1,233 @@
+"""The engine end to end on tiny random checkpoints saved by transformers: batching, chunked
+prefill, preemption, prefix caching and the flags that turn optimizations off all give the same
+greedy tokens, and those equal transformers' own greedy generation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from tests.runtime.hf_models import VOCAB_SIZE, make_model
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.engine import LLMEngine, generate
+from vibee.runtime.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama (head_dim 16, GQA 4:2) and transformers' copy of it."""
+    model_dir = tmp_path_factory.mktemp("tiny-llama")
+    hf = make_model(model_dir, "llama", hidden=64, heads=4, kv_heads=2, layers=2)
+    return model_dir, hf
+
+
+def prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(5, VOCAB_SIZE) for _ in range(n)] for n in lengths]
+
+
+def engine(model_dir, **overrides) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=model_dir, device="cpu", **overrides), progress=False)
+
+
+def run(eng, prompt_list, **params):
+    outs = generate(eng, prompt_list, SamplingParams(**params))
+    return [[c.token_ids for c in out.outputs] for out in outs]
+
+
+def test_greedy_batch_equals_transformers(tiny):
+    model_dir, hf = tiny
+    batch = prompts([3, 17, 40, 9])
+    got = run(engine(model_dir), batch, max_tokens=32, **GREEDY)
+    for prompt, (tokens,) in zip(batch, got):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                          min_new_tokens=32, pad_token_id=0)
+        assert tokens == ref[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+    """Greedy tokens for a mixed batch with plenty of blocks and budget."""
+    model_dir, _ = tiny
+    batch = prompts([20, 33, 7, 26, 15, 40], seed=1)
+    return batch, run(engine(model_dir), batch, max_tokens=24, **GREEDY)
+
+
+def test_preemption_loses_nothing(tiny, baseline):
+    model_dir, _ = tiny
+    batch, expected = baseline
+    # 6 blocks of 16 tokens: two sequences at most hold their whole KV at once.
+    eng = engine(model_dir, num_kv_blocks=6)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+    assert eng.stats()["batching"]["preemptions"] > 0
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_chunked_prefill_same_tokens(tiny, baseline):
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = engine(model_dir, max_num_batched_tokens=8, max_num_seqs=4)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+    assert eng.stats()["batching"]["last_step_batched_tokens"] <= 8
+
+
+@pytest.mark.parametrize("flags", [dict(kv_cache=False), dict(flash_attn=False), dict(block_size=32),
+                                   dict(enable_prefix_caching=False)])
+def test_switches_keep_tokens(tiny, baseline, flags, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = engine(model_dir, **flags)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+    if "block_size" in flags:
+        assert eng.block_size == 32 and eng.gen.flash_attention.PAGE_SIZE == 32
+
+
+def test_prefix_cache_hit_reuses_kv(tiny):
+    model_dir, _ = tiny
+    eng = engine(model_dir)
+    prompt = prompts([40], seed=3)
+    first = generate(eng, prompt, SamplingParams(max_tokens=8, **GREEDY))[0]
+    eng.add_request("again", prompt[0], SamplingParams(max_tokens=8, **GREEDY))
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert outs[-1].num_cached_tokens == 32  # two full blocks of 16 of the 40-token prompt
+    assert outs[-1].outputs[0].token_ids == first.outputs[0].token_ids
+    assert eng.stats()["kv_cache"]["prefix_cache_hit_rate"] > 0
+
+
+def test_seeded_sampling_is_reproducible_and_choices_differ(tiny):
+    model_dir, _ = tiny
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    alone = generate(engine(model_dir), prompts([12], seed=4), params)[0]
+    # The same request in a busier batch, next to unseeded requests, draws the same tokens.
+    crowd = generate(engine(model_dir), prompts([12], seed=4) + prompts([30, 5], seed=5),
+                     [params, SamplingParams(temperature=1.0, max_tokens=16), SamplingParams(temperature=1.0, max_tokens=9)])[0]
+    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in crowd.outputs]
+    assert len({tuple(c.token_ids) for c in alone.outputs}) == 3
+    other = generate(engine(model_dir), prompts([12], seed=4), params.model_copy(update={"seed": 8}))[0]
+    assert [c.token_ids for c in other.outputs] != [c.token_ids for c in alone.outputs]
+
+
+def test_stop_string_cuts_text(tiny):
+    model_dir, _ = tiny
+    prompt = prompts([10], seed=6)
+    full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    text = full.text
+    assert len(text) > 12
+    stop = text[6:9]
+    cut = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0].outputs[0]
+    assert cut.text == text[:text.index(stop)]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop)
+    kept = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, stop=[stop], include_stop_str_in_output=True,
+                                                              **GREEDY))[0].outputs[0]
+    assert kept.text == text[:text.index(stop) + len(stop)]
+
+
+def test_stop_token_and_length(tiny):
+    model_dir, _ = tiny
+    prompt = prompts([10], seed=6)
+    full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    assert (full.finish_reason, len(full.token_ids)) == ("length", 24)
+    stop_id = full.token_ids[5]
+    cut = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, stop_token_ids=[stop_id], **GREEDY))[0].outputs[0]
+    assert cut.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop_id)
+
+
+def test_eos_stops_unless_ignored(tiny):
+    model_dir, _ = tiny
+    eng = engine(model_dir)
+    prompt = prompts([10], seed=6)
+    full = generate(eng, prompt, SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    eng.eos_token_ids = {full.token_ids[3]}  # pretend that token is EOS
+    cut = generate(eng, prompt, SamplingParams(max_tokens=24, temperature=0.0))[0].outputs[0]
+    assert cut.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[3]) + 1]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", None)
+
+
+def test_logprobs(tiny):
+    model_dir, _ = tiny
+    out = generate(engine(model_dir), prompts([10]), SamplingParams(max_tokens=6, logprobs=3, **GREEDY))[0].outputs[0]
+    assert len(out.logprobs) == 6
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token and lp.logprob <= 0
+        assert len(lp.top) == 3 and lp.top[0][0] == token  # greedy: the sampled token is the most likely
+        assert lp.top[0][1] == pytest.approx(lp.logprob)
+
+
+def test_abort_frees_blocks(tiny):
+    model_dir, _ = tiny
+    eng = engine(model_dir)
+    eng.add_request("gone", prompts([50])[0], SamplingParams(max_tokens=100, **GREEDY))
+    eng.step()
+    eng.step()
+    assert eng.block_manager.num_free_blocks() < eng.num_blocks
+    final = eng.abort_request("gone")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks and not eng.has_unfinished()
+
+
+def test_int8_weights_serve(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
+    model_dir, _ = tiny
+    eng = engine(model_dir, quant="int8")
+    info = eng.info()["quantization"]
+    assert info["enabled"] and info["bits"] == 8
+    assert info["weight_bytes"] < info["weight_bytes_loaded"]
+    (tokens,), = run(eng, prompts([10]), max_tokens=8, **GREEDY)
+    assert len(tokens) == 8
+
+
+def test_bad_requests_are_refused(tiny):
+    model_dir, _ = tiny
+    eng = engine(model_dir, max_model_len=64)
+    with pytest.raises(ValueError, match="maximum context length is 64"):
+        eng.add_request("long", prompts([60])[0], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request("empty", [], SamplingParams())
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request("oov", [VOCAB_SIZE + 5], SamplingParams())
+    assert not eng.has_unfinished()
+
+
+def test_unbuilt_flags_are_refused(tiny):
+    model_dir, _ = tiny
+    with pytest.raises(ValueError, match="speculative decoding"):
+        engine(model_dir, speculative=True)
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        engine(model_dir, tensor_parallel_size=2)
+
+
+def test_async_engine_cancel_frees_kv(tiny):
+    from vibee.runtime.async_engine import AsyncEngine, EngineClosed
+
+    model_dir, _ = tiny
+    aeng = AsyncEngine(engine(model_dir))
+
+    async def scenario():
+        done = [out async for out in aeng.generate(prompts([8])[0], SamplingParams(max_tokens=5, **GREEDY), "a")]
+        assert done[-1].finished and len(done[-1].outputs[0].token_ids) == 5
+        gen = aeng.generate(prompts([30])[0], SamplingParams(max_tokens=400, **GREEDY), "b")
+        async for out in gen:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await gen.aclose()  # the client went away
+        for _ in range(200):
+            if not aeng.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        assert aeng.engine.block_manager.num_free_blocks() == aeng.engine.num_blocks
+        await aeng.shutdown(timeout=1.0)
+        with pytest.raises(EngineClosed):
+            async for _ in aeng.generate(prompts([8])[0], SamplingParams(max_tokens=5), "c"):
+                pass
+
+    asyncio.run(scenario())

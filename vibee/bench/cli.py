@@ -1,0 +1,281 @@
+"""`vibee bench throughput` and `vibee bench serve` (registered in vibee/cli.py)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vibee.bench.report import Section, environment, parse_range, print_report, random_workload, write_result
+
+
+def _range(ctx, param, value):
+    try:
+        return parse_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _rate(ctx, param, value):
+    try:
+        rate = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'inf'") from None
+    if not rate > 0:
+        raise click.BadParameter("must be > 0 (or inf: all requests at once)")
+    return rate
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _workload_options(f):
+    options = [
+        click.option("--num-prompts", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Requests to send."),
+        click.option("--input-len", default="128:512", show_default=True, callback=_range,
+                     help="Prompt length in tokens: N or LOW:HIGH (uniform, inclusive)."),
+        click.option("--output-len", default="64:256", show_default=True, callback=_range,
+                     help="Output length in tokens (max_tokens, EOS ignored): N or LOW:HIGH."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seeds prompts, lengths and arrivals."),
+        click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+                     show_default=True, help="Where <name>-<timestamp>.json and .md go."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _engine_options(f):
+    """The engine flags of `vibee bench throughput` (vLLM's names; unset ones leave the choice to the specs)."""
+    options = [
+        click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="A local Hugging Face model directory (default: the built-in models/vibee-tiny)."),
+        click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Directory of the six .vibee specs (default: specs/tri)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="auto: float32 on a CPU, bfloat16 on a GPU."),
+        click.option("--max-model-len", type=int, default=None, help="Longest prompt + output (default: the model's)."),
+        click.option("--max-num-seqs", type=int, default=None, help="Most sequences in a step (spec: continuous_batch)."),
+        click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget of a step (spec: continuous_batch)."),
+        click.option("--block-size", type=int, default=None, help="Tokens per KV block (spec: kv_cache.block_size)."),
+        click.option("--num-kv-blocks", type=int, default=None, help="Fix the KV cache size in blocks."),
+        click.option("--gpu-memory-utilization", type=float, default=None, help="Share of GPU memory to use (spec: kv_cache)."),
+        click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+                     help="Off: recompute every token each step (the naive baseline)."),
+        click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
+                     help="Off: the generated reference attention."),
+        click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+                     help="Quantize weights at load time (spec: quantization)."),
+        click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
+                     help="Reuse KV of shared prompt prefixes (default: the kv_cache spec's choice)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: the offline engine (throughput) and a running server (serve)."""
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+
+def _engine_config(flags: dict[str, Any], seed: int):
+    from pydantic import ValidationError
+
+    from vibee.runtime.config import EngineConfig
+
+    try:
+        return EngineConfig(seed=seed, **flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
+
+
+@bench.command()
+@_workload_options
+@_engine_options
+def throughput(num_prompts, input_len, output_len, seed, result_dir, **flags):
+    """Offline engine throughput on random-token prompts (like vLLM's benchmark_throughput)."""
+    import time
+
+    from rich.console import Console
+
+    from vibee.bench.throughput import check_workload, engine_settings, run_throughput, warm_up, workload_vocab
+    from vibee.runtime.engine import LLMEngine
+    from vibee.runtime.loader import LoadError
+    from vibee.spec.errors import SpecError
+
+    out, err = Console(), Console(stderr=True)
+    config = _engine_config(flags, seed)
+    for problem in config.unbuilt_features():
+        _fail(problem)
+    t0 = time.perf_counter()
+    try:
+        engine = LLMEngine(config, progress=True)
+    except SpecError as exc:
+        for d in exc.diagnostics:
+            click.echo(d.render(), err=True)
+        sys.exit(2)
+    except (LoadError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    load_s = time.perf_counter() - t0
+
+    vocab, special = workload_vocab(engine)
+    try:
+        workload = random_workload(num_prompts, input_len, output_len, vocab, special, seed)
+        check_workload(engine, workload)
+    except ValueError as exc:
+        _fail(str(exc))
+    warmup = warm_up(engine, workload)
+    err.print(f"warm-up done ({warmup['requests']} request, {warmup['prompt_tokens']} prompt + "
+              f"{warmup['output_tokens']} output tokens, not timed); timing {num_prompts} requests", highlight=False)
+    results = run_throughput(engine, workload, console=err)
+
+    settings = {"num_prompts": num_prompts, "input_len": f"{input_len[0]}:{input_len[1]}",
+                "output_len": f"{output_len[0]}:{output_len[1]}", "seed": seed, "temperature": 1.0,
+                "ignore_eos": True, "prompt_vocab": vocab, "excluded_special_ids": len(special),
+                **engine_settings(engine)}
+    env = environment(engine.device)
+    data = {"benchmark": "throughput", "settings": settings, "results": results,
+            "warmup": warmup, "load_s": load_s, "environment": env}
+    title = f"vibee bench throughput: {settings['model_name']} on {env.get('device_name', engine.device)}"
+    notes = [f"Warm-up: {warmup['requests']} request ({warmup['prompt_tokens']} prompt + {warmup['output_tokens']} "
+             "output tokens) ran before timing and is not counted. Times cover adding all requests and stepping "
+             "until the last one finished."]
+    r = results
+    sections = [
+        Section("Results", ["Metric", "Value"], [
+            ["Elapsed (s)", r["elapsed_s"]], ["Requests", r["num_requests"]],
+            ["Requests/s", r["requests_per_s"]], ["Output tokens/s", r["output_tokens_per_s"]],
+            ["Total tokens/s (prompt + output)", r["total_tokens_per_s"]],
+            ["Prompt tokens", r["prompt_tokens"]], ["Output tokens", r["output_tokens"]],
+            ["Engine steps", r["steps"]], ["Mean batch size", r["mean_batch_size"]],
+            ["Max running sequences", r["max_running"]], ["Peak KV cache usage", f"{100 * r['peak_kv_cache_usage']:.1f}%"],
+            ["Preemptions", r["preemptions"]],
+        ]),
+        Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
+        Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]),
+    ]
+    _finish(out, result_dir, "throughput", data, title, sections, notes)
+
+
+def _finish(console, result_dir, name, data, title, sections, notes) -> None:
+    try:
+        json_path, md_path = write_result(result_dir, name, data, title, sections, notes)
+    except OSError as exc:
+        print_report(console, title, sections, notes)
+        _fail(f"could not write results to {result_dir}: {exc}")
+    print_report(console, title, sections, notes)
+    console.print(f"wrote {json_path} and {md_path}", highlight=False)
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@bench.command()
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True, help="The server (without /v1).")
+@click.option("--model", default=None, help="Model name to request (default: the first of GET /v1/models).")
+@_workload_options
+@click.option("--request-rate", default="inf", show_default=True, callback=_rate,
+              help="Requests per second, Poisson arrivals (seeded); inf sends all at once.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+              help="Most requests in flight at once (default: no limit).")
+@click.option("--api-key", envvar="VIBEE_API_KEY", default=None, help="Bearer token (also from VIBEE_API_KEY).")
+@click.option("--vocab-size", type=click.IntRange(min=2), default=None,
+              help="Draw prompt ids below this (default: the server's /v1/inference/info).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds one request may stall.")
+def serve(base_url, model, num_prompts, input_len, output_len, seed, result_dir, request_rate, max_concurrency,
+          api_key, vocab_size, timeout):
+    """Load a running server over HTTP: TTFT, TPOT, ITL, latency, throughput (like vLLM's benchmark_serving)."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vibee.bench.serve_load import FALLBACK_MIN_ID, ServeBenchError, probe_server, run_load, summarize_load
+
+    out, err = Console(), Console(stderr=True)
+    base_url = base_url.rstrip("/")
+    if base_url.endswith("/v1"):
+        base_url = base_url[:-3]  # both spellings are common; the paths below add /v1
+    try:
+        server = probe_server(base_url, api_key, model)
+    except ServeBenchError as exc:
+        _fail(str(exc))
+    vocab = vocab_size or server.vocab_size
+    if vocab is None:
+        _fail(f"{base_url}/v1/inference/info gave no vocabulary size; pass --vocab-size")
+    if server.special_ids is not None:
+        excluded, exclusion = set(server.special_ids), f"{len(server.special_ids)} special ids from the server"
+    else:
+        excluded, exclusion = set(range(FALLBACK_MIN_ID)), f"ids below {FALLBACK_MIN_ID} (server gave no special ids)"
+    longest = input_len[1] + output_len[1]
+    if server.max_model_len is not None and longest > server.max_model_len:
+        _fail(f"--input-len up to {input_len[1]} plus --output-len up to {output_len[1]} is {longest} tokens, "
+              f"more than the server's max_model_len {server.max_model_len}")
+    try:
+        workload = random_workload(num_prompts, input_len, output_len, vocab, excluded, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+
+    progress = Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), console=err)
+    failed = 0
+
+    def on_done(result) -> None:
+        nonlocal failed
+        failed += not result.ok
+        progress.update(task, advance=1, failed=failed)
+
+    with progress:
+        task = progress.add_task("requests", total=num_prompts, failed=0)
+        results, duration = asyncio.run(run_load(base_url, server.model, workload, request_rate=request_rate,
+                                                 max_concurrency=max_concurrency, api_key=api_key, seed=seed,
+                                                 timeout=timeout, on_done=on_done))
+    figures = summarize_load(results, duration)
+
+    info_model = (server.info or {}).get("model") or {}
+    settings = {"base_url": base_url, "model": server.model, "num_prompts": num_prompts,
+                "input_len": f"{input_len[0]}:{input_len[1]}", "output_len": f"{output_len[0]}:{output_len[1]}",
+                "request_rate": request_rate, "max_concurrency": max_concurrency, "seed": seed,
+                "temperature": 1.0, "ignore_eos": True, "prompt_vocab": vocab, "excluded_ids": exclusion,
+                "server_device": info_model.get("device"), "server_dtype": info_model.get("dtype")}
+    env = environment()
+    data = {"benchmark": "serve", "settings": settings, "results": figures, "server_info": server.info,
+            "environment": env}
+    title = f"vibee bench serve: {server.model} at {base_url}"
+    rate = "inf (all at once)" if math.isinf(request_rate) else f"{request_rate:g} req/s (Poisson)"
+    notes = [f"{num_prompts} requests, request rate {rate}, max concurrency {max_concurrency or 'unlimited'}. "
+             "Latencies over successful requests; the environment below is the client's."]
+    f = figures
+    latency_rows = [[label] + [f[key][s] for s in ("mean", "median", "p90", "p99")] + [f[key]["count"]]
+                    for label, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E latency", "e2e_ms"))]
+    sections = [
+        Section("Results", ["Metric", "Value"], [
+            ["Successful requests", f["completed"]], ["Failed requests", f["failed"]],
+            ["First error", f["first_error"]], ["Duration (s)", f["duration_s"]],
+            ["Total input tokens", f["total_input_tokens"]], ["Total output tokens", f["total_output_tokens"]],
+            ["Request throughput (req/s)", f["request_throughput"]],
+            ["Output token throughput (tok/s)", f["output_throughput"]],
+            ["Total token throughput (tok/s)", f["total_token_throughput"]],
+        ]),
+        Section("Latency (ms)", ["Metric", "Mean", "Median", "P90", "P99", "Samples"], latency_rows),
+        Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
+        Section("Environment (client)", ["Item", "Value"], [[k, v] for k, v in env.items()]),
+    ]
+    if f["requests_without_usage"]:
+        notes.append(f"{f['requests_without_usage']} responses had no usage chunk: their output tokens were "
+                     "counted as text chunks.")
+    _finish(out, result_dir, "serve", data, title, sections, notes)
+    if f["completed"] == 0:
+        sys.exit(1)

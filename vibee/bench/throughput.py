@@ -1,0 +1,141 @@
+"""`vibee bench throughput`: the offline engine at full load, like vLLM's benchmark_throughput with
+its random dataset. Every request is added at once and the engine steps until all are done; the
+figures are wall-clock over that loop (adding the requests included, the warm-up excluded)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vibee.bench.report import Workload
+
+WARMUP_PROMPT_TOKENS = 16
+WARMUP_OUTPUT_TOKENS = 4
+
+
+class _Peaks:
+    """Engine observer: the largest running batch and KV usage seen while `active`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.max_running = 0
+        self.peak_kv_usage = 0.0
+
+    def on_step(self, stats) -> None:
+        if self.active:
+            self.max_running = max(self.max_running, stats.num_running)
+            self.peak_kv_usage = max(self.peak_kv_usage, stats.kv_cache_usage)
+
+    def on_request_finished(self, stats) -> None:
+        pass
+
+
+def workload_vocab(engine) -> tuple[int, set[int]]:
+    """The ids prompts may use: below both the tokenizer's and the model's vocabulary (a model's
+    embedding is often padded past the tokenizer), minus special ids (EOS would end nothing with
+    ignore_eos, but it and BOS/PAD in mid-prompt are not what real prompts look like)."""
+    tok = engine.tokenizer
+    vocab = min(int(tok.vocab_size), int(engine.model_config.vocab_size))
+    special = set(getattr(tok, "all_special_ids", ()) or ()) | set(engine.eos_token_ids)
+    return vocab, special
+
+
+def check_workload(engine, workload: Workload) -> None:
+    """Fail before any timing if some request can't run (too long for max_model_len or the KV cache)."""
+    from vibee.runtime.sampling_params import SamplingParams
+
+    for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
+        try:
+            engine.check_prompt(prompt, SamplingParams(max_tokens=out_len))
+        except ValueError as exc:
+            raise ValueError(f"request {i} ({len(prompt)} prompt + {out_len} output tokens): {exc}") from None
+
+
+def _drain(engine, on_step=None) -> None:
+    while engine.has_unfinished():
+        outs = engine.step()
+        if on_step is not None:
+            on_step(outs)
+
+
+def warm_up(engine, workload: Workload) -> dict[str, int]:
+    """One short request so one-time costs (allocator, kernel selection, lazy imports) fall outside
+    the timed loop."""
+    from vibee.runtime.sampling_params import SamplingParams
+
+    prompt = workload.prompts[0][:WARMUP_PROMPT_TOKENS]
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=WARMUP_OUTPUT_TOKENS)
+    engine.add_request("bench-warmup", prompt, params)
+    _drain(engine)
+    return {"requests": 1, "prompt_tokens": len(prompt), "output_tokens": WARMUP_OUTPUT_TOKENS}
+
+
+def run_throughput(engine, workload: Workload, *, console=None) -> dict[str, Any]:
+    """Add every request, step until all finish, and measure. Shows a progress bar on `console`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vibee.runtime.sampling_params import SamplingParams
+
+    peaks = _Peaks()
+    engine.add_observer(peaks)
+    before = engine.stats()["batching"]
+    n = len(workload.prompts)
+    generated = 0
+    finished = 0
+
+    progress = Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[tok_s]:>9.1f} output tok/s"), TimeElapsedColumn(),
+                        console=console, transient=False, disable=console is None)
+    with progress:
+        task = progress.add_task("requests", total=n, tok_s=0.0)
+        peaks.active = True
+        start = time.perf_counter()
+        for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
+            engine.add_request(f"bench-{i}", prompt,
+                               SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=out_len))
+
+        def on_step(outs) -> None:
+            nonlocal generated, finished
+            for out in outs:
+                generated += sum(len(c.delta_token_ids) for c in out.outputs)
+                finished += out.finished
+            elapsed = time.perf_counter() - start
+            progress.update(task, completed=finished, tok_s=generated / elapsed if elapsed > 0 else 0.0)
+
+        _drain(engine, on_step)
+        elapsed = time.perf_counter() - start
+        peaks.active = False
+
+    after = engine.stats()["batching"]
+    steps = after["steps"] - before["steps"]
+    # avg_batch_size covers the engine's life; take the timed steps' share (the warm-up excluded).
+    batched = after["avg_batch_size"] * after["steps"] - before["avg_batch_size"] * before["steps"]
+    prompt_tokens = sum(workload.input_lens)
+    return {
+        "elapsed_s": elapsed,
+        "num_requests": n,
+        "finished_requests": finished,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": generated,
+        "requests_per_s": n / elapsed,
+        "output_tokens_per_s": generated / elapsed,
+        "total_tokens_per_s": (prompt_tokens + generated) / elapsed,
+        "steps": steps,
+        "mean_batch_size": batched / steps if steps else 0.0,
+        "max_running": peaks.max_running,
+        "peak_kv_cache_usage": peaks.peak_kv_usage,
+        "preemptions": after["preemptions"] - before["preemptions"],
+    }
+
+
+def engine_settings(engine) -> dict[str, Any]:
+    """The engine as it resolved the flags and specs (what the run actually used)."""
+    cfg = engine.config
+    return {
+        "model": str(cfg.model_dir), "model_name": cfg.model_name, "device": engine.device,
+        "dtype": engine.dtype_name, "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "block_size": engine.block_size, "num_kv_blocks": engine.num_blocks,
+        "kv_capacity_tokens": engine.kv_capacity_tokens, "kv_cache": engine.use_kv_cache,
+        "flash_attn": cfg.flash_attn, "quant": cfg.quant, "enable_prefix_caching": engine.enable_prefix_caching,
+    }

@@ -1,0 +1,258 @@
+"""Turn one step's logits into tokens, vLLM style.
+
+Per row, in this order:
+
+1. repetition penalty over the tokens seen in prompt + output (positive logits divided by it,
+   negative ones multiplied), then frequency (x output count) and presence (once per distinct
+   output token) penalties subtracted;
+2. logprobs: ``log_softmax`` of these penalised logits, *before* temperature/top-k/top-p/min-p.
+   This is the model's (penalised) distribution, the same for every sampling setting, like
+   vLLM's "raw" logprobs except that penalties are already applied. Greedy picks its argmax, so
+   a greedy token always has the highest reported logprob;
+3. greedy rows (temperature < GREEDY_EPS) take the argmax and never touch a generator;
+4. random rows: divide by temperature, keep the top-k logits (ties with the k-th kept), keep the
+   smallest head of the sorted distribution whose mass reaches top_p (renormalised after top-k),
+   drop tokens whose probability is below min_p x the top probability, then sample by the
+   exponential race ``argmax(p / E)``, E ~ Exponential(1), which draws from p without a cumsum.
+
+Noise for a row with its own ``generator`` comes only from that generator (exactly V draws per
+sampled step), so a seeded request gives the same tokens whatever else is in the batch. Other
+random rows share the sampler-wide generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vibee.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None  # the sampled token's logprob when params.logprobs is not None
+    top_logprobs: list[tuple[int, float]] | None  # best `logprobs` (token, logprob), best first
+
+
+def _as_ids(seq: Sequence[int]) -> np.ndarray:
+    return np.fromiter(seq, dtype=np.int64, count=len(seq))
+
+
+def _check_range(ids: np.ndarray, vocab: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+
+
+def _pairs(per_row: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) tensors for scatter/index_put from one id array per row."""
+    lengths = np.fromiter((len(a) for a in per_row), dtype=np.int64, count=len(per_row))
+    ids = np.concatenate(per_row) if per_row else np.zeros(0, dtype=np.int64)
+    row = np.repeat(np.arange(len(per_row), dtype=np.int64), lengths)
+    return torch.from_numpy(row).to(device), torch.from_numpy(ids).to(device)
+
+
+class _PromptIdCache:
+    """Distinct prompt token ids per prompt list, so a long prompt is converted once, not every
+    step. Keyed by the list's identity; the entry keeps the list alive (so its id can't be
+    reused) and is checked against the length. Prompts are not expected to change in place."""
+
+    KEEP_CALLS = 64  # entries unused for this many sample() calls are dropped
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Sequence[int], int, np.ndarray, int]] = {}
+        self._calls = 0
+
+    def get(self, seq: Sequence[int], vocab: int) -> np.ndarray:
+        hit = self._entries.get(id(seq))
+        if hit is not None and hit[0] is seq and hit[1] == len(seq):
+            ids = hit[2]
+        else:
+            ids = np.unique(_as_ids(seq))
+        _check_range(ids, vocab)
+        self._entries[id(seq)] = (seq, len(seq), ids, self._calls)
+        return ids
+
+    def end_call(self) -> None:
+        self._calls += 1
+        if self._calls % self.KEEP_CALLS == 0:
+            old = self._calls - self.KEEP_CALLS
+            self._entries = {k: e for k, e in self._entries.items() if e[3] >= old}
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None, device: torch.device | str | None = None):
+        """``seed`` seeds the shared generator used by rows without their own (None: random).
+        ``device`` creates that generator up front; others are made on first use per device."""
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._prompt_ids = _PromptIdCache()
+        if device is not None:
+            self._shared_generator(torch.device(device))
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # tensors report cuda:N
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampleResult]:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
+        n, vocab = logits.shape
+        if n != len(rows):
+            raise ValueError(f"got {n} rows of logits for {len(rows)} sampling rows")
+        if n == 0:
+            return []
+        device = logits.device
+        # Always work on a float32 copy: penalties write in place and callers may reuse logits.
+        x = logits.to(torch.float32, copy=True)
+        params = [r.params for r in rows]
+
+        self._apply_penalties(x, rows, vocab)
+        self._prompt_ids.end_call()
+
+        tokens = torch.empty(n, dtype=torch.long, device=device)
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        rand = [i for i, p in enumerate(params) if not p.is_greedy]
+        if greedy:
+            gi = torch.tensor(greedy, device=device)
+            tokens[gi] = x[gi].argmax(dim=-1)
+        if rand:
+            ri = torch.tensor(rand, device=device)
+            tokens[ri] = self._sample_random(x[ri], [rows[i] for i in rand])
+
+        return self._results(x, tokens, params)
+
+    # ---- penalties ----
+
+    def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> None:
+        device = x.device
+        rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        add = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
+        if not rep and not add:
+            return
+        outputs = {i: _as_ids(rows[i].output_token_ids) for i in {*rep, *add}}
+        for ids in outputs.values():
+            _check_range(ids, vocab)
+
+        if rep:
+            ri = torch.tensor(rep, device=device)
+            per_row = [np.concatenate([self._prompt_ids.get(rows[i].prompt_token_ids, vocab), outputs[i]]) for i in rep]
+            row, ids = _pairs(per_row, device)
+            seen = torch.zeros(len(rep), vocab, dtype=torch.bool, device=device)
+            seen[row, ids] = True
+            pen = torch.tensor([rows[i].params.repetition_penalty for i in rep], dtype=torch.float32, device=device)[:, None]
+            sub = x[ri]
+            x[ri] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+
+        if add:
+            ai = torch.tensor(add, device=device)
+            row, ids = _pairs([outputs[i] for i in add], device)
+            counts = torch.zeros(len(add), vocab, dtype=torch.float32, device=device)
+            counts.index_put_((row, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
+            freq = torch.tensor([rows[i].params.frequency_penalty for i in add], dtype=torch.float32, device=device)[:, None]
+            pres = torch.tensor([rows[i].params.presence_penalty for i in add], dtype=torch.float32, device=device)[:, None]
+            x[ai] -= freq * counts + pres * (counts > 0).float()
+
+    # ---- random sampling ----
+
+    def _sample_random(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        device = x.device
+        r, vocab = x.shape
+        params = [row.params for row in rows]
+        temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        x = x / temp[:, None]
+
+        # top-k and top-p share one sort; rows with neither get no mask.
+        ks = [p.top_k if 1 <= p.top_k < vocab else vocab for p in params]
+        ps = [p.top_p for p in params]
+        use_k = any(k < vocab for k in ks)
+        use_p = any(p < 1.0 for p in ps)
+        if use_k and not use_p:
+            # Only top-k: a partial topk is much cheaper than sorting the whole vocabulary.
+            k_max = max(k for k in ks if k < vocab)
+            top = x.topk(k_max, dim=-1).values
+            k = torch.tensor([min(k, k_max) for k in ks], dtype=torch.long, device=device)[:, None]
+            off = torch.tensor([k >= vocab for k in ks], device=device)[:, None]
+            kth = top.gather(1, k - 1).masked_fill(off, float("-inf"))  # rows without top-k keep all
+            x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th logit stay
+        elif use_k or use_p:
+            sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
+            drop = torch.zeros_like(sorted_x, dtype=torch.bool)
+            if use_k:
+                k = torch.tensor(ks, dtype=torch.long, device=device)[:, None]
+                kth = sorted_x.gather(1, k - 1)
+                drop |= sorted_x < kth  # ties with the k-th logit stay: the cut doesn't depend on sort order
+            if use_p:
+                # top_p == 1 must keep everything even when float cumsum overshoots 1.
+                p = torch.tensor([q if q < 1.0 else float("inf") for q in ps], dtype=torch.float32, device=device)[:, None]
+                probs_sorted = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
+                before = probs_sorted.cumsum(dim=-1) - probs_sorted  # mass of the better tokens
+                drop |= before >= p  # the first token has before == 0 and always stays
+            x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+        probs = x.softmax(dim=-1)
+        min_ps = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_ps):
+            m = torch.tensor(min_ps, dtype=torch.float32, device=device)[:, None]
+            probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
+        # No renormalisation needed: argmax(p / E) is unchanged by scaling a row.
+
+        noise = torch.empty_like(probs)
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if shared:
+            gen = self._shared_generator(device)
+            noise[torch.tensor(shared, device=device)] = torch.empty(len(shared), vocab, device=device).exponential_(generator=gen)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                g = row.generator
+                noise[i] = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device)
+        # A zero draw would turn a zero-probability token into 0/0 = nan, which argmax picks.
+        noise.clamp_min_(torch.finfo(torch.float32).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+    # ---- logprobs and results ----
+
+    def _results(self, x: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[SampleResult]:
+        token_list = tokens.tolist()
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not want:
+            return [SampleResult(t, None, None) for t in token_list]
+
+        wi = torch.tensor(want, device=x.device)
+        lp = x[wi].log_softmax(dim=-1)
+        chosen = lp.gather(1, tokens[wi][:, None]).squeeze(1).tolist()
+        k_max = max(params[i].logprobs for i in want)
+        top_vals: list[list[float]] = [[] for _ in want]
+        top_ids: list[list[int]] = [[] for _ in want]
+        if k_max > 0:
+            vals, ids = lp.topk(min(k_max, lp.shape[1]), dim=-1)
+            top_vals, top_ids = vals.tolist(), ids.tolist()
+
+        results = [SampleResult(t, None, None) for t in token_list]
+        for j, i in enumerate(want):
+            k = params[i].logprobs
+            top = list(zip(top_ids[j][:k], top_vals[j][:k]))
+            results[i] = SampleResult(token_list[i], chosen[j], top)
+        return results
