@@ -156,9 +156,6 @@ def _add(node, value) -> None:
         node.add(escape(str(value)))
 
 
-if __name__ == "__main__":
-    main()
-
 
 # --- serve ---------------------------------------------------------------------------------------
 
@@ -245,3 +242,7 @@ def _register_bench() -> None:
 
 
 _register_bench()
+
+
+if __name__ == "__main__":
+    main()

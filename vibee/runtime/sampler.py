@@ -179,12 +179,13 @@ class Sampler:
 
     def _sample_random(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         device = x.device
-        r, vocab = x.shape
+        vocab = x.shape[1]
         params = [row.params for row in rows]
         temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         x = x / temp[:, None]
 
-        # top-k and top-p share one sort; rows with neither get no mask.
+        # Top-k alone needs only a partial topk; with top-p both share one sort. Rows with neither
+        # get no mask.
         ks = [p.top_k if 1 <= p.top_k < vocab else vocab for p in params]
         ps = [p.top_p for p in params]
         use_k = any(k < vocab for k in ks)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from rich.console import Console
 
 from vibee.runtime.async_engine import AsyncEngine
 from vibee.runtime.config import EngineConfig
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _gib(n: int) -> str:
@@ -44,9 +45,12 @@ def describe(engine: AsyncEngine) -> list[str]:
 
 def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | None,
                graceful_timeout: float = 30.0, log_level: str = "info") -> None:
+    import prometheus_client
     import uvicorn
 
     from vibee.server.app import create_app
+
+    prometheus_client.disable_created_metrics()  # no *_created series: /metrics shows what people read
 
     console.print(f"[bold]vibee serve[/bold]: loading {config.model_dir}")
     engine = AsyncEngine.from_config(config, progress=True)
@@ -59,8 +63,13 @@ def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | Non
                   + ("  API key required" if api_key else ""), highlight=False)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=graceful_timeout))
+    # uvicorn re-raises the signal that stopped it once it has shut down; with Python's default
+    # SIGTERM action that would kill the process before the engine stops, so take it as a no-op.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
+    except KeyboardInterrupt:  # the re-raised SIGINT
+        pass
     finally:
         asyncio.run(engine.shutdown(timeout=0.0))
         logging.getLogger("vibee").info("engine stopped")

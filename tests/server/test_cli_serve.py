@@ -1,0 +1,105 @@
+"""`vibee serve` as a user runs it: a subprocess that prints what it loaded, serves, refuses flags
+it can't honour, and on SIGTERM finishes the response in flight and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.runtime.hf_models import make_model
+
+pytestmark = pytest.mark.slow
+VIBEE = [sys.executable, "-m", "vibee.cli"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    make_model(path, "llama", hidden=64, heads=4, kv_heads=2, layers=2)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path) -> dict:
+    return {**os.environ, "VIBEE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([*VIBEE, "serve", "--model", str(model_dir), "--port", str(port), "--num-kv-blocks", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(log)
+            time.sleep(0.2)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        chunks = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    if len(chunks) == 3:
+                        proc.send_signal(signal.SIGTERM)  # mid-stream: the response must still finish
+        assert chunks[-1] == "[DONE]"
+        final = json.loads(chunks[-2])
+        assert final["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    out = "".join(log)
+    assert "kv cache   64 blocks x 16 tokens = 1024 tokens" in out
+    assert f"http://127.0.0.1:{port}/v1" in out
+    assert "vibee serve: stopped" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speculative"], "speculative decoding in the engine is not built yet"),
+    (["--tensor-parallel-size", "2"], "tensor-parallel serving is not built yet"),
+    (["--block-size", "24"], "block_size"),
+    (["--max-model-len", "100000"], "longer than the model's max_position_embeddings"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+])
+def test_serve_refuses_what_it_cannot_do(model_dir, tmp_path, args, message):
+    result = subprocess.run([*VIBEE, "serve", "--model", str(model_dir), *args], capture_output=True, text=True,
+                            env=_env(tmp_path), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_names_a_broken_model_dir(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    result = subprocess.run([*VIBEE, "serve", "--model", str(broken)], capture_output=True, text=True,
+                            env=_env(tmp_path), timeout=120)
+    assert result.returncode == 2
+    assert "config.json" in result.stderr and "Traceback" not in result.stderr
