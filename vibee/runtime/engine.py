@@ -343,19 +343,30 @@ class LLMEngine:
             choice.logprobs.append(TokenLogprob(token, float(result.logprob), list(result.top_logprobs or [])))
         status = seq.status.name
         if status == "FINISHED_STOPPED":  # a stop token or EOS: its text is not part of the output
-            choice.text += choice.stop.flush()
+            stopped = self._end_text(choice)
             choice.finish_reason = "stop"
-            choice.stop_reason = token if token in req.params.stop_token_ids else None
+            choice.stop_reason = stopped if stopped is not None else (token if token in req.params.stop_token_ids else None)
             return
         emit, stopped = choice.stop.feed(choice.detokenizer.add(token))
         choice.text += emit
+        if stopped is None and status == "FINISHED_LENGTH":
+            stopped = self._end_text(choice)
+            choice.finish_reason = "length"
         if stopped is not None:
             if status == "RUNNING":
                 self.scheduler.finish_stopped(seq.seq_id)
             choice.finish_reason, choice.stop_reason = "stop", stopped
-        elif status == "FINISHED_LENGTH":
+
+    @staticmethod
+    def _end_text(choice: _Choice) -> str | None:
+        """Generation ended: release what the detokenizer (an unfinished character) and the stop
+        matcher (a possible stop string's start) held back. Returns a stop string completed by it."""
+        emit, stopped = choice.stop.feed(choice.detokenizer.flush())
+        choice.text += emit
+        if stopped is None:
             choice.text += choice.stop.flush()
-            choice.finish_reason = "length"
+            stopped = choice.stop.stopped
+        return stopped
 
     def _output(self, choice: _Choice) -> CompletionOutput:
         """The choice's state with what is new since its last report."""
