@@ -16,12 +16,13 @@ class BlockSpace(Protocol):
         """Blocks that can be handed out now (free, or cached-but-unreferenced and evictable)."""
         ...
 
-    def num_blocks_to_allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
-        """Blocks `allocate(seq_id, token_ids)` would newly take, net of prefix-cache hits."""
+    def num_blocks_to_allocate(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
+        """Blocks `allocate(seq_id, token_ids, num_lookahead)` would newly take, net of prefix-cache hits."""
         ...
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
-        """Grow seq_id's block table to cover token_ids (all of the sequence's tokens so far).
+    def allocate(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
+        """Grow seq_id's block table to cover token_ids (all of the sequence's tokens so far) plus
+        num_lookahead slots for speculative tokens, which are not recorded or prefix-cached.
         Returns how many leading tokens already have their KV in the prefix cache (0 without
         prefix caching). Raises MemoryError when there are not enough blocks; nothing changes then."""
         ...

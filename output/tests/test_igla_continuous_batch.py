@@ -426,6 +426,57 @@ def test_stop_token_and_max_tokens_finish_a_sequence():
     assert trace.outputs[1] == alone[:2] and trace.statuses[1] is impl.SequenceStatus.FINISHED_LENGTH
 
 
+def _decoding(max_tokens: int, block_size: int = 4):
+    """A scheduler with one sequence past its prefill (one token sampled)."""
+    space = ref.CountingBlockSpace(64, block_size)
+    sched = impl.Scheduler(space, **roomy_settings())
+    seq = impl.Sequence(0, random_prompt(random.Random(11), 6), max_tokens)
+    sched.add(seq)
+    sched.update(sched.schedule(), {0: 5})
+    return space, sched, seq
+
+
+def test_drafts_are_scheduled_with_lookahead_and_accepted_tokens_advance_the_sequence():
+    space, sched, seq = _decoding(max_tokens=12)
+    seq.draft_token_ids = [7, 8, 9]
+    out = sched.schedule()
+    (item,) = out.scheduled
+    assert (item.num_new_tokens, item.draft_token_ids, item.is_prefill) == (4, (7, 8, 9), False)
+    assert len(space.block_table(0)) == ref.blocks_for(seq.num_tokens + 3, 4)  # lookahead slots for the drafts
+    sched.update(out, {0: [7, 8, 3]})  # two drafts accepted, then the target's own token
+    assert seq.output_token_ids == [5, 7, 8, 3]
+    assert seq.num_computed_tokens == seq.num_tokens - 1  # KV of everything but the newest token
+    assert seq.draft_token_ids == []  # consumed
+    (item,) = sched.schedule().scheduled
+    assert (item.num_new_tokens, item.draft_token_ids) == (1, ())
+
+
+def test_emitted_tokens_must_follow_the_drafts():
+    _, sched, seq = _decoding(max_tokens=12)
+    seq.draft_token_ids = [7, 8]
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="prefix of its drafts"):
+        sched.update(out, {0: [8, 1]})
+    with pytest.raises(ValueError, match="prefix of its drafts"):
+        sched.update(out, {0: [7, 8, 1, 2]})
+
+
+def test_drafts_never_reach_past_max_tokens_and_stop_tokens_cut_them():
+    _, sched, seq = _decoding(max_tokens=3)
+    seq.draft_token_ids = [7, 8, 9]
+    out = sched.schedule()
+    assert out.scheduled[0].draft_token_ids == (7,)  # 1 output so far: room for 1 draft + 1 token
+    sched.update(out, {0: [7, 4]})
+    assert seq.output_token_ids == [5, 7, 4] and seq.status is impl.SequenceStatus.FINISHED_LENGTH
+
+    _, sched, seq = _decoding(max_tokens=12)
+    seq.stop_token_ids = frozenset({8})
+    seq.draft_token_ids = [7, 8, 9]
+    out = sched.schedule()
+    sched.update(out, {0: [7, 8, 9, 2]})
+    assert seq.output_token_ids == [5, 7, 8] and seq.status is impl.SequenceStatus.FINISHED_STOPPED
+
+
 def test_abort_frees_blocks_wherever_the_sequence_is():
     space = ref.CountingBlockSpace(64, 4)
     sched = impl.Scheduler(space, **roomy_settings())

@@ -78,7 +78,8 @@ def check_books(manager) -> None:
     assert set(free) | set(cached) == unreferenced
     assert manager.num_free_blocks() == len(unreferenced)
     for seq_id, table in manager.block_tables.items():
-        assert len(table) == ref.blocks_needed(manager.num_tokens[seq_id], manager.block_size)
+        # Reserved lookahead blocks (speculative slots) may follow the recorded tokens' blocks.
+        assert len(table) >= ref.blocks_needed(manager.num_tokens[seq_id], manager.block_size)
     for block_hash, block_id in manager.hash_to_block_id.items():
         assert manager.blocks[block_id].hash == block_hash
         assert len(manager.blocks[block_id].token_ids) == manager.block_size
@@ -312,6 +313,28 @@ def test_only_full_blocks_are_cached_and_freed_ones_are_reused():
     assert manager.allocate(1, tokens) == full * bs
     assert manager.block_table(1)[:full] == first_table[:full]
     assert manager.stats().num_cached_blocks == full
+
+
+def test_lookahead_slots_take_blocks_but_are_never_cached():
+    """Speculative drafts get slots without being recorded: nothing of them reaches the prefix cache."""
+    bs = impl.BLOCK_SIZE
+    tokens = prompt(1, bs + 1)
+    manager = impl.BlockManager(num_blocks=ref.blocks_needed(4 * bs, bs) + 2, enable_prefix_caching=True)
+    wanted = ref.blocks_needed(len(tokens) + 2 * bs, bs)
+    assert manager.num_blocks_to_allocate(0, tokens, 2 * bs) == wanted
+    manager.allocate(0, tokens, num_lookahead=2 * bs)
+    assert len(manager.block_table(0)) == wanted
+    assert manager.stats().num_cached_blocks == len(tokens) // bs  # only blocks full of recorded tokens
+    free = manager.num_free_blocks()
+    more = tokens + prompt(2, bs)
+    assert manager.num_blocks_to_allocate(0, more) == 0  # the reserved slots are used first
+    manager.allocate(0, more)
+    assert manager.num_free_blocks() == free and len(manager.block_table(0)) == wanted
+    assert manager.stats().num_cached_blocks == len(more) // bs
+    check_books(manager)
+    manager.free(0)
+    assert manager.num_free_blocks() == len(manager.blocks)
+    check_books(manager)
 
 
 def test_live_sequences_share_cached_blocks_through_ref_counts():

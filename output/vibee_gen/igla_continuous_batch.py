@@ -81,6 +81,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # leading tokens whose KV is in the cache
     status: SequenceStatus = SequenceStatus.WAITING
+    # Speculative tokens the engine proposes for the next step of a decoding sequence; the
+    # scheduler schedules them for verification (budget and blocks permitting) and clears them.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
@@ -108,6 +111,8 @@ class ScheduledSequence:
     # True while the sequence computes tokens it already had (its prompt, or prompt and outputs
     # after a preemption); False for a decode: the one token sampled last step.
     is_prefill: bool
+    # Draft tokens computed after the decode token (counted in num_new_tokens), to be verified.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -274,6 +279,10 @@ class Scheduler:
             seq = self.running[i]
             tokens = seq.all_token_ids
             end = min(len(tokens), seq.num_computed_tokens + self._chunk_limit(budget))
+            # Drafts take budget and lookahead slots; they are dropped before anyone is preempted.
+            drafts = self._drafts(seq, end, budget)
+            if drafts and not self._fits(seq, tokens[:end], lookahead=len(drafts)):
+                drafts = ()
             while not self._fits(seq, tokens[:end]):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -282,9 +291,13 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it gave way itself: it was the last running sequence
-            self.block_space.allocate(seq.seq_id, tokens[:end])
-            scheduled.append(self._scheduled(seq, end - seq.num_computed_tokens))
-            budget -= end - seq.num_computed_tokens
+            if drafts:
+                self.block_space.allocate(seq.seq_id, tokens[:end], num_lookahead=len(drafts))
+            else:
+                self.block_space.allocate(seq.seq_id, tokens[:end])
+            num_new_tokens = end - seq.num_computed_tokens + len(drafts)
+            scheduled.append(self._scheduled(seq, num_new_tokens, drafts))
+            budget -= num_new_tokens
             i += 1
 
         # Then waiting sequences. Not after a preemption: what would be admitted now is what the
@@ -314,29 +327,45 @@ class Scheduler:
         token or reached max_tokens finishes and its blocks are freed
 
         `sampled` maps seq_id to the token sampled for every sequence whose last token was
-        computed this step; entries for other sequences are ignored. Returns the sequences that
-        finished (their blocks are freed).
+        computed this step; entries for other sequences are ignored. A sequence that verified
+        drafts maps to the tokens it emits instead: the accepted drafts, then one token from the
+        target. Returns the sequences that finished (their blocks are freed).
         """
         finished: list[Sequence] = []
         for item in output.scheduled:
             seq = item.seq
+            seq.draft_token_ids = []  # consumed: the engine proposes afresh every step
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted since the step was scheduled
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk: nothing is sampled until the whole prompt is computed
             if seq.seq_id not in sampled:
                 raise KeyError(f"no sampled token for sequence {seq.seq_id}, whose last token was computed this step")
-            token = int(sampled[seq.seq_id])
-            seq.output_token_ids.append(token)
-            if token in seq.stop_token_ids:
-                self._finish(seq, SequenceStatus.FINISHED_STOPPED)
-            elif len(seq.output_token_ids) >= seq.max_tokens:
-                self._finish(seq, SequenceStatus.FINISHED_LENGTH)
-            else:
-                continue
-            finished.append(seq)
+            for i, token in enumerate(self._emitted(item, sampled[seq.seq_id])):
+                if i:
+                    seq.num_computed_tokens += 1  # the accepted draft before it was computed this step
+                seq.output_token_ids.append(token)
+                if token in seq.stop_token_ids:
+                    self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+                elif len(seq.output_token_ids) >= seq.max_tokens:
+                    self._finish(seq, SequenceStatus.FINISHED_LENGTH)
+                else:
+                    continue
+                finished.append(seq)
+                break  # tokens after a stop token or past max_tokens are dropped
         return finished
+
+    @staticmethod
+    def _emitted(item: ScheduledSequence, value) -> list[int]:
+        """The tokens a step emits for one sequence, checked against its drafts: the KV of every
+        emitted token but the last was computed from the drafts, so they must be a prefix of them."""
+        tokens = [int(value)] if isinstance(value, int) else [int(t) for t in value]
+        k = len(item.draft_token_ids)
+        if not 1 <= len(tokens) <= k + 1 or tokens[:-1] != list(item.draft_token_ids[: len(tokens) - 1]):
+            raise ValueError(f"sequence {item.seq.seq_id}: emitted tokens {tokens} must be a prefix of its drafts "
+                             f"{list(item.draft_token_ids)} followed by one token")
+        return tokens
 
     # --- figures ------------------------------------------------------------------------------
 
@@ -355,6 +384,7 @@ class Scheduler:
             "num_batched_tokens": self._last.num_batched_tokens,
             "num_prefill_tokens": sum(item.num_new_tokens for item in last if item.is_prefill),
             "num_decode_tokens": sum(item.num_new_tokens for item in last if not item.is_prefill),
+            "num_draft_tokens": sum(len(item.draft_token_ids) for item in last),
             "num_free_blocks": self.block_space.num_free_blocks(),
             "num_total_blocks": self.num_total_blocks,
         }
@@ -416,8 +446,8 @@ class Scheduler:
         seq.num_computed_tokens = min(cached, end - 1)
         return end - seq.num_computed_tokens
 
-    def _fits(self, seq: Sequence, token_ids: list[int], keep_free: int = 0) -> bool:
-        needed = self.block_space.num_blocks_to_allocate(seq.seq_id, token_ids)
+    def _fits(self, seq: Sequence, token_ids: list[int], keep_free: int = 0, lookahead: int = 0) -> bool:
+        needed = self.block_space.num_blocks_to_allocate(seq.seq_id, token_ids, lookahead)
         return needed <= self.block_space.num_free_blocks() - keep_free
 
     def _preempt(self, seq: Sequence) -> None:
@@ -446,10 +476,19 @@ class Scheduler:
         self._num_finished += 1
 
     @staticmethod
-    def _scheduled(seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+    def _scheduled(seq: Sequence, num_new_tokens: int, drafts: tuple[int, ...] = ()) -> ScheduledSequence:
         # A decode computes exactly the token sampled last step; anything else re-reads known tokens.
         decode = bool(seq.output_token_ids) and seq.num_tokens - seq.num_computed_tokens == 1
-        return ScheduledSequence(seq, num_new_tokens, is_prefill=not decode)
+        return ScheduledSequence(seq, num_new_tokens, is_prefill=not decode, draft_token_ids=drafts)
+
+    @staticmethod
+    def _drafts(seq: Sequence, end: int, budget: int) -> tuple[int, ...]:
+        """The drafts a decoding sequence verifies this step: no more than the budget after its
+        decode token and than its max_tokens leave room for (a draft past it could never be kept)."""
+        if not seq.draft_token_ids or end != seq.num_tokens or seq.num_tokens - seq.num_computed_tokens != 1:
+            return ()
+        room = min(budget - 1, seq.max_tokens - len(seq.output_token_ids) - 1)
+        return tuple(int(t) for t in seq.draft_token_ids[: max(0, room)])
 
     @staticmethod
     def _longest_kv(seq: Sequence) -> int:

@@ -76,11 +76,12 @@ class CountingBlockSpace:
     def num_free_blocks(self) -> int:
         return len(self.free_ids)
 
-    def num_blocks_to_allocate(self, seq_id: int, token_ids) -> int:
-        return max(0, blocks_for(len(token_ids), self.block_size) - len(self.tables.get(seq_id, [])))
+    def num_blocks_to_allocate(self, seq_id: int, token_ids, num_lookahead: int = 0) -> int:
+        slots = len(token_ids) + num_lookahead
+        return max(0, blocks_for(slots, self.block_size) - len(self.tables.get(seq_id, [])))
 
-    def allocate(self, seq_id: int, token_ids) -> int:
-        needed = self.num_blocks_to_allocate(seq_id, token_ids)
+    def allocate(self, seq_id: int, token_ids, num_lookahead: int = 0) -> int:
+        needed = self.num_blocks_to_allocate(seq_id, token_ids, num_lookahead)
         if needed > len(self.free_ids):
             raise MemoryError(f"sequence {seq_id} needs {needed} more blocks, {len(self.free_ids)} are free")
         table = self.tables.setdefault(seq_id, [])

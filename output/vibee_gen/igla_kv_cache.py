@@ -103,7 +103,7 @@ class BlockManager:
         """Blocks that can be handed out now: free ones and evictable cached ones."""
         return len(self.free_block_ids) + len(self.cached_block_ids)
 
-    def num_blocks_to_allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def num_blocks_to_allocate(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
         """Blocks allocate(seq_id, token_ids) would take from the free ones: new blocks, plus
         cached hits that nothing references (reviving one takes it out of the evictable pool).
         allocate succeeds exactly when this is at most num_free_blocks().
@@ -113,14 +113,15 @@ class BlockManager:
         Then: every full block whose whole token prefix matches a cached block is a hit (hash of
             a block = hash(parent block's hash, its tokens)); the rest need new blocks
         """
+        slots = len(token_ids) + num_lookahead
         table = self.block_tables.get(seq_id)
         if table is not None:
-            return max(0, self._blocks_for(len(token_ids)) - len(table))
+            return max(0, self._blocks_for(slots) - len(table))
         hits = self._cached_prefix(token_ids)
         revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
-        return self._blocks_for(len(token_ids)) - len(hits) + revived
+        return self._blocks_for(slots) - len(hits) + revived
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
         """Grow seq_id's block table to cover token_ids (all of its tokens so far). A new sequence
         first reuses the longest chain of cached full blocks of its prefix; the return value is
         how many leading tokens that covers (a multiple of the block size, possibly every token;
@@ -133,9 +134,11 @@ class BlockManager:
             the longest chain of cached full blocks of its prefix; too few free blocks raise
             MemoryError and change nothing
         """
+        # num_lookahead: slots past token_ids for tokens that may not be kept (speculative drafts).
+        # Their blocks are reserved, but nothing about them is recorded or put in the prefix cache.
         if seq_id not in self.block_tables:
-            return self._admit(seq_id, token_ids)
-        self._grow(seq_id, token_ids)
+            return self._admit(seq_id, token_ids, num_lookahead)
+        self._grow(seq_id, token_ids, num_lookahead)
         return 0
 
     def free(self, seq_id: int) -> None:
@@ -251,9 +254,9 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def _admit(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def _admit(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
         hits = self._cached_prefix(token_ids)
-        num_new = self._blocks_for(len(token_ids)) - len(hits)
+        num_new = self._blocks_for(len(token_ids) + num_lookahead) - len(hits)
         revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
         if num_new + revived > self.num_free_blocks():
             raise MemoryError(f"sequence {seq_id} needs {num_new + revived} blocks, {self.num_free_blocks()} are free")
@@ -268,18 +271,26 @@ class BlockManager:
         self.block_tables[seq_id] = list(hits)
         self.num_tokens[seq_id] = len(hits) * self.block_size
         self._fill(seq_id, token_ids)
+        self._reserve(seq_id, len(token_ids) + num_lookahead)
         return len(hits) * self.block_size
 
-    def _grow(self, seq_id: int, token_ids: Sequence[int]) -> None:
+    def _grow(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> None:
         table, old = self.block_tables[seq_id], self.num_tokens[seq_id]
         if len(token_ids) < old:
             raise ValueError(f"sequence {seq_id} holds {old} tokens; allocate cannot shrink it to {len(token_ids)}")
-        if len(token_ids) > old and old % self.block_size and self.blocks[table[-1]].ref_count > 1:
+        if len(token_ids) > old and old % self.block_size and self.blocks[table[old // self.block_size]].ref_count > 1:
             raise ValueError(f"sequence {seq_id}'s last block is shared; call copy_on_write({seq_id}) before adding tokens to it")
-        num_new = self._blocks_for(len(token_ids)) - len(table)
+        num_new = self._blocks_for(len(token_ids) + num_lookahead) - len(table)
         if num_new > self.num_free_blocks():
             raise MemoryError(f"sequence {seq_id} needs {num_new} more blocks, {self.num_free_blocks()} are free")
         self._fill(seq_id, token_ids)
+        self._reserve(seq_id, len(token_ids) + num_lookahead)
+
+    def _reserve(self, seq_id: int, num_slots: int) -> None:
+        """Make the block table cover num_slots slots with blank blocks (lookahead slots)."""
+        table = self.block_tables[seq_id]
+        while len(table) < self._blocks_for(num_slots):
+            table.append(self._take_free_block().block_id)
 
     def _fill(self, seq_id: int, token_ids: Sequence[int]) -> None:
         """Record token_ids past the sequence's current length, taking blocks as they are needed
