@@ -200,10 +200,68 @@ def test_bad_requests_are_refused(tiny):
 
 def test_unbuilt_flags_are_refused(tiny):
     model_dir, _ = tiny
-    with pytest.raises(ValueError, match="speculative decoding"):
-        engine(model_dir, speculative=True)
     with pytest.raises(ValueError, match="tensor-parallel"):
         engine(model_dir, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="needs --speculative"):
+        engine(model_dir, num_speculative_tokens=3)
+
+
+# --- speculative decoding ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A smaller random model with the same tokenizer and vocabulary."""
+    path = tmp_path_factory.mktemp("draft")
+    make_model(path, "llama", seed=5, hidden=32, heads=2, kv_heads=1, layers=1)
+    return path
+
+
+@pytest.mark.parametrize("how", ["ngram", "draft_model", "draft_is_target"])
+def test_speculative_greedy_keeps_tokens(tiny, baseline, draft_dir, how, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
+    model_dir, _ = tiny
+    batch, expected = baseline
+    flags = {"ngram": dict(speculative=True),
+             "draft_model": dict(draft_model=draft_dir),
+             "draft_is_target": dict(draft_model=model_dir, num_speculative_tokens=3)}[how]
+    eng = engine(model_dir, **flags)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+    spec = eng.stats()["speculative_decoding"]
+    assert spec["enabled"] and spec["num_drafts"] > 0 and spec["num_draft_tokens"] > 0
+    if how == "draft_is_target":
+        # Greedy drafts from the target itself are always right: every draft token is kept, and
+        # each verification emits k + 1 tokens (fewer only where max_tokens cut the draft).
+        assert spec["acceptance_rate"] == 1.0
+        assert eng.info()["speculative_decoding"]["num_speculative_tokens"] == 3
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_speculative_with_preemption_and_sampling(tiny, baseline, draft_dir):
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = engine(model_dir, draft_model=draft_dir, num_kv_blocks=7)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+    assert eng.stats()["batching"]["preemptions"] > 0
+    # Sampled requests: exact lengths, stop tokens honoured, logprobs for every emitted token.
+    outs = generate(eng, batch, SamplingParams(temperature=0.9, max_tokens=20, ignore_eos=True, logprobs=1, seed=3))
+    for out in outs:
+        c = out.outputs[0]
+        assert len(c.token_ids) == 20 and c.finish_reason == "length"
+        assert [lp.token_id for lp in c.logprobs] == c.token_ids
+    assert eng.stats()["speculative_decoding"]["num_drafts"] > 0
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_speculative_stop_string_inside_accepted_drafts(tiny, baseline, draft_dir):
+    model_dir, _ = tiny
+    batch, expected = baseline
+    plain = generate(engine(model_dir), batch[:1], SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    stop = plain.text[9:12]
+    eng = engine(model_dir, draft_model=model_dir)  # every draft accepted: stops land inside drafts
+    cut = generate(eng, batch[:1], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0].outputs[0]
+    assert cut.text == plain.text[:plain.text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.token_ids == plain.token_ids[:len(cut.token_ids)]
 
 
 def test_async_engine_cancel_frees_kv(tiny):

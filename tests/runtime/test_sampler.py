@@ -376,3 +376,20 @@ def test_cuda_generators_are_batch_independent():
         logits[step] = mine
         batched.append(s.sample(logits, rows)[step].token_id)
     assert batched == alone
+
+
+def test_probabilities_are_the_truncated_distribution_sampling_uses():
+    """What speculative verification checks drafts against: softmax(x / T) over the top-k, renormalised."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0], [0.0, 3.0, 1.0, 1.0, -2.0]])
+    params = SamplingParams(temperature=0.5, top_k=3)
+    probs = Sampler(seed=0).probabilities(logits, params)
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(2))
+    for row in range(2):
+        keep = logits[row].topk(3).indices
+        expected = torch.zeros(5)
+        expected[keep] = torch.softmax(logits[row, keep] / 0.5, dim=-1)
+        assert torch.allclose(probs[row], expected, atol=1e-6)
+    # min_p drops tokens below min_p x the top probability.
+    probs = Sampler(seed=0).probabilities(logits[:1], SamplingParams(temperature=1.0, min_p=0.3))
+    full = torch.softmax(logits[0], dim=-1)
+    assert torch.equal(probs[0] > 0, full >= 0.3 * full.max())

@@ -81,7 +81,7 @@ def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--speculative"], "speculative decoding in the engine is not built yet"),
+    (["--num-speculative-tokens", "3"], "--num-speculative-tokens needs --speculative"),
     (["--tensor-parallel-size", "2"], "tensor-parallel serving is not built yet"),
     (["--block-size", "24"], "block_size"),
     (["--max-model-len", "100000"], "longer than the model's max_position_embeddings"),

@@ -37,7 +37,7 @@ class EngineConfig(BaseModel):
     kv_cache: bool = True  # False: recompute every token each step (the naive baseline)
     flash_attn: bool = True  # False: the reference attention
     quant: Literal["none", "int8", "int4"] = "none"
-    speculative: bool = False
+    speculative: bool = False  # the spec's drafter (--draft-model implies it, with method draft_model)
     draft_model: Path | None = None
     num_speculative_tokens: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
@@ -69,10 +69,8 @@ class EngineConfig(BaseModel):
         """Flags whose feature the engine doesn't have yet: `vibee serve` refuses them rather
         than ignoring them."""
         problems = []
-        if self.speculative or self.draft_model is not None or self.num_speculative_tokens is not None:
-            problems.append("speculative decoding in the engine is not built yet (the generated drafters and "
-                            "verifiers exist in output/vibee_gen/igla_speculative_decode.py); drop --speculative, "
-                            "--draft-model and --num-speculative-tokens")
+        if self.num_speculative_tokens is not None and not (self.speculative or self.draft_model is not None):
+            problems.append("--num-speculative-tokens needs --speculative (or --draft-model)")
         if self.tensor_parallel_size > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
@@ -85,6 +83,13 @@ class EngineConfig(BaseModel):
             # The attention pages and the KV blocks are one thing; the specs' contract says so too.
             overrides["kv_cache"] = {"block_size": self.block_size}
             overrides["flash_attention"] = {"page_size": self.block_size}
+        speculative: dict[str, Any] = {}
+        if self.draft_model is not None:
+            speculative["method"] = "draft_model"
+        if self.num_speculative_tokens is not None:
+            speculative["num_speculative_tokens"] = self.num_speculative_tokens
+        if speculative:
+            overrides["speculative_decode"] = speculative
         if self.quant != "none":
             quant: dict[str, Any] = {"compute_dtype": DTYPE_NAMES[dtype]}
             if self.quant == "int8":

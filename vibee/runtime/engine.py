@@ -18,18 +18,19 @@ from typing import Any, Callable
 import torch
 
 from vibee.runtime.attention import make_attention_batch
-from vibee.runtime.config import EngineConfig
+from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, EngineConfig
 from vibee.runtime.detokenizer import IncrementalDetokenizer
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
 from vibee.runtime.outputs import CompletionOutput, RequestOutput, RequestStats, StepStats, TokenLogprob
-from vibee.runtime.sampler import Sampler, SamplingRow
+from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS_WINDOW_S = 10.0  # throughput and batch-size figures are averaged over this much recent time
+DRAFT_CONTEXT = 256  # the draft model sees this many latest tokens (RoPE is relative: positions restart at 0)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class LLMEngine:
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark)
         self.sampler = Sampler(seed=config.seed, device=self.device)
+        self._setup_speculation(progress)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
         self._requests: dict[str, _Request] = {}
@@ -155,6 +157,86 @@ class LLMEngine:
         if blocks < 1:
             raise ValueError("no memory is left for the KV cache: raise --gpu-memory-utilization or use a smaller model")
         return blocks
+
+    def _setup_speculation(self, progress: bool) -> None:
+        """Drafter and acceptance tracker from the speculative_decode spec, when --speculative."""
+        self.speculative = self.config.speculative or self.config.draft_model is not None
+        self.drafter = None
+        self.draft_model = None
+        if not self.speculative:
+            return
+        spec = self.gen.config("speculative_decode")
+        sd = self.gen.speculative_decode
+        self.num_speculative_tokens = spec.num_speculative_tokens
+        if spec.method == "ngram":
+            self.drafter = sd.NgramDrafter(spec.num_speculative_tokens, spec.ngram.min_n, spec.ngram.max_n)
+        else:
+            draft_dir = self.config.draft_model or (DEFAULT_DRAFT_MODEL_DIR if self.config.model is None else None)
+            if draft_dir is None:
+                raise ValueError("speculative method draft_model needs --draft-model DIR (a model with the same tokenizer)")
+            self.draft_dir = draft_dir
+            loaded = load_model_dir(draft_dir, dtype=self.dtype, device=self.device, progress=progress)
+            if loaded.config.vocab_size != self.model_config.vocab_size:
+                raise ValueError(f"the draft model {draft_dir} has a vocabulary of {loaded.config.vocab_size} tokens, "
+                                 f"the target {self.model_config.vocab_size}; they must share a tokenizer")
+            self.draft_model = build_model(loaded, self.gen, flash_attn=self.config.flash_attn).eval()
+            self.drafter = sd.DraftModelDrafter(self._draft_logits, spec.num_speculative_tokens)
+        self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
+
+    def _draft_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Next-token logits of the draft model for each context (its latest DRAFT_CONTEXT tokens),
+        recomputed without a KV cache: the draft is small and contexts are short."""
+        windows = [c[-DRAFT_CONTEXT:] for c in contexts]
+        lens = [len(w) for w in windows]
+        batch = make_attention_batch(lens, lens, None, self.block_size, self.device)
+        ids = torch.tensor([t for w in windows for t in w], dtype=torch.long, device=self.device)
+        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
+        with torch.inference_mode():
+            hidden = self.draft_model(ids, batch.positions(), batch, None)
+            return self.draft_model.compute_logits(hidden[last])
+
+    def _propose_drafts(self) -> None:
+        """Give each decoding sequence its draft tokens for this step (the scheduler verifies them)."""
+        running = self.scheduler.running
+        for seq in running:
+            seq.draft_token_ids = []
+        if not self.gen.speculative_decode.speculation_enabled(len(running)):
+            return
+        candidates = []
+        for seq in running:
+            req, _ = self._by_seq[seq.seq_id]
+            room = seq.max_tokens - len(seq.output_token_ids) - 1
+            # Penalties change the target distribution token by token; such requests decode plainly.
+            if seq.output_token_ids and seq.num_tokens - seq.num_computed_tokens == 1 and room > 0 \
+                    and not req.params.has_penalties:
+                candidates.append((seq, room))
+        if not candidates:
+            return
+        if self.draft_model is None:
+            for seq, room in candidates:
+                seq.draft_token_ids = self.drafter.propose(seq.all_token_ids)[:room]
+        else:
+            # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
+            tokens, _ = self.drafter.propose([seq.all_token_ids for seq, _ in candidates], temperature=0.0)
+            for (seq, room), row in zip(candidates, tokens.tolist()):
+                seq.draft_token_ids = row[:room]
+
+    def _verify(self, seq, drafts: tuple[int, ...], logits: torch.Tensor) -> tuple[list[int], list[SampleResult]]:
+        """The tokens a speculative step emits for one sequence: accepted drafts, then one token
+        from the target (logits [k+1, V] at the decode token and each draft)."""
+        req, choice = self._by_seq[seq.seq_id]
+        sd = self.gen.speculative_decode
+        draft = torch.tensor([drafts], dtype=torch.long, device=logits.device)
+        if req.params.is_greedy or self.gen.config("speculative_decode").verification == "greedy":
+            emitted, accepted = sd.greedy_verify(draft, logits[None])
+        else:
+            probs = self.sampler.probabilities(logits, req.params)
+            generator = choice.generator or self.sampler.shared_generator(logits.device)
+            emitted, accepted = sd.rejection_sample(draft, None, probs[None], generator)
+        self.acceptance.update(len(drafts), accepted)
+        tokens = emitted[0]
+        rows = logits[: len(tokens)]
+        return tokens, self.sampler.results_for(rows, torch.tensor(tokens, device=logits.device), [req.params] * len(tokens))
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -246,6 +328,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
         preemptions0 = self.scheduler.measured_stats()["num_preemptions"]
+        if self.speculative:
+            self._propose_drafts()
         sched = self.scheduler.schedule()
         now = time.monotonic()
         if sched.is_empty:
@@ -259,20 +343,35 @@ class LLMEngine:
                 # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
                 req.num_cached_tokens = item.seq.num_computed_tokens
 
-        sample_seqs, logits = self._run_model(sched)
+        plan, logits = self._run_model(sched)
+        # Plain rows sample one token; speculative rows verify their drafts (k + 1 logits each).
+        plain = [(seq, row) for seq, row, drafts in plan if not drafts]
         rows = []
-        for seq in sample_seqs:
+        for seq, _ in plain:
             req, choice = self._by_seq[seq.seq_id]
             rows.append(SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids, choice.generator))
-        results = self.sampler.sample(logits, rows) if rows else []
-        sampled = {seq.seq_id: r.token_id for seq, r in zip(sample_seqs, results)}
+        results = self.sampler.sample(logits[[row for _, row in plain]], rows) if rows else []
+        sampled: dict[int, object] = {seq.seq_id: r.token_id for (seq, _), r in zip(plain, results)}
+        step_results: dict[int, list[SampleResult]] = {seq.seq_id: [r] for (seq, _), r in zip(plain, results)}
+        for seq, row, drafts in plan:
+            if drafts:
+                tokens, seq_results = self._verify(seq, drafts, logits[row: row + len(drafts) + 1])
+                sampled[seq.seq_id] = tokens
+                step_results[seq.seq_id] = seq_results
+        before = {seq.seq_id: len(seq.output_token_ids) for seq, _, _ in plan}
         self.scheduler.update(sched, sampled)
 
         now = time.monotonic()
         changed: dict[str, set[int]] = {}
-        for seq, result in zip(sample_seqs, results):
+        num_generated = 0
+        for seq, _, _ in plan:
             req, choice = self._by_seq[seq.seq_id]
-            self._accept_token(req, choice, result, now)
+            new_tokens = seq.output_token_ids[before[seq.seq_id]:]
+            for i, (token, result) in enumerate(zip(new_tokens, step_results[seq.seq_id])):
+                num_generated += 1
+                if self._accept_token(req, choice, token, result, now, last=i == len(new_tokens) - 1):
+                    del seq.output_token_ids[before[seq.seq_id] + i + 1:]  # a stop string ended it here
+                    break
             changed.setdefault(req.request_id, set()).add(choice.index)
 
         outputs = []
@@ -293,46 +392,50 @@ class LLMEngine:
             num_preemptions=self.scheduler.measured_stats()["num_preemptions"] - preemptions0,
             prefix_cache_queries=(self.block_manager.prefix_cache_queries - queries0) * self.block_size,
             prefix_cache_hits=(self.block_manager.prefix_cache_hits - hits0) * self.block_size,
-            num_prompt_tokens=new_prompt_tokens, num_generation_tokens=len(results),
+            num_prompt_tokens=new_prompt_tokens, num_generation_tokens=num_generated,
             batch_size=len(sched.scheduled), step_time=step_time)
         self._record_step(stats, computed_prefill, now)
         return outputs
 
-    def _run_model(self, sched) -> tuple[list, torch.Tensor]:
-        """One forward over the step's tokens; returns the sequences to sample and their logits."""
+    def _run_model(self, sched) -> tuple[list[tuple[Any, int, tuple[int, ...]]], torch.Tensor]:
+        """One forward over the step's tokens. Returns what to sample, as (sequence, first logits
+        row, drafts), and the logits: one row per plain sequence, k + 1 for one verifying k drafts."""
         input_ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_seqs = []
+        logit_rows: list[int] = []
+        plan = []
         for item in sched.scheduled:
             seq = item.seq
-            end = seq.num_computed_tokens + item.num_new_tokens
+            drafts = item.draft_token_ids
+            end = seq.num_computed_tokens + item.num_new_tokens  # drafts included
             # Without a KV cache every step recomputes the sequence from its first token.
             start = seq.num_computed_tokens if self.use_kv_cache else 0
-            input_ids.extend(seq.all_token_ids[start:end])
+            input_ids.extend((seq.all_token_ids + list(drafts))[start:end])
             query_lens.append(end - start)
             seq_lens.append(end)
             if self.use_kv_cache:
                 tables.append(self.block_manager.block_table(seq.seq_id))
-            if end == seq.num_tokens:  # its last known token is computed: its logits give the next one
-                sample_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
+            if end - len(drafts) == seq.num_tokens:  # its last known token is computed: sample after it
+                plan.append((seq, len(logit_rows), drafts))
+                logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
         batch = make_attention_batch(query_lens, seq_lens, tables if self.use_kv_cache else None,
                                      self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
-            if not sample_rows:
+            if not logit_rows:
                 return [], hidden.new_empty(0)
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return sample_seqs, logits
+            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        return plan, logits
 
-    def _accept_token(self, req: _Request, choice: _Choice, result, now: float) -> None:
-        """Turn one sampled token into text, logprobs and finish state for its choice."""
+    def _accept_token(self, req: _Request, choice: _Choice, token: int, result: SampleResult, now: float,
+                      last: bool = True) -> bool:
+        """Turn one emitted token into text, logprobs and finish state for its choice. `last`: the
+        final token this step emitted for it (only then does the scheduler's status apply).
+        Returns True when a stop string ended the choice at this token."""
         seq = choice.seq
-        token = seq.output_token_ids[-1]
         if choice.last_token_time is None:
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -341,21 +444,23 @@ class LLMEngine:
         choice.last_token_time = now
         if choice.logprobs is not None:
             choice.logprobs.append(TokenLogprob(token, float(result.logprob), list(result.top_logprobs or [])))
-        status = seq.status.name
+        status = seq.status.name if last else "RUNNING"
         if status == "FINISHED_STOPPED":  # a stop token or EOS: its text is not part of the output
             stopped = self._end_text(choice)
             choice.finish_reason = "stop"
             choice.stop_reason = stopped if stopped is not None else (token if token in req.params.stop_token_ids else None)
-            return
+            return False
         emit, stopped = choice.stop.feed(choice.detokenizer.add(token))
         choice.text += emit
         if stopped is None and status == "FINISHED_LENGTH":
             stopped = self._end_text(choice)
             choice.finish_reason = "length"
         if stopped is not None:
-            if status == "RUNNING":
+            if seq.status.name == "RUNNING":
                 self.scheduler.finish_stopped(seq.seq_id)
             choice.finish_reason, choice.stop_reason = "stop", stopped
+            return True
+        return False
 
     @staticmethod
     def _end_text(choice: _Choice) -> str | None:
@@ -449,7 +554,8 @@ class LLMEngine:
             "continuous_batching": {**cfg["continuous_batch"], "max_num_seqs": self.max_num_seqs,
                                     "max_num_batched_tokens": self.max_num_batched_tokens},
             "quantization": quant,
-            "speculative_decoding": {"enabled": False, **cfg["speculative_decode"]},
+            "speculative_decoding": {"enabled": self.speculative, **cfg["speculative_decode"],
+                                     "draft_model": str(getattr(self, "draft_dir", "")) or None},
             "tensor_parallel": {"enabled": False, **cfg["tensor_parallel"], "tp_size": self.config.tensor_parallel_size},
         }
 
@@ -484,7 +590,8 @@ class LLMEngine:
                            "busy_fraction": t["busy_time"] / max(1e-9, now - self.started)},
             # Work the attention module did (kernel calls, programs, KV tiles) since the server started.
             "attention": _plain(getattr(self._attention_module(), "COUNTERS", {})),
-            "speculative_decoding": {"enabled": False},
+            "speculative_decoding": ({"enabled": True, **self.acceptance.figures()} if self.speculative
+                                     else {"enabled": False}),
         }
 
 

@@ -181,7 +181,36 @@ class Sampler:
     def _sample_random(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         device = x.device
         vocab = x.shape[1]
-        params = [row.params for row in rows]
+        probs = self._truncated_probs(x, [row.params for row in rows])
+        # No renormalisation needed: argmax(p / E) is unchanged by scaling a row.
+
+        noise = torch.empty_like(probs)
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if shared:
+            gen = self._shared_generator(device)
+            noise[torch.tensor(shared, device=device)] = torch.empty(len(shared), vocab, device=device).exponential_(generator=gen)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                g = row.generator
+                if g.device == device:
+                    noise[i].exponential_(generator=g)
+                else:
+                    noise[i] = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device)
+        # A zero draw would turn a zero-probability token into 0/0 = nan, which argmax picks.
+        noise.clamp_min_(torch.finfo(torch.float32).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+    def probabilities(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """The distribution one request samples from at each row of logits [N, V] (no penalties):
+        softmax after temperature, top-k, top-p and min-p, renormalised. Speculative decoding
+        verifies drafts against it."""
+        probs = self._truncated_probs(logits.to(torch.float32), [params] * logits.shape[0])
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def _truncated_probs(self, x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Per row: softmax(x / temperature) with top-k, top-p and min-p applied (not renormalised)."""
+        device = x.device
+        vocab = x.shape[1]
         temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         x = x / temp[:, None]
 
@@ -219,23 +248,16 @@ class Sampler:
         if any(m > 0.0 for m in min_ps):
             m = torch.tensor(min_ps, dtype=torch.float32, device=device)[:, None]
             probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
-        # No renormalisation needed: argmax(p / E) is unchanged by scaling a row.
+        return probs
 
-        noise = torch.empty_like(probs)
-        shared = [i for i, row in enumerate(rows) if row.generator is None]
-        if shared:
-            gen = self._shared_generator(device)
-            noise[torch.tensor(shared, device=device)] = torch.empty(len(shared), vocab, device=device).exponential_(generator=gen)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                g = row.generator
-                if g.device == device:
-                    noise[i].exponential_(generator=g)
-                else:
-                    noise[i] = torch.empty(vocab, device=g.device).exponential_(generator=g).to(device)
-        # A zero draw would turn a zero-probability token into 0/0 = nan, which argmax picks.
-        noise.clamp_min_(torch.finfo(torch.float32).tiny)
-        return (probs / noise).argmax(dim=-1)
+    def shared_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator rows without their own draw from (speculative verification uses it too)."""
+        return self._shared_generator(torch.device(device))
+
+    def results_for(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[SampleResult]:
+        """SampleResults (with logprobs where asked) for tokens chosen elsewhere, e.g. by a
+        speculative verifier, from the logits [N, V] they were chosen at."""
+        return self._results(logits.to(torch.float32), tokens, params)
 
     # ---- logprobs and results ----
 
