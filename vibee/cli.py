@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from vibee.engine_flags import engine_config, engine_options
 from vibee.ir.spec import SUPPORTED_TARGETS
 from vibee.spec.errors import Diagnostic, SpecError
 
@@ -159,72 +160,19 @@ def _add(node, value) -> None:
 
 # --- serve ---------------------------------------------------------------------------------------
 
-def _serve_options(f):
-    """The flags of `vibee serve` (vLLM's names). Unset flags leave the choice to the specs."""
-    options = [
-        click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="A local Hugging Face model directory (default: the built-in models/vibee-tiny)."),
-        click.option("--host", default="127.0.0.1", show_default=True),
-        click.option("--port", type=int, default=8000, show_default=True),
-        click.option("--served-model-name", default=None, help="Model name clients use (default: the directory's name)."),
-        click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="Directory of the six .vibee specs (default: specs/tri)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                     show_default=True, help="auto: float32 on a CPU, bfloat16 on a GPU."),
-        click.option("--max-model-len", type=int, default=None, help="Longest prompt + completion (default: the model's)."),
-        click.option("--gpu-memory-utilization", type=float, default=None, help="Share of GPU memory to use (spec: kv_cache)."),
-        click.option("--block-size", type=int, default=None, help="Tokens per KV block (spec: kv_cache.block_size)."),
-        click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
-                     help="Reuse KV of shared prompt prefixes (spec: kv_cache)."),
-        click.option("--max-num-seqs", "--batch-size", "max_num_seqs", type=int, default=None,
-                     help="Most sequences in a step (spec: continuous_batch)."),
-        click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget of a step (spec: continuous_batch)."),
-        click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
-                     help="Off: recompute every token each step (the naive baseline, for measurement)."),
-        click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
-                     help="Off: the generated reference attention."),
-        click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-                     help="Quantize weights at load time (spec: quantization)."),
-        click.option("--speculative/--no-speculative", default=False, show_default=True),
-        click.option("--draft-model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None),
-        click.option("--num-speculative-tokens", type=int, default=None),
-        click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
-        click.option("--num-kv-blocks", type=int, default=None, help="Fix the KV cache size in blocks."),
-        click.option("--api-key", envvar="VIBEE_API_KEY", default=None,
-                     help="Require 'Authorization: Bearer KEY' (also from VIBEE_API_KEY)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _engine_config(**flags):
-    from pydantic import ValidationError
-
-    from vibee.runtime.config import EngineConfig
-
-    try:
-        return EngineConfig(**flags)
-    except ValidationError as exc:
-        for err in exc.errors():
-            name = "--" + str(err["loc"][0]).replace("_", "-")
-            click.echo(f"error: {name}: {err['msg']}", err=True)
-        sys.exit(2)
-
-
 @main.command()
-@_serve_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--served-model-name", default=None, help="Model name clients use (default: the directory's name).")
+@click.option("--api-key", envvar="VIBEE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (also from VIBEE_API_KEY).")
+@engine_options
 def serve(host, port, api_key, **flags):
     """Serve a model over the OpenAI API, on the modules generated from the specs."""
     from vibee.runtime.loader import LoadError
     from vibee.runtime.serve import run_server
 
-    config = _engine_config(**flags)
-    for problem in config.unbuilt_features():
-        click.echo(f"error: {problem}", err=True)
-    if config.unbuilt_features():
-        sys.exit(2)
+    config = engine_config(**flags)
     try:
         run_server(config, host=host, port=port, api_key=api_key)
     except SpecError as exc:

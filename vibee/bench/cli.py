@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from vibee.engine_flags import engine_config, engine_options
 from vibee.bench.report import Section, environment, parse_range, print_report, random_workload, write_result
 
 
@@ -51,36 +51,6 @@ def _workload_options(f):
     return f
 
 
-def _engine_options(f):
-    """The engine flags of `vibee bench throughput` (vLLM's names; unset ones leave the choice to the specs)."""
-    options = [
-        click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="A local Hugging Face model directory (default: the built-in models/vibee-tiny)."),
-        click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="Directory of the six .vibee specs (default: specs/tri)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                     show_default=True, help="auto: float32 on a CPU, bfloat16 on a GPU."),
-        click.option("--max-model-len", type=int, default=None, help="Longest prompt + output (default: the model's)."),
-        click.option("--max-num-seqs", type=int, default=None, help="Most sequences in a step (spec: continuous_batch)."),
-        click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget of a step (spec: continuous_batch)."),
-        click.option("--block-size", type=int, default=None, help="Tokens per KV block (spec: kv_cache.block_size)."),
-        click.option("--num-kv-blocks", type=int, default=None, help="Fix the KV cache size in blocks."),
-        click.option("--gpu-memory-utilization", type=float, default=None, help="Share of GPU memory to use (spec: kv_cache)."),
-        click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
-                     help="Off: recompute every token each step (the naive baseline)."),
-        click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
-                     help="Off: the generated reference attention."),
-        click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-                     help="Quantize weights at load time (spec: quantization)."),
-        click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
-                     help="Reuse KV of shared prompt prefixes (default: the kv_cache spec's choice)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
 @click.group()
 def bench() -> None:
     """Benchmarks: the offline engine (throughput) and a running server (serve)."""
@@ -89,21 +59,9 @@ def bench() -> None:
 # --- throughput ----------------------------------------------------------------------------------
 
 
-def _engine_config(flags: dict[str, Any], seed: int):
-    from pydantic import ValidationError
-
-    from vibee.runtime.config import EngineConfig
-
-    try:
-        return EngineConfig(seed=seed, **flags)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        _fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}")
-
-
 @bench.command()
 @_workload_options
-@_engine_options
+@engine_options
 def throughput(num_prompts, input_len, output_len, seed, result_dir, **flags):
     """Offline engine throughput on random-token prompts (like vLLM's benchmark_throughput)."""
     import time
@@ -116,9 +74,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, **flags):
     from vibee.spec.errors import SpecError
 
     out, err = Console(), Console(stderr=True)
-    config = _engine_config(flags, seed)
-    for problem in config.unbuilt_features():
-        _fail(problem)
+    config = engine_config(seed=seed, **flags)
     t0 = time.perf_counter()
     try:
         engine = LLMEngine(config, progress=True)
