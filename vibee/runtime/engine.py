@@ -542,6 +542,8 @@ class LLMEngine:
             "model": {"name": self.config.model_name, "path": str(self.config.model_dir), "architecture": mc.architecture,
                       "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "num_heads": mc.num_heads,
                       "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
+                      "tokenizer_vocab_size": self.tokenizer.vocab_size,
+                      "all_special_ids": sorted(self.tokenizer.all_special_ids),
                       "max_model_len": self.max_model_len, "device": self.device, "dtype": self.dtype_name},
             "generated_from": {"spec_dir": str(self.config.spec_dir or "specs/tri"), "modules": str(self.gen.source),
                                "specs": {k: s.path for k, s in self.gen.specs.items()}},
