@@ -137,3 +137,23 @@ def test_sse_parser_last_event_without_blank_line():
     p = SSEParser()
     assert p.feed(b"data: a\n\ndata: [DONE]") == ["a"]
     assert p.close() == ["[DONE]"]
+
+
+def test_stdlib_workload_cuts_real_source_windows():
+    from vibee.bench.report import stdlib_workload
+
+    def tokenize(text):  # one "token" per character: windows are easy to check against the files
+        return [ord(c) for c in text]
+
+    a = stdlib_workload(tokenize, 6, (20, 40), (5, 9), seed=3)
+    assert a == stdlib_workload(tokenize, 6, (20, 40), (5, 9), seed=3)  # seeded
+    assert a != stdlib_workload(tokenize, 6, (20, 40), (5, 9), seed=4)
+    assert len(a.prompts) == 6 and all(20 <= len(p) <= 40 for p in a.prompts)
+    assert all(5 <= n <= 9 for n in a.output_lens)
+    import sysconfig
+    from pathlib import Path
+
+    sources = [p.read_text(encoding="utf-8", errors="replace") for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py")]
+    for prompt in a.prompts:
+        window = "".join(map(chr, prompt))
+        assert any(window in text for text in sources)

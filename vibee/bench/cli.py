@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from vibee.engine_flags import engine_config, engine_options
-from vibee.bench.report import Section, environment, parse_range, print_report, random_workload, write_result
+from vibee.bench.report import (Section, environment, parse_range, print_report, random_workload,
+                                stdlib_workload, write_result)
 
 
 def _range(ctx, param, value):
@@ -61,8 +62,11 @@ def bench() -> None:
 
 @bench.command()
 @_workload_options
+@click.option("--dataset", type=click.Choice(["random", "stdlib"]), default="random", show_default=True,
+              help="Prompts of random tokens, or windows of Python standard-library source (real text).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
 @engine_options
-def throughput(num_prompts, input_len, output_len, seed, result_dir, **flags):
+def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, temperature, **flags):
     """Offline engine throughput on random-token prompts (like vLLM's benchmark_throughput)."""
     import time
 
@@ -88,17 +92,30 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, **flags):
 
     vocab, special = workload_vocab(engine)
     try:
-        workload = random_workload(num_prompts, input_len, output_len, vocab, special, seed)
+        if dataset == "stdlib":
+            def tokenize(text):
+                return engine.tokenizer.encode(text, add_special_tokens=False)
+
+            workload = stdlib_workload(tokenize, num_prompts, input_len, output_len, seed)
+        else:
+            workload = random_workload(num_prompts, input_len, output_len, vocab, special, seed)
         check_workload(engine, workload)
     except ValueError as exc:
         _fail(str(exc))
     warmup = warm_up(engine, workload)
     err.print(f"warm-up done ({warmup['requests']} request, {warmup['prompt_tokens']} prompt + "
               f"{warmup['output_tokens']} output tokens, not timed); timing {num_prompts} requests", highlight=False)
-    results = run_throughput(engine, workload, console=err)
+    if engine.speculative:
+        engine.acceptance.reset()  # count the timed requests only
+    results = run_throughput(engine, workload, console=err, temperature=temperature)
+    spec_rows = []
+    if engine.speculative:
+        results["speculative"] = spec = engine.stats()["speculative_decoding"]
+        spec_rows = [["Draft acceptance rate", f"{100 * spec['acceptance_rate']:.1f}%"],
+                     ["Tokens per verification step", spec["mean_emitted_tokens"]]]
 
     settings = {"num_prompts": num_prompts, "input_len": f"{input_len[0]}:{input_len[1]}",
-                "output_len": f"{output_len[0]}:{output_len[1]}", "seed": seed, "temperature": 1.0,
+                "output_len": f"{output_len[0]}:{output_len[1]}", "seed": seed, "temperature": temperature, "dataset": dataset,
                 "ignore_eos": True, "prompt_vocab": vocab, "excluded_special_ids": len(special),
                 **engine_settings(engine)}
     env = environment(engine.device)
@@ -117,7 +134,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, **flags):
             ["Prompt tokens", r["prompt_tokens"]], ["Output tokens", r["output_tokens"]],
             ["Engine steps", r["steps"]], ["Mean batch size", r["mean_batch_size"]],
             ["Max running sequences", r["max_running"]], ["Peak KV cache usage", f"{100 * r['peak_kv_cache_usage']:.1f}%"],
-            ["Preemptions", r["preemptions"]],
+            ["Preemptions", r["preemptions"]], *spec_rows,
         ]),
         Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
         Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]),

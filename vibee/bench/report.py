@@ -58,6 +58,34 @@ def random_workload(num_prompts: int, input_range: tuple[int, int], output_range
     return Workload(prompts, outputs)
 
 
+def stdlib_workload(tokenize, num_prompts: int, input_range: tuple[int, int], output_range: tuple[int, int],
+                    seed: int = 0) -> Workload:
+    """Prompts cut from the Python standard library's source (text every machine has): for each,
+    a seeded file and a window of the drawn length. Real text, so n-gram and draft-model
+    speculation see what they would in use; random tokens give them nothing to predict."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    if not files:
+        raise ValueError(f"no Python source under {root}")
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    cache: dict[Path, list[int]] = {}
+    while len(prompts) < num_prompts:
+        path = rng.choice(files)
+        if path not in cache:
+            cache[path] = tokenize(path.read_text(encoding="utf-8", errors="replace"))
+        ids, length = cache[path], rng.randint(*input_range)
+        if len(ids) <= length:
+            continue
+        start = rng.randrange(len(ids) - length)
+        prompts.append(ids[start:start + length])
+        outputs.append(rng.randint(*output_range))
+    return Workload(prompts, outputs)
+
+
 # --- figures -------------------------------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def warm_up(engine, workload: Workload) -> dict[str, int]:
     return {"requests": 1, "prompt_tokens": len(prompt), "output_tokens": WARMUP_OUTPUT_TOKENS}
 
 
-def run_throughput(engine, workload: Workload, *, console=None) -> dict[str, Any]:
+def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0) -> dict[str, Any]:
     """Add every request, step until all finish, and measure. Shows a progress bar on `console`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -92,7 +92,7 @@ def run_throughput(engine, workload: Workload, *, console=None) -> dict[str, Any
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
             engine.add_request(f"bench-{i}", prompt,
-                               SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=out_len))
+                               SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=out_len))
 
         def on_step(outs) -> None:
             nonlocal generated, finished
