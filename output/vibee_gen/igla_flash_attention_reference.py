@@ -74,11 +74,12 @@ def attention(q, k, v, q_pos, kv_pos, seq_index, *, causal, variants=(), scale=N
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if SOFTMAX_SCALE == "auto" else SOFTMAX_SCALE
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    b = torch.tensor(seq_index)
-    h = torch.arange(num_heads).view(-1, 1, 1)
-    q_idx = q_pos.long().view(1, -1, 1)
-    kv_idx = kv_pos.long().view(1, 1, -1)
-    allowed = torch.ones(scores.shape, dtype=torch.bool)
+    device = q.device
+    b = torch.tensor(seq_index, device=device)
+    h = torch.arange(num_heads, device=device).view(-1, 1, 1)
+    q_idx = q_pos.long().to(device).view(1, -1, 1)
+    kv_idx = kv_pos.long().to(device).view(1, 1, -1)
+    allowed = torch.ones(scores.shape, dtype=torch.bool, device=device)
     if causal:
         allowed &= kv_idx <= q_idx
     functions = _variant_functions(variants)
@@ -103,7 +104,7 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch
 
 
 def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, variants=(), scale=None):
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     cu = cu_seqlens_q.tolist()
     for s, kv_len in enumerate(seq_lens.tolist()):
         q_s = q[cu[s] : cu[s + 1]]
@@ -115,7 +116,7 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, 
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, variants=(), scale=None):
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     for s, kv_len in enumerate(seq_lens.tolist()):
         k = gather_pages(k_cache, block_tables[s], kv_len)
         v = gather_pages(v_cache, block_tables[s], kv_len)
@@ -125,7 +126,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, variants=(), sc
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, variants=(), scale=None):
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for s in range(len(cu_q) - 1):
         q_s = q[cu_q[s] : cu_q[s + 1]]

@@ -289,3 +289,14 @@ def test_async_engine_cancel_frees_kv(tiny):
                 pass
 
     asyncio.run(scenario())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_engine_on_gpu_keeps_cpu_tokens(tiny, baseline, flash_attn):
+    """The same engine on CUDA in float32: the generated modules and the reference run there too."""
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="float32", flash_attn=flash_attn), progress=False)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
