@@ -112,6 +112,9 @@ def run_serve(url: str, tmp_path: Path, *extra: str):
     result = CliRunner().invoke(bench, args)
     files = sorted(tmp_path.glob("serve-*.json"))
     data = json.loads(files[-1].read_text()) if files else None
+    if data is not None:  # every written result has its latency plot beside it
+        png = files[-1].with_suffix(".png")
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return result, data
 
 

@@ -142,7 +142,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
     _finish(out, result_dir, "throughput", data, title, sections, notes)
 
 
-def _finish(console, result_dir, name, data, title, sections, notes) -> None:
+def _finish(console, result_dir, name, data, title, sections, notes) -> Path:
     try:
         json_path, md_path = write_result(result_dir, name, data, title, sections, notes)
     except OSError as exc:
@@ -150,6 +150,7 @@ def _finish(console, result_dir, name, data, title, sections, notes) -> None:
         _fail(f"could not write results to {result_dir}: {exc}")
     print_report(console, title, sections, notes)
     console.print(f"wrote {json_path} and {md_path}", highlight=False)
+    return json_path
 
 
 # --- serve ---------------------------------------------------------------------------------------
@@ -249,6 +250,10 @@ def serve(base_url, model, num_prompts, input_len, output_len, seed, result_dir,
     if f["requests_without_usage"]:
         notes.append(f"{f['requests_without_usage']} responses had no usage chunk: their output tokens were "
                      "counted as text chunks.")
-    _finish(out, result_dir, "serve", data, title, sections, notes)
+    json_path = _finish(out, result_dir, "serve", data, title, sections, notes)
+    from vibee.bench.plot import plot_serve_latencies
+
+    png = plot_serve_latencies(results, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {png}", highlight=False)
     if f["completed"] == 0:
         sys.exit(1)
