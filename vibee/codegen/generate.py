@@ -13,6 +13,7 @@ from pathlib import Path
 
 import vibee
 from vibee.codegen.render import TEMPLATE_DIR, render
+from vibee.ir.kinds import KINDS_WITH_KERNELS
 from vibee.ir.spec import Spec
 from vibee.spec.errors import Diagnostic, SpecError
 
@@ -71,6 +72,14 @@ def header(spec_display: str, spec: Spec, what: str) -> str:
     )
 
 
+def implementation_template(spec: Spec) -> str:
+    """The kind's template for the spec's target. A kind with nothing to run as a GPU kernel
+    (scheduler, drafters, tensor-parallel layers) has only a torch template, which both targets use."""
+    if spec.target == "triton" and spec.kind not in KINDS_WITH_KERNELS:
+        return f"{spec.kind}/torch.py.j2"
+    return f"{spec.kind}/{spec.target}.py.j2"
+
+
 def plan(specs: list[Spec], out_dir: Path) -> list[GeneratedFile]:
     """Every file the specs generate, rendered in memory."""
     files = [GeneratedFile("vibee_gen/__init__.py", _PACKAGE_INIT), GeneratedFile("conftest.py", _CONFTEST)]
@@ -78,7 +87,7 @@ def plan(specs: list[Spec], out_dir: Path) -> list[GeneratedFile]:
         shown = _display_path(spec.path, out_dir)
         hashes = _template_hashes(spec.kind)
         outputs = [
-            (f"vibee_gen/{spec.module}.py", f"{spec.kind}/{spec.target}.py.j2", f"{spec.target} implementation"),
+            (f"vibee_gen/{spec.module}.py", implementation_template(spec), f"{spec.target} implementation"),
             (f"vibee_gen/{spec.module}_reference.py", f"{spec.kind}/reference.py.j2", "reference oracle"),
             (f"tests/test_{spec.module}.py", f"{spec.kind}/test.py.j2", "test suite"),
         ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vibee.ir.kinds import KIND_NAMES, config_model
+from vibee.ir.kinds import KIND_NAMES, KINDS_WITH_KERNELS, config_model
 from vibee.ir.spec import SUPPORTED_TARGETS, Behavior, FieldDecl, KindConfig, Spec, TestCase, TypeDecl, Variant
 from vibee.ir.types import TypeSyntaxError, normalize_type
 from vibee.spec.document import Mapping, Node, Scalar, Sequence, Span
@@ -158,7 +158,8 @@ def _header(doc: Mapping, path: str, target: str | None, c: _Collector) -> dict[
     out["kind"] = kind
     if kind is not None and out["target"] in SUPPORTED_TARGETS:
         template = TEMPLATE_DIR / kind / f"{out['target']}.py.j2"
-        if not template.exists():
+        shared = out["target"] == "triton" and kind not in KINDS_WITH_KERNELS  # the torch template serves
+        if not template.exists() and not shared:
             where = _span(lang_node) if target is None else None
             c.error(where, f"the {out['target']} target is not available yet for {kind}; available now: torch",
                     "set `language: torch` or pass --target torch")

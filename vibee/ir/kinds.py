@@ -15,6 +15,10 @@ KIND_CONFIGS = {
     "tensor_parallel": ("vibee.ir.tensor_parallel", "TensorParallelConfig"),
 }
 KIND_NAMES = tuple(KIND_CONFIGS)
+# Kinds whose triton target has GPU kernels of its own. The others (scheduler, drafters and
+# verifiers, tensor-parallel layers) are host or torch.distributed code: both targets share
+# their torch template.
+KINDS_WITH_KERNELS = ("kv_cache", "flash_attention", "quantization")
 
 
 def config_model(kind: str) -> type[KindConfig]:
