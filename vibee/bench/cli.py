@@ -257,3 +257,99 @@ def serve(base_url, model, num_prompts, input_len, output_len, seed, result_dir,
     out.print(f"wrote {png}", highlight=False)
     if f["completed"] == 0:
         sys.exit(1)
+
+
+# --- latency -------------------------------------------------------------------------------------
+
+
+@bench.command()
+@click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
+              help="A well-known model's shape with random weights (no files); default: --model.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A local Hugging Face model directory (default: the built-in models/vibee-tiny).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--decode-steps", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
+@click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
+@click.option("--bandwidth-gbs", type=float, default=None,
+              help="Memory bandwidth ceiling for the limit (default: GPU.md's measured copy bandwidth, where known).")
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True)
+def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,
+            bandwidth_gbs, result_dir):
+    """Decode tokens/s of the model runner and the fraction of the memory-bandwidth limit."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from vibee.bench.latency import (BANDWIDTH_GBS, measure_decode, plot_decode, random_model, shape_config,
+                                     summarize_decode, weight_bytes)
+    from vibee.runtime.engine import TORCH_DTYPES
+    from vibee.runtime.generated import load_generated
+    from vibee.runtime.loader import LoadError, load_model_dir
+    from vibee.runtime.model import build_model
+    from vibee.spec.errors import SpecError
+
+    out, err = Console(), Console(stderr=True)
+    config = engine_config(model=model, device=device, dtype=dtype, quant=quant, flash_attn=flash_attn)
+    dev = config.resolve_device()
+    dtype_name = config.resolve_dtype(dev)
+    try:
+        gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
+        fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
+        if shape is not None:
+            model_config = shape_config(shape)
+            runner = random_model(model_config, fa, dtype=TORCH_DTYPES[dtype_name], device=dev)
+            name = f"{shape} (random weights)"
+        else:
+            loaded = load_model_dir(config.model_dir, dtype=TORCH_DTYPES[dtype_name], device=dev, progress=True)
+            runner, model_config, name = build_model(loaded, gen, flash_attn=flash_attn).eval(), loaded.config, config.model_name
+        loaded_bytes = weight_bytes(runner)
+        if quant != "none":
+            gen.quantization.quantize_model(runner, gen.config("quantization").skip_modules)
+    except SpecError as exc:
+        for d in exc.diagnostics:
+            click.echo(d.render(), err=True)
+        sys.exit(2)
+    except (LoadError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    block_size = gen.config("kv_cache").block_size
+    kv_bytes_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
+        TORCH_DTYPES[dtype_name].itemsize
+    device_name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else None
+    bandwidth = bandwidth_gbs or BANDWIDTH_GBS.get(device_name or "")
+
+    progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
+    with progress:
+        task = progress.add_task("steps", total=warmup_steps + decode_steps)
+        measured = measure_decode(runner, gen.kv_cache, batch_size=batch_size, prompt_len=prompt_len,
+                                  decode_steps=decode_steps, warmup_steps=warmup_steps, device=dev,
+                                  block_size=block_size, on_step=lambda: progress.advance(task))
+    summary = summarize_decode(measured, batch_size=batch_size, weight_bytes_=weight_bytes(runner),
+                               kv_bytes_per_token=kv_bytes_per_token, bandwidth_gbs=bandwidth)
+    settings = {"model": name, "device": dev, "dtype": dtype_name, "quant": quant, "flash_attn": flash_attn,
+                "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
+                "warmup_steps": warmup_steps, "block_size": block_size, "weight_bytes_loaded": loaded_bytes,
+                "modules": str(gen.source)}
+    env = environment(dev)
+    s = summary
+    rows = [["Tokens/s", s["tokens_per_s"]], ["Mean step (ms)", s["mean_step_ms"]],
+            ["Median step (ms)", s["median_step_ms"]], ["Weight bytes read per step", s["weight_bytes"]],
+            ["Bytes read per step (weights + KV)", s["bytes_per_step"]], ["Achieved GB/s", s["achieved_gbs"]]]
+    if "fraction_of_limit" in s:
+        rows += [["Bandwidth ceiling (GB/s)", s["bandwidth_gbs"]], ["Bandwidth-limit tokens/s", s["limit_tokens_per_s"]],
+                 ["Fraction of the limit", f"{100 * s['fraction_of_limit']:.1f}%"]]
+    title = f"vibee bench latency: {name} on {env.get('device_name', dev)}"
+    notes = [f"Greedy decode after a {prompt_len}-token prompt; {warmup_steps} warm-up steps are not timed. The "
+             "limit is the bytes a step must read (weights once, plus the batch's KV) over the bandwidth ceiling."]
+    sections = [Section("Results", ["Metric", "Value"], rows),
+                Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
+                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
+    data = {"benchmark": "latency", "settings": settings, "results": summary, "measured": measured, "environment": env}
+    json_path = _finish(out, result_dir, "latency", data, title, sections, notes)
+    png = plot_decode(measured, summary, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {png}", highlight=False)

@@ -1,0 +1,47 @@
+"""`vibee bench latency`: the decode timing loop, the bandwidth-limit arithmetic and the shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vibee.bench.cli import bench
+from vibee.bench.latency import shape_config, summarize_decode
+from vibee.runtime.config import DEFAULT_MODEL_DIR
+
+
+def test_limit_arithmetic():
+    measured = {"step_times_s": [0.002, 0.004], "context_lens": [10, 12]}
+    s = summarize_decode(measured, batch_size=2, weight_bytes_=1_000_000, kv_bytes_per_token=1000, bandwidth_gbs=1.0)
+    assert s["tokens_per_s"] == pytest.approx(2 / 0.003)
+    assert s["bytes_per_step"] == 1_000_000 + 2 * 11 * 1000
+    limit_step = s["bytes_per_step"] / 1e9
+    assert s["fraction_of_limit"] == pytest.approx(limit_step / 0.003)
+    assert s["limit_tokens_per_s"] == pytest.approx(2 / limit_step)
+    assert "fraction_of_limit" not in summarize_decode(measured, batch_size=2, weight_bytes_=1, kv_bytes_per_token=1,
+                                                       bandwidth_gbs=None)
+
+
+@pytest.mark.parametrize("shape, params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.1-8b", 8_030_261_248)])
+def test_shapes_have_the_published_parameter_counts(shape, params):
+    c = shape_config(shape)
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    per_layer = attn + mlp + 2 * c.hidden_size
+    embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    assert c.num_layers * per_layer + embed + c.hidden_size == params
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
+def test_latency_command_writes_figures_and_plot(tmp_path):
+    result = CliRunner().invoke(bench, ["latency", "--device", "cpu", "--prompt-len", "8", "--decode-steps", "3",
+                                        "--warmup-steps", "1", "--bandwidth-gbs", "10", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("latency-*.json")
+    data = json.loads(path.read_text())
+    r = data["results"]
+    assert r["decode_steps"] == 3 and r["tokens_per_s"] > 0 and 0 < r["fraction_of_limit"]
+    assert data["measured"]["context_lens"] == [10, 11, 12]  # prompt 8, one warm-up step, then 3 timed
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,145 @@
+"""`vibee bench latency`: decode speed of the model runner at a small batch, against the memory
+bandwidth limit.
+
+A decode step must read every weight and the batch's KV once, so at batch 1 the step time is
+bounded below by bytes / bandwidth. The runner here is the engine's (the generated attention and
+paged KV cache, the model of vibee/runtime/model.py); the scheduler and sampler are left out
+(greedy argmax), so what is timed is the model step itself. Model shapes of well-known models run
+with random weights (no files needed); `--model DIR` runs a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from vibee.runtime.attention import AttentionBackend, make_attention_batch
+from vibee.runtime.model import LlamaForCausalLM
+from vibee.runtime.model_config import ModelConfig
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+                         head_dim=64, tie_word_embeddings=True, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                         head_dim=128, tie_word_embeddings=False, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
+}
+# Bandwidth ceilings measured on the GPU machine (shared/GPU.md: device-to-device copy).
+BANDWIDTH_GBS = {"NVIDIA H100 80GB HBM3": 2990.0}
+
+
+def shape_config(shape: str) -> ModelConfig:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=131072, **SHAPES[shape])
+
+
+def random_model(config: ModelConfig, fa, *, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaForCausalLM:
+    """The model with random weights (std 0.02, norms 1): speed does not depend on the values."""
+    backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    model = LlamaForCausalLM(config, backend, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, prompt_len: int, decode_steps: int,
+                   warmup_steps: int, device: str, block_size: int, on_step=None) -> dict[str, Any]:
+    """Prefill batch_size prompts of prompt_len random tokens, then decode greedily; returns the
+    per-step times (seconds) of the timed decode steps and the context length at each."""
+    cfg = model.config
+    total = prompt_len + warmup_steps + decode_steps + 1
+    blocks_per_seq = math.ceil(total / block_size)
+    cache = kv_module.PagedKVCache(cfg.num_layers, batch_size * blocks_per_seq, cfg.num_kv_heads, cfg.head_dim,
+                                   dtype=model.dtype, device=device, block_size=block_size)
+    tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch_size)]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch_size * prompt_len,), generator=g).to(device)
+    with torch.inference_mode():
+        batch = make_attention_batch([prompt_len] * batch_size, [prompt_len] * batch_size, tables, block_size, device)
+        hidden = model(ids, batch.positions(), batch, cache)
+        last = torch.arange(1, batch_size + 1, device=device) * prompt_len - 1
+        tokens = model.compute_logits(hidden[last]).argmax(dim=-1)
+        times, contexts = [], []
+        length = prompt_len
+        for step in range(warmup_steps + decode_steps):
+            length += 1
+            _sync(device)
+            t0 = time.perf_counter()
+            batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
+            hidden = model(tokens, batch.positions(), batch, cache)
+            tokens = model.compute_logits(hidden).argmax(dim=-1)
+            _sync(device)
+            if step >= warmup_steps:
+                times.append(time.perf_counter() - t0)
+                contexts.append(length)
+            if on_step:
+                on_step()
+    return {"step_times_s": times, "context_lens": contexts}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads for weights: every parameter and buffer once (tied weights once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def summarize_decode(measured: dict[str, Any], *, batch_size: int, weight_bytes_: int, kv_bytes_per_token: int,
+                     bandwidth_gbs: float | None) -> dict[str, Any]:
+    times = measured["step_times_s"]
+    mean_step = sum(times) / len(times)
+    # Bytes one step must read: the weights, plus each sequence's KV so far (mean context).
+    mean_context = sum(measured["context_lens"]) / len(measured["context_lens"])
+    step_bytes = weight_bytes_ + batch_size * mean_context * kv_bytes_per_token
+    out = {"decode_steps": len(times), "mean_step_ms": 1000 * mean_step,
+           "median_step_ms": 1000 * sorted(times)[len(times) // 2],
+           "tokens_per_s": batch_size / mean_step, "weight_bytes": weight_bytes_, "bytes_per_step": step_bytes,
+           "achieved_gbs": step_bytes / mean_step / 1e9}
+    if bandwidth_gbs:
+        limit_step = step_bytes / (bandwidth_gbs * 1e9)
+        out.update(bandwidth_gbs=bandwidth_gbs, limit_tokens_per_s=batch_size / limit_step,
+                   fraction_of_limit=limit_step / mean_step)
+    return out
+
+
+def plot_decode(measured: dict[str, Any], summary: dict[str, Any], path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(measured["context_lens"], [1000 * t for t in measured["step_times_s"]], label="decode step")
+    if "limit_tokens_per_s" in summary:
+        limit_ms = 1000 * summary["bytes_per_step"] / (summary["bandwidth_gbs"] * 1e9)
+        ax.axhline(limit_ms, linestyle="--", color="gray",
+                   label=f"bandwidth limit ({summary['bandwidth_gbs']:.0f} GB/s): {limit_ms:.2f} ms")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ms per step")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
