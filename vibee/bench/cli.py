@@ -353,3 +353,76 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     json_path = _finish(out, result_dir, "latency", data, title, sections, notes)
     png = plot_decode(measured, summary, json_path.with_suffix(".png"), title)
     out.print(f"wrote {png}", highlight=False)
+
+
+# --- perplexity ----------------------------------------------------------------------------------
+
+
+@bench.command()
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A local Hugging Face model directory (default: the built-in models/vibee-tiny).")
+@click.option("--text-file", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Score these files (default: the model's held-out files from its training_stats.json).")
+@click.option("--quant", "quants", default="none,int8,int4", show_default=True,
+              help="Comma-separated weight precisions to compare: none, int8, int4.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per scored window.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True)
+def perplexity(model, text_files, quants, device, dtype, window, max_tokens, result_dir):
+    """Held-out perplexity with unquantized, int8 and int4 weights (what --quant costs)."""
+    from rich.console import Console
+
+    from vibee.bench.perplexity import held_out_texts, perplexity as score, token_stream
+    from vibee.runtime.engine import TORCH_DTYPES
+    from vibee.runtime.generated import load_generated
+    from vibee.runtime.loader import LoadError, load_model_dir
+    from vibee.runtime.model import build_model
+    from vibee.spec.errors import SpecError
+
+    out = Console()
+    wanted = [q.strip() for q in quants.split(",") if q.strip()]
+    bad = [q for q in wanted if q not in ("none", "int8", "int4")]
+    if bad or not wanted:
+        _fail(f"--quant takes none, int8 and int4 separated by commas, got {quants!r}")
+    rows, figures = [], {}
+    base = engine_config(model=model, device=device, dtype=dtype)
+    dev = base.resolve_device()
+    dtype_name = base.resolve_dtype(dev)
+    try:
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in text_files] or held_out_texts(base.model_dir)
+        for quant in wanted:
+            config = engine_config(model=model, device=device, dtype=dtype, quant=quant)
+            gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
+            loaded = load_model_dir(config.model_dir, dtype=TORCH_DTYPES[dtype_name], device=dev, progress=False)
+            runner = build_model(loaded, gen).eval()
+            if quant != "none":
+                gen.quantization.quantize_model(runner, gen.config("quantization").skip_modules)
+            eos = sorted(loaded.config.eos_token_ids)
+            ids = token_stream(loaded.tokenizer, texts, eos[0] if eos else None)
+            figures[quant] = score(runner, ids, window, max_tokens, dev)
+            figures[quant]["quantization"] = gen.config("quantization").model_dump(mode="json") if quant != "none" else None
+    except SpecError as exc:
+        for d in exc.diagnostics:
+            click.echo(d.render(), err=True)
+        sys.exit(2)
+    except (LoadError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    reference = figures[wanted[0]]["perplexity"]
+    for quant in wanted:
+        f = figures[quant]
+        f["change_vs_first"] = f["perplexity"] / reference - 1
+        q = f["quantization"]
+        what = "unquantized" if q is None else f"{q['bits']}-bit, group {q['group_size']}, {q['method']}"
+        rows.append([quant, what, f["tokens"], f["perplexity"], f"{100 * f['change_vs_first']:+.2f}%"])
+    env = environment(dev)
+    title = f"vibee bench perplexity: {base.model_name} on {env.get('device_name', dev)} ({dtype_name})"
+    notes = [f"Non-overlapping windows of {window} tokens, token-weighted; change is relative to '{wanted[0]}'."]
+    sections = [Section("Perplexity", ["--quant", "weights", "tokens", "perplexity", "change"], rows),
+                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
+    data = {"benchmark": "perplexity", "settings": {"model": base.model_name, "device": dev, "dtype": dtype_name,
+                                                    "window": window, "max_tokens": max_tokens},
+            "results": figures, "environment": env}
+    _finish(out, result_dir, "perplexity", data, title, sections, notes)
