@@ -426,3 +426,75 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
                                                     "window": window, "max_tokens": max_tokens},
             "results": figures, "environment": env}
     _finish(out, result_dir, "perplexity", data, title, sections, notes)
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+
+@bench.command()
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--shapes", type=click.Choice(["h100", "small"]), default=None,
+              help="h100: the issue's target shapes (default on a GPU); small: CPU-sized (default on a CPU).")
+@click.option("--only", default="prefill,decode,gemv,gemm,kv_write", show_default=True,
+              help="Comma-separated kernels to time.")
+@click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True)
+def kernels(device, dtype, shapes, only, spec_dir, result_dir):
+    """Each generated kernel against its torch counterpart, against the GPU.md ceilings."""
+    from rich.console import Console
+
+    from vibee.bench import kernels as kb
+    from vibee.runtime.engine import TORCH_DTYPES
+    from vibee.runtime.generated import load_generated
+    from vibee.spec.errors import SpecError
+
+    out, err = Console(), Console(stderr=True)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    known = ("prefill", "decode", "gemv", "gemm", "kv_write")
+    if not wanted or any(w not in known for w in wanted):
+        _fail(f"--only takes {', '.join(known)} separated by commas, got {only!r}")
+    config = engine_config(device=device, dtype=dtype, spec_dir=spec_dir, quant="int4")
+    dev = config.resolve_device()
+    dtype_name = config.resolve_dtype(dev)
+    torch_dtype = TORCH_DTYPES[dtype_name]
+    shape_set = kb.SHAPES[shapes or ("h100" if dev.startswith("cuda") else "small")]
+    try:
+        gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
+    except SpecError as exc:
+        for d in exc.diagnostics:
+            click.echo(d.render(), err=True)
+        sys.exit(2)
+    runs = {
+        "prefill": lambda: kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev),
+        "decode": lambda: kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev),
+        "gemv": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemv"], torch_dtype, dev, "quantized GEMV"),
+        "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
+        "kv_write": lambda: kb.bench_kv_write(gen.kv_cache, shape_set["kv_write"], torch_dtype, dev),
+    }
+    rows = []
+    for name in wanted:
+        err.print(f"timing {name} ...", highlight=False)
+        rows.append(runs[name]().row())
+
+    def fmt(x, digits=1):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    table = [[r["kernel"], r["shape"], fmt(r["vibee_us"]), f"{fmt(r['vibee_rate'], 3)} {r['unit']}", r["baseline"],
+              fmt(r["baseline_us"]), f"{fmt(r['baseline_rate'], 3)} {r['unit']}",
+              "-" if r["fraction_of_ceiling"] is None else f"{100 * r['fraction_of_ceiling']:.0f}% of {r['ceiling']}"]
+             for r in rows]
+    env = environment(dev)
+    title = f"vibee bench kernels on {env.get('device_name', dev)} ({dtype_name})"
+    notes = ["Times are medians (CUDA: triton.testing.do_bench). Ceilings are the GPU machine's (shared/GPU.md); "
+             "on other hardware read the rates, not the fractions."]
+    sections = [Section("Kernels", ["kernel", "shape", "vibee µs", "vibee rate", "torch counterpart", "torch µs",
+                                    "torch rate", "vs ceiling"], table),
+                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
+    data = {"benchmark": "kernels", "settings": {"device": dev, "dtype": dtype_name, "shapes": shape_set,
+                                                 "modules": str(gen.source)},
+            "results": rows, "environment": env}
+    json_path = _finish(out, result_dir, "kernels", data, title, sections, notes)
+    png = kb.plot_kernels(rows, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {png}", highlight=False)

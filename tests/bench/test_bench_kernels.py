@@ -1,0 +1,31 @@
+"""`vibee bench kernels` on a CPU (the torch paths at small shapes): every kernel is timed next to
+its torch counterpart and the rates follow from the work and the times."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vibee.bench.cli import bench
+
+
+def test_kernels_command_times_each_kernel(tmp_path):
+    result = CliRunner().invoke(bench, ["kernels", "--device", "cpu", "--shapes", "small", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    path = next(tmp_path.glob("kernels-*.json"))
+    rows = json.loads(path.read_text())["results"]
+    assert [r["kernel"].split(" (")[0] for r in rows] == ["attention prefill", "attention decode", "quantized GEMV",
+                                                          "quantized GEMM", "kv write"]
+    for r in rows:
+        assert r["vibee_us"] > 0 and r["baseline_us"] > 0
+        assert r["vibee_rate"] == pytest.approx(r["vibee_rate"])  # finite
+    prefill = rows[0]
+    assert prefill["vibee_rate"] == pytest.approx(4 * 2 * 4 * 128 * 128 * 64 / 2 / (prefill["vibee_us"] * 1e-6) / 1e12)
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_kernel_is_refused(tmp_path):
+    result = CliRunner().invoke(bench, ["kernels", "--device", "cpu", "--only", "softmax", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--only takes" in result.output

@@ -1,0 +1,183 @@
+"""`vibee bench kernels`: each generated kernel against its torch counterpart, as a rate against
+the ceilings measured on the GPU machine (shared/GPU.md).
+
+The generated modules are called through their public functions, so on a GPU this times the
+Triton kernels the triton target dispatches to (on a CPU, the torch path at small shapes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+# Ceilings measured on the H100 machine (shared/GPU.md).
+CEILINGS = {"bf16 matmul TFLOP/s": 759.0, "copy TB/s": 2.99, "SDPA causal prefill TFLOP/s": 330.0,
+            "SDPA decode TB/s": 2.82, "torch int4 GEMV us": 31.0}
+
+SHAPES = {
+    # The issue's targets.
+    "h100": dict(prefill=dict(batch=8, heads=32, kv_heads=32, seq=4096, head_dim=128),
+                 decode=dict(batch=64, heads=32, kv_heads=8, kv_len=4096, head_dim=128),
+                 gemv=dict(m=1, k=4096, n=14336), gemm=dict(m=256, k=4096, n=14336),
+                 kv_write=dict(tokens=4096, kv_heads=8, head_dim=128)),
+    # Small enough for a CPU.
+    "small": dict(prefill=dict(batch=2, heads=4, kv_heads=2, seq=128, head_dim=64),
+                  decode=dict(batch=4, heads=4, kv_heads=2, kv_len=256, head_dim=64),
+                  gemv=dict(m=1, k=256, n=512), gemm=dict(m=32, k=256, n=512),
+                  kv_write=dict(tokens=128, kv_heads=2, head_dim=64)),
+}
+
+
+@dataclass
+class Timing:
+    name: str
+    shape: str
+    unit: str  # "TFLOP/s" or "TB/s"
+    work: float  # FLOPs or bytes of one call
+    vibee_s: float
+    baseline: str
+    baseline_s: float | None
+    ceiling: float | None  # in `unit`
+
+    def rate(self, seconds: float | None) -> float | None:
+        if seconds is None:
+            return None
+        return self.work / seconds / 1e12
+
+    def row(self) -> dict[str, Any]:
+        vibee_rate = self.rate(self.vibee_s)
+        return {"kernel": self.name, "shape": self.shape, "unit": self.unit, "vibee_us": 1e6 * self.vibee_s,
+                "vibee_rate": vibee_rate, "baseline": self.baseline,
+                "baseline_us": None if self.baseline_s is None else 1e6 * self.baseline_s,
+                "baseline_rate": self.rate(self.baseline_s), "ceiling": self.ceiling,
+                "fraction_of_ceiling": None if not self.ceiling else vibee_rate / self.ceiling}
+
+
+def time_call(fn: Callable[[], Any], device: str, repeats: int = 20) -> float:
+    """Median seconds per call (CUDA: triton's do_bench with cache flushing; CPU: wall clock)."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=max(20, repeats), return_mode="median") / 1000.0
+    fn()
+    times = []
+    for _ in range(max(3, repeats // 4)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _paged(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous K [B, L, Hkv, D] as pages [B * ceil(L/page), page, Hkv, D] with sequential block tables."""
+    b, length, hkv, d = k.shape
+    pages = math.ceil(length / page)
+    padded = torch.zeros(b, pages * page, hkv, d, dtype=k.dtype, device=k.device)
+    padded[:, :length] = k
+    tables = torch.arange(b * pages, dtype=torch.int32, device=k.device).view(b, pages)
+    return padded.view(b * pages, page, hkv, d), tables
+
+
+def bench_prefill(fa, shape: dict, dtype, device) -> Timing:
+    b, h, hkv, s, d = shape["batch"], shape["heads"], shape["kv_heads"], shape["seq"], shape["head_dim"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, s, h, d, dtype=dtype, device=device, generator=g)
+    k = torch.randn(b, s, hkv, d, dtype=dtype, device=device, generator=g)
+    v = torch.randn(b, s, hkv, d, dtype=dtype, device=device, generator=g)
+    k_cache, tables = _paged(k, fa.PAGE_SIZE)
+    v_cache, _ = _paged(v, fa.PAGE_SIZE)
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+    lens = torch.full((b,), s, dtype=torch.int32, device=device)
+    qf = q.reshape(b * s, h, d)
+    ours = time_call(lambda: fa.paged_prefill(qf, k_cache, v_cache, tables, cu, lens, causal=True), device)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    base = time_call(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hkv != h), device)
+    flops = 4 * b * h * s * s * d / 2  # causal: half of QK^T and PV
+    return Timing("attention prefill (causal)", f"B{b} H{h}/{hkv} S{s} D{d}", "TFLOP/s", flops, ours,
+                  "torch SDPA", base, CEILINGS["SDPA causal prefill TFLOP/s"])
+
+
+def bench_decode(fa, shape: dict, dtype, device) -> Timing:
+    b, h, hkv, n, d = shape["batch"], shape["heads"], shape["kv_heads"], shape["kv_len"], shape["head_dim"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, d, dtype=dtype, device=device, generator=g)
+    k = torch.randn(b, n, hkv, d, dtype=dtype, device=device, generator=g)
+    v = torch.randn(b, n, hkv, d, dtype=dtype, device=device, generator=g)
+    k_cache, tables = _paged(k, fa.PAGE_SIZE)
+    v_cache, _ = _paged(v, fa.PAGE_SIZE)
+    lens = torch.full((b,), n, dtype=torch.int32, device=device)
+    ours = time_call(lambda: fa.paged_decode(q, k_cache, v_cache, tables, lens), device)
+    qt, kt, vt = q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2)
+    base = time_call(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=hkv != h), device)
+    kv_bytes = 2 * b * n * hkv * d * k.element_size()
+    return Timing("attention decode (paged)", f"B{b} H{h}/{hkv} KV{n} D{d} page{fa.PAGE_SIZE}", "TB/s", kv_bytes,
+                  ours, "torch SDPA (contiguous KV)", base, CEILINGS["SDPA decode TB/s"])
+
+
+def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> Timing:
+    m, k, n = shape["m"], shape["k"], shape["n"]
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device)
+    qlinear = quant.QuantLinear.from_linear(linear, dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    ours = time_call(lambda: qlinear(x), device)
+    base = time_call(lambda: F.linear(x, linear.weight), device)
+    if m <= 16:  # memory-bound: rate is the packed weight (+ scales) read
+        qw = qlinear.quantized_weight()
+        work = sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros) if t is not None)
+        return Timing(f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}", "TB/s", work, ours,
+                      f"torch {str(dtype).split('.')[-1]} matmul", base, CEILINGS["copy TB/s"])
+    return Timing(f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}", "TFLOP/s", 2 * m * k * n,
+                  ours, f"torch {str(dtype).split('.')[-1]} matmul", base, CEILINGS["bf16 matmul TFLOP/s"])
+
+
+def bench_kv_write(kv, shape: dict, dtype, device) -> Timing:
+    t, hkv, d = shape["tokens"], shape["kv_heads"], shape["head_dim"]
+    blocks = math.ceil(t / kv.BLOCK_SIZE) * 2
+    cache = kv.PagedKVCache(1, blocks, hkv, d, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    k = torch.randn(t, hkv, d, dtype=dtype, device=device, generator=g)
+    v = torch.randn(t, hkv, d, dtype=dtype, device=device, generator=g)
+    slots = torch.randperm(blocks * kv.BLOCK_SIZE, device=device, generator=g)[:t]
+    ours = time_call(lambda: cache.write(0, k, v, slots), device)
+    flat_k = cache.k_pages[0].data.view(-1, hkv, d)
+    flat_v = cache.v_pages[0].data.view(-1, hkv, d)
+
+    def torch_write():
+        flat_k.index_copy_(0, slots, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, slots, v.to(flat_v.dtype))
+
+    base = time_call(torch_write, device)
+    moved = 2 * (k.numel() * k.element_size() + k.numel() * flat_k.element_size())  # K and V: read + written
+    return Timing(f"kv write ({str(cache.storage_dtype).split('.')[-1]} pages)", f"T{t} Hkv{hkv} D{d}", "TB/s", moved,
+                  ours, "torch index_copy_", base, CEILINGS["copy TB/s"])
+
+
+def plot_kernels(rows: list[dict[str, Any]], path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(len(rows))
+    # Each kernel's rate as a fraction of its ceiling (or of the baseline where there is none).
+    ours = [(r["vibee_rate"] / r["ceiling"]) if r["ceiling"] else 0 for r in rows]
+    base = [(r["baseline_rate"] / r["ceiling"]) if r["ceiling"] and r["baseline_rate"] else 0 for r in rows]
+    ax.bar(x - 0.2, ours, 0.4, label="vibee (generated)")
+    ax.bar(x + 0.2, base, 0.4, label="torch counterpart")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(x, [r["kernel"].split(" (")[0] for r in rows], rotation=15)
+    ax.set_ylabel("fraction of the ceiling (GPU.md)")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
