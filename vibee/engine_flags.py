@@ -39,6 +39,7 @@ ENGINE_OPTIONS = [
     click.option("--num-speculative-tokens", type=int, default=None, help="Draft tokens per step (spec: speculative_decode)."),
     click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
     click.option("--num-kv-blocks", type=int, default=None, help="Fix the KV cache size in blocks."),
+    click.option("--enforce-eager", is_flag=True, default=False, help="No CUDA graphs for decode steps (GPU)."),
 ]
 
 

@@ -300,3 +300,17 @@ def test_engine_on_gpu_keeps_cpu_tokens(tiny, baseline, flash_attn):
     batch, expected = baseline
     eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="float32", flash_attn=flash_attn), progress=False)
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_capture_decode_and_keep_tokens(tiny, baseline):
+    """Decode steps replay captured CUDA graphs (padding rows included) and give the eager tokens."""
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="float32", max_num_seqs=8), progress=False)
+    info = eng.info()["cuda_graphs"]
+    assert info["enabled"], info
+    assert info["batch_sizes"] == [1, 2, 4, 8]
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected  # 6 sequences: replayed at size 8
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks

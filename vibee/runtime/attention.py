@@ -25,6 +25,8 @@ class AttentionBatch:
     block_tables: torch.Tensor | None  # int32 [B, max_blocks] (None when there is no KV cache)
     slot_mapping: torch.Tensor | None  # int64 [T], slot = block_id * block_size + offset of each new token
     is_decode: bool  # every sequence has exactly one new token (use paged_decode)
+    # Decode only: a fixed KV split count (CUDA graphs: nothing may depend on the step's lengths).
+    num_splits: int | None = None
 
     def positions(self) -> torch.Tensor:
         """The position of every new token (long [T]): a sequence's new tokens are its last ones."""
@@ -112,7 +114,9 @@ class AttentionBackend:
         kv_cache.write(layer, k, v, batch.slot_mapping)
         k_pages, v_pages, tables = self._pages(kv_cache, layer, batch, q.dtype)
         if batch.is_decode:
-            out = self.fa.paged_decode(q, k_pages, v_pages, tables, batch.seq_lens, variants=variants, scale=self.scale)
+            fixed = {} if batch.num_splits is None else {"num_splits": batch.num_splits}
+            out = self.fa.paged_decode(q, k_pages, v_pages, tables, batch.seq_lens, variants=variants, scale=self.scale,
+                                       **fixed)
         else:
             out = self.fa.paged_prefill(q, k_pages, v_pages, tables, batch.cu_seqlens_q, batch.seq_lens, causal=True,
                                         variants=variants, scale=self.scale)

@@ -42,6 +42,7 @@ class EngineConfig(BaseModel):
     num_speculative_tokens: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)  # fixes the KV cache size (tests, measurements)
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
     cpu_kv_cache_gib: float = Field(1.0, gt=0)  # KV cache budget on a CPU, where there is no memory to profile
     seed: int = 0  # the sampler's generator for requests without a seed
 

@@ -116,10 +116,14 @@ class LLMEngine:
         probe = kv.PagedKVCache(self.model_config.num_layers, 1, self.model_config.num_kv_heads,
                                 self.model_config.head_dim, dtype=self.dtype, device="meta", block_size=self.block_size)
         self.kv_bytes_per_block = probe.bytes_per_block()
+        # num_blocks: the blocks sequences can hold. CUDA graphs take one more, past them, as the
+        # scratch that the padding rows of a captured batch write to.
         self.num_blocks = self._decide_num_blocks(kv_spec)
-        self.kv_cache = (kv.PagedKVCache(self.model_config.num_layers, self.num_blocks, self.model_config.num_kv_heads,
-                                         self.model_config.head_dim, dtype=self.dtype, device=self.device,
-                                         block_size=self.block_size) if self.use_kv_cache else None)
+        scratch = 1 if self._wants_graphs() else 0
+        self.kv_cache = (kv.PagedKVCache(self.model_config.num_layers, self.num_blocks + scratch,
+                                         self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype,
+                                         device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
+        self.graphs = self._capture_graphs() if scratch else None
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
         self.scheduler = self.gen.continuous_batch.Scheduler(
             self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -237,6 +241,28 @@ class LLMEngine:
         tokens = emitted[0]
         rows = logits[: len(tokens)]
         return tokens, self.sampler.results_for(rows, torch.tensor(tokens, device=logits.device), [req.params] * len(tokens))
+
+    def _wants_graphs(self) -> bool:
+        return (self.device.startswith("cuda") and self.use_kv_cache and self.config.flash_attn
+                and not self.config.enforce_eager)
+
+    def _capture_graphs(self):
+        """CUDA graphs of decode steps up to max_num_seqs; None (eager) if the step can't be captured."""
+        import logging
+
+        from vibee.runtime.cuda_graphs import DecodeGraphs
+
+        fa = self.gen.flash_attention
+        graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=self.max_num_seqs, max_model_len=self.max_model_len,
+                              block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
+                              num_splits=fa.num_splits_for(self.max_model_len))
+        try:
+            graphs.capture()
+        except Exception as exc:  # a kernel that syncs with the host can't be captured: run eagerly
+            logging.getLogger("vibee.engine").warning("decode steps run eagerly: CUDA graph capture failed: %s", exc)
+            self.graph_error = str(exc)
+            return None
+        return graphs
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -420,6 +446,10 @@ class LLMEngine:
             if end - len(drafts) == seq.num_tokens:  # its last known token is computed: sample after it
                 plan.append((seq, len(logit_rows), drafts))
                 logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
+        if self.graphs is not None and all(q == 1 for q in query_lens) and len(plan) == len(query_lens) \
+                and not any(drafts for _, _, drafts in plan) and self.graphs.fits(len(query_lens)):
+            with torch.inference_mode():
+                return plan, self.graphs.run(input_ids, seq_lens, tables)
         batch = make_attention_batch(query_lens, seq_lens, tables if self.use_kv_cache else None,
                                      self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
@@ -550,6 +580,10 @@ class LLMEngine:
             "kv_cache": {"enabled": self.use_kv_cache, **cfg["kv_cache"], "enable_prefix_caching": self.enable_prefix_caching,
                          "num_blocks": self.num_blocks, "capacity_tokens": self.kv_capacity_tokens,
                          "bytes_per_block": self.kv_bytes_per_block, "bytes_total": self.kv_bytes_per_block * self.num_blocks},
+            "cuda_graphs": ({"enabled": True, "batch_sizes": self.graphs.sizes, "num_splits": self.graphs.num_splits}
+                            if self.graphs is not None else
+                            {"enabled": False, "why": getattr(self, "graph_error", None) or
+                             ("--enforce-eager" if self.config.enforce_eager else "not on a GPU with the KV cache and flash attention")}),
             "flash_attention": {"enabled": self.config.flash_attn,
                                 "implementation": "generated flash_attention" if self.config.flash_attn else "generated reference",
                                 **cfg["flash_attention"]},
