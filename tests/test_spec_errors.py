@@ -83,7 +83,6 @@ CASES = [
     ("unclosed_flow_mapping", edit(KV, "head_dim: 8 }\ntypes", "head_dim: 8\ntypes"), "", 9, None, None),
     # header
     ("unsupported_language", edit(KV, "language: torch", "language: zig"), "unsupported language 'zig'", 3, "zig", "--target torch"),
-    ("triton_not_yet", edit(KV, "language: torch", "language: triton"), "triton target is not available yet", 3, "triton", "language: torch"),
     ("unknown_kind", edit(KV, "kind: kv_cache", "kind: kv_cach"), "unknown kind 'kv_cach'", 5, "kv_cach", "did you mean 'kv_cache'"),
     ("bad_module_name", edit(KV, "module: igla_kv_cache", "module: igla-kv-cache"), "not a valid Python module name", 4, "igla-kv-cache", None),
     ("section_typo", edit(KV, "config:", "confg:"), "unknown section 'confg'", 6, "confg", "did you mean 'config'"),

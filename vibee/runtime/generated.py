@@ -71,14 +71,17 @@ def _apply_overrides(spec: Spec, updates: dict[str, Any]) -> Spec:
     return spec.model_copy(update={"config": config})
 
 
-def load_generated(spec_dir: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> GeneratedModules:
+def load_generated(spec_dir: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                   target: str | None = None) -> GeneratedModules:
     """Load the six specs of `spec_dir` (default specs/tri), apply `overrides` ({kind: {dotted
-    config key: value}}), and import what they generate (target torch). Raises SpecError."""
+    config key: value}}), and import what they generate for `target` (default: each spec's
+    `language:`; the triton modules run their kernels on CUDA tensors and the torch path
+    elsewhere). Raises SpecError."""
     spec_dir = Path(spec_dir) if spec_dir is not None else DEFAULT_SPEC_DIR
     paths = sorted(spec_dir.glob("*.vibee"))
     if not paths:
         raise SpecError([Diagnostic(f"{spec_dir}: no .vibee spec files here", None)])
-    specs, _warnings = load_specs(paths, target="torch")
+    specs, _warnings = load_specs(paths, target=target)
     by_kind = {spec.kind: spec for spec in specs}
     missing = [k for k in KINDS if k not in by_kind]
     if missing:
