@@ -277,10 +277,11 @@ def serve(base_url, model, num_prompts, input_len, output_len, seed, result_dir,
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
 @click.option("--bandwidth-gbs", type=float, default=None,
               help="Memory bandwidth ceiling for the limit (default: GPU.md's measured copy bandwidth, where known).")
+@click.option("--enforce-eager", is_flag=True, default=False, help="No CUDA graphs (on a GPU, steps replay graphs).")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,
-            bandwidth_gbs, result_dir):
+            bandwidth_gbs, enforce_eager, result_dir):
     """Decode tokens/s of the model runner and the fraction of the memory-bandwidth limit."""
     import torch
     from rich.console import Console
@@ -326,14 +327,17 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
     with progress:
         task = progress.add_task("steps", total=warmup_steps + decode_steps)
+        use_graphs = dev.startswith("cuda") and flash_attn and not enforce_eager
+        splits = gen.flash_attention.num_splits_for(prompt_len + warmup_steps + decode_steps + 1) if use_graphs else None
         measured = measure_decode(runner, gen.kv_cache, batch_size=batch_size, prompt_len=prompt_len,
                                   decode_steps=decode_steps, warmup_steps=warmup_steps, device=dev,
-                                  block_size=block_size, on_step=lambda: progress.advance(task))
+                                  block_size=block_size, on_step=lambda: progress.advance(task), num_splits=splits)
     summary = summarize_decode(measured, batch_size=batch_size, weight_bytes_=weight_bytes(runner),
                                kv_bytes_per_token=kv_bytes_per_token, bandwidth_gbs=bandwidth)
     settings = {"model": name, "device": dev, "dtype": dtype_name, "quant": quant, "flash_attn": flash_attn,
                 "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
                 "warmup_steps": warmup_steps, "block_size": block_size, "weight_bytes_loaded": loaded_bytes,
+                "cuda_graphs": splits is not None,
                 "modules": str(gen.source)}
     env = environment(dev)
     s = summary

@@ -58,14 +58,25 @@ def _sync(device: str) -> None:
 
 
 def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, prompt_len: int, decode_steps: int,
-                   warmup_steps: int, device: str, block_size: int, on_step=None) -> dict[str, Any]:
+                   warmup_steps: int, device: str, block_size: int, on_step=None,
+                   num_splits: int | None = None) -> dict[str, Any]:
     """Prefill batch_size prompts of prompt_len random tokens, then decode greedily; returns the
-    per-step times (seconds) of the timed decode steps and the context length at each."""
+    per-step times (seconds) of the timed decode steps and the context length at each.
+    num_splits: replay each decode step as a CUDA graph (as the engine does) with this KV split count."""
+    from vibee.runtime.cuda_graphs import DecodeGraphs
+
     cfg = model.config
     total = prompt_len + warmup_steps + decode_steps + 1
     blocks_per_seq = math.ceil(total / block_size)
-    cache = kv_module.PagedKVCache(cfg.num_layers, batch_size * blocks_per_seq, cfg.num_kv_heads, cfg.head_dim,
+    # One block more than the sequences use: the scratch a captured batch's padding rows write to.
+    cache = kv_module.PagedKVCache(cfg.num_layers, batch_size * blocks_per_seq + 1, cfg.num_kv_heads, cfg.head_dim,
                                    dtype=model.dtype, device=device, block_size=block_size)
+    graphs = None
+    if num_splits is not None:
+        graphs = DecodeGraphs(model, cache, max_batch=batch_size, max_model_len=blocks_per_seq * block_size,
+                              block_size=block_size, padding_slot=batch_size * blocks_per_seq * block_size,
+                              num_splits=num_splits)
+        graphs.capture()
     tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch_size)]
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_size * prompt_len,), generator=g).to(device)
@@ -80,9 +91,12 @@ def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, promp
             length += 1
             _sync(device)
             t0 = time.perf_counter()
-            batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
-            hidden = model(tokens, batch.positions(), batch, cache)
-            tokens = model.compute_logits(hidden).argmax(dim=-1)
+            if graphs is not None:  # what the engine does: host token ids into the graph's buffers
+                tokens = graphs.run(tokens.tolist(), [length] * batch_size, tables).argmax(dim=-1)
+            else:
+                batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
+                hidden = model(tokens, batch.positions(), batch, cache)
+                tokens = model.compute_logits(hidden).argmax(dim=-1)
             _sync(device)
             if step >= warmup_steps:
                 times.append(time.perf_counter() - t0)
