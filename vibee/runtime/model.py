@@ -9,12 +9,12 @@ rotate-half layout and cos/sin computed in float32, SwiGLU MLP, attention scale 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vibee.runtime import fused
 from vibee.runtime.attention import AttentionBackend, AttentionBatch, SlidingWindow
 from vibee.runtime.model_config import LoadError, ModelConfig
 
@@ -89,19 +89,25 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, head_dim] for the tokens' positions, computed in float32."""
-        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+        return fused.rope_cos_sin(positions, self.inv_freq, self.attention_scaling, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] rotated: pairs are (i, i + D/2), as in Hugging Face checkpoints."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return fused._rotate(x, cos, sin)
 
 
 # ---- layers ---------------------------------------------------------------------------------
+
+
+class RopeInputs(NamedTuple):
+    """What each layer's RoPE needs: positions [T], the float32 inverse frequencies and the cos/sin
+    factor; cos_sin precomputed once per forward for the torch path (None where the fused kernel
+    computes them itself)."""
+    positions: torch.Tensor
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class RMSNorm(nn.Module):
@@ -110,10 +116,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised h, h) with h = x + residual (x when residual is None): the residual add
+        fused into the norm (one kernel on CUDA)."""
+        return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
 def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
@@ -133,10 +139,11 @@ class Attention(nn.Module):
         window = config.layer_window(layer)
         self.variants = (SlidingWindow(window),) if window is not None else ()
 
-    def forward(self, x, cos, sin, backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
+    def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         out = backend(self.layer, q, k, v, batch, kv_cache, extra_variants=self.variants)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -151,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = _linear(inner, hidden, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -162,9 +169,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
 
-    def forward(self, h, cos, sin, backend, batch, kv_cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, backend, batch, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, rope, backend, batch, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for layer 0, residual None), residual:
+        the stream before it. Returns (this layer's MLP output, the stream before it); the add of
+        each sublayer's output to the stream happens in the next norm."""
+        normed, residual = self.input_layernorm(x, residual)
+        attn = self.self_attn(normed, rope, backend, batch, kv_cache)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -251,10 +263,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: Any) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        cos_sin = None if fused.HAVE_TRITON and h.is_cuda else self.rotary(positions, h.dtype)
+        rope = RopeInputs(positions, self.rotary.inv_freq, self.rotary.attention_scaling, cos_sin)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, self.attention, batch, kv_cache)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, rope, self.attention, batch, kv_cache)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

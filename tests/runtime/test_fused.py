@@ -1,0 +1,263 @@
+"""The fused decoder ops (vibee/runtime/fused.py): each Triton launcher against its torch fallback.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, in
+float32 and float16 (the interpreter's conversion to bf16 does not round to nearest even); the
+dispatchers keep CPU tensors on the torch path, so these tests call the `triton_*` launchers
+directly. GPU-marked tests run the dispatchers in bf16 at Llama-3.2-1B sizes on CUDA tensors.
+
+What may differ between a kernel and its fallback: the order of the float32 sum of squares and the
+last bit of sqrt/cos/sin/exp, so a rounded result can land one step of its dtype away."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from vibee.runtime import fused
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cpu" if INTERPRETED else "cuda"
+needs_kernels = pytest.mark.skipif(
+    not fused.HAVE_TRITON or (not INTERPRETED and not torch.cuda.is_available()),
+    reason="needs Triton with a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+needs_gpu = pytest.mark.skipif(not fused.HAVE_TRITON or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SMALL_DTYPES = [torch.float32, torch.float16]
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    """One step of the dtype relative (a different rounding of the same float32 value), a little
+    more absolute for values near zero; float32 a few ulps."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-5}
+    return {"rtol": 2 * torch.finfo(dtype).eps, "atol": torch.finfo(dtype).eps}
+
+
+def inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def strided(x: torch.Tensor, extra: int = 3) -> torch.Tensor:
+    """x as a view with a wider stride along dim 0 (as a slice of a fused projection is)."""
+    wide = torch.zeros(x.shape[0], x.shape[1] + extra, *x.shape[2:], dtype=x.dtype, device=x.device)
+    wide[:, 1 : 1 + x.shape[1]] = x
+    return wide[:, 1 : 1 + x.shape[1]]
+
+
+def randn(*shape, dtype, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+
+# ---- the dispatchers on CPU: the torch path, unchanged --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dispatch_is_the_torch_path(dtype):
+    x, r, w = (randn(5, 64, dtype=dtype, seed=s) for s in range(3))
+    w = w[0]
+    out, h = fused.rms_norm(x, w, 1e-6)
+    assert h is x
+    x32 = x.float()
+    want = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)  # the old RMSNorm
+    assert torch.equal(out, want)
+    out, h = fused.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(h, x + r) and torch.equal(out, fused.torch_rms_norm(x + r, w, 1e-6)[0])
+
+    q, k = randn(3, 4, 16, dtype=dtype, seed=4), randn(3, 2, 16, dtype=dtype, seed=5)
+    pos, freq = torch.tensor([0, 5, 9]), inv_freq(16)
+    cos, sin = fused.rope_cos_sin(pos, freq, 1.25, dtype)
+    got = fused.apply_rope_qk(q, k, pos, freq, 1.25)
+    assert torch.equal(got[0], fused._rotate(q, cos, sin)) and torch.equal(got[1], fused._rotate(k, cos, sin))
+    assert all(torch.equal(a, b) for a, b in zip(got, fused.apply_rope_qk(q, k, pos, freq, 1.25, (cos, sin))))
+
+    gate, up = randn(3, 40, dtype=dtype, seed=6), randn(3, 40, dtype=dtype, seed=7)
+    assert torch.equal(fused.silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+
+
+# ---- the launchers (interpreter on CPU, or compiled on a GPU) -------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("rows,features", [(1, 64), (7, 384), (13, 64)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_triton_rms_norm(dtype, rows, features, with_residual):
+    x = randn(rows, features, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=3.0)
+    w = randn(features, dtype=dtype, device=KERNEL_DEVICE, seed=2)
+    residual = randn(rows, features, dtype=dtype, device=KERNEL_DEVICE, seed=3) if with_residual else None
+    out, h = fused.triton_rms_norm(x, w, 1e-5, residual)
+    want_out, want_h = fused.torch_rms_norm(x, w, 1e-5, residual)
+    assert out.dtype == want_out.dtype and out.shape == want_out.shape
+    assert torch.equal(h, want_h)  # the add rounds exactly as torch's
+    torch.testing.assert_close(out, want_out, **tolerances(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_triton_rms_norm_strided_and_3d(dtype):
+    x = strided(randn(5, 2, 64, dtype=dtype, device=KERNEL_DEVICE, seed=1).transpose(0, 1).contiguous())
+    residual = strided(randn(2, 5, 64, dtype=dtype, device=KERNEL_DEVICE, seed=2))
+    w = randn(64, dtype=dtype, device=KERNEL_DEVICE, seed=3)
+    out, h = fused.triton_rms_norm(x, w, 1e-6, residual)
+    want_out, want_h = fused.torch_rms_norm(x, w, 1e-6, residual)
+    assert out.shape == x.shape and h.shape == x.shape
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(out, want_out, **tolerances(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 16), (7, 4, 4, 64), (13, 6, 2, 16), (3, 5, 1, 64)])
+@pytest.mark.parametrize("scaling", [1.0, 1.1386])
+def test_triton_rope_qk(dtype, tokens, heads, kv_heads, head_dim, scaling):
+    q = randn(tokens, heads, head_dim, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+    k = randn(tokens, kv_heads, head_dim, dtype=dtype, device=KERNEL_DEVICE, seed=2)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, 4096, (tokens,), generator=g).to(KERNEL_DEVICE)
+    freq = inv_freq(head_dim).to(KERNEL_DEVICE)
+    q_in, k_in = q.clone(), k.clone()
+    got = fused.triton_apply_rope_qk(q, k, positions, freq, scaling)
+    want = fused.torch_apply_rope_qk(q, k, positions, freq, scaling)
+    assert torch.equal(q, q_in) and torch.equal(k, k_in)  # inputs untouched
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tolerances(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_triton_rope_qk_strided(dtype):
+    """q and k as views of one fused QKV projection output (token stride wider than heads * D)."""
+    t, h, kv, d = 5, 4, 2, 16
+    qkv = randn(t, (h + 2 * kv) * d, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d : (h + kv) * d].view(t, kv, d)
+    positions = torch.tensor([3, 0, 100, 7, 2047], device=KERNEL_DEVICE)
+    freq = inv_freq(d).to(KERNEL_DEVICE)
+    got = fused.triton_apply_rope_qk(q, k, positions, freq, 1.0)
+    want = fused.torch_apply_rope_qk(q, k, positions, freq, 1.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerances(dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 384), (3, 1500)])
+def test_triton_silu_mul(dtype, shape):
+    gate = randn(*shape, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=4.0)
+    up = randn(*shape, dtype=dtype, device=KERNEL_DEVICE, seed=2)
+    got = fused.triton_silu_mul(gate, up)
+    want = fused.torch_silu_mul(gate, up)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, **tolerances(dtype))
+
+
+@needs_kernels
+def test_model_with_kernels_matches_torch_path(monkeypatch):
+    """A tiny Llama run through the Triton launchers (every fused op dispatched to them) gives the
+    torch path's output, float32."""
+    from tests.runtime.hf_models import generated, make_model
+    from vibee.runtime.attention import make_attention_batch
+    from vibee.runtime.loader import load_model_dir
+    from vibee.runtime.model import build_model
+
+    model_dir = Path(tempfile.mkdtemp(prefix="vibee-fused-"))
+    make_model(model_dir, "llama", rope={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 32})
+    loaded = load_model_dir(model_dir, dtype=torch.float32, device=KERNEL_DEVICE, progress=False)
+    model = build_model(loaded, generated(), flash_attn=False).eval()
+    ids = torch.randint(0, 300, (11,), generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
+    positions = torch.arange(11, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        monkeypatch.setattr(fused, "_use_triton", lambda x: False)
+        want = model(ids, positions, make_attention_batch([11], [11], None, 16, device=KERNEL_DEVICE), None)
+        monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+        got = model(ids, positions, make_attention_batch([11], [11], None, 16, device=KERNEL_DEVICE), None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---- GPU: bf16 at Llama-3.2-1B sizes through the dispatchers --------------------------------
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER = 2048, 32, 8, 64, 8192
+BF16 = {"rtol": 2 * torch.finfo(torch.bfloat16).eps, "atol": torch.finfo(torch.bfloat16).eps}
+
+
+def llama3_inv_freq() -> torch.Tensor:
+    """Llama-3.2's rope (theta 500000, llama3 scaling factor 32, context 8192)."""
+    from vibee.runtime.model import rope_inv_freq
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(head_dim=HEAD_DIM, rope_theta=500000.0,
+                          rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    return rope_inv_freq(cfg)[0]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 7, 256])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gpu_rms_norm_bf16(tokens, with_residual):
+    x = randn(tokens, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=1, scale=2.0)
+    w = randn(HIDDEN, dtype=torch.bfloat16, device="cuda", seed=2)
+    residual = randn(tokens, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=3) if with_residual else None
+    out, h = fused.rms_norm(x, w, 1e-5, residual)
+    want_out, want_h = fused.torch_rms_norm(x, w, 1e-5, residual)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(out, want_out, **BF16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 7, 256])
+def test_gpu_rope_qk_bf16(tokens):
+    q = randn(tokens, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=1)
+    k = randn(tokens, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=2)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, 131072, (tokens,), generator=g).cuda()
+    freq = llama3_inv_freq().cuda()
+    got = fused.apply_rope_qk(q, k, positions, freq, 1.0)
+    want = fused.torch_apply_rope_qk(q, k, positions, freq, 1.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **BF16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 7, 256])
+def test_gpu_silu_mul_bf16(tokens):
+    gate = randn(tokens, INNER, dtype=torch.bfloat16, device="cuda", seed=1, scale=4.0)
+    up = randn(tokens, INNER, dtype=torch.bfloat16, device="cuda", seed=2)
+    torch.testing.assert_close(fused.silu_mul(gate, up), fused.torch_silu_mul(gate, up), **BF16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_kernels_capture_in_a_cuda_graph():
+    """The three kernels replay from a CUDA graph with the results of a direct call."""
+    x = randn(1, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=1)
+    r = randn(1, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=2)
+    w = randn(HIDDEN, dtype=torch.bfloat16, device="cuda", seed=3)
+    q = randn(1, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=4)
+    k = randn(1, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=5)
+    gate, up = randn(1, INNER, dtype=torch.bfloat16, device="cuda", seed=6), randn(1, INNER, dtype=torch.bfloat16, device="cuda", seed=7)
+    pos, freq = torch.tensor([1234], device="cuda"), llama3_inv_freq().cuda()
+
+    def step():
+        return (*fused.rms_norm(x, w, 1e-5, r), *fused.apply_rope_qk(q, k, pos, freq, 1.0), fused.silu_mul(gate, up))
+
+    direct = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, direct):
+        assert torch.equal(a, b)
+

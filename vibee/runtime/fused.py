@@ -1,0 +1,258 @@
+"""Fused elementwise ops of the decoder layer: add + RMSNorm, RoPE on q and k, SiLU * mul.
+
+A decode step of a small model is bound by kernel launches, not by its weights: RMSNorm in
+float32 is about seven elementwise kernels, RoPE about ten for q and k, SiLU * up two, plus the
+residual adds. Each op here is one Triton kernel on CUDA tensors, with a torch fallback (the
+model's previous code, kept as it was) used on every other device, so CPU results do not change
+(also under TRITON_INTERPRET=1: the interpreter is only reached through the `triton_*` launchers,
+which tests call directly).
+
+The kernels keep the fallback's rounding order: float32 math, rounded to the input dtype where
+the torch code rounds (after the residual add, after the normalisation before the weight, cos/sin
+before the rotation, each product of the rotation, silu before the multiply). What can differ is
+the order of the float32 sum of squares and the last bit of rsqrt/cos/sin/exp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is a Linux dependency; without it everything runs on the torch fallbacks
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["rms_norm", "apply_rope_qk", "silu_mul", "torch_rms_norm", "torch_apply_rope_qk", "torch_silu_mul",
+           "rope_cos_sin", "triton_rms_norm", "triton_apply_rope_qk", "triton_silu_mul", "HAVE_TRITON"]
+
+HAVE_TRITON = triton is not None
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return HAVE_TRITON and x.is_cuda
+
+
+# ---- torch fallbacks (the model's numerics) -------------------------------------------------
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * normalised(h), h) with h = x + residual (or x when residual is None)."""
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h32.to(h.dtype), h
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, 1, head_dim] for the tokens' positions, computed in float32, cast to dtype."""
+    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def torch_apply_rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                        attention_scaling: float,
+                        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, D] and k [T, kv_heads, D] rotated (pairs (i, i + D/2)); new tensors.
+    cos_sin: the rope_cos_sin of these positions when the caller already has them."""
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(positions, inv_freq, attention_scaling, q.dtype)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def torch_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add + RMSNorm over the last dim: h = x + residual (in x's dtype; h = x without a residual),
+    out = weight * (h.float() * rsqrt(mean(h.float()^2) + eps)).to(dtype). Returns (out, h)."""
+    if _use_triton(x):
+        return triton_rms_norm(x, weight, eps, residual)
+    return torch_rms_norm(x, weight, eps, residual)
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                  attention_scaling: float,
+                  cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (rotate-half) on q [T, heads, D] and k [T, kv_heads, D]; returns new (q, k).
+    On CUDA one kernel computes cos/sin itself (cos_sin is ignored)."""
+    if _use_triton(q):
+        return triton_apply_rope_qk(q, k, positions, inv_freq, attention_scaling)
+    return torch_apply_rope_qk(q, k, positions, inv_freq, attention_scaling, cos_sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, silu rounded to the dtype before the multiply (as F.silu(gate) * up)."""
+    if _use_triton(gate):
+        return triton_silu_mul(gate, up)
+    return torch_silu_mul(gate, up)
+
+
+# ---- Triton kernels -------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_cols, x_stride, res_stride, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+            h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the add, rounded as torch's
+            tl.store(h_ptr + row * n_cols + cols, h, mask=mask)
+        else:
+            h = x
+        h32 = h.to(tl.float32)
+        mean_sq = tl.sum(h32 * h32, axis=0) / n_cols
+        normed = (h32 * tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
+
+    @triton.jit
+    def _rope_rotate(x_ptr, out_ptr, t, x_stride_t, x_stride_h, n_heads, half, c, s,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        mask = (heads < n_heads) & (dims < half)
+        src = x_ptr + t * x_stride_t + heads * x_stride_h + dims
+        x1 = tl.load(src, mask=mask, other=0.0)
+        x2 = tl.load(src + half, mask=mask, other=0.0)
+        dtype = x1.dtype
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        # x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
+        o1 = ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype)
+        o2 = ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype)
+        dst = out_ptr + t * n_heads * half * 2 + heads * half * 2 + dims
+        tl.store(dst, o1, mask=mask)
+        tl.store(dst + half, o2, mask=mask)
+
+    @triton.jit
+    def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, inv_freq_ptr, scaling,
+                        q_stride_t, q_stride_h, k_stride_t, k_stride_h, n_q_heads, n_k_heads, half,
+                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                        USE_LIBDEVICE: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        pos = tl.load(pos_ptr + t).to(tl.float32)
+        inv_freq = tl.load(inv_freq_ptr + dims, mask=dims < half, other=0.0)
+        angle = pos * inv_freq
+        if USE_LIBDEVICE:  # the precise cosf/sinf torch uses, not the approximate instructions
+            cos32 = libdevice.cos(angle)
+            sin32 = libdevice.sin(angle)
+        else:
+            cos32 = tl.cos(angle)
+            sin32 = tl.sin(angle)
+        dtype = q_ptr.dtype.element_ty
+        c = (cos32 * scaling).to(dtype).to(tl.float32)
+        s = (sin32 * scaling).to(dtype).to(tl.float32)
+        _rope_rotate(q_ptr, q_out_ptr, t, q_stride_t, q_stride_h, n_q_heads, half, c, s, BLOCK_HQ, BLOCK_D)
+        _rope_rotate(k_ptr, k_out_ptr, t, k_stride_t, k_stride_h, n_k_heads, half, c, s, BLOCK_HK, BLOCK_D)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(gate_ptr + offs, mask=mask, other=0.0)
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0)
+        g32 = g.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+        out = (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+        tl.store(out_ptr + offs, out, mask=mask)
+
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # pragma: no cover - older Triton
+        libdevice = None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features] with unit stride along features (a view when it can be one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The add + RMSNorm kernel, one program per row; (out, h) as new contiguous tensors
+    (h is x itself when there is no residual)."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    rows = x2.shape[0]
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty((rows, n), dtype=out_dtype, device=x.device)
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x"
+        r2 = _rows(residual)
+        h = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    else:
+        r2, h = x2, x
+    if rows:
+        block = triton.next_power_of_2(n)
+        warps = 1 if block <= 512 else 4 if block <= 4096 else 8
+        _rms_norm_kernel[(rows,)](x2, r2, weight, out, h if residual is not None else x2, n,
+                                  x2.stride(0), r2.stride(0), float(eps),
+                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
+    if residual is not None:
+        h = h.view(x.shape)
+    return out.view(x.shape), h
+
+
+def triton_apply_rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                         attention_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kernel (one program per token) rotating q [T, heads, D] and k [T, kv_heads, D] into new
+    contiguous tensors; cos/sin from positions * inv_freq in float32."""
+    t, n_q, d = q.shape
+    n_k = k.shape[1]
+    assert k.shape[0] == t and k.shape[2] == d and d % 2 == 0 and k.dtype == q.dtype
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    q_out = torch.empty((t, n_q, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, n_k, d), dtype=k.dtype, device=k.device)
+    if t:
+        half = d // 2
+        positions = positions.reshape(-1)
+        inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+        use_libdevice = q.is_cuda and libdevice is not None and not _INTERPRETED
+        _rope_qk_kernel[(t,)](q, k, q_out, k_out, positions, inv_freq, float(attention_scaling),
+                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), n_q, n_k, half,
+                              BLOCK_HQ=triton.next_power_of_2(n_q), BLOCK_HK=triton.next_power_of_2(n_k),
+                              BLOCK_D=triton.next_power_of_2(half), USE_LIBDEVICE=use_libdevice,
+                              num_warps=4 if n_q * half >= 1024 else 1)
+    return q_out, k_out
+
+
+def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one elementwise kernel; a new contiguous tensor of gate's shape."""
+    assert gate.shape == up.shape and gate.dtype == up.dtype
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        block = 1024
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    return out
