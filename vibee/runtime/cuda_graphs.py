@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any
-
 import torch
 
 from vibee.runtime.attention import AttentionBatch
@@ -101,8 +99,3 @@ class DecodeGraphs:
         self.graphs[b].replay()
         return self.logits[b][:n]
 
-
-def graph_memory_note(graphs: DecodeGraphs | None) -> dict[str, Any]:
-    if graphs is None:
-        return {"enabled": False}
-    return {"enabled": True, "batch_sizes": graphs.sizes, "num_splits": graphs.num_splits}
