@@ -217,15 +217,21 @@ def test_quantize_model_swaps_the_projections(models):
     model = ours(model_dir)
     quant = generated().quantization
     stats = quant.quantize_model(model)
-    assert stats.layers_quantized == 7 * model.config.num_layers and stats.layers_skipped == 1  # lm_head
-    assert isinstance(model.model.layers[0].self_attn.q_proj, quant.QuantLinear)
+    assert stats.layers_quantized == 4 * model.config.num_layers and stats.layers_skipped == 1  # lm_head
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, quant.QuantLinear)
     # transformers with the same int4-rounded weights: equal up to the bf16 matmuls of QuantLinear.
+    # A merged module's rows go back to its Hugging Face parts.
+    merged = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     hf = copy.deepcopy(hf)
     hf_modules = dict(hf.named_modules())
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, quant.QuantLinear):
-                hf_modules[name].weight.copy_(quant.dequantize(module.quantized_weight()).float())
+                weight = quant.dequantize(module.quantized_weight()).float()
+                prefix, last = name.rsplit(".", 1)
+                parts = [hf_modules[f"{prefix}.{part}"] for part in merged.get(last, (last,))]
+                for part, rows in zip(parts, weight.split([p.out_features for p in parts])):
+                    part.weight.copy_(rows)
     seq = prompts()[2]
     got = PagedRunner(model).step({0: (seq, len(seq))})[0]
     assert torch.nn.functional.cosine_similarity(got, hf_logits(hf, seq), dim=-1).min() > 0.999

@@ -1,8 +1,11 @@
 """A Llama-family decoder (Llama 2/3, Mistral, Qwen2) over flattened, unpadded token batches.
 
-Module names follow Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ...,
-lm_head), so checkpoint tensors load by name and the generated `quantize_model` finds plain
-`nn.Linear` layers to swap. The numerics follow transformers': RMSNorm in float32, RoPE with the
+Module names follow Hugging Face's (model.embed_tokens, model.layers.N.self_attn.o_proj, ...,
+lm_head), except that q_proj/k_proj/v_proj are one merged `self_attn.qkv_proj` and gate_proj/up_proj
+one `mlp.gate_up_proj` (fewer, larger GEMVs per layer; see MERGED). Checkpoint tensors still load by
+their Hugging Face names, each into its row range of the merged weight, and the generated
+`quantize_model` finds plain `nn.Linear` layers to swap (its scales are per output row, so quantizing
+a merged weight equals quantizing the parts). The numerics follow transformers': RMSNorm in float32, RoPE with the
 rotate-half layout and cos/sin computed in float32, SwiGLU MLP, attention scale 1/sqrt(head_dim).
 """
 
@@ -127,24 +130,33 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
 
 
+# Merged projections: module -> the Hugging Face projections stacked (in this order) along its
+# output rows. Their checkpoint tensors are copied into the row ranges by load_weights.
+MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, h, kv, d
-        self.q_proj = _linear(config.hidden_size, h * d, config.attention_bias, dtype)
-        self.k_proj = _linear(config.hidden_size, kv * d, config.attention_bias, dtype)
-        self.v_proj = _linear(config.hidden_size, kv * d, config.attention_bias, dtype)
+        self.split_sizes = (h * d, kv * d, kv * d)
+        # q_proj, k_proj and v_proj of the checkpoint, stacked: one GEMV instead of three.
+        self.qkv_proj = _linear(config.hidden_size, (h + 2 * kv) * d, config.attention_bias, dtype)
         self.o_proj = _linear(h * d, config.hidden_size, config.o_proj_bias, dtype)
         window = config.layer_window(layer)
         self.variants = (SlidingWindow(window),) if window is not None else ()
 
     def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        # Column slices of the [T, q + 2 kv] output (row stride q + 2 kv): RoPE writes new
+        # contiguous q and k, the KV cache write and attention read v through its strides.
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
         q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         out = backend(self.layer, q, k, v, batch, kv_cache, extra_variants=self.variants)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -153,12 +165,15 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype):
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = _linear(hidden, inner, bias, dtype)
-        self.up_proj = _linear(hidden, inner, bias, dtype)
+        # gate_proj and up_proj of the checkpoint, stacked: one GEMV instead of two.
+        self.gate_up_proj = _linear(hidden, 2 * inner, bias, dtype)
         self.down_proj = _linear(inner, hidden, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        # The halves are column slices; for one token they are contiguous already (the Triton
+        # silu_mul's .contiguous() copies nothing), for more it copies them.
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(fused.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -242,24 +257,42 @@ class LlamaForCausalLM(nn.Module):
                      source: str = "weights") -> None:
         """Copy checkpoint tensors in by Hugging Face name. Unknown names are skipped (e.g. old
         rotary_emb.inv_freq buffers, or lm_head.weight of a tied model); a missing tensor or a
-        wrong shape is a LoadError naming it. Call before quantize_model."""
-        params = dict(self.named_parameters())  # a tied lm_head.weight appears once, as the embedding
+        wrong shape is a LoadError naming it. The merged qkv_proj / gate_up_proj take their parts'
+        tensors (q_proj, k_proj, v_proj / gate_proj, up_proj) into their row ranges. Call before
+        quantize_model."""
+        targets = self.checkpoint_targets()
         where = getattr(weights, "source", source)
         items = weights.items() if isinstance(weights, Mapping) else weights
         loaded: set[str] = set()
         with torch.no_grad():
             for name, tensor in items:
-                param = params.get(name)
-                if param is None:
+                target = targets.get(name)
+                if target is None:
                     continue
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise LoadError(f"{where}: tensor {name} has shape {list(tensor.shape)}, the config needs {list(param.shape)}")
-                param.copy_(tensor)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise LoadError(f"{where}: tensor {name} has shape {list(tensor.shape)}, the config needs {list(target.shape)}")
+                target.copy_(tensor)
                 loaded.add(name)
-        missing = [name for name in params if name not in loaded]
+        missing = [name for name in targets if name not in loaded]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise LoadError(f"{where}: missing tensor {missing[0]}{more}")
+
+    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor this model takes, by Hugging Face name, in parameter order: the
+        parameter itself, or for the parts of a merged projection the view of its rows (the parts
+        stacked in MERGED order). A tied lm_head.weight appears once, as the embedding."""
+        targets: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            prefix, merged, kind = _split_merged_name(name)
+            if merged is None:
+                targets[name] = param
+                continue
+            sizes = self.get_submodule(prefix + "self_attn").split_sizes if merged == "self_attn.qkv_proj" \
+                else (self.config.intermediate_size,) * 2
+            for part, rows in zip(MERGED[merged], param.split(sizes, dim=0)):
+                targets[f"{prefix}{part}.{kind}"] = rows
+        return targets
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: Any) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
@@ -272,6 +305,16 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def _split_merged_name(name: str) -> tuple[str, str | None, str]:
+    """(the layer prefix, the merged module or None, weight/bias) of a parameter name."""
+    for merged in MERGED:
+        for kind in ("weight", "bias"):
+            suffix = f"{merged}.{kind}"
+            if name.endswith("." + suffix):
+                return name[: -len(suffix)], merged, kind
+    return name, None, ""
 
 
 def check_head_dim(config: ModelConfig, fa_module: Any, source: str = "config.json") -> None:
