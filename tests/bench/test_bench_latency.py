@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from vibee.bench.cli import bench
-from vibee.bench.latency import shape_config, summarize_decode
+from vibee.bench.latency import summarize_decode
+from vibee.runtime.shapes import shape_config
 from vibee.runtime.config import DEFAULT_MODEL_DIR
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +315,20 @@ def test_cuda_graphs_capture_decode_and_keep_tokens(tiny, baseline):
     assert info["batch_sizes"] == [1, 2, 4, 8]
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected  # 6 sequences: replayed at size 8
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_shape_runs_with_random_weights_and_no_files(monkeypatch):
+    """--shape: a known model shape with random weights and a text-free tokenizer, for
+    measurements (here a tiny stand-in shape, as the real ones are too big for a CPU test)."""
+    from vibee.runtime import shapes
+
+    monkeypatch.setitem(shapes.SHAPES, "test-tiny", dict(hidden_size=64, intermediate_size=128, num_layers=2,
+                                                         num_heads=4, num_kv_heads=2, head_dim=16,
+                                                         tie_word_embeddings=True, rope_scaling=None))
+    eng = LLMEngine(EngineConfig(shape="test-tiny", device="cpu", max_model_len=128, num_kv_blocks=32), progress=False)
+    assert eng.model_config.vocab_size == 128256 and eng.info()["model"]["name"] == "test-tiny"
+    outs = generate(eng, prompts([5, 9]), SamplingParams(max_tokens=7, temperature=1.0))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [7, 7]  # no EOS: every request runs to max_tokens
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    with pytest.raises(ValueError, match="--shape and --model"):
+        LLMEngine(EngineConfig(shape="test-tiny", model=Path("."), device="cpu"), progress=False)

@@ -287,8 +287,8 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from vibee.bench.latency import (BANDWIDTH_GBS, measure_decode, plot_decode, random_model, shape_config,
-                                     summarize_decode, weight_bytes)
+    from vibee.bench.latency import BANDWIDTH_GBS, measure_decode, plot_decode, summarize_decode, weight_bytes
+    from vibee.runtime.shapes import random_model, shape_config
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
     from vibee.runtime.loader import LoadError, load_model_dir

@@ -24,6 +24,7 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: Path | None = None  # None: the built-in default model
+    shape: str | None = None  # a well-known model's shape with random weights instead of --model (vibee/runtime/shapes.py)
     served_model_name: str | None = None  # None: the model directory's name
     spec_dir: Path | None = None  # None: specs/tri
     device: str = "auto"  # auto: cuda when present, else cpu
@@ -51,8 +52,15 @@ class EngineConfig(BaseModel):
         return self.model if self.model is not None else DEFAULT_MODEL_DIR
 
     @property
+    def model_source(self) -> str:
+        """What the engine runs, for people: a directory, or a shape's random weights."""
+        return f"{self.shape} (random weights)" if self.shape else str(self.model_dir)
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model_dir.resolve().name
+        if self.served_model_name:
+            return self.served_model_name
+        return self.shape if self.shape else self.model_dir.resolve().name
 
     def resolve_device(self) -> str:
         import torch
@@ -70,6 +78,8 @@ class EngineConfig(BaseModel):
         """Flags whose feature the engine doesn't have yet: `vibee serve` refuses them rather
         than ignoring them."""
         problems = []
+        if self.shape is not None and self.model is not None:
+            problems.append("--shape and --model both name the model; give one")
         if self.num_speculative_tokens is not None and not (self.speculative or self.draft_model is not None):
             problems.append("--num-speculative-tokens needs --speculative (or --draft-model)")
         if self.tensor_parallel_size > 1:

@@ -26,6 +26,7 @@ from vibee.runtime.model import build_model
 from vibee.runtime.outputs import CompletionOutput, RequestOutput, RequestStats, StepStats, TokenLogprob
 from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,10 +85,16 @@ class LLMEngine:
         kv_spec = self.gen.config("kv_cache")
         batch_spec = self.gen.config("continuous_batch")
 
-        self.loaded = load_model_dir(config.model_dir, dtype=self.dtype, device=self.device, progress=progress)
-        self.model_config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        self.model = build_model(self.loaded, self.gen, flash_attn=config.flash_attn)
+        if config.shape is not None:  # random weights of a known shape; token ids carry no text
+            self.model_config = shape_config(config.shape)
+            self.tokenizer = SyntheticTokenizer(self.model_config.vocab_size)
+            fa = self.gen.flash_attention if config.flash_attn else self.gen.flash_attention_reference
+            self.model = random_model(self.model_config, fa, dtype=self.dtype, device=self.device, seed=config.seed)
+        else:
+            loaded = load_model_dir(config.model_dir, dtype=self.dtype, device=self.device, progress=progress)
+            self.model_config = loaded.config
+            self.tokenizer = loaded.tokenizer
+            self.model = build_model(loaded, self.gen, flash_attn=config.flash_attn)
         self.model.eval()
         self.weight_bytes_loaded = self.gen.quantization.weight_bytes(self.model)
         self.quant_stats = None
@@ -175,7 +182,8 @@ class LLMEngine:
         if spec.method == "ngram":
             self.drafter = sd.NgramDrafter(spec.num_speculative_tokens, spec.ngram.min_n, spec.ngram.max_n)
         else:
-            draft_dir = self.config.draft_model or (DEFAULT_DRAFT_MODEL_DIR if self.config.model is None else None)
+            builtin = self.config.model is None and self.config.shape is None
+            draft_dir = self.config.draft_model or (DEFAULT_DRAFT_MODEL_DIR if builtin else None)
             if draft_dir is None:
                 raise ValueError("speculative method draft_model needs --draft-model DIR (a model with the same tokenizer)")
             self.draft_dir = draft_dir
@@ -569,7 +577,9 @@ class LLMEngine:
         if self.quant_stats is not None:
             quant["quantized"] = _plain(self.quant_stats)
         return {
-            "model": {"name": self.config.model_name, "path": str(self.config.model_dir), "architecture": mc.architecture,
+            "model": {"name": self.config.model_name,
+                      "path": self.config.model_source,
+                      "architecture": mc.architecture,
                       "num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "num_heads": mc.num_heads,
                       "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
                       "tokenizer_vocab_size": self.tokenizer.vocab_size,

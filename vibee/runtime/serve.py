@@ -28,7 +28,7 @@ def describe(engine: AsyncEngine) -> list[str]:
     e = engine.engine
     mc = e.model_config
     lines = [
-        f"model      {e.config.model_dir} ({mc.architecture}, {mc.num_layers} layers, hidden {mc.hidden_size}, "
+        f"model      {e.config.model_source} ({mc.architecture}, {mc.num_layers} layers, hidden {mc.hidden_size}, "
         f"{mc.num_heads}/{mc.num_kv_heads} heads) served as '{e.config.model_name}'",
         f"device     {e.device} {e.dtype_name}; max_model_len {e.max_model_len}",
         f"weights    {_gib(e.weight_bytes_loaded)}" + (
@@ -52,7 +52,7 @@ def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | Non
 
     prometheus_client.disable_created_metrics()  # no *_created series: /metrics shows what people read
 
-    console.print(f"[bold]vibee serve[/bold]: loading {config.model_dir}")
+    console.print(f"[bold]vibee serve[/bold]: loading {config.model_source}")
     engine = AsyncEngine.from_config(config, progress=True)
     for line in describe(engine):
         console.print("  " + line, highlight=False)
