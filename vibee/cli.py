@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from vibee.engine_flags import engine_config, engine_options
+from vibee.engine_flags import engine_config, engine_options, user_errors
 from vibee.ir.spec import SUPPORTED_TARGETS
 from vibee.spec.errors import Diagnostic, SpecError
 
@@ -169,18 +169,11 @@ def _add(node, value) -> None:
 @engine_options
 def serve(host, port, api_key, **flags):
     """Serve a model over the OpenAI API, on the modules generated from the specs."""
-    from vibee.runtime.loader import LoadError
     from vibee.runtime.serve import run_server
 
     config = engine_config(**flags)
-    try:
+    with user_errors():
         run_server(config, host=host, port=port, api_key=api_key)
-    except SpecError as exc:
-        _report(exc.diagnostics)
-        sys.exit(2)
-    except (LoadError, ValueError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
 
 
 def _register_bench() -> None:

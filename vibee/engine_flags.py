@@ -4,6 +4,7 @@ names). A flag left unset leaves the choice to the specs; the result is an Engin
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,21 @@ def engine_config(**flags: Any):
     if problems:
         sys.exit(2)
     return config
+
+
+@contextmanager
+def user_errors():
+    """A mistake in the specs, the model directory or a setting ends the command with its message
+    (a spec error with its source line and caret) and exit 2, never a traceback."""
+    from vibee.runtime.loader import LoadError
+    from vibee.spec.errors import SpecError
+
+    try:
+        yield
+    except SpecError as exc:
+        for d in exc.diagnostics:
+            click.echo(d.render(), err=True)
+        sys.exit(2)
+    except (LoadError, ValueError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -394,6 +394,15 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, 
     return _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, variants, scale, tile)
 
 
+def _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Checked key offsets, key lengths and query spans of a contiguous varlen batch."""
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cu_k) != cu_seqlens_q.numel() or cu_k[0] != 0 or cu_k[-1] != k.shape[0]:
+        raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q, from 0 to {k.shape[0]}, got {cu_k}")
+    kv_lens = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
+    return cu_k, kv_lens, _query_spans(cu_seqlens_q, kv_lens, q.shape[0])
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, variants=(), scale=None, tile=None):
     """Attention over contiguous variable-length K/V (no KV cache).
 
@@ -407,11 +416,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, vari
     """
     num_heads, head_dim = _check_query(q, "q")
     num_kv_heads = _check_kv_heads(num_heads, k, v, head_dim)
-    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
-    if len(cu_k) != cu_seqlens_q.numel() or cu_k[0] != 0 or cu_k[-1] != k.shape[0]:
-        raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q, from 0 to {k.shape[0]}, got {cu_k}")
-    kv_lens = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
-    spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0])
+    cu_k, kv_lens, spans = _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k)
     load_kv = _contiguous_kv_loader(k, v, torch.tensor(cu_k[:-1], device=k.device, dtype=torch.long))
     return _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, variants, scale, tile)
 
@@ -967,11 +972,7 @@ def triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSA
     cu_seqlens_k[s] + t of k and v."""
     num_heads, head_dim = _check_query(q, "q")
     num_kv_heads = _check_kv_heads(num_heads, k, v, head_dim)
-    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
-    if len(cu_k) != cu_seqlens_q.numel() or cu_k[0] != 0 or cu_k[-1] != k.shape[0]:
-        raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q, from 0 to {k.shape[0]}, got {cu_k}")
-    kv_lens = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
-    spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0])
+    _, kv_lens, spans = _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k)
     device = q.device
     starts = _on_device(cu_seqlens_k, device)
     lengths = torch.tensor(kv_lens, dtype=torch.int32, device=device)
@@ -1023,7 +1024,7 @@ def triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, variants
     num_splits must be given, per-sequence lengths are not checked against block_tables, and
     decode_kv_tiles is not counted (a replay runs the kernels without this Python)."""
     num_heads, head_dim = _check_query(q, "q")
-    num_kv_heads = _check_kv_heads(num_heads, k_cache, v_cache, head_dim)
+    _check_kv_heads(num_heads, k_cache, v_cache, head_dim)
     batch = q.shape[0]
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         if num_splits is None:

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from click.testing import CliRunner
 from fastapi import FastAPI, Request  # module level: the routes' annotations are strings resolved here
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tests.server.harness import serve as running
 from vibee.bench.cli import bench
 from vibee.bench.report import random_workload
 from vibee.bench.serve_load import arrival_gaps
@@ -82,28 +80,6 @@ def fake_openai_app(*, fail: bool = False, api_key: str | None = None, info: boo
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
-
-
-@contextmanager
-def running(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the fake server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def run_serve(url: str, tmp_path: Path, *extra: str):

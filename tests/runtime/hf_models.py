@@ -114,3 +114,18 @@ def edit_json(path: Path, **changes: Any) -> None:
         else:
             data[key] = value
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def model_cache(tmp_path_factory, variants: dict[str, tuple[str, dict]]):
+    """get(name) -> (model dir, transformers model) of variants[name] = (arch, make_model kwargs),
+    each built once (the tests of a module share them)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            arch, config = variants[name]
+            model_dir = tmp_path_factory.mktemp(name)
+            cache[name] = (model_dir, make_model(model_dir, arch, **config))
+        return cache[name]
+
+    return get

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.runtime.hf_models import generated, make_model
+from tests.runtime.hf_models import generated, model_cache
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
@@ -24,16 +24,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            arch, config = VARIANTS[name]
-            model_dir = tmp_path_factory.mktemp(name)
-            cache[name] = (model_dir, make_model(model_dir, arch, **config))
-        return cache[name]
-
-    return get
+    return model_cache(tmp_path_factory, VARIANTS)
 
 
 def ours(model_dir, gen=None):

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from .hf_models import generated, make_model
+from .hf_models import generated, model_cache
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
@@ -39,16 +39,7 @@ GREEDY = ["llama", "qwen2", "mistral"]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """name -> (loaded model dir, transformers model), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            arch, config = VARIANTS[name]
-            model_dir = tmp_path_factory.mktemp(name)
-            cache[name] = (model_dir, make_model(model_dir, arch, **config))
-        return cache[name]
-
-    return get
+    return model_cache(tmp_path_factory, VARIANTS)
 
 
 def prompts(seed: int = 0) -> list[list[int]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from vibee.engine_flags import engine_config, engine_options
+from vibee.engine_flags import engine_config, engine_options, user_errors
 from vibee.bench.report import (Section, environment, parse_range, print_report, random_workload,
                                 stdlib_workload, write_result)
 
@@ -74,20 +74,12 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
 
     from vibee.bench.throughput import check_workload, engine_settings, run_throughput, warm_up, workload_vocab
     from vibee.runtime.engine import LLMEngine
-    from vibee.runtime.loader import LoadError
-    from vibee.spec.errors import SpecError
 
     out, err = Console(), Console(stderr=True)
     config = engine_config(seed=seed, **flags)
     t0 = time.perf_counter()
-    try:
+    with user_errors():
         engine = LLMEngine(config, progress=True)
-    except SpecError as exc:
-        for d in exc.diagnostics:
-            click.echo(d.render(), err=True)
-        sys.exit(2)
-    except (LoadError, ValueError, OSError) as exc:
-        _fail(str(exc))
     load_s = time.perf_counter() - t0
 
     vocab, special = workload_vocab(engine)
@@ -291,15 +283,14 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     from vibee.runtime.shapes import random_model, shape_config
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
-    from vibee.runtime.loader import LoadError, load_model_dir
+    from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
-    from vibee.spec.errors import SpecError
 
     out, err = Console(), Console(stderr=True)
     config = engine_config(model=model, device=device, dtype=dtype, quant=quant, flash_attn=flash_attn)
     dev = config.resolve_device()
     dtype_name = config.resolve_dtype(dev)
-    try:
+    with user_errors():
         gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
         fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
         if shape is not None:
@@ -312,12 +303,6 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
         loaded_bytes = weight_bytes(runner)
         if quant != "none":
             gen.quantization.quantize_model(runner, gen.config("quantization").skip_modules)
-    except SpecError as exc:
-        for d in exc.diagnostics:
-            click.echo(d.render(), err=True)
-        sys.exit(2)
-    except (LoadError, ValueError, OSError) as exc:
-        _fail(str(exc))
     block_size = gen.config("kv_cache").block_size
     kv_bytes_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
         TORCH_DTYPES[dtype_name].itemsize
@@ -382,9 +367,8 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
     from vibee.bench.perplexity import held_out_texts, perplexity as score, token_stream
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
-    from vibee.runtime.loader import LoadError, load_model_dir
+    from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
-    from vibee.spec.errors import SpecError
 
     out = Console()
     wanted = [q.strip() for q in quants.split(",") if q.strip()]
@@ -395,7 +379,7 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
     base = engine_config(model=model, device=device, dtype=dtype)
     dev = base.resolve_device()
     dtype_name = base.resolve_dtype(dev)
-    try:
+    with user_errors():
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in text_files] or held_out_texts(base.model_dir)
         for quant in wanted:
             config = engine_config(model=model, device=device, dtype=dtype, quant=quant)
@@ -408,12 +392,6 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
             ids = token_stream(loaded.tokenizer, texts, eos[0] if eos else None)
             figures[quant] = score(runner, ids, window, max_tokens, dev)
             figures[quant]["quantization"] = gen.config("quantization").model_dump(mode="json") if quant != "none" else None
-    except SpecError as exc:
-        for d in exc.diagnostics:
-            click.echo(d.render(), err=True)
-        sys.exit(2)
-    except (LoadError, ValueError, OSError) as exc:
-        _fail(str(exc))
     reference = figures[wanted[0]]["perplexity"]
     for quant in wanted:
         f = figures[quant]
@@ -452,7 +430,6 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     from vibee.bench import kernels as kb
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
-    from vibee.spec.errors import SpecError
 
     out, err = Console(), Console(stderr=True)
     wanted = [w.strip() for w in only.split(",") if w.strip()]
@@ -464,12 +441,8 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     dtype_name = config.resolve_dtype(dev)
     torch_dtype = TORCH_DTYPES[dtype_name]
     shape_set = kb.SHAPES[shapes or ("h100" if dev.startswith("cuda") else "small")]
-    try:
+    with user_errors():
         gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
-    except SpecError as exc:
-        for d in exc.diagnostics:
-            click.echo(d.render(), err=True)
-        sys.exit(2)
     runs = {
         "prefill": lambda: kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev),
         "decode": lambda: kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev),
