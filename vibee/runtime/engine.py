@@ -446,7 +446,8 @@ class LLMEngine:
             end = seq.num_computed_tokens + item.num_new_tokens  # drafts included
             # Without a KV cache every step recomputes the sequence from its first token.
             start = seq.num_computed_tokens if self.use_kv_cache else 0
-            input_ids.extend((seq.all_token_ids + list(drafts))[start:end])
+            input_ids.extend(_token_slice(seq, start, end - len(drafts)))
+            input_ids.extend(drafts)
             query_lens.append(end - start)
             seq_lens.append(end)
             if self.use_kv_cache:
@@ -639,6 +640,14 @@ class LLMEngine:
             "speculative_decoding": ({"enabled": True, **self.acceptance.figures()} if self.speculative
                                      else {"enabled": False}),
         }
+
+
+def _token_slice(seq, start: int, stop: int) -> list[int]:
+    """seq.all_token_ids[start:stop] without building the whole list (a decode step needs one token)."""
+    prompt, n = seq.prompt_token_ids, len(seq.prompt_token_ids)
+    if start >= n:
+        return seq.output_token_ids[start - n: stop - n]
+    return prompt[start:stop] + seq.output_token_ids[: max(0, stop - n)]
 
 
 def _plain(obj: Any) -> Any:
