@@ -25,13 +25,16 @@ from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
 from vibee.runtime.outputs import CompletionOutput, RequestOutput, RequestStats, StepStats, TokenLogprob
 from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
-from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS_WINDOW_S = 10.0  # throughput and batch-size figures are averaged over this much recent time
 DRAFT_CONTEXT = 256  # the draft model sees this many latest tokens (RoPE is relative: positions restart at 0)
+# Set aside for the decode CUDA graphs, captured after the KV cache: their pool holds the largest
+# captured batch's activations (one token per sequence), far below the profiled prefill peak.
+CUDA_GRAPH_RESERVE = 256 * 2**20
 
 
 @dataclass
@@ -123,6 +126,8 @@ class LLMEngine:
         probe = kv.PagedKVCache(self.model_config.num_layers, 1, self.model_config.num_kv_heads,
                                 self.model_config.head_dim, dtype=self.dtype, device="meta", block_size=self.block_size)
         self.kv_bytes_per_block = probe.bytes_per_block()
+        # Before sizing: a draft model's weights and activations take GPU memory too.
+        self._setup_speculation(progress)
         # num_blocks: the blocks sequences can hold. CUDA graphs take one more, past them, as the
         # scratch that the padding rows of a captured batch write to.
         self.num_blocks = self._decide_num_blocks(kv_spec)
@@ -137,7 +142,6 @@ class LLMEngine:
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark)
         self.sampler = Sampler(seed=config.seed, device=self.device)
-        self._setup_speculation(progress)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
         self._requests: dict[str, _Request] = {}
@@ -152,22 +156,68 @@ class LLMEngine:
     # --- sizing --------------------------------------------------------------------------------
 
     def _decide_num_blocks(self, kv_spec) -> int:
+        self.memory_profile: dict[str, Any] | None = None  # filled when sized from a profiled GPU step
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         # Never more than every sequence at full length could use.
         useful = self.max_num_seqs * math.ceil(self.max_model_len / self.block_size) + 1
-        if self.device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            utilization = self.config.gpu_memory_utilization or kv_spec.gpu_memory_utilization
-            in_use = total - free
-            activations = 512 * 2**20 + self.max_num_batched_tokens * self.model_config.vocab_size * 4
-            budget = int(total * utilization) - in_use - activations
-        else:
-            budget = int(self.config.cpu_kv_cache_gib * 2**30)
-        blocks = min(useful, budget // self.kv_bytes_per_block)
-        if blocks < 1:
-            raise ValueError("no memory is left for the KV cache: raise --gpu-memory-utilization or use a smaller model")
+        if not self.device.startswith("cuda"):  # CPU memory is not the constraint: a fixed budget, no profiling
+            blocks = min(useful, int(self.config.cpu_kv_cache_gib * 2**30) // self.kv_bytes_per_block)
+            if blocks < 1:
+                raise ValueError(f"cpu_kv_cache_gib {self.config.cpu_kv_cache_gib} holds no KV block "
+                                 f"({self.kv_bytes_per_block} bytes)")
+            return blocks
+        utilization = self.config.gpu_memory_utilization or kv_spec.gpu_memory_utilization
+        weights = torch.cuda.memory_allocated(self.device)  # what the loaded model(s) hold
+        peak = self._profile_activation_peak()
+        torch.cuda.empty_cache()
+        # After the profile: what it left in use (kernels loaded, library workspaces) counts too.
+        free, total = torch.cuda.mem_get_info(self.device)
+        # The graphs' scratch block is allocated past num_blocks: reserve it with their pool.
+        reserve = CUDA_GRAPH_RESERVE + self.kv_bytes_per_block if self._wants_graphs() else 0
+        blocks = kv_blocks_for_budget(total=total, free=free, utilization=utilization, activation_peak=peak,
+                                      graph_reserve=reserve, bytes_per_block=self.kv_bytes_per_block, useful=useful,
+                                      weights=weights)
+        self.memory_profile = {"total_bytes": total, "in_use_bytes": total - free, "weights_bytes": weights,
+                               "activation_peak_bytes": peak, "graph_reserve_bytes": reserve,
+                               "kv_cache_bytes": blocks * self.kv_bytes_per_block, "utilization": utilization}
         return blocks
+
+    def _profile_activation_peak(self) -> int:
+        """Bytes the worst-case step allocates on top of the loaded model (vLLM's profile_run)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        try:
+            self._run_worst_case_step()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ValueError(f"the profiling step ({self.max_num_batched_tokens} tokens, {self.max_num_seqs} "
+                             "sequences) ran out of GPU memory: lower --max-num-batched-tokens or --max-num-seqs") from exc
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - baseline
+
+    def _run_worst_case_step(self) -> None:
+        """The largest step the engine can run, with dummy tokens and no KV cache (the step's own
+        K/V): the draft model's proposals, a forward of the most tokens, the logits of the most
+        rows and the sampler's heaviest path over them. Nothing it makes outlives it."""
+        spec_k = self.num_speculative_tokens if self.speculative else 0
+        seq_lens, logit_rows, sampled_rows = worst_case_step(self.max_num_batched_tokens, self.max_num_seqs,
+                                                             self.max_model_len, spec_k)
+        if self.draft_model is not None:  # drafting runs before the target's forward, each step
+            self.drafter.propose([[0] * min(DRAFT_CONTEXT, self.max_model_len)] * self.max_num_seqs, temperature=0.0)
+        batch = make_attention_batch(seq_lens, seq_lens, None, self.block_size, self.device)
+        ids = torch.zeros(sum(seq_lens), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids, batch.positions(), batch, None)
+            logits = self.model.compute_logits(hidden[torch.arange(logit_rows, device=self.device)])
+            del hidden
+        # Penalties, top-k with top-p (a full sort), min-p and logprobs: every vocabulary-wide
+        # buffer sample() can make. A throwaway Sampler keeps the engine's generator untouched.
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                presence_penalty=0.5, frequency_penalty=0.5, logprobs=MAX_LOGPROBS)
+        prompt = [0]
+        rows = [SamplingRow(params, prompt, [0]) for _ in range(sampled_rows)]
+        Sampler(seed=0).sample(logits[torch.arange(sampled_rows, device=self.device)], rows)
 
     def _setup_speculation(self, progress: bool) -> None:
         """Drafter and acceptance tracker from the speculative_decode spec, when --speculative."""
@@ -590,7 +640,9 @@ class LLMEngine:
                                "specs": {k: s.path for k, s in self.gen.specs.items()}},
             "kv_cache": {"enabled": self.use_kv_cache, **cfg["kv_cache"], "enable_prefix_caching": self.enable_prefix_caching,
                          "num_blocks": self.num_blocks, "capacity_tokens": self.kv_capacity_tokens,
-                         "bytes_per_block": self.kv_bytes_per_block, "bytes_total": self.kv_bytes_per_block * self.num_blocks},
+                         "bytes_per_block": self.kv_bytes_per_block, "bytes_total": self.kv_bytes_per_block * self.num_blocks,
+                         # How a GPU's KV cache was sized (None: --num-kv-blocks, or a CPU's fixed budget).
+                         "memory_profile": self.memory_profile},
             "cuda_graphs": ({"enabled": True, "batch_sizes": self.graphs.sizes, "num_splits": self.graphs.num_splits}
                             if self.graphs is not None else
                             {"enabled": False, "why": getattr(self, "graph_error", None) or
@@ -640,6 +692,43 @@ class LLMEngine:
             "speculative_decoding": ({"enabled": True, **self.acceptance.figures()} if self.speculative
                                      else {"enabled": False}),
         }
+
+
+def worst_case_step(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                    num_speculative_tokens: int = 0) -> tuple[list[int], int, int]:
+    """The largest step's shape: (sequence lengths, logits rows, sampled rows). As many tokens as a
+    step may hold, in sequences no longer than max_model_len and no more of them than max_num_seqs;
+    logits for the last token of every running sequence, k + 1 of them when it verifies k drafts
+    (the drafts count as step tokens); the sampler takes one row per sequence."""
+    tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
+    seq_lens = [min(max_model_len, tokens - start) for start in range(0, tokens, max_model_len)]
+    logit_rows = min(tokens, max_num_seqs * (num_speculative_tokens + 1))
+    return seq_lens, logit_rows, min(logit_rows, max_num_seqs)
+
+
+def kv_blocks_for_budget(*, total: int, free: int, utilization: float, activation_peak: int, graph_reserve: int,
+                         bytes_per_block: int, useful: int, weights: int | None = None) -> int:
+    """KV blocks that fit in total * utilization of the GPU once what is in use now (total - free:
+    weights, CUDA context, other processes), the profiled activation peak and the CUDA-graph
+    reserve are set aside; never more than `useful`. weights only explains the error."""
+    in_use = total - free
+    budget = int(total * utilization) - in_use - activation_peak - graph_reserve
+    blocks = min(useful, budget // bytes_per_block)
+    if blocks < 1:
+        held = f"{_gib(in_use)} in use before the KV cache" + (
+            f" (weights {_gib(weights)}, the rest CUDA context and other processes)" if weights is not None else "")
+        raise ValueError(
+            f"no memory is left for the KV cache: --gpu-memory-utilization {utilization} allows "
+            f"{_gib(int(total * utilization))} of {_gib(total)}; {held}, {_gib(activation_peak)} profiled activation "
+            f"peak, {_gib(graph_reserve)} CUDA graph reserve; one KV block takes {_gib(bytes_per_block)}. "
+            "Raise --gpu-memory-utilization, lower "
+            f"--max-num-batched-tokens or --max-num-seqs{', pass --enforce-eager' if graph_reserve else ''}, "
+            "or use a smaller model or --quant")
+    return blocks
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _token_slice(seq, start: int, stop: int) -> list[int]:

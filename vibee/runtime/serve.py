@@ -35,6 +35,14 @@ def describe(engine: AsyncEngine) -> list[str]:
             f" -> {_gib(e.weight_bytes)} after --quant {e.config.quant}" if e.config.quant != "none" else ""),
         f"kv cache   {e.num_blocks} blocks x {e.block_size} tokens = {e.kv_capacity_tokens} tokens "
         f"({_gib(e.num_blocks * e.kv_bytes_per_block)})" + ("" if e.use_kv_cache else "  [--no-kv-cache: recompute]"),
+    ]
+    if e.memory_profile is not None:
+        p = e.memory_profile
+        lines.append(f"memory     sized at --gpu-memory-utilization {p['utilization']} of {_gib(p['total_bytes'])}: "
+                     f"{_gib(p['in_use_bytes'])} in use before the KV cache (weights {_gib(p['weights_bytes'])}), "
+                     f"activation peak {_gib(p['activation_peak_bytes'])} (profiled), "
+                     f"CUDA graph reserve {_gib(p['graph_reserve_bytes'])}")
+    lines += [
         f"batching   max_num_seqs {e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, "
         f"prefix caching {'on' if e.enable_prefix_caching else 'off'}",
         f"attention  {'generated flash_attention' if e.config.flash_attn else 'generated reference (--no-flash-attn)'}",
