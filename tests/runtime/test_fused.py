@@ -78,6 +78,12 @@ def test_cpu_dispatch_is_the_torch_path(dtype):
     gate, up = randn(3, 40, dtype=dtype, seed=6), randn(3, 40, dtype=dtype, seed=7)
     assert torch.equal(fused.silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
 
+    x, w, b = randn(1, 40, dtype=dtype, seed=8), randn(24, 40, dtype=dtype, seed=9), randn(24, dtype=dtype, seed=10)
+    assert torch.equal(fused.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    gate_up = torch.cat([gate, up], dim=-1)[:1]
+    assert torch.equal(fused.silu_mul_linear(gate_up, w, b),
+                       torch.nn.functional.linear(fused.silu_mul(gate[:1], up[:1]), w, b))
+
 
 # ---- the launchers (interpreter on CPU, or compiled on a GPU) -------------------------------
 
@@ -157,6 +163,41 @@ def test_triton_silu_mul(dtype, shape):
     torch.testing.assert_close(got, want, **tolerances(dtype))
 
 
+def gemv_tolerances(dtype: torch.dtype, k: int) -> dict:
+    """A float32 sum of k products in another order, then the output's rounding."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-5 * k ** 0.5}
+    return {"rtol": 2 * torch.finfo(dtype).eps, "atol": 2 * torch.finfo(dtype).eps}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("k,n", [(512, 5), (1024, 37), (600, 9)])  # 600: a masked last tile
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_gemv(dtype, k, n, bias):
+    x = randn(1, k, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+    w = randn(n, k, dtype=dtype, device=KERNEL_DEVICE, seed=2, scale=0.05)
+    b = randn(n, dtype=dtype, device=KERNEL_DEVICE, seed=3) if bias else None
+    got = fused.triton_gemv(x, w, b)
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    assert got.shape == (1, n) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **gemv_tolerances(dtype, k))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+@pytest.mark.parametrize("k", [512, 600])
+def test_triton_gemv_takes_silu_mul_of_its_input(dtype, k):
+    gate_up = randn(1, 2 * k, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=3.0)
+    w = randn(7, k, dtype=dtype, device=KERNEL_DEVICE, seed=2, scale=0.05)
+    got = fused.triton_gemv(gate_up, w, silu_mul_input=True)
+    a = fused.torch_silu_mul(gate_up[:, :k], gate_up[:, k:])  # rounded to the dtype, as the kernel rounds it
+    want = torch.nn.functional.linear(a.float(), w.float()).to(dtype)
+    torch.testing.assert_close(got, want, **gemv_tolerances(dtype, k))
+    # Without the silu (plain GEMV of the gate half) the result is far off: the flag is honoured.
+    assert not torch.allclose(fused.triton_gemv(gate_up[:, :k].contiguous(), w), got, rtol=0.05, atol=0.05)
+
+
 @needs_kernels
 def test_model_with_kernels_matches_torch_path(monkeypatch):
     """A tiny Llama run through the Triton launchers (every fused op dispatched to them) gives the
@@ -234,6 +275,30 @@ def test_gpu_silu_mul_bf16(tokens):
     gate = randn(tokens, INNER, dtype=torch.bfloat16, device="cuda", seed=1, scale=4.0)
     up = randn(tokens, INNER, dtype=torch.bfloat16, device="cuda", seed=2)
     torch.testing.assert_close(fused.silu_mul(gate, up), fused.torch_silu_mul(gate, up), **BF16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("k,n", [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HIDDEN, 2 * INNER), (HIDDEN, 128256)])
+def test_gpu_linear_one_token_bf16(k, n):
+    """fused.linear of one token takes the GEMV (bf16, Llama-3.2-1B projections and lm_head)."""
+    x = randn(1, k, dtype=torch.bfloat16, device="cuda", seed=1)
+    w = randn(n, k, dtype=torch.bfloat16, device="cuda", seed=2, scale=0.02)
+    assert fused._gemv_applies(x, w)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    got = fused.linear(x, w)
+    torch.testing.assert_close(got.float(), want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_silu_mul_linear_one_token_bf16():
+    gate_up = randn(1, 2 * INNER, dtype=torch.bfloat16, device="cuda", seed=1, scale=3.0)
+    w = randn(HIDDEN, INNER, dtype=torch.bfloat16, device="cuda", seed=2, scale=0.02)
+    a = fused.torch_silu_mul(gate_up[:, :INNER], gate_up[:, INNER:])
+    want = torch.nn.functional.linear(a.float(), w.float())
+    got = fused.silu_mul_linear(gate_up, w)
+    torch.testing.assert_close(got.float(), want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
 
 
 @pytest.mark.gpu

@@ -119,7 +119,7 @@ def test_module_names_the_quantizer_sees(models):
     per_layer = {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
     expected = {f"model.layers.{i}.{n}" for i in range(model.config.num_layers) for n in per_layer} | {"lm_head"}
     assert linears == expected
-    stats = q.quantize_model(model)
+    stats = q.quantize_model(model, skip_modules=["lm_head"])
     assert stats.layers_quantized == 4 * model.config.num_layers and stats.layers_skipped == 1
     quantized = {name for name, m in model.named_modules() if isinstance(m, q.QuantLinear)}
     assert quantized == expected - {"lm_head"}

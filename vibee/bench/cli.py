@@ -444,16 +444,16 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     with user_errors():
         gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
     runs = {
-        "prefill": lambda: kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev),
-        "decode": lambda: kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev),
+        "prefill": lambda: [kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev)],
+        "decode": lambda: [kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev)],
         "gemv": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemv"], torch_dtype, dev, "quantized GEMV"),
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
-        "kv_write": lambda: kb.bench_kv_write(gen.kv_cache, shape_set["kv_write"], torch_dtype, dev),
+        "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, shape_set["kv_write"], torch_dtype, dev)],
     }
     rows = []
     for name in wanted:
         err.print(f"timing {name} ...", highlight=False)
-        rows.append(runs[name]().row())
+        rows.extend(timing.row() for timing in runs[name]())
 
     def fmt(x, digits=1):
         return "-" if x is None else f"{x:.{digits}f}"

@@ -119,21 +119,49 @@ def bench_decode(fa, shape: dict, dtype, device) -> Timing:
                   ours, "torch SDPA (contiguous KV)", base, CEILINGS["SDPA decode TB/s"])
 
 
-def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> Timing:
+def torch_int4_linear(weight: torch.Tensor, group_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torch's own int4 kernel (tinygemm's _weight_int4pack_mm, which gpt-fast uses) over an
+    asymmetric group-wise RTN of `weight` [n, k]; None where this torch or device has none."""
+    try:
+        n, k = weight.shape
+        groups = weight.float().reshape(n, k // group_size, group_size)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low).clamp(min=1e-6) / 15
+        codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+        # tinygemm's zero is the value of code 8: w = (code - 8) * scale + zero
+        scales_zeros = torch.stack([scale.reshape(n, -1), (low + 8 * scale).reshape(n, -1)], dim=2)
+        scales_zeros = scales_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+        fn = lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_zeros)  # noqa: E731
+        fn(torch.zeros(1, k, dtype=torch.bfloat16, device=weight.device))
+        return fn
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
+def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> list[Timing]:
+    """The quantized linear against a dense matmul, and for 4 bits against torch's int4 kernel
+    where this torch has one for the device (bf16 only)."""
     m, k, n = shape["m"], shape["k"], shape["n"]
     torch.manual_seed(0)
     linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device)
     qlinear = quant.QuantLinear.from_linear(linear, dtype=dtype)
     x = torch.randn(m, k, dtype=dtype, device=device)
     ours = time_call(lambda: qlinear(x), device)
-    base = time_call(lambda: F.linear(x, linear.weight), device)
+    baselines = [(f"torch {str(dtype).split('.')[-1]} matmul", time_call(lambda: F.linear(x, linear.weight), device))]
+    if quant.BITS == 4 and dtype == torch.bfloat16 and device.startswith("cuda"):
+        int4 = torch_int4_linear(linear.weight, quant.GROUP_SIZE)
+        if int4 is not None:
+            baselines.append((f"torch int4 (tinygemm, group {quant.GROUP_SIZE})", time_call(lambda: int4(x), device)))
+    label, shape_name = f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}"
     if m <= 16:  # memory-bound: rate is the packed weight (+ scales) read
         qw = qlinear.quantized_weight()
         work = sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros) if t is not None)
-        return Timing(f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}", "TB/s", work, ours,
-                      f"torch {str(dtype).split('.')[-1]} matmul", base, CEILINGS["copy TB/s"])
-    return Timing(f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}", "TFLOP/s", 2 * m * k * n,
-                  ours, f"torch {str(dtype).split('.')[-1]} matmul", base, CEILINGS["bf16 matmul TFLOP/s"])
+        return [Timing(label, shape_name, "TB/s", work, ours, base, seconds, CEILINGS["copy TB/s"])
+                for base, seconds in baselines]
+    return [Timing(label, shape_name, "TFLOP/s", 2 * m * k * n, ours, base, seconds, CEILINGS["bf16 matmul TFLOP/s"])
+            for base, seconds in baselines]
 
 
 def bench_kv_write(kv, shape: dict, dtype, device) -> Timing:
@@ -173,7 +201,7 @@ def plot_kernels(rows: list[dict[str, Any]], path, title: str):
     ax.bar(x - 0.2, ours, 0.4, label="vibee (generated)")
     ax.bar(x + 0.2, base, 0.4, label="torch counterpart")
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(x, [r["kernel"].split(" (")[0] for r in rows], rotation=15)
+    ax.set_xticks(x, [f"{r['kernel'].split(' (')[0]}\nvs {r['baseline'].split(' (')[0]}" for r in rows], fontsize=8)
     ax.set_ylabel("fraction of the ceiling (GPU.md)")
     ax.legend()
     ax.set_title(title)

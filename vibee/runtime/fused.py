@@ -1,4 +1,5 @@
-"""Fused elementwise ops of the decoder layer: add + RMSNorm, RoPE on q and k, SiLU * mul.
+"""Fused ops of the decoder layer: add + RMSNorm, RoPE on q and k, SiLU * mul, and a one-token
+GEMV (optionally with SiLU * mul fused into its input).
 
 A decode step of a small model is bound by kernel launches, not by its weights: RMSNorm in
 float32 is about seven elementwise kernels, RoPE about ten for q and k, SiLU * up two, plus the
@@ -11,6 +12,12 @@ The kernels keep the fallback's rounding order: float32 math, rounded to the inp
 the torch code rounds (after the residual add, after the normalisation before the weight, cos/sin
 before the rotation, each product of the rotation, silu before the multiply). What can differ is
 the order of the float32 sum of squares and the last bit of rsqrt/cos/sin/exp.
+
+The GEMV is for one-token steps (batch-1 decode) with unquantized weights: there each linear
+layer reads its whole weight for one row of x, and on an H100 a Triton GEMV with small row tiles
+beat cuBLAS at every Llama-3.2-1B projection (weights cold in L2: 3-30% faster), and taking
+silu(gate) * up as its input saves the down projection's separate elementwise kernel. Its sum
+runs in float32 in another order than cuBLAS's, so results agree to the output's rounding.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["rms_norm", "apply_rope_qk", "silu_mul", "torch_rms_norm", "torch_apply_rope_qk", "torch_silu_mul",
-           "rope_cos_sin", "triton_rms_norm", "triton_apply_rope_qk", "triton_silu_mul", "HAVE_TRITON"]
+__all__ = ["rms_norm", "apply_rope_qk", "silu_mul", "linear", "silu_mul_linear", "torch_rms_norm", "torch_apply_rope_qk",
+           "torch_silu_mul", "rope_cos_sin", "triton_rms_norm", "triton_apply_rope_qk", "triton_silu_mul", "triton_gemv",
+           "HAVE_TRITON"]
 
 HAVE_TRITON = triton is not None
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -104,6 +112,28 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if _use_triton(gate):
         return triton_silu_mul(gate, up)
     return torch_silu_mul(gate, up)
+
+
+def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of x, on CUDA, in the weight's 16-bit dtype: the case the GEMV kernel is for."""
+    return (_use_triton(x) and x.numel() == x.shape[-1] and x.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); a one-token step on CUDA takes the Triton GEMV."""
+    if _gemv_applies(x, weight):
+        return triton_gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(silu_mul(gate, up), weight, bias) for gate_up = cat(gate, up) along the last dim;
+    a one-token step on CUDA computes silu(gate) * up inside the GEMV's loads."""
+    if _gemv_applies(gate_up, weight) and gate_up.shape[-1] == 2 * weight.shape[1]:
+        return triton_gemv(gate_up, weight, bias, silu_mul_input=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.linear(silu_mul(gate, up), weight, bias)
 
 
 # ---- Triton kernels -------------------------------------------------------------------------
@@ -182,6 +212,39 @@ if HAVE_TRITON:
         out = (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
         tl.store(out_ptr + offs, out, mask=mask)
 
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows, a = x, or with SILU_MUL
+        a = silu(x[:K]) * x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K]
+        float32 partial sums, added up after the loop."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + rk
+            if EVEN:
+                w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :])
+                a = tl.load(x_ptr + k)
+                if SILU_MUL:
+                    up = tl.load(x_ptr + K + k)
+            else:
+                w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
+                a = tl.load(x_ptr + k, mask=k < K, other=0.0)
+                if SILU_MUL:
+                    up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
+            if SILU_MUL:
+                g32 = a.to(tl.float32)
+                silu = (g32 / (1.0 + tl.exp(-g32))).to(a.dtype)
+                a = (silu.to(tl.float32) * up.to(tl.float32)).to(a.dtype)
+            acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
     try:
         from triton.language.extra import libdevice
     except ImportError:  # pragma: no cover - older Triton
@@ -256,3 +319,23 @@ def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         block = 1024
         _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
     return out
+
+
+def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                silu_mul_input: bool = False) -> torch.Tensor:
+    """x [..., K] (one row) @ weight[N, K].T + bias -> [..., N] in x's dtype; silu_mul_input: x is
+    [..., 2K] = cat(gate, up) and the kernel multiplies by silu(gate) * up. Tiles from an H100
+    sweep at Llama-3.2-1B's projections: 4 rows (8 from 8,192 rows up) by 512 inputs, no split
+    (a few hundred programs or more already), 8 warps for 8,192 inputs and more."""
+    n, k = weight.shape
+    assert x.shape[-1] == (2 * k if silu_mul_input else k) and x.numel() == x.shape[-1], "one row of x"
+    x1 = x.reshape(-1)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    block_n, block_k = (4 if n <= 4096 else 8), 512
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x1, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        SILU_MUL=silu_mul_input, HAS_BIAS=bias is not None, EVEN=k % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if k >= 8192 else 4, num_stages=3)
+    return y.view(*x.shape[:-1], n)

@@ -130,6 +130,14 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
 
 
+def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); an unquantized layer goes through fused.linear (a one-token step on CUDA takes
+    its GEMV). A plain nn.Linear, not a subclass: the quantizer swaps exact nn.Linear layers."""
+    if type(layer) is nn.Linear:
+        return fused.linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 # Merged projections: module -> the Hugging Face projections stacked (in this order) along its
 # output rows. Their checkpoint tensors are copied into the row ranges by load_weights.
 MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -152,13 +160,13 @@ class Attention(nn.Module):
         t = x.shape[0]
         # Column slices of the [T, q + 2 kv] output (row stride q + 2 kv): RoPE writes new
         # contiguous q and k, the KV cache write and attention read v through its strides.
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v = _project(self.qkv_proj, x).split(self.split_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = backend(self.layer, q, k, v, batch, kv_cache, extra_variants=self.variants)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return _project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -170,10 +178,13 @@ class MLP(nn.Module):
         self.down_proj = _linear(inner, hidden, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = _project(self.gate_up_proj, x)
+        if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
+            return fused.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
         # The halves are column slices; for one token they are contiguous already (the Triton
         # silu_mul's .contiguous() copies nothing), for more it copies them.
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(fused.silu_mul(gate, up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return _project(self.down_proj, fused.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -304,7 +315,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return _project(self.lm_head, hidden).float()
 
 
 def _split_merged_name(name: str) -> tuple[str, str | None, str]:
