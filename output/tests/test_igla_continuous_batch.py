@@ -436,6 +436,24 @@ def _decoding(max_tokens: int, block_size: int = 4):
     return space, sched, seq
 
 
+def test_token_prefix_reads_as_the_list_it_stands_for():
+    """What the scheduler hands the block space instead of copying every token, every step."""
+    seq = impl.Sequence(0, [11, 12, 13, 14, 15], 8, output_token_ids=[16, 17, 18])
+    for length in range(seq.num_tokens + 1):
+        expected = seq.all_token_ids[:length]
+        view = seq.token_prefix(length)
+        assert len(view) == length and list(view) == expected
+        for start in (None, *range(-10, 11)):
+            for stop in (None, *range(-10, 11)):
+                for step in (None, 1, 2, -1):
+                    assert view[start:stop:step] == expected[start:stop:step]
+        assert [view[i] for i in range(-length, length)] == expected[-length:] + expected
+        with pytest.raises(IndexError):
+            view[length]
+        with pytest.raises(IndexError):
+            view[-length - 1]
+
+
 def test_drafts_are_scheduled_with_lookahead_and_accepted_tokens_advance_the_sequence():
     space, sched, seq = _decoding(max_tokens=12)
     seq.draft_token_ids = [7, 8, 9]

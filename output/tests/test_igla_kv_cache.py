@@ -255,6 +255,11 @@ def test_growth_takes_a_new_block_exactly_at_block_boundaries():
     with pytest.raises(ValueError, match="shrink"):
         manager.allocate(0, tokens[:-1])
     check_books(manager)
+    # Grown a token at a time, the blocks hold what one allocation of every token records.
+    whole = impl.BlockManager(num_blocks=ref.blocks_needed(len(tokens), bs))
+    whole.allocate(0, tokens)
+    contents = [(b.token_ids, b.hash) for b in manager.blocks]
+    assert contents == [(b.token_ids, b.hash) for b in whole.blocks]
 
 
 def test_block_size_one_gives_every_token_its_own_block():
@@ -514,6 +519,10 @@ def test_random_workload_keeps_the_books_and_frees_everything():
             assert need <= free and manager.num_free_blocks() == free - need
             tokens[seq_id] = new
         check_books(manager)
+        for live_id, held in tokens.items():  # each block holds its sequence's tokens, and only those
+            table = manager.block_tables[live_id]
+            for i in range(0, len(held), bs):
+                assert manager.blocks[table[i // bs]].token_ids == held[i : i + bs]
     for seq_id in list(tokens):
         manager.free(seq_id)
     stats = manager.stats()

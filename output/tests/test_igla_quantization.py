@@ -657,6 +657,21 @@ def test_kernels_reject_storages_they_cannot_read() -> None:
         impl.triton_quant_linear(make_input(1, IN_FEATURES), wrong_groups)
 
 
+@interpreter_only
+def test_gemv_split_k_fix_up_leaves_its_counters_at_zero() -> None:
+    """The last split of each row tile adds the partials and resets its counter: calls in a row
+    (as a replayed CUDA graph makes them) give the same result as the unsplit kernel."""
+    qw = impl.quantize_weight(make_weight(OUT_FEATURES, IN_FEATURES))
+    x = make_input(1, IN_FEATURES)
+    whole = impl.triton_quant_linear(x, qw, config=impl.KernelConfig("gemv", 1, 16, 32, 1))
+    split = impl.KernelConfig("gemv", 1, 16, 32, 4)
+    first = impl.triton_quant_linear(x, qw, config=split)
+    again = impl.triton_quant_linear(x, qw, config=split)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, whole, rtol=1e-5, atol=1e-5)
+    assert not impl._tile_counters(x.device, 1).any()
+
+
 def test_pick_config_sends_decode_to_the_gemv_and_prefill_to_big_tiles() -> None:
     cpu = torch.device("cpu")
     gemv = impl.pick_config(1, 14336, 4096, SPEC_BITS, SPEC_GROUP_SIZE, cpu)

@@ -12,6 +12,7 @@ import bisect
 import enum
 import itertools
 import math
+from collections import abc
 from dataclasses import dataclass, field, fields
 
 import torch  # noqa: F401  (the spec's types may declare Tensor fields)
@@ -97,12 +98,47 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_prefix(self, length: int) -> TokenPrefix:
+        """The first `length` of all_token_ids, read in place (no copy of the sequence)."""
+        return TokenPrefix(self.prompt_token_ids, self.output_token_ids, length)
+
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
 
-@dataclass(frozen=True)
+class TokenPrefix(abc.Sequence):
+    """The first `length` tokens of prompt + output, without building that list: the block space
+    reads its length and the tokens of its last blocks, so a step costs O(1) per sequence, not
+    O(its length)."""
+
+    __slots__ = ("prompt", "output", "length")
+
+    def __init__(self, prompt: list[int], output: list[int], length: int):
+        self.prompt, self.output, self.length = prompt, output, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.length)
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            stop = max(start, stop)
+            n = len(self.prompt)
+            if start >= n:
+                return self.output[start - n : stop - n]
+            return self.prompt[start:stop] + self.output[: max(0, stop - n)]
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError("token index out of range")
+        n = len(self.prompt)
+        return self.prompt[index] if index < n else self.output[index - n]
+
+
+@dataclass(slots=True)  # read-only by use; not frozen, whose __init__ costs 3x (one per sequence per step)
 class ScheduledSequence:
     """One sequence's share of a step: compute tokens [num_computed_tokens, + num_new_tokens)."""
 
@@ -277,13 +313,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            tokens = seq.all_token_ids
-            end = min(len(tokens), seq.num_computed_tokens + self._chunk_limit(budget))
+            end = min(seq.num_tokens, seq.num_computed_tokens + self._chunk_limit(budget))
+            tokens = seq.token_prefix(end)
             # Drafts take budget and lookahead slots; they are dropped before anyone is preempted.
             drafts = self._drafts(seq, end, budget)
-            if drafts and not self._fits(seq, tokens[:end], lookahead=len(drafts)):
+            if drafts and not self._fits(seq, tokens, lookahead=len(drafts)):
                 drafts = ()
-            while not self._fits(seq, tokens[:end]):
+            while not self._fits(seq, tokens):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim)
@@ -292,9 +328,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it gave way itself: it was the last running sequence
             if drafts:
-                self.block_space.allocate(seq.seq_id, tokens[:end], num_lookahead=len(drafts))
+                self.block_space.allocate(seq.seq_id, tokens, num_lookahead=len(drafts))
             else:
-                self.block_space.allocate(seq.seq_id, tokens[:end])
+                self.block_space.allocate(seq.seq_id, tokens)
             num_new_tokens = end - seq.num_computed_tokens + len(drafts)
             scheduled.append(self._scheduled(seq, num_new_tokens, drafts))
             budget -= num_new_tokens
@@ -334,7 +370,8 @@ class Scheduler:
         finished: list[Sequence] = []
         for item in output.scheduled:
             seq = item.seq
-            seq.draft_token_ids = []  # consumed: the engine proposes afresh every step
+            if seq.draft_token_ids:
+                seq.draft_token_ids = []  # consumed: the engine proposes afresh every step
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted since the step was scheduled
             seq.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
@@ -360,6 +397,8 @@ class Scheduler:
     def _emitted(item: ScheduledSequence, value) -> list[int]:
         """The tokens a step emits for one sequence, checked against its drafts: the KV of every
         emitted token but the last was computed from the drafts, so they must be a prefix of them."""
+        if isinstance(value, int) and not item.draft_token_ids:
+            return [int(value)]  # the common case: one token, no drafts
         tokens = [int(value)] if isinstance(value, int) else [int(t) for t in value]
         k = len(item.draft_token_ids)
         if not 1 <= len(tokens) <= k + 1 or tokens[:-1] != list(item.draft_token_ids[: len(tokens) - 1]):
@@ -424,29 +463,29 @@ class Scheduler:
         """Give a waiting sequence the blocks of its first chunk: how many tokens it computes this
         step, or None when it has to wait (too few free blocks above the watermark, or, without
         chunked prefill, too little budget for its whole prompt)."""
-        tokens = seq.all_token_ids
+        num_tokens = seq.num_tokens
         if self.enable_chunked_prefill:
             limit = self._chunk_limit(budget)
-        elif len(tokens) <= budget:
-            limit = len(tokens)
+        elif num_tokens <= budget:
+            limit = num_tokens
         else:
             return None
-        end = min(len(tokens), limit)
-        if not self._fits(seq, tokens[:end], keep_free=self.watermark_blocks):
+        end = min(num_tokens, limit)
+        if not self._fits(seq, seq.token_prefix(end), keep_free=self.watermark_blocks):
             return None
-        cached = self.block_space.allocate(seq.seq_id, tokens[:end])
+        cached = self.block_space.allocate(seq.seq_id, seq.token_prefix(end))
         # A chunk found whole in the prefix cache costs nothing to compute: look further along.
-        while end <= cached and end < len(tokens):
-            further = min(len(tokens), cached + limit)
-            if not self._fits(seq, tokens[:further], keep_free=self.watermark_blocks):
+        while end <= cached and end < num_tokens:
+            further = min(num_tokens, cached + limit)
+            if not self._fits(seq, seq.token_prefix(further), keep_free=self.watermark_blocks):
                 break
             end = further
-            cached = max(cached, self.block_space.allocate(seq.seq_id, tokens[:end]))
+            cached = max(cached, self.block_space.allocate(seq.seq_id, seq.token_prefix(end)))
         # The last token of the step is always computed: its logits give the next token.
         seq.num_computed_tokens = min(cached, end - 1)
         return end - seq.num_computed_tokens
 
-    def _fits(self, seq: Sequence, token_ids: list[int], keep_free: int = 0, lookahead: int = 0) -> bool:
+    def _fits(self, seq: Sequence, token_ids: abc.Sequence[int], keep_free: int = 0, lookahead: int = 0) -> bool:
         needed = self.block_space.num_blocks_to_allocate(seq.seq_id, token_ids, lookahead)
         return needed <= self.block_space.num_free_blocks() - keep_free
 

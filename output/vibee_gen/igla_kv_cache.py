@@ -275,16 +275,19 @@ class BlockManager:
         return len(hits) * self.block_size
 
     def _grow(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> None:
-        table, old = self.block_tables[seq_id], self.num_tokens[seq_id]
-        if len(token_ids) < old:
-            raise ValueError(f"sequence {seq_id} holds {old} tokens; allocate cannot shrink it to {len(token_ids)}")
-        if len(token_ids) > old and old % self.block_size and self.blocks[table[old // self.block_size]].ref_count > 1:
+        # Every running sequence comes here every step: the common case (no new block) is kept short.
+        table, old, new = self.block_tables[seq_id], self.num_tokens[seq_id], len(token_ids)
+        if new < old:
+            raise ValueError(f"sequence {seq_id} holds {old} tokens; allocate cannot shrink it to {new}")
+        if new > old and old % self.block_size and self.blocks[table[old // self.block_size]].ref_count > 1:
             raise ValueError(f"sequence {seq_id}'s last block is shared; call copy_on_write({seq_id}) before adding tokens to it")
-        num_new = self._blocks_for(len(token_ids) + num_lookahead) - len(table)
+        num_new = self._blocks_for(new + num_lookahead) - len(table)
         if num_new > self.num_free_blocks():
             raise MemoryError(f"sequence {seq_id} needs {num_new} more blocks, {self.num_free_blocks()} are free")
-        self._fill(seq_id, token_ids)
-        self._reserve(seq_id, len(token_ids) + num_lookahead)
+        if new > old:
+            self._fill(seq_id, token_ids)
+        if num_new > 0:
+            self._reserve(seq_id, new + num_lookahead)
 
     def _reserve(self, seq_id: int, num_slots: int) -> None:
         """Make the block table cover num_slots slots with blank blocks (lookahead slots)."""
@@ -296,18 +299,25 @@ class BlockManager:
         """Record token_ids past the sequence's current length, taking blocks as they are needed
         and putting each block that becomes full into the prefix cache. Callers checked that
         enough blocks are free."""
-        table = self.block_tables[seq_id]
-        for start in range(self.num_tokens[seq_id] // self.block_size * self.block_size, len(token_ids), self.block_size):
-            index = start // self.block_size
+        table, size = self.block_tables[seq_id], self.block_size
+        old, num_tokens = self.num_tokens[seq_id], len(token_ids)
+        for start in range(old // size * size, num_tokens, size):
+            index = start // size
             block = self.blocks[table[index]] if index < len(table) else self._take_free_block()
             if index == len(table):
                 table.append(block.block_id)
-            block.token_ids = list(token_ids[start : start + self.block_size])
-            if self.enable_prefix_caching and len(block.token_ids) == self.block_size:
+            if start < old:
+                # The partial last block (private: _grow checked) holds tokens start..old-1; add
+                # to its list rather than replace it: a new list per sequence per step is what
+                # fills the cyclic GC's oldest generation and sets off its slow full passes.
+                block.token_ids.extend(token_ids[old : start + size])
+            else:
+                block.token_ids = list(token_ids[start : start + size])
+            if self.enable_prefix_caching and len(block.token_ids) == size:
                 parent = self.blocks[table[index - 1]].hash if index else NO_HASH
                 block.hash = block_hash(parent, block.token_ids)
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
-        self.num_tokens[seq_id] = len(token_ids)
+        self.num_tokens[seq_id] = num_tokens
 
     def _take_free_block(self) -> Block:
         block_id = self.free_block_ids.popleft() if self.free_block_ids else self._evict_lru()

@@ -334,12 +334,13 @@ def weight_bytes(model: nn.Module) -> int:
 #                   the kernel); each lane keeps its words' partial sums, scales each word's sum
 #                   once (one scale per row when the tile lies in one group), and the lanes are
 #                   summed after the loop. Split-K over the input dimension so that every SM has
-#                   several programs in flight.
+#                   several programs in flight; the last split of a row tile adds the partials.
 #   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same
 #                   value dequantize() gives: (code - zero) * scale rounded once) and tl.dot with
 #                   fp32 accumulation; swap_ab computes y.T = w @ x.T instead. M <= SKINNY_MAX_M:
 #                   BLOCK_M = 16 and split-K (memory-bound); larger M: prefill tiles.
-#   _splitk_reduce_kernel  sums split-K partials (fixed order: deterministic), adds the bias, casts.
+#   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds the
+#                   bias, casts.
 # Launch sizes are constants here, not spec knobs (the quantization spec has none for kernels).
 
 import functools
@@ -443,12 +444,14 @@ def pick_config(m: int, n: int, k: int, code_bits: int, group_size: int, device:
     tuned yet: their split brings the programs to about 2 per SM."""
     sms = _num_sms(device)
     if m <= GEMV_MAX_M:
-        # H100 sweep (weights cold in L2, CUDA graphs): 64-row tiles of one group (128 codes, one
-        # scale per row), 3 stages, and about 8 programs per SM were at or near the best for
-        # Llama-sized rows; fewer programs leave HBM idle between a program's loads.
-        block_n, block_k = 64, _block_k(k, 128)
+        # H100 sweeps (weights cold in L2, CUDA graphs): tiles of one group (128 codes, one scale
+        # per row), 3 stages, and about 8 programs per SM were within 7% of the best at every
+        # Llama-3.2-1B / 8B projection; fewer programs leave HBM idle between a program's loads.
+        # From 16,384 rows (gate_up, lm_head) 128-row tiles on 8 warps (lm_head: 100 -> 86 us).
+        wide = n >= 16384
+        block_n, block_k = (128 if wide else 64), _block_k(k, 128)
         split = _split(triton.cdiv(n, block_n), k, block_k, 8 * sms, min_tiles=1)
-        return KernelConfig("gemv", 1, block_n, block_k, split, num_warps=4, num_stages=3)
+        return KernelConfig("gemv", 1, block_n, block_k, split, num_warps=8 if wide else 4, num_stages=3)
     if m <= SKINNY_MAX_M:
         block_n, block_k = 64, _block_k(k, 128)
         split = _split(triton.cdiv(n, block_n), k, block_k, 2 * sms)
@@ -506,15 +509,19 @@ def _codes_3d(words, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
 
 @triton.jit
 def _qgemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     N, K, stride_qn, stride_sn, stride_zn, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
-    CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr,
+    CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] for BLOCK_N rows over one split of k
-    (PARTIALS: stored as split pid_k's fp32 partial, summed by _splitk_reduce_kernel); u is the
-    code as stored (offset to unsigned), zero the offset or zero point.
+    """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
+    the code as stored (offset to unsigned), zero the offset or zero point.
+
+    SPLIT_K > 1: program pid_k sums one split of k into an fp32 partial, and the last program of
+    a row tile to finish (a counter per tile) adds the partials up in split order (deterministic)
+    and stores y, so there is no second kernel to launch; it puts the counter back to 0 for the
+    next call. Launches sharing count_ptr must run one after another (one stream).
 
     Few integer ops per code, as the kernel is otherwise bound by them, not by memory: a code is
     masked in place (u * 2^s, s its bit offset within a half word, so below 2^16) and or-ed into
@@ -574,12 +581,36 @@ def _qgemv_kernel(
                 zero = CODE_OFFSET
         acc += (part - zero * x_sum[None, :]) * scale
     y = tl.sum(acc, axis=1)
-    if not PARTIALS:
+    if SPLIT_K == 1:
         if HAS_BIAS:
             y += tl.load(b_ptr + rn).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(part_ptr + pid_k * N + rn, y, mask=n_mask)
+        # Every thread's store before the counter's release (one thread does the atomic).
+        tl.debug_barrier()
+        finished = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if finished == SPLIT_K - 1:
+            y = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
+                y += tl.load(part_ptr + s * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn).to(tl.float32)
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(count_ptr + pid_n, 0)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for the GEMV's split-K fix-up, one per row tile, kept per device
+    (the kernel leaves them at 0); grown when a launch has more tiles."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 @triton.jit
@@ -733,7 +764,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     consts = dict(
         GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
         CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=has_zeros,
-        HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=in_features % cfg.block_k == 0,
+        HAS_BIAS=bias is not None, EVEN_K=in_features % cfg.block_k == 0,
     )
     z_arg = zeros if has_zeros else scales
     b_arg = bias if bias is not None else scales
@@ -741,10 +772,11 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(out_features, cfg.block_n), split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
+        counters = _tile_counters(x.device, grid[0]) if split > 1 else part
         _qgemv_kernel[grid](
-            x2, fmt.words, scales, z_arg, b_arg, y, part,
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
-            **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F,
+            **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
@@ -752,11 +784,11 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         _qmm_kernel[grid](
             x2, fmt.words, scales, z_arg, b_arg, y, part,
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
-            k_per_split, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            k_per_split, **consts, PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    if split > 1:
+    if split > 1 and cfg.kernel == "mm":
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * out_features, block),)](
             part, b_arg, y, m * out_features, out_features, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,

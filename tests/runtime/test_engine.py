@@ -70,6 +70,40 @@ def test_preemption_loses_nothing(tiny, baseline):
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
 
 
+@pytest.mark.parametrize("num_kv_blocks", [None, 6])
+def test_decode_graph_inputs_keep_tokens_on_cpu(tiny, baseline, monkeypatch, num_kv_blocks):
+    """The host side of the CUDA-graph decode step on the CPU: "graphs" that run the model
+    eagerly on DecodeGraphs' static buffers (what a captured graph reads) give the eager tokens,
+    padding rows and preemptions (tables taken afresh) included."""
+    from vibee.runtime.cuda_graphs import DecodeGraphs
+
+    replayed = []
+
+    class EagerReplay:
+        def __init__(self, graphs, b):
+            self.graphs, self.b = graphs, b
+
+        def replay(self):
+            g, b = self.graphs, self.b
+            replayed.append(b)
+            hidden = g.model(g.input_ids[:b], g.positions[:b], g._batch(b), g.kv_cache)
+            g.logits[b] = g.model.compute_logits(hidden)
+
+    def capture(self):
+        self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
+
+    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = engine(model_dir, max_num_seqs=8, num_kv_blocks=num_kv_blocks)
+    assert run(eng, batch, max_tokens=24, **GREEDY) == expected
+    preempted = eng.stats()["batching"]["preemptions"] > 0
+    assert preempted == (num_kv_blocks is not None)
+    assert set(replayed) == ({1, 2, 4} if preempted else {8})  # 6 sequences padded to 8; or 3 to 4
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
 def test_chunked_prefill_same_tokens(tiny, baseline):
     model_dir, _ = tiny
     batch, expected = baseline

@@ -73,7 +73,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
     from rich.console import Console
 
     from vibee.bench.throughput import check_workload, engine_settings, run_throughput, warm_up, workload_vocab
-    from vibee.runtime.engine import LLMEngine
+    from vibee.runtime.engine import LLMEngine, freeze_heap
 
     out, err = Console(), Console(stderr=True)
     config = engine_config(seed=seed, **flags)
@@ -95,6 +95,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
     except ValueError as exc:
         _fail(str(exc))
     warmup = warm_up(engine, workload)
+    freeze_heap()
     err.print(f"warm-up done ({warmup['requests']} request, {warmup['prompt_tokens']} prompt + "
               f"{warmup['output_tokens']} output tokens, not timed); timing {num_prompts} requests", highlight=False)
     if engine.speculative:
@@ -444,7 +445,7 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     with user_errors():
         gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
     runs = {
-        "prefill": lambda: [kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev)],
+        "prefill": lambda: kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev),
         "decode": lambda: [kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev)],
         "gemv": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemv"], torch_dtype, dev, "quantized GEMV"),
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
@@ -464,8 +465,9 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
              for r in rows]
     env = environment(dev)
     title = f"vibee bench kernels on {env.get('device_name', dev)} ({dtype_name})"
-    notes = ["Times are medians (CUDA: triton.testing.do_bench). Ceilings are the GPU machine's (shared/GPU.md); "
-             "on other hardware read the rates, not the fractions."]
+    notes = ["Times are medians. CUDA: each call captured in a CUDA graph and replayed after an L2 flush, so "
+             "they are GPU time (what a graph-replayed decode step sees), not Python launch time. Ceilings are the "
+             "GPU machine's (shared/GPU.md); on other hardware read the rates, not the fractions."]
     sections = [Section("Kernels", ["kernel", "shape", "vibee µs", "vibee rate", "torch counterpart", "torch µs",
                                     "torch rate", "vs ceiling"], table),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]

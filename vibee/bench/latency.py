@@ -14,6 +14,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from vibee.runtime.attention import make_attention_batch
@@ -50,6 +51,7 @@ def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, promp
                               num_splits=num_splits)
         graphs.capture()
     tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch_size)]
+    table_rows = np.asarray(tables, dtype=np.int64)  # DecodeGraphs takes the tables as one array
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_size * prompt_len,), generator=g).to(device)
     with torch.inference_mode():
@@ -64,7 +66,7 @@ def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, promp
             _sync(device)
             t0 = time.perf_counter()
             if graphs is not None:  # what the engine does: host token ids into the graph's buffers
-                tokens = graphs.run(tokens.tolist(), [length] * batch_size, tables).argmax(dim=-1)
+                tokens = graphs.run(tokens.tolist(), [length] * batch_size, table_rows).argmax(dim=-1)
             else:
                 batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
                 hidden = model(tokens, batch.positions(), batch, cache)

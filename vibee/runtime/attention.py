@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 
@@ -36,35 +37,49 @@ class AttentionBatch:
         return (self.seq_lens.long() - q_lens)[seq] + offset_in_seq
 
 
-def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]] | None,
+def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
+                         block_tables: Sequence[Sequence[int]] | np.ndarray | None,
                          block_size: int, device: torch.device | str = "cpu") -> AttentionBatch:
-    """An AttentionBatch from plain lists: sequence s has query_lens[s] new tokens, which are its
-    last ones of seq_lens[s]. block_tables None: no KV cache (then query_lens must equal seq_lens)."""
+    """An AttentionBatch from host values: sequence s has query_lens[s] new tokens, which are its
+    last ones of seq_lens[s]. block_tables: each sequence's block ids, as lists or as the rows of
+    an int array [B, w] (0 past a row's table); None: no KV cache (then query_lens must equal
+    seq_lens). Computed with numpy and sent to the device in one copy."""
     if len(query_lens) != len(seq_lens):
         raise ValueError(f"query_lens has {len(query_lens)} entries and seq_lens {len(seq_lens)}")
-    cu = [0]
-    for n in query_lens:
-        cu.append(cu[-1] + n)
-    batch = AttentionBatch(
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-        block_tables=None, slot_mapping=None,
-        is_decode=block_tables is not None and all(n == 1 for n in query_lens),
-    )
+    q_lens = np.asarray(query_lens, dtype=np.int64).reshape(-1)
+    kv_lens = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
+    num_seqs = len(q_lens)
+    cu = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
     if block_tables is None:
-        if list(query_lens) != list(seq_lens):
+        if not np.array_equal(q_lens, kv_lens):
             raise ValueError("without a KV cache every step feeds whole sequences (query_lens == seq_lens)")
-        return batch
-    width = max((len(t) for t in block_tables), default=0) or 1
-    table = torch.zeros(len(block_tables), width, dtype=torch.int32)  # padding points at block 0, never read
-    for s, row in enumerate(block_tables):
-        table[s, : len(row)] = torch.tensor(list(row), dtype=torch.int32)
-    batch.block_tables = table.to(device)
-    positions = batch.positions()
-    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
-                                  torch.tensor(list(query_lens), device=device))
-    batch.slot_mapping = batch.block_tables[seq, positions // block_size].long() * block_size + positions % block_size
-    return batch
+        host = np.concatenate([cu, kv_lens])
+        buf = torch.from_numpy(host).to(device)
+        return AttentionBatch(cu_seqlens_q=buf[: num_seqs + 1].to(torch.int32),
+                              seq_lens=buf[num_seqs + 1:].to(torch.int32),
+                              block_tables=None, slot_mapping=None, is_decode=False)
+    if isinstance(block_tables, np.ndarray):
+        table = block_tables.astype(np.int64, copy=False)
+    else:
+        width = max((len(t) for t in block_tables), default=0) or 1
+        table = np.zeros((num_seqs, width), dtype=np.int64)  # padding points at block 0, never read
+        for s, row in enumerate(block_tables):
+            table[s, : len(row)] = row
+    # Each new token's sequence and position (a sequence's new tokens are its last ones), then its slot.
+    seq = np.repeat(np.arange(num_seqs), q_lens)
+    positions = (kv_lens - q_lens)[seq] + np.arange(int(cu[-1])) - cu[:-1][seq]
+    slots = table[seq, positions // block_size] * block_size + positions % block_size
+    host = np.concatenate([cu, kv_lens, slots, table.reshape(-1)])
+    buf = torch.from_numpy(host).to(device)
+    tables_at = 2 * num_seqs + 1 + len(slots)
+    return AttentionBatch(
+        cu_seqlens_q=buf[: num_seqs + 1].to(torch.int32),
+        seq_lens=buf[num_seqs + 1: 2 * num_seqs + 1].to(torch.int32),
+        block_tables=buf[tables_at:].view(table.shape).to(torch.int32),
+        slot_mapping=buf[2 * num_seqs + 1: tables_at],
+        is_decode=bool((q_lens == 1).all()),
+    )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from vibee.runtime.attention import AttentionBatch
@@ -26,7 +29,13 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Graphs of `model` decoding b sequences at once, for b in capture_sizes(max_batch)."""
+    """Graphs of `model` decoding b sequences at once, for b in capture_sizes(max_batch).
+
+    A step's inputs travel in one host->device copy: input ids, positions, slots, sequence
+    lengths and the used columns of the block tables are packed (int64) into one staging buffer,
+    pinned on a GPU. The graphs read ids, positions and slots straight from the device copy of
+    it; lengths and tables are cast into their int32 buffers on the device.
+    """
 
     def __init__(self, model, kv_cache, *, max_batch: int, max_model_len: int, block_size: int, padding_slot: int,
                  num_splits: int):
@@ -38,15 +47,21 @@ class DecodeGraphs:
         self.num_splits = num_splits
         device = model.device
         n, width = self.sizes[-1], math.ceil(max_model_len / block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # Staging layout (int64): ids [0, n), positions [n, 2n), slots [2n, 3n), seq_lens [3n, 4n),
+        # then the step's b rows of its w used table columns, row-major.
+        total = 4 * n + n * width
+        self.host = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.staging = torch.zeros(total, dtype=torch.long, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.staging[: 3 * n].view(3, n)
+        self.slot_mapping.fill_(padding_slot)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
-        self.slot_mapping = torch.full((n,), padding_slot, dtype=torch.long, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
+        # Marks the end of the last staging copy: the host buffer is not rewritten before it.
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def _batch(self, b: int) -> AttentionBatch:
         return AttentionBatch(cu_seqlens_q=self.cu_seqlens_q[: b + 1], seq_lens=self.seq_lens[:b],
@@ -73,29 +88,41 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return 0 < n <= self.sizes[-1]
 
-    def run(self, input_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [n, vocab] of one decode step of n sequences (token i at position seq_lens[i] - 1)."""
-        n = len(input_ids)
+    def pack(self, input_ids: Sequence[int], seq_lens: Sequence[int], block_tables: np.ndarray) -> tuple[int, int]:
+        """Write a step of n sequences into the host staging buffer, padded to the captured size b:
+        token i at position seq_lens[i] - 1; block_tables [n, w] (w columns cover every sequence).
+        Padding rows are one-token sequences in block 0 whose K/V go to the padding slot.
+        Returns (b, w)."""
+        n, w = block_tables.shape
         b = self.sizes[bisect.bisect_left(self.sizes, n)]
+        n_max = self.sizes[-1]
+        host = self.host.numpy()
+        ids, positions, slots, lens = host[: 4 * n_max].reshape(4, n_max)
+        tables = host[4 * n_max: 4 * n_max + b * w].reshape(b, w)
+        ids[:n] = input_ids
+        ids[n:b] = 0
+        lens[:n] = seq_lens
+        lens[n:b] = 1
+        np.subtract(lens[:b], 1, out=positions[:b])
+        tables[:n] = block_tables
+        tables[n:] = 0
         bs = self.block_size
-        positions = [length - 1 for length in seq_lens]
-        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
-        width = self.block_tables.shape[1]
-        rows = torch.zeros(b, width, dtype=torch.int32)
-        for i, table in enumerate(block_tables):
-            rows[i, : len(table)] = torch.tensor(table[:width], dtype=torch.int32)
-        pad = b - n
-        host = {
-            "ids": torch.tensor(input_ids + [0] * pad, dtype=torch.long),
-            "pos": torch.tensor(positions + [0] * pad, dtype=torch.long),
-            "lens": torch.tensor(seq_lens + [1] * pad, dtype=torch.int32),
-            "slots": torch.tensor(slots + [self.padding_slot] * pad, dtype=torch.long),
-        }
-        self.input_ids[:b].copy_(host["ids"], non_blocking=True)
-        self.positions[:b].copy_(host["pos"], non_blocking=True)
-        self.seq_lens[:b].copy_(host["lens"], non_blocking=True)
-        self.slot_mapping[:b].copy_(host["slots"], non_blocking=True)
-        self.block_tables[:b].copy_(rows, non_blocking=True)
-        self.graphs[b].replay()
-        return self.logits[b][:n]
+        slots[:n] = tables[np.arange(n), positions[:n] // bs] * bs + positions[:n] % bs
+        slots[n:b] = self.padding_slot
+        return b, w
 
+    def run(self, input_ids: Sequence[int], seq_lens: Sequence[int], block_tables: np.ndarray) -> torch.Tensor:
+        """Logits [n, vocab] of one decode step of n sequences (see pack)."""
+        if self._copied is not None:
+            self._copied.synchronize()  # normally long done: the last step's sampling waited for it
+        b, w = self.pack(input_ids, seq_lens, block_tables)
+        n_max = self.sizes[-1]
+        used = 4 * n_max + b * w
+        self.staging[:used].copy_(self.host[:used], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self.seq_lens[:b].copy_(self.staging[3 * n_max: 3 * n_max + b])
+        # Only the used columns: the kernels read a row's entries up to its length, never past it.
+        self.block_tables[:b, :w].copy_(self.staging[4 * n_max: used].view(b, w))
+        self.graphs[b].replay()
+        return self.logits[b][: len(input_ids)]

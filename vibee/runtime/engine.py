@@ -8,6 +8,7 @@ share the prompt's KV blocks through the prefix cache.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import time
@@ -15,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from vibee.runtime.attention import make_attention_batch
@@ -70,7 +72,70 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
+        for c in self.choices:  # a loop, not all(genexpr): asked for every request every step
+            if c.finish_reason is None:
+                return False
+        return True
+
+
+class BlockTableRows:
+    """The block tables of the engine's sequences as rows of one int32 array, kept up to date by
+    appending what a table gained since the last step: a step's tables are one gather, not a
+    conversion of every table. Entries past a row's table are 0.
+
+    A table only grows while its sequence holds blocks (the engine never forks or copies on
+    write); a different list object means the blocks were freed and taken afresh (a preemption),
+    and the row is rewritten."""
+
+    def __init__(self, tables: dict[int, list[int]]):
+        self._tables = tables  # the block manager's: seq_id -> block ids
+        self.array = np.zeros((16, 16), dtype=np.int32)
+        self._lens: list[int] = []  # entries filled per row
+        self._rows: dict[int, tuple[int, list[int]]] = {}  # seq_id -> (row, the list it mirrors)
+        self._free: list[int] = []
+
+    def row(self, seq_id: int) -> int:
+        """seq_id's row, brought up to date with its table."""
+        table = self._tables[seq_id]
+        row, mirrored = self._rows.get(seq_id, (-1, None))
+        if mirrored is not table:
+            if row < 0:
+                row = self._free.pop() if self._free else self._new_row()
+            else:
+                self.array[row] = 0
+                self._lens[row] = 0
+            self._rows[seq_id] = (row, table)
+        start, end = self._lens[row], len(table)
+        if end > start:
+            if end > self.array.shape[1]:
+                self._resize(self.array.shape[0], max(end, 2 * self.array.shape[1]))
+            self.array[row, start:end] = table[start:end]
+            self._lens[row] = end
+        return row
+
+    def gather(self, rows: list[int]) -> np.ndarray:
+        """The tables of these rows, [len(rows), longest of them] (at least one column)."""
+        width = max(map(self._lens.__getitem__, rows), default=1) or 1
+        return self.array[rows, :width]
+
+    def release(self, seq_id: int) -> None:
+        row, _ = self._rows.pop(seq_id, (-1, None))
+        if row >= 0:
+            self.array[row] = 0
+            self._lens[row] = 0
+            self._free.append(row)
+
+    def _new_row(self) -> int:
+        row = len(self._lens)
+        if row == self.array.shape[0]:
+            self._resize(2 * row, self.array.shape[1])
+        self._lens.append(0)
+        return row
+
+    def _resize(self, rows: int, cols: int) -> None:
+        grown = np.zeros((rows, cols), dtype=np.int32)
+        grown[: self.array.shape[0], : self.array.shape[1]] = self.array
+        self.array = grown
 
 
 class LLMEngine:
@@ -137,6 +202,7 @@ class LLMEngine:
                                          device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
         self.graphs = self._capture_graphs() if scratch else None
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
+        self.block_rows = BlockTableRows(self.block_manager.block_tables)
         self.scheduler = self.gen.continuous_batch.Scheduler(
             self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
@@ -387,6 +453,7 @@ class LLMEngine:
         for choice in req.choices:
             self.scheduler.abort(choice.seq.seq_id)
             self._by_seq.pop(choice.seq.seq_id, None)
+            self.block_rows.release(choice.seq.seq_id)
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 changed.append(choice)
@@ -411,69 +478,75 @@ class LLMEngine:
         """Schedule, run the model once, sample, and report every request that changed."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
-        preemptions0 = self.scheduler.measured_stats()["num_preemptions"]
         if self.speculative:
             self._propose_drafts()
         sched = self.scheduler.schedule()
         now = time.monotonic()
         if sched.is_empty:
             return []
-        new_prompt_tokens = 0
+        new_prompt_tokens = computed_prefill = 0
         for item in sched.scheduled:
-            req, _ = self._by_seq[item.seq.seq_id]
-            if req.first_scheduled_time is None:
-                new_prompt_tokens += len(req.prompt_token_ids)
-                req.first_scheduled_time = now
-                # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
-                req.num_cached_tokens = item.seq.num_computed_tokens
+            if item.is_prefill:  # a sequence's first step always is
+                computed_prefill += item.num_new_tokens
+                req = self._by_seq[item.seq.seq_id][0]
+                if req.first_scheduled_time is None:
+                    new_prompt_tokens += len(req.prompt_token_ids)
+                    req.first_scheduled_time = now
+                    # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
+                    req.num_cached_tokens = item.seq.num_computed_tokens
 
         plan, logits = self._run_model(sched)
+        # (sequence, first logits row, drafts, request, choice) of each sequence that samples.
+        sampling = [(seq, row, drafts, *self._by_seq[seq.seq_id]) for seq, row, drafts in plan]
         # Plain rows sample one token; speculative rows verify their drafts (k + 1 logits each).
-        plain = [(seq, row) for seq, row, drafts in plan if not drafts]
-        rows = []
-        for seq, _ in plain:
-            req, choice = self._by_seq[seq.seq_id]
-            rows.append(SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids, choice.generator))
-        results = self.sampler.sample(logits[[row for _, row in plain]], rows) if rows else []
-        sampled: dict[int, object] = {seq.seq_id: r.token_id for (seq, _), r in zip(plain, results)}
-        step_results: dict[int, list[SampleResult]] = {seq.seq_id: [r] for (seq, _), r in zip(plain, results)}
-        for seq, row, drafts in plan:
+        plain = [s for s in sampling if not s[2]]
+        results: list[SampleResult] = []
+        if plain:
+            # Every row plain: the logits are theirs, in order; no gather (its index copy waits for the GPU).
+            x = logits if len(plain) == len(logits) else logits[[row for _, row, _, _, _ in plain]]
+            results = self.sampler.sample(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
+                                                          choice.generator) for seq, _, _, req, choice in plain])
+        sampled: dict[int, object] = {s[0].seq_id: result.token_id for s, result in zip(plain, results)}
+        step_results: dict[int, list[SampleResult]] = {s[0].seq_id: [result] for s, result in zip(plain, results)}
+        for seq, row, drafts, _, _ in sampling:
             if drafts:
                 tokens, seq_results = self._verify(seq, drafts, logits[row: row + len(drafts) + 1])
                 sampled[seq.seq_id] = tokens
                 step_results[seq.seq_id] = seq_results
-        before = {seq.seq_id: len(seq.output_token_ids) for seq, _, _ in plan}
+        before = [len(s[0].output_token_ids) for s in sampling]
         self.scheduler.update(sched, sampled)
 
         now = time.monotonic()
-        changed: dict[str, set[int]] = {}
+        changed: dict[str, tuple[_Request, list[_Choice]]] = {}
         num_generated = 0
-        for seq, _, _ in plan:
-            req, choice = self._by_seq[seq.seq_id]
-            new_tokens = seq.output_token_ids[before[seq.seq_id]:]
+        for (seq, _, _, req, choice), start in zip(sampling, before):
+            new_tokens = seq.output_token_ids[start:]
             for i, (token, result) in enumerate(zip(new_tokens, step_results[seq.seq_id])):
                 num_generated += 1
                 if self._accept_token(req, choice, token, result, now, last=i == len(new_tokens) - 1):
-                    del seq.output_token_ids[before[seq.seq_id] + i + 1:]  # a stop string ended it here
+                    del seq.output_token_ids[start + i + 1:]  # a stop string ended it here
                     break
-            changed.setdefault(req.request_id, set()).add(choice.index)
+            entry = changed.get(req.request_id)
+            if entry is None:
+                changed[req.request_id] = (req, [choice])
+            else:
+                entry[1].append(choice)
 
         outputs = []
-        for request_id, indices in changed.items():
-            req = self._requests[request_id]
+        for req, choices in changed.values():
+            if len(choices) > 1:
+                choices.sort(key=lambda c: c.index)
             finished = req.finished
-            outputs.append(RequestOutput(request_id, req.prompt_token_ids,
-                                         [self._output(c) for c in req.choices if c.index in indices],
+            outputs.append(RequestOutput(req.request_id, req.prompt_token_ids, [self._output(c) for c in choices],
                                          finished, req.num_cached_tokens))
             if finished:
                 self._retire(req, now)
 
         step_time = time.perf_counter() - t0
-        computed_prefill = sum(item.num_new_tokens for item in sched.scheduled if item.is_prefill)
         stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
-            num_preemptions=self.scheduler.measured_stats()["num_preemptions"] - preemptions0,
+            num_preemptions=len(sched.preempted),
             prefix_cache_queries=(self.block_manager.prefix_cache_queries - queries0) * self.block_size,
             prefix_cache_hits=(self.block_manager.prefix_cache_hits - hits0) * self.block_size,
             num_prompt_tokens=new_prompt_tokens, num_generation_tokens=num_generated,
@@ -487,7 +560,7 @@ class LLMEngine:
         input_ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
-        tables: list[list[int]] = []
+        rows: list[int] = []  # each sequence's row in self.block_rows
         logit_rows: list[int] = []
         plan = []
         for item in sched.scheduled:
@@ -501,22 +574,24 @@ class LLMEngine:
             query_lens.append(end - start)
             seq_lens.append(end)
             if self.use_kv_cache:
-                tables.append(self.block_manager.block_table(seq.seq_id))
+                rows.append(self.block_rows.row(seq.seq_id))
             if end - len(drafts) == seq.num_tokens:  # its last known token is computed: sample after it
                 plan.append((seq, len(logit_rows), drafts))
                 logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
-        if self.graphs is not None and all(q == 1 for q in query_lens) and len(plan) == len(query_lens) \
-                and not any(drafts for _, _, drafts in plan) and self.graphs.fits(len(query_lens)):
+        tables = self.block_rows.gather(rows) if self.use_kv_cache else None
+        # A decode step: one token for each sequence (each computes at least one), so no drafts, each sampled.
+        if self.graphs is not None and len(input_ids) == len(query_lens) == len(plan) and self.graphs.fits(len(plan)):
             with torch.inference_mode():
                 return plan, self.graphs.run(input_ids, seq_lens, tables)
-        batch = make_attention_batch(query_lens, seq_lens, tables if self.use_kv_cache else None,
-                                     self.block_size, self.device)
+        batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        # Copied before the forward is queued (a copy to the GPU waits for it); none when every row is kept.
+        keep = torch.tensor(logit_rows, device=self.device) if 0 < len(logit_rows) < len(input_ids) else None
         with torch.inference_mode():
             hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
             if not logit_rows:
                 return [], hidden.new_empty(0)
-            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+            logits = self.model.compute_logits(hidden if keep is None else hidden[keep])
         return plan, logits
 
     def _accept_token(self, req: _Request, choice: _Choice, token: int, result: SampleResult, now: float,
@@ -581,6 +656,7 @@ class LLMEngine:
         del self._requests[req.request_id]
         for choice in req.choices:
             self._by_seq.pop(choice.seq.seq_id, None)
+            self.block_rows.release(choice.seq.seq_id)
         reasons = {c.finish_reason for c in req.choices}
         self.totals["requests_finished"] += 1
         self._request_finished(req, "length" if reasons == {"length"} else "stop" if "stop" in reasons else "abort", now)
@@ -766,3 +842,11 @@ def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
             on_step()
     return [RequestOutput(rid, prompt, [final[rid][i] for i in sorted(final[rid])], True)
             for rid, prompt in zip(ids, prompts)]
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (the model, the KV cache's bookkeeping, imports) out of the
+    garbage collector's view: a full collection over that heap pauses a step for 100+ ms. For
+    a process's one long-lived engine only (frozen cycles are never collected)."""
+    gc.collect()
+    gc.freeze()

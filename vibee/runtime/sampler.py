@@ -56,12 +56,21 @@ def _check_range(ids: np.ndarray, vocab: int) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
 
 
+def _on(device: torch.device, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values (a list or numpy array) as a tensor on `device`. To a GPU the copy goes from
+    pinned memory without blocking: a plain copy would wait for the forward pass still running."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _pairs(per_row: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row index, token id) tensors for scatter/index_put from one id array per row."""
     lengths = np.fromiter((len(a) for a in per_row), dtype=np.int64, count=len(per_row))
     ids = np.concatenate(per_row) if per_row else np.zeros(0, dtype=np.int64)
     row = np.repeat(np.arange(len(per_row), dtype=np.int64), lengths)
-    return torch.from_numpy(row).to(device), torch.from_numpy(ids).to(device)
+    return _on(device, row), _on(device, ids)
 
 
 class _PromptIdCache:
@@ -125,21 +134,23 @@ class Sampler:
         if n == 0:
             return []
         device = logits.device
-        # Always work on a float32 copy: penalties write in place and callers may reuse logits.
-        x = logits.to(torch.float32, copy=True)
         params = [r.params for r in rows]
+        # Penalties write in place, on a copy (callers may reuse logits); nothing else writes to x.
+        x = logits.to(torch.float32, copy=any(p.has_penalties for p in params))
 
         self._apply_penalties(x, rows, vocab)
         self._prompt_ids.end_call()
 
-        tokens = torch.empty(n, dtype=torch.long, device=device)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
-        rand = [i for i, p in enumerate(params) if not p.is_greedy]
-        if greedy:
-            gi = torch.tensor(greedy, device=device)
+        if len(greedy) == n:  # one kind of row (the usual batch): no row selection
+            tokens = x.argmax(dim=-1)
+        elif not greedy:
+            tokens = self._sample_random(x, rows)
+        else:
+            rand = [i for i, p in enumerate(params) if not p.is_greedy]
+            tokens = torch.empty(n, dtype=torch.long, device=device)
+            gi, ri = _on(device, greedy), _on(device, rand)
             tokens[gi] = x[gi].argmax(dim=-1)
-        if rand:
-            ri = torch.tensor(rand, device=device)
             tokens[ri] = self._sample_random(x[ri], [rows[i] for i in rand])
 
         return self._results(x, tokens, params)
@@ -157,23 +168,23 @@ class Sampler:
             _check_range(ids, vocab)
 
         if rep:
-            ri = torch.tensor(rep, device=device)
+            ri = _on(device, rep)
             per_row = [np.concatenate([self._prompt_ids.get(rows[i].prompt_token_ids, vocab), outputs[i]]) for i in rep]
             row, ids = _pairs(per_row, device)
             seen = torch.zeros(len(rep), vocab, dtype=torch.bool, device=device)
             seen[row, ids] = True
-            pen = torch.tensor([rows[i].params.repetition_penalty for i in rep], dtype=torch.float32, device=device)[:, None]
+            pen = _on(device, [rows[i].params.repetition_penalty for i in rep], torch.float32)[:, None]
             sub = x[ri]
             x[ri] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
 
         if add:
-            ai = torch.tensor(add, device=device)
+            ai = _on(device, add)
             row, ids = _pairs([outputs[i] for i in add], device)
             counts = torch.zeros(len(add), vocab, dtype=torch.float32, device=device)
             # scatter_add on the flat view: much faster on GPU than index_put_(accumulate=True).
             counts.view(-1).scatter_add_(0, row * vocab + ids, torch.ones_like(ids, dtype=torch.float32))
-            freq = torch.tensor([rows[i].params.frequency_penalty for i in add], dtype=torch.float32, device=device)[:, None]
-            pres = torch.tensor([rows[i].params.presence_penalty for i in add], dtype=torch.float32, device=device)[:, None]
+            freq = _on(device, [rows[i].params.frequency_penalty for i in add], torch.float32)[:, None]
+            pres = _on(device, [rows[i].params.presence_penalty for i in add], torch.float32)[:, None]
             x[ai] -= freq * counts + pres * (counts > 0).float()
 
     # ---- random sampling ----
@@ -184,11 +195,14 @@ class Sampler:
         probs = self._truncated_probs(x, [row.params for row in rows])
         # No renormalisation needed: argmax(p / E) is unchanged by scaling a row.
 
-        noise = torch.empty_like(probs)
         shared = [i for i, row in enumerate(rows) if row.generator is None]
-        if shared:
-            gen = self._shared_generator(device)
-            noise[torch.tensor(shared, device=device)] = torch.empty(len(shared), vocab, device=device).exponential_(generator=gen)
+        if len(shared) == len(rows):  # every row: the same draws as the scatter below, without it
+            noise = torch.empty(len(rows), vocab, device=device).exponential_(generator=self._shared_generator(device))
+        else:
+            noise = torch.empty_like(probs)
+            if shared:
+                gen = self._shared_generator(device)
+                noise[_on(device, shared)] = torch.empty(len(shared), vocab, device=device).exponential_(generator=gen)
         for i, row in enumerate(rows):
             if row.generator is not None:
                 g = row.generator
@@ -211,7 +225,7 @@ class Sampler:
         """Per row: softmax(x / temperature) with top-k, top-p and min-p applied (not renormalised)."""
         device = x.device
         vocab = x.shape[1]
-        temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        temp = _on(device, [p.temperature for p in params], torch.float32)
         x = x / temp[:, None]
 
         # Top-k alone needs only a partial topk; with top-p both share one sort. Rows with neither
@@ -224,20 +238,20 @@ class Sampler:
             # Only top-k: a partial topk is much cheaper than sorting the whole vocabulary.
             k_max = max(k for k in ks if k < vocab)
             top = x.topk(k_max, dim=-1).values
-            k = torch.tensor([min(k, k_max) for k in ks], dtype=torch.long, device=device)[:, None]
-            off = torch.tensor([k >= vocab for k in ks], device=device)[:, None]
+            k = _on(device, [min(k, k_max) for k in ks])[:, None]
+            off = _on(device, [k >= vocab for k in ks], torch.bool)[:, None]
             kth = top.gather(1, k - 1).masked_fill(off, float("-inf"))  # rows without top-k keep all
             x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th logit stay
         elif use_k or use_p:
             sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
             drop = torch.zeros_like(sorted_x, dtype=torch.bool)
             if use_k:
-                k = torch.tensor(ks, dtype=torch.long, device=device)[:, None]
+                k = _on(device, ks)[:, None]
                 kth = sorted_x.gather(1, k - 1)
                 drop |= sorted_x < kth  # ties with the k-th logit stay: the cut doesn't depend on sort order
             if use_p:
                 # top_p == 1 must keep everything even when float cumsum overshoots 1.
-                p = torch.tensor([q if q < 1.0 else float("inf") for q in ps], dtype=torch.float32, device=device)[:, None]
+                p = _on(device, [q if q < 1.0 else float("inf") for q in ps], torch.float32)[:, None]
                 probs_sorted = sorted_x.masked_fill(drop, float("-inf")).softmax(dim=-1)
                 before = probs_sorted.cumsum(dim=-1) - probs_sorted  # mass of the better tokens
                 drop |= before >= p  # the first token has before == 0 and always stays
@@ -246,7 +260,7 @@ class Sampler:
         probs = x.softmax(dim=-1)
         min_ps = [p.min_p for p in params]
         if any(m > 0.0 for m in min_ps):
-            m = torch.tensor(min_ps, dtype=torch.float32, device=device)[:, None]
+            m = _on(device, min_ps, torch.float32)[:, None]
             probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
         return probs
 
@@ -267,7 +281,7 @@ class Sampler:
         if not want:
             return [SampleResult(t, None, None) for t in token_list]
 
-        wi = torch.tensor(want, device=x.device)
+        wi = _on(x.device, want)
         lp = x[wi].log_softmax(dim=-1)
         chosen = lp.gather(1, tokens[wi][:, None]).squeeze(1).tolist()
         k_max = max(params[i].logprobs for i in want)

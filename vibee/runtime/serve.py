@@ -14,6 +14,7 @@ import signal
 from rich.console import Console
 
 from vibee.runtime.async_engine import AsyncEngine
+from vibee.runtime.engine import freeze_heap
 from vibee.runtime.config import EngineConfig
 
 console = Console(stderr=True, soft_wrap=True)
@@ -62,6 +63,7 @@ def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | Non
 
     console.print(f"[bold]vibee serve[/bold]: loading {config.model_source}")
     engine = AsyncEngine.from_config(config, progress=True)
+    freeze_heap()
     for line in describe(engine):
         console.print("  " + line, highlight=False)
     app = create_app(engine, api_key=api_key)
