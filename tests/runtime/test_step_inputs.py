@@ -110,3 +110,52 @@ def test_decode_graph_inputs_are_packed_as_the_graphs_read_them():
             [padding_slot] * pad
         assert head[3] == seq_lens + [1] * pad
         assert graphs.host[4 * n_max: used].view(b, width).tolist() == padded.tolist() + [[0] * width] * pad
+
+
+class _Spy:
+    """The generated attention module, recording which entry point each call takes."""
+
+    def __init__(self, fa):
+        self.fa, self.calls = fa, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.fa, name)
+        if name in ("varlen_attention", "paged_prefill", "paged_decode"):
+            def record(*args, **kwargs):
+                self.calls.append(name)
+                return fn(*args, **kwargs)
+            return record
+        return fn
+
+
+def test_fresh_prompts_attend_over_their_own_kv_and_match_the_paged_path():
+    """A step of whole prompts runs varlen_attention on the step's K/V (no read-back of pages);
+    its output equals paged_prefill's over the pages just written. A step after a cached prefix
+    is not fresh and reads the pages."""
+    from dataclasses import replace
+
+    from tests.runtime.hf_models import generated
+    from vibee.runtime.attention import AttentionBackend
+
+    gen = generated()
+    bs, heads, kv_heads, dim = gen.config("kv_cache").block_size, 4, 2, 64
+    spy = _Spy(gen.flash_attention)
+    backend = AttentionBackend(spy, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim)
+    cache = gen.kv_cache.PagedKVCache(1, 16, kv_heads, dim, dtype=torch.float32, device="cpu", block_size=bs)
+    g = torch.Generator().manual_seed(0)
+    lens = [5, bs + 3]
+    tables = [[0], [1, 2]]
+    q = torch.randn(sum(lens), heads, dim, generator=g)
+    k, v = torch.randn(2, sum(lens), kv_heads, dim, generator=g)
+    batch = make_attention_batch(lens, lens, tables, bs)
+    assert batch.fresh and not batch.is_decode
+    fresh = backend(0, q, k, v, batch, cache)
+    assert spy.calls == ["varlen_attention"]
+    paged = backend(0, q, k, v, replace(batch, fresh=False), cache)
+    assert spy.calls[-1] == "paged_prefill"
+    torch.testing.assert_close(fresh, paged, rtol=1e-5, atol=1e-5)
+    # The last 2 tokens of each sequence again, after their cached prefix: the pages are read.
+    later = make_attention_batch([2, 2], lens, tables, bs)
+    assert not later.fresh
+    backend(0, q[:4], k[:4], v[:4], later, cache)
+    assert spy.calls[-1] == "paged_prefill"

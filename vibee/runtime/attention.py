@@ -3,8 +3,9 @@ the generated attention module (AttentionBackend).
 
 A step's tokens are flattened, sequence after sequence, with no padding. With a KV cache the new
 K/V are written to their slots first, then a decode step (one token per sequence) runs
-`paged_decode` and any other step `paged_prefill` (full prompts, prompt chunks after a cached
-prefix, and decode tokens mixed in). Without a cache each step holds every token of every
+`paged_decode`, a step of fresh prompts only (no cached prefix) `varlen_attention` over the step's
+own K/V, and any other step `paged_prefill` (prompt chunks after a cached prefix, prefix-cache
+hits, decode tokens mixed in). Without a cache each step holds every token of every
 sequence and runs `varlen_attention` over the step's own K/V.
 """
 
@@ -26,6 +27,9 @@ class AttentionBatch:
     block_tables: torch.Tensor | None  # int32 [B, max_blocks] (None when there is no KV cache)
     slot_mapping: torch.Tensor | None  # int64 [T], slot = block_id * block_size + offset of each new token
     is_decode: bool  # every sequence has exactly one new token (use paged_decode)
+    # No sequence has a cached prefix (every new token list is the whole sequence): attention can
+    # run over the step's own contiguous K/V instead of reading them back from the pages.
+    fresh: bool = False
     # Decode only: a fixed KV split count (CUDA graphs: nothing may depend on the step's lengths).
     num_splits: int | None = None
 
@@ -79,6 +83,7 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
         block_tables=buf[tables_at:].view(table.shape).to(torch.int32),
         slot_mapping=buf[2 * num_seqs + 1: tables_at],
         is_decode=bool((q_lens == 1).all()),
+        fresh=bool(np.array_equal(q_lens, kv_lens)),
     )
 
 
@@ -127,6 +132,13 @@ class AttentionBackend:
                                            variants=variants, scale=self.scale)
             return out.to(dtype=q.dtype, device=q.device)
         kv_cache.write(layer, k, v, batch.slot_mapping)
+        if batch.fresh and not batch.is_decode and getattr(kv_cache.k_pages[layer], "scale", None) is None:
+            # Fresh prompts: the step's own K/V are all there is to attend to, contiguous (the
+            # kernel's fast path; the paged one gathers 16-token pages). int8 pages are read back
+            # instead, so that a prompt sees the K/V its later tokens will see.
+            out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
+                                           variants=variants, scale=self.scale)
+            return out.to(dtype=q.dtype, device=q.device)
         k_pages, v_pages, tables = self._pages(kv_cache, layer, batch, q.dtype)
         if batch.is_decode:
             fixed = {} if batch.num_splits is None else {"num_splits": batch.num_splits}
