@@ -199,6 +199,16 @@ def test_triton_gemv_takes_silu_mul_of_its_input(dtype, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", SMALL_DTYPES)
+def test_triton_silu_mul_reads_the_halves_of_gate_up_in_place(dtype):
+    gate_up = randn(5, 2 * 300, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=4.0)
+    gate, up = gate_up.chunk(2, dim=-1)  # row stride 600: column slices, not contiguous
+    assert not gate.is_contiguous()
+    got = fused.triton_silu_mul(gate, up)
+    torch.testing.assert_close(got, fused.torch_silu_mul(gate, up), **tolerances(dtype))
+
+
+@needs_kernels
 def test_model_with_kernels_matches_torch_path(monkeypatch):
     """A tiny Llama run through the Triton launchers (every fused op dispatched to them) gives the
     torch path's output, float32."""

@@ -202,15 +202,17 @@ if HAVE_TRITON:
         _rope_rotate(k_ptr, k_out_ptr, t, k_stride_t, k_stride_h, n_k_heads, half, c, s, BLOCK_HK, BLOCK_D)
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(gate_ptr + offs, mask=mask, other=0.0)
-        u = tl.load(up_ptr + offs, mask=mask, other=0.0)
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, BLOCK: tl.constexpr):
+        """Grid (rows, column blocks); gate and up rows may be strided (the halves of gate_up)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0)
+        u = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0)
         g32 = g.to(tl.float32)
         silu = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
         out = (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
-        tl.store(out_ptr + offs, out, mask=mask)
+        tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -310,15 +312,18 @@ def triton_apply_rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tens
 
 
 def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in one elementwise kernel; a new contiguous tensor of gate's shape."""
+    """silu(gate) * up in one elementwise kernel; a new contiguous tensor of gate's shape. Rows
+    may be strided (the two halves of a merged gate_up output are read in place, not copied)."""
     assert gate.shape == up.shape and gate.dtype == up.dtype
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        block = 1024
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
-    return out
+    n = gate.shape[-1]
+    gate2, up2 = _rows(gate), _rows(up)
+    rows = gate2.shape[0]
+    out = torch.empty((rows, n), dtype=gate.dtype, device=gate.device)
+    if rows and n:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate2, up2, out, n, gate2.stride(0), up2.stride(0),
+                                                        BLOCK=block, num_warps=4)
+    return out.view(gate.shape)
 
 
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -181,8 +181,7 @@ class MLP(nn.Module):
         gate_up = _project(self.gate_up_proj, x)
         if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
             return fused.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
-        # The halves are column slices; for one token they are contiguous already (the Triton
-        # silu_mul's .contiguous() copies nothing), for more it copies them.
+        # The halves are column slices of gate_up; the Triton silu_mul reads them in place.
         gate, up = gate_up.chunk(2, dim=-1)
         return _project(self.down_proj, fused.silu_mul(gate, up))
 
