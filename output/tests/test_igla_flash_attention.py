@@ -677,6 +677,19 @@ def test_triton_decode_matches_reference(dtype, ratio):
 
 
 @needs_kernels
+def test_triton_decode_merges_in_kernel_and_leaves_its_counters_at_zero():
+    """With several splits the last one of each (sequence, KV head) merges them: two calls in a
+    row (as graph replays make them) give the same output, and every counter is back at 0."""
+    p = SPEC_PAGE_SIZE
+    batch = decode_batch([3 * p + 5, 70], heads=8, kv_heads=2, dtype=torch.float32, seed=7)
+    first = kernel_decode(batch, num_splits=4)
+    again = kernel_decode(batch, num_splits=4)
+    assert torch.equal(first, again)
+    assert_matches(first, decode(ref, batch), max_rel_err=TOLERANCE["fp32"])
+    assert impl._COUNTERS and all(not c.any() for c in impl._COUNTERS.values())
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", SPEC_VARIANTS)
 def test_triton_decode_variant_matches_reference(name):
     # The shortest KV length at which the variant changes the answer (a window only past its width).

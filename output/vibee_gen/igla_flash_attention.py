@@ -705,9 +705,9 @@ def _prefill_kernel(
 
 @triton.jit(do_not_specialize=["num_heads"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, work_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, work_ptr, final_ptr, count_ptr,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bt,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_fb, stride_fh,
     sm_scale, num_heads, num_splits,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_KV: tl.constexpr, SCORE_MODS: tl.constexpr, MASK_MODS: tl.constexpr,
@@ -718,7 +718,10 @@ def _decode_kernel(
     (its rows padded to GROUP_PAD >= 16 for tl.dot). The one query sits at the last position and
     sees every key. Splits are an even share of the keys rounded up to whole BLOCK_KV tiles; a
     split past the end is empty. ONE_SPLIT writes the normalised output in q's dtype; otherwise
-    the split's output (fp32) and log-sum-exp (natural log, -inf when it sees no key)."""
+    the split's output (fp32) and log-sum-exp (natural log, -inf when it sees no key), and the
+    last split of a (sequence, KV head) to finish (a counter per pair, put back to 0 after) merges
+    them into final_ptr as _merge_kernel would: no second launch. Launches sharing count_ptr
+    must run one after another (one stream)."""
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -758,9 +761,44 @@ def _decode_kernel(
         base = b.to(tl.int64) * stride_ob + split * stride_os
         tl.store(out_ptr + base + heads[:, None] * stride_oh + offs_d[None, :], out, mask=io_mask)
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + split * stride_ls + heads, lse, mask=rows < GROUP)
+        # Every thread's stores before the counter's release (one thread does the atomic).
+        tl.debug_barrier()
+        counter = count_ptr + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            _merge_group(out_ptr, lse_ptr, final_ptr, b, heads, rows < GROUP, offs_d, io_mask, num_splits,
+                         stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_fb, stride_fh, GROUP)
+            tl.store(counter, 0)
     if TRACE_WORK:
         tl.atomic_add(work_ptr, 1)
         tl.atomic_add(work_ptr + 1, (end - start + BLOCK_KV - 1) // BLOCK_KV)
+
+
+@triton.jit
+def _merge_group(out_ptr, lse_ptr, final_ptr, b, heads, head_mask, offs_d, io_mask, num_splits,
+                 stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_fb, stride_fh, GROUP: tl.constexpr):
+    """The last decode split's merge of one (sequence, KV head)'s GROUP heads, _merge_kernel's
+    arithmetic: out = sum_s exp(lse_s - lse_max) out_s / sum_s exp(lse_s - lse_max), zeros where
+    no split saw a key. .cg loads: the other programs' partials are in L2, not this SM's L1."""
+    b64 = b.to(tl.int64)
+    lse_max = tl.zeros_like(heads).to(tl.float32) - float("inf")
+    for s in range(num_splits):
+        lse_s = tl.load(lse_ptr + b64 * stride_lb + s * stride_ls + heads, mask=head_mask, other=float("-inf"),
+                        cache_modifier=".cg")
+        lse_max = tl.maximum(lse_max, lse_s)
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros_like(lse_ref)
+    acc = tl.zeros(io_mask.shape, dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(lse_ptr + b64 * stride_lb + s * stride_ls + heads, mask=head_mask, other=float("-inf"),
+                        cache_modifier=".cg")
+        weight = tl.exp(lse_s - lse_ref)
+        part = tl.load(out_ptr + b64 * stride_ob + s * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                       mask=io_mask, other=0.0, cache_modifier=".cg")
+        total += weight
+        acc += weight[:, None] * part
+    merged = acc / tl.maximum(total, 1.1754943508222875e-38)[:, None]
+    tl.store(final_ptr + b64 * stride_fb + heads[:, None] * stride_fh + offs_d[None, :],
+             merged.to(final_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -1018,7 +1056,7 @@ def _decode_tiles(kv_lens, splits: int) -> int:
 
 def triton_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, variants=(), scale=None, num_splits=None):
     """paged_decode on the Triton kernels (same arguments, same result): the split-KV decode
-    kernel, then the merge kernel (skipped when there is one split).
+    kernel, whose last split per (sequence, KV head) merges the splits.
 
     Under CUDA graph capture (the engine's decode steps) nothing is read back from the device:
     num_splits must be given, per-sequence lengths are not checked against block_tables, and
@@ -1069,20 +1107,33 @@ def _launch_decode(q, k_cache, v_cache, tables, lengths, splits, variant_flags, 
         part_lse = torch.empty((batch, splits, num_heads), dtype=torch.float32, device=q.device)
         strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1))
     work = _work_buffer(q.device)
+    counters = out if one_split else _pair_counters(q.device, batch * num_kv_heads)
     score_mods, mask_mods = variant_flags
     _decode_kernel[(splits, num_kv_heads, batch)](
-        q, k_cache, v_cache, tables, lengths, part_out, part_lse, lengths if work is None else work,
+        q, k_cache, v_cache, tables, lengths, part_out, part_lse, lengths if work is None else work, out, counters,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0), *strides,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), tables.stride(0), *strides, out.stride(0), out.stride(1),
         scale, num_heads, splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
         PAGE=PAGE_SIZE, BLOCK_KV=MIN_BLOCK_KV, SCORE_MODS=score_mods, MASK_MODS=mask_mods,
         DOT_PRECISION=_dot_precision(q.dtype), ONE_SPLIT=one_split, TRACE_WORK=work is not None,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
     _record_work(work)
-    if not one_split:
-        _launch_merge(part_out, part_lse, out, None)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_counters(device: torch.device, pairs: int) -> torch.Tensor:
+    """Zeroed int32 counters for the decode kernel's in-kernel merge, one per (sequence, KV head),
+    kept per device (the kernel leaves them at 0); grown when a launch has more pairs. The engine
+    runs a decode eagerly before capturing it, so a captured graph finds them allocated."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < pairs:
+        counters = torch.zeros(max(pairs, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 # ---- dispatch -------------------------------------------------------------------------------
