@@ -347,6 +347,7 @@ def test_cuda_graphs_capture_decode_and_keep_tokens(tiny, baseline):
     info = eng.info()["cuda_graphs"]
     assert info["enabled"], info
     assert info["batch_sizes"] == [1, 2, 4, 8]
+    assert set(info["num_splits"]) == {1, 2, 4, 8}  # a split count per captured size
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected  # 6 sequences: replayed at size 8
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
 

@@ -87,6 +87,7 @@ def test_block_table_rows_follow_growth_release_and_retaking():
 def test_decode_graph_inputs_are_packed_as_the_graphs_read_them():
     class Model(torch.nn.Module):
         device = torch.device("cpu")
+        config = type("Config", (), {"num_kv_heads": 2})
 
     bs, padding_slot = 4, 999
     graphs = DecodeGraphs(Model(), None, max_batch=16, max_model_len=64, block_size=bs, padding_slot=padding_slot,

@@ -719,7 +719,7 @@ class LLMEngine:
                          "bytes_per_block": self.kv_bytes_per_block, "bytes_total": self.kv_bytes_per_block * self.num_blocks,
                          # How a GPU's KV cache was sized (None: --num-kv-blocks, or a CPU's fixed budget).
                          "memory_profile": self.memory_profile},
-            "cuda_graphs": ({"enabled": True, "batch_sizes": self.graphs.sizes, "num_splits": self.graphs.num_splits}
+            "cuda_graphs": ({"enabled": True, "batch_sizes": self.graphs.sizes, "num_splits": self.graphs.splits}
                             if self.graphs is not None else
                             {"enabled": False, "why": getattr(self, "graph_error", None) or
                              ("--enforce-eager" if self.config.enforce_eager else "not on a GPU with the KV cache and flash attention")}),
