@@ -791,19 +791,20 @@ def kv_blocks_for_budget(*, total: int, free: int, utilization: float, activatio
     budget = int(total * utilization) - in_use - activation_peak - graph_reserve
     blocks = min(useful, budget // bytes_per_block)
     if blocks < 1:
-        held = f"{_gib(in_use)} in use before the KV cache" + (
-            f" (weights {_gib(weights)}, the rest CUDA context and other processes)" if weights is not None else "")
+        held = f"{format_bytes(in_use)} in use before the KV cache" + (
+            f" (weights {format_bytes(weights)}, the rest CUDA context and other processes)" if weights is not None else "")
         raise ValueError(
             f"no memory is left for the KV cache: --gpu-memory-utilization {utilization} allows "
-            f"{_gib(int(total * utilization))} of {_gib(total)}; {held}, {_gib(activation_peak)} profiled activation "
-            f"peak, {_gib(graph_reserve)} CUDA graph reserve; one KV block takes {_gib(bytes_per_block)}. "
-            "Raise --gpu-memory-utilization, lower "
+            f"{format_bytes(int(total * utilization))} of {format_bytes(total)}; {held}, "
+            f"{format_bytes(activation_peak)} profiled activation peak, {format_bytes(graph_reserve)} CUDA graph "
+            f"reserve; one KV block takes {format_bytes(bytes_per_block)}. Raise --gpu-memory-utilization, lower "
             f"--max-num-batched-tokens or --max-num-seqs{', pass --enforce-eager' if graph_reserve else ''}, "
             "or use a smaller model or --quant")
     return blocks
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes as people read them: GiB, MiB, or plain bytes below that."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 

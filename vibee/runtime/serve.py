@@ -14,14 +14,10 @@ import signal
 from rich.console import Console
 
 from vibee.runtime.async_engine import AsyncEngine
-from vibee.runtime.engine import freeze_heap
+from vibee.runtime.engine import format_bytes, freeze_heap
 from vibee.runtime.config import EngineConfig
 
 console = Console(stderr=True, soft_wrap=True)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def describe(engine: AsyncEngine) -> list[str]:
@@ -32,17 +28,17 @@ def describe(engine: AsyncEngine) -> list[str]:
         f"model      {e.config.model_source} ({mc.architecture}, {mc.num_layers} layers, hidden {mc.hidden_size}, "
         f"{mc.num_heads}/{mc.num_kv_heads} heads) served as '{e.config.model_name}'",
         f"device     {e.device} {e.dtype_name}; max_model_len {e.max_model_len}",
-        f"weights    {_gib(e.weight_bytes_loaded)}" + (
-            f" -> {_gib(e.weight_bytes)} after --quant {e.config.quant}" if e.config.quant != "none" else ""),
+        f"weights    {format_bytes(e.weight_bytes_loaded)}" + (
+            f" -> {format_bytes(e.weight_bytes)} after --quant {e.config.quant}" if e.config.quant != "none" else ""),
         f"kv cache   {e.num_blocks} blocks x {e.block_size} tokens = {e.kv_capacity_tokens} tokens "
-        f"({_gib(e.num_blocks * e.kv_bytes_per_block)})" + ("" if e.use_kv_cache else "  [--no-kv-cache: recompute]"),
+        f"({format_bytes(e.num_blocks * e.kv_bytes_per_block)})" + ("" if e.use_kv_cache else "  [--no-kv-cache: recompute]"),
     ]
     if e.memory_profile is not None:
         p = e.memory_profile
-        lines.append(f"memory     sized at --gpu-memory-utilization {p['utilization']} of {_gib(p['total_bytes'])}: "
-                     f"{_gib(p['in_use_bytes'])} in use before the KV cache (weights {_gib(p['weights_bytes'])}), "
-                     f"activation peak {_gib(p['activation_peak_bytes'])} (profiled), "
-                     f"CUDA graph reserve {_gib(p['graph_reserve_bytes'])}")
+        lines.append(f"memory     sized at --gpu-memory-utilization {p['utilization']} of {format_bytes(p['total_bytes'])}: "
+                     f"{format_bytes(p['in_use_bytes'])} in use before the KV cache (weights {format_bytes(p['weights_bytes'])}), "
+                     f"activation peak {format_bytes(p['activation_peak_bytes'])} (profiled), "
+                     f"CUDA graph reserve {format_bytes(p['graph_reserve_bytes'])}")
     lines += [
         f"batching   max_num_seqs {e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, "
         f"prefix caching {'on' if e.enable_prefix_caching else 'off'}",
