@@ -231,13 +231,11 @@ def bench_kv_write(kv, shape: dict, dtype, device) -> Timing:
 
 
 def plot_kernels(rows: list[dict[str, Any]], path, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    from vibee.bench.plot import figure, save
+
+    fig, ax = figure(figsize=(9, 4.5))
     x = np.arange(len(rows))
     # Each kernel's rate as a fraction of its ceiling (or of the baseline where there is none).
     ours = [(r["vibee_rate"] / r["ceiling"]) if r["ceiling"] else 0 for r in rows]
@@ -248,8 +246,4 @@ def plot_kernels(rows: list[dict[str, Any]], path, title: str):
     ax.set_xticks(x, [f"{r['kernel'].split(' (')[0]}\nvs {r['baseline'].split(' (')[0]}" for r in rows], fontsize=8)
     ax.set_ylabel("fraction of the ceiling (GPU.md)")
     ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path, title)

@@ -110,12 +110,9 @@ def summarize_decode(measured: dict[str, Any], *, batch_size: int, weight_bytes_
 
 
 def plot_decode(measured: dict[str, Any], summary: dict[str, Any], path, title: str):
-    import matplotlib
+    from vibee.bench.plot import figure, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = figure(figsize=(8, 4.5))
     ax.plot(measured["context_lens"], [1000 * t for t in measured["step_times_s"]], label="decode step")
     if "limit_tokens_per_s" in summary:
         limit_ms = 1000 * summary["bytes_per_step"] / (summary["bandwidth_gbs"] * 1e9)
@@ -126,8 +123,4 @@ def plot_decode(measured: dict[str, Any], summary: dict[str, Any], path, title: 
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path, title)

@@ -1,5 +1,6 @@
-"""Latency distributions of `vibee bench serve` as a PNG: one cumulative distribution per figure
-(TTFT, TPOT, ITL, end to end), with the median and p99 marked, so tails are seen, not read."""
+"""The benchmarks' PNGs: figures made without a display (`figure`) and written the same way
+(`save`); the latency distributions of `vibee bench serve`, one cumulative distribution per
+panel (TTFT, TPOT, ITL, end to end) with the median and p99 marked, so tails are seen, not read."""
 
 from __future__ import annotations
 
@@ -7,11 +8,28 @@ from pathlib import Path
 from typing import Sequence
 
 
-def plot_serve_latencies(results: Sequence, path: Path, title: str) -> Path:
+def figure(*args, **kwargs):
+    """plt.subplots(*args, **kwargs) on the file-only Agg backend: (fig, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save(fig, path: Path, title: str) -> Path:
+    """Title, lay out, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_serve_latencies(results: Sequence, path: Path, title: str) -> Path:
     import numpy as np
 
     ok = [r for r in results if r.ok]
@@ -21,7 +39,7 @@ def plot_serve_latencies(results: Sequence, path: Path, title: str) -> Path:
         ("Inter-token latency", [x for r in ok for x in r.itl]),
         ("End-to-end latency", [r.e2e for r in ok if r.e2e is not None]),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = figure(2, 2, figsize=(10, 7))
     for ax, (name, seconds) in zip(axes.flat, panels):
         ax.set_title(name)
         ax.set_xlabel("ms")
@@ -36,8 +54,4 @@ def plot_serve_latencies(results: Sequence, path: Path, title: str) -> Path:
             value = float(np.percentile(ms, q))
             ax.axvline(value, linestyle=style, color="gray", label=f"p{q} {value:.1f} ms")
         ax.legend(loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path, title)
