@@ -79,13 +79,20 @@ class _Reader:
     def fail(self, problem: str):
         raise LoadError(f"{self.source}: {problem}")
 
-    def get_int(self, key: str, default: Any = ..., *, minimum: int = 1, d: dict | None = None) -> int:
+    def _lookup(self, key: str, default: Any, d: dict | None) -> tuple[bool, Any]:
+        """(True, d[key]), or (False, default) when the key is absent or null; with no default
+        (...) a missing key is a LoadError."""
         d = self.d if d is None else d
-        if key not in d or d[key] is None:
+        if d.get(key) is None:
             if default is ...:
                 self.fail(f"missing key {key!r}")
-            return default
-        value = d[key]
+            return False, default
+        return True, d[key]
+
+    def get_int(self, key: str, default: Any = ..., *, minimum: int = 1, d: dict | None = None) -> int:
+        found, value = self._lookup(key, default, d)
+        if not found:
+            return value
         # JSON has one number type: 4096.0 is accepted as 4096, 4096.5 is not.
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -94,12 +101,9 @@ class _Reader:
         return value
 
     def get_float(self, key: str, default: Any = ..., *, d: dict | None = None, positive: bool = True) -> float:
-        d = self.d if d is None else d
-        if key not in d or d[key] is None:
-            if default is ...:
-                self.fail(f"missing key {key!r}")
-            return default
-        value = d[key]
+        found, value = self._lookup(key, default, d)
+        if not found:
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
             self.fail(f"{key} must be a {'positive ' if positive else ''}number, got {value!r}")
         return float(value)
