@@ -104,7 +104,7 @@ def test_explain_shows_defaults_and_derived_figures(project):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["spec"]["config"]["block_size"] == 16
-    from vibee.ir.kv_cache import KVCacheConfig
+    from vibee.kinds.kv_cache.config import KVCacheConfig
 
     assert set(data["spec"]["config"]) == set(KVCacheConfig.model_fields)  # every setting, defaults filled in
     assert data["derived"]

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from spec_edit import with_knob
-from vibee.spec.errors import SpecError
+from vibee.frontend.errors import SpecError
 
 NAME = "igla_continuous_batch"
 

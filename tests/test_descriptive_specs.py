@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vibee.ir.kinds import KIND_NAMES
+from vibee.kinds.registry import KIND_NAMES
 
 DESCRIPTIVE = """\
 name: igla_{kind}
@@ -53,7 +53,7 @@ def test_descriptive_spec_generates_working_module(kind, gen_from_text):
 
 
 def test_type_named_like_a_generated_class_is_a_spec_error(gen_from_text, spec_text):
-    from vibee.spec.errors import SpecError
+    from vibee.frontend.errors import SpecError
 
     text = DESCRIPTIVE.format(kind="continuous_batch", Kind="ContinuousBatch").replace("ContinuousBatchNotes:", "Scheduler:")
     with pytest.raises(SpecError, match="type 'Scheduler' clashes with a name the generated continuous_batch module defines"):

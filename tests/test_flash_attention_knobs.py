@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vibee.spec.errors import SpecError
+from vibee.frontend.errors import SpecError
 
 
 def replace_once(text: str, old: str, new: str) -> str:

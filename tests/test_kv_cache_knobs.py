@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from vibee.ir.kv_cache import KVCacheConfig
-from vibee.spec.errors import SpecError
+from vibee.kinds.kv_cache.config import KVCacheConfig
+from vibee.frontend.errors import SpecError
 
 
 def with_setting(text: str, key: str, value: str) -> str:

@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from vibee.ir.quantization import QuantizationConfig
-from vibee.spec.errors import SpecError
+from vibee.kinds.quantization.config import QuantizationConfig
+from vibee.frontend.errors import SpecError
 
 
 def with_config(text: str, key: str, value: object) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vibee.ir.load import load_specs
-from vibee.spec.errors import SpecError
+from vibee.frontend.errors import SpecError
 
 KV = """\
 name: igla_kv_cache

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from vibee.ir.spec import Expr
-from vibee.spec.document import Scalar, Span
-from vibee.spec.errors import SpecError
-from vibee.spec.expr import CONTEXT_VARS, FUNCTIONS, compile_expr
+from vibee.frontend.document import Scalar, Span
+from vibee.frontend.errors import SpecError
+from vibee.expr.language import CONTEXT_VARS, FUNCTIONS, compile_expr
 
 PATH = "specs/tri/igla_flash_attention.vibee"
 LINE, COL = 31, 15  # where the scalar starts in the (imaginary) spec file
@@ -357,7 +357,7 @@ def test_errors_on_a_later_line_of_a_block_scalar_count_lines_from_the_scalar():
 
 
 def test_rendered_error_shows_a_caret_under_the_bad_token():
-    from vibee.spec.errors import register_source
+    from vibee.frontend.errors import register_source
 
     path = "caret_check.vibee"
     register_source(path, "\n" * (LINE - 1) + " " * (COL - 1) + '"score * scroe"\n')

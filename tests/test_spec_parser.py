@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from vibee.spec import parser as spec_parser
-from vibee.spec.document import Mapping, Sequence, Span
-from vibee.spec.errors import SpecError
-from vibee.spec.parser import parse_document, parse_file
+from vibee.frontend import parser as spec_parser
+from vibee.frontend.document import Mapping, Sequence, Span
+from vibee.frontend.errors import SpecError
+from vibee.frontend.parser import parse_document, parse_file
 
 PATH = "t.vibee"
 

@@ -9,9 +9,9 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vibee.spec.document import Mapping
-from vibee.spec.errors import SpecError
-from vibee.spec.parser import parse_document
+from vibee.frontend.document import Mapping
+from vibee.frontend.errors import SpecError
+from vibee.frontend.parser import parse_document
 
 PATH = "fuzz.vibee"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vibee.ir.build import build_spec
-from vibee.spec.errors import SpecError
-from vibee.spec.parser import parse_document
+from vibee.frontend.errors import SpecError
+from vibee.frontend.parser import parse_document
 
 SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).resolve().parent.parent / "specs" / "tri").glob("*.vibee"))}
 TOKENS = ["24", "-1", "0", "true", "null", "\"x\"", "'", "{", "}", "[", "]", ":", "- ", "#", "\t", "  ", "\n",

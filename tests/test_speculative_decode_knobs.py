@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spec_edit import with_knob
-from vibee.spec.errors import SpecError
+from vibee.frontend.errors import SpecError
 
 NAME = "igla_speculative_decode"
 

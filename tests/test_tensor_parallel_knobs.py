@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from vibee.spec.errors import SpecError
+from vibee.frontend.errors import SpecError
 
 NAME = "igla_tensor_parallel"
 

@@ -10,7 +10,7 @@ import click
 
 from vibee.engine_flags import engine_config, engine_options, user_errors
 from vibee.ir.spec import SUPPORTED_TARGETS
-from vibee.spec.errors import Diagnostic, SpecError
+from vibee.frontend.errors import Diagnostic, SpecError
 
 SPEC_ARG = click.argument("specs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 TARGET_OPT = click.option("--target", type=click.Choice(SUPPORTED_TARGETS), default=None,
@@ -81,7 +81,7 @@ def gen(specs, target, out_dir, check_only):
 def check_cmd(specs, target, syntax_only):
     """Validate SPECS without writing anything (exit 0 if valid, 2 with errors)."""
     if syntax_only:
-        from vibee.spec.parser import parse_file
+        from vibee.frontend.parser import parse_file
 
         errors: list[Diagnostic] = []
         for path in specs:

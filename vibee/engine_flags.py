@@ -78,7 +78,7 @@ def user_errors():
     """A mistake in the specs, the model directory or a setting ends the command with its message
     (a spec error with its source line and caret) and exit 2, never a traceback."""
     from vibee.runtime.loader import LoadError
-    from vibee.spec.errors import SpecError
+    from vibee.frontend.errors import SpecError
 
     try:
         yield

@@ -9,7 +9,7 @@ import pytest
 
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.generated import COMMITTED_OUTPUT, DEFAULT_SPEC_DIR, load_generated
-from vibee.spec.errors import SpecError
+from vibee.frontend.errors import SpecError
 
 
 @pytest.fixture(autouse=True)

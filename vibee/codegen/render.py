@@ -11,7 +11,8 @@ from typing import Any
 
 import jinja2
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
+# Templates shared by every kind (included as "common/..."); each kind's own sit in its folder.
+COMMON_TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -97,10 +98,22 @@ def _split_pair(inner: str) -> tuple[str, str]:
     raise ValueError(f"Map needs two type arguments, got {inner!r}")
 
 
+def template_path(name: str) -> Path:
+    """The file behind a template name: "common/x.j2" or "<kind>/x.j2"."""
+    from vibee.kinds.registry import KINDS
+
+    prefix, _, rest = name.partition("/")
+    return (COMMON_TEMPLATES if prefix == "common" else KINDS[prefix].templates) / rest
+
+
 @lru_cache(maxsize=None)
-def environment(template_dir: str = str(TEMPLATE_DIR)) -> jinja2.Environment:
+def environment() -> jinja2.Environment:
+    from vibee.kinds.registry import KINDS
+
+    folders = {"common": jinja2.FileSystemLoader(str(COMMON_TEMPLATES))}
+    folders.update({name: jinja2.FileSystemLoader(str(kind.templates)) for name, kind in KINDS.items()})
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_dir),
+        loader=jinja2.PrefixLoader(folders, delimiter="/"),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,

@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vibee.ir.kinds import KIND_NAMES, KINDS_WITH_KERNELS, config_model
+from vibee.kinds.registry import KIND_NAMES, config_model
 from vibee.ir.spec import SUPPORTED_TARGETS, Behavior, FieldDecl, KindConfig, Spec, TestCase, TypeDecl, Variant
 from vibee.ir.types import TypeSyntaxError, normalize_type
-from vibee.spec.document import Mapping, Node, Scalar, Sequence, Span
-from vibee.spec.errors import Diagnostic, SpecError, did_you_mean, one_of
+from vibee.frontend.document import Mapping, Node, Scalar, Sequence, Span
+from vibee.frontend.errors import Diagnostic, SpecError, did_you_mean, one_of
 
 HEADER_KEYS = ("name", "version", "language", "module", "kind", "description")
 SECTIONS = ("config", "variants", "types", "behaviors", "test_cases")
@@ -23,7 +23,6 @@ BEHAVIOR_KEYS = ("name", "given", "when", "then", "description", "params", "test
 TEST_CASE_KEYS = ("name", "input", "expected", "behavior", "description")
 VARIANT_KEYS = ("name", "description", "params", "score_mod", "mask_mod")
 TYPE_KEYS = ("description", "fields")
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -156,13 +155,6 @@ def _header(doc: Mapping, path: str, target: str | None, c: _Collector) -> dict[
         c.error(_span(kind_node), f"unknown kind '{kind}'", did_you_mean(kind, KIND_NAMES) or one_of(KIND_NAMES))
         kind = None
     out["kind"] = kind
-    if kind is not None and out["target"] in SUPPORTED_TARGETS:
-        template = TEMPLATE_DIR / kind / f"{out['target']}.py.j2"
-        shared = out["target"] == "triton" and kind not in KINDS_WITH_KERNELS  # the torch template serves
-        if not template.exists() and not shared:
-            where = _span(lang_node) if target is None else None
-            c.error(where, f"the {out['target']} target is not available yet for {kind}; available now: torch",
-                    "set `language: torch` or pass --target torch")
     return out
 
 
@@ -272,7 +264,7 @@ def _variants(doc: Mapping, kind: str | None, c: _Collector) -> list[Variant]:
         c.error(doc.key_node("variants").span, f"'variants' only apply to flash_attention specs, not {kind}")
         return []
     items = _expect_sequence(node, "variants", c)
-    from vibee.spec.expr import compile_expr  # the expression language has its own grammar
+    from vibee.expr.language import compile_expr  # the expression language has its own grammar
 
     out: list[Variant] = []
     seen: dict[str, Span] = {}

@@ -5,7 +5,7 @@ Each check runs only when the specs it relates are present, and reports at the v
 from __future__ import annotations
 
 from vibee.ir.spec import Spec
-from vibee.spec.errors import Diagnostic
+from vibee.frontend.errors import Diagnostic
 
 
 def check_contracts(specs: list[Spec]) -> list[Diagnostic]:

@@ -7,8 +7,8 @@ from pathlib import Path
 from vibee.ir.build import build_spec
 from vibee.ir.contracts import check_contracts
 from vibee.ir.spec import Spec
-from vibee.spec.errors import Diagnostic, SpecError
-from vibee.spec.parser import parse_file
+from vibee.frontend.errors import Diagnostic, SpecError
+from vibee.frontend.parser import parse_file
 
 
 def load_specs(paths: list[str | Path], target: str | None = None, *, contracts: bool = True) -> tuple[list[Spec], list[Diagnostic]]:

@@ -3,13 +3,30 @@ test cases. Every node keeps the span it came from so validation errors can poin
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
-from vibee.spec.document import Span
+from vibee.frontend.document import Span
 
 SUPPORTED_TARGETS = ("torch", "triton")
+
+# When a knob takes effect. "compile": the generator specializes on it (a constexpr, a code
+# shape), so a new value is a new generated module. "runtime": the generated code takes it as an
+# argument, so a new value (a spec edit or a serve flag) needs no generation at all.
+Stage = Literal["compile", "runtime"]
+
+
+def knob(stage: Stage, default: Any = ..., *, description: str, flag: str | None = None,
+         aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A config field of a kind, tagged with its stage. `flag` names the serve/bench option that
+    sets it (vLLM's spelling, e.g. "--block-size"); `aliases` are further spellings. The option,
+    its help text and its validation all come from this one declaration."""
+    extra: dict[str, Any] = {"stage": stage}
+    if flag:
+        extra["flag"] = flag
+        extra["aliases"] = list(aliases)
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
 class IRNode(BaseModel):
@@ -38,6 +55,17 @@ class KindConfig(BaseModel):
     def derived(self) -> dict[str, str]:
         """Figures derived from the resolved config, shown by `vibee explain`."""
         return {}
+
+    @classmethod
+    def stage_of(cls, name: str) -> Stage:
+        extra = cls.model_fields[name].json_schema_extra
+        if not isinstance(extra, dict) or "stage" not in extra:
+            raise TypeError(f"{cls.__name__}.{name} is declared without knob(stage, ...)")
+        return extra["stage"]
+
+    @classmethod
+    def fields_at(cls, stage: Stage) -> tuple[str, ...]:
+        return tuple(name for name in cls.model_fields if cls.stage_of(name) == stage)
 
 
 class FieldDecl(IRNode):

@@ -93,7 +93,7 @@ def _parse(text: str, i: int, declared: set[str]) -> tuple[str, int]:
         return name, j
     if name in ALIASES:
         return ALIASES[name], j
-    from vibee.spec.errors import did_you_mean
+    from vibee.frontend.errors import did_you_mean
 
     hint = did_you_mean(name, [*PRIMITIVES, *GENERICS, *declared])
     raise TypeSyntaxError(

@@ -21,12 +21,12 @@ from typing import Any
 from vibee.codegen import generate
 from vibee.ir.load import load_specs
 from vibee.ir.spec import Spec
-from vibee.spec.errors import Diagnostic, SpecError
+from vibee.kinds.registry import KIND_NAMES
+from vibee.frontend.errors import Diagnostic, SpecError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SPEC_DIR = REPO_ROOT / "specs" / "tri"
 COMMITTED_OUTPUT = REPO_ROOT / "output"
-KINDS = ("kv_cache", "flash_attention", "quantization", "speculative_decode", "continuous_batch", "tensor_parallel")
 
 
 @dataclass
@@ -83,13 +83,13 @@ def load_generated(spec_dir: str | Path | None = None, overrides: dict[str, dict
         raise SpecError([Diagnostic(f"{spec_dir}: no .vibee spec files here", None)])
     specs, _warnings = load_specs(paths, target=target)
     by_kind = {spec.kind: spec for spec in specs}
-    missing = [k for k in KINDS if k not in by_kind]
+    missing = [k for k in KIND_NAMES if k not in by_kind]
     if missing:
         raise SpecError([Diagnostic(f"{spec_dir}: no spec of kind {', '.join(missing)} (the server needs all six)", None)])
     for kind, updates in (overrides or {}).items():
         if updates:
             by_kind[kind] = _apply_overrides(by_kind[kind], updates)
-    chosen = [by_kind[k] for k in KINDS]
+    chosen = [by_kind[k] for k in KIND_NAMES]
 
     files = generate.plan(chosen, COMMITTED_OUTPUT)
     if spec_dir.resolve() == DEFAULT_SPEC_DIR.resolve() and not generate.check(files, COMMITTED_OUTPUT):

@@ -1,5 +1,5 @@
 """Config of the speculative_decode kind: how draft tokens are proposed and how the target model
-verifies them. Every default lives here; templates/speculative_decode/ reads the resolved values."""
+verifies them. Every default lives here; the templates beside it read the resolved values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vibee.ir.spec import KindConfig
+from vibee.ir.spec import KindConfig, knob
 
 MAX_SPECULATIVE_TOKENS = 16
 MAX_NGRAM = 8
@@ -75,20 +75,20 @@ class SpeculativeDecodeConfig(KindConfig):
         }
     )
 
-    method: Literal["ngram", "draft_model"] = Field(
+    method: Literal["ngram", "draft_model"] = knob("runtime",
         "ngram", description="Drafter: n-gram prompt lookup (no extra model) or a small draft model."
     )
-    num_speculative_tokens: int = Field(
-        4, strict=True, description="Draft tokens proposed per step (k); the target verifies k + 1 positions."
+    num_speculative_tokens: int = knob("runtime", flag="--num-speculative-tokens",
+        default=4, strict=True, description="Draft tokens proposed per step (k); the target verifies k + 1 positions."
     )
-    ngram: NgramConfig = Field(default_factory=NgramConfig, description="n-gram sizes for prompt lookup.")
-    verification: Literal["rejection_sampling", "greedy"] = Field(
+    ngram: NgramConfig = knob("runtime", default_factory=NgramConfig, description="n-gram sizes for prompt lookup.")
+    verification: Literal["rejection_sampling", "greedy"] = knob("runtime",
         "rejection_sampling",
         description="rejection_sampling is lossless at any temperature (exact greedy matching at temperature 0); "
         "greedy accepts drafts only while they equal the target argmax.",
     )
-    disable_by_batch_size: int | None = Field(
-        None, strict=True, description="Turn speculation off for batches larger than this; null keeps it on."
+    disable_by_batch_size: int | None = knob("runtime", flag="--speculative-disable-by-batch-size",
+        default=None, strict=True, description="Turn speculation off for batches larger than this; null keeps it on."
     )
 
     @field_validator("num_speculative_tokens")

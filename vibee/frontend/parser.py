@@ -23,8 +23,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from lark.indenter import Indenter
 from lark.parsers.lalr_analysis import Shift
 
-from vibee.spec.document import Mapping, Node, Scalar, Sequence, Span
-from vibee.spec.errors import Diagnostic, SpecError, register_source
+from vibee.frontend.document import Mapping, Node, Scalar, Sequence, Span
+from vibee.frontend.errors import Diagnostic, SpecError, register_source
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 

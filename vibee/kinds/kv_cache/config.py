@@ -1,5 +1,5 @@
 """Config of the kv_cache kind: how the paged KV cache lays out, stores and reuses blocks.
-Every default lives here; templates/kv_cache/ reads the resolved values."""
+Every default lives here; the templates beside it read the resolved values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vibee.ir.spec import KindConfig
+from vibee.ir.spec import KindConfig, knob
 
 MAX_BLOCK_SIZE = 256
 GIB = 1 << 30
@@ -55,7 +55,7 @@ class KVCacheConfig(KindConfig):
         "prefix_cache_hits",
         "hit_rate",
     )
-    # What a spec test case may say; templates/kv_cache/test.py.j2 gives each key its meaning.
+    # What a spec test case may say; templates/test.py.j2 gives each key its meaning.
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
         {
             "seq_lens",  # K/V round trip: one sequence per length, written and gathered back
@@ -76,30 +76,30 @@ class KVCacheConfig(KindConfig):
         }
     )
 
-    block_size: int = Field(
-        16,
+    block_size: int = knob("runtime", flag="--block-size",
+        default=16,
         strict=True,
         description="Tokens per KV block (a power of two, 1..256): the unit of allocation, sharing and prefix caching.",
     )
-    kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = Field(
-        "auto",
+    kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = knob("compile", flag="--kv-cache-dtype",
+        default="auto",
         description="How K/V are stored: 'auto' in the activation dtype; 'int8' with a float32 scale per (block, kv head).",
     )
-    enable_prefix_caching: bool = Field(
-        True,
+    enable_prefix_caching: bool = knob("runtime", flag="--enable-prefix-caching",
+        default=True,
         strict=True,
         description="Reuse the KV of full blocks whose whole token prefix matches an earlier sequence.",
     )
-    eviction_policy: Literal["lru"] = Field(
+    eviction_policy: Literal["lru"] = knob("compile",
         "lru",
         description="Which unreferenced cached block gives way when free blocks run out: 'lru' (least recently used).",
     )
-    gpu_memory_utilization: float = Field(
-        0.9,
+    gpu_memory_utilization: float = knob("runtime", flag="--gpu-memory-utilization",
+        default=0.9,
         strict=True,
         description="Fraction of device memory (0 < x <= 1) that weights, activations and the KV cache may use together.",
     )
-    model: ModelShape = Field(default_factory=ModelShape, description="Example model shape for `vibee explain`.")
+    model: ModelShape = knob("compile", default_factory=ModelShape, description="Example model shape for `vibee explain`.")
 
     @field_validator("block_size")
     @classmethod

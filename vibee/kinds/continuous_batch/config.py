@@ -1,6 +1,6 @@
 """Config of the continuous_batch kind: the iteration-level scheduler that decides, every engine
 step, which sequences run and how many of their tokens. Every default lives here;
-templates/continuous_batch/ reads the resolved values."""
+templates/ reads the resolved values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from vibee.ir.spec import KindConfig
+from vibee.ir.spec import KindConfig, knob
 
 
 class ContinuousBatchConfig(KindConfig):
@@ -24,7 +24,7 @@ class ContinuousBatchConfig(KindConfig):
         "can_ever_fit": "Scheduler.can_ever_fit: whether a sequence at its longest fits in the KV cache",
         "stats": "Scheduler.stats: queue sizes, preemptions and the last step's batch",
     }
-    # What a spec test case may say; templates/continuous_batch/test.py.j2 gives each key its meaning.
+    # What a spec test case may say; templates/test.py.j2 gives each key its meaning.
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
         {
             "num_requests",  # how many requests (default: len(prompt_lens))
@@ -60,38 +60,38 @@ class ContinuousBatchConfig(KindConfig):
         }
     )
 
-    policy: Literal["fcfs", "priority"] = Field(
-        "fcfs",
+    policy: Literal["fcfs", "priority"] = knob("runtime", flag="--scheduling-policy",
+        default="fcfs",
         description="Order of service: 'fcfs' (first come, first served) or 'priority' (lower Sequence.priority "
         "first, then arrival). The same order picks preemption victims, from the back.",
     )
-    max_num_seqs: int = Field(256, strict=True, description="Most sequences running at once (the decode batch size).")
-    max_num_batched_tokens: int = Field(
-        8192,
+    max_num_seqs: int = knob("runtime", flag="--max-num-seqs", aliases=("--batch-size",), default=256, strict=True, description="Most sequences running at once (the decode batch size).")
+    max_num_batched_tokens: int = knob("runtime", flag="--max-num-batched-tokens",
+        default=8192,
         strict=True,
         validate_default=True,
         description="Token budget of one step: prompt tokens being prefilled plus one per decoding sequence.",
     )
-    enable_chunked_prefill: bool = Field(
-        True,
+    enable_chunked_prefill: bool = knob("runtime", flag="--enable-chunked-prefill",
+        default=True,
         strict=True,
         description="Split prompts longer than the step's remaining budget over several steps. When false a "
         "prompt is prefilled in one step, so a request whose prompt (or its recompute after preemption) "
         "exceeds max_num_batched_tokens is refused when added.",
     )
-    long_prefill_token_threshold: int = Field(
-        0,
+    long_prefill_token_threshold: int = knob("runtime", flag="--long-prefill-token-threshold",
+        default=0,
         strict=True,
         validate_default=True,
         description="Most prompt tokens one sequence may prefill in a step, so one long prompt cannot take "
         "the whole budget from the others (0 = no cap beyond the budget). Needs chunked prefill.",
     )
-    preemption_mode: Literal["recompute", "swap"] = Field(
+    preemption_mode: Literal["recompute", "swap"] = knob("runtime",
         "recompute",
         description="What happens to a preempted sequence's KV: 'recompute' frees it and prefills the "
         "sequence again later. 'swap' (copy to host memory) is not supported yet.",
     )
-    watermark: float = Field(
+    watermark: float = knob("runtime",
         0.01,
         strict=True,
         description="Fraction of KV blocks (0 <= w < 1) kept free when admitting new sequences, so running "

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from vibee.ir.spec import KindConfig
+from vibee.ir.spec import KindConfig, knob
 
 # Head dims the kernels are written for (80 and 96 load a zero-padded 128-wide tile on Triton),
 # and the small ones that keep CPU tests fast.
@@ -178,16 +178,16 @@ class FlashAttentionConfig(KindConfig):
         }
     )
 
-    head_dims: list[StrictInt] = Field(
+    head_dims: list[StrictInt] = knob("compile",
         default_factory=lambda: [64, 128],
         description="head dims compiled in; each of 64, 80, 96, 128, 256 (or 8, 16, 32 for CPU tests)",
     )
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="dtype of q, k, v and the output; scores accumulate in fp32")
-    causal: bool = Field(True, description="queries see only keys at or before their own position")
-    page_size: StrictInt = Field(16, description="tokens per KV page (power of two); must equal the kv_cache block_size")
-    softmax_scale: Literal["auto"] | float = Field("auto", description="'auto' = 1/sqrt(head_dim), or a fixed positive scale")
-    prefill: PrefillConfig = Field(default_factory=PrefillConfig, description="prefill kernel tiles and autotune candidates")
-    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="split-KV decode policy")
+    dtype: Literal["bf16", "fp16", "fp32"] = knob("compile", "bf16", description="dtype of q, k, v and the output; scores accumulate in fp32")
+    causal: bool = knob("compile", True, description="queries see only keys at or before their own position")
+    page_size: StrictInt = knob("compile", 16, description="tokens per KV page (power of two); must equal the kv_cache block_size")
+    softmax_scale: Literal["auto"] | float = knob("compile", "auto", description="'auto' = 1/sqrt(head_dim), or a fixed positive scale")
+    prefill: PrefillConfig = knob("compile", default_factory=PrefillConfig, description="prefill kernel tiles and autotune candidates")
+    decode: DecodeConfig = knob("compile", default_factory=DecodeConfig, description="split-KV decode policy")
 
     @field_validator("head_dims")
     @classmethod

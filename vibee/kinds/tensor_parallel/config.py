@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from vibee.ir.spec import KindConfig
+from vibee.ir.spec import KindConfig, knob
 
 ShardStyle = Literal["column", "row", "vocab", "replicated"]
 
@@ -112,18 +112,18 @@ class TensorParallelConfig(KindConfig):
         "max_abs_err", "local_weight_shape", "output_shape", "all_reduces", "all_gathers", "plan",
     })
 
-    tp_size: int = Field(2, description="ranks that share every sharded layer (a power of two, 1 to 8)")
-    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; auto = nccl on CUDA, gloo otherwise")
+    tp_size: int = knob("runtime", flag="--tensor-parallel-size", aliases=("-tp",), default=2, description="ranks that share every sharded layer (a power of two, 1 to 8)")
+    backend: Literal["auto", "nccl", "gloo"] = knob("runtime", "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo otherwise")
     # model comes before sharding so that the sharding check can see the shape it must split.
-    model: ExampleModel = Field(default_factory=ExampleModel, validate_default=True,
+    model: ExampleModel = knob("compile", default_factory=ExampleModel, validate_default=True,
                                 description="example model shape for derived figures and divisibility checks")
-    sharding: dict[str, ShardStyle] = Field(
+    sharding: dict[str, ShardStyle] = knob("runtime",
         default_factory=lambda: dict(LLAMA_SHARDING),
         validate_default=True,
         description="module-name suffix pattern -> column | row | vocab | replicated; unmatched modules stay replicated. "
         "A spec's mapping replaces this default plan as a whole",
     )
-    gather_output: list[str] = Field(
+    gather_output: list[str] = knob("runtime",
         default_factory=lambda: ["lm_head"],
         validate_default=True,
         description="column-sharded patterns whose output is all-gathered back to full width (logits)",

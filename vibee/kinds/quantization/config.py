@@ -1,5 +1,5 @@
 """Config of the quantization kind: how linear weights are turned into low-bit codes and scales.
-Every default lives here; templates/quantization/ reads the resolved values."""
+Every default lives here; the templates beside it read the resolved values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vibee.ir.spec import KindConfig
+from vibee.ir.spec import KindConfig, knob
 
 BITS_ALLOWED = (4, 8)
 MIN_GROUP_SIZE = 32
@@ -40,7 +40,7 @@ class QuantizationConfig(KindConfig):
         "quantize_model": "quantize_model: swap a model's nn.Linear layers for QuantLinear, except skip_modules",
         "weight_bytes": "weight_bytes: bytes a model's parameters and buffers occupy",
     }
-    # What a spec test case may say; templates/quantization/test.py.j2 gives each key its meaning.
+    # What a spec test case may say; templates/test.py.j2 gives each key its meaning.
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
         {
             "out_features",  # the weight is [out_features, in_features] (for a model case: lm_head's vocab)
@@ -64,8 +64,8 @@ class QuantizationConfig(KindConfig):
         }
     )
 
-    bits: int = Field(4, strict=True, description="Bits per weight code: 4 (codes packed into words) or 8 (one int8/uint8 per code).")
-    group_size: int = Field(
+    bits: int = knob("compile", 4, strict=True, description="Bits per weight code: 4 (codes packed into words) or 8 (one int8/uint8 per code).")
+    group_size: int = knob("compile",
         128,
         strict=True,
         description=(
@@ -73,7 +73,7 @@ class QuantizationConfig(KindConfig):
             " output channel. When not given, 8-bit configs default to -1 (per channel) and 4-bit ones to 128."
         ),
     )
-    symmetric: bool = Field(
+    symmetric: bool = knob("compile",
         True,
         strict=True,
         description=(
@@ -81,18 +81,18 @@ class QuantizationConfig(KindConfig):
             " Asymmetric: codes in [0, 2^b-1] with a uint8 zero point per group, over the group's range widened to include 0."
         ),
     )
-    method: str = Field("rtn", description="How codes are chosen: 'rtn' (round to nearest, ties to even). 'awq' and 'gptq' are planned.")
-    pack_format: Literal["int32", "uint8"] = Field(
+    method: str = knob("compile", "rtn", description="How codes are chosen: 'rtn' (round to nearest, ties to even). 'awq' and 'gptq' are planned.")
+    pack_format: Literal["int32", "uint8"] = knob("compile",
         "int32",
         description=(
             "Word that 4-bit codes are packed into along the input dimension, little-endian (code k of a word in bits"
             " 4k..4k+3), stored offset to unsigned: 'int32' (8 codes per word) or 'uint8' (2). 8-bit codes are not packed."
         ),
     )
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = knob("compile",
         "bf16", description="Dtype of scales, of the dequantized weight and of the QuantLinear matmul."
     )
-    skip_modules: list[str] = Field(
+    skip_modules: list[str] = knob("runtime",
         default_factory=lambda: ["lm_head"],
         description="Linear layers quantize_model leaves in full precision: a name matches a module whose dotted name is it or ends with '.' + it.",
     )

@@ -1,7 +1,7 @@
 """vibee's expression language for attention variants: ``score_mod`` and ``mask_mod``.
 
 An expression goes through four steps:
-  scan   lex every character (vibee/spec/expr.lark declares the lexemes the language rejects too),
+  scan   lex every character (vibee/expr/grammar.lark declares the lexemes the language rejects too),
          so that a string, ``**``, ``.attr`` or ``[i]`` is named at its own column;
   parse  LALR over the same grammar; a syntax error lists what was expected;
   check  names, calls and types, folding constant sub-expressions (params are constants);
@@ -22,8 +22,8 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from vibee.ir.spec import Expr
-from vibee.spec.document import Scalar, Span
-from vibee.spec.errors import Diagnostic, SpecError, did_you_mean, one_of
+from vibee.frontend.document import Scalar, Span
+from vibee.frontend.errors import Diagnostic, SpecError, did_you_mean, one_of
 
 Role = Literal["score_mod", "mask_mod"]
 Constant = Union[int, float, bool]
@@ -104,7 +104,7 @@ _FOLD_COMPARE: dict[str, Callable[[Constant, Constant], bool]] = {
     ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
 }
 
-# Lexemes the language rejects (declared at the bottom of expr.lark): message and hint.
+# Lexemes the language rejects (declared at the bottom of grammar.lark): message and hint.
 _REJECTED: dict[str, tuple[str, str | None]] = {
     "STRING": ("strings are not allowed in expressions", "expressions hold only numbers, names and calls"),
     "POWER": ("'**' is not supported", "multiply it out, e.g. x * x"),
@@ -116,7 +116,7 @@ _LOGIC_HINT = "combine conditions with 'and', 'or', 'not'"
 _OTHER_HINTS = {"&": _LOGIC_HINT, "|": _LOGIC_HINT, "~": _LOGIC_HINT, "%": "'%' is not supported",
                 "@": "there is no matrix product in an expression"}
 
-_GRAMMAR = (Path(__file__).with_name("expr.lark")).read_text()
+_GRAMMAR = (Path(__file__).with_name("grammar.lark")).read_text()
 # Lexer only: keeps every declared terminal, the rejected ones included.
 _SCANNER = Lark(_GRAMMAR, parser=None, lexer="basic")
 _PARSER = Lark(_GRAMMAR, parser="lalr", lexer="basic", propagate_positions=True, maybe_placeholders=True)

@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
-from vibee.spec.document import Span
+from vibee.frontend.document import Span
 
 # Source texts by path, filled by the parser, so a diagnostic can quote the offending line.
 _SOURCES: dict[str, str] = {}
