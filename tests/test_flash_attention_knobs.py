@@ -82,9 +82,11 @@ def test_fixed_split_kv_sets_the_decode_split_count(spec_text, gen_from_text):
     assert torch.allclose(out, auto.paged_decode(q, *pages, block_tables, seq_lens), atol=1e-5)
 
 
-def test_page_size_that_is_not_a_power_of_two_is_refused(spec_text, gen_from_text):
-    text = replace_once(spec_text("flash_attention"), "page_size: 16", "page_size: 12")
-    with pytest.raises(SpecError, match="power of two"):
+@pytest.mark.parametrize("knob", ["page_size: 16", "dtype: bf16"])
+def test_page_size_and_dtype_are_not_knobs(spec_text, gen_from_text, knob):
+    # The kernels read both from their inputs (the KV cache's pages, the served model's dtype).
+    text = replace_once(spec_text("flash_attention"), "  causal: true", f"  {knob}\n  causal: true")
+    with pytest.raises(SpecError, match="unknown"):
         gen_from_text(text, "igla_flash_attention")
 
 
@@ -105,23 +107,23 @@ def test_softmax_scale_sets_the_default_scale(spec_text, gen_from_text):
     assert torch.allclose(out.double(), naive_causal_attention(q, k, v, 0.5), atol=1e-5)
 
 
-def test_smaller_pages_and_tiles_regenerate_a_passing_suite(spec_text, gen_from_text, monkeypatch):
+def test_smaller_tiles_regenerate_a_passing_suite(spec_text, gen_from_text, monkeypatch):
     text = spec_text("flash_attention")
-    text = replace_once(text, "page_size: 16", "page_size: 8")
     text = replace_once(text, "block_n: 64 ", "block_n: 16 ")
     gen = gen_from_text(text, "igla_flash_attention")
     impl = gen.impl
 
-    # 40 keys in 16-key tiles: 3 tiles; the cache must now come in pages of 8 tokens.
+    # 40 keys in 16-key tiles: 3 tiles, whatever the cache's page size (8 or 4 tokens here).
     generator = torch.Generator().manual_seed(3)
     k_cache, v_cache = torch.randn(5, 8, 1, 16, generator=generator), torch.randn(5, 8, 1, 16, generator=generator)
     q = torch.randn(1, 2, 16, generator=generator)
-    args = (torch.arange(5, dtype=torch.int32).view(1, 5), torch.tensor([0, 1], dtype=torch.int32), torch.tensor([40], dtype=torch.int32))
+    args = (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([40], dtype=torch.int32))
     impl.reset_counters()
-    impl.paged_prefill(q, k_cache, v_cache, *args)
+    on_eight = impl.paged_prefill(q, k_cache, v_cache, torch.arange(5, dtype=torch.int32).view(1, 5), *args)
     assert impl.COUNTERS.prefill_kv_tiles == 3
-    with pytest.raises(ValueError, match="page_size 8"):
-        impl.paged_prefill(q, k_cache.view(10, 4, 1, 16), v_cache.view(10, 4, 1, 16), *args)
+    on_four = impl.paged_prefill(q, k_cache.view(10, 4, 1, 16), v_cache.view(10, 4, 1, 16),
+                                 torch.arange(10, dtype=torch.int32).view(1, 10), *args)
+    assert torch.allclose(on_four, on_eight, atol=1e-6)
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU is shared: one thread runs these fastest
     assert gen.run_tests() == 0

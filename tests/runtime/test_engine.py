@@ -121,7 +121,7 @@ def test_switches_keep_tokens(tiny, baseline, flags, tmp_path, monkeypatch):
     eng = engine(model_dir, **flags)
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected
     if "block_size" in flags:
-        assert eng.block_size == 32 and eng.gen.flash_attention.PAGE_SIZE == 32
+        assert eng.block_size == 32 and eng.gen.kv_cache.BLOCK_SIZE == 32
 
 
 def test_prefix_cache_hit_reuses_kv(tiny):

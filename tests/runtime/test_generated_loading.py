@@ -21,7 +21,6 @@ def test_default_specs_use_committed_output():
     gen = load_generated()
     assert gen.source == COMMITTED_OUTPUT
     assert gen.kv_cache.BLOCK_SIZE == gen.config("kv_cache").block_size
-    assert gen.flash_attention.PAGE_SIZE == gen.config("flash_attention").page_size
     assert set(gen.specs) == {"kv_cache", "flash_attention", "quantization", "speculative_decode",
                               "continuous_batch", "tensor_parallel"}
 
@@ -31,7 +30,6 @@ def test_block_size_flag_regenerates_both_modules(tmp_path):
     gen = load_generated(overrides=overrides)
     assert gen.source != COMMITTED_OUTPUT and gen.source.is_relative_to(tmp_path / "cache")
     assert gen.kv_cache.BLOCK_SIZE == 32
-    assert gen.flash_attention.PAGE_SIZE == 32
     # The committed modules are untouched and still importable side by side.
     assert load_generated().kv_cache.BLOCK_SIZE == 16
     # A second load with the same overrides reuses the generated directory.

@@ -149,7 +149,7 @@ def test_sliding_window_mask_is_what_makes_mistral_match(models):
     model_dir, hf = models("mistral")
     model = ours(model_dir)
     for layer in model.model.layers:
-        layer.self_attn.variants = ()
+        layer.self_attn.window = None
     seq = prompts()[2]
     got = PagedRunner(model).step({0: (seq, len(seq))})[0]
     assert (got - hf_logits(hf, seq)).abs().max() > 1e-2

@@ -107,6 +107,10 @@ def _time_cuda_graph(fn: Callable[[], Any], repeats: int) -> float:
     return times[len(times) // 2] / 1000.0
 
 
+# Pages of the shipped kv_cache's block size; the attention kernels take any page size from the cache's shape.
+PAGE_SIZE = 16
+
+
 def _paged(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous K [B, L, Hkv, D] as pages [B * ceil(L/page), page, Hkv, D] with sequential block tables."""
     b, length, hkv, d = k.shape
@@ -126,8 +130,8 @@ def bench_prefill(fa, shape: dict, dtype, device) -> list[Timing]:
     q = torch.randn(b, s, h, d, dtype=dtype, device=device, generator=g)
     k = torch.randn(b, s, hkv, d, dtype=dtype, device=device, generator=g)
     v = torch.randn(b, s, hkv, d, dtype=dtype, device=device, generator=g)
-    k_cache, tables = _paged(k, fa.PAGE_SIZE)
-    v_cache, _ = _paged(v, fa.PAGE_SIZE)
+    k_cache, tables = _paged(k, PAGE_SIZE)
+    v_cache, _ = _paged(v, PAGE_SIZE)
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
     lens = torch.full((b,), s, dtype=torch.int32, device=device)
     qf, kf, vf = q.reshape(b * s, h, d), k.reshape(b * s, hkv, d), v.reshape(b * s, hkv, d)
@@ -141,7 +145,7 @@ def bench_prefill(fa, shape: dict, dtype, device) -> list[Timing]:
     shape_name = f"B{b} H{h}/{hkv} S{s} D{d}"
     return [Timing("attention prefill (causal, contiguous K/V)", shape_name, "TFLOP/s", flops, contiguous,
                    "torch SDPA", base, CEILINGS["SDPA causal prefill TFLOP/s"]),
-            Timing("attention prefill (causal, paged K/V)", f"{shape_name} page{fa.PAGE_SIZE}", "TFLOP/s", flops, paged,
+            Timing("attention prefill (causal, paged K/V)", f"{shape_name} page{PAGE_SIZE}", "TFLOP/s", flops, paged,
                    "torch SDPA", base, CEILINGS["SDPA causal prefill TFLOP/s"])]
 
 
@@ -151,15 +155,15 @@ def bench_decode(fa, shape: dict, dtype, device) -> Timing:
     q = torch.randn(b, h, d, dtype=dtype, device=device, generator=g)
     k = torch.randn(b, n, hkv, d, dtype=dtype, device=device, generator=g)
     v = torch.randn(b, n, hkv, d, dtype=dtype, device=device, generator=g)
-    k_cache, tables = _paged(k, fa.PAGE_SIZE)
-    v_cache, _ = _paged(v, fa.PAGE_SIZE)
+    k_cache, tables = _paged(k, PAGE_SIZE)
+    v_cache, _ = _paged(v, PAGE_SIZE)
     lens = torch.full((b,), n, dtype=torch.int32, device=device)
     splits = fa.num_splits_for(n)  # fixed, as the engine's CUDA graphs run it (nothing read back to the host)
     ours = time_call(lambda: fa.paged_decode(q, k_cache, v_cache, tables, lens, num_splits=splits), device)
     qt, kt, vt = q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2)
     base = time_call(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=hkv != h), device)
     kv_bytes = 2 * b * n * hkv * d * k.element_size()
-    return Timing("attention decode (paged)", f"B{b} H{h}/{hkv} KV{n} D{d} page{fa.PAGE_SIZE}", "TB/s", kv_bytes,
+    return Timing("attention decode (paged)", f"B{b} H{h}/{hkv} KV{n} D{d} page{PAGE_SIZE}", "TB/s", kv_bytes,
                   ours, "torch SDPA (contiguous KV)", base, CEILINGS["SDPA decode TB/s"])
 
 

@@ -46,6 +46,10 @@ def _host_ms(fn, calls: int = 20) -> float:
     return total / calls * 1e3
 
 
+# Pages of the shipped kv_cache's block size; the kernels take any page size from the cache's shape.
+PAGE_SIZE = 16
+
+
 def _shuffled_pages(batch: int, tokens: int, page_size: int, kv_heads: int, head_dim: int, dtype, gen):
     pages_per_seq = -(-tokens // page_size)
     num_pages = batch * pages_per_seq
@@ -65,7 +69,7 @@ def bench_prefill(fa, batch=8, heads=32, seq=4096, head_dim=128, tiles=()) -> di
     gen = torch.Generator(device="cuda").manual_seed(0)
     dtype = torch.bfloat16
     q = torch.randn(batch * seq, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
-    k_cache, v_cache, tables = _shuffled_pages(batch, seq, fa.PAGE_SIZE, heads, head_dim, dtype, gen)
+    k_cache, v_cache, tables = _shuffled_pages(batch, seq, PAGE_SIZE, heads, head_dim, dtype, gen)
     cu = torch.arange(0, (batch + 1) * seq, seq, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), seq, device="cuda", dtype=torch.int32)
     flops = 4 * batch * heads * seq * seq * head_dim / 2
@@ -74,7 +78,7 @@ def bench_prefill(fa, batch=8, heads=32, seq=4096, head_dim=128, tiles=()) -> di
         return flops / (ms * 1e-3) / 1e12
 
     result: dict[str, Any] = {"shape": dict(batch=batch, heads=heads, seq=seq, head_dim=head_dim, dtype="bf16",
-                                            page_size=fa.PAGE_SIZE), "flop": flops}
+                                            page_size=PAGE_SIZE), "flop": flops}
     out = fa.paged_prefill(q, k_cache, v_cache, tables, cu, lens)  # autotunes on first call
     best = getattr(fa, "_prefill_autotuned", None)
     ms = _bench(lambda: fa.paged_prefill(q, k_cache, v_cache, tables, cu, lens))
@@ -116,7 +120,7 @@ def bench_decode(fa, batch=64, kv_len=4096, heads=32, kv_heads=8, head_dim=128) 
     gen = torch.Generator(device="cuda").manual_seed(1)
     dtype = torch.bfloat16
     q = torch.randn(batch, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
-    k_cache, v_cache, tables = _shuffled_pages(batch, kv_len, fa.PAGE_SIZE, kv_heads, head_dim, dtype, gen)
+    k_cache, v_cache, tables = _shuffled_pages(batch, kv_len, PAGE_SIZE, kv_heads, head_dim, dtype, gen)
     lens = torch.full((batch,), kv_len, device="cuda", dtype=torch.int32)
     kv_bytes = 2 * batch * kv_len * kv_heads * head_dim * 2
 
@@ -125,7 +129,7 @@ def bench_decode(fa, batch=64, kv_len=4096, heads=32, kv_heads=8, head_dim=128) 
 
     splits = fa.num_splits_for(kv_len)
     result: dict[str, Any] = {"shape": dict(batch=batch, kv_len=kv_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                                            dtype="bf16", page_size=fa.PAGE_SIZE, num_splits=splits), "kv_bytes": kv_bytes}
+                                            dtype="bf16", page_size=PAGE_SIZE, num_splits=splits), "kv_bytes": kv_bytes}
     out = fa.paged_decode(q, k_cache, v_cache, tables, lens)
     ms = _bench(lambda: fa.paged_decode(q, k_cache, v_cache, tables, lens))
     result["paged_decode"] = {"ms": ms, "tbps": tbps(ms)}

@@ -17,16 +17,6 @@ def _at(spec: Spec, key: str):
     return spec.config_spans.get(key, spec.span)
 
 
-def _page_size_is_block_size(by_kind: dict[str, Spec]) -> list[Diagnostic]:
-    """The decode kernel walks the cache's pages: one page must be one block."""
-    kv, attn = by_kind.get("kv_cache"), by_kind.get("flash_attention")
-    if not (kv and attn) or kv.config.block_size == attn.config.page_size:
-        return []
-    block, page = kv.config.block_size, attn.config.page_size
-    return [Diagnostic(f"flash_attention page_size ({page}) must equal kv_cache block_size ({block}) in {kv.path}",
-                       _at(attn, "page_size"), f"set page_size: {block}, or change block_size in {kv.path}")]
-
-
 def _cache_head_dim_is_compiled(by_kind: dict[str, Spec]) -> list[Diagnostic]:
     """Attention is specialised per head dim; the cached model's head dim must be one of them."""
     kv, attn = by_kind.get("kv_cache"), by_kind.get("flash_attention")
@@ -70,4 +60,4 @@ def _same_model_shape(by_kind: dict[str, Spec]) -> list[Diagnostic]:
             for name, x, y in pairs if x != y]
 
 
-CHECKS = [_page_size_is_block_size, _cache_head_dim_is_compiled, _group_size_divides_shards, _same_model_shape]
+CHECKS = [_cache_head_dim_is_compiled, _group_size_divides_shards, _same_model_shape]

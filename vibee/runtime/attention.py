@@ -87,19 +87,6 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
     )
 
 
-@dataclass(frozen=True)
-class SlidingWindow:
-    """A mask variant for the generated attention: a query sees the `window` latest keys (itself
-    included), as Mistral's and Qwen2's sliding-window layers do (q_idx - kv_idx < window)."""
-
-    window: int
-    name: str = "sliding_window"
-    score_mod: Any = None
-
-    def mask_mod(self, score, b, h, q_idx, kv_idx, num_heads):
-        return (q_idx - kv_idx) < self.window
-
-
 class AttentionBackend:
     """Calls one generated attention module (`flash_attention`, or `flash_attention_reference`
     for --no-flash-attn) for every layer of a model.
@@ -123,13 +110,14 @@ class AttentionBackend:
         self.variants = tuple(variants)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
-                 kv_cache: Any, *, extra_variants: Sequence[Any] = ()) -> torch.Tensor:
+                 kv_cache: Any, *, window: int | None = None) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> out [T, H, D] in q's dtype.
-        extra_variants: variants of this layer only (a model's sliding window)."""
-        variants = self.variants + tuple(extra_variants)
+        window: this layer's sliding window (a query sees the `window` latest keys, itself
+        included), passed to the generated kernels as their runtime argument; None: no window."""
+        variants = self.variants
         if kv_cache is None or batch.block_tables is None:
             out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
-                                           variants=variants, scale=self.scale)
+                                           variants=variants, scale=self.scale, window=window)
             return out.to(dtype=q.dtype, device=q.device)
         kv_cache.write(layer, k, v, batch.slot_mapping)
         if batch.fresh and not batch.is_decode and getattr(kv_cache.k_pages[layer], "scale", None) is None:
@@ -137,16 +125,16 @@ class AttentionBackend:
             # kernel's fast path; the paged one gathers 16-token pages). int8 pages are read back
             # instead, so that a prompt sees the K/V its later tokens will see.
             out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
-                                           variants=variants, scale=self.scale)
+                                           variants=variants, scale=self.scale, window=window)
             return out.to(dtype=q.dtype, device=q.device)
         k_pages, v_pages, tables = self._pages(kv_cache, layer, batch, q.dtype)
         if batch.is_decode:
             fixed = {} if batch.num_splits is None else {"num_splits": batch.num_splits}
             out = self.fa.paged_decode(q, k_pages, v_pages, tables, batch.seq_lens, variants=variants, scale=self.scale,
-                                       **fixed)
+                                       window=window, **fixed)
         else:
             out = self.fa.paged_prefill(q, k_pages, v_pages, tables, batch.cu_seqlens_q, batch.seq_lens, causal=True,
-                                        variants=variants, scale=self.scale)
+                                        variants=variants, scale=self.scale, window=window)
         return out.to(dtype=q.dtype, device=q.device)
 
     @staticmethod

@@ -91,9 +91,8 @@ class EngineConfig(BaseModel):
         """Flags that change what the specs compile in, as {kind: {config key: value}}."""
         overrides: dict[str, dict[str, Any]] = {}
         if self.block_size is not None:
-            # The attention pages and the KV blocks are one thing; the specs' contract says so too.
+            # The attention kernels read the page size from the cache they are given.
             overrides["kv_cache"] = {"block_size": self.block_size}
-            overrides["flash_attention"] = {"page_size": self.block_size}
         speculative: dict[str, Any] = {}
         if self.draft_model is not None:
             speculative["method"] = "draft_model"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vibee.runtime import fused
-from vibee.runtime.attention import AttentionBackend, AttentionBatch, SlidingWindow
+from vibee.runtime.attention import AttentionBackend, AttentionBatch
 from vibee.runtime.model_config import LoadError, ModelConfig
 
 
@@ -153,8 +153,9 @@ class Attention(nn.Module):
         # q_proj, k_proj and v_proj of the checkpoint, stacked: one GEMV instead of three.
         self.qkv_proj = _linear(config.hidden_size, (h + 2 * kv) * d, config.attention_bias, dtype)
         self.o_proj = _linear(h * d, config.hidden_size, config.o_proj_bias, dtype)
-        window = config.layer_window(layer)
-        self.variants = (SlidingWindow(window),) if window is not None else ()
+        # The model's own sliding window for this layer (config.json), a runtime argument of the
+        # generated attention: Mistral and Qwen2 run the same kernels as Llama.
+        self.window = config.layer_window(layer)
 
     def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         t = x.shape[0]
@@ -165,7 +166,7 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = backend(self.layer, q, k, v, batch, kv_cache, extra_variants=self.variants)
+        out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window)
         return _project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
 
 

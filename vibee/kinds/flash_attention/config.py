@@ -20,7 +20,9 @@ TEST_HEAD_DIMS = (8, 16, 32)
 MIN_TILE = 16
 MAX_TILE = 256
 
-BYTES_PER_ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
+# The served models' K/V dtype (bf16 or fp16) for the figures of `vibee explain`; the kernels
+# take whatever dtype their inputs have.
+SERVED_ELEMENT_BYTES = 2
 
 
 def is_power_of_two(n: int) -> bool:
@@ -35,8 +37,7 @@ def _tile_side(name: str, value: int) -> int:
 
 class TileConfig(BaseModel):
     """One launch configuration of the prefill kernel: a program handles block_m queries and walks
-    the KV in tiles of block_n tokens. block_n and page_size are both powers of two, so a KV tile
-    is always a whole number of pages or a whole fraction of one page."""
+    the KV in tiles of block_n tokens (the page size is the KV cache's, read at run time)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -164,6 +165,7 @@ class FlashAttentionConfig(KindConfig):
             "head_dim",  # one of head_dims (another is rejected: see expected `error`)
             "variants",  # names from the spec's variants: section
             "causal",  # prefill/varlen only; defaults to config.causal
+            "window",  # sliding window (the runtime argument): keys less than this far behind a query
             "dtype",  # bf16 | fp16 | fp32 for q/k/v (default fp32)
             "num_splits",  # decode only: force this many KV splits
             "seed",  # random inputs' seed
@@ -182,9 +184,7 @@ class FlashAttentionConfig(KindConfig):
         default_factory=lambda: [64, 128],
         description="head dims compiled in; each of 64, 80, 96, 128, 256 (or 8, 16, 32 for CPU tests)",
     )
-    dtype: Literal["bf16", "fp16", "fp32"] = knob("compile", "bf16", description="dtype of q, k, v and the output; scores accumulate in fp32")
     causal: bool = knob("compile", True, description="queries see only keys at or before their own position")
-    page_size: StrictInt = knob("compile", 16, description="tokens per KV page (power of two); must equal the kv_cache block_size")
     softmax_scale: Literal["auto"] | float = knob("compile", "auto", description="'auto' = 1/sqrt(head_dim), or a fixed positive scale")
     prefill: PrefillConfig = knob("compile", default_factory=PrefillConfig, description="prefill kernel tiles and autotune candidates")
     decode: DecodeConfig = knob("compile", default_factory=DecodeConfig, description="split-KV decode policy")
@@ -205,13 +205,6 @@ class FlashAttentionConfig(KindConfig):
             raise ValueError(f"head_dims lists {duplicates[0]} more than once")
         return value
 
-    @field_validator("page_size")
-    @classmethod
-    def _page_size_power_of_two(cls, value: int) -> int:
-        if not is_power_of_two(value):
-            raise ValueError(f"page_size must be a power of two, got {value}")
-        return value
-
     @field_validator("softmax_scale", mode="before")
     @classmethod
     def _scale_is_auto_or_positive(cls, value: Any) -> Any:
@@ -225,21 +218,20 @@ class FlashAttentionConfig(KindConfig):
         return 1.0 / math.sqrt(head_dim) if self.softmax_scale == "auto" else float(self.softmax_scale)
 
     def contract_values(self) -> dict[str, Any]:
-        """What cross-module contracts read (page_size must equal kv_cache's block_size)."""
-        return {"page_size": self.page_size, "head_dims": list(self.head_dims), "dtype": self.dtype}
+        """What cross-module contracts read."""
+        return {"head_dims": list(self.head_dims)}
 
     def derived(self) -> dict[str, str]:
-        element = BYTES_PER_ELEMENT[self.dtype]
         figures: dict[str, str] = {}
         for d in self.head_dims:
             figures[f"head_dim {d}: softmax scale"] = f"{self.scale_for(d):.6g}"
-            figures[f"head_dim {d}: K+V bytes per page per KV head"] = str(2 * self.page_size * d * element)
+            figures[f"head_dim {d}: K+V bytes per token per KV head (bf16)"] = str(2 * d * SERVED_ELEMENT_BYTES)
         tiles = [self.prefill, *self.prefill.autotune]
         widest = max(self.head_dims)
         for tile in tiles:
             name = f"prefill tile {tile.block_m}x{tile.block_n} (warps {tile.num_warps}, stages {tile.num_stages})"
-            figures[f"{name}: shared memory at head_dim {widest}"] = f"{tile.shared_memory_bytes(widest, element) / 1024:.0f} KiB"
-        figures["prefill KV tile in pages"] = f"{self.prefill.block_n / self.page_size:g}"
+            kib = tile.shared_memory_bytes(widest, SERVED_ELEMENT_BYTES) / 1024
+            figures[f"{name}: shared memory at head_dim {widest} (bf16)"] = f"{kib:.0f} KiB"
         for kv_len in (128, 1024, 8192, 32768):
             figures[f"decode splits at {kv_len} tokens"] = str(self.decode.num_splits_for(kv_len))
         return figures
