@@ -127,3 +127,24 @@ def test_smaller_tiles_regenerate_a_passing_suite(spec_text, gen_from_text, monk
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU is shared: one thread runs these fastest
     assert gen.run_tests() == 0
+
+
+def score_mod_of(gen, name: str) -> str:
+    return next(v for v in gen.spec.variants if v.name == name).score_mod.torch
+
+
+@pytest.mark.parametrize("variant, function, wrong", [("softcap", "tanh", "torch.sigmoid({0})"),
+                                                      ("alibi", "alibi_slope", "alibi_slope({0} + 1, num_heads)")])
+def test_a_wrong_torch_lowering_fails_the_generated_suite(spec_text, gen_from_text, monkeypatch, variant, function, wrong):
+    """The reference evaluates the variants from its own (numpy) lowering, so the suite is an
+    oracle for the torch one: one function lowered wrongly, and the variant tests fail."""
+    from vibee.expr import lower_torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU is shared: one thread runs these fastest
+    variant_tests = ("-k", f"variant and {variant} and not triton and not gpu")
+    right = gen_from_text(spec_text("flash_attention"), "igla_flash_attention")
+    assert right.run_tests(*variant_tests) == 0
+    monkeypatch.setitem(lower_torch.FUNCTIONS, function, wrong)
+    broken = gen_from_text(spec_text("flash_attention"), "igla_flash_attention")
+    assert score_mod_of(broken, variant) != score_mod_of(right, variant)
+    assert broken.run_tests(*variant_tests) != 0

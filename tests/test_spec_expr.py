@@ -1,5 +1,6 @@
-"""The expression language of attention variants: checking, error positions, and both lowerings
-(torch evaluated with real tensors, Triton run under the interpreter)."""
+"""The expression language of attention variants: checking, error positions, and the three
+lowerings (torch evaluated with real tensors, Triton run under the interpreter, numpy evaluated
+for the reference oracle)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tokenize
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -92,6 +94,31 @@ VALID = [
     ("not (kv_idx > q_idx)", "mask_mod", {}, lambda c: c["kv_idx"] <= c["q_idx"]),
     ("max(score, -5.0)", "score_mod", {}, lambda c: c["score"].clamp(min=-5.0)),
 ]
+
+
+def eval_numpy(expr: Expr, ctx: dict, num_heads: int = H):
+    arrays = {name: value.numpy() for name, value in ctx.items()}
+    namespace = {"np": np, "alibi_slope": lambda h, n: np.exp2(-8.0 * (h + 1) / n), "num_heads": num_heads, **arrays}
+    return eval(expr.numpy, EVAL_BUILTINS, namespace)
+
+
+@pytest.mark.parametrize("source, role, params, by_hand", VALID, ids=[v[0] for v in VALID])
+def test_numpy_lowering_for_the_reference_computes_what_the_expression_says(source, role, params, by_hand):
+    ctx = context()
+    got = torch.from_numpy(np.broadcast_to(eval_numpy(compile_ok(source, role, params), ctx), (B, H, Q, K)).copy())
+    want = by_hand(ctx).expand(B, H, Q, K)
+    if role == "mask_mod":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got.float(), want)
+
+
+def test_numpy_lowering_shares_no_operator_text_with_the_torch_lowering():
+    expr = compile_ok("where(not q_idx < kv_idx and h >= 1, tanh(score / 2) - abs(q_idx), sigmoid(-score))")
+    assert expr.numpy == ("np.where(np.logical_and(np.logical_not(np.less(q_idx, kv_idx)), np.greater_equal(h, 1)), "
+                          "np.subtract(np.tanh(np.true_divide(score, 2)), np.absolute(q_idx)), "
+                          "np.exp(np.negative(np.logaddexp(0.0, np.negative(np.negative(score))))))")
+    assert "torch" not in expr.numpy and "np." not in expr.torch
 
 
 @pytest.mark.parametrize("source, role, params, by_hand", VALID, ids=[v[0] for v in VALID])
@@ -430,12 +457,15 @@ def test_hostile_inputs_are_spec_errors(source, role):
 def test_params_named_like_code_are_inlined_as_values():
     params = {"evaluate": 1.5, "executor": 2, "imports": 3.0, "osx": 0.5, "getattribute": 4}
     expr = compile_ok("score * evaluate + executor - imports * osx + getattribute", params=params)
-    for text in (expr.torch, expr.triton):
+    for text in (expr.torch, expr.triton, expr.numpy):
         assert not any(bad in text for bad in FORBIDDEN_IN_OUTPUT), text
 
 
 SAFE_NAMES = {"torch", "tl", "as_tensor", "to", "float32", "num_heads", "alibi_slope", "minimum", "maximum",
-              "where", "tanh", "exp", "log", "sqrt", "abs", "sigmoid", *CONTEXT_VARS}
+              "where", "tanh", "exp", "log", "sqrt", "abs", "sigmoid", *CONTEXT_VARS,
+              "np", "add", "subtract", "multiply", "true_divide", "negative", "absolute", "logaddexp", "asarray",
+              "float64", "less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "logical_and",
+              "logical_or", "logical_not"}
 FUZZ_WORDS = ["score", "q_idx", "kv_idx", "h", "cap", "(", ")", ",", "+", "-", "*", "/", "<", "==", "and", "or",
               "not", "tanh", "where", "max", "alibi_slope", "1", "2.5", "1e-3", "__import__", "'os'", '"x"', ".",
               "system", "[", "]", "**", "lambda", ":", "=", "eval", "exec", "getattr", "os", "import", "__class__"]
@@ -453,7 +483,7 @@ def test_any_token_soup_is_an_error_or_safe_code(words, glue, role):
         expr = compile_ok(glue.join(words), role, {"cap": 2.0})
     except SpecError:
         return
-    for code in (expr.torch, expr.triton):
+    for code in (expr.torch, expr.triton, expr.numpy):
         ast.parse(code, mode="eval")
         assert names_in(code) <= SAFE_NAMES, code
         assert not any(bad in code for bad in FORBIDDEN_IN_OUTPUT), code
@@ -524,10 +554,14 @@ def assert_means_what_python_means(source: str, values: dict) -> None:
         got = eval_torch(expr, tensors)
     finally:
         torch.set_default_dtype(previous)
+    arrays = {k: np.asarray(v, dtype=np.float64 if k == "score" else np.int64) for k, v in values.items()}
+    reference = eval(expr.numpy, EVAL_BUILTINS, {"np": np, **arrays})
     if role == "mask_mod":
         assert bool(got) == want, expr.torch
+        assert bool(reference) == want, expr.numpy
     else:
         assert math.isclose(float(got), want, rel_tol=1e-9, abs_tol=1e-12), expr.torch
+        assert math.isclose(float(reference), want, rel_tol=1e-9, abs_tol=1e-12), expr.numpy
 
 
 @pytest.mark.parametrize("source", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 CAUSAL = True
@@ -24,21 +25,20 @@ def _alibi_slope_list(n: int) -> list[float]:
     return _alibi_slope_list(closest) + _alibi_slope_list(2 * closest)[0::2][: n - closest]
 
 
-def alibi_slope(h: torch.Tensor, num_heads: int) -> torch.Tensor:
-    slopes = torch.tensor(_alibi_slope_list(int(num_heads)), dtype=torch.float64, device=h.device)
-    return slopes[h]
+def alibi_slope(h: np.ndarray, num_heads: int) -> np.ndarray:
+    return np.asarray(_alibi_slope_list(int(num_heads)), dtype=np.float64)[h]
 
 
 def mask_mod_sliding_window(score, b, h, q_idx, kv_idx, num_heads):
-    return ((q_idx - kv_idx) < 4096)
+    return np.less(np.subtract(q_idx, kv_idx), 4096)
 
 
 def score_mod_softcap(score, b, h, q_idx, kv_idx, num_heads):
-    return (30.0 * torch.tanh((score / 30.0)))
+    return np.multiply(30.0, np.tanh(np.true_divide(score, 30.0)))
 
 
 def score_mod_alibi(score, b, h, q_idx, kv_idx, num_heads):
-    return (score - (alibi_slope(h, num_heads) * (q_idx - kv_idx)))
+    return np.subtract(score, np.multiply(alibi_slope(h, num_heads), np.subtract(q_idx, kv_idx)))
 
 
 # name -> (score_mod, mask_mod)
@@ -61,6 +61,26 @@ def _variant_functions(variants) -> list[tuple]:
     return out
 
 
+def _apply_variants(scores, allowed, functions, seq_index, q_pos, kv_pos):
+    """The variants' score mods (in order), then their masks, on numpy arrays: scores float64
+    [H, Lq, Lk], b the sequence, h [H, 1, 1], q_idx [1, Lq, 1], kv_idx [1, 1, Lk] (int64)."""
+    num_heads = scores.shape[0]
+    score = scores.cpu().numpy()
+    keep = allowed.cpu().numpy()
+    b = np.int64(seq_index)
+    h = np.arange(num_heads, dtype=np.int64).reshape(-1, 1, 1)
+    q_idx = q_pos.cpu().numpy().astype(np.int64).reshape(1, -1, 1)
+    kv_idx = kv_pos.cpu().numpy().astype(np.int64).reshape(1, 1, -1)
+    with np.errstate(all="ignore"):  # inf and nan as torch gives them, without warnings
+        for score_mod, _ in functions:
+            if score_mod is not None:
+                score = np.broadcast_to(np.asarray(score_mod(score, b, h, q_idx, kv_idx, num_heads), dtype=np.float64), score.shape)
+        for _, mask_mod in functions:
+            if mask_mod is not None:
+                keep = keep & np.broadcast_to(np.asarray(mask_mod(score, b, h, q_idx, kv_idx, num_heads)), keep.shape)
+    return torch.from_numpy(np.array(score)).to(scores.device), torch.from_numpy(np.array(keep)).to(allowed.device)
+
+
 def attention(q, k, v, q_pos, kv_pos, seq_index, *, causal, window=None, variants=(), scale=None):
     """softmax(q k^T * scale, modified by the variants, masked) v for one sequence, in float64.
 
@@ -76,8 +96,6 @@ def attention(q, k, v, q_pos, kv_pos, seq_index, *, causal, window=None, variant
         scale = 1.0 / math.sqrt(head_dim) if SOFTMAX_SCALE == "auto" else SOFTMAX_SCALE
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     device = q.device
-    b = torch.tensor(seq_index, device=device)
-    h = torch.arange(num_heads, device=device).view(-1, 1, 1)
     q_idx = q_pos.long().to(device).view(1, -1, 1)
     kv_idx = kv_pos.long().to(device).view(1, 1, -1)
     allowed = torch.ones(scores.shape, dtype=torch.bool, device=device)
@@ -86,12 +104,8 @@ def attention(q, k, v, q_pos, kv_pos, seq_index, *, causal, window=None, variant
     if window:
         allowed &= q_idx - kv_idx < window
     functions = _variant_functions(variants)
-    for score_mod, _ in functions:
-        if score_mod is not None:
-            scores = torch.broadcast_to(torch.as_tensor(score_mod(scores, b, h, q_idx, kv_idx, num_heads)), scores.shape).double()
-    for _, mask_mod in functions:
-        if mask_mod is not None:
-            allowed &= torch.broadcast_to(torch.as_tensor(mask_mod(scores, b, h, q_idx, kv_idx, num_heads)), scores.shape)
+    if functions:
+        scores, allowed = _apply_variants(scores, allowed, functions, seq_index, q_pos, kv_pos)
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.where(allowed.any(dim=-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
     return torch.einsum("hqk,khd->qhd", weights, v)

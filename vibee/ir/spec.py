@@ -103,6 +103,7 @@ class Expr(IRNode):
     source: str
     torch: str
     triton: str
+    numpy: str  # the reference oracle's lowering, written apart from the torch one (vibee/expr/lower_numpy.py)
 
 
 class Variant(IRNode):
