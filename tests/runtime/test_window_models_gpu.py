@@ -18,9 +18,10 @@ pytestmark = [pytest.mark.gpu,
 
 LAUNCHERS = ("triton_paged_prefill", "triton_paged_decode", "triton_varlen_attention")
 TORCH_PATHS = ("_torch_paged_prefill", "_torch_paged_decode", "_torch_varlen_attention")
-# bf16 weights and activations against transformers in float32: logits of these tiny random
-# models are O(1), and bf16 keeps about 3 significant digits through a few layers.
-BF16_ATOL = 0.1
+# bf16 weights and activations against transformers in float32. The logits of these tiny random
+# models reach about 4; bf16 on the torch path is within 0.05 of them, while leaving the window
+# out moves them by about 3.
+BF16_ATOL = 0.15
 
 
 @pytest.fixture(scope="module")
