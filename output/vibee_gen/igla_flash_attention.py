@@ -659,6 +659,29 @@ def _tl_load_kv_tile(k_ptr, v_ptr, kv_index_ptr, b, pos, valid, kvh, offs_d,
     return k, v
 
 
+@triton.jit
+def _tl_masked_tile(acc, m_i, l_i, q, start_n, kv_len, q_idx, window, b, h, kvh, offs_d,
+                    k_ptr, v_ptr, kv_index_ptr, stride_kp, stride_kt, stride_kh,
+                    stride_vp, stride_vt, stride_vh, stride_bt, num_heads, sm_scale,
+                    PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    SCORE_MODS: tl.constexpr, MASK_MODS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One KV tile that some rows see only in part: past the sequence's end, after a row's own
+    position (causal) or window or more keys before it."""
+    pos = start_n + tl.arange(0, BLOCK_N)
+    valid = pos < kv_len
+    k, v = _tl_load_kv_tile(k_ptr, v_ptr, kv_index_ptr, b, pos, valid, kvh, offs_d,
+                         stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bt,
+                         PAGED, PAGE, True, HEAD_DIM, HEAD_DIM_PAD)
+    keep = valid[None, :]
+    if IS_CAUSAL:
+        keep = keep & (pos[None, :] <= q_idx)
+    if HAS_WINDOW:
+        keep = keep & (q_idx - pos[None, :] < window)
+    return _tl_attend_tile(acc, m_i, l_i, q, k, v, keep, b, h, q_idx, pos[None, :],
+                           num_heads, sm_scale, True, SCORE_MODS, MASK_MODS, DOT_PRECISION)
+
+
 @triton.jit(do_not_specialize=["num_heads", "window"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, kv_index_ptr, seq_lens_ptr, cu_seqlens_q_ptr, work_ptr,
@@ -710,9 +733,6 @@ def _prefill_kernel(
         lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
         last_row_first_key = tl.maximum(first_pos + BLOCK_M - window, 0)
         full_start = tl.minimum((last_row_first_key + BLOCK_N - 1) // BLOCK_N * BLOCK_N, full_end)
-    lead_tiles = (full_start - lo) // BLOCK_N
-    masked_tiles = lead_tiles + (hi - full_end + BLOCK_N - 1) // BLOCK_N
-
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -724,27 +744,28 @@ def _prefill_kernel(
                              PAGED, PAGE, False, HEAD_DIM, HEAD_DIM_PAD)
         acc, m_i, l_i = _tl_attend_tile(acc, m_i, l_i, q, k, v, pos[None, :] >= 0, b, h, q_idx, pos[None, :],
                                      num_heads, sm_scale, False, SCORE_MODS, MASK_MODS, DOT_PRECISION)
-    for i in range(0, masked_tiles):
-        # The leading window tiles, then the tiles from full_end on.
-        start_n = lo + i * BLOCK_N + tl.where(i < lead_tiles, 0, full_end - full_start)
-        pos = start_n + tl.arange(0, BLOCK_N)
-        valid = pos < kv_len
-        k, v = _tl_load_kv_tile(k_ptr, v_ptr, kv_index_ptr, b, pos, valid, kvh, offs_d,
-                             stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bt,
-                             PAGED, PAGE, True, HEAD_DIM, HEAD_DIM_PAD)
-        keep = valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (pos[None, :] <= q_idx)
-        if HAS_WINDOW:
-            keep = keep & (q_idx - pos[None, :] < window)
-        acc, m_i, l_i = _tl_attend_tile(acc, m_i, l_i, q, k, v, keep, b, h, q_idx, pos[None, :],
-                                     num_heads, sm_scale, True, SCORE_MODS, MASK_MODS, DOT_PRECISION)
+    # Masked tiles: the leading ones some rows' windows have left (a separate loop, so a model
+    # without a window runs exactly the loops it had before windows existed), then the tail.
+    if HAS_WINDOW:
+        for start_n in range(lo, full_start, BLOCK_N):
+            acc, m_i, l_i = _tl_masked_tile(acc, m_i, l_i, q, start_n, kv_len, q_idx, window, b, h, kvh, offs_d,
+                                            k_ptr, v_ptr, kv_index_ptr, stride_kp, stride_kt, stride_kh,
+                                            stride_vp, stride_vt, stride_vh, stride_bt, num_heads, sm_scale,
+                                            PAGED, PAGE, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, HEAD_DIM_PAD,
+                                            SCORE_MODS, MASK_MODS, DOT_PRECISION)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _tl_masked_tile(acc, m_i, l_i, q, start_n, kv_len, q_idx, window, b, h, kvh, offs_d,
+                                        k_ptr, v_ptr, kv_index_ptr, stride_kp, stride_kt, stride_kh,
+                                        stride_vp, stride_vt, stride_vh, stride_bt, num_heads, sm_scale,
+                                        PAGED, PAGE, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HEAD_DIM, HEAD_DIM_PAD,
+                                        SCORE_MODS, MASK_MODS, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
     if TRACE_WORK:
         tl.atomic_add(work_ptr, 1)
+        masked_tiles = (full_start - lo) // BLOCK_N + (hi - full_end + BLOCK_N - 1) // BLOCK_N
         tl.atomic_add(work_ptr + 1, (full_end - full_start) // BLOCK_N + masked_tiles)
 
 
