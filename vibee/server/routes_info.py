@@ -45,6 +45,8 @@ async def get_model(model: str, state: State) -> ModelCard:
 
 @router.get("/v1/inference/info")
 async def inference_info(state: State) -> JSONResponse:
+    """The engine's account of itself: the served model under "model" (its shape, dtype, context,
+    the quantization applied and its KV blocks), then each optimization as specs and flags set it."""
     return JSONResponse(state.engine.info())
 
 
