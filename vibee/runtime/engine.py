@@ -695,6 +695,15 @@ class LLMEngine:
     def _attention_module(self):
         return self.gen.flash_attention if self.config.flash_attn else self.gen.flash_attention_reference
 
+    def applied_quantization(self) -> dict[str, Any] | None:
+        """How the served model's weights are quantized, read off the generated module that did it
+        (None: full precision). group_size -1: one scale per output channel."""
+        if self.quant_stats is None or not self.quant_stats.layers_quantized:
+            return None
+        q = self.gen.quantization
+        return {"method": q.METHOD, "bits": q.BITS, "group_size": q.GROUP_SIZE,
+                "layers_quantized": self.quant_stats.layers_quantized}
+
     def info(self) -> dict[str, Any]:
         """The six optimizations as the specs and flags resolved them, plus the model."""
         cfg = {kind: spec.config.model_dump(mode="json") for kind, spec in self.gen.specs.items()}
@@ -711,7 +720,9 @@ class LLMEngine:
                       "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "vocab_size": mc.vocab_size,
                       "tokenizer_vocab_size": self.tokenizer.vocab_size,
                       "all_special_ids": sorted(self.tokenizer.all_special_ids),
-                      "max_model_len": self.max_model_len, "device": self.device, "dtype": self.dtype_name},
+                      "max_model_len": self.max_model_len, "device": self.device, "dtype": self.dtype_name,
+                      "quantization": self.applied_quantization(),
+                      "kv_block_size": self.block_size, "num_kv_blocks": self.num_blocks},
             "generated_from": {"spec_dir": str(self.config.spec_dir or "specs/tri"), "modules": str(self.gen.source),
                                "specs": {k: s.path for k, s in self.gen.specs.items()}},
             "kv_cache": {"enabled": self.use_kv_cache, **cfg["kv_cache"], "enable_prefix_caching": self.enable_prefix_caching,

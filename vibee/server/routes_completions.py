@@ -1,0 +1,200 @@
+"""/v1/completions and /v1/chat/completions: validate, run on the engine, answer in one body or
+as a stream of chunks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from vibee.server.errors import bad_request
+from vibee.server.generation import Choice, ClientGone, Job, client_gone_response, collect
+from vibee.server.logprobs import chat_logprobs, completion_logprobs
+from vibee.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+                                   CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo, now,
+                                   random_id)
+from vibee.server.request_params import chat_prompt, check_common, check_length, sampling_params
+from vibee.server.state import State
+from vibee.server.streaming import stream_job, usage_options
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, raw: Request, state: State) -> Response:
+    check_common(state, req)
+    if req.suffix:
+        raise bad_request("suffix is not supported.", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of is not supported (other than best_of == n).", param="best_of")
+    tokenizer = state.engine.tokenizer
+
+    # Normalise to a batch of token lists; remember each prompt's text for echo.
+    prompt = req.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("The prompt is empty.", param="prompt")
+    prompts: list[list[int]] = []
+    texts: list[str] = []
+    for i, p in enumerate(prompt):
+        param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            ids = tokenizer.encode(p, add_special_tokens=req.add_special_tokens)
+            texts.append(p)
+        else:
+            ids = list(p)
+            state.check_tokens(ids, param)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens) if req.echo else "")
+        if not ids:
+            raise bad_request("The prompt is empty; it needs at least one token.", param=param)
+        prompts.append(ids)
+
+    params = []
+    for i, ids in enumerate(prompts):
+        # max_tokens null: whatever the context leaves (vLLM's meaning).
+        max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - len(ids))
+        p = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, chat=False)
+        check_length(state, ids, p, prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                     max_tokens_param="max_tokens")
+        params.append(p)
+
+    job = Job(random_id("cmpl"), prompts, params, req.n, texts, [0] * len(prompts))
+    created = now()
+    top_n = req.logprobs or 0
+
+    if not req.stream:
+        try:
+            choices = await collect(state.engine, raw, job, "prompt")
+        except ClientGone:
+            return client_gone_response()
+        out = []
+        for index in range(len(prompts) * req.n):
+            c = choices.get(index, Choice())
+            p_index = index // req.n
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(state, c.logprobs or [], top_n, c,
+                                               prompts[p_index] if req.echo else None)
+            text = (texts[p_index] + c.text) if req.echo else c.text
+            out.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        return JSONResponse(CompletionResponse(id=job.request_id, created=created, model=state.model_name,
+                                               choices=out, usage=job.usage(choices)).model_dump())
+
+    include_usage, continuous_usage = usage_options(req)
+    running: dict[int, Choice] = {}
+
+    def chunk(choices: list[dict[str, Any]], usage: UsageInfo | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": job.request_id, "object": "text_completion", "created": created,
+                                "model": state.model_name, "choices": choices}
+        if include_usage:
+            body["usage"] = usage.model_dump() if usage is not None else None
+        return body
+
+    def make_chunks(prompt_index: int, out: Any) -> list[dict[str, Any]]:
+        chunks = []
+        for c in out.outputs:
+            index = job.choice_index(prompt_index, c.index)
+            choice = running.setdefault(index, Choice())
+            choice.num_tokens = len(c.token_ids)
+            text = c.delta_text
+            echo_ids = None
+            if not choice.started:
+                choice.started = True
+                if req.echo:
+                    text = texts[prompt_index] + text
+                    echo_ids = prompts[prompt_index]
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(state, c.delta_logprobs or [], top_n, choice, echo_ids).model_dump()
+            if not text and c.finish_reason is None and not (logprobs and logprobs["tokens"]):
+                continue  # nothing new to say (text held back for a possible stop string)
+            chunks.append(chunk([{"index": index, "text": text, "logprobs": logprobs,
+                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                                job.usage(running) if continuous_usage else None))
+        return chunks
+
+    def final() -> dict[str, Any] | None:
+        return chunk([], job.usage(running)) if include_usage else None
+
+    return await stream_job(state.engine, raw, job, "prompt", make_chunks=make_chunks, final=final)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, raw: Request, state: State) -> Response:
+    check_common(state, req)
+    if req.tools:
+        raise bad_request("Tool calling is not supported.", param="tools")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format {req.response_format.type!r} is not supported (only 'text').",
+                          param="response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
+
+    text = chat_prompt(state, req.messages, req.add_generation_prompt)
+    # The chat template writes the special tokens (BOS included) itself.
+    ids = state.engine.tokenizer.encode(text, add_special_tokens=False)
+    max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:  # OpenAI's default: as much as the context leaves
+        max_tokens = max(1, state.max_model_len - len(ids))
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, chat=True)
+    check_length(state, ids, params, prompt_param="messages", max_tokens_param=max_tokens_param)
+
+    job = Job(random_id("chatcmpl"), [ids], [params], req.n, [text], [0])
+    created = now()
+    top_n = req.top_logprobs or 0
+
+    if not req.stream:
+        try:
+            choices = await collect(state.engine, raw, job, "messages")
+        except ClientGone:
+            return client_gone_response()
+        out = []
+        for index in range(req.n):
+            c = choices.get(index, Choice())
+            out.append(ChatChoice(index=index, message=ChatResponseMessage(content=c.text),
+                                  logprobs=chat_logprobs(state, c.logprobs or [], top_n) if req.logprobs else None,
+                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        return JSONResponse(ChatCompletionResponse(id=job.request_id, created=created, model=state.model_name,
+                                                   choices=out, usage=job.usage(choices)).model_dump())
+
+    include_usage, continuous_usage = usage_options(req)
+    running: dict[int, Choice] = {i: Choice() for i in range(req.n)}
+
+    def chunk(choice: dict[str, Any] | None, usage: UsageInfo | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": job.request_id, "object": "chat.completion.chunk", "created": created,
+                                "model": state.model_name, "choices": [choice] if choice else []}
+        if include_usage:
+            body["usage"] = usage.model_dump() if usage is not None else None
+        return body
+
+    # OpenAI opens each choice with the role and empty content.
+    opening = [chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}) for i in range(req.n)]
+
+    def make_chunks(prompt_index: int, out: Any) -> list[dict[str, Any]]:
+        chunks = []
+        for c in out.outputs:
+            choice = running.setdefault(c.index, Choice())
+            choice.num_tokens = len(c.token_ids)
+            logprobs = None
+            if req.logprobs and c.delta_logprobs:
+                logprobs = chat_logprobs(state, c.delta_logprobs, top_n).model_dump()
+            if not c.delta_text and c.finish_reason is None and logprobs is None:
+                continue
+            delta = {"content": c.delta_text} if (c.delta_text or c.finish_reason is None) else {}
+            body = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            if c.finish_reason is not None:
+                body["stop_reason"] = c.stop_reason
+            chunks.append(chunk(body, job.usage(running) if continuous_usage else None))
+        return chunks
+
+    def final() -> dict[str, Any] | None:
+        return chunk(None, job.usage(running)) if include_usage else None
+
+    return await stream_job(state.engine, raw, job, "messages", make_chunks=make_chunks, final=final,
+                            opening=opening)

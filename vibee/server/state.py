@@ -1,0 +1,105 @@
+"""What every route handler reads: the engine and the facts about the model it serves.
+
+`create_app` builds one ServerState and keeps it on `app.state.server`; a handler declares a
+parameter `state: State` and FastAPI hands it over (no closures over create_app's locals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, AsyncIterator, Protocol
+
+from fastapi import Depends, Request
+from prometheus_client import CollectorRegistry
+
+from vibee.server.errors import APIError, bad_request
+from vibee.server.protocol import now
+
+
+class EngineClient(Protocol):
+    """What the server needs of an engine (vibee/runtime/async_engine.py's AsyncEngine, or a test's
+    fake). Optional, read with fallbacks: `served_model_name`, `max_model_len`, `is_alive`,
+    `model_config` (its `vocab_size` and `max_position_embeddings`). The app does not own the
+    engine: whoever built it shuts it down."""
+
+    tokenizer: Any
+    config: Any
+
+    def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]: ...
+
+    def check_prompt(self, prompt_token_ids: list[int], params: Any) -> None: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def add_observer(self, observer: Any) -> None: ...
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    registry: CollectorRegistry  # this app's Prometheus metrics
+    model_name: str
+    created: int = field(default_factory=now)
+    _token_text: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def for_engine(cls, engine: EngineClient) -> "ServerState":
+        return cls(engine, CollectorRegistry(), served_model_name(engine))
+
+    @property
+    def max_model_len(self) -> int:
+        value = getattr(self.engine, "max_model_len", None)
+        if isinstance(value, int):
+            return value
+        value = getattr(self.engine.config, "max_model_len", None)
+        if isinstance(value, int):
+            return value
+        return int(self.engine.model_config.max_position_embeddings)
+
+    @property
+    def vocab_size(self) -> int:
+        size = getattr(getattr(self.engine, "model_config", None), "vocab_size", None)
+        return int(size) if size else int(self.engine.tokenizer.vocab_size)
+
+    def is_alive(self) -> bool:
+        alive = getattr(self.engine, "is_alive", None)
+        if alive is None:
+            return True
+        return bool(alive() if callable(alive) else alive)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text with special tokens spelled out (logprobs show every token)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist. This server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def check_tokens(self, ids: list[int], param: str) -> None:
+        vocab = self.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise bad_request(f"Token id {t} is outside the vocabulary (0..{vocab - 1}).", param=param)
+
+
+def served_model_name(engine: EngineClient) -> str:
+    name = getattr(engine, "served_model_name", None)
+    if isinstance(name, str) and name:
+        return name
+    config = engine.config
+    return getattr(config, "served_model_name", None) or getattr(config, "model_name", None) or "vibee"
+
+
+def _server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+# A handler's parameter `state: State` receives the app's ServerState.
+State = Annotated[ServerState, Depends(_server_state)]
