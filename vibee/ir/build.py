@@ -65,15 +65,16 @@ def build_spec(doc: Mapping, path: str, text: str, target: str | None = None) ->
             c.warn(key.span, f"section '{name}' is not used by the generator; it is kept in the IR")
             extra[name] = value.to_python()
 
-    config, config_spans = (None, {})
-    if kind is not None:
-        config, config_spans = _config(doc, kind, legacy, c)
-    variants = _variants(doc, kind, c)
     types = _types(doc, c)
+    if kind is None:  # config, variants, behaviors and test cases all mean what the kind says
+        raise SpecError(c.errors + c.warnings)
+    config, config_spans = _config(doc, kind, legacy, c)
+    variants = _variants(doc, kind, c)
     ignored: list[TestCase] = []
-    model = config_model(kind) if kind is not None else None  # its ClassVars, even if config failed
-    behaviors = _behaviors(doc, model, legacy, ignored, c)
-    cases = _test_cases(doc.get("test_cases"), None, model, legacy, ignored, c)
+    model = config_model(kind)  # its ClassVars, even if config failed
+    declared = [v.name for v in variants]
+    behaviors = _behaviors(doc, model, legacy, ignored, declared, c)
+    cases = _test_cases(doc.get("test_cases"), None, model, legacy, ignored, declared, c)
     if c.errors:
         raise SpecError(c.errors + c.warnings)
     assert config is not None and kind is not None
@@ -124,7 +125,7 @@ def _header(doc: Mapping, path: str, target: str | None, c: _Collector) -> dict[
 
     module_node = doc.get("module")
     module = _scalar_str(module_node, "module", c, doc.span) or name or ""
-    if module and not (_IDENT.match(module) and not keyword.iskeyword(module)):
+    if module and not (_IDENT.match(module) and not keyword.iskeyword(module) and not module.startswith("__")):
         c.error(_span(module_node) or _span(doc.get("name")), f"module '{module}' is not a valid Python module name",
                 "use letters, digits and underscores, e.g. igla_kv_cache")
     out["module"] = module
@@ -219,9 +220,51 @@ def _config_error(root: Mapping, model: type, err: dict, c: _Collector) -> None:
     elif etype in ("value_error", "assertion_error"):
         if not msg.startswith(str(loc[-1]) if loc else "config") and loc:
             msg = f"{where}: {msg}"
+        if isinstance(node, Sequence):  # a check of the whole list that names one element
+            node = _element_named(node, msg) or node
     else:
+        hint = _literal_hint(node, etype)
         msg = f"{where}: {msg[0].lower() + msg[1:] if msg else msg}" + (f", got {got!r}" if got is not None and "got" not in msg else "")
     c.error(_span(node) or (key_node.span if key_node else root.span), msg, hint)
+
+
+def _literal_hint(node: Node | None, etype: str) -> str | None:
+    """How to write the value the type wanted, when the text is almost it: "16" for 16, yes for
+    true, 4.0 for 4."""
+    if not isinstance(node, Scalar):
+        return None
+    value = node.value
+    wants = next((t for t in ("int", "float", "bool") if etype.startswith(t)), None)
+    if wants is None:
+        return None
+    if isinstance(value, str) and node.quoted:
+        text = value.strip()
+        if (wants == "bool" and text in ("true", "false")) or (wants != "bool" and _number(text, wants == "int")):
+            return f"remove the quotes: {text}"
+    if wants == "bool" and isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return f"use true or false: {'true' if value.lower() in ('yes', 'on', 'y') else 'false'}"
+    if wants == "int" and isinstance(value, float) and value.is_integer():
+        return f"use {int(value)}"
+    return None
+
+
+def _number(text: str, integer: bool) -> bool:
+    try:
+        int(text) if integer else float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _element_named(seq: Sequence, message: str) -> Node | None:
+    """The element of seq whose value the message names first ("head dim 100 is not supported")."""
+    found = []
+    for item in seq.items:
+        if isinstance(item, Scalar) and item.value is not None and not isinstance(item.value, bool):
+            m = re.search(rf"(?<![\w.]){re.escape(str(item.value))}(?![\w.])", message)
+            if m:
+                found.append((m.start(), item))
+    return min(found, key=lambda f: f[0])[1] if found else None
 
 
 def _locate(root: Mapping, loc: tuple) -> tuple[Node | None, Scalar | None, Node | None]:
@@ -395,7 +438,8 @@ def _fields(node: Node | None, tname: str, declared: set[str], c: _Collector) ->
 # --- behaviors and test cases -------------------------------------------------------------------
 
 
-def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, ignored: list[TestCase], c: _Collector) -> list[Behavior]:
+def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, ignored: list[TestCase], variants: list[str],
+               c: _Collector) -> list[Behavior]:
     node = doc.get("behaviors")
     if node is None:
         return []
@@ -428,7 +472,7 @@ def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, igno
             if v is not None and not (isinstance(v, Scalar) and v.value is not None):
                 c.error(_span(v), f"'{key}' of behavior '{name}' must be text")
             texts[key] = str(v.value) if isinstance(v, Scalar) and v.value is not None else ""
-        cases = _test_cases(m.get("test_cases"), name, config, legacy, ignored, c)
+        cases = _test_cases(m.get("test_cases"), name, config, legacy, ignored, variants, c)
         out.append(Behavior(name=name, given=texts["given"] or texts["description"], when=texts["when"], then=texts["then"],
                             params=m.get("params").to_python() if isinstance(m.get("params"), Mapping) else {},
                             test_cases=cases, known=is_known, span=m.span))
@@ -436,7 +480,7 @@ def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, igno
 
 
 def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig] | None, legacy: bool,
-                ignored: list[TestCase], c: _Collector) -> list[TestCase]:
+                ignored: list[TestCase], variants: list[str], c: _Collector) -> list[TestCase]:
     """Validated test cases; descriptive (legacy) cases the kind cannot check go to `ignored`."""
     if node is None:
         return []
@@ -471,6 +515,8 @@ def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig
             for k, _ in sub:
                 if str(k.value) not in allowed:
                     unknown.append((k, part, allowed))
+            if part == "input" and "variants" in allowed and sub.get("variants") is not None:
+                _check_variant_names(sub.get("variants"), name, variants, c)
             sections[part] = sub.to_python()
         case = TestCase(name=name, input=sections["input"], expected=sections["expected"], behavior=behavior, span=m.span)
         if unknown and legacy:
@@ -483,6 +529,20 @@ def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig
             c.error(m.span, f"test case '{name}' has no 'expected:'; every generated test checks something", one_of(expects) if expects else None)
         cases.append(case)
     return cases
+
+
+def _check_variant_names(node: Node, case: str, declared: list[str], c: _Collector) -> None:
+    """A test case's `variants:` lists variants the spec declares (under `variants:`)."""
+    if not isinstance(node, Sequence):
+        c.error(_span(node), f"'variants' of test case '{case}' must be a list of variant names, e.g. [{', '.join(declared[:2])}]")
+        return
+    for item in node.items:
+        if not isinstance(item, Scalar) or not isinstance(item.value, str):
+            c.error(_span(item), f"'variants' of test case '{case}' must list variant names, got {item.to_python()!r}")
+        elif item.value not in declared:
+            hint = did_you_mean(item.value, declared) or (f"declared variants: {', '.join(declared)}" if declared else
+                                                          "declare it under `variants:` with a score_mod or mask_mod")
+            c.error(item.span, f"test case '{case}' uses variant '{item.value}', which the spec does not declare", hint)
 
 
 # --- small helpers ------------------------------------------------------------------------------
