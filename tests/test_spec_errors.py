@@ -115,6 +115,14 @@ CASES = [
     ("expr_unknown_name", edit(ATTN, '"cap * tanh(score / cap)"', '"cap * tanh(scroe / cap)"'), "scroe", 11, "scroe", "did you mean 'score'"),
     ("variant_without_expression", edit(ATTN, '    score_mod: "cap * tanh(score / cap)"\n', ""), "needs a score_mod or a mask_mod", 9, "name", None),
     ("attention_page_size", edit(ATTN, "page_size: 16", "page_size: 12"), "power of two", 6, "12", None),
+    ("test_case_undeclared_variant", edit(ATTN, "heads: 4,", "heads: 4, variants: [softcap, sofcap],"), "uses variant 'sofcap', which the spec does not declare", 14, "sofcap", "did you mean 'softcap'"),
+    ("test_case_variants_not_a_list", edit(ATTN, "heads: 4,", "heads: 4, variants: softcap,"), "must be a list of variant names", 14, "softcap", None),
+    # hints for values that are almost right, carets under the one list element at fault
+    ("quoted_number", edit(KV, "block_size: 16", 'block_size: "16"'), "block_size", 7, '"16"', "remove the quotes: 16"),
+    ("yes_for_a_bool", edit(KV, "kv_dtype: auto", "enable_prefix_caching: yes"), "enable_prefix_caching", 8, "yes", "use true or false: true"),
+    ("float_for_an_int", edit(KV, "block_size: 16", "block_size: 16.0"), "block_size", 7, "16.0", "use 16"),
+    ("bad_list_element", edit(ATTN, "head_dims: [8, 64]", "head_dims: [8, 100]"), "head dim 100 is not supported", 5, "100", None),
+    ("quoted_list_element", edit(ATTN, "head_dims: [8, 64]", 'head_dims: [8, "64"]'), "head_dims.1", 5, '"64"', "remove the quotes: 64"),
 ]
 
 
@@ -155,6 +163,33 @@ def test_independent_errors_are_all_reported(tmp_path):
         _load_text(tmp_path, text)
     lines = sorted(d.span.line for d in info.value.diagnostics if d.severity == "error")
     assert lines == [7, 14, 17]
+
+
+def test_an_unknown_kind_is_one_error_not_a_cascade(tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "specs/tri/igla_flash_attention.vibee").read_text(encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        _load_text(tmp_path, edit(text, "kind: flash_attention", "kind: flash_atention"))
+    (error,) = [d for d in info.value.diagnostics if d.severity == "error"]
+    assert error.message == "unknown kind 'flash_atention'" and "did you mean 'flash_attention'" in error.hint
+
+
+@pytest.mark.parametrize("name, language", [("torch", "torch"), ("hashlib", "torch"), ("OrderedDict", "torch"), ("dataclass", "torch"), ("field", "torch"),
+                                            ("Sequence", "torch"), ("len", "torch"), ("triton", "triton"), ("tl", "triton")])
+def test_check_rejects_a_type_named_like_what_the_generated_module_binds(tmp_path, name, language):
+    path = tmp_path / "spec.vibee"
+    path.write_text(edit(edit(KV, "language: torch", f"language: {language}"), "  MemoryStats:", f"  {name}:"), encoding="utf-8")
+    for cmd in (["check"], ["gen", "--out", str(tmp_path / "out")]):
+        result = _cli(*cmd, str(path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path}:11:3: error: type '{name}'" in result.stderr and "help: rename the type" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_rejects_a_field_named_like_what_the_generated_class_calls(tmp_path):
+    path = tmp_path / "spec.vibee"
+    path.write_text(edit(KV, "      usage: Float", "      field: Int\n      sizes: List<Int>"), encoding="utf-8")
+    result = _cli("check", str(path))
+    assert result.returncode == 2 and f"{path}:14:7: error: field 'field' of type 'MemoryStats'" in result.stderr, result.stderr
 
 
 def test_cross_module_contract_names_both_specs(tmp_path):
