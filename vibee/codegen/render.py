@@ -21,7 +21,7 @@ _PRIMITIVES = {"Int": "int", "Float": "float", "Bool": "bool", "String": "str", 
 _DEFAULTS = {"int": "0", "float": "0.0", "bool": "False", "str": '""', "torch.Tensor": "None"}
 
 
-def py_type(spec_type: str) -> str:
+def py_type(spec_type: str) -> Source:
     """The Python annotation for a normalised IR type (see vibee/ir/types.py)."""
     t = spec_type.strip()
     if t in _PRIMITIVES:
