@@ -4,6 +4,7 @@ another valid value, a description rewritten) the generated suites pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import re
@@ -24,7 +25,7 @@ SPEC_DIR = Path(__file__).resolve().parent.parent / "specs" / "tri"
 SPECS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(SPEC_DIR.glob("*.vibee"))}
 # Names a user might give a type, field, variant or test case that the generated code also uses.
 NAMES = ["torch", "math", "dataclass", "field", "fields", "triton", "tl", "np", "F", "nn", "len", "int", "Sequence",
-         "annotations", "impl", "ref", "pytest", "MemoryStats", "Scheduler", "x_reference", "__init__", "__file__", "Stats"]
+         "annotations", "impl", "ref", "pytest", "MemoryStats", "Scheduler", "x_reference", "__init__", "__slots__", "__file__", "Stats"]
 _counter = itertools.count()
 
 
@@ -81,8 +82,11 @@ def test_what_check_accepts_generates_and_imports(tmp_path, case, target):
     event("check accepted it")
     write(files, out)
     (spec,) = specs
-    for module in (spec.module, f"{spec.module}_reference"):
-        _import(out / "vibee_gen" / f"{module}.py")
+    impl = _import(out / "vibee_gen" / f"{spec.module}.py")
+    _import(out / "vibee_gen" / f"{spec.module}_reference.py")
+    for t in spec.types:  # the spec's types are the module's dataclasses, every field defaulted
+        record = getattr(impl, t.name)()
+        assert [f.name for f in dataclasses.fields(record)] == [f.name for f in t.fields]
     compile((out / "tests" / f"test_{spec.module}.py").read_text(encoding="utf-8"), "test", "exec")
 
 

@@ -99,6 +99,7 @@ CASES = [
     # types
     ("unknown_field_type", edit(KV, "usage: Float", "usage: Flaot"), "unknown type 'Flaot'", 14, "Flaot", "did you mean 'Float'"),
     ("generic_without_args", edit(KV, "usage: Float", "usage: List"), "List needs type arguments", 14, None, None),
+    ("field_named_like_python_internals", edit(KV, "usage: Float", "__init__: Float"), "field name '__init__' is reserved", 14, "__init__", "'init'"),
     ("field_not_identifier", edit(KV, "usage: Float", "usage-pct: Float"), "not an identifier", 14, "usage-pct", None),
     # behaviors
     ("unknown_behavior", edit(KV, "name: allocate_blocks", "name: alocate_blocks"), "unknown behavior 'alocate_blocks'", 16, "alocate_blocks", "did you mean 'allocate_blocks'"),

@@ -123,7 +123,7 @@ def _header(doc: Mapping, path: str, target: str | None, c: _Collector) -> dict[
 
     module_node = doc.get("module")
     module = _scalar_str(module_node, "module", c, doc.span) or name or ""
-    if module and not (_IDENT.match(module) and not keyword.iskeyword(module) and not module.startswith("__")):
+    if module and not (_IDENT.match(module) and not keyword.iskeyword(module) and not _is_dunder(module)):
         c.error(_span(module_node) or _span(doc.get("name")), f"module '{module}' is not a valid Python module name",
                 "use letters, digits and underscores, e.g. igla_kv_cache")
     out["module"] = module
@@ -240,8 +240,8 @@ def _types(doc: Mapping, c: _Collector) -> list[TypeDecl]:
     out = []
     for key, body in node:
         tname = str(key.value)
-        if not _IDENT.match(tname) or keyword.iskeyword(tname):
-            c.error(key.span, f"type name '{tname}' is not an identifier")
+        if not _IDENT.match(tname) or keyword.iskeyword(tname) or _is_dunder(tname):
+            c.error(key.span, f"type name '{tname}' is not an identifier" + (" a spec may use (double underscores are Python's)" if _is_dunder(tname) else ""))
             continue
         description = ""
         fields_node: Node | None = None
@@ -284,6 +284,10 @@ def _fields(node: Node | None, tname: str, declared: set[str], c: _Collector) ->
         fname = str(key.value)
         if not _IDENT.match(fname) or keyword.iskeyword(fname):
             c.error(key.span, f"field name '{fname}' of {tname} is not an identifier")
+            continue
+        if _is_dunder(fname):
+            c.error(key.span, f"field name '{fname}' is reserved: Python gives double-underscore names to the class itself",
+                    f"rename the field, e.g. '{fname.strip('_')}'")
             continue
         if fname in seen:
             c.error(key.span, f"duplicate field '{fname}' in {tname}")
@@ -414,6 +418,10 @@ def _check_variant_names(node: Node, case: str, declared: list[str], c: _Collect
 
 
 # --- small helpers ------------------------------------------------------------------------------
+
+
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
 
 
 def _span(node: Node | None) -> Span | None:
