@@ -186,6 +186,17 @@ def test_check_rejects_a_type_named_like_what_the_generated_module_binds(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_check_covers_the_target_gen_may_be_asked_for(tmp_path):
+    path = tmp_path / "spec.vibee"
+    path.write_text(edit(KV, "  MemoryStats:", "  tl:"), encoding="utf-8")  # language: torch
+    assert _cli("gen", "--out", str(tmp_path / "out"), str(path)).returncode == 0
+    triton = _cli("gen", "--target", "triton", "--out", str(tmp_path / "out2"), str(path))
+    assert triton.returncode == 2 and f"{path}:11:3: error: type 'tl' clashes" in triton.stderr
+    check = _cli("check", str(path))
+    assert check.returncode == 2 and f"{path}:11:3: error: type 'tl' clashes" in check.stderr
+    assert _cli("check", "--target", "torch", str(path)).returncode == 0
+
+
 def test_check_rejects_a_field_named_like_what_the_generated_class_calls(tmp_path):
     path = tmp_path / "spec.vibee"
     path.write_text(edit(KV, "      usage: Float", "      field: Int\n      sizes: List<Int>"), encoding="utf-8")

@@ -110,9 +110,25 @@ def check_cmd(specs, target, syntax_only):
         click.echo(f"{len(specs)} spec(s): syntax ok")
         return
     loaded = _load(specs, target)
-    _plan(loaded, Path("output"))
+    _plan_every_target(loaded, target)
     for spec in loaded:
         click.echo(f"{spec.path}: ok ({spec.kind}, target {spec.target})")
+
+
+def _plan_every_target(loaded, target) -> None:
+    """Render what `gen` would write for each target (unless --target picks one), so that a
+    name that only clashes in the Triton module fails `check` too; one error per spec position."""
+    from vibee.codegen.generate import plan
+
+    errors: dict = {}
+    for t in [target] if target else SUPPORTED_TARGETS:
+        try:
+            plan([s if s.target == t else s.model_copy(update={"target": t}) for s in loaded], Path("output"))
+        except SpecError as exc:
+            for d in exc.diagnostics:
+                errors.setdefault((d.span, d.severity), d)
+    if errors:
+        _fail(SpecError(list(errors.values())))
 
 
 @main.command()
