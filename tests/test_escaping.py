@@ -1,6 +1,6 @@
 """One escaping rule at the render boundary: whatever text a spec puts where a template writes
-it (descriptions, given/when/then, test case names, field descriptions, expression sources, the
-spec's own file name), the generated files parse, and their code is token for token the code of
+it (descriptions, given/when/then, test case names and data, type and field descriptions,
+expression sources, the spec's own file name), the generated files parse, and their code is token for token the code of
 a spec with plain text there: spec text lands only inside string literals and comments."""
 
 from __future__ import annotations
@@ -32,8 +32,16 @@ def with_text(spec, text: str, folder: Path):
     def expr(e):
         return e if e is None else e.model_copy(update={"source": text})
 
+    def strings(value):  # test case data: every string value in it (the keys are the kind's)
+        if isinstance(value, dict):
+            return {k: strings(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strings(v) for v in value]
+        return text + value if isinstance(value, str) else value
+
     def cases(cs, tag):
-        return [c.model_copy(update={"name": f"{text}{tag}{i}"}) for i, c in enumerate(cs)]
+        return [c.model_copy(update={"name": f"{text}{tag}{i}", "input": strings(c.input), "expected": strings(c.expected)})
+                for i, c in enumerate(cs)]
 
     behaviors = [b.model_copy(update={"given": text, "when": text, "then": text, "test_cases": cases(b.test_cases, f"b{j}")})
                  for j, b in enumerate(spec.behaviors)]
