@@ -5,28 +5,24 @@ right ("16" for 16, yes for true, 4.0 for 4) and the caret under the one list el
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from pydantic import ValidationError
 
 from vibee.frontend.document import Mapping, Node, Scalar, Sequence, Span
 from vibee.frontend.errors import did_you_mean, one_of
+from vibee.ir.reading import Collector, span_of
 from vibee.ir.spec import KindConfig
 from vibee.kinds.registry import config_model
 
 
-def _span(node: Node | None) -> Span | None:
-    return getattr(node, "span", None)
-
-
-def build_config(doc: Mapping, kind: str, c: Any) -> tuple[KindConfig | None, dict[str, Span]]:
+def build_config(doc: Mapping, kind: str, c: Collector) -> tuple[KindConfig | None, dict[str, Span]]:
     """The kind's config (None when invalid: the errors went to c) and where each value was written."""
     model = config_model(kind)
     node = doc.get("config")
     if node is None:
         return model(), {}
     if not isinstance(node, Mapping):
-        c.error(_span(node), "'config' must be a mapping of settings", f"settings of {kind}: {', '.join(model.model_fields)}")
+        c.error(span_of(node), "'config' must be a mapping of settings", f"settings of {kind}: {', '.join(model.model_fields)}")
         return None, {}
     spans = _value_spans(node, "")
     try:
@@ -42,23 +38,23 @@ def _value_spans(node: Node, prefix: str) -> dict[str, Span]:
     if isinstance(node, Mapping):
         for k, v in node:
             path = f"{prefix}{k.value}"
-            out[path] = _span(v) or k.span
+            out[path] = span_of(v) or k.span
             out.update(_value_spans(v, path + "."))
     return out
 
 
-def _config_error(root: Mapping, model: type, err: dict, c: Any) -> None:
+def _config_error(root: Mapping, model: type, err: dict, c: Collector) -> None:
     loc = tuple(err.get("loc", ()))
     node, key_node, parent = _locate(root, loc)
     where = ".".join(str(p) for p in loc) or "config"
     etype = err.get("type", "")
     if etype == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        c.error(key_node.span if key_node else _span(node), f"unknown setting '{loc[-1]}' in {'config' if len(loc) == 1 else 'config.' + '.'.join(map(str, loc[:-1]))}",
+        c.error(key_node.span if key_node else span_of(node), f"unknown setting '{loc[-1]}' in {'config' if len(loc) == 1 else 'config.' + '.'.join(map(str, loc[:-1]))}",
                 did_you_mean(str(loc[-1]), fields) or (one_of(fields) if fields else None))
         return
     if etype == "missing":
-        c.error(_span(parent) or root.span, f"config is missing required setting '{where}'")
+        c.error(span_of(parent) or root.span, f"config is missing required setting '{where}'")
         return
     msg = str(err.get("msg", "invalid value"))
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -76,7 +72,7 @@ def _config_error(root: Mapping, model: type, err: dict, c: Any) -> None:
     else:
         hint = _literal_hint(node, etype)
         msg = f"{where}: {msg[0].lower() + msg[1:] if msg else msg}" + (f", got {got!r}" if got is not None and "got" not in msg else "")
-    c.error(_span(node) or (key_node.span if key_node else root.span), msg, hint)
+    c.error(span_of(node) or (key_node.span if key_node else root.span), msg, hint)
 
 
 def _literal_hint(node: Node | None, etype: str) -> str | None:
