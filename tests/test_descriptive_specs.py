@@ -56,5 +56,5 @@ def test_type_named_like_a_generated_class_is_a_spec_error(gen_from_text, spec_t
     from vibee.frontend.errors import SpecError
 
     text = DESCRIPTIVE.format(kind="continuous_batch", Kind="ContinuousBatch").replace("ContinuousBatchNotes:", "Scheduler:")
-    with pytest.raises(SpecError, match="type 'Scheduler' clashes with a name the generated continuous_batch module defines"):
+    with pytest.raises(SpecError, match="type 'Scheduler' clashes with a name the generated continuous_batch module binds"):
         gen_from_text(text, name="igla_continuous_batch", target="torch")

@@ -99,6 +99,7 @@ CASES = [
     # types
     ("unknown_field_type", edit(KV, "usage: Float", "usage: Flaot"), "unknown type 'Flaot'", 14, "Flaot", "did you mean 'Float'"),
     ("generic_without_args", edit(KV, "usage: Float", "usage: List"), "List needs type arguments", 14, None, None),
+    ("field_named_like_python_internals", edit(KV, "usage: Float", "__init__: Float"), "field name '__init__' is reserved", 14, "__init__", "'init'"),
     ("field_not_identifier", edit(KV, "usage: Float", "usage-pct: Float"), "not an identifier", 14, "usage-pct", None),
     # behaviors
     ("unknown_behavior", edit(KV, "name: allocate_blocks", "name: alocate_blocks"), "unknown behavior 'alocate_blocks'", 16, "alocate_blocks", "did you mean 'allocate_blocks'"),
@@ -114,6 +115,14 @@ CASES = [
     ("expr_import", edit(ATTN, '"cap * tanh(score / cap)"', '"__import__(\'os\').system(\'true\')"'), "", 11, "__import__", None),
     ("expr_unknown_name", edit(ATTN, '"cap * tanh(score / cap)"', '"cap * tanh(scroe / cap)"'), "scroe", 11, "scroe", "did you mean 'score'"),
     ("variant_without_expression", edit(ATTN, '    score_mod: "cap * tanh(score / cap)"\n', ""), "needs a score_mod or a mask_mod", 9, "name", None),
+    ("test_case_undeclared_variant", edit(ATTN, "heads: 4,", "heads: 4, variants: [softcap, sofcap],"), "uses variant 'sofcap', which the spec does not declare", 14, "sofcap", "did you mean 'softcap'"),
+    ("test_case_variants_not_a_list", edit(ATTN, "heads: 4,", "heads: 4, variants: softcap,"), "must be a list of variant names", 14, "softcap", None),
+    # hints for values that are almost right, carets under the one list element at fault
+    ("quoted_number", edit(KV, "block_size: 16", 'block_size: "16"'), "block_size", 7, '"16"', "remove the quotes: 16"),
+    ("yes_for_a_bool", edit(KV, "kv_dtype: auto", "enable_prefix_caching: yes"), "enable_prefix_caching", 8, "yes", "use true or false: true"),
+    ("float_for_an_int", edit(KV, "block_size: 16", "block_size: 16.0"), "block_size", 7, "16.0", "use 16"),
+    ("bad_list_element", edit(ATTN, "head_dims: [8, 64]", "head_dims: [8, 100]"), "head dim 100 is not supported", 5, "100", None),
+    ("quoted_list_element", edit(ATTN, "head_dims: [8, 64]", 'head_dims: [8, "64"]'), "head_dims.1", 5, '"64"', "remove the quotes: 64"),
 ]
 
 
@@ -154,6 +163,44 @@ def test_independent_errors_are_all_reported(tmp_path):
         _load_text(tmp_path, text)
     lines = sorted(d.span.line for d in info.value.diagnostics if d.severity == "error")
     assert lines == [7, 14, 17]
+
+
+def test_an_unknown_kind_is_one_error_not_a_cascade(tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "specs/tri/igla_flash_attention.vibee").read_text(encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        _load_text(tmp_path, edit(text, "kind: flash_attention", "kind: flash_atention"))
+    (error,) = [d for d in info.value.diagnostics if d.severity == "error"]
+    assert error.message == "unknown kind 'flash_atention'" and "did you mean 'flash_attention'" in error.hint
+
+
+@pytest.mark.parametrize("name, language", [("torch", "torch"), ("hashlib", "torch"), ("OrderedDict", "torch"), ("dataclass", "torch"), ("field", "torch"),
+                                            ("Sequence", "torch"), ("len", "torch"), ("triton", "triton"), ("tl", "triton")])
+def test_check_rejects_a_type_named_like_what_the_generated_module_binds(tmp_path, name, language):
+    path = tmp_path / "spec.vibee"
+    path.write_text(edit(edit(KV, "language: torch", f"language: {language}"), "  MemoryStats:", f"  {name}:"), encoding="utf-8")
+    for cmd in (["check"], ["gen", "--out", str(tmp_path / "out")]):
+        result = _cli(*cmd, str(path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{path}:11:3: error: type '{name}'" in result.stderr and "help: rename the type" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_covers_the_target_gen_may_be_asked_for(tmp_path):
+    path = tmp_path / "spec.vibee"
+    path.write_text(edit(KV, "  MemoryStats:", "  tl:"), encoding="utf-8")  # language: torch
+    assert _cli("gen", "--out", str(tmp_path / "out"), str(path)).returncode == 0
+    triton = _cli("gen", "--target", "triton", "--out", str(tmp_path / "out2"), str(path))
+    assert triton.returncode == 2 and f"{path}:11:3: error: type 'tl' clashes" in triton.stderr
+    check = _cli("check", str(path))
+    assert check.returncode == 2 and f"{path}:11:3: error: type 'tl' clashes" in check.stderr
+    assert _cli("check", "--target", "torch", str(path)).returncode == 0
+
+
+def test_check_rejects_a_field_named_like_what_the_generated_class_calls(tmp_path):
+    path = tmp_path / "spec.vibee"
+    path.write_text(edit(KV, "      usage: Float", "      field: Int\n      sizes: List<Int>"), encoding="utf-8")
+    result = _cli("check", str(path))
+    assert result.returncode == 2 and f"{path}:14:7: error: field 'field' of type 'MemoryStats'" in result.stderr, result.stderr
 
 
 def test_two_specs_for_one_module_is_an_error(tmp_path):

@@ -513,7 +513,7 @@ interpreter_only = pytest.mark.skipif(not INTERPRET, reason="runs Triton kernels
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # (bits, storage of the codes, symmetric, group size): the spec's own format first.
-SPEC_STORAGE = "int32"
+SPEC_STORAGE = 'int32'
 KERNEL_FORMATS = [
     pytest.param((SPEC_BITS, SPEC_STORAGE, SPEC_SYMMETRIC, SPEC_GROUP_SIZE), id="spec"),
     pytest.param((4, "int32", True, -1), id="int4-int32-sym-perchannel"),

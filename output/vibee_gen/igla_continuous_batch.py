@@ -4,7 +4,8 @@
 """Iteration-level scheduler for the vibee engine (vLLM-v1 / nano-vllm style): each step it
 returns the sequences to run with their token counts under a token budget and a sequence
 limit, splits long prompts into chunks, reuses prefix-cache hits, and preempts by recompute
-when KV blocks run out. It drives the paged KV cache only through vibee.protocols.BlockSpace."""
+when KV blocks run out. It drives the paged KV cache only through vibee.protocols.BlockSpace.
+"""
 
 from __future__ import annotations
 
@@ -256,7 +257,8 @@ class Scheduler:
 
         Given a sequence
         When it is added
-        Then it fits when prompt + max_tokens - 1 tokens take at most the cache's blocks minus the watermark
+        Then it fits when prompt + max_tokens - 1 tokens take at most the cache's blocks minus the
+        watermark
         """
         blocks = math.ceil(self._longest_kv(seq) / self.block_space.block_size)
         return blocks <= self.num_total_blocks - self.watermark_blocks
@@ -266,7 +268,8 @@ class Scheduler:
 
         Given a sequence id, waiting, running or in a step in flight
         When the engine aborts it (e.g. its client went away)
-        Then it leaves the scheduler, its blocks are freed, and a result that comes back for it is dropped
+        Then it leaves the scheduler, its blocks are freed, and a result that comes back for it is
+        dropped
         """
         seq = self._sequences.pop(seq_id, None)
         if seq is None:
@@ -356,9 +359,11 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
         """Apply a step's results: advance computed tokens, append sampled ones, finish sequences.
 
-        Given the step that ran and the token sampled for each sequence whose last token was computed
+        Given the step that ran and the token sampled for each sequence whose last token was
+        computed
         When the engine reports the step's results
-        Then computed token counts advance; a sequence that finished its prompt or decoded appends its
+        Then computed token counts advance; a sequence that finished its prompt or decoded appends
+        its
         sampled token (a partial prompt chunk samples nothing); a sequence that sampled a stop
         token or reached max_tokens finishes and its blocks are freed
 
@@ -451,7 +456,8 @@ class Scheduler:
 
         Given a prompt longer than the token budget left in a step
         When chunked prefill is on
-        Then the sequence computes as many prompt tokens as the budget (and long_prefill_token_threshold,
+        Then the sequence computes as many prompt tokens as the budget (and
+        long_prefill_token_threshold,
         when set) allows and continues next step; it samples its first token only with the last
         chunk, and its chunks add up to the prompt
         """

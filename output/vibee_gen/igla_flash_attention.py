@@ -4,7 +4,8 @@
 """Paged flash attention for the vibee engine: a varlen prefill over the paged KV cache
 (causal, GQA, cached prefixes for chunked prefill and prefix-cache hits), a split-KV paged
 decode with a log-sum-exp merge, a contiguous varlen path for runs without a cache, and the
-attention variants declared below. Scores accumulate in fp32; fully masked rows give zeros."""
+attention variants declared below. Scores accumulate in fp32; fully masked rows give zeros.
+"""
 
 from __future__ import annotations
 
@@ -257,7 +258,8 @@ def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor) -> tuple[
 
     Given the partial outputs and log-sum-exps of a sequence's KV splits, empty splits included
     When they are merged
-    Then the result equals attention over all of the keys, and a sequence with no visible key gets zeros
+    Then the result equals attention over all of the keys, and a sequence with no visible key gets
+    zeros
 
     partial_out [..., S, H, D] and partial_lse [..., S, H] hold each split's softmax-normalised
     output and log-sum-exp (-inf for a split with no visible key). Returns (out [..., H, D],
@@ -390,7 +392,8 @@ def _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, window, vari
 def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
     """Attention of each sequence's new query tokens over its KV in the paged cache.
 
-    Given new query tokens of a batch of sequences whose K/V (cached prefix and new tokens) are in the paged cache
+    Given new query tokens of a batch of sequences whose K/V (cached prefix and new tokens) are in
+    the paged cache
     When prefill runs
     Then each query attends to the keys at or before its position (query i of a sequence with
     q_len new tokens and seq_len keys sits at seq_len - q_len + i), softmax(QK^T * scale) V,
@@ -446,7 +449,8 @@ def num_splits_for(kv_len: int) -> int:
 
     Given the KV length of the longest sequence in a decode batch
     When decode picks its split count
-    Then it uses split_kv splits (auto = max_splits), never more than the sequence has min_block_kv tiles
+    Then it uses split_kv splits (auto = max_splits), never more than the sequence has min_block_kv
+    tiles
 
     SPLIT_KV splits ("auto": MAX_SPLITS), but never more than the sequence has tiles of
     MIN_BLOCK_KV tokens, and at least one.

@@ -104,14 +104,14 @@ class BlockManager:
         return len(self.free_block_ids) + len(self.cached_block_ids)
 
     def num_blocks_to_allocate(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
-        """Blocks allocate(seq_id, token_ids) would take from the free ones: new blocks, plus
-        cached hits that nothing references (reviving one takes it out of the evictable pool).
-        allocate succeeds exactly when this is at most num_free_blocks().
+        """Blocks allocate(seq_id, token_ids) would take from the free ones: new blocks, plus cached
+        hits that nothing references (reviving one takes it out of the evictable pool). allocate
+        succeeds exactly when this is at most num_free_blocks().
 
-        Given: a new sequence whose prompt starts with tokens of earlier sequences
-        When: num_blocks_to_allocate or allocate looks it up
-        Then: every full block whose whole token prefix matches a cached block is a hit (hash of
-            a block = hash(parent block's hash, its tokens)); the rest need new blocks
+        Given a new sequence whose prompt starts with tokens of earlier sequences
+        When num_blocks_to_allocate or allocate looks it up
+        Then every full block whose whole token prefix matches a cached block is a hit (hash of a
+        block = hash(parent block's hash, its tokens)); the rest need new blocks
         """
         slots = len(token_ids) + num_lookahead
         table = self.block_tables.get(seq_id)
@@ -123,16 +123,15 @@ class BlockManager:
 
     def allocate(self, seq_id: int, token_ids: Sequence[int], num_lookahead: int = 0) -> int:
         """Grow seq_id's block table to cover token_ids (all of its tokens so far). A new sequence
-        first reuses the longest chain of cached full blocks of its prefix; the return value is
-        how many leading tokens that covers (a multiple of the block size, possibly every token;
-        0 when the sequence only grows). Raises MemoryError when blocks are short, changing
-        nothing.
+        first reuses the longest chain of cached full blocks of its prefix; the return value is how
+        many leading tokens that covers (a multiple of the block size, possibly every token; 0 when
+        the sequence only grows). Raises MemoryError when blocks are short, changing nothing.
 
-        Given: a sequence id and all of its token ids so far
-        When: allocate is called
-        Then: its block table covers ceil(len / block_size) blocks, a new sequence first reusing
-            the longest chain of cached full blocks of its prefix; too few free blocks raise
-            MemoryError and change nothing
+        Given a sequence id and all of its token ids so far
+        When allocate is called
+        Then its block table covers ceil(len / block_size) blocks, a new sequence first reusing the
+        longest chain of cached full blocks of its prefix; too few free blocks raise MemoryError and
+        change nothing
         """
         # num_lookahead: slots past token_ids for tokens that may not be kept (speculative drafts).
         # Their blocks are reserved, but nothing about them is recorded or put in the prefix cache.
@@ -142,13 +141,12 @@ class BlockManager:
         return 0
 
     def free(self, seq_id: int) -> None:
-        """Release every block of seq_id. Full blocks stay in the prefix cache until evicted;
-        freeing an unknown or already freed sequence does nothing.
+        """Release every block of seq_id. Full blocks stay in the prefix cache until evicted; freeing
+        an unknown or already freed sequence does nothing.
 
-        Given: a finished or preempted sequence
-        When: free is called
-        Then: its blocks lose a reference; full blocks stay in the prefix cache, the rest become
-            free
+        Given a finished or preempted sequence
+        When free is called
+        Then its blocks lose a reference; full blocks stay in the prefix cache, the rest become free
         """
         table = self.block_tables.pop(seq_id, None)
         if table is None:
@@ -169,13 +167,12 @@ class BlockManager:
     # -- sharing ----------------------------------------------------------------------------
 
     def fork(self, src_seq_id: int, dst_seq_id: int) -> None:
-        """Make dst_seq_id a sequence sharing every block of src_seq_id (each block's ref_count
-        grows by one). Before either appends to a shared partial last block it calls
-        copy_on_write.
+        """Make dst_seq_id a sequence sharing every block of src_seq_id (each block's ref_count grows
+        by one). Before either appends to a shared partial last block it calls copy_on_write.
 
-        Given: a sequence with blocks
-        When: it is forked into a new sequence id
-        Then: both share every block, each block's ref_count one higher
+        Given a sequence with blocks
+        When it is forked into a new sequence id
+        Then both share every block, each block's ref_count one higher
         """
         if dst_seq_id in self.block_tables:
             raise ValueError(f"sequence {dst_seq_id} already has blocks; fork needs a new sequence id")
@@ -187,13 +184,13 @@ class BlockManager:
 
     def copy_on_write(self, seq_id: int) -> tuple[int, int] | None:
         """Give seq_id a private copy of its last block when that block is partial and shared, and
-        return (src_block, dst_block) for the caller to copy the K/V (PagedKVCache.copy_block).
-        None when nothing needs copying: a private block, or a full one, which is never written
-        again. Raises MemoryError when no block is free.
+        return (src_block, dst_block) for the caller to copy the K/V (PagedKVCache.copy_block). None
+        when nothing needs copying: a private block, or a full one, which is never written again.
+        Raises MemoryError when no block is free.
 
-        Given: a sequence whose partial last block is shared
-        When: copy_on_write is called before appending to it
-        Then: the sequence gets a private copy of that block and the caller copies its K/V
+        Given a sequence whose partial last block is shared
+        When copy_on_write is called before appending to it
+        Then the sequence gets a private copy of that block and the caller copies its K/V
         """
         table = self.block_tables[seq_id]
         if not table or self.num_tokens[seq_id] % self.block_size == 0:
@@ -212,9 +209,9 @@ class BlockManager:
     def stats(self) -> MemoryStats:
         """Block usage and prefix-cache effectiveness right now.
 
-        Given: a block manager in use
-        When: stats is called
-        Then: it returns MemoryStats with block usage and the prefix-cache hit rate
+        Given a block manager in use
+        When stats is called
+        Then it returns MemoryStats with block usage and the prefix-cache hit rate
         """
         num_blocks = len(self.blocks)
         num_free_blocks = self.num_free_blocks()
@@ -326,12 +323,12 @@ class BlockManager:
         return block
 
     def _evict_lru(self) -> int:
-        """Drop the least recently used unreferenced cached block from the prefix cache and return
-        its id.
+        """Drop the least recently used unreferenced cached block from the prefix cache and return its
+        id.
 
-        Given: no free block and unreferenced cached blocks
-        When: a new block is needed
-        Then: the least recently used of them leaves the prefix cache and is reused
+        Given no free block and unreferenced cached blocks
+        When a new block is needed
+        Then the least recently used of them leaves the prefix cache and is reused
         """
         block_id, _ = self.cached_block_ids.popitem(last=False)
         block = self.blocks[block_id]
@@ -412,10 +409,10 @@ class PagedKVCache:
         """Store k and v [num_tokens, num_kv_heads, head_dim] of one layer at slot_mapping[i] =
         block_id * block_size + offset.
 
-        Given: K and V of new tokens and their slots (block_id * block_size + offset)
-        When: write is called for a layer
-        Then: the pages hold them in the storage dtype; int8 pages keep a scale per block and kv
-            head that grows (and re-quantizes the block) when new tokens need it
+        Given K and V of new tokens and their slots (block_id * block_size + offset)
+        When write is called for a layer
+        Then the pages hold them in the storage dtype; int8 pages keep a scale per block and kv head
+        that grows (and re-quantizes the block) when new tokens need it
         """
         expected = (len(slot_mapping), self.num_kv_heads, self.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
@@ -428,10 +425,10 @@ class PagedKVCache:
         """The first `length` tokens' K and V of one layer as contiguous [length, num_kv_heads,
         head_dim] tensors in the activation dtype.
 
-        Given: a sequence's block table and length
-        When: gather is called for a layer
-        Then: K and V come back contiguous, dequantized to the activation dtype, equal to what
-            was written
+        Given a sequence's block table and length
+        When gather is called for a layer
+        Then K and V come back contiguous, dequantized to the activation dtype, equal to what was
+        written
         """
         slots = self.slot_mapping(block_table, 0, length)
         return self.k_pages[layer].load(slots, self.dtype), self.v_pages[layer].load(slots, self.dtype)
@@ -444,12 +441,12 @@ class PagedKVCache:
 
 def num_blocks_for(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,
                    block_size: int = BLOCK_SIZE, reserved_bytes: int = 0) -> int:
-    """Blocks that fit when the server may use GPU_MEMORY_UTILIZATION of memory_bytes (the
-    device's memory) and reserved_bytes of that go to weights and activations.
+    """Blocks that fit when the server may use GPU_MEMORY_UTILIZATION of memory_bytes (the device's
+    memory) and reserved_bytes of that go to weights and activations.
 
-    Given: the device's memory and the bytes weights and activations need
-    When: num_blocks_for sizes the cache
-    Then: as many blocks as fit in gpu_memory_utilization of the memory after those bytes
+    Given the device's memory and the bytes weights and activations need
+    When num_blocks_for sizes the cache
+    Then as many blocks as fit in gpu_memory_utilization of the memory after those bytes
     """
     per_block = 2 * num_layers * KVPages.bytes_per_block(block_size, num_kv_heads, head_dim, STORAGE_DTYPE or dtype)
     budget = int(memory_bytes * GPU_MEMORY_UTILIZATION) - reserved_bytes

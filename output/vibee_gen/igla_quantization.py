@@ -4,7 +4,8 @@
 """Weight-only round-to-nearest quantization for the vibee runtime: int4 group-wise or int8
 codes with per-group scales (and zero points when asymmetric), 4-bit codes packed into
 int32 words, a QuantLinear with nn.Linear's call signature, and quantize_model, which
-swaps a model's linear layers for it."""
+swaps a model's linear layers for it.
+"""
 
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ class QuantLinear(nn.Module):
 
     Given an nn.Linear layer and its QuantLinear made by QuantLinear.from_linear
     When both are called on the same input of any leading shape
-    Then QuantLinear returns F.linear(x, dequantize(weight), bias) in the input's dtype, close to the
+    Then QuantLinear returns F.linear(x, dequantize(weight), bias) in the input's dtype, close to
+    the
     float layer's output; its codes, scales and zero points are buffers, so state_dict round-trips
 
     Same call as nn.Linear (any leading dimensions, output in the input's dtype); the matmul runs

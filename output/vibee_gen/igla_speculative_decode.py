@@ -3,7 +3,8 @@
 # Change the spec (or vibee/kinds/speculative_decode/templates/) and run `vibee gen`; `vibee gen --check` fails on edits here.
 """Speculative decoding for the vibee engine: an n-gram prompt-lookup drafter and a
 draft-model drafter, a lossless rejection-sampling verifier (exact greedy matching at
-temperature 0), a greedy verifier, and acceptance statistics."""
+temperature 0), a greedy verifier, and acceptance statistics.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class NgramDrafter:
         self.max_n = max_n
 
     def propose(self, token_ids: Sequence[int]) -> list[int]:
-        """Up to num_speculative_tokens draft tokens for one sequence; [] when its tail never occurred before.
+        """Up to num_speculative_tokens draft tokens for one sequence; [] when its tail never occurred
+        before.
 
         Given the token ids of one sequence (prompt and generated so far)
         When the n-gram drafter proposes
@@ -75,7 +77,8 @@ class NgramDrafter:
         draft; with no occurrence the draft is empty
 
         The suffix n-gram is tried for n = max_n down to min_n; the first n with an earlier
-        occurrence wins, and of its occurrences the most recent one."""
+        occurrence wins, and of its occurrences the most recent one.
+        """
         tokens = np.asarray(token_ids, dtype=np.int64)
         length = tokens.shape[0]
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
@@ -128,7 +131,8 @@ class DraftModelDrafter:
 
         Returns (draft_tokens [B, k] long, draft_probs [B, k, V] float32): draft_probs[b, i] is the
         distribution token i was drawn from (one-hot at temperature 0, where drafting is greedy),
-        which rejection_sample needs as q."""
+        which rejection_sample needs as q.
+        """
         contexts = [list(token_ids) for token_ids in batch_token_ids]
         step_tokens, step_probs = [], []
         for _ in range(self.num_speculative_tokens):
@@ -170,7 +174,8 @@ def rejection_sample(
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Lossless speculative sampling for a batch of drafts.
 
-    Given k draft tokens with their draft distribution q and the target distribution p at k + 1 positions
+    Given k draft tokens with their draft distribution q and the target distribution p at k + 1
+    positions
     When the verifier runs
     Then each draft token x survives with probability min(1, p(x) / q(x)); the first rejected slot
     draws from max(0, p - q) renormalised; a fully accepted draft adds a bonus token from p at
@@ -180,7 +185,8 @@ def rejection_sample(
     such as the n-gram drafter's (q is then one-hot at the draft token); target_probs [B, k+1, V];
     num_draft_tokens [B], or None when all k slots hold a draft. Returns (emitted tokens per
     sequence: the accepted prefix plus one token from the residual or the bonus position,
-    num_accepted [B])."""
+    num_accepted [B]).
+    """
     batch, k = draft_tokens.shape
     device = target_probs.device
     target = target_probs.to(torch.promote_types(target_probs.dtype, torch.float32))
@@ -220,14 +226,17 @@ def greedy_verify(
     target_logits: torch.Tensor,
     num_draft_tokens: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """Exact-match verification: keep drafts while they equal the target's argmax, then emit the target's argmax.
+    """Exact-match verification: keep drafts while they equal the target's argmax, then emit the
+    target's argmax.
 
     Given k draft tokens and the target logits at k + 1 positions
     When drafts are matched against the target's argmax
-    Then the matching prefix is kept and the target's argmax at the first mismatch (or after the last draft token) follows it
+    Then the matching prefix is kept and the target's argmax at the first mismatch (or after the
+    last draft token) follows it
 
     Shapes: draft_tokens [B, k], target_logits [B, k+1, V], num_draft_tokens [B] or None.
-    Returns (emitted tokens per sequence, num_accepted [B]); a fully accepted draft emits k + 1."""
+    Returns (emitted tokens per sequence, num_accepted [B]); a fully accepted draft emits k + 1.
+    """
     target_tokens = target_logits.argmax(dim=-1).to(draft_tokens.device)
     k = draft_tokens.shape[1]
     drafted = _drafted_mask(draft_tokens, num_draft_tokens)
@@ -250,11 +259,13 @@ def verify_draft(
 
     Given a draft and the target logits for a request at some temperature
     When the engine verifies with the spec's verification rule
-    Then rejection_sampling samples the target losslessly (greedy matching at temperature 0); greedy keeps only argmax matches
+    Then rejection_sampling samples the target losslessly (greedy matching at temperature 0); greedy
+    keeps only argmax matches
 
     rejection_sampling samples softmax(target_logits / temperature) losslessly (draft_probs must
     be at the same temperature) and, at temperature 0, is exactly greedy matching; greedy always
-    matches against the argmax."""
+    matches against the argmax.
+    """
     if VERIFICATION == "greedy" or temperature == 0:
         return greedy_verify(draft_tokens, target_logits, num_draft_tokens)
     target_probs = torch.softmax(target_logits.float() / temperature, dim=-1)
@@ -275,13 +286,15 @@ class AcceptanceTracker:
         self.accepted_at_position = [0] * self.num_speculative_tokens
 
     def update(self, num_draft_tokens: int | torch.Tensor, num_accepted: torch.Tensor | Sequence[int]) -> None:
-        """Count one verification step: num_accepted[b] of num_draft_tokens[b] drafts were kept for each sequence b.
+        """Count one verification step: num_accepted[b] of num_draft_tokens[b] drafts were kept for
+        each sequence b.
 
         Given the drafted and accepted counts of a verification step
         When the tracker is updated
         Then AcceptanceStats reports totals, rates and per-position acceptance
 
-        num_draft_tokens is an int (every sequence drafted that many) or one count per sequence."""
+        num_draft_tokens is an int (every sequence drafted that many) or one count per sequence.
+        """
         accepted = torch.as_tensor(num_accepted, dtype=torch.long).reshape(-1).cpu()
         drafted = torch.as_tensor(num_draft_tokens, dtype=torch.long).reshape(-1).cpu().expand(accepted.shape[0])
         if bool((accepted < 0).any()) or bool((accepted > drafted).any()):

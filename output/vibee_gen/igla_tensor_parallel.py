@@ -99,7 +99,8 @@ def resolve_backend(backend: str = BACKEND) -> str:
 
 
 def init_tensor_parallel(rank: int, world_size: int = TP_SIZE, backend: str = BACKEND, init_method: str = "env://"):
-    """Join the tensor-parallel group as `rank` of `world_size` and return the group (None for one rank).
+    """Join the tensor-parallel group as `rank` of `world_size` and return the group (None for one
+    rank).
 
     Given this process's rank and the world size (tp_size by default)
     When init_tensor_parallel is called
@@ -264,8 +265,8 @@ class RowParallelLinear(nn.Module):
 
     Given an input split by features over the ranks (or whole, with input_is_parallel false)
     When RowParallelLinear runs forward
-    Then the ranks' partial products are all-reduced and the bias added once, so every rank
-    returns x W^T + b
+    Then the ranks' partial products are all-reduced and the bias added once, so every rank returns
+    x W^T + b
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_is_parallel: bool = True,
@@ -323,8 +324,8 @@ class VocabParallelEmbedding(nn.Module):
 
     Given token ids anywhere in the vocabulary
     When VocabParallelEmbedding looks them up
-    Then each rank contributes the rows it holds and zeros for other ids, and the all-reduce
-    returns exactly the unsharded embedding rows
+    Then each rank contributes the rows it holds and zeros for other ids, and the all-reduce returns
+    exactly the unsharded embedding rows
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_rank: int, tp_size: int, group=None,
@@ -405,8 +406,8 @@ def parallelize(module: nn.Module, tp_rank: int, tp_size: int, group=None) -> nn
 
     Given a module with nn.Linear and nn.Embedding layers named like the plan's patterns
     When parallelize runs on every rank of the group
-    Then the planned layers are replaced by their parallel versions holding this rank's shard of
-    the original weights, and the module computes what it computed before
+    Then the planned layers are replaced by their parallel versions holding this rank's shard of the
+    original weights, and the module computes what it computed before
     """
     for name, child in list(module.named_modules()):
         if not name:  # the root has no parent to be swapped in

@@ -1,89 +1,74 @@
-"""The Jinja environment every template renders in: StrictUndefined, no autoescape, and the few
-filters that turn IR values into safe Python source (nothing from a spec is pasted verbatim)."""
+"""The Jinja environment every template renders in: StrictUndefined, no autoescape, and every
+`{{ }}` finalized by vibee.codegen.source.to_source, the one escaping rule. The filters and
+globals here only build Source for what is not a plain literal: identifiers, type annotations,
+comments, docstrings and the lowered spec expressions."""
 
 from __future__ import annotations
 
-import keyword
-import re
+import ast
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from vibee.codegen.source import Source, comment, docstring, identifier, literal, to_source
+
 # Templates shared by every kind (included as "common/..."); each kind's own sit in its folder.
 COMMON_TEMPLATES = Path(__file__).resolve().parent / "templates"
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def py_literal(value: Any) -> str:
-    """Deterministic Python source for a spec value (None, bool, int, float, str, list, dict)."""
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(int(value))
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return f"float({str(value)!r})"
-        return repr(value)
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(py_literal(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{py_literal(str(k))}: {py_literal(v)}" for k, v in value.items()) + "}"
-    if hasattr(value, "model_dump"):
-        return py_literal(value.model_dump())
-    raise TypeError(f"no Python literal for {type(value).__name__}")
-
-
-def identifier(name: str) -> str:
-    """A name that may appear as a Python identifier in generated code, or an error."""
-    if not isinstance(name, str) or not _IDENT.match(name) or keyword.iskeyword(name):
-        raise ValueError(f"{name!r} is not a valid identifier")
-    return name
-
-
-def docstring(text: str) -> str:
-    """Text that is safe inside a triple-double-quoted docstring."""
-    return str(text).replace("\\", "\\\\").replace('"""', '\\"\\"\\"').strip()
-
-
-def comment(text: str) -> str:
-    """Text for `# ...` comments: one line per line of input."""
-    return "\n".join("# " + line if line else "#" for line in str(text).strip().splitlines())
-
 
 _PRIMITIVES = {"Int": "int", "Float": "float", "Bool": "bool", "String": "str", "Tensor": "torch.Tensor"}
 _DEFAULTS = {"int": "0", "float": "0.0", "bool": "False", "str": '""', "torch.Tensor": "None"}
 
 
-def py_type(spec_type: str) -> str:
+def py_type(spec_type: str) -> Source:
     """The Python annotation for a normalised IR type (see vibee/ir/types.py)."""
     t = spec_type.strip()
     if t in _PRIMITIVES:
-        return _PRIMITIVES[t]
+        return Source(_PRIMITIVES[t])
     if t.startswith("List<") and t.endswith(">"):
-        return f"list[{py_type(t[5:-1])}]"
+        return Source(f"list[{py_type(t[5:-1])}]")
     if t.startswith("Option<") and t.endswith(">"):
-        return f"{py_type(t[7:-1])} | None"
+        return Source(f"{py_type(t[7:-1])} | None")
     if t.startswith("Map<") and t.endswith(">"):
         k, v = _split_pair(t[4:-1])
-        return f"dict[{py_type(k)}, {py_type(v)}]"
-    return f'"{identifier(t)}"'
+        return Source(f"dict[{py_type(k)}, {py_type(v)}]")
+    return Source(f'"{identifier(t)}"')
 
 
-def py_default(spec_type: str) -> str:
+def py_default(spec_type: str) -> Source:
     """A default value expression for a dataclass field of this type."""
     ann = py_type(spec_type)
     if ann.startswith("list["):
-        return "field(default_factory=list)"
+        return Source("field(default_factory=list)")
     if ann.startswith("dict["):
-        return "field(default_factory=dict)"
+        return Source("field(default_factory=dict)")
     if ann.endswith("| None") or ann.startswith('"'):
-        return "None"
-    return _DEFAULTS[ann]
+        return Source("None")
+    return Source(_DEFAULTS[ann])
+
+
+def lowered(expr: Any, target: str, **renames: str) -> Source:
+    """A checked spec expression (vibee.ir.spec.Expr) lowered for `target` ("torch" or "triton"),
+    with functions renamed where the template supplies its own (renames: old=new)."""
+    from vibee.ir.spec import Expr
+
+    if not isinstance(expr, Expr):
+        raise TypeError(f"lowered takes a spec expression, got {type(expr).__name__}")
+    code = getattr(expr, target)
+    for old, new in renames.items():
+        code = code.replace(f"{identifier(old)}(", f"{identifier(new)}(")
+    ast.parse(code, mode="eval")  # the expression language only makes expressions
+    return Source(code)
+
+
+def _docstring(summary: Any, behavior: Any = None, indent: int = 0, caller: Any = None) -> Source:
+    """`{{ docstring(summary, behavior, indent) }}`, or `{% call docstring(...) %}details{% endcall %}`:
+    the call block's lines lose their leading spaces and trailing newline to lstrip_blocks and
+    trim_blocks, so the literal brings its own."""
+    if caller is None:
+        return docstring(summary, behavior, indent)
+    return Source(" " * indent + docstring(summary, behavior, indent, details=caller()) + "\n")
 
 
 def _split_pair(inner: str) -> tuple[str, str]:
@@ -119,8 +104,10 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=to_source,
     )
-    env.filters.update(py=py_literal, ident=identifier, doc=docstring, comment=comment, pytype=py_type, pydefault=py_default)
+    env.filters.update(py=literal, ident=identifier, comment=comment, pytype=py_type, pydefault=py_default, lowered=lowered)
+    env.globals.update(docstring=_docstring)
     return env
 
 

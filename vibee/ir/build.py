@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import keyword
-import re
-from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from vibee.kinds.registry import KIND_NAMES, config_model
+from vibee.ir.config_section import build_config
+from vibee.ir.reading import (IDENT, Collector, canonical_keys, check_keys, expect_mapping, expect_sequence, is_dunder,
+                              required_ident, scalar_str, span_of)
 from vibee.ir.spec import SUPPORTED_TARGETS, Behavior, FieldDecl, KindConfig, Spec, TestCase, TypeDecl, Variant
 from vibee.ir.types import TypeSyntaxError, normalize_type
 from vibee.frontend.document import Mapping, Node, Scalar, Sequence, Span
@@ -24,31 +23,9 @@ TEST_CASE_KEYS = ("name", "input", "expected", "behavior", "description")
 VARIANT_KEYS = ("name", "description", "params", "score_mod", "mask_mod")
 TYPE_KEYS = ("description", "fields")
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.diagnostics: list[Diagnostic] = []
-
-    def error(self, span: Span | None, message: str, hint: str | None = None) -> None:
-        self.diagnostics.append(Diagnostic(message, span, hint))
-
-    def warn(self, span: Span | None, message: str, hint: str | None = None) -> None:
-        self.diagnostics.append(Diagnostic(message, span, hint, severity="warning"))
-
-    @property
-    def errors(self) -> list[Diagnostic]:
-        return [d for d in self.diagnostics if d.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Diagnostic]:
-        return [d for d in self.diagnostics if d.severity == "warning"]
-
-
 def build_spec(doc: Mapping, path: str, text: str, target: str | None = None) -> tuple[Spec, list[Diagnostic]]:
     """Validate a document as a spec. Returns the Spec and its warnings; raises SpecError."""
-    c = _Collector()
+    c = Collector()
     header = _header(doc, path, target, c)
     kind = header.get("kind")
     legacy = header.get("legacy", False)
@@ -65,15 +42,16 @@ def build_spec(doc: Mapping, path: str, text: str, target: str | None = None) ->
             c.warn(key.span, f"section '{name}' is not used by the generator; it is kept in the IR")
             extra[name] = value.to_python()
 
-    config, config_spans = (None, {})
-    if kind is not None:
-        config, config_spans = _config(doc, kind, legacy, c)
-    variants = _variants(doc, kind, c)
     types = _types(doc, c)
+    if kind is None:  # config, variants, behaviors and test cases all mean what the kind says
+        raise SpecError(c.errors + c.warnings)
+    config, config_spans = build_config(doc, kind, c)
+    variants = _variants(doc, kind, c)
     ignored: list[TestCase] = []
-    model = config_model(kind) if kind is not None else None  # its ClassVars, even if config failed
-    behaviors = _behaviors(doc, model, legacy, ignored, c)
-    cases = _test_cases(doc.get("test_cases"), None, model, legacy, ignored, c)
+    model = config_model(kind)  # its ClassVars, even if config failed
+    declared = [v.name for v in variants]
+    behaviors = _behaviors(doc, model, legacy, ignored, declared, c)
+    cases = _test_cases(doc.get("test_cases"), None, model, legacy, ignored, declared, c)
     if c.errors:
         raise SpecError(c.errors + c.warnings)
     assert config is not None and kind is not None
@@ -104,55 +82,46 @@ def build_spec(doc: Mapping, path: str, text: str, target: str | None = None) ->
 # --- header -------------------------------------------------------------------------------------
 
 
-def _scalar_str(node: Node | None, what: str, c: _Collector, parent: Span | None) -> str | None:
-    if node is None:
-        return None
-    if not isinstance(node, Scalar) or isinstance(node.value, bool) or node.value is None:
-        c.error(_span(node) or parent, f"'{what}' must be a single value (text or number)")
-        return None
-    return str(node.value)
-
-
-def _header(doc: Mapping, path: str, target: str | None, c: _Collector) -> dict[str, Any]:
+def _header(doc: Mapping, path: str, target: str | None, c: Collector) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    name = _scalar_str(doc.get("name"), "name", c, doc.span)
+    name = scalar_str(doc.get("name"), "name", c, doc.span)
     if name is None and "name" not in doc:
         c.error(Span(path, 1, 1, 1, 2), "missing 'name' (the spec's name, e.g. igla_kv_cache)")
     out["name"] = name or ""
-    out["version"] = _scalar_str(doc.get("version"), "version", c, doc.span) or "0.0.0"
-    out["description"] = _scalar_str(doc.get("description"), "description", c, doc.span) or ""
+    out["version"] = scalar_str(doc.get("version"), "version", c, doc.span) or "0.0.0"
+    out["description"] = scalar_str(doc.get("description"), "description", c, doc.span) or ""
 
     module_node = doc.get("module")
-    module = _scalar_str(module_node, "module", c, doc.span) or name or ""
-    if module and not (_IDENT.match(module) and not keyword.iskeyword(module)):
-        c.error(_span(module_node) or _span(doc.get("name")), f"module '{module}' is not a valid Python module name",
+    module = scalar_str(module_node, "module", c, doc.span) or name or ""
+    if module and not (IDENT.match(module) and not keyword.iskeyword(module) and not is_dunder(module)):
+        c.error(span_of(module_node) or span_of(doc.get("name")), f"module '{module}' is not a valid Python module name",
                 "use letters, digits and underscores, e.g. igla_kv_cache")
     out["module"] = module
 
     lang_node = doc.get("language")
-    language = _scalar_str(lang_node, "language", c, doc.span) or "torch"
+    language = scalar_str(lang_node, "language", c, doc.span) or "torch"
     out["language"] = language
     out["legacy"] = language not in SUPPORTED_TARGETS
     if target is not None:
         out["target"] = target
         if out["legacy"]:
-            c.warn(_span(lang_node), f"language '{language}' is not a vibee target; generating for --target {target} with default configuration")
+            c.warn(span_of(lang_node), f"language '{language}' is not a vibee target; generating for --target {target} with default configuration")
     elif out["legacy"]:
-        c.error(_span(lang_node), f"unsupported language '{language}'; vibee generates {' or '.join(SUPPORTED_TARGETS)}",
+        c.error(span_of(lang_node), f"unsupported language '{language}'; vibee generates {' or '.join(SUPPORTED_TARGETS)}",
                 "set `language: torch`, or pass --target torch to generate this spec with defaults")
         out["target"] = "torch"
     else:
         out["target"] = language
 
     kind_node = doc.get("kind")
-    kind = _scalar_str(kind_node, "kind", c, doc.span)
+    kind = scalar_str(kind_node, "kind", c, doc.span)
     if kind is None and kind_node is None:
         kind = _infer_kind(module) or _infer_kind(name or "")
         if kind is None:
-            c.error(_span(doc.get("name")) or doc.span, f"cannot tell the kind of spec '{name}'",
+            c.error(span_of(doc.get("name")) or doc.span, f"cannot tell the kind of spec '{name}'",
                     f"add `kind:` ({one_of(KIND_NAMES)}), or name the spec igla_<kind>")
     elif kind is not None and kind not in KIND_NAMES:
-        c.error(_span(kind_node), f"unknown kind '{kind}'", did_you_mean(kind, KIND_NAMES) or one_of(KIND_NAMES))
+        c.error(span_of(kind_node), f"unknown kind '{kind}'", did_you_mean(kind, KIND_NAMES) or one_of(KIND_NAMES))
         kind = None
     out["kind"] = kind
     return out
@@ -165,115 +134,27 @@ def _infer_kind(name: str) -> str | None:
     return None
 
 
-# --- config -------------------------------------------------------------------------------------
-
-
-def _config(doc: Mapping, kind: str, legacy: bool, c: _Collector) -> tuple[KindConfig | None, dict[str, Span]]:
-    model = config_model(kind)
-    node = doc.get("config")
-    if node is None:
-        return model(), {}
-    if not isinstance(node, Mapping):
-        c.error(_span(node), "'config' must be a mapping of settings", f"settings of {kind}: {', '.join(model.model_fields)}")
-        return None, {}
-    spans = _value_spans(node, "")
-    try:
-        return model.model_validate(node.to_python()), spans
-    except ValidationError as exc:
-        for err in exc.errors():
-            _config_error(node, model, err, c)
-        return None, spans
-
-
-def _value_spans(node: Node, prefix: str) -> dict[str, Span]:
-    out: dict[str, Span] = {}
-    if isinstance(node, Mapping):
-        for k, v in node:
-            path = f"{prefix}{k.value}"
-            out[path] = _span(v) or k.span
-            out.update(_value_spans(v, path + "."))
-    return out
-
-
-def _config_error(root: Mapping, model: type, err: dict, c: _Collector) -> None:
-    loc = tuple(err.get("loc", ()))
-    node, key_node, parent = _locate(root, loc)
-    where = ".".join(str(p) for p in loc) or "config"
-    etype = err.get("type", "")
-    if etype == "extra_forbidden":
-        fields = _fields_at(model, loc[:-1])
-        c.error(key_node.span if key_node else _span(node), f"unknown setting '{loc[-1]}' in {'config' if len(loc) == 1 else 'config.' + '.'.join(map(str, loc[:-1]))}",
-                did_you_mean(str(loc[-1]), fields) or (one_of(fields) if fields else None))
-        return
-    if etype == "missing":
-        c.error(_span(parent) or root.span, f"config is missing required setting '{where}'")
-        return
-    msg = str(err.get("msg", "invalid value"))
-    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    got = node.value if isinstance(node, Scalar) else None
-    hint = None
-    if etype == "literal_error":
-        allowed = re.findall(r"'([^']*)'", msg)
-        hint = (did_you_mean(str(got), allowed) if got is not None else None) or (one_of(allowed) if allowed else None)
-        msg = f"{where} must be one of {', '.join(repr(a) for a in allowed)}, got {got!r}"
-    elif etype in ("value_error", "assertion_error"):
-        if not msg.startswith(str(loc[-1]) if loc else "config") and loc:
-            msg = f"{where}: {msg}"
-    else:
-        msg = f"{where}: {msg[0].lower() + msg[1:] if msg else msg}" + (f", got {got!r}" if got is not None and "got" not in msg else "")
-    c.error(_span(node) or (key_node.span if key_node else root.span), msg, hint)
-
-
-def _locate(root: Mapping, loc: tuple) -> tuple[Node | None, Scalar | None, Node | None]:
-    """Walk a pydantic error location through the document: (value node, its key node, parent)."""
-    node: Node | None = root
-    key_node: Scalar | None = None
-    parent: Node | None = None
-    for part in loc:
-        parent = node
-        if isinstance(node, Mapping) and isinstance(part, str):
-            key_node = node.key_node(part)
-            node = node.get(part)
-        elif isinstance(node, Sequence) and isinstance(part, int) and 0 <= part < len(node.items):
-            node = node.items[part]
-        else:
-            break  # a model-level error or a union branch: point at the deepest node found
-        if node is None:
-            break
-    return (node if node is not None else parent), key_node, parent
-
-
-def _fields_at(model: type, loc: tuple) -> list[str]:
-    current = model
-    for part in loc:
-        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
-        if field is None or not hasattr(field.annotation, "model_fields"):
-            return list(getattr(current, "model_fields", {})) if not loc else []
-        current = field.annotation
-    return list(getattr(current, "model_fields", {}))
-
-
 # --- variants -----------------------------------------------------------------------------------
 
 
-def _variants(doc: Mapping, kind: str | None, c: _Collector) -> list[Variant]:
+def _variants(doc: Mapping, kind: str | None, c: Collector) -> list[Variant]:
     node = doc.get("variants")
     if node is None:
         return []
     if kind != "flash_attention":
         c.error(doc.key_node("variants").span, f"'variants' only apply to flash_attention specs, not {kind}")
         return []
-    items = _expect_sequence(node, "variants", c)
+    items = expect_sequence(node, "variants", c)
     from vibee.expr.language import compile_expr  # the expression language has its own grammar
 
     out: list[Variant] = []
     seen: dict[str, Span] = {}
     for item in items:
-        m = _expect_mapping(item, "a variant", c)
+        m = expect_mapping(item, "a variant", c)
         if m is None:
             continue
-        _check_keys(m, VARIANT_KEYS, "variant", c)
-        name = _required_ident(m, "name", "variant", c)
+        check_keys(m, VARIANT_KEYS, "variant", c)
+        name = required_ident(m, "name", "variant", c)
         params = _params(m.get("params"), c)
         if name in seen:
             c.error(m.key_node("name").span, f"duplicate variant '{name}' (first defined at line {seen[name].line})")
@@ -285,7 +166,7 @@ def _variants(doc: Mapping, kind: str | None, c: _Collector) -> list[Variant]:
             if e is None:
                 continue
             if not isinstance(e, Scalar) or not isinstance(e.value, str):
-                c.error(_span(e), f"{role} must be an expression string, e.g. \"score * 0.5\"")
+                c.error(span_of(e), f"{role} must be an expression string, e.g. \"score * 0.5\"")
                 continue
             try:
                 exprs[role] = compile_expr(e, role=role, params=params)
@@ -298,18 +179,18 @@ def _variants(doc: Mapping, kind: str | None, c: _Collector) -> list[Variant]:
     return out
 
 
-def _params(node: Node | None, c: _Collector) -> dict[str, Any]:
+def _params(node: Node | None, c: Collector) -> dict[str, Any]:
     if node is None:
         return {}
     if not isinstance(node, Mapping):
-        c.error(_span(node), "params must be a mapping of names to numbers, e.g. { window: 4096 }")
+        c.error(span_of(node), "params must be a mapping of names to numbers, e.g. { window: 4096 }")
         return {}
     out = {}
     for k, v in node:
-        if not _IDENT.match(str(k.value)):
+        if not IDENT.match(str(k.value)):
             c.error(k.span, f"parameter name '{k.value}' is not an identifier")
         elif not isinstance(v, Scalar) or not isinstance(v.value, (int, float, bool)) or v.quoted:
-            c.error(_span(v), f"parameter '{k.value}' must be a number or a boolean")
+            c.error(span_of(v), f"parameter '{k.value}' must be a number or a boolean")
         else:
             out[str(k.value)] = v.value
     return out
@@ -318,36 +199,36 @@ def _params(node: Node | None, c: _Collector) -> dict[str, Any]:
 # --- types --------------------------------------------------------------------------------------
 
 
-def _types(doc: Mapping, c: _Collector) -> list[TypeDecl]:
+def _types(doc: Mapping, c: Collector) -> list[TypeDecl]:
     node = doc.get("types")
     if node is None:
         return []
     if not isinstance(node, Mapping):
-        c.error(_span(node), "'types' must map type names to their fields", "e.g. types:\n    MemoryStats:\n      fields:\n        num_blocks: Int")
+        c.error(span_of(node), "'types' must map type names to their fields", "e.g. types:\n    MemoryStats:\n      fields:\n        num_blocks: Int")
         return []
     declared = {str(k.value) for k, _ in node}
     out = []
     for key, body in node:
         tname = str(key.value)
-        if not _IDENT.match(tname) or keyword.iskeyword(tname):
-            c.error(key.span, f"type name '{tname}' is not an identifier")
+        if not IDENT.match(tname) or keyword.iskeyword(tname) or is_dunder(tname):
+            c.error(key.span, f"type name '{tname}' is not an identifier" + (" a spec may use (double underscores are Python's)" if is_dunder(tname) else ""))
             continue
         description = ""
         fields_node: Node | None = None
         if isinstance(body, Mapping):
-            _check_keys(body, TYPE_KEYS, f"type {tname}", c)
+            check_keys(body, TYPE_KEYS, f"type {tname}", c)
             description = str(body.get("description").value) if isinstance(body.get("description"), Scalar) else ""
             fields_node = body.get("fields")
         elif isinstance(body, Scalar) and body.value is None:
             fields_node = None
         else:
-            c.error(_span(body), f"type '{tname}' must have a 'fields:' mapping")
+            c.error(span_of(body), f"type '{tname}' must have a 'fields:' mapping")
             continue
         out.append(TypeDecl(name=tname, description=description, fields=_fields(fields_node, tname, declared, c), span=key.span))
     return out
 
 
-def _fields(node: Node | None, tname: str, declared: set[str], c: _Collector) -> list[FieldDecl]:
+def _fields(node: Node | None, tname: str, declared: set[str], c: Collector) -> list[FieldDecl]:
     if node is None:
         return []
     pairs: list[tuple[Scalar, Node | None, str]] = []
@@ -364,22 +245,26 @@ def _fields(node: Node | None, tname: str, declared: set[str], c: _Collector) ->
                 desc = item.get("description")
                 pairs.append((item.get("name"), item.get("type"), str(desc.value) if isinstance(desc, Scalar) else ""))
             else:
-                c.error(_span(item), f"a field of {tname} needs a name and a type")
+                c.error(span_of(item), f"a field of {tname} needs a name and a type")
     else:
-        c.error(_span(node), f"fields of {tname} must be a mapping of field names to types")
+        c.error(span_of(node), f"fields of {tname} must be a mapping of field names to types")
         return []
     out, seen = [], set()
     for key, tnode, desc in pairs:
         fname = str(key.value)
-        if not _IDENT.match(fname) or keyword.iskeyword(fname):
+        if not IDENT.match(fname) or keyword.iskeyword(fname):
             c.error(key.span, f"field name '{fname}' of {tname} is not an identifier")
+            continue
+        if is_dunder(fname):
+            c.error(key.span, f"field name '{fname}' is reserved: Python gives double-underscore names to the class itself",
+                    f"rename the field, e.g. '{fname.strip('_')}'")
             continue
         if fname in seen:
             c.error(key.span, f"duplicate field '{fname}' in {tname}")
             continue
         seen.add(fname)
         if not isinstance(tnode, Scalar) or tnode.value is None:
-            c.error(_span(tnode) or key.span, f"field '{fname}' of {tname} needs a type", "e.g. Int, Float, List<Int>")
+            c.error(span_of(tnode) or key.span, f"field '{fname}' of {tname} needs a type", "e.g. Int, Float, List<Int>")
             continue
         try:
             ftype = normalize_type(str(tnode.value), declared)
@@ -395,20 +280,21 @@ def _fields(node: Node | None, tname: str, declared: set[str], c: _Collector) ->
 # --- behaviors and test cases -------------------------------------------------------------------
 
 
-def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, ignored: list[TestCase], c: _Collector) -> list[Behavior]:
+def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, ignored: list[TestCase], variants: list[str],
+               c: Collector) -> list[Behavior]:
     node = doc.get("behaviors")
     if node is None:
         return []
     known = config.BEHAVIORS if config is not None else {}
     out: list[Behavior] = []
     seen: dict[str, int] = {}
-    for item in _expect_sequence(node, "behaviors", c):
-        m = _canonical_keys(_expect_mapping(item, "a behavior", c), BEHAVIOR_KEYS)
+    for item in expect_sequence(node, "behaviors", c):
+        m = canonical_keys(expect_mapping(item, "a behavior", c), BEHAVIOR_KEYS)
         if m is None:
             continue
-        _check_keys(m, BEHAVIOR_KEYS, "behavior", c)
+        check_keys(m, BEHAVIOR_KEYS, "behavior", c)
         name_node = m.get("name")
-        name = _required_ident(m, "name", "behavior", c)
+        name = required_ident(m, "name", "behavior", c)
         if not name:
             continue
         if name in seen:
@@ -426,9 +312,9 @@ def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, igno
         for key in ("given", "when", "then", "description"):
             v = m.get(key)
             if v is not None and not (isinstance(v, Scalar) and v.value is not None):
-                c.error(_span(v), f"'{key}' of behavior '{name}' must be text")
+                c.error(span_of(v), f"'{key}' of behavior '{name}' must be text")
             texts[key] = str(v.value) if isinstance(v, Scalar) and v.value is not None else ""
-        cases = _test_cases(m.get("test_cases"), name, config, legacy, ignored, c)
+        cases = _test_cases(m.get("test_cases"), name, config, legacy, ignored, variants, c)
         out.append(Behavior(name=name, given=texts["given"] or texts["description"], when=texts["when"], then=texts["then"],
                             params=m.get("params").to_python() if isinstance(m.get("params"), Mapping) else {},
                             test_cases=cases, known=is_known, span=m.span))
@@ -436,7 +322,7 @@ def _behaviors(doc: Mapping, config: type[KindConfig] | None, legacy: bool, igno
 
 
 def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig] | None, legacy: bool,
-                ignored: list[TestCase], c: _Collector) -> list[TestCase]:
+                ignored: list[TestCase], variants: list[str], c: Collector) -> list[TestCase]:
     """Validated test cases; descriptive (legacy) cases the kind cannot check go to `ignored`."""
     if node is None:
         return []
@@ -444,13 +330,13 @@ def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig
     expects = config.TEST_EXPECTED_KEYS if config is not None else frozenset()
     cases = []
     seen: set[str] = set()
-    for item in _expect_sequence(node, "test_cases", c):
-        m = _canonical_keys(_expect_mapping(item, "a test case", c), TEST_CASE_KEYS)
+    for item in expect_sequence(node, "test_cases", c):
+        m = canonical_keys(expect_mapping(item, "a test case", c), TEST_CASE_KEYS)
         if m is None:
             continue
-        _check_keys(m, TEST_CASE_KEYS, "test case", c)
+        check_keys(m, TEST_CASE_KEYS, "test case", c)
         name_node = m.get("name")
-        name = _scalar_str(name_node, "name", c, m.span)
+        name = scalar_str(name_node, "name", c, m.span)
         if name is None:
             c.error(m.span, "a test case needs a 'name'")
             continue
@@ -465,12 +351,14 @@ def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig
                 sections[part] = {}
                 continue
             if not isinstance(sub, Mapping):
-                c.error(_span(sub), f"'{part}' of test case '{name}' must be a mapping, e.g. {{ seq_lens: [1, 17] }}")
+                c.error(span_of(sub), f"'{part}' of test case '{name}' must be a mapping, e.g. {{ seq_lens: [1, 17] }}")
                 sections[part] = {}
                 continue
             for k, _ in sub:
                 if str(k.value) not in allowed:
                     unknown.append((k, part, allowed))
+            if part == "input" and "variants" in allowed and sub.get("variants") is not None:
+                _check_variant_names(sub.get("variants"), name, variants, c)
             sections[part] = sub.to_python()
         case = TestCase(name=name, input=sections["input"], expected=sections["expected"], behavior=behavior, span=m.span)
         if unknown and legacy:
@@ -485,54 +373,15 @@ def _test_cases(node: Node | None, behavior: str | None, config: type[KindConfig
     return cases
 
 
-# --- small helpers ------------------------------------------------------------------------------
-
-
-def _span(node: Node | None) -> Span | None:
-    return getattr(node, "span", None)
-
-
-def _expect_sequence(node: Node, what: str, c: _Collector) -> list[Node]:
-    if isinstance(node, Sequence):
-        return node.items
-    if isinstance(node, Scalar) and node.value is None:
-        return []
-    c.error(_span(node), f"'{what}' must be a list of '- ' items")
-    return []
-
-
-def _expect_mapping(node: Node, what: str, c: _Collector) -> Mapping | None:
-    if isinstance(node, Mapping):
-        return node
-    c.error(_span(node), f"{what} must be a mapping (keys like `name:`)")
-    return None
-
-
-def _canonical_keys(m: Mapping | None, known: tuple[str, ...]) -> Mapping | None:
-    """Descriptive specs write `When:` as often as `when:`; known keys match in any case."""
-    if m is None:
-        return None
-    items = []
-    for k, v in m:
-        lower = str(k.value).lower()
-        if lower != k.value and lower in known and lower not in m:
-            k = Scalar(lower, k.span, k.quoted)
-        items.append((k, v))
-    return Mapping(items, m.span)
-
-
-def _check_keys(m: Mapping, allowed: tuple[str, ...], what: str, c: _Collector) -> None:
-    for k, _ in m:
-        if str(k.value) not in allowed:
-            c.error(k.span, f"unknown key '{k.value}' in {what}", did_you_mean(str(k.value), allowed) or one_of(allowed))
-
-
-def _required_ident(m: Mapping, key: str, what: str, c: _Collector) -> str | None:
-    node = m.get(key)
-    if node is None:
-        c.error(m.span, f"{what} needs a '{key}'")
-        return None
-    if not isinstance(node, Scalar) or not isinstance(node.value, str) or not _IDENT.match(node.value) or keyword.iskeyword(node.value):
-        c.error(_span(node), f"{what} {key} must be an identifier (letters, digits, _), got {getattr(node, 'value', node)!r}")
-        return None
-    return node.value
+def _check_variant_names(node: Node, case: str, declared: list[str], c: Collector) -> None:
+    """A test case's `variants:` lists variants the spec declares (under `variants:`)."""
+    if not isinstance(node, Sequence):
+        c.error(span_of(node), f"'variants' of test case '{case}' must be a list of variant names, e.g. [{', '.join(declared[:2])}]")
+        return
+    for item in node.items:
+        if not isinstance(item, Scalar) or not isinstance(item.value, str):
+            c.error(span_of(item), f"'variants' of test case '{case}' must list variant names, got {item.to_python()!r}")
+        elif item.value not in declared:
+            hint = did_you_mean(item.value, declared) or (f"declared variants: {', '.join(declared)}" if declared else
+                                                          "declare it under `variants:` with a score_mod or mask_mod")
+            c.error(item.span, f"test case '{case}' uses variant '{item.value}', which the spec does not declare", hint)
