@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vibee.frontend import parser as spec_parser
+from vibee.frontend import builder
 from vibee.frontend.document import Mapping, Sequence, Span
 from vibee.frontend.errors import SpecError
 from vibee.frontend.parser import parse_document, parse_file
@@ -727,7 +727,7 @@ def test_internal_failures_become_spec_errors(monkeypatch):
     def broken(text):
         raise ValueError("boom")
 
-    monkeypatch.setattr(spec_parser, "resolve_plain", broken)
+    monkeypatch.setattr(builder, "resolve_plain", broken)
     with pytest.raises(SpecError) as info:
         parse("a: 1\n")
     assert "internal parser error (ValueError: boom)" in info.value.diagnostics[0].message
