@@ -34,7 +34,9 @@ class DocumentBuilder(Transformer):
         return Span(self.run.path, first.line, first.col, last.end_line, last.end_col)
 
     def _null_after(self, tok: Token) -> Scalar:
-        return Scalar(None, Span(self.run.path, tok.end_line, tok.end_column, tok.end_line, tok.end_column))
+        """The null value of an empty entry, just after its ':' or '-' (whose token also holds
+        the blanks that follow it)."""
+        return Scalar(None, Span(self.run.path, tok.line, tok.column + 1, tok.line, tok.column + 1))
 
     def _report(self, line: int, col: int, end_col: int, message: str, hint: str) -> None:
         self.run.error(self.run.span(line, col, line, end_col), message, hint)
@@ -132,6 +134,19 @@ class DocumentBuilder(Transformer):
         key, colon = children[0], children[1]
         value = children[2] if len(children) > 2 else self._null_after(colon)
         return key, value
+
+    def flow_key_only(self, children):
+        key = children[0]
+        end = key.span
+        if not key.quoted and ":" in str(key.value):
+            # YAML reads "{a:1}" as the key "a:1" with a null value; nobody means that.
+            self.run.error(end, f"flow mapping entry '{key.value}' has no ': '",
+                           "write each entry of a flow mapping as 'key: value', with a space after ':'")
+        return key, Scalar(None, Span(self.run.path, end.end_line, end.end_col, end.end_line, end.end_col))
+
+    def single_pair_mapping(self, children):
+        key, value = self.flow_pair(children)
+        return self._mapping([(key, value)], self._between(key.span, value.span))
 
     def flow_sequence(self, children):
         items = [c for c in children if not isinstance(c, Token)]

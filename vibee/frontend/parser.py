@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from lark import Lark
+from lark.exceptions import UnexpectedInput
 
 from vibee.frontend.builder import DocumentBuilder
 from vibee.frontend.document import Mapping, Span
@@ -36,16 +37,20 @@ def parse_file(path: str | Path) -> Mapping:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        shown = data.decode("utf-8", errors="replace")
-        register_source(name, shown)
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise SpecError.at(
-            Span(name, 1, 1, 1, 2),
-            f"file is not valid UTF-8: byte 0x{data[exc.start]:02x} at line {line}, column {col}",
-            "save the file as UTF-8",
-        ) from None
+        raise _not_utf8(name, data, exc) from None
     return parse_document(text, name)
+
+
+def _not_utf8(name: str, data: bytes, exc: UnicodeDecodeError) -> SpecError:
+    """The error for the first byte that isn't UTF-8, at its line and column (in characters:
+    everything before it decodes)."""
+    before = data[:exc.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    line = before.count("\n") + 1
+    col = len(before) - before.rfind("\n")
+    register_source(name, data.decode("utf-8", errors="replace"))
+    return SpecError.at(Span(name, line, col, line, col + 1),
+                        f"file is not valid UTF-8: byte 0x{data[exc.start]:02x} ({exc.reason})",
+                        "save the file as UTF-8")
 
 
 def parse_document(text: str, path: str) -> Mapping:
@@ -77,7 +82,6 @@ def _parser() -> tuple[Lark, SpecIndenter, DocumentBuilder]:
         lexer="contextual",
         postlex=indenter,
         transformer=builder,  # nodes are built as rules reduce: no parse tree, no second pass
-        propagate_positions=True,
         maybe_placeholders=False,
     )
     return lark, indenter, builder
@@ -90,12 +94,17 @@ def _parse(text: str, path: str) -> Mapping:
     # Line and column numbers don't change: "\r\n" keeps its line, a lone "\r" is a line break
     # for Python's splitlines() (which quotes lines in diagnostics) as well.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    run = ParseRun(text, path)
     lark, indenter, builder = _parser()
     with _PARSE_LOCK:
-        indenter.run = builder.run = run
         try:
-            document = drive(lark, run)
+            # Most texts parse: try the plain LALR loop first, and only drive the parse line by
+            # line (slower: it snapshots the parser at every line start) to recover from errors.
+            run = indenter.run = builder.run = ParseRun(text, path)
+            try:
+                document = lark.parse(text)
+            except UnexpectedInput:
+                run = indenter.run = builder.run = ParseRun(text, path)
+                document = drive(lark, run)
         finally:
             indenter.run = builder.run = None
     if run.diagnostics:

@@ -11,7 +11,9 @@ from lark.parsers.lalr_analysis import Shift
 from vibee.frontend.errors import or_list
 from vibee.frontend.source import ParseRun
 
-_KEY_AT = re.compile(r"""(?:[\w$][\w$./-]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\n]|'')*')(?=[ \t]*:(?![^ \t\n]))""")
+# The same keys as KEY / QKEY_DQ / QKEY_SQ in grammar.lark.
+_KEY_AT = re.compile(r"""(?:(?:[^ \t\n#'"\[\]{},&*!|>%@`?:-]|[?:-](?=[^ \t\n]))(?:[^ \t\n:]|:(?=[^ \t\n])|[ \t]+(?=[^ \t\n#:]))*"""
+                     r"""|"(?:[^"\\\n]|\\.)*"|'(?:[^'\n]|'')*')(?=[ \t]*:(?![^ \t\n]))""")
 _UNCLOSED_AT = re.compile(r"""(?:"(?:[^"\\\n]|\\[^\n])*\\?|'(?:[^'\n]|'')*)(?:\n|$)""")
 _HEADER_AT = re.compile(r"[|>][0-9+-]*[ \t]*(?:#.*)?$")
 
@@ -160,7 +162,7 @@ def report_syntax_error(err: UnexpectedInput, pos: int, before: list, ip, run: P
         hint = "start a new item with '- ' or indent the key under an item"
     elif key_expected and not found.startswith(("key ", "end of", "'-'")):
         message = f"found {found} where a key ('name: value') was expected; expected {_one_of(names)}"
-        hint = ("keys are names made of letters, digits, '_', '-' and '.' followed by ': '; quote any other key"
+        hint = ("a key is text followed by ': '; quote a key that starts with one of & * ! | > % @ ` [ ] { } # , ? :"
                 if ":" in found else "a value must follow its key on the same line, or as an indented block below it")
     else:
         message = f"unexpected {found}; expected {_one_of(names)}"
