@@ -127,3 +127,27 @@ def block(mapping: dict, rng: random.Random, indent: int = 0) -> list[str]:
 def test_mixed_block_and_flow_documents_parse_back_to_their_values(document, seed):
     text = "\n".join(block(document, random.Random(seed))) + "\n"
     assert data(text) == document, text
+
+
+# ---------------------------------------------------------------------------------------------
+# Older specs: values YAML rejects but whose meaning is plain text.
+
+
+def test_a_quoted_or_bracketed_start_followed_by_text_is_one_plain_value():
+    doc = data('name: "ВЕКОВОЙ ДУБ" (OAK)\nslice: []u32\ngrid: [3][3]f64\nheads: [Q, K, V] x 3\n'
+               "it: 'it''s' ok\nlist: [1, 2]  # a comment\nquoted: 'a'\n")
+    assert doc == {"name": '"ВЕКОВОЙ ДУБ" (OAK)', "slice": "[]u32", "grid": "[3][3]f64",
+                   "heads": "[Q, K, V] x 3", "it": "'it''s' ok", "list": [1, 2], "quoted": "a"}
+
+
+def test_a_quoted_value_followed_by_a_colon_is_still_an_error():
+    with pytest.raises(SpecError, match="unexpected ':'; expected end of line"):
+        data('a: "x": 1\n')
+
+
+def test_triple_quoted_text_spans_lines_verbatim():
+    text = 'code: """\nconst x = 1;\n  indented: "q"\n"""\nafter: 2\n'
+    doc = parse_document(text, PATH)
+    assert doc.to_python() == {"code": 'const x = 1;\n  indented: "q"\n', "after": 2}
+    span = doc.get("code").span
+    assert (span.line, span.col, span.end_line, span.end_col) == (1, 7, 4, 4)

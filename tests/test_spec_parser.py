@@ -526,7 +526,7 @@ def test_parse_file_missing_file_is_a_spec_error(tmp_path):
 
 
 def test_unexpected_token_names_what_was_found_and_what_was_expected():
-    diag = only_error("a: [1, 2] x\n")
+    diag = only_error("a: {b: 1} x\n")
     assert diag.message == "unexpected value 'x'; expected end of line"
     assert where(diag.span) == (1, 11, 1, 12)
 

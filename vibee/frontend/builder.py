@@ -118,6 +118,11 @@ class DocumentBuilder(Transformer):
         tok = children[0]
         return Scalar(double_quoted(tok, self._quoted_body(tok), self._report), self._span(tok), quoted=True)
 
+    def triple_quoted(self, children):
+        tok = children[0]
+        body = str(tok)[3:-3]
+        return Scalar(body[1:] if body.startswith("\n") else body, self._span(tok), quoted=True)
+
     def block_scalar(self, children):
         header = children[0]
         text, last = block_scalar_text(header, children[1:], self._report)
