@@ -33,6 +33,10 @@ class LexState:
                         self.block_level, self.block_ended, self.last_was_nl)
 
 
+_OPENS_BLOCK_AFTER_DASH = frozenset(("KEY", "QKEY_DQ", "QKEY_SQ", "DASH"))
+_SPECIAL = frozenset(("LBRACE", "LBRACKET", "RBRACE", "RBRACKET", "BLOCK_HEADER", "UNCLOSED_DQ", "UNCLOSED_SQ"))
+
+
 class SpecIndenter(Indenter):
     """Turns line starts into _NL, _INDENT and _DEDENT (Python style) and records diagnostics
     instead of raising, so parsing can go on after bad indentation.
@@ -60,70 +64,69 @@ class SpecIndenter(Indenter):
         self.run: ParseRun | None = None
 
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
-        # Called again on every resume after an error: all state lives in self.run.
+        # Called again on every resume after an error: all state lives in self.run. One loop
+        # with `continue` rather than a generator per token: this runs for every token.
         run = self.run
         assert run is not None
-        for tok in stream:
-            yield from self._token(run, tok)
-        yield from self._end(run)
-
-    def _token(self, run: ParseRun, tok: Token) -> Iterator[Token]:
         st = run.state
-        kind = tok.type
-        if st.block_level is not None:
-            if kind == "BLOCK_TEXT":
-                yield tok
-                return
-            if kind == "BLOCK_BLANK":
-                if not st.block_ended:
+        for tok in stream:
+            kind = tok.type
+            if st.block_level is not None:
+                if kind == "BLOCK_TEXT":
                     yield tok
-                return
-            if kind in ("BLOCK_INDENT", "BLOCK_COMMENT_LINE"):
-                body = tok.value[1:]
-                width = len(body) - len(body.lstrip(" \t"))
-                if not st.block_ended and width > st.block_level:
-                    yield tok
-                    return
-                if kind == "BLOCK_COMMENT_LINE":  # a comment after the scalar, at lower indentation
-                    st.block_ended = True
-                    return
-                st.block_level = None
-                tok = Token.new_borrow_pos(self.NL_type, tok.value, tok)
-                kind = tok.type
-            else:
-                st.block_level = None
+                    continue
+                if kind == "BLOCK_BLANK":
+                    if not st.block_ended:
+                        yield tok
+                    continue
+                if kind in ("BLOCK_INDENT", "BLOCK_COMMENT_LINE"):
+                    body = tok.value[1:]
+                    width = len(body) - len(body.lstrip(" \t"))
+                    if not st.block_ended and width > st.block_level:
+                        yield tok
+                        continue
+                    if kind == "BLOCK_COMMENT_LINE":  # a comment after the scalar, at lower indentation
+                        st.block_ended = True
+                        continue
+                    st.block_level = None
+                    tok = Token.new_borrow_pos("_NL", tok.value, tok)
+                    kind = "_NL"
+                else:
+                    st.block_level = None
 
-        if kind == self.NL_type:
-            if st.parens or not st.started:
-                return  # line breaks inside flow collections and before the first line don't count
-            yield from self._newline(run, tok)
-            return
+            if kind == "_NL":
+                if st.parens or not st.started:
+                    continue  # line breaks inside flow collections and before the first line don't count
+                yield from self._newline(run, tok)
+                continue
 
-        if not st.started:
-            st.started = True
-            st.levels = [tok.column - 1]
-            prefix = run.text[run.line_starts[tok.line - 1]:tok.start_pos]
-            if "\t" in prefix:
-                run.error(run.span(tok.line, prefix.index("\t") + 1), "tab character in indentation",
-                          "indent with spaces")
-        if st.after_dash and kind in ("KEY", "QKEY_DQ", "QKEY_SQ", "DASH"):
-            # "- key: v": the mapping's block starts at the key, further keys line up under it.
-            # The dash itself stands for the block's _INDENT in the grammar.
-            st.levels.append(tok.column - 1)
-        st.after_dash = kind == "DASH"
-        st.last_was_nl = False
+            if not st.started:
+                st.started = True
+                st.levels = [tok.column - 1]
+                prefix = run.text[run.line_starts[tok.line - 1]:tok.start_pos]
+                if "\t" in prefix:
+                    run.error(run.span(tok.line, prefix.index("\t") + 1), "tab character in indentation",
+                              "indent with spaces")
+            if st.after_dash and kind in _OPENS_BLOCK_AFTER_DASH:
+                # "- key: v": the mapping's block starts at the key, further keys line up under it.
+                # The dash itself stands for the block's _INDENT in the grammar.
+                st.levels.append(tok.column - 1)
+            st.after_dash = kind == "DASH"
+            st.last_was_nl = False
 
-        if kind in self.OPEN_PAREN_types:
-            st.parens.append(tok)
-        elif kind in self.CLOSE_PAREN_types:
-            if st.parens:
-                st.parens.pop()
-        elif kind in ("UNCLOSED_DQ", "UNCLOSED_SQ"):
-            run.unclosed_quote(tok.line, tok.column, tok.value[0])
-        elif kind == "BLOCK_HEADER":
-            st.block_level = st.levels[-1]
-            st.block_ended = False
-        yield tok
+            if kind in _SPECIAL:
+                if kind == "LBRACE" or kind == "LBRACKET":
+                    st.parens.append(tok)
+                elif kind == "RBRACE" or kind == "RBRACKET":
+                    if st.parens:
+                        st.parens.pop()
+                elif kind == "BLOCK_HEADER":
+                    st.block_level = st.levels[-1]
+                    st.block_ended = False
+                else:
+                    run.unclosed_quote(tok.line, tok.column, tok.value[0])
+            yield tok
+        yield from self._end(run)
 
     def _newline(self, run: ParseRun, tok: Token) -> Iterator[Token]:
         st = run.state

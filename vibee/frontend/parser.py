@@ -19,6 +19,7 @@ from vibee.frontend.builder import DocumentBuilder
 from vibee.frontend.document import Mapping, Span
 from vibee.frontend.errors import Diagnostic, SpecError, register_source
 from vibee.frontend.indenter import SpecIndenter
+from vibee.frontend.lalr_loop import LALRLoop
 from vibee.frontend.recovery import drive
 from vibee.frontend.source import ParseRun
 
@@ -73,7 +74,7 @@ def parse_document(text: str, path: str) -> Mapping:
 
 
 @functools.lru_cache(maxsize=1)
-def _parser() -> tuple[Lark, SpecIndenter, DocumentBuilder]:
+def _parser() -> tuple[Lark, LALRLoop, SpecIndenter, DocumentBuilder]:
     indenter = SpecIndenter()
     builder = DocumentBuilder()
     lark = Lark(
@@ -84,7 +85,7 @@ def _parser() -> tuple[Lark, SpecIndenter, DocumentBuilder]:
         transformer=builder,  # nodes are built as rules reduce: no parse tree, no second pass
         maybe_placeholders=False,
     )
-    return lark, indenter, builder
+    return lark, LALRLoop(lark), indenter, builder
 
 
 _PARSE_LOCK = threading.Lock()  # the post-lexer and builder of the shared parser hold the current run
@@ -94,14 +95,14 @@ def _parse(text: str, path: str) -> Mapping:
     # Line and column numbers don't change: "\r\n" keeps its line, a lone "\r" is a line break
     # for Python's splitlines() (which quotes lines in diagnostics) as well.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lark, indenter, builder = _parser()
+    lark, loop, indenter, builder = _parser()
     with _PARSE_LOCK:
         try:
             # Most texts parse: try the plain LALR loop first, and only drive the parse line by
             # line (slower: it snapshots the parser at every line start) to recover from errors.
             run = indenter.run = builder.run = ParseRun(text, path)
             try:
-                document = lark.parse(text)
+                document = loop.parse(text)
             except UnexpectedInput:
                 run = indenter.run = builder.run = ParseRun(text, path)
                 document = drive(lark, run)
