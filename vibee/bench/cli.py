@@ -477,3 +477,53 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     json_path = _finish(out, result_dir, "kernels", data, title, sections, notes)
     png = kb.plot_kernels(rows, json_path.with_suffix(".png"), title)
     out.print(f"wrote {png}", highlight=False)
+
+
+# --- parse ---------------------------------------------------------------------------------------
+
+
+@bench.command("parse")
+@click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The shipped specs to time (default: specs/tri).")
+@click.option("--generated", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Older descriptive specs to generate and time (seeded).")
+@click.option("--corpus", "corpora", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Also time and count the parse rate of every .vibee file under this directory (repeatable).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True)
+def parse(spec_dir, generated, corpora, repeats, seed, result_dir):
+    """MB/s of the spec front end (parse_document, in process) and the share of each corpus that parses."""
+    from rich.console import Console
+
+    from vibee.bench import parse as pb
+    from vibee.runtime.generated import DEFAULT_SPEC_DIR
+
+    out, err = Console(), Console(stderr=True)
+    sets = [pb.spec_files(spec_dir or DEFAULT_SPEC_DIR, "shipped specs")]
+    if generated:
+        sets.append(pb.generated(generated, seed))
+    sets += [pb.spec_files(directory, str(directory)) for directory in corpora]
+    results, rows, failures = {}, [], []
+    for corpus in sets:
+        if not corpus.texts:
+            _fail(f"no .vibee files under {corpus.name}")
+        err.print(f"parsing {corpus.name}: {len(corpus.texts)} files, {corpus.bytes / 1e6:.2f} MB ...", highlight=False)
+        parsed, failed = pb.parse_rate(corpus)
+        speed = pb.parse_speed(corpus, repeats)
+        results[corpus.name] = {**speed, "parsed": parsed, "parse_rate": parsed / len(corpus.texts), "failures": failed}
+        rows.append([corpus.name, speed["files"], f"{speed['bytes'] / 1e6:.3f}", f"{speed['mb_per_s_best']:.2f}",
+                     f"{speed['mb_per_s_median']:.2f}", f"{100 * parsed / len(corpus.texts):.2f}%"])
+        failures += [[corpus.name, line] for line in failed[:20]]
+    env = environment("cpu")
+    title = f"vibee bench parse on {env.get('cpu')}"
+    notes = [f"CPU time of parse_document over each whole corpus, best and median of {repeats} passes after one "
+             "untimed pass; files that fail count too (their diagnostics are part of parsing)."]
+    sections = [Section("Parse speed", ["corpus", "files", "MB", "MB/s (best)", "MB/s (median)", "parses"], rows)]
+    if failures:
+        sections.append(Section("First failures", ["corpus", "first diagnostic"], failures))
+    sections.append(Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]))
+    data = {"benchmark": "parse", "settings": {"repeats": repeats, "seed": seed, "generated": generated},
+            "results": results, "environment": env}
+    _finish(out, result_dir, "parse", data, title, sections, notes)
