@@ -1,26 +1,13 @@
-"""The LALR loop for texts without syntax errors: Lark's parse table and callbacks driven by a
-tighter loop than Lark's own (reduce actions are looked up once per grammar, not per token).
-A syntax error raises Lark's UnexpectedToken; recovery.py then parses the text again."""
+"""The parse of texts without syntax errors: Lark's contextual lexer regexes and LALR table,
+driven by tighter loops than Lark's own (reduce actions are looked up once per grammar, not per
+token; positions are counted per token, not per character). A syntax error raises Lark's
+UnexpectedInput; recovery.py then parses the text again with Lark's interactive parser."""
 
 from __future__ import annotations
 
 from lark import Lark, Token
-from lark.exceptions import UnexpectedToken
-from lark.lexer import LexerThread
+from lark.exceptions import UnexpectedCharacters, UnexpectedToken
 from lark.parsers.lalr_analysis import Shift
-
-
-class _Position:
-    """What the contextual lexer asks the parser: the current state (the top of the stack)."""
-
-    __slots__ = ("stack",)
-
-    def __init__(self, stack: list[int]):
-        self.stack = stack
-
-    @property
-    def position(self) -> int:
-        return self.stack[-1]
 
 
 class LALRLoop:
@@ -28,7 +15,12 @@ class LALRLoop:
         frontend = lark.parser
         table = frontend.parser.parser.parse_table
         callbacks = frontend.parser.parser.callbacks
-        self.lexer = frontend.lexer  # the contextual lexer behind the post-lexer
+        contextual = frontend.lexer.lexer
+        self.postlexer = frontend.lexer.postlexer
+        # The regexes Lark's contextual lexer would try in each parser state (the same order and
+        # priorities, so both lex alike); the grammar has no lexer callbacks to honour.
+        self.scanners = {state: lexer.scanner._mres for state, lexer in contextual.lexers.items()}
+        self.ignore = frozenset(contextual.root_lexer.ignore_types)
         self.start = table.start_states["start"]
         self.end = table.end_states["start"]
         # state -> token type -> (next state, None) for a shift, or (rule size, rule name, callback).
@@ -43,8 +35,7 @@ class LALRLoop:
         actions, end = self.actions, self.end
         states = [self.start]
         values: list = []
-        tokens = self.lexer.lex(LexerThread.from_text(self.lexer, text).state, _Position(states))
-        for token in _then_end(tokens):
+        for token in _then_end(self.postlexer.process(self._lex(text, states))):
             kind = token.type
             while True:  # reduce until the token can be shifted
                 try:
@@ -66,6 +57,30 @@ class LALRLoop:
                 if kind == "$END" and states[-1] == end:
                     return values[-1]
         raise AssertionError("the parse table accepts only at $END")
+
+
+    def _lex(self, text: str, states: list[int]):
+        """Tokens of `text`, each lexed in the parser state it will meet (the stack's top)."""
+        scanners, ignore = self.scanners, self.ignore
+        pos, line, line_start, end = 0, 1, 0, len(text)
+        while pos < end:
+            for regex in scanners[states[-1]]:
+                match = regex.match(text, pos)
+                if match:
+                    break
+            else:
+                raise UnexpectedCharacters(text, pos, line, pos - line_start + 1)
+            start, pos = pos, match.end()
+            value = match.group()
+            breaks = value.count("\n")
+            if breaks:
+                end_line, next_start = line + breaks, start + value.rfind("\n") + 1
+            else:
+                end_line, next_start = line, line_start
+            kind = match.lastgroup
+            if kind not in ignore:
+                yield Token(kind, value, start, line, start - line_start + 1, end_line, pos - next_start + 1, pos)
+            line, line_start = end_line, next_start
 
 
 def _then_end(tokens):
