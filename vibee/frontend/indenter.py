@@ -130,7 +130,8 @@ class SpecIndenter(Indenter):
 
     def _newline(self, run: ParseRun, tok: Token) -> Iterator[Token]:
         st = run.state
-        run.state_before_nl = st.copy()
+        if run.recovering:  # the recovery driver snapshots the parser at each line start
+            run.state_before_nl = st.copy()
         st.after_dash = False
         st.last_was_nl = True
         yield tok

@@ -10,6 +10,10 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedToken
 from lark.parsers.lalr_analysis import Shift
 
 
+# Token's constructor without the wrapper that checks for a deprecated keyword (Lark >= 1.1.6).
+_NEW_TOKEN = getattr(Token, "_future_new", Token)
+
+
 class LALRLoop:
     def __init__(self, lark: Lark):
         frontend = lark.parser
@@ -20,13 +24,16 @@ class LALRLoop:
         # The regexes Lark's contextual lexer would try in each parser state (the same order and
         # priorities, so both lex alike); the grammar has no lexer callbacks to honour.
         self.scanners = {state: lexer.scanner._mres for state, lexer in contextual.lexers.items()}
+        assert all(len(regexes) == 1 for regexes in self.scanners.values())  # Lark splits only huge unions
+        self.scanners = {state: regexes[0] for state, regexes in self.scanners.items()}
         self.ignore = frozenset(contextual.root_lexer.ignore_types)
         self.start = table.start_states["start"]
         self.end = table.end_states["start"]
         # state -> token type -> (next state, None) for a shift, or (rule size, rule name, callback).
+        # Keys are plain str: Lark's are Tokens, whose __eq__ would run on every lookup.
         self.actions: dict[int, dict[str, tuple]] = {
-            state: {kind: ((arg, None, None) if action is Shift else
-                           (len(arg.expansion), arg.origin.name, callbacks[arg]))
+            state: {str(kind): ((arg, None, None) if action is Shift else
+                                (len(arg.expansion), str(arg.origin.name), callbacks[arg]))
                     for kind, (action, arg) in row.items()}
             for state, row in table.states.items()
         }
@@ -61,14 +68,11 @@ class LALRLoop:
 
     def _lex(self, text: str, states: list[int]):
         """Tokens of `text`, each lexed in the parser state it will meet (the stack's top)."""
-        scanners, ignore = self.scanners, self.ignore
+        scanners, ignore, new_token = self.scanners, self.ignore, _NEW_TOKEN
         pos, line, line_start, end = 0, 1, 0, len(text)
         while pos < end:
-            for regex in scanners[states[-1]]:
-                match = regex.match(text, pos)
-                if match:
-                    break
-            else:
+            match = scanners[states[-1]].match(text, pos)
+            if match is None:
                 raise UnexpectedCharacters(text, pos, line, pos - line_start + 1)
             start, pos = pos, match.end()
             value = match.group()
@@ -79,7 +83,7 @@ class LALRLoop:
                 end_line, next_start = line, line_start
             kind = match.lastgroup
             if kind not in ignore:
-                yield Token(kind, value, start, line, start - line_start + 1, end_line, pos - next_start + 1, pos)
+                yield new_token(kind, value, start, line, start - line_start + 1, end_line, pos - next_start + 1, pos)
             line, line_start = end_line, next_start
 
 

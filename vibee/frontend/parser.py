@@ -104,7 +104,7 @@ def _parse(text: str, path: str) -> Mapping:
             try:
                 document = loop.parse(text)
             except UnexpectedInput:
-                run = indenter.run = builder.run = ParseRun(text, path)
+                run = indenter.run = builder.run = ParseRun(text, path, recovering=True)
                 document = drive(lark, run)
         finally:
             indenter.run = builder.run = None

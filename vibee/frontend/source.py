@@ -18,7 +18,7 @@ MAX_ERRORS = 50
 class ParseRun:
     """One parse of one text: the text and its line index, the post-lexer's state, the diagnostics."""
 
-    def __init__(self, text: str, path: str):
+    def __init__(self, text: str, path: str, *, recovering: bool = False):
         self.text = text
         self.path = path
         self.lines = text.split("\n")
@@ -26,6 +26,7 @@ class ParseRun:
         for line in self.lines[:-1]:
             self.line_starts.append(self.line_starts[-1] + len(line) + 1)
         self.state = LexState()
+        self.recovering = recovering  # driven by recovery.drive, which rolls back to line starts
         self.state_before_nl = self.state.copy()
         self.diagnostics: list[Diagnostic] = []
 
