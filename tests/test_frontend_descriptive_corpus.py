@@ -6,6 +6,7 @@ given/when/then in every quoting style, flow test cases, '|' / '>' / '\"\"\"' te
 from __future__ import annotations
 
 import random
+import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,3 +28,4 @@ def test_the_generator_covers_the_constructs_of_hand_written_specs():
                       "then: '", 'when: "', "description: |", "description: >", "D&C:", ": []u32",
                       'ⲍⲓⲅ_ⲟⲩⲧⲡⲩⲧ: """', "\r\n", "input: {", "  # "):
         assert construct in texts, construct
+    assert re.search(r"^description: \w[^\n]*\n  [^\s#-][^:\n]*$", texts, re.M), "a description wrapped over lines"

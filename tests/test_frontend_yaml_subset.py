@@ -60,6 +60,25 @@ def test_duplicate_keys_in_single_pair_mappings_are_independent():
     assert data("x: [a: 1, a: 2]\n") == {"x": [{"a": 1}, {"a": 2}]}
 
 
+def test_plain_text_goes_on_over_lines_indented_deeper_than_its_key():
+    text = "description: A long sentence\n  wrapped by hand\nitems:\n  - first item\n    goes on\n  - k: v\n      w\n"
+    assert data(text) == {"description": "A long sentence wrapped by hand",
+                          "items": ["first item goes on", {"k": "v w"}]}
+
+
+def test_a_value_may_start_on_the_indented_line_below_its_key():
+    text = "a:\n  {x: 1}\nb:\n  [y: 2]\nc:\n  plain text\n  more\nd:\n  'q'\ne:\n  |\n  kept\nf: 1\n"
+    assert data(text) == {"a": {"x": 1}, "b": [{"y": 2}], "c": "plain text more", "d": "q", "e": "kept\n", "f": 1}
+
+
+def test_a_stray_line_at_the_keys_indentation_is_not_taken_as_a_continuation():
+    with pytest.raises(SpecError) as info:
+        parse_document("config:\n  block_size: 16\n  just some words\n", PATH)
+    (diag,) = info.value.diagnostics
+    assert (diag.span.line, diag.span.col, diag.span.end_col) == (3, 3, 18)
+    assert "indent this line deeper than its key (column 3)" in diag.hint
+
+
 def test_a_colon_inside_a_block_value_stays_text():
     assert data("then: Return value: the cached KV\n") == {"then": "Return value: the cached KV"}
 

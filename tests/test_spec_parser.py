@@ -584,8 +584,8 @@ def test_tab_in_indentation():
 
 def test_value_where_a_key_was_expected():
     diag = only_error("name: x\nconfig:\n  block_size: 16\n  just some words\n")
-    assert diag.message == ("found value 'just some words' where a key ('name: value') was expected; "
-                            "expected one of a key or a less indented line")
+    assert diag.message == "found value 'just some words' where a key ('name: value') was expected"
+    assert diag.hint == "to go on with the value above, indent this line deeper than its key (column 3)"
     assert where(diag.span) == (4, 3, 4, 18)
 
 
@@ -613,8 +613,14 @@ def test_top_level_must_be_a_mapping():
     assert (diag.span.line, diag.span.col) == (1, 1)
 
 
+def test_a_plain_value_goes_on_over_more_indented_lines():
+    doc = parse("then: a long sentence\n  that goes on\n    and on\nnext: 1\n")
+    assert doc.to_python() == {"then": "a long sentence that goes on and on", "next": 1}
+    assert where(doc.get("then")) == (1, 7, 3, 11)
+
+
 def test_unexpected_indentation_after_a_value():
-    diag = only_error("then: a long sentence\n  that goes on\nnext: 1\n")
+    diag = only_error("then: a long sentence\n  key: v\nnext: 1\n")
     assert diag.message == "unexpected indentation; expected one of a key or end of file"
     assert (diag.span.line, diag.span.col) == (2, 3)
     assert "'|' or '>'" in diag.hint
@@ -721,7 +727,7 @@ def test_rendered_error_with_hint_and_wide_caret():
         "  help: remove one of them, or rename it",
     ]
     with pytest.raises(SpecError) as info:
-        parse("x: 1\n  some words here\n")
+        parse("a:\n  x: 1\n  some words here\n")
     assert "      |   ^" in info.value.render()
 
 

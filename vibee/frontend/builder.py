@@ -104,7 +104,10 @@ class DocumentBuilder(Transformer):
 
     def plain(self, children):
         tok = children[0]
-        return Scalar(resolve_plain(str(tok)), self._span(tok))
+        text = str(tok)
+        if "\n" in text:  # a plain scalar over several lines: YAML folds them with spaces
+            text = " ".join(line.strip(" \t") for line in text.split("\n"))
+        return Scalar(resolve_plain(text), self._span(tok))
 
     @staticmethod
     def _quoted_body(tok: Token) -> str:

@@ -2,7 +2,7 @@
 banner comments, a header, `creation_pattern:`, constants with trailing comments, `types:` as a
 mapping or as a list of `- name:` entries (fields as `name: Type` or `- name: / type:`, some in
 flow style), `behaviors:` with given/when/then in every quoting style, `test_cases:` with flow
-`input:` / `expected:`, long descriptions ('|', '>', plain with colons), keys like `D&C` or
+`input:` / `expected:`, long descriptions ('|', '>', plain with colons, wrapped over lines), keys like `D&C` or
 `Key Points`, `[]u32` types, embedded `\"\"\"` code, blank lines with stray blanks, CRLF files.
 
 `descriptive_spec(rng)` returns the text and the value it must parse to, so the corpus measures
@@ -67,8 +67,13 @@ class _Writer:
     def long_text(self, key: str, indent: str) -> str:
         """A description: '|', '>' or one long line; returns the parsed value."""
         lines = [self.text() for _ in range(self.rng.randint(2, 5))]
-        style = self.rng.choice(["|", ">", "line"])
-        if style == "line":
+        style = self.rng.choice(["|", ">", "line", "wrapped"])
+        if style == "wrapped" and all(self.scalar(line) == line and ": " not in line for line in lines):
+            value = " ".join(lines)  # plain text wrapped by hand: the lines fold with spaces
+            self.add(f"{indent}{key}: {lines[0]}")
+            self.lines.extend(f"{indent}  {line}" for line in lines[1:])
+            return value
+        if style in ("line", "wrapped"):
             value = " ".join(lines)
             self.add(f"{indent}{key}: {self.scalar(value)}")
             return value

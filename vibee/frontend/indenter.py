@@ -34,7 +34,26 @@ class LexState:
 
 
 _OPENS_BLOCK_AFTER_DASH = frozenset(("KEY", "QKEY_DQ", "QKEY_SQ", "DASH"))
-_SPECIAL = frozenset(("LBRACE", "LBRACKET", "RBRACE", "RBRACKET", "BLOCK_HEADER", "UNCLOSED_DQ", "UNCLOSED_SQ"))
+_SPECIAL = frozenset(("LBRACE", "LBRACKET", "RBRACE", "RBRACKET", "BLOCK_HEADER", "UNCLOSED_DQ", "UNCLOSED_SQ",
+                      "PLAIN"))
+
+
+def _check_continuation(run: ParseRun, st: LexState, tok: Token) -> None:
+    """A plain scalar over several lines: each further line must be indented deeper than the
+    block that holds the scalar (the key's or '-''s column; for a scalar that starts on its own
+    line below its key, the key's)."""
+    if tok.line == tok.end_line:
+        return
+    levels = st.levels
+    parent = levels[-2] if run.first_on_line(tok.start_pos) and len(levels) > 1 else levels[-1]
+    for line in range(tok.line + 1, tok.end_line + 1):
+        indent = run.indent_of(line)
+        if indent <= parent:
+            text = run.lines[line - 1].strip(" \t")
+            run.error(run.span(line, indent + 1, line, indent + 1 + len(text)),
+                      f"found value {text!r} where a key ('name: value') was expected",
+                      f"to go on with the value above, indent this line deeper than its key (column {parent + 1})",
+                      once_per_line=True)
 
 
 class SpecIndenter(Indenter):
@@ -121,8 +140,13 @@ class SpecIndenter(Indenter):
                     if st.parens:
                         st.parens.pop()
                 elif kind == "BLOCK_HEADER":
-                    st.block_level = st.levels[-1]
+                    # The text must be indented deeper than the key: for "key:\n  |" the key's
+                    # block is the one below the header's own.
+                    own_line = run.first_on_line(tok.start_pos) and len(st.levels) > 1
+                    st.block_level = st.levels[-2] if own_line else st.levels[-1]
                     st.block_ended = False
+                elif kind == "PLAIN":
+                    _check_continuation(run, st, tok)
                 else:
                     run.unclosed_quote(tok.line, tok.column, tok.value[0])
             yield tok
