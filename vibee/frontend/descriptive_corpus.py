@@ -52,13 +52,17 @@ class _Writer:
             return self.words(self.rng.randint(1, 6)).capitalize()
         return self.words(self.rng.randint(6, 14)).capitalize() + "."
 
-    def scalar(self, value: str, *, in_item: bool = False) -> str:
-        """One spelling of a string value on a line: plain where it stays itself, else quoted."""
-        plain_ok = (value and value[0] not in "-?:,[]{}#&*!|>'\"%@`" and " #" not in value
+    @staticmethod
+    def plain_ok(value: str, *, in_item: bool = False) -> bool:
+        """Whether `value` written plain reads back as itself."""
+        return bool(value and value[0] not in "-?:,[]{}#&*!|>'\"%@`" and " #" not in value
                     and not _RESOLVES.fullmatch(value) and value == value.strip()
                     and not (in_item and ": " in value) and not value.endswith(":"))
+
+    def scalar(self, value: str, *, in_item: bool = False) -> str:
+        """One spelling of a string value on a line: plain where it stays itself, else quoted."""
         r = self.rng.random()
-        if plain_ok and r < 0.6:
+        if self.plain_ok(value, in_item=in_item) and r < 0.6:
             return value
         if "'" not in value and r < 0.8:
             return "'" + value + "'"
@@ -68,7 +72,7 @@ class _Writer:
         """A description: '|', '>' or one long line; returns the parsed value."""
         lines = [self.text() for _ in range(self.rng.randint(2, 5))]
         style = self.rng.choice(["|", ">", "line", "wrapped"])
-        if style == "wrapped" and all(self.scalar(line) == line and ": " not in line for line in lines):
+        if style == "wrapped" and all(self.plain_ok(line) and ": " not in line for line in lines):
             value = " ".join(lines)  # plain text wrapped by hand: the lines fold with spaces
             self.add(f"{indent}{key}: {lines[0]}")
             self.lines.extend(f"{indent}  {line}" for line in lines[1:])
