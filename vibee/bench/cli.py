@@ -497,33 +497,10 @@ def parse(spec_dir, generated, corpora, repeats, seed, result_dir):
     """MB/s of the spec front end (parse_document, in process) and the share of each corpus that parses."""
     from rich.console import Console
 
-    from vibee.bench import parse as pb
-    from vibee.runtime.generated import DEFAULT_SPEC_DIR
+    from vibee.bench.parse import run_parse_bench
 
-    out, err = Console(), Console(stderr=True)
-    sets = [pb.spec_files(spec_dir or DEFAULT_SPEC_DIR, "shipped specs")]
-    if generated:
-        sets.append(pb.generated(generated, seed))
-    sets += [pb.spec_files(directory, str(directory)) for directory in corpora]
-    results, rows, failures = {}, [], []
-    for corpus in sets:
-        if not corpus.texts:
-            _fail(f"no .vibee files under {corpus.name}")
-        err.print(f"parsing {corpus.name}: {len(corpus.texts)} files, {corpus.bytes / 1e6:.2f} MB ...", highlight=False)
-        parsed, failed = pb.parse_rate(corpus)
-        speed = pb.parse_speed(corpus, repeats)
-        results[corpus.name] = {**speed, "parsed": parsed, "parse_rate": parsed / len(corpus.texts), "failures": failed}
-        rows.append([corpus.name, speed["files"], f"{speed['bytes'] / 1e6:.3f}", f"{speed['mb_per_s_best']:.2f}",
-                     f"{speed['mb_per_s_median']:.2f}", f"{100 * parsed / len(corpus.texts):.2f}%"])
-        failures += [[corpus.name, line] for line in failed[:20]]
-    env = environment("cpu")
-    title = f"vibee bench parse on {env.get('cpu')}"
-    notes = [f"CPU time of parse_document over each whole corpus, best and median of {repeats} passes after one "
-             "untimed pass; files that fail count too (their diagnostics are part of parsing)."]
-    sections = [Section("Parse speed", ["corpus", "files", "MB", "MB/s (best)", "MB/s (median)", "parses"], rows)]
-    if failures:
-        sections.append(Section("First failures", ["corpus", "first diagnostic"], failures))
-    sections.append(Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]))
-    data = {"benchmark": "parse", "settings": {"repeats": repeats, "seed": seed, "generated": generated},
-            "results": results, "environment": env}
-    _finish(out, result_dir, "parse", data, title, sections, notes)
+    try:
+        data, title, sections, notes = run_parse_bench(spec_dir, generated, corpora, repeats, seed, Console(stderr=True))
+    except ValueError as exc:
+        _fail(str(exc))
+    _finish(Console(), result_dir, "parse", data, title, sections, notes)
