@@ -477,3 +477,30 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     json_path = _finish(out, result_dir, "kernels", data, title, sections, notes)
     png = kb.plot_kernels(rows, json_path.with_suffix(".png"), title)
     out.print(f"wrote {png}", highlight=False)
+
+
+# --- parse ---------------------------------------------------------------------------------------
+
+
+@bench.command("parse")
+@click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The shipped specs to time (default: specs/tri).")
+@click.option("--generated", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Older descriptive specs to generate and time (seeded).")
+@click.option("--corpus", "corpora", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Also time and count the parse rate of every .vibee file under this directory (repeatable).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True)
+def parse(spec_dir, generated, corpora, repeats, seed, result_dir):
+    """MB/s of the spec front end (parse_document, in process) and the share of each corpus that parses."""
+    from rich.console import Console
+
+    from vibee.bench.parse import run_parse_bench
+
+    try:
+        data, title, sections, notes = run_parse_bench(spec_dir, generated, corpora, repeats, seed, Console(stderr=True))
+    except ValueError as exc:
+        _fail(str(exc))
+    _finish(Console(), result_dir, "parse", data, title, sections, notes)
