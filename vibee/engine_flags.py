@@ -61,8 +61,9 @@ def _knob_option(kind: str, field: str, param: str):
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     names = [extra["flag"], *extra.get("aliases", [])]
     help_text = f"{info.description} (spec: {kind}.{field})"
-    if info.annotation is bool:
-        return click.option(f"{names[0]}/--no-{names[0].removeprefix('--')}", param, default=None, help=help_text)
+    if info.annotation is bool:  # on and off: --x/--no-x, for each spelling
+        switches = [f"{name}/--no-{name.removeprefix('--')}" for name in names]
+        return click.option(*switches, param, default=None, help=help_text)
     return click.option(*names, param, type=_click_type(info.annotation, f"{kind}.{field}"), default=None, help=help_text)
 
 
