@@ -1,14 +1,21 @@
 """The engine's command-line flags, shared by `vibee serve` and `vibee bench throughput` (vLLM's
-names). A flag left unset leaves the choice to the specs; the result is an EngineConfig."""
+names). Two sorts: the engine's own settings (model, device, dtype, the measurement switches),
+declared here; and one flag per knob that a kind's config model declares with `flag=`, made
+here from that declaration (its names, type, help) and validated by that model when applied.
+A flag left unset leaves the choice to the specs; the result is an EngineConfig."""
 
 from __future__ import annotations
 
 import sys
+import types
+import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
+
+from vibee.kinds.registry import KIND_NAMES, config_model
 
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -22,45 +29,94 @@ ENGINE_OPTIONS = [
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="auto: float32 on a CPU, bfloat16 on a GPU."),
     click.option("--max-model-len", type=int, default=None, help="Longest prompt + completion (default: the model's)."),
-    click.option("--gpu-memory-utilization", type=float, default=None, help="Share of GPU memory to use (spec: kv_cache)."),
-    click.option("--block-size", type=int, default=None, help="Tokens per KV block (spec: kv_cache.block_size)."),
-    click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
-                 help="Reuse KV of shared prompt prefixes (spec: kv_cache)."),
-    click.option("--max-num-seqs", "--batch-size", "max_num_seqs", type=int, default=None,
-                 help="Most sequences in a step (spec: continuous_batch)."),
-    click.option("--max-num-batched-tokens", type=int, default=None, help="Token budget of a step (spec: continuous_batch)."),
     click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
                  help="Off: recompute every token each step (the naive baseline, for measurement)."),
     click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                  help="Off: the generated reference attention."),
     click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-                 help="Quantize weights at load time (spec: quantization)."),
+                 help="Quantize weights at load time: sets quantization.bits (the spec decides the rest)."),
     click.option("--speculative/--no-speculative", default=False, show_default=True,
                  help="Speculative decoding with the spec's drafter (spec: speculative_decode)."),
     click.option("--draft-model", type=_DIR, default=None,
                  help="Draft with this model (same tokenizer); implies --speculative with method draft_model."),
-    click.option("--num-speculative-tokens", type=int, default=None, help="Draft tokens per step (spec: speculative_decode)."),
-    click.option("--tensor-parallel-size", type=int, default=1, show_default=True),
     click.option("--num-kv-blocks", type=int, default=None, help="Fix the KV cache size in blocks."),
     click.option("--enforce-eager", is_flag=True, default=False, help="No CUDA graphs for decode steps (GPU)."),
 ]
 
 
+def _click_type(annotation: Any, where: str) -> Any:
+    """The click type of a knob's annotation: conversion only; the config model checks the value."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _click_type(args[0], where)  # an optional knob: the flag gives a value
+    if typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in args):
+        return click.Choice(args)
+    if annotation in (int, float, str):
+        return annotation
+    raise TypeError(f"{where} declares a flag, but its type {annotation!r} has no command-line spelling")
+
+
+def _knob_option(kind: str, field: str, param: str):
+    info = config_model(kind).model_fields[field]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    names = [extra["flag"], *extra.get("aliases", [])]
+    help_text = f"{info.description} (spec: {kind}.{field})"
+    if info.annotation is bool:  # on and off: --x/--no-x, for each spelling
+        switches = [f"{name}/--no-{name.removeprefix('--')}" for name in names]
+        return click.option(*switches, param, default=None, help=help_text)
+    return click.option(*names, param, type=_click_type(info.annotation, f"{kind}.{field}"), default=None, help=help_text)
+
+
+def _knob_flags() -> dict[str, tuple[str, str]]:
+    """Parameter name (the flag's, as click spells it: --block-size -> block_size) -> (kind, field)
+    of every knob declared with a flag, in registry order."""
+    flags = {}
+    for kind in KIND_NAMES:
+        for field, info in config_model(kind).model_fields.items():
+            extra = info.json_schema_extra
+            if isinstance(extra, dict) and extra.get("flag"):
+                param = extra["flag"].removeprefix("--").replace("-", "_")
+                if param in flags:
+                    raise TypeError(f"{kind}.{field} and {'.'.join(flags[param])} both declare flag {extra['flag']}")
+                flags[param] = (kind, field)
+    return flags
+
+
+KNOB_FLAGS = _knob_flags()
+
+
+def split_flags(flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(engine settings, knob settings {kind: {field: value}}) of flags given by parameter name;
+    a knob flag left unset (None) is left to the spec."""
+    settings, knobs = {}, {}
+    for param, value in flags.items():
+        if param not in KNOB_FLAGS:
+            settings[param] = value
+        elif value is not None:
+            kind, field = KNOB_FLAGS[param]
+            knobs.setdefault(kind, {})[field] = value
+    return settings, knobs
+
+
 def engine_options(f):
+    for param, (kind, field) in reversed(KNOB_FLAGS.items()):
+        f = _knob_option(kind, field, param)(f)
     for option in reversed(ENGINE_OPTIONS):
         f = option(f)
     return f
 
 
 def engine_config(**flags: Any):
-    """EngineConfig from the flags; a bad value exits 2 with the flag's name, and a flag whose
-    feature is not built exits 2 saying so."""
+    """EngineConfig from the flags, knob flags gathered as {kind: {field: value}}; a bad engine
+    setting exits 2 with the flag's name, and a flag whose feature is not built exits 2 saying so.
+    Knob values are checked by their config model when the specs load (vibee.runtime.generated)."""
     from pydantic import ValidationError
 
     from vibee.runtime.config import EngineConfig
 
+    settings, knobs = split_flags(flags)
     try:
-        config = EngineConfig(**flags)
+        config = EngineConfig(**settings, knobs=knobs)
     except ValidationError as exc:
         for err in exc.errors():
             click.echo(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", err=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.runtime.hf_models import VOCAB_SIZE, make_model
+from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.engine import LLMEngine, generate
 from vibee.runtime.sampling_params import SamplingParams
@@ -32,8 +33,9 @@ def prompts(lengths, seed=0):
     return [[rng.randrange(5, VOCAB_SIZE) for _ in range(n)] for n in lengths]
 
 
-def engine(model_dir, **overrides) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=model_dir, device="cpu", **overrides), progress=False)
+def engine(model_dir, **flags) -> LLMEngine:
+    settings, knobs = split_flags(flags)  # as `vibee serve` splits its flags
+    return LLMEngine(EngineConfig(model=model_dir, device="cpu", **settings, knobs=knobs), progress=False)
 
 
 def run(eng, prompt_list, **params):
@@ -121,7 +123,7 @@ def test_switches_keep_tokens(tiny, baseline, flags, tmp_path, monkeypatch):
     eng = engine(model_dir, **flags)
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected
     if "block_size" in flags:
-        assert eng.block_size == 32 and eng.gen.kv_cache.BLOCK_SIZE == 32
+        assert eng.block_size == 32 and eng.kv_cache.k_pages[0].data.shape[1] == 32
 
 
 def test_prefix_cache_hit_reuses_kv(tiny):
@@ -343,7 +345,8 @@ def test_cuda_graphs_capture_decode_and_keep_tokens(tiny, baseline):
     """Decode steps replay captured CUDA graphs (padding rows included) and give the eager tokens."""
     model_dir, _ = tiny
     batch, expected = baseline
-    eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="float32", max_num_seqs=8), progress=False)
+    eng = LLMEngine(EngineConfig(model=model_dir, device="cuda", dtype="float32",
+                                 knobs={"continuous_batch": {"max_num_seqs": 8}}), progress=False)
     info = eng.info()["cuda_graphs"]
     assert info["enabled"], info
     assert info["batch_sizes"] == [1, 2, 4, 8]

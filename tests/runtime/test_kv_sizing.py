@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.runtime.hf_models import make_model
+from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.engine import LLMEngine, generate, kv_blocks_for_budget, worst_case_step
 from vibee.runtime.sampling_params import SamplingParams
@@ -26,8 +27,9 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def engine(model_dir, **overrides) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=model_dir, device="cpu", **overrides), progress=False)
+def engine(model_dir, **flags) -> LLMEngine:
+    settings, knobs = split_flags(flags)  # as `vibee serve` splits its flags
+    return LLMEngine(EngineConfig(model=model_dir, device="cpu", **settings, knobs=knobs), progress=False)
 
 
 def sampled_tokens(eng, prompts):
@@ -125,8 +127,9 @@ def test_gpu_sized_from_profile():
     what it allows. So many sequences that the cap (`useful`) stays out of the way; eager, so no
     graph captures of that many batch sizes."""
     def build(utilization):
-        eng = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=utilization, max_num_seqs=65536,
-                                     enforce_eager=True), progress=False)
+        knobs = {"kv_cache": {"gpu_memory_utilization": utilization},
+                 "continuous_batch": {"max_num_seqs": 65536, "max_num_batched_tokens": 65536}}
+        eng = LLMEngine(EngineConfig(device="cuda", enforce_eager=True, knobs=knobs), progress=False)
         profile, num_blocks, per_block = eng.memory_profile, eng.num_blocks, eng.kv_bytes_per_block
         free, total = torch.cuda.mem_get_info()
         assert eng.info()["kv_cache"]["memory_profile"] == profile

@@ -90,7 +90,7 @@ def test_quantized_merged_equals_the_separately_quantized_parts(models, quant, t
         gen = generated()
     else:
         monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path / "cache"))
-        gen = load_generated(overrides=EngineConfig(quant="int8").spec_overrides("float32"))
+        gen = load_generated(knobs=EngineConfig(quant="int8").knob_settings("float32"))
     q = gen.quantization
     assert q.BITS == (4 if quant == "int4" else 8)
     model_dir, hf = models("llama_h128")

@@ -234,7 +234,7 @@ def test_int8_kv_cache_pages_are_dequantized_for_attention(models, tmp_path, mon
     from vibee.runtime.generated import load_generated
 
     monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
-    gen8 = load_generated(overrides={"kv_cache": {"kv_dtype": "int8"}})
+    gen8 = load_generated(knobs={"kv_cache": {"kv_dtype": "int8"}})
     assert gen8.kv_cache.KV_DTYPE == "int8"
     model_dir, hf = models("llama")
     model = ours(model_dir)

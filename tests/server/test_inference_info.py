@@ -33,7 +33,7 @@ def served(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("info")
     hf = make_model(root / "tiny", "llama", hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, layers=LAYERS)
-    config = EngineConfig(model=root / "tiny", device="cpu", quant=request.param, block_size=BLOCK_SIZE,
+    config = EngineConfig(model=root / "tiny", device="cpu", quant=request.param, knobs={"kv_cache": {"block_size": BLOCK_SIZE}},
                           num_kv_blocks=NUM_BLOCKS, max_model_len=MAX_MODEL_LEN, seed=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VIBEE_CACHE_DIR", str(root / "cache"))  # modules generated for these flags go here

@@ -292,7 +292,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     dev = config.resolve_device()
     dtype_name = config.resolve_dtype(dev)
     with user_errors():
-        gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
+        gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
         fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
         if shape is not None:
             model_config = shape_config(shape)
@@ -303,8 +303,8 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
             runner, model_config, name = build_model(loaded, gen, flash_attn=flash_attn).eval(), loaded.config, config.model_name
         loaded_bytes = weight_bytes(runner)
         if quant != "none":
-            gen.quantization.quantize_model(runner, gen.config("quantization").skip_modules)
-    block_size = gen.config("kv_cache").block_size
+            gen.quantization.quantize_model(runner, gen.configs.quantization.skip_modules)
+    block_size = gen.configs.kv_cache.block_size
     kv_bytes_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
         TORCH_DTYPES[dtype_name].itemsize
     device_name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else None
@@ -384,21 +384,24 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in text_files] or held_out_texts(base.model_dir)
         for quant in wanted:
             config = engine_config(model=model, device=device, dtype=dtype, quant=quant)
-            gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
+            gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
             loaded = load_model_dir(config.model_dir, dtype=TORCH_DTYPES[dtype_name], device=dev, progress=False)
             runner = build_model(loaded, gen).eval()
             if quant != "none":
-                gen.quantization.quantize_model(runner, gen.config("quantization").skip_modules)
+                gen.quantization.quantize_model(runner, gen.configs.quantization.skip_modules)
             eos = sorted(loaded.config.eos_token_ids)
             ids = token_stream(loaded.tokenizer, texts, eos[0] if eos else None)
             figures[quant] = score(runner, ids, window, max_tokens, dev)
-            figures[quant]["quantization"] = gen.config("quantization").model_dump(mode="json") if quant != "none" else None
+            # What the generated module was compiled with, not a second copy of the spec's values.
+            figures[quant]["quantization"] = ({"bits": gen.quantization.BITS, "group_size": gen.quantization.GROUP_SIZE}
+                                              if quant != "none" else None)
     reference = figures[wanted[0]]["perplexity"]
     for quant in wanted:
         f = figures[quant]
         f["change_vs_first"] = f["perplexity"] / reference - 1
         q = f["quantization"]
-        what = "unquantized" if q is None else f"{q['bits']}-bit, group {q['group_size']}, {q['method']}"
+        groups = "per channel" if q is not None and q["group_size"] == -1 else f"group {q and q['group_size']}"
+        what = "unquantized" if q is None else f"{q['bits']}-bit, {groups}"
         rows.append([quant, what, f["tokens"], f["perplexity"], f"{100 * f['change_vs_first']:+.2f}%"])
     env = environment(dev)
     title = f"vibee bench perplexity: {base.model_name} on {env.get('device_name', dev)} ({dtype_name})"
@@ -443,7 +446,7 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     torch_dtype = TORCH_DTYPES[dtype_name]
     shape_set = kb.SHAPES[shapes or ("h100" if dev.startswith("cuda") else "small")]
     with user_errors():
-        gen = load_generated(config.spec_dir, config.spec_overrides(dtype_name))
+        gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
     runs = {
         "prefill": lambda: kb.bench_prefill(gen.flash_attention, shape_set["prefill"], torch_dtype, dev),
         "decode": lambda: [kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev)],

@@ -12,11 +12,12 @@ sequence and runs `varlen_attention` over the step's own K/V.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from vibee.kinds.flash_attention.interface import AttentionFunctions
 
 
 @dataclass
@@ -98,7 +99,7 @@ class AttentionBackend:
     and in scratch memory), on top of the attention itself.
     """
 
-    def __init__(self, fa_module: ModuleType, *, num_heads: int, num_kv_heads: int, head_dim: int,
+    def __init__(self, fa_module: AttentionFunctions, *, num_heads: int, num_kv_heads: int, head_dim: int,
                  scale: float | None = None, variants: Sequence[Any] = ()):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")

@@ -1,8 +1,10 @@
-"""What `vibee serve` was asked for: the flags, before the specs fill in what they leave open.
+"""What `vibee serve` was asked for: the engine's own settings, and the knob settings of the
+flags as {kind: {config field: value}}.
 
-Every field left None is decided by the specs (kv_cache, continuous_batch, ...) or by the model
-(max_model_len); `resolve_overrides` turns the flags that change compiled-in spec choices into
-config overrides for `load_generated`, so a flag and a spec value obey the same rules.
+A knob (block size, max_num_seqs, ...) is declared once, in its kind's config model; its flag
+comes from there (vibee/engine_flags.py) and its setting goes to `load_generated`, which applies
+it to the spec's values under the model's rules. Settings here are the engine's alone: which
+model, where, in what dtype, and the switches for measurements (the naive baselines, eager mode).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny"
 DEFAULT_DRAFT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny-draft"
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+QUANT_BITS = {"int8": 8, "int4": 4}
 
 
 class EngineConfig(BaseModel):
@@ -30,22 +33,16 @@ class EngineConfig(BaseModel):
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on cpu, bfloat16 on cuda
     max_model_len: int | None = Field(None, ge=1)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    block_size: int | None = None
-    enable_prefix_caching: bool | None = None
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
     kv_cache: bool = True  # False: recompute every token each step (the naive baseline)
     flash_attn: bool = True  # False: the reference attention
     quant: Literal["none", "int8", "int4"] = "none"
     speculative: bool = False  # the spec's drafter (--draft-model implies it, with method draft_model)
     draft_model: Path | None = None
-    num_speculative_tokens: int | None = Field(None, ge=1)
-    tensor_parallel_size: int = Field(1, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)  # fixes the KV cache size (tests, measurements)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     cpu_kv_cache_gib: float = Field(1.0, gt=0)  # KV cache budget on a CPU, where there is no memory to profile
     seed: int = 0  # the sampler's generator for requests without a seed
+    knobs: dict[str, dict[str, Any]] = {}  # {kind: {config field: value}} set by flags; the specs decide the rest
 
     @property
     def model_dir(self) -> Path:
@@ -74,37 +71,30 @@ class EngineConfig(BaseModel):
             return self.dtype
         return "bfloat16" if device.startswith("cuda") else "float32"
 
+    def knob(self, kind: str, field: str) -> Any:
+        """A knob's setting from the flags, or None when the spec decides."""
+        return self.knobs.get(kind, {}).get(field)
+
     def unbuilt_features(self) -> list[str]:
         """Flags whose feature the engine doesn't have yet: `vibee serve` refuses them rather
         than ignoring them."""
         problems = []
         if self.shape is not None and self.model is not None:
             problems.append("--shape and --model both name the model; give one")
-        if self.num_speculative_tokens is not None and not (self.speculative or self.draft_model is not None):
+        speculating = self.speculative or self.draft_model is not None
+        if self.knob("speculative_decode", "num_speculative_tokens") is not None and not speculating:
             problems.append("--num-speculative-tokens needs --speculative (or --draft-model)")
-        if self.tensor_parallel_size > 1:
+        if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
         return problems
 
-    def spec_overrides(self, dtype: str) -> dict[str, dict[str, Any]]:
-        """Flags that change what the specs compile in, as {kind: {config key: value}}."""
-        overrides: dict[str, dict[str, Any]] = {}
-        if self.block_size is not None:
-            # The attention kernels read the page size from the cache they are given.
-            overrides["kv_cache"] = {"block_size": self.block_size}
-        speculative: dict[str, Any] = {}
+    def knob_settings(self, dtype: str) -> dict[str, dict[str, Any]]:
+        """The knob settings load_generated applies: the flags', plus what --quant and
+        --draft-model choose. Values the model derives (int8's per-channel groups) are left to it."""
+        settings = {kind: dict(values) for kind, values in self.knobs.items()}
         if self.draft_model is not None:
-            speculative["method"] = "draft_model"
-        if self.num_speculative_tokens is not None:
-            speculative["num_speculative_tokens"] = self.num_speculative_tokens
-        if speculative:
-            overrides["speculative_decode"] = speculative
+            settings.setdefault("speculative_decode", {})["method"] = "draft_model"
         if self.quant != "none":
-            quant: dict[str, Any] = {"compute_dtype": DTYPE_NAMES[dtype]}
-            if self.quant == "int8":
-                quant.update(bits=8, group_size=-1)
-            else:
-                quant["bits"] = 4
-            overrides["quantization"] = quant
-        return overrides
+            settings.setdefault("quantization", {}).update(bits=QUANT_BITS[self.quant], compute_dtype=DTYPE_NAMES[dtype])
+        return settings

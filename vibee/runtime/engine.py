@@ -22,6 +22,7 @@ import torch
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, EngineConfig
 from vibee.runtime.detokenizer import IncrementalDetokenizer
+from vibee.kinds.flash_attention.interface import AttentionFunctions
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
@@ -149,9 +150,9 @@ class LLMEngine:
         self.device = config.resolve_device()
         self.dtype_name = config.resolve_dtype(self.device)
         self.dtype = TORCH_DTYPES[self.dtype_name]
-        self.gen: GeneratedModules = load_generated(config.spec_dir, config.spec_overrides(self.dtype_name))
-        kv_spec = self.gen.config("kv_cache")
-        batch_spec = self.gen.config("continuous_batch")
+        self.gen: GeneratedModules = load_generated(config.spec_dir, config.knob_settings(self.dtype_name))
+        kv_spec = self.gen.configs.kv_cache
+        batch_spec = self.gen.configs.continuous_batch
 
         if config.shape is not None:  # random weights of a known shape; token ids carry no text
             self.model_config = shape_config(config.shape)
@@ -167,8 +168,8 @@ class LLMEngine:
         self.weight_bytes_loaded = self.gen.quantization.weight_bytes(self.model)
         self.quant_stats = None
         if config.quant != "none":
-            quant_spec = self.gen.config("quantization")
-            self.quant_stats = self.gen.quantization.quantize_model(self.model, quant_spec.skip_modules)
+            skip_modules = self.gen.configs.quantization.skip_modules
+            self.quant_stats = self.gen.quantization.quantize_model(self.model, skip_modules)
         self.weight_bytes = self.gen.quantization.weight_bytes(self.model)
 
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
@@ -179,13 +180,9 @@ class LLMEngine:
         self.block_size = kv_spec.block_size
         self.use_kv_cache = config.kv_cache
         # Without a KV cache there is nothing to reuse: prefix caching is meaningless there.
-        self.enable_prefix_caching = (kv_spec.enable_prefix_caching if config.enable_prefix_caching is None
-                                      else config.enable_prefix_caching) and self.use_kv_cache
-        self.max_num_seqs = config.max_num_seqs or batch_spec.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens or batch_spec.max_num_batched_tokens
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            # One token per running sequence must fit in a step (the spec's rule for its own values).
-            self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
+        self.enable_prefix_caching = kv_spec.enable_prefix_caching and self.use_kv_cache
+        self.max_num_seqs = batch_spec.max_num_seqs
+        self.max_num_batched_tokens = batch_spec.max_num_batched_tokens
 
         kv = self.gen.kv_cache
         probe = kv.PagedKVCache(self.model_config.num_layers, 1, self.model_config.num_kv_heads,
@@ -204,7 +201,7 @@ class LLMEngine:
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
         self.block_rows = BlockTableRows(self.block_manager.block_tables)
         self.scheduler = self.gen.continuous_batch.Scheduler(
-            self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            self.block_manager, policy=batch_spec.policy, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark)
         self.sampler = Sampler(seed=config.seed, device=self.device)
@@ -233,7 +230,7 @@ class LLMEngine:
                 raise ValueError(f"cpu_kv_cache_gib {self.config.cpu_kv_cache_gib} holds no KV block "
                                  f"({self.kv_bytes_per_block} bytes)")
             return blocks
-        utilization = self.config.gpu_memory_utilization or kv_spec.gpu_memory_utilization
+        utilization = kv_spec.gpu_memory_utilization
         weights = torch.cuda.memory_allocated(self.device)  # what the loaded model(s) hold
         peak = self._profile_activation_peak()
         torch.cuda.empty_cache()
@@ -292,7 +289,7 @@ class LLMEngine:
         self.draft_model = None
         if not self.speculative:
             return
-        spec = self.gen.config("speculative_decode")
+        spec = self.gen.configs.speculative_decode
         sd = self.gen.speculative_decode
         self.num_speculative_tokens = spec.num_speculative_tokens
         if spec.method == "ngram":
@@ -355,7 +352,7 @@ class LLMEngine:
         req, choice = self._by_seq[seq.seq_id]
         sd = self.gen.speculative_decode
         draft = torch.tensor([drafts], dtype=torch.long, device=logits.device)
-        if req.params.is_greedy or self.gen.config("speculative_decode").verification == "greedy":
+        if req.params.is_greedy or self.gen.configs.speculative_decode.verification == "greedy":
             emitted, accepted = sd.greedy_verify(draft, logits[None])
         else:
             probs = self.sampler.probabilities(logits, req.params)
@@ -407,7 +404,7 @@ class LLMEngine:
                              f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "
                              "completion). Please reduce the prompt or max_tokens.")
         longest = n + params.max_tokens - 1
-        watermark = int(self.gen.config("continuous_batch").watermark * self.num_blocks)
+        watermark = int(self.gen.configs.continuous_batch.watermark * self.num_blocks)
         if math.ceil(longest / self.block_size) > self.num_blocks - watermark:
             raise ValueError(f"the request needs up to {longest} tokens of KV cache but the server holds "
                              f"{(self.num_blocks - watermark) * self.block_size}; reduce the prompt or max_tokens")
@@ -692,7 +689,7 @@ class LLMEngine:
         for obs in self.observers:
             obs.on_step(stats)
 
-    def _attention_module(self):
+    def _attention_module(self) -> AttentionFunctions:
         return self.gen.flash_attention if self.config.flash_attn else self.gen.flash_attention_reference
 
     def applied_quantization(self) -> dict[str, Any] | None:
@@ -706,7 +703,7 @@ class LLMEngine:
 
     def info(self) -> dict[str, Any]:
         """The six optimizations as the specs and flags resolved them, plus the model."""
-        cfg = {kind: spec.config.model_dump(mode="json") for kind, spec in self.gen.specs.items()}
+        cfg = {kind: self.gen.config(kind).model_dump(mode="json") for kind in self.gen.specs}
         mc = self.model_config
         quant = {"enabled": self.config.quant != "none", **cfg["quantization"],
                  "weight_bytes_loaded": self.weight_bytes_loaded, "weight_bytes": self.weight_bytes}
@@ -723,7 +720,8 @@ class LLMEngine:
                       "max_model_len": self.max_model_len, "device": self.device, "dtype": self.dtype_name,
                       "quantization": self.applied_quantization(),
                       "kv_block_size": self.block_size, "num_kv_blocks": self.num_blocks},
-            "generated_from": {"spec_dir": str(self.config.spec_dir or "specs/tri"), "modules": str(self.gen.source),
+            "generated_from": {"spec_dir": str(self.config.spec_dir or "specs/tri"),
+                               "modules": {k: str(path) for k, path in self.gen.sources.items()},
                                "specs": {k: s.path for k, s in self.gen.specs.items()}},
             "kv_cache": {"enabled": self.use_kv_cache, **cfg["kv_cache"], "enable_prefix_caching": self.enable_prefix_caching,
                          "num_blocks": self.num_blocks, "capacity_tokens": self.kv_capacity_tokens,
@@ -742,7 +740,7 @@ class LLMEngine:
             "quantization": quant,
             "speculative_decoding": {"enabled": self.speculative, **cfg["speculative_decode"],
                                      "draft_model": str(getattr(self, "draft_dir", "")) or None},
-            "tensor_parallel": {"enabled": False, **cfg["tensor_parallel"], "tp_size": self.config.tensor_parallel_size},
+            "tensor_parallel": {"enabled": False, **cfg["tensor_parallel"], "tp_size": 1},  # serving runs one rank
         }
 
     def stats(self) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""The runtime's one door to the generated modules.
+"""The runtime's one door to the generated modules, typed by the kinds' Protocols.
 
-The server runs the code `vibee gen` makes from the specs. When the specs and flags give exactly
-what output/ holds, the modules come from output/vibee_gen (the files a user can read). A flag
-that changes a compiled-in choice (`--block-size`, `--quant int8`, ...) or a `--spec-dir` with
-other specs is applied to the IR and generated again into a cache directory keyed by the content,
-so flags and specs go through the same validation and the same templates.
+A knob setting (a serve flag) is applied to the values the spec wrote and validated by the kind's
+config model, so a flag and a spec value obey the same rules and defaults. What happens next
+depends on the knob's stage: a runtime knob only changes the config the runtime passes to the
+generated code (`GeneratedModules.configs`); a compile knob changes what is generated, and only
+its own kind is generated again, into a cache directory keyed by the content. Every kind whose
+generated files are what output/ holds is imported from output/vibee_gen, the files a user reads.
 """
 
 from __future__ import annotations
@@ -13,38 +14,90 @@ import hashlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
+
+from pydantic import ValidationError
 
 from vibee.codegen import generate
-from vibee.ir.load import load_specs
-from vibee.ir.spec import Spec
-from vibee.kinds.registry import KIND_NAMES
 from vibee.frontend.errors import Diagnostic, SpecError
+from vibee.ir.contracts import check_contracts
+from vibee.ir.load import load_specs
+from vibee.ir.spec import KindConfig, Spec
+from vibee.kinds.continuous_batch.config import ContinuousBatchConfig
+from vibee.kinds.continuous_batch.interface import ContinuousBatchModule
+from vibee.kinds.flash_attention.config import FlashAttentionConfig
+from vibee.kinds.flash_attention.interface import AttentionFunctions, FlashAttentionModule
+from vibee.kinds.kv_cache.config import KVCacheConfig
+from vibee.kinds.kv_cache.interface import KVCacheModule
+from vibee.kinds.quantization.config import QuantizationConfig
+from vibee.kinds.quantization.interface import QuantizationModule
+from vibee.kinds.registry import KIND_NAMES, config_model
+from vibee.kinds.speculative_decode.config import SpeculativeDecodeConfig
+from vibee.kinds.speculative_decode.interface import SpeculativeDecodeModule
+from vibee.kinds.tensor_parallel.config import TensorParallelConfig
+from vibee.kinds.tensor_parallel.interface import TensorParallelModule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SPEC_DIR = REPO_ROOT / "specs" / "tri"
 COMMITTED_OUTPUT = REPO_ROOT / "output"
 
+KnobSettings = dict[str, dict[str, Any]]  # {kind: {config field: value}}
 
-@dataclass
+# Values some generated module of this tree still compiles in although the runtime owns them:
+# (kind, field generated with) -> (kind, runtime knob it follows). Setting the knob regenerates that
+# one kind until its template takes the value as an argument (speculation_enabled takes the batch
+# limit); an entry whose field is gone is inert.
+_STILL_BAKED: dict[tuple[str, str], tuple[str, str]] = {
+    ("speculative_decode", "disable_by_batch_size"): ("speculative_decode", "disable_by_batch_size"),
+}
+
+
+@dataclass(frozen=True)
+class KindConfigs:
+    """Every kind's config as the runtime passes it to the generated code: the spec's values, then
+    the knob settings of the flags."""
+
+    kv_cache: KVCacheConfig
+    flash_attention: FlashAttentionConfig
+    quantization: QuantizationConfig
+    speculative_decode: SpeculativeDecodeConfig
+    continuous_batch: ContinuousBatchConfig
+    tensor_parallel: TensorParallelConfig
+
+
+@dataclass(frozen=True)
 class GeneratedModules:
-    """The imported modules of one generation, by kind, and the specs they came from."""
+    """The imported modules of one generation, each typed by its kind's Protocol."""
 
-    specs: dict[str, Spec]
-    source: Path  # the directory the modules were imported from
-    modules: dict[str, ModuleType] = field(default_factory=dict)
+    kv_cache: KVCacheModule
+    flash_attention: FlashAttentionModule
+    flash_attention_reference: AttentionFunctions  # the oracle, served by --no-flash-attn
+    quantization: QuantizationModule
+    speculative_decode: SpeculativeDecodeModule
+    continuous_batch: ContinuousBatchModule
+    tensor_parallel: TensorParallelModule
+    configs: KindConfigs
+    specs: dict[str, Spec]  # what each kind's module was generated from
+    sources: dict[str, Path]  # the directory each kind's module was imported from
 
-    def __getattr__(self, name: str) -> ModuleType:
-        modules = self.__dict__.get("modules", {})
-        if name in modules:
-            return modules[name]
-        raise AttributeError(name)
+    def config(self, kind: str) -> KindConfig:
+        return cast(KindConfig, getattr(self.configs, kind))
 
-    def config(self, kind: str) -> Any:
-        return self.specs[kind].config
+    @property
+    def regenerated(self) -> list[str]:
+        """Kinds whose modules are not output/'s (a compile knob or another spec changed them)."""
+        return [k for k in KIND_NAMES if self.sources[k] != COMMITTED_OUTPUT]
+
+    @property
+    def source(self) -> str:
+        """Where the modules came from, for people."""
+        if not self.regenerated:
+            return str(COMMITTED_OUTPUT)
+        others = ", ".join(f"{k} from {self.sources[k]}" for k in self.regenerated)
+        return f"{COMMITTED_OUTPUT} ({others})" if len(self.regenerated) < len(KIND_NAMES) else others
 
 
 def cache_dir() -> Path:
@@ -52,31 +105,49 @@ def cache_dir() -> Path:
     return Path(base) / "gen"
 
 
-def _apply_overrides(spec: Spec, updates: dict[str, Any]) -> Spec:
-    """The spec with some config values replaced, validated by the kind's config model; an
-    invalid value is a SpecError naming the flag's setting and what the spec allows."""
-    merged = spec.config.model_dump()
-    for key, value in updates.items():
-        node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+class KnobError(ValueError):
+    """A knob setting the kind's config model rejects; the message names the flag that set it."""
+
+
+def flag_of(kind: str, field: str) -> str:
+    """The serve flag that sets kind.field, or the dotted name when it has none."""
+    extra = config_model(kind).model_fields[field].json_schema_extra
+    return extra.get("flag") or f"{kind}.{field}" if isinstance(extra, dict) else f"{kind}.{field}"
+
+
+def _written(spec: Spec) -> dict[str, Any]:
+    """The config values the spec wrote (top-level keys), so that defaults are the model's."""
+    values = spec.config.model_dump()
+    return {key: values[key] for key in spec.config_spans if "." not in key and key in values}
+
+
+def _validated(spec: Spec, settings: dict[str, Any]) -> KindConfig:
     try:
-        config = type(spec.config).model_validate(merged)
-    except ValueError as exc:
-        detail = "; ".join(e.get("msg", str(e)) for e in getattr(exc, "errors", lambda: [])()) or str(exc)
-        settings = ", ".join(f"{k}={v!r}" for k, v in updates.items())
-        raise SpecError([Diagnostic(f"{spec.kind}: {settings} is not allowed: {detail}", spec.span)]) from None
-    return spec.model_copy(update={"config": config})
+        return type(spec.config).model_validate({**_written(spec), **settings})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            named = [f for f in settings if f == field] or list(settings)
+            given = ", ".join(f"{flag_of(spec.kind, f)} {settings[f]!r}" for f in named)
+            problems.append(f"{given}: {err['msg'].removeprefix('Value error, ')}")
+        raise KnobError("; ".join(problems)) from None
 
 
-def load_generated(spec_dir: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+def _settings_with_baked(specs: dict[str, Spec], knobs: KnobSettings) -> KnobSettings:
+    settings = {kind: dict(values) for kind, values in knobs.items() if values}
+    for (kind, field), (source_kind, source_field) in _STILL_BAKED.items():
+        value = settings.get(source_kind, {}).get(source_field)
+        if value is not None and field in type(specs[kind].config).model_fields:
+            settings.setdefault(kind, {})[field] = value
+    return settings
+
+
+def load_generated(spec_dir: str | Path | None = None, knobs: KnobSettings | None = None,
                    target: str | None = None) -> GeneratedModules:
-    """Load the six specs of `spec_dir` (default specs/tri), apply `overrides` ({kind: {dotted
-    config key: value}}), and import what they generate for `target` (default: each spec's
-    `language:`; the triton modules run their kernels on CUDA tensors and the torch path
-    elsewhere). Raises SpecError."""
+    """Load the six specs of `spec_dir` (default specs/tri), apply the knob settings ({kind:
+    {config field: value}}), and import what they generate for `target` (default: each spec's
+    `language:`). Raises SpecError for the specs, KnobError for a rejected setting."""
     spec_dir = Path(spec_dir) if spec_dir is not None else DEFAULT_SPEC_DIR
     paths = sorted(spec_dir.glob("*.vibee"))
     if not paths:
@@ -86,24 +157,47 @@ def load_generated(spec_dir: str | Path | None = None, overrides: dict[str, dict
     missing = [k for k in KIND_NAMES if k not in by_kind]
     if missing:
         raise SpecError([Diagnostic(f"{spec_dir}: no spec of kind {', '.join(missing)} (the server needs all six)", None)])
-    for kind, updates in (overrides or {}).items():
-        if updates:
-            by_kind[kind] = _apply_overrides(by_kind[kind], updates)
-    chosen = [by_kind[k] for k in KIND_NAMES]
+    unknown = [f"{kind}.{f}" for kind, values in (knobs or {}).items() for f in values
+               if kind not in by_kind or f not in type(by_kind[kind].config).model_fields]
+    if unknown:
+        raise KnobError(f"no such knob: {', '.join(unknown)}")
 
-    files = generate.plan(chosen, COMMITTED_OUTPUT)
-    if spec_dir.resolve() == DEFAULT_SPEC_DIR.resolve() and not generate.check(files, COMMITTED_OUTPUT):
-        source = COMMITTED_OUTPUT
-    else:
-        digest = hashlib.sha256("".join(f.relpath + f.sha256 for f in files).encode()).hexdigest()[:16]
-        source = cache_dir() / digest
-        if not (source / "vibee_gen").is_dir() or generate.check(files, source):
-            generate.write(files, source)
-    modules = {}
-    for spec in chosen:
-        modules[spec.kind] = _import(source, spec.module)
-        modules[f"{spec.kind}_reference"] = _import(source, f"{spec.module}_reference")
-    return GeneratedModules(specs=by_kind, source=source, modules=modules)
+    settings = _settings_with_baked(by_kind, knobs or {})
+    configs = {kind: _validated(by_kind[kind], settings[kind]) if kind in settings else by_kind[kind].config
+               for kind in KIND_NAMES}
+    problems = check_contracts([by_kind[k].model_copy(update={"config": configs[k]}) for k in KIND_NAMES])
+    if problems:
+        raise SpecError(problems)
+
+    generated: dict[str, Spec] = {}
+    for kind in KIND_NAMES:
+        spec = by_kind[kind]
+        config_class = type(spec.config)
+        compiled = {f: v for f, v in settings.get(kind, {}).items()
+                    if config_class.stage_of(f) == "compile" or (kind, f) in _STILL_BAKED}
+        generated[kind] = spec.model_copy(update={"config": _validated(spec, compiled)}) if compiled else spec
+
+    modules: dict[str, Any] = {}
+    sources: dict[str, Path] = {}
+    for kind in KIND_NAMES:
+        spec = generated[kind]
+        sources[kind] = source = _generated_dir(spec)
+        modules[kind] = _import(source, spec.module)
+    reference = _import(sources["flash_attention"], f"{generated['flash_attention'].module}_reference")
+    return GeneratedModules(**modules, flash_attention_reference=cast(AttentionFunctions, reference),
+                            configs=KindConfigs(**configs), specs=generated, sources=sources)
+
+
+def _generated_dir(spec: Spec) -> Path:
+    """output/ when it holds what this spec generates, else a cache directory named by the files."""
+    files = generate.plan([spec], COMMITTED_OUTPUT)
+    if not generate.check(files, COMMITTED_OUTPUT):
+        return COMMITTED_OUTPUT
+    digest = hashlib.sha256("".join(f.relpath + f.sha256 for f in files).encode()).hexdigest()[:16]
+    source = cache_dir() / digest
+    if generate.check(files, source):
+        generate.write(files, source)
+    return source
 
 
 def _import(source: Path, module: str) -> ModuleType:

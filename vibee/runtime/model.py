@@ -12,14 +12,18 @@ rotate-half layout and cos/sin computed in float32, SwiGLU MLP, attention scale 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 
 from vibee.runtime import fused
 from vibee.runtime.attention import AttentionBackend, AttentionBatch
+from vibee.kinds.flash_attention.interface import AttentionFunctions
 from vibee.runtime.model_config import LoadError, ModelConfig
+
+if TYPE_CHECKING:
+    from vibee.runtime.generated import GeneratedModules
 
 
 # ---- RoPE -----------------------------------------------------------------------------------
@@ -328,18 +332,18 @@ def _split_merged_name(name: str) -> tuple[str, str | None, str]:
     return name, None, ""
 
 
-def check_head_dim(config: ModelConfig, fa_module: Any, source: str = "config.json") -> None:
+def check_head_dim(config: ModelConfig, fa_module: AttentionFunctions, source: str = "config.json") -> None:
     """LoadError when the generated attention was not compiled for the model's head_dim."""
-    head_dims = getattr(fa_module, "HEAD_DIMS", None)
+    head_dims = getattr(fa_module, "HEAD_DIMS", None)  # the reference has none: it takes any head_dim
     if head_dims is not None and config.head_dim not in head_dims:
         raise LoadError(f"{source}: head_dim {config.head_dim} is not supported by the generated attention "
                         f"(it is compiled for head_dims {list(head_dims)}; add it to head_dims in the flash_attention spec)")
 
 
-def build_model(loaded: Any, gen: Any, *, flash_attn: bool = True) -> LlamaForCausalLM:
+def build_model(loaded: Any, gen: GeneratedModules, *, flash_attn: bool = True) -> LlamaForCausalLM:
     """The model of a LoadedModel with its weights, over the generated flash attention (or its
     reference, for --no-flash-attn)."""
-    fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
+    fa: AttentionFunctions = gen.flash_attention if flash_attn else gen.flash_attention_reference
     config: ModelConfig = loaded.config
     check_head_dim(config, fa, str(loaded.model_dir / "config.json"))  # the reference takes any head_dim
     backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)

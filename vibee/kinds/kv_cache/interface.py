@@ -1,10 +1,12 @@
-"""Interfaces between generated modules that no spec changes. Generated code imports these so
-that, e.g., the scheduler (continuous_batch) can drive the paged KV cache (kv_cache) without the
-two generated files importing each other."""
+"""What a generated kv_cache module provides. BlockSpace is what the scheduler (continuous_batch)
+needs of the block manager: generated code imports it, so the two generated files never import
+each other. KVCacheModule is what the runtime (engine, model runner, benchmarks) uses."""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
+
+import torch
 
 
 class BlockSpace(Protocol):
@@ -33,3 +35,38 @@ class BlockSpace(Protocol):
 
     def block_table(self, seq_id: int) -> list[int]:
         ...
+
+
+class BlockManager(BlockSpace, Protocol):
+    """The engine's view of the generated BlockManager: BlockSpace plus what it reports."""
+
+    block_tables: dict[int, list[int]]  # seq_id -> block ids, the lists the engine mirrors
+
+    def stats(self) -> Any:
+        """A MemoryStats: num_free_blocks, num_cached_blocks, usage, prefix_cache_queries/hits, hit_rate."""
+        ...
+
+
+class PagedKVCache(Protocol):
+    """Paged K/V of every layer: k_pages[layer].data is [num_blocks, block_size, kv_heads, head_dim]
+    (int8 pages also carry .scale)."""
+
+    block_size: int
+    k_pages: list[Any]
+    v_pages: list[Any]
+
+    def bytes_per_block(self) -> int: ...
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+
+
+class KVCacheModule(Protocol):
+    """The generated kv_cache module (vibee_gen/<module>.py)."""
+
+    BLOCK_SIZE: int  # the spec's block size: the constructors' default
+    KV_DTYPE: str  # how pages store K/V (compile-time: "auto", "int8", ...)
+
+    def BlockManager(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> BlockManager: ...
+
+    def PagedKVCache(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, *,
+                     dtype: torch.dtype, device: torch.device | str, block_size: int) -> PagedKVCache: ...
