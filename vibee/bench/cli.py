@@ -398,7 +398,7 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
         f = figures[quant]
         f["change_vs_first"] = f["perplexity"] / reference - 1
         q = f["quantization"]
-        what = "unquantized" if q is None else f"{q['bits']}-bit, group {q['group_size']}, {q['method']}"
+        what = "unquantized" if q is None else f"{q['bits']}-bit, group {q['group_size']}, round to nearest"
         rows.append([quant, what, f["tokens"], f["perplexity"], f"{100 * f['change_vs_first']:+.2f}%"])
     env = environment(dev)
     title = f"vibee bench perplexity: {base.model_name} on {env.get('device_name', dev)} ({dtype_name})"
