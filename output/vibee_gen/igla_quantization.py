@@ -316,6 +316,35 @@ from typing import Callable
 import triton
 import triton.language as tl
 
+# Every kernel reads qweight, scales (and zeros) as the quantizer stored them and dequantizes in
+# registers. The stored layout is already the one the kernels want: qweight is [out, in / codes per
+# word], row-major, codes little-endian along the input dimension, so an output row's codes are one
+# contiguous run of words and a tile [BLOCK_N rows, BLOCK_K codes] is BLOCK_N runs of BLOCK_K /
+# codes-per-word words (coalesced loads along each row). There is no repack at load time: the kernels
+# read 32-bit words, and the other storages are the same bytes under another dtype (little-endian),
+# viewed without a copy:
+#   int4 in int32 words     code k of word j (bits 4k..4k+3) is input 8j + k
+#   int4 in uint8 bytes     4 bytes make a word whose bits 4k..4k+3 hold input 8j + k: the same
+#   int8 codes (int8/uint8) 4 bytes make a word whose bits 8k..8k+7 hold input 4j + k
+# A code u (as stored: 4-bit codes offset to unsigned, int8 codes in two's complement) becomes a
+# float with one integer op and no int->float conversion: the fp32 whose bits are 0x4B000000 | u is
+# 2^23 + u exactly (the xor of 0x80 turns a two's-complement byte into code + 128), and subtracting
+# 2^23 + offset (+ zero point) leaves code - zero exactly.
+#
+# Three kernels:
+#   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
+#                   words at a time, each code masked in place rather than shifted down (see the
+#                   kernel); each lane keeps its words' partial sums, scales each word's sum once
+#                   (one scale per row when the tile lies in one group), and the lanes are summed
+#                   after the loop. Split-K over the input dimension so that every SM has several
+#                   programs in flight; the last split of a row tile adds the partials.
+#   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
+#                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
+#                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
+#   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
+#                   the bias, casts.
+
+
 @triton.jit
 def _code_at(words, i: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
     """Code i of every word as the fp32 2^23 + u (u as stored, + 128 for two's-complement bytes):
