@@ -13,7 +13,8 @@ import torch
 
 from vibee.codegen.render import STATIC_COPY_MARKER, static_source
 from vibee.kinds.quantization import kernels, launch
-from vibee.kinds.quantization.config import MatmulTile, QuantizationConfig
+from vibee.kinds.quantization.config import QuantizationConfig
+from vibee.kinds.quantization.tiles import MatmulTile
 
 interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
 
