@@ -37,6 +37,7 @@ OTHER_VALUE = {
         "symmetric": False,
         "pack_format": "uint8",
         "compute_dtype": "fp16",
+        "tiles": [{"kernel": "mm", "block_m": 32, "block_n": 32, "block_k": 64}],
         "skip_modules": ["not_a_layer"],
     },
     "speculative_decode": {

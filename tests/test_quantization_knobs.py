@@ -4,6 +4,7 @@ errors at the offending line."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -89,13 +90,6 @@ def test_bits_3_is_an_error_listing_the_allowed_values(gen_from_text, quantizati
     assert re.search(r"igla_quantization\.vibee:\d+:\d+: error: bits must be one of 4, 8, got 3", message), message
 
 
-def test_method_gptq_is_an_error_pointing_to_rtn(gen_from_text, quantization_spec):
-    with pytest.raises(SpecError) as caught:
-        gen_from_text(with_config(quantization_spec, "method", "gptq"), "igla_quantization")
-    message = caught.value.render()
-    assert re.search(r"\.vibee:\d+:\d+: error: method 'gptq' is not implemented yet, use rtn", message), message
-
-
 @pytest.mark.parametrize("value", [100, 16, 2048, 0])
 def test_group_size_must_be_a_power_of_two_in_range(value):
     with pytest.raises(ValueError, match=rf"group_size must be a power of two from 32 to 1024, or -1 .*got {value}"):
@@ -108,6 +102,17 @@ def test_int8_defaults_to_one_group_per_output_channel():
     assert QuantizationConfig(bits=8, group_size=64).group_size == 64
 
 
+def test_overriding_bits_takes_the_new_bits_default_group_size(gen_from_text, quantization_spec):
+    shipped = gen_from_text(quantization_spec, "igla_quantization").spec.config  # writes group_size: 128
+    int8 = shipped.with_overrides({"bits": 8, "compute_dtype": "fp16"})
+    assert (int8.bits, int8.group_size, int8.compute_dtype) == (8, -1, "fp16")
+    assert shipped.with_overrides({"bits": 8, "group_size": 64}).group_size == 64
+    assert int8.with_overrides({"bits": 4}).group_size == 128
+    assert shipped.with_overrides({"symmetric": False}).group_size == 128  # only bits moves it
+    with pytest.raises(ValueError, match="bits must be one of 4, 8"):
+        shipped.with_overrides({"bits": 2})
+
+
 def test_derived_figures_count_scales_and_zero_points():
     figures = QuantizationConfig().derived()
     assert figures["bits per weight"].startswith("4.125 ")  # 4 + 16-bit scale / 128
@@ -115,3 +120,64 @@ def test_derived_figures_count_scales_and_zero_points():
     asymmetric = QuantizationConfig(symmetric=False, group_size=32).derived()
     assert asymmetric["bits per weight"].startswith("4.750 ")  # 4 + (16 + 8) / 32
     assert QuantizationConfig(bits=8).derived()["compression vs bf16"] == "2.00x"
+
+
+# --- the kernels' tile table ----------------------------------------------------------------------
+
+SMALL_TILES = """\
+  tiles:
+    - {kernel: gemv, max_m: 1, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2, programs_per_sm: 64}
+    - {kernel: mm, max_m: 8, block_m: 16, block_n: 32, block_k: 256, num_warps: 2, num_stages: 2, programs_per_sm: 4}
+    - {kernel: mm, block_m: 32, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2}
+"""
+
+
+def with_tiles(text: str, tiles: str) -> str:
+    changed, count = re.subn(r"^  tiles:\n(?:    - .*\n)+", tiles, text, count=1, flags=re.M)
+    assert count == 1, "the spec has no tiles: table"
+    return changed
+
+
+def test_default_tiles_are_the_measured_h100_h200_launches():
+    gemv_wide, gemv, skinny, mid, prefill = QuantizationConfig().tiles
+    assert (gemv_wide.min_n, gemv_wide.block_n, gemv_wide.num_warps, gemv.block_n, gemv.num_warps) == (16384, 128, 8, 64, 4)
+    assert (gemv.block_k, gemv.num_stages, gemv.programs_per_sm) == (128, 3, 8)
+    assert (skinny.max_m, skinny.block_m, skinny.block_n, skinny.block_k, skinny.programs_per_sm) == (16, 16, 64, 128, 2)
+    assert (mid.max_m, mid.block_m, mid.block_n, mid.min_block_n, mid.block_k, mid.programs_per_sm) == (64, 64, 128, 64, 64, 1)
+    assert (prefill.max_m, prefill.block_m, prefill.block_n, prefill.min_block_n, prefill.programs_per_sm) == (None, 128, 128, 64, 0)
+
+
+def test_the_specs_tiles_are_the_modules_launches(gen_from_text, quantization_spec):
+    small = gen_from_text(with_tiles(quantization_spec, SMALL_TILES), "igla_quantization").impl
+    cpu = torch.device("cpu")
+    assert small.pick_config(1, 4096, 4096, 4, 128, cpu) == small.KernelConfig("gemv", 1, 16, 32, 16, num_warps=2, num_stages=2)
+    assert small.pick_config(8, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 16, 32, 256, 4, num_warps=2, num_stages=2)
+    assert small.pick_config(9, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 32, 16, 32, 1, num_warps=2, num_stages=2)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
+def test_changed_tiles_still_compute_the_product(gen_from_text, quantization_spec):
+    small = gen_from_text(with_tiles(quantization_spec, SMALL_TILES), "igla_quantization")
+    # The generated suite's tile tests: the module's table is the spec's, and each row's launch
+    # gives the reference's product in the interpreter.
+    assert small.run_tests("-k", "tile") == 0
+
+
+@pytest.mark.parametrize(
+    "tiles, message",
+    [
+        ("    - {kernel: mm, block_m: 16, block_n: 100, block_k: 64}\n", "block_n must be a power of two from 16 to 256, got 100"),
+        ("    - {kernel: mm, block_m: 16, block_n: 64, block_k: 16}\n", "block_k must be a power of two from 32 to 512, got 16"),
+        ("    - {kernel: gemv, max_m: 4, block_n: 64, block_k: 128}\n    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64}\n",
+         "a gemv tile takes one activation row"),
+        ("    - {kernel: mm, max_m: 16, block_m: 16, block_n: 64, block_k: 64}\n", "the last row of tiles must cover every product"),
+        ("    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64}\n    - {kernel: mm, block_m: 64, block_n: 64, block_k: 64}\n",
+         r"tiles\[1\] is never used: tiles\[0\] comes first"),
+    ],
+    ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed"],
+)
+def test_bad_tiles_are_spec_errors(gen_from_text, quantization_spec, tiles, message):
+    with pytest.raises(SpecError) as caught:
+        gen_from_text(with_tiles(quantization_spec, "  tiles:\n" + tiles), "igla_quantization")
+    rendered = caught.value.render()
+    assert re.search(r"igla_quantization\.vibee:\d+:\d+: error: .*" + message, rendered), rendered

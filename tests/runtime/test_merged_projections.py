@@ -95,7 +95,7 @@ def test_quantized_merged_equals_the_separately_quantized_parts(models, quant, t
     assert q.BITS == (4 if quant == "int4" else 8)
     model_dir, hf = models("llama_h128")
     model = ours(model_dir, gen)
-    q.quantize_model(model)
+    q.quantize_model(model, gen.config("quantization").skip_modules)
     for layer, hf_layer in zip(model.model.layers, hf.model.layers):
         for merged, parts in ((layer.self_attn.qkv_proj, [hf_layer.self_attn.q_proj, hf_layer.self_attn.k_proj,
                                                           hf_layer.self_attn.v_proj]),

@@ -401,7 +401,7 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
         f["change_vs_first"] = f["perplexity"] / reference - 1
         q = f["quantization"]
         groups = "per channel" if q is not None and q["group_size"] == -1 else f"group {q and q['group_size']}"
-        what = "unquantized" if q is None else f"{q['bits']}-bit, {groups}"
+        what = "unquantized" if q is None else f"{q['bits']}-bit, {groups}, round to nearest"
         rows.append([quant, what, f["tokens"], f["perplexity"], f"{100 * f['change_vs_first']:+.2f}%"])
     env = environment(dev)
     title = f"vibee bench perplexity: {base.model_name} on {env.get('device_name', dev)} ({dtype_name})"

@@ -91,6 +91,22 @@ def template_path(name: str) -> Path:
     return (COMMON_TEMPLATES if prefix == "common" else KINDS[prefix].templates) / rest
 
 
+# Static code of a kind (its kernels as plain .py) is pasted into generated modules from this line on.
+STATIC_COPY_MARKER = "# ---- copied into generated modules from here ----\n"
+
+
+def static_source(name: str) -> Source:
+    """The text of a kind's static file ("quantization/kernels.py") after its STATIC_COPY_MARKER,
+    raw (not rendered); above the marker stay the imports that let the file stand alone."""
+    from vibee.kinds.registry import KINDS
+
+    kind, _, rest = name.partition("/")
+    _, marker, body = (KINDS[kind].folder / rest).read_text(encoding="utf-8").partition(STATIC_COPY_MARKER)
+    if not marker:
+        raise ValueError(f"{name} has no line {STATIC_COPY_MARKER.strip()!r}")
+    return Source(body.strip("\n"))  # vibee's own code, written as it is
+
+
 @lru_cache(maxsize=None)
 def environment() -> jinja2.Environment:
     from vibee.kinds.registry import KINDS
@@ -107,7 +123,7 @@ def environment() -> jinja2.Environment:
         finalize=to_source,
     )
     env.filters.update(py=literal, ident=identifier, comment=comment, pytype=py_type, pydefault=py_default, lowered=lowered)
-    env.globals.update(docstring=_docstring)
+    env.globals.update(docstring=_docstring, static_source=static_source)
     return env
 
 

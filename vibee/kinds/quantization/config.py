@@ -1,21 +1,22 @@
-"""Config of the quantization kind: how linear weights are turned into low-bit codes and scales.
-Every default lives here; the templates beside it read the resolved values."""
+"""Config of the quantization kind: how linear weights are turned into low-bit codes and scales,
+and the launch tiles of the Triton kernels that multiply by them. Every default lives here; the
+templates beside it read the resolved values."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from vibee.ir.spec import KindConfig, knob
+from vibee.kinds.quantization.layout import quantized_weight_bytes
+from vibee.kinds.quantization.tiles import MatmulTile, measured_tiles
 
 BITS_ALLOWED = (4, 8)
 MIN_GROUP_SIZE = 32
 MAX_GROUP_SIZE = 1024
 PER_CHANNEL = -1
-METHODS_IMPLEMENTED = ("rtn",)
-METHODS_PLANNED = ("awq", "gptq")
 
 # Bytes of one scale, by compute dtype (scales are stored in the compute dtype).
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -81,7 +82,6 @@ class QuantizationConfig(KindConfig):
             " Asymmetric: codes in [0, 2^b-1] with a uint8 zero point per group, over the group's range widened to include 0."
         ),
     )
-    method: str = knob("compile", "rtn", description="How codes are chosen: 'rtn' (round to nearest, ties to even). 'awq' and 'gptq' are planned.")
     pack_format: Literal["int32", "uint8"] = knob("compile",
         "int32",
         description=(
@@ -91,6 +91,13 @@ class QuantizationConfig(KindConfig):
     )
     compute_dtype: Literal["bf16", "fp16", "fp32"] = knob("compile",
         "bf16", description="Dtype of scales, of the dequantized weight and of the QuantLinear matmul."
+    )
+    tiles: list[MatmulTile] = knob("compile",
+        default_factory=measured_tiles,
+        description=(
+            "Launch tiles of the Triton kernels, by activation rows M and weight rows N: the first row whose max_m"
+            " (none: any) is >= M and whose min_n is <= N. The last row must cover every product (no max_m, min_n 0)."
+        ),
     )
     skip_modules: list[str] = knob("runtime",
         default_factory=lambda: ["lm_head"],
@@ -104,6 +111,15 @@ class QuantizationConfig(KindConfig):
         if isinstance(data, dict) and data.get("bits") == 8 and "group_size" not in data:
             return {**data, "group_size": PER_CHANNEL}
         return data
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> QuantizationConfig:
+        """This config with some knobs set anew (a serve flag: --quant int8 is {"bits": 8}),
+        validated. group_size follows bits: when bits is overridden without it, it goes back to
+        the default for the new bits (int8: per channel), whatever the spec wrote for its own bits."""
+        values = self.model_dump()
+        if "bits" in overrides and "group_size" not in overrides:
+            del values["group_size"]
+        return type(self).model_validate({**values, **overrides})
 
     @field_validator("bits")
     @classmethod
@@ -125,13 +141,15 @@ class QuantizationConfig(KindConfig):
             )
         return value
 
-    @field_validator("method")
+    @field_validator("tiles")
     @classmethod
-    def _method_implemented(cls, value: str) -> str:
-        if value in METHODS_PLANNED:
-            raise ValueError(f"method '{value}' is not implemented yet, use rtn")
-        if value not in METHODS_IMPLEMENTED:
-            raise ValueError(f"method must be 'rtn' (round to nearest; 'awq' and 'gptq' are planned), got {value!r}")
+    def _tiles_cover_every_product_once(cls, value: list[MatmulTile]) -> list[MatmulTile]:
+        if not value or value[-1].max_m is not None or value[-1].min_n != 0:
+            raise ValueError("the last row of tiles must cover every product: no max_m and min_n 0")
+        for i, later in enumerate(value):
+            for j, earlier in enumerate(value[:i]):
+                if earlier.covers(later):
+                    raise ValueError(f"tiles[{i}] is never used: tiles[{j}] comes first and matches every product it would")
         return value
 
     @field_validator("skip_modules")
@@ -149,9 +167,9 @@ class QuantizationConfig(KindConfig):
 
     def weight_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes of the quantized weight: codes, scales and (asymmetric) zero points."""
-        groups = out_features * (in_features // self.group_size_for(in_features))
-        per_group = DTYPE_BYTES[self.compute_dtype] + (0 if self.symmetric else ZERO_POINT_BYTES)
-        return out_features * in_features * self.bits // 8 + groups * per_group
+        return quantized_weight_bytes(out_features, in_features, bits=self.bits, group_size=self.group_size,
+                                      scale_bytes=DTYPE_BYTES[self.compute_dtype],
+                                      zero_point_bytes=0 if self.symmetric else ZERO_POINT_BYTES)
 
     def bits_per_weight(self, in_features: int) -> float:
         out_features = 1
@@ -169,10 +187,15 @@ class QuantizationConfig(KindConfig):
         else:
             layout = f"{'int8' if self.symmetric else 'uint8'} of shape (out, in): one code per byte"
         return {
-            "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {self.method}",
+            "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, round to nearest",
             "groups": "one per output channel" if self.group_size == PER_CHANNEL else f"{self.group_size} input weights per scale",
             "qweight layout": layout,
             "bits per weight": f"{bpw:.3f} (codes {self.bits} + scales/zeros {bpw - self.bits:.3f}, group {group})",
             "compression vs bf16": f"{16 / bpw:.2f}x",
             f"weight {out_f}x{in_f} (Llama-3-8B down_proj)": f"{quantized / 2**20:.1f} MiB (bf16: {bf16 / 2**20:.1f} MiB)",
+            **{f"tile for M {_rows(t.max_m)}, N >= {t.min_n}": t.summary() for t in self.tiles},
         }
+
+
+def _rows(max_m: int | None) -> str:
+    return "any" if max_m is None else f"<= {max_m}"

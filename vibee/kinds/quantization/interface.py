@@ -25,8 +25,8 @@ class QuantizationModule(Protocol):
     GROUP_SIZE: int  # input weights per scale; -1: one scale per output channel
     QuantLinear: QuantLinearClass
 
-    def quantize_model(self, model: nn.Module, skip_modules: Sequence[str] = ...) -> Any:
-        """Swap model's nn.Linear layers (except skip_modules) for QuantLinear; returns a QuantStats."""
+    def quantize_model(self, model: nn.Module, skip_modules: Sequence[str]) -> Any:
+        """Swap model's nn.Linear layers (except skip_modules, the spec's list the runtime passes) for QuantLinear; returns a QuantStats."""
         ...
 
     def weight_bytes(self, model: nn.Module) -> int: ...

@@ -1,0 +1,283 @@
+"""The quantized matmul's Triton kernels: y = x @ dequantize(qw).T + bias without a dense weight.
+
+Static code: no spec changes it. It is importable and lint-able here, and the quantization
+templates copy it (from the marker below on) into every generated triton module, so a generated
+module stands alone. Launch shapes are arguments (constexprs) that launch.py picks from the spec's
+tile table.
+"""
+
+import triton
+import triton.language as tl
+
+# ---- copied into generated modules from here ----
+
+# Every kernel reads qweight, scales (and zeros) as the quantizer stored them and dequantizes in
+# registers. The stored layout is already the one the kernels want: qweight is [out, in / codes per
+# word], row-major, codes little-endian along the input dimension, so an output row's codes are one
+# contiguous run of words and a tile [BLOCK_N rows, BLOCK_K codes] is BLOCK_N runs of BLOCK_K /
+# codes-per-word words (coalesced loads along each row). There is no repack at load time: the kernels
+# read 32-bit words, and the other storages are the same bytes under another dtype (little-endian),
+# viewed without a copy:
+#   int4 in int32 words     code k of word j (bits 4k..4k+3) is input 8j + k
+#   int4 in uint8 bytes     4 bytes make a word whose bits 4k..4k+3 hold input 8j + k: the same
+#   int8 codes (int8/uint8) 4 bytes make a word whose bits 8k..8k+7 hold input 4j + k
+# A code u (as stored: 4-bit codes offset to unsigned, int8 codes in two's complement) becomes a
+# float with one integer op and no int->float conversion: the fp32 whose bits are 0x4B000000 | u is
+# 2^23 + u exactly (the xor of 0x80 turns a two's-complement byte into code + 128), and subtracting
+# 2^23 + offset (+ zero point) leaves code - zero exactly.
+#
+# Three kernels:
+#   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
+#                   words at a time, each code masked in place rather than shifted down (see the
+#                   kernel); each lane keeps its words' partial sums, scales each word's sum once
+#                   (one scale per row when the tile lies in one group), and the lanes are summed
+#                   after the loop. Split-K over the input dimension so that every SM has several
+#                   programs in flight; the last split of a row tile adds the partials.
+#   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
+#                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
+#                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
+#   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
+#                   the bias, casts.
+
+
+@triton.jit
+def _code_at(words, i: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """Code i of every word as the fp32 2^23 + u (u as stored, + 128 for two's-complement bytes):
+    subtract 2^23 + offset (+ zero point) to get code - zero exactly."""
+    u = (words >> (i * CODE_BITS)) & ((1 << CODE_BITS) - 1)
+    return (u ^ MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes_in_order(words, R: tl.constexpr, W: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """[R, W] words -> [R, W * codes per word] codes as _code_at gives them, in input order. Built
+    by joining the per-position tensors (join keeps the new axis in each thread, so a thread holds
+    its words' codes side by side): joining p_i with p_(i + C/2) first, then + C/4, ..., makes the
+    flattened index word * C + i."""
+    if CODE_BITS == 4:
+        c = tl.join(
+            tl.join(tl.join(_code_at(words, 0, 4, MAGIC), _code_at(words, 4, 4, MAGIC)),
+                    tl.join(_code_at(words, 2, 4, MAGIC), _code_at(words, 6, 4, MAGIC))),
+            tl.join(tl.join(_code_at(words, 1, 4, MAGIC), _code_at(words, 5, 4, MAGIC)),
+                    tl.join(_code_at(words, 3, 4, MAGIC), _code_at(words, 7, 4, MAGIC))),
+        )
+        return tl.reshape(c, [R, W * 8])
+    else:
+        c = tl.join(tl.join(_code_at(words, 0, 8, MAGIC), _code_at(words, 2, 8, MAGIC)),
+                    tl.join(_code_at(words, 1, 8, MAGIC), _code_at(words, 3, 8, MAGIC)))
+        return tl.reshape(c, [R, W * 4])
+
+
+@triton.jit
+def _codes_3d(words, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """[R, W] words -> [R, W, codes per word], codes as _code_at gives them (one broadcast shift)."""
+    shifts = tl.arange(0, 32 // CODE_BITS) * CODE_BITS
+    u = (words[:, :, None] >> shifts[None, None, :]) & ((1 << CODE_BITS) - 1)
+    return (u ^ MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+    N, K, stride_qn, stride_sn, stride_zn, k_per_split,
+    GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
+    CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
+    the code as stored (offset to unsigned), zero the offset or zero point.
+
+    SPLIT_K > 1: program pid_k sums one split of k into an fp32 partial, and the last program of
+    a row tile to finish (a counter per tile) adds the partials up in split order (deterministic)
+    and stores y, so there is no second kernel to launch; it puts the counter back to 0 for the
+    next call. Launches sharing count_ptr must run one after another (one stream).
+
+    Few integer ops per code, as the kernel is otherwise bound by them, not by memory: a code is
+    masked in place (u * 2^s, s its bit offset within a half word, so below 2^16) and or-ed into
+    the fp32 2^23 (one LOP3), which less 2^23 is u * 2^s exactly; x is pre-scaled by 2^-s (exact)
+    once per tile for all rows. The upper half word is shifted down once per word. The zero is
+    taken out once per word: sum_i x_i (u_i - zero) = sum_i x_i u_i - zero * sum_i x_i.
+    FLIP (0x80 for two's-complement int8 codes) turns a byte into code + 128 in the same LOP3."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    HALF: tl.constexpr = CODES // 2
+    MASK: tl.constexpr = (1 << CODE_BITS) - 1
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+    rw = tl.arange(0, WORDS)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_of_word = k0 + rw * CODES  # first input of each word
+        w_ptrs = qw_ptr + rn[:, None] * stride_qn + (k0 // CODES + rw)[None, :]
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
+        high = words >> 16
+        part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        x_sum = tl.zeros([WORDS], dtype=tl.float32)
+        for i in tl.static_range(CODES):
+            if EVEN_K:
+                xi = tl.load(x_ptr + k_of_word + i).to(tl.float32)
+            else:
+                xi = tl.load(x_ptr + k_of_word + i, mask=k_of_word < K, other=0.0).to(tl.float32)
+            x_sum += xi
+            if i < HALF:
+                src = words
+            else:
+                src = high
+            shift = CODE_BITS * (i % HALF)
+            f = (((src & (MASK << shift)) ^ (FLIP << shift)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            part += f * (xi * (1.0 / (1 << shift)))[None, :]
+        if SCALE_PER_TILE:  # the whole tile is in one group: one scale (and zero) per row
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + rn * stride_sn + g).to(tl.float32)[:, None]
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + rn * stride_zn + g).to(tl.float32)[:, None] + CODE_OFFSET
+            else:
+                zero = CODE_OFFSET
+        else:  # several groups per tile: a scale per word (a group holds whole words)
+            g = tl.minimum(k_of_word, K - 1) // GROUP
+            scale = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :]).to(tl.float32)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :]).to(tl.float32) + CODE_OFFSET
+            else:
+                zero = CODE_OFFSET
+        acc += (part - zero * x_sum[None, :]) * scale
+    y = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(part_ptr + pid_k * N + rn, y, mask=n_mask)
+        # Every thread's store before the counter's release (one thread does the atomic).
+        tl.debug_barrier()
+        finished = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if finished == SPLIT_K - 1:
+            y = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
+                y += tl.load(part_ptr + s * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn).to(tl.float32)
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _qmm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
+    GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
+    OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, JOIN_CODES: tl.constexpr, SWAP_AB: tl.constexpr,
+):
+    """A [BLOCK_M, BLOCK_N] tile of y over one split of k: each [BLOCK_N, BLOCK_K] weight tile is
+    dequantized in registers to x's dtype ((code - zero) * scale, rounded once) and fed to tl.dot
+    with fp32 accumulation. SWAP_AB: computed as y.T = w @ x.T, the weight tile as the first
+    operand (rows of the weight fill the MMA's M; a few rows of x only its N). JOIN_CODES: codes
+    unpacked with _codes_in_order, else with _codes_3d."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # Tiles in column bands of GROUP_M row tiles: programs that run together share weight tiles in L2.
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm_safe = tl.where(m_mask, rm, 0).to(tl.int64)
+    rn_safe = tl.where(n_mask, rn, 0).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    rw = tl.arange(0, WORDS)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_of_word = k0 + rw * CODES
+        x_ptrs = x_ptr + rm_safe[:, None] * stride_xm + (k0 + rk)[None, :]
+        w_ptrs = qw_ptr + rn_safe[:, None] * stride_qn + (k0 // CODES + rw)[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            words = tl.load(w_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
+            words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
+        if SCALE_PER_TILE:
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+            if HAS_ZEROS:
+                base = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32) + OFFSET
+            else:
+                base = tl.zeros([BLOCK_N], dtype=tl.float32) + OFFSET
+            if JOIN_CODES:
+                f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
+                w = (f - base[:, None]) * scale[:, None]
+            else:
+                f = _codes_3d(words, CODE_BITS, MAGIC)
+                w = tl.reshape((f - base[:, None, None]) * scale[:, None, None], [BLOCK_N, BLOCK_K])
+        else:
+            g = tl.minimum(k_of_word, K - 1) // GROUP
+            scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
+            if HAS_ZEROS:
+                base = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32) + OFFSET
+            else:
+                base = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32) + OFFSET
+            if JOIN_CODES:
+                f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
+            else:
+                f = _codes_3d(words, CODE_BITS, MAGIC)
+            w = tl.reshape((f - base[:, :, None]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
+        w = w.to(x.dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if SWAP_AB:  # acc is y.T: [BLOCK_N, BLOCK_M]
+        out_offs = rm_safe[None, :] * N + rn[:, None]
+        y_offs = rm_safe[None, :] * stride_ym + rn[:, None]
+        out_mask = n_mask[:, None] & m_mask[None, :]
+    else:
+        out_offs = rm_safe[:, None] * N + rn[None, :]
+        y_offs = rm_safe[:, None] * stride_ym + rn[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+    if not PARTIALS:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn_safe).to(tl.float32)
+            if SWAP_AB:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = sum over splits of the fp32 partials (in split order) + bias, in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+

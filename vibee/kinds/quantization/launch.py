@@ -1,0 +1,239 @@
+"""Launching the quantized matmul kernels (kernels.py): the kernels' view of a QuantizedWeight, the
+launch for a product's shape from a table of tiles by activation rows M, and the launch itself.
+
+Static code, copied (from the marker below on) into every generated triton module after the
+torch module's QuantizedWeight and the kernels; the tile table comes from the spec (config
+`tiles`), rendered by the template as TILES and passed in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import triton
+
+from vibee.kinds.quantization.kernels import _qgemv_kernel, _qmm_kernel, _splitk_reduce_kernel
+
+
+class QuantizedWeight(Protocol):
+    """What the launch reads of the generated module's QuantizedWeight (which the copy uses)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+
+
+# ---- copied into generated modules from here ----
+
+_MAGIC = 0x4B000000  # bits of 2^23 in fp32; | u gives 2^23 + u for 0 <= u < 2^23
+_MAGIC_F = 8388608.0  # 2^23
+
+
+@dataclass(frozen=True)
+class LaunchTile:
+    """One row of the spec's tile table (config `tiles`): the launch for products whose activation
+    has at most max_m rows (None: any) and whose weight has at least min_n output rows; the first
+    row that matches is taken."""
+
+    kernel: str  # "gemv" (M == 1, FMA) or "mm" (tl.dot)
+    max_m: int | None
+    min_n: int
+    block_m: int
+    block_n: int
+    min_block_n: int  # block_n halves down to this while the grid has fewer programs than SMs
+    block_k: int  # the largest tile of codes along k; halved (to 32) until it divides the row
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # split-K brings the grid near this many programs per SM; 0: no split
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch of the quantized matmul: which kernel and its tile, split and warps."""
+
+    kernel: str  # "gemv" (M == 1, FMA) or "mm" (tl.dot)
+    block_m: int
+    block_n: int
+    block_k: int  # codes along the input dimension per iteration
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8  # "mm": output tiles grouped along M for L2 reuse
+    join_codes: bool = False  # "mm": codes unpacked by joining positions (else one 3-D tensor)
+    swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How a QuantizedWeight's codes are stored, as the kernels read them."""
+
+    code_bits: int  # 4 or 8
+    magic: int  # xor'ed into a code: 2^23 + u (+ 128 for two's-complement bytes) as fp32 bits
+    offset: float  # 2^23 + the code that stands for 0.0 (+ the zero point, when there are zero points)
+    group_size: int
+    words: torch.Tensor  # qweight viewed as int32 words: [out, in * code_bits / 32]
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any number (it only steers the split)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def _format(qw: QuantizedWeight) -> _Format:
+    """The kernels' view of qw, or ValueError when its storage is not one the kernels read."""
+    out_features, in_features = qw.shape
+    q = qw.qweight
+    if qw.bits == 4:
+        if q.dtype not in (torch.int32, torch.uint8):
+            raise ValueError(f"4-bit codes are packed into int32 or uint8 words, got {q.dtype}")
+        per_unit = 8 if q.dtype == torch.int32 else 2
+        if tuple(q.shape) != (out_features, in_features // per_unit) or in_features % 8:
+            raise ValueError(f"4-bit qweight {tuple(q.shape)} ({q.dtype}) does not hold a {out_features}x{in_features} weight in whole 32-bit words")
+        magic, offset = _MAGIC, 8.0 if qw.zeros is None else 0.0  # symmetric codes are stored + 8
+    elif qw.bits == 8:
+        if q.dtype not in (torch.int8, torch.uint8):
+            raise ValueError(f"8-bit codes are int8 or uint8, got {q.dtype}")
+        if tuple(q.shape) != (out_features, in_features) or in_features % 4:
+            raise ValueError(f"8-bit qweight {tuple(q.shape)} does not hold a {out_features}x{in_features} weight in whole 32-bit words")
+        signed = q.dtype == torch.int8
+        magic, offset = (_MAGIC | 0x80, 128.0) if signed else (_MAGIC, 0.0)
+    else:
+        raise ValueError(f"the kernels read 4- or 8-bit codes, got {qw.bits}")
+    if in_features % qw.group_size or qw.scales.shape != (out_features, in_features // qw.group_size):
+        raise ValueError(f"scales {tuple(qw.scales.shape)} do not give one scale per {qw.group_size} of {in_features} inputs")
+    if q.dtype != torch.int32 or not q.is_contiguous():
+        q = q.contiguous().view(torch.int32)
+    return _Format(qw.bits, magic, _MAGIC_F + offset, qw.group_size, q)
+
+
+def _block_k(in_features: int, largest: int, smallest: int = 32) -> int:
+    """The largest power-of-two tile of codes from smallest to largest that divides the row (no
+    masks along k); rows with no such divisor take `smallest` and masked loads."""
+    block = largest
+    while block > smallest and in_features % block:
+        block //= 2
+    return block
+
+
+def _scale_per_tile(in_features: int, group_size: int, block_k: int) -> bool:
+    """Whether every k tile lies in one group (one scale per row and tile); otherwise the kernels
+    read a scale per word (a group always holds whole words)."""
+    return group_size == in_features or group_size % block_k == 0
+
+
+def pick_launch(tiles: tuple[LaunchTile, ...], m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    """The launch for an [m, k] @ [k, n] product: the first tile of the table that matches, its
+    block_k halved until it divides k, block_n narrowed while the tiles leave SMs idle, and a
+    split of k that brings the grid near the tile's programs per SM."""
+    tile = next((t for t in tiles if (t.max_m is None or m <= t.max_m) and n >= t.min_n), None)
+    if tile is None:
+        raise ValueError(f"no tile of the table covers m={m}, n={n}")
+    sms = _num_sms(device)
+    block_n, block_k = tile.block_n, _block_k(k, tile.block_k)
+    while block_n > tile.min_block_n and triton.cdiv(m, tile.block_m) * triton.cdiv(n, block_n) < sms:
+        block_n //= 2
+    split = 1
+    if tile.programs_per_sm:
+        tiles_mn = triton.cdiv(m, tile.block_m) * triton.cdiv(n, block_n)
+        # The GEMV's splits may be one tile of k each; tl.dot's need a few to pipeline loads.
+        split = _split(tiles_mn, k, block_k, tile.programs_per_sm * sms, min_tiles=1 if tile.kernel == "gemv" else 4)
+    return KernelConfig(tile.kernel, tile.block_m, block_n, block_k, split, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
+    """Split-K factor that brings tiles * split near `programs`, each split a whole number of tiles
+    of block_k (at most 16 splits, at least min_tiles tiles of k per split)."""
+    split = 1
+    while tiles * split * 2 <= programs and split < 16 and k // (block_k * split * 2) >= min_tiles:
+        split *= 2
+    return split
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for the GEMV's split-K fix-up, one per row tile, kept per device
+    (the kernel leaves them at 0); grown when a launch has more tiles."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
+            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig]) -> torch.Tensor:
+    """x @ dequantize(qw).T + bias with `config`, or the launch pick(m, n, k, code bits, group size, device) gives."""
+    out_features, in_features = qw.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}")
+    dtype = qw.scales.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).to(dtype)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, out_features, dtype=dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, out_features).to(x.dtype)
+    scales = qw.scales if qw.scales.stride(-1) == 1 else qw.scales.contiguous()
+    zeros = qw.zeros if qw.zeros is None or qw.zeros.stride(-1) == 1 else qw.zeros.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
+    if cfg.kernel == "gemv" and m != 1:
+        raise ValueError(f"the gemv kernel takes one row of x, got {m}")
+    if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
+        raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
+    k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(in_features, k_per_split)
+    part = torch.empty(split, m, out_features, dtype=torch.float32, device=x.device) if split > 1 else y
+    has_zeros = zeros is not None
+    consts = dict(
+        GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
+        CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=has_zeros,
+        HAS_BIAS=bias is not None, EVEN_K=in_features % cfg.block_k == 0,
+    )
+    z_arg = zeros if has_zeros else scales
+    b_arg = bias if bias is not None else scales
+    z_stride = zeros.stride(0) if has_zeros else 0
+    if cfg.kernel == "gemv":
+        grid = (triton.cdiv(out_features, cfg.block_n), split)
+        gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
+        counters = _tile_counters(x.device, grid[0]) if split > 1 else part
+        _qgemv_kernel[grid](
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
+            out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
+            **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
+        _qmm_kernel[grid](
+            x2, fmt.words, scales, z_arg, b_arg, y, part,
+            m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
+            k_per_split, **consts, PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if split > 1 and cfg.kernel == "mm":
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * out_features, block),)](
+            part, b_arg, y, m * out_features, out_features, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
+    return y.reshape(*lead, out_features).to(x.dtype)
+
+

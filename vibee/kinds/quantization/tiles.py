@@ -1,0 +1,127 @@
+"""The launch tiles of the quantization kind's Triton kernels, as the spec writes them (config
+`tiles`): a table of rows by activation rows M and weight rows N, and the measured defaults.
+launch.py reads the same rows (as LaunchTile) in the generated module."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+
+# Launch tiles: tl.dot needs 16 in every dimension; a k tile is whole 32-bit words of 8-bit codes
+# (and launch.py never shrinks it below 32).
+MIN_TILE, MAX_TILE = 16, 256
+MIN_BLOCK_K, MAX_BLOCK_K = 32, 512
+MAX_WARPS, MAX_STAGES, MAX_PROGRAMS_PER_SM = 32, 8, 64
+
+
+def _power_of_two(name: str, value: int, low: int, high: int) -> int:
+    if not (value > 0 and value & (value - 1) == 0 and low <= value <= high):
+        raise ValueError(f"{name} must be a power of two from {low} to {high}, got {value}")
+    return value
+
+
+class MatmulTile(BaseModel):
+    """One row of the kernels' tile table: the launch for products whose activation has at most
+    max_m rows (none: any) and whose weight at least min_n output rows. The first matching row wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernel: Literal["gemv", "mm"] = Field(description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot")
+    max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
+    min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
+    block_m: StrictInt = Field(1, description="activation rows per program (gemv: 1; mm: a power of two, 16..256)")
+    block_n: StrictInt = Field(description="weight output rows per program (power of two, 16..256)")
+    min_block_n: StrictInt = Field(description="block_n halves down to this while the grid has fewer programs than SMs (default: block_n)")
+    block_k: StrictInt = Field(description="codes along the input per step (power of two, 32..512), halved until it divides the row")
+    num_warps: StrictInt = Field(4, description="warps per program (power of two, 1..32)")
+    num_stages: StrictInt = Field(3, description="software-pipelining stages of the k loop (1..8)")
+    programs_per_sm: StrictInt = Field(0, description="split-K brings the grid near this many programs per SM (0..64); 0: no split")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_block_n_defaults_to_block_n(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_block_n" not in data and "block_n" in data:
+            return {**data, "min_block_n": data["block_n"]}
+        return data
+
+    @field_validator("max_m")
+    @classmethod
+    def _max_m_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_m must be at least 1 (or left out: any M), got {value}")
+        return value
+
+    @field_validator("min_n", "programs_per_sm")
+    @classmethod
+    def _count_in_range(cls, value: int, info: ValidationInfo) -> int:
+        high = MAX_PROGRAMS_PER_SM if info.field_name == "programs_per_sm" else 2**31
+        if not 0 <= value <= high:
+            raise ValueError(f"{info.field_name} must be from 0 to {high}, got {value}")
+        return value
+
+    @field_validator("block_m")
+    @classmethod
+    def _block_m_fits_the_kernel(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("kernel") == "gemv":
+            if value != 1:
+                raise ValueError(f"a gemv tile takes one activation row: block_m must be 1, got {value}")
+            return value
+        return _power_of_two("block_m", value, MIN_TILE, MAX_TILE)
+
+    @field_validator("block_n", "min_block_n")
+    @classmethod
+    def _block_n_power_of_two(cls, value: int, info: ValidationInfo) -> int:
+        if info.field_name == "min_block_n" and "block_n" not in info.data:
+            return value  # block_n is wrong (and reported); min_block_n defaults to a copy of it
+        return _power_of_two(info.field_name, value, MIN_TILE, MAX_TILE)
+
+    @field_validator("block_k")
+    @classmethod
+    def _block_k_power_of_two(cls, value: int) -> int:
+        return _power_of_two("block_k", value, MIN_BLOCK_K, MAX_BLOCK_K)
+
+    @field_validator("num_warps")
+    @classmethod
+    def _warps_power_of_two(cls, value: int) -> int:
+        return _power_of_two("num_warps", value, 1, MAX_WARPS)
+
+    @field_validator("num_stages")
+    @classmethod
+    def _stages_in_range(cls, value: int) -> int:
+        if not 1 <= value <= MAX_STAGES:
+            raise ValueError(f"num_stages must be from 1 to {MAX_STAGES}, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _rows_fit_the_kernel(self) -> MatmulTile:
+        if self.kernel == "gemv" and self.max_m != 1:
+            raise ValueError(f"a gemv tile takes one activation row: max_m must be 1, got {self.max_m}")
+        if self.min_block_n > self.block_n:
+            raise ValueError(f"min_block_n {self.min_block_n} is wider than block_n {self.block_n}")
+        return self
+
+    def covers(self, other: MatmulTile) -> bool:
+        """Whether every product other matches is matched by self too."""
+        return (self.max_m is None or other.max_m is not None and other.max_m <= self.max_m) and self.min_n <= other.min_n
+
+    def summary(self) -> str:
+        split = f", split-K to {self.programs_per_sm} programs/SM" if self.programs_per_sm else ""
+        narrow = f" (down to {self.min_block_n} wide)" if self.min_block_n < self.block_n else ""
+        return (f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k}{narrow}, "
+                f"{self.num_warps} warps, {self.num_stages} stages{split}")
+
+
+def measured_tiles() -> list[MatmulTile]:
+    """H100/H200 sweeps (weights cold in L2, CUDA graphs). GEMV: tiles of one group (128 codes,
+    one scale per row), 3 stages and about 8 programs per SM were within 7% of the best at every
+    Llama-3.2-1B / 8B projection; from 16,384 rows (gate_up, lm_head) 128-row tiles on 8 warps
+    (lm_head: 100 -> 86 us). Prefill: the best at m = 256 (128x128x64, 4 warps, 4 stages; 64 wide
+    when 128-wide tiles leave SMs idle). The skinny tiles (2..16 rows) are not tuned yet."""
+    return [
+        MatmulTile(kernel="gemv", max_m=1, min_n=16384, block_n=128, block_k=128, num_warps=8, num_stages=3, programs_per_sm=8),
+        MatmulTile(kernel="gemv", max_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3, programs_per_sm=8),
+        MatmulTile(kernel="mm", max_m=16, block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, programs_per_sm=2),
+        MatmulTile(kernel="mm", max_m=64, block_m=64, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4, programs_per_sm=1),
+        MatmulTile(kernel="mm", block_m=128, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4),
+    ]
