@@ -693,12 +693,12 @@ class LLMEngine:
         return self.gen.flash_attention if self.config.flash_attn else self.gen.flash_attention_reference
 
     def applied_quantization(self) -> dict[str, Any] | None:
-        """How the served model's weights are quantized, read off the generated module that did it
+        """How the served model's weights are quantized (round to nearest), read off the generated module that did it
         (None: full precision). group_size -1: one scale per output channel."""
         if self.quant_stats is None or not self.quant_stats.layers_quantized:
             return None
         q = self.gen.quantization
-        return {"method": q.METHOD, "bits": q.BITS, "group_size": q.GROUP_SIZE,
+        return {"method": "rtn", "bits": q.BITS, "group_size": q.GROUP_SIZE,
                 "layers_quantized": self.quant_stats.layers_quantized}
 
     def info(self) -> dict[str, Any]:
