@@ -20,7 +20,6 @@ def _private_cache(tmp_path, monkeypatch):
 def test_default_specs_use_committed_output():
     gen = load_generated()
     assert gen.source == COMMITTED_OUTPUT
-    assert gen.kv_cache.BLOCK_SIZE == gen.config("kv_cache").block_size
     assert gen.flash_attention.PAGE_SIZE == gen.config("flash_attention").page_size
     assert set(gen.specs) == {"kv_cache", "flash_attention", "quantization", "speculative_decode",
                               "continuous_batch", "tensor_parallel"}
@@ -30,10 +29,10 @@ def test_block_size_flag_regenerates_both_modules(tmp_path):
     overrides = EngineConfig(block_size=32).spec_overrides("float32")
     gen = load_generated(overrides=overrides)
     assert gen.source != COMMITTED_OUTPUT and gen.source.is_relative_to(tmp_path / "cache")
-    assert gen.kv_cache.BLOCK_SIZE == 32
+    assert gen.config("kv_cache").block_size == 32
     assert gen.flash_attention.PAGE_SIZE == 32
     # The committed modules are untouched and still importable side by side.
-    assert load_generated().kv_cache.BLOCK_SIZE == 16
+    assert load_generated().config("kv_cache").block_size == 16
     # A second load with the same overrides reuses the generated directory.
     assert load_generated(overrides=overrides).source == gen.source
 
@@ -59,7 +58,7 @@ def test_spec_dir_with_edited_spec(tmp_path):
     assert "max_num_seqs: 256" in text
     path.write_text(text.replace("max_num_seqs: 256", "max_num_seqs: 8"))
     gen = load_generated(spec_dir)
-    assert gen.continuous_batch.MAX_NUM_SEQS == 8
+    assert gen.config("continuous_batch").max_num_seqs == 8
 
 
 def test_spec_dir_missing_a_kind(tmp_path):

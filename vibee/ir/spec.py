@@ -52,8 +52,9 @@ class KindConfig(BaseModel):
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset()
     TEST_EXPECTED_KEYS: ClassVar[frozenset[str]] = frozenset()
 
-    def derived(self) -> dict[str, str]:
-        """Figures derived from the resolved config, shown by `vibee explain`."""
+    def derived(self, shape) -> dict[str, str]:
+        """Figures derived from the resolved config for a model shape (a
+        vibee.runtime.model_config.ModelConfig), shown by `vibee explain`."""
         return {}
 
     @classmethod

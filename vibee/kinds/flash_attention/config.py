@@ -228,7 +228,7 @@ class FlashAttentionConfig(KindConfig):
         """What cross-module contracts read (page_size must equal kv_cache's block_size)."""
         return {"page_size": self.page_size, "head_dims": list(self.head_dims), "dtype": self.dtype}
 
-    def derived(self) -> dict[str, str]:
+    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
         element = BYTES_PER_ELEMENT[self.dtype]
         figures: dict[str, str] = {}
         for d in self.head_dims:

@@ -105,7 +105,7 @@ class SpeculativeDecodeConfig(KindConfig):
             raise ValueError(f"disable_by_batch_size must be a positive batch size or null, got {value}")
         return value
 
-    def derived(self) -> dict[str, str]:
+    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
         k = self.num_speculative_tokens
         figures = {
             "drafter": self.method
