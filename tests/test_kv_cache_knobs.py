@@ -5,11 +5,15 @@ located error."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from vibee.cli import main
 from vibee.kinds.kv_cache.config import KVCacheConfig
 from vibee.runtime.shapes import shape_config
 from vibee.frontend.errors import SpecError
@@ -137,3 +141,22 @@ def test_explain_figures_follow_the_model_shape():
     assert shipped.kv_bytes_per_block(deeper) == 4 * shipped.kv_bytes_per_block(shape)
     int8 = KVCacheConfig(kv_dtype="int8")
     assert int8.kv_bytes_per_block(shape) == shipped.kv_bytes_per_block(shape) // 2 + 2 * 16 * 8 * 4
+
+
+def test_explain_takes_the_model_shape_from_the_command_line(tmp_path):
+    spec = str(Path(__file__).resolve().parents[1] / "specs" / "tri" / "igla_kv_cache.vibee")
+
+    def model_line(*options: str) -> str:
+        result = CliRunner().invoke(main, ["explain", "--json", spec, *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["derived"]["model"]
+
+    assert model_line() == "6 layers x 2 kv heads x head_dim 64"  # the built-in models/vibee-tiny
+    assert model_line("--shape", "llama-3.1-8b") == "32 layers x 8 kv heads x head_dim 128"
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "max_position_embeddings": 128,
+              "rms_norm_eps": 1e-5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_line("--model", str(tmp_path)) == "3 layers x 1 kv heads x head_dim 8"
+    unknown = CliRunner().invoke(main, ["explain", spec, "--shape", "llama-9"])
+    assert unknown.exit_code == 2 and "unknown shape 'llama-9'" in unknown.output

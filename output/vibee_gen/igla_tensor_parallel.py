@@ -9,8 +9,9 @@ by module-name suffix. One all-reduce per attention block and one per MLP.
 Layers split over the ranks of one process group: ColumnParallelLinear (output features),
 RowParallelLinear (input features, partial sums all-reduced), VocabParallelEmbedding (vocabulary
 rows), and parallelize(), which swaps a model's nn.Linear / nn.Embedding children for them as the
-sharding plan it is given says (the spec's, passed at run time). With one rank nothing communicates and no process group is needed.
-The layers are for inference: their collectives do not carry gradients.
+sharding plan it is given says (the spec's, passed at run time). With one rank nothing
+communicates and no process group is needed. The layers are for inference: their collectives do
+not carry gradients.
 """
 
 from __future__ import annotations

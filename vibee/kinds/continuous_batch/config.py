@@ -1,13 +1,14 @@
 """Config of the continuous_batch kind: the iteration-level scheduler that decides, every engine
-step, which sequences run and how many of their tokens. Every default lives here;
-templates/ reads the resolved values."""
+step, which sequences run and how many of their tokens. Every knob is a runtime value: the
+runtime passes the resolved values to the generated Scheduler, which checks them with the same
+rules (limits.py)."""
 
 from __future__ import annotations
 
 import math
 from typing import ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import ValidationInfo, field_validator
 
 from vibee.ir.spec import KindConfig, knob
 from vibee.kinds.continuous_batch import limits

@@ -1,5 +1,6 @@
 """Config of the kv_cache kind: how the paged KV cache lays out, stores and reuses blocks.
-Every default lives here; the templates beside it read the resolved values."""
+Every default lives here. kv_dtype is compiled into the generated module; block_size, prefix
+caching and the memory fraction are runtime values the runtime passes to it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Config of the speculative_decode kind: how draft tokens are proposed and how the target model
-verifies them. Every default lives here; the templates beside it read the resolved values."""
+verifies them. Every knob is a runtime value: the engine passes the resolved values to the
+generated code."""
 
 from __future__ import annotations
 
