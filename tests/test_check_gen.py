@@ -73,7 +73,7 @@ def test_what_check_accepts_generates_and_imports(tmp_path, case, target):
     path.write_text(text, encoding="utf-8")
     out = tmp_path / f"out{next(_counter)}"
     try:
-        specs, _ = load_specs([path], target, contracts=False)
+        specs, _ = load_specs([path], target)
         files = plan(specs, out)  # what `vibee check` runs after loading
     except SpecError as exc:
         assert all(d.span is not None for d in exc.diagnostics if d.severity == "error"), exc.render()

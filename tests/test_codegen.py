@@ -73,18 +73,18 @@ def test_check_passes_when_current_and_fails_on_stale_or_hand_edited(project):
 
     module = project / "output" / "vibee_gen" / "igla_kv_cache.py"
     original = module.read_text()
-    module.write_text(original.replace("BLOCK_SIZE = 16", "BLOCK_SIZE = 32"))
+    module.write_text(original.replace("KV_DTYPE = 'auto'", "KV_DTYPE = 'int8'"))
     edited = vibee("gen", "--check", spec, cwd=project)
     assert edited.returncode == 1 and "igla_kv_cache.py: hand-edited" in edited.stderr
     module.write_text(original)
 
     spec_path = project / spec
-    spec_path.write_text(spec_path.read_text().replace("block_size: 16", "block_size: 32", 1))
+    spec_path.write_text(spec_path.read_text().replace("kv_dtype: auto", "kv_dtype: int8", 1))
     stale = vibee("gen", "--check", spec, cwd=project)
     assert stale.returncode == 1 and "stale (spec changed)" in stale.stderr
     assert module.read_text() == original  # --check writes nothing
     assert vibee("gen", spec, cwd=project).returncode == 0
-    assert "BLOCK_SIZE = 32" in module.read_text()
+    assert "KV_DTYPE = 'int8'" in module.read_text()
     assert vibee("gen", "--check", spec, cwd=project).returncode == 0
 
 

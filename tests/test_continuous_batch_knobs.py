@@ -1,5 +1,6 @@
 """The continuous_batch spec drives the generated scheduler: change one knob in the shipped spec,
-regenerate, and the scheduler behaves differently (or the spec is refused with a clear error)."""
+and the scheduler given the IR's values (as the runtime gives them) behaves differently, or the
+spec is refused with a clear error. Every knob is a runtime value: none is baked into the module."""
 
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ def shipped(spec_text, gen_from_text):
     return gen_from_text(spec_text("continuous_batch"), NAME)
 
 
+def scheduler(gen, num_blocks: int, block_size: int):
+    """The generated Scheduler with the settings of the spec it was generated from, passed as the runtime does."""
+    settings = gen.spec.config.model_dump()
+    return gen.impl.Scheduler(gen.ref.CountingBlockSpace(num_blocks, block_size), **settings)
+
+
 def first_step(gen, prompts, priorities=None, num_blocks=256, block_size=16):
-    """(seq_id, num_new_tokens) of the first step of a scheduler built with the spec's defaults."""
-    sched = gen.impl.Scheduler(gen.ref.CountingBlockSpace(num_blocks, block_size))
+    """(seq_id, num_new_tokens) of the first step of a scheduler with the spec's settings."""
+    sched = scheduler(gen, num_blocks, block_size)
     for i, prompt in enumerate(prompts):
         priority = priorities[i] if priorities else 0
         sched.add(gen.impl.Sequence(i, prompt, max_tokens=4, priority=priority))
@@ -61,10 +68,10 @@ def test_long_prefill_token_threshold_caps_each_chunk(spec_text, gen_from_text, 
 def test_disabling_chunked_prefill_refuses_a_long_prompt(spec_text, gen_from_text, shipped):
     whole = gen_from_text(with_knob(spec_text("continuous_batch"), "enable_chunked_prefill", "false"), NAME)
     long_prompt = [5] * 9000  # longer than the 8192-token budget
-    sched = shipped.impl.Scheduler(shipped.ref.CountingBlockSpace(1024, 16))
+    sched = scheduler(shipped, 1024, 16)
     sched.add(shipped.impl.Sequence(0, long_prompt, max_tokens=2))
     assert [item.num_new_tokens for item in sched.schedule().scheduled] == [8192]
-    sched = whole.impl.Scheduler(whole.ref.CountingBlockSpace(1024, 16))
+    sched = scheduler(whole, 1024, 16)
     with pytest.raises(ValueError, match="enable_chunked_prefill"):
         sched.add(whole.impl.Sequence(0, long_prompt, max_tokens=2))
 
@@ -73,7 +80,7 @@ def test_watermark_decides_what_can_ever_fit(spec_text, gen_from_text, shipped):
     half = gen_from_text(with_knob(spec_text("continuous_batch"), "watermark", "0.5"), NAME)
     # 100 blocks of 16 tokens; the sequence needs 60 blocks at its longest (955 + 6 - 1 tokens).
     for gen, fits in ((shipped, True), (half, False)):
-        sched = gen.impl.Scheduler(gen.ref.CountingBlockSpace(100, 16))
+        sched = scheduler(gen, 100, 16)
         assert sched.can_ever_fit(gen.impl.Sequence(0, [1] * 955, max_tokens=6)) is fits
 
 
@@ -87,11 +94,6 @@ def test_unknown_policy_is_refused_with_the_allowed_ones(spec_text, gen_from_tex
     message = spec_error(gen_from_text, with_knob(spec_text("continuous_batch"), "policy", "lifo"))
     assert "policy" in message and "'fcfs'" in message and "'priority'" in message and "lifo" in message
     assert re.search(r"\.vibee:\d+:\d+: error:", message)
-
-
-def test_swap_preemption_is_refused_as_not_supported_yet(spec_text, gen_from_text):
-    message = spec_error(gen_from_text, with_knob(spec_text("continuous_batch"), "preemption_mode", "swap"))
-    assert "not supported yet" in message and "recompute" in message
 
 
 def test_budget_below_max_num_seqs_is_refused_at_its_line(spec_text, gen_from_text):

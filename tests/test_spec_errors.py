@@ -25,7 +25,7 @@ kind: kv_cache
 config:
   block_size: 16
   kv_dtype: auto
-  model: { num_layers: 2, num_kv_heads: 2, head_dim: 8 }
+  enable_prefix_caching: true
 types:
   MemoryStats:
     fields:
@@ -80,7 +80,7 @@ CASES = [
     ("unterminated_quote", edit(KV, 'version: "1.0.0"', 'version: "1.0.0'), "", 2, '"', None),
     ("tab_indent", edit(KV, "  block_size: 16", "\tblock_size: 16"), "tab", 7, None, None),
     ("duplicate_key", edit(KV, "  kv_dtype: auto", "  block_size: 32"), "duplicate key 'block_size'", 8, "block_size", None),
-    ("unclosed_flow_mapping", edit(KV, "head_dim: 8 }\ntypes", "head_dim: 8\ntypes"), "", 9, None, None),
+    ("unclosed_flow_mapping", edit(ATTN, "block_n: 32 }\nvariants", "block_n: 32\nvariants"), "", 7, None, None),
     # header
     ("unsupported_language", edit(KV, "language: torch", "language: zig"), "unsupported language 'zig'", 3, "zig", "--target torch"),
     ("unknown_kind", edit(KV, "kind: kv_cache", "kind: kv_cach"), "unknown kind 'kv_cach'", 5, "kv_cach", "did you mean 'kv_cache'"),
@@ -92,8 +92,8 @@ CASES = [
     ("unknown_config_key", edit(KV, "block_size: 16", "blok_size: 16"), "unknown setting 'blok_size'", 7, "blok_size", "did you mean 'block_size'"),
     ("config_wrong_type", edit(KV, "block_size: 16", "block_size: sixteen"), "block_size", 7, "sixteen", None),
     ("config_bad_choice", edit(KV, "kv_dtype: auto", "kv_dtype: int3"), "kv_dtype must be one of", 8, "int3", "did you mean 'int8'"),
-    ("nested_unknown_key", edit(KV, "num_layers: 2", "num_layer: 2"), "unknown setting 'num_layer' in config.model", 9, "num_layer", "did you mean 'num_layers'"),
-    ("config_not_mapping", edit(KV, "config:\n  block_size: 16\n  kv_dtype: auto\n  model: { num_layers: 2, num_kv_heads: 2, head_dim: 8 }", "config: 16"), "'config' must be a mapping", 6, "16", None),
+    ("nested_unknown_key", edit(ATTN, "block_m: 32", "block_mm: 32"), "unknown setting 'block_mm' in config.prefill", 7, "block_mm", "did you mean 'block_m'"),
+    ("config_not_mapping", edit(KV, "config:\n  block_size: 16\n  kv_dtype: auto\n  enable_prefix_caching: true", "config: 16"), "'config' must be a mapping", 6, "16", None),
     ("memory_fraction_range", edit(KV, "kv_dtype: auto", "gpu_memory_utilization: 1.5"), "gpu_memory_utilization", 8, "1.5", None),
     ("policy_choice", edit(SCHED, "policy: fcfs", "policy: lifo"), "policy must be one of", 4, "lifo", None),
     # types
@@ -119,7 +119,7 @@ CASES = [
     ("test_case_variants_not_a_list", edit(ATTN, "heads: 4,", "heads: 4, variants: softcap,"), "must be a list of variant names", 14, "softcap", None),
     # hints for values that are almost right, carets under the one list element at fault
     ("quoted_number", edit(KV, "block_size: 16", 'block_size: "16"'), "block_size", 7, '"16"', "remove the quotes: 16"),
-    ("yes_for_a_bool", edit(KV, "kv_dtype: auto", "enable_prefix_caching: yes"), "enable_prefix_caching", 8, "yes", "use true or false: true"),
+    ("yes_for_a_bool", edit(KV, "enable_prefix_caching: true", "enable_prefix_caching: yes"), "enable_prefix_caching", 9, "yes", "use true or false: true"),
     ("float_for_an_int", edit(KV, "block_size: 16", "block_size: 16.0"), "block_size", 7, "16.0", "use 16"),
     ("bad_list_element", edit(ATTN, "head_dims: [8, 64]", "head_dims: [8, 100]"), "head dim 100 is not supported", 5, "100", None),
     ("quoted_list_element", edit(ATTN, "head_dims: [8, 64]", 'head_dims: [8, "64"]'), "head_dims.1", 5, '"64"', "remove the quotes: 64"),

@@ -1,5 +1,5 @@
 """Property: any edit of a real spec gives either a valid IR or a SpecError from the whole front
-end (parse, build, expressions, config validation, contracts), never any other exception."""
+end (parse, build, expressions, config validation), never any other exception."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The speculative_decode spec drives the generated code: change one knob in the shipped spec,
-regenerate, and the module behaves differently (or the spec is refused with a clear error)."""
+"""The speculative_decode spec drives the generated code: change one knob in the shipped spec, and
+the module given the IR's values (as the engine gives them) behaves differently, or the spec is
+refused with a clear error. Every knob is a runtime value: none is baked into the module."""
 
 from __future__ import annotations
 
@@ -26,44 +27,51 @@ LONG_VS_RECENT = [1, 2, 3, 7, 9, 2, 3, 8, 5, 1, 2, 3]
 REPEATING = list(range(40)) + [0, 1, 2]
 
 
+def ngram_drafter(gen):
+    """The generated NgramDrafter with the spec's k and n-gram sizes, passed as the engine does."""
+    cfg = gen.spec.config
+    return gen.impl.NgramDrafter(cfg.num_speculative_tokens, cfg.ngram.min_n, cfg.ngram.max_n)
+
+
 def test_num_speculative_tokens_sets_the_proposal_length(spec_text, gen_from_text, shipped):
     two = gen_from_text(with_knob(spec_text("speculative_decode"), "num_speculative_tokens", "2"), NAME)
-    assert shipped.impl.NgramDrafter().propose(REPEATING) == [3, 4, 5, 6]
-    assert two.impl.NgramDrafter().propose(REPEATING) == [3, 4]
+    assert ngram_drafter(shipped).propose(REPEATING) == [3, 4, 5, 6]
+    assert ngram_drafter(two).propose(REPEATING) == [3, 4]
     model = lambda contexts: torch.zeros(len(contexts), 5)  # noqa: E731 - a draft model with flat logits
-    assert two.impl.DraftModelDrafter(model).propose([[1]])[0].shape == (1, 2)
-    assert two.impl.AcceptanceTracker().stats().accepted_at_position == [0, 0]
+    assert two.impl.DraftModelDrafter(model, two.spec.config.num_speculative_tokens).propose([[1]])[0].shape == (1, 2)
+    assert two.impl.AcceptanceTracker(two.spec.config.num_speculative_tokens).stats().accepted_at_position == [0, 0]
 
 
 def test_ngram_max_n_decides_which_match_wins(spec_text, gen_from_text, shipped):
     text = spec_text("speculative_decode")
     bigram = gen_from_text(with_knob(text, "max_n", "2"), NAME)
-    assert shipped.impl.NgramDrafter().propose(LONG_VS_RECENT) == [7, 9, 2, 3]
-    assert bigram.impl.NgramDrafter().propose(LONG_VS_RECENT) == [8, 5, 1, 2]
+    assert ngram_drafter(shipped).propose(LONG_VS_RECENT) == [7, 9, 2, 3]
+    assert ngram_drafter(bigram).propose(LONG_VS_RECENT) == [8, 5, 1, 2]
 
 
 def test_ngram_min_n_refuses_short_matches(spec_text, gen_from_text, shipped):
     strict = gen_from_text(with_knob(spec_text("speculative_decode"), "min_n", "2"), NAME)
     context = [4, 7, 1, 2, 4]  # only the single token 4 recurs
-    assert shipped.impl.NgramDrafter().propose(context) == [7, 1, 2, 4]
-    assert strict.impl.NgramDrafter().propose(context) == []
+    assert ngram_drafter(shipped).propose(context) == [7, 1, 2, 4]
+    assert ngram_drafter(strict).propose(context) == []
 
 
-def sampled_verification(impl):
+def sampled_verification(gen):
     """Verify drafts of token 1 against a target whose argmax is 0 (p = 0.5, 0.3, 0.1, 0.1) at
-    temperature 1; returns the fraction of drafts whose first token survived."""
-    draws = 4000
-    logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().repeat(draws, impl.NUM_SPECULATIVE_TOKENS + 1, 1)
-    draft = torch.ones(draws, impl.NUM_SPECULATIVE_TOKENS, dtype=torch.long)
-    outputs, num_accepted = impl.verify_draft(draft, None, logits, 1.0, torch.Generator().manual_seed(0))
+    temperature 1 with the spec's rule; returns the fraction of drafts whose first token survived."""
+    draws, k = 4000, gen.spec.config.num_speculative_tokens
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().repeat(draws, k + 1, 1)
+    draft = torch.ones(draws, k, dtype=torch.long)
+    outputs, num_accepted = gen.impl.verify_draft(draft, None, logits, 1.0, gen.spec.config.verification,
+                                                  torch.Generator().manual_seed(0))
     return outputs, float((num_accepted > 0).double().mean())
 
 
 def test_verification_greedy_versus_rejection_sampling(spec_text, gen_from_text, shipped):
     greedy = gen_from_text(with_knob(spec_text("speculative_decode"), "verification", "greedy"), NAME)
-    outputs, survived = sampled_verification(greedy.impl)
+    outputs, survived = sampled_verification(greedy)
     assert survived == 0.0 and all(tokens == [0] for tokens in outputs)  # only argmax matches count
-    outputs, survived = sampled_verification(shipped.impl)
+    outputs, survived = sampled_verification(shipped)
     assert survived == pytest.approx(0.3, abs=0.04)  # p(1): accepted with probability min(1, p/q)
     assert {tokens[0] for tokens in outputs} == {0, 1, 2, 3}
     # The generated suite follows the knob: it passes for the greedy spec as written.
@@ -72,8 +80,10 @@ def test_verification_greedy_versus_rejection_sampling(spec_text, gen_from_text,
 
 def test_disable_by_batch_size_null_keeps_speculation_on(spec_text, gen_from_text, shipped):
     always = gen_from_text(with_knob(spec_text("speculative_decode"), "disable_by_batch_size", "null"), NAME)
-    assert shipped.impl.speculation_enabled(32) and not shipped.impl.speculation_enabled(33)
-    assert always.impl.speculation_enabled(10_000)
+    limit = shipped.spec.config.disable_by_batch_size
+    assert limit == 32 and always.spec.config.disable_by_batch_size is None
+    assert shipped.impl.speculation_enabled(32, limit) and not shipped.impl.speculation_enabled(33, limit)
+    assert always.impl.speculation_enabled(10_000, None)
 
 
 def test_zero_speculative_tokens_is_refused(spec_text, gen_from_text):

@@ -29,11 +29,11 @@ def _fail(exc: SpecError) -> None:
     sys.exit(2)
 
 
-def _load(specs, target, contracts=True):
+def _load(specs, target):
     from vibee.ir.load import load_specs
 
     try:
-        loaded, warnings = load_specs(list(specs), target, contracts=contracts)
+        loaded, warnings = load_specs(list(specs), target)
     except SpecError as exc:
         _fail(exc)
     _report(warnings)
@@ -131,15 +131,39 @@ def _plan_every_target(loaded, target) -> None:
         _fail(SpecError(list(errors.values())))
 
 
+def _explain_shape(shape: str | None, model_dir: str | None):
+    """The model shape explain computes figures for: a built-in shape, or a model directory's config.json."""
+    from vibee.runtime.config import DEFAULT_MODEL_DIR
+    from vibee.runtime.model_config import LoadError, ModelConfig
+
+    if shape is not None and model_dir is not None:
+        raise click.UsageError("give --shape or --model, not both")
+    if shape is not None:
+        from vibee.runtime.shapes import shape_config
+
+        try:
+            return shape_config(shape)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shape") from None
+    path = Path(model_dir or DEFAULT_MODEL_DIR) / "config.json"
+    try:
+        return ModelConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+    except (OSError, ValueError, LoadError) as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--model") from None
+
+
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @TARGET_OPT
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved IR as JSON.")
-def explain(spec, target, as_json):
-    """Print SPEC's resolved IR (every default filled in) and figures derived from it."""
-    (loaded,) = _load([spec], target, contracts=False)
+@click.option("--shape", default=None, help="Compute the figures for a built-in model shape (llama-3.2-1b, llama-3.1-8b).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Compute the figures for the model in this Hugging Face directory (default: models/vibee-tiny).")
+def explain(spec, target, as_json, shape, model_dir):
+    """Print SPEC's resolved IR (every default filled in) and figures derived from it for a model."""
+    (loaded,) = _load([spec], target)
     data = loaded.model_dump(mode="json")
-    derived = loaded.config.derived()
+    derived = loaded.config.derived(_explain_shape(shape, model_dir))
     if as_json:
         click.echo(json.dumps({"spec": data, "derived": derived}, indent=2))
         return

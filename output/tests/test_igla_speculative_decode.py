@@ -16,8 +16,7 @@ import torch
 from vibee_gen import igla_speculative_decode as impl
 from vibee_gen import igla_speculative_decode_reference as ref
 
-# The spec's choices, rendered from the same IR as the module: the module has to behave by them.
-SPEC_METHOD = 'ngram'
+# The spec's runtime values: the tests pass them in, as the engine does, and check the behaviour.
 SPEC_K = 4
 SPEC_NGRAM_MIN = 1
 SPEC_NGRAM_MAX = 3
@@ -155,14 +154,6 @@ def rejection_via_reference(draft_tokens, draft_probs, target_probs, generator, 
 # --- the spec's choices ---------------------------------------------------------------------------
 
 
-def test_module_constants_are_the_specs():
-    assert impl.METHOD == SPEC_METHOD
-    assert impl.NUM_SPECULATIVE_TOKENS == SPEC_K
-    assert (impl.NGRAM_MIN, impl.NGRAM_MAX) == (SPEC_NGRAM_MIN, SPEC_NGRAM_MAX)
-    assert impl.VERIFICATION == SPEC_VERIFICATION
-    assert impl.DISABLE_BY_BATCH_SIZE == SPEC_DISABLE_BY_BATCH_SIZE
-
-
 def ngram_ladder(longest: int) -> list[int]:
     """A context ending in tokens 1..8 whose tail has, for each n <= longest, a most recent earlier
     match of exactly n tokens followed by the marker 100 + n (shorter matches come later). The
@@ -175,9 +166,9 @@ def ngram_ladder(longest: int) -> list[int]:
 
 
 @pytest.mark.parametrize("longest", range(1, 9))
-def test_default_ngram_drafter_uses_the_spec_sizes(longest):
+def test_ngram_drafter_uses_the_sizes_it_is_given(longest):
     tokens = ngram_ladder(longest)
-    proposal = impl.NgramDrafter().propose(tokens)
+    proposal = impl.NgramDrafter(SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX).propose(tokens)
     used = min(SPEC_NGRAM_MAX, longest)
     if used < SPEC_NGRAM_MIN:
         assert proposal == []
@@ -187,21 +178,21 @@ def test_default_ngram_drafter_uses_the_spec_sizes(longest):
     assert proposal == ref.ngram_propose(tokens, SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX)
 
 
-def test_default_ngram_drafter_proposes_k_tokens():
+def test_ngram_drafter_proposes_k_tokens():
     tokens = list(range(40)) + list(range(SPEC_NGRAM_MAX))
-    assert impl.NgramDrafter().propose(tokens) == list(range(SPEC_NGRAM_MAX, SPEC_NGRAM_MAX + SPEC_K))
+    assert impl.NgramDrafter(SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX).propose(tokens) == list(range(SPEC_NGRAM_MAX, SPEC_NGRAM_MAX + SPEC_K))
 
 
-def test_default_draft_model_drafter_proposes_k_tokens():
+def test_draft_model_drafter_proposes_k_tokens():
     model = toy_draft_model(vocab=7, seed=0)
-    draft_tokens, draft_probs = impl.DraftModelDrafter(model).propose([[1, 2], [3]])
+    draft_tokens, draft_probs = impl.DraftModelDrafter(model, SPEC_K).propose([[1, 2], [3]])
     assert draft_tokens.shape == (2, SPEC_K)
     assert draft_probs.shape == (2, SPEC_K, 7)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 7, 8, 16, 31, 32, 33, 64, 128, 256])
 def test_speculation_switches_off_above_the_spec_batch_size(batch_size):
-    assert impl.speculation_enabled(batch_size) == ref.speculation_enabled(batch_size, SPEC_DISABLE_BY_BATCH_SIZE)
+    assert impl.speculation_enabled(batch_size, SPEC_DISABLE_BY_BATCH_SIZE) == ref.speculation_enabled(batch_size, SPEC_DISABLE_BY_BATCH_SIZE)
 
 
 # --- n-gram drafting --------------------------------------------------------------------------
@@ -362,7 +353,7 @@ def test_accepted_length_is_truncated_geometric_in_k():
 
 def test_tokens_per_step_match_the_closed_form():
     _, num_accepted = verify_many(impl.rejection_sample, TARGET, DRAFT, SPEC_K, DRAWS, seed=3)
-    tracker = impl.AcceptanceTracker()
+    tracker = impl.AcceptanceTracker(SPEC_K)
     tracker.update(SPEC_K, num_accepted)
     alpha = ref.acceptance_rate(TARGET, DRAFT)
     closed_form = (1 - alpha ** (SPEC_K + 1)) / (1 - alpha)  # what `vibee explain` shows
@@ -510,7 +501,7 @@ def test_verify_draft_uses_the_spec_verification_rule():
     draws = 20_000
     logits = p.log().repeat(draws, SPEC_K + 1, 1)
     draft = torch.ones(draws, SPEC_K, dtype=torch.long)
-    outputs, num_accepted = impl.verify_draft(draft, None, logits, 1.0, torch.Generator().manual_seed(11))
+    outputs, num_accepted = impl.verify_draft(draft, None, logits, 1.0, SPEC_VERIFICATION, torch.Generator().manual_seed(11))
     if SPEC_VERIFICATION == "greedy":
         assert outputs == [[0]] * draws
         assert num_accepted.eq(0).all()
@@ -523,7 +514,7 @@ def test_verify_draft_at_temperature_zero_is_greedy():
     generator = torch.Generator().manual_seed(12)
     logits = torch.randn(32, SPEC_K + 1, 3, generator=generator)
     draft = torch.randint(0, 3, (32, SPEC_K), generator=generator)
-    assert impl.verify_draft(draft, None, logits, 0.0)[0] == impl.greedy_verify(draft, logits)[0]
+    assert impl.verify_draft(draft, None, logits, 0.0, SPEC_VERIFICATION)[0] == impl.greedy_verify(draft, logits)[0]
 
 
 def toy_target_model(vocab: int):
@@ -545,14 +536,14 @@ def test_speculative_greedy_decoding_reproduces_plain_greedy_decoding():
     while len(plain) < len(prompt) + steps:
         plain.append(int(target(plain).argmax()))
 
-    drafter, tracker = impl.NgramDrafter(), impl.AcceptanceTracker()
+    drafter, tracker = impl.NgramDrafter(SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX), impl.AcceptanceTracker(SPEC_K)
     context = list(prompt)
     while len(context) < len(prompt) + steps:
         draft = drafter.propose(context)
         padded = torch.tensor([draft + [0] * (SPEC_K - len(draft))])
         logits = torch.stack([target(context + draft[:i]) for i in range(SPEC_K + 1)])[None]
         lengths = torch.tensor([len(draft)])
-        outputs, num_accepted = impl.verify_draft(padded, None, logits, 0.0, num_draft_tokens=lengths)
+        outputs, num_accepted = impl.verify_draft(padded, None, logits, 0.0, SPEC_VERIFICATION, num_draft_tokens=lengths)
         tracker.update(lengths, num_accepted)
         context += outputs[0]
     assert context[: len(plain)] == plain
@@ -566,7 +557,7 @@ def test_speculative_greedy_decoding_reproduces_plain_greedy_decoding():
 
 def test_tracker_figures_match_a_recount():
     rng = random.Random(14)
-    tracker = impl.AcceptanceTracker()
+    tracker = impl.AcceptanceTracker(SPEC_K)
     steps = []
     for _ in range(20):
         drafted = [rng.randrange(0, SPEC_K + 1) for _ in range(rng.randrange(1, 6))]
@@ -581,7 +572,7 @@ def test_tracker_figures_match_a_recount():
 
 
 def test_stats_report_every_declared_field():
-    tracker = impl.AcceptanceTracker()
+    tracker = impl.AcceptanceTracker(SPEC_K)
     tracker.update(SPEC_K, torch.tensor([0, SPEC_K, 1]))
     figures = tracker.figures()
     stats = tracker.stats()
@@ -593,7 +584,7 @@ def test_stats_report_every_declared_field():
 
 
 def test_tracker_rejects_impossible_counts():
-    tracker = impl.AcceptanceTracker()
+    tracker = impl.AcceptanceTracker(SPEC_K)
     with pytest.raises(ValueError):
         tracker.update(torch.tensor([2]), torch.tensor([3]))
     with pytest.raises(ValueError):
@@ -604,10 +595,9 @@ def test_tracker_rejects_impossible_counts():
 
 
 def check_ngram_case(inp: dict, exp: dict) -> set[str]:
-    overrides = {key: inp[key] for key in ("num_speculative_tokens", "min_n", "max_n") if key in inp}
-    proposal = impl.NgramDrafter(**overrides).propose(inp["token_ids"])
     k = inp.get("num_speculative_tokens", SPEC_K)
     min_n, max_n = inp.get("min_n", SPEC_NGRAM_MIN), inp.get("max_n", SPEC_NGRAM_MAX)
+    proposal = impl.NgramDrafter(k, min_n, max_n).propose(inp["token_ids"])
     assert proposal == ref.ngram_propose(inp["token_ids"], k, min_n, max_n)
     if "proposal" in exp:
         assert proposal == exp["proposal"]
@@ -653,7 +643,7 @@ def check_rejection_case(inp: dict, exp: dict) -> set[str]:
 
 
 def check_batch_size_case(inp: dict, exp: dict) -> set[str]:
-    enabled = impl.speculation_enabled(inp["batch_size"])
+    enabled = impl.speculation_enabled(inp["batch_size"], SPEC_DISABLE_BY_BATCH_SIZE)
     assert enabled == ref.speculation_enabled(inp["batch_size"], SPEC_DISABLE_BY_BATCH_SIZE)
     if "speculate" in exp:
         assert enabled == exp["speculate"]

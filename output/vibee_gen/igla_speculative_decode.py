@@ -14,13 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-# What the spec chose. Every default below comes from these.
-METHOD = 'ngram'  # drafter the engine builds: "ngram" or "draft_model"
-NUM_SPECULATIVE_TOKENS = 4  # k: draft tokens per step
-NGRAM_MIN = 1  # shortest suffix n-gram that may propose
-NGRAM_MAX = 3  # longest suffix n-gram, tried first
-VERIFICATION = 'rejection_sampling'  # "rejection_sampling" (lossless) or "greedy"
-DISABLE_BY_BATCH_SIZE = 32  # no speculation above this batch size (None: never off)
+# Every setting of speculation (drafter, k, n-gram sizes, verification rule, batch limit) is a
+# runtime value: the engine passes the spec's (or a serve flag's) to these functions.
 
 
 @dataclass
@@ -37,14 +32,14 @@ class AcceptanceStats:
     accepted_at_position: list[int] = field(default_factory=list)
 
 
-def speculation_enabled(batch_size: int) -> bool:
+def speculation_enabled(batch_size: int, disable_by_batch_size: int | None) -> bool:
     """Whether a batch of `batch_size` sequences should speculate this step.
 
     Given the number of sequences in the next batch
     When the engine decides whether to draft
     Then it speculates unless the batch is larger than disable_by_batch_size
     """
-    return DISABLE_BY_BATCH_SIZE is None or batch_size <= DISABLE_BY_BATCH_SIZE
+    return disable_by_batch_size is None or batch_size <= disable_by_batch_size
 
 
 class NgramDrafter:
@@ -54,9 +49,9 @@ class NgramDrafter:
 
     def __init__(
         self,
-        num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS,
-        min_n: int = NGRAM_MIN,
-        max_n: int = NGRAM_MAX,
+        num_speculative_tokens: int,
+        min_n: int,
+        max_n: int,
     ):
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
@@ -109,7 +104,7 @@ class DraftModelDrafter:
     def __init__(
         self,
         model_fn: Callable[[list[list[int]]], torch.Tensor],
-        num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS,
+        num_speculative_tokens: int,
     ):
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
@@ -252,10 +247,12 @@ def verify_draft(
     draft_probs: torch.Tensor | None,
     target_logits: torch.Tensor,
     temperature: float,
+    verification: str,
     generator: torch.Generator | None = None,
     num_draft_tokens: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """Verify a draft with the spec's rule (VERIFICATION) at the request's temperature.
+    """Verify a draft with `verification` ('rejection_sampling' or 'greedy') at the request's
+    temperature.
 
     Given a draft and the target logits for a request at some temperature
     When the engine verifies with the spec's verification rule
@@ -266,7 +263,9 @@ def verify_draft(
     be at the same temperature) and, at temperature 0, is exactly greedy matching; greedy always
     matches against the argmax.
     """
-    if VERIFICATION == "greedy" or temperature == 0:
+    if verification not in ("rejection_sampling", "greedy"):
+        raise ValueError(f"verification must be 'rejection_sampling' or 'greedy', got {verification!r}")
+    if verification == "greedy" or temperature == 0:
         return greedy_verify(draft_tokens, target_logits, num_draft_tokens)
     target_probs = torch.softmax(target_logits.float() / temperature, dim=-1)
     return rejection_sample(draft_tokens, draft_probs, target_probs, generator, num_draft_tokens)
@@ -275,7 +274,7 @@ def verify_draft(
 class AcceptanceTracker:
     """Running counts of drafted and accepted tokens, reported as the spec's AcceptanceStats."""
 
-    def __init__(self, num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS):
+    def __init__(self, num_speculative_tokens: int):
         self.num_speculative_tokens = num_speculative_tokens
         self.reset()
 

@@ -62,10 +62,12 @@ class PagedRunner:
     the PagedKVCache holds K/V, every step is one flattened batch."""
 
     def __init__(self, model, num_blocks: int = 96):
-        kv, cfg = generated().kv_cache, model.config
+        gen, cfg = generated(), model.config
+        kv, kv_spec = gen.kv_cache, gen.config("kv_cache")
         self.model = model
-        self.blocks = kv.BlockManager(num_blocks)
-        self.cache = kv.PagedKVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32)
+        self.blocks = kv.BlockManager(num_blocks, kv_spec.block_size, kv_spec.enable_prefix_caching)
+        self.cache = kv.PagedKVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32,
+                                     block_size=kv_spec.block_size)
         self.computed: dict[int, int] = {}
 
     def step(self, work: dict[int, tuple[list[int], int]]) -> list[torch.Tensor]:
@@ -240,7 +242,8 @@ def test_int8_kv_cache_pages_are_dequantized_for_attention(models, tmp_path, mon
     model = ours(model_dir)
     runner = PagedRunner(model)
     cfg = model.config
-    runner.cache = gen8.kv_cache.PagedKVCache(cfg.num_layers, 96, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32)
+    runner.cache = gen8.kv_cache.PagedKVCache(cfg.num_layers, 96, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32,
+                                              block_size=gen8.config("kv_cache").block_size)
     assert runner.cache.k_pages[0].data.dtype == torch.int8
     seqs = prompts()
     got = runner.step({i: (s, len(s)) for i, s in enumerate(seqs)})

@@ -66,6 +66,8 @@ def test_scheduler_knobs_reach_the_scheduler_without_generation(model_dir, tmp_p
     assert max(running) == 2
 
 
-def test_speculation_batch_limit_flag_takes_effect():
+def test_speculation_batch_limit_flag_takes_effect_without_generation(tmp_path):
     gen = load_generated(knobs={"speculative_decode": {"disable_by_batch_size": 4}})
-    assert gen.speculative_decode.speculation_enabled(4) and not gen.speculative_decode.speculation_enabled(5)
+    assert gen.regenerated == [] and not (tmp_path / "cache").exists()
+    limit = gen.configs.speculative_decode.disable_by_batch_size
+    assert gen.speculative_decode.speculation_enabled(4, limit) and not gen.speculative_decode.speculation_enabled(5, limit)

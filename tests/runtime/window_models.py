@@ -45,7 +45,7 @@ class PagedRunner:
     def __init__(self, model, block_size: int = 16, num_blocks: int = 64):
         kv, cfg = generated().kv_cache, model.config
         self.model = model
-        self.blocks = kv.BlockManager(num_blocks, block_size)
+        self.blocks = kv.BlockManager(num_blocks, block_size, True)
         self.cache = kv.PagedKVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype,
                                      device=model.device, block_size=block_size)
         self.lengths: dict[int, int] = {}

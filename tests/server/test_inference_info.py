@@ -101,8 +101,6 @@ def _model_facts(doc: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
             yield from _model_facts(value, f"{path}[{i}]")
 
 
-@pytest.mark.xfail(strict=True, reason="kv_cache.model, tensor_parallel.model and flash_attention.dtype are spec "
-                   "examples that info's kind sections still show; delete this mark when those knobs are gone")
 def test_info_shows_no_model_shape_but_the_served_one(served):
     info, _, hf = served
     truth = _served_values(hf)

@@ -452,7 +452,7 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
         "decode": lambda: [kb.bench_decode(gen.flash_attention, shape_set["decode"], torch_dtype, dev)],
         "gemv": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemv"], torch_dtype, dev, "quantized GEMV"),
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
-        "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, shape_set["kv_write"], torch_dtype, dev)],
+        "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, gen.config("kv_cache").block_size, shape_set["kv_write"], torch_dtype, dev)],
     }
     rows = []
     for name in wanted:

@@ -212,14 +212,14 @@ def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> list[Tim
             for base, seconds in baselines]
 
 
-def bench_kv_write(kv, shape: dict, dtype, device) -> Timing:
+def bench_kv_write(kv, block_size: int, shape: dict, dtype, device) -> Timing:
     t, hkv, d = shape["tokens"], shape["kv_heads"], shape["head_dim"]
-    blocks = math.ceil(t / kv.BLOCK_SIZE) * 2
-    cache = kv.PagedKVCache(1, blocks, hkv, d, dtype=dtype, device=device)
+    blocks = math.ceil(t / block_size) * 2
+    cache = kv.PagedKVCache(1, blocks, hkv, d, dtype=dtype, device=device, block_size=block_size)
     g = torch.Generator(device=device).manual_seed(0)
     k = torch.randn(t, hkv, d, dtype=dtype, device=device, generator=g)
     v = torch.randn(t, hkv, d, dtype=dtype, device=device, generator=g)
-    slots = torch.randperm(blocks * kv.BLOCK_SIZE, device=device, generator=g)[:t]
+    slots = torch.randperm(blocks * block_size, device=device, generator=g)[:t]
     ours = time_call(lambda: cache.write(0, k, v, slots), device)
     flat_k = cache.k_pages[0].data.view(-1, hkv, d)
     flat_v = cache.v_pages[0].data.view(-1, hkv, d)

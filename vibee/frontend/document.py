@@ -1,7 +1,6 @@
 """The spec document: what the surface grammar produces, before any meaning is given to it.
 
-Every node keeps its source span so that later stages (IR building, validation, cross-module
-contracts) can point at the exact place a user has to change.
+Every node keeps its source span so that later stages (IR building, validation) can point at the exact place a user has to change.
 """
 
 from __future__ import annotations

@@ -41,8 +41,7 @@ class KindConfig(BaseModel):
       KIND: the kind's name ("kv_cache", ...)
       BEHAVIORS: the operations its templates know, name -> one-line description
       TEST_INPUT_KEYS / TEST_EXPECTED_KEYS: the keys a test case's `input` / `expected` may use
-    and may override `derived()` (figures for `vibee explain`) and `contract_values()` (what
-    cross-module contracts read).
+    and may override `derived(shape)` (figures for `vibee explain`, for a model shape).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,8 +51,9 @@ class KindConfig(BaseModel):
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset()
     TEST_EXPECTED_KEYS: ClassVar[frozenset[str]] = frozenset()
 
-    def derived(self) -> dict[str, str]:
-        """Figures derived from the resolved config, shown by `vibee explain`."""
+    def derived(self, shape) -> dict[str, str]:
+        """Figures derived from the resolved config for a model shape (a
+        vibee.runtime.model_config.ModelConfig), shown by `vibee explain`."""
         return {}
 
     @classmethod

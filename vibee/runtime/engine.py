@@ -201,7 +201,8 @@ class LLMEngine:
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
         self.block_rows = BlockTableRows(self.block_manager.block_tables)
         self.scheduler = self.gen.continuous_batch.Scheduler(
-            self.block_manager, policy=batch_spec.policy, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            self.block_manager, policy=batch_spec.policy, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark)
         self.sampler = Sampler(seed=config.seed, device=self.device)
@@ -325,7 +326,8 @@ class LLMEngine:
         running = self.scheduler.running
         for seq in running:
             seq.draft_token_ids = []
-        if not self.gen.speculative_decode.speculation_enabled(len(running)):
+        spec = self.gen.config("speculative_decode")
+        if not self.gen.speculative_decode.speculation_enabled(len(running), spec.disable_by_batch_size):
             return
         candidates = []
         for seq in running:

@@ -23,7 +23,6 @@ from pydantic import ValidationError
 
 from vibee.codegen import generate
 from vibee.frontend.errors import Diagnostic, SpecError
-from vibee.ir.contracts import check_contracts
 from vibee.ir.load import load_specs
 from vibee.ir.spec import KindConfig, Spec
 from vibee.kinds.continuous_batch.config import ContinuousBatchConfig
@@ -45,15 +44,6 @@ DEFAULT_SPEC_DIR = REPO_ROOT / "specs" / "tri"
 COMMITTED_OUTPUT = REPO_ROOT / "output"
 
 KnobSettings = dict[str, dict[str, Any]]  # {kind: {config field: value}}
-
-# Values some generated module of this tree still compiles in although the runtime owns them:
-# (kind, field generated with) -> (kind, runtime knob it follows). Setting the knob regenerates that
-# one kind until its template takes the value as an argument (speculation_enabled takes the batch
-# limit); an entry whose field is gone is inert.
-_STILL_BAKED: dict[tuple[str, str], tuple[str, str]] = {
-    ("speculative_decode", "disable_by_batch_size"): ("speculative_decode", "disable_by_batch_size"),
-}
-
 
 @dataclass(frozen=True)
 class KindConfigs:
@@ -134,15 +124,6 @@ def _validated(spec: Spec, settings: dict[str, Any]) -> KindConfig:
         raise KnobError("; ".join(problems)) from None
 
 
-def _settings_with_baked(specs: dict[str, Spec], knobs: KnobSettings) -> KnobSettings:
-    settings = {kind: dict(values) for kind, values in knobs.items() if values}
-    for (kind, field), (source_kind, source_field) in _STILL_BAKED.items():
-        value = settings.get(source_kind, {}).get(source_field)
-        if value is not None and field in type(specs[kind].config).model_fields:
-            settings.setdefault(kind, {})[field] = value
-    return settings
-
-
 def load_generated(spec_dir: str | Path | None = None, knobs: KnobSettings | None = None,
                    target: str | None = None) -> GeneratedModules:
     """Load the six specs of `spec_dir` (default specs/tri), apply the knob settings ({kind:
@@ -162,19 +143,15 @@ def load_generated(spec_dir: str | Path | None = None, knobs: KnobSettings | Non
     if unknown:
         raise KnobError(f"no such knob: {', '.join(unknown)}")
 
-    settings = _settings_with_baked(by_kind, knobs or {})
+    settings = {kind: dict(values) for kind, values in (knobs or {}).items() if values}
     configs = {kind: _validated(by_kind[kind], settings[kind]) if kind in settings else by_kind[kind].config
                for kind in KIND_NAMES}
-    problems = check_contracts([by_kind[k].model_copy(update={"config": configs[k]}) for k in KIND_NAMES])
-    if problems:
-        raise SpecError(problems)
 
     generated: dict[str, Spec] = {}
     for kind in KIND_NAMES:
         spec = by_kind[kind]
         config_class = type(spec.config)
-        compiled = {f: v for f, v in settings.get(kind, {}).items()
-                    if config_class.stage_of(f) == "compile" or (kind, f) in _STILL_BAKED}
+        compiled = {f: v for f, v in settings.get(kind, {}).items() if config_class.stage_of(f) == "compile"}
         generated[kind] = spec.model_copy(update={"config": _validated(spec, compiled)}) if compiled else spec
 
     modules: dict[str, Any] = {}

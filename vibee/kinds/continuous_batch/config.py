@@ -1,15 +1,17 @@
 """Config of the continuous_batch kind: the iteration-level scheduler that decides, every engine
-step, which sequences run and how many of their tokens. Every default lives here;
-templates/ reads the resolved values."""
+step, which sequences run and how many of their tokens. Every knob is a runtime value: the
+runtime passes the resolved values to the generated Scheduler, which checks them with the same
+rules (limits.py)."""
 
 from __future__ import annotations
 
 import math
 from typing import ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import ValidationInfo, field_validator
 
 from vibee.ir.spec import KindConfig, knob
+from vibee.kinds.continuous_batch import limits
 
 
 class ContinuousBatchConfig(KindConfig):
@@ -86,11 +88,6 @@ class ContinuousBatchConfig(KindConfig):
         description="Most prompt tokens one sequence may prefill in a step, so one long prompt cannot take "
         "the whole budget from the others (0 = no cap beyond the budget). Needs chunked prefill.",
     )
-    preemption_mode: Literal["recompute", "swap"] = knob("runtime",
-        "recompute",
-        description="What happens to a preempted sequence's KV: 'recompute' frees it and prefills the "
-        "sequence again later. 'swap' (copy to host memory) is not supported yet.",
-    )
     watermark: float = knob("runtime",
         0.01,
         strict=True,
@@ -103,60 +100,32 @@ class ContinuousBatchConfig(KindConfig):
     @field_validator("max_num_seqs")
     @classmethod
     def _seqs_at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {value}")
+        limits.check_max_num_seqs(value)
         return value
 
     @field_validator("max_num_batched_tokens")
     @classmethod
     def _budget_covers_a_decode_batch(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {value}")
-        seqs = info.data.get("max_num_seqs")
-        if seqs is not None and value < seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({value}) must be at least max_num_seqs ({seqs}): "
-                "every running sequence needs one token of a step's budget to decode"
-            )
+        limits.check_budget(value, info.data.get("max_num_seqs"))
         return value
 
     @field_validator("long_prefill_token_threshold")
     @classmethod
     def _threshold_caps_chunks(cls, value: int, info: ValidationInfo) -> int:
-        if value < 0:
-            raise ValueError(f"long_prefill_token_threshold must be 0 (off) or a positive token count, got {value}")
-        if value and info.data.get("enable_chunked_prefill") is False:
-            raise ValueError(
-                "long_prefill_token_threshold caps prefill chunks, which needs enable_chunked_prefill: true "
-                "(or set long_prefill_token_threshold: 0)"
-            )
-        budget = info.data.get("max_num_batched_tokens")
-        if budget is not None and value > budget:
-            raise ValueError(
-                f"long_prefill_token_threshold ({value}) is above max_num_batched_tokens ({budget}), so it would "
-                f"never cap a chunk; use at most {budget}, or 0 to turn it off"
-            )
-        return value
-
-    @field_validator("preemption_mode")
-    @classmethod
-    def _only_recompute(cls, value: str) -> str:
-        if value == "swap":
-            raise ValueError("preemption_mode 'swap' is not supported yet; use 'recompute' (free the KV and prefill again)")
+        limits.check_threshold(value, info.data.get("enable_chunked_prefill"), info.data.get("max_num_batched_tokens"))
         return value
 
     @field_validator("watermark")
     @classmethod
     def _watermark_is_a_fraction(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"watermark is the fraction of KV blocks kept free, so 0 <= watermark < 1; got {value}")
+        limits.check_watermark(value)
         return value
 
     def prefill_tokens_per_seq_step(self) -> int:
         """Most prompt tokens one sequence computes in a step."""
         return self.long_prefill_token_threshold or self.max_num_batched_tokens
 
-    def derived(self) -> dict[str, str]:
+    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
         per_seq = self.prefill_tokens_per_seq_step()
         if self.enable_chunked_prefill:
             prompts = f"any length, in chunks of at most {per_seq:,} tokens per sequence and step"
@@ -172,5 +141,5 @@ class ContinuousBatchConfig(KindConfig):
             "a 32k-token prompt prefills in": long_prompt,
             "blocks kept free at admission": f"{self.watermark:.1%} of the cache "
             f"({int(self.watermark * 10_000):,} of 10,000 blocks)",
-            "preemption": f"{self.preemption_mode}: the {victims} running sequence gives way first",
+            "preemption": f"recompute: the {victims} running sequence gives way first (its KV is freed and prefilled again)",
         }

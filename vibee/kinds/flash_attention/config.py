@@ -217,11 +217,7 @@ class FlashAttentionConfig(KindConfig):
     def scale_for(self, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim) if self.softmax_scale == "auto" else float(self.softmax_scale)
 
-    def contract_values(self) -> dict[str, Any]:
-        """What cross-module contracts read."""
-        return {"head_dims": list(self.head_dims)}
-
-    def derived(self) -> dict[str, str]:
+    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
         figures: dict[str, str] = {}
         for d in self.head_dims:
             figures[f"head_dim {d}: softmax scale"] = f"{self.scale_for(d):.6g}"

@@ -1,13 +1,17 @@
 """Config of the kv_cache kind: how the paged KV cache lays out, stores and reuses blocks.
-Every default lives here; the templates beside it read the resolved values."""
+Every default lives here. kv_dtype is compiled into the generated module; block_size, prefix
+caching and the memory fraction are runtime values the runtime passes to it."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import field_validator
 
 from vibee.ir.spec import KindConfig, knob
+
+if TYPE_CHECKING:
+    from vibee.runtime.model_config import ModelConfig
 
 MAX_BLOCK_SIZE = 256
 GIB = 1 << 30
@@ -16,18 +20,8 @@ GIB = 1 << 30
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 # int8 blocks carry one float32 scale per (block, kv head), for K and for V.
 SCALE_BYTES = 4
-
-
-class ModelShape(BaseModel):
-    """An example model the figures of `vibee explain` (and cross-module checks) are computed for.
-    The generated module takes the real shape at run time; this only feeds the arithmetic."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_layers: int = Field(16, strict=True, ge=1, description="Decoder layers, each with its own K and V pages.")
-    num_kv_heads: int = Field(8, strict=True, ge=1, description="Key/value heads per layer (fewer than query heads under GQA).")
-    head_dim: int = Field(64, strict=True, ge=1, description="Channels per head.")
-    dtype: Literal["fp16", "bf16", "fp32"] = Field("bf16", description="Activation dtype; what kv_dtype 'auto' stores.")
+# config.json's torch_dtype in kv_dtype's spelling (a model that names none runs in bf16).
+_ACTIVATION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 class KVCacheConfig(KindConfig):
@@ -90,16 +84,11 @@ class KVCacheConfig(KindConfig):
         strict=True,
         description="Reuse the KV of full blocks whose whole token prefix matches an earlier sequence.",
     )
-    eviction_policy: Literal["lru"] = knob("compile",
-        "lru",
-        description="Which unreferenced cached block gives way when free blocks run out: 'lru' (least recently used).",
-    )
     gpu_memory_utilization: float = knob("runtime", flag="--gpu-memory-utilization",
         default=0.9,
         strict=True,
         description="Fraction of device memory (0 < x <= 1) that weights, activations and the KV cache may use together.",
     )
-    model: ModelShape = knob("compile", default_factory=ModelShape, description="Example model shape for `vibee explain`.")
 
     @field_validator("block_size")
     @classmethod
@@ -118,27 +107,24 @@ class KVCacheConfig(KindConfig):
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {value}")
         return value
 
-    def stored_dtype(self) -> str:
-        """The dtype K/V pages hold for the example model ('auto' resolved)."""
-        return self.model.dtype if self.kv_dtype == "auto" else self.kv_dtype
+    def stored_dtype(self, shape: ModelConfig) -> str:
+        """The dtype K/V pages hold for a model ('auto' resolved to its activation dtype)."""
+        return _ACTIVATION.get(shape.torch_dtype or "", "bf16") if self.kv_dtype == "auto" else self.kv_dtype
 
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one token over every layer, without int8 scales."""
-        m = self.model
-        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * ELEMENT_BYTES[self.stored_dtype()]
+    def kv_bytes_per_token(self, shape: ModelConfig) -> int:
+        """K and V of one token over every layer of the model, without int8 scales."""
+        return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * ELEMENT_BYTES[self.stored_dtype(shape)]
 
-    def kv_bytes_per_block(self) -> int:
-        m = self.model
-        scales = 2 * m.num_layers * m.num_kv_heads * SCALE_BYTES if self.kv_dtype == "int8" else 0
-        return self.kv_bytes_per_token() * self.block_size + scales
+    def kv_bytes_per_block(self, shape: ModelConfig) -> int:
+        scales = 2 * shape.num_layers * shape.num_kv_heads * SCALE_BYTES if self.kv_dtype == "int8" else 0
+        return self.kv_bytes_per_token(shape) * self.block_size + scales
 
-    def derived(self) -> dict[str, str]:
-        m = self.model
-        per_block = self.kv_bytes_per_block()
+    def derived(self, shape: ModelConfig) -> dict[str, str]:
+        per_block = self.kv_bytes_per_block(shape)
         blocks_per_gib = GIB // per_block
         return {
-            "example model": f"{m.num_layers} layers x {m.num_kv_heads} kv heads x head_dim {m.head_dim}, {m.dtype} activations",
-            "stored kv dtype": self.stored_dtype() + (" (kv_dtype auto)" if self.kv_dtype == "auto" else ""),
+            "model": f"{shape.num_layers} layers x {shape.num_kv_heads} kv heads x head_dim {shape.head_dim}",
+            "stored kv dtype": self.stored_dtype(shape) + (" (kv_dtype auto)" if self.kv_dtype == "auto" else ""),
             "kv bytes per token": f"{per_block / self.block_size:,.1f}".removesuffix(".0"),
             "kv bytes per block": f"{per_block:,} ({self.block_size} tokens)",
             "tokens per GiB": f"{blocks_per_gib * self.block_size:,} ({blocks_per_gib:,} blocks)",

@@ -63,7 +63,6 @@ class PagedKVCache(Protocol):
 class KVCacheModule(Protocol):
     """The generated kv_cache module (vibee_gen/<module>.py)."""
 
-    BLOCK_SIZE: int  # the spec's block size: the constructors' default
     KV_DTYPE: str  # how pages store K/V (compile-time: "auto", "int8", ...)
 
     def BlockManager(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> BlockManager: ...

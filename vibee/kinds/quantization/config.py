@@ -175,7 +175,7 @@ class QuantizationConfig(KindConfig):
         out_features = 1
         return 8 * self.weight_bytes(out_features, in_features) / in_features
 
-    def derived(self) -> dict[str, str]:
+    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
         out_f, in_f = EXAMPLE_SHAPE
         group = self.group_size_for(in_f)
         bpw = self.bits_per_weight(in_f)

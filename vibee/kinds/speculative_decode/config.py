@@ -1,5 +1,6 @@
 """Config of the speculative_decode kind: how draft tokens are proposed and how the target model
-verifies them. Every default lives here; the templates beside it read the resolved values."""
+verifies them. Every knob is a runtime value: the engine passes the resolved values to the
+generated code."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class SpeculativeDecodeConfig(KindConfig):
             raise ValueError(f"disable_by_batch_size must be a positive batch size or null, got {value}")
         return value
 
-    def derived(self) -> dict[str, str]:
+    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
         k = self.num_speculative_tokens
         figures = {
             "drafter": self.method

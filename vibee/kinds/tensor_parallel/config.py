@@ -1,15 +1,19 @@
 """Config of the tensor_parallel kind: how many ranks share each layer, over which backend, and
-which layers shard how (column, row, vocab or replicated), plus the example model shape that the
-derived figures and the divisibility checks are computed for."""
+which layers shard how (column, row, vocab or replicated). A spec describes no model: `vibee explain`
+computes its figures for a model shape it is given, and a served model's dimensions are checked
+against tp_size when it is loaded."""
 
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ValidationInfo, field_validator
 
 from vibee.ir.spec import KindConfig, knob
+
+if TYPE_CHECKING:
+    from vibee.runtime.model_config import ModelConfig
 
 ShardStyle = Literal["column", "row", "vocab", "replicated"]
 
@@ -30,7 +34,7 @@ LLAMA_SHARDING: dict[str, str] = {
 
 _PATTERN = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # config.json torch_dtype; bf16 when absent
 
 
 def matching_pattern(name: str, patterns) -> str | None:
@@ -47,51 +51,27 @@ def matching_pattern(name: str, patterns) -> str | None:
     return best
 
 
-class ExampleModel(BaseModel):
-    """The model shape that derived figures are computed for and that must split evenly over
-    tp_size (defaults: Llama-3.2-1B)."""
+def llama_layers(shape: ModelConfig) -> list[tuple[str, str, tuple[int, int]]]:
+    """(module name as in a Hugging Face Llama checkpoint, nn type, full weight shape) of every
+    shardable layer of a model; one decoder layer stands for all of them."""
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return [
+        ("model.embed_tokens", "embedding", (v, h)),
+        ("model.layers.0.self_attn.q_proj", "linear", (q, h)),
+        ("model.layers.0.self_attn.k_proj", "linear", (kv, h)),
+        ("model.layers.0.self_attn.v_proj", "linear", (kv, h)),
+        ("model.layers.0.self_attn.o_proj", "linear", (h, q)),
+        ("model.layers.0.mlp.gate_proj", "linear", (i, h)),
+        ("model.layers.0.mlp.up_proj", "linear", (i, h)),
+        ("model.layers.0.mlp.down_proj", "linear", (h, i)),
+        ("lm_head", "linear", (v, h)),
+    ]
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    hidden_size: int = Field(2048, gt=0, description="width of the residual stream")
-    intermediate_size: int = Field(8192, gt=0, description="width of the MLP's gate/up projections")
-    num_heads: int = Field(32, gt=0, description="query heads")
-    num_kv_heads: int = Field(8, gt=0, description="key/value heads (grouped-query attention)")
-    vocab_size: int = Field(128256, gt=0, description="rows of embed_tokens and lm_head")
-    num_layers: int = Field(16, gt=0, description="decoder layers, for whole-model byte figures")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="element type of weights and activations in the byte figures")
-
-    @model_validator(mode="after")
-    def _heads_fit(self) -> "ExampleModel":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads}) to give a whole head_dim")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def dtype_bytes(self) -> int:
-        return _DTYPE_BYTES[self.dtype]
-
-    def layers(self) -> list[tuple[str, str, tuple[int, int]]]:
-        """(module name as in a Hugging Face Llama checkpoint, nn type, full weight shape) of every
-        shardable layer; one decoder layer stands for all of them."""
-        h, i, v, kv = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_kv_heads * self.head_dim
-        return [
-            ("model.embed_tokens", "embedding", (v, h)),
-            ("model.layers.0.self_attn.q_proj", "linear", (h, h)),
-            ("model.layers.0.self_attn.k_proj", "linear", (kv, h)),
-            ("model.layers.0.self_attn.v_proj", "linear", (kv, h)),
-            ("model.layers.0.self_attn.o_proj", "linear", (h, h)),
-            ("model.layers.0.mlp.gate_proj", "linear", (i, h)),
-            ("model.layers.0.mlp.up_proj", "linear", (i, h)),
-            ("model.layers.0.mlp.down_proj", "linear", (h, i)),
-            ("lm_head", "linear", (v, h)),
-        ]
+# The nn type of each shardable layer name of the Llama family: a plan may not split an
+# embedding by rows/columns, nor a linear by vocabulary.
+_LLAMA_NN_TYPES = {"embed_tokens": "embedding", **{name: "linear" for name in LLAMA_SHARDING if name != "embed_tokens"}}
 
 
 class TensorParallelConfig(KindConfig):
@@ -114,9 +94,6 @@ class TensorParallelConfig(KindConfig):
 
     tp_size: int = knob("runtime", flag="--tensor-parallel-size", aliases=("-tp",), default=2, description="ranks that share every sharded layer (a power of two, 1 to 8)")
     backend: Literal["auto", "nccl", "gloo"] = knob("runtime", "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo otherwise")
-    # model comes before sharding so that the sharding check can see the shape it must split.
-    model: ExampleModel = knob("compile", default_factory=ExampleModel, validate_default=True,
-                                description="example model shape for derived figures and divisibility checks")
     sharding: dict[str, ShardStyle] = knob("runtime",
         default_factory=lambda: dict(LLAMA_SHARDING),
         validate_default=True,
@@ -136,43 +113,19 @@ class TensorParallelConfig(KindConfig):
             raise ValueError(f"tp_size must be a power of two between 1 and 8, got {v}")
         return v
 
-    @field_validator("model")
-    @classmethod
-    def _heads_split_evenly(cls, m: ExampleModel, info: ValidationInfo) -> ExampleModel:
-        tp = info.data.get("tp_size")
-        if tp is None:  # reported at tp_size
-            return m
-        problems = [
-            f"model.{name} ({value}) is not divisible by tp_size ({tp})"
-            for name, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
-                                ("hidden_size", m.hidden_size), ("intermediate_size", m.intermediate_size))
-            if value % tp
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
-        return m
-
     @field_validator("sharding")
     @classmethod
-    def _plan_fits_model(cls, sharding: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+    def _plan_fits_layer_types(cls, sharding: dict[str, str]) -> dict[str, str]:
         for pattern in sharding:
             if not _PATTERN.match(pattern):
                 raise ValueError(f"sharding pattern {pattern!r} must be a module name or a dotted suffix of one, e.g. q_proj or mlp.down_proj")
-        tp, m = info.data.get("tp_size"), info.data.get("model")
-        if tp is None or m is None:  # reported at tp_size / model
-            return sharding
         problems = []
-        for name, nn_type, (rows, cols) in m.layers():
-            style = _style(name, sharding)
-            short = name.rsplit(".", 1)[-1]
+        for short, nn_type in _LLAMA_NN_TYPES.items():
+            style = _style(short, sharding)
             if nn_type == "embedding" and style in ("column", "row"):
                 problems.append(f"sharding makes {short} {style!r}, but it is an embedding: use vocab or replicated")
             elif nn_type == "linear" and style == "vocab":
                 problems.append(f"sharding makes {short} 'vocab', but it is a linear layer: use column, row or replicated")
-            elif style == "column" and rows % tp:
-                problems.append(f"{short} is column-sharded but its {rows} output features (model shape) are not divisible by tp_size ({tp})")
-            elif style == "row" and cols % tp:
-                problems.append(f"{short} is row-sharded but its {cols} input features (model shape) are not divisible by tp_size ({tp})")
         if problems:
             raise ValueError("; ".join(problems))
         return sharding
@@ -206,37 +159,42 @@ class TensorParallelConfig(KindConfig):
             return -(-rows // tp), cols  # padded up so every rank holds the same number of rows
         return rows, cols
 
-    def derived(self) -> dict[str, str]:
-        m, tp = self.model, self.tp_size
-        nbytes = m.dtype_bytes
+    def derived(self, shape: ModelConfig) -> dict[str, str]:
+        tp = self.tp_size
+        dtype = shape.torch_dtype if shape.torch_dtype in _DTYPE_BYTES else "bfloat16"
+        nbytes = _DTYPE_BYTES[dtype]
         out: dict[str, str] = {
             "ranks": f"{tp}, backend {self.backend}" + (" (nccl on CUDA, gloo otherwise)" if self.backend == "auto" else ""),
-            "example model": f"hidden {m.hidden_size}, intermediate {m.intermediate_size}, heads {m.num_heads}/{m.num_kv_heads} kv, "
-            f"head_dim {m.head_dim}, vocab {m.vocab_size}, {m.num_layers} layers, {m.dtype}",
+            "model": f"hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, heads {shape.num_heads}/"
+            f"{shape.num_kv_heads} kv, head_dim {shape.head_dim}, vocab {shape.vocab_size}, {shape.num_layers} layers, {dtype}",
         }
+        uneven = [f"{name} {value}" for name, value in (("num_heads", shape.num_heads), ("num_kv_heads", shape.num_kv_heads),
+                                                        ("intermediate_size", shape.intermediate_size)) if value % tp]
+        if uneven:
+            out["does not split over tp_size"] = ", ".join(uneven)
         per_layer = embed_and_head = 0
-        for name, _, shape in m.layers():
+        for name, _, full in llama_layers(shape):
             style = self.plan_for(name)
-            local = self.local_weight_shape(style, shape)
+            local = self.local_weight_shape(style, full)
             size = local[0] * local[1] * nbytes
             short = name.rsplit(".", 1)[-1]
             gathered = " + all-gather" if style == "column" and matching_pattern(name, self.sharding) in self.gather_output else ""
-            out[f"{short} weight per rank"] = f"{list(shape)} {style}{gathered} -> {list(local)} ({_size(size)})"
+            out[f"{short} weight per rank"] = f"{list(full)} {style}{gathered} -> {list(local)} ({_size(size)})"
             if ".layers." in name:
                 per_layer += size
             else:
                 embed_and_head += size
-        norms = (2 * m.num_layers + 1) * m.hidden_size * nbytes  # RMSNorm weights stay replicated
+        norms = (2 * shape.num_layers + 1) * shape.hidden_size * nbytes  # RMSNorm weights stay replicated
         out["weights per rank, one decoder layer"] = _size(per_layer)
-        out["weights per rank, whole model"] = _size(per_layer * m.num_layers + embed_and_head + norms)
-        row_layers = [n.rsplit(".", 1)[-1] for n, _, _ in m.layers() if ".layers." in n and self.plan_for(n) == "row"]
+        out["weights per rank, whole model"] = _size(per_layer * shape.num_layers + embed_and_head + norms)
+        row_layers = [n.rsplit(".", 1)[-1] for n, _, _ in llama_layers(shape) if ".layers." in n and self.plan_for(n) == "row"]
         if tp == 1 or not row_layers:
             out["all-reduce bytes per token per layer"] = "0 (no row-sharded layer communicates)" if tp > 1 else "0 (tp_size 1: no communication)"
         else:
-            payload = len(row_layers) * m.hidden_size * nbytes
+            payload = len(row_layers) * shape.hidden_size * nbytes
             ring = payload * 2 * (tp - 1) // tp
             out["all-reduce bytes per token per layer"] = (
-                f"{payload:,} B ({len(row_layers)} x hidden_size {m.dtype}, after {' and '.join(row_layers)}); "
+                f"{payload:,} B ({len(row_layers)} x hidden_size {dtype}, after {' and '.join(row_layers)}); "
                 f"ring traffic per rank {ring:,} B"
             )
         return out
