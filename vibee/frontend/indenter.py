@@ -3,34 +3,16 @@ block structure the regular expressions of grammar.lark can't see is decided her
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from lark import Token
 from lark.indenter import Indenter
 
 from vibee.frontend.errors import or_list
+from vibee.frontend.source import LexState
 
 if TYPE_CHECKING:
     from vibee.frontend.source import ParseRun
-
-
-@dataclass
-class LexState:
-    """What the post-lexer knows at a point of the token stream; copied at each line start so
-    the parse can be rolled back there."""
-
-    levels: list[int] = field(default_factory=list)  # indentation of the open blocks (0-based columns)
-    parens: list[Token] = field(default_factory=list)  # open '{' / '[' tokens
-    started: bool = False  # a real token has been seen (leading blank/comment lines are dropped)
-    after_dash: bool = False  # the previous token was '-' on the same line
-    block_level: int | None = None  # inside a block scalar: its content must be indented deeper
-    block_ended: bool = False  # a less indented comment line closed the block scalar
-    last_was_nl: bool = False
-
-    def copy(self) -> "LexState":
-        return LexState(list(self.levels), list(self.parens), self.started, self.after_dash,
-                        self.block_level, self.block_ended, self.last_was_nl)
 
 
 _OPENS_BLOCK_AFTER_DASH = frozenset(("KEY", "QKEY_DQ", "QKEY_SQ", "DASH"))

@@ -4,15 +4,33 @@ knows at the current point of the token stream, and the diagnostics found so far
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass, field
 
 from lark import Token
 
 from vibee.frontend.document import Span
 from vibee.frontend.errors import Diagnostic
-from vibee.frontend.indenter import LexState
 
 # Enough to report every independent error of a realistic file, few enough to stay fast on junk.
 MAX_ERRORS = 50
+
+
+@dataclass
+class LexState:
+    """What the post-lexer knows at a point of the token stream; copied at each line start so
+    the parse can be rolled back there."""
+
+    levels: list[int] = field(default_factory=list)  # indentation of the open blocks (0-based columns)
+    parens: list[Token] = field(default_factory=list)  # open '{' / '[' tokens
+    started: bool = False  # a real token has been seen (leading blank/comment lines are dropped)
+    after_dash: bool = False  # the previous token was '-' on the same line
+    block_level: int | None = None  # inside a block scalar: its content must be indented deeper
+    block_ended: bool = False  # a less indented comment line closed the block scalar
+    last_was_nl: bool = False
+
+    def copy(self) -> "LexState":
+        return LexState(list(self.levels), list(self.parens), self.started, self.after_dash,
+                        self.block_level, self.block_ended, self.last_was_nl)
 
 
 class ParseRun:
