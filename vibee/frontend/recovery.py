@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from lark import Lark, Tree
 from lark.exceptions import UnexpectedInput, UnexpectedToken
 
-from vibee.frontend.source import LexState
-from vibee.frontend.source import MAX_ERRORS, ParseRun
+from vibee.frontend.source import MAX_ERRORS, LexState, ParseRun
 from vibee.frontend.syntax_errors import report_syntax_error
 
 
