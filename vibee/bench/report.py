@@ -1,5 +1,5 @@
 """What both benchmarks share: the random workload, percentiles, the environment description, and
-writing results as JSON + a markdown table (and printing that table)."""
+writing results as JSON + a markdown table (and printing that table), and how a command ends."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import click
 
 # --- workload ------------------------------------------------------------------------------------
 
@@ -256,3 +258,21 @@ def write_result(result_dir: str | Path, name: str, data: dict[str, Any], title:
     json_path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     md_path.write_text(markdown(title, sections, notes), encoding="utf-8")
     return json_path, md_path
+
+
+def fail(message: str) -> None:
+    """A bench command's user error: one line on stderr, exit status 2, no traceback."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def finish(console, result_dir, name, data, title, sections, notes) -> Path:
+    """The end of every bench command: write the result files, print the tables, say where they went."""
+    try:
+        json_path, md_path = write_result(result_dir, name, data, title, sections, notes)
+    except OSError as exc:
+        print_report(console, title, sections, notes)
+        fail(f"could not write results to {result_dir}: {exc}")
+    print_report(console, title, sections, notes)
+    console.print(f"wrote {json_path} and {md_path}", highlight=False)
+    return json_path
