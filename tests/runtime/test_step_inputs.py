@@ -12,7 +12,7 @@ import torch
 
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.cuda_graphs import DecodeGraphs
-from vibee.runtime.engine import BlockTableRows
+from vibee.runtime.block_table_rows import BlockTableRows
 
 
 def reference_batch(query_lens, seq_lens, tables, block_size):
