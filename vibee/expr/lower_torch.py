@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from vibee.expr import tree
+from vibee.expr.lower_infix import lower_infix
 
 # Per function: a format string over the lowered arguments.
 FUNCTIONS = {
@@ -23,23 +24,11 @@ FUNCTIONS = {
 LOGIC = {"and": "&", "or": "|"}
 
 
+def _call(node: tree.Call, lower) -> str:
+    # torch functions want tensors: a constant argument that survives folding is wrapped.
+    args = [f"torch.as_tensor({lower(a)})" if isinstance(a, tree.Const) else lower(a) for a in node.args]
+    return FUNCTIONS[node.name].format(*args)
+
+
 def lower(node: tree.Node) -> str:
-    if isinstance(node, tree.Const):
-        return tree.literal(node.value)
-    if isinstance(node, tree.Var):
-        return node.name
-    if isinstance(node, tree.Neg):
-        return f"(-{lower(node.operand)})"
-    if isinstance(node, (tree.Arith, tree.Compare)):
-        return f"({lower(node.left)} {node.op} {lower(node.right)})"
-    if isinstance(node, tree.Logic):
-        return f"({lower(node.left)} {LOGIC[node.op]} {lower(node.right)})"
-    if isinstance(node, tree.Not):
-        return f"(~{lower(node.operand)})"
-    if isinstance(node, tree.Call):
-        # torch functions want tensors: a constant argument that survives folding is wrapped.
-        args = [f"torch.as_tensor({lower(a)})" if isinstance(a, tree.Const) else lower(a) for a in node.args]
-        return FUNCTIONS[node.name].format(*args)
-    if isinstance(node, tree.ToFloat):
-        return f"({lower(node.operand)} * 1.0)"
-    raise TypeError(f"no torch lowering for {type(node).__name__}")
+    return lower_infix(node, call=_call, logic=LOGIC, target="torch")

@@ -5,6 +5,7 @@ tree.literal."""
 from __future__ import annotations
 
 from vibee.expr import tree
+from vibee.expr.lower_infix import lower_infix
 
 FUNCTIONS = {
     # Triton 3.6 has no tl.tanh; tanh(x) = 2 * sigmoid(2x) - 1 saturates cleanly at +-1.
@@ -25,23 +26,11 @@ FLOAT_MATH = {"tanh", "exp", "log", "sqrt", "sigmoid"}
 LOGIC = {"and": "&", "or": "|"}
 
 
+def _call(node: tree.Call, lower) -> str:
+    args = [f"({lower(a)}).to(tl.float32)" if node.name in FLOAT_MATH and a.type == "int" else lower(a)
+            for a in node.args]
+    return FUNCTIONS[node.name].format(*args)
+
+
 def lower(node: tree.Node) -> str:
-    if isinstance(node, tree.Const):
-        return tree.literal(node.value)
-    if isinstance(node, tree.Var):
-        return node.name
-    if isinstance(node, tree.Neg):
-        return f"(-{lower(node.operand)})"
-    if isinstance(node, (tree.Arith, tree.Compare)):
-        return f"({lower(node.left)} {node.op} {lower(node.right)})"
-    if isinstance(node, tree.Logic):
-        return f"({lower(node.left)} {LOGIC[node.op]} {lower(node.right)})"
-    if isinstance(node, tree.Not):
-        return f"(~{lower(node.operand)})"
-    if isinstance(node, tree.Call):
-        args = [f"({lower(a)}).to(tl.float32)" if node.name in FLOAT_MATH and a.type == "int" else lower(a)
-                for a in node.args]
-        return FUNCTIONS[node.name].format(*args)
-    if isinstance(node, tree.ToFloat):
-        return f"({lower(node.operand)} * 1.0)"
-    raise TypeError(f"no Triton lowering for {type(node).__name__}")
+    return lower_infix(node, call=_call, logic=LOGIC, target="Triton")
