@@ -511,6 +511,26 @@ def test_abort_frees_blocks_wherever_the_sequence_is():
     assert sched.measured_stats()["num_aborted"] == 3
 
 
+def test_finish_stopped_ends_a_running_or_a_waiting_sequence():
+    """The engine finds a stop outside the scheduler's view (a stop string, or a stop token it
+    reads back a step late): a running sequence finishes and frees its blocks, a waiting one
+    leaves the queue; an unknown or finished one is left alone."""
+    space = ref.CountingBlockSpace(64, 4)
+    sched = impl.Scheduler(space, **roomy_settings())
+    runner = ref.FakeRunner()
+    sched.add(impl.Sequence(0, list(range(10)), max_tokens=5))
+    out = sched.schedule()
+    sched.update(out, runner.execute(out))
+    sched.add(impl.Sequence(1, [5, 6, 7], max_tokens=5))
+    stopped = sched.finish_stopped(0)
+    assert stopped.status is impl.SequenceStatus.FINISHED_STOPPED and space.block_table(0) == []
+    waiting = sched.finish_stopped(1)
+    assert waiting.status is impl.SequenceStatus.FINISHED_STOPPED and not sched.waiting
+    assert sched.finish_stopped(0) is None and sched.finish_stopped(99) is None
+    assert not sched.has_unfinished() and space.num_free_blocks() == 64
+    assert sched.measured_stats()["num_finished"] == 2 and sched.measured_stats()["num_aborted"] == 0
+
+
 def test_empty_scheduler_returns_an_empty_step():
     sched = impl.Scheduler(ref.CountingBlockSpace(8, 4), **SPEC_SETTINGS)
     out = sched.schedule()

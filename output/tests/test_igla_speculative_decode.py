@@ -303,6 +303,19 @@ def test_greedy_matches_reference_on_random_ragged_batches():
         assert num_accepted.tolist() == ref_counts
 
 
+
+def test_greedy_accept_on_host_tokens_matches_the_reference():
+    generator = torch.Generator().manual_seed(5)
+    for k in (1, 2, SPEC_K):
+        batch, vocab = 32, 3
+        draft = torch.randint(0, vocab, (batch, k), generator=generator)
+        logits = torch.randn(batch, k + 1, vocab, generator=generator)
+        ref_outputs, ref_counts = ref.greedy_verify(draft.tolist(), logits)
+        targets = logits.argmax(dim=-1).tolist()
+        outputs = [impl.greedy_accept(d, t) for d, t in zip(draft.tolist(), targets)]
+        assert outputs == ref_outputs
+        assert [len(o) - 1 for o in outputs] == ref_counts
+
 # --- rejection sampling: losslessness ---------------------------------------------------------
 
 

@@ -275,12 +275,19 @@ class Scheduler:
         return seq
 
     def finish_stopped(self, seq_id: int) -> Sequence | None:
-        """Finish a running sequence that the engine found complete outside the scheduler's view
-        (its text reached a stop string): FINISHED_STOPPED, blocks freed. None if it is not running."""
+        """Finish a sequence that the engine found complete outside the scheduler's view (its text
+        reached a stop string, or a token it read back late is a stop token): FINISHED_STOPPED,
+        blocks freed; a preempted one leaves the waiting queue. None if it is unknown or finished."""
         seq = self._sequences.get(seq_id)
-        if seq is None or seq.status is not SequenceStatus.RUNNING:
+        if seq is None:
             return None
-        self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+        if seq.status is SequenceStatus.RUNNING:
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+        else:
+            self.waiting.remove(seq)
+            del self._sequences[seq_id]
+            seq.status = SequenceStatus.FINISHED_STOPPED
+            self._num_finished += 1
         return seq
 
     def has_unfinished(self) -> bool:

@@ -686,7 +686,9 @@ def _tl_masked_tile(acc, m_i, l_i, q, start_n, kv_len, q_idx, window, b, h, kvh,
                            num_heads, sm_scale, True, SCORE_MODS, MASK_MODS, DOT_PRECISION)
 
 
-@triton.jit(do_not_specialize=["num_heads", "window"])
+# Arguments that change from call to call (the window, the block-table width) are not
+# specialized on: Triton would compile another kernel whenever one became 1 or a multiple of 16.
+@triton.jit(do_not_specialize=["num_heads", "window", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, kv_index_ptr, seq_lens_ptr, cu_seqlens_q_ptr, work_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -773,7 +775,7 @@ def _prefill_kernel(
         tl.atomic_add(work_ptr + 1, (full_end - full_start) // BLOCK_N + masked_tiles)
 
 
-@triton.jit(do_not_specialize=["num_heads", "window"])
+@triton.jit(do_not_specialize=["num_heads", "window", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, work_ptr, final_ptr, count_ptr,
     stride_qb, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bt,

@@ -162,6 +162,25 @@ class BlockManager:
         """The block ids holding seq_id's tokens, in order (a copy)."""
         return list(self.block_tables[seq_id])
 
+    def set_token(self, seq_id: int, index: int, token: int) -> None:
+        """Record `token` at position index of seq_id in place of what was recorded there: an
+        engine that schedules a step while the last one runs records a placeholder for the token
+        still being sampled. Full blocks from that position on move to their true prefix-cache
+        keys. An unknown sequence or a position not recorded yet changes nothing."""
+        table = self.block_tables.get(seq_id)
+        if table is None or not 0 <= index < self.num_tokens[seq_id]:
+            return
+        size = self.block_size
+        self.blocks[table[index // size]].token_ids[index % size] = token
+        if not self.enable_prefix_caching:
+            return
+        for i in range(index // size, self.num_tokens[seq_id] // size):  # the full blocks, rehashed
+            block = self.blocks[table[i]]
+            if self.hash_to_block_id.get(block.hash) == block.block_id:
+                del self.hash_to_block_id[block.hash]
+            block.hash = block_hash(self.blocks[table[i - 1]].hash if i else NO_HASH, block.token_ids)
+            self.hash_to_block_id.setdefault(block.hash, block.block_id)
+
     # -- sharing ----------------------------------------------------------------------------
 
     def fork(self, src_seq_id: int, dst_seq_id: int) -> None:

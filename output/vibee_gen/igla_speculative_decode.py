@@ -216,6 +216,20 @@ def rejection_sample(
     return _emitted(draft_tokens, num_accepted, next_tokens), num_accepted
 
 
+def greedy_accept(draft_tokens: Sequence[int], target_tokens: Sequence[int]) -> list[int]:
+    """greedy_verify for one sequence whose target argmax tokens are already on the host (a CUDA
+    graph computed them with the logits): the drafts while they equal the target's token at
+    their position, then the target's token at the first mismatch (or after the last draft).
+    target_tokens holds len(draft_tokens) + 1 tokens; no tensor is touched."""
+    emitted = []
+    for draft, target in zip(draft_tokens, target_tokens):
+        if draft != target:
+            break
+        emitted.append(draft)
+    emitted.append(target_tokens[len(emitted)])
+    return emitted
+
+
 def greedy_verify(
     draft_tokens: torch.Tensor,
     target_logits: torch.Tensor,

@@ -43,6 +43,10 @@ def run(eng, prompt_list, **params):
     return [[c.token_ids for c in out.outputs] for out in outs]
 
 
+def run_tokens(eng, prompt_list, **params):
+    return run(eng, prompt_list, **GREEDY, **params)
+
+
 def test_greedy_batch_equals_transformers(tiny):
     model_dir, hf = tiny
     batch = prompts([3, 17, 40, 9])
@@ -86,10 +90,8 @@ def test_decode_graph_inputs_keep_tokens_on_cpu(tiny, baseline, monkeypatch, num
             self.graphs, self.b = graphs, b
 
         def replay(self):
-            g, b = self.graphs, self.b
-            replayed.append(b)
-            hidden = g.model(g.input_ids[:b], g.positions[:b], g._batch(b), g.kv_cache)
-            g.logits[b] = g.model.compute_logits(hidden)
+            replayed.append(self.b)
+            self.graphs.step(self.b)
 
     def capture(self):
         self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
@@ -104,6 +106,41 @@ def test_decode_graph_inputs_keep_tokens_on_cpu(tiny, baseline, monkeypatch, num
     assert preempted == (num_kv_blocks is not None)
     assert set(replayed) == ({1, 2, 4} if preempted else {8})  # 6 sequences padded to 8; or 3 to 4
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_speculative_verification_runs_as_graph_rows(tiny, baseline, monkeypatch):
+    """A sequence verifying k n-gram drafts is k + 1 one-token rows of a decode graph (on the CPU:
+    eager replays of DecodeGraphs' buffers), checked on the host against the graph's argmax:
+    the greedy tokens of plain decoding, with drafts accepted."""
+    from vibee.runtime.cuda_graphs import DecodeGraphs
+
+    rows = []
+
+    class EagerReplay:
+        def __init__(self, graphs, b):
+            self.graphs, self.b = graphs, b
+
+        def replay(self):
+            self.graphs.step(self.b)
+
+    def capture(self):
+        self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
+
+    def run(self, input_ids, *args, **kwargs):
+        rows.append(len(input_ids))
+        return real_run(self, input_ids, *args, **kwargs)
+
+    real_run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    monkeypatch.setattr(DecodeGraphs, "run", run)
+    monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
+    model_dir, _ = tiny
+    batch, expected = baseline
+    eng = engine(model_dir, max_num_seqs=32, speculative=True)
+    assert run_tokens(eng, batch[:2], max_tokens=24) == expected[:2]
+    figures = eng.stats()["speculative_decoding"]
+    assert figures["num_accepted_tokens"] > 0  # drafts were verified and kept
+    assert max(rows) > 2  # more rows than sequences: the drafts' rows
 
 
 def test_chunked_prefill_same_tokens(tiny, baseline):
@@ -368,5 +405,8 @@ def test_shape_runs_with_random_weights_and_no_files(monkeypatch):
     outs = generate(eng, prompts([5, 9]), SamplingParams(max_tokens=7, temperature=1.0))
     assert [len(o.outputs[0].token_ids) for o in outs] == [7, 7]  # no EOS: every request runs to max_tokens
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    # Every token has text (bench serve times the gaps between streamed tokens by it).
+    first = outs[0].outputs[0]
+    assert first.text == "".join(eng.tokenizer.decode([t]) for t in first.token_ids) and len(first.text) >= 7
     with pytest.raises(ValueError, match="--shape and --model"):
         LLMEngine(EngineConfig(shape="test-tiny", model=Path("."), device="cpu"), progress=False)

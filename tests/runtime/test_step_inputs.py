@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vibee.runtime.attention import make_attention_batch
-from vibee.runtime.cuda_graphs import DecodeGraphs
+from vibee.runtime.cuda_graphs import HEAD_ROWS, DecodeGraphs
 from vibee.runtime.block_table_rows import BlockTableRows
 
 
@@ -91,8 +91,8 @@ def test_decode_graph_inputs_are_packed_as_the_graphs_read_them():
 
     bs, padding_slot = 4, 999
     graphs = DecodeGraphs(Model(), None, max_batch=16, max_model_len=64, block_size=bs, padding_slot=padding_slot,
-                          num_splits=2)
-    n_max = graphs.sizes[-1]
+                          num_splits=2, sampled=torch.zeros(16, dtype=torch.long))
+    n_max, rows = graphs.sizes[-1], HEAD_ROWS
     rng = random.Random(1)
     for n in (1, 3, 5, 16, 9):
         seq_lens = [rng.randint(1, 64) for _ in range(n)]
@@ -100,17 +100,19 @@ def test_decode_graph_inputs_are_packed_as_the_graphs_read_them():
         width = max(len(t) for t in tables)
         padded = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32)
         ids = [rng.randrange(1000) for _ in range(n)]
-        b, w = graphs.pack(ids, seq_lens, padded)
+        sources = [rng.choice([-1, rng.randrange(16)]) for _ in range(n)]
+        b, w = graphs.pack(ids, seq_lens, padded, sources)
         assert b == min(s for s in graphs.sizes if s >= n) and w == width
-        used = 4 * n_max + b * width
-        head = graphs.host[: 4 * n_max].view(4, n_max)[:, :b].tolist()
+        used = rows * n_max + b * width
+        head = graphs.host[: rows * n_max].view(rows, n_max)[:, :b].tolist()
         pad = b - n
         assert head[0] == ids + [0] * pad
         assert head[1] == [length - 1 for length in seq_lens] + [0] * pad
         assert head[2] == [t[(length - 1) // bs] * bs + (length - 1) % bs for t, length in zip(tables, seq_lens)] + \
             [padding_slot] * pad
         assert head[3] == seq_lens + [1] * pad
-        assert graphs.host[4 * n_max: used].view(b, width).tolist() == padded.tolist() + [[0] * width] * pad
+        assert head[4] == sources + [-1] * pad  # padding rows take their staged token
+        assert graphs.host[rows * n_max: used].view(b, width).tolist() == padded.tolist() + [[0] * width] * pad
 
 
 class _Spy:

@@ -48,7 +48,8 @@ def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, promp
     if num_splits is not None:
         graphs = DecodeGraphs(model, cache, max_batch=batch_size, max_model_len=blocks_per_seq * block_size,
                               block_size=block_size, padding_slot=batch_size * blocks_per_seq * block_size,
-                              num_splits=num_splits)
+                              num_splits=num_splits,
+                              sampled=torch.zeros(batch_size, dtype=torch.long, device=device))
         graphs.capture()
     tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch_size)]
     table_rows = np.asarray(tables, dtype=np.int64)  # DecodeGraphs takes the tables as one array
@@ -61,12 +62,15 @@ def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, promp
         tokens = model.compute_logits(hidden[last]).argmax(dim=-1)
         times, contexts = [], []
         length = prompt_len
+        if graphs is not None:  # each step's argmax stays in the graphs' buffer, the next step's input
+            graphs.sampled[:batch_size].copy_(tokens)
+            no_ids, feedback = [0] * batch_size, list(range(batch_size))
         for step in range(warmup_steps + decode_steps):
             length += 1
             _sync(device)
             t0 = time.perf_counter()
-            if graphs is not None:  # what the engine does: host token ids into the graph's buffers
-                tokens = graphs.run(tokens.tolist(), [length] * batch_size, table_rows).argmax(dim=-1)
+            if graphs is not None:  # as the engine replays a greedy step: the tokens never leave the GPU
+                graphs.run(no_ids, [length] * batch_size, table_rows, feedback)
             else:
                 batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
                 hidden = model(tokens, batch.positions(), batch, cache)

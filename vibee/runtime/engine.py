@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from vibee.runtime.attention import make_attention_batch
@@ -27,10 +28,11 @@ from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
 from vibee.runtime.outputs import CompletionOutput, RequestOutput, RequestStats, StepStats, TokenLogprob
-from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
+from vibee.runtime.sampler import PendingSample, SampleResult, Sampler, SamplingRow
 from vibee.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
 from vibee.runtime.stop_strings import StopStringMatcher
+from vibee.runtime.warmup import warm_prefill
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATS_WINDOW_S = 10.0  # throughput and batch-size figures are averaged over this much recent time
@@ -38,6 +40,10 @@ DRAFT_CONTEXT = 256  # the draft model sees this many latest tokens (RoPE is rel
 # Set aside for the decode CUDA graphs, captured after the KV cache: their pool holds the largest
 # captured batch's activations (one token per sequence), far below the profiled prefill peak.
 CUDA_GRAPH_RESERVE = 256 * 2**20
+# An output token recorded before the GPU sampled it: a step is scheduled and launched while the
+# previous one runs, so the previous step's tokens are known on the device (the next step reads
+# them there) but not yet on the host. The engine puts the real token in its place a step later.
+PLACEHOLDER = -1
 
 
 @dataclass
@@ -54,6 +60,7 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     last_token_time: float | None = None
+    num_known: int = 0  # output tokens read back from the GPU (any after them are placeholders)
     emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
     emitted_logprobs: int = 0
     reported_text: str = ""  # text already reported in a RequestOutput
@@ -77,6 +84,24 @@ class _Request:
             if c.finish_reason is None:
                 return False
         return True
+
+
+@dataclass
+class _Launched:
+    """A step on its way: what it runs, and what becomes of its sampled tokens once they are read."""
+
+    sched: Any
+    sampling: list[tuple]  # (sequence, first logits row, drafts, request, choice) of each sequence that samples
+    before: list[int]  # each one's output length before the step (where its first new token goes)
+    pending: PendingSample | None  # the plain rows' tokens on their way to the host
+    results: dict[int, list[SampleResult]] | None  # seq_id -> emitted tokens' results, when read at launch
+    # seq_id -> its row in `sampled`, for sequences holding a PLACEHOLDER for this step's token
+    placeholders: dict[int, int]
+    started: float  # perf_counter at launch
+    new_prompt_tokens: int
+    computed_prefill: int
+    prefix_queries: int  # the block manager's counters before the step
+    prefix_hits: int
 
 
 class LLMEngine:
@@ -137,7 +162,13 @@ class LLMEngine:
         self.kv_cache = (kv.PagedKVCache(self.model_config.num_layers, self.num_blocks + scratch,
                                          self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype,
                                          device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
+        # The last step's sampled tokens, on the device: the next step's decode rows read their
+        # input token here (see PLACEHOLDER); CUDA graphs write their rows' argmax here.
+        self.sampled = torch.zeros(self.max_num_seqs, dtype=torch.long, device=self.device)
         self.graphs = self._capture_graphs() if scratch else None
+        if self.graphs is not None and self.device.startswith("cuda"):  # every shape the prefill autotunes on
+            warm_prefill(self.model, self.kv_cache, max_tokens=min(self.max_num_batched_tokens, self.max_model_len),
+                         block_size=self.block_size, scratch_block=self.num_blocks)
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
         self.block_rows = BlockTableRows(self.block_manager.block_tables)
         self.scheduler = self.gen.continuous_batch.Scheduler(
@@ -148,6 +179,9 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
+        self._last_read = 0.0  # perf_counter when the last step's tokens were read
+        self._in_flight: _Launched | None = None  # the step whose tokens are not read yet
+        self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _Choice]] = {}
         self._seq_ids = itertools.count()
@@ -288,13 +322,22 @@ class LLMEngine:
             for (seq, room), row in zip(candidates, tokens.tolist()):
                 seq.draft_token_ids = row[:room]
 
-    def _verify(self, seq, drafts: tuple[int, ...], logits: torch.Tensor) -> tuple[list[int], list[SampleResult]]:
-        """The tokens a speculative step emits for one sequence: accepted drafts, then one token
-        from the target (logits [k+1, V] at the decode token and each draft)."""
+    def _verify(self, seq, drafts: tuple[int, ...], logits: torch.Tensor, targets: list[int] | None) -> list[SampleResult]:
+        """What a speculative step emits for one sequence: accepted drafts, then one token from
+        the target (logits [k+1, V] at the decode token and each draft; targets: their argmax,
+        when a CUDA graph computed it)."""
         req, choice = self._by_seq[seq.seq_id]
         sd = self.gen.speculative_decode
+        greedy = req.params.is_greedy or self.gen.configs.speculative_decode.verification == "greedy"
+        if greedy and targets is not None:
+            tokens = sd.greedy_accept(list(drafts), targets)
+            self.acceptance.update(len(drafts), len(tokens) - 1)
+            if req.params.logprobs is None:
+                return [SampleResult(t, None, None) for t in tokens]
+            return self.sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
+                                            [req.params] * len(tokens))
         draft = torch.tensor([drafts], dtype=torch.long, device=logits.device)
-        if req.params.is_greedy or self.gen.configs.speculative_decode.verification == "greedy":
+        if greedy:
             emitted, accepted = sd.greedy_verify(draft, logits[None])
         else:
             probs = self.sampler.probabilities(logits, req.params)
@@ -303,7 +346,7 @@ class LLMEngine:
         self.acceptance.update(len(drafts), accepted)
         tokens = emitted[0]
         rows = logits[: len(tokens)]
-        return tokens, self.sampler.results_for(rows, torch.tensor(tokens, device=logits.device), [req.params] * len(tokens))
+        return self.sampler.results_for(rows, torch.tensor(tokens, device=logits.device), [req.params] * len(tokens))
 
     def _wants_graphs(self) -> bool:
         return (self.device.startswith("cuda") and self.use_kv_cache and self.config.flash_attn
@@ -318,7 +361,7 @@ class LLMEngine:
         fa = self.gen.flash_attention
         graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=self.max_num_seqs, max_model_len=self.max_model_len,
                               block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
-                              num_splits=fa.num_splits_for(self.max_model_len))
+                              num_splits=fa.num_splits_for(self.max_model_len), sampled=self.sampled)
         try:
             graphs.capture()
         except Exception as exc:  # a kernel that syncs with the host can't be captured: run eagerly
@@ -375,6 +418,7 @@ class LLMEngine:
                 raise
             self._by_seq[choice.seq.seq_id] = (req, choice)
         self._requests[request_id] = req
+        self._num_penalized += params.has_penalties
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:
@@ -384,10 +428,13 @@ class LLMEngine:
         return g
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Drop a request wherever it is; its KV blocks are freed now. Returns its final output."""
+        """Drop a request wherever it is; its KV blocks are freed now (a step in flight that
+        still writes to them is ordered before any later owner's). Returns its final output:
+        the tokens read back so far; one sampled in the step in flight is dropped."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
+        self._num_penalized -= req.params.has_penalties
         changed = []
         for choice in req.choices:
             self.scheduler.abort(choice.seq.seq_id)
@@ -398,10 +445,14 @@ class LLMEngine:
                 changed.append(choice)
         self.totals["requests_aborted"] += 1
         self._request_finished(req, "abort", time.monotonic())
+        if not self._requests and self._in_flight is not None:  # nothing left to report it to: read and recorded
+            launched, self._in_flight = self._in_flight, None
+            self._resolve(launched)
         return RequestOutput(req.request_id, req.prompt_token_ids, [self._output(c) for c in changed], True,
                              req.num_cached_tokens)
 
     def has_unfinished(self) -> bool:
+        """Requests not finished (a step in flight always has one, unless all were aborted)."""
         return bool(self._requests)
 
     def request_ids(self) -> list[str]:
@@ -414,15 +465,40 @@ class LLMEngine:
     # --- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, and report every request that changed."""
+        """Schedule and launch the next step, then read the previous one's tokens while the GPU
+        runs it, and report every request that changed. Outputs come a step after their tokens
+        were sampled; a step whose inputs need the previous tokens on the host (speculative
+        drafts, penalties) waits for them first."""
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and not self._can_overlap():
+            outputs += self._resolve(previous)
+            previous = None
+        launched = self._launch(previous)
+        if previous is not None:
+            outputs += self._resolve(previous)
+        if launched is not None:
+            if launched.placeholders:
+                self._in_flight = launched
+            else:
+                outputs += self._resolve(launched)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the last one's tokens are on the host."""
+        return not self.speculative and self._num_penalized == 0
+
+    def _launch(self, previous: _Launched | None) -> _Launched | None:
+        """Schedule a step, queue its forward and sampling on the device, and advance the
+        scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
         if self.speculative:
             self._propose_drafts()
         sched = self.scheduler.schedule()
-        now = time.monotonic()
         if sched.is_empty:
-            return []
+            return None
+        now = time.monotonic()
         new_prompt_tokens = computed_prefill = 0
         for item in sched.scheduled:
             if item.is_prefill:  # a sequence's first step always is
@@ -434,35 +510,71 @@ class LLMEngine:
                     # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
                     req.num_cached_tokens = item.seq.num_computed_tokens
 
-        plan, logits = self._run_model(sched)
+        plan, logits, rows_argmax = self._run_model(sched, previous.placeholders if previous is not None else {})
         # (sequence, first logits row, drafts, request, choice) of each sequence that samples.
         sampling = [(seq, row, drafts, *self._by_seq[seq.seq_id]) for seq, row, drafts in plan]
         # Plain rows sample one token; speculative rows verify their drafts (k + 1 logits each).
         plain = [s for s in sampling if not s[2]]
-        results: list[SampleResult] = []
+        pending = None
         if plain:
+            params = [req.params for _, _, _, req, _ in plain]
             # Every row plain: the logits are theirs, in order; no gather (its index copy waits for the GPU).
             x = logits if len(plain) == len(logits) else logits[[row for _, row, _, _, _ in plain]]
-            results = self.sampler.sample(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
-                                                          choice.generator) for seq, _, _, req, choice in plain])
-        sampled: dict[int, object] = {s[0].seq_id: result.token_id for s, result in zip(plain, results)}
-        step_results: dict[int, list[SampleResult]] = {s[0].seq_id: [result] for s, result in zip(plain, results)}
+            if rows_argmax and len(plain) == len(logits) and all(p.is_greedy and not p.has_penalties for p in params):
+                # The graph's argmax is what sample() would pick: only the copies are queued.
+                pending = self.sampler.launch_for(x, self.sampled[: len(plain)], params)
+            else:
+                pending = self.sampler.launch(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
+                                                              choice.generator) for seq, _, _, req, choice in plain])
+                self.sampled[: len(plain)].copy_(pending.tokens)  # where the next step reads them
+        before = [len(s[0].output_token_ids) for s in sampling]
+        launched = _Launched(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
+                             queries0, hits0)
+        if pending is not None and len(plain) == len(sampling) and self._can_overlap():
+            launched.placeholders = {s[0].seq_id: j for j, s in enumerate(plain)}
+            self.scheduler.update(sched, dict.fromkeys(launched.placeholders, PLACEHOLDER))
+            return launched
+        # Read now: the drafts' verification decides what the step emitted.
+        plain_results = self.sampler.collect(pending) if pending is not None else []
+        results = {s[0].seq_id: [r] for s, r in zip(plain, plain_results)}
+        sampled: dict[int, Any] = {seq_id: rs[0].token_id for seq_id, rs in results.items()}
+        # A graph's argmax of every row: greedy verification needs no logits on the host.
+        targets = self.sampled[: len(logits)].tolist() if rows_argmax and len(plain) < len(sampling) else None
         for seq, row, drafts, _, _ in sampling:
             if drafts:
-                tokens, seq_results = self._verify(seq, drafts, logits[row: row + len(drafts) + 1])
-                sampled[seq.seq_id] = tokens
-                step_results[seq.seq_id] = seq_results
-        before = [len(s[0].output_token_ids) for s in sampling]
+                results[seq.seq_id] = self._verify(seq, drafts, logits[row: row + len(drafts) + 1],
+                                                   None if targets is None else targets[row: row + len(drafts) + 1])
+                sampled[seq.seq_id] = [r.token_id for r in results[seq.seq_id]]
+        launched.results = results
         self.scheduler.update(sched, sampled)
+        return launched
 
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
+        applied, text made, outputs reported, finished requests retired, the step recorded."""
+        placeholders = launched.placeholders
+        if placeholders:
+            read = self.sampler.collect(launched.pending)
         now = time.monotonic()
         changed: dict[str, tuple[_Request, list[_Choice]]] = {}
         num_generated = 0
-        for (seq, _, _, req, choice), start in zip(sampling, before):
-            new_tokens = seq.output_token_ids[start:]
-            for i, (token, result) in enumerate(zip(new_tokens, step_results[seq.seq_id])):
+        for (seq, _, _, req, choice), start in zip(launched.sampling, launched.before):
+            if choice.finish_reason is not None or self._requests.get(req.request_id) is not req:
+                continue  # it ended (a stop, an abort) while this step ran: its token is dropped
+            if placeholders:
+                result = read[placeholders[seq.seq_id]]
+                results = [result]
+                seq.output_token_ids[start] = result.token_id
+                self.block_manager.set_token(seq.seq_id, len(seq.prompt_token_ids) + start, result.token_id)
+                if result.token_id in seq.stop_token_ids:
+                    self._stop_token_at(seq, start)
+            else:
+                results = launched.results[seq.seq_id]
+            for i, result in enumerate(results[: len(seq.output_token_ids) - start]):
                 num_generated += 1
-                if self._accept_token(req, choice, token, result, now, last=i == len(new_tokens) - 1):
+                # The scheduler's status is about the sequence's last token: only that one finishes it.
+                last = start + i == len(seq.output_token_ids) - 1
+                if self._accept_token(req, choice, seq.output_token_ids[start + i], result, now, last=last):
                     del seq.output_token_ids[start + i + 1:]  # a stop string ended it here
                     break
             entry = changed.get(req.request_id)
@@ -481,26 +593,38 @@ class LLMEngine:
             if finished:
                 self._retire(req, now)
 
-        step_time = time.perf_counter() - t0
+        step_time = time.perf_counter() - max(launched.started, self._last_read)
+        self._last_read = time.perf_counter()
         stats = StepStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
-            num_preemptions=len(sched.preempted),
-            prefix_cache_queries=(self.block_manager.prefix_cache_queries - queries0) * self.block_size,
-            prefix_cache_hits=(self.block_manager.prefix_cache_hits - hits0) * self.block_size,
-            num_prompt_tokens=new_prompt_tokens, num_generation_tokens=num_generated,
-            batch_size=len(sched.scheduled), step_time=step_time)
-        self._record_step(stats, computed_prefill, now)
+            num_preemptions=len(launched.sched.preempted),
+            prefix_cache_queries=(self.block_manager.prefix_cache_queries - launched.prefix_queries) * self.block_size,
+            prefix_cache_hits=(self.block_manager.prefix_cache_hits - launched.prefix_hits) * self.block_size,
+            num_prompt_tokens=launched.new_prompt_tokens, num_generation_tokens=num_generated,
+            batch_size=len(launched.sched.scheduled), step_time=step_time)
+        self._record_step(stats, launched.computed_prefill, now)
         return outputs
 
-    def _run_model(self, sched) -> tuple[list[tuple[Any, int, tuple[int, ...]]], torch.Tensor]:
+    def _stop_token_at(self, seq, index: int) -> None:
+        """The token read back at output index is a stop token, which the scheduler saw as a
+        placeholder: end the sequence there, dropping the next step's placeholder after it."""
+        del seq.output_token_ids[index + 1:]
+        if self.scheduler.finish_stopped(seq.seq_id) is None:
+            # The placeholder after it had reached max_tokens: finished, blocks freed already.
+            seq.status = type(seq.status).FINISHED_STOPPED
+
+    def _run_model(self, sched, placeholders: dict[int, int]) -> tuple[list[tuple[Any, int, tuple[int, ...]]], torch.Tensor, bool]:
         """One forward over the step's tokens. Returns what to sample, as (sequence, first logits
-        row, drafts), and the logits: one row per plain sequence, k + 1 for one verifying k drafts."""
+        row, drafts), the logits (one row per plain sequence, k + 1 for one verifying k drafts)
+        and whether self.sampled[:rows] holds each logits row's argmax (a CUDA graph ran).
+        placeholders: seq_id -> the row of `sampled` holding the token its PLACEHOLDER stands for."""
         input_ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         rows: list[int] = []  # each sequence's row in self.block_rows
         logit_rows: list[int] = []
+        sources: list[tuple[int, int]] = []  # (token index in input_ids, row of sampled) of each placeholder
         plan = []
         for item in sched.scheduled:
             seq = item.seq
@@ -509,6 +633,8 @@ class LLMEngine:
             # Without a KV cache every step recomputes the sequence from its first token.
             start = seq.num_computed_tokens if self.use_kv_cache else 0
             input_ids.extend(_token_slice(seq, start, end - len(drafts)))
+            if end - len(drafts) == seq.num_tokens and seq.seq_id in placeholders:  # its last token is one
+                sources.append((len(input_ids) - 1, placeholders[seq.seq_id]))
             input_ids.extend(drafts)
             query_lens.append(end - start)
             seq_lens.append(end)
@@ -518,20 +644,37 @@ class LLMEngine:
                 plan.append((seq, len(logit_rows), drafts))
                 logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
         tables = self.block_rows.gather(rows) if self.use_kv_cache else None
-        # A decode step: one token for each sequence (each computes at least one), so no drafts, each sampled.
-        if self.graphs is not None and len(input_ids) == len(query_lens) == len(plan) and self.graphs.fits(len(plan)):
+        if self.graphs is not None and tables is not None and len(logit_rows) == len(input_ids) \
+                and len(plan) == len(query_lens) and self.graphs.fits(len(input_ids)):
+            # A decode step: each sequence computes its last token and its drafts (if any), all
+            # sampled; as graph rows, a sequence's k + 1 tokens are k + 1 one-token rows.
+            if len(input_ids) > len(query_lens):  # drafts: row r is token r of its sequence's k + 1
+                q = np.asarray(query_lens)
+                first = np.repeat(np.cumsum(q) - q, q)  # each row's sequence's first row
+                lens = np.repeat(np.asarray(seq_lens) - q, q) + np.arange(len(input_ids)) - first + 1
+                tables = tables[np.repeat(np.arange(len(q)), q)]
+            else:
+                lens = seq_lens
+            token_sources = None
+            if sources:
+                token_sources = [-1] * len(input_ids)
+                for index, row in sources:
+                    token_sources[index] = row
             with torch.inference_mode():
-                return plan, self.graphs.run(input_ids, seq_lens, tables)
+                return plan, self.graphs.run(input_ids, lens, tables, token_sources), True
         batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if sources:  # placeholders: the tokens the last step left on the device
+            at, row = zip(*sources)
+            ids[torch.tensor(at, device=self.device)] = self.sampled[torch.tensor(row, device=self.device)]
         # Copied before the forward is queued (a copy to the GPU waits for it); none when every row is kept.
         keep = torch.tensor(logit_rows, device=self.device) if 0 < len(logit_rows) < len(input_ids) else None
         with torch.inference_mode():
             hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
             if not logit_rows:
-                return [], hidden.new_empty(0)
+                return [], hidden.new_empty(0), False
             logits = self.model.compute_logits(hidden if keep is None else hidden[keep])
-        return plan, logits
+        return plan, logits, False
 
     def _accept_token(self, req: _Request, choice: _Choice, token: int, result: SampleResult, now: float,
                       last: bool = True) -> bool:
@@ -539,6 +682,7 @@ class LLMEngine:
         final token this step emitted for it (only then does the scheduler's status apply).
         Returns True when a stop string ended the choice at this token."""
         seq = choice.seq
+        choice.num_known += 1
         if choice.last_token_time is None:
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -578,7 +722,7 @@ class LLMEngine:
 
     def _output(self, choice: _Choice) -> CompletionOutput:
         """The choice's state with what is new since its last report."""
-        token_ids = list(choice.seq.output_token_ids)
+        token_ids = choice.seq.output_token_ids[: choice.num_known]  # not the placeholder of a step in flight
         delta_tokens = token_ids[choice.emitted_tokens:]
         delta_text = choice.text[len(choice.reported_text):]
         choice.reported_text = choice.text
@@ -593,6 +737,7 @@ class LLMEngine:
 
     def _retire(self, req: _Request, now: float) -> None:
         del self._requests[req.request_id]
+        self._num_penalized -= req.params.has_penalties
         for choice in req.choices:
             self._by_seq.pop(choice.seq.seq_id, None)
             self.block_rows.release(choice.seq.seq_id)

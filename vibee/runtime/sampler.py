@@ -40,6 +40,20 @@ class SamplingRow:
 
 
 @dataclass
+class PendingSample:
+    """A launched sample: the tokens on the device (the next step can read them there) and the
+    copies on their way to the host that collect() turns into SampleResults."""
+
+    tokens: torch.Tensor  # long [n], on the logits' device
+    params: list[SamplingParams]
+    host_tokens: torch.Tensor  # the copies below land in (pinned) host memory
+    want: list[int]  # rows that asked for logprobs
+    host_chosen: torch.Tensor | None  # float [len(want)]: the sampled token's logprob
+    host_top: tuple[torch.Tensor, torch.Tensor] | None  # values and ids [len(want), k_max]
+    copied: torch.cuda.Event | None  # recorded after the copies (None on a CPU)
+
+
+@dataclass
 class SampleResult:
     token_id: int
     logprob: float | None  # the sampled token's logprob when params.logprobs is not None
@@ -124,16 +138,23 @@ class Sampler:
             self._generators[device] = gen
         return gen
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampleResult]:
+        """The tokens of rows (and their logprobs where asked), on the host."""
+        return self.collect(self.launch(logits, rows))
+
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+        """Queue the sampling of rows on the logits' device without waiting for it: the tokens stay
+        on the device for the next step, their copies to the host finish in the background."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [num_rows, vocab], got shape {tuple(logits.shape)}")
         n, vocab = logits.shape
         if n != len(rows):
             raise ValueError(f"got {n} rows of logits for {len(rows)} sampling rows")
-        if n == 0:
-            return []
         device = logits.device
+        if n == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return PendingSample(empty.to(device), [], empty, [], None, None, None)
         params = [r.params for r in rows]
         # Penalties write in place, on a copy (callers may reuse logits); nothing else writes to x.
         x = logits.to(torch.float32, copy=any(p.has_penalties for p in params))
@@ -153,7 +174,7 @@ class Sampler:
             tokens[gi] = x[gi].argmax(dim=-1)
             tokens[ri] = self._sample_random(x[ri], [rows[i] for i in rand])
 
-        return self._results(x, tokens, params)
+        return self._launch_results(x, tokens, params)
 
     # ---- penalties ----
 
@@ -271,29 +292,57 @@ class Sampler:
     def results_for(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[SampleResult]:
         """SampleResults (with logprobs where asked) for tokens chosen elsewhere, e.g. by a
         speculative verifier, from the logits [N, V] they were chosen at."""
-        return self._results(logits.to(torch.float32), tokens, params)
+        return self.collect(self.launch_for(logits, tokens, params))
+
+    @torch.no_grad()
+    def launch_for(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> PendingSample:
+        """launch() for tokens chosen elsewhere (a CUDA graph's argmax of greedy rows without
+        penalties, the tokens sample() would pick): only the logprobs and the copies are queued."""
+        return self._launch_results(logits.to(torch.float32), tokens, params)
 
     # ---- logprobs and results ----
 
-    def _results(self, x: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[SampleResult]:
-        token_list = tokens.tolist()
+    def _launch_results(self, x: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> PendingSample:
+        """Logprobs of the rows that want them, and every figure's copy to the host started."""
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not want:
+        chosen = top = None
+        if want:
+            wi = _on(x.device, want)
+            lp = x[wi].log_softmax(dim=-1)
+            chosen = lp.gather(1, tokens[wi][:, None]).squeeze(1)
+            k_max = max(params[i].logprobs for i in want)
+            if k_max > 0:
+                top = lp.topk(min(k_max, lp.shape[1]), dim=-1)
+        if x.device.type != "cuda":  # a copy all the same: tokens may be a buffer the next step overwrites
+            return PendingSample(tokens, params, tokens.clone(), want, chosen,
+                                 None if top is None else (top.values, top.indices), None)
+        host_tokens = _to_host(tokens)
+        host_chosen = None if chosen is None else _to_host(chosen)
+        host_top = None if top is None else (_to_host(top.values), _to_host(top.indices))
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingSample(tokens, params, host_tokens, want, host_chosen, host_top, copied)
+
+    @staticmethod
+    def collect(pending: PendingSample) -> list[SampleResult]:
+        """Wait for a launched sample's copies (not for anything queued after them) and read them."""
+        if pending.copied is not None:
+            pending.copied.synchronize()
+        token_list = pending.host_tokens.tolist()
+        if not pending.want:
             return [SampleResult(t, None, None) for t in token_list]
-
-        wi = _on(x.device, want)
-        lp = x[wi].log_softmax(dim=-1)
-        chosen = lp.gather(1, tokens[wi][:, None]).squeeze(1).tolist()
-        k_max = max(params[i].logprobs for i in want)
-        top_vals: list[list[float]] = [[] for _ in want]
-        top_ids: list[list[int]] = [[] for _ in want]
-        if k_max > 0:
-            vals, ids = lp.topk(min(k_max, lp.shape[1]), dim=-1)
-            top_vals, top_ids = vals.tolist(), ids.tolist()
-
+        chosen = pending.host_chosen.tolist()
+        top_vals, top_ids = ([v.tolist() for v in pending.host_top] if pending.host_top is not None
+                             else ([[] for _ in pending.want], [[] for _ in pending.want]))
         results = [SampleResult(t, None, None) for t in token_list]
-        for j, i in enumerate(want):
-            k = params[i].logprobs
-            top = list(zip(top_ids[j][:k], top_vals[j][:k]))
-            results[i] = SampleResult(token_list[i], chosen[j], top)
+        for j, i in enumerate(pending.want):
+            k = pending.params[i].logprobs
+            results[i] = SampleResult(token_list[i], chosen[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
         return results
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A copy of a CUDA tensor into new pinned host memory, queued without waiting."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host

@@ -42,9 +42,11 @@ def random_model(config: ModelConfig, fa, *, dtype: torch.dtype, device: str, se
 
 
 class SyntheticTokenizer:
-    """The tokenizer of a shape run: ids have no text. encode gives UTF-8 bytes as ids (so a
-    text prompt still works), decode gives nothing, and there is no EOS (generation ends at
-    max_tokens)."""
+    """The tokenizer of a shape run, whose random weights give ids no meaning. encode gives UTF-8
+    bytes as ids (so a text prompt still works); decode gives an id below 128 as its ASCII
+    character and any other as "<id>", so every generated token has text (a streamed response
+    shows each token arrive, and `bench serve` can time the gaps between them); there is no EOS
+    (generation ends at max_tokens)."""
 
     bos_token_id = None
     eos_token_ids: frozenset[int] = frozenset()
@@ -57,7 +59,7 @@ class SyntheticTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return ""
+        return "".join(chr(i) if i < 128 else f"<{i}>" for i in map(int, ids))
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         return "".join(str(m.get("content", "")) for m in messages)

@@ -42,6 +42,10 @@ class BlockManager(BlockSpace, Protocol):
 
     block_tables: dict[int, list[int]]  # seq_id -> block ids, the lists the engine mirrors
 
+    def set_token(self, seq_id: int, index: int, token: int) -> None:
+        """Record the sampled token in place of the placeholder recorded at index."""
+        ...
+
     def stats(self) -> Any:
         """A MemoryStats: num_free_blocks, num_cached_blocks, usage, prefix_cache_queries/hits, hit_rate."""
         ...

@@ -1,0 +1,147 @@
+"""The overlapped step loop: a step is scheduled and launched before the previous step's tokens are
+read back (they reach the next step on the device, through PLACEHOLDER output tokens). It must
+give exactly what synchronous steps give: the same tokens, stops where they were, aborts that
+free everything, and a prefix cache keyed by the real tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.runtime.hf_models import make_model
+from tests.runtime.test_engine import GREEDY, engine, prompts
+from vibee.runtime.engine import PLACEHOLDER, LLMEngine, generate
+from vibee.runtime.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("overlap-llama")
+    make_model(directory, "llama", hidden=64, heads=4, kv_heads=2, layers=2)
+    return directory
+
+
+def synchronous(monkeypatch):
+    """Every step reads its tokens before the next is scheduled (the loop before the overlap)."""
+    monkeypatch.setattr(LLMEngine, "_can_overlap", lambda self: False)
+
+
+def overlapped_steps(eng) -> list[bool]:
+    """Run eng to completion; for each step, whether it left a step in flight."""
+    seen = []
+    while eng.has_unfinished():
+        eng.step()
+        seen.append(eng._in_flight is not None)
+    return seen
+
+
+def outputs(eng, batch, params):
+    return [[(c.token_ids, c.text, c.finish_reason, [lp.logprob for lp in c.logprobs or []]) for c in out.outputs]
+            for out in generate(eng, batch, params)]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=20, **GREEDY),
+    SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=3, n=2, ignore_eos=True, logprobs=2),
+])
+def test_overlapped_steps_give_what_synchronous_steps_give(model_dir, monkeypatch, params):
+    batch = prompts([5, 23, 9, 40, 17], seed=2)
+    eng = engine(model_dir, max_num_seqs=3)  # sequences wait and join mid-run
+    for i, prompt in enumerate(batch):
+        eng.add_request(f"r{i}", prompt, params)
+    assert any(overlapped_steps(eng))  # the loop did overlap
+    overlapped = outputs(engine(model_dir, max_num_seqs=3), batch, params)
+    synchronous(monkeypatch)
+    assert overlapped == outputs(engine(model_dir, max_num_seqs=3), batch, params)
+
+
+def test_preemption_under_overlap_loses_nothing(model_dir, monkeypatch):
+    batch = prompts([20, 33, 7, 26, 15, 40], seed=1)
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    eng = engine(model_dir, num_kv_blocks=6)  # two sequences at most hold their whole KV at once
+    got = outputs(eng, batch, params)
+    assert eng.stats()["batching"]["preemptions"] > 0
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+    synchronous(monkeypatch)
+    assert got == outputs(engine(model_dir), batch, params)
+
+
+@pytest.mark.parametrize("room", [8, 1])
+def test_a_stop_token_read_a_step_late_ends_the_output_there(model_dir, room):
+    """The step after the stop token is already running when the token is read: its token is
+    dropped, the blocks are freed, and the finish reason is the stop, even when that next
+    token would have reached max_tokens (room 1)."""
+    prompt = prompts([12], seed=5)
+    full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    at = 6
+    stop_id = full.token_ids[at]
+    first = full.token_ids.index(stop_id)
+    eng = engine(model_dir)
+    params = SamplingParams(max_tokens=first + 1 + room, stop_token_ids=[stop_id], **GREEDY)
+    cut = generate(eng, prompt, params)[0].outputs[0]
+    assert cut.token_ids == full.token_ids[: first + 1]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop_id)
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks and not eng.scheduler.has_unfinished()
+
+
+def test_a_stop_string_across_the_lag_cuts_the_text(model_dir):
+    prompt = prompts([10], seed=6)
+    full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    stop = full.text[8:11]
+    eng = engine(model_dir)
+    eng.add_request("s", prompt[0], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))
+    final = None
+    while eng.has_unfinished():
+        for out in eng.step():
+            final = out
+    assert final.finished and final.outputs[0].text == full.text[: full.text.index(stop)]
+    assert PLACEHOLDER not in final.outputs[0].token_ids
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_abort_while_a_step_is_in_flight(model_dir):
+    batch = prompts([14, 30], seed=7)
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    alone = generate(engine(model_dir), batch[1:], params)[0].outputs[0].token_ids
+    eng = engine(model_dir)
+    eng.add_request("gone", batch[0], params)
+    eng.add_request("kept", batch[1], params)
+    reported = []
+    while eng._in_flight is None or len(reported) < 3:
+        reported += [c.delta_token_ids for out in eng.step() if out.request_id == "gone" for c in out.outputs]
+    final = eng.abort_request("gone")  # its token of the step in flight is dropped
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert final.outputs[0].token_ids == [t for delta in reported for t in delta] + final.outputs[0].delta_token_ids
+    assert PLACEHOLDER not in final.outputs[0].token_ids
+    kept = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            assert out.request_id == "kept"
+            kept = out.outputs[0].token_ids
+    assert kept == alone
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks and eng._in_flight is None
+
+
+def test_aborting_the_last_request_reads_the_step_in_flight(model_dir):
+    eng = engine(model_dir)
+    eng.add_request("only", prompts([9])[0], SamplingParams(max_tokens=30, **GREEDY))
+    while eng._in_flight is None:
+        eng.step()
+    eng.abort_request("only")
+    assert eng._in_flight is None and not eng.has_unfinished()
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_generated_blocks_are_cached_under_their_real_tokens(model_dir):
+    """A follow-up turn whose prompt holds the first turn's output finds those blocks in the prefix
+    cache: the blocks filled while their last token was a placeholder were re-keyed."""
+    eng = engine(model_dir)
+    prompt = prompts([16], seed=9)[0]
+    first = generate(eng, [prompt], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].token_ids
+    follow = prompt + first + [5, 6, 7]
+    eng.add_request("turn2", follow, SamplingParams(max_tokens=2, **GREEDY))
+    cached = None
+    while eng.has_unfinished():
+        for out in eng.step():
+            cached = out.num_cached_tokens
+    block = eng.block_size
+    assert cached == (len(prompt) + len(first) - 1) // block * block  # every full block before the last token
