@@ -20,12 +20,12 @@ DRAFT = ROOT / "models" / "vibee-tiny-draft"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md")
 
 
-def _script():
+def _training(name: str):
+    """A module of scripts/training/, imported the way the script imports it (loading the script
+    puts scripts/ on sys.path)."""
     spec = importlib.util.spec_from_file_location("train_default_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return importlib.import_module(f"training.{name}")
 
 
 def _stats() -> dict:
@@ -110,14 +110,14 @@ def test_card_states_perplexities_agreement_and_command():
 def test_target_perplexity_on_held_out_files_matches_the_card(target_model, tokenizer):
     # The card's held-out files as this machine's stdlib has them (its Python version may differ
     # from the training machine's, hence the loose factor): the first 512 tokens of each.
-    script, stats = _script(), _stats()
-    root = script.stdlib_root()
+    corpus, token_stream, stats = _training("corpus"), _training("token_stream"), _stats()
+    root = corpus.stdlib_root()
     rels = [rel for rel in stats["data"]["held_out_files"] if (root / rel).is_file()]
     assert len(rels) >= 3, f"too few of the card's held-out files under {root}: {rels}"
     rows = []
     for rel in rels:
-        stream = script.encode_stream(tokenizer, [(root / rel).read_text(encoding="utf-8")])
-        rows.append(script.windows(stream[:513], 512)[0])
+        stream = token_stream.encode_stream(tokenizer, [(root / rel).read_text(encoding="utf-8")])
+        rows.append(token_stream.windows(stream[:513], 512)[0])
     windows = torch.stack(rows)
     with torch.no_grad():
         logits = target_model(input_ids=windows[:, :-1].clamp(min=0)).logits.float()
