@@ -44,6 +44,7 @@ CUDA_GRAPH_RESERVE = 256 * 2**20
 # previous one runs, so the previous step's tokens are known on the device (the next step reads
 # them there) but not yet on the host. The engine puts the real token in its place a step later.
 PLACEHOLDER = -1
+MAX_VERIFY_ROWS = 256  # the most rows a speculative step's decode graph takes (see _graph_rows)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class LLMEngine:
                                          device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
         # The last step's sampled tokens, on the device: the next step's decode rows read their
         # input token here (see PLACEHOLDER); CUDA graphs write their rows' argmax here.
-        self.sampled = torch.zeros(self.max_num_seqs, dtype=torch.long, device=self.device)
+        self.sampled = torch.zeros(self._graph_rows(), dtype=torch.long, device=self.device)
         self.graphs = self._capture_graphs() if scratch else None
         if self.graphs is not None and self.device.startswith("cuda"):  # every shape the prefill autotunes on
             warm_prefill(self.model, self.kv_cache, max_tokens=min(self.max_num_batched_tokens, self.max_model_len),
@@ -348,6 +349,17 @@ class LLMEngine:
         rows = logits[: len(tokens)]
         return self.sampler.results_for(rows, torch.tensor(tokens, device=logits.device), [req.params] * len(tokens))
 
+    def _graph_rows(self) -> int:
+        """Rows of the largest decode graph: a row per sequence, or with speculation k + 1 per
+        sequence it may draft for (at most MAX_VERIFY_ROWS: the graphs' pool must stay within
+        the memory reserved for it)."""
+        rows = self.max_num_seqs
+        if self.speculative:
+            spec = self.gen.configs.speculative_decode
+            drafting = min(self.max_num_seqs, spec.disable_by_batch_size or self.max_num_seqs)
+            rows = max(rows, min(drafting * (spec.num_speculative_tokens + 1), MAX_VERIFY_ROWS))
+        return rows
+
     def _wants_graphs(self) -> bool:
         return (self.device.startswith("cuda") and self.use_kv_cache and self.config.flash_attn
                 and not self.config.enforce_eager)
@@ -359,7 +371,7 @@ class LLMEngine:
         from vibee.runtime.cuda_graphs import DecodeGraphs
 
         fa = self.gen.flash_attention
-        graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=self.max_num_seqs, max_model_len=self.max_model_len,
+        graphs = DecodeGraphs(self.model, self.kv_cache, max_batch=self._graph_rows(), max_model_len=self.max_model_len,
                               block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
                               num_splits=fa.num_splits_for(self.max_model_len), sampled=self.sampled)
         try:
@@ -721,19 +733,20 @@ class LLMEngine:
         return stopped
 
     def _output(self, choice: _Choice) -> CompletionOutput:
-        """The choice's state with what is new since its last report."""
-        token_ids = choice.seq.output_token_ids[: choice.num_known]  # not the placeholder of a step in flight
-        delta_tokens = token_ids[choice.emitted_tokens:]
+        """The choice's state with what is new since its last report (its token list is shared,
+        not copied: see CompletionOutput)."""
+        n = choice.num_known  # not the placeholder of a step in flight
+        tokens = choice.seq.output_token_ids
+        delta_tokens = tokens[choice.emitted_tokens: n]
         delta_text = choice.text[len(choice.reported_text):]
         choice.reported_text = choice.text
-        choice.emitted_tokens = len(token_ids)
+        choice.emitted_tokens = n
         delta_logprobs = None
         if choice.logprobs is not None:
             delta_logprobs = choice.logprobs[choice.emitted_logprobs:]
             choice.emitted_logprobs = len(choice.logprobs)
-        return CompletionOutput(choice.index, choice.text, token_ids, delta_text, delta_tokens, delta_logprobs,
-                                list(choice.logprobs) if choice.logprobs is not None else None,
-                                choice.finish_reason, choice.stop_reason)
+        return CompletionOutput(choice.index, choice.text, tokens, delta_text, delta_tokens, delta_logprobs,
+                                choice.logprobs, choice.finish_reason, choice.stop_reason, n)
 
     def _retire(self, req: _Request, now: float) -> None:
         del self._requests[req.request_id]

@@ -14,15 +14,35 @@ class TokenLogprob:
 
 @dataclass
 class CompletionOutput:
+    """One choice's state after a step. All of its tokens and logprobs so far are the first
+    num_tokens of lists the engine keeps growing (they only ever grow past that point), so a
+    step reports a sequence of any length without copying it; token_ids and logprobs copy on
+    access."""
+
     index: int  # choice index, 0..n-1
     text: str  # all text so far (a stop string excluded)
-    token_ids: list[int]  # all output tokens so far
+    all_token_ids: list[int]  # its first num_tokens are this choice's output tokens so far
     delta_text: str  # new since the previous RequestOutput for this choice
     delta_token_ids: list[int]
     delta_logprobs: list[TokenLogprob] | None  # for delta_token_ids, when logprobs were asked for
-    logprobs: list[TokenLogprob] | None  # all of them
+    all_logprobs: list[TokenLogprob] | None  # its first num_tokens are the logprobs, when asked for
     finish_reason: str | None = None  # None | "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_tokens: int = -1  # -1: all of all_token_ids
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            self.num_tokens = len(self.all_token_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All output tokens so far."""
+        return self.all_token_ids[: self.num_tokens]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """The logprobs of token_ids (None when not asked for)."""
+        return None if self.all_logprobs is None else self.all_logprobs[: self.num_tokens]
 
     @property
     def finished(self) -> bool:

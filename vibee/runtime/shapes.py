@@ -54,12 +54,14 @@ class SyntheticTokenizer:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+        # Each id's text, made once: decode runs for every sequence every step.
+        self._pieces = [chr(i) if i < 128 else f"<{i}>" for i in range(vocab_size)]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(i) if i < 128 else f"<{i}>" for i in map(int, ids))
+        return "".join(map(self._pieces.__getitem__, ids))
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         return "".join(str(m.get("content", "")) for m in messages)

@@ -189,7 +189,7 @@ async def collect(engine: EngineClient, raw: Request, job: Job, prompt_param: st
                 job.cached_tokens[prompt_index] = out.num_cached_tokens
                 for c in out.outputs:
                     choice = choices.setdefault(job.choice_index(prompt_index, c.index), Choice())
-                    choice.text, choice.num_tokens = c.text, len(c.token_ids)
+                    choice.text, choice.num_tokens = c.text, c.num_tokens
                     choice.logprobs = c.logprobs
                     choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
                 try:

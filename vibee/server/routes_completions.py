@@ -98,7 +98,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         for c in out.outputs:
             index = job.choice_index(prompt_index, c.index)
             choice = running.setdefault(index, Choice())
-            choice.num_tokens = len(c.token_ids)
+            choice.num_tokens = c.num_tokens
             text = c.delta_text
             echo_ids = None
             if not choice.started:
@@ -180,7 +180,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
         chunks = []
         for c in out.outputs:
             choice = running.setdefault(c.index, Choice())
-            choice.num_tokens = len(c.token_ids)
+            choice.num_tokens = c.num_tokens
             logprobs = None
             if req.logprobs and c.delta_logprobs:
                 logprobs = chat_logprobs(state, c.delta_logprobs, top_n).model_dump()
