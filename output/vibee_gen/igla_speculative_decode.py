@@ -308,18 +308,24 @@ class AcceptanceTracker:
 
         num_draft_tokens is an int (every sequence drafted that many) or one count per sequence.
         """
-        accepted = torch.as_tensor(num_accepted, dtype=torch.long).reshape(-1).cpu()
-        drafted = torch.as_tensor(num_draft_tokens, dtype=torch.long).reshape(-1).cpu().expand(accepted.shape[0])
-        if bool((accepted < 0).any()) or bool((accepted > drafted).any()):
+        # Plain ints: an engine step verifies one sequence at a time, on the host.
+        accepted = [num_accepted] if isinstance(num_accepted, int) else \
+            torch.as_tensor(num_accepted, dtype=torch.long).reshape(-1).tolist()
+        drafted = [num_draft_tokens] if isinstance(num_draft_tokens, int) else \
+            torch.as_tensor(num_draft_tokens, dtype=torch.long).reshape(-1).tolist()
+        if len(drafted) == 1:
+            drafted = drafted * len(accepted)
+        if any(not 0 <= a <= d for a, d in zip(accepted, drafted)):
             raise ValueError("num_accepted must lie between 0 and the number of drafted tokens")
-        if bool((drafted > self.num_speculative_tokens).any()):
+        if any(d > self.num_speculative_tokens for d in drafted):
             raise ValueError(f"a draft holds at most {self.num_speculative_tokens} tokens")
-        self.num_drafts += accepted.shape[0]
-        self.num_draft_tokens += int(drafted.sum())
-        self.num_accepted_tokens += int(accepted.sum())
+        self.num_drafts += len(accepted)
+        self.num_draft_tokens += sum(drafted)
+        self.num_accepted_tokens += sum(accepted)
         # Position i was accepted by every draft that kept more than i tokens.
-        for position in range(self.num_speculative_tokens):
-            self.accepted_at_position[position] += int((accepted > position).sum())
+        for a in accepted:
+            for position in range(a):
+                self.accepted_at_position[position] += 1
 
     def figures(self) -> dict[str, int | float | list[int]]:
         """Every figure the tracker knows, by the field name AcceptanceStats uses for it."""
