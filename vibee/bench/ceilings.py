@@ -42,17 +42,9 @@ def measure_ceilings(device: str, dtype: torch.dtype) -> Ceilings:
 @functools.cache
 def _measure(device: str, dtype: torch.dtype) -> Ceilings:
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    n_copy = COPY_BYTES[kind] // 4  # float32 elements: the copy's dtype does not change its bytes
-    src = torch.randn(n_copy, device=device)
-    dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), device)
-    del src, dst
+    copy_s = _copy_seconds(device, COPY_BYTES[kind])
     n = MATMUL_SIZE[kind]
-    # Random operands: zeros would let the GPU run cooler and faster than real weights allow.
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    out = torch.empty(n, n, dtype=dtype, device=device)
-    matmul_s = _best_seconds(lambda: torch.matmul(a, b, out=out), device)
-    del a, b, out
+    matmul_s = _matmul_seconds(device, dtype, n)
     if kind == "cuda":
         torch.cuda.empty_cache()  # hand the buffers back before the benchmark allocates its own
     dtype_name = str(dtype).split(".")[-1]
@@ -62,6 +54,20 @@ def _measure(device: str, dtype: torch.dtype) -> Ceilings:
     name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
     return Ceilings(device_name=name, dtype=dtype_name, copy_tb_s=2 * COPY_BYTES[kind] / copy_s / 1e12,
                     matmul_tflop_s=2 * n**3 / matmul_s / 1e12, how=how)
+
+
+def _copy_seconds(device: str, nbytes: int) -> float:
+    src = torch.randn(nbytes // 4, device=device)  # float32: the copy's dtype does not change its bytes
+    dst = torch.empty_like(src)
+    return _best_seconds(lambda: dst.copy_(src), device)
+
+
+def _matmul_seconds(device: str, dtype: torch.dtype, n: int) -> float:
+    # Random operands: zeros would let the GPU run cooler and faster than real weights allow.
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    return _best_seconds(lambda: torch.matmul(a, b, out=out), device)
 
 
 def _best_seconds(fn: Callable[[], Any], device: str) -> float:

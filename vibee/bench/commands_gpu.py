@@ -92,7 +92,8 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
             ["Median step (ms)", s["median_step_ms"]], ["Weight bytes read per step", s["weight_bytes"]],
             ["Bytes read per step (weights + KV)", s["bytes_per_step"]], ["Achieved GB/s", s["achieved_gbs"]]]
     if "fraction_of_limit" in s:
-        rows += [["Bandwidth ceiling (GB/s)", f"{s['bandwidth_gbs']:.1f} ({bandwidth_source})"], ["Bandwidth-limit tokens/s", s["limit_tokens_per_s"]],
+        rows += [["Bandwidth ceiling (GB/s)", f"{s['bandwidth_gbs']:.1f} ({bandwidth_source})"],
+                 ["Bandwidth-limit tokens/s", s["limit_tokens_per_s"]],
                  ["Fraction of the limit", f"{100 * s['fraction_of_limit']:.1f}%"]]
     title = f"vibee bench latency: {name} on {env.get('device_name', dev)}"
     notes = [f"Greedy decode after a {prompt_len}-token prompt; {warmup_steps} warm-up steps are not timed. The "
