@@ -42,6 +42,9 @@ def measure_ceilings(device: str, dtype: torch.dtype) -> Ceilings:
 @functools.cache
 def _measure(device: str, dtype: torch.dtype) -> Ceilings:
     kind = "cuda" if device.startswith("cuda") else "cpu"
+    # cuBLAS's workspace, which torch keeps for the process, gets a segment of its own here rather
+    # than one carved from the copy buffers, which would then stay reserved after empty_cache.
+    _matmul_seconds(device, dtype, 16)
     copy_s = _copy_seconds(device, COPY_BYTES[kind])
     n = MATMUL_SIZE[kind]
     matmul_s = _matmul_seconds(device, dtype, n)
