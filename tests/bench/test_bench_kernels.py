@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from vibee.bench.ceilings import measure_ceilings
 from vibee.bench.cli import bench
 
 
@@ -27,6 +29,28 @@ def test_kernels_command_times_each_kernel(tmp_path):
     prefill = rows[0]
     assert prefill["vibee_rate"] == pytest.approx(4 * 2 * 4 * 128 * 128 * 64 / 2 / (prefill["vibee_us"] * 1e-6) / 1e12)
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernels_are_held_to_ceilings_measured_in_the_run(tmp_path):
+    result = CliRunner().invoke(bench, ["kernels", "--device", "cpu", "--dtype", "float32", "--shapes", "small",
+                                        "--result-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    path = next(tmp_path.glob("kernels-*.json"))
+    data = json.loads(path.read_text())
+    # The same measurement this process made (cached), not a figure carried from another machine.
+    assert data["ceilings"] == measure_ceilings("cpu", torch.float32).as_dict()
+    copy, matmul = data["ceilings"]["copy_tb_s"], data["ceilings"]["matmul_tflop_s"]
+    by_kernel = {r["kernel"].split(" (")[0]: r for r in data["results"]}
+    prefill = by_kernel["attention prefill"]
+    assert prefill["ceiling"] == pytest.approx(prefill["baseline_rate"])  # torch SDPA, timed in the same run
+    assert prefill["ceiling_source"] == "torch SDPA, this run"
+    for memory_bound in ("attention decode", "quantized GEMV", "kv write"):
+        assert by_kernel[memory_bound]["ceiling"] == copy
+    assert by_kernel["quantized GEMM"]["ceiling"] == matmul
+    for r in data["results"]:
+        assert r["fraction_of_ceiling"] == pytest.approx(r["vibee_rate"] / r["ceiling"])
+    report = path.with_suffix(".md").read_text()
+    assert "measured in this run" in report and f"{copy:.3f} TB/s" in report
 
 
 def test_unknown_kernel_is_refused(tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from vibee.bench.ceilings import measure_ceilings
 from vibee.bench.cli import bench
 from vibee.bench.latency import summarize_decode
 from vibee.runtime.shapes import shape_config
@@ -46,3 +48,17 @@ def test_latency_command_writes_figures_and_plot(tmp_path):
     assert r["decode_steps"] == 3 and r["tokens_per_s"] > 0 and 0 < r["fraction_of_limit"]
     assert data["measured"]["context_lens"] == [10, 11, 12]  # prompt 8, one warm-up step, then 3 timed
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert r["bandwidth_gbs"] == 10 and r["bandwidth_source"] == "--bandwidth-gbs" and data["ceilings"] is None
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
+def test_latency_limit_uses_the_copy_bandwidth_measured_in_the_run(tmp_path):
+    result = CliRunner().invoke(bench, ["latency", "--device", "cpu", "--dtype", "float32", "--prompt-len", "8",
+                                        "--decode-steps", "2", "--warmup-steps", "0", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(tmp_path.glob("latency-*.json")).read_text())
+    assert data["ceilings"] == measure_ceilings("cpu", torch.float32).as_dict()
+    r = data["results"]
+    assert r["bandwidth_gbs"] == pytest.approx(1000 * data["ceilings"]["copy_tb_s"])
+    assert r["bandwidth_source"] == "device-to-device copy measured in this run"
+    assert r["limit_tokens_per_s"] == pytest.approx(1e9 * r["bandwidth_gbs"] / r["bytes_per_step"])

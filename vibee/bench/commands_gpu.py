@@ -28,18 +28,18 @@ from vibee.bench.report import Section, environment, fail, finish
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
 @click.option("--bandwidth-gbs", type=float, default=None,
-              help="Memory bandwidth ceiling for the limit (default: GPU.md's measured copy bandwidth, where known).")
+              help="Memory bandwidth ceiling for the limit (default: a device-to-device copy measured in this run).")
 @click.option("--enforce-eager", is_flag=True, default=False, help="No CUDA graphs (on a GPU, steps replay graphs).")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,
             bandwidth_gbs, enforce_eager, result_dir):
     """Decode tokens/s of the model runner and the fraction of the memory-bandwidth limit."""
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from vibee.bench.latency import BANDWIDTH_GBS, measure_decode, plot_decode, summarize_decode, weight_bytes
+    from vibee.bench.ceilings import measure_ceilings
+    from vibee.bench.latency import measure_decode, plot_decode, summarize_decode, weight_bytes
     from vibee.runtime.shapes import random_model, shape_config
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
@@ -66,8 +66,9 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     block_size = gen.configs.kv_cache.block_size
     kv_bytes_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
         TORCH_DTYPES[dtype_name].itemsize
-    device_name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else None
-    bandwidth = bandwidth_gbs or BANDWIDTH_GBS.get(device_name or "")
+    ceilings = None if bandwidth_gbs else measure_ceilings(dev, TORCH_DTYPES[dtype_name])
+    bandwidth = bandwidth_gbs or 1000 * ceilings.copy_tb_s
+    bandwidth_source = "--bandwidth-gbs" if bandwidth_gbs else "device-to-device copy measured in this run"
 
     progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
     with progress:
@@ -79,6 +80,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
                                   block_size=block_size, on_step=lambda: progress.advance(task), num_splits=splits)
     summary = summarize_decode(measured, batch_size=batch_size, weight_bytes_=weight_bytes(runner),
                                kv_bytes_per_token=kv_bytes_per_token, bandwidth_gbs=bandwidth)
+    summary["bandwidth_source"] = bandwidth_source
     settings = {"model": name, "device": dev, "dtype": dtype_name, "quant": quant, "flash_attn": flash_attn,
                 "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
                 "warmup_steps": warmup_steps, "block_size": block_size, "weight_bytes_loaded": loaded_bytes,
@@ -90,7 +92,8 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
             ["Median step (ms)", s["median_step_ms"]], ["Weight bytes read per step", s["weight_bytes"]],
             ["Bytes read per step (weights + KV)", s["bytes_per_step"]], ["Achieved GB/s", s["achieved_gbs"]]]
     if "fraction_of_limit" in s:
-        rows += [["Bandwidth ceiling (GB/s)", s["bandwidth_gbs"]], ["Bandwidth-limit tokens/s", s["limit_tokens_per_s"]],
+        rows += [["Bandwidth ceiling (GB/s)", f"{s['bandwidth_gbs']:.1f} ({bandwidth_source})"],
+                 ["Bandwidth-limit tokens/s", s["limit_tokens_per_s"]],
                  ["Fraction of the limit", f"{100 * s['fraction_of_limit']:.1f}%"]]
     title = f"vibee bench latency: {name} on {env.get('device_name', dev)}"
     notes = [f"Greedy decode after a {prompt_len}-token prompt; {warmup_steps} warm-up steps are not timed. The "
@@ -98,7 +101,10 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     sections = [Section("Results", ["Metric", "Value"], rows),
                 Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
-    data = {"benchmark": "latency", "settings": settings, "results": summary, "measured": measured, "environment": env}
+    if ceilings is not None:
+        notes.append(f"Ceilings measured in this run: {ceilings.how}.")
+    data = {"benchmark": "latency", "settings": settings, "results": summary, "measured": measured,
+            "ceilings": None if ceilings is None else ceilings.as_dict(), "environment": env}
     json_path = finish(out, result_dir, "latency", data, title, sections, notes)
     png = plot_decode(measured, summary, json_path.with_suffix(".png"), title)
     out.print(f"wrote {png}", highlight=False)
@@ -187,10 +193,11 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def kernels(device, dtype, shapes, only, spec_dir, result_dir):
-    """Each generated kernel against its torch counterpart, against the GPU.md ceilings."""
+    """Each generated kernel against its torch counterpart, against ceilings measured in the same run."""
     from rich.console import Console
 
     from vibee.bench import kernels as kb
+    from vibee.bench.ceilings import measure_ceilings
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
 
@@ -213,6 +220,8 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
         "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, gen.config("kv_cache").block_size, shape_set["kv_write"], torch_dtype, dev)],
     }
+    err.print("measuring the device's copy bandwidth and matmul throughput ...", highlight=False)
+    ceilings = measure_ceilings(dev, torch_dtype)
     rows = []
     for name in wanted:
         err.print(f"timing {name} ...", highlight=False)
@@ -223,19 +232,24 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
 
     table = [[r["kernel"], r["shape"], fmt(r["vibee_us"]), f"{fmt(r['vibee_rate'], 3)} {r['unit']}", r["baseline"],
               fmt(r["baseline_us"]), f"{fmt(r['baseline_rate'], 3)} {r['unit']}",
-              "-" if r["fraction_of_ceiling"] is None else f"{100 * r['fraction_of_ceiling']:.0f}% of {r['ceiling']}"]
+              "-" if r["fraction_of_ceiling"] is None else
+              f"{100 * r['fraction_of_ceiling']:.0f}% of {r['ceiling']:.3g} {r['unit']} ({r['ceiling_source']})"]
              for r in rows]
     env = environment(dev)
     title = f"vibee bench kernels on {env.get('device_name', dev)} ({dtype_name})"
     notes = ["Times are medians. CUDA: each call captured in a CUDA graph and replayed after an L2 flush, so "
-             "they are GPU time (what a graph-replayed decode step sees), not Python launch time. Ceilings are the "
-             "GPU machine's (shared/GPU.md); on other hardware read the rates, not the fractions."]
+             "they are GPU time (what a graph-replayed decode step sees), not Python launch time.",
+             f"Ceilings were measured in this run on this device: {ceilings.how}. Memory-bound kernels are held "
+             "to the copy bandwidth, GEMMs to the matmul, attention prefill to torch SDPA's rate in this run."]
     sections = [Section("Kernels", ["kernel", "shape", "vibee µs", "vibee rate", "torch counterpart", "torch µs",
                                     "torch rate", "vs ceiling"], table),
+                Section("Ceilings (measured in this run)", ["Ceiling", "Value"],
+                        [["device-to-device copy", f"{ceilings.copy_tb_s:.3f} TB/s"],
+                         [f"{ceilings.dtype} matmul", f"{ceilings.matmul_tflop_s:.3f} TFLOP/s"]]),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
     data = {"benchmark": "kernels", "settings": {"device": dev, "dtype": dtype_name, "shapes": shape_set,
                                                  "modules": str(gen.source)},
-            "results": rows, "environment": env}
+            "ceilings": ceilings.as_dict(), "results": rows, "environment": env}
     json_path = finish(out, result_dir, "kernels", data, title, sections, notes)
     png = kb.plot_kernels(rows, json_path.with_suffix(".png"), title)
     out.print(f"wrote {png}", highlight=False)

@@ -21,10 +21,6 @@ from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.model import LlamaForCausalLM
 
 
-# Bandwidth ceilings measured on the GPU machine (shared/GPU.md: device-to-device copy).
-BANDWIDTH_GBS = {"NVIDIA H100 80GB HBM3": 2990.0}
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
