@@ -14,7 +14,8 @@ import torch
 from tests.runtime.hf_models import VOCAB_SIZE, make_model
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine, generate
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -12,7 +12,9 @@ import torch
 from tests.runtime.hf_models import make_model
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine, generate, kv_blocks_for_budget, worst_case_step
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.offline import generate
+from vibee.runtime.kv_sizing import kv_blocks_for_budget, worst_case_step
 from vibee.runtime.sampling_params import SamplingParams
 
 GiB = 2**30
@@ -108,8 +110,8 @@ def test_worst_case_step_runs_and_leaves_the_engine_as_it_was(model_dir, specula
     advances the engine's sampler nor changes what it generates."""
     flags = dict(max_num_batched_tokens=96, max_num_seqs=4, max_model_len=40)
     if speculative:
-        from vibee.runtime import engine as engine_mod
-        monkeypatch.setattr(engine_mod, "DRAFT_CONTEXT", 8)  # a draft step over short contexts is plenty here
+        from vibee.runtime import speculation
+        monkeypatch.setattr(speculation, "DRAFT_CONTEXT", 8)  # a draft step over short contexts is plenty here
         flags.update(speculative=True, draft_model=model_dir)
     batch = [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
     expected = sampled_tokens(engine(model_dir, **flags), batch)

@@ -9,7 +9,8 @@ import pytest
 
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine, prompts
-from vibee.runtime.engine import PLACEHOLDER, LLMEngine, generate
+from vibee.runtime.engine import PLACEHOLDER, LLMEngine
+from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 
 

@@ -9,7 +9,8 @@ import pytest
 from tests.runtime.hf_models import make_model
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine, generate
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.offline import generate
 from vibee.runtime.generated import COMMITTED_OUTPUT, load_generated
 from vibee.runtime.sampling_params import SamplingParams
 

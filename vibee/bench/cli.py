@@ -74,7 +74,8 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
     from rich.console import Console
 
     from vibee.bench.throughput import check_workload, engine_settings, run_throughput, warm_up, workload_vocab
-    from vibee.runtime.engine import LLMEngine, freeze_heap
+    from vibee.runtime.engine import LLMEngine
+    from vibee.runtime.offline import freeze_heap
 
     out, err = Console(), Console(stderr=True)
     config = engine_config(seed=seed, **flags)

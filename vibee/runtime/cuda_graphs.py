@@ -16,6 +16,7 @@ takes each row's argmax, so a greedy step reads its tokens without another launc
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from typing import Sequence
 
@@ -174,3 +175,16 @@ class DecodeGraphs:
         self.block_tables[:b, :w].copy_(self.staging[HEAD_ROWS * n_max: used].view(b, w))
         self.graphs[b].replay()
         return self.logits[b][: len(input_ids)]
+
+
+def capture_decode_graphs(model, kv_cache, *, max_batch: int, max_model_len: int, block_size: int, padding_slot: int,
+                          num_splits: int, sampled: torch.Tensor) -> tuple[DecodeGraphs | None, str | None]:
+    """(captured graphs, None), or (None, why) when the step can't be captured: it then runs eagerly."""
+    graphs = DecodeGraphs(model, kv_cache, max_batch=max_batch, max_model_len=max_model_len, block_size=block_size,
+                          padding_slot=padding_slot, num_splits=num_splits, sampled=sampled)
+    try:
+        graphs.capture()
+    except Exception as exc:  # a kernel that syncs with the host can't be captured: run eagerly
+        logging.getLogger("vibee.engine").warning("decode steps run eagerly: CUDA graph capture failed: %s", exc)
+        return None, str(exc)
+    return graphs, None

@@ -14,8 +14,9 @@ import signal
 from rich.console import Console
 
 from vibee.runtime.async_engine import AsyncEngine
-from vibee.runtime.engine import format_bytes, freeze_heap
 from vibee.runtime.config import EngineConfig
+from vibee.runtime.offline import freeze_heap
+from vibee.runtime.kv_sizing import format_bytes
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -1,0 +1,112 @@
+"""The model runner: one forward of a scheduled step over the paged KV cache, as a CUDA graph
+replay when the step is a decode (one row per token sampled) and eagerly otherwise.
+
+It keeps `sampled`, the device buffer of the last step's sampled tokens: a sequence whose last
+output token is still a placeholder (its step was launched before the host read it) takes its
+input token from there, so the engine can launch a step while the previous one runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from vibee.runtime.attention import make_attention_batch
+from vibee.runtime.block_table_rows import BlockTableRows
+from vibee.runtime.cuda_graphs import capture_decode_graphs
+from vibee.runtime.requests import token_slice
+from vibee.runtime.warmup import warm_prefill
+
+
+class ModelRunner:
+    def __init__(self, model, kv_cache, block_manager, *, device: str, block_size: int, num_blocks: int,
+                 graph_rows: int, max_model_len: int, max_num_batched_tokens: int, use_graphs: bool,
+                 num_splits: int):
+        """graph_rows: rows of the largest decode graph (and of `sampled`); use_graphs: capture
+        decode graphs (their padding rows write to block num_blocks, past the sequences' blocks)."""
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = block_size
+        self.block_rows = BlockTableRows(block_manager.block_tables)
+        self.sampled = torch.zeros(graph_rows, dtype=torch.long, device=device)
+        self.graphs = self.graph_error = None
+        if use_graphs:
+            self.graphs, self.graph_error = capture_decode_graphs(
+                model, kv_cache, max_batch=graph_rows, max_model_len=max_model_len, block_size=block_size,
+                padding_slot=num_blocks * block_size, num_splits=num_splits, sampled=self.sampled)
+        if self.graphs is not None and device.startswith("cuda"):  # every shape the prefill autotunes on
+            warm_prefill(model, kv_cache, max_tokens=min(max_num_batched_tokens, max_model_len),
+                         block_size=block_size, scratch_block=num_blocks)
+
+    def release(self, seq_id: int) -> None:
+        self.block_rows.release(seq_id)
+
+    def run(self, sched, placeholders: dict[int, int]) -> tuple[list[tuple[Any, int, tuple[int, ...]]], torch.Tensor, bool]:
+        """One forward over the step's tokens. Returns what to sample, as (sequence, first logits
+        row, drafts), the logits (one row per plain sequence, k + 1 for one verifying k drafts)
+        and whether sampled[:rows] holds each logits row's argmax (a CUDA graph ran).
+        placeholders: seq_id -> the row of `sampled` holding the token its placeholder stands for."""
+        use_kv_cache = self.kv_cache is not None
+        input_ids: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        rows: list[int] = []  # each sequence's row in self.block_rows
+        logit_rows: list[int] = []
+        sources: list[tuple[int, int]] = []  # (token index in input_ids, row of sampled) of each placeholder
+        plan = []
+        for item in sched.scheduled:
+            seq = item.seq
+            drafts = item.draft_token_ids
+            end = seq.num_computed_tokens + item.num_new_tokens  # drafts included
+            # Without a KV cache every step recomputes the sequence from its first token.
+            start = seq.num_computed_tokens if use_kv_cache else 0
+            input_ids.extend(token_slice(seq, start, end - len(drafts)))
+            samples = end - len(drafts) == seq.num_tokens  # its last known token is computed: sample after it
+            if samples and seq.seq_id in placeholders:  # that token is one
+                sources.append((len(input_ids) - 1, placeholders[seq.seq_id]))
+            input_ids.extend(drafts)
+            query_lens.append(end - start)
+            seq_lens.append(end)
+            if use_kv_cache:
+                rows.append(self.block_rows.row(seq.seq_id))
+            if samples:
+                plan.append((seq, len(logit_rows), drafts))
+                logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
+        tables = self.block_rows.gather(rows) if use_kv_cache else None
+        if self.graphs is not None and len(logit_rows) == len(input_ids) and len(plan) == len(query_lens) \
+                and self.graphs.fits(len(input_ids)):
+            return plan, self._replay(input_ids, query_lens, seq_lens, tables, sources), True
+        batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if sources:  # placeholders: the tokens the last step left on the device
+            at, row = zip(*sources)
+            ids[torch.tensor(at, device=self.device)] = self.sampled[torch.tensor(row, device=self.device)]
+        # Copied before the forward is queued (a copy to the GPU waits for it); none when every row is kept.
+        keep = torch.tensor(logit_rows, device=self.device) if 0 < len(logit_rows) < len(input_ids) else None
+        with torch.inference_mode():
+            hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
+            if not logit_rows:
+                return [], hidden.new_empty(0), False
+            logits = self.model.compute_logits(hidden if keep is None else hidden[keep])
+        return plan, logits, False
+
+    def _replay(self, input_ids, query_lens, seq_lens, tables: np.ndarray, sources) -> torch.Tensor:
+        """A decode step as graph rows: each sequence computes its last token and its drafts (if
+        any), all sampled; a sequence's k + 1 tokens are k + 1 one-token rows."""
+        if len(input_ids) > len(query_lens):  # drafts: row r is token r of its sequence's k + 1
+            q = np.asarray(query_lens)
+            first = np.repeat(np.cumsum(q) - q, q)  # each row's sequence's first row
+            lens = np.repeat(np.asarray(seq_lens) - q, q) + np.arange(len(input_ids)) - first + 1
+            tables = tables[np.repeat(np.arange(len(q)), q)]
+        else:
+            lens = seq_lens
+        token_sources = None
+        if sources:
+            token_sources = [-1] * len(input_ids)
+            for index, row in sources:
+                token_sources[index] = row
+        with torch.inference_mode():
+            return self.graphs.run(input_ids, lens, tables, token_sources)

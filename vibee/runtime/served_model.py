@@ -1,0 +1,46 @@
+"""The model an engine serves: a Hugging Face directory (or a known shape with random weights)
+on the generated attention, its tokenizer, and its weights quantized by the generated
+quantization module when --quant asks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.generated import GeneratedModules
+from vibee.runtime.loader import load_model_dir
+from vibee.runtime.model import build_model
+from vibee.runtime.model_config import ModelConfig
+from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
+
+
+@dataclass
+class ServedModel:
+    model: Any  # LlamaForCausalLM, in eval mode
+    config: ModelConfig
+    tokenizer: Any
+    weight_bytes_loaded: int  # before quantization
+    weight_bytes: int  # as served
+    quant_stats: Any  # what quantize_model reported (None: full precision)
+
+
+def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: torch.dtype, device: str,
+                      progress: bool) -> ServedModel:
+    if config.shape is not None:  # random weights of a known shape; its tokenizer only spells ids
+        model_config = shape_config(config.shape)
+        tokenizer = SyntheticTokenizer(model_config.vocab_size)
+        fa = gen.flash_attention if config.flash_attn else gen.flash_attention_reference
+        model = random_model(model_config, fa, dtype=dtype, device=device, seed=config.seed)
+    else:
+        loaded = load_model_dir(config.model_dir, dtype=dtype, device=device, progress=progress)
+        model_config, tokenizer = loaded.config, loaded.tokenizer
+        model = build_model(loaded, gen, flash_attn=config.flash_attn)
+    model.eval()
+    loaded_bytes = gen.quantization.weight_bytes(model)
+    quant_stats = None
+    if config.quant != "none":
+        quant_stats = gen.quantization.quantize_model(model, gen.configs.quantization.skip_modules)
+    return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats)

@@ -1,0 +1,117 @@
+"""Speculative decoding around the engine's step: a drafter (n-gram or a draft model) proposes
+tokens for each decoding sequence, the target verifies them in its forward (greedy or rejection
+sampling), and an acceptance tracker measures how often drafts hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vibee.runtime.attention import make_attention_batch
+from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, EngineConfig
+from vibee.runtime.generated import GeneratedModules
+from vibee.runtime.loader import load_model_dir
+from vibee.runtime.model import build_model
+from vibee.runtime.sampler import SampleResult, Sampler
+
+DRAFT_CONTEXT = 256  # the draft model sees this many latest tokens (RoPE is relative: positions restart at 0)
+
+
+class Speculator:
+    """Drafter and acceptance tracker from the speculative_decode spec (built when --speculative)."""
+
+    def __init__(self, gen: GeneratedModules, config: EngineConfig, vocab_size: int, *, dtype: torch.dtype,
+                 device: str, block_size: int, progress: bool):
+        self.gen = gen
+        self.device = device
+        self.block_size = block_size
+        self.draft_model = None
+        self.draft_dir = None
+        spec = gen.configs.speculative_decode
+        sd = gen.speculative_decode
+        self.num_speculative_tokens = spec.num_speculative_tokens
+        if spec.method == "ngram":
+            self.drafter = sd.NgramDrafter(spec.num_speculative_tokens, spec.ngram.min_n, spec.ngram.max_n)
+        else:
+            builtin = config.model is None and config.shape is None
+            draft_dir = config.draft_model or (DEFAULT_DRAFT_MODEL_DIR if builtin else None)
+            if draft_dir is None:
+                raise ValueError("speculative method draft_model needs --draft-model DIR (a model with the same tokenizer)")
+            self.draft_dir = draft_dir
+            loaded = load_model_dir(draft_dir, dtype=dtype, device=device, progress=progress)
+            if loaded.config.vocab_size != vocab_size:
+                raise ValueError(f"the draft model {draft_dir} has a vocabulary of {loaded.config.vocab_size} tokens, "
+                                 f"the target {vocab_size}; they must share a tokenizer")
+            self.draft_model = build_model(loaded, gen, flash_attn=config.flash_attn).eval()
+            self.drafter = sd.DraftModelDrafter(self._draft_logits, spec.num_speculative_tokens)
+        self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
+
+    def _draft_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Next-token logits of the draft model for each context (its latest DRAFT_CONTEXT tokens),
+        recomputed without a KV cache: the draft is small and contexts are short."""
+        windows = [c[-DRAFT_CONTEXT:] for c in contexts]
+        lens = [len(w) for w in windows]
+        batch = make_attention_batch(lens, lens, None, self.block_size, self.device)
+        ids = torch.tensor([t for w in windows for t in w], dtype=torch.long, device=self.device)
+        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
+        with torch.inference_mode():
+            hidden = self.draft_model(ids, batch.positions(), batch, None)
+            return self.draft_model.compute_logits(hidden[last])
+
+    def worst_case_draft_step(self, max_num_seqs: int, max_model_len: int) -> None:
+        """The heaviest drafting a step can do (for memory profiling); nothing for n-gram drafts."""
+        if self.draft_model is not None:
+            self.drafter.propose([[0] * min(DRAFT_CONTEXT, max_model_len)] * max_num_seqs, temperature=0.0)
+
+    def propose(self, running, by_seq: dict[int, tuple[Any, Any]]) -> None:
+        """Give each decoding sequence its draft tokens for this step (the scheduler verifies them)."""
+        for seq in running:
+            seq.draft_token_ids = []
+        spec = self.gen.config("speculative_decode")
+        if not self.gen.speculative_decode.speculation_enabled(len(running), spec.disable_by_batch_size):
+            return
+        candidates = []
+        for seq in running:
+            req, _ = by_seq[seq.seq_id]
+            room = seq.max_tokens - len(seq.output_token_ids) - 1
+            # Penalties change the target distribution token by token; such requests decode plainly.
+            if seq.output_token_ids and seq.num_tokens - seq.num_computed_tokens == 1 and room > 0 \
+                    and not req.params.has_penalties:
+                candidates.append((seq, room))
+        if not candidates:
+            return
+        if self.draft_model is None:
+            for seq, room in candidates:
+                seq.draft_token_ids = self.drafter.propose(seq.all_token_ids)[:room]
+        else:
+            # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
+            tokens, _ = self.drafter.propose([seq.all_token_ids for seq, _ in candidates], temperature=0.0)
+            for (seq, room), row in zip(candidates, tokens.tolist()):
+                seq.draft_token_ids = row[:room]
+
+    def verify(self, req, choice, drafts: tuple[int, ...], logits: torch.Tensor, targets: list[int] | None,
+               sampler: Sampler) -> list[SampleResult]:
+        """What a speculative step emits for one sequence: accepted drafts, then one token from
+        the target (logits [k+1, V] at the decode token and each draft; targets: their argmax,
+        when a CUDA graph computed it, so greedy verification needs nothing from the device)."""
+        sd = self.gen.speculative_decode
+        greedy = req.params.is_greedy or self.gen.configs.speculative_decode.verification == "greedy"
+        if greedy and targets is not None:
+            tokens = sd.greedy_accept(list(drafts), targets)
+            self.acceptance.update(len(drafts), len(tokens) - 1)
+            if req.params.logprobs is None:
+                return [SampleResult(t, None, None) for t in tokens]
+            return sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
+                                       [req.params] * len(tokens))
+        draft = torch.tensor([drafts], dtype=torch.long, device=logits.device)
+        if greedy:
+            emitted, accepted = sd.greedy_verify(draft, logits[None])
+        else:
+            probs = sampler.probabilities(logits, req.params)
+            generator = choice.generator or sampler.shared_generator(logits.device)
+            emitted, accepted = sd.rejection_sample(draft, None, probs[None], generator)
+        self.acceptance.update(len(drafts), accepted)
+        tokens = emitted[0]
+        return sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
+                                   [req.params] * len(tokens))
