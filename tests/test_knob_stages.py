@@ -46,6 +46,7 @@ OTHER_VALUE = {
         "ngram": {"min_n": 2, "max_n": 2},
         "verification": "greedy",
         "disable_by_batch_size": 8,
+        "acceptance_threshold": 0.5,
     },
     "continuous_batch": {
         "policy": "priority",

@@ -4,6 +4,7 @@ refused with a clear error. Every knob is a runtime value: none is baked into th
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -106,3 +107,49 @@ def test_ngram_sizes_out_of_order_are_refused(spec_text, gen_from_text):
     text = with_knob(with_knob(spec_text("speculative_decode"), "min_n", "3"), "max_n", "2")
     with pytest.raises(SpecError, match=r"min_n \(3\) must not exceed ngram.max_n \(2\)"):
         gen_from_text(text, NAME)
+
+
+def gate_after(gen, accepted: int, drafted: int):
+    """The generated gate at the spec's threshold after one sequence's one-token drafts: `accepted`
+    kept, then the rest rejected, filling exactly its window."""
+    gate = gen.impl.SpeculationGate(gen.spec.config.acceptance_threshold, window_tokens=drafted)
+    for i in range(drafted):
+        gate.record(0, 1, int(i < accepted))
+    return gate
+
+
+def test_acceptance_threshold_decides_when_a_sequence_stops_drafting(spec_text, gen_from_text, shipped):
+    strict = gen_from_text(with_knob(spec_text("speculative_decode"), "acceptance_threshold", "0.5"), NAME)
+    assert shipped.spec.config.acceptance_threshold == 0.2
+    assert gate_after(shipped, 3, 10).allows(0)  # 30% accepted: pays under the shipped threshold
+    assert not gate_after(strict, 3, 10).allows(0)
+    assert gate_after(strict, 5, 10).allows(0)
+    # The generated suite follows the knob: it passes for the stricter spec as written.
+    assert strict.run_tests("-k", "gate") == 0
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_acceptance_threshold_outside_zero_to_one_is_refused(spec_text, gen_from_text, value):
+    with pytest.raises(SpecError) as refused:
+        gen_from_text(with_knob(spec_text("speculative_decode"), "acceptance_threshold", value), NAME)
+    message = str(refused.value)
+    assert "acceptance_threshold must be at least 0 and below 1" in message
+    assert re.search(r"\.vibee:\d+:\d+: error:", message)
+
+
+def test_explain_predicts_the_speedup_at_a_given_acceptance():
+    from click.testing import CliRunner
+
+    from vibee.cli import main
+
+    result = CliRunner().invoke(main, ["explain", "--json", "--acceptance", "0.8", "specs/tri/igla_speculative_decode.vibee"])
+    assert result.exit_code == 0, result.output
+    derived = json.loads(result.output)["derived"]
+    (table_name,) = [name for name in derived if name.startswith("predicted speed-up")]
+    assert "k = 4" in table_name and "c = 0" in table_name
+    # k = 4, a = 0.8: 1 / (0.2 + 0.2) = 2.5; 1 + .8 + .64 + .512 + .4096 = 3.3616.
+    assert derived[table_name] == {"acceptance 0.8": {"tokens per target forward E": 3.36,
+                                                      "original formula 1/(1-a+a/k)": 2.5,
+                                                      "standard form E/(1+k*c)": 3.36}}
+    default = json.loads(CliRunner().invoke(main, ["explain", "--json", "specs/tri/igla_speculative_decode.vibee"]).output)
+    assert len(default["derived"][table_name]) > 1

@@ -159,11 +159,19 @@ def _explain_shape(shape: str | None, model_dir: str | None):
 @click.option("--shape", default=None, help="Compute the figures for a built-in model shape (llama-3.2-1b, llama-3.1-8b).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="Compute the figures for the model in this Hugging Face directory (default: models/vibee-tiny).")
-def explain(spec, target, as_json, shape, model_dir):
+@click.option("--acceptance", "acceptance_rates", type=click.FloatRange(0, 1), multiple=True,
+              help="For a speculative_decode spec: predict the speed-up at this per-token acceptance rate "
+              "(repeatable; default 0.5, 0.7, 0.8, 0.9).")
+def explain(spec, target, as_json, shape, model_dir, acceptance_rates):
     """Print SPEC's resolved IR (every default filled in) and figures derived from it for a model."""
     (loaded,) = _load([spec], target)
     data = loaded.model_dump(mode="json")
-    derived = loaded.config.derived(_explain_shape(shape, model_dir))
+    options = {}
+    if acceptance_rates:
+        if loaded.kind != "speculative_decode":
+            raise click.UsageError("--acceptance predicts speculative decoding's speed-up: give a speculative_decode spec")
+        options["acceptance_rates"] = acceptance_rates
+    derived = loaded.config.derived(_explain_shape(shape, model_dir), **options)
     if as_json:
         click.echo(json.dumps({"spec": data, "derived": derived}, indent=2))
         return

@@ -146,3 +146,21 @@ def test_generated_blocks_are_cached_under_their_real_tokens(model_dir):
             cached = out.num_cached_tokens
     block = eng.block_size
     assert cached == (len(prompt) + len(first) - 1) // block * block  # every full block before the last token
+
+
+def test_speculation_pauses_for_sequences_whose_drafts_miss(model_dir):
+    """The engine asks the spec's gate before drafting for a sequence and tells it what was
+    accepted: above the acceptance its drafts reach, sequences stop drafting for a while (and
+    still give plain decoding's tokens); at 0 they never do."""
+    batch = prompts([6, 19, 11], seed=3)
+    params = SamplingParams(max_tokens=60, **GREEDY)
+    plain = outputs(engine(model_dir), batch, params)
+    figures = {}
+    for threshold in (0.0, 0.95):
+        eng = engine(model_dir, speculative=True, speculative_acceptance_threshold=threshold)
+        assert outputs(eng, batch, params) == plain
+        figures[threshold] = eng.stats()["speculative_decoding"]
+        assert figures[threshold]["gate"]["num_sequences"] == 0  # finished sequences are forgotten
+    assert figures[0.0]["gate"]["num_switched_off"] == 0
+    assert figures[0.95]["gate"]["num_switched_off"] > 0
+    assert 0 < figures[0.95]["num_draft_tokens"] < figures[0.0]["num_draft_tokens"]  # paused ones did not draft

@@ -72,3 +72,11 @@ def test_speculation_batch_limit_flag_takes_effect_without_generation(tmp_path):
     assert gen.regenerated == [] and not (tmp_path / "cache").exists()
     limit = gen.configs.speculative_decode.disable_by_batch_size
     assert gen.speculative_decode.speculation_enabled(4, limit) and not gen.speculative_decode.speculation_enabled(5, limit)
+
+
+def test_acceptance_threshold_flag_reaches_the_gate_without_generation():
+    gen = load_generated(knobs={"speculative_decode": {"acceptance_threshold": 0.5}})
+    assert gen.regenerated == []
+    gate = gen.speculative_decode.SpeculationGate(gen.configs.speculative_decode.acceptance_threshold, window_tokens=4)
+    gate.record("seq", 4, 1)  # a quarter accepted: below 0.5, though above the spec's 0.2
+    assert not gate.allows("seq") and gate.figures()["num_sequences_paused"] == 1

@@ -211,8 +211,7 @@ class LLMEngine:
         changed = []
         for choice in req.choices:
             self.scheduler.abort(choice.seq.seq_id)
-            self._by_seq.pop(choice.seq.seq_id, None)
-            self.runner.release(choice.seq.seq_id)
+            self._release(choice.seq.seq_id)
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 changed.append(choice)
@@ -394,11 +393,17 @@ class LLMEngine:
         del self._requests[req.request_id]
         self._num_penalized -= req.params.has_penalties
         for choice in req.choices:
-            self._by_seq.pop(choice.seq.seq_id, None)
-            self.runner.release(choice.seq.seq_id)
+            self._release(choice.seq.seq_id)
         reasons = {c.finish_reason for c in req.choices}
         self.report.totals["requests_finished"] += 1
         self.report.request_finished(req, "length" if reasons == {"length"} else "stop" if "stop" in reasons else "abort", now)
+
+    def _release(self, seq_id: int) -> None:
+        """What the engine kept for a sequence that is done (the scheduler freed its blocks)."""
+        self._by_seq.pop(seq_id, None)
+        self.runner.release(seq_id)
+        if self.speculator is not None:
+            self.speculator.forget(seq_id)
 
     # --- figures -------------------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ class Speculator:
             self.draft_model = build_model(loaded, gen, flash_attn=config.flash_attn).eval()
             self.drafter = sd.DraftModelDrafter(self._draft_logits, spec.num_speculative_tokens)
         self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
+        # Per sequence: drafting stops while its recent acceptance is below the spec's threshold.
+        self.gate = sd.SpeculationGate(spec.acceptance_threshold)
 
     def _draft_logits(self, contexts: list[list[int]]) -> torch.Tensor:
         """Next-token logits of the draft model for each context (its latest DRAFT_CONTEXT tokens),
@@ -77,7 +79,7 @@ class Speculator:
             room = seq.max_tokens - len(seq.output_token_ids) - 1
             # Penalties change the target distribution token by token; such requests decode plainly.
             if seq.output_token_ids and seq.num_tokens - seq.num_computed_tokens == 1 and room > 0 \
-                    and not req.params.has_penalties:
+                    and not req.params.has_penalties and self.gate.allows(seq.seq_id):
                 candidates.append((seq, room))
         if not candidates:
             return
@@ -100,6 +102,7 @@ class Speculator:
         if greedy and targets is not None:
             tokens = sd.greedy_accept(list(drafts), targets)
             self.acceptance.update(len(drafts), len(tokens) - 1)
+            self.gate.record(choice.seq.seq_id, len(drafts), len(tokens) - 1)
             if req.params.logprobs is None:
                 return [SampleResult(t, None, None) for t in tokens]
             return sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
@@ -113,5 +116,10 @@ class Speculator:
             emitted, accepted = sd.rejection_sample(draft, None, probs[None], generator)
         self.acceptance.update(len(drafts), accepted)
         tokens = emitted[0]
+        self.gate.record(choice.seq.seq_id, len(drafts), len(tokens) - 1)
         return sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
                                    [req.params] * len(tokens))
+
+    def forget(self, seq_id: int) -> None:
+        """A sequence finished or was aborted: the gate drops what it knew of it."""
+        self.gate.forget(seq_id)

@@ -9,9 +9,12 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vibee.ir.spec import KindConfig, knob
+from vibee.kinds.speculative_decode.speedup import claimed_speedup, expected_speedup, expected_tokens_per_step
 
 MAX_SPECULATIVE_TOKENS = 16
 MAX_NGRAM = 8
+# The acceptance rates `vibee explain` predicts the speed-up for when --acceptance is not given.
+EXPLAIN_ACCEPTANCE_RATES = (0.5, 0.7, 0.8, 0.9)
 
 
 class NgramConfig(BaseModel):
@@ -46,6 +49,7 @@ class SpeculativeDecodeConfig(KindConfig):
         "verify_draft": "verify_draft: the spec's verification rule applied to target logits",
         "track_acceptance": "AcceptanceTracker.update: running acceptance statistics",
         "speculation_enabled": "speculation_enabled: whether a batch of this size speculates",
+        "gate_speculation": "SpeculationGate.allows: whether a sequence drafts, given its recent acceptance",
     }
     # What a spec test case may say; the generated test gives each key a meaning (see test.py.j2).
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
@@ -92,6 +96,21 @@ class SpeculativeDecodeConfig(KindConfig):
         default=None, strict=True, description="Turn speculation off for batches larger than this; null keeps it on."
     )
 
+    acceptance_threshold: float = knob("runtime", flag="--speculative-acceptance-threshold",
+        default=0.2, strict=True,
+        description="A sequence whose recent drafts are accepted at a rate below this stops drafting, "
+        "and drafts again after a pause to re-measure; 0 never stops.",
+    )
+
+    @field_validator("acceptance_threshold", mode="before")
+    @classmethod
+    def _threshold_is_a_rate(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # `acceptance_threshold: 0` is a rate too
+        if isinstance(value, float) and not 0.0 <= value < 1.0:
+            raise ValueError(f"acceptance_threshold must be at least 0 and below 1, got {value}")
+        return value
+
     @field_validator("num_speculative_tokens")
     @classmethod
     def _k_in_range(cls, value: int) -> int:
@@ -106,17 +125,26 @@ class SpeculativeDecodeConfig(KindConfig):
             raise ValueError(f"disable_by_batch_size must be a positive batch size or null, got {value}")
         return value
 
-    def derived(self, shape=None) -> dict[str, str]:  # shape: the model explain is run for (unused here)
+    def derived(self, shape=None, acceptance_rates=None) -> dict:  # shape: unused here
+        """Figures for `vibee explain`; `acceptance_rates` (default EXPLAIN_ACCEPTANCE_RATES) are the
+        per-token acceptance rates a the predicted speed-up is printed for."""
         k = self.num_speculative_tokens
-        figures = {
+        figures: dict = {
             "drafter": self.method
             + (f" (n = {self.ngram.max_n} down to {self.ngram.min_n})" if self.method == "ngram" else ""),
             "positions verified per target forward": str(k + 1),
         }
-        # With acceptance rate a per token, a step emits sum_{j=0..k} a^j = (1 - a^(k+1)) / (1 - a) tokens.
-        for alpha in (0.5, 0.7, 0.9):
-            expected = (1 - alpha ** (k + 1)) / (1 - alpha)
-            figures[f"tokens per target forward at acceptance {alpha}"] = f"{expected:.2f}"
+        # An n-gram draft runs no model (c = 0); a draft model's cost is measured, not known from the spec.
+        cost = "c = 0: n-gram drafts run no model" if self.method == "ngram" else "c = 0 assumed: measure the draft model's cost"
+        table = figures[f"predicted speed-up, k = {k} ({cost})"] = {}
+        for alpha in acceptance_rates or EXPLAIN_ACCEPTANCE_RATES:
+            table[f"acceptance {alpha}"] = {
+                "tokens per target forward E": round(expected_tokens_per_step(alpha, k), 2),
+                "original formula 1/(1-a+a/k)": round(claimed_speedup(alpha, k), 2),
+                "standard form E/(1+k*c)": round(expected_speedup(alpha, k, 0.0), 2),
+            }
         if self.disable_by_batch_size is not None:
             figures["speculation"] = f"off for batches larger than {self.disable_by_batch_size}"
+        if self.acceptance_threshold > 0:
+            figures["per-sequence drafting"] = f"paused while recent acceptance is below {self.acceptance_threshold}"
         return figures

@@ -1,9 +1,10 @@
 """What a generated speculative_decode module provides to the engine: the drafters it builds, the
-verifiers of a speculative step and the acceptance tracker behind /v1/inference/stats."""
+verifiers of a speculative step, the acceptance tracker behind /v1/inference/stats, the per-sequence
+gate that pauses drafting that does not pay, and the predicted speed-up formulas."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
@@ -25,6 +26,18 @@ class AcceptanceTracker(Protocol):
     def figures(self) -> dict[str, Any]: ...
 
 
+class SpeculationGate(Protocol):
+    def allows(self, seq_id: Hashable) -> bool: ...
+
+    def record(self, seq_id: Hashable, num_drafted: int, num_accepted: int) -> None: ...
+
+    def forget(self, seq_id: Hashable) -> None: ...
+
+    def recent_acceptance(self, seq_id: Hashable) -> float | None: ...
+
+    def figures(self) -> dict[str, Any]: ...
+
+
 class SpeculativeDecodeModule(Protocol):
     """The generated speculative_decode module (vibee_gen/<module>.py)."""
 
@@ -38,6 +51,15 @@ class SpeculativeDecodeModule(Protocol):
     def AcceptanceTracker(self, num_speculative_tokens: int) -> AcceptanceTracker: ...
 
     def greedy_accept(self, draft_tokens: Sequence[int], target_tokens: Sequence[int]) -> list[int]: ...
+
+    def SpeculationGate(self, acceptance_threshold: float, window_tokens: int = ...,
+                        pause_steps: int = ...) -> SpeculationGate: ...
+
+    def claimed_speedup(self, acceptance_rate: float, k: int) -> float: ...
+
+    def expected_tokens_per_step(self, acceptance_rate: float, k: int) -> float: ...
+
+    def expected_speedup(self, acceptance_rate: float, k: int, draft_cost: float = ...) -> float: ...
 
     def greedy_verify(self, draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]: ...
 
