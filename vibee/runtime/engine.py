@@ -27,6 +27,7 @@ from vibee.runtime.sampler import PendingSample, SampleResult, Sampler, Sampling
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model
 from vibee.runtime.speculation import Speculator
+from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,6 +124,9 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
+        # With --speculative: whether drafting pays right now, measured (plain steps overlap, speculative ones can't).
+        self.speed_gate = SpeedGate() if self.speculative else None
+        self._num_generated = 0  # tokens read back so far (the speed gate's numerator)
         self._in_flight: _Launched | None = None  # the step whose tokens are not read yet
         self._last_read = 0.0  # perf_counter when the last step's tokens were read
         self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
@@ -241,6 +245,7 @@ class LLMEngine:
         runs it, and report every request that changed. Outputs come a step after their tokens
         were sampled; a step whose inputs need the previous tokens on the host (speculative
         drafts, penalties) waits for them first."""
+        started, generated = time.perf_counter(), self._num_generated
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
         if previous is not None and not self._can_overlap():
@@ -254,18 +259,23 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 outputs += self._resolve(launched)
+        if self.speed_gate is not None:
+            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started)
         return outputs
+
+    def _speculating(self) -> bool:
+        return self.speed_gate is not None and self.speed_gate.speculating
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before the last one's tokens are on the host."""
-        return not self.speculative and self._num_penalized == 0
+        return not self._speculating() and self._num_penalized == 0
 
     def _launch(self, previous: _Launched | None) -> _Launched | None:
         """Schedule a step, queue its forward and sampling on the device, and advance the
         scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
-        if self.speculator is not None:
+        if self._speculating():
             self.speculator.propose(self.scheduler.running, self._by_seq)
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -379,6 +389,7 @@ class LLMEngine:
             num_prompt_tokens=launched.new_prompt_tokens, num_generation_tokens=num_generated,
             batch_size=len(launched.sched.scheduled), step_time=step_time)
         self.report.record_step(stats, launched.computed_prefill, now)
+        self._num_generated += num_generated
         return outputs
 
     def _stop_token_at(self, seq, index: int) -> None:
