@@ -20,7 +20,7 @@ from vibee.runtime.detokenizer import IncrementalDetokenizer
 from vibee.runtime.engine_report import EngineStats, applied_quantization, engine_info, engine_stats
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.kv_sizing import decide_num_blocks, run_worst_case_step
-from vibee.runtime.model_runner import ModelRunner
+from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.outputs import RequestOutput, StepStats
 from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
 from vibee.runtime.sampler import PendingSample, SampleResult, Sampler, SamplingRow
@@ -35,7 +35,6 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # previous one runs, so the previous step's tokens are known on the device (the next step reads
 # them there) but not yet on the host. The engine puts the real token in its place a step later.
 PLACEHOLDER = -1
-MAX_VERIFY_ROWS = 256  # the most rows a speculative step's decode graph takes (see _graph_rows)
 
 
 @dataclass
@@ -111,7 +110,8 @@ class LLMEngine:
                                          device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, device=self.device,
-                                  block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=self._graph_rows(),
+                                  block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=decode_graph_rows(
+                                      self.max_num_seqs, self.gen.configs.speculative_decode if self.speculative else None),
                                   max_model_len=self.max_model_len, max_num_batched_tokens=self.max_num_batched_tokens,
                                   use_graphs=bool(scratch),
                                   num_splits=self.gen.flash_attention.num_splits_for(self.max_model_len))
@@ -154,17 +154,6 @@ class LLMEngine:
     def _wants_graphs(self) -> bool:
         return (self.device.startswith("cuda") and self.use_kv_cache and self.config.flash_attn
                 and not self.config.enforce_eager)
-
-    def _graph_rows(self) -> int:
-        """Rows of the largest decode graph: a row per sequence, or with speculation k + 1 per
-        sequence it may draft for (at most MAX_VERIFY_ROWS: the graphs' pool must stay within
-        the memory reserved for it)."""
-        rows = self.max_num_seqs
-        if self.speculative:
-            spec = self.gen.configs.speculative_decode
-            drafting = min(self.max_num_seqs, spec.disable_by_batch_size or self.max_num_seqs)
-            rows = max(rows, min(drafting * (spec.num_speculative_tokens + 1), MAX_VERIFY_ROWS))
-        return rows
 
     @property
     def kv_capacity_tokens(self) -> int:
