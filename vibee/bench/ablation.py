@@ -250,6 +250,7 @@ def plot_ablation(rows: list[AblationRow], path: Path, title: str) -> Path:
     ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
     ax.set_xticks([], minor=True)
     ax.set_yticks(ys, labels)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlabel("measured ratio (on vs off; memory: saving)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="x")
@@ -298,8 +299,8 @@ def measure(base, make_workload: Callable[[Any], Workload], *, temperature: floa
             draft = engine.speculator.draft_model
             # c: the draft's weight bytes over the target's (a decode step reads each once).
             cost = engine.gen.quantization.weight_bytes(draft) / engine.weight_bytes if draft is not None else 0.0
-            spec[drafter] = speculative_figures(out, runs["batch1_plain"], engine.gen.configs.speculative_decode.
-                                                num_speculative_tokens, cost, engine.gen.speculative_decode)
+            k = engine.gen.configs.speculative_decode.num_speculative_tokens
+            spec[drafter] = speculative_figures(out, runs["batch1_plain"], k, cost, engine.gen.speculative_decode)
             return out
         return work
 
