@@ -100,7 +100,9 @@ class LLMEngine:
         # scratch that the padding rows of a captured batch write to.
         # memory_profile: filled when sized from a profiled GPU step.
         self.num_blocks, self.memory_profile = decide_num_blocks(
-            config=config, kv_spec=kv_spec, device=self.device, bytes_per_block=self.kv_bytes_per_block,
+            config=config, kv_spec=kv_spec, device=self.device,
+            bytes_per_block=self.kv_bytes_per_block + (self.speculator.draft_bytes_per_block(self.block_size)
+                                                       if self.speculator is not None else 0),
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, block_size=self.block_size, wants_graphs=self._wants_graphs(),
             run_worst_case_step=self._run_worst_case_step)
@@ -109,6 +111,8 @@ class LLMEngine:
                                          self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype,
                                          device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
+        if self.speculator is not None:
+            self.speculator.start_draft_cache(kv, num_blocks=self.num_blocks, max_batched_tokens=self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, device=self.device,
                                   block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=decode_graph_rows(
                                       self.max_num_seqs, self.gen.configs.speculative_decode if self.speculative else None),
@@ -144,7 +148,8 @@ class LLMEngine:
             self.model, device=self.device, block_size=self.block_size,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len, num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
-            draft_step=(lambda: spec.worst_case_draft_step(self.max_num_seqs, self.max_model_len)) if spec else None)
+            draft_step=(lambda: spec.worst_case_draft_step(self.max_num_batched_tokens, self.max_num_seqs,
+                                                           self.max_model_len)) if spec else None)
 
     @property
     def acceptance(self):
