@@ -46,6 +46,7 @@ class Speculator:
             self.draft_model = build_model(loaded, gen, flash_attn=config.flash_attn).eval()
             self.drafter = None  # the DraftRunner, once the KV cache is sized (start_draft_cache)
         self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
+        self.ngram_indexes: dict[int, Any] = {}  # seq_id -> its NgramIndex (n-gram drafts in O(n) a step)
         # Per sequence: drafting stops while its recent acceptance is below the spec's threshold.
         self.gate = sd.SpeculationGate(spec.acceptance_threshold)
 
@@ -91,7 +92,11 @@ class Speculator:
             return
         if self.draft_model is None:
             for seq, room in candidates:
-                seq.draft_token_ids = self.drafter.propose(seq.all_token_ids)[:room]
+                index = self.ngram_indexes.get(seq.seq_id)
+                if index is None:
+                    index = self.ngram_indexes[seq.seq_id] = self.gen.speculative_decode.NgramIndex(self.drafter)
+                index.extend(seq.token_prefix(seq.num_tokens)[len(index.tokens):])  # what it gained since
+                seq.draft_token_ids = index.propose()[:room]
         else:
             # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
             rows = self.drafter.propose([seq.token_prefix(seq.num_tokens) for seq, _ in candidates],
@@ -130,5 +135,6 @@ class Speculator:
     def forget(self, seq_id: int) -> None:
         """A sequence finished or was aborted: the gate and the draft's cache drop what they kept."""
         self.gate.forget(seq_id)
+        self.ngram_indexes.pop(seq_id, None)
         if self.draft_model is not None:
             self.drafter.forget(seq_id)
