@@ -9,7 +9,8 @@ import pytest
 
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine, prompts
-from vibee.runtime.engine import PLACEHOLDER, LLMEngine
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.launched_step import PLACEHOLDER
 from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.speed_gate import SpeedGate

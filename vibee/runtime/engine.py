@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +19,11 @@ from vibee.runtime.detokenizer import IncrementalDetokenizer
 from vibee.runtime.engine_report import EngineStats, applied_quantization, engine_info, engine_stats
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.kv_sizing import decide_num_blocks, run_worst_case_step
+from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
 from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.outputs import RequestOutput, StepStats
 from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
-from vibee.runtime.sampler import PendingSample, SampleResult, Sampler, SamplingRow
+from vibee.runtime.sampler import Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model
 from vibee.runtime.speculation import Speculator
@@ -31,28 +31,6 @@ from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# An output token recorded before the host read it: a step is scheduled and launched while the
-# previous one runs, so the previous step's tokens are known on the device (the next step reads
-# them there) but not yet on the host. The engine puts the real token in its place a step later.
-PLACEHOLDER = -1
-
-
-@dataclass
-class _Launched:
-    """A step on its way: what it runs, and what becomes of its sampled tokens once they are read."""
-
-    sched: Any
-    sampling: list[tuple]  # (sequence, first logits row, drafts, request, choice) of each sequence that samples
-    before: list[int]  # each one's output length before the step (where its first new token goes)
-    pending: PendingSample | None  # the plain rows' tokens on their way to the host
-    results: dict[int, list[SampleResult]] | None  # seq_id -> emitted tokens' results, when read at launch
-    # seq_id -> its row in the runner's `sampled`, for sequences holding a PLACEHOLDER for this step's token
-    placeholders: dict[int, int]
-    started: float  # perf_counter at launch
-    new_prompt_tokens: int
-    computed_prefill: int
-    prefix_queries: int  # the block manager's counters before the step
-    prefix_hits: int
 
 
 class LLMEngine:
@@ -131,7 +109,7 @@ class LLMEngine:
         # With --speculative: whether drafting pays right now, measured (plain steps overlap, speculative ones can't).
         self.speed_gate = SpeedGate() if self.speculative else None
         self._num_generated = 0  # tokens read back so far (the speed gate's numerator)
-        self._in_flight: _Launched | None = None  # the step whose tokens are not read yet
+        self._in_flight: LaunchedStep | None = None  # the step whose tokens are not read yet
         self._last_read = 0.0  # perf_counter when the last step's tokens were read
         self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
         self._requests: dict[str, Request] = {}
@@ -264,7 +242,7 @@ class LLMEngine:
         """Whether the next step may be scheduled before the last one's tokens are on the host."""
         return not self._speculating() and self._num_penalized == 0
 
-    def _launch(self, previous: _Launched | None) -> _Launched | None:
+    def _launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule a step, queue its forward and sampling on the device, and advance the
         scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
@@ -304,7 +282,7 @@ class LLMEngine:
                                                               choice.generator) for seq, _, _, req, choice in plain])
                 self.runner.sampled[: len(plain)].copy_(pending.tokens)  # where the next step reads them
         before = [len(s[0].output_token_ids) for s in sampling]
-        launched = _Launched(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
+        launched = LaunchedStep(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
                              queries0, hits0)
         if pending is not None and len(plain) == len(sampling) and self._can_overlap():
             launched.placeholders = {s[0].seq_id: j for j, s in enumerate(plain)}
@@ -327,7 +305,7 @@ class LLMEngine:
         self.scheduler.update(sched, sampled)
         return launched
 
-    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+    def _resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
         """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
         applied, text made, outputs reported, finished requests retired, the step recorded."""
         placeholders = launched.placeholders
