@@ -129,19 +129,31 @@ def engine_config(**flags: Any):
     return config
 
 
+def render_user_error(exc: BaseException) -> str | None:
+    """The text a mistake in the specs, the model directory or a setting is reported with (a spec
+    error with its source line and caret); None for anything else (a bug: it keeps its traceback)."""
+    from vibee.frontend.errors import SpecError
+    from vibee.runtime.async_engine import EngineStartError
+    from vibee.runtime.loader import LoadError
+
+    if isinstance(exc, SpecError):
+        return "\n".join(d.render() for d in exc.diagnostics)
+    if isinstance(exc, EngineStartError):
+        return str(exc)  # rendered in the engine's process
+    if isinstance(exc, (LoadError, ValueError, OSError)):
+        return f"error: {exc}"
+    return None
+
+
 @contextmanager
 def user_errors():
-    """A mistake in the specs, the model directory or a setting ends the command with its message
-    (a spec error with its source line and caret) and exit 2, never a traceback."""
-    from vibee.runtime.loader import LoadError
-    from vibee.frontend.errors import SpecError
-
+    """A user's mistake ends the command with its message (render_user_error) and exit 2, never
+    a traceback."""
     try:
         yield
-    except SpecError as exc:
-        for d in exc.diagnostics:
-            click.echo(d.render(), err=True)
-        sys.exit(2)
-    except (LoadError, ValueError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
+    except Exception as exc:
+        text = render_user_error(exc)
+        if text is None:
+            raise
+        click.echo(text, err=True)
         sys.exit(2)

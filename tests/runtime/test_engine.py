@@ -341,33 +341,6 @@ def test_speculative_stop_string_inside_accepted_drafts(tiny, baseline, draft_di
     assert cut.finish_reason == "stop" and cut.token_ids == plain.token_ids[:len(cut.token_ids)]
 
 
-def test_async_engine_cancel_frees_kv(tiny):
-    from vibee.runtime.async_engine import AsyncEngine, EngineClosed
-
-    model_dir, _ = tiny
-    aeng = AsyncEngine(engine(model_dir))
-
-    async def scenario():
-        done = [out async for out in aeng.generate(prompts([8])[0], SamplingParams(max_tokens=5, **GREEDY), "a")]
-        assert done[-1].finished and len(done[-1].outputs[0].token_ids) == 5
-        gen = aeng.generate(prompts([30])[0], SamplingParams(max_tokens=400, **GREEDY), "b")
-        async for out in gen:
-            if len(out.outputs[0].token_ids) >= 3:
-                break
-        await gen.aclose()  # the client went away
-        for _ in range(200):
-            if not aeng.engine.has_unfinished():
-                break
-            await asyncio.sleep(0.01)
-        assert aeng.engine.block_manager.num_free_blocks() == aeng.engine.num_blocks
-        await aeng.shutdown(timeout=1.0)
-        with pytest.raises(EngineClosed):
-            async for _ in aeng.generate(prompts([8])[0], SamplingParams(max_tokens=5), "c"):
-                pass
-
-    asyncio.run(scenario())
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("flash_attn", [True, False])

@@ -39,7 +39,8 @@ def _env(tmp_path) -> dict:
     return {**os.environ, "VIBEE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
 
-def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
+def _start_serving(model_dir, tmp_path):
+    """(the `vibee serve` process, its log lines so far, its reader thread, its URL) once healthy."""
     port = _free_port()
     proc = subprocess.Popen([*VIBEE, "serve", "--model", str(model_dir), "--port", str(port), "--num-kv-blocks", "64"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
@@ -47,16 +48,34 @@ def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, log, reader, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("".join(log))
+        time.sleep(0.2)
+
+
+def _engine_processes(pid: int) -> list[int]:
+    """The children of `pid` that multiprocessing spawned, but its resource tracker."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
+    proc, log, reader, url = _start_serving(model_dir, tmp_path)
+    port = url.rsplit(":", 1)[1]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(log)
-            time.sleep(0.2)
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
         chunks = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
@@ -78,6 +97,21 @@ def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
     assert f"http://127.0.0.1:{port}/v1" in out
     assert "vibee serve: stopped" in out
     assert "Traceback" not in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the engine process through /proc")
+def test_serve_exits_with_the_reason_when_the_engine_process_dies(model_dir, tmp_path):
+    proc, log, reader, url = _start_serving(model_dir, tmp_path)
+    try:
+        (engine_pid,) = _engine_processes(proc.pid)
+        os.kill(engine_pid, signal.SIGKILL)
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    out = "".join(log)
+    assert "the engine process exited (exit code -9); vibee serve stopped" in out, out
 
 
 @pytest.mark.parametrize("args, message", [

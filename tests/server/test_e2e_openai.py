@@ -149,23 +149,23 @@ def test_errors(real_engine_app):
 
 def test_disconnect_frees_kv_blocks(real_engine_app):
     s = real_engine_app
-    before = s.engine.stats()["requests"]["aborted"]
+    before = _stats(s)["requests"]["aborted"]
     body = {"model": s.model, "messages": CHAT, "max_tokens": 200, "temperature": 1.0, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
-    assert wait_until(lambda: s.engine.stats()["requests"]["aborted"] == before + 1, timeout=10)
-    assert wait_until(lambda: s.engine.stats()["requests"]["running"] == 0, timeout=10)
-    assert s.engine.stats()["kv_cache"]["used_blocks"] == 0
+    assert wait_until(lambda: _stats(s)["requests"]["aborted"] == before + 1, timeout=10)
+    assert wait_until(lambda: _stats(s)["requests"]["running"] == 0, timeout=10)
+    assert _stats(s)["kv_cache"]["used_blocks"] == 0
     metrics = httpx.get(s.url + "/metrics").text
     assert 'vibee:request_success_total{finished_reason="abort"' in metrics
 
 
 def test_concurrent_requests_are_batched(real_engine_app):
     s = real_engine_app
-    steps_before = s.engine.stats()["batching"]["steps"]
+    steps_before = _stats(s)["batching"]["steps"]
     results: dict[int, object] = {}
     barrier = threading.Barrier(4)
 
@@ -182,7 +182,7 @@ def test_concurrent_requests_are_batched(real_engine_app):
     assert sorted(results) == [0, 1, 2, 3]
     assert all(r.usage.completion_tokens == 48 and r.choices[0].finish_reason == "length" for r in results.values())
     # 4 x 48 tokens took fewer steps than running them one after another would.
-    assert s.engine.stats()["batching"]["steps"] - steps_before < 4 * 48
+    assert _stats(s)["batching"]["steps"] - steps_before < 4 * 48
 
 
 def test_shutdown_refuses_new_requests(engine_config):
@@ -194,6 +194,11 @@ def test_shutdown_refuses_new_requests(engine_config):
         with pytest.raises(openai.InternalServerError) as info:
             s.client.completions.create(model=s.model, prompt="hi", max_tokens=2)
         assert info.value.status_code == 503
+
+
+def _stats(s) -> dict:
+    """The engine's live figures, as a client reads them (the engine runs in its own process)."""
+    return httpx.get(s.url + "/v1/inference/stats").json()
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -237,8 +242,8 @@ def test_32_concurrent_streams_finish_and_free_everything(real_engine_app):
     results = asyncio.run(all_of_them())
     assert [r[0] for r in sorted(results, key=lambda r: r[2])] == lengths
     assert all(r[3] == "length" for r in results)
-    assert wait_until(lambda: s.engine.stats()["requests"]["running"] == 0, timeout=10)
-    stats = s.engine.stats()
+    assert wait_until(lambda: _stats(s)["requests"]["running"] == 0, timeout=10)
+    stats = _stats(s)
     assert stats["kv_cache"]["used_blocks"] == 0 and stats["requests"]["waiting"] == 0
     assert stats["batching"]["avg_batch_size"] > 1
     after = httpx.get(s.url + "/metrics").text

@@ -8,6 +8,7 @@ anywhere but the running engine shows up as a mismatch."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Iterator
 
 import httpx
@@ -24,11 +25,13 @@ BLOCK_SIZE, NUM_BLOCKS, MAX_MODEL_LEN = 8, 37, 96
 
 @pytest.fixture(scope="module", params=["int8", "none"])
 def served(request, tmp_path_factory):
-    """(info JSON, the AsyncEngine, the transformers model the weights came from), int8 or not."""
+    """(info JSON, the AsyncEngine, the transformers model the weights came from, an LLMEngine
+    built here from the same config: the served one runs in its own process), int8 or not."""
     pytest.importorskip("transformers")
     from tests.runtime.hf_models import make_model
     from vibee.runtime.async_engine import AsyncEngine
     from vibee.runtime.config import EngineConfig
+    from vibee.runtime.engine import LLMEngine
     from vibee.server.app import create_app
 
     root = tmp_path_factory.mktemp("info")
@@ -38,9 +41,10 @@ def served(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VIBEE_CACHE_DIR", str(root / "cache"))  # modules generated for these flags go here
         engine = AsyncEngine.from_config(config, progress=False)
+        direct = LLMEngine(config, progress=False)
     try:
         with serve(create_app(engine)) as url:
-            yield httpx.get(url + "/v1/inference/info").json(), engine, hf
+            yield httpx.get(url + "/v1/inference/info").json(), engine, hf, direct
     finally:
         asyncio.run(engine.shutdown(timeout=0.0))
 
@@ -55,15 +59,16 @@ def _served_values(hf) -> dict[str, Any]:
 
 
 def test_info_model_is_the_served_model(served):
-    info, engine, hf = served
+    info, engine, hf, direct = served
     model = info["model"]
     assert {k: model[k] for k in _served_values(hf)} == _served_values(hf)
     assert model["name"] == engine.served_model_name == "tiny"
+    assert info == json.loads(json.dumps(direct.info()))  # the engine's own account, unchanged by the pipe
 
 
 def test_info_model_matches_the_running_modules(served):
-    info, engine, _ = served
-    model, running = info["model"], engine.engine
+    info, _, _, running = served
+    model = info["model"]
     decoder = running.model.model
     attn = decoder.layers[0].self_attn
     assert model["num_layers"] == len(decoder.layers)
@@ -76,8 +81,8 @@ def test_info_model_matches_the_running_modules(served):
 
 
 def test_info_quantization_is_what_was_applied(served):
-    info, engine, _ = served
-    quantized = sum(type(m).__name__ == "QuantLinear" for m in engine.engine.model.modules())
+    info, engine, _, running = served
+    quantized = sum(type(m).__name__ == "QuantLinear" for m in running.model.modules())
     if engine.config.quant == "none":
         assert quantized == 0 and info["model"]["quantization"] is None
         return
@@ -102,7 +107,7 @@ def _model_facts(doc: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:
 
 
 def test_info_shows_no_model_shape_but_the_served_one(served):
-    info, _, hf = served
+    info, _, hf, _ = served
     truth = _served_values(hf)
     wrong = [(f"{where}.{key}", value) for where, key, value in _model_facts(info) if value != truth[key]]
     assert wrong == []

@@ -1,25 +1,30 @@
-"""The engine behind asyncio: one background thread runs LLMEngine.step in a loop; requests and
-aborts reach it through a queue, and outputs go back to each request's asyncio queue.
+"""The engine as the server sees it: LLMEngine runs in a process of its own (engine_core.py) and
+this client, in the server's process, sends it requests and aborts and hands each step's news to
+the request's OutputStream on its event loop.
 
-A thread rather than an asyncio task: a step is a long synchronous torch call, and the event
-loop must keep serving HTTP (health checks, new requests, disconnects) while it runs.
+A reader thread blocks on the pipe, so the event loop never waits for the engine and the engine
+never waits for the event loop. Observers (the Prometheus metrics) are called on that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import queue
+import multiprocessing
 import threading
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine
+from vibee.runtime.engine_core import EngineFacts, run_engine_core
+from vibee.runtime.output_stream import OutputStream
 from vibee.runtime.outputs import RequestOutput
+from vibee.runtime.requests import check_request
 from vibee.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("vibee.engine")
+STOP_WAIT_S = 10.0  # how long shutdown waits for the engine process before killing it
 
 
 class EngineClosed(Exception):
@@ -27,187 +32,249 @@ class EngineClosed(Exception):
 
 
 class EngineDead(Exception):
-    """A step failed; the requests in flight were failed with this error."""
+    """A step failed, or the engine process exited; the requests in flight failed with this."""
+
+
+class EngineStartError(Exception):
+    """The engine could not start because of a user's mistake; the message is ready to print."""
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, process: Any, conn: Any, facts: EngineFacts):
+        self._process = process
+        self._conn = conn
+        self.facts = facts
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputStream]] = {}
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
+        self._lock = threading.Lock()  # _streams and _calls: the loops add, the reader thread reads
+        self._send_lock = threading.Lock()
+        self._observers: list[Any] = []
         self._accepting = True
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="vibee-engine", daemon=True)
-        self._thread.start()
+        self.dead: str | None = None  # why the engine process is gone
+        self.on_death: Callable[[str], None] | None = None  # called (reader thread) if it dies unasked
+        self._reader = threading.Thread(target=self._read, name="vibee-engine-reader", daemon=True)
+        self._reader.start()
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, progress: bool = True) -> "AsyncEngine":
-        return cls(LLMEngine(config, progress=progress))
+        """Start the engine process and wait until its model is loaded (EngineStartError for a
+        user's mistake, RuntimeError with the engine's traceback for anything else)."""
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA cannot follow a fork
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=run_engine_core, args=(config, theirs, progress), name="vibee-engine",
+                              daemon=True)
+        process.start()
+        theirs.close()
+        try:
+            msg = ours.recv()
+        except EOFError:
+            process.join(STOP_WAIT_S)
+            raise EngineStartError(f"error: the engine process exited while starting (exit code {process.exitcode})") from None
+        if msg[0] == "failed":
+            process.join(STOP_WAIT_S)
+            if msg[2]:
+                raise EngineStartError(msg[1])
+            raise RuntimeError("the engine process failed to start:\n" + msg[1])
+        return cls(process, ours, msg[1])
 
     # --- what the server reads ----------------------------------------------------------------
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.facts.tokenizer
 
     @property
     def model_config(self):
-        return self.engine.model_config
+        return self.facts.model_config
 
     @property
     def config(self) -> EngineConfig:
-        return self.engine.config
+        return self.facts.config
 
     @property
     def served_model_name(self) -> str:
-        return self.engine.config.model_name
+        return self.facts.served_model_name
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.facts.max_model_len
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self.dead is None and not self._stopping and self._process.is_alive()
 
-    def info(self) -> dict[str, Any]:
-        return self.engine.info()
+    async def info(self) -> dict[str, Any]:
+        return await self._call("info")
 
-    def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("stats")
 
     def add_observer(self, observer: Any) -> None:
-        self.engine.add_observer(observer)
+        self._observers.append(observer)
 
     def check_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_prompt(prompt_token_ids, params)
+        f = self.facts
+        check_request(prompt_token_ids, params, vocab_size=f.vocab_size, max_model_len=f.max_model_len,
+                      kv_tokens=f.kv_tokens)
 
     # --- requests -----------------------------------------------------------------------------
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it runs. Leaving the loop early (the client went away)
-        aborts the request and frees its KV blocks."""
+        """Outputs of one request as it runs (each with everything new since the last one).
+        Leaving the loop early (the client went away) aborts the request and frees its KV blocks."""
         if not self._accepting:
             raise EngineClosed("the server is shutting down")
-        self.engine.check_prompt(prompt_token_ids, params)
-        stream: asyncio.Queue = asyncio.Queue()
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        self.check_prompt(prompt_token_ids, params)
+        prompt = list(prompt_token_ids)
+        stream = OutputStream(request_id, prompt, params.n, params.logprobs is not None)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
-        self._wake.set()
         finished = False
         try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            self._send(("add", request_id, prompt, params, time.monotonic()))
+            while not finished:
+                out = await stream.next()
+                finished = out.finished
+                yield out
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
-            if not finished:
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
+            if not finished and stream.error is None:
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        try:
+            self._send(("abort", request_id))
+        except EngineDead:
+            pass  # nothing left to abort
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let those in flight finish for up to `timeout` seconds, abort the
-        rest, and stop the engine thread."""
+        rest, and stop the engine process."""
         self._accepting = False
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self._streams or self.engine.has_unfinished()):
+        while time.monotonic() < deadline and self._streams and self.dead is None:
             await asyncio.sleep(0.02)
-        self._inbox.put(("abort_all",))
         self._stopping = True
-        self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
-
-    # --- the engine thread --------------------------------------------------------------------
-
-    def _deliver(self, request_id: str, item: Any) -> None:
-        with self._lock:
-            target = self._streams.get(request_id)
-        if target is None:
-            return
-        loop, stream = target
         try:
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-        except RuntimeError:  # that event loop is closed: nobody is listening
+            self._send(("abort_all",))
+            self._send(("shutdown",))
+        except EngineDead:
             pass
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._process.join, STOP_WAIT_S)
+        if self._process.is_alive():
+            log.warning("the engine process did not stop in %.0f s; terminating it", STOP_WAIT_S)
+            self._process.terminate()
+            await loop.run_in_executor(None, self._process.join, STOP_WAIT_S)
+        await loop.run_in_executor(None, self._reader.join, STOP_WAIT_S)
+        self._conn.close()
 
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, handed to each listening event loop in one call: waking a loop
-        costs a write to its self-pipe, once per step rather than once per request."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    # --- the pipe -----------------------------------------------------------------------------
+
+    def _send(self, msg: tuple) -> None:
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except (OSError, ValueError):  # a broken or closed pipe: the reader thread reports why
+            raise EngineDead(self.dead or "the engine process is gone") from None
+
+    async def _call(self, name: str) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        call_id = next(self._call_ids)
         with self._lock:
-            for out in outputs:
-                target = self._streams.get(out.request_id)
-                if target is not None:
-                    batches.setdefault(target[0], []).append((target[1], out))
-        for loop, items in batches.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
+            self._calls[call_id] = (loop, future)
+        try:
+            self._send(("call", call_id, name))
+            return await future
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
 
-    def _handle_inbox(self) -> None:
-        while True:
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if msg[0] == "add":
-                _, request_id, prompt, params, arrival = msg
-                with self._lock:
-                    listening = request_id in self._streams
-                if not listening:
-                    continue  # the client left before its request reached the engine
-                try:
-                    self.engine.add_request(request_id, prompt, params, arrival)
-                except ValueError as exc:
-                    self._deliver(request_id, exc)
-            elif msg[0] == "abort":
-                final = self.engine.abort_request(msg[1])
-                if final is not None:
-                    self._deliver(msg[1], final)
-            elif msg[0] == "abort_all":
-                for request_id in self.engine.request_ids():
-                    final = self.engine.abort_request(request_id)
-                    if final is not None:
-                        self._deliver(request_id, final)
+    def _read(self) -> None:
+        """The reader thread: every message from the engine, until its process ends."""
+        try:
+            while True:
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            pass
+        self._ended()
 
-    def _loop(self) -> None:
-        while True:
-            self._handle_inbox()
-            if self._stopping and not self.engine.has_unfinished():
-                return
-            if not self.engine.has_unfinished():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
-                log.exception("engine step failed; failing the requests in flight")
-                error = EngineDead(f"the engine failed while running this request: {exc}")
-                for request_id in self.engine.request_ids():
-                    self.engine.abort_request(request_id)
-                    self._deliver(request_id, error)
-                continue
-            self._deliver_step(outputs)
+    def _dispatch(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "step":
+            _, deltas, steps, finished = msg
+            for observer in self._observers:
+                for stats in steps:
+                    observer.on_step(stats)
+                for stats in finished:
+                    observer.on_request_finished(stats)
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, tuple]]] = {}
+            with self._lock:
+                for delta in deltas:
+                    target = self._streams.get(delta[0])
+                    if target is not None:
+                        batches.setdefault(target[0], []).append((target[1], delta))
+            for loop, items in batches.items():
+                _soon(loop, _add_all, items)  # one wake-up of each loop per step
+        elif kind == "refused":
+            self._fail([msg[1]], ValueError(msg[2]))
+        elif kind == "step_failed":
+            self._fail(msg[1], EngineDead(msg[2]))
+        elif kind == "reply":
+            with self._lock:
+                target = self._calls.get(msg[1])
+            if target is not None:
+                _soon(target[0], _resolve, target[1], msg[2], None)
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        with self._lock:
+            targets = [self._streams[r] for r in request_ids if r in self._streams]
+        for loop, stream in targets:
+            _soon(loop, stream.fail, error)
+
+    def _ended(self) -> None:
+        """The engine process is gone: asked to (shutdown) or not (a crash, a kill)."""
+        self._process.join(STOP_WAIT_S)
+        reason = f"the engine process exited (exit code {self._process.exitcode})"
+        self.dead = reason
+        with self._lock:
+            streams = list(self._streams)
+            calls = list(self._calls.values())
+        self._fail(streams, EngineDead(reason))
+        for loop, future in calls:
+            _soon(loop, _resolve, future, None, EngineDead(reason))
+        if not self._stopping:
+            log.error("%s; the requests in flight failed", reason)
+            if self.on_death is not None:
+                self.on_death(reason)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for stream, item in items:
-        stream.put_nowait(item)
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that event loop is closed: nobody is listening
+        pass
+
+
+def _add_all(items: list[tuple[OutputStream, tuple]]) -> None:
+    for stream, (_, finished, num_cached, changes) in items:
+        stream.add(finished, num_cached, changes)
+
+
+def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -8,6 +8,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from vibee.runtime.kv_sizing import format_bytes
 from vibee.runtime.outputs import RequestStats, StepStats
 
 if TYPE_CHECKING:
@@ -158,3 +159,31 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+def startup_summary(engine: LLMEngine) -> list[str]:
+    """The startup summary: model, precision, KV capacity, and each optimization's state."""
+    e = engine
+    mc = e.model_config
+    lines = [
+        f"model      {e.config.model_source} ({mc.architecture}, {mc.num_layers} layers, hidden {mc.hidden_size}, "
+        f"{mc.num_heads}/{mc.num_kv_heads} heads) served as '{e.config.model_name}'",
+        f"device     {e.device} {e.dtype_name}; max_model_len {e.max_model_len}",
+        f"weights    {format_bytes(e.weight_bytes_loaded)}" + (
+            f" -> {format_bytes(e.weight_bytes)} after --quant {e.config.quant}" if e.config.quant != "none" else ""),
+        f"kv cache   {e.num_blocks} blocks x {e.block_size} tokens = {e.kv_capacity_tokens} tokens "
+        f"({format_bytes(e.num_blocks * e.kv_bytes_per_block)})" + ("" if e.use_kv_cache else "  [--no-kv-cache: recompute]"),
+    ]
+    if e.memory_profile is not None:
+        p = e.memory_profile
+        lines.append(f"memory     sized at --gpu-memory-utilization {p['utilization']} of {format_bytes(p['total_bytes'])}: "
+                     f"{format_bytes(p['in_use_bytes'])} in use before the KV cache (weights {format_bytes(p['weights_bytes'])}), "
+                     f"activation peak {format_bytes(p['activation_peak_bytes'])} (profiled), "
+                     f"CUDA graph reserve {format_bytes(p['graph_reserve_bytes'])}")
+    lines += [
+        f"batching   max_num_seqs {e.max_num_seqs}, max_num_batched_tokens {e.max_num_batched_tokens}, "
+        f"prefix caching {'on' if e.enable_prefix_caching else 'off'}",
+        f"attention  {'generated flash_attention' if e.config.flash_attn else 'generated reference (--no-flash-attn)'}",
+        f"modules    {e.gen.source}",
+    ]
+    return lines

@@ -127,10 +127,20 @@ class Tokenizer:
         self._fix_bos(cfg.get("add_bos_token"))
         self.chat_template_source = source
         self.has_chat_template = chat_template is not None
+        self._template_text = chat_template or FALLBACK_CHAT_TEMPLATE
         try:
-            self._template = _environment().from_string(chat_template or FALLBACK_CHAT_TEMPLATE)
+            self._template = _environment().from_string(self._template_text)
         except jinja2.exceptions.TemplateSyntaxError as err:
             raise LoadError(f"{source}: chat_template has a syntax error on line {err.lineno}: {err.message}") from None
+
+    # Pickled to the server process (the engine runs in a process of its own): a compiled
+    # template does not pickle, its source does.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_template"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._template = _environment().from_string(self._template_text)
 
     def _fix_bos(self, add_bos: Any) -> None:
         """tokenizer_config.json's add_bos_token overrides what tokenizer.json's post-processor does,

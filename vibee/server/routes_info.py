@@ -47,9 +47,9 @@ async def get_model(model: str, state: State) -> ModelCard:
 async def inference_info(state: State) -> JSONResponse:
     """The engine's account of itself: the served model under "model" (its shape, dtype, context,
     the quantization applied and its KV blocks), then each optimization as specs and flags set it."""
-    return JSONResponse(state.engine.info())
+    return JSONResponse(await state.ask("info"))
 
 
 @router.get("/v1/inference/stats")
 async def inference_stats(state: State) -> JSONResponse:
-    return JSONResponse(state.engine.stats())
+    return JSONResponse(await state.ask("stats"))

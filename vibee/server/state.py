@@ -6,8 +6,9 @@ parameter `state: State` and FastAPI hands it over (no closures over create_app'
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Annotated, Any, AsyncIterator, Protocol
+from typing import Annotated, Any, AsyncIterator, Awaitable, Protocol
 
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
@@ -29,9 +30,9 @@ class EngineClient(Protocol):
 
     def check_prompt(self, prompt_token_ids: list[int], params: Any) -> None: ...
 
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> dict[str, Any] | Awaitable[dict[str, Any]]: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any] | Awaitable[dict[str, Any]]: ...
 
     def add_observer(self, observer: Any) -> None: ...
 
@@ -68,6 +69,11 @@ class ServerState:
         if alive is None:
             return True
         return bool(alive() if callable(alive) else alive)
+
+    async def ask(self, name: str) -> dict[str, Any]:
+        """The engine's info() or stats(): a reply from the engine's process, or a plain value."""
+        value = getattr(self.engine, name)()
+        return await value if inspect.isawaitable(value) else value
 
     def token_text(self, token_id: int) -> str:
         """A token's text with special tokens spelled out (logprobs show every token)."""
