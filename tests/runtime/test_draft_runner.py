@@ -88,3 +88,24 @@ def test_a_sequence_without_draft_blocks_gets_no_drafts(draft):
     runner = DraftRunner(draft, gen.kv_cache, num_blocks=2, block_size=16, k=K, max_batched_tokens=100)
     drafts = runner.propose([[5] * 20, [6] * 20], [0, 1])
     assert len(drafts[0]) == K and drafts[1] == []  # the second does not fit in the blocks left
+
+
+def test_warm_decode_meets_every_split_count_and_writes_only_scratch(draft):
+    """The draft's eager decode compiles a kernel variant per KV split count: warm_decode runs
+    each count once, at the shortest KV length that gets it, over the scratch block only."""
+    from vibee.runtime.warmup import warm_decode
+
+    gen = generated()
+    fa = draft.attention.fa
+    cache = gen.kv_cache.PagedKVCache(draft.config.num_layers, 40, draft.config.num_kv_heads, draft.config.head_dim,
+                                      dtype=torch.float32, device="cpu", block_size=16)
+    pages = [p.data for p in cache.k_pages + cache.v_pages]
+    for data in pages:
+        data.normal_()
+    before = [data.clone() for data in pages]
+    lens = warm_decode(draft, cache, block_size=16, scratch_block=3)
+    splits = [fa.num_splits_for(n) for n in lens]
+    assert splits == list(range(1, fa.MAX_SPLITS + 1))  # each count once, in order
+    assert all(fa.num_splits_for(n - fa.MIN_BLOCK_KV) < s for n, s in zip(lens, splits) if n > fa.MIN_BLOCK_KV)
+    for old, new in zip(before, pages):
+        assert (old != new).flatten(1).any(dim=1).nonzero().flatten().tolist() == [3]  # the scratch block only

@@ -189,6 +189,30 @@ def test_speed_gate_keeps_the_faster_mode_and_measures_again():
         SpeedGate(probe_steps=0)
 
 
+def test_speed_gate_waits_longer_each_time_plain_wins_again_and_skips_prefill_in_probes():
+    gate = SpeedGate(probe_steps=2, hold_steps=3)
+
+    def cycle(spec_rate: int, plain_rate: int) -> int:
+        """One probe of each mode; returns how many steps the hold that follows lasts."""
+        assert gate.phase == "probe_on"
+        gate.record(tokens=100, seconds=1.0, prefill=True)  # not timed: a prefill would decide the probe
+        for _ in range(2):
+            gate.record(tokens=spec_rate, seconds=1.0)
+        for _ in range(2):
+            gate.record(tokens=plain_rate, seconds=1.0)
+        assert gate.phase == "hold"
+        held = 0
+        while gate.phase == "hold":
+            gate.record(tokens=1, seconds=1.0, prefill=held % 2 == 0)  # every step counts in a hold
+            held += 1
+        return held
+
+    assert [cycle(1, 5) for _ in range(7)] == [3, 6, 12, 24, 48, 48, 48]  # doubling, up to MAX_BACKOFF (16)
+    assert gate.rates == {True: 1.0, False: 5.0}
+    assert cycle(9, 5) == 3  # speculation won: back to hold_steps
+    assert cycle(1, 5) == 3  # and plain's first win again holds hold_steps
+
+
 def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
     """--speculative while the speed gate holds plain decoding: steps overlap like plain ones and
     give the same tokens; while it speculates they do not overlap."""

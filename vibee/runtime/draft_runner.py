@@ -17,6 +17,7 @@ import torch
 
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.block_table_rows import BlockTableRows
+from vibee.runtime.warmup import warm_decode, warm_prefill
 
 
 class DraftRunner:
@@ -32,6 +33,12 @@ class DraftRunner:
         # seq_id -> (n, drafts): the draft cache holds the K/V of the sequence's first n tokens
         # and then of the drafts it fed itself after them.
         self.fed: dict[int, tuple[int, list[int]]] = {}
+        if str(self.device).startswith("cuda"):
+            # Its forwards are eager: every kernel variant they can meet is compiled now, not in
+            # the first speculative steps (the speed gate would time a compile and switch off).
+            # No sequence owns a block yet, so block 0 is scratch.
+            warm_prefill(model, self.cache, max_tokens=max_batched_tokens, block_size=block_size, scratch_block=0)
+            warm_decode(model, self.cache, block_size=block_size, scratch_block=0)
 
     @staticmethod
     def bytes_per_token(model) -> int:

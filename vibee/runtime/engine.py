@@ -232,7 +232,8 @@ class LLMEngine:
             else:
                 outputs += self._resolve(launched)
         if self.speed_gate is not None:
-            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started)
+            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started,
+                                   prefill=launched is not None and launched.computed_prefill > 0)
         return outputs
 
     def _speculating(self) -> bool:

@@ -3,16 +3,20 @@
 Speculative steps cannot overlap (the next drafts need this step's accepted tokens on the host),
 plain steps can; whether drafting pays depends on the model, the drafter, the text and the batch.
 So the engine measures: a cycle times `probe_steps` steps with speculation, then as many without,
-and keeps the faster mode for `hold_steps` steps before measuring both again. `--speculative`
-then costs at most the slower probe (probe_steps of every 2 * probe_steps + hold_steps) when
-drafting does not pay, and keeps its gain when it does. The per-sequence acceptance gate of the
-speculative_decode spec works inside the speculating mode.
+and keeps the faster mode for `hold_steps` steps before measuring both again. Each time plain
+decoding wins again the hold doubles (up to MAX_BACKOFF times), so where drafting never pays
+(a draft model as slow as the target) the probes' cost fades instead of recurring every cycle;
+when speculation wins the hold is back to hold_steps. Steps that prefill (a new request at batch
+1 costs several decode steps) are not timed in a probe: they would decide the winner by which
+probe they fell in. The per-sequence acceptance gate of the speculative_decode spec works inside
+the speculating mode.
 """
 
 from __future__ import annotations
 
 PROBE_STEPS = 32  # steps timed in each mode per cycle
 HOLD_STEPS = 480  # steps run in the faster mode before the next measurement
+MAX_BACKOFF = 16  # the hold after plain decoding won many times in a row: 16 * HOLD_STEPS
 
 
 class SpeedGate:
@@ -24,17 +28,22 @@ class SpeedGate:
         self.speculating = True
         self.rates: dict[bool, float] = {}  # the last measured tokens/s with and without speculation
         self.holds = {True: 0, False: 0}  # hold phases spent speculating / not
+        self.backoff = 1  # the current hold is backoff * hold_steps
+        self._plain_won = False  # in the last probe
         self._steps = 0
         self._tokens = 0
         self._seconds = 0.0
 
-    def record(self, tokens: int, seconds: float) -> None:
-        """One engine step: the tokens it reported and the wall time it took."""
+    def record(self, tokens: int, seconds: float, *, prefill: bool = False) -> None:
+        """One engine step: the tokens it reported, the wall time it took, and whether it
+        prefilled (not timed while probing)."""
+        if prefill and self.phase != "hold":
+            return
         self._steps += 1
         self._tokens += tokens
         self._seconds += seconds
         if self.phase == "hold":
-            if self._steps >= self.hold_steps:
+            if self._steps >= self.hold_steps * self.backoff:
                 self._next("probe_on", True)
         elif self._steps >= self.probe_steps:
             self.rates[self.speculating] = self._tokens / max(self._seconds, 1e-9)
@@ -43,6 +52,11 @@ class SpeedGate:
             else:
                 faster = self.rates[True] > self.rates[False]
                 self.holds[faster] += 1
+                if faster or not self._plain_won:
+                    self.backoff = 1
+                else:  # plain won last time too: wait longer before paying for the next probe
+                    self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+                self._plain_won = not faster
                 self._next("hold", faster)
 
     def _next(self, phase: str, speculating: bool) -> None:
@@ -52,5 +66,5 @@ class SpeedGate:
     def figures(self) -> dict:
         return {"speculating": self.speculating, "phase": self.phase,
                 "tokens_per_s_speculating": self.rates.get(True), "tokens_per_s_plain": self.rates.get(False),
-                "holds_speculating": self.holds[True], "holds_plain": self.holds[False],
+                "holds_speculating": self.holds[True], "holds_plain": self.holds[False], "backoff": self.backoff,
                 "probe_steps": self.probe_steps, "hold_steps": self.hold_steps}

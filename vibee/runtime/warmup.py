@@ -41,3 +41,28 @@ def warm_prefill(model, kv_cache, *, max_tokens: int, block_size: int, scratch_b
             model.compute_logits(model(ids, batch.positions(), batch, kv_cache)[-1:])
     torch.cuda.synchronize(device)
     return sizes
+
+
+@torch.inference_mode()
+def warm_decode(model, kv_cache, *, block_size: int, scratch_block: int) -> list[int]:
+    """One eager one-token step per KV split count the generated decode can pick (each count is
+    a kernel variant), for a model whose decode steps are not captured in CUDA graphs (the draft
+    model): the first step to meet a count would otherwise compile it, mid-request. Returns the
+    KV lengths run (the shortest with each split count)."""
+    fa = model.attention.fa
+    min_block_kv, max_splits = getattr(fa, "MIN_BLOCK_KV", None), getattr(fa, "MAX_SPLITS", None)
+    if min_block_kv is None or max_splits is None:  # the reference attention: nothing to compile
+        return []
+    device = model.device
+    shortest: dict[int, int] = {}  # split count -> the shortest KV length that gets it
+    for s in range(1, max_splits + 1):
+        shortest.setdefault(fa.num_splits_for(min_block_kv * s), min_block_kv * s)
+    lens = sorted(shortest.values())
+    for n in lens:
+        table = [[scratch_block] * -(-n // block_size)]
+        batch = make_attention_batch([1], [n], table, block_size, device)
+        ids = torch.zeros(1, dtype=torch.long, device=device)
+        model.compute_logits(model(ids, batch.positions(), batch, kv_cache)).argmax(dim=-1)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return lens
