@@ -213,6 +213,22 @@ def test_speed_gate_waits_longer_each_time_plain_wins_again_and_skips_prefill_in
     assert cycle(1, 5) == 3  # and plain's first win again holds hold_steps
 
 
+def test_a_speculating_probe_ends_once_it_took_as_long_as_the_plain_one():
+    gate = SpeedGate(probe_steps=4, hold_steps=2)
+    for _ in range(4):
+        gate.record(tokens=3, seconds=1.0)  # the first probe has no plain time to keep to: 4 steps
+    assert gate.phase == "probe_off"
+    for _ in range(4):
+        gate.record(tokens=1, seconds=0.5)  # plain: 4 steps in 2 s, 2 tok/s; speculation won (3 tok/s)
+    for _ in range(2):
+        gate.record(tokens=1, seconds=0.5)  # the hold
+    assert gate.phase == "probe_on"
+    gate.record(tokens=2, seconds=1.5)  # a slow speculating step: 1.5 s of the 2 s
+    assert gate.phase == "probe_on"
+    gate.record(tokens=2, seconds=1.5)  # 3 s >= 2 s: the probe is over after 2 of its 4 steps
+    assert (gate.phase, gate.speculating) == ("probe_off", False) and gate.rates[True] == pytest.approx(4 / 3)
+
+
 def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
     """--speculative while the speed gate holds plain decoding: steps overlap like plain ones and
     give the same tokens; while it speculates they do not overlap."""

@@ -8,7 +8,10 @@ decoding wins again the hold doubles (up to MAX_BACKOFF times), so where draftin
 (a draft model as slow as the target) the probes' cost fades instead of recurring every cycle;
 when speculation wins the hold is back to hold_steps. Steps that prefill (a new request at batch
 1 costs several decode steps) are not timed in a probe: they would decide the winner by which
-probe they fell in. The per-sequence acceptance gate of the speculative_decode spec works inside
+probe they fell in. A speculating probe also ends once it has taken as long as the last plain
+probe did: by then it has had the time plain decoding needed, and a drafter many times slower
+than the target (a draft model as small in compute as the target is) costs a few of its slow
+steps per cycle instead of probe_steps of them. The per-sequence acceptance gate of the speculative_decode spec works inside
 the speculating mode.
 """
 
@@ -30,6 +33,7 @@ class SpeedGate:
         self.holds = {True: 0, False: 0}  # hold phases spent speculating / not
         self.backoff = 1  # the current hold is backoff * hold_steps
         self._plain_won = False  # in the last probe
+        self._budget: float | None = None  # seconds the last plain probe took: a speculating probe's limit
         self._steps = 0
         self._tokens = 0
         self._seconds = 0.0
@@ -45,11 +49,13 @@ class SpeedGate:
         if self.phase == "hold":
             if self._steps >= self.hold_steps * self.backoff:
                 self._next("probe_on", True)
-        elif self._steps >= self.probe_steps:
+        elif self._steps >= self.probe_steps or (self.phase == "probe_on" and self._budget is not None
+                                                 and self._seconds >= self._budget):
             self.rates[self.speculating] = self._tokens / max(self._seconds, 1e-9)
             if self.phase == "probe_on":
                 self._next("probe_off", False)
             else:
+                self._budget = self._seconds
                 faster = self.rates[True] > self.rates[False]
                 self.holds[faster] += 1
                 if faster or not self._plain_won:
