@@ -244,7 +244,18 @@ def test_ngram_matches_brute_force_on_random_contexts(k, min_n, max_n):
         assert drafter.propose(tokens) == ref.ngram_propose(tokens, k, min_n, max_n), tokens
 
 
-def test_ngram_propose_batch_pads_ragged_proposals():
+@pytest.mark.parametrize("k,min_n,max_n", [(1, 1, 1), (3, 1, 3), (SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX), (5, 2, 4)])
+def test_ngram_index_proposes_what_the_scan_proposes_as_a_sequence_grows(k, min_n, max_n):
+    rng = random.Random(7000 + 100 * k + 10 * min_n + max_n)
+    for _ in range(40):
+        index = impl.NgramIndex(impl.NgramDrafter(k, min_n, max_n))
+        tokens: list[int] = []
+        vocab = rng.choice([2, 3, 5])
+        while len(tokens) < 60:
+            added = [rng.randrange(vocab) for _ in range(rng.randrange(1, 6))]
+            tokens += added
+            index.extend(added)
+            assert index.propose() == ref.ngram_propose(tokens, k, min_n, max_n), tokens
     contexts = [[10, 11, 12, 13, 14, 10, 11, 12], [5, 6, 7], [3, 9, 1, 3]]
     drafter = impl.NgramDrafter(4, 1, 3)
     draft_tokens, num_draft_tokens = drafter.propose_batch(contexts)

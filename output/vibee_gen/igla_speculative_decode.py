@@ -216,6 +216,36 @@ class NgramDrafter:
         return draft_tokens, num_draft_tokens
 
 
+
+class NgramIndex:
+    """NgramDrafter.propose for one sequence that grows, at O(max_n) a call instead of a scan of
+    the whole sequence: every n-gram (min_n <= n <= max_n) that has a token after it, by its most
+    recent start, updated as tokens are added (a sequence's tokens only ever grow)."""
+
+    def __init__(self, drafter: NgramDrafter):
+        self.k, self.min_n, self.max_n = drafter.num_speculative_tokens, drafter.min_n, drafter.max_n
+        self.tokens: list[int] = []
+        self._starts: dict[tuple[int, ...], int] = {}  # n-gram -> its latest start that has a follower
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Add tokens at the end of the sequence."""
+        tokens, starts = self.tokens, self._starts
+        for token in token_ids:
+            end = len(tokens)  # every n-gram ending just before this token now has a follower
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                starts[tuple(tokens[end - n: end])] = end - n
+            tokens.append(int(token))
+
+    def propose(self) -> list[int]:
+        """What NgramDrafter.propose(tokens) gives for the tokens added so far."""
+        length = len(self.tokens)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            start = self._starts.get(tuple(self.tokens[length - n:]))
+            if start is not None:
+                return self.tokens[start + n: start + n + self.k]
+        return []
+
+
 class DraftModelDrafter:
     """Drafts with a small model: `model_fn(token_ids: list[list[int]]) -> logits [B, V]` gives the
     next-token logits of each sequence."""

@@ -17,6 +17,7 @@ from vibee.runtime.config import EngineConfig
 from vibee.runtime.engine import LLMEngine
 from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.speed_gate import SpeedGate
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -138,6 +139,7 @@ def test_speculative_verification_runs_as_graph_rows(tiny, baseline, monkeypatch
     model_dir, _ = tiny
     batch, expected = baseline
     eng = engine(model_dir, max_num_seqs=32, speculative=True)
+    eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout
     assert run_tokens(eng, batch[:2], max_tokens=24) == expected[:2]
     figures = eng.stats()["speculative_decoding"]
     assert figures["num_accepted_tokens"] > 0  # drafts were verified and kept

@@ -110,8 +110,6 @@ def test_worst_case_step_runs_and_leaves_the_engine_as_it_was(model_dir, specula
     advances the engine's sampler nor changes what it generates."""
     flags = dict(max_num_batched_tokens=96, max_num_seqs=4, max_model_len=40)
     if speculative:
-        from vibee.runtime import speculation
-        monkeypatch.setattr(speculation, "DRAFT_CONTEXT", 8)  # a draft step over short contexts is plenty here
         flags.update(speculative=True, draft_model=model_dir)
     batch = [[7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
     expected = sampled_tokens(engine(model_dir, **flags), batch)

@@ -9,9 +9,11 @@ import pytest
 
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine, prompts
-from vibee.runtime.engine import PLACEHOLDER, LLMEngine
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.launched_step import PLACEHOLDER
 from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.speed_gate import SpeedGate
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +160,50 @@ def test_speculation_pauses_for_sequences_whose_drafts_miss(model_dir):
     figures = {}
     for threshold in (0.0, 0.95):
         eng = engine(model_dir, speculative=True, speculative_acceptance_threshold=threshold)
+        eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout: only the acceptance gate decides
         assert outputs(eng, batch, params) == plain
         figures[threshold] = eng.stats()["speculative_decoding"]
         assert figures[threshold]["gate"]["num_sequences"] == 0  # finished sequences are forgotten
     assert figures[0.0]["gate"]["num_switched_off"] == 0
     assert figures[0.95]["gate"]["num_switched_off"] > 0
     assert 0 < figures[0.95]["num_draft_tokens"] < figures[0.0]["num_draft_tokens"]  # paused ones did not draft
+
+
+def test_speed_gate_keeps_the_faster_mode_and_measures_again():
+    gate = SpeedGate(probe_steps=2, hold_steps=3)
+    assert gate.speculating and gate.phase == "probe_on"
+    for _ in range(2):
+        gate.record(tokens=4, seconds=1.0)  # speculating: 4 tok/s
+    assert not gate.speculating and gate.phase == "probe_off"
+    for _ in range(2):
+        gate.record(tokens=6, seconds=1.0)  # plain: 6 tok/s, faster
+    assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates == {True: 4.0, False: 6.0}
+    for _ in range(3):
+        gate.record(tokens=6, seconds=1.0)
+    assert (gate.phase, gate.speculating) == ("probe_on", True)  # measured again
+    for tokens in (9, 9, 6, 6):
+        gate.record(tokens=tokens, seconds=1.0)
+    assert (gate.phase, gate.speculating) == ("hold", True)  # now speculation is faster
+    assert gate.figures()["holds_speculating"] == 1 and gate.figures()["holds_plain"] == 1
+    with pytest.raises(ValueError):
+        SpeedGate(probe_steps=0)
+
+
+def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
+    """--speculative while the speed gate holds plain decoding: steps overlap like plain ones and
+    give the same tokens; while it speculates they do not overlap."""
+    batch = prompts([6, 19], seed=3)
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    plain = outputs(engine(model_dir), batch, params)
+    for speculating in (False, True):
+        eng = engine(model_dir, speculative=True)
+        eng.speed_gate = SpeedGate(probe_steps=10**9)
+        eng.speed_gate.speculating = speculating
+        for i, prompt in enumerate(batch):
+            eng.add_request(f"r{i}", prompt, params)
+        assert any(overlapped_steps(eng)) == (not speculating)
+        assert (eng.stats()["speculative_decoding"]["num_drafts"] > 0) == speculating
+        eng = engine(model_dir, speculative=True)
+        eng.speed_gate = SpeedGate(probe_steps=10**9)
+        eng.speed_gate.speculating = speculating
+        assert outputs(eng, batch, params) == plain

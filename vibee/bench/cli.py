@@ -137,6 +137,95 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
     finish(out, result_dir, "throughput", data, title, sections, notes)
 
 
+# --- ablation ------------------------------------------------------------------------------------
+
+
+@bench.command()
+@click.option("--num-prompts", type=click.IntRange(min=1), default=64, show_default=True, help="Requests in the load.")
+@click.option("--input-len", default="32:256", show_default=True, callback=_range,
+              help="Prompt length in tokens: N or LOW:HIGH (uniform, inclusive).")
+@click.option("--output-len", default="16:128", show_default=True, callback=_range,
+              help="Output length in tokens (max_tokens, EOS ignored): N or LOW:HIGH.")
+@click.option("--dataset", type=click.Choice(["random", "stdlib"]), default="stdlib", show_default=True,
+              help="Random tokens, or windows of Python standard-library source (real text: drafts can hold).")
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--recompute-output-len", type=click.IntRange(min=1), default=32, show_default=True,
+              help="The KV-cache row caps outputs at this on both sides, so recomputation finishes.")
+@click.option("--batch1-prompts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="The speculative rows run the load's first N requests at batch 1.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds prompts and lengths.")
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True, help="Where ablation-<timestamp>.json, .md and .png go.")
+@engine_options
+def ablation(num_prompts, input_len, output_len, dataset, temperature, recompute_output_len, batch1_prompts, seed,
+             result_dir, **flags):
+    """The original design's speed-up table measured: each optimization on and off, one engine at a time.
+    --max-num-seqs defaults to a quarter of --num-prompts here, so static batching runs several groups."""
+    from rich.console import Console
+
+    from vibee.bench.ablation import measure, plot_ablation, report_sections, table_rows
+    from vibee.bench.throughput import workload_vocab
+    from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, DEFAULT_MODEL_DIR
+
+    toggled = {"kv_cache": (False, "--no-kv-cache"), "flash_attn": (False, "--no-flash-attn"),
+               "speculative": (True, "--speculative"), "enable_prefix_caching": (True, "--enable-prefix-caching")}
+    for param, (value, flag) in toggled.items():
+        if flags.get(param) == value:
+            fail(f"{flag}: the ablation turns this on and off itself (prefix caching stays off: requests repeat)")
+    if flags["quant"] != "none":
+        fail("--quant: the ablation measures int8 and int4 against unquantized weights itself")
+    if flags.get("max_num_seqs") is None:
+        flags["max_num_seqs"] = max(1, num_prompts // 4)
+    flags["enable_prefix_caching"] = False
+    # Validated with speculation on, so the speculative knobs pass; the base engine drops them.
+    checked = engine_config(seed=seed, **{**flags, "speculative": True})
+    base = checked.model_copy(update={"speculative": False, "draft_model": None, "knobs": {
+        kind: values for kind, values in checked.knobs.items() if kind != "speculative_decode"}})
+    builtin = base.shape is None and base.model_dir.resolve() == DEFAULT_MODEL_DIR.resolve()
+    draft_dir = flags["draft_model"] or (DEFAULT_DRAFT_MODEL_DIR if builtin else None)
+    draft_missing = None if draft_dir else "not measured: no draft model for this model (pass --draft-model)"
+
+    def make_workload(engine):
+        vocab, special = workload_vocab(engine)
+        if dataset == "stdlib":
+            return stdlib_workload(lambda text: engine.tokenizer.encode(text, add_special_tokens=False),
+                                   num_prompts, input_len, output_len, seed)
+        return random_workload(num_prompts, input_len, output_len, vocab, special, seed)
+
+    out, err = Console(), Console(stderr=True)
+    with user_errors():
+        measured = measure(base, make_workload, temperature=temperature, recompute_output_len=recompute_output_len,
+                           batch1_prompts=batch1_prompts, draft_dir=draft_dir, console=err)
+    device = base.resolve_device()
+    num_devices = _cuda_devices()
+    rows = table_rows(measured["runs"], measured["speculative"], num_devices, draft_missing)
+    sections, notes = report_sections(rows, measured)
+    settings = {"model": base.model_source, "device": device, "dtype": base.resolve_dtype(device),
+                "num_prompts": num_prompts, "input_len": f"{input_len[0]}:{input_len[1]}",
+                "output_len": f"{output_len[0]}:{output_len[1]}", "dataset": dataset, "temperature": temperature,
+                "seed": seed, "max_num_seqs": flags["max_num_seqs"], "recompute_output_len": recompute_output_len,
+                "batch1_prompts": batch1_prompts, "draft_model": str(draft_dir) if draft_dir else None,
+                "cuda_devices": num_devices}
+    env = environment(device)
+    sections.append(Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]))
+    sections.append(Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]))
+    data = {"benchmark": "ablation", "settings": settings, "rows": [r.as_dict() for r in rows],
+            "speculative": measured["speculative"], "runs": measured["runs"], "environment": env}
+    title = f"vibee bench ablation: {base.model_name} on {env.get('device_name', device)}"
+    json_path = finish(out, result_dir, "ablation", data, title, sections, notes)
+    png = plot_ablation(rows, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {png}", highlight=False)
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
 # --- serve ---------------------------------------------------------------------------------------
 
 

@@ -146,6 +146,21 @@ class AsyncEngine:
         except RuntimeError:  # that event loop is closed: nobody is listening
             pass
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each listening event loop in one call: waking a loop
+        costs a write to its self-pipe, once per step rather than once per request."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
     def _handle_inbox(self) -> None:
         while True:
             try:
@@ -190,5 +205,9 @@ class AsyncEngine:
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, error)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,39 +19,18 @@ from vibee.runtime.detokenizer import IncrementalDetokenizer
 from vibee.runtime.engine_report import EngineStats, applied_quantization, engine_info, engine_stats
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.kv_sizing import decide_num_blocks, run_worst_case_step
-from vibee.runtime.model_runner import ModelRunner
+from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
+from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.outputs import RequestOutput, StepStats
 from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
-from vibee.runtime.sampler import PendingSample, SampleResult, Sampler, SamplingRow
+from vibee.runtime.sampler import Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model
 from vibee.runtime.speculation import Speculator
+from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# An output token recorded before the host read it: a step is scheduled and launched while the
-# previous one runs, so the previous step's tokens are known on the device (the next step reads
-# them there) but not yet on the host. The engine puts the real token in its place a step later.
-PLACEHOLDER = -1
-MAX_VERIFY_ROWS = 256  # the most rows a speculative step's decode graph takes (see _graph_rows)
-
-
-@dataclass
-class _Launched:
-    """A step on its way: what it runs, and what becomes of its sampled tokens once they are read."""
-
-    sched: Any
-    sampling: list[tuple]  # (sequence, first logits row, drafts, request, choice) of each sequence that samples
-    before: list[int]  # each one's output length before the step (where its first new token goes)
-    pending: PendingSample | None  # the plain rows' tokens on their way to the host
-    results: dict[int, list[SampleResult]] | None  # seq_id -> emitted tokens' results, when read at launch
-    # seq_id -> its row in the runner's `sampled`, for sequences holding a PLACEHOLDER for this step's token
-    placeholders: dict[int, int]
-    started: float  # perf_counter at launch
-    new_prompt_tokens: int
-    computed_prefill: int
-    prefix_queries: int  # the block manager's counters before the step
-    prefix_hits: int
 
 
 class LLMEngine:
@@ -100,7 +78,9 @@ class LLMEngine:
         # scratch that the padding rows of a captured batch write to.
         # memory_profile: filled when sized from a profiled GPU step.
         self.num_blocks, self.memory_profile = decide_num_blocks(
-            config=config, kv_spec=kv_spec, device=self.device, bytes_per_block=self.kv_bytes_per_block,
+            config=config, kv_spec=kv_spec, device=self.device,
+            bytes_per_block=self.kv_bytes_per_block + (self.speculator.draft_bytes_per_block(self.block_size)
+                                                       if self.speculator is not None else 0),
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, block_size=self.block_size, wants_graphs=self._wants_graphs(),
             run_worst_case_step=self._run_worst_case_step)
@@ -113,8 +93,11 @@ class LLMEngine:
         swap = batch_spec.preemption_mode == "swap" and self.kv_cache is not None
         host_swap = kv.HostKVSwap(self.kv_cache, kv.HostKVSwap.num_slots_for(
             int(batch_spec.swap_space_gib * 2**30), self.kv_bytes_per_block)) if swap else None
+        if self.speculator is not None:
+            self.speculator.start_draft_cache(kv, num_blocks=self.num_blocks, max_batched_tokens=self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, device=self.device,
-                                  block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=self._graph_rows(),
+                                  block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=decode_graph_rows(
+                                      self.max_num_seqs, self.gen.configs.speculative_decode if self.speculative else None),
                                   max_model_len=self.max_model_len, max_num_batched_tokens=self.max_num_batched_tokens,
                                   use_graphs=bool(scratch), host_swap=host_swap,
                                   num_splits=self.gen.flash_attention.num_splits_for(self.max_model_len))
@@ -128,7 +111,10 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
-        self._in_flight: _Launched | None = None  # the step whose tokens are not read yet
+        # With --speculative: whether drafting pays right now, measured (plain steps overlap, speculative ones can't).
+        self.speed_gate = SpeedGate() if self.speculative else None
+        self._num_generated = 0  # tokens read back so far (the speed gate's numerator)
+        self._in_flight: LaunchedStep | None = None  # the step whose tokens are not read yet
         self._last_read = 0.0  # perf_counter when the last step's tokens were read
         self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
         self._requests: dict[str, Request] = {}
@@ -145,7 +131,8 @@ class LLMEngine:
             self.model, device=self.device, block_size=self.block_size,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len, num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
-            draft_step=(lambda: spec.worst_case_draft_step(self.max_num_seqs, self.max_model_len)) if spec else None)
+            draft_step=(lambda: spec.worst_case_draft_step(self.max_num_batched_tokens, self.max_num_seqs,
+                                                           self.max_model_len)) if spec else None)
 
     @property
     def acceptance(self):
@@ -155,17 +142,6 @@ class LLMEngine:
     def _wants_graphs(self) -> bool:
         return (self.device.startswith("cuda") and self.use_kv_cache and self.config.flash_attn
                 and not self.config.enforce_eager)
-
-    def _graph_rows(self) -> int:
-        """Rows of the largest decode graph: a row per sequence, or with speculation k + 1 per
-        sequence it may draft for (at most MAX_VERIFY_ROWS: the graphs' pool must stay within
-        the memory reserved for it)."""
-        rows = self.max_num_seqs
-        if self.speculative:
-            spec = self.gen.configs.speculative_decode
-            drafting = min(self.max_num_seqs, spec.disable_by_batch_size or self.max_num_seqs)
-            rows = max(rows, min(drafting * (spec.num_speculative_tokens + 1), MAX_VERIFY_ROWS))
-        return rows
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -246,6 +222,7 @@ class LLMEngine:
         runs it, and report every request that changed. Outputs come a step after their tokens
         were sampled; a step whose inputs need the previous tokens on the host (speculative
         drafts, penalties) waits for them first."""
+        started, generated = time.perf_counter(), self._num_generated
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
         if previous is not None and not self._can_overlap():
@@ -259,18 +236,23 @@ class LLMEngine:
                 self._in_flight = launched
             else:
                 outputs += self._resolve(launched)
+        if self.speed_gate is not None:
+            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started)
         return outputs
+
+    def _speculating(self) -> bool:
+        return self.speed_gate is not None and self.speed_gate.speculating
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before the last one's tokens are on the host."""
-        return not self.speculative and self._num_penalized == 0
+        return not self._speculating() and self._num_penalized == 0
 
-    def _launch(self, previous: _Launched | None) -> _Launched | None:
+    def _launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule a step, queue its forward and sampling on the device, and advance the
         scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
-        if self.speculator is not None:
+        if self._speculating():
             self.speculator.propose(self.scheduler.running, self._by_seq)
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -305,7 +287,7 @@ class LLMEngine:
                                                               choice.generator) for seq, _, _, req, choice in plain])
                 self.runner.sampled[: len(plain)].copy_(pending.tokens)  # where the next step reads them
         before = [len(s[0].output_token_ids) for s in sampling]
-        launched = _Launched(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
+        launched = LaunchedStep(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
                              queries0, hits0)
         if pending is not None and len(plain) == len(sampling) and self._can_overlap():
             launched.placeholders = {s[0].seq_id: j for j, s in enumerate(plain)}
@@ -328,7 +310,7 @@ class LLMEngine:
         self.scheduler.update(sched, sampled)
         return launched
 
-    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+    def _resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
         """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
         applied, text made, outputs reported, finished requests retired, the step recorded."""
         placeholders = launched.placeholders
@@ -384,6 +366,7 @@ class LLMEngine:
             num_prompt_tokens=launched.new_prompt_tokens, num_generation_tokens=num_generated,
             batch_size=len(launched.sched.scheduled), step_time=step_time)
         self.report.record_step(stats, launched.computed_prefill, now)
+        self._num_generated += num_generated
         return outputs
 
     def _stop_token_at(self, seq, index: int) -> None:

@@ -142,7 +142,8 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
                        "busy_fraction": t["busy_time"] / max(1e-9, now - started)},
         # Work the attention module did (kernel calls, programs, KV tiles) since the server started.
         "attention": _plain(getattr(attention, "COUNTERS", {})),
-        "speculative_decoding": ({"enabled": True, **e.acceptance.figures(), "gate": e.speculator.gate.figures()}
+        "speculative_decoding": ({"enabled": True, **e.acceptance.figures(), "gate": e.speculator.gate.figures(),
+                                  "speed_gate": e.speed_gate.figures()}
                                  if e.speculative
                                  else {"enabled": False}),
     }

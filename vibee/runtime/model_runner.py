@@ -19,6 +19,18 @@ from vibee.runtime.cuda_graphs import capture_decode_graphs
 from vibee.runtime.requests import token_slice
 from vibee.runtime.warmup import warm_prefill
 
+MAX_VERIFY_ROWS = 256  # the most rows a speculative step's decode graph takes (see decode_graph_rows)
+
+
+def decode_graph_rows(max_num_seqs: int, speculative_config=None) -> int:
+    """Rows of the largest decode graph: a row per sequence, or when speculating (the
+    speculative_decode config given) k + 1 per sequence that may draft, at most MAX_VERIFY_ROWS:
+    the graphs' memory pool must stay within what the KV sizing reserves for it."""
+    if speculative_config is None:
+        return max_num_seqs
+    drafting = min(max_num_seqs, speculative_config.disable_by_batch_size or max_num_seqs)
+    return max(max_num_seqs, min(drafting * (speculative_config.num_speculative_tokens + 1), MAX_VERIFY_ROWS))
+
 
 class ModelRunner:
     def __init__(self, model, kv_cache, block_manager, *, device: str, block_size: int, num_blocks: int,

@@ -10,12 +10,12 @@ import torch
 
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, EngineConfig
+from vibee.runtime.draft_runner import DraftRunner
 from vibee.runtime.generated import GeneratedModules
+from vibee.runtime.kv_sizing import worst_case_step
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.model import build_model
 from vibee.runtime.sampler import SampleResult, Sampler
-
-DRAFT_CONTEXT = 256  # the draft model sees this many latest tokens (RoPE is relative: positions restart at 0)
 
 
 class Speculator:
@@ -44,27 +44,34 @@ class Speculator:
                 raise ValueError(f"the draft model {draft_dir} has a vocabulary of {loaded.config.vocab_size} tokens, "
                                  f"the target {vocab_size}; they must share a tokenizer")
             self.draft_model = build_model(loaded, gen, flash_attn=config.flash_attn).eval()
-            self.drafter = sd.DraftModelDrafter(self._draft_logits, spec.num_speculative_tokens)
+            self.drafter = None  # the DraftRunner, once the KV cache is sized (start_draft_cache)
         self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
+        self.ngram_indexes: dict[int, Any] = {}  # seq_id -> its NgramIndex (n-gram drafts in O(n) a step)
         # Per sequence: drafting stops while its recent acceptance is below the spec's threshold.
         self.gate = sd.SpeculationGate(spec.acceptance_threshold)
 
-    def _draft_logits(self, contexts: list[list[int]]) -> torch.Tensor:
-        """Next-token logits of the draft model for each context (its latest DRAFT_CONTEXT tokens),
-        recomputed without a KV cache: the draft is small and contexts are short."""
-        windows = [c[-DRAFT_CONTEXT:] for c in contexts]
-        lens = [len(w) for w in windows]
-        batch = make_attention_batch(lens, lens, None, self.block_size, self.device)
-        ids = torch.tensor([t for w in windows for t in w], dtype=torch.long, device=self.device)
-        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
+    def draft_bytes_per_block(self, block_size: int) -> int:
+        """What one KV block costs the draft model's cache (0 for n-gram drafts): every block
+        of the target's cache has one in the draft's, so the KV sizing counts both."""
+        return 0 if self.draft_model is None else DraftRunner.bytes_per_token(self.draft_model) * block_size
+
+    def start_draft_cache(self, kv_module, *, num_blocks: int, max_batched_tokens: int) -> None:
+        """The draft model's own paged KV cache, as many blocks as the target's."""
+        if self.draft_model is not None:
+            self.drafter = DraftRunner(self.draft_model, kv_module, num_blocks=num_blocks, block_size=self.block_size,
+                                       k=self.num_speculative_tokens, max_batched_tokens=max_batched_tokens)
+
+    def worst_case_draft_step(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+        """The heaviest drafting a step can do (for memory profiling): a catch-up forward of the
+        draft over as many tokens as a step holds; nothing for n-gram drafts."""
+        if self.draft_model is None:
+            return
+        seq_lens, _, _ = worst_case_step(max_num_batched_tokens, max_num_seqs, max_model_len)
+        batch = make_attention_batch(seq_lens, seq_lens, None, self.block_size, self.device)
+        ids = torch.zeros(sum(seq_lens), dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.draft_model(ids, batch.positions(), batch, None)
-            return self.draft_model.compute_logits(hidden[last])
-
-    def worst_case_draft_step(self, max_num_seqs: int, max_model_len: int) -> None:
-        """The heaviest drafting a step can do (for memory profiling); nothing for n-gram drafts."""
-        if self.draft_model is not None:
-            self.drafter.propose([[0] * min(DRAFT_CONTEXT, max_model_len)] * max_num_seqs, temperature=0.0)
+            self.draft_model.compute_logits(hidden[torch.arange(len(seq_lens), device=self.device)])
 
     def propose(self, running, by_seq: dict[int, tuple[Any, Any]]) -> None:
         """Give each decoding sequence its draft tokens for this step (the scheduler verifies them)."""
@@ -85,11 +92,16 @@ class Speculator:
             return
         if self.draft_model is None:
             for seq, room in candidates:
-                seq.draft_token_ids = self.drafter.propose(seq.all_token_ids)[:room]
+                index = self.ngram_indexes.get(seq.seq_id)
+                if index is None:
+                    index = self.ngram_indexes[seq.seq_id] = self.gen.speculative_decode.NgramIndex(self.drafter)
+                index.extend(seq.token_prefix(seq.num_tokens)[len(index.tokens):])  # what it gained since
+                seq.draft_token_ids = index.propose()[:room]
         else:
             # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
-            tokens, _ = self.drafter.propose([seq.all_token_ids for seq, _ in candidates], temperature=0.0)
-            for (seq, room), row in zip(candidates, tokens.tolist()):
+            rows = self.drafter.propose([seq.token_prefix(seq.num_tokens) for seq, _ in candidates],
+                                        [seq.seq_id for seq, _ in candidates])
+            for (seq, room), row in zip(candidates, rows):
                 seq.draft_token_ids = row[:room]
 
     def verify(self, req, choice, drafts: tuple[int, ...], logits: torch.Tensor, targets: list[int] | None,
@@ -121,5 +133,8 @@ class Speculator:
                                    [req.params] * len(tokens))
 
     def forget(self, seq_id: int) -> None:
-        """A sequence finished or was aborted: the gate drops what it knew of it."""
+        """A sequence finished or was aborted: the gate and the draft's cache drop what they kept."""
         self.gate.forget(seq_id)
+        self.ngram_indexes.pop(seq_id, None)
+        if self.draft_model is not None:
+            self.drafter.forget(seq_id)
