@@ -107,12 +107,14 @@ def test_preemption_mode_swap_keeps_a_victims_computed_tokens(spec_text, gen_fro
     swap = gen_from_text(with_knob(spec_text("continuous_batch"), "preemption_mode", "swap"), NAME)
     victims = {}
     for name, gen in (("recompute", shipped), ("swap", swap)):
-        sched = scheduler(gen, 3, 4)  # two sequences of 5 tokens: the second gives way when the first grows
+        sched = scheduler(gen, 4, 4)  # two sequences of 5 tokens (2 blocks each): one gives way when the other grows
         runner = gen.ref.FakeRunner(sched.block_space)
         for i in range(2):
             sched.add(gen.impl.Sequence(i, [i + 1] * 5, max_tokens=6))
         out = sched.schedule()
-        while not out.preempted:
+        for _ in range(8):  # the fourth decode step needs a fifth block
+            if out.preempted:
+                break
             sched.update(out, runner.execute(out))
             out = sched.schedule()
         victims[name] = (out.preempted[0].status.name, out.preempted[0].num_computed_tokens, len(out.swap_out))
