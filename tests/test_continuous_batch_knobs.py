@@ -23,8 +23,8 @@ def shipped(spec_text, gen_from_text):
 
 def scheduler(gen, num_blocks: int, block_size: int):
     """The generated Scheduler with the settings of the spec it was generated from, passed as the runtime does."""
-    settings = gen.spec.config.model_dump()
-    return gen.impl.Scheduler(gen.ref.CountingBlockSpace(num_blocks, block_size), **settings)
+    settings = gen.spec.config.model_dump(exclude={"swap_space_gib"})  # the engine turns GiB into host slots
+    return gen.impl.Scheduler(gen.ref.CountingBlockSpace(num_blocks, block_size), **settings, num_swap_slots=64)
 
 
 def first_step(gen, prompts, priorities=None, num_blocks=256, block_size=16):
@@ -101,3 +101,30 @@ def test_budget_below_max_num_seqs_is_refused_at_its_line(spec_text, gen_from_te
     line = next(n for n, s in enumerate(text.splitlines(), 1) if s.lstrip().startswith("max_num_batched_tokens:"))
     message = spec_error(gen_from_text, text)
     assert f":{line}:" in message and "must be at least max_num_seqs (256)" in message
+
+
+def test_preemption_mode_swap_keeps_a_victims_computed_tokens(spec_text, gen_from_text, shipped):
+    swap = gen_from_text(with_knob(spec_text("continuous_batch"), "preemption_mode", "swap"), NAME)
+    victims = {}
+    for name, gen in (("recompute", shipped), ("swap", swap)):
+        sched = scheduler(gen, 4, 4)  # two sequences of 5 tokens (2 blocks each): one gives way when the other grows
+        runner = gen.ref.FakeRunner(sched.block_space)
+        for i in range(2):
+            sched.add(gen.impl.Sequence(i, [i + 1] * 5, max_tokens=6))
+        out = sched.schedule()
+        for _ in range(8):  # the fourth decode step needs a fifth block
+            if out.preempted:
+                break
+            sched.update(out, runner.execute(out))
+            out = sched.schedule()
+        victims[name] = (out.preempted[0].status.name, out.preempted[0].num_computed_tokens, len(out.swap_out))
+    assert victims["recompute"] == ("PREEMPTED", 0, 0)
+    assert victims["swap"][0] == "SWAPPED" and victims["swap"][1] > 0 and victims["swap"][2] == 2
+    assert swap.run_tests() == 0  # the generated suite holds for the changed spec too
+
+
+def test_swap_without_swap_space_is_refused_at_its_line(spec_text, gen_from_text):
+    text = with_knob(with_knob(spec_text("continuous_batch"), "preemption_mode", "swap"), "swap_space_gib", "0")
+    line = next(n for n, s in enumerate(text.splitlines(), 1) if s.lstrip().startswith("swap_space_gib:"))
+    message = spec_error(gen_from_text, text)
+    assert f":{line}:" in message and "swap_space_gib above 0" in message

@@ -55,6 +55,8 @@ OTHER_VALUE = {
         "enable_chunked_prefill": False,
         "long_prefill_token_threshold": 64,
         "watermark": 0.2,
+        "preemption_mode": "swap",
+        "swap_space_gib": 8.0,
     },
     "tensor_parallel": {
         "tp_size": 4,

@@ -673,6 +673,68 @@ def test_gpu_pages_match_cpu_pages():
         torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-6, atol=1e-6)
 
 
+# --- swapping to host memory -------------------------------------------------------------------
+
+
+def filled_cache(num_blocks: int, device: str = "cpu", seed: int = 4):
+    """A cache whose every block holds different K/V (written through write(), so int8 pages
+    carry their scales), and the per-tensor contents of its blocks."""
+    bs = SPEC_BLOCK_SIZE
+    cache = new_cache(num_layers=2, num_blocks=num_blocks, num_kv_heads=2, head_dim=8, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    n = num_blocks * bs
+    for layer in range(2):
+        k, v = (torch.randn(n, 2, 8, generator=generator) * (1 + torch.arange(n).view(n, 1, 1)) for _ in range(2))
+        cache.write(layer, k.to(device), v.to(device), torch.arange(n, device=device))
+    return cache
+
+
+def block_contents(cache, blocks: list[int]) -> list[torch.Tensor]:
+    return [t[blocks].cpu().clone() for pages in (*cache.k_pages, *cache.v_pages) for t in pages.block_tensors()]
+
+
+def swap_round_trip(device: str) -> None:
+    cache = filled_cache(8, device)
+    swap = impl.HostKVSwap(cache, num_slots=6)
+    out_blocks, slots = [6, 1, 3, 4], [2, 3, 4, 0]  # a run of three slots and one apart
+    before = block_contents(cache, out_blocks)
+    swap.swap_out(list(zip(out_blocks, slots)))
+    # Another sequence overwrites the freed blocks; the swapped KV comes back into other blocks.
+    other = filled_cache(8, device, seed=5)
+    for mine, theirs in zip(block_contents(cache, [0]), block_contents(other, [0])):
+        assert not torch.equal(mine, theirs)
+    for dst, src in zip((*cache.k_pages, *cache.v_pages), (*other.k_pages, *other.v_pages)):
+        for d, s in zip(dst.block_tensors(), src.block_tensors()):
+            d[[6, 1, 3, 4, 0]] = s[[6, 1, 3, 4, 0]]
+    in_blocks = [0, 7, 1, 5]
+    untouched = block_contents(cache, [2, 3, 4, 6])
+    swap.swap_in(list(zip(slots, in_blocks)))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    for got, want in zip(block_contents(cache, in_blocks), before):
+        assert torch.equal(got, want)
+    for got, want in zip(block_contents(cache, [2, 3, 4, 6]), untouched):
+        assert torch.equal(got, want)
+
+
+def test_swap_out_and_in_restores_the_exact_blocks():
+    swap_round_trip("cpu")
+
+
+def test_host_swap_slots_follow_the_swap_space():
+    cache = filled_cache(2)
+    assert impl.HostKVSwap.num_slots_for(10 * cache.bytes_per_block() + 1, cache.bytes_per_block()) == 10
+    assert impl.HostKVSwap.num_slots_for(cache.bytes_per_block() - 1, cache.bytes_per_block()) == 0
+    assert impl.HostKVSwap(cache, 0).num_slots == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_swap_out_and_in_through_pinned_memory_restores_the_exact_blocks():
+    swap_round_trip("cuda")
+    assert all(t.is_pinned() for t in impl.HostKVSwap(filled_cache(2, "cuda"), 3)._host)
+
+
 # --- the Triton write kernel (triton target) ----------------------------------------------------
 # Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors; on a
 # GPU machine the same tests run them compiled, on CUDA tensors. PagedKVCache.write itself keeps

@@ -390,6 +390,10 @@ class KVPages:
     def copy_block(self, src: int, dst: int) -> None:
         self.data[dst] = self.data[src]
 
+    def block_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What a block is made of, indexed by block id first."""
+        return (self.data,)
+
 
 class PagedKVCache:
     """The K/V of every layer in blocks: k_pages[layer].data and v_pages[layer].data are
@@ -454,6 +458,70 @@ class PagedKVCache:
         """Copy one block's K/V in every layer (after BlockManager.copy_on_write)."""
         for pages in (*self.k_pages, *self.v_pages):
             pages.copy_block(src, dst)
+
+
+
+class HostKVSwap:
+    """Host memory for the KV blocks of swapped-out sequences: `num_slots` slots, each holding one
+    block of every layer's K and V, pinned when the cache is on a GPU so
+    the copies are asynchronous. Every copy is queued on the current stream and nothing else
+    touches the host side, so a slot written by swap_out may be read by a later swap_in, freed and
+    written again without waiting for the GPU."""
+
+    def __init__(self, cache: PagedKVCache, num_slots: int):
+        self.device = cache.device
+        self.num_slots = num_slots
+        self._device = [t for pages in (*cache.k_pages, *cache.v_pages) for t in pages.block_tensors()]
+        pin = self.device.type == "cuda"
+        self._host = [torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, pin_memory=pin) for t in self._device]
+
+    @staticmethod
+    def num_slots_for(swap_space_bytes: int, bytes_per_block: int) -> int:
+        """Slots (blocks of every layer) that swap_space_bytes of host memory hold."""
+        return max(0, swap_space_bytes // bytes_per_block)
+
+    def swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy blocks to host slots, pairs of (device block, host slot): one gather per tensor,
+        one copy per run of consecutive slots."""
+        if not pairs:
+            return
+        blocks, slots = zip(*pairs)
+        index = self._index(blocks)
+        runs = _slot_runs(slots)
+        for device, host in zip(self._device, self._host):
+            gathered = device.index_select(0, index)
+            for at, first, n in runs:
+                host[first : first + n].copy_(gathered[at : at + n], non_blocking=True)
+
+    def swap_in(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy host slots into blocks, pairs of (host slot, device block): one copy per run of
+        consecutive slots, one index_copy per tensor."""
+        if not pairs:
+            return
+        slots, blocks = zip(*pairs)
+        index = self._index(blocks)
+        runs = _slot_runs(slots)
+        for device, host in zip(self._device, self._host):
+            staged = torch.empty((len(slots), *host.shape[1:]), dtype=host.dtype, device=self.device)
+            for at, first, n in runs:
+                staged[at : at + n].copy_(host[first : first + n], non_blocking=True)
+            device.index_copy_(0, index, staged)
+
+    def _index(self, blocks: Sequence[int]) -> torch.Tensor:
+        index = torch.tensor(blocks, dtype=torch.long)
+        # From pinned memory the copy to the GPU is queued; from pageable memory it would wait for the GPU.
+        return index.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else index
+
+
+def _slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(position in slots, first slot, length) of each run of consecutive slots."""
+    runs: list[tuple[int, int, int]] = []
+    for at, slot in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((at, slot, 1))
+    return runs
 
 
 def num_blocks_for(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32,

@@ -236,3 +236,25 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     assert data["warmup"]["requests"] == 1
     assert "Output tokens/s" in next(out.glob("throughput-*.md")).read_text()
     assert "warm-up" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_throughput_compares_preemption_by_swap_and_recompute(tmp_path, mode):
+    """A KV cache too small for the load forces preemptions; the report counts them and, with
+    --preemption-mode swap, the blocks copied out and back."""
+    model_args = ["--model", str(_tiny_random_model(tmp_path))]
+    out = tmp_path / "results"
+    result = CliRunner().invoke(bench, ["throughput", *model_args, "--num-prompts", "6", "--input-len", "12",
+                                        "--output-len", "40", "--device", "cpu", "--seed", "1", "--block-size", "16",
+                                        "--num-kv-blocks", "10", "--preemption-mode", mode, "--swap-space", "0.01",
+                                        "--result-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(next(out.glob("throughput-*.json")).read_text())["results"]
+    assert r["finished_requests"] == 6 and r["output_tokens"] == 6 * 40
+    assert r["preemptions"] > 0 and r["preemption_mode"] == mode
+    if mode == "swap":
+        assert r["swap_outs"] > 0 and r["swap_ins"] == r["swap_outs"] and r["swap_fallbacks"] == 0
+        assert "Swap-outs / swap-ins" in result.output
+    else:
+        assert r["swap_outs"] == r["swap_ins"] == 0

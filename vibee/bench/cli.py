@@ -129,7 +129,9 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
             ["Prompt tokens", r["prompt_tokens"]], ["Output tokens", r["output_tokens"]],
             ["Engine steps", r["steps"]], ["Mean batch size", r["mean_batch_size"]],
             ["Max running sequences", r["max_running"]], ["Peak KV cache usage", f"{100 * r['peak_kv_cache_usage']:.1f}%"],
-            ["Preemptions", r["preemptions"]], *spec_rows,
+            ["Preemptions", f"{r['preemptions']} ({r['preemption_mode']})"],
+            *([["Swap-outs / swap-ins / recomputed instead", f"{r['swap_outs']} / {r['swap_ins']} / {r['swap_fallbacks']}"]]
+              if r["preemption_mode"] == "swap" else []), *spec_rows,
         ]),
         Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
         Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]),

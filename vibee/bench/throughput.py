@@ -125,6 +125,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         "max_running": peaks.max_running,
         "peak_kv_cache_usage": peaks.peak_kv_usage,
         "preemptions": after["preemptions"] - before["preemptions"],
+        "preemption_mode": after["preemption_mode"],
+        **{key: after[key] - before[key] for key in ("swap_outs", "swap_ins", "swap_fallbacks")},
     }
 
 

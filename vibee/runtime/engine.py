@@ -89,20 +89,25 @@ class LLMEngine:
                                          self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype,
                                          device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
+        # preemption_mode swap: host slots for preempted sequences' KV, which the runner copies.
+        swap = batch_spec.preemption_mode == "swap" and self.kv_cache is not None
+        host_swap = kv.HostKVSwap(self.kv_cache, kv.HostKVSwap.num_slots_for(
+            int(batch_spec.swap_space_gib * 2**30), self.kv_bytes_per_block)) if swap else None
         if self.speculator is not None:
             self.speculator.start_draft_cache(kv, num_blocks=self.num_blocks, max_batched_tokens=self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, device=self.device,
                                   block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=decode_graph_rows(
                                       self.max_num_seqs, self.gen.configs.speculative_decode if self.speculative else None),
                                   max_model_len=self.max_model_len, max_num_batched_tokens=self.max_num_batched_tokens,
-                                  use_graphs=bool(scratch),
+                                  use_graphs=bool(scratch), host_swap=host_swap,
                                   num_splits=self.gen.flash_attention.num_splits_for(self.max_model_len))
         self.graphs, self.graph_error = self.runner.graphs, self.runner.graph_error
         self.scheduler = self.gen.continuous_batch.Scheduler(
             self.block_manager, policy=batch_spec.policy, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
-            long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark)
+            long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark,
+            preemption_mode="swap" if swap else "recompute", num_swap_slots=host_swap.num_slots if swap else 0)
         self.sampler = Sampler(seed=config.seed, device=self.device)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 

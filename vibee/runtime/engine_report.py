@@ -134,7 +134,12 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
                      "prefix_cache_hit_rate": mem.hit_rate},
         "batching": {"steps": t["steps"], "avg_batch_size": t["batched_seqs"] / t["steps"] if t["steps"] else 0.0,
                      "recent_avg_batch_size": (sum(w[3] for w in window) / len(window)) if window else 0.0,
-                     "preemptions": t["preemptions"], "last_step_batched_tokens": sched["num_batched_tokens"]},
+                     "preemptions": t["preemptions"], "last_step_batched_tokens": sched["num_batched_tokens"],
+                     # Preemption by swap: blocks' K/V copied to host slots and back, or recomputed
+                     # when the slots ran out (fallbacks).
+                     "preemption_mode": e.gen.configs.continuous_batch.preemption_mode,
+                     "swap_outs": sched["num_swap_outs"], "swap_ins": sched["num_swap_ins"],
+                     "swap_fallbacks": sched["num_swap_fallbacks"], "swapped_now": sched["num_swapped"]},
         # Prefill rate counts tokens computed (prefix-cache hits are free; preempted ones count again).
         "throughput": {"recent_prefill_tokens_per_s": sum(w[1] for w in window) / span,
                        "recent_generation_tokens_per_s": sum(w[2] for w in window) / span,

@@ -35,7 +35,7 @@ def decode_graph_rows(max_num_seqs: int, speculative_config=None) -> int:
 class ModelRunner:
     def __init__(self, model, kv_cache, block_manager, *, device: str, block_size: int, num_blocks: int,
                  graph_rows: int, max_model_len: int, max_num_batched_tokens: int, use_graphs: bool,
-                 num_splits: int):
+                 num_splits: int, host_swap=None):
         """graph_rows: rows of the largest decode graph (and of `sampled`); use_graphs: capture
         decode graphs (their padding rows write to block num_blocks, past the sequences' blocks)."""
         self.model = model
@@ -43,6 +43,7 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.block_rows = BlockTableRows(block_manager.block_tables)
+        self.host_swap = host_swap  # host slots for swapped-out KV (preemption_mode swap), else None
         self.sampled = torch.zeros(graph_rows, dtype=torch.long, device=device)
         self.graphs = self.graph_error = None
         if use_graphs:
@@ -61,6 +62,11 @@ class ModelRunner:
         row, drafts), the logits (one row per plain sequence, k + 1 for one verifying k drafts)
         and whether sampled[:rows] holds each logits row's argmax (a CUDA graph ran).
         placeholders: seq_id -> the row of `sampled` holding the token its placeholder stands for."""
+        if sched.swap_out or sched.swap_in:  # first: this step's forward may write into blocks just swapped out
+            self.host_swap.swap_out(sched.swap_out)
+            self.host_swap.swap_in(sched.swap_in)
+            if not sched.scheduled:
+                return [], torch.empty(0, device=self.device), False
         use_kv_cache = self.kv_cache is not None
         input_ids: list[int] = []
         query_lens: list[int] = []

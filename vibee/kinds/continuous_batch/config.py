@@ -20,7 +20,7 @@ class ContinuousBatchConfig(KindConfig):
         "add": "Scheduler.add: queue a new sequence, refusing one that could never fit",
         "schedule": "Scheduler.schedule: pick the sequences and token counts of the next step within the limits",
         "chunked_prefill": "Scheduler._chunk_limit: split a long prompt over several steps within the token budget",
-        "preempt": "Scheduler._preempt: free a running sequence's blocks and requeue it to be recomputed",
+        "preempt": "Scheduler._preempt: take a running sequence's blocks and requeue it, recomputed or swapped back in",
         "update": "Scheduler.update: append the sampled tokens, finish sequences at max_tokens or a stop token",
         "abort": "Scheduler.abort: drop a sequence wherever it is and free its blocks",
         "can_ever_fit": "Scheduler.can_ever_fit: whether a sequence at its longest fits in the KV cache",
@@ -46,6 +46,8 @@ class ContinuousBatchConfig(KindConfig):
             "enable_chunked_prefill",
             "long_prefill_token_threshold",
             "watermark",
+            "preemption_mode",
+            "num_swap_slots",  # host slots (blocks) of the swap space the engine would size from swap_space_gib
         }
     )
     TEST_EXPECTED_KEYS: ClassVar[frozenset[str]] = frozenset(
@@ -59,6 +61,8 @@ class ContinuousBatchConfig(KindConfig):
             "first_step_tokens",  # tokens scheduled in the first step
             "prefill_chunks",  # the first request's prefill chunk sizes, in order
             "admission_order",  # request indices in the order they are first scheduled
+            "min_swap_outs",  # at least this many preemptions copy the victim's KV to the host
+            "max_swap_outs",  # at most this many (0: the swap space is too small, every preemption recomputes)
         }
     )
 
@@ -95,6 +99,18 @@ class ContinuousBatchConfig(KindConfig):
         "sequences can grow without being preempted at once.",
     )
 
+    preemption_mode: Literal["recompute", "swap"] = knob("runtime", flag="--preemption-mode",
+        default="recompute",
+        description="What a preempted sequence loses: 'recompute' frees its KV blocks and prefills it again on "
+        "return; 'swap' copies its KV blocks to pinned host memory and back (recompute when the swap space is full).",
+    )
+    swap_space_gib: float = knob("runtime", flag="--swap-space",
+        default=4.0,
+        strict=True,
+        validate_default=True,
+        description="GiB of pinned host memory for the KV blocks of swapped-out sequences (preemption_mode swap).",
+    )
+
     # Checks that compare two settings sit on the later field (validated even when left at its
     # default), so an error points at a key of the config rather than at the whole section.
     @field_validator("max_num_seqs")
@@ -121,6 +137,12 @@ class ContinuousBatchConfig(KindConfig):
         limits.check_watermark(value)
         return value
 
+    @field_validator("swap_space_gib")
+    @classmethod
+    def _swap_space_holds_blocks(cls, value: float, info: ValidationInfo) -> float:
+        limits.check_swap_space(value, info.data.get("preemption_mode"))
+        return value
+
     def prefill_tokens_per_seq_step(self) -> int:
         """Most prompt tokens one sequence computes in a step."""
         return self.long_prefill_token_threshold or self.max_num_batched_tokens
@@ -141,5 +163,8 @@ class ContinuousBatchConfig(KindConfig):
             "a 32k-token prompt prefills in": long_prompt,
             "blocks kept free at admission": f"{self.watermark:.1%} of the cache "
             f"({int(self.watermark * 10_000):,} of 10,000 blocks)",
-            "preemption": f"recompute: the {victims} running sequence gives way first (its KV is freed and prefilled again)",
+            "preemption": (f"recompute: the {victims} running sequence gives way first (its KV is freed and prefilled again)"
+                           if self.preemption_mode == "recompute" else
+                           f"swap: the {victims} running sequence gives way first (its KV goes to {self.swap_space_gib:g} GiB "
+                           "of pinned host memory and comes back; recompute when that is full)"),
         }

@@ -5,6 +5,7 @@ runtime passes it (a ValueError), without the IR."""
 from __future__ import annotations
 
 POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 def check_policy(policy: str) -> None:
@@ -47,11 +48,32 @@ def check_watermark(watermark: float) -> None:
         raise ValueError(f"watermark is the fraction of KV blocks kept free, so 0 <= watermark < 1; got {watermark}")
 
 
+def check_preemption_mode(preemption_mode: str) -> None:
+    if preemption_mode not in PREEMPTION_MODES:
+        raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
+
+
+def check_swap_space(swap_space_gib: float, preemption_mode: str | None) -> None:
+    if swap_space_gib < 0:
+        raise ValueError(f"swap_space_gib is GiB of host memory, so at least 0; got {swap_space_gib}")
+    if preemption_mode == "swap" and swap_space_gib == 0:
+        raise ValueError("preemption_mode swap needs host memory to swap to: set swap_space_gib above 0 "
+                         "(vLLM's default is 4), or use preemption_mode: recompute")
+
+
+def check_swap_slots(num_swap_slots: int) -> None:
+    if num_swap_slots < 0:
+        raise ValueError(f"num_swap_slots is a count of host KV blocks, so at least 0; got {num_swap_slots}")
+
+
 def check_scheduler_settings(*, policy: str, max_num_seqs: int, max_num_batched_tokens: int,
-                             enable_chunked_prefill: bool, long_prefill_token_threshold: int, watermark: float) -> None:
+                             enable_chunked_prefill: bool, long_prefill_token_threshold: int, watermark: float,
+                             preemption_mode: str, num_swap_slots: int) -> None:
     """Every rule at once, for settings given together (the Scheduler's arguments)."""
     check_policy(policy)
     check_max_num_seqs(max_num_seqs)
     check_budget(max_num_batched_tokens, max_num_seqs)
     check_threshold(long_prefill_token_threshold, enable_chunked_prefill, max_num_batched_tokens)
     check_watermark(watermark)
+    check_preemption_mode(preemption_mode)
+    check_swap_slots(num_swap_slots)

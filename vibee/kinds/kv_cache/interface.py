@@ -30,7 +30,10 @@ class BlockSpace(Protocol):
         ...
 
     def free(self, seq_id: int) -> None:
-        """Release every block of seq_id (cached full blocks stay reusable until evicted)."""
+        """Release every block of seq_id (cached full blocks stay reusable until evicted). The
+        blocks' K/V is left as it is: a block handed to another sequence is first written by a
+        later forward, so a copy queued before that forward (a swap-out of block_table(seq_id),
+        taken just before free) still reads what seq_id left there."""
         ...
 
     def block_table(self, seq_id: int) -> list[int]:
@@ -64,6 +67,20 @@ class PagedKVCache(Protocol):
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
 
 
+class HostKVSwap(Protocol):
+    """Host slots for the KV blocks of swapped-out sequences (preemption_mode swap)."""
+
+    num_slots: int
+
+    def swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Queue copies of (device block, host slot) pairs."""
+        ...
+
+    def swap_in(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Queue copies of (host slot, device block) pairs."""
+        ...
+
+
 class KVCacheModule(Protocol):
     """The generated kv_cache module (vibee_gen/<module>.py)."""
 
@@ -73,3 +90,5 @@ class KVCacheModule(Protocol):
 
     def PagedKVCache(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, *,
                      dtype: torch.dtype, device: torch.device | str, block_size: int) -> PagedKVCache: ...
+
+    def HostKVSwap(self, cache: PagedKVCache, num_slots: int) -> HostKVSwap: ...
