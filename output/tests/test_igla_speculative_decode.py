@@ -287,20 +287,25 @@ def random_heads(num_heads: int, hidden: int, seed: int) -> "impl.MedusaHeads":
 
 
 def hidden_and_lm_head(rows: int, hidden: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [rows, H] and an lm_head weight [V, H] (the heads take the readout as a function)."""
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, hidden, generator=generator, dtype=torch.float64),
             torch.randn(vocab, hidden, generator=generator, dtype=torch.float64))
+
+
+def readout(lm_head: torch.Tensor):
+    return lambda x: torch.nn.functional.linear(x, lm_head)
 
 
 @pytest.mark.parametrize("num_heads,hidden,vocab", [(SPEC_K, 12, 30), (1, 8, 17), (5, 16, 9)])
 def test_medusa_heads_match_the_reference_formula(num_heads, hidden, vocab):
     heads = random_heads(num_heads, hidden, seed=num_heads * 100 + hidden)
     h, lm_head = hidden_and_lm_head(3, hidden, vocab, seed=vocab)
-    logits = heads.logits(h, lm_head)
+    logits = heads.logits(h, readout(lm_head))
     assert logits.shape == (3, num_heads, vocab) and logits.dtype == torch.float32
     expected = torch.tensor(ref.medusa_logits(h, heads.weight.detach(), heads.bias.detach(), lm_head), dtype=torch.float64)
     torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-4)
-    proposal = heads.propose(h, lm_head, num_heads)
+    proposal = heads.propose(h, readout(lm_head), num_heads)
     assert proposal.shape == (3, num_heads) and proposal.dtype == torch.long
     assert proposal.tolist() == [[ref.argmax(head) for head in row] for row in expected.tolist()]
 
@@ -310,21 +315,21 @@ def test_zero_heads_repeat_the_target_next_token():
     h, lm_head = hidden_and_lm_head(4, 10, 25, seed=3)
     h, lm_head = h.float(), lm_head.float()
     target_logits = torch.nn.functional.linear(h, lm_head)
-    logits = heads.logits(h, lm_head)
+    logits = heads.logits(h, readout(lm_head))
     for i in range(SPEC_K):
         torch.testing.assert_close(logits[:, i], target_logits, rtol=0, atol=0)
-    assert heads.propose(h, lm_head, SPEC_K).tolist() == [[t] * SPEC_K for t in target_logits.argmax(-1).tolist()]
+    assert heads.propose(h, readout(lm_head), SPEC_K).tolist() == [[t] * SPEC_K for t in target_logits.argmax(-1).tolist()]
 
 
 def test_medusa_proposal_uses_the_first_k_heads():
     heads = random_heads(SPEC_K + 2, 12, seed=11)
     h, lm_head = hidden_and_lm_head(5, 12, 40, seed=12)
-    every = heads.propose(h, lm_head, SPEC_K + 2)
+    every = heads.propose(h, readout(lm_head), SPEC_K + 2)
     for k in range(1, SPEC_K + 3):
-        assert heads.propose(h, lm_head, k).tolist() == every[:, :k].tolist()
+        assert heads.propose(h, readout(lm_head), k).tolist() == every[:, :k].tolist()
     for k in (0, SPEC_K + 3):
         with pytest.raises(ValueError):
-            heads.propose(h, lm_head, k)
+            heads.propose(h, readout(lm_head), k)
 
 
 def test_medusa_heads_cost_k_residual_blocks():
@@ -338,7 +343,7 @@ def test_medusa_heads_load_from_a_state_dict():
     state = {name: tensor.detach().float() for name, tensor in trained.state_dict().items()}
     loaded = impl.MedusaHeads.from_state_dict(state, hidden_size=12, dtype=torch.float64)
     assert loaded.num_heads == SPEC_K
-    torch.testing.assert_close(loaded.logits(h, lm_head), trained.logits(h, lm_head), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loaded.logits(h, readout(lm_head)), trained.logits(h, readout(lm_head)), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError):
         impl.MedusaHeads.from_state_dict(state, hidden_size=16)  # a target of another width
     with pytest.raises(ValueError):

@@ -290,11 +290,15 @@ class MedusaHeads(torch.nn.Module):
                                        self.bias[:n].reshape(-1))
         return hidden[:, None, :] + torch.nn.functional.silu(z.view(-1, n, self.hidden_size))
 
-    def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """[B, H] -> [B, n, V] float32: each head's logits, read out with the target's lm_head weight [V, H]."""
-        return torch.nn.functional.linear(self(hidden, num_heads), lm_head_weight).float()
+    def logits(self, hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
+               num_heads: int | None = None) -> torch.Tensor:
+        """[B, H] -> [B, n, V] float32: each head's logits, read out by the target's lm_head
+        ([N, H] -> [N, V]: its compute_logits, so a quantized or tied lm_head serves as it is)."""
+        out = self(hidden, num_heads)
+        return lm_head(out.flatten(0, 1)).float().view(out.shape[0], out.shape[1], -1)
 
-    def propose(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, num_speculative_tokens: int) -> torch.Tensor:
+    def propose(self, hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
+                num_speculative_tokens: int) -> torch.Tensor:
         """[B, H] hidden states -> [B, k] long: the first k heads' greedy guesses, on hidden's device.
 
         Given the target's final hidden state h (after its final norm) at a sequence's last verified
@@ -311,7 +315,7 @@ class MedusaHeads(torch.nn.Module):
         if not 1 <= num_speculative_tokens <= self.num_heads:
             raise ValueError(f"{self.num_heads} medusa heads can propose 1 to {self.num_heads} tokens, "
                              f"not {num_speculative_tokens}")
-        return self.logits(hidden, lm_head_weight, num_speculative_tokens).argmax(dim=-1)
+        return self.logits(hidden, lm_head, num_speculative_tokens).argmax(dim=-1)
 
 
 class DraftModelDrafter:

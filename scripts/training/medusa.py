@@ -121,7 +121,8 @@ def head_accuracy(heads, lm_head_weight: torch.Tensor, hidden: torch.Tensor, str
     num_heads = heads.num_heads
     positions = torch.arange(len(hidden))
     targets = head_targets(stream, positions, num_heads)
-    guesses = torch.cat([heads.propose(hidden[i: i + 4096], lm_head_weight, num_heads)
+    readout = lambda x: F.linear(x, lm_head_weight)  # noqa: E731 - the tied lm_head
+    guesses = torch.cat([heads.propose(hidden[i: i + 4096], readout, num_heads)
                          for i in range(0, len(hidden), 4096)])
     data, versus_target = [], []
     for i in range(num_heads):
