@@ -44,6 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=REPO / "models" / TARGET_NAME, help="the frozen target's directory")
     p.add_argument("--out", type=Path, default=None, help=f"heads file (default: MODEL/{HEADS_FILE}, and the card is updated)")
     p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: from --epochs, capped by --time-budget)")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the training positions")
     p.add_argument("--time-budget", type=float, default=360.0, help="seconds for the heads' training; caps the steps")
     p.add_argument("--batch-size", type=int, default=2048, help="positions per step")
@@ -59,6 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+DEFAULTS = vars(parse_args([]))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -72,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.epochs, args.seq_len, args.batch_size = min(args.epochs, 0.05), min(args.seq_len, 128), min(args.batch_size, 256)
         args.max_train_tokens = min(args.max_train_tokens or 20_000, 20_000)
-    args.max_train_tokens = args.max_train_tokens or None
     target = load_saved(args.model, "cpu")
     for p in target.parameters():
         p.requires_grad_(False)
@@ -86,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     hidden, positions = cache_hidden(target, streams["train"], args.seq_len, 4, "target forward (train)",
-                                     args.max_train_tokens)
+                                     args.max_train_tokens or None)
     held_hidden, _ = cache_hidden(target, streams["held_out"], args.seq_len, 4, "target forward (held out)")
     forward_seconds = round(time.perf_counter() - t0, 1)
     heads = MedusaHeads(args.num_heads, target.config.hidden_size)
-    settings = HeadSettings(num_heads=args.num_heads, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    settings = HeadSettings(num_heads=args.num_heads, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             warmup=3 if args.quick else 50, time_budget=args.time_budget)
     run = train_heads(heads, lm_head, hidden, positions, streams["train"], settings, args.seed)
     heads.eval()
@@ -104,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     state = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in heads.state_dict().items()}
     save_file(state, str(out), metadata={"format": "pt", "num_heads": str(args.num_heads),
                                          "hidden_size": str(target.config.hidden_size), "base_model": args.model.name})
+    reproduce = ["python", "scripts/train_medusa_heads.py", "--steps", str(run["steps"]), "--seed", str(args.seed)]
+    for flag in ("num_heads", "batch_size", "lr", "seq_len", "max_train_tokens"):
+        if getattr(args, flag) != DEFAULTS[flag] and not args.quick:
+            reproduce += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     stats = {
-        "command": "python scripts/train_medusa_heads.py " + shlex.join(argv),
+        "command": shlex.join(["python", "scripts/train_medusa_heads.py", *argv]),
+        "reproduce_command": shlex.join(reproduce + (["--quick"] if args.quick else [])),
         "device_name": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "seed": args.seed, "num_heads": args.num_heads, "hidden_size": target.config.hidden_size,

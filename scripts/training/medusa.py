@@ -54,6 +54,7 @@ def head_targets(stream: torch.Tensor, positions: torch.Tensor, num_heads: int) 
 @dataclass
 class HeadSettings:
     num_heads: int
+    steps: int | None  # None: from epochs, capped by the time budget
     epochs: float
     batch_size: int  # positions per step
     lr: float
@@ -68,7 +69,7 @@ def train_heads(heads, lm_head_weight: torch.Tensor, hidden: torch.Tensor, posit
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(heads.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
     weights = torch.tensor([HEAD_DECAY**i for i in range(s.num_heads)])
-    total = max(1, round(s.epochs * len(hidden) / s.batch_size))
+    total = s.steps or max(1, round(s.epochs * len(hidden) / s.batch_size))
     bar = ProgressBar("medusa heads", total)
     lm_head = lm_head_weight.to(torch.bfloat16)
     started, step, curve = time.perf_counter(), 0, []
@@ -96,7 +97,9 @@ def train_heads(heads, lm_head_weight: torch.Tensor, hidden: torch.Tensor, posit
                           "per_head_loss": [round(v, 4) for v in per_head.tolist()]})
             bar.log(f"step {step}/{total} loss {loss.item():.3f} per head "
                     + " ".join(f"{v:.2f}" for v in per_head.tolist()))
-        if step == 20 and s.time_budget:  # after the first steps: do the rest fit the budget?
+        # After 20 steps (inside the warmup, whose learning rates don't depend on the total): do
+        # the rest fit the budget? Capping there gives the same run as --steps would.
+        if step == 20 and s.time_budget and s.steps is None:
             per_step = (time.perf_counter() - started) / step
             fit = int(s.time_budget * 0.95 / per_step)
             if fit < total:

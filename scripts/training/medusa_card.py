@@ -24,7 +24,7 @@ Trained with the target frozen on its training split: the hidden states of {stat
 of its {stats['train_tokens']:,} tokens (whole windows spread over the split), cross-entropy against the text's tokens, loss weights {', '.join(str(w) for w in run['head_loss_weights'])}:
 
 ```
-{stats['command']}
+{stats['reproduce_command']}
 ```
 
 {run['steps']:,} steps of {run['batch_size']} positions ({run['epochs']} epochs, peak lr {run['lr']}, seed {stats['seed']}) in
