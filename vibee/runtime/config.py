@@ -18,6 +18,7 @@ from vibee.runtime.generated import REPO_ROOT
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny"
 DEFAULT_DRAFT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny-draft"
+MEDUSA_HEADS_FILE = "medusa_heads.safetensors"  # in a model's directory: its Medusa heads (scripts/train_medusa_heads.py)
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 QUANT_BITS = {"int8": 8, "int4": 4}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-HEADS_FILE = "medusa_heads.safetensors"  # in a model's directory: the heads its training script wrote
+from vibee.runtime.config import MEDUSA_HEADS_FILE as HEADS_FILE
 
 
 def heads_path(spec, model_dir: Path | None) -> Path:
