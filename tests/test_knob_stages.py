@@ -41,7 +41,8 @@ OTHER_VALUE = {
         "skip_modules": ["not_a_layer"],
     },
     "speculative_decode": {
-        "method": "draft_model",
+        "method": "medusa",
+        "medusa_heads": "elsewhere/medusa_heads.safetensors",
         "num_speculative_tokens": 2,
         "ngram": {"min_n": 2, "max_n": 2},
         "verification": "greedy",

@@ -20,7 +20,8 @@ needs_model = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(
                                  not (DEFAULT_DRAFT_MODEL_DIR / "config.json").exists(),
                                  reason="the built-in model and its draft model are not there")
 TECHNIQUES = {"KV cache", "Continuous batching", "Flash attention", "INT4 weights", "INT8 weights",
-              "Speculative decoding (n-gram)", "Speculative decoding (draft model)", "Tensor parallelism"}
+              "Speculative decoding (n-gram)", "Speculative decoding (draft model)", "Speculative decoding (Medusa heads)",
+              "Tensor parallelism"}
 ARGS = ["--device", "cpu", "--num-prompts", "6", "--input-len", "8:20", "--output-len", "2:12",
         "--recompute-output-len", "6", "--batch1-prompts", "2", "--max-num-seqs", "2", "--seed", "3"]
 
@@ -45,7 +46,7 @@ def test_ablation_writes_every_row_from_measured_figures(tmp_path, monkeypatch):
     monkeypatch.setattr(LLMEngine, "__init__", one_at_a_time)
     result = CliRunner().invoke(bench, ["ablation", *ARGS, "--result-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert len(built) == 8 and set(built) == {0}  # each engine freed before the next was built
+    assert len(built) == 9 and set(built) == {0}  # each engine freed before the next was built
 
     data = json.loads(next(tmp_path.glob("ablation-*.json")).read_text())
     assert next(tmp_path.glob("ablation-*.png")).stat().st_size > 0
@@ -93,7 +94,8 @@ def test_ablation_writes_every_row_from_measured_figures(tmp_path, monkeypatch):
         assert s["measured_speedup"] == pytest.approx(data["runs"][f"batch1_{drafter}"]["output_tokens_per_s"] /
                                                       data["runs"]["batch1_plain"]["output_tokens_per_s"])
     assert data["speculative"]["ngram"]["draft_cost"] == 0.0 < data["speculative"]["draft_model"]["draft_cost"] < 1.0
-    assert [line for line in result.output.splitlines() if line.startswith("[")][-1].startswith("[8/8]")
+    assert 0.0 < data["speculative"]["medusa"]["draft_cost"] < 1.0  # the heads and the lm_head they read again
+    assert [line for line in result.output.splitlines() if line.startswith("[")][-1].startswith("[9/9]")
 
 
 @needs_model

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from vibee.bench.report import Workload
 from vibee.bench.throughput import check_workload, run_throughput, warm_up
+from vibee.runtime.config import MEDUSA_HEADS_FILE as HEADS_FILE
 
 # The original design's claims (ORIGINAL.md), as (text, the least ratio that meets it).
 CLAIMS = {
@@ -210,10 +211,11 @@ def table_rows(runs: dict[str, dict[str, Any]], spec: dict[str, dict[str, Any]],
         rows.append(claimed_row(f"{bits}_memory", f"{bits.upper()} weights", f"{bits} vs unquantized weights",
                                 "weight bytes", q["weight_bytes"], base["weight_bytes"], higher_is_better=False))
     plain = runs["batch1_plain"]
-    for drafter, label in (("ngram", "n-gram"), ("draft_model", "draft model")):
+    missing = {"draft_model": draft_missing, "medusa": f"not measured: no {HEADS_FILE} for this model"}
+    for drafter, label in (("ngram", "n-gram"), ("draft_model", "draft model"), ("medusa", "Medusa heads")):
         figures = spec.get(drafter)
         on = runs.get(f"batch1_{drafter}")
-        note = draft_missing if (drafter == "draft_model" and on is None) else ""
+        note = missing.get(drafter) if on is None else ""
         if figures is not None:
             note = (f"acceptance {100 * figures['acceptance_rate']:.1f}%, k={figures['k']}; predicted "
                     f"{figures['predicted_claimed_formula']:.2f}× (1/(1-a+a/k)), "
@@ -299,8 +301,12 @@ def measure(base, make_workload: Callable[[Any], Workload], *, temperature: floa
     def speculative(drafter):
         def work(engine):
             out = timed(engine, load["batch1"], temperature)
-            draft = engine.speculator.draft_model
-            # c: the draft's weight bytes over the target's (a decode step reads each once).
+            medusa = engine.speculator.medusa
+            # c: the draft's weight bytes over the target's (a decode step reads each once); the
+            # heads read their own weights and the target's lm_head once more.
+            from torch.nn import ModuleList
+
+            draft = engine.speculator.draft_model or (medusa and ModuleList([medusa.heads, engine.model.lm_head]))
             cost = engine.gen.quantization.weight_bytes(draft) / engine.weight_bytes if draft is not None else 0.0
             k = engine.gen.configs.speculative_decode.num_speculative_tokens
             spec[drafter] = speculative_figures(out, runs["batch1_plain"], k, cost, engine.gen.speculative_decode)
@@ -323,6 +329,9 @@ def measure(base, make_workload: Callable[[Any], Workload], *, temperature: floa
     if draft_dir is not None:
         steps.append(("batch1_draft_model", f"batch 1, draft-model speculation ({draft_dir.name})",
                       variant(base, speculative=True, draft_model=draft_dir, knobs=one), speculative("draft_model")))
+    if base.shape is None and (base.model_dir / HEADS_FILE).is_file():
+        steps.append(("batch1_medusa", "batch 1, Medusa heads", variant(
+            base, speculative=True, knobs={**one, "speculative_decode": {"method": "medusa"}}), speculative("medusa")))
     for i, (label, what, config, work) in enumerate(steps, 1):
         t0 = time.perf_counter()
         if console is not None:

@@ -18,6 +18,7 @@ from vibee.runtime.generated import REPO_ROOT
 
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny"
 DEFAULT_DRAFT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny-draft"
+MEDUSA_HEADS_FILE = "medusa_heads.safetensors"  # in a model's directory: its Medusa heads (scripts/train_medusa_heads.py)
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -36,7 +37,7 @@ class EngineConfig(BaseModel):
     kv_cache: bool = True  # False: recompute every token each step (the naive baseline)
     flash_attn: bool = True  # False: the reference attention
     quant: Literal["none", "int8", "int4"] = "none"
-    speculative: bool = False  # the spec's drafter (--draft-model implies it, with method draft_model)
+    speculative: bool = False  # the spec's drafter (--draft-model, --speculative-method and --medusa-heads imply it)
     draft_model: Path | None = None
     num_kv_blocks: int | None = Field(None, ge=1)  # fixes the KV cache size (tests, measurements)
     enforce_eager: bool = False  # no CUDA graphs for decode steps
@@ -75,26 +76,39 @@ class EngineConfig(BaseModel):
         """A knob's setting from the flags, or None when the spec decides."""
         return self.knobs.get(kind, {}).get(field)
 
+    @property
+    def speculating(self) -> bool:
+        """Whether the engine drafts: --speculative, or a flag that names a drafter."""
+        return (self.speculative or self.draft_model is not None
+                or self.knob("speculative_decode", "method") is not None
+                or self.knob("speculative_decode", "medusa_heads") is not None)
+
     def unbuilt_features(self) -> list[str]:
         """Flags whose feature the engine doesn't have yet: `vibee serve` refuses them rather
         than ignoring them."""
         problems = []
         if self.shape is not None and self.model is not None:
             problems.append("--shape and --model both name the model; give one")
-        speculating = self.speculative or self.draft_model is not None
-        if self.knob("speculative_decode", "num_speculative_tokens") is not None and not speculating:
+        if self.knob("speculative_decode", "num_speculative_tokens") is not None and not self.speculating:
             problems.append("--num-speculative-tokens needs --speculative (or --draft-model)")
+        method = self.knob("speculative_decode", "method")
+        if self.draft_model is not None and method not in (None, "draft_model"):
+            problems.append(f"--draft-model drafts with a model; it can't go with --speculative-method {method}")
+        if self.knob("speculative_decode", "medusa_heads") is not None and method not in (None, "medusa"):
+            problems.append(f"--medusa-heads is for --speculative-method medusa, not {method}")
         if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
         return problems
 
     def knob_settings(self, dtype: str) -> dict[str, dict[str, Any]]:
-        """The knob settings load_generated applies: the flags', plus what --quant and
-        --draft-model choose. Values the model derives (int8's per-channel groups) are left to it."""
+        """The knob settings load_generated applies: the flags', plus what --quant,
+        --draft-model and --medusa-heads choose. Values the model derives (int8's per-channel groups) are left to it."""
         settings = {kind: dict(values) for kind, values in self.knobs.items()}
         if self.draft_model is not None:
             settings.setdefault("speculative_decode", {})["method"] = "draft_model"
+        elif self.knob("speculative_decode", "medusa_heads") is not None:
+            settings.setdefault("speculative_decode", {}).setdefault("method", "medusa")
         if self.quant != "none":
             settings.setdefault("quantization", {}).update(bits=QUANT_BITS[self.quant], compute_dtype=DTYPE_NAMES[dtype])
         return settings

@@ -90,6 +90,7 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # each size's final hidden states (the logits' input)
         self.pool = None
         # Mark the end of each staging buffer's last copy: a buffer is not rewritten before it.
         self._copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
@@ -105,8 +106,8 @@ class DecodeGraphs:
         sampled one), the forward, the logits and each row's argmax into sampled[:b]."""
         sources = self.sources[:b]
         ids = torch.where(sources >= 0, self.sampled[sources.clamp(min=0)], self.input_ids[:b])
-        hidden = self.model(ids, self.positions[:b], self._batch(b), self.kv_cache)
-        self.logits[b] = self.model.compute_logits(hidden)
+        self.hidden[b] = self.model(ids, self.positions[:b], self._batch(b), self.kv_cache)
+        self.logits[b] = self.model.compute_logits(self.hidden[b])
         torch.argmax(self.logits[b], dim=-1, out=self.sampled[:b])
 
     @torch.inference_mode()
@@ -157,7 +158,8 @@ class DecodeGraphs:
 
     def run(self, input_ids: Sequence[int], seq_lens: Sequence[int], block_tables: np.ndarray,
             sources: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits [n, vocab] of one decode step of n rows (see pack); their argmax is in sampled[:n]."""
+        """Logits [n, vocab] of one decode step of n rows (see pack); their argmax is in sampled[:n],
+        their final hidden states in last_hidden(n) until the next replay."""
         turn = self._turn
         copied = self._copied[turn]
         if copied is not None:
@@ -174,7 +176,13 @@ class DecodeGraphs:
         # Only the used columns: the kernels read a row's entries up to its length, never past it.
         self.block_tables[:b, :w].copy_(self.staging[HEAD_ROWS * n_max: used].view(b, w))
         self.graphs[b].replay()
+        self._replayed = b
         return self.logits[b][: len(input_ids)]
+
+    def last_hidden(self, n: int) -> torch.Tensor:
+        """[n, hidden] final hidden states (after the final norm) of the last replay's first n rows:
+        a view of the graph's output, valid until the next replay (Medusa heads read it)."""
+        return self.hidden[self._replayed][:n]
 
 
 def capture_decode_graphs(model, kv_cache, *, max_batch: int, max_model_len: int, block_size: int, padding_slot: int,

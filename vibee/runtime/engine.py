@@ -70,8 +70,8 @@ class LLMEngine:
                                 self.model_config.head_dim, dtype=self.dtype, device="meta", block_size=self.block_size)
         self.kv_bytes_per_block = probe.bytes_per_block()
         # Before sizing: a draft model's weights and activations take GPU memory too.
-        self.speculative = config.speculative or config.draft_model is not None
-        self.speculator = (Speculator(self.gen, config, self.model_config.vocab_size, dtype=self.dtype,
+        self.speculative = config.speculating
+        self.speculator = (Speculator(self.gen, config, self.model, dtype=self.dtype,
                                       device=self.device, block_size=self.block_size, progress=progress)
                            if self.speculative else None)
         # num_blocks: the blocks sequences can hold. CUDA graphs take one more, past them, as the
@@ -254,7 +254,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
         if self._speculating():
-            self.speculator.propose(self.scheduler.running, self._by_seq)
+            self.speculator.propose(self.scheduler.running, self._by_seq, self.runner)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
@@ -286,7 +286,8 @@ class LLMEngine:
             else:
                 pending = self.sampler.launch(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
                                                               choice.generator) for seq, _, _, req, choice in plain])
-                self.runner.sampled[: len(plain)].copy_(pending.tokens)  # where the next step reads them
+                if len(plain) == len(sampling):  # where the next step reads them; not over a verifying step's argmax
+                    self.runner.sampled[: len(plain)].copy_(pending.tokens)
         before = [len(s[0].output_token_ids) for s in sampling]
         launched = LaunchedStep(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
                              queries0, hits0)

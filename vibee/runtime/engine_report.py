@@ -74,6 +74,7 @@ def engine_info(engine: LLMEngine) -> dict[str, Any]:
     if e.quant_stats is not None:
         quant["quantized"] = _plain(e.quant_stats)
     draft_dir = e.speculator.draft_dir if e.speculator is not None else None
+    medusa = e.speculator.medusa if e.speculator is not None else None
     return {
         "model": {"name": e.config.model_name,
                   "path": e.config.model_source,
@@ -104,7 +105,8 @@ def engine_info(engine: LLMEngine) -> dict[str, Any]:
                                 "max_num_batched_tokens": e.max_num_batched_tokens},
         "quantization": quant,
         "speculative_decoding": {"enabled": e.speculative, **cfg["speculative_decode"],
-                                 "draft_model": str(draft_dir or "") or None},
+                                 "draft_model": str(draft_dir or "") or None,
+                                 "medusa_heads": str(medusa.path) if medusa is not None else None},
         "tensor_parallel": {"enabled": False, **cfg["tensor_parallel"], "tp_size": 1},  # serving runs one rank
     }
 

@@ -1,6 +1,10 @@
 """The model runner: one forward of a scheduled step over the paged KV cache, as a CUDA graph
 replay when the step is a decode (one row per token sampled) and eagerly otherwise.
 
+It keeps the final hidden states of the rows it computed logits for (`last_hidden`, on the
+device, until the next step runs), and where each sampling sequence's rows are among them
+(`last_rows`): Medusa heads draft from them.
+
 It keeps `sampled`, the device buffer of the last step's sampled tokens: a sequence whose last
 output token is still a placeholder (its step was launched before the host read it) takes its
 input token from there, so the engine can launch a step while the previous one runs.
@@ -45,6 +49,11 @@ class ModelRunner:
         self.block_rows = BlockTableRows(block_manager.block_tables)
         self.host_swap = host_swap  # host slots for swapped-out KV (preemption_mode swap), else None
         self.sampled = torch.zeros(graph_rows, dtype=torch.long, device=device)
+        # The last step's hidden states of its logits rows (a view of a graph's output, or the
+        # eager forward's own tensor: keeping it costs no work), and seq_id -> (first row there,
+        # drafts verified, the sequence's num_tokens when the step ran).
+        self.last_hidden: torch.Tensor | None = None
+        self.last_rows: dict[int, tuple[int, int, int]] = {}
         self.graphs = self.graph_error = None
         if use_graphs:
             self.graphs, self.graph_error = capture_decode_graphs(
@@ -75,6 +84,7 @@ class ModelRunner:
         logit_rows: list[int] = []
         sources: list[tuple[int, int]] = []  # (token index in input_ids, row of sampled) of each placeholder
         plan = []
+        self.last_rows, self.last_hidden = {}, None
         for item in sched.scheduled:
             seq = item.seq
             drafts = item.draft_token_ids
@@ -91,12 +101,15 @@ class ModelRunner:
             if use_kv_cache:
                 rows.append(self.block_rows.row(seq.seq_id))
             if samples:
+                self.last_rows[seq.seq_id] = (len(logit_rows), len(drafts), seq.num_tokens)
                 plan.append((seq, len(logit_rows), drafts))
                 logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
         tables = self.block_rows.gather(rows) if use_kv_cache else None
         if self.graphs is not None and len(logit_rows) == len(input_ids) and len(plan) == len(query_lens) \
                 and self.graphs.fits(len(input_ids)):
-            return plan, self._replay(input_ids, query_lens, seq_lens, tables, sources), True
+            logits = self._replay(input_ids, query_lens, seq_lens, tables, sources)
+            self.last_hidden = self.graphs.last_hidden(len(input_ids))
+            return plan, logits, True
         batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         if sources:  # placeholders: the tokens the last step left on the device
@@ -108,7 +121,8 @@ class ModelRunner:
             hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
             if not logit_rows:
                 return [], hidden.new_empty(0), False
-            logits = self.model.compute_logits(hidden if keep is None else hidden[keep])
+            self.last_hidden = hidden if keep is None else hidden[keep]
+            logits = self.model.compute_logits(self.last_hidden)
         return plan, logits, False
 
     def _replay(self, input_ids, query_lens, seq_lens, tables: np.ndarray, sources) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Speculative decoding around the engine's step: a drafter (n-gram or a draft model) proposes
+"""Speculative decoding around the engine's step: a drafter (n-gram, a draft model or Medusa heads) proposes
 tokens for each decoding sequence, the target verifies them in its forward (greedy or rejection
 sampling), and an acceptance tracker measures how often drafts hold."""
 
@@ -14,6 +14,7 @@ from vibee.runtime.draft_runner import DraftRunner
 from vibee.runtime.generated import GeneratedModules
 from vibee.runtime.kv_sizing import worst_case_step
 from vibee.runtime.loader import load_model_dir
+from vibee.runtime.medusa_drafter import MedusaDrafter, heads_path
 from vibee.runtime.model import build_model
 from vibee.runtime.sampler import SampleResult, Sampler
 
@@ -21,18 +22,24 @@ from vibee.runtime.sampler import SampleResult, Sampler
 class Speculator:
     """Drafter and acceptance tracker from the speculative_decode spec (built when --speculative)."""
 
-    def __init__(self, gen: GeneratedModules, config: EngineConfig, vocab_size: int, *, dtype: torch.dtype,
+    def __init__(self, gen: GeneratedModules, config: EngineConfig, target, *, dtype: torch.dtype,
                  device: str, block_size: int, progress: bool):
         self.gen = gen
         self.device = device
         self.block_size = block_size
         self.draft_model = None
         self.draft_dir = None
+        self.medusa: MedusaDrafter | None = None
         spec = gen.configs.speculative_decode
         sd = gen.speculative_decode
         self.num_speculative_tokens = spec.num_speculative_tokens
+        vocab_size = target.config.vocab_size
         if spec.method == "ngram":
             self.drafter = sd.NgramDrafter(spec.num_speculative_tokens, spec.ngram.min_n, spec.ngram.max_n)
+        elif spec.method == "medusa":
+            model_dir = None if config.shape is not None else config.model_dir
+            self.drafter = self.medusa = MedusaDrafter(gen, target, heads_path(spec, model_dir), self.num_speculative_tokens,
+                                                       dtype=dtype, device=device)
         else:
             builtin = config.model is None and config.shape is None
             draft_dir = config.draft_model or (DEFAULT_DRAFT_MODEL_DIR if builtin else None)
@@ -73,8 +80,9 @@ class Speculator:
             hidden = self.draft_model(ids, batch.positions(), batch, None)
             self.draft_model.compute_logits(hidden[torch.arange(len(seq_lens), device=self.device)])
 
-    def propose(self, running, by_seq: dict[int, tuple[Any, Any]]) -> None:
-        """Give each decoding sequence its draft tokens for this step (the scheduler verifies them)."""
+    def propose(self, running, by_seq: dict[int, tuple[Any, Any]], runner) -> None:
+        """Give each decoding sequence its draft tokens for this step (the scheduler verifies them);
+        runner: the model runner, whose last step's hidden states Medusa heads draft from."""
         for seq in running:
             seq.draft_token_ids = []
         spec = self.gen.config("speculative_decode")
@@ -90,7 +98,10 @@ class Speculator:
                 candidates.append((seq, room))
         if not candidates:
             return
-        if self.draft_model is None:
+        if self.medusa is not None:
+            for (seq, _), drafts in zip(candidates, self.medusa.propose(runner, candidates)):
+                seq.draft_token_ids = drafts
+        elif self.draft_model is None:
             for seq, room in candidates:
                 index = self.ngram_indexes.get(seq.seq_id)
                 if index is None:
@@ -113,8 +124,7 @@ class Speculator:
         greedy = req.params.is_greedy or self.gen.configs.speculative_decode.verification == "greedy"
         if greedy and targets is not None:
             tokens = sd.greedy_accept(list(drafts), targets)
-            self.acceptance.update(len(drafts), len(tokens) - 1)
-            self.gate.record(choice.seq.seq_id, len(drafts), len(tokens) - 1)
+            self._record(choice.seq.seq_id, len(drafts), len(tokens) - 1)
             if req.params.logprobs is None:
                 return [SampleResult(t, None, None) for t in tokens]
             return sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
@@ -126,15 +136,22 @@ class Speculator:
             probs = sampler.probabilities(logits, req.params)
             generator = choice.generator or sampler.shared_generator(logits.device)
             emitted, accepted = sd.rejection_sample(draft, None, probs[None], generator)
-        self.acceptance.update(len(drafts), accepted)
         tokens = emitted[0]
-        self.gate.record(choice.seq.seq_id, len(drafts), len(tokens) - 1)
+        self._record(choice.seq.seq_id, len(drafts), len(tokens) - 1)
         return sampler.results_for(logits[: len(tokens)], torch.tensor(tokens, device=logits.device),
                                    [req.params] * len(tokens))
+
+    def _record(self, seq_id: int, num_drafts: int, num_accepted: int) -> None:
+        self.acceptance.update(num_drafts, num_accepted)
+        self.gate.record(seq_id, num_drafts, num_accepted)
+        if self.medusa is not None:  # its next drafts read the hidden state at the last accepted token
+            self.medusa.record(seq_id, num_accepted)
 
     def forget(self, seq_id: int) -> None:
         """A sequence finished or was aborted: the gate and the draft's cache drop what they kept."""
         self.gate.forget(seq_id)
         self.ngram_indexes.pop(seq_id, None)
+        if self.medusa is not None:
+            self.medusa.forget(seq_id)
         if self.draft_model is not None:
             self.drafter.forget(seq_id)

@@ -44,6 +44,7 @@ class SpeculativeDecodeConfig(KindConfig):
     BEHAVIORS: ClassVar[dict[str, str]] = {
         "propose_ngram": "NgramDrafter.propose: prompt-lookup draft from the longest recent suffix match",
         "propose_draft_model": "DraftModelDrafter.propose: k tokens sampled autoregressively from a small draft model",
+        "propose_medusa": "MedusaHeads.propose: k tokens at once, one per trained head, from the target's last hidden state",
         "rejection_sample": "rejection_sample: lossless speculative sampling of the target distribution",
         "greedy_verify": "greedy_verify: accept drafts while they equal the target argmax",
         "verify_draft": "verify_draft: the spec's verification rule applied to target logits",
@@ -80,8 +81,9 @@ class SpeculativeDecodeConfig(KindConfig):
         }
     )
 
-    method: Literal["ngram", "draft_model"] = knob("runtime",
-        "ngram", description="Drafter: n-gram prompt lookup (no extra model) or a small draft model."
+    method: Literal["ngram", "draft_model", "medusa"] = knob("runtime", flag="--speculative-method",
+        default="ngram", description="Drafter: n-gram prompt lookup (no extra model), a small draft model, or "
+        "medusa heads (trained heads on the target's last hidden state)."
     )
     num_speculative_tokens: int = knob("runtime", flag="--num-speculative-tokens",
         default=4, strict=True, description="Draft tokens proposed per step (k); the target verifies k + 1 positions."
@@ -94,6 +96,12 @@ class SpeculativeDecodeConfig(KindConfig):
     )
     disable_by_batch_size: int | None = knob("runtime", flag="--speculative-disable-by-batch-size",
         default=None, strict=True, description="Turn speculation off for batches larger than this; null keeps it on."
+    )
+
+    medusa_heads: str | None = knob("runtime", flag="--medusa-heads",
+        default=None, strict=True,
+        description="The medusa heads file (safetensors) for method medusa; null: medusa_heads.safetensors "
+        "in the served model's directory.",
     )
 
     acceptance_threshold: float = knob("runtime", flag="--speculative-acceptance-threshold",
@@ -134,8 +142,10 @@ class SpeculativeDecodeConfig(KindConfig):
             + (f" (n = {self.ngram.max_n} down to {self.ngram.min_n})" if self.method == "ngram" else ""),
             "positions verified per target forward": str(k + 1),
         }
-        # An n-gram draft runs no model (c = 0); a draft model's cost is measured, not known from the spec.
-        cost = "c = 0: n-gram drafts run no model" if self.method == "ngram" else "c = 0 assumed: measure the draft model's cost"
+        # An n-gram draft runs no model (c = 0); a draft model's (or the heads') cost is measured, not known from the spec.
+        cost = {"ngram": "c = 0: n-gram drafts run no model",
+                "medusa": "c ~ 0: the heads are k small matmuls on the target's last hidden state",
+                }.get(self.method, "c = 0 assumed: measure the draft model's cost")
         table = figures[f"predicted speed-up, k = {k} ({cost})"] = {}
         for alpha in acceptance_rates or EXPLAIN_ACCEPTANCE_RATES:
             table[f"acceptance {alpha}"] = {

@@ -1,5 +1,5 @@
 """What a generated speculative_decode module provides to the engine: the drafters it builds, the
-verifiers of a speculative step, the acceptance tracker behind /v1/inference/stats, the per-sequence
+verifiers of a speculative step, the Medusa heads, the acceptance tracker behind /v1/inference/stats, the per-sequence
 gate that pauses drafting that does not pay, and the predicted speed-up formulas."""
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ class NgramIndex(Protocol):
 class DraftModelDrafter(Protocol):
     def propose(self, batch_token_ids: Sequence[Sequence[int]], temperature: float = ...,
                 generator: torch.Generator | None = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class MedusaHeads(Protocol):
+    num_heads: int
+    hidden_size: int
+
+    def propose(self, hidden: torch.Tensor, lm_head: Callable[[torch.Tensor], torch.Tensor],
+                num_speculative_tokens: int) -> torch.Tensor: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class AcceptanceTracker(Protocol):
@@ -55,6 +65,9 @@ class SpeculativeDecodeModule(Protocol):
 
     def DraftModelDrafter(self, model_fn: Callable[[list[list[int]]], torch.Tensor],
                           num_speculative_tokens: int) -> DraftModelDrafter: ...
+
+    def MedusaHeads(self, num_heads: int, hidden_size: int, dtype: torch.dtype = ...,
+                    device: torch.device | str | None = ...) -> MedusaHeads: ...
 
     def AcceptanceTracker(self, num_speculative_tokens: int) -> AcceptanceTracker: ...
 
