@@ -244,19 +244,20 @@ class AsyncEngine:
 
     def _ended(self) -> None:
         """The engine process is gone: asked to (shutdown) or not (a crash, a kill)."""
+        asked = self._stopping  # read first: a shutdown that starts after the crash must not hide it
         self._process.join(STOP_WAIT_S)
         reason = f"the engine process exited (exit code {self._process.exitcode})"
         self.dead = reason
+        if not asked:  # told before the requests fail, so whoever watches knows why they did
+            log.error("%s; the requests in flight failed", reason)
+            if self.on_death is not None:
+                self.on_death(reason)
         with self._lock:
             streams = list(self._streams)
             calls = list(self._calls.values())
         self._fail(streams, EngineDead(reason))
         for loop, future in calls:
             _soon(loop, _resolve, future, None, EngineDead(reason))
-        if not self._stopping:
-            log.error("%s; the requests in flight failed", reason)
-            if self.on_death is not None:
-                self.on_death(reason)
 
 
 def _soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
