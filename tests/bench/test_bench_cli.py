@@ -130,6 +130,37 @@ def test_serve_all_succeed(tmp_path):
     assert "TTFT" in result.stdout and "Output token throughput" in result.stdout
 
 
+def test_serve_from_several_client_processes_sends_the_same_load(tmp_path):
+    """--client-processes 3: every request once, from three processes that split the concurrency
+    cap; the figures add up as from one process, and each process's share of a core is reported."""
+    with running(fake_openai_app()) as url:
+        result, data = run_serve(url, tmp_path, "--max-concurrency", "4", "--client-processes", "3")
+    assert result.exit_code == 0, result.output
+    workload = random_workload(10, (4, 8), (3, 6), VOCAB, set(range(10)), 5)
+    r = data["results"]
+    assert (r["num_requests"], r["completed"], r["failed"]) == (10, 10, 0)
+    assert r["total_output_tokens"] == sum(workload.output_lens)
+    assert r["total_input_tokens"] == sum(workload.input_lens)
+    check_latency_fields(r, 10)
+    assert len(r["client_cpu_share"]) == 3 and all(0 < b < 3 for b in r["client_cpu_share"])
+    assert data["settings"]["client_processes"] == 3
+    assert "from 3 client process(es)" in next(tmp_path.glob("serve-*.md")).read_text()
+
+
+def test_client_processes_need_a_request_in_flight_each(tmp_path):
+    with running(fake_openai_app()) as url:
+        result, _ = run_serve(url, tmp_path, "--max-concurrency", "2", "--client-processes", "3")
+    assert result.exit_code != 0 and "--max-concurrency 2 is below --client-processes 3" in result.output
+
+
+def test_concurrency_shares_and_the_busy_client_note():
+    from vibee.bench.serve_clients import busy_client_note, shares
+
+    assert shares(10, 3) == [4, 3, 3] and shares(None, 2) == [None, None] and sum(shares(7, 7)) == 7
+    assert busy_client_note([0.5, 0.3]) is None
+    assert "--client-processes 4" in busy_client_note([0.95, 0.4])
+
+
 def test_serve_counts_failures(tmp_path):
     with running(fake_openai_app(fail=True)) as url:
         result, data = run_serve(url, tmp_path, "--request-rate", "200")

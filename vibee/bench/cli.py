@@ -243,15 +243,17 @@ def _cuda_devices() -> int:
 @click.option("--vocab-size", type=click.IntRange(min=2), default=None,
               help="Draw prompt ids below this (default: the server's /v1/inference/info).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds one request may stall.")
+@click.option("--client-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Send the load from this many processes (request i from process i mod N), for servers "
+                   "faster than one Python client can read.")
 def serve(base_url, model, num_prompts, input_len, output_len, seed, result_dir, request_rate, max_concurrency,
-          api_key, vocab_size, timeout):
+          api_key, vocab_size, timeout, client_processes):
     """Load a running server over HTTP: TTFT, TPOT, ITL, latency, throughput (like vLLM's benchmark_serving)."""
-    import asyncio
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vibee.bench.serve_load import FALLBACK_MIN_ID, ServeBenchError, probe_server, run_load, summarize_load
+    from vibee.bench.serve_clients import busy_client_note, rate_label, send_load
+    from vibee.bench.serve_load import FALLBACK_MIN_ID, ServeBenchError, probe_server, summarize_load
 
     out, err = Console(), Console(stderr=True)
     base_url = base_url.rstrip("/")
@@ -281,31 +283,41 @@ def serve(base_url, model, num_prompts, input_len, output_len, seed, result_dir,
                         TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), console=err)
     failed = 0
 
-    def on_done(result) -> None:
+    def on_done(ok: bool) -> None:
         nonlocal failed
-        failed += not result.ok
+        failed += not ok
         progress.update(task, advance=1, failed=failed)
 
     with progress:
         task = progress.add_task("requests", total=num_prompts, failed=0)
-        results, duration = asyncio.run(run_load(base_url, server.model, workload, request_rate=request_rate,
-                                                 max_concurrency=max_concurrency, api_key=api_key, seed=seed,
-                                                 timeout=timeout, on_done=on_done))
+        try:
+            results, duration, busy = send_load(base_url, server.model, workload, processes=client_processes,
+                                                request_rate=request_rate, max_concurrency=max_concurrency,
+                                                api_key=api_key, seed=seed, timeout=timeout, on_done=on_done)
+        except ServeBenchError as exc:
+            fail(str(exc))
     figures = summarize_load(results, duration)
+    figures["client_cpu_share"] = busy
 
     info_model = (server.info or {}).get("model") or {}
     settings = {"base_url": base_url, "model": server.model, "num_prompts": num_prompts,
                 "input_len": f"{input_len[0]}:{input_len[1]}", "output_len": f"{output_len[0]}:{output_len[1]}",
-                "request_rate": request_rate, "max_concurrency": max_concurrency, "seed": seed,
+                "request_rate": request_rate, "max_concurrency": max_concurrency, "client_processes": client_processes,
+                "seed": seed,
                 "temperature": 1.0, "ignore_eos": True, "prompt_vocab": vocab, "excluded_ids": exclusion,
                 "server_device": info_model.get("device"), "server_dtype": info_model.get("dtype")}
     env = environment()
     data = {"benchmark": "serve", "settings": settings, "results": figures, "server_info": server.info,
             "environment": env}
     title = f"vibee bench serve: {server.model} at {base_url}"
-    rate = "inf (all at once)" if math.isinf(request_rate) else f"{request_rate:g} req/s (Poisson)"
-    notes = [f"{num_prompts} requests, request rate {rate}, max concurrency {max_concurrency or 'unlimited'}. "
-             "Latencies over successful requests; the environment below is the client's."]
+    notes = [f"{num_prompts} requests, request rate {rate_label(request_rate)}, max concurrency "
+             f"{max_concurrency or 'unlimited'}, from {client_processes} client process(es) using "
+             f"{', '.join(f'{100 * b:.0f}%' for b in busy)} of a core. Latencies over successful requests; the "
+             "environment below is the client's."]
+    busy_note = busy_client_note(busy)
+    if busy_note:
+        notes.append(busy_note)
+        err.print(f"[yellow]note[/yellow]: {busy_note}", highlight=False)
     f = figures
     latency_rows = [[label] + [f[key][s] for s in ("mean", "median", "p90", "p99")] + [f[key]["count"]]
                     for label, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E latency", "e2e_ms"))]
