@@ -231,7 +231,9 @@ def test_a_speculating_probe_ends_once_it_took_as_long_as_the_plain_one():
 
 def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
     """--speculative while the speed gate holds plain decoding: steps overlap like plain ones and
-    give the same tokens; while it speculates they do not overlap."""
+    give the same tokens; while it speculates, a step that verifies drafts is never left in flight
+    (the next proposal needs its tokens), and after a proposal that found nothing the resting
+    steps overlap."""
     batch = prompts([6, 19], seed=3)
     params = SamplingParams(max_tokens=30, **GREEDY)
     plain = outputs(engine(model_dir), batch, params)
@@ -241,9 +243,43 @@ def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_di
         eng.speed_gate.speculating = speculating
         for i, prompt in enumerate(batch):
             eng.add_request(f"r{i}", prompt, params)
-        assert any(overlapped_steps(eng)) == (not speculating)
+        verified = []  # per step: whether it verified drafts, whether it was left in flight
+        while eng.has_unfinished():
+            drafts0 = eng.stats()["speculative_decoding"]["num_drafts"]
+            eng.step()
+            in_flight = eng._in_flight is not None
+            if speculating and in_flight:  # a step left in flight drafted nothing, and drafting rests
+                assert not any(s.draft_token_ids for s in eng.scheduler.running) and eng.speculator.resting()
+            verified.append((eng.stats()["speculative_decoding"]["num_drafts"] > drafts0, in_flight))
+        assert any(f for _, f in verified)  # plain steps overlap, and so do resting ones
         assert (eng.stats()["speculative_decoding"]["num_drafts"] > 0) == speculating
         eng = engine(model_dir, speculative=True)
         eng.speed_gate = SpeedGate(probe_steps=10**9)
         eng.speed_gate.speculating = speculating
         assert outputs(eng, batch, params) == plain
+
+
+def test_empty_proposals_rest_drafting_longer_each_time_and_drafts_end_it(model_dir):
+    """A proposal that gives no sequence drafts rests 1, 2, 4 ... MAX_REST_STEPS steps; one
+    that gives drafts ends the streak."""
+    from vibee.runtime.speculation import MAX_REST_STEPS
+
+    eng = engine(model_dir, speculative=True)
+    spec = eng.speculator
+    rests = []
+    for _ in range(6):
+        spec._draft = lambda running, by_seq, runner: None  # nothing to propose
+        spec.propose([], {}, None)
+        rests.append(spec.rest_steps)
+        while spec.resting():
+            spec.rest([])
+    assert rests == [min(2 ** i, MAX_REST_STEPS) for i in range(6)]
+
+    class Seq:
+        draft_token_ids = [1]
+
+    spec._draft = lambda running, by_seq, runner: None
+    spec.propose([Seq()], {}, None)  # drafts: no rest, and the streak starts again
+    assert not spec.resting()
+    spec.propose([], {}, None)
+    assert spec.rest_steps == 1

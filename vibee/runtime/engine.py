@@ -246,14 +246,16 @@ class LLMEngine:
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before the last one's tokens are on the host."""
-        return not self._speculating() and self._num_penalized == 0
+        return (not self._speculating() or self.speculator.resting()) and self._num_penalized == 0
 
     def _launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule a step, queue its forward and sampling on the device, and advance the
         scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
-        if self._speculating():
+        if self._speculating() and self.speculator.resting():
+            self.speculator.rest(self.scheduler.running)
+        elif self._speculating():
             self.speculator.propose(self.scheduler.running, self._by_seq, self.runner)
         sched = self.scheduler.schedule()
         if sched.is_empty:

@@ -19,6 +19,9 @@ from vibee.runtime.model import build_model
 from vibee.runtime.sampler import SampleResult, Sampler
 
 
+MAX_REST_STEPS = 8  # the longest run of steps without drafting after empty proposals
+
+
 class Speculator:
     """Drafter and acceptance tracker from the speculative_decode spec (built when --speculative)."""
 
@@ -54,6 +57,8 @@ class Speculator:
             self.drafter = None  # the DraftRunner, once the KV cache is sized (start_draft_cache)
         self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
         self.ngram_indexes: dict[int, Any] = {}  # seq_id -> its NgramIndex (n-gram drafts in O(n) a step)
+        self.rest_steps = 0  # steps left without drafting (see propose)
+        self._empty_proposals = 0  # proposals in a row that gave no sequence a draft
         # Per sequence: drafting stops while its recent acceptance is below the spec's threshold.
         self.gate = sd.SpeculationGate(spec.acceptance_threshold)
 
@@ -80,9 +85,30 @@ class Speculator:
             hidden = self.draft_model(ids, batch.positions(), batch, None)
             self.draft_model.compute_logits(hidden[torch.arange(len(seq_lens), device=self.device)])
 
+    def resting(self) -> bool:
+        """Whether this step skips drafting: the last proposals were all empty. A step that drafts
+        needs the previous step's tokens on the host, so it cannot overlap it; a resting step can."""
+        return self.rest_steps > 0
+
+    def rest(self, running) -> None:
+        """A step without drafting (while resting)."""
+        for seq in running:
+            seq.draft_token_ids = []
+        self.rest_steps -= 1
+
     def propose(self, running, by_seq: dict[int, tuple[Any, Any]], runner) -> None:
         """Give each decoding sequence its draft tokens for this step (the scheduler verifies them);
-        runner: the model runner, whose last step's hidden states Medusa heads draft from."""
+        runner: the model runner, whose last step's hidden states Medusa heads draft from. When no
+        sequence gets any, the next 1, 2, 4 ... MAX_REST_STEPS steps (doubling while proposals keep
+        coming back empty) rest: they decode without drafting, overlapped like plain steps."""
+        self._draft(running, by_seq, runner)
+        if any(seq.draft_token_ids for seq in running):
+            self._empty_proposals = 0
+        else:
+            self.rest_steps = min(2 ** self._empty_proposals, MAX_REST_STEPS)
+            self._empty_proposals += 1
+
+    def _draft(self, running, by_seq: dict[int, tuple[Any, Any]], runner) -> None:
         for seq in running:
             seq.draft_token_ids = []
         spec = self.gen.config("speculative_decode")
