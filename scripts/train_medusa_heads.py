@@ -30,9 +30,7 @@ for path in (SCRIPTS, REPO / "output"):  # the training package; the generated M
         sys.path.insert(0, str(path))
 
 from training.corpus import load_corpus, stdlib_root  # noqa: E402
-from training.medusa import (  # noqa: E402
-    HeadSettings, cache_hidden, continuation_targets, greedy_continuations, head_accuracy, head_targets, train_heads,
-)
+from training.medusa import HeadSettings, cache_hidden, head_accuracy, head_targets, train_heads  # noqa: E402
 from training.medusa_card import write_heads_card  # noqa: E402
 from training.models import DRAFT_NAME, MAX_TOTAL_BYTES, TARGET_NAME, dir_bytes, load_saved  # noqa: E402
 from training.token_stream import encode_stream  # noqa: E402
@@ -56,12 +54,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-train-tokens", type=int, default=600_000,
                    help="training tokens whose hidden states are cached (0: all of the split)")
     p.add_argument("--seq-len", type=int, default=1024, help="window of the cached forward (the model's context)")
-    # Self-distillation (off by default): the target's own greedy continuations of training
-    # windows, the text it emits when served, as a share of every batch.
-    p.add_argument("--distill-prompts", type=int, default=0, help="training windows the target continues greedily (0: none)")
-    p.add_argument("--distill-prompt-len", type=int, default=128)
-    p.add_argument("--distill-new-tokens", type=int, default=128)
-    p.add_argument("--distill-share", type=float, default=0.5, help="share of each batch from the continuations")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few files and steps, for tests and smoke runs")
@@ -103,15 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     heads = MedusaHeads(args.num_heads, target.config.hidden_size)
     settings = HeadSettings(num_heads=args.num_heads, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             warmup=3 if args.quick else 50, time_budget=args.time_budget)
-    distilled = None
-    if args.distill_prompts:
-        t0 = time.perf_counter()
-        distill_hidden, sequences = greedy_continuations(target, streams["train"], args.distill_prompts,
-                                                         args.distill_prompt_len, args.distill_new_tokens, 16)
-        distilled = (distill_hidden, continuation_targets(sequences, args.distill_prompt_len, args.num_heads))
-        forward_seconds += round(time.perf_counter() - t0, 1)
     targets = head_targets(streams["train"], positions, args.num_heads)
-    run = train_heads(heads, lm_head, hidden, targets, settings, args.seed, distilled, args.distill_share)
+    run = train_heads(heads, lm_head, hidden, targets, settings, args.seed)
     heads.eval()
     accuracy = head_accuracy(heads, lm_head, held_hidden, streams["held_out"])
     print("held out top-1 per head: " + ", ".join(f"head {i + 1} {a * 100:.1f}%" for i, a in enumerate(accuracy["head_top1"]))
@@ -124,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     save_file(state, str(out), metadata={"format": "pt", "num_heads": str(args.num_heads),
                                          "hidden_size": str(target.config.hidden_size), "base_model": args.model.name})
     reproduce = ["python", "scripts/train_medusa_heads.py", "--steps", str(run["steps"]), "--seed", str(args.seed)]
-    for flag in ("num_heads", "batch_size", "lr", "seq_len", "max_train_tokens", "distill_prompts",
-                 "distill_prompt_len", "distill_new_tokens", "distill_share"):
+    for flag in ("num_heads", "batch_size", "lr", "seq_len", "max_train_tokens"):
         if getattr(args, flag) != DEFAULTS[flag] and not args.quick:
             reproduce += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     stats = {
@@ -136,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed, "num_heads": args.num_heads, "hidden_size": target.config.hidden_size,
         "params": sum(p.numel() for p in heads.parameters()), "file_bytes": out.stat().st_size,
         "train_tokens": len(streams["train"]), "cached_train_positions": len(positions), "held_out_tokens": len(streams["held_out"]),
-        "target_forward_seconds": forward_seconds, "distilled_positions": len(distilled[0]) if distilled else 0, "train": run, "held_out": accuracy,
+        "target_forward_seconds": forward_seconds, "train": run, "held_out": accuracy,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {stats['total_seconds']:.0f}s", flush=True)

@@ -51,39 +51,6 @@ def head_targets(stream: torch.Tensor, positions: torch.Tensor, num_heads: int) 
     return torch.where(offsets < len(stream), stream[offsets.clamp(max=len(stream) - 1)], torch.full_like(offsets, -1))
 
 
-@torch.no_grad()
-def greedy_continuations(target, stream: torch.Tensor, num_prompts: int, prompt_len: int, new_tokens: int,
-                         batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's own greedy continuations (what it emits when served, end-of-text ignored) of
-    num_prompts windows of prompt_len tokens spread over the stream: (its hidden states [n, H]
-    bf16 at the last prompt token and every generated token but the last, row by row as
-    continuation_targets lists them; the sequences [num_prompts, prompt_len + new_tokens])."""
-    starts = torch.linspace(0, len(stream) - prompt_len - 1, num_prompts).long()
-    target.generation_config.eos_token_id = None  # as `ignore_eos`: a served request runs on
-    bar = ProgressBar("target's greedy continuations", num_prompts)
-    sequences, hidden = [], []
-    for i in range(0, num_prompts, batch):
-        prompts = torch.stack([stream[s: s + prompt_len] for s in starts[i: i + batch].tolist()])
-        seqs = target.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                               max_new_tokens=new_tokens, pad_token_id=0)
-        states = target.model(input_ids=seqs, use_cache=False).last_hidden_state
-        sequences.append(seqs)
-        hidden.append(states[:, prompt_len - 1: -1].to(torch.bfloat16))  # the states that produced new tokens
-        bar.update(min(i + batch, num_prompts), None)
-    bar.close()
-    return torch.cat(hidden).flatten(0, 1), torch.cat(sequences)
-
-
-def continuation_targets(sequences: torch.Tensor, prompt_len: int, num_heads: int) -> torch.Tensor:
-    """[n, k] head targets for greedy_continuations' rows: at the state of token j, head i's is
-    token j + 1 + i of the same sequence (-1 past its end)."""
-    length = sequences.shape[1]
-    j = torch.arange(prompt_len - 1, length - 1)
-    offsets = j[:, None] + 2 + torch.arange(num_heads)  # row j's state gave token j + 1
-    picked = sequences[:, offsets.clamp(max=length - 1)]
-    return torch.where(offsets < length, picked, torch.full_like(picked, -1)).flatten(0, 1)
-
-
 @dataclass
 class HeadSettings:
     num_heads: int
@@ -96,12 +63,10 @@ class HeadSettings:
 
 
 def train_heads(heads, lm_head_weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
-                s: HeadSettings, seed: int, distilled: tuple[torch.Tensor, torch.Tensor] | None = None,
-                distill_share: float = 0.0) -> dict:
+                s: HeadSettings, seed: int) -> dict:
     """AdamW on random positions (hidden [N, H] with their head targets [N, k]), warmup then cosine
-    decay, loss weighted per head; the target's lm_head stays frozen. With `distilled` (hidden
-    states and targets of the target's own continuations), that share of every batch comes from
-    them. Returns what happened, for the stats file."""
+    decay, loss weighted per head; the target's lm_head stays frozen. Returns what happened, for
+    the stats file."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(heads.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
     weights = torch.tensor([HEAD_DECAY**i for i in range(s.num_heads)])
@@ -114,14 +79,10 @@ def train_heads(heads, lm_head_weight: torch.Tensor, hidden: torch.Tensor, targe
         lr = s.lr * (step + 1) / s.warmup if step < s.warmup else s.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
-        n_distilled = round(distill_share * s.batch_size) if distilled is not None else 0
-        rows = torch.randint(0, len(hidden), (s.batch_size - n_distilled,), generator=gen)
-        h, batch_targets = hidden[rows], targets[rows]
-        if n_distilled:
-            extra = torch.randint(0, len(distilled[0]), (n_distilled,), generator=gen)
-            h, batch_targets = torch.cat([h, distilled[0][extra]]), torch.cat([batch_targets, distilled[1][extra]])
+        rows = torch.randint(0, len(hidden), (s.batch_size,), generator=gen)
+        batch_targets = targets[rows]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = F.linear(heads(h.float()), lm_head)
+            logits = F.linear(heads(hidden[rows].float()), lm_head)
         losses = F.cross_entropy(logits.float().flatten(0, 1), batch_targets.flatten(), ignore_index=-1,
                                  reduction="none").view(-1, s.num_heads)
         valid = batch_targets >= 0
@@ -149,7 +110,6 @@ def train_heads(heads, lm_head_weight: torch.Tensor, hidden: torch.Tensor, targe
                 bar.set_total(total)
     bar.close()
     return {"steps": total, "epochs": round(total * s.batch_size / len(hidden), 2), "batch_size": s.batch_size,
-            "distill_share": distill_share if distilled is not None else 0.0,
             "lr": s.lr, "warmup": s.warmup, "head_loss_weights": [round(w, 4) for w in weights.tolist()],
             "seconds": round(time.perf_counter() - started, 1), "curve": curve}
 

@@ -21,7 +21,8 @@ def heads_section(stats: dict) -> str:
 hidden state h at position t and guesses token t + 1 + i as argmax lm_head(h + SiLU(W_i h + b_i)), with
 the target's own tied lm_head (the generated `MedusaHeads` of `specs/tri/igla_speculative_decode.vibee`).
 Trained with the target frozen on its training split: the hidden states of {stats['cached_train_positions']:,}
-of its {stats['train_tokens']:,} tokens (whole windows spread over the split), cross-entropy against the text's tokens, loss weights {', '.join(str(w) for w in run['head_loss_weights'])}:
+of its {stats['train_tokens']:,} tokens (whole windows spread over the split), cross-entropy against the text's tokens,
+loss weights {', '.join(str(w) for w in run['head_loss_weights'])}:
 
 ```
 {stats['reproduce_command']}
