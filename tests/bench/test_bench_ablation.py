@@ -11,7 +11,8 @@ import weakref
 import pytest
 from click.testing import CliRunner
 
-from vibee.bench.ablation import AblationRow, run_static, table_rows
+from vibee.bench.ablation import run_static
+from vibee.bench.ablation_report import AblationRow, table_rows
 from vibee.bench.cli import bench
 from vibee.bench.report import Workload
 from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, DEFAULT_MODEL_DIR
@@ -81,6 +82,13 @@ def test_ablation_writes_every_row_from_measured_figures(tmp_path, monkeypatch):
     for before, after in zip(groups, groups[1:]):
         assert after["added_at_step"] == max(before["finished_at_step"])
     assert base["static"]["steps"] > base["continuous"]["steps"]  # waiting for the slowest costs steps
+    # A step admits each group at once in the static baseline; continuous batching admits as
+    # requests finish (the report names both counts: such steps are not CUDA graphs on a GPU).
+    assert base["static"]["admitting_steps"] == len(groups)
+    assert len(groups) <= base["continuous"]["admitting_steps"] <= 6
+    c = base["continuous"]
+    assert (f"continuous batching ran {c['steps']} steps ({c['admitting_steps']} admitting requests)" in
+            " ".join(data_notes(tmp_path)))
 
     # Speculation: predictions are the generated module's formulas at the measured acceptance.
     from vibee.kinds.speculative_decode.speedup import claimed_speedup, expected_speedup
@@ -98,6 +106,12 @@ def test_ablation_writes_every_row_from_measured_figures(tmp_path, monkeypatch):
     assert [line for line in result.output.splitlines() if line.startswith("[")][-1].startswith("[9/9]")
 
 
+def data_notes(result_dir) -> list[str]:
+    """The notes of the ablation's markdown report, as one line each."""
+    text = next(result_dir.rglob("ablation-*.md")).read_text()
+    return [" ".join(text.split())]
+
+
 @needs_model
 def test_static_batch_waits_for_its_slowest_member():
     from vibee.runtime.engine import LLMEngine
@@ -112,13 +126,15 @@ def test_static_batch_waits_for_its_slowest_member():
     assert g[0]["finished_at_step"][0] < g[0]["finished_at_step"][1] == g[1]["added_at_step"]
     assert g[0]["finished_at_step"][1] - g[0]["added_at_step"] >= 9
     assert g[2]["added_at_step"] == max(g[1]["finished_at_step"]) and out["steps"] == max(g[2]["finished_at_step"])
+    assert out["admitting_steps"] == 3  # one step admits each group
 
 
 def _fake_runs(rng: random.Random) -> tuple[dict, dict]:
     def run(**extra):
         return {"output_tokens_per_s": rng.uniform(1, 1000), "weight_bytes": rng.randint(1, 10**6), **extra}
 
-    base = {"continuous": run(), "static": {**run(), "groups": [{}] * 3, "group_size": 4},
+    base = {"continuous": run(steps=20, admitting_steps=5, elapsed_s=0.1),
+            "static": {**run(steps=30, admitting_steps=3, elapsed_s=0.1), "groups": [{}] * 3, "group_size": 4},
             "kv_capped": {**run(), "output_cap": 8}, "prefill_peak_bytes": rng.randint(1, 10**6),
             "weight_bytes": rng.randint(1, 10**6)}
     runs = {"baseline": base, "recompute": run(), "reference_attention": run(prefill_peak_bytes=rng.randint(1, 10**6)),

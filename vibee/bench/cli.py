@@ -165,7 +165,8 @@ def ablation(num_prompts, input_len, output_len, dataset, temperature, recompute
     --max-num-seqs defaults to a quarter of --num-prompts here, so static batching runs several groups."""
     from rich.console import Console
 
-    from vibee.bench.ablation import measure, plot_ablation, report_sections, table_rows
+    from vibee.bench.ablation import measure
+    from vibee.bench.ablation_report import plot_ablation, report_sections, table_rows
     from vibee.bench.throughput import workload_vocab
     from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, DEFAULT_MODEL_DIR
 

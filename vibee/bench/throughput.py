@@ -13,18 +13,22 @@ WARMUP_PROMPT_TOKENS = 16
 WARMUP_OUTPUT_TOKENS = 4
 
 
-class _Peaks:
-    """Engine observer: the largest running batch and KV usage seen while `active`."""
+class StepPeaks:
+    """Engine observer: the largest running batch and KV usage seen while `active`, and the steps
+    that admitted a request (its prompt's first step: not a decode-only step, so on a GPU it runs
+    eagerly rather than as a CUDA graph)."""
 
     def __init__(self) -> None:
         self.active = False
         self.max_running = 0
         self.peak_kv_usage = 0.0
+        self.admitting_steps = 0
 
     def on_step(self, stats) -> None:
         if self.active:
             self.max_running = max(self.max_running, stats.num_running)
             self.peak_kv_usage = max(self.peak_kv_usage, stats.kv_cache_usage)
+            self.admitting_steps += stats.num_prompt_tokens > 0
 
     def on_request_finished(self, stats) -> None:
         pass
@@ -76,7 +80,7 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
 
     from vibee.runtime.sampling_params import SamplingParams
 
-    peaks = _Peaks()
+    peaks = StepPeaks()
     engine.add_observer(peaks)
     before = engine.stats()["batching"]
     n = len(workload.prompts)
@@ -124,6 +128,7 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         "mean_batch_size": batched / steps if steps else 0.0,
         "max_running": peaks.max_running,
         "peak_kv_cache_usage": peaks.peak_kv_usage,
+        "admitting_steps": peaks.admitting_steps,
         "preemptions": after["preemptions"] - before["preemptions"],
         "preemption_mode": after["preemption_mode"],
         **{key: after[key] - before[key] for key in ("swap_outs", "swap_ins", "swap_fallbacks")},
