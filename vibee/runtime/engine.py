@@ -25,7 +25,7 @@ from vibee.runtime.outputs import RequestOutput, StepStats
 from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
 from vibee.runtime.sampler import Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
-from vibee.runtime.served_model import load_served_model
+from vibee.runtime.served_model import load_served_model, max_model_len_for
 from vibee.runtime.speculation import Speculator
 from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.stop_strings import StopStringMatcher
@@ -53,11 +53,7 @@ class LLMEngine:
         self.weight_bytes_loaded, self.weight_bytes, self.quant_stats = (served.weight_bytes_loaded, served.weight_bytes,
                                                                           served.quant_stats)
 
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
-        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
-            raise ValueError(f"--max-model-len {config.max_model_len} is longer than the model's "
-                             f"max_position_embeddings ({self.model_config.max_position_embeddings})")
+        self.max_model_len = max_model_len_for(config, self.model_config)
         self.block_size = kv_spec.block_size
         self.use_kv_cache = config.kv_cache
         # Without a KV cache there is nothing to reuse: prefix caching is meaningless there.

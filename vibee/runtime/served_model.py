@@ -44,3 +44,12 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
     if config.quant != "none":
         quant_stats = gen.quantization.quantize_model(model, gen.configs.quantization.skip_modules)
     return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats)
+
+
+def max_model_len_for(config: EngineConfig, model_config: Any) -> int:
+    """--max-model-len, or the model's whole context; longer than the model's is an error."""
+    limit = model_config.max_position_embeddings
+    if config.max_model_len and config.max_model_len > limit:
+        raise ValueError(f"--max-model-len {config.max_model_len} is longer than the model's "
+                         f"max_position_embeddings ({limit})")
+    return min(config.max_model_len or limit, limit)
