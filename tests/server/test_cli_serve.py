@@ -40,10 +40,12 @@ def _env(tmp_path) -> dict:
 
 
 def _start_serving(model_dir, tmp_path):
-    """(the `vibee serve` process, its log lines so far, its reader thread, its URL) once healthy."""
+    """(the `vibee serve` process, its log lines so far, its reader thread, its URL) once healthy.
+    It leads a process group of its own, as a command started from a terminal does."""
     port = _free_port()
     proc = subprocess.Popen([*VIBEE, "serve", "--model", str(model_dir), "--port", str(port), "--num-kv-blocks", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
+                            start_new_session=True)
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
@@ -97,6 +99,21 @@ def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
     assert f"http://127.0.0.1:{port}/v1" in out
     assert "vibee serve: stopped" in out
     assert "Traceback" not in out
+
+
+def test_ctrl_c_to_the_process_group_stops_serving_cleanly(model_dir, tmp_path):
+    """Ctrl-C in a terminal signals every process of the group, the engine's too: the server
+    stops it, and nothing is reported as a crash."""
+    proc, log, reader, url = _start_serving(model_dir, tmp_path)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    out = "".join(log)
+    assert "vibee serve: stopped" in out and "engine process exited" not in out and "Traceback" not in out, out
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the engine process through /proc")

@@ -18,6 +18,7 @@ Only what changed crosses the pipe (an OutputDelta per changed request), never a
 from __future__ import annotations
 
 import logging
+import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -98,6 +99,12 @@ def _start(config: EngineConfig, conn: Connection, progress: bool):
 def run_engine_core(config: EngineConfig, conn: Connection, progress: bool) -> None:
     """The engine process's main function (multiprocessing target)."""
     from vibee.runtime.offline import freeze_heap
+
+    # Ctrl-C in a terminal (and a service manager's SIGTERM) reaches every process of the group:
+    # the server's process handles it and stops this one through the pipe, after the responses
+    # in flight are done. If the server's process is gone, the pipe's end stops this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     engine = _start(config, conn, progress)
     if engine is not None:
