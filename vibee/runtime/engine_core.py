@@ -89,6 +89,11 @@ def _start(config: EngineConfig, conn: Connection, progress: bool):
         user = render_user_error(exc)
         conn.send(("failed", user if user is not None else traceback.format_exc(), user is not None))
         return None
+    # From now on Ctrl-C in a terminal (and a service manager's SIGTERM), which reach every
+    # process of the group, are the server's to handle: it stops this process through the pipe
+    # once the responses in flight are done. If the server is gone, the pipe's end stops this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     watermark = int(engine.gen.configs.continuous_batch.watermark * engine.num_blocks)
     conn.send(("ready", EngineFacts(engine.tokenizer, engine.model_config, engine.config, engine.config.model_name,
                                     engine.max_model_len, engine.model_config.vocab_size,
@@ -100,13 +105,10 @@ def run_engine_core(config: EngineConfig, conn: Connection, progress: bool) -> N
     """The engine process's main function (multiprocessing target)."""
     from vibee.runtime.offline import freeze_heap
 
-    # Ctrl-C in a terminal (and a service manager's SIGTERM) reaches every process of the group:
-    # the server's process handles it and stops this one through the pipe, after the responses
-    # in flight are done. If the server's process is gone, the pipe's end stops this one.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-    engine = _start(config, conn, progress)
+    try:
+        engine = _start(config, conn, progress)
+    except KeyboardInterrupt:  # Ctrl-C while loading: the server's process is stopping too
+        return
     if engine is not None:
         freeze_heap()
         try:
