@@ -283,3 +283,31 @@ def test_empty_proposals_rest_drafting_longer_each_time_and_drafts_end_it(model_
     assert not spec.resting()
     spec.propose([], {}, None)
     assert spec.rest_steps == 1
+
+
+def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():
+    gate = SpeedGate(probe_steps=2, hold_steps=10)
+    for tokens in (9, 9, 5, 5):  # probes: speculation 9 tok/s beats plain 5
+        gate.record(tokens=tokens, seconds=1.0)
+    assert (gate.phase, gate.speculating) == ("hold", True)
+    gate.record(tokens=50, seconds=1.0, prefill=True)  # counts toward the hold, not its rate
+    gate.record(tokens=4, seconds=1.0)
+    assert gate.speculating  # one decode step is not yet a measurement
+    gate.record(tokens=4, seconds=1.0)  # 4 tok/s over probe_steps decode steps: below plain's 5
+    assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates[True] == 4.0
+    assert gate.figures()["holds_plain"] == 1
+    steps = 0
+    while gate.phase == "hold":
+        gate.record(tokens=5, seconds=1.0)
+        steps += 1
+    assert steps == 10 and gate.phase == "probe_on"  # a whole plain hold, then measured again
+
+
+def test_a_speculating_hold_that_keeps_up_runs_to_its_end():
+    gate = SpeedGate(probe_steps=2, hold_steps=6)
+    for tokens in (9, 9, 5, 5):
+        gate.record(tokens=tokens, seconds=1.0)
+    for _ in range(6):
+        assert (gate.phase, gate.speculating) == ("hold", True)
+        gate.record(tokens=6, seconds=1.0)
+    assert gate.phase == "probe_on"

@@ -11,8 +11,10 @@ when speculation wins the hold is back to hold_steps. Steps that prefill (a new 
 probe they fell in. A speculating probe also ends once it has taken as long as the last plain
 probe did: by then it has had the time plain decoding needed, and a drafter many times slower
 than the target (a draft model as small in compute as the target is) costs a few of its slow
-steps per cycle instead of probe_steps of them. The per-sequence acceptance gate of the speculative_decode spec works inside
-the speculating mode.
+steps per cycle instead of probe_steps of them. A speculating hold keeps measuring: once it has
+run probe_steps decode steps and its rate so far is below the last plain probe's, it turns into
+a plain hold (short probes can pick the wrong mode; a hold is long enough to find out). The
+per-sequence acceptance gate of the speculative_decode spec works inside the speculating mode.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class SpeedGate:
         self._steps = 0
         self._tokens = 0
         self._seconds = 0.0
+        self._timed = [0, 0, 0.0]  # a hold's decode steps, tokens, seconds (prefill steps left out)
 
     def record(self, tokens: int, seconds: float, *, prefill: bool = False) -> None:
         """One engine step: the tokens it reported, the wall time it took, and whether it
@@ -47,8 +50,16 @@ class SpeedGate:
         self._tokens += tokens
         self._seconds += seconds
         if self.phase == "hold":
+            if not prefill:
+                self._timed = [self._timed[0] + 1, self._timed[1] + tokens, self._timed[2] + seconds]
             if self._steps >= self.hold_steps * self.backoff:
                 self._next("probe_on", True)
+            elif self.speculating and self._timed[0] >= self.probe_steps and False in self.rates \
+                    and self._timed[1] / max(self._timed[2], 1e-9) < self.rates[False]:
+                self.rates[True] = self._timed[1] / max(self._timed[2], 1e-9)
+                self.holds[False] += 1
+                self._plain_won = True
+                self._next("hold", False)  # the rest of the cycle without speculation
         elif self._steps >= self.probe_steps or (self.phase == "probe_on" and self._budget is not None
                                                  and self._seconds >= self._budget):
             self.rates[self.speculating] = self._tokens / max(self._seconds, 1e-9)
@@ -68,6 +79,7 @@ class SpeedGate:
     def _next(self, phase: str, speculating: bool) -> None:
         self.phase, self.speculating = phase, speculating
         self._steps, self._tokens, self._seconds = 0, 0, 0.0
+        self._timed = [0, 0, 0.0]
 
     def figures(self) -> dict:
         return {"speculating": self.speculating, "phase": self.phase,
