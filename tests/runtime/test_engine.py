@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runtime.eager_graphs import use_eager_graphs
 from tests.runtime.hf_models import VOCAB_SIZE, make_model
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
@@ -83,23 +84,7 @@ def test_decode_graph_inputs_keep_tokens_on_cpu(tiny, baseline, monkeypatch, num
     """The host side of the CUDA-graph decode step on the CPU: "graphs" that run the model
     eagerly on DecodeGraphs' static buffers (what a captured graph reads) give the eager tokens,
     padding rows and preemptions (tables taken afresh) included."""
-    from vibee.runtime.cuda_graphs import DecodeGraphs
-
-    replayed = []
-
-    class EagerReplay:
-        def __init__(self, graphs, b):
-            self.graphs, self.b = graphs, b
-
-        def replay(self):
-            replayed.append(self.b)
-            self.graphs.step(self.b)
-
-    def capture(self):
-        self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
-
-    monkeypatch.setattr(DecodeGraphs, "capture", capture)
-    monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
+    replayed = use_eager_graphs(monkeypatch)
     model_dir, _ = tiny
     batch, expected = baseline
     eng = engine(model_dir, max_num_seqs=8, num_kv_blocks=num_kv_blocks)
@@ -118,24 +103,13 @@ def test_speculative_verification_runs_as_graph_rows(tiny, baseline, monkeypatch
 
     rows = []
 
-    class EagerReplay:
-        def __init__(self, graphs, b):
-            self.graphs, self.b = graphs, b
-
-        def replay(self):
-            self.graphs.step(self.b)
-
-    def capture(self):
-        self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
-
     def run(self, input_ids, *args, **kwargs):
         rows.append(len(input_ids))
         return real_run(self, input_ids, *args, **kwargs)
 
     real_run = DecodeGraphs.run
-    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    use_eager_graphs(monkeypatch)
     monkeypatch.setattr(DecodeGraphs, "run", run)
-    monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
     model_dir, _ = tiny
     batch, expected = baseline
     eng = engine(model_dir, max_num_seqs=32, speculative=True)

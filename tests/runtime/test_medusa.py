@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runtime.eager_graphs import use_eager_graphs
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine, prompts, run_tokens
 from vibee.runtime.config import DEFAULT_MODEL_DIR
@@ -95,21 +96,7 @@ def test_medusa_drafts_from_the_hidden_state_of_the_last_verified_token(tiny, ex
 def test_medusa_verification_as_graph_rows(tiny, expected, monkeypatch):
     """The decode-graph path (on the CPU: eager replays of DecodeGraphs' buffers) keeps the graph's
     hidden states for the heads: same tokens, drafts verified as k + 1 rows."""
-    from vibee.runtime.cuda_graphs import DecodeGraphs
-    from vibee.runtime.engine import LLMEngine
-
-    class EagerReplay:
-        def __init__(self, graphs, b):
-            self.graphs, self.b = graphs, b
-
-        def replay(self):
-            self.graphs.step(self.b)
-
-    def capture(self):
-        self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
-
-    monkeypatch.setattr(DecodeGraphs, "capture", capture)
-    monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
+    use_eager_graphs(monkeypatch)
     model_dir, _ = tiny
     batch, tokens = expected
     eng = medusa_engine(model_dir, max_num_seqs=8, speculative_acceptance_threshold=0)

@@ -63,6 +63,17 @@ def _start_serving(model_dir, tmp_path):
         time.sleep(0.2)
 
 
+def _stopped(proc, reader, log, code: int) -> str:
+    """Wait for `vibee serve` to exit with `code` (killed if it does not) and return its output."""
+    try:
+        assert proc.wait(60) == code, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    return "".join(log)
+
+
 def _engine_processes(pid: int) -> list[int]:
     """The children of `pid` that multiprocessing spawned, but its resource tracker."""
     found = []
@@ -89,12 +100,8 @@ def test_serve_streams_then_shuts_down_cleanly(model_dir, tmp_path):
         assert chunks[-1] == "[DONE]"
         final = json.loads(chunks[-2])
         assert final["choices"][0]["finish_reason"] == "length"
-        assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(5)
-    out = "".join(log)
+        out = _stopped(proc, reader, log, 0)
     assert "kv cache   64 blocks x 16 tokens = 1024 tokens" in out
     assert f"http://127.0.0.1:{port}/v1" in out
     assert "vibee serve: stopped" in out
@@ -105,29 +112,17 @@ def test_ctrl_c_to_the_process_group_stops_serving_cleanly(model_dir, tmp_path):
     """Ctrl-C in a terminal signals every process of the group, the engine's too: the server
     stops it, and nothing is reported as a crash."""
     proc, log, reader, url = _start_serving(model_dir, tmp_path)
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(5)
-    out = "".join(log)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = _stopped(proc, reader, log, 0)
     assert "vibee serve: stopped" in out and "engine process exited" not in out and "Traceback" not in out, out
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the engine process through /proc")
 def test_serve_exits_with_the_reason_when_the_engine_process_dies(model_dir, tmp_path):
     proc, log, reader, url = _start_serving(model_dir, tmp_path)
-    try:
-        (engine_pid,) = _engine_processes(proc.pid)
-        os.kill(engine_pid, signal.SIGKILL)
-        assert proc.wait(60) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(5)
-    out = "".join(log)
+    (engine_pid,) = _engine_processes(proc.pid)
+    os.kill(engine_pid, signal.SIGKILL)
+    out = _stopped(proc, reader, log, 1)
     assert "the engine process exited (exit code -9); vibee serve stopped" in out, out
 
 
