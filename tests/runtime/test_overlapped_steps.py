@@ -243,15 +243,13 @@ def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_di
         eng.speed_gate.speculating = speculating
         for i, prompt in enumerate(batch):
             eng.add_request(f"r{i}", prompt, params)
-        verified = []  # per step: whether it verified drafts, whether it was left in flight
+        left_in_flight = []
         while eng.has_unfinished():
-            drafts0 = eng.stats()["speculative_decoding"]["num_drafts"]
             eng.step()
-            in_flight = eng._in_flight is not None
-            if speculating and in_flight:  # a step left in flight drafted nothing, and drafting rests
+            left_in_flight.append(eng._in_flight is not None)
+            if speculating and left_in_flight[-1]:  # a step left in flight drafted nothing, and drafting rests
                 assert not any(s.draft_token_ids for s in eng.scheduler.running) and eng.speculator.resting()
-            verified.append((eng.stats()["speculative_decoding"]["num_drafts"] > drafts0, in_flight))
-        assert any(f for _, f in verified)  # plain steps overlap, and so do resting ones
+        assert any(left_in_flight)  # plain steps overlap, and so do resting ones
         assert (eng.stats()["speculative_decoding"]["num_drafts"] > 0) == speculating
         eng = engine(model_dir, speculative=True)
         eng.speed_gate = SpeedGate(probe_steps=10**9)
