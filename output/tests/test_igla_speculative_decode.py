@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 
 import pytest
@@ -271,6 +272,45 @@ def test_ngram_index_proposes_what_the_scan_proposes_as_a_sequence_grows(k, min_
 def test_ngram_drafter_rejects_impossible_sizes(k, min_n, max_n):
     with pytest.raises(ValueError):
         impl.NgramDrafter(k, min_n, max_n)
+
+
+@pytest.mark.parametrize("k,min_n,max_n", [(SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX), (1, 1, 1), (3, 2, 4), (5, 1, 8)])
+def test_ngram_on_device_proposes_what_the_reference_proposes_for_every_row(k, min_n, max_n):
+    """Rows of different lengths in one [B, W] buffer, junk past each row's length: the batched
+    device drafter must see only the row's own tokens."""
+    rng = random.Random(9000 + 100 * k + 10 * min_n + max_n)
+    drafter = impl.NgramDrafter(k, min_n, max_n)
+    for _ in range(20):
+        width = rng.randrange(2, 48)
+        rows = [[rng.randrange(rng.choice([2, 3, 5])) for _ in range(rng.randrange(1, width))] for _ in range(7)]
+        tokens = torch.tensor([row + [rng.randrange(5) for _ in range(width - len(row))] for row in rows])
+        lengths = torch.tensor([len(row) for row in rows])
+        drafts, num_drafts = impl.ngram_propose_on_device(drafter, tokens, lengths)
+        assert drafts.shape == (7, k) and num_drafts.shape == (7,)
+        for b, row in enumerate(rows):
+            expected = ref.ngram_propose(row, k, min_n, max_n)
+            assert drafts[b, : num_drafts[b]].tolist() == expected, row
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernel on the CPU")
+@pytest.mark.parametrize("k,min_n,max_n", [(SPEC_K, SPEC_NGRAM_MIN, SPEC_NGRAM_MAX), (1, 1, 1), (3, 2, 4)])
+def test_ngram_kernel_proposes_what_the_reference_proposes(k, min_n, max_n):
+    """The Triton kernel (the device drafter on a GPU): rows of different lengths, junk past them,
+    one row longer than the kernel's scan block."""
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    rng = random.Random(9500 + 100 * k + 10 * min_n + max_n)
+    drafter = impl.NgramDrafter(k, min_n, max_n)
+    width = 1500
+    rows = [[rng.randrange(rng.choice([2, 3, 6])) for _ in range(rng.randrange(1, 60))] for _ in range(5)]
+    rows.append([rng.randrange(40) for _ in range(1300)] + [7, 8, 9])
+    rows[-1][100:103] = [7, 8, 9]  # its only earlier occurrence of the tail, in the kernel's first block
+    tokens = torch.tensor([row + [rng.randrange(5) for _ in range(width - len(row))] for row in rows], dtype=torch.int32)
+    lengths = torch.tensor([len(row) for row in rows])
+    drafts, num_drafts = impl.triton_ngram_propose(drafter, tokens.to(device), lengths.to(device))
+    for b, row in enumerate(rows):
+        expected = ref.ngram_propose(row, k, min_n, max_n)
+        assert drafts[b, : num_drafts[b]].tolist() == expected, (b, row[-5:])
 
 
 # --- Medusa heads ---------------------------------------------------------------------------------
@@ -655,6 +695,18 @@ def test_speculative_greedy_decoding_reproduces_plain_greedy_decoding():
     figures = tracker.figures()
     assert figures["num_accepted_tokens"] > 0  # the loop did speculate
     assert figures["num_emitted_tokens"] == len(context) - len(prompt)
+
+
+def test_greedy_accept_on_device_keeps_what_greedy_accept_keeps():
+    rng = random.Random(31)
+    k = SPEC_K
+    drafts = torch.tensor([[rng.randrange(3) for _ in range(k)] for _ in range(200)])
+    targets = torch.tensor([[rng.randrange(3) for _ in range(k + 1)] for _ in range(200)])
+    num_drafts = torch.tensor([rng.randrange(k + 1) for _ in range(200)])
+    num_accepted = impl.greedy_accept_on_device(drafts, num_drafts, targets)
+    for b in range(200):
+        emitted = impl.greedy_accept(drafts[b, : num_drafts[b]].tolist(), targets[b].tolist())
+        assert targets[b, : num_accepted[b] + 1].tolist() == emitted
 
 
 # --- predicted speed-up -------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 from vibee.kinds.speculative_decode.speedup import claimed_speedup, expected_speedup, expected_tokens_per_step  # noqa: F401
 
@@ -245,6 +247,103 @@ class NgramIndex:
             if start is not None:
                 return self.tokens[start + n: start + n + self.k]
         return []
+
+
+
+def ngram_propose_on_device(drafter: NgramDrafter, tokens: torch.Tensor,
+                            lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NgramDrafter.propose for a batch of sequences held on the device, without a host sync
+    (fixed shapes: it can run inside a CUDA graph, or be queued round after round).
+
+    tokens [B, W]: row b's first lengths[b] entries are its sequence (what lies past them is
+    ignored; W > every length); lengths [B] long. Returns (draft_tokens [B, k] long, num_draft_tokens
+    [B] long): row b's draft is draft_tokens[b, :num_draft_tokens[b]], exactly what
+    drafter.propose(tokens[b, :lengths[b]]) gives; entries past it are unspecified.
+    On a CUDA device one Triton kernel does it (triton_ngram_propose); elsewhere torch ops do,
+    comparing every window of the row (O(B * W * max_n))."""
+    if tokens.is_cuda:
+        return triton_ngram_propose(drafter, tokens, lengths)
+    k = drafter.num_speculative_tokens
+    batch, width = tokens.shape
+    device = tokens.device
+    lengths = lengths.long()
+    start = torch.full((batch,), -1, dtype=torch.long, device=device)  # the chosen occurrence's start
+    size = torch.zeros(batch, dtype=torch.long, device=device)  # and its n
+    for n in range(min(drafter.max_n, width - 1), drafter.min_n - 1, -1):
+        suffix = tokens.gather(1, (lengths[:, None] - n + torch.arange(n, device=device)).clamp(min=0))
+        # Windows start at 0 .. W-n-1; a row's earlier n-grams with a token after them start at
+        # 0 .. length-n-1 (none when n > length - 1).
+        windows = tokens[:, : width - 1].unfold(1, n, 1)
+        starts = torch.arange(width - n, device=device)
+        hit = (windows == suffix[:, None, :]).all(dim=-1) & (starts[None, :] <= (lengths - 1 - n)[:, None])
+        latest = torch.where(hit, starts[None, :], -1).amax(dim=1)
+        take = (start < 0) & (latest >= 0)  # a longer n found nothing: this one decides
+        start = torch.where(take, latest, start)
+        size = torch.where(take, n, size)
+    follower = start + size
+    drafts = tokens.gather(1, (follower[:, None] + torch.arange(k, device=device)).clamp(0, width - 1)).long()
+    num_drafts = torch.where(start >= 0, (lengths - follower).clamp(0, k), 0)
+    return drafts, num_drafts
+
+
+@triton.jit
+def _ngram_propose_kernel(tokens, stride, lengths, drafts, num_drafts, K: tl.constexpr, K_POW2: tl.constexpr,
+                          MIN_N: tl.constexpr, MAX_N: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row: for n = MAX_N .. MIN_N, scan the row's n-gram starts 0 .. length-n-1
+    # in blocks for the latest one equal to its last n tokens; the first n with one wins.
+    row = tl.program_id(0)
+    base = tokens + row.to(tl.int64) * stride
+    length = tl.load(lengths + row).to(tl.int32)
+    best = length * 0 - 1  # the winning occurrence's start (-1: none yet)
+    best_n = length * 0
+    for n in tl.static_range(MAX_N, MIN_N - 1, -1):
+        latest = length * 0 - 1
+        for start in range(0, length, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            hit = offs <= length - 1 - n
+            for j in tl.static_range(n):
+                tail = tl.load(base + tl.maximum(length - n + j, 0))
+                hit = hit & (tl.load(base + offs + j, mask=hit, other=-1) == tail)
+            latest = tl.maximum(latest, tl.max(tl.where(hit, offs, -1), axis=0))
+        take = (best < 0) & (latest >= 0)
+        best = tl.where(take, latest, best)
+        best_n = tl.where(take, n, best_n)
+    follower = best + best_n
+    count = tl.where(best >= 0, tl.minimum(tl.maximum(length - follower, 0), K), 0)
+    koffs = tl.arange(0, K_POW2)
+    draft = tl.load(base + follower + koffs, mask=koffs < count, other=0)
+    tl.store(drafts + row * K + koffs, draft.to(tl.int64), mask=koffs < K)
+    tl.store(num_drafts + row, count.to(tl.int64))
+
+
+def triton_ngram_propose(drafter: NgramDrafter, tokens: torch.Tensor,
+                         lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ngram_propose_on_device as one kernel launch (rows in parallel, each scanning only its
+    own length): on a CUDA device, or on the CPU under TRITON_INTERPRET=1. tokens [B, W] with
+    unit stride along W; lengths [B]."""
+    batch, width = tokens.shape
+    if tokens.stride(1) != 1:
+        raise ValueError("tokens must be contiguous along their last dimension")
+    k = drafter.num_speculative_tokens
+    drafts = torch.empty(batch, k, dtype=torch.long, device=tokens.device)
+    num_drafts = torch.empty(batch, dtype=torch.long, device=tokens.device)
+    _ngram_propose_kernel[(batch,)](tokens, tokens.stride(0), lengths, drafts, num_drafts, K=k,
+                                    K_POW2=triton.next_power_of_2(k), MIN_N=drafter.min_n,
+                                    MAX_N=min(drafter.max_n, max(width - 1, drafter.min_n)), BLOCK=1024)
+    return drafts, num_drafts
+
+
+def greedy_accept_on_device(draft_tokens: torch.Tensor, num_draft_tokens: torch.Tensor,
+                            target_tokens: torch.Tensor) -> torch.Tensor:
+    """greedy_accept for a batch on the device, without a host sync: draft_tokens [B, k],
+    num_draft_tokens [B], target_tokens [B, k + 1] (the target's argmax at the decode token and
+    after each draft) -> num_accepted [B] long. Row b emits target_tokens[b, :num_accepted[b] + 1]:
+    the accepted drafts equal their targets, and the target's token at the first mismatch (or
+    after the last draft) follows them."""
+    k = draft_tokens.shape[1]
+    drafted = torch.arange(k, device=draft_tokens.device)[None, :] < num_draft_tokens[:, None]
+    agree = (draft_tokens == target_tokens[:, :k]) & drafted
+    return agree.long().cumprod(dim=1).sum(dim=1)
 
 
 

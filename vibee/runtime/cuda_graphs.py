@@ -104,11 +104,17 @@ class DecodeGraphs:
     def step(self, b: int) -> None:
         """What the graph of size b holds: each row's input token (staged, or the last step's
         sampled one), the forward, the logits and each row's argmax into sampled[:b]."""
+        self.hidden[b], self.logits[b] = self.forward(b)
+
+    def forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step of size b on the buffers as they are: (hidden, logits); argmax into sampled[:b].
+        Other graphs capture it too (vibee/runtime/ngram_rounds.py): it keeps no reference."""
         sources = self.sources[:b]
         ids = torch.where(sources >= 0, self.sampled[sources.clamp(min=0)], self.input_ids[:b])
-        self.hidden[b] = self.model(ids, self.positions[:b], self._batch(b), self.kv_cache)
-        self.logits[b] = self.model.compute_logits(self.hidden[b])
-        torch.argmax(self.logits[b], dim=-1, out=self.sampled[:b])
+        hidden = self.model(ids, self.positions[:b], self._batch(b), self.kv_cache)
+        logits = self.model.compute_logits(hidden)
+        torch.argmax(logits, dim=-1, out=self.sampled[:b])
+        return hidden, logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -136,7 +142,7 @@ class DecodeGraphs:
         Padding rows are one-token sequences in block 0 whose K/V go to the padding slot.
         Returns (b, w)."""
         n, w = block_tables.shape
-        b = self.sizes[bisect.bisect_left(self.sizes, n)]
+        b = self.size_for(n)
         n_max = self.sizes[-1]
         host = self.host.numpy()
         ids, positions, slots, lens, src = host[: HEAD_ROWS * n_max].reshape(HEAD_ROWS, n_max)
@@ -178,6 +184,10 @@ class DecodeGraphs:
         self.graphs[b].replay()
         self._replayed = b
         return self.logits[b][: len(input_ids)]
+
+    def size_for(self, n: int) -> int:
+        """The captured batch size that n rows run in (n must fit)."""
+        return self.sizes[bisect.bisect_left(self.sizes, n)]
 
     def last_hidden(self, n: int) -> torch.Tensor:
         """[n, hidden] final hidden states (after the final norm) of the last replay's first n rows:

@@ -23,7 +23,7 @@ from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
 from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.outputs import RequestOutput, StepStats
 from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
-from vibee.runtime.sampler import Sampler, SamplingRow
+from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model, max_model_len_for
 from vibee.runtime.speculation import Speculator
@@ -98,6 +98,9 @@ class LLMEngine:
                                   use_graphs=bool(scratch), host_swap=host_swap,
                                   num_splits=self.gen.flash_attention.num_splits_for(self.max_model_len))
         self.graphs, self.graph_error = self.runner.graphs, self.runner.graph_error
+        if self.speculator is not None:
+            self.speculator.start_rounds(self.graphs, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                                         padding_slot=self.num_blocks * self.block_size)
         self.scheduler = self.gen.continuous_batch.Scheduler(
             self.block_manager, policy=batch_spec.policy, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
@@ -249,13 +252,20 @@ class LLMEngine:
         scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
+        rounds = 0
         if self._speculating() and self.speculator.resting():
             self.speculator.rest(self.scheduler.running)
         elif self._speculating():
-            self.speculator.propose(self.scheduler.running, self._by_seq, self.runner)
+            rounds = self.speculator.plan_rounds(self.scheduler, self._by_seq, self.max_num_batched_tokens)
+            if not rounds:
+                self.speculator.propose(self.scheduler.running, self._by_seq, self.runner)
+        num_running = len(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
+        if rounds and self.speculator.rounds.fits(sched, rounds, num_running):
+            return self._launch_rounds(sched, rounds, t0, queries0, hits0)
+        # (Rounds planned but not scheduled as planned: their placeholder drafts are verified below.)
         now = time.monotonic()
         new_prompt_tokens = computed_prefill = 0
         for item in sched.scheduled:
@@ -307,6 +317,29 @@ class LLMEngine:
                     None if targets is None else targets[row: row + len(drafts) + 1], self.sampler)
                 sampled[seq.seq_id] = [r.token_id for r in results[seq.seq_id]]
         launched.results = results
+        self.scheduler.update(sched, sampled)
+        return launched
+
+    def _launch_rounds(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
+        """A step of speculative rounds on the device (vibee/runtime/ngram_rounds.py): every
+        sequence emits the tokens of all rounds, cut by the scheduler at a stop token or
+        max_tokens like a verified draft's (its drafts become the emitted tokens, so the step
+        reads as one verification of them)."""
+        seqs = [item.seq for item in sched.scheduled]
+        rows = self.runner.block_rows
+        tables = rows.gather([rows.row(seq.seq_id) for seq in seqs])
+        self.runner.last_rows, self.runner.last_hidden = {}, None
+        emitted = self.speculator.run_rounds(seqs, tables, rounds)
+        sampling, results, sampled = [], {}, {}
+        for item, tokens in zip(sched.scheduled, emitted):
+            seq = item.seq
+            room = len(item.draft_token_ids) + 1 - len(tokens)
+            item.draft_token_ids = tuple(tokens[:-1]) + (tokens[-1],) * room  # the slots it held stay its lookahead
+            sampling.append((seq, 0, item.draft_token_ids, *self._by_seq[seq.seq_id]))
+            results[seq.seq_id] = [SampleResult(t, None, None) for t in tokens]
+            sampled[seq.seq_id] = tokens
+        before = [len(seq.output_token_ids) for seq in seqs]
+        launched = LaunchedStep(sched, sampling, before, None, results, {}, t0, 0, 0, queries0, hits0)
         self.scheduler.update(sched, sampled)
         return launched
 

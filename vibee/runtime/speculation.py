@@ -16,6 +16,7 @@ from vibee.runtime.kv_sizing import worst_case_step
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.medusa_drafter import MedusaDrafter, heads_path
 from vibee.runtime.model import build_model
+from vibee.runtime.ngram_rounds import NgramRounds
 from vibee.runtime.sampler import SampleResult, Sampler
 
 
@@ -56,6 +57,7 @@ class Speculator:
             self.draft_model = build_model(loaded, gen, flash_attn=config.flash_attn).eval()
             self.drafter = None  # the DraftRunner, once the KV cache is sized (start_draft_cache)
         self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
+        self.rounds: NgramRounds | None = None  # n-gram rounds on the device, once the runner has graphs
         self.ngram_indexes: dict[int, Any] = {}  # seq_id -> its NgramIndex (n-gram drafts in O(n) a step)
         self.rest_steps = 0  # steps left without drafting (see propose)
         self._empty_proposals = 0  # proposals in a row that gave no sequence a draft
@@ -72,6 +74,35 @@ class Speculator:
         if self.draft_model is not None:
             self.drafter = DraftRunner(self.draft_model, kv_module, num_blocks=num_blocks, block_size=self.block_size,
                                        k=self.num_speculative_tokens, max_batched_tokens=max_batched_tokens)
+
+    def start_rounds(self, graphs, *, max_num_seqs: int, max_model_len: int, padding_slot: int) -> None:
+        """With n-gram drafts and decode graphs: speculate in rounds on the device (ngram_rounds.py)."""
+        spec = self.gen.configs.speculative_decode
+        if spec.method == "ngram" and graphs is not None:
+            self.rounds = NgramRounds(self.gen.speculative_decode, self.drafter, graphs,
+                                      max_rows=min(max_num_seqs, spec.disable_by_batch_size or max_num_seqs),
+                                      max_model_len=max_model_len, block_size=self.block_size,
+                                      padding_slot=padding_slot, device=self.device)
+
+    def plan_rounds(self, scheduler, by_seq, max_num_batched_tokens: int) -> int:
+        """Rounds on the device for the next step (see NgramRounds.plan); 0: draft on the host."""
+        if self.rounds is None:
+            return 0
+        spec = self.gen.configs.speculative_decode
+        enabled = self.gen.speculative_decode.speculation_enabled(len(scheduler.running), spec.disable_by_batch_size)
+        return self.rounds.plan(scheduler, by_seq, max_num_batched_tokens=max_num_batched_tokens,
+                                greedy_verification=spec.verification == "greedy", enabled=enabled)
+
+    def run_rounds(self, seqs, tables, rounds: int) -> list[list[int]]:
+        """Each sequence's tokens from `rounds` rounds on the device; the acceptance tracker and the
+        per-sequence gate count every round that drafted, as they count a host-verified draft."""
+        allowed = [self.gate.allows(seq.seq_id) for seq in seqs]
+        emitted, counts = self.rounds.run(seqs, tables, allowed, rounds)
+        for seq, per_round in zip(seqs, counts):
+            for drafted, accepted in per_round:
+                if drafted:
+                    self._record(seq.seq_id, drafted, accepted)
+        return emitted
 
     def worst_case_draft_step(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
         """The heaviest drafting a step can do (for memory profiling): a catch-up forward of the
@@ -177,6 +208,8 @@ class Speculator:
         """A sequence finished or was aborted: the gate and the draft's cache drop what they kept."""
         self.gate.forget(seq_id)
         self.ngram_indexes.pop(seq_id, None)
+        if self.rounds is not None:
+            self.rounds.forget(seq_id)
         if self.medusa is not None:
             self.medusa.forget(seq_id)
         if self.draft_model is not None:

@@ -1,0 +1,166 @@
+"""Speculative rounds on the device (vibee/runtime/ngram_rounds.py): n-gram drafts, verification
+and acceptance queued round after round without the host. Greedy speculation never changes the
+text, so every test compares with plain decoding; CUDA graphs are stood in for by eager replays
+of the same buffers (tests/runtime/eager_graphs.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.runtime.eager_graphs import use_eager_graphs
+from tests.runtime.hf_models import make_model
+from tests.runtime.test_engine import GREEDY, engine
+from vibee.runtime.ngram_rounds import NgramRounds
+from vibee.runtime.offline import generate
+from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.speed_gate import SpeedGate
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rounds-llama")
+    make_model(directory, "llama", hidden=64, heads=4, kv_heads=2, layers=2)
+    return directory
+
+
+# Prompts that repeat themselves, so the n-gram drafter finds matches and drafts get accepted.
+PROMPTS = [[7, 8, 9, 10, 11] * 4 + [7, 8], [20, 21, 22] * 5, [40 + i % 6 for i in range(23)], [5, 6] * 9]
+
+
+@pytest.fixture
+def rounds_seen(monkeypatch):
+    """Eager graphs for every engine; returns the list of (batch, rounds) of each rounds step."""
+    use_eager_graphs(monkeypatch)
+    seen = []
+    real = NgramRounds.run
+
+    def run(self, seqs, tables, allowed, rounds):
+        seen.append((len(seqs), rounds))
+        return real(self, seqs, tables, allowed, rounds)
+
+    monkeypatch.setattr(NgramRounds, "run", run)
+    return seen
+
+
+def speculating(model_dir, **flags):
+    eng = engine(model_dir, speculative=True, **flags)
+    eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout
+    return eng
+
+
+def outputs(eng, batch, params):
+    return [[(c.token_ids, c.text, c.finish_reason) for c in out.outputs] for out in generate(eng, batch, params)]
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 4])
+def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, max_num_seqs):
+    params = SamplingParams(max_tokens=37, **GREEDY)  # not a multiple of k + 1: the last tokens are the host's
+    plain = outputs(engine(model_dir, max_num_seqs=max_num_seqs), PROMPTS, params)
+    eng = speculating(model_dir, max_num_seqs=max_num_seqs)
+    assert outputs(eng, PROMPTS, params) == plain
+    assert rounds_seen and max(rounds for _, rounds in rounds_seen) > 1
+    assert max(batch for batch, _ in rounds_seen) == max_num_seqs
+    figures = eng.stats()["speculative_decoding"]
+    assert figures["num_accepted_tokens"] > 0  # the device drafts were real, and some held
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+    assert not eng.speculator.rounds._rows  # finished sequences gave their rows back
+
+
+def test_a_stop_token_inside_a_round_ends_the_output_there(model_dir, rounds_seen):
+    prompt = PROMPTS[:1]
+    full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].token_ids
+    at = 13  # well inside the rounds (decoding starts with one plain step per prompt)
+    stop_id = full[at]
+    first = full.index(stop_id)
+    params = SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=[stop_id])
+    eng = speculating(model_dir)
+    out = generate(eng, prompt, params)[0].outputs[0]
+    assert out.token_ids == full[: first + 1] and out.finish_reason == "stop"
+    assert rounds_seen and eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_a_stop_string_inside_a_round_cuts_the_text(model_dir, rounds_seen):
+    prompt = PROMPTS[1:2]
+    full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0]
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    params = SamplingParams(max_tokens=40, stop=[stop], **GREEDY)
+    expected = generate(engine(model_dir), prompt, params)[0].outputs[0]
+    got = generate(speculating(model_dir), prompt, params)[0].outputs[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (expected.text, expected.token_ids, "stop")
+    assert rounds_seen
+
+
+def test_an_abort_between_rounds_steps_frees_everything(model_dir, rounds_seen):
+    eng = speculating(model_dir, max_num_seqs=2)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=200, **GREEDY))
+    while not rounds_seen:
+        eng.step()
+    final = eng.abort_request("r0")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks and not eng.speculator.rounds._rows
+
+
+def test_sequences_the_acceptance_gate_paused_decode_plainly_inside_rounds(model_dir, rounds_seen):
+    params = SamplingParams(max_tokens=60, **GREEDY)
+    plain = outputs(engine(model_dir, max_num_seqs=4), PROMPTS, params)
+    figures = {}
+    for threshold in (0.0, 0.99):
+        eng = speculating(model_dir, max_num_seqs=4, speculative_acceptance_threshold=threshold)
+        assert outputs(eng, PROMPTS, params) == plain
+        figures[threshold] = eng.stats()["speculative_decoding"]
+    assert rounds_seen and figures[0.99]["gate"]["num_switched_off"] > 0
+    assert figures[0.99]["num_draft_tokens"] < figures[0.0]["num_draft_tokens"]
+    eng = speculating(model_dir, max_num_seqs=4)
+    eng.speculator.gate.allows = lambda seq_id: False  # every sequence paused: rounds decode plainly
+    assert outputs(eng, PROMPTS, params) == plain
+    assert eng.stats()["speculative_decoding"]["num_draft_tokens"] == 0
+
+
+def test_sampled_requests_and_joining_ones_leave_drafting_to_the_host(model_dir, rounds_seen):
+    """No rounds while a running request samples at a temperature (rounds verify greedily), nor
+    while a waiting one could join the step (its prefill is the host's)."""
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=1)
+    eng = speculating(model_dir, max_num_seqs=4)
+    generate(eng, PROMPTS, params)
+    assert not rounds_seen and eng.stats()["speculative_decoding"]["num_drafts"] > 0
+    eng = speculating(model_dir, max_num_seqs=2)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=30, **GREEDY))
+    while eng.has_unfinished():
+        waiting, running = len(eng.scheduler.waiting), len(eng.scheduler.running)
+        before = len(rounds_seen)
+        eng.step()
+        if len(rounds_seen) > before:
+            assert not waiting or running == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rounds_on_the_gpu_keep_greedy_text_in_cuda_graphs():
+    """The built-in model on stdlib text, real CUDA graphs: rounds run, drafts are accepted, and
+    the tokens are plain decoding's (float32: a step of k + 1 rows per sequence could round a
+    near tie differently from one row in bf16; the equality checked here is the bookkeeping's)."""
+    from vibee.bench.report import stdlib_workload
+    from vibee.runtime.config import EngineConfig
+    from vibee.runtime.engine import LLMEngine
+
+    def gpu_engine(**flags):
+        return LLMEngine(EngineConfig(device="cuda", dtype="float32", **flags), progress=False)
+
+    plain = gpu_engine()
+    work = stdlib_workload(lambda t: plain.tokenizer.encode(t, add_special_tokens=False), 6, (64, 256), (96, 96), 0)
+    params = SamplingParams(max_tokens=96, **GREEDY)
+    expected = outputs(plain, work.prompts, params)
+    del plain
+    for max_num_seqs in (1, 6):
+        eng = gpu_engine(speculative=True, knobs={"continuous_batch": {"max_num_seqs": max_num_seqs}})
+        eng.speed_gate = SpeedGate(probe_steps=10**9)
+        calls = []
+        real = eng.speculator.rounds.run
+        eng.speculator.rounds.run = lambda *a: calls.append(a[3]) or real(*a)
+        assert outputs(eng, work.prompts, params) == expected
+        assert calls and eng.stats()["speculative_decoding"]["acceptance_rate"] > 0.2

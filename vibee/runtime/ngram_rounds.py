@@ -1,0 +1,208 @@
+"""Speculative rounds on the device: n-gram drafting, verification and greedy acceptance for a
+batch of decoding sequences, several rounds per engine step and one host sync after the last.
+
+A host-driven speculative step can't overlap anything: the next drafts need this step's accepted
+tokens, so the GPU idles while the host reads them, drafts, packs and launches (on the H200 a
+verifying step of the built-in model took 0.61 ms, of which the GPU was busy 0.165 ms). Here
+each round drafts from the sequences' tokens kept on the device (the generated
+ngram_propose_on_device), verifies in a decode-graph replay whose inputs device ops write, and
+appends the accepted tokens on the device (greedy_accept_on_device). On a GPU a whole round is one
+CUDA graph per batch size (its ~100 small kernels cost ~1.2 ms of launches a round when queued one
+by one, on the H200), so the host replays a graph per round and reads all rounds once.
+
+The scheduler gives each sequence KV slots for every token the rounds could emit (as draft
+lookahead: `plan` sets that many placeholder drafts before it schedules), and the engine cuts
+what it reads at stops and max_tokens, as it does a verified draft's tokens; what rounds compute
+past a stop is wasted, never emitted.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import numpy as np
+import torch
+
+from vibee.runtime.round_kernels import finish_round, prepare_round
+
+MAX_ROUNDS = 4  # rounds per engine step: fewer host syncs, against wasted rounds after a stop and coarser streaming
+
+
+class NgramRounds:
+    def __init__(self, sd_module: Any, drafter: Any, graphs: Any, *, max_rows: int, max_model_len: int,
+                 block_size: int, padding_slot: int, device: str):
+        """sd_module: the generated speculative_decode module; graphs: the engine's DecodeGraphs
+        (their buffers are the verification's inputs); max_rows: the most sequences one step holds."""
+        self.sd, self.drafter, self.graphs = sd_module, drafter, graphs
+        k = self.k = drafter.num_speculative_tokens
+        self.block_size, self.padding_slot, self.device = block_size, padding_slot, device
+        self.max_rows = max(1, min(max_rows, graphs.sizes[-1] // (k + 1)))
+        # A round writes up to k + 1 tokens past a length below max_model_len.
+        width = max_model_len + k + 1
+        # Each sequence's tokens, one row per sequence; a step gathers its sequences' rows into
+        # `work`, which the rounds read and append to, and puts them back after the last round.
+        self.tokens = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
+        self.work = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
+        self.lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # 0: a padding row
+        self.allow = torch.zeros(self.max_rows, dtype=torch.long, device=device)
+        self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
+        self._j = torch.arange(k + 1, device=device)
+        self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
+        self._free = list(range(self.max_rows - 1, -1, -1))
+        self.sizes = [b for b in graphs.sizes if b <= self.max_rows] or [self.max_rows]
+        if self.max_rows not in self.sizes:
+            self.sizes.append(self.max_rows)
+        self.round_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.startswith("cuda") and graphs.pool is not None:
+            self._capture()
+
+    def _capture(self) -> None:
+        """A graph of one round per batch size, in the decode graphs' memory pool; on failure rounds
+        run op by op (slower, same tokens)."""
+        try:
+            with torch.inference_mode():
+                for batch in reversed(self.sizes):
+                    self.lens.zero_()  # padding rows only: every K/V goes to the padding slot
+                    self._pad_rows(0, self.graphs.size_for(batch * (self.k + 1)))
+                    for _ in range(2):
+                        self._round(batch)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.graphs.pool):
+                        self._round(batch)
+                    self.round_graphs[batch] = graph
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager rounds, which work
+            import logging
+            logging.getLogger("vibee.engine").warning("n-gram rounds run op by op: graph capture failed: %s", exc)
+            self.round_graphs = {}
+
+    def plan(self, scheduler: Any, by_seq: dict[int, tuple[Any, Any]], *, max_num_batched_tokens: int,
+             greedy_verification: bool, enabled: bool) -> int:
+        """How many rounds the next step runs (0: the host drafts as before). Rounds need every
+        running sequence decoding, verified greedily (temperature 0, or the spec's greedy rule)
+        with no logprobs or penalties, room for every round's k + 1 tokens in its max_tokens and
+        in the step's token budget, and no sequence that could join the step (a prefill would
+        be the host's to run). When > 0, each running sequence holds that many rounds' slots
+        in placeholder drafts, which the scheduler allocates as lookahead."""
+        running, k = scheduler.running, self.k
+        if not enabled or not running or len(running) > self.max_rows or \
+                (scheduler.waiting and len(running) < scheduler.max_num_seqs):
+            return 0
+        rounds = min(MAX_ROUNDS, max_num_batched_tokens // (len(running) * (k + 1)))
+        for seq in running:
+            params = by_seq[seq.seq_id][0].params
+            if not seq.output_token_ids or seq.num_tokens - seq.num_computed_tokens != 1 or params.has_penalties \
+                    or params.logprobs is not None or not (params.is_greedy or greedy_verification):
+                return 0
+            rounds = min(rounds, (seq.max_tokens - len(seq.output_token_ids)) // (k + 1))
+        if rounds < 1:
+            return 0
+        for seq in running:
+            seq.draft_token_ids = [seq.output_token_ids[-1]] * (rounds * (k + 1) - 1)
+        return rounds
+
+    def fits(self, sched: Any, rounds: int, num_running: int) -> bool:
+        """Whether the scheduler gave the step what `plan` asked for: every running sequence, each
+        with all its placeholder drafts, and nothing else (no preemption, no swap)."""
+        want = rounds * (self.k + 1) - 1
+        return (len(sched.scheduled) == num_running and not sched.preempted and not sched.swap_out
+                and not sched.swap_in and all(not item.is_prefill and len(item.draft_token_ids) == want
+                                              for item in sched.scheduled))
+
+    def run(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool],
+            rounds: int) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Run `rounds` rounds for these sequences (block tables [B, w], allowed: whether each may
+        draft, per the acceptance gate). Returns each sequence's emitted tokens, and per sequence
+        the (drafted, accepted) counts of each round."""
+        k, graphs = self.k, self.graphs
+        real = len(seqs)
+        batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
+        rows = self._upload_missing(seqs)
+        w = tables.shape[1]
+        host = np.concatenate([rows, [seq.num_tokens for seq in seqs], np.asarray(allowed, dtype=np.int64),
+                               tables.reshape(-1)]).astype(np.int64)
+        sent = torch.from_numpy(host).to(self.device)
+        rows_d = sent[:real]
+        self.lens[:batch].zero_()
+        self.lens[:real] = sent[real: 2 * real]
+        self.allow[:real] = sent[2 * real: 3 * real]
+        self.work[:real] = self.tokens[rows_d]
+        # Graph row s * (k + 1) + j is sequence s's token j (its decode token, then its drafts);
+        # rows past the sequences' are padding: one token in block 0 whose K/V go to the padding slot.
+        n, b = real * (k + 1), graphs.size_for(batch * (k + 1))
+        graphs.block_tables[:n, :w] = sent[3 * real:].view(real, w).repeat_interleave(k + 1, dim=0)
+        self._pad_rows(n, b)
+        out = torch.empty(rounds, real, k + 3, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            for r in range(rounds):
+                if batch in self.round_graphs:
+                    self.round_graphs[batch].replay()
+                else:
+                    self._round(batch)
+                out[r] = self.last[:real]
+        self.tokens[rows_d] = self.work[:real]
+        result = out.cpu().numpy()  # the step's one wait for the device
+        emitted: list[list[int]] = [[] for _ in seqs]
+        counts: list[list[tuple[int, int]]] = [[] for _ in seqs]
+        for r in range(rounds):
+            for s in range(real):
+                accepted = int(result[r, s, k + 2])
+                emitted[s] += result[r, s, : accepted + 1].tolist()
+                counts[s].append((int(result[r, s, k + 1]), accepted))
+        for seq, tokens in zip(seqs, emitted):
+            self._rows[seq.seq_id][1] += len(tokens)
+        return emitted, counts
+
+    def _pad_rows(self, n: int, b: int) -> None:
+        """Graph rows n .. b-1 (past the step's sequences, padding b's captured size): one token
+        in block 0 whose K/V go to the padding slot; no row takes a sampled token as input."""
+        graphs = self.graphs
+        graphs.block_tables[n:b].zero_()
+        graphs.input_ids[n:b] = 0
+        graphs.positions[n:b] = 0
+        graphs.slot_mapping[n:b] = self.padding_slot
+        graphs.seq_lens[n:b] = 1
+        graphs.sources[:b] = -1
+
+    def _round(self, batch: int) -> None:
+        """One round for the first `batch` rows of work/lens/allow (rows of length 0 are padding),
+        on fixed shapes, reading and writing only device buffers: draft, write the verification
+        rows, run the decode forward of graph size b, accept, append, record in `last`."""
+        graphs = self.graphs
+        b = graphs.size_for(batch * (self.k + 1))
+        work, lens = self.work[:batch], self.lens[:batch]
+        drafts, num_drafts = self.sd.ngram_propose_on_device(self.drafter, work, lens)
+        prepare_round(work, lens, self.allow[:batch], drafts, num_drafts, graphs.block_tables,
+                      block_size=self.block_size, padding_slot=self.padding_slot, input_ids=graphs.input_ids,
+                      positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)
+        graphs.forward(b)
+        finish_round(drafts, num_drafts, graphs.sampled, work, lens, self.last)
+
+    def _upload_missing(self, seqs: list[Any]) -> list[int]:
+        """Each sequence's row, after copying in the tokens it gained on the host (its prompt, and
+        tokens of steps the host ran) in one copy."""
+        rows, index, values = [], [], []
+        width = self.tokens.shape[1]
+        for seq in seqs:
+            entry = self._rows.get(seq.seq_id)
+            if entry is None:
+                entry = self._rows[seq.seq_id] = [self._free.pop(), 0]
+            row, held = entry
+            held = min(held, seq.num_tokens)  # a row never holds more than the sequence has
+            if held < seq.num_tokens:
+                index.append(row * width + np.arange(held, seq.num_tokens))
+                values.append(np.asarray(seq.token_prefix(seq.num_tokens)[held:], dtype=np.int32))
+                entry[1] = seq.num_tokens
+            rows.append(row)
+        if index:
+            flat = self.tokens.view(-1)
+            flat[torch.from_numpy(np.concatenate(index)).to(self.device)] = \
+                torch.from_numpy(np.concatenate(values)).to(self.device)
+        return rows
+
+    def forget(self, seq_id: int) -> None:
+        entry = self._rows.pop(seq_id, None)
+        if entry is not None:
+            self._free.append(entry[0])
