@@ -63,6 +63,8 @@ def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, max_nu
     assert max(batch for batch, _ in rounds_seen) == max_num_seqs
     figures = eng.stats()["speculative_decoding"]
     assert figures["num_accepted_tokens"] > 0  # the device drafts were real, and some held
+    assert figures["device_rounds"]["steps"] == len(rounds_seen)
+    assert figures["device_rounds"]["rounds"] == sum(rounds for _, rounds in rounds_seen)
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
     assert not eng.speculator.rounds._rows  # finished sequences gave their rows back
 

@@ -151,7 +151,8 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
         # Work the attention module did (kernel calls, programs, KV tiles) since the server started.
         "attention": _plain(getattr(attention, "COUNTERS", {})),
         "speculative_decoding": ({"enabled": True, **e.acceptance.figures(), "gate": e.speculator.gate.figures(),
-                                  "speed_gate": e.speed_gate.figures()}
+                                  "speed_gate": e.speed_gate.figures(),
+                                  "device_rounds": e.speculator.rounds.figures() if e.speculator.rounds else None}
                                  if e.speculative
                                  else {"enabled": False}),
     }

@@ -26,7 +26,7 @@ import torch
 
 from vibee.runtime.round_kernels import finish_round, prepare_round
 
-MAX_ROUNDS = 4  # rounds per engine step: fewer host syncs, against wasted rounds after a stop and coarser streaming
+MAX_ROUNDS = 8  # rounds per engine step: fewer host syncs, against wasted rounds after a stop and coarser streaming
 
 
 class NgramRounds:
@@ -49,6 +49,7 @@ class NgramRounds:
         self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
         self._j = torch.arange(k + 1, device=device)
         self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
+        self.num_steps = self.num_rounds = 0  # engine steps that ran rounds, and their rounds
         self._free = list(range(self.max_rows - 1, -1, -1))
         self.sizes = [b for b in graphs.sizes if b <= self.max_rows] or [self.max_rows]
         if self.max_rows not in self.sizes:
@@ -144,6 +145,8 @@ class NgramRounds:
                 out[r] = self.last[:real]
         self.tokens[rows_d] = self.work[:real]
         result = out.cpu().numpy()  # the step's one wait for the device
+        self.num_steps += 1
+        self.num_rounds += rounds
         emitted: list[list[int]] = [[] for _ in seqs]
         counts: list[list[tuple[int, int]]] = [[] for _ in seqs]
         for r in range(rounds):
@@ -179,6 +182,10 @@ class NgramRounds:
                       positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)
         graphs.forward(b)
         finish_round(drafts, num_drafts, graphs.sampled, work, lens, self.last)
+
+    def figures(self) -> dict[str, Any]:
+        return {"steps": self.num_steps, "rounds": self.num_rounds, "max_rounds": MAX_ROUNDS,
+                "captured": sorted(self.round_graphs)}
 
     def _upload_missing(self, seqs: list[Any]) -> list[int]:
         """Each sequence's row, after copying in the tokens it gained on the host (its prompt, and
