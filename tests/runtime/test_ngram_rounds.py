@@ -93,6 +93,21 @@ def test_a_stop_string_inside_a_round_cuts_the_text(model_dir, rounds_seen):
     assert rounds_seen
 
 
+def test_preemption_during_rounds_loses_nothing(model_dir, rounds_seen, monkeypatch):
+    """Too few KV blocks for every sequence's rounds: the scheduler preempts, the step's planned
+    rounds become plain decodes of what was scheduled, and the text stays plain's."""
+    unplanned = []
+    real = NgramRounds.unplan
+    monkeypatch.setattr(NgramRounds, "unplan", staticmethod(
+        lambda sched: unplanned.append(sum(len(item.draft_token_ids) for item in sched.scheduled)) or real(sched)))
+    params = SamplingParams(max_tokens=48, **GREEDY)
+    plain = outputs(engine(model_dir, max_num_seqs=4), PROMPTS, params)
+    eng = speculating(model_dir, max_num_seqs=4, num_kv_blocks=12)
+    assert outputs(eng, PROMPTS, params) == plain
+    assert eng.stats()["batching"]["preemptions"] > 0 and rounds_seen and any(unplanned)
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
 def test_an_abort_between_rounds_steps_frees_everything(model_dir, rounds_seen):
     eng = speculating(model_dir, max_num_seqs=2)
     for i, prompt in enumerate(PROMPTS[:2]):

@@ -261,11 +261,14 @@ class LLMEngine:
                 self.speculator.propose(self.scheduler.running, self._by_seq, self.runner)
         num_running = len(self.scheduler.running)
         sched = self.scheduler.schedule()
+        for seq in sched.preempted:  # drafts proposed for this step; it will prefill again first
+            seq.draft_token_ids = []
         if sched.is_empty:
             return None
         if rounds and self.speculator.rounds.fits(sched, rounds, num_running):
             return self._launch_rounds(sched, rounds, t0, queries0, hits0)
-        # (Rounds planned but not scheduled as planned: their placeholder drafts are verified below.)
+        if rounds:
+            self.speculator.rounds.unplan(sched)
         now = time.monotonic()
         new_prompt_tokens = computed_prefill = 0
         for item in sched.scheduled:

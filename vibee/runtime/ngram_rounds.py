@@ -112,6 +112,15 @@ class NgramRounds:
                 and not sched.swap_in and all(not item.is_prefill and len(item.draft_token_ids) == want
                                               for item in sched.scheduled))
 
+    @staticmethod
+    def unplan(sched: Any) -> None:
+        """The step was not scheduled as planned: its sequences decode plainly instead (their
+        placeholder drafts are no drafts); the slots held for the rounds stay theirs as lookahead."""
+        for item in sched.scheduled:
+            if item.draft_token_ids:
+                item.num_new_tokens -= len(item.draft_token_ids)
+                item.draft_token_ids = ()
+
     def run(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool],
             rounds: int) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         """Run `rounds` rounds for these sequences (block tables [B, w], allowed: whether each may
