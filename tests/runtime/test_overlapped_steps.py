@@ -189,6 +189,24 @@ def test_speed_gate_keeps_the_faster_mode_and_measures_again():
         SpeedGate(probe_steps=0)
 
 
+@pytest.mark.parametrize("speculating", [False, True])
+def test_the_speed_gate_times_neither_a_prefill_step_nor_the_step_that_waits_for_it(model_dir, speculating):
+    """A prefill step is left in flight and the next step waits for it (a new request at batch 1
+    costs several decode steps): both are reported to the gate as prefill, in either mode."""
+    eng = engine(model_dir, speculative=True, max_num_seqs=1)
+    eng.speed_gate = SpeedGate(probe_steps=10**9)
+    eng.speed_gate.speculating = speculating
+    recorded = []
+    real = eng.speed_gate.record
+    eng.speed_gate.record = lambda tokens, seconds, prefill=False: recorded.append(prefill) or real(
+        tokens, seconds, prefill=prefill)
+    for i, prompt in enumerate(prompts([9, 14], seed=4)):
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=6, **GREEDY))
+    while eng.has_unfinished():
+        eng.step()
+    assert recorded[:3] == [True, True, False]
+
+
 def test_speed_gate_waits_longer_each_time_plain_wins_again_and_skips_prefill_in_probes():
     gate = SpeedGate(probe_steps=2, hold_steps=3)
 

@@ -224,6 +224,8 @@ class LLMEngine:
         started, generated = time.perf_counter(), self._num_generated
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
+        # This step waits for a prefill step it resolves: the speed gate times neither.
+        prefill = previous is not None and previous.computed_prefill > 0
         if previous is not None and not self._can_overlap():
             outputs += self._resolve(previous)
             previous = None
@@ -237,7 +239,7 @@ class LLMEngine:
                 outputs += self._resolve(launched)
         if self.speed_gate is not None:
             self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started,
-                                   prefill=launched is not None and launched.computed_prefill > 0)
+                                   prefill=prefill or (launched is not None and launched.computed_prefill > 0))
         return outputs
 
     def _speculating(self) -> bool:
