@@ -113,7 +113,7 @@ def test_speculative_verification_runs_as_graph_rows(tiny, baseline, monkeypatch
     model_dir, _ = tiny
     batch, expected = baseline
     eng = engine(model_dir, max_num_seqs=32, speculative=True)
-    eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout
+    eng.speed_gate = SpeedGate.held()  # speculating throughout
     assert run_tokens(eng, batch[:4], max_tokens=24) == expected[:4]  # some sequences draft, some do not
     figures = eng.stats()["speculative_decoding"]
     assert figures["num_accepted_tokens"] > 0  # drafts were verified and kept
@@ -277,6 +277,7 @@ def test_speculative_greedy_keeps_tokens(tiny, baseline, draft_dir, how, tmp_pat
              "draft_model": dict(draft_model=draft_dir),
              "draft_is_target": dict(draft_model=model_dir, num_speculative_tokens=3)}[how]
     eng = engine(model_dir, **flags)
+    eng.speed_gate = SpeedGate.held()  # speculating throughout (the gate would measure plain decoding first)
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected
     spec = eng.stats()["speculative_decoding"]
     assert spec["enabled"] and spec["num_drafts"] > 0 and spec["num_draft_tokens"] > 0

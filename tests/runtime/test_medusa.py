@@ -45,7 +45,7 @@ def expected(tiny):
 
 def medusa_engine(model_dir, **flags):
     eng = engine(model_dir, speculative_method="medusa", num_speculative_tokens=K, **flags)
-    eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout
+    eng.speed_gate = SpeedGate.held()  # speculating throughout
     return eng
 
 
@@ -215,7 +215,7 @@ def test_medusa_on_the_gpu_keeps_greedy_text_in_cuda_graphs(builtin_prompts):
     batch = [plain.tokenizer.encode(text) for text in builtin_prompts]
     tokens = run_tokens(plain, batch, max_tokens=64)
     eng = gpu_engine(speculative=True, knobs={"speculative_decode": {"method": "medusa"}})
-    eng.speed_gate = SpeedGate(probe_steps=10**9)
+    eng.speed_gate = SpeedGate.held()
     assert eng.graphs is not None
     assert run_tokens(eng, batch, max_tokens=64) == tokens
     assert eng.stats()["speculative_decoding"]["num_accepted_tokens"] > 0

@@ -45,7 +45,7 @@ def rounds_seen(monkeypatch):
 
 def speculating(model_dir, **flags):
     eng = engine(model_dir, speculative=True, **flags)
-    eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout
+    eng.speed_gate = SpeedGate.held()  # speculating throughout
     return eng
 
 
@@ -175,7 +175,7 @@ def test_rounds_on_the_gpu_keep_greedy_text_in_cuda_graphs():
     del plain
     for max_num_seqs in (1, 6):
         eng = gpu_engine(speculative=True, knobs={"continuous_batch": {"max_num_seqs": max_num_seqs}})
-        eng.speed_gate = SpeedGate(probe_steps=10**9)
+        eng.speed_gate = SpeedGate.held()
         calls = []
         real = eng.speculator.rounds.run
         eng.speculator.rounds.run = lambda *a: calls.append(a[3]) or real(*a)

@@ -160,7 +160,7 @@ def test_speculation_pauses_for_sequences_whose_drafts_miss(model_dir):
     figures = {}
     for threshold in (0.0, 0.95):
         eng = engine(model_dir, speculative=True, speculative_acceptance_threshold=threshold)
-        eng.speed_gate = SpeedGate(probe_steps=10**9)  # speculating throughout: only the acceptance gate decides
+        eng.speed_gate = SpeedGate.held()  # speculating throughout: only the acceptance gate decides
         assert outputs(eng, batch, params) == plain
         figures[threshold] = eng.stats()["speculative_decoding"]
         assert figures[threshold]["gate"]["num_sequences"] == 0  # finished sequences are forgotten
@@ -171,17 +171,17 @@ def test_speculation_pauses_for_sequences_whose_drafts_miss(model_dir):
 
 def test_speed_gate_keeps_the_faster_mode_and_measures_again():
     gate = SpeedGate(probe_steps=2, hold_steps=3)
+    assert not gate.speculating and gate.phase == "probe_off"  # plain first: its time bounds the other probe
+    for _ in range(2):
+        gate.record(tokens=6, seconds=1.0)  # plain: 6 tok/s
     assert gate.speculating and gate.phase == "probe_on"
     for _ in range(2):
-        gate.record(tokens=4, seconds=1.0)  # speculating: 4 tok/s
-    assert not gate.speculating and gate.phase == "probe_off"
-    for _ in range(2):
-        gate.record(tokens=6, seconds=1.0)  # plain: 6 tok/s, faster
+        gate.record(tokens=4, seconds=1.0)  # speculating: 4 tok/s, slower
     assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates == {True: 4.0, False: 6.0}
     for _ in range(3):
         gate.record(tokens=6, seconds=1.0)
-    assert (gate.phase, gate.speculating) == ("probe_on", True)  # measured again
-    for tokens in (9, 9, 6, 6):
+    assert (gate.phase, gate.speculating) == ("probe_off", False)  # measured again
+    for tokens in (6, 6, 9, 9):
         gate.record(tokens=tokens, seconds=1.0)
     assert (gate.phase, gate.speculating) == ("hold", True)  # now speculation is faster
     assert gate.figures()["holds_speculating"] == 1 and gate.figures()["holds_plain"] == 1
@@ -194,7 +194,7 @@ def test_the_speed_gate_times_neither_a_prefill_step_nor_the_step_that_waits_for
     """A prefill step is left in flight and the next step waits for it (a new request at batch 1
     costs several decode steps): both are reported to the gate as prefill, in either mode."""
     eng = engine(model_dir, speculative=True, max_num_seqs=1)
-    eng.speed_gate = SpeedGate(probe_steps=10**9)
+    eng.speed_gate = SpeedGate.held()
     eng.speed_gate.speculating = speculating
     recorded = []
     real = eng.speed_gate.record
@@ -212,12 +212,13 @@ def test_speed_gate_waits_longer_each_time_plain_wins_again_and_skips_prefill_in
 
     def cycle(spec_rate: int, plain_rate: int) -> int:
         """One probe of each mode; returns how many steps the hold that follows lasts."""
-        assert gate.phase == "probe_on"
+        assert gate.phase == "probe_off"
         gate.record(tokens=100, seconds=1.0, prefill=True)  # not timed: a prefill would decide the probe
         for _ in range(2):
-            gate.record(tokens=spec_rate, seconds=1.0)
-        for _ in range(2):
             gate.record(tokens=plain_rate, seconds=1.0)
+        gate.record(tokens=100, seconds=1.0, prefill=True)
+        for _ in range(2):
+            gate.record(tokens=spec_rate, seconds=1.0)
         assert gate.phase == "hold"
         held = 0
         while gate.phase == "hold":
@@ -234,17 +235,12 @@ def test_speed_gate_waits_longer_each_time_plain_wins_again_and_skips_prefill_in
 def test_a_speculating_probe_ends_once_it_took_as_long_as_the_plain_one():
     gate = SpeedGate(probe_steps=4, hold_steps=2)
     for _ in range(4):
-        gate.record(tokens=3, seconds=1.0)  # the first probe has no plain time to keep to: 4 steps
-    assert gate.phase == "probe_off"
-    for _ in range(4):
-        gate.record(tokens=1, seconds=0.5)  # plain: 4 steps in 2 s, 2 tok/s; speculation won (3 tok/s)
-    for _ in range(2):
-        gate.record(tokens=1, seconds=0.5)  # the hold
+        gate.record(tokens=1, seconds=0.5)  # plain: 4 steps in 2 s, 2 tok/s
     assert gate.phase == "probe_on"
     gate.record(tokens=2, seconds=1.5)  # a slow speculating step: 1.5 s of the 2 s
     assert gate.phase == "probe_on"
     gate.record(tokens=2, seconds=1.5)  # 3 s >= 2 s: the probe is over after 2 of its 4 steps
-    assert (gate.phase, gate.speculating) == ("probe_off", False) and gate.rates[True] == pytest.approx(4 / 3)
+    assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates[True] == pytest.approx(4 / 3)
 
 
 def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
@@ -257,7 +253,7 @@ def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_di
     plain = outputs(engine(model_dir), batch, params)
     for speculating in (False, True):
         eng = engine(model_dir, speculative=True)
-        eng.speed_gate = SpeedGate(probe_steps=10**9)
+        eng.speed_gate = SpeedGate.held()
         eng.speed_gate.speculating = speculating
         for i, prompt in enumerate(batch):
             eng.add_request(f"r{i}", prompt, params)
@@ -270,7 +266,7 @@ def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_di
         assert any(left_in_flight)  # plain steps overlap, and so do resting ones
         assert (eng.stats()["speculative_decoding"]["num_drafts"] > 0) == speculating
         eng = engine(model_dir, speculative=True)
-        eng.speed_gate = SpeedGate(probe_steps=10**9)
+        eng.speed_gate = SpeedGate.held()
         eng.speed_gate.speculating = speculating
         assert outputs(eng, batch, params) == plain
 
@@ -303,7 +299,7 @@ def test_empty_proposals_rest_drafting_longer_each_time_and_drafts_end_it(model_
 
 def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():
     gate = SpeedGate(probe_steps=2, hold_steps=10)
-    for tokens in (9, 9, 5, 5):  # probes: speculation 9 tok/s beats plain 5
+    for tokens in (5, 5, 9, 9):  # probes: speculation 9 tok/s beats plain 5
         gate.record(tokens=tokens, seconds=1.0)
     assert (gate.phase, gate.speculating) == ("hold", True)
     gate.record(tokens=50, seconds=1.0, prefill=True)  # counts toward the hold, not its rate
@@ -316,14 +312,14 @@ def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():
     while gate.phase == "hold":
         gate.record(tokens=5, seconds=1.0)
         steps += 1
-    assert steps == 10 and gate.phase == "probe_on"  # a whole plain hold, then measured again
+    assert steps == 10 and gate.phase == "probe_off"  # a whole plain hold, then measured again
 
 
 def test_a_speculating_hold_that_keeps_up_runs_to_its_end():
     gate = SpeedGate(probe_steps=2, hold_steps=6)
-    for tokens in (9, 9, 5, 5):
+    for tokens in (5, 5, 9, 9):
         gate.record(tokens=tokens, seconds=1.0)
     for _ in range(6):
         assert (gate.phase, gate.speculating) == ("hold", True)
         gate.record(tokens=6, seconds=1.0)
-    assert gate.phase == "probe_on"
+    assert gate.phase == "probe_off"

@@ -2,18 +2,19 @@
 
 Speculative steps cannot overlap (the next drafts need this step's accepted tokens on the host),
 plain steps can; whether drafting pays depends on the model, the drafter, the text and the batch.
-So the engine measures: a cycle times `probe_steps` steps with speculation, then as many without,
-and keeps the faster mode for `hold_steps` steps before measuring both again. Each time plain
-decoding wins again the hold doubles (up to MAX_BACKOFF times), so where drafting never pays
-(a draft model as slow as the target) the probes' cost fades instead of recurring every cycle;
-when speculation wins the hold is back to hold_steps. Steps that prefill (a new request at batch
-1 costs several decode steps) are not timed in a probe: they would decide the winner by which
-probe they fell in. A speculating probe also ends once it has taken as long as the last plain
-probe did: by then it has had the time plain decoding needed, and a drafter many times slower
-than the target (a draft model as small in compute as the target is) costs a few of its slow
-steps per cycle instead of probe_steps of them. A speculating hold keeps measuring: once it has
-run probe_steps decode steps and its rate so far is below the last plain probe's, it turns into
-a plain hold (short probes can pick the wrong mode; a hold is long enough to find out). The
+So the engine measures: a cycle times `probe_steps` steps without speculation, then as many with
+it, and keeps the faster mode for `hold_steps` steps before measuring both again. Plain decoding
+is measured first: it is the mode that costs at most what it always costs, and the time its probe
+took bounds the speculating probe, which ends once it has taken as long: by then it has had the
+time plain decoding needed, and a drafter many times slower than the target (a draft model as
+small in compute as the target is) costs a few of its slow steps per cycle, the first cycle
+included, instead of probe_steps of them. Each time plain decoding wins again the hold doubles
+(up to MAX_BACKOFF times), so where drafting never pays the probes' cost fades instead of
+recurring every cycle; when speculation wins the hold is back to hold_steps. Steps that prefill
+(a new request at batch 1 costs several decode steps) are not timed in a probe: they would decide
+the winner by which probe they fell in. A speculating hold keeps measuring: once it has run
+probe_steps decode steps and its rate so far is below the last plain probe's, it turns into a
+plain hold (short probes can pick the wrong mode; a hold is long enough to find out). The
 per-sequence acceptance gate of the speculative_decode spec works inside the speculating mode.
 """
 
@@ -29,13 +30,13 @@ class SpeedGate:
         if probe_steps < 1 or hold_steps < 0:
             raise ValueError(f"probe_steps must be >= 1 and hold_steps >= 0, got {probe_steps}, {hold_steps}")
         self.probe_steps, self.hold_steps = probe_steps, hold_steps
-        self.phase = "probe_on"  # probe_on -> probe_off -> hold -> probe_on ...
-        self.speculating = True
+        self.phase = "probe_off"  # probe_off -> probe_on -> hold -> probe_off ...
+        self.speculating = False
         self.rates: dict[bool, float] = {}  # the last measured tokens/s with and without speculation
         self.holds = {True: 0, False: 0}  # hold phases spent speculating / not
         self.backoff = 1  # the current hold is backoff * hold_steps
         self._plain_won = False  # in the last probe
-        self._budget: float | None = None  # seconds the last plain probe took: a speculating probe's limit
+        self._budget = 0.0  # seconds the last plain probe took: a speculating probe's limit
         self._steps = 0
         self._tokens = 0
         self._seconds = 0.0
@@ -53,28 +54,36 @@ class SpeedGate:
             if not prefill:
                 self._timed = [self._timed[0] + 1, self._timed[1] + tokens, self._timed[2] + seconds]
             if self._steps >= self.hold_steps * self.backoff:
-                self._next("probe_on", True)
+                self._next("probe_off", False)
             elif self.speculating and self._timed[0] >= self.probe_steps and False in self.rates \
                     and self._timed[1] / max(self._timed[2], 1e-9) < self.rates[False]:
                 self.rates[True] = self._timed[1] / max(self._timed[2], 1e-9)
                 self.holds[False] += 1
                 self._plain_won = True
                 self._next("hold", False)  # the rest of the cycle without speculation
-        elif self._steps >= self.probe_steps or (self.phase == "probe_on" and self._budget is not None
-                                                 and self._seconds >= self._budget):
-            self.rates[self.speculating] = self._tokens / max(self._seconds, 1e-9)
-            if self.phase == "probe_on":
-                self._next("probe_off", False)
-            else:
+        elif self.phase == "probe_off":
+            if self._steps >= self.probe_steps:
+                self.rates[False] = self._tokens / max(self._seconds, 1e-9)
                 self._budget = self._seconds
-                faster = self.rates[True] > self.rates[False]
-                self.holds[faster] += 1
-                if faster or not self._plain_won:
-                    self.backoff = 1
-                else:  # plain won last time too: wait longer before paying for the next probe
-                    self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-                self._plain_won = not faster
-                self._next("hold", faster)
+                self._next("probe_on", True)
+        elif self._steps >= self.probe_steps or self._seconds >= self._budget:
+            self.rates[True] = self._tokens / max(self._seconds, 1e-9)
+            faster = self.rates[True] > self.rates[False]
+            self.holds[faster] += 1
+            if faster or not self._plain_won:
+                self.backoff = 1
+            else:  # plain won last time too: wait longer before paying for the next probe
+                self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+            self._plain_won = not faster
+            self._next("hold", faster)
+
+    @classmethod
+    def held(cls, speculating: bool = True) -> SpeedGate:
+        """A gate that never measures: the engine stays in one mode (tests, and runs that compare
+        the modes themselves)."""
+        gate = cls()
+        gate.phase, gate.speculating, gate.hold_steps = "hold", speculating, 2**62
+        return gate
 
     def _next(self, phase: str, speculating: bool) -> None:
         self.phase, self.speculating = phase, speculating
