@@ -245,9 +245,9 @@ def test_a_speculating_probe_ends_once_it_took_as_long_as_the_plain_one():
 
 def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
     """--speculative while the speed gate holds plain decoding: steps overlap like plain ones and
-    give the same tokens; while it speculates, a step that verifies drafts is never left in flight
-    (the next proposal needs its tokens), and after a proposal that found nothing the resting
-    steps overlap."""
+    give the same tokens; while it speculates, a step that verifies drafts never leaves its tokens
+    unread (the next proposal needs them; its outputs are still made during the next step), and
+    after a proposal that found nothing the resting steps overlap."""
     batch = prompts([6, 19], seed=3)
     params = SamplingParams(max_tokens=30, **GREEDY)
     plain = outputs(engine(model_dir), batch, params)
@@ -260,9 +260,11 @@ def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_di
         left_in_flight = []
         while eng.has_unfinished():
             eng.step()
-            left_in_flight.append(eng._in_flight is not None)
-            if speculating and left_in_flight[-1]:  # a step left in flight drafted nothing, and drafting rests
+            left_in_flight.append(eng._in_flight is not None and bool(eng._in_flight.placeholders))
+            if speculating and left_in_flight[-1]:  # a step left with tokens unread drafted nothing, and drafting rests
                 assert not any(s.draft_token_ids for s in eng.scheduler.running) and eng.speculator.resting()
+            if eng._in_flight is not None and not eng._in_flight.placeholders:  # read at launch: resolved next step
+                assert eng._in_flight.results is not None
         assert any(left_in_flight)  # plain steps overlap, and so do resting ones
         assert (eng.stats()["speculative_decoding"]["num_drafts"] > 0) == speculating
         eng = engine(model_dir, speculative=True)

@@ -217,26 +217,25 @@ class LLMEngine:
     # --- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and launch the next step, then read the previous one's tokens while the GPU
-        runs it, and report every request that changed. Outputs come a step after their tokens
-        were sampled; a step whose inputs need the previous tokens on the host (speculative
-        drafts, penalties) waits for them first."""
+        """Schedule and launch the next step, then resolve the previous one (its tokens read,
+        stops applied, text made) while the GPU runs it, and report every request that changed.
+        Outputs come a step after their tokens were sampled; a step whose inputs need the
+        previous tokens on the host (speculative drafts, penalties) waits for them first."""
         started, generated = time.perf_counter(), self._num_generated
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
         # This step waits for a prefill step it resolves: the speed gate times neither.
         prefill = previous is not None and previous.computed_prefill > 0
-        if previous is not None and not self._can_overlap():
+        if previous is not None and previous.placeholders and not self._can_overlap():
             outputs += self._resolve(previous)
             previous = None
         launched = self._launch(previous)
         if previous is not None:
             outputs += self._resolve(previous)
-        if launched is not None:
-            if launched.placeholders:
-                self._in_flight = launched
-            else:
-                outputs += self._resolve(launched)
+        # Every step is resolved during the next one: a step whose tokens were read at launch
+        # (verified drafts, rounds, penalties) has its text, stops and outputs made while the
+        # next step's GPU work runs, as a step with placeholders has.
+        self._in_flight = launched
         if self.speed_gate is not None:
             self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started,
                                    prefill=prefill or (launched is not None and launched.computed_prefill > 0))
