@@ -69,6 +69,17 @@ def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, max_nu
     assert not eng.speculator.rounds._rows  # finished sequences gave their rows back
 
 
+def test_a_rounds_step_ends_a_streak_of_empty_host_proposals(model_dir, rounds_seen):
+    """Rests after empty host proposals grow 1, 2, 4 ... while proposals stay empty; drafting on
+    the device in between ends the streak, as host drafts do."""
+    eng = speculating(model_dir)
+    eng.speculator._empty_proposals = 3  # three empty host proposals in a row
+    eng.add_request("r0", PROMPTS[0], SamplingParams(max_tokens=30, **GREEDY))
+    while not rounds_seen:
+        eng.step()
+    assert eng.speculator._empty_proposals == 0
+
+
 def test_a_stop_token_inside_a_round_ends_the_output_there(model_dir, rounds_seen):
     prompt = PROMPTS[:1]
     full = generate(engine(model_dir), prompt, SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0].token_ids

@@ -90,8 +90,11 @@ class Speculator:
             return 0
         spec = self.gen.configs.speculative_decode
         enabled = self.gen.speculative_decode.speculation_enabled(len(scheduler.running), spec.disable_by_batch_size)
-        return self.rounds.plan(scheduler, by_seq, max_num_batched_tokens=max_num_batched_tokens,
-                                greedy_verification=spec.verification == "greedy", enabled=enabled)
+        rounds = self.rounds.plan(scheduler, by_seq, max_num_batched_tokens=max_num_batched_tokens,
+                                  greedy_verification=spec.verification == "greedy", enabled=enabled)
+        if rounds:  # drafting on the device ends a streak of empty host proposals (see propose)
+            self._empty_proposals = 0
+        return rounds
 
     def run_rounds(self, seqs, tables, rounds: int) -> list[list[int]]:
         """Each sequence's tokens from `rounds` rounds on the device; the acceptance tracker and the
