@@ -831,7 +831,9 @@ def test_gate_matches_a_brute_force_replay(seed):
             events.append(("forget", seq))
         for seq, rate in sorted(rates.items()):
             events.append(("allows", seq))
+            paused = gate.paused(seq)  # asking counts no step: allows answers the opposite next
             answers.append(gate.allows(seq))
+            assert paused == (not answers[-1])
             if answers[-1] or rng.random() < 0.1:  # now and then a draft verified after its pause
                 drafted = rng.randrange(0, SPEC_K + 1)
                 accepted = 0

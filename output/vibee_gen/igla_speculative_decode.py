@@ -113,6 +113,12 @@ class SpeculationGate:
         self.num_switched_on += 1
         return True
 
+    def paused(self, seq_id: Hashable) -> bool:
+        """Whether the sequence's next allows refuses it; counts no step (the engine asks this to
+        decode plainly, overlapped, while every running sequence is paused)."""
+        state = self._states.get(seq_id)
+        return state is not None and state.paused and state.pause_left > 0
+
     def record(self, seq_id: Hashable, num_drafted: int, num_accepted: int) -> None:
         """Count one verified draft of the sequence: its first num_accepted of num_drafted tokens were kept.
 

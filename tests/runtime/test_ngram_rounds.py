@@ -148,6 +148,34 @@ def test_sequences_the_acceptance_gate_paused_decode_plainly_inside_rounds(model
     assert eng.stats()["speculative_decoding"]["num_draft_tokens"] == 0
 
 
+def test_while_the_gate_pauses_every_sequence_steps_decode_plainly_and_overlap(model_dir, rounds_seen):
+    """A paused sequence in rounds would pay k + 1 verification rows a round for one token each:
+    while every running sequence is paused, steps run no rounds and no host drafts, overlap like
+    plain steps, and count towards the pause; rounds resume when it ends."""
+    params = SamplingParams(max_tokens=120, **GREEDY)
+    plain = outputs(engine(model_dir, max_num_seqs=1), PROMPTS[2:3], params)
+    eng = speculating(model_dir, max_num_seqs=1, speculative_acceptance_threshold=0.99)
+    gate = eng.speculator.gate
+    gate.pause_steps = 5
+    eng.add_request("r", PROMPTS[2], params)
+    tokens, paused_steps = [], 0
+    while eng.has_unfinished():
+        running = list(eng.scheduler.running)
+        paused = bool(running) and all(gate.paused(seq.seq_id) for seq in running)
+        before = len(rounds_seen)
+        for out in eng.step():
+            tokens = out.outputs[0].token_ids
+        if paused:
+            paused_steps += 1
+            assert len(rounds_seen) == before and not any(seq.draft_token_ids for seq in running)
+            if running and all(gate.paused(seq.seq_id) for seq in running) and eng._in_flight is not None:
+                assert eng._in_flight.placeholders  # the next step rests too: this one stays in flight
+    assert tokens == plain[0][0][0]
+    figures = eng.stats()["speculative_decoding"]["gate"]
+    assert figures["num_switched_off"] >= 2 and figures["num_switched_on"] >= 1  # paused, resumed, paused again
+    assert paused_steps >= gate.pause_steps * figures["num_switched_on"]
+
+
 def test_sampled_requests_and_joining_ones_leave_drafting_to_the_host(model_dir, rounds_seen):
     """No rounds while a running request samples at a temperature (rounds verify greedily), nor
     while a waiting one could join the step (its prefill is the host's)."""

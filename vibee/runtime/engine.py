@@ -246,7 +246,7 @@ class LLMEngine:
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be scheduled before the last one's tokens are on the host."""
-        return (not self._speculating() or self.speculator.resting()) and self._num_penalized == 0
+        return (not self._speculating() or self.speculator.resting(self.scheduler.running)) and self._num_penalized == 0
 
     def _launch(self, previous: LaunchedStep | None) -> LaunchedStep | None:
         """Schedule a step, queue its forward and sampling on the device, and advance the
@@ -254,7 +254,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
         rounds = 0
-        if self._speculating() and self.speculator.resting():
+        if self._speculating() and self.speculator.resting(self.scheduler.running):
             self.speculator.rest(self.scheduler.running)
         elif self._speculating():
             rounds = self.speculator.plan_rounds(self.scheduler, self._by_seq, self.max_num_batched_tokens)

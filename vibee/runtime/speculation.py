@@ -119,16 +119,18 @@ class Speculator:
             hidden = self.draft_model(ids, batch.positions(), batch, None)
             self.draft_model.compute_logits(hidden[torch.arange(len(seq_lens), device=self.device)])
 
-    def resting(self) -> bool:
-        """Whether this step skips drafting: the last proposals were all empty. A step that drafts
-        needs the previous step's tokens on the host, so it cannot overlap it; a resting step can."""
-        return self.rest_steps > 0
+    def resting(self, running=()) -> bool:
+        """Whether this step skips drafting: the last proposals were all empty, or the acceptance
+        gate pauses every running sequence. A step that drafts needs the previous step's tokens
+        on the host, so it cannot overlap it; a resting step can (it decodes like a plain one)."""
+        return self.rest_steps > 0 or (bool(running) and all(self.gate.paused(seq.seq_id) for seq in running))
 
     def rest(self, running) -> None:
-        """A step without drafting (while resting)."""
+        """A step without drafting (while resting); it counts as a step of each paused sequence's pause."""
         for seq in running:
             seq.draft_token_ids = []
-        self.rest_steps -= 1
+            self.gate.allows(seq.seq_id)
+        self.rest_steps = max(0, self.rest_steps - 1)
 
     def propose(self, running, by_seq: dict[int, tuple[Any, Any]], runner) -> None:
         """Give each decoding sequence its draft tokens for this step (the scheduler verifies them);
