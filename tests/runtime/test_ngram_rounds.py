@@ -1,4 +1,4 @@
-"""Speculative rounds on the device (vibee/runtime/ngram_rounds.py): n-gram drafts, verification
+"""Speculative rounds on the device (vibee/runtime/device_rounds.py): n-gram drafts, verification
 and acceptance queued round after round without the host. Greedy speculation never changes the
 text, so every test compares with plain decoding; CUDA graphs are stood in for by eager replays
 of the same buffers (tests/runtime/eager_graphs.py)."""
@@ -11,7 +11,7 @@ import torch
 from tests.runtime.eager_graphs import use_eager_graphs
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine
-from vibee.runtime.ngram_rounds import NgramRounds
+from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.speed_gate import SpeedGate
@@ -33,13 +33,13 @@ def rounds_seen(monkeypatch):
     """Eager graphs for every engine; returns the list of (batch, rounds) of each rounds step."""
     use_eager_graphs(monkeypatch)
     seen = []
-    real = NgramRounds.run
+    real = DeviceRounds.run
 
     def run(self, seqs, tables, allowed, rounds):
         seen.append((len(seqs), rounds))
         return real(self, seqs, tables, allowed, rounds)
 
-    monkeypatch.setattr(NgramRounds, "run", run)
+    monkeypatch.setattr(DeviceRounds, "run", run)
     return seen
 
 
@@ -108,8 +108,8 @@ def test_preemption_during_rounds_loses_nothing(model_dir, rounds_seen, monkeypa
     """Too few KV blocks for every sequence's rounds: the scheduler preempts, the step's planned
     rounds become plain decodes of what was scheduled, and the text stays plain's."""
     unplanned = []
-    real = NgramRounds.unplan
-    monkeypatch.setattr(NgramRounds, "unplan", staticmethod(
+    real = DeviceRounds.unplan
+    monkeypatch.setattr(DeviceRounds, "unplan", staticmethod(
         lambda sched: unplanned.append(sum(len(item.draft_token_ids) for item in sched.scheduled)) or real(sched)))
     params = SamplingParams(max_tokens=48, **GREEDY)
     plain = outputs(engine(model_dir, max_num_seqs=4), PROMPTS, params)

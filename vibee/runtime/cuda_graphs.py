@@ -108,7 +108,7 @@ class DecodeGraphs:
 
     def forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step of size b on the buffers as they are: (hidden, logits); argmax into sampled[:b].
-        Other graphs capture it too (vibee/runtime/ngram_rounds.py): it keeps no reference."""
+        Other graphs capture it too (vibee/runtime/device_rounds.py): it keeps no reference."""
         sources = self.sources[:b]
         ids = torch.where(sources >= 0, self.sampled[sources.clamp(min=0)], self.input_ids[:b])
         hidden = self.model(ids, self.positions[:b], self._batch(b), self.kv_cache)

@@ -26,7 +26,9 @@ class DraftRunner:
         self.model, self.k, self.block_size = model, k, block_size
         self.device = model.device
         self.max_batched_tokens = max_batched_tokens
-        self.cache = kv_module.PagedKVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim,
+        # One block more than the target's: the padding block, where graph rows of device rounds
+        # (draft_rounds.py) that hold no sequence write, as the target's cache has.
+        self.cache = kv_module.PagedKVCache(cfg.num_layers, num_blocks + 1, cfg.num_kv_heads, cfg.head_dim,
                                             dtype=model.dtype, device=self.device, block_size=block_size)
         self.blocks = kv_module.BlockManager(num_blocks, block_size, False)
         self.rows = BlockTableRows(self.blocks.block_tables)
@@ -35,16 +37,21 @@ class DraftRunner:
         self.fed: dict[int, tuple[int, list[int]]] = {}
         if str(self.device).startswith("cuda"):
             # Its forwards are eager: every kernel variant they can meet is compiled now, not in
-            # the first speculative steps (the speed gate would time a compile and switch off).
-            # No sequence owns a block yet, so block 0 is scratch.
-            warm_prefill(model, self.cache, max_tokens=max_batched_tokens, block_size=block_size, scratch_block=0)
-            warm_decode(model, self.cache, block_size=block_size, scratch_block=0)
+            # the first speculative steps (the speed gate would time a compile and switch off),
+            # on the padding block.
+            warm_prefill(model, self.cache, max_tokens=max_batched_tokens, block_size=block_size, scratch_block=num_blocks)
+            warm_decode(model, self.cache, block_size=block_size, scratch_block=num_blocks)
 
     @staticmethod
     def bytes_per_token(model) -> int:
         """K and V of one token in every layer of the draft (what its cache costs per token)."""
         cfg = model.config
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+
+    def reset(self) -> None:
+        """Device rounds wrote the cache through the target's block tables: what each sequence's
+        blocks here held may be gone, so its next proposal recomputes it (its blocks stay its)."""
+        self.fed.clear()
 
     def forget(self, seq_id: int) -> None:
         self.fed.pop(seq_id, None)

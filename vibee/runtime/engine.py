@@ -100,7 +100,8 @@ class LLMEngine:
         self.graphs, self.graph_error = self.runner.graphs, self.runner.graph_error
         if self.speculator is not None:
             self.speculator.start_rounds(self.graphs, max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
-                                         padding_slot=self.num_blocks * self.block_size)
+                                         padding_slot=self.num_blocks * self.block_size,
+                                         max_batched_tokens=self.max_num_batched_tokens)
         self.scheduler = self.gen.continuous_batch.Scheduler(
             self.block_manager, policy=batch_spec.policy, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
@@ -325,7 +326,7 @@ class LLMEngine:
         return launched
 
     def _launch_rounds(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
-        """A step of speculative rounds on the device (vibee/runtime/ngram_rounds.py): every
+        """A step of speculative rounds on the device (vibee/runtime/device_rounds.py): every
         sequence emits the tokens of all rounds, cut by the scheduler at a stop token or
         max_tokens like a verified draft's (its drafts become the emitted tokens, so the step
         reads as one verification of them)."""

@@ -1,4 +1,4 @@
-"""The device bookkeeping of one n-gram round (vibee/runtime/ngram_rounds.py), as two Triton
+"""The device bookkeeping of one speculative round (vibee/runtime/device_rounds.py), as two Triton
 kernels on a GPU and as torch ops elsewhere (the same arithmetic; tests compare them).
 
 `prepare_round` turns each sequence's drafts into its k + 1 verification rows of the decode

@@ -16,7 +16,8 @@ from vibee.runtime.kv_sizing import worst_case_step
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.medusa_drafter import MedusaDrafter, heads_path
 from vibee.runtime.model import build_model
-from vibee.runtime.ngram_rounds import NgramRounds
+from vibee.runtime.device_rounds import DeviceRounds, NgramProposer
+from vibee.runtime.draft_rounds import DraftModelProposer
 from vibee.runtime.sampler import SampleResult, Sampler
 
 
@@ -57,7 +58,7 @@ class Speculator:
             self.draft_model = build_model(loaded, gen, flash_attn=config.flash_attn).eval()
             self.drafter = None  # the DraftRunner, once the KV cache is sized (start_draft_cache)
         self.acceptance = sd.AcceptanceTracker(spec.num_speculative_tokens)
-        self.rounds: NgramRounds | None = None  # n-gram rounds on the device, once the runner has graphs
+        self.rounds: DeviceRounds | None = None  # rounds on the device, once the runner has graphs
         self.ngram_indexes: dict[int, Any] = {}  # seq_id -> its NgramIndex (n-gram drafts in O(n) a step)
         self.rest_steps = 0  # steps left without drafting (see propose)
         self._empty_proposals = 0  # proposals in a row that gave no sequence a draft
@@ -75,17 +76,26 @@ class Speculator:
             self.drafter = DraftRunner(self.draft_model, kv_module, num_blocks=num_blocks, block_size=self.block_size,
                                        k=self.num_speculative_tokens, max_batched_tokens=max_batched_tokens)
 
-    def start_rounds(self, graphs, *, max_num_seqs: int, max_model_len: int, padding_slot: int) -> None:
-        """With n-gram drafts and decode graphs: speculate in rounds on the device (ngram_rounds.py)."""
+    def start_rounds(self, graphs, *, max_num_seqs: int, max_model_len: int, padding_slot: int,
+                     max_batched_tokens: int) -> None:
+        """With n-gram or draft-model drafts and decode graphs: speculate in rounds on the device
+        (device_rounds.py; the draft model's forwards in draft_rounds.py)."""
         spec = self.gen.configs.speculative_decode
-        if spec.method == "ngram" and graphs is not None:
-            self.rounds = NgramRounds(self.gen.speculative_decode, self.drafter, graphs,
-                                      max_rows=min(max_num_seqs, spec.disable_by_batch_size or max_num_seqs),
-                                      max_model_len=max_model_len, block_size=self.block_size,
-                                      padding_slot=padding_slot, device=self.device)
+        if graphs is None or spec.method not in ("ngram", "draft_model"):
+            return
+        k = self.num_speculative_tokens
+        max_rows = max(1, min(max_num_seqs, spec.disable_by_batch_size or max_num_seqs, graphs.sizes[-1] // (k + 1)))
+        if spec.method == "ngram":
+            proposer = NgramProposer(self.gen.speculative_decode, self.drafter)
+        else:
+            proposer = DraftModelProposer(self.drafter, graphs, k=k, max_rows=max_rows, max_model_len=max_model_len,
+                                          block_size=self.block_size, padding_slot=padding_slot,
+                                          max_batched_tokens=max_batched_tokens)
+        self.rounds = DeviceRounds(proposer, graphs, k=k, max_rows=max_rows, max_model_len=max_model_len,
+                                   block_size=self.block_size, padding_slot=padding_slot, device=self.device)
 
     def plan_rounds(self, scheduler, by_seq, max_num_batched_tokens: int) -> int:
-        """Rounds on the device for the next step (see NgramRounds.plan); 0: draft on the host."""
+        """Rounds on the device for the next step (see DeviceRounds.plan); 0: draft on the host."""
         if self.rounds is None:
             return 0
         spec = self.gen.configs.speculative_decode
@@ -176,6 +186,8 @@ class Speculator:
                 seq.draft_token_ids = index.propose()[:room]
         else:
             # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
+            if self.rounds is not None:  # this writes the draft cache through its own blocks
+                self.rounds.proposer.invalidate()
             rows = self.drafter.propose([seq.token_prefix(seq.num_tokens) for seq, _ in candidates],
                                         [seq.seq_id for seq, _ in candidates])
             for (seq, room), row in zip(candidates, rows):

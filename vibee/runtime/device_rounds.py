@@ -1,14 +1,15 @@
-"""Speculative rounds on the device: n-gram drafting, verification and greedy acceptance for a
-batch of decoding sequences, several rounds per engine step and one host sync after the last.
+"""Speculative rounds on the device: drafting, verification and greedy acceptance for a batch of
+decoding sequences, several rounds per engine step and one host sync after the last.
 
 A host-driven speculative step can't overlap anything: the next drafts need this step's accepted
 tokens, so the GPU idles while the host reads them, drafts, packs and launches (on the H200 a
 verifying step of the built-in model took 0.61 ms, of which the GPU was busy 0.165 ms). Here
-each round drafts from the sequences' tokens kept on the device (the generated
-ngram_propose_on_device), verifies in a decode-graph replay whose inputs device ops write, and
-appends the accepted tokens on the device (greedy_accept_on_device). On a GPU a whole round is one
-CUDA graph per batch size (its ~100 small kernels cost ~1.2 ms of launches a round when queued one
-by one, on the H200), so the host replays a graph per round and reads all rounds once.
+each round drafts from the sequences' tokens kept on the device (a proposer: n-gram lookup, the
+generated ngram_propose_on_device, or the draft model's forwards, draft_rounds.py), verifies in a
+decode-graph replay whose inputs device ops write, and appends the accepted tokens on the device.
+On a GPU a whole round is one CUDA graph per batch size (its ~100 small kernels cost ~1.2 ms of
+launches a round when queued one by one, on the H200), so the host replays a graph per round and
+reads all rounds once.
 
 The scheduler gives each sequence KV slots for every token the rounds could emit (as draft
 lookahead: `plan` sets that many placeholder drafts before it schedules), and the engine cuts
@@ -29,13 +30,33 @@ from vibee.runtime.round_kernels import finish_round, prepare_round
 MAX_ROUNDS = 8  # rounds per engine step: fewer host syncs, against wasted rounds after a stop and coarser streaming
 
 
-class NgramRounds:
-    def __init__(self, sd_module: Any, drafter: Any, graphs: Any, *, max_rows: int, max_model_len: int,
+class NgramProposer:
+    """A round's drafts by n-gram lookup in each sequence's tokens (the generated kernel)."""
+
+    def __init__(self, sd_module: Any, drafter: Any):
+        self.sd, self.drafter = sd_module, drafter
+
+    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sd.ngram_propose_on_device(self.drafter, work, lens)
+
+    def before(self, seqs: list[Any], tables: np.ndarray) -> None:
+        pass
+
+    def after(self, seqs: list[Any], emitted: list[list[int]]) -> None:
+        pass
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+
+class DeviceRounds:
+    def __init__(self, proposer: Any, graphs: Any, *, k: int, max_rows: int, max_model_len: int,
                  block_size: int, padding_slot: int, device: str):
-        """sd_module: the generated speculative_decode module; graphs: the engine's DecodeGraphs
-        (their buffers are the verification's inputs); max_rows: the most sequences one step holds."""
-        self.sd, self.drafter, self.graphs = sd_module, drafter, graphs
-        k = self.k = drafter.num_speculative_tokens
+        """proposer: a round's drafts on fixed shapes (NgramProposer, draft_rounds.DraftModelProposer);
+        graphs: the engine's DecodeGraphs (their buffers are the verification's inputs); k: the
+        drafts per round; max_rows: the most sequences one step holds."""
+        self.proposer, self.graphs = proposer, graphs
+        self.k = k
         self.block_size, self.padding_slot, self.device = block_size, padding_slot, device
         self.max_rows = max(1, min(max_rows, graphs.sizes[-1] // (k + 1)))
         # A round writes up to k + 1 tokens past a length below max_model_len.
@@ -130,6 +151,7 @@ class NgramRounds:
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
         rows = self._upload_missing(seqs)
+        self.proposer.before(seqs, tables)
         w = tables.shape[1]
         host = np.concatenate([rows, [seq.num_tokens for seq in seqs], np.asarray(allowed, dtype=np.int64),
                                tables.reshape(-1)]).astype(np.int64)
@@ -163,6 +185,7 @@ class NgramRounds:
                 accepted = int(result[r, s, k + 2])
                 emitted[s] += result[r, s, : accepted + 1].tolist()
                 counts[s].append((int(result[r, s, k + 1]), accepted))
+        self.proposer.after(seqs, emitted)
         for seq, tokens in zip(seqs, emitted):
             self._rows[seq.seq_id][1] += len(tokens)
         return emitted, counts
@@ -185,7 +208,7 @@ class NgramRounds:
         graphs = self.graphs
         b = graphs.size_for(batch * (self.k + 1))
         work, lens = self.work[:batch], self.lens[:batch]
-        drafts, num_drafts = self.sd.ngram_propose_on_device(self.drafter, work, lens)
+        drafts, num_drafts = self.proposer.propose(work, lens)
         prepare_round(work, lens, self.allow[:batch], drafts, num_drafts, graphs.block_tables,
                       block_size=self.block_size, padding_slot=self.padding_slot, input_ids=graphs.input_ids,
                       positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)
@@ -219,6 +242,7 @@ class NgramRounds:
         return rows
 
     def forget(self, seq_id: int) -> None:
+        self.proposer.forget(seq_id)
         entry = self._rows.pop(seq_id, None)
         if entry is not None:
             self._free.append(entry[0])
