@@ -39,8 +39,8 @@ class NgramProposer:
     def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sd.ngram_propose_on_device(self.drafter, work, lens)
 
-    def before(self, seqs: list[Any], tables: np.ndarray) -> None:
-        pass
+    def before(self, seqs: list[Any], tables: np.ndarray) -> int:
+        return 0
 
     def after(self, seqs: list[Any], emitted: list[list[int]]) -> None:
         pass
@@ -71,6 +71,7 @@ class DeviceRounds:
         self._j = torch.arange(k + 1, device=device)
         self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
         self.num_steps = self.num_rounds = 0  # engine steps that ran rounds, and their rounds
+        self.catch_up_tokens = 0  # what the proposer computed before the last step's rounds
         self._free = list(range(self.max_rows - 1, -1, -1))
         self.sizes = [b for b in graphs.sizes if b <= self.max_rows] or [self.max_rows]
         if self.max_rows not in self.sizes:
@@ -151,7 +152,7 @@ class DeviceRounds:
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
         rows = self._upload_missing(seqs)
-        self.proposer.before(seqs, tables)
+        self.catch_up_tokens = self.proposer.before(seqs, tables)  # a prefill of the drafter's
         w = tables.shape[1]
         host = np.concatenate([rows, [seq.num_tokens for seq in seqs], np.asarray(allowed, dtype=np.int64),
                                tables.reshape(-1)]).astype(np.int64)

@@ -85,10 +85,12 @@ class DraftModelProposer:
         g.block_tables[n:b] = 0
 
     @torch.inference_mode()
-    def before(self, seqs: list[Any], tables: np.ndarray) -> None:
-        """Catch up, in eager forwards, the draft K/V of each sequence up to position L - 3."""
+    def before(self, seqs: list[Any], tables: np.ndarray) -> int:
+        """Catch up, in eager forwards, the draft K/V of each sequence up to position L - 3.
+        Returns the tokens computed (a new sequence's whole prompt: a prefill of the draft's)."""
         self.runner.reset()  # its own blocks may be ours now (and ours its, next time it drafts)
         model, device = self.runner.model, self.runner.model.device
+        computed = 0
         for seq, table in zip(seqs, tables):
             done, upto = self.valid.get(seq.seq_id, 0), seq.num_tokens - 2
             tokens = None
@@ -99,8 +101,10 @@ class DraftModelProposer:
                 step = make_attention_batch([end - done], [end], table[None], self.block_size, device)
                 ids = torch.tensor(list(tokens[done:end]), dtype=torch.long, device=device)
                 model(ids, step.positions(), step, self.runner.cache)
+                computed += end - done
                 done = end
             self.valid[seq.seq_id] = max(done, 0)
+        return computed
 
     def after(self, seqs: list[Any], emitted: list[list[int]]) -> None:
         for seq, tokens in zip(seqs, emitted):

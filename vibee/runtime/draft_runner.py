@@ -35,6 +35,7 @@ class DraftRunner:
         # seq_id -> (n, drafts): the draft cache holds the K/V of the sequence's first n tokens
         # and then of the drafts it fed itself after them.
         self.fed: dict[int, tuple[int, list[int]]] = {}
+        self.catch_up_tokens = 0  # tokens the last proposal fed beyond one per sequence
         if str(self.device).startswith("cuda"):
             # Its forwards are eager: every kernel variant they can meet is compiled now, not in
             # the first speculative steps (the speed gate would time a compile and switch off),
@@ -78,6 +79,7 @@ class DraftRunner:
             batch.append((seq_id, tokens))
             catch_up.append(valid)
         drafts: list[list[int]] = []
+        self.catch_up_tokens = sum(len(tokens) - valid - 1 for (_, tokens), valid in zip(batch, catch_up))
         # Catch-up forwards hold at most max_batched_tokens tokens (a sequence's first proposal
         # feeds its whole prompt): the sequences go in groups.
         start = 0

@@ -227,6 +227,8 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         # This step waits for a prefill step it resolves: the speed gate times neither.
         prefill = previous is not None and previous.computed_prefill > 0
+        if self.speculator is not None:
+            self.speculator.catch_up_tokens = 0
         if previous is not None and previous.placeholders and not self._can_overlap():
             outputs += self._resolve(previous)
             previous = None
@@ -238,8 +240,9 @@ class LLMEngine:
         # next step's GPU work runs, as a step with placeholders has.
         self._in_flight = launched
         if self.speed_gate is not None:
-            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started,
-                                   prefill=prefill or (launched is not None and launched.computed_prefill > 0))
+            prefill = prefill or (launched is not None and launched.computed_prefill > 0) \
+                or self.speculator.drafter_prefilled()
+            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started, prefill=prefill)
         return outputs
 
     def _speculating(self) -> bool:

@@ -61,9 +61,16 @@ class Speculator:
         self.rounds: DeviceRounds | None = None  # rounds on the device, once the runner has graphs
         self.ngram_indexes: dict[int, Any] = {}  # seq_id -> its NgramIndex (n-gram drafts in O(n) a step)
         self.rest_steps = 0  # steps left without drafting (see propose)
+        self.catch_up_tokens = 0  # tokens the draft model caught up on in this step (see drafter_prefilled)
         self._empty_proposals = 0  # proposals in a row that gave no sequence a draft
         # Per sequence: drafting stops while its recent acceptance is below the spec's threshold.
         self.gate = sd.SpeculationGate(spec.acceptance_threshold)
+
+    def drafter_prefilled(self) -> bool:
+        """Whether this step's draft model caught up on more than a step's tokens: a new
+        sequence's prompt, or what it missed while decoding went on without it (a prefill of its
+        own, which the speed gate does not time). Steady drafting catches up at most one token."""
+        return self.catch_up_tokens > self.num_speculative_tokens
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         """What one KV block costs the draft model's cache (0 for n-gram drafts): every block
@@ -115,6 +122,7 @@ class Speculator:
         the gate paused on the host still waits out its pause (rows masked)."""
         allowed = [self.gate.allows(seq.seq_id) for seq in seqs]
         emitted, counts = self.rounds.run(seqs, tables, allowed, rounds)
+        self.catch_up_tokens += self.rounds.catch_up_tokens
         for per_round in counts:
             for drafted, accepted in per_round:
                 if drafted:
@@ -188,8 +196,15 @@ class Speculator:
             # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
             if self.rounds is not None:  # this writes the draft cache through its own blocks
                 self.rounds.proposer.invalidate()
+                # A sequence's last < k + 1 tokens after rounds (too few for a round) decode plainly:
+                # drafting them on the host would first run the draft over the whole sequence.
+                candidates = [(seq, room) for seq, room in candidates
+                              if room > self.num_speculative_tokens or seq.seq_id in self.drafter.fed]
+                if not candidates:
+                    return
             rows = self.drafter.propose([seq.token_prefix(seq.num_tokens) for seq, _ in candidates],
                                         [seq.seq_id for seq, _ in candidates])
+            self.catch_up_tokens += self.drafter.catch_up_tokens
             for (seq, room), row in zip(candidates, rows):
                 seq.draft_token_ids = row[:room]
 
