@@ -166,6 +166,25 @@ def test_the_speed_gate_does_not_time_the_drafts_catching_up_on_a_prompt(model_d
     assert (len(rounds_seen) > 0) == in_rounds
 
 
+def test_the_ablations_draft_cost_comes_from_the_engines_own_replays_and_leaves_it_intact(model_dir, small_draft, rounds_seen):
+    """bench ablation's c for a draft model in rounds: a round less its verification, per draft
+    step, over a plain step. Measuring replays padding rows only: the engine then decodes as before."""
+    from vibee.bench.ablation import draft_cost
+
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    plain = outputs(engine(model_dir, max_num_seqs=2), PROMPTS, params)
+    eng = drafting(model_dir, small_draft, max_num_seqs=2)
+    assert outputs(eng, PROMPTS[:2], params) == plain[:2]
+    times = eng.speculator.rounds.step_times(repeats=3)
+    assert set(times) == {"step", "verify", "round"} and all(t > 0 for t in times.values())
+    cost, source = draft_cost(eng, eng.speculator.num_speculative_tokens)
+    assert source == "step time" and cost >= 0
+    assert outputs(eng, PROMPTS, params) == plain  # prefix-cached prompts included
+    host = drafting(model_dir, small_draft, max_num_seqs=2)
+    host.speculator.rounds = None
+    assert draft_cost(host, 4)[1] == "weight bytes"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_draft_rounds_on_the_gpu_keep_greedy_text_in_cuda_graphs():

@@ -129,6 +129,27 @@ def speculative_figures(on: dict[str, Any], plain: dict[str, Any], k: int, draft
             "gate": spec.get("gate")}
 
 
+def draft_cost(engine, k: int) -> tuple[float, str]:
+    """c of the speed-up formula, and what it was measured from. A draft model speculating in
+    rounds: its step's time over the target's, from replays of the engine's own graphs (a small
+    model's steps are launch-bound, so its weight bytes would flatter it: on the H200 the built-in
+    draft reads ~1/8 of the target's bytes and takes 0.61 of its step time). Otherwise the draft's
+    weight bytes over the target's (a decode step reads each once; Medusa heads read their own
+    and the target's lm_head once more); 0 for n-gram drafts."""
+    from torch.nn import ModuleList
+
+    speculator = engine.speculator
+    rounds = speculator.rounds
+    if speculator.draft_model is not None and rounds is not None:
+        times = rounds.step_times()
+        return max(times["round"] - times["verify"], 0.0) / k / times["step"], "step time"
+    medusa = speculator.medusa
+    draft = speculator.draft_model or (medusa and ModuleList([medusa.heads, engine.model.lm_head]))
+    if draft is None:
+        return 0.0, "n-gram: none"
+    return engine.gen.quantization.weight_bytes(draft) / engine.weight_bytes, "weight bytes"
+
+
 # --- the configurations, one engine at a time ----------------------------------------------------
 
 
@@ -168,15 +189,10 @@ def measure(base, make_workload: Callable[[Any], Workload], *, temperature: floa
     def speculative(drafter):
         def work(engine):
             out = timed(engine, load["batch1"], temperature)
-            medusa = engine.speculator.medusa
-            # c: the draft's weight bytes over the target's (a decode step reads each once); the
-            # heads read their own weights and the target's lm_head once more.
-            from torch.nn import ModuleList
-
-            draft = engine.speculator.draft_model or (medusa and ModuleList([medusa.heads, engine.model.lm_head]))
-            cost = engine.gen.quantization.weight_bytes(draft) / engine.weight_bytes if draft is not None else 0.0
             k = engine.gen.configs.speculative_decode.num_speculative_tokens
-            spec[drafter] = speculative_figures(out, runs["batch1_plain"], k, cost, engine.gen.speculative_decode)
+            cost, source = draft_cost(engine, k)
+            spec[drafter] = {**speculative_figures(out, runs["batch1_plain"], k, cost, engine.gen.speculative_decode),
+                             "draft_cost_from": source}
             return out
         return work
 

@@ -101,7 +101,8 @@ def table_rows(runs: dict[str, dict[str, Any]], spec: dict[str, dict[str, Any]],
         if figures is not None:
             note = (f"acceptance {100 * figures['acceptance_rate']:.1f}%, k={figures['k']}; predicted "
                     f"{figures['predicted_claimed_formula']:.2f}× (1/(1-a+a/k)), "
-                    f"{figures['predicted_expected_speedup']:.2f}× (E/(1+k·c), c={figures['draft_cost']:.3f})")
+                    f"{figures['predicted_expected_speedup']:.2f}× (E/(1+k·c), c={figures['draft_cost']:.3f} "
+                    f"from {figures.get('draft_cost_from', 'weight bytes')})")
         rows.append(claimed_row("speculative", f"Speculative decoding ({label})",
                                 f"{label} drafts vs plain decoding, batch 1", tok,
                                 None if on is None else on["output_tokens_per_s"],

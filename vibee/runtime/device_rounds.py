@@ -20,6 +20,7 @@ past a stop is wasted, never emitted.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,24 @@ import torch
 from vibee.runtime.round_kernels import finish_round, prepare_round
 
 MAX_ROUNDS = 8  # rounds per engine step: fewer host syncs, against wasted rounds after a stop and coarser streaming
+
+
+def _seconds(fn, repeats: int) -> float:
+    """Mean seconds of fn(), after a few untimed calls: CUDA events on a GPU, a clock elsewhere."""
+    for _ in range(3):
+        fn()
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - started) / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
 
 
 class NgramProposer:
@@ -215,6 +234,20 @@ class DeviceRounds:
                       positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)
         graphs.forward(b)
         finish_round(drafts, num_drafts, graphs.sampled, work, lens, self.last)
+
+    @torch.inference_mode()
+    def step_times(self, repeats: int = 50) -> dict[str, float]:
+        """Seconds one replay takes, with nothing running (every row padding): a plain one-token
+        decode step, a verification of k + 1 rows and a whole round, at batch 1 (GPU time by
+        CUDA events on a GPU, wall time elsewhere). A round less its verification is its
+        drafting: with a draft model, k of its steps (the c of the speed-up formula)."""
+        graphs, b = self.graphs, self.sizes[0]
+        self.lens.zero_()
+        self._pad_rows(0, graphs.sizes[-1])
+        replay = self.round_graphs[b].replay if b in self.round_graphs else (lambda: self._round(b))
+        step = graphs.graphs[graphs.size_for(1)].replay
+        verify = graphs.graphs[graphs.size_for(self.k + 1)].replay
+        return {"step": _seconds(step, repeats), "verify": _seconds(verify, repeats), "round": _seconds(replay, repeats)}
 
     def figures(self) -> dict[str, Any]:
         return {"steps": self.num_steps, "rounds": self.num_rounds, "max_rounds": MAX_ROUNDS,
