@@ -257,13 +257,8 @@ class LLMEngine:
         scheduler: with the sampled tokens when they must be read now, else with placeholders."""
         t0 = time.perf_counter()
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
-        rounds = 0
-        if self._speculating() and self.speculator.resting(self.scheduler.running):
-            self.speculator.rest(self.scheduler.running)
-        elif self._speculating():
-            rounds = self.speculator.plan_rounds(self.scheduler, self._by_seq, self.max_num_batched_tokens)
-            if not rounds:
-                self.speculator.propose(self.scheduler.running, self._by_seq, self.runner)
+        rounds = self.speculator.plan_step(self.scheduler, self._by_seq, self.runner, self.max_num_batched_tokens) \
+            if self._speculating() else 0
         num_running = len(self.scheduler.running)
         sched = self.scheduler.schedule()
         for seq in sched.preempted:  # drafts proposed for this step; it will prefill again first

@@ -101,6 +101,17 @@ class Speculator:
         self.rounds = DeviceRounds(proposer, graphs, k=k, max_rows=max_rows, max_model_len=max_model_len,
                                    block_size=self.block_size, padding_slot=padding_slot, device=self.device)
 
+    def plan_step(self, scheduler, by_seq, runner, max_num_batched_tokens: int) -> int:
+        """The drafts of the next step, before it is scheduled: none while resting, rounds on the
+        device where they can run (returns how many), else drafts from the host (returns 0)."""
+        if self.resting(scheduler.running):
+            self.rest(scheduler.running)
+            return 0
+        rounds = self.plan_rounds(scheduler, by_seq, max_num_batched_tokens)
+        if not rounds:
+            self.propose(scheduler.running, by_seq, runner)
+        return rounds
+
     def plan_rounds(self, scheduler, by_seq, max_num_batched_tokens: int) -> int:
         """Rounds on the device for the next step (see DeviceRounds.plan); 0: draft on the host."""
         if self.rounds is None:
