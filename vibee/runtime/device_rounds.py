@@ -73,11 +73,14 @@ class DeviceRounds:
                  block_size: int, padding_slot: int, device: str):
         """proposer: a round's drafts on fixed shapes (NgramProposer, draft_rounds.DraftModelProposer);
         graphs: the engine's DecodeGraphs (their buffers are the verification's inputs); k: the
-        drafts per round; max_rows: the most sequences one step holds."""
+        drafts per round; max_rows: the most sequences one step holds (their k + 1 rows each fit
+        the largest decode graph)."""
+        if not 1 <= max_rows * (k + 1) <= graphs.sizes[-1]:
+            raise ValueError(f"{max_rows} sequences of {k + 1} rows do not fit a graph of {graphs.sizes[-1]} rows")
         self.proposer, self.graphs = proposer, graphs
         self.k = k
         self.block_size, self.padding_slot, self.device = block_size, padding_slot, device
-        self.max_rows = max(1, min(max_rows, graphs.sizes[-1] // (k + 1)))
+        self.max_rows = max_rows
         # A round writes up to k + 1 tokens past a length below max_model_len.
         width = max_model_len + k + 1
         # Each sequence's tokens, one row per sequence; a step gathers its sequences' rows into
@@ -87,7 +90,6 @@ class DeviceRounds:
         self.lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # 0: a padding row
         self.allow = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
-        self._j = torch.arange(k + 1, device=device)
         self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
         self.num_steps = self.num_rounds = 0  # engine steps that ran rounds, and their rounds
         self.catch_up_tokens = 0  # what the proposer computed before the last step's rounds
@@ -117,7 +119,7 @@ class DeviceRounds:
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager rounds, which work
             import logging
-            logging.getLogger("vibee.engine").warning("n-gram rounds run op by op: graph capture failed: %s", exc)
+            logging.getLogger("vibee.engine").warning("speculative rounds run op by op: graph capture failed: %s", exc)
             self.round_graphs = {}
 
     def plan(self, scheduler: Any, by_seq: dict[int, tuple[Any, Any]], *, max_num_batched_tokens: int,
