@@ -205,14 +205,14 @@ class Speculator:
                 seq.draft_token_ids = index.propose()[:room]
         else:
             # Greedy drafts: q is one-hot, which keeps rejection sampling exact at any temperature.
-            if self.rounds is not None:  # this writes the draft cache through its own blocks
-                self.rounds.proposer.invalidate()
+            if self.rounds is not None:
                 # A sequence's last < k + 1 tokens after rounds (too few for a round) decode plainly:
                 # drafting them on the host would first run the draft over the whole sequence.
                 candidates = [(seq, room) for seq, room in candidates
                               if room > self.num_speculative_tokens or seq.seq_id in self.drafter.fed]
                 if not candidates:
                     return
+                self.rounds.proposer.invalidate()  # the host writes the draft cache through its own blocks
             rows = self.drafter.propose([seq.token_prefix(seq.num_tokens) for seq, _ in candidates],
                                         [seq.seq_id for seq, _ in candidates])
             self.catch_up_tokens += self.drafter.catch_up_tokens
