@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vibee.runtime.sampling_kernel import gumbel_sample
 from vibee.runtime.sampling_params import SamplingParams
 
 
@@ -116,10 +117,15 @@ class _PromptIdCache:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None, device: torch.device | str | None = None):
+    def __init__(self, seed: int | None = None, device: torch.device | str | None = None,
+                 kernels: bool | None = None):
         """``seed`` seeds the shared generator used by rows without their own (None: random).
-        ``device`` creates that generator up front; others are made on first use per device."""
+        ``device`` creates that generator up front; others are made on first use per device.
+        ``kernels``: sample plain batches (temperature only, shared generator) in one Triton
+        kernel (vibee/runtime/sampling_kernel.py); None: on a CUDA device (on a CPU the kernel
+        needs TRITON_INTERPRET=1)."""
         self._seed = seed
+        self._kernels = kernels
         self._generators: dict[torch.device, torch.Generator] = {}
         self._prompt_ids = _PromptIdCache()
         if device is not None:
@@ -156,6 +162,10 @@ class Sampler:
             empty = torch.zeros(0, dtype=torch.long)
             return PendingSample(empty.to(device), [], empty, [], None, None, None)
         params = [r.params for r in rows]
+        if self._fused(logits, rows):
+            temps = _on(device, [0.0 if p.is_greedy else p.temperature for p in params], torch.float32)
+            seed = torch.randint(2**62, (1,), device=device, generator=self._shared_generator(device))
+            return self._launch_results(logits, gumbel_sample(logits, temps, seed), params)
         # Penalties write in place, on a copy (callers may reuse logits); nothing else writes to x.
         x = logits.to(torch.float32, copy=any(p.has_penalties for p in params))
 
@@ -175,6 +185,15 @@ class Sampler:
             tokens[ri] = self._sample_random(x[ri], [rows[i] for i in rand])
 
         return self._launch_results(x, tokens, params)
+
+    def _fused(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> bool:
+        """Whether the rows sample in the one-pass kernel: some random row, every one plain
+        (temperature only, the shared generator; greedy rows are its temperature 0)."""
+        if not (logits.is_cuda if self._kernels is None else self._kernels):
+            return False
+        plain = all(r.generator is None and not r.params.has_penalties and r.params.top_p >= 1.0
+                    and not 1 <= r.params.top_k < logits.shape[1] and r.params.min_p <= 0.0 for r in rows)
+        return plain and not all(r.params.is_greedy for r in rows) and logits.numel() < 2**31
 
     # ---- penalties ----
 
@@ -298,7 +317,7 @@ class Sampler:
     def launch_for(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> PendingSample:
         """launch() for tokens chosen elsewhere (a CUDA graph's argmax of greedy rows without
         penalties, the tokens sample() would pick): only the logprobs and the copies are queued."""
-        return self._launch_results(logits.to(torch.float32), tokens, params)
+        return self._launch_results(logits, tokens, params)
 
     # ---- logprobs and results ----
 
@@ -308,7 +327,7 @@ class Sampler:
         chosen = top = None
         if want:
             wi = _on(x.device, want)
-            lp = x[wi].log_softmax(dim=-1)
+            lp = x[wi].to(torch.float32).log_softmax(dim=-1)
             chosen = lp.gather(1, tokens[wi][:, None]).squeeze(1)
             k_max = max(params[i].logprobs for i in want)
             if k_max > 0:

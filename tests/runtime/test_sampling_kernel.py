@@ -1,0 +1,148 @@
+"""The one-pass sampling kernel (vibee/runtime/sampling_kernel.py) against an independent torch
+computation of the same draws, and its distribution against softmax(x / T).
+
+On a CPU the kernel runs under TRITON_INTERPRET=1 (the README's test command sets it) at about
+10 ms a row, so these use few rows; the GPU test draws 20,000."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from vibee.runtime.sampler import Sampler, SamplingRow
+from vibee.runtime.sampling_kernel import gumbel_sample
+from vibee.runtime.sampling_params import SamplingParams
+
+needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOGITS = [2.0, 1.6, 1.1, 0.7, 0.2, -0.4, -1.0, -2.2]
+
+
+@triton.jit
+def _uniforms(seed_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(tl.load(seed_ptr), offs), mask=offs < n)
+
+
+def expected_tokens(logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """The kernel's draws computed in torch: the same Philox uniforms (counter row * vocab +
+    column), then argmax(x / T - log E) with E = -log u; argmax(x) where T is 0."""
+    n, vocab = logits.shape
+    u = torch.empty(n * vocab, device=logits.device)
+    _uniforms[(triton.cdiv(n * vocab, 1024),)](seed, u, n * vocab, BLOCK=1024)
+    e = (-u.view(n, vocab).log()).clamp(min=torch.finfo(torch.float32).tiny)
+    x = logits.float()
+    noisy = temps > 0
+    scores = torch.where(noisy[:, None], x / torch.where(noisy, temps, 1.0)[:, None] - e.log(), x)
+    return scores.argmax(dim=-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_draws_are_the_gumbel_max_of_its_noise(dtype):
+    """Rows over several blocks of the vocabulary (block 64, vocab 300), temperatures from 0 to
+    large, in the logits' own dtype: token for token the torch computation's."""
+    torch.manual_seed(0)
+    logits = (torch.randn(12, 300) * 3).to(dtype).to(DEVICE)
+    temps = torch.tensor([1.0, 0.0, 0.3, 2.5, 1.0, 0.0, 0.7, 5.0, 1.0, 0.05, 1.2, 0.0], device=DEVICE)
+    seed = torch.tensor([987654321], device=DEVICE)
+    got = gumbel_sample(logits, temps, seed, block=64)
+    assert got.tolist() == expected_tokens(logits, temps, seed).tolist()
+    assert got[temps == 0].tolist() == logits[temps == 0].float().argmax(dim=-1).tolist()
+    # The noise is keyed by the seed and by each row: another seed, or the same row moved, draws anew.
+    again = gumbel_sample(logits, temps, seed, block=64)
+    other = gumbel_sample(logits, temps, torch.tensor([5], device=DEVICE), block=64)
+    assert again.tolist() == got.tolist() and other.tolist() != got.tolist()
+
+
+@needs_kernels
+def test_kernel_keeps_minus_infinity_out_and_reads_strided_rows():
+    logits = torch.full((3, 2 * 96), float("-inf"), device=DEVICE)
+    logits[:, [5, 70]] = 0.0
+    logits[:, 100] = 50.0  # outside the view: never read
+    view = logits[:, :96]  # a row stride of 192 for 96 columns
+    got = gumbel_sample(view, torch.ones(3, device=DEVICE), torch.tensor([1], device=DEVICE), block=32)
+    assert set(got.tolist()) <= {5, 70}
+
+
+def chi_square(counts: Counter, probs: list[float], draws: int) -> float:
+    return sum((counts.get(i, 0) - draws * q) ** 2 / (draws * q) for i, q in enumerate(probs))
+
+
+def merged(probs: list[float], counts: Counter, least: float) -> tuple[list[float], Counter]:
+    """Tail tokens pooled into one bin until each bin expects `least` draws or more."""
+    bins, bin_counts, mass, count = [], Counter(), 0.0, 0
+    for i, q in enumerate(probs):
+        mass, count = mass + q, count + counts.get(i, 0)
+        if mass >= least or i == len(probs) - 1:
+            bin_counts[len(bins)] = count
+            bins.append(mass)
+            mass, count = 0.0, 0
+    return bins, bin_counts
+
+
+def softmax(values: list[float], temperature: float) -> list[float]:
+    m = max(values)
+    w = [math.exp((v - m) / temperature) for v in values]
+    return [x / sum(w) for x in w]
+
+
+def sampled_counts(temperature: float, draws: int) -> Counter:
+    """Draws through the Sampler's kernel path: rows of one distribution, each its own noise."""
+    rows = [SamplingRow(SamplingParams(temperature=temperature), [], []) for _ in range(draws)]
+    x = torch.tensor([LOGITS] * draws, device=DEVICE)
+    return Counter(r.token_id for r in Sampler(seed=3, kernels=True).sample(x, rows))
+
+
+@needs_kernels
+def test_sampler_kernel_path_samples_softmax_over_temperature():
+    draws = 320
+    probs = softmax(LOGITS, 0.7)
+    bins, counts = merged(probs, sampled_counts(0.7, draws), 12 / draws)
+    # chi-square with <= 7 degrees of freedom exceeds 40 with probability < 1e-6.
+    assert chi_square(counts, bins, draws) < 40.0, (counts, bins)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("temperature", [0.4, 1.0, 1.8])
+def test_kernel_distribution_on_the_gpu(temperature):
+    draws = 20000
+    probs = softmax(LOGITS, temperature)
+    bins, counts = merged(probs, sampled_counts(temperature, draws), 20 / draws)
+    assert chi_square(counts, bins, draws) < 40.0, (counts, bins)
+
+
+@needs_kernels
+def test_sampler_takes_the_kernel_only_for_plain_rows():
+    """Greedy rows beside random ones are their argmax; a row with top-k, penalties or its own
+    generator sends the batch down the general path (whose draws the kernel never makes)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50, device=DEVICE) * 4
+    s = Sampler(seed=0, kernels=True)
+    rows = [SamplingRow(SamplingParams(temperature=t), [], []) for t in (0.0, 1.0, 0.0, 0.8)]
+    assert s._fused(logits, rows)
+    tokens = [r.token_id for r in s.sample(logits, rows)]
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
+    for other in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(repetition_penalty=1.1)):
+        assert not s._fused(logits, rows[:3] + [SamplingRow(SamplingParams(temperature=0.8, **other), [], [])])
+    g = torch.Generator(device=DEVICE)
+    assert not s._fused(logits, rows[:3] + [SamplingRow(SamplingParams(temperature=0.8), [], [], g)])
+    assert not s._fused(logits, [rows[0], rows[2]])  # all greedy: the plain argmax
+    assert not Sampler(seed=0, kernels=False)._fused(logits, rows)
+
+
+@needs_kernels
+def test_kernel_path_logprobs_are_the_model_distribution():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]], device=DEVICE, dtype=torch.bfloat16)
+    result = Sampler(seed=0, kernels=True).sample(logits, [SamplingRow(SamplingParams(temperature=0.5, logprobs=2), [], [])])[0]
+    lp = torch.log_softmax(logits.float()[0], dim=-1)
+    assert result.logprob == pytest.approx(float(lp[result.token_id]), abs=1e-5)
+    assert [t for t, _ in result.top_logprobs] == [1, 0]
