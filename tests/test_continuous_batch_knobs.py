@@ -23,7 +23,8 @@ def shipped(spec_text, gen_from_text):
 
 def scheduler(gen, num_blocks: int, block_size: int):
     """The generated Scheduler with the settings of the spec it was generated from, passed as the runtime does."""
-    settings = gen.spec.config.model_dump(exclude={"swap_space_gib"})  # the engine turns GiB into host slots
+    # The engine turns GiB into host slots, and runs scheduler steps on the device itself.
+    settings = gen.spec.config.model_dump(exclude={"swap_space_gib", "num_scheduler_steps"})
     return gen.impl.Scheduler(gen.ref.CountingBlockSpace(num_blocks, block_size), **settings, num_swap_slots=64)
 
 

@@ -58,6 +58,7 @@ OTHER_VALUE = {
         "watermark": 0.2,
         "preemption_mode": "swap",
         "swap_space_gib": 8.0,
+        "num_scheduler_steps": 1,
     },
     "tensor_parallel": {
         "tp_size": 4,

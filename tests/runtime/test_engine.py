@@ -83,11 +83,12 @@ def test_preemption_loses_nothing(tiny, baseline):
 def test_decode_graph_inputs_keep_tokens_on_cpu(tiny, baseline, monkeypatch, num_kv_blocks):
     """The host side of the CUDA-graph decode step on the CPU: "graphs" that run the model
     eagerly on DecodeGraphs' static buffers (what a captured graph reads) give the eager tokens,
-    padding rows and preemptions (tables taken afresh) included."""
+    padding rows and preemptions (tables taken afresh) included. One scheduler step per host
+    round trip: every decode step replays a graph (rounds are test_multi_step.py's)."""
     replayed = use_eager_graphs(monkeypatch)
     model_dir, _ = tiny
     batch, expected = baseline
-    eng = engine(model_dir, max_num_seqs=8, num_kv_blocks=num_kv_blocks)
+    eng = engine(model_dir, max_num_seqs=8, num_kv_blocks=num_kv_blocks, num_scheduler_steps=1)
     assert run(eng, batch, max_tokens=24, **GREEDY) == expected
     preempted = eng.stats()["batching"]["preemptions"] > 0
     assert preempted == (num_kv_blocks is not None)

@@ -215,7 +215,7 @@ def test_rounds_on_the_gpu_keep_greedy_text_in_cuda_graphs():
     def gpu_engine(**flags):
         return LLMEngine(EngineConfig(device="cuda", dtype="float32", **flags), progress=False)
 
-    plain = gpu_engine()
+    plain = gpu_engine(knobs={"continuous_batch": {"num_scheduler_steps": 1}})
     work = stdlib_workload(lambda t: plain.tokenizer.encode(t, add_special_tokens=False), 6, (64, 256), (96, 96), 0)
     params = SamplingParams(max_tokens=96, **GREEDY)
     expected = outputs(plain, work.prompts, params)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vibee.runtime.round_kernels import finish_round, prepare_round
+from vibee.runtime.sampling_kernel import gumbel_sample
 
 MAX_ROUNDS = 8  # rounds per engine step: fewer host syncs, against wasted rounds after a stop and coarser streaming
 
@@ -68,13 +69,39 @@ class NgramProposer:
         pass
 
 
+class PlainProposer:
+    """No drafts (k = 0): a round is one decode step of every sequence, its token sampled on the
+    device (vibee/runtime/multi_step.py)."""
+
+    def __init__(self, max_rows: int, device: str):
+        self.drafts = torch.zeros(max_rows, 0, dtype=torch.long, device=device)
+        self.counts = torch.zeros(max_rows, dtype=torch.long, device=device)
+
+    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.drafts[: len(lens)], self.counts[: len(lens)]
+
+    def before(self, seqs: list[Any], tables: np.ndarray) -> int:
+        return 0
+
+    def after(self, seqs: list[Any], emitted: list[list[int]]) -> None:
+        pass
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+
 class DeviceRounds:
     def __init__(self, proposer: Any, graphs: Any, *, k: int, max_rows: int, max_model_len: int,
-                 block_size: int, padding_slot: int, device: str):
-        """proposer: a round's drafts on fixed shapes (NgramProposer, draft_rounds.DraftModelProposer);
-        graphs: the engine's DecodeGraphs (their buffers are the verification's inputs); k: the
-        drafts per round; max_rows: the most sequences one step holds (their k + 1 rows each fit
-        the largest decode graph)."""
+                 block_size: int, padding_slot: int, device: str, sample: bool = False, seed: torch.Tensor | None = None):
+        """proposer: a round's drafts on fixed shapes (NgramProposer, draft_rounds.DraftModelProposer,
+        PlainProposer); graphs: the engine's DecodeGraphs (their buffers are the verification's
+        inputs); k: the drafts per round; max_rows: the most sequences one step holds (their k + 1
+        rows each fit the largest decode graph). sample: each row's token is drawn at its
+        sequence's temperature (sampling_kernel.py; 0: argmax) instead of the graph's argmax, with
+        noise from `seed` (int64 [1] on the device, advanced every round); only without drafts.
+        Without drafts nothing reads a sequence's older tokens: its row keeps the last two."""
+        if sample and k:
+            raise ValueError("rounds that verify drafts do so greedily: sample only without drafts (k = 0)")
         if not 1 <= max_rows * (k + 1) <= graphs.sizes[-1]:
             raise ValueError(f"{max_rows} sequences of {k + 1} rows do not fit a graph of {graphs.sizes[-1]} rows")
         self.proposer, self.graphs = proposer, graphs
@@ -82,12 +109,17 @@ class DeviceRounds:
         self.block_size, self.padding_slot, self.device = block_size, padding_slot, device
         self.max_rows = max_rows
         # A round writes up to k + 1 tokens past a length below max_model_len.
-        width = max_model_len + k + 1
+        width = max_model_len + k + 1 if k else 2
         # Each sequence's tokens, one row per sequence; a step gathers its sequences' rows into
         # `work`, which the rounds read and append to, and puts them back after the last round.
         self.tokens = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
         self.work = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
         self.lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # 0: a padding row
+        # A sequence stops growing at its limit: the slots the scheduler gave it for the step.
+        self.limits = torch.zeros(self.max_rows, dtype=torch.long, device=device)
+        self.sample = sample
+        self.seed = seed
+        self.temperatures = torch.zeros(graphs.sizes[-1], dtype=torch.float32, device=device)  # per graph row
         self.allow = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
         self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
@@ -169,24 +201,39 @@ class DeviceRounds:
         """Run `rounds` rounds for these sequences (block tables [B, w], allowed: whether each may
         draft, per the acceptance gate). Returns each sequence's emitted tokens, and per sequence
         the (drafted, accepted) counts of each round."""
+        limits = [seq.num_tokens + rounds * (self.k + 1) for seq in seqs]
+        return self.finish(self.start(seqs, tables, allowed, limits, rounds))
+
+    def start(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool], limits: list[int], rounds: int,
+              temperatures: list[float] | None = None) -> tuple:
+        """Queue `rounds` rounds for these sequences and the copy of what they emit to the host;
+        finish() reads it. limits: the length each sequence stops at; temperatures: each one's
+        (rounds that sample)."""
         k, graphs = self.k, self.graphs
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
         rows = self._upload_missing(seqs)
         self.catch_up_tokens = self.proposer.before(seqs, tables)  # a prefill of the drafter's
         w = tables.shape[1]
-        host = np.concatenate([rows, [seq.num_tokens for seq in seqs], np.asarray(allowed, dtype=np.int64),
-                               tables.reshape(-1)]).astype(np.int64)
-        sent = torch.from_numpy(host).to(self.device)
+        temps = [] if temperatures is None else np.asarray(temperatures, dtype=np.float64).view(np.int64)
+        host = np.concatenate([rows, [seq.num_tokens for seq in seqs], limits, np.asarray(allowed, dtype=np.int64),
+                               temps, tables.reshape(-1)]).astype(np.int64)
+        sent = torch.from_numpy(host).to(self.device, non_blocking=True)
         rows_d = sent[:real]
         self.lens[:batch].zero_()
         self.lens[:real] = sent[real: 2 * real]
-        self.allow[:real] = sent[2 * real: 3 * real]
+        self.limits[:real] = sent[2 * real: 3 * real]
+        self.allow[:real] = sent[3 * real: 4 * real]
+        at = 4 * real
+        if temperatures is not None:
+            self.temperatures[:real] = sent[at: at + real].view(torch.float64)
+            self.temperatures[real:].zero_()
+            at += real
         self.work[:real] = self.tokens[rows_d]
         # Graph row s * (k + 1) + j is sequence s's token j (its decode token, then its drafts);
         # rows past the sequences' are padding: one token in block 0 whose K/V go to the padding slot.
         n, b = real * (k + 1), graphs.size_for(batch * (k + 1))
-        graphs.block_tables[:n, :w] = sent[3 * real:].view(real, w).repeat_interleave(k + 1, dim=0)
+        graphs.block_tables[:n, :w] = sent[at:].view(real, w).repeat_interleave(k + 1, dim=0)
         self._pad_rows(n, b)
         out = torch.empty(rounds, real, k + 3, dtype=torch.long, device=self.device)
         with torch.inference_mode():
@@ -197,19 +244,43 @@ class DeviceRounds:
                     self._round(batch)
                 out[r] = self.last[:real]
         self.tokens[rows_d] = self.work[:real]
-        result = out.cpu().numpy()  # the step's one wait for the device
+        if out.is_cuda:
+            host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host_out.copy_(out, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host_out, copied = out, None
         self.num_steps += 1
         self.num_rounds += rounds
-        emitted: list[list[int]] = [[] for _ in seqs]
-        counts: list[list[tuple[int, int]]] = [[] for _ in seqs]
-        for r in range(rounds):
-            for s in range(real):
-                accepted = int(result[r, s, k + 2])
-                emitted[s] += result[r, s, : accepted + 1].tolist()
-                counts[s].append((int(result[r, s, k + 1]), accepted))
+        return seqs, host_out, copied
+
+    def finish(self, started: tuple) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """What start()'s rounds emitted: each sequence's tokens, and per sequence the (drafted,
+        accepted) counts of each round it was not done in. Waits for them."""
+        seqs, host_out, copied = started
+        if copied is not None:
+            copied.synchronize()  # the step's one wait for the device
+        result = host_out.numpy()
+        k = self.k
+        if k == 0:  # one token a round until a sequence is done (accepted -1 from then on)
+            made = (result[:, :, 2] >= 0).sum(axis=0).tolist()
+            emitted = [tokens[:n] for tokens, n in zip(result[:, :, 0].T.tolist(), made)]
+            counts = [[(0, 0)] * n for n in made]
+        else:
+            emitted = [[] for _ in seqs]
+            counts = [[] for _ in seqs]
+            for r in range(len(result)):
+                for s in range(len(seqs)):
+                    accepted = int(result[r, s, k + 2])
+                    if accepted >= 0:
+                        emitted[s] += result[r, s, : accepted + 1].tolist()
+                        counts[s].append((int(result[r, s, k + 1]), accepted))
         self.proposer.after(seqs, emitted)
         for seq, tokens in zip(seqs, emitted):
-            self._rows[seq.seq_id][1] += len(tokens)
+            entry = self._rows.get(seq.seq_id)
+            if entry is not None:  # not aborted since start()
+                entry[1] += len(tokens)
         return emitted, counts
 
     def _pad_rows(self, n: int, b: int) -> None:
@@ -230,12 +301,16 @@ class DeviceRounds:
         graphs = self.graphs
         b = graphs.size_for(batch * (self.k + 1))
         work, lens = self.work[:batch], self.lens[:batch]
+        limits = self.limits[:batch]
         drafts, num_drafts = self.proposer.propose(work, lens)
-        prepare_round(work, lens, self.allow[:batch], drafts, num_drafts, graphs.block_tables,
+        prepare_round(work, lens, limits, self.allow[:batch], drafts, num_drafts, graphs.block_tables,
                       block_size=self.block_size, padding_slot=self.padding_slot, input_ids=graphs.input_ids,
                       positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)
-        graphs.forward(b)
-        finish_round(drafts, num_drafts, graphs.sampled, work, lens, self.last)
+        _, logits = graphs.forward(b)
+        if self.sample:
+            gumbel_sample(logits, self.temperatures[:b], self.seed, out=graphs.sampled[:b])
+            self.seed.add_(1)
+        finish_round(drafts, num_drafts, graphs.sampled, work, lens, limits, self.last)
 
     @torch.inference_mode()
     def step_times(self, repeats: int = 50) -> dict[str, float]:
@@ -267,7 +342,8 @@ class DeviceRounds:
             row, held = entry
             held = min(held, seq.num_tokens)  # a row never holds more than the sequence has
             if held < seq.num_tokens:
-                index.append(row * width + np.arange(held, seq.num_tokens))
+                held = max(held, seq.num_tokens - width)  # a ring keeps the latest `width` tokens
+                index.append(row * width + np.arange(held, seq.num_tokens) % width)
                 values.append(np.asarray(seq.token_prefix(seq.num_tokens)[held:], dtype=np.int32))
                 entry[1] = seq.num_tokens
             rows.append(row)

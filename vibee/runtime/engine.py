@@ -16,11 +16,13 @@ import torch
 
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.detokenizer import IncrementalDetokenizer
+from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.engine_report import EngineStats, applied_quantization, engine_info, engine_stats
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.kv_sizing import decide_num_blocks, run_worst_case_step
 from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
 from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
+from vibee.runtime.multi_step import MultiStep, plain_row
 from vibee.runtime.outputs import RequestOutput, StepStats
 from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
 from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
@@ -109,6 +111,13 @@ class LLMEngine:
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark,
             preemption_mode="swap" if swap else "recompute", num_swap_slots=host_swap.num_slots if swap else 0)
         self.sampler = Sampler(seed=config.seed, device=self.device)
+        # Plain decoding in rounds on the device (multi_step.py): with decode graphs, not speculating.
+        self.multi_step = (MultiStep(self.graphs, self.sampler, max_rounds=batch_spec.num_scheduler_steps,
+                                     max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                                     block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
+                                     device=self.device)
+                           if self.graphs is not None and self.speculator is None and batch_spec.num_scheduler_steps > 1
+                           else None)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
         # With --speculative: whether drafting pays right now, measured (plain steps overlap, speculative ones can't).
@@ -117,6 +126,7 @@ class LLMEngine:
         self._in_flight: LaunchedStep | None = None  # the step whose tokens are not read yet
         self._last_read = 0.0  # perf_counter when the last step's tokens were read
         self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
+        self._num_unplain = 0  # requests whose rows can't be sampled in rounds (multi_step.plain_row)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, Choice]] = {}
         self._seq_ids = itertools.count()
@@ -180,6 +190,7 @@ class LLMEngine:
             self._by_seq[choice.seq.seq_id] = (req, choice)
         self._requests[request_id] = req
         self._num_penalized += params.has_penalties
+        self._num_unplain += not plain_row(params, req.choices[0].generator)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request wherever it is; its KV blocks are freed now (a step in flight that
@@ -189,6 +200,7 @@ class LLMEngine:
         if req is None:
             return None
         self._num_penalized -= req.params.has_penalties
+        self._num_unplain -= not plain_row(req.params, req.choices[0].generator)
         changed = []
         for choice in req.choices:
             self.scheduler.abort(choice.seq.seq_id)
@@ -229,7 +241,11 @@ class LLMEngine:
         prefill = previous is not None and previous.computed_prefill > 0
         if self.speculator is not None:
             self.speculator.catch_up_tokens = 0
-        if previous is not None and previous.placeholders and not self._can_overlap():
+        if previous is not None:
+            self._read_rounds(previous)  # the scheduler needs a multi-step's tokens before the next step
+        # Read the step in flight first when the next one needs its tokens on the host: to draft,
+        # to apply penalties, or to start rounds from each sequence's last token.
+        if previous is not None and previous.placeholders and (not self._can_overlap() or self._multi_step_ready()):
             outputs += self._resolve(previous)
             previous = None
         launched = self._launch(previous)
@@ -245,6 +261,10 @@ class LLMEngine:
             self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started, prefill=prefill)
         return outputs
 
+    def _multi_step_ready(self) -> int:
+        return (self.multi_step.ready(self.scheduler, self.max_num_batched_tokens)
+                if self.multi_step is not None and self._num_unplain == 0 else 0)
+
     def _speculating(self) -> bool:
         return self.speed_gate is not None and self.speed_gate.speculating
 
@@ -259,6 +279,9 @@ class LLMEngine:
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
         rounds = self.speculator.plan_step(self.scheduler, self._by_seq, self.runner, self.max_num_batched_tokens) \
             if self._speculating() else 0
+        in_flight = previous is not None and bool(previous.placeholders)  # rounds need every last token on the host
+        plain_rounds = (self.multi_step.plan(self.scheduler, self.max_num_batched_tokens)
+                        if self.multi_step is not None and self._num_unplain == 0 and not in_flight else 0)
         num_running = len(self.scheduler.running)
         sched = self.scheduler.schedule()
         for seq in sched.preempted:  # drafts proposed for this step; it will prefill again first
@@ -269,6 +292,10 @@ class LLMEngine:
             return self._launch_rounds(sched, rounds, t0, queries0, hits0)
         if rounds:
             self.speculator.rounds.unplan(sched)
+        if plain_rounds and self.multi_step.fits(sched, num_running):
+            return self._launch_multi_step(sched, plain_rounds, t0, queries0, hits0)
+        if plain_rounds:
+            DeviceRounds.unplan(sched)
         now = time.monotonic()
         new_prompt_tokens = computed_prefill = 0
         for item in sched.scheduled:
@@ -346,9 +373,41 @@ class LLMEngine:
         self.scheduler.update(sched, sampled)
         return launched
 
+    def _launch_multi_step(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
+        """Queue a step of plain rounds on the device (multi_step.py); _read_rounds reads it
+        before the next step is scheduled, and its outputs are made while that one runs."""
+        seqs = [item.seq for item in sched.scheduled]
+        rows = self.runner.block_rows
+        tables = rows.gather([rows.row(seq.seq_id) for seq in seqs])
+        self.runner.last_rows, self.runner.last_hidden = {}, None
+        started = self.multi_step.start(sched, tables, self._by_seq, rounds)
+        sampling = [(seq, 0, (), *self._by_seq[seq.seq_id]) for seq in seqs]
+        launched = LaunchedStep(sched, sampling, [len(seq.output_token_ids) for seq in seqs], None, None, {}, t0, 0, 0,
+                                queries0, hits0)
+        launched.rounds = started
+        return launched
+
+    def _read_rounds(self, launched: LaunchedStep) -> None:
+        """A multi-step's tokens, read and given to the scheduler, which cuts them at stop tokens
+        and max_tokens as it does a verified draft's (each sequence's tokens but the last are
+        its drafts)."""
+        if launched.rounds is None:
+            return
+        emitted = self.multi_step.finish(launched.rounds)
+        launched.rounds = None
+        results, sampled = {}, {}
+        for item, tokens in zip(launched.sched.scheduled, emitted):
+            room = len(item.draft_token_ids) + 1 - len(tokens)
+            item.draft_token_ids = tuple(tokens[:-1]) + (tokens[-1],) * room  # its unused slots stay lookahead
+            results[item.seq.seq_id] = [SampleResult(t, None, None) for t in tokens]
+            sampled[item.seq.seq_id] = tokens
+        launched.results = results
+        self.scheduler.update(launched.sched, sampled)
+
     def _resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
         """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
         applied, text made, outputs reported, finished requests retired, the step recorded."""
+        self._read_rounds(launched)
         placeholders = launched.placeholders
         if placeholders:
             read = self.sampler.collect(launched.pending)
@@ -416,6 +475,7 @@ class LLMEngine:
     def _retire(self, req: Request, now: float) -> None:
         del self._requests[req.request_id]
         self._num_penalized -= req.params.has_penalties
+        self._num_unplain -= not plain_row(req.params, req.choices[0].generator)
         for choice in req.choices:
             self._release(choice.seq.seq_id)
         reasons = {c.finish_reason for c in req.choices}
@@ -428,6 +488,8 @@ class LLMEngine:
         self.runner.release(seq_id)
         if self.speculator is not None:
             self.speculator.forget(seq_id)
+        if self.multi_step is not None:
+            self.multi_step.forget(seq_id)
 
     # --- figures -------------------------------------------------------------------------------
 

@@ -141,7 +141,9 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
                      # when the slots ran out (fallbacks).
                      "preemption_mode": e.gen.configs.continuous_batch.preemption_mode,
                      "swap_outs": sched["num_swap_outs"], "swap_ins": sched["num_swap_ins"],
-                     "swap_fallbacks": sched["num_swap_fallbacks"], "swapped_now": sched["num_swapped"]},
+                     "swap_fallbacks": sched["num_swap_fallbacks"], "swapped_now": sched["num_swapped"],
+                     # Plain decode steps run in rounds on the device (num_scheduler_steps); None: off.
+                     "multi_step": e.multi_step.figures() if e.multi_step is not None else None},
         # Prefill rate counts tokens computed (prefix-cache hits are free; preempted ones count again).
         "throughput": {"recent_prefill_tokens_per_s": sum(w[1] for w in window) / span,
                        "recent_generation_tokens_per_s": sum(w[2] for w in window) / span,

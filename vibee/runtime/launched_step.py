@@ -29,3 +29,4 @@ class LaunchedStep:
     computed_prefill: int
     prefix_queries: int  # the block manager's counters before the step
     prefix_hits: int
+    rounds: Any = None  # a multi-step's rounds on the device, until the engine reads them (multi_step.py)

@@ -20,18 +20,20 @@ import triton.language as tl
 BLOCK = 1024  # vocabulary columns one iteration of a program reads
 
 
-def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
+def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, *, block: int = BLOCK,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens (long [n]) drawn from softmax(logits / temperatures[:, None]) row by row; a row
     with temperature 0 takes its argmax. logits [n, vocab] (any float dtype, last dimension
     contiguous), temperatures float32 [n], seed int64 [1], all on one device (on a CPU the
     kernel needs TRITON_INTERPRET=1). block: columns per iteration (a power of 2; the draws
-    don't depend on it)."""
+    don't depend on it); out: where to write the tokens (long [n])."""
     n, vocab = logits.shape
     if n * vocab >= 2**31:
         raise ValueError(f"{n} rows of {vocab} logits: the noise counter is 32-bit (fewer rows per call)")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    if out is None:
+        out = torch.empty(n, dtype=torch.long, device=logits.device)
     if n:
         _gumbel_kernel[(n,)](logits, logits.stride(0), temperatures, seed, out, vocab, BLOCK=block)
     return out

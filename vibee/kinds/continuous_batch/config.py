@@ -111,6 +111,15 @@ class ContinuousBatchConfig(KindConfig):
         description="GiB of pinned host memory for the KV blocks of swapped-out sequences (preemption_mode swap).",
     )
 
+    num_scheduler_steps: int = knob("runtime", flag="--num-scheduler-steps",
+        default=8,
+        strict=True,
+        validate_default=True,
+        description="Decode steps the engine runs on the device per host round trip while every running "
+        "sequence decodes plainly (temperature only) and none waits to join: the host schedules, packs and "
+        "reads once per that many tokens of each sequence. 1: every step is scheduled on the host.",
+    )
+
     # Checks that compare two settings sit on the later field (validated even when left at its
     # default), so an error points at a key of the config rather than at the whole section.
     @field_validator("max_num_seqs")
@@ -135,6 +144,12 @@ class ContinuousBatchConfig(KindConfig):
     @classmethod
     def _watermark_is_a_fraction(cls, value: float) -> float:
         limits.check_watermark(value)
+        return value
+
+    @field_validator("num_scheduler_steps")
+    @classmethod
+    def _at_least_one_step(cls, value: int) -> int:
+        limits.check_scheduler_steps(value)
         return value
 
     @field_validator("swap_space_gib")

@@ -77,3 +77,8 @@ def check_scheduler_settings(*, policy: str, max_num_seqs: int, max_num_batched_
     check_watermark(watermark)
     check_preemption_mode(preemption_mode)
     check_swap_slots(num_swap_slots)
+
+
+def check_scheduler_steps(num_scheduler_steps: int) -> None:
+    if num_scheduler_steps < 1:
+        raise ValueError(f"num_scheduler_steps is decode steps per host round trip, so at least 1; got {num_scheduler_steps}")
