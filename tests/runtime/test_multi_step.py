@@ -39,10 +39,22 @@ def rounds_seen(monkeypatch):
 
     def start(self, seqs, tables, allowed, limits, rounds, temperatures=None):
         seen.append((len(seqs), rounds))
+        EVENTS.append("start")
         return real(self, seqs, tables, allowed, limits, rounds, temperatures)
 
+    real_finish = DeviceRounds.finish
+
+    def finish(self, started):
+        EVENTS.append("finish")
+        return real_finish(self, started)
+
+    EVENTS.clear()
     monkeypatch.setattr(DeviceRounds, "start", start)
+    monkeypatch.setattr(DeviceRounds, "finish", finish)
     return seen
+
+
+EVENTS: list[str] = []  # "start" and "finish" of multi-steps, in order
 
 
 def outputs(eng, batch, params):
@@ -65,6 +77,8 @@ def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, steps,
     eng = engine(model_dir, num_scheduler_steps=steps, max_num_seqs=max_num_seqs)
     assert outputs(eng, batch, params) == expected
     assert rounds_seen and max(r for _, r in rounds_seen) == steps and max(b for b, _ in rounds_seen) == max_num_seqs
+    # Each multi-step is read while the next one runs: two starts before the first one's finish.
+    assert EVENTS[:3] == ["start", "start", "finish"] and EVENTS.count("start") == EVENTS.count("finish")
     figures = eng.stats()["batching"]["multi_step"]
     assert figures["steps"] == len(rounds_seen) and figures["rounds"] == sum(r for _, r in rounds_seen)
     assert eng.block_manager.num_free_blocks() == eng.num_blocks

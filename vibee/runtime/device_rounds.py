@@ -213,6 +213,9 @@ class DeviceRounds:
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
         rows = self._upload_missing(seqs)
+        if not k:  # without drafts a sequence grows to its limit, unless a stop (it then ends): known now
+            for seq, limit in zip(seqs, limits):
+                self._rows[seq.seq_id][1] = limit
         self.catch_up_tokens = self.proposer.before(seqs, tables)  # a prefill of the drafter's
         w = tables.shape[1]
         temps = [] if temperatures is None else np.asarray(temperatures, dtype=np.float64).view(np.int64)
@@ -277,10 +280,8 @@ class DeviceRounds:
                         emitted[s] += result[r, s, : accepted + 1].tolist()
                         counts[s].append((int(result[r, s, k + 1]), accepted))
         self.proposer.after(seqs, emitted)
-        for seq, tokens in zip(seqs, emitted):
-            entry = self._rows.get(seq.seq_id)
-            if entry is not None:  # not aborted since start()
-                entry[1] += len(tokens)
+        for seq, tokens in zip(seqs, emitted if k else ()):  # k = 0: counted at start
+            self._rows[seq.seq_id][1] += len(tokens)
         return emitted, counts
 
     def _pad_rows(self, n: int, b: int) -> None:

@@ -241,11 +241,11 @@ class LLMEngine:
         prefill = previous is not None and previous.computed_prefill > 0
         if self.speculator is not None:
             self.speculator.catch_up_tokens = 0
-        if previous is not None:
-            self._read_rounds(previous)  # the scheduler needs a multi-step's tokens before the next step
         # Read the step in flight first when the next one needs its tokens on the host: to draft,
-        # to apply penalties, or to start rounds from each sequence's last token.
-        if previous is not None and previous.placeholders and (not self._can_overlap() or self._multi_step_ready()):
+        # to apply penalties, or to start rounds after a plain step (rounds after rounds read each
+        # sequence's last token on the device).
+        if previous is not None and previous.placeholders and (
+                not self._can_overlap() or (previous.rounds is None and self._multi_step_ready())):
             outputs += self._resolve(previous)
             previous = None
         launched = self._launch(previous)
@@ -279,7 +279,8 @@ class LLMEngine:
         queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
         rounds = self.speculator.plan_step(self.scheduler, self._by_seq, self.runner, self.max_num_batched_tokens) \
             if self._speculating() else 0
-        in_flight = previous is not None and bool(previous.placeholders)  # rounds need every last token on the host
+        # Rounds start from each sequence's last token in their own buffer: after a plain step in flight it is not there.
+        in_flight = previous is not None and bool(previous.placeholders) and previous.rounds is None
         plain_rounds = (self.multi_step.plan(self.scheduler, self.max_num_batched_tokens)
                         if self.multi_step is not None and self._num_unplain == 0 and not in_flight else 0)
         num_running = len(self.scheduler.running)
@@ -374,51 +375,49 @@ class LLMEngine:
         return launched
 
     def _launch_multi_step(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
-        """Queue a step of plain rounds on the device (multi_step.py); _read_rounds reads it
-        before the next step is scheduled, and its outputs are made while that one runs."""
+        """Queue a step of plain rounds on the device (multi_step.py). The scheduler records each
+        sequence's tokens as placeholders at once (without a stop, a sequence emits exactly the
+        tokens its slots hold), so the next step is launched before this one's are read; _resolve
+        puts them in, and a stop token among them ends the sequence there."""
         seqs = [item.seq for item in sched.scheduled]
         rows = self.runner.block_rows
         tables = rows.gather([rows.row(seq.seq_id) for seq in seqs])
         self.runner.last_rows, self.runner.last_hidden = {}, None
         started = self.multi_step.start(sched, tables, self._by_seq, rounds)
+        sampled = {}
+        for item in sched.scheduled:
+            n = len(item.draft_token_ids) + 1
+            item.draft_token_ids = (PLACEHOLDER,) * (n - 1)
+            sampled[item.seq.seq_id] = [PLACEHOLDER] * n
         sampling = [(seq, 0, (), *self._by_seq[seq.seq_id]) for seq in seqs]
-        launched = LaunchedStep(sched, sampling, [len(seq.output_token_ids) for seq in seqs], None, None, {}, t0, 0, 0,
-                                queries0, hits0)
-        launched.rounds = started
+        # Sequence s's last token is in the runner's `sampled` row s after the last round: where a
+        # plain step launched next takes it from.
+        placeholders = {seq.seq_id: s for s, seq in enumerate(seqs)}
+        launched = LaunchedStep(sched, sampling, [len(seq.output_token_ids) for seq in seqs], None, None,
+                                placeholders, t0, 0, 0, queries0, hits0, rounds=started)
+        self.scheduler.update(sched, sampled)
         return launched
-
-    def _read_rounds(self, launched: LaunchedStep) -> None:
-        """A multi-step's tokens, read and given to the scheduler, which cuts them at stop tokens
-        and max_tokens as it does a verified draft's (each sequence's tokens but the last are
-        its drafts)."""
-        if launched.rounds is None:
-            return
-        emitted = self.multi_step.finish(launched.rounds)
-        launched.rounds = None
-        results, sampled = {}, {}
-        for item, tokens in zip(launched.sched.scheduled, emitted):
-            room = len(item.draft_token_ids) + 1 - len(tokens)
-            item.draft_token_ids = tuple(tokens[:-1]) + (tokens[-1],) * room  # its unused slots stay lookahead
-            results[item.seq.seq_id] = [SampleResult(t, None, None) for t in tokens]
-            sampled[item.seq.seq_id] = tokens
-        launched.results = results
-        self.scheduler.update(launched.sched, sampled)
 
     def _resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
         """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
         applied, text made, outputs reported, finished requests retired, the step recorded."""
-        self._read_rounds(launched)
         placeholders = launched.placeholders
-        if placeholders:
+        emitted = None
+        if launched.rounds is not None:
+            emitted = self.multi_step.finish(launched.rounds)
+        elif placeholders:
             read = self.sampler.collect(launched.pending)
         now = time.monotonic()
         changed: dict[str, tuple[Request, list[Choice]]] = {}
         finish_stopped = self.scheduler.finish_stopped
         num_generated = 0
-        for (seq, _, _, req, choice), start in zip(launched.sampling, launched.before):
+        for s, ((seq, _, _, req, choice), start) in enumerate(zip(launched.sampling, launched.before)):
             if choice.finish_reason is not None or self._requests.get(req.request_id) is not req:
                 continue  # it ended (a stop, an abort) while this step ran: its token is dropped
-            if placeholders:
+            if emitted is not None:
+                results = [SampleResult(t, None, None) for t in emitted[s]]
+                self._put_tokens(seq, start, emitted[s])
+            elif placeholders:
                 result = read[placeholders[seq.seq_id]]
                 results = [result]
                 seq.output_token_ids[start] = result.token_id
@@ -463,6 +462,17 @@ class LLMEngine:
         self.report.record_step(stats, launched.computed_prefill, now)
         self._num_generated += num_generated
         return outputs
+
+    def _put_tokens(self, seq, start: int, tokens: list[int]) -> None:
+        """A multi-step's tokens in place of the placeholders from output index `start` on; the
+        first stop token among them ends the sequence there."""
+        outputs, at = seq.output_token_ids, len(seq.prompt_token_ids) + start
+        for j, token in enumerate(tokens[: len(outputs) - start]):
+            outputs[start + j] = token
+            self.block_manager.set_token(seq.seq_id, at + j, token)
+            if token in seq.stop_token_ids:
+                self._stop_token_at(seq, start + j)
+                return
 
     def _stop_token_at(self, seq, index: int) -> None:
         """The token read back at output index is a stop token, which the scheduler saw as a
