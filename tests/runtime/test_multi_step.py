@@ -85,6 +85,27 @@ def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, steps,
     assert not eng.multi_step.rounds._rows  # finished sequences gave their rows back
 
 
+def test_a_multi_step_is_one_inter_token_gap(model_dir, rounds_seen):
+    """Latency figures count a step's tokens as one arrival (as vLLM v1 counts ITL), not as one
+    gap and then zeros."""
+    finished = []
+
+    class Observer:
+        def on_step(self, stats):
+            pass
+
+        def on_request_finished(self, stats):
+            finished.append(stats)
+
+    eng = engine(model_dir, num_scheduler_steps=4)
+    eng.add_observer(Observer())
+    generate(eng, PROMPTS[:1], SamplingParams(max_tokens=25, **GREEDY))
+    gaps = finished[0].inter_token_latencies
+    # The first token comes from the prefill, the other 24 from six multi-steps of 4: six gaps.
+    assert rounds_seen == [(1, 4)] * 6
+    assert len(gaps) == 6 and all(g > 0 for g in gaps)
+
+
 def test_sampled_rounds_repeat_with_the_engine_seed(model_dir, rounds_seen):
     params = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)
     first = outputs(engine(model_dir, seed=5, max_num_seqs=2), PROMPTS[:2], params)

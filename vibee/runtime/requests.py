@@ -97,7 +97,7 @@ def accept_token(req: Request, choice: Choice, token: int, result: SampleResult,
     if choice.last_token_time is None:
         if req.first_token_time is None:
             req.first_token_time = now
-    else:
+    elif now != choice.last_token_time:  # one gap per step: a step's tokens (drafts, rounds) arrive together
         req.inter_token_latencies.append(now - choice.last_token_time)
     choice.last_token_time = now
     if choice.logprobs is not None:

@@ -8,8 +8,10 @@ tests can build several apps in one process.
 Notes on names:
 - Counters are declared without `_total`; prometheus_client appends it on exposition.
 - `vibee:kv_cache_usage_perc` is a 0..1 fraction, as vLLM's metric of that name is.
-- Per-token decode latency is `vibee:inter_token_latency_seconds` (vLLM's newer name; its older
-  `time_per_output_token_seconds` measures the same gaps and is not exported twice).
+- Decode latency is `vibee:inter_token_latency_seconds` (vLLM's newer name; its older
+  `time_per_output_token_seconds` measures the same gaps and is not exported twice): one gap per
+  engine step that gave a request tokens, as vLLM v1 counts it. A step that emits several tokens
+  of one request (verified drafts, a multi-step) is one gap, not one and then zeros.
 - prompt/generation token counters advance per step (so they move while long requests run);
   the request_* histograms are per finished request.
 """
@@ -57,7 +59,7 @@ class PrometheusObserver:
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "Seconds from arrival to the first generated token.", _TTFT_BUCKETS)
         self.inter_token_latency = histogram("inter_token_latency_seconds",
-                                             "Seconds between consecutive generated tokens of a request.",
+                                             "Seconds between the engine steps that gave a request its tokens.",
                                              _ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds",
                                              "Seconds from arrival to the request's last token.",
