@@ -128,6 +128,8 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
             ["Total tokens/s (prompt + output)", r["total_tokens_per_s"]],
             ["Prompt tokens", r["prompt_tokens"]], ["Output tokens", r["output_tokens"]],
             ["Engine steps", r["steps"]], ["Mean batch size", r["mean_batch_size"]],
+            ["Multi-steps (decode rounds on the device)",
+             "off" if r["multi_step"] is None else f"{r['multi_step']['steps']} ({r['multi_step']['rounds']} rounds)"],
             ["Max running sequences", r["max_running"]], ["Peak KV cache usage", f"{100 * r['peak_kv_cache_usage']:.1f}%"],
             ["Preemptions", f"{r['preemptions']} ({r['preemption_mode']})"],
             *([["Swap-outs / swap-ins / recomputed instead", f"{r['swap_outs']} / {r['swap_ins']} / {r['swap_fallbacks']}"]]

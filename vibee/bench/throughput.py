@@ -129,6 +129,9 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         "max_running": peaks.max_running,
         "peak_kv_cache_usage": peaks.peak_kv_usage,
         "admitting_steps": peaks.admitting_steps,
+        # Engine steps that ran plain decode steps as rounds on the device, and those rounds (None: off).
+        "multi_step": None if after["multi_step"] is None else {
+            key: after["multi_step"][key] - before["multi_step"][key] for key in ("steps", "rounds")},
         "preemptions": after["preemptions"] - before["preemptions"],
         "preemption_mode": after["preemption_mode"],
         **{key: after[key] - before[key] for key in ("swap_outs", "swap_ins", "swap_fallbacks")},
@@ -145,4 +148,6 @@ def engine_settings(engine) -> dict[str, Any]:
         "block_size": engine.block_size, "num_kv_blocks": engine.num_blocks,
         "kv_capacity_tokens": engine.kv_capacity_tokens, "kv_cache": engine.use_kv_cache,
         "flash_attn": cfg.flash_attn, "quant": cfg.quant, "enable_prefix_caching": engine.enable_prefix_caching,
+        "num_scheduler_steps": engine.gen.configs.continuous_batch.num_scheduler_steps,
+        "multi_step": engine.multi_step is not None,
     }
