@@ -23,13 +23,14 @@ from vibee.runtime.kv_sizing import decide_num_blocks, run_worst_case_step
 from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
 from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.multi_step import MultiStep, plain_row
-from vibee.runtime.outputs import RequestOutput, StepStats
-from vibee.runtime.requests import Choice, Request, accept_token, check_request, choice_generator, choice_output
+from vibee.runtime.outputs import RequestOutput
+from vibee.runtime.requests import Choice, Request, check_request, choice_generator, choice_output
 from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model, max_model_len_for
 from vibee.runtime.speculation import Speculator
 from vibee.runtime.speed_gate import SpeedGate
+from vibee.runtime.step_outputs import StepOutputs
 from vibee.runtime.stop_strings import StopStringMatcher
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,15 +123,16 @@ class LLMEngine:
 
         # With --speculative: whether drafting pays right now, measured (plain steps overlap, speculative ones can't).
         self.speed_gate = SpeedGate() if self.speculative else None
-        self._num_generated = 0  # tokens read back so far (the speed gate's numerator)
         self._in_flight: LaunchedStep | None = None  # the step whose tokens are not read yet
-        self._last_read = 0.0  # perf_counter when the last step's tokens were read
         self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
         self._num_unplain = 0  # requests whose rows can't be sampled in rounds (multi_step.plain_row)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, Choice]] = {}
         self._seq_ids = itertools.count()
         self.report = EngineStats()
+        self.step_outputs = StepOutputs(self.scheduler, self.block_manager, self.sampler, self.multi_step, self.report,
+                                        self._requests, self._retire, num_blocks=self.num_blocks,
+                                        block_size=self.block_size)
 
     # --- sizing and speculation ----------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class LLMEngine:
         self.report.request_finished(req, "abort", time.monotonic())
         if not self._requests and self._in_flight is not None:  # nothing left to report it to: read and recorded
             launched, self._in_flight = self._in_flight, None
-            self._resolve(launched)
+            self.step_outputs.resolve(launched)
         return RequestOutput(req.request_id, req.prompt_token_ids, [choice_output(c) for c in changed], True,
                              req.num_cached_tokens)
 
@@ -234,7 +236,7 @@ class LLMEngine:
         stops applied, text made) while the GPU runs it, and report every request that changed.
         Outputs come a step after their tokens were sampled; a step whose inputs need the
         previous tokens on the host (speculative drafts, penalties) waits for them first."""
-        started, generated = time.perf_counter(), self._num_generated
+        started, generated = time.perf_counter(), self.step_outputs.num_generated
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
         # This step waits for a prefill step it resolves: the speed gate times neither.
@@ -246,11 +248,11 @@ class LLMEngine:
         # sequence's last token on the device).
         if previous is not None and previous.placeholders and (
                 not self._can_overlap() or (previous.rounds is None and self._multi_step_ready())):
-            outputs += self._resolve(previous)
+            outputs += self.step_outputs.resolve(previous)
             previous = None
         launched = self._launch(previous)
         if previous is not None:
-            outputs += self._resolve(previous)
+            outputs += self.step_outputs.resolve(previous)
         # Every step is resolved during the next one: a step whose tokens were read at launch
         # (verified drafts, rounds, penalties) has its text, stops and outputs made while the
         # next step's GPU work runs, as a step with placeholders has.
@@ -258,7 +260,8 @@ class LLMEngine:
         if self.speed_gate is not None:
             prefill = prefill or (launched is not None and launched.computed_prefill > 0) \
                 or self.speculator.drafter_prefilled()
-            self.speed_gate.record(self._num_generated - generated, time.perf_counter() - started, prefill=prefill)
+            self.speed_gate.record(self.step_outputs.num_generated - generated, time.perf_counter() - started,
+                                   prefill=prefill)
         return outputs
 
     def _multi_step_ready(self) -> int:
@@ -377,8 +380,8 @@ class LLMEngine:
     def _launch_multi_step(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
         """Queue a step of plain rounds on the device (multi_step.py). The scheduler records each
         sequence's tokens as placeholders at once (without a stop, a sequence emits exactly the
-        tokens its slots hold), so the next step is launched before this one's are read; _resolve
-        puts them in, and a stop token among them ends the sequence there."""
+        tokens its slots hold), so the next step is launched before this one's are read; resolving
+        it puts them in (step_outputs.py), and a stop token among them ends the sequence there."""
         seqs = [item.seq for item in sched.scheduled]
         rows = self.runner.block_rows
         tables = rows.gather([rows.row(seq.seq_id) for seq in seqs])
@@ -397,90 +400,6 @@ class LLMEngine:
                                 placeholders, t0, 0, 0, queries0, hits0, rounds=started)
         self.scheduler.update(sched, sampled)
         return launched
-
-    def _resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
-        """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
-        applied, text made, outputs reported, finished requests retired, the step recorded."""
-        placeholders = launched.placeholders
-        emitted = None
-        if launched.rounds is not None:
-            emitted = self.multi_step.finish(launched.rounds)
-        elif placeholders:
-            read = self.sampler.collect(launched.pending)
-        now = time.monotonic()
-        changed: dict[str, tuple[Request, list[Choice]]] = {}
-        finish_stopped = self.scheduler.finish_stopped
-        num_generated = 0
-        for s, ((seq, _, _, req, choice), start) in enumerate(zip(launched.sampling, launched.before)):
-            if choice.finish_reason is not None or self._requests.get(req.request_id) is not req:
-                continue  # it ended (a stop, an abort) while this step ran: its token is dropped
-            if emitted is not None:
-                results = [SampleResult(t, None, None) for t in emitted[s]]
-                self._put_tokens(seq, start, emitted[s])
-            elif placeholders:
-                result = read[placeholders[seq.seq_id]]
-                results = [result]
-                seq.output_token_ids[start] = result.token_id
-                self.block_manager.set_token(seq.seq_id, len(seq.prompt_token_ids) + start, result.token_id)
-                if result.token_id in seq.stop_token_ids:
-                    self._stop_token_at(seq, start)
-            else:
-                results = launched.results[seq.seq_id]
-            for i, result in enumerate(results[: len(seq.output_token_ids) - start]):
-                num_generated += 1
-                # The scheduler's status is about the sequence's last token: only that one finishes it.
-                last = start + i == len(seq.output_token_ids) - 1
-                if accept_token(req, choice, seq.output_token_ids[start + i], result, now, last, finish_stopped):
-                    del seq.output_token_ids[start + i + 1:]  # a stop string ended it here
-                    break
-            entry = changed.get(req.request_id)
-            if entry is None:
-                changed[req.request_id] = (req, [choice])
-            else:
-                entry[1].append(choice)
-
-        outputs = []
-        for req, choices in changed.values():
-            if len(choices) > 1:
-                choices.sort(key=lambda c: c.index)
-            finished = req.finished
-            outputs.append(RequestOutput(req.request_id, req.prompt_token_ids, [choice_output(c) for c in choices],
-                                         finished, req.num_cached_tokens))
-            if finished:
-                self._retire(req, now)
-
-        step_time = time.perf_counter() - max(launched.started, self._last_read)
-        self._last_read = time.perf_counter()
-        stats = StepStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
-            num_preemptions=len(launched.sched.preempted),
-            prefix_cache_queries=(self.block_manager.prefix_cache_queries - launched.prefix_queries) * self.block_size,
-            prefix_cache_hits=(self.block_manager.prefix_cache_hits - launched.prefix_hits) * self.block_size,
-            num_prompt_tokens=launched.new_prompt_tokens, num_generation_tokens=num_generated,
-            batch_size=len(launched.sched.scheduled), step_time=step_time)
-        self.report.record_step(stats, launched.computed_prefill, now)
-        self._num_generated += num_generated
-        return outputs
-
-    def _put_tokens(self, seq, start: int, tokens: list[int]) -> None:
-        """A multi-step's tokens in place of the placeholders from output index `start` on; the
-        first stop token among them ends the sequence there."""
-        outputs, at = seq.output_token_ids, len(seq.prompt_token_ids) + start
-        for j, token in enumerate(tokens[: len(outputs) - start]):
-            outputs[start + j] = token
-            self.block_manager.set_token(seq.seq_id, at + j, token)
-            if token in seq.stop_token_ids:
-                self._stop_token_at(seq, start + j)
-                return
-
-    def _stop_token_at(self, seq, index: int) -> None:
-        """The token read back at output index is a stop token, which the scheduler saw as a
-        placeholder: end the sequence there, dropping the next step's placeholder after it."""
-        del seq.output_token_ids[index + 1:]
-        if self.scheduler.finish_stopped(seq.seq_id) is None:
-            # The placeholder after it had reached max_tokens: finished, blocks freed already.
-            seq.status = type(seq.status).FINISHED_STOPPED
 
     def _retire(self, req: Request, now: float) -> None:
         del self._requests[req.request_id]
