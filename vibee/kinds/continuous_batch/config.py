@@ -176,6 +176,9 @@ class ContinuousBatchConfig(KindConfig):
             "decoding sequences per step (max)": f"{self.max_num_seqs:,}",  # the budget covers them (validated)
             "prompts accepted": prompts,
             "a 32k-token prompt prefills in": long_prompt,
+            "decode steps per host round trip": (f"{self.num_scheduler_steps} while the whole batch decodes plainly "
+                                                 "(tokens stream in groups of up to that many)"
+                                                 if self.num_scheduler_steps > 1 else "1 (every step scheduled on the host)"),
             "blocks kept free at admission": f"{self.watermark:.1%} of the cache "
             f"({int(self.watermark * 10_000):,} of 10,000 blocks)",
             "preemption": (f"recompute: the {victims} running sequence gives way first (its KV is freed and prefilled again)"
