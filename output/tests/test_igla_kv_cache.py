@@ -357,19 +357,36 @@ def test_lookahead_slots_take_blocks_but_are_never_cached():
 
 def test_a_placeholder_token_set_later_is_cached_under_the_true_tokens():
     """A step scheduled while the last one runs records a placeholder for the token being sampled;
-    set_token puts the sampled token in its place, and the prefix cache then finds the block by
+    set_tokens puts the sampled token in its place, and the prefix cache then finds the block by
     its true tokens (and never by the placeholder)."""
     bs = SPEC_BLOCK_SIZE
     tokens = prompt(3, 2 * bs)
     manager = new_manager(num_blocks=8, enable_prefix_caching=True)
     manager.allocate(0, tokens[:-1] + [-1])  # the last token of the second block is not known yet
-    manager.set_token(0, len(tokens) - 1, tokens[-1])
-    manager.set_token(0, len(tokens), 7)  # not recorded yet: nothing changes
-    manager.set_token(5, 0, 7)  # an unknown sequence: nothing changes
+    manager.set_tokens(0, len(tokens) - 1, tokens[-1:])
+    manager.set_tokens(0, len(tokens), [7])  # not recorded yet: nothing changes
+    manager.set_tokens(5, 0, [7])  # an unknown sequence: nothing changes
     check_books(manager)
     manager.free(0)
     assert manager.allocate(1, tokens) == len(tokens)  # both blocks are hits
     assert manager.allocate(2, tokens[:-1] + [-1]) == bs  # the placeholder's block is not cached
+    check_books(manager)
+
+
+def test_placeholders_across_blocks_set_at_once_are_cached_under_the_true_tokens():
+    """Several steps' placeholders (a multi-step's tokens) spanning a block boundary, set in one
+    call: every full block they touch is found by its true tokens; tokens past what the sequence
+    recorded are ignored."""
+    bs = SPEC_BLOCK_SIZE
+    tokens = prompt(4, 2 * bs + 1)
+    unknown = bs // 2 + 2  # from the middle of the first block into the third
+    start = len(tokens) - unknown
+    manager = new_manager(num_blocks=8, enable_prefix_caching=True)
+    manager.allocate(0, tokens[:start] + [-1] * unknown)
+    manager.set_tokens(0, start, tokens[start:] + [7, 7])
+    check_books(manager)
+    manager.free(0)
+    assert manager.allocate(1, tokens) == 2 * bs  # both full blocks are hits
     check_books(manager)
 
 

@@ -162,16 +162,18 @@ class BlockManager:
         """The block ids holding seq_id's tokens, in order (a copy)."""
         return list(self.block_tables[seq_id])
 
-    def set_token(self, seq_id: int, index: int, token: int) -> None:
-        """Record `token` at position index of seq_id in place of what was recorded there: an
-        engine that schedules a step while the last one runs records a placeholder for the token
-        still being sampled. Full blocks from that position on move to their true prefix-cache
-        keys. An unknown sequence or a position not recorded yet changes nothing."""
+    def set_tokens(self, seq_id: int, index: int, tokens: Sequence[int]) -> None:
+        """Record `tokens` at positions index, index + 1, ... of seq_id in place of what was
+        recorded there: an engine that schedules a step while the last one runs records
+        placeholders for the tokens still being sampled. Full blocks from index on move to their
+        true prefix-cache keys, rehashed once. Positions not recorded yet, and an unknown
+        sequence, change nothing."""
         table = self.block_tables.get(seq_id)
         if table is None or not 0 <= index < self.num_tokens[seq_id]:
             return
         size = self.block_size
-        self.blocks[table[index // size]].token_ids[index % size] = token
+        for at, token in enumerate(tokens[: self.num_tokens[seq_id] - index], index):
+            self.blocks[table[at // size]].token_ids[at % size] = token
         if not self.enable_prefix_caching:
             return
         for i in range(index // size, self.num_tokens[seq_id] // size):  # the full blocks, rehashed

@@ -53,7 +53,7 @@ class StepOutputs:
                 result = read[placeholders[seq.seq_id]]
                 results = [result]
                 seq.output_token_ids[start] = result.token_id
-                self.block_manager.set_token(seq.seq_id, len(seq.prompt_token_ids) + start, result.token_id)
+                self.block_manager.set_tokens(seq.seq_id, len(seq.prompt_token_ids) + start, (result.token_id,))
                 if result.token_id in seq.stop_token_ids:
                     self._stop_token_at(seq, start)
             else:
@@ -98,10 +98,11 @@ class StepOutputs:
     def _put_tokens(self, seq, start: int, tokens: list[int]) -> None:
         """A multi-step's tokens in place of the placeholders from output index `start` on; the
         first stop token among them ends the sequence there."""
-        outputs, at = seq.output_token_ids, len(seq.prompt_token_ids) + start
-        for j, token in enumerate(tokens[: len(outputs) - start]):
-            outputs[start + j] = token
-            self.block_manager.set_token(seq.seq_id, at + j, token)
+        outputs = seq.output_token_ids
+        tokens = tokens[: len(outputs) - start]
+        outputs[start: start + len(tokens)] = tokens
+        self.block_manager.set_tokens(seq.seq_id, len(seq.prompt_token_ids) + start, tokens)
+        for j, token in enumerate(tokens):
             if token in seq.stop_token_ids:
                 self._stop_token_at(seq, start + j)
                 return

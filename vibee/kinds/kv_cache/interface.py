@@ -45,8 +45,8 @@ class BlockManager(BlockSpace, Protocol):
 
     block_tables: dict[int, list[int]]  # seq_id -> block ids, the lists the engine mirrors
 
-    def set_token(self, seq_id: int, index: int, token: int) -> None:
-        """Record the sampled token in place of the placeholder recorded at index."""
+    def set_tokens(self, seq_id: int, index: int, tokens: Sequence[int]) -> None:
+        """Record the sampled tokens in place of the placeholders recorded from index on."""
         ...
 
     def stats(self) -> Any:
