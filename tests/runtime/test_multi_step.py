@@ -38,14 +38,16 @@ def rounds_seen(monkeypatch):
     real = DeviceRounds.start
 
     def start(self, seqs, tables, allowed, limits, rounds, temperatures=None):
-        seen.append((len(seqs), rounds))
-        EVENTS.append("start")
+        if not self.k:  # plain rounds, not speculation's
+            seen.append((len(seqs), rounds))
+            EVENTS.append("start")
         return real(self, seqs, tables, allowed, limits, rounds, temperatures)
 
     real_finish = DeviceRounds.finish
 
     def finish(self, started):
-        EVENTS.append("finish")
+        if not self.k:
+            EVENTS.append("finish")
         return real_finish(self, started)
 
     EVENTS.clear()
@@ -204,3 +206,17 @@ def test_rounds_in_cuda_graphs_give_plain_greedy_text_and_sample():
     assert figures["steps"] > 0 and figures["captured"]
     sampled = generate(eng, work.prompts, SamplingParams(max_tokens=50, temperature=1.0, ignore_eos=True))
     assert [len(out.outputs[0].token_ids) for out in sampled] == [50] * len(work.prompts)
+
+
+@pytest.mark.parametrize("speculating", [False, True])
+def test_with_speculation_rounds_run_while_the_speed_gate_holds_plain_decoding(model_dir, rounds_seen, speculating):
+    """--speculative measures speculation against plain decoding as it would run: in multi-steps
+    while the speed gate holds plain decoding, and never while it speculates."""
+    from vibee.runtime.speed_gate import SpeedGate
+
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    expected = plain(model_dir, PROMPTS[:2], params, max_num_seqs=2)
+    eng = engine(model_dir, max_num_seqs=2, speculative=True)
+    eng.speed_gate = SpeedGate.held(speculating)
+    assert outputs(eng, PROMPTS[:2], params) == expected
+    assert bool(rounds_seen) != speculating

@@ -112,13 +112,13 @@ class LLMEngine:
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark,
             preemption_mode="swap" if swap else "recompute", num_swap_slots=host_swap.num_slots if swap else 0)
         self.sampler = Sampler(seed=config.seed, device=self.device)
-        # Plain decoding in rounds on the device (multi_step.py): with decode graphs, not speculating.
+        # Plain decoding in rounds on the device (multi_step.py), with decode graphs; with --speculative
+        # while the speed gate holds plain decoding, so that speculation is measured against it.
         self.multi_step = (MultiStep(self.graphs, self.sampler, max_rounds=batch_spec.num_scheduler_steps,
                                      max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                                      block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
                                      device=self.device)
-                           if self.graphs is not None and self.speculator is None and batch_spec.num_scheduler_steps > 1
-                           else None)
+                           if self.graphs is not None and batch_spec.num_scheduler_steps > 1 else None)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
         # With --speculative: whether drafting pays right now, measured (plain steps overlap, speculative ones can't).
@@ -265,8 +265,11 @@ class LLMEngine:
         return outputs
 
     def _multi_step_ready(self) -> int:
-        return (self.multi_step.ready(self.scheduler, self.max_num_batched_tokens)
-                if self.multi_step is not None and self._num_unplain == 0 else 0)
+        return self.multi_step.ready(self.scheduler, self.max_num_batched_tokens) if self._multi_step_allowed() else 0
+
+    def _multi_step_allowed(self) -> bool:
+        """Whether plain decode steps may run as rounds: every request plain, not speculating."""
+        return self.multi_step is not None and self._num_unplain == 0 and not self._speculating()
 
     def _speculating(self) -> bool:
         return self.speed_gate is not None and self.speed_gate.speculating
@@ -285,7 +288,7 @@ class LLMEngine:
         # Rounds start from each sequence's last token in their own buffer: after a plain step in flight it is not there.
         in_flight = previous is not None and bool(previous.placeholders) and previous.rounds is None
         plain_rounds = (self.multi_step.plan(self.scheduler, self.max_num_batched_tokens)
-                        if self.multi_step is not None and self._num_unplain == 0 and not in_flight else 0)
+                        if self._multi_step_allowed() and not in_flight else 0)
         num_running = len(self.scheduler.running)
         sched = self.scheduler.schedule()
         for seq in sched.preempted:  # drafts proposed for this step; it will prefill again first
