@@ -350,8 +350,9 @@ class DeviceRounds:
             rows.append(row)
         if index:
             flat = self.tokens.view(-1)
-            flat[torch.from_numpy(np.concatenate(index)).to(self.device)] = \
-                torch.from_numpy(np.concatenate(values)).to(self.device)
+            # Not blocking: a blocking copy would wait for the step still running (a multi-step in flight).
+            flat[torch.from_numpy(np.concatenate(index)).to(self.device, non_blocking=True)] = \
+                torch.from_numpy(np.concatenate(values)).to(self.device, non_blocking=True)
         return rows
 
     def forget(self, seq_id: int) -> None:
