@@ -283,6 +283,39 @@ def test_varlen_attention_matches_paged_prefill_and_reference():
     assert_matches(varlen(impl, batch, causal=not SPEC_CAUSAL), varlen(ref, batch, causal=not SPEC_CAUSAL))
 
 
+class NoReadBack(torch.Tensor):
+    """A length tensor that must not be read back to the host (on a GPU each read is a sync)."""
+
+    def tolist(self):
+        raise AssertionError("a length tensor was read back although its host values were passed")
+
+
+def guarded(batch):
+    """The batch with its length tensors guarded against being read back."""
+    return types.SimpleNamespace(**{**vars(batch), "cu_seqlens_q": batch.cu_seqlens_q.as_subclass(NoReadBack),
+                                    "seq_lens": batch.seq_lens.as_subclass(NoReadBack)})
+
+
+def host_lengths(batch):
+    return dict(cu_seqlens_q_host=batch.cu_seqlens_q.tolist(), seq_lens_host=list(batch.kv_lens))
+
+
+def test_host_lengths_read_nothing_back_and_give_the_same_output():
+    """The engine passes the lengths it already has on the host: nothing is read back from the
+    length tensors, and the output is the same (the guard itself fails without them)."""
+    batch = prefill_batch([4, 23], prefix_lens=[9, 0], seed=6)
+    assert torch.equal(prefill(impl, guarded(batch), **host_lengths(batch)), prefill(impl, batch))
+    k_offsets = offsets(batch.kv_lens)
+    empty = batch.k_cache[:0, 0]
+    k, v = torch.cat([empty, *batch.keys]), torch.cat([empty, *batch.values])
+    out = impl.varlen_attention(batch.q, k, v, batch.cu_seqlens_q.as_subclass(NoReadBack), k_offsets.as_subclass(NoReadBack),
+                                cu_seqlens_q_host=batch.cu_seqlens_q.tolist(), cu_seqlens_k_host=k_offsets.tolist())
+    assert torch.equal(out, varlen(impl, batch))
+    assert torch.equal(prefill(ref, batch, **host_lengths(batch)), prefill(ref, batch))
+    with pytest.raises(AssertionError, match="read back"):
+        prefill(impl, guarded(batch))
+
+
 def test_causal_choice_is_the_specs():
     # Changing the last key and value of a sequence moves the earlier queries' outputs only
     # when attention is not causal.
@@ -652,6 +685,25 @@ def kernel_varlen(batch, device=None, **kw):
     k, v = torch.cat([empty, *batch.keys]).to(device), torch.cat([empty, *batch.values]).to(device)
     return impl.triton_varlen_attention(batch.q.to(device), k, v, batch.cu_seqlens_q.to(device),
                                         offsets(batch.kv_lens).to(device), **kw).cpu()
+
+
+@needs_kernels
+def test_triton_launches_with_host_lengths_read_nothing_back():
+    """The kernels' launchers take the host lengths too: nothing read back, the same output (the
+    contiguous launcher derives its key lengths on the device)."""
+    batch = prefill_batch([5, 17], prefix_lens=[11, 0], seed=8)
+    b = to_device(batch, KERNEL_DEVICE)
+    host = dict(cu_seqlens_q_host=batch.cu_seqlens_q.tolist(), seq_lens_host=list(batch.kv_lens))
+    out = impl.triton_paged_prefill(b.q, b.k_cache, b.v_cache, b.block_tables, b.cu_seqlens_q.as_subclass(NoReadBack),
+                                    b.seq_lens.as_subclass(NoReadBack), **host).cpu()
+    assert torch.equal(out, kernel_prefill(batch))
+    empty = batch.k_cache[:0, 0]
+    k, v = torch.cat([empty, *batch.keys]).to(KERNEL_DEVICE), torch.cat([empty, *batch.values]).to(KERNEL_DEVICE)
+    k_offsets = offsets(batch.kv_lens)
+    out = impl.triton_varlen_attention(b.q, k, v, b.cu_seqlens_q.as_subclass(NoReadBack),
+                                       k_offsets.to(KERNEL_DEVICE).as_subclass(NoReadBack),
+                                       cu_seqlens_q_host=host["cu_seqlens_q_host"], cu_seqlens_k_host=k_offsets.tolist()).cpu()
+    assert torch.equal(out, kernel_varlen(batch))
 
 
 def traced(run):

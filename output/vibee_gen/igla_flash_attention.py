@@ -344,9 +344,15 @@ def _check_cache(k_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: lis
             raise ValueError(f"sequence {s} has {kv_len} KV tokens; block_tables has room for {block_tables.shape[1] * page_size}")
 
 
-def _query_spans(cu_seqlens_q: torch.Tensor, kv_lens: list[int], num_tokens: int) -> list[tuple[int, int]]:
+def _ints(values: torch.Tensor, host=None) -> list[int]:
+    """A length tensor's values on the host: `host` when the caller passed them (the engine has
+    them already), else read back from the tensor (on a GPU, a sync with the device)."""
+    return [int(x) for x in (values.tolist() if host is None else host)]
+
+
+def _query_spans(cu_seqlens_q: torch.Tensor, kv_lens: list[int], num_tokens: int, host=None) -> list[tuple[int, int]]:
     """(first token, query count) of each sequence, checked against its KV length."""
-    cu = [int(x) for x in cu_seqlens_q.tolist()]
+    cu = _ints(cu_seqlens_q, host)
     if len(cu) != len(kv_lens) + 1 or cu[0] != 0 or cu[-1] != num_tokens:
         raise ValueError(f"cu_seqlens_q must hold batch + 1 = {len(kv_lens) + 1} offsets from 0 to {num_tokens}, got {cu}")
     spans = []
@@ -389,7 +395,8 @@ def _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, window, vari
     return out
 
 
-def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None,
+                  cu_seqlens_q_host=None, seq_lens_host=None):
     """Attention of each sequence's new query tokens over its KV in the paged cache.
 
     Given new query tokens of a batch of sequences whose K/V (cached prefix and new tokens) are in
@@ -406,27 +413,29 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, 
     hits. window: a query sees only keys less than `window` positions before it (a model's
     sliding window; 0 or None = all); variants: names from VARIANTS (or objects with score_mod /
     mask_mod); scale: None = the spec's softmax_scale; tile: a TileConfig (default BLOCK_M x
-    BLOCK_N). Returns [total_q, Hq, D].
+    BLOCK_N). cu_seqlens_q_host, seq_lens_host: the same values as host ints, when the caller
+    has them: the launch then reads nothing back from the device. Returns [total_q, Hq, D].
     """
     num_heads, head_dim = _check_query(q, "q")
     num_kv_heads = _check_kv_heads(num_heads, k_cache, v_cache, head_dim)
-    kv_lens = [int(x) for x in seq_lens.tolist()]
+    kv_lens = _ints(seq_lens, seq_lens_host)
     _check_cache(k_cache, block_tables, kv_lens)
-    spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0])
+    spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0], cu_seqlens_q_host)
     load_kv = _paged_kv_loader(k_cache, v_cache, block_tables)
     return _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, window, variants, scale, tile)
 
 
-def _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+def _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k, cu_q_host=None, cu_k_host=None) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Checked key offsets, key lengths and query spans of a contiguous varlen batch."""
-    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    cu_k = _ints(cu_seqlens_k, cu_k_host)
     if len(cu_k) != cu_seqlens_q.numel() or cu_k[0] != 0 or cu_k[-1] != k.shape[0]:
         raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q, from 0 to {k.shape[0]}, got {cu_k}")
     kv_lens = [cu_k[s + 1] - cu_k[s] for s in range(len(cu_k) - 1)]
-    return cu_k, kv_lens, _query_spans(cu_seqlens_q, kv_lens, q.shape[0])
+    return cu_k, kv_lens, _query_spans(cu_seqlens_q, kv_lens, q.shape[0], cu_q_host)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None,
+                     cu_seqlens_q_host=None, cu_seqlens_k_host=None):
     """Attention over contiguous variable-length K/V (no KV cache).
 
     Given Q, K, V of a batch of sequences of different lengths, K/V contiguous (no KV cache)
@@ -435,11 +444,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, wind
 
     q [total_q, Hq, D]; k, v [total_k, Hkv, D]; cu_seqlens_q, cu_seqlens_k int32 [B + 1]. With
     causal, the queries of a sequence are its last q_len positions (aligned to the end of its
-    keys); window as in paged_prefill. Returns [total_q, Hq, D].
+    keys); window and the *_host lengths as in paged_prefill. Returns [total_q, Hq, D].
     """
     num_heads, head_dim = _check_query(q, "q")
     num_kv_heads = _check_kv_heads(num_heads, k, v, head_dim)
-    cu_k, kv_lens, spans = _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k)
+    cu_k, kv_lens, spans = _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_host, cu_seqlens_k_host)
     load_kv = _contiguous_kv_loader(k, v, torch.tensor(cu_k[:-1], device=k.device, dtype=torch.long))
     return _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, window, variants, scale, tile)
 
@@ -1068,15 +1077,16 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def triton_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
+def triton_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None,
+                         cu_seqlens_q_host=None, seq_lens_host=None):
     """paged_prefill on the Triton kernel (same arguments, same result). tile: a TileConfig to
     pin the launch; None autotunes over AUTOTUNE_CONFIGS on CUDA (the spec's default tile under
     the interpreter, for fp32 inputs, and when PREFILL_AUTOTUNE is off)."""
     num_heads, head_dim = _check_query(q, "q")
     num_kv_heads = _check_kv_heads(num_heads, k_cache, v_cache, head_dim)
-    kv_lens = [int(x) for x in seq_lens.tolist()]
+    kv_lens = _ints(seq_lens, seq_lens_host)
     _check_cache(k_cache, block_tables, kv_lens)
-    spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0])
+    spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0], cu_seqlens_q_host)
     device = q.device
     tables = _on_device(block_tables, device)
     return _launch_prefill(_last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
@@ -1084,15 +1094,16 @@ def triton_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_le
                            spans, kv_lens, num_kv_heads, causal, _check_window(window), variants, scale, tile, paged=True)
 
 
-def triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
+def triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None,
+                            cu_seqlens_q_host=None, cu_seqlens_k_host=None):
     """varlen_attention on the prefill kernel in its contiguous mode: key t of sequence s is row
     cu_seqlens_k[s] + t of k and v."""
     num_heads, head_dim = _check_query(q, "q")
     num_kv_heads = _check_kv_heads(num_heads, k, v, head_dim)
-    _, kv_lens, spans = _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k)
+    _, kv_lens, spans = _varlen_spans(q, k, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_host, cu_seqlens_k_host)
     device = q.device
     starts = _on_device(cu_seqlens_k, device)
-    lengths = torch.tensor(kv_lens, dtype=torch.int32, device=device)
+    lengths = starts[1:] - starts[:-1]  # on the device: a copy from the host would wait for it
     return _launch_prefill(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
                            starts, 0, lengths, _on_device(cu_seqlens_q, device),
                            spans, kv_lens, num_kv_heads, causal, _check_window(window), variants, scale, tile, paged=False)
@@ -1237,10 +1248,11 @@ def _takes_kernel_path(q, k, v, variants) -> bool:
     return ok
 
 
-def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None,
+                  cu_seqlens_q_host=None, seq_lens_host=None):
     run = triton_paged_prefill if _takes_kernel_path(q, k_cache, v_cache, variants) else _torch_paged_prefill
-    return run(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-               causal=causal, window=window, variants=variants, scale=scale, tile=tile)
+    return run(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, causal=causal, window=window,
+               variants=variants, scale=scale, tile=tile, cu_seqlens_q_host=cu_seqlens_q_host, seq_lens_host=seq_lens_host)
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, window=None, variants=(), scale=None, num_splits=None):
@@ -1248,9 +1260,11 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, window=None, va
     return run(q, k_cache, v_cache, block_tables, seq_lens, window=window, variants=variants, scale=scale, num_splits=num_splits)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None):
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None, tile=None,
+                     cu_seqlens_q_host=None, cu_seqlens_k_host=None):
     run = triton_varlen_attention if _takes_kernel_path(q, k, v, variants) else _torch_varlen_attention
-    return run(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, variants=variants, scale=scale, tile=tile)
+    return run(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, variants=variants, scale=scale,
+               tile=tile, cu_seqlens_q_host=cu_seqlens_q_host, cu_seqlens_k_host=cu_seqlens_k_host)
 
 
 def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

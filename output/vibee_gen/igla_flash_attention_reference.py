@@ -120,7 +120,8 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch
     return torch.cat([cache[int(p)] for p in pages[:count]])[:length]
 
 
-def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None):
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, causal=CAUSAL, window=None, variants=(), scale=None,
+                  cu_seqlens_q_host=None, seq_lens_host=None):  # *_host: the same values; the oracle reads the tensors
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     cu = cu_seqlens_q.tolist()
     for s, kv_len in enumerate(seq_lens.tolist()):
@@ -142,7 +143,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, window=None, va
     return out
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None):
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=CAUSAL, window=None, variants=(), scale=None,
+                     cu_seqlens_q_host=None, cu_seqlens_k_host=None):  # *_host: as in paged_prefill
     out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for s in range(len(cu_q) - 1):

@@ -4,6 +4,8 @@ and DecodeGraphs.pack against what each decode row must hold."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import numpy as np
@@ -47,11 +49,18 @@ def test_attention_batch_matches_token_by_token(seed, as_array):
     assert batch.slot_mapping.tolist() == slots
     assert batch.positions().tolist() == positions
     assert batch.is_decode == all(q == 1 for q in query_lens)
+    # The same lengths on the host (attention then reads nothing back), and the positions sent
+    # with the rest rather than derived on the device.
+    assert batch.cu_seqlens_q_host == cu and batch.seq_lens_host == seq_lens
+    assert batch.positions_tensor is not None
+    derived = dataclasses.replace(batch, positions_tensor=None)
+    assert derived.positions().tolist() == positions
 
 
 def test_attention_batch_without_kv_cache_and_empty():
     batch = make_attention_batch([3, 5], [3, 5], None, 16)
     assert batch.cu_seqlens_q.tolist() == [0, 3, 8] and batch.seq_lens.tolist() == [3, 5]
+    assert batch.cu_seqlens_q_host == [0, 3, 8] and batch.seq_lens_host == [3, 5]
     assert batch.block_tables is None and batch.slot_mapping is None and not batch.is_decode
     with pytest.raises(ValueError, match="whole sequences"):
         make_attention_batch([1, 5], [3, 5], None, 16)

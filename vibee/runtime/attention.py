@@ -33,9 +33,16 @@ class AttentionBatch:
     fresh: bool = False
     # Decode only: a fixed KV split count (CUDA graphs: nothing may depend on the step's lengths).
     num_splits: int | None = None
+    # The same offsets and lengths on the host, and every new token's position on the device, when
+    # the batch was made from host values: attention and positions then read nothing back.
+    cu_seqlens_q_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
+    positions_tensor: torch.Tensor | None = None
 
     def positions(self) -> torch.Tensor:
         """The position of every new token (long [T]): a sequence's new tokens are its last ones."""
+        if self.positions_tensor is not None:
+            return self.positions_tensor
         q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).long()
         seq = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
         offset_in_seq = torch.arange(int(self.cu_seqlens_q[-1]), device=q_lens.device) - self.cu_seqlens_q[:-1].long()[seq]
@@ -63,7 +70,8 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
         buf = torch.from_numpy(host).to(device)
         return AttentionBatch(cu_seqlens_q=buf[: num_seqs + 1].to(torch.int32),
                               seq_lens=buf[num_seqs + 1:].to(torch.int32),
-                              block_tables=None, slot_mapping=None, is_decode=False)
+                              block_tables=None, slot_mapping=None, is_decode=False,
+                              cu_seqlens_q_host=cu.tolist(), seq_lens_host=kv_lens.tolist())
     if isinstance(block_tables, np.ndarray):
         table = block_tables.astype(np.int64, copy=False)
     else:
@@ -75,16 +83,19 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
     seq = np.repeat(np.arange(num_seqs), q_lens)
     positions = (kv_lens - q_lens)[seq] + np.arange(int(cu[-1])) - cu[:-1][seq]
     slots = table[seq, positions // block_size] * block_size + positions % block_size
-    host = np.concatenate([cu, kv_lens, slots, table.reshape(-1)])
+    host = np.concatenate([cu, kv_lens, slots, positions, table.reshape(-1)])
     buf = torch.from_numpy(host).to(device)
-    tables_at = 2 * num_seqs + 1 + len(slots)
+    slots_at, positions_at = 2 * num_seqs + 1, 2 * num_seqs + 1 + len(slots)
+    tables_at = positions_at + len(positions)
     return AttentionBatch(
         cu_seqlens_q=buf[: num_seqs + 1].to(torch.int32),
-        seq_lens=buf[num_seqs + 1: 2 * num_seqs + 1].to(torch.int32),
+        seq_lens=buf[num_seqs + 1: slots_at].to(torch.int32),
         block_tables=buf[tables_at:].view(table.shape).to(torch.int32),
-        slot_mapping=buf[2 * num_seqs + 1: tables_at],
+        slot_mapping=buf[slots_at: positions_at],
         is_decode=bool((q_lens == 1).all()),
         fresh=bool(np.array_equal(q_lens, kv_lens)),
+        cu_seqlens_q_host=cu.tolist(), seq_lens_host=kv_lens.tolist(),
+        positions_tensor=buf[positions_at: tables_at],
     )
 
 
@@ -116,9 +127,13 @@ class AttentionBackend:
         window: this layer's sliding window (a query sees the `window` latest keys, itself
         included), passed to the generated kernels as their runtime argument; None: no window."""
         variants = self.variants
+        # The batch's lengths on the host, where it has them: the calls then read nothing back
+        # (each read is a sync with the device, once per layer).
+        cu_host = batch.cu_seqlens_q_host
+        own_kv = {} if cu_host is None else {"cu_seqlens_q_host": cu_host, "cu_seqlens_k_host": cu_host}
         if kv_cache is None or batch.block_tables is None:
             out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
-                                           variants=variants, scale=self.scale, window=window)
+                                           variants=variants, scale=self.scale, window=window, **own_kv)
             return out.to(dtype=q.dtype, device=q.device)
         kv_cache.write(layer, k, v, batch.slot_mapping)
         if batch.fresh and not batch.is_decode and getattr(kv_cache.k_pages[layer], "scale", None) is None:
@@ -126,7 +141,7 @@ class AttentionBackend:
             # kernel's fast path; the paged one gathers 16-token pages). int8 pages are read back
             # instead, so that a prompt sees the K/V its later tokens will see.
             out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
-                                           variants=variants, scale=self.scale, window=window)
+                                           variants=variants, scale=self.scale, window=window, **own_kv)
             return out.to(dtype=q.dtype, device=q.device)
         k_pages, v_pages, tables = self._pages(kv_cache, layer, batch, q.dtype)
         if batch.is_decode:
@@ -134,8 +149,9 @@ class AttentionBackend:
             out = self.fa.paged_decode(q, k_pages, v_pages, tables, batch.seq_lens, variants=variants, scale=self.scale,
                                        window=window, **fixed)
         else:
+            paged = {} if cu_host is None else {"cu_seqlens_q_host": cu_host, "seq_lens_host": batch.seq_lens_host}
             out = self.fa.paged_prefill(q, k_pages, v_pages, tables, batch.cu_seqlens_q, batch.seq_lens, causal=True,
-                                        variants=variants, scale=self.scale, window=window)
+                                        variants=variants, scale=self.scale, window=window, **paged)
         return out.to(dtype=q.dtype, device=q.device)
 
     @staticmethod

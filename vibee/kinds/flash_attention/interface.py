@@ -12,15 +12,18 @@ import torch
 class AttentionFunctions(Protocol):
     """q [T, Hq, D]; k_cache, v_cache [num_pages, page_size, Hkv, D] (the page size is the cache's);
     block_tables int32 [B, pages]; cu_seqlens int32 [B+1]; seq_lens int32 [B] (KV length per
-    sequence); window: a model's sliding window (0/None: none). Returns [T, Hq, D]."""
+    sequence); window: a model's sliding window (0/None: none); *_host: the same lengths as host
+    ints, when the caller has them (nothing is then read back from the device). Returns [T, Hq, D]."""
 
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, causal: bool = ..., window: int | None = ..., variants: Sequence[Any] = ...,
-                         scale: float | None = ...) -> torch.Tensor: ...
+                         scale: float | None = ..., cu_seqlens_q_host: Sequence[int] | None = ...,
+                         cu_seqlens_k_host: Sequence[int] | None = ...) -> torch.Tensor: ...
 
     def paged_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, causal: bool = ...,
-                      variants: Sequence[Any] = ..., scale: float | None = ...) -> torch.Tensor: ...
+                      variants: Sequence[Any] = ..., scale: float | None = ..., cu_seqlens_q_host: Sequence[int] | None = ...,
+                      seq_lens_host: Sequence[int] | None = ...) -> torch.Tensor: ...
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, *, window: int | None = ..., variants: Sequence[Any] = ..., scale: float | None = ...) -> torch.Tensor: ...
@@ -46,8 +49,10 @@ class FlashAttentionModule(AttentionFunctions, Protocol):
 
     def paged_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, causal: bool = ...,
-                      variants: Sequence[Any] = ..., scale: float | None = ..., tile: Any = ...) -> torch.Tensor: ...
+                      variants: Sequence[Any] = ..., scale: float | None = ..., tile: Any = ...,
+                      cu_seqlens_q_host: Sequence[int] | None = ..., seq_lens_host: Sequence[int] | None = ...) -> torch.Tensor: ...
 
     def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, *, causal: bool = ..., window: int | None = ..., variants: Sequence[Any] = ...,
-                         scale: float | None = ..., tile: Any = ...) -> torch.Tensor: ...
+                         scale: float | None = ..., tile: Any = ..., cu_seqlens_q_host: Sequence[int] | None = ...,
+                         cu_seqlens_k_host: Sequence[int] | None = ...) -> torch.Tensor: ...
