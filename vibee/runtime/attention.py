@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vibee.kinds.flash_attention.interface import AttentionFunctions
+from vibee.runtime.host_copy import to_device
 
 
 @dataclass
@@ -67,7 +68,7 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
         if not np.array_equal(q_lens, kv_lens):
             raise ValueError("without a KV cache every step feeds whole sequences (query_lens == seq_lens)")
         host = np.concatenate([cu, kv_lens])
-        buf = torch.from_numpy(host).to(device)
+        buf = to_device(host, device)
         return AttentionBatch(cu_seqlens_q=buf[: num_seqs + 1].to(torch.int32),
                               seq_lens=buf[num_seqs + 1:].to(torch.int32),
                               block_tables=None, slot_mapping=None, is_decode=False,
@@ -84,7 +85,7 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
     positions = (kv_lens - q_lens)[seq] + np.arange(int(cu[-1])) - cu[:-1][seq]
     slots = table[seq, positions // block_size] * block_size + positions % block_size
     host = np.concatenate([cu, kv_lens, slots, positions, table.reshape(-1)])
-    buf = torch.from_numpy(host).to(device)
+    buf = to_device(host, device)
     slots_at, positions_at = 2 * num_seqs + 1, 2 * num_seqs + 1 + len(slots)
     tables_at = positions_at + len(positions)
     return AttentionBatch(

@@ -17,6 +17,7 @@ import torch
 
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.block_table_rows import BlockTableRows
+from vibee.runtime.host_copy import to_device
 from vibee.runtime.warmup import warm_decode, warm_prefill
 
 
@@ -100,8 +101,8 @@ class DraftRunner:
         ids = [t for (_, tokens), valid in zip(batch, catch_up) for t in tokens[valid:]]
         query_lens = [n - valid for n, valid in zip(lens, catch_up)]
         step = make_attention_batch(query_lens, lens, tables, self.block_size, self.device)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), step.positions(), step, self.cache)
-        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+        hidden = self.model(to_device(ids, self.device), step.positions(), step, self.cache)
+        last = to_device(query_lens, self.device).cumsum(0) - 1
         token = self.model.compute_logits(hidden[last]).argmax(dim=-1)
         drafted = [token]
         for j in range(1, self.k):  # one token each, at the position after the last draft

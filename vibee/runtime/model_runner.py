@@ -20,6 +20,7 @@ import torch
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.block_table_rows import BlockTableRows
 from vibee.runtime.cuda_graphs import capture_decode_graphs
+from vibee.runtime.host_copy import to_device
 from vibee.runtime.requests import token_slice
 from vibee.runtime.warmup import warm_prefill
 
@@ -111,12 +112,12 @@ class ModelRunner:
             self.last_hidden = self.graphs.last_hidden(len(input_ids))
             return plan, logits, True
         batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        ids = to_device(input_ids, self.device)
         if sources:  # placeholders: the tokens the last step left on the device
             at, row = zip(*sources)
-            ids[torch.tensor(at, device=self.device)] = self.sampled[torch.tensor(row, device=self.device)]
-        # Copied before the forward is queued (a copy to the GPU waits for it); none when every row is kept.
-        keep = torch.tensor(logit_rows, device=self.device) if 0 < len(logit_rows) < len(input_ids) else None
+            ids[to_device(at, self.device)] = self.sampled[to_device(row, self.device)]
+        # None when every row is kept.
+        keep = to_device(logit_rows, self.device) if 0 < len(logit_rows) < len(input_ids) else None
         with torch.inference_mode():
             hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
             if not logit_rows:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vibee.runtime.host_copy import to_device
 from vibee.runtime.sampling_kernel import gumbel_sample
 from vibee.runtime.sampling_params import SamplingParams
 
@@ -72,12 +73,9 @@ def _check_range(ids: np.ndarray, vocab: int) -> None:
 
 
 def _on(device: torch.device, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host values (a list or numpy array) as a tensor on `device`. To a GPU the copy goes from
-    pinned memory without blocking: a plain copy would wait for the forward pass still running."""
-    host = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    """Host values (a list or numpy array) as a tensor on `device`, queued without waiting for the
+    forward pass still running (vibee/runtime/host_copy.py)."""
+    return to_device(values, device, dtype)
 
 
 def _pairs(per_row: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
