@@ -1,5 +1,5 @@
-"""The host side of CUDA-graph decode steps on a CPU: "graphs" that run the model eagerly on
-DecodeGraphs' static buffers (what a captured graph reads and writes)."""
+"""The host side of CUDA-graph steps on a CPU: "graphs" that run the model eagerly on the static
+buffers of DecodeGraphs and PrefillGraphs (what a captured graph reads and writes)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ def use_eager_graphs(monkeypatch) -> list[int]:
     returns the list each replay appends its batch size to."""
     from vibee.runtime.cuda_graphs import DecodeGraphs
     from vibee.runtime.engine import LLMEngine
+    from vibee.runtime.prefill_graphs import PrefillGraphs
 
     replayed: list[int] = []
 
@@ -23,6 +24,10 @@ def use_eager_graphs(monkeypatch) -> list[int]:
     def capture(self):
         self.graphs = {b: EagerReplay(self, b) for b in self.sizes}
 
+    def capture_prefill(self):
+        self.graphs = {t: EagerReplay(self, t) for t in self.sizes}
+
     monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    monkeypatch.setattr(PrefillGraphs, "capture", capture_prefill)
     monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
     return replayed

@@ -1,5 +1,6 @@
 """The model runner: one forward of a scheduled step over the paged KV cache, as a CUDA graph
-replay when the step is a decode (one row per token sampled) and eagerly otherwise.
+replay when the step is a decode (one row per token sampled) or one whole fresh prompt
+(prefill_graphs.py), and eagerly otherwise.
 
 It keeps the final hidden states of the rows it computed logits for (`last_hidden`, on the
 device, until the next step runs), and where each sampling sequence's rows are among them
@@ -21,6 +22,7 @@ from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.block_table_rows import BlockTableRows
 from vibee.runtime.cuda_graphs import capture_decode_graphs
 from vibee.runtime.host_copy import to_device
+from vibee.runtime.prefill_graphs import capture_prefill_graphs
 from vibee.runtime.requests import token_slice
 from vibee.runtime.warmup import warm_prefill
 
@@ -56,6 +58,7 @@ class ModelRunner:
         self.last_hidden: torch.Tensor | None = None
         self.last_rows: dict[int, tuple[int, int, int]] = {}
         self.graphs = self.graph_error = None
+        self.prefill_graphs = None
         if use_graphs:
             self.graphs, self.graph_error = capture_decode_graphs(
                 model, kv_cache, max_batch=graph_rows, max_model_len=max_model_len, block_size=block_size,
@@ -63,6 +66,11 @@ class ModelRunner:
         if self.graphs is not None and device.startswith("cuda"):  # every shape the prefill autotunes on
             warm_prefill(model, kv_cache, max_tokens=min(max_num_batched_tokens, max_model_len),
                          block_size=block_size, scratch_block=num_blocks)
+        # int8 KV pages are read back even by a fresh prompt (attention.py): those prefill eagerly.
+        if self.graphs is not None and getattr(kv_cache.k_pages[0], "scale", None) is None:
+            self.prefill_graphs = capture_prefill_graphs(
+                model, kv_cache, max_tokens=min(max_num_batched_tokens, max_model_len), block_size=block_size,
+                padding_slot=num_blocks * block_size, sampled=self.sampled)
 
     def release(self, seq_id: int) -> None:
         self.block_rows.release(seq_id)
@@ -106,6 +114,12 @@ class ModelRunner:
                 plan.append((seq, len(logit_rows), drafts))
                 logit_rows.extend(range(len(input_ids) - len(drafts) - 1, len(input_ids)))
         tables = self.block_rows.gather(rows) if use_kv_cache else None
+        if self.prefill_graphs is not None and len(plan) == 1 == len(query_lens) and not sources \
+                and query_lens[0] == seq_lens[0] == len(input_ids) and not plan[0][2] \
+                and self.prefill_graphs.fits(len(input_ids)):
+            # One whole fresh prompt: its bucket's graph (its argmax lands in sampled[0]).
+            logits, self.last_hidden = self.prefill_graphs.run(input_ids, tables[0])
+            return plan, logits, True
         if self.graphs is not None and len(logit_rows) == len(input_ids) and len(plan) == len(query_lens) \
                 and self.graphs.fits(len(input_ids)):
             logits = self._replay(input_ids, query_lens, seq_lens, tables, sources)
