@@ -5,6 +5,7 @@ padding rows, the padding slot and the last-row index are what a captured graph 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.runtime.eager_graphs import use_eager_graphs
 from tests.runtime.hf_models import make_model
@@ -84,3 +85,31 @@ def test_steps_that_are_not_one_whole_fresh_prompt_run_eagerly(model_dir, prefil
     generate(cached, [first[:32] + [5, 6, 7]], params)  # its first two blocks are cache hits
     # Only the one-prompt steps of the max_num_seqs=1 engines replayed: 9 and 12, then 40 (a miss).
     assert prefilled == [9, 12, 40]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_prefills_give_the_eager_tokens_on_the_gpu(monkeypatch):
+    """The built-in model in float32 on stdlib text, one request at a time: prompts prefilled by
+    real graph replays give the tokens of eager prefills."""
+    from vibee.bench.report import stdlib_workload
+    from vibee.runtime import model_runner
+    from vibee.runtime.config import EngineConfig
+    from vibee.runtime.engine import LLMEngine
+
+    def gpu_engine():
+        knobs = {"continuous_batch": {"max_num_seqs": 1}, "kv_cache": {"enable_prefix_caching": False}}
+        return LLMEngine(EngineConfig(device="cuda", dtype="float32", knobs=knobs), progress=False)
+
+    eng = gpu_engine()
+    assert eng.runner.prefill_graphs is not None
+    replayed = []
+    real = eng.runner.prefill_graphs.run
+    eng.runner.prefill_graphs.run = lambda ids, table: replayed.append(len(ids)) or real(ids, table)
+    work = stdlib_workload(lambda t: eng.tokenizer.encode(t, add_special_tokens=False), 4, (20, 600), (24, 24), 0)
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    got = [o.outputs[0].token_ids for o in generate(eng, work.prompts, params)]
+    assert replayed == [len(p) for p in work.prompts if len(p) <= eng.runner.prefill_graphs.sizes[-1]]
+    del eng
+    monkeypatch.setattr(model_runner, "capture_prefill_graphs", lambda *a, **k: None)
+    assert got == [o.outputs[0].token_ids for o in generate(gpu_engine(), work.prompts, params)]
