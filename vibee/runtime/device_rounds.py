@@ -50,14 +50,9 @@ def _seconds(fn, repeats: int) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
-class NgramProposer:
-    """A round's drafts by n-gram lookup in each sequence's tokens (the generated kernel)."""
-
-    def __init__(self, sd_module: Any, drafter: Any):
-        self.sd, self.drafter = sd_module, drafter
-
-    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sd.ngram_propose_on_device(self.drafter, work, lens)
+class StatelessProposer:
+    """A proposer that keeps nothing per sequence: no catch-up before a step's rounds, nothing to
+    learn after them or to forget."""
 
     def before(self, seqs: list[Any], tables: np.ndarray) -> int:
         return 0
@@ -69,7 +64,17 @@ class NgramProposer:
         pass
 
 
-class PlainProposer:
+class NgramProposer(StatelessProposer):
+    """A round's drafts by n-gram lookup in each sequence's tokens (the generated kernel)."""
+
+    def __init__(self, sd_module: Any, drafter: Any):
+        self.sd, self.drafter = sd_module, drafter
+
+    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sd.ngram_propose_on_device(self.drafter, work, lens)
+
+
+class PlainProposer(StatelessProposer):
     """No drafts (k = 0): a round is one decode step of every sequence, its token sampled on the
     device (vibee/runtime/multi_step.py)."""
 
@@ -79,15 +84,6 @@ class PlainProposer:
 
     def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.drafts[: len(lens)], self.counts[: len(lens)]
-
-    def before(self, seqs: list[Any], tables: np.ndarray) -> int:
-        return 0
-
-    def after(self, seqs: list[Any], emitted: list[list[int]]) -> None:
-        pass
-
-    def forget(self, seq_id: int) -> None:
-        pass
 
 
 class DeviceRounds:
