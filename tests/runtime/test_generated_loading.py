@@ -67,7 +67,8 @@ def test_compile_knob_regenerates_only_its_kind(tmp_path):
 def test_quant_int8_is_per_channel_by_the_ir_rule():
     gen = load_generated(knobs=EngineConfig(quant="int8").knob_settings("float32"))
     assert gen.quantization.BITS == 8 and gen.quantization.GROUP_SIZE == -1
-    assert gen.configs.quantization.compute_dtype == "fp32"
+    assert gen.configs.quantization.compute_dtype == "bf16"  # a float32 model keeps the spec's compute dtype
+    assert load_generated(knobs=EngineConfig(quant="int8").knob_settings("float16")).configs.quantization.compute_dtype == "fp16"
     gen4 = load_generated(knobs=EngineConfig(quant="int4").knob_settings("float32"))
     assert gen4.quantization.BITS == 4 and gen4.quantization.GROUP_SIZE == 128
 
@@ -107,3 +108,15 @@ def test_spec_dir_missing_a_kind(tmp_path):
     (spec_dir / "igla_quantization.vibee").unlink()
     with pytest.raises(SpecError, match="quantization"):
         load_generated(spec_dir)
+
+
+def test_group_size_flag_sets_the_quantized_groups():
+    config = EngineConfig(quant="int4", knobs={"quantization": {"group_size": 64}})
+    assert config.unbuilt_features() == []
+    gen = load_generated(knobs=config.knob_settings("float32"))
+    assert gen.quantization.BITS == 4 and gen.quantization.GROUP_SIZE == 64
+    # int8 with an explicit group keeps it (without one it is per channel)
+    int8 = EngineConfig(quant="int8", knobs={"quantization": {"group_size": 64}}).knob_settings("float32")
+    assert load_generated(knobs=int8).quantization.GROUP_SIZE == 64
+    # without --quant nothing is quantized: the flag is refused rather than ignored
+    assert any("--group-size" in p for p in EngineConfig(knobs={"quantization": {"group_size": 64}}).unbuilt_features())

@@ -3,6 +3,7 @@ measured in process (registered on the bench group in vibee/bench/cli.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -120,17 +121,21 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
               help="Score these files (default: the model's held-out files from its training_stats.json).")
 @click.option("--quant", "quants", default="none,int8,int4", show_default=True,
               help="Comma-separated weight precisions to compare: none, int8, int4.")
+@click.option("--group-size", type=int, default=None,
+              help="Input weights per scale for the quantized rows (spec: quantization.group_size; default: the spec's).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--window", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per scored window.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
-def perplexity(model, text_files, quants, device, dtype, window, max_tokens, result_dir):
-    """Held-out perplexity with unquantized, int8 and int4 weights (what --quant costs)."""
+def perplexity(model, text_files, quants, group_size, device, dtype, window, max_tokens, result_dir):
+    """Held-out perplexity with unquantized, int8 and int4 weights (what --quant costs). A
+    precision that cannot be applied to the model is reported in its row; the others still are."""
     from rich.console import Console
 
     from vibee.bench.perplexity import held_out_texts, perplexity as score, token_stream
+    from vibee.engine_flags import render_user_error
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
     from vibee.runtime.loader import load_model_dir
@@ -147,36 +152,50 @@ def perplexity(model, text_files, quants, device, dtype, window, max_tokens, res
     dtype_name = base.resolve_dtype(dev)
     with user_errors():
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in text_files] or held_out_texts(base.model_dir)
-        for quant in wanted:
-            config = engine_config(model=model, device=device, dtype=dtype, quant=quant)
+    for quant in wanted:
+        groups = {} if quant == "none" or group_size is None else {"group_size": group_size}
+        config = engine_config(model=model, device=device, dtype=dtype, quant=quant, **groups)
+        try:
             gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
             loaded = load_model_dir(config.model_dir, dtype=TORCH_DTYPES[dtype_name], device=dev, progress=False)
             runner = build_model(loaded, gen).eval()
             if quant != "none":
                 gen.quantization.quantize_model(runner, gen.configs.quantization.skip_modules)
-            eos = sorted(loaded.config.eos_token_ids)
-            ids = token_stream(loaded.tokenizer, texts, eos[0] if eos else None)
-            figures[quant] = score(runner, ids, window, max_tokens, dev)
-            # What the generated module was compiled with, not a second copy of the spec's values.
-            figures[quant]["quantization"] = ({"bits": gen.quantization.BITS, "group_size": gen.quantization.GROUP_SIZE}
-                                              if quant != "none" else None)
-    reference = figures[wanted[0]]["perplexity"]
+        except Exception as exc:  # a user's mistake or a model this precision does not fit: its row says so
+            if render_user_error(exc) is None:
+                raise
+            figures[quant] = {"error": str(exc)}
+            out.print(f"--quant {quant}: {exc}", style="red", highlight=False)
+            continue
+        eos = sorted(loaded.config.eos_token_ids)
+        ids = token_stream(loaded.tokenizer, texts, eos[0] if eos else None)
+        figures[quant] = score(runner, ids, window, max_tokens, dev)
+        # What the generated module was compiled with, not a second copy of the spec's values.
+        figures[quant]["quantization"] = ({"bits": gen.quantization.BITS, "group_size": gen.quantization.GROUP_SIZE}
+                                          if quant != "none" else None)
+    scored = [q for q in wanted if "perplexity" in figures[q]]
     for quant in wanted:
         f = figures[quant]
-        f["change_vs_first"] = f["perplexity"] / reference - 1
+        if "error" in f:
+            rows.append([quant, f"failed: {f['error']}", "", "", ""])
+            continue
+        f["change_vs_first"] = f["perplexity"] / figures[scored[0]]["perplexity"] - 1
         q = f["quantization"]
         groups = "per channel" if q is not None and q["group_size"] == -1 else f"group {q and q['group_size']}"
         what = "unquantized" if q is None else f"{q['bits']}-bit, {groups}, round to nearest"
         rows.append([quant, what, f["tokens"], f["perplexity"], f"{100 * f['change_vs_first']:+.2f}%"])
     env = environment(dev)
     title = f"vibee bench perplexity: {base.model_name} on {env.get('device_name', dev)} ({dtype_name})"
-    notes = [f"Non-overlapping windows of {window} tokens, token-weighted; change is relative to '{wanted[0]}'."]
+    notes = [f"Non-overlapping windows of {window} tokens, token-weighted; change is relative to "
+             f"'{scored[0] if scored else wanted[0]}'."]
     sections = [Section("Perplexity", ["--quant", "weights", "tokens", "perplexity", "change"], rows),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
     data = {"benchmark": "perplexity", "settings": {"model": base.model_name, "device": dev, "dtype": dtype_name,
-                                                    "window": window, "max_tokens": max_tokens},
+                                                    "window": window, "max_tokens": max_tokens, "group_size": group_size},
             "results": figures, "environment": env}
     finish(out, result_dir, "perplexity", data, title, sections, notes)
+    if len(scored) < len(wanted):
+        sys.exit(1)
 
 
 # --- kernels -------------------------------------------------------------------------------------

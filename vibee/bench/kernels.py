@@ -200,7 +200,7 @@ def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> list[Tim
     m, k, n = shape["m"], shape["k"], shape["n"]
     torch.manual_seed(0)
     linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device)
-    qlinear = quant.QuantLinear.from_linear(linear, dtype=dtype)
+    qlinear = quant.QuantLinear.from_linear(linear)  # in the compute dtype serving gives it (bf16 for a float32 model)
     x = torch.randn(m, k, dtype=dtype, device=device)
     ours = time_call(lambda: qlinear(x), device)
     baselines = [(f"torch {str(dtype).split('.')[-1]} matmul", time_call(lambda: F.linear(x, linear.weight), device))]

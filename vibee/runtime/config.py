@@ -96,6 +96,8 @@ class EngineConfig(BaseModel):
             problems.append(f"--draft-model drafts with a model; it can't go with --speculative-method {method}")
         if self.knob("speculative_decode", "medusa_heads") is not None and method not in (None, "medusa"):
             problems.append(f"--medusa-heads is for --speculative-method medusa, not {method}")
+        if self.knobs.get("quantization") and self.quant == "none":
+            problems.append("--group-size shapes the quantized weights; it needs --quant int4 or int8")
         if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
@@ -110,5 +112,10 @@ class EngineConfig(BaseModel):
         elif self.knob("speculative_decode", "medusa_heads") is not None:
             settings.setdefault("speculative_decode", {}).setdefault("method", "medusa")
         if self.quant != "none":
-            settings.setdefault("quantization", {}).update(bits=QUANT_BITS[self.quant], compute_dtype=DTYPE_NAMES[dtype])
+            quantization = settings.setdefault("quantization", {})
+            quantization["bits"] = QUANT_BITS[self.quant]
+            # A 16-bit model's quantized layers compute in its dtype; a float32 one's keep the spec's
+            # (bf16 unless it says otherwise): torch's CPU int4/int8 kernels run 10-60x slower in float32.
+            if dtype != "float32":
+                quantization["compute_dtype"] = DTYPE_NAMES[dtype]
         return settings

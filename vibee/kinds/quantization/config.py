@@ -32,6 +32,7 @@ _MODULE_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 class QuantizationConfig(KindConfig):
     KIND: ClassVar[str] = "quantization"
+    MIN_GROUP_SIZE: ClassVar[int] = MIN_GROUP_SIZE  # a row group_size does not divide halves it down to this
     BEHAVIORS: ClassVar[dict[str, str]] = {
         "quantize_weight": "quantize_weight: round-to-nearest codes, scales (and zero points) per group of a [out, in] weight",
         "pack_int4": "pack_int4: 4-bit codes packed little-endian into words along the input dimension",
@@ -62,6 +63,7 @@ class QuantizationConfig(KindConfig):
             "layers_quantized",  # model case: nn.Linear layers quantize_model replaced
             "layers_skipped",  # model case: nn.Linear layers it left alone (skip_modules)
             "raises",  # name of the exception quantize_weight must raise for this shape, e.g. ValueError
+            "group_size",  # the group a row of in_features weights takes (group_size, or a smaller power of two)
         }
     )
 
@@ -69,9 +71,11 @@ class QuantizationConfig(KindConfig):
     group_size: int = knob("compile",
         128,
         strict=True,
+        flag="--group-size",
         description=(
             "Input-dimension weights sharing one scale: a power of two from 32 to 1024, or -1 for one group per"
             " output channel. When not given, 8-bit configs default to -1 (per channel) and 4-bit ones to 128."
+            " A layer whose width it does not divide takes the largest smaller power of two that does, down to 32."
         ),
     )
     symmetric: bool = knob("compile",
@@ -163,7 +167,13 @@ class QuantizationConfig(KindConfig):
     # --- figures for `vibee explain` ---------------------------------------------------------
 
     def group_size_for(self, in_features: int) -> int:
-        return in_features if self.group_size == PER_CHANNEL else self.group_size
+        """The generated group_size_for: group_size, halved while it does not divide the row (to 32)."""
+        if self.group_size == PER_CHANNEL:
+            return in_features
+        group = self.group_size
+        while in_features % group and group > MIN_GROUP_SIZE:
+            group //= 2
+        return group
 
     def weight_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes of the quantized weight: codes, scales and (asymmetric) zero points."""
