@@ -39,6 +39,10 @@ OTHER_VALUE = {
         "compute_dtype": "fp16",
         "tiles": [{"kernel": "mm", "block_m": 32, "block_n": 32, "block_k": 64}],
         "skip_modules": ["not_a_layer"],
+        "method": "gptq",
+        "damp_percent": 0.1,
+        "calibration_samples": 16,
+        "calibration_seq_len": 128,
     },
     "speculative_decode": {
         "method": "medusa",

@@ -184,3 +184,44 @@ def test_bad_tiles_are_spec_errors(gen_from_text, quantization_spec, tiles, mess
         gen_from_text(with_tiles(quantization_spec, "  tiles:\n" + tiles), "igla_quantization")
     rendered = caught.value.render()
     assert re.search(r"igla_quantization\.vibee:\d+:\d+: error: .*" + message, rendered), rendered
+
+
+def test_method_gptq_quantizes_stage_by_stage_over_calibration_inputs(gen_from_text, quantization_spec):
+    rtn = gen_from_text(quantization_spec, "igla_quantization").impl
+    variant = gen_from_text(with_config(quantization_spec, "method", "gptq"), "igla_quantization")
+    gptq = variant.impl
+    assert (rtn.METHOD, gptq.METHOD) == ("rtn", "gptq")
+
+    def toy(module):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.layers = torch.nn.ModuleList(torch.nn.Linear(256, 256) for _ in range(2))
+        model.lm_head = torch.nn.Linear(256, 64)
+        return model
+
+    # Inputs whose features move together, like a layer's: GPTQ's codes make up for that.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, 256, generator=g) + 0.1 * torch.randn(512, 256, generator=g)
+
+    def run(model):
+        h = x
+        for layer in model.layers:
+            h = torch.relu(layer(h))
+        return model.lm_head(h)
+
+    reference = toy(None)
+    expected = run(reference).detach()
+    errors = {}
+    for name, module in (("rtn", rtn), ("gptq", gptq)):
+        model, passes, stages = toy(None), [], []
+        stats = module.quantize_model(model, [], lambda: passes.append(run(model)), lambda done, total: stages.append((done, total)))
+        assert stats.layers_quantized == 3
+        errors[name] = (run(model) - expected).norm().item()
+        if name == "gptq":  # one calibration pass per stage: layers.0, layers.1, then lm_head
+            assert len(passes) == 3 and stages == [(1, 3), (2, 3), (3, 3)]
+        else:
+            assert passes == []  # round to nearest needs no calibration
+    assert errors["gptq"] < 0.7 * errors["rtn"], errors
+    with pytest.raises(ValueError, match="calibrate"):
+        gptq.quantize_model(toy(None), [])
+    assert variant.run_tests("-k", "not test_spec_case") == 0

@@ -39,7 +39,7 @@ def test_group_size_reaches_the_quantized_rows(tmp_path):
                                         "--group-size", "32", "--result-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     figures = json.loads(next(tmp_path.glob("perplexity-*.json")).read_text())["results"]
-    assert figures["int4"]["quantization"] == {"bits": 4, "group_size": 32}
+    assert figures["int4"]["quantization"] == {"bits": 4, "group_size": 32, "method": "rtn"}
 
 
 def test_a_precision_that_fails_keeps_the_finished_rows(tmp_path):

@@ -90,7 +90,7 @@ def test_info_quantization_is_what_was_applied(served):
     # output channel (group_size -1).
     assert quantized == 4 * LAYERS + 1
     assert info["model"]["quantization"] == {"method": "rtn", "bits": 8, "group_size": -1,
-                                             "layers_quantized": quantized}
+                                             "source": "quantized at load", "layers_quantized": quantized}
 
 
 def _model_facts(doc: Any, path: str = "") -> Iterator[tuple[str, str, Any]]:

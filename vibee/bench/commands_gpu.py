@@ -10,6 +10,7 @@ import click
 
 from vibee.engine_flags import engine_config, user_errors
 from vibee.bench.report import Section, environment, fail, finish
+from vibee.kinds.quantization.config import METHOD_NAMES
 
 
 # --- latency -------------------------------------------------------------------------------------
@@ -41,8 +42,9 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
 
     from vibee.bench.ceilings import measure_ceilings
     from vibee.bench.latency import measure_decode, plot_decode, summarize_decode, weight_bytes
-    from vibee.runtime.shapes import random_model, shape_config
+    from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
     from vibee.runtime.engine import TORCH_DTYPES
+    from vibee.runtime.served_model import quantize
     from vibee.runtime.generated import load_generated
     from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
@@ -63,7 +65,9 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
             runner, model_config, name = build_model(loaded, gen, flash_attn=flash_attn).eval(), loaded.config, config.model_name
         loaded_bytes = weight_bytes(runner)
         if quant != "none":
-            gen.quantization.quantize_model(runner, gen.configs.quantization.skip_modules)
+            tokenizer = SyntheticTokenizer(model_config.vocab_size) if shape is not None else loaded.tokenizer
+            quantize(runner, tokenizer, gen, None if shape is not None else config.model_dir,
+                     model_config.max_position_embeddings, dev, progress=True)
     block_size = gen.configs.kv_cache.block_size
     kv_bytes_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
         TORCH_DTYPES[dtype_name].itemsize
@@ -120,7 +124,8 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
 @click.option("--text-file", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score these files (default: the model's held-out files from its training_stats.json).")
 @click.option("--quant", "quants", default="none,int8,int4", show_default=True,
-              help="Comma-separated weight precisions to compare: none, int8, int4.")
+              help="Comma-separated weight precisions to compare: none, int8, int4; int8/int4 may name the method "
+                   "after a colon (int4:gptq, int4:rtn; default: the spec's).")
 @click.option("--group-size", type=int, default=None,
               help="Input weights per scale for the quantized rows (spec: quantization.group_size; default: the spec's).")
 @click.option("--device", default="auto", show_default=True)
@@ -140,12 +145,13 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
     from vibee.runtime.generated import load_generated
     from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
+    from vibee.runtime.served_model import quantize
 
     out = Console()
     wanted = [q.strip() for q in quants.split(",") if q.strip()]
-    bad = [q for q in wanted if q not in ("none", "int8", "int4")]
-    if bad or not wanted:
-        fail(f"--quant takes none, int8 and int4 separated by commas, got {quants!r}")
+    bad = [q for q in wanted if q not in ("none", "int8", "int4", "int8:rtn", "int4:rtn", "int8:gptq", "int4:gptq")]
+    if bad or not wanted or len(set(wanted)) < len(wanted):
+        fail(f"--quant takes none, int8 and int4 (int8/int4 with :rtn or :gptq) separated by commas, once each, got {quants!r}")
     rows, figures = [], {}
     base = engine_config(model=model, device=device, dtype=dtype)
     dev = base.resolve_device()
@@ -153,14 +159,17 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
     with user_errors():
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in text_files] or held_out_texts(base.model_dir)
     for quant in wanted:
-        groups = {} if quant == "none" or group_size is None else {"group_size": group_size}
-        config = engine_config(model=model, device=device, dtype=dtype, quant=quant, **groups)
+        bits, _, method = quant.partition(":")
+        knobs = {} if bits == "none" else {"group_size": group_size, "quant_method": method or None}
+        config = engine_config(model=model, device=device, dtype=dtype, quant=bits,
+                               **{k: v for k, v in knobs.items() if v is not None})
         try:
             gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
             loaded = load_model_dir(config.model_dir, dtype=TORCH_DTYPES[dtype_name], device=dev, progress=False)
             runner = build_model(loaded, gen).eval()
-            if quant != "none":
-                gen.quantization.quantize_model(runner, gen.configs.quantization.skip_modules)
+            if bits != "none":
+                quantize(runner, loaded.tokenizer, gen, config.model_dir, loaded.config.max_position_embeddings, dev,
+                         progress=True)
         except Exception as exc:  # a user's mistake or a model this precision does not fit: its row says so
             if render_user_error(exc) is None:
                 raise
@@ -171,8 +180,8 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
         ids = token_stream(loaded.tokenizer, texts, eos[0] if eos else None)
         figures[quant] = score(runner, ids, window, max_tokens, dev)
         # What the generated module was compiled with, not a second copy of the spec's values.
-        figures[quant]["quantization"] = ({"bits": gen.quantization.BITS, "group_size": gen.quantization.GROUP_SIZE}
-                                          if quant != "none" else None)
+        figures[quant]["quantization"] = ({"bits": gen.quantization.BITS, "group_size": gen.quantization.GROUP_SIZE,
+                                           "method": gen.quantization.METHOD} if bits != "none" else None)
     scored = [q for q in wanted if "perplexity" in figures[q]]
     for quant in wanted:
         f = figures[quant]
@@ -182,7 +191,7 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
         f["change_vs_first"] = f["perplexity"] / figures[scored[0]]["perplexity"] - 1
         q = f["quantization"]
         groups = "per channel" if q is not None and q["group_size"] == -1 else f"group {q and q['group_size']}"
-        what = "unquantized" if q is None else f"{q['bits']}-bit, {groups}, round to nearest"
+        what = "unquantized" if q is None else f"{q['bits']}-bit, {groups}, {METHOD_NAMES[q['method']]}"
         rows.append([quant, what, f["tokens"], f["perplexity"], f"{100 * f['change_vs_first']:+.2f}%"])
     env = environment(dev)
     title = f"vibee bench perplexity: {base.model_name} on {env.get('device_name', dev)} ({dtype_name})"

@@ -97,7 +97,7 @@ class EngineConfig(BaseModel):
         if self.knob("speculative_decode", "medusa_heads") is not None and method not in (None, "medusa"):
             problems.append(f"--medusa-heads is for --speculative-method medusa, not {method}")
         if self.knobs.get("quantization") and self.quant == "none":
-            problems.append("--group-size shapes the quantized weights; it needs --quant int4 or int8")
+            problems.append("--group-size and --quant-method shape the quantized weights; they need --quant int4 or int8")
         if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")

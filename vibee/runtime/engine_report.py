@@ -55,12 +55,12 @@ class EngineStats:
 
 
 def applied_quantization(quant_stats, quantization) -> dict[str, Any] | None:
-    """How the served model's weights are quantized (round to nearest), read off the generated module that did it
-    (None: full precision). group_size -1: one scale per output channel."""
+    """How the served model's weights are quantized (method "rtn" or "gptq"), read off the generated module that
+    did it (None: full precision). group_size -1: one scale per output channel; source: where the codes came from."""
     if quant_stats is None or not quant_stats.layers_quantized:
         return None
     q = quantization
-    return {"method": "rtn", "bits": q.BITS, "group_size": q.GROUP_SIZE,
+    return {"method": q.METHOD, "bits": q.BITS, "group_size": q.GROUP_SIZE, "source": "quantized at load",
             "layers_quantized": quant_stats.layers_quantized}
 
 

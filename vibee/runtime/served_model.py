@@ -5,10 +5,12 @@ quantization module when --quant asks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vibee.runtime.calibration import calibration_pass, calibration_windows, held_out_files
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.generated import GeneratedModules
 from vibee.runtime.loader import load_model_dir
@@ -42,8 +44,34 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
     loaded_bytes = gen.quantization.weight_bytes(model)
     quant_stats = None
     if config.quant != "none":
-        quant_stats = gen.quantization.quantize_model(model, gen.configs.quantization.skip_modules)
+        model_dir = None if config.shape is not None else config.model_dir
+        quant_stats = quantize(model, tokenizer, gen, model_dir, model_config.max_position_embeddings, device, progress)
     return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats)
+
+
+def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path | None, max_len: int, device: str,
+             progress: bool) -> Any:
+    """The generated quantize_model over `model`, with calibration text when the spec's method
+    chooses codes from it (GPTQ: stdlib windows, the model card's held-out files left out), and a
+    progress bar over its stages. Returns its QuantStats."""
+    knobs = gen.configs.quantization
+    if gen.quantization.METHOD == "rtn":
+        return gen.quantization.quantize_model(model, knobs.skip_modules)
+    seq_len = min(knobs.calibration_seq_len, max_len)
+    windows = calibration_windows(lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                  knobs.calibration_samples, seq_len, held_out_files(model_dir))
+    calibrate = calibration_pass(model, windows, device)
+    if not progress:
+        return gen.quantization.quantize_model(model, knobs.skip_modules, calibrate)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    label = f"[bold]{gen.quantization.METHOD} int{gen.quantization.BITS}[/] over {len(windows)} x {seq_len} tokens"
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("stages"), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=None)
+        return gen.quantization.quantize_model(model, knobs.skip_modules, calibrate,
+                                               lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def max_model_len_for(config: EngineConfig, model_config: Any) -> int:

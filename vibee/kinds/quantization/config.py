@@ -24,6 +24,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ZERO_POINT_BYTES = 1
 # Words 4-bit codes are packed into, by pack_format: how many codes one word holds.
 CODES_PER_WORD = {"int32": 8, "uint8": 2}
+METHOD_NAMES = {"rtn": "round to nearest", "gptq": "GPTQ over calibration text"}
 # The example weight `vibee explain` sizes: [out, in] of Llama-3-8B's MLP down projection.
 EXAMPLE_SHAPE = (4096, 14336)
 
@@ -102,6 +103,31 @@ class QuantizationConfig(KindConfig):
             "Launch tiles of the Triton kernels, by activation rows M and weight rows N: the first row whose max_m"
             " (none: any) is >= M and whose min_n is <= N. The last row must cover every product (no max_m, min_n 0)."
         ),
+    )
+    method: Literal["rtn", "gptq"] = knob("compile",
+        "rtn",
+        flag="--quant-method",
+        description=(
+            "How codes are chosen: 'rtn' rounds each weight to its nearest code; 'gptq' (GPTQ) picks them one input"
+            " column at a time over calibration text, spreading each column's rounding error over the columns after it,"
+            " so the layer's outputs on real inputs move less."
+        ),
+    )
+    damp_percent: float = knob("compile",
+        0.01,
+        gt=0,
+        le=1,
+        description="GPTQ: this fraction of the mean diagonal of a layer's input Hessian is added to its diagonal.",
+    )
+    calibration_samples: int = knob("runtime",
+        128,
+        ge=1,
+        description="GPTQ: sequences of calibration text the model runs (the Python standard library's source, outside the built-in model's held-out files).",
+    )
+    calibration_seq_len: int = knob("runtime",
+        512,
+        ge=16,
+        description="GPTQ: tokens per calibration sequence (at most the model's context).",
     )
     skip_modules: list[str] = knob("runtime",
         default_factory=lambda: ["lm_head"],
@@ -197,7 +223,9 @@ class QuantizationConfig(KindConfig):
         else:
             layout = f"{'int8' if self.symmetric else 'uint8'} of shape (out, in): one code per byte"
         return {
-            "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, round to nearest",
+            "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {METHOD_NAMES[self.method]}",
+            **({"calibration": f"{self.calibration_samples} x {self.calibration_seq_len} tokens of stdlib source, "
+                               f"damp {self.damp_percent}"} if self.method == "gptq" else {}),
             "groups": "one per output channel" if self.group_size == PER_CHANNEL else f"{self.group_size} input weights per scale",
             "qweight layout": layout,
             "bits per weight": f"{bpw:.3f} (codes {self.bits} + scales/zeros {bpw - self.bits:.3f}, group {group})",

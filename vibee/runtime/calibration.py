@@ -1,0 +1,63 @@
+"""Calibration for quantization methods that choose codes from what a model sees (GPTQ): windows
+of the Python standard library's source (text every machine has, and the built-in model's
+training text), leaving out the files a model card lists as held out so that a held-out
+perplexity still measures text the quantizer never saw, and a pass of the model over them."""
+
+from __future__ import annotations
+
+import json
+import random
+import sysconfig
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vibee.runtime.attention import make_attention_batch
+
+WINDOWS_PER_BATCH = 8
+
+
+def held_out_files(model_dir: Path | None) -> set[str]:
+    """Paths (relative to the stdlib) a model card's training_stats.json lists as held out."""
+    stats = None if model_dir is None else model_dir / "training_stats.json"
+    if stats is None or not stats.exists():
+        return set()
+    return set(json.loads(stats.read_text(encoding="utf-8")).get("data", {}).get("held_out_files", []))
+
+
+def calibration_windows(tokenize: Callable[[str], list[int]], samples: int, seq_len: int,
+                        exclude: set[str] = frozenset(), seed: int = 0) -> list[list[int]]:
+    """`samples` windows of `seq_len` token ids, cut from stdlib source files in a seeded order
+    (files named in `exclude`, relative to the stdlib, are skipped): consecutive windows of each
+    file until there are enough."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if p.relative_to(root).as_posix() not in exclude
+                   and "site-packages" not in p.parts and "test" not in p.parts)
+    random.Random(seed).shuffle(files)
+    windows: list[list[int]] = []
+    for path in files:
+        ids = tokenize(path.read_text(encoding="utf-8", errors="replace"))
+        for start in range(0, len(ids) - seq_len + 1, seq_len):
+            windows.append(ids[start:start + seq_len])
+            if len(windows) == samples:
+                return windows
+    if not windows:
+        raise ValueError(f"no stdlib source under {root} is {seq_len} tokens long: lower calibration_seq_len")
+    return windows  # all there is: fewer than asked
+
+
+def calibration_pass(model: Any, windows: list[list[int]], device: str | torch.device) -> Callable[[], None]:
+    """A function that runs `model` (vibee's LlamaForCausalLM) over the windows, logits included
+    (so an lm_head sees its inputs too), WINDOWS_PER_BATCH at a time, with no KV cache."""
+
+    @torch.inference_mode()
+    def run() -> None:
+        for i in range(0, len(windows), WINDOWS_PER_BATCH):
+            chunk = windows[i:i + WINDOWS_PER_BATCH]
+            lens = [len(w) for w in chunk]
+            batch = make_attention_batch(lens, lens, None, 16, device)
+            ids = torch.tensor([t for w in chunk for t in w], device=device)
+            model.compute_logits(model(ids, batch.positions(), batch, None))
+
+    return run
