@@ -121,7 +121,8 @@ def engine_config(**flags: Any):
         for err in exc.errors():
             click.echo(f"error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", err=True)
         sys.exit(2)
-    problems = config.unbuilt_features()
+    with user_errors():  # it reads the model's config.json (a pre-quantized checkpoint's format)
+        problems = config.unbuilt_features()
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:

@@ -242,8 +242,10 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.group_size = check_in_features(in_features)
         n_groups = in_features // self.group_size
-        empty_codes = torch.zeros(out_features, in_features, dtype=torch.int16, device=device)
-        self.register_buffer("qweight", pack_codes(empty_codes))
+        # Every code 0, written as the word that packs zeros (no packing pass; works on the meta device).
+        zero_word = pack_codes(torch.zeros(1, 8, dtype=torch.int16)).reshape(-1)[0].item()
+        words = in_features // CODES_PER_WORD if BITS == 4 else in_features
+        self.register_buffer("qweight", torch.full((out_features, words), zero_word, dtype=CODE_DTYPE, device=device))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=dtype, device=device))
         self.register_buffer("zeros", None if SYMMETRIC else torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
         if bias:

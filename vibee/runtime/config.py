@@ -96,12 +96,27 @@ class EngineConfig(BaseModel):
             problems.append(f"--draft-model drafts with a model; it can't go with --speculative-method {method}")
         if self.knob("speculative_decode", "medusa_heads") is not None and method not in (None, "medusa"):
             problems.append(f"--medusa-heads is for --speculative-method medusa, not {method}")
-        if self.knobs.get("quantization") and self.quant == "none":
+        checkpoint = self.checkpoint_quantization()
+        if checkpoint is not None and (self.quant != "none" or self.knobs.get("quantization")):
+            problems.append(f"{self.model_dir} is a {checkpoint.method} int{checkpoint.bits} checkpoint: its codes are "
+                            "used as they are; drop --quant, --group-size and --quant-method")
+        elif self.knobs.get("quantization") and self.quant == "none":
             problems.append("--group-size and --quant-method shape the quantized weights; they need --quant int4 or int8")
         if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
         return problems
+
+    def checkpoint_quantization(self):
+        """The model directory's pre-quantized format (GPTQ, AWQ) from its config.json, or None
+        (float weights, a --shape run, or no config.json yet: the loader reports that)."""
+        from vibee.runtime.prequantized import checkpoint_quantization
+        from vibee.runtime.tokenizer import read_json
+
+        path = self.model_dir / "config.json"
+        if self.shape is not None or not path.is_file():
+            return None
+        return checkpoint_quantization(read_json(path), str(path))
 
     def knob_settings(self, dtype: str) -> dict[str, dict[str, Any]]:
         """The knob settings load_generated applies: the flags', plus what --quant,
@@ -111,9 +126,13 @@ class EngineConfig(BaseModel):
             settings.setdefault("speculative_decode", {})["method"] = "draft_model"
         elif self.knob("speculative_decode", "medusa_heads") is not None:
             settings.setdefault("speculative_decode", {}).setdefault("method", "medusa")
-        if self.quant != "none":
+        checkpoint = self.checkpoint_quantization()
+        if self.quant != "none" or checkpoint is not None:
             quantization = settings.setdefault("quantization", {})
-            quantization["bits"] = QUANT_BITS[self.quant]
+            if checkpoint is not None:  # a GPTQ/AWQ checkpoint: the generated module holds its format
+                quantization.update(checkpoint.knobs())
+            else:
+                quantization["bits"] = QUANT_BITS[self.quant]
             # A 16-bit model's quantized layers compute in its dtype; a float32 one's keep the spec's
             # (bf16 unless it says otherwise): torch's CPU int4/int8 kernels run 10-60x slower in float32.
             if dtype != "float32":

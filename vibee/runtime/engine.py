@@ -55,6 +55,7 @@ class LLMEngine:
         self.model, self.model_config, self.tokenizer = served.model, served.config, served.tokenizer
         self.weight_bytes_loaded, self.weight_bytes, self.quant_stats = (served.weight_bytes_loaded, served.weight_bytes,
                                                                           served.quant_stats)
+        self.quant_method, self.quant_source = served.quant_method, served.quant_source
 
         self.max_model_len = max_model_len_for(config, self.model_config)
         self.block_size = kv_spec.block_size
@@ -431,7 +432,7 @@ class LLMEngine:
 
     def applied_quantization(self) -> dict[str, Any] | None:
         """How the served model's weights are quantized (None: full precision)."""
-        return applied_quantization(self.quant_stats, self.gen.quantization)
+        return applied_quantization(self.quant_stats, self.gen.quantization, self.quant_method, self.quant_source)
 
     def info(self) -> dict[str, Any]:
         """The six optimizations as the specs and flags resolved them, plus the model."""

@@ -54,13 +54,14 @@ class EngineStats:
             obs.on_request_finished(stats)
 
 
-def applied_quantization(quant_stats, quantization) -> dict[str, Any] | None:
-    """How the served model's weights are quantized (method "rtn" or "gptq"), read off the generated module that
-    did it (None: full precision). group_size -1: one scale per output channel; source: where the codes came from."""
+def applied_quantization(quant_stats, quantization, method: str | None, source: str | None) -> dict[str, Any] | None:
+    """How the served model's weights are quantized: the method (rtn or gptq at load, or a checkpoint's gptq or
+    awq), bits and group size read off the generated module that holds them (None: full precision). group_size
+    -1: one scale per output channel; source: "quantized at load" or "<method> checkpoint"."""
     if quant_stats is None or not quant_stats.layers_quantized:
         return None
     q = quantization
-    return {"method": q.METHOD, "bits": q.BITS, "group_size": q.GROUP_SIZE, "source": "quantized at load",
+    return {"method": method, "bits": q.BITS, "group_size": q.GROUP_SIZE, "source": source,
             "layers_quantized": quant_stats.layers_quantized}
 
 

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from vibee.runtime.model import expected_weight_shapes
 from vibee.runtime.model_config import LoadError, ModelConfig
+from vibee.runtime.prequantized import CheckpointQuantization, checkpoint_quantization
 from vibee.runtime.tokenizer import Tokenizer, read_json
 
 __all__ = ["LoadError", "LoadedModel", "SafetensorsWeights", "load_model_dir", "resolve_dtype"]
@@ -45,11 +46,13 @@ class SafetensorsWeights:
     """The checkpoint's tensors as (Hugging Face name, tensor) pairs in the target dtype and
     device, read lazily shard by shard; iterating shows a progress bar over the tensors."""
 
-    def __init__(self, shards: dict[Path, list[str]], dtype: torch.dtype, device: torch.device, progress: bool, source: str):
+    def __init__(self, shards: dict[Path, list[str]], dtype: torch.dtype, device: torch.device, progress: bool, source: str,
+                 quantized_layers: frozenset[str] = frozenset()):
         self.shards = shards
         self.dtype = dtype
         self.device = device
         self.progress = progress
+        self.quantized_layers = quantized_layers
         self.source = source  # the model directory, for error messages
 
     def __len__(self) -> int:
@@ -76,7 +79,10 @@ class SafetensorsWeights:
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for name in names:
-                        tensor = f.get_tensor(name).to(device=self.device, dtype=self.dtype)
+                        tensor = f.get_tensor(name)
+                        # Floats in the model's dtype; a quantized layer's codes and scales as stored.
+                        as_stored = name.rpartition(".")[0] in self.quantized_layers or not tensor.is_floating_point()
+                        tensor = tensor.to(device=self.device, dtype=None if as_stored else self.dtype)
                         if advance is not None:
                             advance(path.name)
                         yield name, tensor
@@ -93,6 +99,8 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     generation_config: dict = field(default_factory=dict)
+    quantization: CheckpointQuantization | None = None  # a pre-quantized checkpoint's format (GPTQ, AWQ)
+    quantized_layers: frozenset[str] = frozenset()  # its quantized layers, by Hugging Face prefix
 
 
 def _one_line(err: BaseException) -> str:
@@ -136,10 +144,25 @@ def _weight_files(model_dir: Path) -> tuple[dict[str, Path], Path]:
     return names, files[0] if len(files) == 1 else model_dir
 
 
-def _check_weights(model_dir: Path, config: ModelConfig) -> dict[Path, list[str]]:
-    """The tensors the config needs, grouped by file, each checked in its file's header."""
+def _check_weights(model_dir: Path, config: ModelConfig, quantization: CheckpointQuantization | None = None
+                   ) -> tuple[dict[Path, list[str]], frozenset[str]]:
+    """The tensors the config needs, grouped by file, each checked in its file's header, and the
+    layers a pre-quantized checkpoint holds as codes (qweight, qzeros, scales) instead of weights."""
     where, listed_in = _weight_files(model_dir)
     expected = expected_weight_shapes(config)
+    quantized: set[str] = set()
+    if quantization is not None:
+        for name, shape in list(expected.items()):
+            layer = name.removesuffix(".weight")
+            if name.endswith("_proj.weight") and layer + ".qweight" in where:
+                del expected[name]
+                quantized.add(layer)
+                parts = quantization.tensor_shapes(*shape)
+                expected.update({f"{layer}.{suffix}": part for suffix, part in parts.items()
+                                 if suffix != "g_idx" or f"{layer}.g_idx" in where})
+        if not quantized:
+            raise LoadError(f"{listed_in}: config.json has a {quantization.method} quantization_config but no "
+                            "layer has a qweight tensor")
     headers: dict[Path, dict[str, tuple[list[int], str]]] = {}
     shards: dict[Path, list[str]] = {}
     for name, shape in expected.items():
@@ -155,11 +178,15 @@ def _check_weights(model_dir: Path, config: ModelConfig) -> dict[Path, list[str]
         got, stored = headers[path][name]
         if tuple(got) != shape:
             raise LoadError(f"{path}: tensor {name} has shape {got}, but config.json needs {list(shape)}")
-        if stored not in _FLOAT_STORAGE:
-            raise LoadError(f"{path}: tensor {name} is stored as {stored}; only float checkpoints are supported "
-                            "(quantize at load time with --quant instead)")
+        suffix = name.rpartition(".")[2]
+        codes = name.rpartition(".")[0] in quantized and suffix != "scales"
+        if codes and stored != "I32":
+            raise LoadError(f"{path}: tensor {name} is stored as {stored}; {quantization.method} stores it as int32")
+        if not codes and stored not in _FLOAT_STORAGE:
+            raise LoadError(f"{path}: tensor {name} is stored as {stored}; only float checkpoints and GPTQ/AWQ ones "
+                            "are supported (quantize at load time with --quant instead)")
         shards.setdefault(path, []).append(name)
-    return shards
+    return shards, frozenset(quantized)
 
 
 def load_model_dir(path: str | Path, *, dtype: torch.dtype | str | None = "auto", device: torch.device | str = "cpu",
@@ -175,13 +202,15 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | str | None = "auto"
         raise LoadError(f"{config_path}: missing (not a Hugging Face model directory?)")
     gen_path = model_dir / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.is_file() else None
-    config = ModelConfig.from_hf_dict(read_json(config_path), source=str(config_path),
+    raw_config = read_json(config_path)
+    config = ModelConfig.from_hf_dict(raw_config, source=str(config_path),
                                       generation_config=generation_config, generation_source=str(gen_path))
+    quantization = checkpoint_quantization(raw_config, str(config_path))
     if head_dims is not None and config.head_dim not in head_dims:
         raise LoadError(f"{config_path}: head_dim {config.head_dim} is not supported by the generated attention "
                         f"(it is compiled for head_dims {list(head_dims)}; add it to head_dims in the flash_attention spec)")
     tokenizer = Tokenizer.from_dir(model_dir)
-    shards = _check_weights(model_dir, config)
+    shards, quantized_layers = _check_weights(model_dir, config, quantization)
 
     # One set of stop ids for both: the tokenizer's eos token and the config's / generation config's.
     tokenizer.eos_token_ids |= set(config.eos_token_ids)
@@ -192,6 +221,7 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | str | None = "auto"
 
     torch_dtype = resolve_dtype(dtype, config)
     torch_device = torch.device(device)
-    weights = SafetensorsWeights(shards, torch_dtype, torch_device, progress, str(model_dir))
+    weights = SafetensorsWeights(shards, torch_dtype, torch_device, progress, str(model_dir), quantized_layers)
     return LoadedModel(config=config, model_dir=model_dir, weights=weights, tokenizer=tokenizer, dtype=torch_dtype,
-                       device=torch_device, generation_config=generation_config or {})
+                       device=torch_device, generation_config=generation_config or {},
+                       quantization=quantization, quantized_layers=quantized_layers)

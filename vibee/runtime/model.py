@@ -12,7 +12,7 @@ rotate-half layout and cos/sin computed in float32, SwiGLU MLP, attention scale 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -251,13 +251,20 @@ class LlamaForCausalLM(nn.Module):
     load_weights (the model is only ever run with a checkpoint's weights)."""
 
     def __init__(self, config: ModelConfig, attention: AttentionBackend, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", replace_linear: Callable[[str, nn.Linear], nn.Module | None] | None = None):
+        """replace_linear(name, layer): a module to take the (meta) linear layer's place, or None
+        to keep it; called before any storage exists (a pre-quantized checkpoint's layers)."""
         super().__init__()
         self.config = config
         self.attention = attention
         self.dtype = dtype
         self.model = DecoderModel(config, dtype)
         self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
+        for name, module in list(self.named_modules()) if replace_linear is not None else ():
+            replacement = replace_linear(name, module) if type(module) is nn.Linear else None
+            if replacement is not None:
+                parent, _, attr = name.rpartition(".")
+                setattr(self.get_submodule(parent), attr, replacement)
         self.to_empty(device=device)
         self.requires_grad_(False)  # inference only: no autograd bookkeeping even outside no_grad
         if config.tie_word_embeddings:
@@ -269,12 +276,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                     source: str = "weights") -> None:
+                     source: str = "weights", other: Callable[[str, torch.Tensor], bool] | None = None) -> None:
         """Copy checkpoint tensors in by Hugging Face name. Unknown names are skipped (e.g. old
         rotary_emb.inv_freq buffers, or lm_head.weight of a tied model); a missing tensor or a
         wrong shape is a LoadError naming it. The merged qkv_proj / gate_up_proj take their parts'
         tensors (q_proj, k_proj, v_proj / gate_proj, up_proj) into their row ranges. Call before
-        quantize_model."""
+        quantize_model. other(name, tensor): offered every tensor no parameter takes (a pre-quantized
+        layer's codes); True when it took it."""
         targets = self.checkpoint_targets()
         where = getattr(weights, "source", source)
         items = weights.items() if isinstance(weights, Mapping) else weights
@@ -283,6 +291,8 @@ class LlamaForCausalLM(nn.Module):
             for name, tensor in items:
                 target = targets.get(name)
                 if target is None:
+                    if other is not None:
+                        other(name, tensor)
                     continue
                 if tuple(tensor.shape) != tuple(target.shape):
                     raise LoadError(f"{where}: tensor {name} has shape {list(tensor.shape)}, the config needs {list(target.shape)}")
@@ -347,6 +357,14 @@ def build_model(loaded: Any, gen: GeneratedModules, *, flash_attn: bool = True) 
     config: ModelConfig = loaded.config
     check_head_dim(config, fa, str(loaded.model_dir / "config.json"))  # the reference takes any head_dim
     backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
-    model = LlamaForCausalLM(config, backend, dtype=loaded.dtype, device=loaded.device)
-    model.load_weights(loaded.weights)
+    pre = None
+    if loaded.quantization is not None:  # a pre-quantized checkpoint: its layers become QuantLinear before any storage
+        from vibee.runtime.prequantized import Prequantized
+
+        pre = Prequantized(loaded.quantization, loaded.quantized_layers, gen.quantization)
+    model = LlamaForCausalLM(config, backend, dtype=loaded.dtype, device=loaded.device,
+                             replace_linear=None if pre is None else pre.replace_linear)
+    model.load_weights(loaded.weights, other=None if pre is None else pre.take)
+    if pre is not None:
+        pre.load_into(model, str(loaded.model_dir))
     return model

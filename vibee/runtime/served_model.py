@@ -27,6 +27,8 @@ class ServedModel:
     weight_bytes_loaded: int  # before quantization
     weight_bytes: int  # as served
     quant_stats: Any  # what quantize_model reported (None: full precision)
+    quant_method: str | None = None  # how the codes were chosen: rtn, gptq (at load), or the checkpoint's gptq/awq
+    quant_source: str | None = None  # "quantized at load" or "<method> checkpoint"
 
 
 def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: torch.dtype, device: str,
@@ -42,11 +44,18 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
         model = build_model(loaded, gen, flash_attn=config.flash_attn)
     model.eval()
     loaded_bytes = gen.quantization.weight_bytes(model)
-    quant_stats = None
+    quant_stats, method, source = None, None, None
     if config.quant != "none":
         model_dir = None if config.shape is not None else config.model_dir
         quant_stats = quantize(model, tokenizer, gen, model_dir, model_config.max_position_embeddings, device, progress)
-    return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats)
+        method, source = gen.quantization.METHOD, "quantized at load"
+    elif config.shape is None and loaded.quantization is not None:  # codes as the checkpoint holds them
+        layers = sum(isinstance(m, gen.quantization.QuantLinear) for m in model.modules())
+        quant_stats = gen.quantization.QuantStats(layers_quantized=layers, layers_skipped=0,
+                                                  weight_bytes_before=loaded_bytes, weight_bytes_after=loaded_bytes)
+        method, source = loaded.quantization.method, f"{loaded.quantization.method} checkpoint"
+    return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats,
+                       method, source)
 
 
 def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path | None, max_len: int, device: str,
