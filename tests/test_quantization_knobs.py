@@ -225,3 +225,39 @@ def test_method_gptq_quantizes_stage_by_stage_over_calibration_inputs(gen_from_t
     with pytest.raises(ValueError, match="calibrate"):
         gptq.quantize_model(toy(None), [])
     assert variant.run_tests("-k", "not test_spec_case") == 0
+
+
+def test_method_awq_scales_layers_it_can_fold_and_moves_outputs_less(gen_from_text, quantization_spec):
+    rtn = gen_from_text(quantization_spec, "igla_quantization").impl
+    variant = gen_from_text(with_config(quantization_spec, "method", "awq"), "igla_quantization")
+    awq = variant.impl
+    assert awq.METHOD == "awq"
+
+    class Block(torch.nn.Module):  # a norm-like per-channel gain, then a projection: AWQ folds into the gain
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.gain = torch.nn.Parameter(torch.ones(256), requires_grad=False)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(256, 128)])
+
+        def forward(self, x):
+            return self.layers[0](x * self.gain)
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1024, 256, generator=g)
+    x[:, :6] *= 25.0  # salient input channels
+    reference = Block()
+    expected = reference(x).detach()
+    errors, folded = {}, []
+    for name, module in (("rtn", rtn), ("awq", awq)):
+        model = Block()
+
+        def fold(factor, model=model):
+            folded.append(factor.shape)
+            model.gain.mul_(factor)
+
+        module.quantize_model(model, [], lambda: model(x), folds={"layers.0": fold})
+        errors[name] = (model(x) - expected).norm().item()
+    assert folded == [torch.Size([256])]  # AWQ folded once; round to nearest never calls a fold
+    assert errors["awq"] < 0.9 * errors["rtn"], errors  # measured: 0.81
+    assert variant.run_tests("-k", "not test_spec_case") == 0

@@ -88,3 +88,31 @@ def test_engine_serves_gptq_weights_and_reports_the_method():
     prompt = engine.tokenizer.encode("def fibonacci(n):\n    ", add_special_tokens=False)
     (out,) = generate(engine, [prompt], SamplingParams(max_tokens=8, temperature=0))
     assert len(out.outputs[0].token_ids) == 8
+
+
+def test_awq_folds_leave_the_float_model_unchanged():
+    from vibee.runtime.calibration import awq_folds
+
+    _, _, model = built_in({})
+    ids = list(range(5, 60))
+    before = logits(model, ids)
+    folds = awq_folds(model)
+    # GQA (6 query heads, 2 KV heads): o_proj has no fold; the lm_head shares the embedding's weight
+    assert len(folds) == 3 * model.config.num_layers and "lm_head" not in folds
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, fold in folds.items():
+            layer = model.get_submodule(name)
+            s = torch.rand(layer.in_features, generator=g) + 0.5
+            layer.weight.mul_(s)
+            fold(1 / s)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-4)
+
+
+def test_engine_serves_awq_weights():
+    knobs = {"quantization": {"method": "awq", **CALIBRATION}}
+    engine = LLMEngine(EngineConfig(device="cpu", quant="int4", knobs=knobs), progress=False)
+    assert engine.applied_quantization()["method"] == "awq"
+    prompt = engine.tokenizer.encode("import os\n", add_special_tokens=False)
+    (out,) = generate(engine, [prompt], SamplingParams(max_tokens=4, temperature=0))
+    assert len(out.outputs[0].token_ids) == 4

@@ -125,7 +125,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
               help="Score these files (default: the model's held-out files from its training_stats.json).")
 @click.option("--quant", "quants", default="none,int8,int4", show_default=True,
               help="Comma-separated weight precisions to compare: none, int8, int4; int8/int4 may name the method "
-                   "after a colon (int4:gptq, int4:rtn; default: the spec's).")
+                   "after a colon (int4:rtn, int4:gptq, int4:awq; default: the spec's).")
 @click.option("--group-size", type=int, default=None,
               help="Input weights per scale for the quantized rows (spec: quantization.group_size; default: the spec's).")
 @click.option("--device", default="auto", show_default=True)
@@ -149,9 +149,10 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
 
     out = Console()
     wanted = [q.strip() for q in quants.split(",") if q.strip()]
-    bad = [q for q in wanted if q not in ("none", "int8", "int4", "int8:rtn", "int4:rtn", "int8:gptq", "int4:gptq")]
+    methods = ("", ":rtn", ":gptq", ":awq")
+    bad = [q for q in wanted if q != "none" and q not in {f"{b}{m}" for b in ("int8", "int4") for m in methods}]
     if bad or not wanted or len(set(wanted)) < len(wanted):
-        fail(f"--quant takes none, int8 and int4 (int8/int4 with :rtn or :gptq) separated by commas, once each, got {quants!r}")
+        fail(f"--quant takes none, int8 and int4 (int8/int4 with :rtn, :gptq or :awq) separated by commas, once each, got {quants!r}")
     rows, figures = [], {}
     base = engine_config(model=model, device=device, dtype=dtype)
     dev = base.resolve_device()

@@ -1,7 +1,8 @@
-"""Calibration for quantization methods that choose codes from what a model sees (GPTQ): windows
+"""Calibration for quantization methods that choose codes from what a model sees (GPTQ, AWQ): windows
 of the Python standard library's source (text every machine has, and the built-in model's
 training text), leaving out the files a model card lists as held out so that a held-out
-perplexity still measures text the quantizer never saw, and a pass of the model over them."""
+perplexity still measures text the quantizer never saw; a pass of the model over them; and
+AWQ's folds, where each scaled layer's inverse scale goes in vibee's Llama-family model."""
 
 from __future__ import annotations
 
@@ -61,3 +62,31 @@ def calibration_pass(model: Any, windows: list[list[int]], device: str | torch.d
             model.compute_logits(model(ids, batch.positions(), batch, None))
 
     return run
+
+
+def awq_folds(model: Any) -> dict[str, Callable[[torch.Tensor], None]]:
+    """Layer name -> a function that multiplies the layer's input channels by a factor, by changing
+    what produces them (vibee's LlamaForCausalLM): qkv_proj's input is input_layernorm's output,
+    gate_up_proj's post_attention_layernorm's, down_proj's the up half of gate_up_proj (times
+    silu(gate)), o_proj's the v rows of qkv_proj when every query head has its own KV head, the
+    lm_head's the final norm's unless it shares the embedding's weight."""
+    config = model.config
+    folds: dict[str, Callable[[torch.Tensor], None]] = {}
+
+    def rows(linear: torch.nn.Linear, start: int) -> Callable[[torch.Tensor], None]:
+        def fold(factor: torch.Tensor) -> None:
+            linear.weight[start:].mul_(factor[:, None])
+            if linear.bias is not None:
+                linear.bias[start:].mul_(factor)
+        return fold
+
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        folds[prefix + "self_attn.qkv_proj"] = layer.input_layernorm.weight.mul_
+        folds[prefix + "mlp.gate_up_proj"] = layer.post_attention_layernorm.weight.mul_
+        folds[prefix + "mlp.down_proj"] = rows(layer.mlp.gate_up_proj, config.intermediate_size)
+        if config.num_heads == config.num_kv_heads:
+            folds[prefix + "self_attn.o_proj"] = rows(layer.self_attn.qkv_proj, 2 * config.num_heads * config.head_dim)
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        folds["lm_head"] = model.model.norm.weight.mul_
+    return folds

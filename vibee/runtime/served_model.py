@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vibee.runtime.calibration import calibration_pass, calibration_windows, held_out_files
+from vibee.runtime.calibration import awq_folds, calibration_pass, calibration_windows, held_out_files
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.generated import GeneratedModules
 from vibee.runtime.loader import load_model_dir
@@ -61,8 +61,8 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
 def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path | None, max_len: int, device: str,
              progress: bool) -> Any:
     """The generated quantize_model over `model`, with calibration text when the spec's method
-    chooses codes from it (GPTQ: stdlib windows, the model card's held-out files left out), and a
-    progress bar over its stages. Returns its QuantStats."""
+    chooses codes from it (GPTQ, AWQ: stdlib windows, the model card's held-out files left out; AWQ's
+    folds into the norms and projections), and a progress bar over its stages. Returns its QuantStats."""
     knobs = gen.configs.quantization
     if gen.quantization.METHOD == "rtn":
         return gen.quantization.quantize_model(model, knobs.skip_modules)
@@ -70,8 +70,9 @@ def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path 
     windows = calibration_windows(lambda text: tokenizer.encode(text, add_special_tokens=False),
                                   knobs.calibration_samples, seq_len, held_out_files(model_dir))
     calibrate = calibration_pass(model, windows, device)
+    folds = awq_folds(model)
     if not progress:
-        return gen.quantization.quantize_model(model, knobs.skip_modules, calibrate)
+        return gen.quantization.quantize_model(model, knobs.skip_modules, calibrate, folds=folds)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -80,7 +81,7 @@ def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path 
                   console=Console(stderr=True)) as bar:
         task = bar.add_task("", total=None)
         return gen.quantization.quantize_model(model, knobs.skip_modules, calibrate,
-                                               lambda done, total: bar.update(task, completed=done, total=total))
+                                               lambda done, total: bar.update(task, completed=done, total=total), folds)
 
 
 def max_model_len_for(config: EngineConfig, model_config: Any) -> int:

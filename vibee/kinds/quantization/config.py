@@ -24,7 +24,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ZERO_POINT_BYTES = 1
 # Words 4-bit codes are packed into, by pack_format: how many codes one word holds.
 CODES_PER_WORD = {"int32": 8, "uint8": 2}
-METHOD_NAMES = {"rtn": "round to nearest", "gptq": "GPTQ over calibration text"}
+METHOD_NAMES = {"rtn": "round to nearest", "gptq": "GPTQ over calibration text", "awq": "AWQ over calibration text"}
 # The example weight `vibee explain` sizes: [out, in] of Llama-3-8B's MLP down projection.
 EXAMPLE_SHAPE = (4096, 14336)
 
@@ -104,13 +104,14 @@ class QuantizationConfig(KindConfig):
             " (none: any) is >= M and whose min_n is <= N. The last row must cover every product (no max_m, min_n 0)."
         ),
     )
-    method: Literal["rtn", "gptq"] = knob("compile",
+    method: Literal["rtn", "gptq", "awq"] = knob("compile",
         "rtn",
         flag="--quant-method",
         description=(
             "How codes are chosen: 'rtn' rounds each weight to its nearest code; 'gptq' (GPTQ) picks them one input"
-            " column at a time over calibration text, spreading each column's rounding error over the columns after it,"
-            " so the layer's outputs on real inputs move less."
+            " column at a time over calibration text, spreading each column's rounding error over the columns after it;"
+            " 'awq' (AWQ) scales up the weights of the input channels with large activations before rounding (folding"
+            " the inverse into the norm or projection before), at the scale that moves the outputs least on calibration text."
         ),
     )
     damp_percent: float = knob("compile",
@@ -122,12 +123,12 @@ class QuantizationConfig(KindConfig):
     calibration_samples: int = knob("runtime",
         128,
         ge=1,
-        description="GPTQ: sequences of calibration text the model runs (the Python standard library's source, outside the built-in model's held-out files).",
+        description="GPTQ and AWQ: sequences of calibration text the model runs (the Python standard library's source, outside the built-in model's held-out files).",
     )
     calibration_seq_len: int = knob("runtime",
         512,
         ge=16,
-        description="GPTQ: tokens per calibration sequence (at most the model's context).",
+        description="GPTQ and AWQ: tokens per calibration sequence (at most the model's context).",
     )
     skip_modules: list[str] = knob("runtime",
         default_factory=lambda: ["lm_head"],
@@ -224,8 +225,9 @@ class QuantizationConfig(KindConfig):
             layout = f"{'int8' if self.symmetric else 'uint8'} of shape (out, in): one code per byte"
         return {
             "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {METHOD_NAMES[self.method]}",
-            **({"calibration": f"{self.calibration_samples} x {self.calibration_seq_len} tokens of stdlib source, "
-                               f"damp {self.damp_percent}"} if self.method == "gptq" else {}),
+            **({"calibration": f"{self.calibration_samples} x {self.calibration_seq_len} tokens of stdlib source"
+                               + (f", damp {self.damp_percent}" if self.method == "gptq" else "")}
+               if self.method != "rtn" else {}),
             "groups": "one per output channel" if self.group_size == PER_CHANNEL else f"{self.group_size} input weights per scale",
             "qweight layout": layout,
             "bits per weight": f"{bpw:.3f} (codes {self.bits} + scales/zeros {bpw - self.bits:.3f}, group {group})",

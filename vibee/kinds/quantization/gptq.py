@@ -45,17 +45,17 @@ class HessianSum:
         return self.total / self.rows
 
 
-class HessianRecorder(nn.Module):
-    """A linear layer that adds every input it is called on to a HessianSum, then runs as itself
-    (GPTQ's calibration pass puts it in the layer's place)."""
+class InputRecorder(nn.Module):
+    """A linear layer that hands every input it is called on to `sink` (its .add), then runs as
+    itself: a calibration pass puts it in the layer's place (GPTQ's Hessians, AWQ's samples)."""
 
-    def __init__(self, linear: nn.Linear, total: HessianSum):
+    def __init__(self, linear: nn.Linear, sink):
         super().__init__()
         self.layer = (linear,)  # a tuple: not a submodule, so the model's module tree keeps one copy
-        self.total = total
+        self.sink = sink
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.total.add(x)
+        self.sink.add(x)
         linear = self.layer[0]
         return F.linear(x, linear.weight, linear.bias)
 
