@@ -25,7 +25,8 @@ from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.multi_step import MultiStep, plain_row
 from vibee.runtime.outputs import RequestOutput
 from vibee.runtime.requests import Choice, Request, check_request, choice_generator, choice_output
-from vibee.runtime.sampler import SampleResult, Sampler, SamplingRow
+from vibee.runtime.round_steps import launch_multi_step, launch_speculative_rounds
+from vibee.runtime.sampler import Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model, max_model_len_for
 from vibee.runtime.speculation import Speculator
@@ -297,11 +298,13 @@ class LLMEngine:
         if sched.is_empty:
             return None
         if rounds and self.speculator.rounds.fits(sched, rounds, num_running):
-            return self._launch_rounds(sched, rounds, t0, queries0, hits0)
+            return launch_speculative_rounds(sched, rounds, self.runner, self.speculator, self.scheduler, self._by_seq,
+                                             (t0, queries0, hits0))
         if rounds:
             self.speculator.rounds.unplan(sched)
         if plain_rounds and self.multi_step.fits(sched, num_running):
-            return self._launch_multi_step(sched, plain_rounds, t0, queries0, hits0)
+            return launch_multi_step(sched, plain_rounds, self.runner, self.multi_step, self.scheduler, self._by_seq,
+                                     (t0, queries0, hits0))
         if plain_rounds:
             DeviceRounds.unplan(sched)
         now = time.monotonic()
@@ -355,53 +358,6 @@ class LLMEngine:
                     None if targets is None else targets[row: row + len(drafts) + 1], self.sampler)
                 sampled[seq.seq_id] = [r.token_id for r in results[seq.seq_id]]
         launched.results = results
-        self.scheduler.update(sched, sampled)
-        return launched
-
-    def _launch_rounds(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
-        """A step of speculative rounds on the device (vibee/runtime/device_rounds.py): every
-        sequence emits the tokens of all rounds, cut by the scheduler at a stop token or
-        max_tokens like a verified draft's (its drafts become the emitted tokens, so the step
-        reads as one verification of them)."""
-        seqs = [item.seq for item in sched.scheduled]
-        rows = self.runner.block_rows
-        tables = rows.gather([rows.row(seq.seq_id) for seq in seqs])
-        self.runner.last_rows, self.runner.last_hidden = {}, None
-        emitted = self.speculator.run_rounds(seqs, tables, rounds)
-        sampling, results, sampled = [], {}, {}
-        for item, tokens in zip(sched.scheduled, emitted):
-            seq = item.seq
-            room = len(item.draft_token_ids) + 1 - len(tokens)
-            item.draft_token_ids = tuple(tokens[:-1]) + (tokens[-1],) * room  # the slots it held stay its lookahead
-            sampling.append((seq, 0, item.draft_token_ids, *self._by_seq[seq.seq_id]))
-            results[seq.seq_id] = [SampleResult(t, None, None) for t in tokens]
-            sampled[seq.seq_id] = tokens
-        before = [len(seq.output_token_ids) for seq in seqs]
-        launched = LaunchedStep(sched, sampling, before, None, results, {}, t0, 0, 0, queries0, hits0)
-        self.scheduler.update(sched, sampled)
-        return launched
-
-    def _launch_multi_step(self, sched, rounds: int, t0: float, queries0: int, hits0: int) -> LaunchedStep:
-        """Queue a step of plain rounds on the device (multi_step.py). The scheduler records each
-        sequence's tokens as placeholders at once (without a stop, a sequence emits exactly the
-        tokens its slots hold), so the next step is launched before this one's are read; resolving
-        it puts them in (step_outputs.py), and a stop token among them ends the sequence there."""
-        seqs = [item.seq for item in sched.scheduled]
-        rows = self.runner.block_rows
-        tables = rows.gather([rows.row(seq.seq_id) for seq in seqs])
-        self.runner.last_rows, self.runner.last_hidden = {}, None
-        started = self.multi_step.start(sched, tables, self._by_seq, rounds)
-        sampled = {}
-        for item in sched.scheduled:
-            n = len(item.draft_token_ids) + 1
-            item.draft_token_ids = (PLACEHOLDER,) * (n - 1)
-            sampled[item.seq.seq_id] = [PLACEHOLDER] * n
-        sampling = [(seq, 0, (), *self._by_seq[seq.seq_id]) for seq in seqs]
-        # Sequence s's last token is in the runner's `sampled` row s after the last round: where a
-        # plain step launched next takes it from.
-        placeholders = {seq.seq_id: s for s, seq in enumerate(seqs)}
-        launched = LaunchedStep(sched, sampling, [len(seq.output_token_ids) for seq in seqs], None, None,
-                                placeholders, t0, 0, 0, queries0, hits0, rounds=started)
         self.scheduler.update(sched, sampled)
         return launched
 
