@@ -20,8 +20,8 @@ from vibee.kinds.registry import KIND_NAMES, config_model
 _DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 ENGINE_OPTIONS = [
-    click.option("--model", type=_DIR, default=None,
-                 help="A local Hugging Face model directory (default: the built-in models/vibee-tiny)."),
+    click.option("--model", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="A local Hugging Face model directory or a .gguf file (default: the built-in models/vibee-tiny)."),
     click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
                  help="Run a well-known model's shape with random weights and no tokenizer (measurements, load tests)."),
     click.option("--spec-dir", type=_DIR, default=None, help="Directory of the six .vibee specs (default: specs/tri)."),

@@ -108,11 +108,15 @@ class EngineConfig(BaseModel):
         return problems
 
     def checkpoint_quantization(self):
-        """The model directory's pre-quantized format (GPTQ, AWQ) from its config.json, or None
-        (float weights, a --shape run, or no config.json yet: the loader reports that)."""
+        """The model's pre-quantized format (GPTQ, AWQ from a directory's config.json; Q8_0/Q4_0 of a
+        .gguf file), or None (float weights, a --shape run, or nothing readable yet: the loader reports that)."""
         from vibee.runtime.prequantized import checkpoint_quantization
         from vibee.runtime.tokenizer import read_json
 
+        if self.shape is None and self.model_dir.suffix == ".gguf" and self.model_dir.is_file():
+            from vibee.runtime.gguf_file import GGUFFile
+
+            return GGUFFile(self.model_dir).quantization
         path = self.model_dir / "config.json"
         if self.shape is not None or not path.is_file():
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -189,12 +189,39 @@ def _check_weights(model_dir: Path, config: ModelConfig, quantization: Checkpoin
     return shards, frozenset(quantized)
 
 
+class GGUFWeights:
+    """A GGUF file's tensors by Hugging Face name (gguf_file.py), read as the model copies them in."""
+
+    def __init__(self, gguf: Any, dtype: torch.dtype, device: torch.device):
+        self.gguf, self.dtype, self.device, self.source = gguf, dtype, device, str(gguf.path)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.gguf.tensors(self.dtype, self.device)
+
+
+def load_gguf(path: Path, dtype: torch.dtype | str | None, device: torch.device | str) -> LoadedModel:
+    """A .gguf file as a LoadedModel: its metadata as the config, its tokenizer, its tensors."""
+    from vibee.runtime.gguf_file import GGUFFile
+
+    gguf = GGUFFile(path)
+    config = ModelConfig.from_hf_dict(gguf.config, source=str(path))
+    tokenizer = gguf.tokenizer()
+    tokenizer.eos_token_ids |= set(config.eos_token_ids)
+    torch_dtype, torch_device = resolve_dtype(dtype, config), torch.device(device)
+    layers = gguf.quantized_layers()
+    return LoadedModel(config=config, model_dir=path, weights=GGUFWeights(gguf, torch_dtype, torch_device),
+                       tokenizer=tokenizer, dtype=torch_dtype, device=torch_device,
+                       quantization=gguf.quantization, quantized_layers=layers)
+
+
 def load_model_dir(path: str | Path, *, dtype: torch.dtype | str | None = "auto", device: torch.device | str = "cpu",
                    progress: bool = True, head_dims: Sequence[int] | None = None) -> LoadedModel:
     """Read and check a model directory. head_dims: the head dims the generated attention was
     compiled for (its HEAD_DIMS); a model outside them is a LoadError here, before any weight
     is read. Raises LoadError("<file>: <problem>")."""
     model_dir = Path(path).expanduser()
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        return load_gguf(model_dir, dtype, device)
     if not model_dir.is_dir():
         raise LoadError(f"{model_dir}: no such model directory")
     config_path = model_dir / "config.json"

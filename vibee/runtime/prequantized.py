@@ -33,7 +33,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 class CheckpointQuantization:
     """What a checkpoint's quantization_config says, checked."""
 
-    method: str  # "gptq" or "awq"
+    method: str  # "gptq", "awq" or "gguf" (Q8_0 / Q4_0 codes, gguf_file.py)
     bits: int
     group_size: int  # -1: one group per output row
     symmetric: bool  # every zero point is 2^(bits-1): the generated module's symmetric codes
@@ -100,6 +100,10 @@ def unpack_layer(q: CheckpointQuantization, tensors: dict[str, torch.Tensor], ou
                  where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes [out, in], scales [out, G] and zero points [out, G] (both integer tensors int16,
     w = (code - zero) * scale) of one layer's checkpoint tensors."""
+    if q.method == "gguf":  # gguf_file.py hands over signed codes [out, in] and scales [out, groups]
+        middle = 1 << (q.bits - 1)
+        codes, scales = tensors["qweight"].to(torch.int16) + middle, tensors["scales"]
+        return codes.contiguous(), scales.contiguous(), torch.full_like(codes[:, : scales.shape[1]], middle)
     qweight, qzeros, scales = (tensors[k] for k in ("qweight", "qzeros", "scales"))
     groups = scales.shape[0]
     if q.method == "gptq":

@@ -1,0 +1,141 @@
+"""GGUF files: a tiny random Llama written with the gguf package the way llama.cpp's converter
+writes one (q/k rows permuted, Q8_0 / Q4_0 linear layers, byte-level BPE tokenizer metadata),
+served by vibee against transformers running the weights that gguf's own dequantize gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.runtime.hf_models import make_model, train_tokenizer
+from vibee.runtime.attention import make_attention_batch
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.generated import load_generated
+from vibee.runtime.loader import LoadError, load_model_dir
+from vibee.runtime.model import build_model
+from vibee.runtime.offline import generate
+from vibee.runtime.sampling_params import SamplingParams
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (its published form)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, kind: str, seed: int = 0, pre: str = "default"):
+    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0 or F32); returns
+    transformers' model with the weights gguf's dequantize gives for them."""
+    from gguf import GGMLQuantizationType as T, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    hf = make_model(path.parent / "hf", hidden=64, layers=2, seed=seed)
+    c = hf.config
+    tok = train_tokenizer()
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    import json
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if t.startswith("<") and t.endswith(">") and len(t) > 2 else 1 for t in tokens])
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.add_add_bos_token(True)
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    qtype = getattr(T, kind)
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        for name, short in GGUF_NAMES.items():
+            w = state[f"model.layers.{i}.{name}.weight"]
+            if name == "self_attn.q_proj":
+                w = permute(w, c.num_attention_heads)
+            elif name == "self_attn.k_proj":
+                w = permute(w, c.num_key_value_heads)
+            if w.ndim == 2 and kind != "F32":
+                blocks = quantize(w, qtype)
+                writer.add_tensor(f"blk.{i}.{short}.weight", blocks, raw_dtype=qtype)
+                w = dequantize(blocks, qtype)  # what the file holds, by gguf's own reading
+            else:
+                writer.add_tensor(f"blk.{i}.{short}.weight", np.ascontiguousarray(w))
+            if name in ("self_attn.q_proj", "self_attn.k_proj"):  # back to Hugging Face's row order
+                heads = c.num_attention_heads if name == "self_attn.q_proj" else c.num_key_value_heads
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            hf.get_submodule(f"model.layers.{i}.{name}").weight.data.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hf, tok
+
+
+def logits_of(path, ids):
+    settings = EngineConfig(model=path).knob_settings("float32")
+    settings.setdefault("quantization", {})["compute_dtype"] = "fp32"  # exact scales and sums: compare tightly
+    gen = load_generated(knobs=settings)
+    loaded = load_model_dir(path, dtype=torch.float32, progress=False)
+    model = build_model(loaded, gen).eval()
+    batch = make_attention_batch([len(ids)], [len(ids)], None, 16, "cpu")
+    with torch.inference_mode():
+        return model, gen, model.compute_logits(model(torch.tensor(ids), batch.positions(), batch, None))
+
+
+@pytest.mark.parametrize("kind, bits", [("Q8_0", 8), ("Q4_0", 4), ("F32", None)])
+def test_gguf_logits_match_transformers_on_what_the_file_holds(tmp_path, kind, bits):
+    path = tmp_path / "tiny.gguf"
+    hf, _ = write_gguf(path, kind)
+    ids = [3, 17, 42, 99, 5, 250, 7, 61, 12, 140]
+    model, gen, got = logits_of(path, ids)
+    quantized = sum(isinstance(m, gen.quantization.QuantLinear) for m in model.modules())
+    assert quantized == (0 if bits is None else 8) and (bits is None or gen.quantization.BITS == bits)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_tokenizer_encodes_like_the_models(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _, tok = write_gguf(path, "Q8_0")
+    loaded = load_model_dir(path, progress=False)
+    text = "def add(a, b):\n    return a + b  # Héllo wörld"
+    assert loaded.tokenizer.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False).ids
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode(text, add_special_tokens=False)) == text
+    assert loaded.tokenizer.bos_token_id == tok.token_to_id("<s>")
+
+
+def test_engine_serves_a_gguf_file(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "Q4_0")
+    engine = LLMEngine(EngineConfig(model=path, device="cpu"), progress=False)
+    assert engine.applied_quantization() == {"method": "gguf", "bits": 4, "group_size": 32, "source": "gguf checkpoint",
+                                             "layers_quantized": 8}
+    (out,) = generate(engine, [[3, 17, 42]], SamplingParams(max_tokens=5, temperature=0))
+    assert len(out.outputs[0].token_ids) == 5
+
+
+def test_an_unsupported_tokenizer_is_named(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "Q8_0", pre="llama-bpe")
+    with pytest.raises(LoadError, match="'llama-bpe' is not supported yet"):
+        load_model_dir(path, progress=False)

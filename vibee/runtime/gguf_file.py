@@ -1,0 +1,192 @@
+"""GGUF model files (llama.cpp's format), read with the `gguf` package: a Llama-architecture file's
+metadata as a Hugging Face config, its tokenizer and chat template, and its tensors by Hugging
+Face name. Q8_0 and Q4_0 tensors (one fp16 scale per 32 weights, codes -128..127 and -8..7)
+load as the generated int8 / int4 codes as they are, not dequantized; float tensors as floats.
+
+llama.cpp's converter reorders each head's rows of q_proj and k_proj (RoPE's rotate-half halves
+interleaved); they are put back here, a row permutation, which moves whole quantized rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from vibee.runtime.model_config import LoadError
+from vibee.runtime.prequantized import CheckpointQuantization
+
+BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+CODE_TYPES = {"Q8_0": 8, "Q4_0": 4}  # name -> bits; blocks of 32 weights with one fp16 scale
+BLOCK = 32
+TOKENIZER_PRE = ("default", "gpt2")  # GPT-2's byte-level split; others need their own regex
+
+
+def hf_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor name (None: not one vibee's model takes)."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+class GGUFFile:
+    """One .gguf file: `config` (a Hugging Face config dict), `quantization` (the codes' format, or
+    None when every linear layer is float), `tokenizer()`, and `tensors()`."""
+
+    def __init__(self, path: Path):
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise LoadError(f"{path}: reading GGUF needs the gguf package (pip install gguf)") from None
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as err:  # the reader raises ValueError/struct errors for a file that is not GGUF
+            raise LoadError(f"{path}: not a valid GGUF file ({err})") from None
+        self.fields = {name: field.contents() for name, field in self.reader.fields.items()}
+        arch = self.fields.get("general.architecture")
+        if arch != "llama":
+            raise LoadError(f"{path}: general.architecture is {arch!r}; vibee reads llama GGUF files")
+        self.config = self._config()
+        self.quantization = self._quantization()
+
+    def _get(self, key: str, default: Any = ...) -> Any:
+        value = self.fields.get(key, default)
+        if value is ...:
+            raise LoadError(f"{self.path}: missing metadata {key}")
+        return value
+
+    def _config(self) -> dict[str, Any]:
+        heads = int(self._get("llama.attention.head_count"))
+        hidden = int(self._get("llama.embedding_length"))
+        names = {t.name for t in self.reader.tensors}
+        tokens = self._get("tokenizer.ggml.tokens")
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": hidden, "intermediate_size": int(self._get("llama.feed_forward_length")),
+            "num_hidden_layers": int(self._get("llama.block_count")), "num_attention_heads": heads,
+            "num_key_value_heads": int(self._get("llama.attention.head_count_kv", heads)),
+            "head_dim": int(self._get("llama.attention.key_length", hidden // heads)),
+            "rms_norm_eps": float(self._get("llama.attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(self._get("llama.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(self._get("llama.context_length")),
+            "vocab_size": len(tokens), "tie_word_embeddings": "output.weight" not in names,
+            "bos_token_id": self._get("tokenizer.ggml.bos_token_id", None),
+            "eos_token_id": self._get("tokenizer.ggml.eos_token_id", None),
+        }
+
+    def _quantization(self) -> CheckpointQuantization | None:
+        linear = {t.tensor_type.name for t in self.reader.tensors
+                  if t.name.startswith("blk.") and t.name.split(".")[2] in BLOCK_NAMES and "norm" not in t.name}
+        unknown = linear - set(FLOAT_TYPES) - set(CODE_TYPES)
+        codes = linear & set(CODE_TYPES)
+        if unknown or len(codes) > 1:
+            raise LoadError(f"{self.path}: the linear layers are {', '.join(sorted(linear))}; vibee reads F32, F16, "
+                            "BF16, and one of Q8_0 or Q4_0 for all of them")
+        if not codes:
+            return None
+        return CheckpointQuantization("gguf", CODE_TYPES[codes.pop()], BLOCK, True, False)
+
+    def quantized_layers(self) -> frozenset[str]:
+        """The Hugging Face prefixes of the linear layers stored as Q8_0 / Q4_0 codes."""
+        names = (hf_name(t.name) for t in self.reader.tensors if t.tensor_type.name in CODE_TYPES)
+        return frozenset(n.removesuffix(".weight") for n in names if n is not None and n.endswith("_proj.weight"))
+
+    def tokenizer(self):
+        """The file's tokenizer (GPT-2-style byte-level BPE) with its special tokens and chat template."""
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        from vibee.runtime.tokenizer import Tokenizer
+
+        kind, pre = self._get("tokenizer.ggml.model"), self._get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2" or pre not in TOKENIZER_PRE:
+            raise LoadError(f"{self.path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported yet "
+                            f"(gpt2 with {', '.join(TOKENIZER_PRE)} is)")
+        tokens = list(self._get("tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in self._get("tokenizer.ggml.merges")]
+        hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        types = self._get("tokenizer.ggml.token_type", [1] * len(tokens))
+        hf.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])  # CONTROL
+        config: dict[str, Any] = {"add_bos_token": bool(self._get("tokenizer.ggml.add_bos_token", False))}
+        for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
+            if field in self.fields:
+                config[key] = tokens[int(self.fields[field])]
+        return Tokenizer(hf, config, self.fields.get("tokenizer.chat_template"), f"{self.path} (tokenizer.chat_template)")
+
+    def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor): floats in `dtype`; a Q8_0/Q4_0 linear weight as its layer's
+        `qweight` (codes [out, in], int16, -128..127 / -8..7) and `scales` ([out, in / 32], fp16);
+        an embedding stored as codes dequantized. q/k rows back in Hugging Face's order."""
+        from gguf.quants import dequantize
+
+        heads, kv_heads = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            if name is None:
+                continue
+            out_features = int(t.shape[-1]) if len(t.shape) > 1 else None
+            kind = t.tensor_type.name
+            if kind in CODE_TYPES and name.endswith("_proj.weight"):
+                codes, scales = _codes(np.asarray(t.data), kind, out_features)
+                rows = _unpermute_rows(name, heads, kv_heads, out_features)
+                if rows is not None:
+                    codes, scales = codes[rows], scales[rows]
+                layer = name.removesuffix(".weight")
+                yield f"{layer}.qweight", codes.to(device)
+                yield f"{layer}.scales", scales.to(device)
+                continue
+            if kind in FLOAT_TYPES:
+                array = np.asarray(t.data)
+                tensor = (torch.from_numpy(array.view(np.int16).astype(np.int32) << 16).view(torch.float32)
+                          if kind == "BF16" else torch.from_numpy(array.copy()))
+            elif kind in CODE_TYPES:  # an embedding or an lm_head in codes: floats for vibee's float layers
+                tensor = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type).copy())
+            else:
+                raise LoadError(f"{self.path}: tensor {t.name} is {kind}; vibee reads F32, F16, BF16, Q8_0 and Q4_0")
+            shape = [int(d) for d in reversed(t.shape)]  # GGUF lists the fastest dimension first
+            tensor = tensor.reshape(shape)
+            rows = _unpermute_rows(name, heads, kv_heads, shape[0]) if len(shape) == 2 else None
+            if rows is not None:
+                tensor = tensor[rows]
+            yield name, tensor.to(device=device, dtype=dtype)
+
+
+def _codes(blocks: np.ndarray, kind: str, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [out, in] (int16) and fp16 scales [out, in / 32] of Q8_0 / Q4_0 rows: each block is an
+    fp16 scale d, then 32 int8 codes (Q8_0: w = q * d) or 16 bytes whose low nibbles are codes
+    0..15 and high nibbles 16..31, stored plus 8 (Q4_0: w = (q - 8) * d)."""
+    width = 2 + (BLOCK if kind == "Q8_0" else BLOCK // 2)
+    rows = blocks.reshape(out_features, -1, width)
+    scales = torch.from_numpy(rows[:, :, :2].copy().view(np.float16)[..., 0])
+    payload = rows[:, :, 2:]
+    if kind == "Q8_0":
+        codes = payload.view(np.int8).astype(np.int16)
+    else:
+        codes = np.concatenate([payload & 0xF, payload >> 4], axis=-1).astype(np.int16) - 8
+    return torch.from_numpy(codes.reshape(out_features, -1)), scales
+
+
+def _unpermute_rows(name: str, heads: int, kv_heads: int, rows: int) -> torch.Tensor | None:
+    """The row order that undoes llama.cpp's q/k permutation (None for other tensors): it stored
+    each head's rows as pairs (i, i + d/2) side by side; Hugging Face keeps the halves apart."""
+    if name.endswith("self_attn.q_proj.weight"):
+        n = heads
+    elif name.endswith("self_attn.k_proj.weight"):
+        n = kv_heads
+    else:
+        return None
+    half = rows // n // 2
+    # GGUF row (h, j, r) holds Hugging Face row (h, r, j): j in 0..half, r in 0..2.
+    return torch.arange(rows).reshape(n, half, 2).transpose(1, 2).reshape(rows)
