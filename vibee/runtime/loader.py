@@ -99,7 +99,7 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     generation_config: dict = field(default_factory=dict)
-    quantization: CheckpointQuantization | None = None  # a pre-quantized checkpoint's format (GPTQ, AWQ)
+    quantization: CheckpointQuantization | None = None  # a pre-quantized checkpoint's format (GPTQ, AWQ, GGUF)
     quantized_layers: frozenset[str] = frozenset()  # its quantized layers, by Hugging Face prefix
 
 
@@ -199,12 +199,20 @@ class GGUFWeights:
         return self.gguf.tensors(self.dtype, self.device)
 
 
-def load_gguf(path: Path, dtype: torch.dtype | str | None, device: torch.device | str) -> LoadedModel:
+def _check_head_dim(config: ModelConfig, head_dims: Sequence[int] | None, source: str) -> None:
+    if head_dims is not None and config.head_dim not in head_dims:
+        raise LoadError(f"{source}: head_dim {config.head_dim} is not supported by the generated attention "
+                        f"(it is compiled for head_dims {list(head_dims)}; add it to head_dims in the flash_attention spec)")
+
+
+def load_gguf(path: Path, dtype: torch.dtype | str | None, device: torch.device | str,
+              head_dims: Sequence[int] | None = None) -> LoadedModel:
     """A .gguf file as a LoadedModel: its metadata as the config, its tokenizer, its tensors."""
     from vibee.runtime.gguf_file import GGUFFile
 
     gguf = GGUFFile(path)
     config = ModelConfig.from_hf_dict(gguf.config, source=str(path))
+    _check_head_dim(config, head_dims, str(path))
     tokenizer = gguf.tokenizer()
     tokenizer.eos_token_ids |= set(config.eos_token_ids)
     torch_dtype, torch_device = resolve_dtype(dtype, config), torch.device(device)
@@ -221,7 +229,7 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | str | None = "auto"
     is read. Raises LoadError("<file>: <problem>")."""
     model_dir = Path(path).expanduser()
     if model_dir.suffix == ".gguf" and model_dir.is_file():
-        return load_gguf(model_dir, dtype, device)
+        return load_gguf(model_dir, dtype, device, head_dims)
     if not model_dir.is_dir():
         raise LoadError(f"{model_dir}: no such model directory")
     config_path = model_dir / "config.json"
@@ -233,9 +241,7 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | str | None = "auto"
     config = ModelConfig.from_hf_dict(raw_config, source=str(config_path),
                                       generation_config=generation_config, generation_source=str(gen_path))
     quantization = checkpoint_quantization(raw_config, str(config_path))
-    if head_dims is not None and config.head_dim not in head_dims:
-        raise LoadError(f"{config_path}: head_dim {config.head_dim} is not supported by the generated attention "
-                        f"(it is compiled for head_dims {list(head_dims)}; add it to head_dims in the flash_attention spec)")
+    _check_head_dim(config, head_dims, str(config_path))
     tokenizer = Tokenizer.from_dir(model_dir)
     shards, quantized_layers = _check_weights(model_dir, config, quantization)
 
