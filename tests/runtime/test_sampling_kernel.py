@@ -46,20 +46,36 @@ def expected_tokens(logits: torch.Tensor, temps: torch.Tensor, seed: torch.Tenso
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_draws_are_the_gumbel_max_of_its_noise(dtype):
-    """Rows over several blocks of the vocabulary (block 64, vocab 300), temperatures from 0 to
-    large, in the logits' own dtype: token for token the torch computation's."""
+@pytest.mark.parametrize("block", [64, 1024])
+def test_kernel_draws_are_the_gumbel_max_of_its_noise(dtype, block):
+    """Rows over several blocks of the vocabulary (vocab 300: five programs a row at block 64,
+    one at 1024), temperatures from 0 to large, in the logits' own dtype: token for token the
+    torch computation's."""
     torch.manual_seed(0)
     logits = (torch.randn(12, 300) * 3).to(dtype).to(DEVICE)
     temps = torch.tensor([1.0, 0.0, 0.3, 2.5, 1.0, 0.0, 0.7, 5.0, 1.0, 0.05, 1.2, 0.0], device=DEVICE)
     seed = torch.tensor([987654321], device=DEVICE)
-    got = gumbel_sample(logits, temps, seed, block=64)
+    got = gumbel_sample(logits, temps, seed, block=block)
     assert got.tolist() == expected_tokens(logits, temps, seed).tolist()
     assert got[temps == 0].tolist() == logits[temps == 0].float().argmax(dim=-1).tolist()
     # The noise is keyed by the seed and by each row: another seed, or the same row moved, draws anew.
-    again = gumbel_sample(logits, temps, seed, block=64)
+    again = gumbel_sample(logits, temps, seed, block=block)
     other = gumbel_sample(logits, temps, torch.tensor([5], device=DEVICE), block=64)
     assert again.tolist() == got.tolist() and other.tolist() != got.tolist()
+
+
+@needs_kernels
+def test_greedy_ties_go_to_the_first_column_as_torch_argmax():
+    """Vocab 2048 at block 16: 64 programs of two blocks a row. The tied columns sit in one
+    program's two blocks (2 and 17: lanes 2 and 1), in different programs (2 and 1500), and a
+    row of -inf still names its first column."""
+    logits = torch.zeros(4, 2048, device=DEVICE)
+    logits[0, [17, 2]] = 1.0
+    logits[1, [1500, 2]] = 1.0
+    logits[2, [2000, 1999]] = 1.0
+    logits[3] = float("-inf")
+    got = gumbel_sample(logits, torch.zeros(4, device=DEVICE), torch.tensor([1], device=DEVICE), block=16)
+    assert got.tolist() == [2, 2, 1999, 0] == logits.argmax(dim=-1).tolist()
 
 
 @needs_kernels
