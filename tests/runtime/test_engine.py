@@ -115,6 +115,7 @@ def test_speculative_verification_runs_as_graph_rows(tiny, baseline, monkeypatch
     batch, expected = baseline
     eng = engine(model_dir, max_num_seqs=32, speculative=True)
     eng.speed_gate = SpeedGate.held()  # speculating throughout
+    eng.speculator.rounds = None  # drafts from the host (rounds on the device: test_ngram_rounds.py)
     assert run_tokens(eng, batch[:4], max_tokens=24) == expected[:4]  # some sequences draft, some do not
     figures = eng.stats()["speculative_decoding"]
     assert figures["num_accepted_tokens"] > 0  # drafts were verified and kept

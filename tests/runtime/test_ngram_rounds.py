@@ -55,7 +55,7 @@ def outputs(eng, batch, params):
 
 @pytest.mark.parametrize("max_num_seqs", [1, 4])
 def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, max_num_seqs):
-    params = SamplingParams(max_tokens=37, **GREEDY)  # not a multiple of k + 1: the last tokens are the host's
+    params = SamplingParams(max_tokens=37, **GREEDY)  # not a multiple of k + 1
     plain = outputs(engine(model_dir, max_num_seqs=max_num_seqs), PROMPTS, params)
     eng = speculating(model_dir, max_num_seqs=max_num_seqs)
     assert outputs(eng, PROMPTS, params) == plain
@@ -67,6 +67,20 @@ def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, max_nu
     assert figures["device_rounds"]["rounds"] == sum(rounds for _, rounds in rounds_seen)
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
     assert not eng.speculator.rounds._rows  # finished sequences gave their rows back
+
+
+def test_a_sequence_near_its_max_tokens_ends_in_rounds(model_dir, rounds_seen):
+    """max_tokens 7 at k = 4: after the prefill's token one step of six rounds emits the other six
+    (each round's drafts cut to what max_tokens leaves), where rounds needing k + 1 free slots
+    each would have left them to steps of host drafts, a host sync each. And the step after the
+    prefill already runs rounds: a step that only prefilled proposed nothing, so nothing rests."""
+    params = SamplingParams(max_tokens=7, **GREEDY)
+    plain = outputs(engine(model_dir, max_num_seqs=1), PROMPTS[:2], params)
+    eng = speculating(model_dir, max_num_seqs=1)
+    assert outputs(eng, PROMPTS[:2], params) == plain
+    assert rounds_seen == [(1, 6), (1, 6)]
+    assert eng.stats()["speculative_decoding"]["num_accepted_tokens"] > 0
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
 
 
 def test_a_rounds_step_ends_a_streak_of_empty_host_proposals(model_dir, rounds_seen):
@@ -186,8 +200,9 @@ def test_while_the_gate_pauses_every_sequence_steps_decode_plainly_and_overlap(m
 
 def test_sampled_requests_and_joining_ones_leave_drafting_to_the_host(model_dir, rounds_seen):
     """No rounds while a running request samples at a temperature (rounds verify greedily), nor
-    while a waiting one could join the step (its prefill is the host's)."""
-    params = SamplingParams(max_tokens=12, temperature=0.8, seed=1)
+    while a waiting one could join the step (its prefill is the host's). A low temperature: the
+    text repeats itself as the greedy text does, so the host finds n-gram drafts."""
+    params = SamplingParams(max_tokens=12, temperature=0.05, seed=1)
     eng = speculating(model_dir, max_num_seqs=4)
     generate(eng, PROMPTS, params)
     assert not rounds_seen and eng.stats()["speculative_decoding"]["num_drafts"] > 0

@@ -282,7 +282,7 @@ def test_empty_proposals_rest_drafting_longer_each_time_and_drafts_end_it(model_
     spec = eng.speculator
     rests = []
     for _ in range(6):
-        spec._draft = lambda running, by_seq, runner: None  # nothing to propose
+        spec._draft = lambda running, by_seq, runner: True  # a proposal, with no drafts
         spec.propose([], {}, None)
         rests.append(spec.rest_steps)
         while spec.resting():
@@ -292,11 +292,15 @@ def test_empty_proposals_rest_drafting_longer_each_time_and_drafts_end_it(model_
     class Seq:
         draft_token_ids = [1]
 
-    spec._draft = lambda running, by_seq, runner: None
+    spec._draft = lambda running, by_seq, runner: True
     spec.propose([Seq()], {}, None)  # drafts: no rest, and the streak starts again
     assert not spec.resting()
     spec.propose([], {}, None)
     assert spec.rest_steps == 1
+    del spec._draft  # the real one: a step with no sequence decoding (a prefill) is no proposal
+    spec.rest_steps = 0
+    spec.propose([], {}, None)
+    assert spec.rest_steps == 0 and spec._empty_proposals == 1
 
 
 def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():

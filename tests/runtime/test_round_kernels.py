@@ -100,3 +100,27 @@ def test_plain_rounds_on_a_ring_stop_at_the_limit():
         emitted.append((ids.item(), slots.item(), int(last[0, 2])))
     assert emitted == [(6, 3 * 4 + 3, 0), (11, 4 * 4 + 0, 0), (12, 99, -1)]
     assert lens.tolist() == [6] and work.tolist() == [[11, 12]]
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_drafts_are_cut_to_what_the_limit_leaves(kernels):
+    """A sequence of 5 tokens with limit 7 drafting [3, 4, 5] (k = 3): one draft is kept (its
+    decode token and one draft fill the slots up to position 5 = limit - 2); the other rows write
+    K/V to the padding slot, and agreeing with all three drafts grows it to exactly its limit."""
+    k, bs = 3, 4
+    work = torch.zeros(1, 16, dtype=torch.int32, device=DEVICE)
+    work[0, :5] = torch.tensor([1, 2, 3, 4, 9])
+    lens, limits, allow = (torch.tensor([v], device=DEVICE) for v in (5, 7, 1))
+    drafts, num_drafts = torch.tensor([[3, 4, 5]], device=DEVICE), torch.tensor([3], device=DEVICE)
+    tables = torch.tensor([[7, 8, 0, 0]] * 4, dtype=torch.int32, device=DEVICE)
+    ids, pos, slots = (torch.zeros(4, dtype=torch.long, device=DEVICE) for _ in range(3))
+    seq_lens = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    prepare_round(work, lens, limits, allow, drafts, num_drafts, tables, block_size=bs, padding_slot=99, input_ids=ids,
+                  positions=pos, slot_mapping=slots, seq_lens=seq_lens, kernels=kernels)
+    assert num_drafts.tolist() == [1]
+    assert pos.tolist() == [4, 5, 0, 0] and slots.tolist() == [8 * 4 + 0, 8 * 4 + 1, 99, 99]
+    last = torch.zeros(1, k + 3, dtype=torch.long, device=DEVICE)
+    finish_round(drafts, num_drafts, torch.tensor([3, 4, 5, 6], device=DEVICE), work, lens, limits, last,
+                 kernels=kernels)
+    assert last[0, k + 1:].tolist() == [1, 1]  # drafted 1 (after the cut), accepted 1
+    assert lens.tolist() == [7] and work[0, :7].tolist() == [1, 2, 3, 4, 9, 3, 4]

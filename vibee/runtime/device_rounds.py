@@ -70,7 +70,7 @@ class NgramProposer(StatelessProposer):
     def __init__(self, sd_module: Any, drafter: Any):
         self.sd, self.drafter = sd_module, drafter
 
-    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, work: torch.Tensor, lens: torch.Tensor, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sd.ngram_propose_on_device(self.drafter, work, lens)
 
 
@@ -82,7 +82,7 @@ class PlainProposer(StatelessProposer):
         self.drafts = torch.zeros(max_rows, 0, dtype=torch.long, device=device)
         self.counts = torch.zeros(max_rows, dtype=torch.long, device=device)
 
-    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, work: torch.Tensor, lens: torch.Tensor, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.drafts[: len(lens)], self.counts[: len(lens)]
 
 
@@ -119,6 +119,7 @@ class DeviceRounds:
         self.allow = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
         self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
+        self._planned: dict[int, int] = {}  # seq_id -> tokens the planned step may emit
         self.num_steps = self.num_rounds = 0  # engine steps that ran rounds, and their rounds
         self.catch_up_tokens = 0  # what the proposer computed before the last step's rounds
         self._free = list(range(self.max_rows - 1, -1, -1))
@@ -154,34 +155,41 @@ class DeviceRounds:
              greedy_verification: bool, enabled: bool) -> int:
         """How many rounds the next step runs (0: the host drafts as before). Rounds need every
         running sequence decoding, verified greedily (temperature 0, or the spec's greedy rule)
-        with no logprobs or penalties, room for every round's k + 1 tokens in its max_tokens and
-        in the step's token budget, and no sequence that could join the step (a prefill would
-        be the host's to run). When > 0, each running sequence holds that many rounds' slots
-        in placeholder drafts, which the scheduler allocates as lookahead."""
+        with no logprobs or penalties, room for every round's k + 1 tokens in the step's token
+        budget, and no sequence that could join the step (a prefill would be the host's to run).
+        When > 0, each running sequence holds its rounds' slots in placeholder drafts, which the
+        scheduler allocates as lookahead: k + 1 a round, but no more than its max_tokens leaves
+        (it stops there on the device). So a sequence near its end finishes in this step's
+        rounds, instead of in steps of fewer rounds and then of host drafts, each a host sync."""
         running, k = scheduler.running, self.k
         if not enabled or not running or len(running) > self.max_rows or \
                 (scheduler.waiting and len(running) < scheduler.max_num_seqs):
             return 0
         rounds = min(MAX_ROUNDS, max_num_batched_tokens // (len(running) * (k + 1)))
+        longest = 0  # the most tokens any sequence may still emit: more rounds would emit nothing
         for seq in running:
             params = by_seq[seq.seq_id][0].params
             if not seq.output_token_ids or seq.num_tokens - seq.num_computed_tokens != 1 or params.has_penalties \
                     or params.logprobs is not None or not (params.is_greedy or greedy_verification):
                 return 0
-            rounds = min(rounds, (seq.max_tokens - len(seq.output_token_ids)) // (k + 1))
+            longest = max(longest, seq.max_tokens - len(seq.output_token_ids))
+        rounds = min(rounds, longest)
         if rounds < 1:
             return 0
+        self._planned = {}
         for seq in running:
-            seq.draft_token_ids = [seq.output_token_ids[-1]] * (rounds * (k + 1) - 1)
+            n = min(rounds * (k + 1), seq.max_tokens - len(seq.output_token_ids))
+            self._planned[seq.seq_id] = n
+            seq.draft_token_ids = [seq.output_token_ids[-1]] * (n - 1)
         return rounds
 
-    def fits(self, sched: Any, rounds: int, num_running: int) -> bool:
+    def fits(self, sched: Any, num_running: int) -> bool:
         """Whether the scheduler gave the step what `plan` asked for: every running sequence, each
         with all its placeholder drafts, and nothing else (no preemption, no swap)."""
-        want = rounds * (self.k + 1) - 1
+        planned = self._planned
         return (len(sched.scheduled) == num_running and not sched.preempted and not sched.swap_out
-                and not sched.swap_in and all(not item.is_prefill and len(item.draft_token_ids) == want
-                                              for item in sched.scheduled))
+                and not sched.swap_in and all(not item.is_prefill and len(item.draft_token_ids) + 1 == planned.get(
+                    item.seq.seq_id) for item in sched.scheduled))
 
     @staticmethod
     def unplan(sched: Any) -> None:
@@ -197,7 +205,8 @@ class DeviceRounds:
         """Run `rounds` rounds for these sequences (block tables [B, w], allowed: whether each may
         draft, per the acceptance gate). Returns each sequence's emitted tokens, and per sequence
         the (drafted, accepted) counts of each round."""
-        limits = [seq.num_tokens + rounds * (self.k + 1) for seq in seqs]
+        limits = [seq.num_tokens + min(rounds * (self.k + 1), seq.max_tokens - len(seq.output_token_ids))
+                  for seq in seqs]
         return self.finish(self.start(seqs, tables, allowed, limits, rounds))
 
     def start(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool], limits: list[int], rounds: int,
@@ -299,7 +308,7 @@ class DeviceRounds:
         b = graphs.size_for(batch * (self.k + 1))
         work, lens = self.work[:batch], self.lens[:batch]
         limits = self.limits[:batch]
-        drafts, num_drafts = self.proposer.propose(work, lens)
+        drafts, num_drafts = self.proposer.propose(work, lens, limits)
         prepare_round(work, lens, limits, self.allow[:batch], drafts, num_drafts, graphs.block_tables,
                       block_size=self.block_size, padding_slot=self.padding_slot, input_ids=graphs.input_ids,
                       positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)

@@ -45,11 +45,13 @@ class DraftModelProposer:
                                    num_splits=target_graphs.num_splits, sampled=sampled)
         self.valid: dict[int, int] = {}  # seq_id -> leading positions whose draft K/V are right
 
-    def propose(self, work: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Drafts [B, k] and their counts (k, or 0 for a padding row) for the B sequences of work/lens."""
+    def propose(self, work: torch.Tensor, lens: torch.Tensor, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drafts [B, k] and their counts (k, or 0 for a padding or done row) for the B sequences of
+        work/lens. A forward writes draft K/V only at positions below limit - 1 (the slots the
+        scheduler holds for the step; the verification keeps no draft past them either)."""
         g, k = self.graphs, self.k
         batch = lens.shape[0]
-        live = lens > 0
+        live = (lens > 0) & (lens < limits)
         tables = self.target.block_tables[: batch * (k + 1): k + 1]
         # Rows s and batch + s: sequence s's tokens at L - 2 and L - 1.
         positions = torch.cat([lens - 2, lens - 1]).clamp(min=0)
@@ -61,7 +63,7 @@ class DraftModelProposer:
         drafts = [token]
         b = g.size_for(batch)
         for j in range(1, k):
-            self._write(lens - 1 + j, token, tables, live, b)
+            self._write(lens - 1 + j, token, tables, live & (lens + j < limits), b)
             g.forward(b)
             token = g.sampled[:batch].clone()
             drafts.append(token)

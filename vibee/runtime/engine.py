@@ -297,7 +297,7 @@ class LLMEngine:
             seq.draft_token_ids = []
         if sched.is_empty:
             return None
-        if rounds and self.speculator.rounds.fits(sched, rounds, num_running):
+        if rounds and self.speculator.rounds.fits(sched, num_running):
             return launch_speculative_rounds(sched, rounds, self.runner, self.speculator, self.scheduler, self._by_seq,
                                              (t0, queries0, hits0))
         if rounds:

@@ -26,7 +26,9 @@ import triton.language as tl
 def prepare_round(work, lens, limits, allow, drafts, num_drafts, tables, *, block_size: int, padding_slot: int,
                   input_ids, positions, slot_mapping, seq_lens, kernels: bool | None = None) -> None:
     """Write the verification rows of the first B = len(lens) sequences. num_drafts is masked in
-    place by `allow`, by padding and by limits (what finish_round then accepts from). kernels:
+    place by `allow`, by padding and by limits, and cut to what a sequence's limit leaves after
+    its decode token (what finish_round then accepts from): no row writes K/V at or past
+    limit - 1, and no round grows a sequence past its limit. kernels:
     run the Triton kernel (default: on a CUDA device; on the CPU it needs TRITON_INTERPRET=1)."""
     batch, k = drafts.shape
     if work.is_cuda if kernels is None else kernels:
@@ -37,6 +39,7 @@ def prepare_round(work, lens, limits, allow, drafts, num_drafts, tables, *, bloc
     j = torch.arange(k + 1, device=work.device)
     live = (lens > 0) & (lens < limits)
     num_drafts.mul_(allow * live)
+    torch.minimum(num_drafts, (limits - lens - 1).clamp(min=0), out=num_drafts)
     pos = (lens[:, None] - 1 + j).clamp(min=0)
     kept = (j[None, :] <= num_drafts[:, None]) & live[:, None]
     first_rows = tables[: batch * (k + 1): k + 1]
@@ -83,6 +86,7 @@ def _prepare_kernel(work, work_stride, width, lens, limits, allow, drafts, num_d
     length = tl.load(lens + s)
     live = (length > 0) & (length < tl.load(limits + s))
     count = tl.load(num_drafts + s) * tl.load(allow + s) * live.to(tl.int64)
+    count = tl.minimum(count, tl.maximum(tl.load(limits + s) - length - 1, 0))
     tl.store(num_drafts + s, count)
     pos = tl.maximum(length - 1 + j, 0)
     kept = (j <= count) & live

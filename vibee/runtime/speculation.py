@@ -169,20 +169,25 @@ class Speculator:
         """Give each decoding sequence its draft tokens for this step (the scheduler verifies them);
         runner: the model runner, whose last step's hidden states Medusa heads draft from. When no
         sequence gets any, the next 1, 2, 4 ... MAX_REST_STEPS steps (doubling while proposals keep
-        coming back empty) rest: they decode without drafting, overlapped like plain steps."""
-        self._draft(running, by_seq, runner)
+        coming back empty) rest: they decode without drafting, overlapped like plain steps. A step
+        with no sequence to draft for (only prefills) proposes nothing and counts for nothing: at
+        batch 1 it made every request's first decode step a rest."""
+        if not self._draft(running, by_seq, runner):
+            return
         if any(seq.draft_token_ids for seq in running):
             self._empty_proposals = 0
         else:
             self.rest_steps = min(2 ** self._empty_proposals, MAX_REST_STEPS)
             self._empty_proposals += 1
 
-    def _draft(self, running, by_seq: dict[int, tuple[Any, Any]], runner) -> None:
+    def _draft(self, running, by_seq: dict[int, tuple[Any, Any]], runner) -> bool:
+        """Set each sequence's drafts; returns whether the step counts as a proposal (False: no
+        sequence was decoding with room to draft)."""
         for seq in running:
             seq.draft_token_ids = []
         spec = self.gen.config("speculative_decode")
         if not self.gen.speculative_decode.speculation_enabled(len(running), spec.disable_by_batch_size):
-            return
+            return True  # an empty proposal: resting steps overlap
         candidates = []
         for seq in running:
             req, _ = by_seq[seq.seq_id]
@@ -192,7 +197,7 @@ class Speculator:
                     and not req.params.has_penalties and self.gate.allows(seq.seq_id):
                 candidates.append((seq, room))
         if not candidates:
-            return
+            return False
         if self.medusa is not None:
             for (seq, _), drafts in zip(candidates, self.medusa.propose(runner, candidates)):
                 seq.draft_token_ids = drafts
@@ -211,13 +216,14 @@ class Speculator:
                 candidates = [(seq, room) for seq, room in candidates
                               if room > self.num_speculative_tokens or seq.seq_id in self.drafter.fed]
                 if not candidates:
-                    return
+                    return True  # an empty proposal: resting steps overlap
                 self.rounds.proposer.invalidate()  # the host writes the draft cache through its own blocks
             rows = self.drafter.propose([seq.token_prefix(seq.num_tokens) for seq, _ in candidates],
                                         [seq.seq_id for seq, _ in candidates])
             self.catch_up_tokens += self.drafter.catch_up_tokens
             for (seq, room), row in zip(candidates, rows):
                 seq.draft_token_ids = row[:room]
+        return True
 
     def verify(self, req, choice, drafts: tuple[int, ...], logits: torch.Tensor, targets: list[int] | None,
                sampler: Sampler) -> list[SampleResult]:
