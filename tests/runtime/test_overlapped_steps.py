@@ -243,6 +243,25 @@ def test_a_speculating_probe_ends_once_it_took_as_long_as_the_plain_one():
     assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates[True] == pytest.approx(4 / 3)
 
 
+def test_a_speculating_probe_clearly_losing_ends_after_an_eighth_of_its_steps():
+    from vibee.runtime.speed_gate import LOSING
+
+    def probe(spec_rate: float) -> int:
+        """Speculating steps the probe takes after 16 plain ones at 10 tok/s."""
+        gate = SpeedGate(probe_steps=16, hold_steps=100)
+        for _ in range(16):
+            gate.record(tokens=10, seconds=1.0)
+        steps = 0
+        while gate.phase == "probe_on":
+            gate.record(tokens=spec_rate, seconds=1.0)
+            steps += 1
+        assert not gate.speculating and gate.rates[True] == spec_rate
+        return steps
+
+    assert probe(10 * LOSING - 1) == 2  # clearly slower: out after 16 / 8 steps
+    assert probe(10 * LOSING + 1) == 16  # close: the whole probe decides
+
+
 def test_with_speculation_measured_slower_steps_overlap_and_tokens_stay(model_dir, monkeypatch):
     """--speculative while the speed gate holds plain decoding: steps overlap like plain ones and
     give the same tokens; while it speculates, a step that verifies drafts never leaves its tokens

@@ -8,7 +8,10 @@ is measured first: it is the mode that costs at most what it always costs, and t
 took bounds the speculating probe, which ends once it has taken as long: by then it has had the
 time plain decoding needed, and a drafter many times slower than the target (a draft model as
 small in compute as the target is) costs a few of its slow steps per cycle, the first cycle
-included, instead of probe_steps of them. Each time plain decoding wins again the hold doubles
+included, instead of probe_steps of them. A speculating probe clearly losing (below LOSING of
+the plain rate after an eighth of its steps) ends there, instead of spending the plain probe's
+whole time at that rate (the built-in model's draft model runs at about half the plain speed on
+the H200). Each time plain decoding wins again the hold doubles
 (up to MAX_BACKOFF times), so where drafting never pays the probes' cost fades instead of
 recurring every cycle; when speculation wins the hold is back to hold_steps. Steps that prefill
 (a new request at batch 1 costs several decode steps) are not timed in a probe: they would decide
@@ -23,6 +26,7 @@ from __future__ import annotations
 PROBE_STEPS = 32  # steps timed in each mode per cycle
 HOLD_STEPS = 480  # steps run in the faster mode before the next measurement
 MAX_BACKOFF = 16  # the hold after plain decoding won many times in a row: 16 * HOLD_STEPS
+LOSING = 0.75  # a speculating probe this much slower than plain ends early
 
 
 class SpeedGate:
@@ -66,7 +70,7 @@ class SpeedGate:
                 self.rates[False] = self._tokens / max(self._seconds, 1e-9)
                 self._budget = self._seconds
                 self._next("probe_on", True)
-        elif self._steps >= self.probe_steps or self._seconds >= self._budget:
+        elif self._steps >= self.probe_steps or self._seconds >= self._budget or self._losing():
             self.rates[True] = self._tokens / max(self._seconds, 1e-9)
             faster = self.rates[True] > self.rates[False]
             self.holds[faster] += 1
@@ -76,6 +80,12 @@ class SpeedGate:
                 self.backoff = min(2 * self.backoff, MAX_BACKOFF)
             self._plain_won = not faster
             self._next("hold", faster)
+
+    def _losing(self) -> bool:
+        """A speculating probe that has run an eighth of its steps (probes of 8 steps or more)
+        below LOSING of the plain rate."""
+        early = self.probe_steps // 8
+        return bool(early) and self._steps >= early and self._tokens / max(self._seconds, 1e-9) < LOSING * self.rates[False]
 
     @classmethod
     def held(cls, speculating: bool = True) -> SpeedGate:
