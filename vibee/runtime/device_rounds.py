@@ -20,6 +20,7 @@ past a stop is wasted, never emitted.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from typing import Any
 
@@ -120,6 +121,7 @@ class DeviceRounds:
         self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
         self._rows: dict[int, list[int]] = {}  # seq_id -> [row, how many of its tokens the row holds]
         self._planned: dict[int, int] = {}  # seq_id -> tokens the planned step may emit
+        self._emitted = (0.0, 0.0)  # tokens emitted and live rounds run, each step's decayed by 0.9
         self.num_steps = self.num_rounds = 0  # engine steps that ran rounds, and their rounds
         self.catch_up_tokens = 0  # what the proposer computed before the last step's rounds
         self._free = list(range(self.max_rows - 1, -1, -1))
@@ -160,7 +162,9 @@ class DeviceRounds:
         When > 0, each running sequence holds its rounds' slots in placeholder drafts, which the
         scheduler allocates as lookahead: k + 1 a round, but no more than its max_tokens leaves
         (it stops there on the device). So a sequence near its end finishes in this step's
-        rounds, instead of in steps of fewer rounds and then of host drafts, each a host sync."""
+        rounds, instead of in steps of fewer rounds and then of host drafts, each a host sync.
+        Near every sequence's end the step runs the rounds that the tokens emitted per round so
+        far say it needs, and one more: a round past a sequence's end is a wasted forward."""
         running, k = scheduler.running, self.k
         if not enabled or not running or len(running) > self.max_rows or \
                 (scheduler.waiting and len(running) < scheduler.max_num_seqs):
@@ -173,7 +177,7 @@ class DeviceRounds:
                     or params.logprobs is not None or not (params.is_greedy or greedy_verification):
                 return 0
             longest = max(longest, seq.max_tokens - len(seq.output_token_ids))
-        rounds = min(rounds, longest)
+        rounds = min(rounds, 1 + math.ceil(longest / self.emitted_per_round()))
         if rounds < 1:
             return 0
         self._planned = {}
@@ -182,6 +186,11 @@ class DeviceRounds:
             self._planned[seq.seq_id] = n
             seq.draft_token_ids = [seq.output_token_ids[-1]] * (n - 1)
         return rounds
+
+    def emitted_per_round(self) -> float:
+        """Tokens a sequence's round has emitted lately (1 until measured: each round emits one or more)."""
+        tokens, rounds = self._emitted
+        return max(1.0, tokens / rounds) if rounds else 1.0
 
     def fits(self, sched: Any, num_running: int) -> bool:
         """Whether the scheduler gave the step what `plan` asked for: every running sequence, each
@@ -284,6 +293,7 @@ class DeviceRounds:
                     if accepted >= 0:
                         emitted[s] += result[r, s, : accepted + 1].tolist()
                         counts[s].append((int(result[r, s, k + 1]), accepted))
+        self._emitted = 0.9 * self._emitted[0] + sum(map(len, emitted)), 0.9 * self._emitted[1] + sum(map(len, counts))
         self.proposer.after(seqs, emitted)
         for seq, tokens in zip(seqs, emitted if k else ()):  # k = 0: counted at start
             self._rows[seq.seq_id][1] += len(tokens)
