@@ -41,6 +41,7 @@ OTHER_VALUE = {
         "skip_modules": ["not_a_layer"],
         "method": "gptq",
         "damp_percent": 0.1,
+        "act_order": False,
         "calibration_samples": 16,
         "calibration_seq_len": 128,
     },

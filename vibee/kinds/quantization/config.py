@@ -120,6 +120,14 @@ class QuantizationConfig(KindConfig):
         le=1,
         description="GPTQ: this fraction of the mean diagonal of a layer's input Hessian is added to its diagonal.",
     )
+    act_order: bool = knob("compile",
+        True,
+        description=(
+            "GPTQ: quantize a layer's input columns largest Hessian diagonal first (the inputs with the largest"
+            " activations, while the most columns are left to take up their error), every group's scale from the"
+            " weights before any update; false: in input order, a group's scale when GPTQ reaches it."
+        ),
+    )
     calibration_samples: int = knob("runtime",
         128,
         ge=1,
@@ -226,7 +234,7 @@ class QuantizationConfig(KindConfig):
         return {
             "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {METHOD_NAMES[self.method]}",
             **({"calibration": f"{self.calibration_samples} x {self.calibration_seq_len} tokens of stdlib source"
-                               + (f", damp {self.damp_percent}" if self.method == "gptq" else "")}
+                               + (f", damp {self.damp_percent}{', act order' if self.act_order else ''}" if self.method == "gptq" else "")}
                if self.method != "rtn" else {}),
             "groups": "one per output channel" if self.group_size == PER_CHANNEL else f"{self.group_size} input weights per scale",
             "qweight layout": layout,

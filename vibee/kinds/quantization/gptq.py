@@ -61,13 +61,17 @@ class InputRecorder(nn.Module):
 
 
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float, qmin: int, qmax: int,
-               group_params: GroupParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               group_params: GroupParams, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes [out, in] (int16), scales [out, n_groups] (float32, the stored values) and zero points
     [out, n_groups] (None when symmetric) of `weight` [out, in] by GPTQ with `hessian` [in, in].
 
     `damp` times the Hessian's mean diagonal is added to its diagonal (inputs that never vary
     otherwise make it singular); an input that was always 0 keeps code 0's weight. A group's scale
-    comes from group_params over its columns when its first column is reached."""
+    comes from group_params over its columns when its first column is reached. act_order: the
+    columns go in the order of their Hessian diagonal, largest first (the inputs with the largest
+    activations are rounded while the most columns are left to take up their error), and every
+    group's scale comes from the weights before any update ("static groups": a group's columns
+    are no longer reached together), so the stored layout is unchanged."""
     out_features, in_features = weight.shape
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
@@ -75,27 +79,46 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, dam
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
-    # The upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty(out_features, in_features, dtype=torch.int16, device=w.device)
-    scales, zeros = [], []
-    block = min(GPTQ_BLOCK, group_size)  # a group starts on a block: its columns have every earlier error
-    for start in range(0, in_features, block):
-        stop = min(start + block, in_features)
-        if start % group_size == 0:
+    scales: list[torch.Tensor] = []
+    zeros: list[torch.Tensor | None] = []
+    col_scale = torch.empty_like(w)  # each column's scale and zero point, in processing order
+    col_zero = torch.zeros_like(w)
+    order = None
+    if act_order:
+        for start in range(0, in_features, group_size):
             scale, zero = group_params(w[:, start:start + group_size])
             scales.append(scale.to(torch.float32))
             zeros.append(zero)
-        scale = scales[-1]
-        zero = torch.zeros_like(scale) if zeros[-1] is None else zeros[-1].to(torch.float32)
+        order = torch.argsort(h.diagonal(), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+        group_of = (order // group_size).to(w.device)
+        col_scale = torch.stack(scales, dim=1)[:, group_of]
+        if zeros[0] is not None:
+            col_zero = torch.stack(zeros, dim=1).to(torch.float32)[:, group_of]
+    # The upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(out_features, in_features, dtype=torch.int16, device=w.device)
+    block = min(GPTQ_BLOCK, group_size)  # a group starts on a block: its columns have every earlier error
+    for start in range(0, in_features, block):
+        stop = min(start + block, in_features)
+        if not act_order and start % group_size == 0:
+            scale, zero = group_params(w[:, start:start + group_size])
+            scales.append(scale.to(torch.float32))
+            zeros.append(zero)
+            col_scale[:, start:start + group_size] = scales[-1][:, None]
+            if zero is not None:
+                col_zero[:, start:start + group_size] = zero.to(torch.float32)[:, None]
         cols = w[:, start:stop]  # updated in place as each column's error arrives
         errors = torch.empty_like(cols)
         for j in range(stop - start):
+            scale, zero = col_scale[:, start + j], col_zero[:, start + j]
             code = torch.clamp(torch.round(cols[:, j] / scale) + zero, qmin, qmax)
             codes[:, start + j] = code.to(torch.int16)
             error = (cols[:, j] - (code - zero) * scale) / hinv[start + j, start + j]
             cols[:, j:] -= error[:, None] * hinv[start + j, start + j:stop][None, :]
             errors[:, j] = error
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
     zero_points = None if zeros[0] is None else torch.stack(zeros, dim=1)
     return codes, torch.stack(scales, dim=1), zero_points
