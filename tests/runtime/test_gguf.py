@@ -31,13 +31,27 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, kind: str, seed: int = 0, pre: str = "default"):
-    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0 or F32); returns
-    transformers' model with the weights gguf's dequantize gives for them."""
+def q6_k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Q6_K data for a [rows, cols] weight (cols a multiple of 256), which gguf cannot quantize:
+    random 6-bit values and int8 sub-block scales 1..4 under an fp16 d of 1e-3 per 256 weights
+    (a block: 128 bytes of low bits, 64 of high bits, 16 scales, then d)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, 210), dtype=np.uint8)
+    blocks[..., 192:208] = rng.integers(1, 5, size=(rows, cols // 256, 16), dtype=np.uint8)
+    blocks[..., 208:210] = np.array([1e-3], dtype=np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path, kind: str, seed: int = 0, pre: str = "default", hidden: int = 64,
+               kinds: dict[str, str] | None = None, output: str | None = None):
+    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0 or F32), those
+    named in `kinds` (GGUF short name -> type) in theirs, and output.weight in `output` (a type
+    gguf quantizes, or Q6_K) or F32; returns transformers' model with the weights gguf's
+    dequantize gives for them."""
     from gguf import GGMLQuantizationType as T, GGUFWriter
     from gguf.quants import dequantize, quantize
 
-    hf = make_model(path.parent / "hf", hidden=64, layers=2, seed=seed)
+    hf = make_model(path.parent / "hf", hidden=hidden, layers=2, seed=seed)
     c = hf.config
     tok = train_tokenizer()
     vocab = tok.get_vocab()
@@ -62,10 +76,15 @@ def write_gguf(path, kind: str, seed: int = 0, pre: str = "default"):
     writer.add_eos_token_id(vocab["</s>"])
     writer.add_add_bos_token(True)
     state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-    qtype = getattr(T, kind)
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    writer.add_tensor("output.weight", state["lm_head.weight"])
+    if output is None:
+        writer.add_tensor("output.weight", state["lm_head.weight"])
+    else:
+        rows, cols = state["lm_head.weight"].shape
+        blocks = q6_k_blocks(rows, cols, seed) if output == "Q6_K" else quantize(state["lm_head.weight"], getattr(T, output))
+        writer.add_tensor("output.weight", blocks, raw_dtype=getattr(T, output))
+        hf.lm_head.weight.data.copy_(torch.from_numpy(dequantize(blocks, getattr(T, output)).reshape(rows, cols).copy()))
     for i in range(c.num_hidden_layers):
         for name, short in GGUF_NAMES.items():
             w = state[f"model.layers.{i}.{name}.weight"]
@@ -73,7 +92,9 @@ def write_gguf(path, kind: str, seed: int = 0, pre: str = "default"):
                 w = permute(w, c.num_attention_heads)
             elif name == "self_attn.k_proj":
                 w = permute(w, c.num_key_value_heads)
-            if w.ndim == 2 and kind != "F32":
+            layer_kind = (kinds or {}).get(short, kind)
+            if w.ndim == 2 and layer_kind != "F32":
+                qtype = getattr(T, layer_kind)
                 blocks = quantize(w, qtype)
                 writer.add_tensor(f"blk.{i}.{short}.weight", blocks, raw_dtype=qtype)
                 w = dequantize(blocks, qtype)  # what the file holds, by gguf's own reading
@@ -139,3 +160,31 @@ def test_an_unsupported_tokenizer_is_named(tmp_path):
     write_gguf(path, "Q8_0", pre="llama-bpe")
     with pytest.raises(LoadError, match="'llama-bpe' is not supported yet"):
         load_model_dir(path, progress=False)
+
+
+def test_other_gguf_types_load_dequantized_beside_the_codes(tmp_path, caplog):
+    """A Q4_0 file with two layer kinds in Q4_1 and Q5_0 and its output.weight in Q5_1, as
+    llama.cpp's mixes have: the Q4_0 layers stay int4 codes, the others load as floats (with a
+    warning), and the logits are transformers' on what the file holds."""
+    path = tmp_path / "mixed.gguf"
+    hf, _ = write_gguf(path, "Q4_0", kinds={"attn_v": "Q4_1", "ffn_down": "Q5_0"}, output="Q5_1")
+    ids = [3, 17, 42, 99, 5, 250, 7, 61, 12, 140]
+    model, gen, got = logits_of(path, ids)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith(("v_proj", "down_proj", "up_proj"))}
+    assert kinds and all((k == "QuantLinear") == name.endswith("up_proj") for name, k in kinds.items()), kinds
+    assert "Q4_1, Q5_0" in caplog.text and "dequantized" in caplog.text
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_k_quant_output_weight_loads_dequantized(tmp_path):
+    """A Q4_0 file's output.weight is usually Q6_K (written here from raw blocks: gguf does not
+    quantize K-quants), on a 256-wide model (K-quant rows are 256 weights)."""
+    path = tmp_path / "q6k.gguf"
+    hf, _ = write_gguf(path, "Q4_0", hidden=256, output="Q6_K")
+    ids = [3, 17, 42, 99, 5]
+    _, _, got = logits_of(path, ids)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,10 @@
 metadata as a Hugging Face config, its tokenizer and chat template, and its tensors by Hugging
 Face name. Q8_0 and Q4_0 tensors (one fp16 scale per 32 weights, codes -128..127 and -8..7)
 load as the generated int8 / int4 codes as they are, not dequantized; float tensors as floats.
+Tensors of the other types the `gguf` package dequantizes (Q4_1, Q5_0, Q5_1, the K-quants: a
+Q4_0 file's output.weight is usually Q6_K, a Q4_K_M file is Q4_K and Q6_K) load dequantized to
+the model's dtype, with a warning: they take that dtype's memory. So do Q8_0/Q4_0 layers merged
+with a part of another type (q/k/v and gate/up are one layer in vibee's model).
 
 llama.cpp's converter reorders each head's rows of q_proj and k_proj (RoPE's rotate-half halves
 interleaved); they are put back here, a row permutation, which moves whole quantized rows.
@@ -86,21 +90,44 @@ class GGUFFile:
         }
 
     def _quantization(self) -> CheckpointQuantization | None:
-        linear = {t.tensor_type.name for t in self.reader.tensors
-                  if t.name.startswith("blk.") and t.name.split(".")[2] in BLOCK_NAMES and "norm" not in t.name}
-        unknown = linear - set(FLOAT_TYPES) - set(CODE_TYPES)
-        codes = linear & set(CODE_TYPES)
-        if unknown or len(codes) > 1:
-            raise LoadError(f"{self.path}: the linear layers are {', '.join(sorted(linear))}; vibee reads F32, F16, "
-                            "BF16, and one of Q8_0 or Q4_0 for all of them")
-        if not codes:
+        """The codes' format; sets `code_layers`, the linear layers (Hugging Face prefixes) kept as
+        codes: a Q8_0/Q4_0 layer whose merged projection's other parts (q/k/v, gate/up: one
+        QuantLinear in vibee's model) are stored in the same type. Every other linear layer loads
+        dequantized (a warning names their types)."""
+        from vibee.runtime.model import MERGED
+
+        kinds = {}  # Hugging Face prefix of each linear layer -> its GGUF type
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            if name is not None and name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                kinds[name.removesuffix(".weight")] = t.tensor_type.name
+        codes = set(kinds.values()) & set(CODE_TYPES)
+        if len(codes) > 1:
+            raise LoadError(f"{self.path}: the linear layers are {', '.join(sorted(set(kinds.values())))}; vibee keeps "
+                            "one of Q8_0 or Q4_0 as codes (one generated module per bit width), not both")
+        self.code_layers = set()
+        for layer, kind in kinds.items():
+            prefix, leaf = layer.split(".", 3)[:3], layer.split(".", 3)[3]
+            group = next((parts for parts in MERGED.values() if leaf in parts), (leaf,))
+            if kind in CODE_TYPES and all(kinds.get(".".join(prefix + [part])) == kind for part in group):
+                self.code_layers.add(layer)
+        self.code_layers = frozenset(self.code_layers)
+        dequantized = sorted({kind for layer, kind in kinds.items()
+                              if kind not in FLOAT_TYPES and layer not in self.code_layers})
+        if dequantized:
+            import logging
+
+            logging.getLogger("vibee.loader").warning(
+                "%s: linear layers stored as %s load dequantized to the model's dtype (vibee keeps Q8_0/Q4_0 layers "
+                "as int8/int4 codes where every part of their merged projection is stored so)", self.path,
+                ", ".join(dequantized))
+        if not self.code_layers:
             return None
         return CheckpointQuantization("gguf", CODE_TYPES[codes.pop()], BLOCK, True, False)
 
     def quantized_layers(self) -> frozenset[str]:
-        """The Hugging Face prefixes of the linear layers stored as Q8_0 / Q4_0 codes."""
-        names = (hf_name(t.name) for t in self.reader.tensors if t.tensor_type.name in CODE_TYPES)
-        return frozenset(n.removesuffix(".weight") for n in names if n is not None and n.endswith("_proj.weight"))
+        """The Hugging Face prefixes of the linear layers loaded as Q8_0 / Q4_0 codes."""
+        return self.code_layers
 
     def tokenizer(self):
         """The file's tokenizer (GPT-2-style byte-level BPE) with its special tokens and chat template."""
@@ -126,9 +153,10 @@ class GGUFFile:
         return Tokenizer(hf, config, self.fields.get("tokenizer.chat_template"), f"{self.path} (tokenizer.chat_template)")
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor): floats in `dtype`; a Q8_0/Q4_0 linear weight as its layer's
-        `qweight` (codes [out, in], int16, -128..127 / -8..7) and `scales` ([out, in / 32], fp16);
-        an embedding stored as codes dequantized. q/k rows back in Hugging Face's order."""
+        """(Hugging Face name, tensor): floats in `dtype`; the weight of a layer kept as codes
+        (code_layers) as its `qweight` (codes [out, in], int16, -128..127 / -8..7) and `scales`
+        ([out, in / 32], fp16); any other quantized tensor dequantized. q/k rows back in Hugging
+        Face's order."""
         from gguf.quants import dequantize
 
         heads, kv_heads = self.config["num_attention_heads"], self.config["num_key_value_heads"]
@@ -138,7 +166,7 @@ class GGUFFile:
                 continue
             out_features = int(t.shape[-1]) if len(t.shape) > 1 else None
             kind = t.tensor_type.name
-            if kind in CODE_TYPES and name.endswith("_proj.weight"):
+            if name.removesuffix(".weight") in self.code_layers:
                 codes, scales = _codes(np.asarray(t.data), kind, out_features)
                 rows = _unpermute_rows(name, heads, kv_heads, out_features)
                 if rows is not None:
@@ -151,10 +179,12 @@ class GGUFFile:
                 array = np.asarray(t.data)
                 tensor = (torch.from_numpy(array.view(np.int16).astype(np.int32) << 16).view(torch.float32)
                           if kind == "BF16" else torch.from_numpy(array.copy()))
-            elif kind in CODE_TYPES:  # an embedding or an lm_head in codes: floats for vibee's float layers
-                tensor = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type).copy())
-            else:
-                raise LoadError(f"{self.path}: tensor {t.name} is {kind}; vibee reads F32, F16, BF16, Q8_0 and Q4_0")
+            else:  # an embedding or lm_head in codes, or a type vibee has no kernel for: floats
+                try:
+                    tensor = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type).copy())
+                except NotImplementedError:
+                    raise LoadError(f"{self.path}: tensor {t.name} is {kind}, which the gguf package cannot dequantize; "
+                                    "vibee reads F32, F16, BF16, Q8_0 and Q4_0, and dequantizes the types gguf does") from None
             shape = [int(d) for d in reversed(t.shape)]  # GGUF lists the fastest dimension first
             tensor = tensor.reshape(shape)
             rows = _unpermute_rows(name, heads, kv_heads, shape[0]) if len(shape) == 2 else None
