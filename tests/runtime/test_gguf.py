@@ -157,9 +157,41 @@ def test_engine_serves_a_gguf_file(tmp_path):
 
 def test_an_unsupported_tokenizer_is_named(tmp_path):
     path = tmp_path / "tiny.gguf"
-    write_gguf(path, "Q8_0", pre="llama-bpe")
-    with pytest.raises(LoadError, match="'llama-bpe' is not supported yet"):
+    write_gguf(path, "Q8_0", pre="deepseek-llm")
+    with pytest.raises(LoadError, match="'deepseek-llm' is not supported yet"):
         load_model_dir(path, progress=False)
+
+
+SPLIT_TEXT = "I'm 12345 ok\n\n  don'T x=1.5"
+# Each pre-tokenizer's pieces of SPLIT_TEXT (in byte-level letters: Ġ a space, Ċ a newline), by
+# hand from llama.cpp's patterns: GPT-2 keeps digit runs and attaches a space to the next piece;
+# Llama 3 cuts digits in threes, keeps newlines apart and matches contractions in any case; Qwen2
+# as Llama 3 with single digits; SmolLM single digits, then GPT-2.
+SPLITS = {
+    "gpt2": ["I", "'m", "Ġ12345", "Ġok", "ĊĊĠ", "Ġdon", "'", "T", "Ġx", "=", "1", ".", "5"],
+    "llama-bpe": ["I", "'m", "Ġ", "123", "45", "Ġok", "ĊĊ", "Ġ", "Ġdon", "'T", "Ġx", "=", "1", ".", "5"],
+    "qwen2": ["I", "'m", "Ġ", "1", "2", "3", "4", "5", "Ġok", "ĊĊ", "Ġ", "Ġdon", "'T", "Ġx", "=", "1", ".", "5"],
+    "smollm": ["I", "'m", "Ġ", "1", "2", "3", "4", "5", "Ġok", "ĊĊĠ", "Ġdon", "'", "T", "Ġx", "=", "1", ".", "5"],
+}
+
+
+@pytest.mark.parametrize("pre", sorted(SPLITS))
+def test_each_pre_tokenizer_splits_as_llama_cpp_does(pre):
+    from vibee.runtime.gguf_file import pre_tokenizer
+
+    assert [piece for piece, _ in pre_tokenizer(pre).pre_tokenize_str(SPLIT_TEXT)] == SPLITS[pre]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm"])
+def test_files_with_other_pre_tokenizers_load_and_round_trip(tmp_path, pre):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "Q8_0", pre=pre)
+    tokenizer = load_model_dir(path, progress=False).tokenizer
+    text = "def add(a, b):\n    return a + 12345  # Héllo"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    digits = tokenizer.encode("12345", add_special_tokens=False)
+    assert len(digits) >= (2 if pre == "llama-bpe" else 5)  # digits never merge across the split
 
 
 def test_other_gguf_types_load_dequantized_beside_the_codes(tmp_path, caplog):
