@@ -114,9 +114,9 @@ class GGUFFile:
                             "one of Q8_0 or Q4_0 as codes (one generated module per bit width), not both")
         self.code_layers = set()
         for layer, kind in kinds.items():
-            prefix, leaf = layer.split(".", 3)[:3], layer.split(".", 3)[3]
+            *block, leaf = layer.split(".", 3)  # "model", "layers", i; "self_attn.q_proj"
             group = next((parts for parts in MERGED.values() if leaf in parts), (leaf,))
-            if kind in CODE_TYPES and all(kinds.get(".".join(prefix + [part])) == kind for part in group):
+            if kind in CODE_TYPES and all(kinds.get(".".join([*block, part])) == kind for part in group):
                 self.code_layers.add(layer)
         self.code_layers = frozenset(self.code_layers)
         dequantized = sorted({kind for layer, kind in kinds.items()
