@@ -11,7 +11,7 @@ import torch
 
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine
-from tests.runtime.test_ngram_rounds import PROMPTS, outputs, rounds_seen  # noqa: F401 - the fixture
+from tests.runtime.test_ngram_rounds import CHAINED, PROMPTS, outputs, rounds_seen  # noqa: F401 - the fixture
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.speed_gate import SpeedGate
 
@@ -55,6 +55,7 @@ def test_the_target_as_its_own_draft_has_every_draft_accepted_in_rounds(model_di
     eng = drafting(model_dir, model_dir, max_num_seqs=max_num_seqs, num_speculative_tokens=3)
     assert outputs(eng, PROMPTS, params) == plain
     assert rounds_seen and max(batch for batch, _ in rounds_seen) == max_num_seqs
+    assert True in CHAINED  # the draft's K/V stay right in rounds queued behind unread ones
     figures = eng.stats()["speculative_decoding"]
     assert figures["device_rounds"]["rounds"] > 0
     assert figures["acceptance_rate"] == 1.0 and figures["num_draft_tokens"] > 0

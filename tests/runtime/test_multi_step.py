@@ -37,11 +37,11 @@ def rounds_seen(monkeypatch):
     seen = []
     real = DeviceRounds.start
 
-    def start(self, seqs, tables, allowed, limits, rounds, temperatures=None):
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False):
         if not self.k:  # plain rounds, not speculation's
             seen.append((len(seqs), rounds))
             EVENTS.append("start")
-        return real(self, seqs, tables, allowed, limits, rounds, temperatures)
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained)
 
     real_finish = DeviceRounds.finish
 

@@ -33,14 +33,20 @@ def rounds_seen(monkeypatch):
     """Eager graphs for every engine; returns the list of (batch, rounds) of each rounds step."""
     use_eager_graphs(monkeypatch)
     seen = []
-    real = DeviceRounds.run
+    real = DeviceRounds.start
 
-    def run(self, seqs, tables, allowed, rounds):
-        seen.append((len(seqs), rounds))
-        return real(self, seqs, tables, allowed, rounds)
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False):
+        if self.k:  # speculation's rounds, not plain multi-steps
+            seen.append((len(seqs), rounds))
+            CHAINED.append(chained)
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained)
 
-    monkeypatch.setattr(DeviceRounds, "run", run)
+    CHAINED.clear()
+    monkeypatch.setattr(DeviceRounds, "start", start)
     return seen
+
+
+CHAINED: list[bool] = []  # whether each rounds step in rounds_seen queued behind unread rounds
 
 
 def speculating(model_dir, **flags):
@@ -61,6 +67,7 @@ def test_rounds_give_the_tokens_of_plain_decoding(model_dir, rounds_seen, max_nu
     assert outputs(eng, PROMPTS, params) == plain
     assert rounds_seen and max(rounds for _, rounds in rounds_seen) > 1
     assert max(batch for batch, _ in rounds_seen) == max_num_seqs
+    assert True in CHAINED  # some steps queued behind rounds not read yet
     figures = eng.stats()["speculative_decoding"]
     assert figures["num_accepted_tokens"] > 0  # the device drafts were real, and some held
     assert figures["device_rounds"]["steps"] == len(rounds_seen)
@@ -138,6 +145,49 @@ def test_preemption_during_rounds_loses_nothing(model_dir, rounds_seen, monkeypa
     assert outputs(eng, PROMPTS, params) == plain
     assert eng.stats()["batching"]["preemptions"] > 0 and rounds_seen and any(unplanned)
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_a_step_behind_unread_rounds_that_does_not_get_its_slots_waits_for_them(model_dir, rounds_seen, monkeypatch):
+    """A step queued behind unread rounds is planned to fit the free blocks; should the scheduler
+    cut its slots anyway (forced here: the plan believes every slot free), nothing of it runs,
+    the rounds in flight are read and the engine schedules afresh; the text stays plain's."""
+    from vibee.runtime.engine import LLMEngine
+
+    params = SamplingParams(max_tokens=80, **GREEDY)
+    plain = outputs(engine(model_dir, max_num_seqs=2), PROMPTS, params)
+    monkeypatch.setattr(DeviceRounds, "slots_fit", staticmethod(lambda space, running, planned: True))
+    dropped = []
+    real = LLMEngine._chain
+
+    def chain(self, previous):
+        before = self.scheduler.measured_stats()
+        launched = real(self, previous)
+        after = self.scheduler.measured_stats()
+        dropped.append(launched is None and after["num_steps"] > before["num_steps"])
+        assert after["num_preemptions"] == before["num_preemptions"]  # only lookahead is ever cut
+        return launched
+
+    monkeypatch.setattr(LLMEngine, "_chain", chain)
+    eng = speculating(model_dir, max_num_seqs=2, num_kv_blocks=8)
+    assert outputs(eng, PROMPTS, params) == plain
+    assert True in dropped and True in CHAINED
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
+def test_an_abort_while_rounds_are_unread_frees_everything(model_dir, rounds_seen):
+    eng = speculating(model_dir, max_num_seqs=2)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=200, **GREEDY))
+    while not CHAINED or not CHAINED[-1]:
+        eng.step()
+    assert eng._in_flight.unread_rounds
+    final = eng.abort_request("r0")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    final = eng.abort_request("r1")  # the last one: the rounds in flight are read and dropped
+    assert final.finished and eng._in_flight is None and not eng.has_unfinished()
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks and not eng.speculator.rounds._rows
+    assert outputs(eng, PROMPTS[:1], SamplingParams(max_tokens=30, **GREEDY)) == \
+        outputs(engine(model_dir), PROMPTS[:1], SamplingParams(max_tokens=30, **GREEDY))
 
 
 def test_an_abort_between_rounds_steps_frees_everything(model_dir, rounds_seen):
@@ -246,7 +296,7 @@ def test_rounds_on_the_gpu_keep_greedy_text_in_cuda_graphs():
         eng = gpu_engine(speculative=True, knobs={"continuous_batch": {"max_num_seqs": max_num_seqs}})
         eng.speed_gate = SpeedGate.held()
         calls = []
-        real = eng.speculator.rounds.run
-        eng.speculator.rounds.run = lambda *a: calls.append(a[3]) or real(*a)
+        real = eng.speculator.rounds.start
+        eng.speculator.rounds.start = lambda *a, **kw: calls.append(a[5]) or real(*a, **kw)
         assert outputs(eng, work.prompts, params) == expected
         assert calls and eng.stats()["speculative_decoding"]["acceptance_rate"] > 0.2

@@ -15,6 +15,11 @@ The scheduler gives each sequence KV slots for every token the rounds could emit
 lookahead: `plan` sets that many placeholder drafts before it schedules), and the engine cuts
 what it reads at stops and max_tokens, as it does a verified draft's tokens; what rounds compute
 past a stop is wasted, never emitted.
+
+A step's rounds still end in a host sync, so the engine queues the next step's rounds before it
+reads the last one's (chained): the next step starts from each sequence's length on the device
+(`row_lens`), its slots cover both steps' rounds, and the host reads, records and makes text
+while the GPU runs rounds. The host's view of a sequence lags the device's by a step.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ class DeviceRounds:
         self.tokens = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
         self.work = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
         self.lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # 0: a padding row
+        self.row_lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # each row's length after its last step
         # A sequence stops growing at its limit: the slots the scheduler gave it for the step.
         self.limits = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.sample = sample
@@ -154,7 +160,7 @@ class DeviceRounds:
             self.round_graphs = {}
 
     def plan(self, scheduler: Any, by_seq: dict[int, tuple[Any, Any]], *, max_num_batched_tokens: int,
-             greedy_verification: bool, enabled: bool) -> int:
+             greedy_verification: bool, enabled: bool, in_flight: int = 0) -> int:
         """How many rounds the next step runs (0: the host drafts as before). Rounds need every
         running sequence decoding, verified greedily (temperature 0, or the spec's greedy rule)
         with no logprobs or penalties, room for every round's k + 1 tokens in the step's token
@@ -164,12 +170,18 @@ class DeviceRounds:
         (it stops there on the device). So a sequence near its end finishes in this step's
         rounds, instead of in steps of fewer rounds and then of host drafts, each a host sync.
         Near every sequence's end the step runs the rounds that the tokens emitted per round so
-        far say it needs, and one more: a round past a sequence's end is a wasted forward."""
+        far say it needs, and one more: a round past a sequence's end is a wasted forward.
+
+        in_flight: rounds of a step whose tokens the host has not read yet (0: none). The next
+        step's rounds then queue behind them (`start(chained=True)`), each sequence holding slots
+        for both steps' rounds, as long as every sequence's slots fit in the free blocks (no
+        preemption while tokens are unread) and the unread rounds likely leave a sequence tokens
+        to emit; else 0, and the engine reads them first."""
         running, k = scheduler.running, self.k
         if not enabled or not running or len(running) > self.max_rows or \
                 (scheduler.waiting and len(running) < scheduler.max_num_seqs):
             return 0
-        rounds = min(MAX_ROUNDS, max_num_batched_tokens // (len(running) * (k + 1)))
+        rounds = min(MAX_ROUNDS, max_num_batched_tokens // (len(running) * (k + 1)) - in_flight)
         longest = 0  # the most tokens any sequence may still emit: more rounds would emit nothing
         for seq in running:
             params = by_seq[seq.seq_id][0].params
@@ -177,15 +189,29 @@ class DeviceRounds:
                     or params.logprobs is not None or not (params.is_greedy or greedy_verification):
                 return 0
             longest = max(longest, seq.max_tokens - len(seq.output_token_ids))
-        rounds = min(rounds, 1 + math.ceil(longest / self.emitted_per_round()))
+        per_round = self.emitted_per_round()
+        left = longest - in_flight * per_round  # what the unread rounds likely left to emit
+        if left <= 0:
+            return 0
+        rounds = min(rounds, 1 + math.ceil(left / per_round))
         if rounds < 1:
             return 0
-        self._planned = {}
+        planned = {seq.seq_id: min((in_flight + rounds) * (k + 1), seq.max_tokens - len(seq.output_token_ids))
+                   for seq in running}
+        if in_flight and not self.slots_fit(scheduler.block_space, running, planned):
+            return 0
+        self._planned = planned
         for seq in running:
-            n = min(rounds * (k + 1), seq.max_tokens - len(seq.output_token_ids))
-            self._planned[seq.seq_id] = n
-            seq.draft_token_ids = [seq.output_token_ids[-1]] * (n - 1)
+            seq.draft_token_ids = [seq.output_token_ids[-1]] * (planned[seq.seq_id] - 1)
         return rounds
+
+    @staticmethod
+    def slots_fit(space: Any, running: list[Any], planned: dict[int, int]) -> bool:
+        """Whether the free blocks hold every running sequence's planned slots at once: then the
+        scheduler gives each all of them and preempts none."""
+        needed = sum(space.num_blocks_to_allocate(seq.seq_id, seq.token_prefix(seq.num_tokens), planned[seq.seq_id] - 1)
+                     for seq in running)
+        return needed <= space.num_free_blocks()
 
     def emitted_per_round(self) -> float:
         """Tokens a sequence's round has emitted lately (1 until measured: each round emits one or more)."""
@@ -209,39 +235,33 @@ class DeviceRounds:
                 item.num_new_tokens -= len(item.draft_token_ids)
                 item.draft_token_ids = ()
 
-    def run(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool],
-            rounds: int) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-        """Run `rounds` rounds for these sequences (block tables [B, w], allowed: whether each may
-        draft, per the acceptance gate). Returns each sequence's emitted tokens, and per sequence
-        the (drafted, accepted) counts of each round."""
-        limits = [seq.num_tokens + min(rounds * (self.k + 1), seq.max_tokens - len(seq.output_token_ids))
-                  for seq in seqs]
-        return self.finish(self.start(seqs, tables, allowed, limits, rounds))
-
-    def start(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool], limits: list[int], rounds: int,
-              temperatures: list[float] | None = None) -> tuple:
+    def start(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool], rooms: list[int], caps: list[int],
+              rounds: int, temperatures: list[float] | None = None, chained: bool = False) -> tuple:
         """Queue `rounds` rounds for these sequences and the copy of what they emit to the host;
-        finish() reads it. limits: the length each sequence stops at; temperatures: each one's
-        (rounds that sample)."""
+        finish() reads it. Each sequence stops at its length + rooms[i] or at caps[i], whichever
+        is less (the slots the scheduler holds for it; its prompt plus max_tokens);
+        temperatures: each one's (rounds that sample). chained: the rounds queue behind rounds
+        whose tokens the host has not read: each sequence starts from the length those leave it,
+        known only on the device (the host's tokens lag theirs)."""
         k, graphs = self.k, self.graphs
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
         rows = self._upload_missing(seqs)
         if not k:  # without drafts a sequence grows to its limit, unless a stop (it then ends): known now
-            for seq, limit in zip(seqs, limits):
-                self._rows[seq.seq_id][1] = limit
+            for seq, room, cap in zip(seqs, rooms, caps):
+                self._rows[seq.seq_id][1] = min(seq.num_tokens + room, cap)
         self.catch_up_tokens = self.proposer.before(seqs, tables)  # a prefill of the drafter's
         w = tables.shape[1]
         temps = [] if temperatures is None else np.asarray(temperatures, dtype=np.float64).view(np.int64)
-        host = np.concatenate([rows, [seq.num_tokens for seq in seqs], limits, np.asarray(allowed, dtype=np.int64),
+        host = np.concatenate([rows, [seq.num_tokens for seq in seqs], rooms, caps, np.asarray(allowed, dtype=np.int64),
                                temps, tables.reshape(-1)]).astype(np.int64)
         sent = torch.from_numpy(host).to(self.device, non_blocking=True)
         rows_d = sent[:real]
         self.lens[:batch].zero_()
-        self.lens[:real] = sent[real: 2 * real]
-        self.limits[:real] = sent[2 * real: 3 * real]
-        self.allow[:real] = sent[3 * real: 4 * real]
-        at = 4 * real
+        self.lens[:real] = self.row_lens[rows_d] if chained else sent[real: 2 * real]
+        torch.minimum(self.lens[:real] + sent[2 * real: 3 * real], sent[3 * real: 4 * real], out=self.limits[:real])
+        self.allow[:real] = sent[4 * real: 5 * real]
+        at = 5 * real
         if temperatures is not None:
             self.temperatures[:real] = sent[at: at + real].view(torch.float64)
             self.temperatures[real:].zero_()
@@ -261,6 +281,7 @@ class DeviceRounds:
                     self._round(batch)
                 out[r] = self.last[:real]
         self.tokens[rows_d] = self.work[:real]
+        self.row_lens[rows_d] = self.lens[:real]
         if out.is_cuda:
             host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host_out.copy_(out, non_blocking=True)
@@ -294,9 +315,12 @@ class DeviceRounds:
                         emitted[s] += result[r, s, : accepted + 1].tolist()
                         counts[s].append((int(result[r, s, k + 1]), accepted))
         self._emitted = 0.9 * self._emitted[0] + sum(map(len, emitted)), 0.9 * self._emitted[1] + sum(map(len, counts))
-        self.proposer.after(seqs, emitted)
-        for seq, tokens in zip(seqs, emitted if k else ()):  # k = 0: counted at start
-            self._rows[seq.seq_id][1] += len(tokens)
+        if k:  # k = 0: counted at start
+            # Read a step late, a sequence may be gone (finished, aborted) and its row another's.
+            live = [(seq, tokens) for seq, tokens in zip(seqs, emitted) if seq.seq_id in self._rows]
+            self.proposer.after([seq for seq, _ in live], [tokens for _, tokens in live])
+            for seq, tokens in live:
+                self._rows[seq.seq_id][1] += len(tokens)
         return emitted, counts
 
     def _pad_rows(self, n: int, b: int) -> None:

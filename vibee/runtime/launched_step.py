@@ -29,4 +29,7 @@ class LaunchedStep:
     computed_prefill: int
     prefix_queries: int  # the block manager's counters before the step
     prefix_hits: int
-    rounds: Any = None  # a multi-step's rounds on the device, until the engine reads them (multi_step.py)
+    rounds: Any = None  # rounds on the device, until the engine reads them (multi_step.py, round_steps.py)
+    # Speculative rounds whose tokens the scheduler has not recorded yet (0: none): how many a
+    # sequence emits is known only once they are read (round_steps.read_speculative_rounds).
+    unread_rounds: int = 0

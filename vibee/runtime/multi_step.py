@@ -80,13 +80,13 @@ class MultiStep:
     def start(self, sched: Any, tables: np.ndarray, by_seq: dict[int, tuple[Any, Any]], rounds: int) -> tuple:
         """Queue the step's rounds (see DeviceRounds.start); finish() reads them."""
         seqs = [item.seq for item in sched.scheduled]
-        planned = self._planned
-        limits = [seq.num_tokens + planned[seq.seq_id] for seq in seqs]
+        rooms = [self._planned[seq.seq_id] for seq in seqs]
+        caps = [seq.num_tokens + room for seq, room in zip(seqs, rooms)]
         temperatures = [0.0 if p.is_greedy else p.temperature for p in (by_seq[seq.seq_id][0].params for seq in seqs)]
         # Fresh noise for every step, from the sampler's generator (seeded engines repeat).
         self.seed.copy_(torch.randint(2**62, (1,), device=self.device,
                                       generator=self.sampler.shared_generator(self.device)))
-        return self.rounds.start(seqs, tables, [True] * len(seqs), limits, rounds, temperatures)
+        return self.rounds.start(seqs, tables, [True] * len(seqs), rooms, caps, rounds, temperatures)
 
     def finish(self, started: tuple) -> list[list[int]]:
         """Each sequence's tokens from the step's rounds (waits for them)."""

@@ -19,26 +19,39 @@ def _block_tables(runner: Any, sched: Any) -> tuple[list, Any]:
     return seqs, tables
 
 
-def launch_speculative_rounds(sched: Any, rounds: int, runner: Any, speculator: Any, scheduler: Any,
-                              by_seq: dict, counters: tuple[float, int, int]) -> LaunchedStep:
-    """A step of speculative rounds: every sequence emits the tokens of all rounds, cut by the
-    scheduler at a stop token or max_tokens like a verified draft's (its drafts become the emitted
-    tokens, so the step reads as one verification of them). counters: (perf_counter at launch,
-    prefix-cache queries and hits before it)."""
+def launch_speculative_rounds(sched: Any, rounds: int, runner: Any, speculator: Any, by_seq: dict,
+                              counters: tuple[float, int, int], *, chained: bool) -> LaunchedStep:
+    """Queue a step of speculative rounds. How many tokens each sequence emits is known only
+    once they are read, so the scheduler records nothing yet: the engine queues the next step's
+    rounds behind these (chained: each sequence holds slots for both) and then reads these
+    (read_speculative_rounds), so the GPU runs rounds while the host reads, schedules and makes
+    text. counters: (perf_counter at launch, prefix-cache queries and hits before it)."""
     seqs, tables = _block_tables(runner, sched)
-    emitted = speculator.run_rounds(seqs, tables, rounds)
-    sampling, results, sampled = [], {}, {}
-    for item, tokens in zip(sched.scheduled, emitted):
+    started = speculator.queue_rounds(seqs, tables, rounds, chained)
+    return LaunchedStep(sched, [], [], None, None, {}, counters[0], 0, 0, counters[1], counters[2], rounds=started,
+                        unread_rounds=rounds)
+
+
+def read_speculative_rounds(launched: LaunchedStep, speculator: Any, scheduler: Any, by_seq: dict) -> None:
+    """Read a speculative step's tokens (waits for its rounds) and record them in the scheduler,
+    cut at a stop token or max_tokens like a verified draft's: its placeholder drafts become the
+    emitted tokens, so the step reads as one verification of them. A sequence that ended or was
+    preempted since it was launched records nothing; it emitted nothing the host keeps."""
+    emitted = speculator.read_rounds(launched.rounds)
+    sampling, before, results, sampled = [], [], {}, {}
+    for item, tokens in zip(launched.sched.scheduled, emitted):
         seq = item.seq
+        if not tokens or seq.status is not type(seq.status).RUNNING or seq.seq_id not in by_seq:
+            continue
         room = len(item.draft_token_ids) + 1 - len(tokens)
         item.draft_token_ids = tuple(tokens[:-1]) + (tokens[-1],) * room  # the slots it held stay its lookahead
         sampling.append((seq, 0, item.draft_token_ids, *by_seq[seq.seq_id]))
+        before.append(len(seq.output_token_ids))
         results[seq.seq_id] = [SampleResult(t, None, None) for t in tokens]
         sampled[seq.seq_id] = tokens
-    before = [len(seq.output_token_ids) for seq in seqs]
-    launched = LaunchedStep(sched, sampling, before, None, results, {}, counters[0], 0, 0, counters[1], counters[2])
-    scheduler.update(sched, sampled)
-    return launched
+    launched.sampling, launched.before, launched.results = sampling, before, results
+    launched.rounds, launched.unread_rounds = None, 0
+    scheduler.update(launched.sched, sampled)
 
 
 def launch_multi_step(sched: Any, rounds: int, runner: Any, multi_step: Any, scheduler: Any, by_seq: dict,

@@ -112,28 +112,40 @@ class Speculator:
             self.propose(scheduler.running, by_seq, runner)
         return rounds
 
-    def plan_rounds(self, scheduler, by_seq, max_num_batched_tokens: int) -> int:
-        """Rounds on the device for the next step (see DeviceRounds.plan); 0: draft on the host."""
+    def plan_rounds(self, scheduler, by_seq, max_num_batched_tokens: int, in_flight: int = 0) -> int:
+        """Rounds on the device for the next step (see DeviceRounds.plan); 0: draft on the host.
+        in_flight: rounds of a step whose tokens are not read yet, which these would follow."""
         if self.rounds is None:
             return 0
         spec = self.gen.configs.speculative_decode
         enabled = self.gen.speculative_decode.speculation_enabled(len(scheduler.running), spec.disable_by_batch_size)
         rounds = self.rounds.plan(scheduler, by_seq, max_num_batched_tokens=max_num_batched_tokens,
-                                  greedy_verification=spec.verification == "greedy", enabled=enabled)
+                                  greedy_verification=spec.verification == "greedy", enabled=enabled,
+                                  in_flight=in_flight)
         if rounds:  # drafting on the device ends a streak of empty host proposals (see propose)
             self._empty_proposals = 0
         return rounds
 
-    def run_rounds(self, seqs, tables, rounds: int) -> list[list[int]]:
-        """Each sequence's tokens from `rounds` rounds on the device; the acceptance tracker counts
-        every round that drafted. The per-sequence gate does not learn from rounds: a round
-        verifies k + 1 rows per sequence whatever it drafted (on the H200, 250 us a round against
-        ~270 us for a plain host-bound step), so pausing a sequence there saves nothing and loses
-        its later matches; whether rounds pay at all is the speed gate's to measure. A sequence
-        the gate paused on the host still waits out its pause (rows masked)."""
+    def queue_rounds(self, seqs, tables, rounds: int, chained: bool) -> tuple:
+        """Queue `rounds` rounds for these sequences on the device (read_rounds reads them);
+        chained: behind rounds whose tokens are not read yet. The per-sequence gate does not
+        learn from rounds: a round verifies k + 1 rows per sequence whatever it drafted (on the
+        H200, 250 us a round against ~270 us for a plain host-bound step), so pausing a sequence
+        there saves nothing and loses its later matches; whether rounds pay at all is the speed
+        gate's to measure. A sequence the gate paused on the host still waits out its pause
+        (rows masked)."""
         allowed = [self.gate.allows(seq.seq_id) for seq in seqs]
-        emitted, counts = self.rounds.run(seqs, tables, allowed, rounds)
+        room = rounds * (self.num_speculative_tokens + 1)
+        started = self.rounds.start(seqs, tables, allowed, [room] * len(seqs),
+                                    [len(seq.prompt_token_ids) + seq.max_tokens for seq in seqs], rounds,
+                                    chained=chained)
         self.catch_up_tokens += self.rounds.catch_up_tokens
+        return started
+
+    def read_rounds(self, started: tuple) -> list[list[int]]:
+        """Each sequence's tokens from queue_rounds' rounds (waits for them); the acceptance
+        tracker counts every round that drafted."""
+        emitted, counts = self.rounds.finish(started)
         for per_round in counts:
             for drafted, accepted in per_round:
                 if drafted:

@@ -1,7 +1,8 @@
 """Speculation on or off for the whole engine, by measured speed.
 
-Speculative steps cannot overlap (the next drafts need this step's accepted tokens on the host),
-plain steps can; whether drafting pays depends on the model, the drafter, the text and the batch.
+Plain decoding runs several steps per host sync (multi-steps) and overlaps the host's work;
+speculation saves target forwards but verifies k + 1 rows a round, and host drafts wait for the
+last step's tokens. Whether drafting pays depends on the model, the drafter, the text and the batch.
 So the engine measures: a cycle times `probe_steps` steps without speculation, then as many with
 it, and keeps the faster mode for `hold_steps` steps before measuring both again. Plain decoding
 is measured first: it is the mode that costs at most what it always costs, and the time its probe
