@@ -150,7 +150,8 @@ def test_the_speed_gate_does_not_time_the_drafts_catching_up_on_a_prompt(model_d
         eng.speculator.rounds = None
     flags = []
     real = eng.speed_gate.record
-    eng.speed_gate.record = lambda tokens, seconds, *, prefill=False: (flags.append(prefill), real(tokens, seconds, prefill=prefill))
+    eng.speed_gate.record = lambda tokens, seconds, *, prefill=False, forwards=1: (
+        flags.append(prefill), real(tokens, seconds, prefill=prefill, forwards=forwards))
     caught_up = []
     generate_one = SamplingParams(max_tokens=40, **GREEDY)
     for i, prompt in enumerate(PROMPTS[:2]):

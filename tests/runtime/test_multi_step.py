@@ -218,5 +218,11 @@ def test_with_speculation_rounds_run_while_the_speed_gate_holds_plain_decoding(m
     expected = plain(model_dir, PROMPTS[:2], params, max_num_seqs=2)
     eng = engine(model_dir, max_num_seqs=2, speculative=True)
     eng.speed_gate = SpeedGate.held(speculating)
+    recorded = []
+    real = eng.speed_gate.record
+    eng.speed_gate.record = lambda tokens, seconds, prefill=False, forwards=1: recorded.append(forwards) or real(
+        tokens, seconds, prefill=prefill, forwards=forwards)
     assert outputs(eng, PROMPTS[:2], params) == expected
     assert bool(rounds_seen) != speculating
+    if not speculating:  # the gate counts decode forwards: a step reporting a multi-step's tokens counts its rounds
+        assert sorted(r for r in recorded if r > 1) == sorted(r for _, r in rounds_seen)

@@ -169,24 +169,55 @@ def test_speculation_pauses_for_sequences_whose_drafts_miss(model_dir):
     assert 0 < figures[0.95]["num_draft_tokens"] < figures[0.0]["num_draft_tokens"]  # paused ones did not draft
 
 
+def switched(gate: SpeedGate) -> None:
+    """The step after a switch of modes: it reports the tokens of the step before it, launched in
+    the other mode (steps overlap), so the gate counts nothing of it."""
+    before = (gate.phase, gate.speculating, dict(gate.rates), gate.figures())
+    gate.record(tokens=10**6, seconds=1e-6, forwards=10**6)
+    assert (gate.phase, gate.speculating, dict(gate.rates), gate.figures()) == before
+
+
 def test_speed_gate_keeps_the_faster_mode_and_measures_again():
     gate = SpeedGate(probe_steps=2, hold_steps=3)
     assert not gate.speculating and gate.phase == "probe_off"  # plain first: its time bounds the other probe
     for _ in range(2):
         gate.record(tokens=6, seconds=1.0)  # plain: 6 tok/s
     assert gate.speculating and gate.phase == "probe_on"
+    switched(gate)
     for _ in range(2):
         gate.record(tokens=4, seconds=1.0)  # speculating: 4 tok/s, slower
     assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates == {True: 4.0, False: 6.0}
+    switched(gate)
     for _ in range(3):
         gate.record(tokens=6, seconds=1.0)
     assert (gate.phase, gate.speculating) == ("probe_off", False)  # measured again
-    for tokens in (6, 6, 9, 9):
+    for tokens in (6, 6):
+        gate.record(tokens=tokens, seconds=1.0)
+    switched(gate)
+    for tokens in (9, 9):
         gate.record(tokens=tokens, seconds=1.0)
     assert (gate.phase, gate.speculating) == ("hold", True)  # now speculation is faster
     assert gate.figures()["holds_speculating"] == 1 and gate.figures()["holds_plain"] == 1
     with pytest.raises(ValueError):
         SpeedGate(probe_steps=0)
+
+
+def test_the_speed_gate_counts_decode_forwards_not_engine_steps():
+    """A step of r rounds on the device counts r: the probes cost the same decode forwards
+    whether steps run in rounds or one forward each."""
+    gate = SpeedGate(probe_steps=16, hold_steps=64)
+    gate.record(tokens=8, seconds=1.0, forwards=8)  # a multi-step of 8 rounds
+    assert gate.phase == "probe_off"
+    gate.record(tokens=8, seconds=1.0, forwards=8)
+    assert (gate.phase, gate.rates[False]) == ("probe_on", 8.0)
+    switched(gate)
+    for _ in range(16):
+        gate.record(tokens=2, seconds=0.1)  # host steps, one forward each: 20 tok/s
+    assert (gate.phase, gate.speculating) == ("hold", True)
+    gate.record(tokens=30, seconds=1.0, forwards=60)
+    assert gate.phase == "hold"
+    gate.record(tokens=3, seconds=0.1, forwards=4)  # 64 forwards: the hold is over
+    assert gate.phase == "probe_off"
 
 
 @pytest.mark.parametrize("speculating", [False, True])
@@ -198,8 +229,8 @@ def test_the_speed_gate_times_neither_a_prefill_step_nor_the_step_that_waits_for
     eng.speed_gate.speculating = speculating
     recorded = []
     real = eng.speed_gate.record
-    eng.speed_gate.record = lambda tokens, seconds, prefill=False: recorded.append(prefill) or real(
-        tokens, seconds, prefill=prefill)
+    eng.speed_gate.record = lambda tokens, seconds, prefill=False, forwards=1: recorded.append(prefill) or real(
+        tokens, seconds, prefill=prefill, forwards=forwards)
     for i, prompt in enumerate(prompts([9, 14], seed=4)):
         eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=6, **GREEDY))
     while eng.has_unfinished():
@@ -216,10 +247,13 @@ def test_speed_gate_waits_longer_each_time_plain_wins_again_and_skips_prefill_in
         gate.record(tokens=100, seconds=1.0, prefill=True)  # not timed: a prefill would decide the probe
         for _ in range(2):
             gate.record(tokens=plain_rate, seconds=1.0)
+        switched(gate)
         gate.record(tokens=100, seconds=1.0, prefill=True)
         for _ in range(2):
             gate.record(tokens=spec_rate, seconds=1.0)
         assert gate.phase == "hold"
+        if not gate.speculating:
+            switched(gate)
         held = 0
         while gate.phase == "hold":
             gate.record(tokens=1, seconds=1.0, prefill=held % 2 == 0)  # every step counts in a hold
@@ -237,6 +271,7 @@ def test_a_speculating_probe_ends_once_it_took_as_long_as_the_plain_one():
     for _ in range(4):
         gate.record(tokens=1, seconds=0.5)  # plain: 4 steps in 2 s, 2 tok/s
     assert gate.phase == "probe_on"
+    switched(gate)
     gate.record(tokens=2, seconds=1.5)  # a slow speculating step: 1.5 s of the 2 s
     assert gate.phase == "probe_on"
     gate.record(tokens=2, seconds=1.5)  # 3 s >= 2 s: the probe is over after 2 of its 4 steps
@@ -251,6 +286,7 @@ def test_a_speculating_probe_clearly_losing_ends_after_an_eighth_of_its_steps():
         gate = SpeedGate(probe_steps=16, hold_steps=100)
         for _ in range(16):
             gate.record(tokens=10, seconds=1.0)
+        switched(gate)
         steps = 0
         while gate.phase == "probe_on":
             gate.record(tokens=spec_rate, seconds=1.0)
@@ -324,8 +360,8 @@ def test_empty_proposals_rest_drafting_longer_each_time_and_drafts_end_it(model_
 
 def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():
     gate = SpeedGate(probe_steps=2, hold_steps=10)
-    for tokens in (5, 5, 9, 9):  # probes: speculation 9 tok/s beats plain 5
-        gate.record(tokens=tokens, seconds=1.0)
+    for tokens in (5, 5, None, 9, 9):  # probes: speculation 9 tok/s beats plain 5
+        switched(gate) if tokens is None else gate.record(tokens=tokens, seconds=1.0)
     assert (gate.phase, gate.speculating) == ("hold", True)
     gate.record(tokens=50, seconds=1.0, prefill=True)  # counts toward the hold, not its rate
     gate.record(tokens=4, seconds=1.0)
@@ -333,6 +369,7 @@ def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():
     gate.record(tokens=4, seconds=1.0)  # 4 tok/s over probe_steps decode steps: below plain's 5
     assert (gate.phase, gate.speculating) == ("hold", False) and gate.rates[True] == 4.0
     assert gate.figures()["holds_plain"] == 1
+    switched(gate)
     steps = 0
     while gate.phase == "hold":
         gate.record(tokens=5, seconds=1.0)
@@ -342,8 +379,8 @@ def test_a_speculating_hold_slower_than_plain_turns_into_a_plain_hold():
 
 def test_a_speculating_hold_that_keeps_up_runs_to_its_end():
     gate = SpeedGate(probe_steps=2, hold_steps=6)
-    for tokens in (5, 5, 9, 9):
-        gate.record(tokens=tokens, seconds=1.0)
+    for tokens in (5, 5, None, 9, 9):
+        switched(gate) if tokens is None else gate.record(tokens=tokens, seconds=1.0)
     for _ in range(6):
         assert (gate.phase, gate.speculating) == ("hold", True)
         gate.record(tokens=6, seconds=1.0)

@@ -246,6 +246,7 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         # This step waits for a prefill step it resolves: the speed gate times neither.
         prefill = previous is not None and previous.computed_prefill > 0
+        forwards = previous.num_rounds if previous is not None else 1  # what the tokens reported took
         if self.speculator is not None:
             self.speculator.catch_up_tokens = 0
         launched = None
@@ -273,7 +274,7 @@ class LLMEngine:
             prefill = prefill or (launched is not None and launched.computed_prefill > 0) \
                 or self.speculator.drafter_prefilled()
             self.speed_gate.record(self.step_outputs.num_generated - generated, time.perf_counter() - started,
-                                   prefill=prefill)
+                                   prefill=prefill, forwards=forwards)
         return outputs
 
     def _chain(self, previous: LaunchedStep) -> LaunchedStep | None:

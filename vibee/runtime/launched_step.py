@@ -33,3 +33,4 @@ class LaunchedStep:
     # Speculative rounds whose tokens the scheduler has not recorded yet (0: none): how many a
     # sequence emits is known only once they are read (round_steps.read_speculative_rounds).
     unread_rounds: int = 0
+    num_rounds: int = 1  # decode forwards of the step: its rounds on the device, else 1 (the speed gate counts them)

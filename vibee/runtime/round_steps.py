@@ -29,7 +29,7 @@ def launch_speculative_rounds(sched: Any, rounds: int, runner: Any, speculator: 
     seqs, tables = _block_tables(runner, sched)
     started = speculator.queue_rounds(seqs, tables, rounds, chained)
     return LaunchedStep(sched, [], [], None, None, {}, counters[0], 0, 0, counters[1], counters[2], rounds=started,
-                        unread_rounds=rounds)
+                        unread_rounds=rounds, num_rounds=rounds)
 
 
 def read_speculative_rounds(launched: LaunchedStep, speculator: Any, scheduler: Any, by_seq: dict) -> None:
@@ -72,6 +72,7 @@ def launch_multi_step(sched: Any, rounds: int, runner: Any, multi_step: Any, sch
     # plain step launched next takes it from.
     placeholders = {seq.seq_id: s for s, seq in enumerate(seqs)}
     launched = LaunchedStep(sched, sampling, [len(seq.output_token_ids) for seq in seqs], None, None,
-                            placeholders, counters[0], 0, 0, counters[1], counters[2], rounds=started)
+                            placeholders, counters[0], 0, 0, counters[1], counters[2], rounds=started,
+                            num_rounds=rounds)
     scheduler.update(sched, sampled)
     return launched

@@ -4,7 +4,9 @@ Plain decoding runs several steps per host sync (multi-steps) and overlaps the h
 speculation saves target forwards but verifies k + 1 rows a round, and host drafts wait for the
 last step's tokens. Whether drafting pays depends on the model, the drafter, the text and the batch.
 So the engine measures: a cycle times `probe_steps` steps without speculation, then as many with
-it, and keeps the faster mode for `hold_steps` steps before measuring both again. Plain decoding
+it, and keeps the faster mode for `hold_steps` steps before measuring both again. A step here is
+one decode forward of the target: an engine step of r rounds on the device (a multi-step, or
+speculative rounds) counts r, so the probes cost the same whether or not steps run in rounds. Plain decoding
 is measured first: it is the mode that costs at most what it always costs, and the time its probe
 took bounds the speculating probe, which ends once it has taken as long: by then it has had the
 time plain decoding needed, and a drafter many times slower than the target (a draft model as
@@ -16,7 +18,8 @@ the H200). Each time plain decoding wins again the hold doubles
 (up to MAX_BACKOFF times), so where drafting never pays the probes' cost fades instead of
 recurring every cycle; when speculation wins the hold is back to hold_steps. Steps that prefill
 (a new request at batch 1 costs several decode steps) are not timed in a probe: they would decide
-the winner by which probe they fell in. A speculating hold keeps measuring: once it has run
+the winner by which probe they fell in. Nor is the step after a switch: it reports the tokens of
+the step before it, launched in the other mode. A speculating hold keeps measuring: once it has run
 probe_steps decode steps and its rate so far is below the last plain probe's, it turns into a
 plain hold (short probes can pick the wrong mode; a hold is long enough to find out). The
 per-sequence acceptance gate of the speculative_decode spec works inside the speculating mode.
@@ -24,8 +27,8 @@ per-sequence acceptance gate of the speculative_decode spec works inside the spe
 
 from __future__ import annotations
 
-PROBE_STEPS = 32  # steps timed in each mode per cycle
-HOLD_STEPS = 480  # steps run in the faster mode before the next measurement
+PROBE_STEPS = 32  # decode forwards timed in each mode per cycle
+HOLD_STEPS = 4096  # decode forwards run in the faster mode before the next measurement
 MAX_BACKOFF = 16  # the hold after plain decoding won many times in a row: 16 * HOLD_STEPS
 LOSING = 0.75  # a speculating probe this much slower than plain ends early
 
@@ -46,18 +49,22 @@ class SpeedGate:
         self._tokens = 0
         self._seconds = 0.0
         self._timed = [0, 0, 0.0]  # a hold's decode steps, tokens, seconds (prefill steps left out)
+        self._switched = False  # the mode just changed: the next step is neither mode's
 
-    def record(self, tokens: int, seconds: float, *, prefill: bool = False) -> None:
-        """One engine step: the tokens it reported, the wall time it took, and whether it
-        prefilled (not timed while probing)."""
+    def record(self, tokens: int, seconds: float, *, prefill: bool = False, forwards: int = 1) -> None:
+        """One engine step: the tokens it reported, the wall time it took, whether it prefilled
+        (not timed while probing) and the decode forwards it reported tokens of (its rounds)."""
+        if self._switched:  # it reported the tokens of the mode before the switch (steps overlap)
+            self._switched = False
+            return
         if prefill and self.phase != "hold":
             return
-        self._steps += 1
+        self._steps += forwards
         self._tokens += tokens
         self._seconds += seconds
         if self.phase == "hold":
             if not prefill:
-                self._timed = [self._timed[0] + 1, self._timed[1] + tokens, self._timed[2] + seconds]
+                self._timed = [self._timed[0] + forwards, self._timed[1] + tokens, self._timed[2] + seconds]
             if self._steps >= self.hold_steps * self.backoff:
                 self._next("probe_off", False)
             elif self.speculating and self._timed[0] >= self.probe_steps and False in self.rates \
@@ -97,6 +104,7 @@ class SpeedGate:
         return gate
 
     def _next(self, phase: str, speculating: bool) -> None:
+        self._switched = speculating != self.speculating
         self.phase, self.speculating = phase, speculating
         self._steps, self._tokens, self._seconds = 0, 0, 0.0
         self._timed = [0, 0, 0.0]
