@@ -158,7 +158,7 @@ def test_engine_serves_a_gguf_file(tmp_path):
 def test_an_unsupported_tokenizer_is_named(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_gguf(path, "Q8_0", pre="deepseek-llm")
-    with pytest.raises(LoadError, match="'deepseek-llm' is not supported yet"):
+    with pytest.raises(LoadError, match="pre-tokenizer 'deepseek-llm' is not supported yet"):
         load_model_dir(path, progress=False)
 
 
@@ -177,7 +177,7 @@ SPLITS = {
 
 @pytest.mark.parametrize("pre", sorted(SPLITS))
 def test_each_pre_tokenizer_splits_as_llama_cpp_does(pre):
-    from vibee.runtime.gguf_file import pre_tokenizer
+    from vibee.runtime.gguf_tokenizer import pre_tokenizer
 
     assert [piece for piece, _ in pre_tokenizer(pre).pre_tokenize_str(SPLIT_TEXT)] == SPLITS[pre]
 

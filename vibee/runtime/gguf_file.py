@@ -30,16 +30,6 @@ TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weig
 FLOAT_TYPES = ("F32", "F16", "BF16")
 CODE_TYPES = {"Q8_0": 8, "Q4_0": 4}  # name -> bits; blocks of 32 weights with one fp16 scale
 BLOCK = 32
-# How tokenizer.ggml.pre splits text before byte-level BPE, as llama.cpp's vocabulary loader does:
-# GPT-2's split; Llama 3's (digits in runs of up to 3, letters with one leading non-letter, newlines
-# apart); Qwen2's (the same with single digits); SmolLM's (single digits, then GPT-2's split).
-CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-LLAMA3_SPLIT = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp's names for Llama 3's split
-TOKENIZER_PRE = ("default", "gpt2", *LLAMA3_PRE, "qwen2", "smollm")
-
-
 def hf_name(name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor name (None: not one vibee's model takes)."""
     if name in TOP_NAMES:
@@ -137,29 +127,10 @@ class GGUFFile:
         return self.code_layers
 
     def tokenizer(self):
-        """The file's tokenizer (GPT-2-style byte-level BPE) with its special tokens and chat template."""
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        """The file's tokenizer with its special tokens and chat template (gguf_tokenizer.py)."""
+        from vibee.runtime.gguf_tokenizer import gguf_tokenizer
 
-        from vibee.runtime.tokenizer import Tokenizer
-
-        kind, pre = self._get("tokenizer.ggml.model"), self._get("tokenizer.ggml.pre", "default")
-        if kind != "gpt2" or pre not in TOKENIZER_PRE:
-            raise LoadError(f"{self.path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported yet "
-                            f"(gpt2 with {', '.join(TOKENIZER_PRE)} is)")
-        tokens = list(self._get("tokenizer.ggml.tokens"))
-        merges = [tuple(m.split(" ", 1)) for m in self._get("tokenizer.ggml.merges")]
-        # Llama 3's tokenizer takes a piece found whole in the vocabulary as it is (as llama.cpp does).
-        hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                    ignore_merges=pre in LLAMA3_PRE))
-        hf.pre_tokenizer = pre_tokenizer(pre)
-        hf.decoder = decoders.ByteLevel()
-        types = self._get("tokenizer.ggml.token_type", [1] * len(tokens))
-        hf.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])  # CONTROL
-        config: dict[str, Any] = {"add_bos_token": bool(self._get("tokenizer.ggml.add_bos_token", False))}
-        for key, field in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
-            if field in self.fields:
-                config[key] = tokens[int(self.fields[field])]
-        return Tokenizer(hf, config, self.fields.get("tokenizer.chat_template"), f"{self.path} (tokenizer.chat_template)")
+        return gguf_tokenizer(self._get, self.path)
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor): floats in `dtype`; the weight of a layer kept as codes
@@ -200,19 +171,6 @@ class GGUFFile:
             if rows is not None:
                 tensor = tensor[rows]
             yield name, tensor.to(device=device, dtype=dtype)
-
-
-def pre_tokenizer(pre: str):
-    """The `tokenizers` pre-tokenizer of a tokenizer.ggml.pre name (one of TOKENIZER_PRE)."""
-    from tokenizers import Regex, pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("default", "gpt2", "smollm"))
-    if pre in (*LLAMA3_PRE, "qwen2"):
-        split = Regex(QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT)
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(split, behavior="isolated"), byte_level])
-    if pre == "smollm":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
 
 
 def _codes(blocks: np.ndarray, kind: str, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
