@@ -156,23 +156,23 @@ def test_a_step_behind_unread_rounds_that_does_not_get_its_slots_waits_for_them(
     """A step queued behind unread rounds is planned to fit the free blocks; should the scheduler
     cut its slots anyway (forced here: the plan believes every slot free), nothing of it runs,
     the rounds in flight are read and the engine schedules afresh; the text stays plain's."""
-    from vibee.runtime.engine import LLMEngine
+    from vibee.runtime import engine as engine_module
 
     params = SamplingParams(max_tokens=80, **GREEDY)
     plain = outputs(engine(model_dir, max_num_seqs=2), PROMPTS, params)
     monkeypatch.setattr(DeviceRounds, "slots_fit", staticmethod(lambda space, running, planned: True))
     dropped = []
-    real = LLMEngine._chain
+    real = engine_module.chain_speculative_rounds
 
-    def chain(self, previous):
-        before = self.scheduler.measured_stats()
-        launched = real(self, previous)
-        after = self.scheduler.measured_stats()
+    def chain(previous, scheduler, *args):
+        before = scheduler.measured_stats()
+        launched = real(previous, scheduler, *args)
+        after = scheduler.measured_stats()
         dropped.append(launched is None and after["num_steps"] > before["num_steps"])
         assert after["num_preemptions"] == before["num_preemptions"]  # only lookahead is ever cut
         return launched
 
-    monkeypatch.setattr(LLMEngine, "_chain", chain)
+    monkeypatch.setattr(engine_module, "chain_speculative_rounds", chain)
     eng = speculating(model_dir, max_num_seqs=2, num_kv_blocks=8)
     assert outputs(eng, PROMPTS, params) == plain
     assert True in dropped and True in CHAINED

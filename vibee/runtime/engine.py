@@ -25,7 +25,8 @@ from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.multi_step import MultiStep, plain_row
 from vibee.runtime.outputs import RequestOutput
 from vibee.runtime.requests import Choice, Request, check_request, choice_generator, choice_output
-from vibee.runtime.round_steps import launch_multi_step, launch_speculative_rounds, read_speculative_rounds
+from vibee.runtime.round_steps import (chain_speculative_rounds, launch_multi_step, launch_speculative_rounds,
+                                      read_speculative_rounds)
 from vibee.runtime.sampler import Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model, max_model_len_for
@@ -217,7 +218,7 @@ class LLMEngine:
         if not self._requests and self._in_flight is not None:  # nothing left to report it to: read and recorded
             launched, self._in_flight = self._in_flight, None
             if launched.unread_rounds:
-                self._read(launched)
+                read_speculative_rounds(launched, self.speculator, self.scheduler, self._by_seq)
             self.step_outputs.resolve(launched)
         return RequestOutput(req.request_id, req.prompt_token_ids, [choice_output(c) for c in changed], True,
                              req.num_cached_tokens)
@@ -253,8 +254,10 @@ class LLMEngine:
         if previous is not None and previous.unread_rounds:
             # Speculative rounds in flight: queue the next step's behind them if it can run
             # rounds too, then read them (the GPU runs the new rounds meanwhile).
-            launched = self._chain(previous)
-            self._read(previous)
+            if self._speculating() and not self.speculator.resting(self.scheduler.running):
+                launched = chain_speculative_rounds(previous, self.scheduler, self.block_manager, self.runner,
+                                                    self.speculator, self._by_seq, self.max_num_batched_tokens)
+            read_speculative_rounds(previous, self.speculator, self.scheduler, self._by_seq)
         # Read the step in flight first when the next one needs its tokens on the host: to draft,
         # to apply penalties, or to start rounds after a plain step (rounds after rounds read each
         # sequence's last token on the device).
@@ -276,35 +279,6 @@ class LLMEngine:
             self.speed_gate.record(self.step_outputs.num_generated - generated, time.perf_counter() - started,
                                    prefill=prefill, forwards=forwards)
         return outputs
-
-    def _chain(self, previous: LaunchedStep) -> LaunchedStep | None:
-        """Schedule and queue speculative rounds behind `previous`'s unread ones, when every
-        running sequence can run them (DeviceRounds.plan with in_flight); else None."""
-        running = self.scheduler.running
-        if not self._speculating() or self.speculator.resting(running):
-            return None
-        t0 = time.perf_counter()
-        queries0, hits0 = self.block_manager.prefix_cache_queries, self.block_manager.prefix_cache_hits
-        rounds = self.speculator.plan_rounds(self.scheduler, self._by_seq, self.max_num_batched_tokens,
-                                             in_flight=previous.unread_rounds)
-        if not rounds:
-            return None
-        num_running = len(running)
-        sched = self.scheduler.schedule()
-        if self.speculator.rounds.fits(sched, num_running):
-            return launch_speculative_rounds(sched, rounds, self.runner, self.speculator, self._by_seq,
-                                             (t0, queries0, hits0), chained=True)
-        # The scheduler cut some sequence's slots (the plan found them free: it should not).
-        # Nothing of this step runs; the engine reads the rounds in flight and schedules afresh.
-        # It cannot have preempted anyone: every sequence's blocks already cover the tokens the
-        # host knows (their slots were held for the rounds in flight), so only lookahead is cut.
-        for item in sched.scheduled:
-            item.seq.draft_token_ids = []
-        return None
-
-    def _read(self, launched: LaunchedStep) -> None:
-        """Speculative rounds' tokens, read and recorded in the scheduler (round_steps.py)."""
-        read_speculative_rounds(launched, self.speculator, self.scheduler, self._by_seq)
 
     def _multi_step_ready(self) -> int:
         return self.multi_step.ready(self.scheduler, self.max_num_batched_tokens) if self._multi_step_allowed() else 0

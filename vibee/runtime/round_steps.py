@@ -4,6 +4,7 @@ speculative rounds (device_rounds.py through the speculator) and plain multi-ste
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
@@ -30,6 +31,30 @@ def launch_speculative_rounds(sched: Any, rounds: int, runner: Any, speculator: 
     started = speculator.queue_rounds(seqs, tables, rounds, chained)
     return LaunchedStep(sched, [], [], None, None, {}, counters[0], 0, 0, counters[1], counters[2], rounds=started,
                         unread_rounds=rounds, num_rounds=rounds)
+
+
+def chain_speculative_rounds(previous: LaunchedStep, scheduler: Any, space: Any, runner: Any, speculator: Any,
+                             by_seq: dict, max_num_batched_tokens: int) -> LaunchedStep | None:
+    """Schedule and queue speculative rounds behind `previous`'s unread ones, when every running
+    sequence can run them (DeviceRounds.plan with in_flight); else None, and the engine reads the
+    rounds in flight and schedules afresh. space: the block manager (prefix-cache counters)."""
+    t0 = time.perf_counter()
+    queries0, hits0 = space.prefix_cache_queries, space.prefix_cache_hits
+    rounds = speculator.plan_rounds(scheduler, by_seq, max_num_batched_tokens, in_flight=previous.unread_rounds)
+    if not rounds:
+        return None
+    num_running = len(scheduler.running)
+    sched = scheduler.schedule()
+    if speculator.rounds.fits(sched, num_running):
+        return launch_speculative_rounds(sched, rounds, runner, speculator, by_seq, (t0, queries0, hits0),
+                                         chained=True)
+    # The scheduler cut some sequence's slots (the plan found them free: it should not). Nothing
+    # of this step runs. It cannot have preempted anyone: every sequence's blocks already cover
+    # the tokens the host knows (their slots were held for the rounds in flight), so only
+    # lookahead is cut.
+    for item in sched.scheduled:
+        item.seq.draft_token_ids = []
+    return None
 
 
 def read_speculative_rounds(launched: LaunchedStep, speculator: Any, scheduler: Any, by_seq: dict) -> None:
