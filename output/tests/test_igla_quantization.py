@@ -825,6 +825,34 @@ def test_triton_quant_linear_matches_the_reference_in_the_interpreter(fmt, rows,
     assert_close_to_reference(y, x, weight, bias, dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def fractional_zeros_case(storage: str, dtype: torch.dtype):
+    """An asymmetric 4-bit weight in groups of 32 whose zero points are fractional (GGUF Q4_1's
+    -m / d), float32, and its exact weight (code - zero) * scale."""
+    out_features, in_features, group = 24, 256, 32
+    oracle = ref.quantize_reference(group_varying_weight(out_features, in_features, group, seed=5), bits=4,
+                                    group_size=group, symmetric=False, dtype=dtype)
+    shift = torch.rand(oracle.zeros.shape, generator=torch.Generator().manual_seed(6)) - 0.5
+    zeros = (oracle.zeros.double() + shift).float()
+    scales = oracle.scales.to(dtype)
+    weight = (oracle.codes.double() - per_weight(zeros.double(), group)) * per_weight(scales.double(), group)
+    qw = impl.QuantizedWeight(pack_for_kernel(oracle.codes, 4, storage, False), scales, zeros,
+                              (out_features, in_features), 4, group)
+    return qw, weight
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rows, launch", KERNEL_LAUNCHES)
+@pytest.mark.parametrize("storage", ["uint8", "int32"])
+def test_triton_fractional_zero_points_are_not_rounded(storage, rows, launch, dtype) -> None:
+    """Float zero points (2^23 + zero would round them to whole codes in the mm kernel)."""
+    qw, weight = fractional_zeros_case(storage, dtype)
+    x = make_input(rows, qw.shape[1])
+    config = None if launch is None else impl.KernelConfig(**launch)
+    assert_close_to_reference(impl.triton_quant_linear(x.to(dtype), qw, None, config=config), x, weight, None, dtype)
+
+
 @interpreter_only
 @pytest.mark.parametrize("fmt", [pytest.param((8, "int8", True, -1), id="int8"), pytest.param((4, "uint8", False, -1), id="int4-uint8")])
 def test_triton_rows_that_no_tile_divides_use_masked_loads(fmt) -> None:

@@ -44,7 +44,7 @@ def q6_k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 def write_gguf(path, kind: str, seed: int = 0, pre: str = "default", hidden: int = 64,
                kinds: dict[str, str] | None = None, output: str | None = None):
-    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0 or F32), those
+    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0, Q4_1 or F32), those
     named in `kinds` (GGUF short name -> type) in theirs, and output.weight in `output` (a type
     gguf quantizes, or Q6_K) or F32; returns transformers' model with the weights gguf's
     dequantize gives for them."""
@@ -122,14 +122,17 @@ def logits_of(path, ids):
         return model, gen, model.compute_logits(model(torch.tensor(ids), batch.positions(), batch, None))
 
 
-@pytest.mark.parametrize("kind, bits", [("Q8_0", 8), ("Q4_0", 4), ("F32", None)])
+@pytest.mark.parametrize("kind, bits", [("Q8_0", 8), ("Q4_0", 4), ("Q4_1", 4), ("F32", None)])
 def test_gguf_logits_match_transformers_on_what_the_file_holds(tmp_path, kind, bits):
     path = tmp_path / "tiny.gguf"
     hf, _ = write_gguf(path, kind)
     ids = [3, 17, 42, 99, 5, 250, 7, 61, 12, 140]
     model, gen, got = logits_of(path, ids)
-    quantized = sum(isinstance(m, gen.quantization.QuantLinear) for m in model.modules())
-    assert quantized == (0 if bits is None else 8) and (bits is None or gen.quantization.BITS == bits)
+    layers = [m for m in model.modules() if isinstance(m, gen.quantization.QuantLinear)]
+    assert len(layers) == (0 if bits is None else 8) and (bits is None or gen.quantization.BITS == bits)
+    if kind == "Q4_1":  # asymmetric codes with the file's fractional zero points, not rounded ones
+        assert not gen.quantization.SYMMETRIC
+        assert all(m.zeros.dtype == torch.float32 and bool((m.zeros != m.zeros.round()).any()) for m in layers)
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -195,19 +198,41 @@ def test_files_with_other_pre_tokenizers_load_and_round_trip(tmp_path, pre):
 
 
 def test_other_gguf_types_load_dequantized_beside_the_codes(tmp_path, caplog):
-    """A Q4_0 file with two layer kinds in Q4_1 and Q5_0 and its output.weight in Q5_1, as
-    llama.cpp's mixes have: the Q4_0 layers stay int4 codes, the others load as floats (with a
-    warning), and the logits are transformers' on what the file holds."""
+    """A Q4_0 file with v_proj in Q4_1, down_proj in Q5_0 and its output.weight in Q5_1, as
+    llama.cpp's mixes have: the Q4_0 and Q4_1 layers stay int4 codes (q/k/v one asymmetric layer,
+    zero point 8 for the Q4_0 parts), the others load as floats (with a warning), and the logits
+    are transformers' on what the file holds."""
     path = tmp_path / "mixed.gguf"
     hf, _ = write_gguf(path, "Q4_0", kinds={"attn_v": "Q4_1", "ffn_down": "Q5_0"}, output="Q5_1")
     ids = [3, 17, 42, 99, 5, 250, 7, 61, 12, 140]
     model, gen, got = logits_of(path, ids)
-    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith(("v_proj", "down_proj", "up_proj"))}
-    assert kinds and all((k == "QuantLinear") == name.endswith("up_proj") for name, k in kinds.items()), kinds
-    assert "Q4_1, Q5_0" in caplog.text and "dequantized" in caplog.text
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith(("qkv_proj", "down_proj", "up_proj"))}
+    assert kinds and all((k == "QuantLinear") != name.endswith("down_proj") for name, k in kinds.items()), kinds
+    assert "stored as Q5_0 load dequantized" in caplog.text and not gen.quantization.SYMMETRIC
     with torch.inference_mode():
         expected = hf(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_q4_1_blocks_become_codes_scales_and_zero_points_exactly(tmp_path):
+    """Every Q4_1 block as (code - zero) * scale gives what gguf's dequantize reads, including
+    blocks whose scale d is 0 (a constant block: every weight is its minimum m)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from vibee.runtime.gguf_file import _codes
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, size=(6, 128)).astype(np.float32) + rng.normal(0, 0.05, size=(6, 1)).astype(np.float32)
+    w[1, 32:64] = 0.25  # d = 0, m = 0.25
+    w[4, :32] = 0.0  # d = 0, m = 0
+    blocks = quantize(w, T.Q4_1)
+    codes, scales, zeros = _codes(blocks, "Q4_1", 6)
+    assert zeros.dtype == torch.float32 and bool((scales[1, 1] == 0.25) & (zeros[1, 1] == 0))
+    per_weight = lambda t: t.double().repeat_interleave(32, dim=1)  # noqa: E731
+    got = (codes.double() - per_weight(zeros)) * per_weight(scales)
+    expected = torch.from_numpy(dequantize(blocks, T.Q4_1).reshape(6, 128)).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_a_k_quant_output_weight_loads_dequantized(tmp_path):

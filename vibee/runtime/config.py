@@ -108,7 +108,7 @@ class EngineConfig(BaseModel):
         return problems
 
     def checkpoint_quantization(self):
-        """The model's pre-quantized format (GPTQ, AWQ from a directory's config.json; Q8_0/Q4_0 of a
+        """The model's pre-quantized format (GPTQ, AWQ from a directory's config.json; Q8_0/Q4_0/Q4_1 of a
         .gguf file), or None (float weights, a --shape run, or nothing readable yet: the loader reports that)."""
         from vibee.runtime.prequantized import checkpoint_quantization
         from vibee.runtime.tokenizer import read_json

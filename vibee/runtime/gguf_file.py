@@ -1,11 +1,13 @@
 """GGUF model files (llama.cpp's format), read with the `gguf` package: a Llama-architecture file's
 metadata as a Hugging Face config, its tokenizer and chat template, and its tensors by Hugging
-Face name. Q8_0 and Q4_0 tensors (one fp16 scale per 32 weights, codes -128..127 and -8..7)
-load as the generated int8 / int4 codes as they are, not dequantized; float tensors as floats.
-Tensors of the other types the `gguf` package dequantizes (Q4_1, Q5_0, Q5_1, the K-quants: a
-Q4_0 file's output.weight is usually Q6_K, a Q4_K_M file is Q4_K and Q6_K) load dequantized to
-the model's dtype, with a warning: they take that dtype's memory. So do Q8_0/Q4_0 layers merged
-with a part of another type (q/k/v and gate/up are one layer in vibee's model).
+Face name. Q8_0, Q4_0 and Q4_1 tensors (blocks of 32 weights: one fp16 scale d and codes
+-128..127 or -8..7; Q4_1 codes 0..15 with d and an fp16 minimum m, w = code * d + m) load as the
+generated int8 / int4 codes as they are, not dequantized; float tensors as floats. Q4_1's zero
+point -m / d is fractional: its layers load into an asymmetric module with float32 zero points.
+Tensors of the other types the `gguf` package dequantizes (Q5_0, Q5_1, the K-quants: a Q4_0
+file's output.weight is usually Q6_K, a Q4_K_M file is Q4_K and Q6_K) load dequantized to the
+model's dtype, with a warning: they take that dtype's memory. So do code layers merged with a
+part of another type (q/k/v and gate/up are one layer in vibee's model).
 
 llama.cpp's converter reorders each head's rows of q_proj and k_proj (RoPE's rotate-half halves
 interleaved); they are put back here, a row permutation, which moves whole quantized rows.
@@ -28,8 +30,11 @@ BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
-CODE_TYPES = {"Q8_0": 8, "Q4_0": 4}  # name -> bits; blocks of 32 weights with one fp16 scale
+CODE_TYPES = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}  # name -> bits; blocks of 32 weights with an fp16 scale
+SYMMETRIC_TYPES = ("Q8_0", "Q4_0")  # zero point 2^(bits-1): no zero points stored
 BLOCK = 32
+
+
 def hf_name(name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor name (None: not one vibee's model takes)."""
     if name in TOP_NAMES:
@@ -88,7 +93,7 @@ class GGUFFile:
 
     def _quantization(self) -> CheckpointQuantization | None:
         """The codes' format; sets `code_layers`, the linear layers (Hugging Face prefixes) kept as
-        codes: a Q8_0/Q4_0 layer whose merged projection's other parts (q/k/v, gate/up: one
+        codes: a Q8_0/Q4_0/Q4_1 layer whose merged projection's other parts (q/k/v, gate/up: one
         QuantLinear in vibee's model) are stored in the same type. Every other linear layer loads
         dequantized (a warning names their types)."""
         from vibee.runtime.model import MERGED
@@ -99,14 +104,14 @@ class GGUFFile:
             if name is not None and name.startswith("model.layers.") and name.endswith("_proj.weight"):
                 kinds[name.removesuffix(".weight")] = t.tensor_type.name
         codes = set(kinds.values()) & set(CODE_TYPES)
-        if len(codes) > 1:
+        if len({CODE_TYPES[kind] for kind in codes}) > 1:
             raise LoadError(f"{self.path}: the linear layers are {', '.join(sorted(set(kinds.values())))}; vibee keeps "
-                            "one of Q8_0 or Q4_0 as codes (one generated module per bit width), not both")
+                            "8-bit (Q8_0) or 4-bit (Q4_0, Q4_1) codes, one generated module per bit width, not both")
         self.code_layers = set()
         for layer, kind in kinds.items():
             *block, leaf = layer.split(".", 3)  # "model", "layers", i; "self_attn.q_proj"
             group = next((parts for parts in MERGED.values() if leaf in parts), (leaf,))
-            if kind in CODE_TYPES and all(kinds.get(".".join([*block, part])) == kind for part in group):
+            if kind in CODE_TYPES and all(kinds.get(".".join([*block, part])) in codes for part in group):
                 self.code_layers.add(layer)
         self.code_layers = frozenset(self.code_layers)
         dequantized = sorted({kind for layer, kind in kinds.items()
@@ -115,15 +120,17 @@ class GGUFFile:
             import logging
 
             logging.getLogger("vibee.loader").warning(
-                "%s: linear layers stored as %s load dequantized to the model's dtype (vibee keeps Q8_0/Q4_0 layers "
-                "as int8/int4 codes where every part of their merged projection is stored so)", self.path,
+                "%s: linear layers stored as %s load dequantized to the model's dtype (vibee keeps Q8_0, Q4_0 and "
+                "Q4_1 layers as codes where every part of their merged projection is stored in one of them)", self.path,
                 ", ".join(dequantized))
         if not self.code_layers:
             return None
-        return CheckpointQuantization("gguf", CODE_TYPES[codes.pop()], BLOCK, True, False)
+        kept = {kinds[layer] for layer in self.code_layers}
+        # A Q4_0 layer in a file that also has Q4_1 ones takes zero point 8 in the asymmetric module.
+        return CheckpointQuantization("gguf", CODE_TYPES[min(kept)], BLOCK, kept <= set(SYMMETRIC_TYPES), False)
 
     def quantized_layers(self) -> frozenset[str]:
-        """The Hugging Face prefixes of the linear layers loaded as Q8_0 / Q4_0 codes."""
+        """The Hugging Face prefixes of the linear layers loaded as Q8_0 / Q4_0 / Q4_1 codes."""
         return self.code_layers
 
     def tokenizer(self):
@@ -134,9 +141,9 @@ class GGUFFile:
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor): floats in `dtype`; the weight of a layer kept as codes
-        (code_layers) as its `qweight` (codes [out, in], int16, -128..127 / -8..7) and `scales`
-        ([out, in / 32], fp16); any other quantized tensor dequantized. q/k rows back in Hugging
-        Face's order."""
+        (code_layers) as its `qweight` (codes [out, in], int16, 0..255 / 0..15), `scales` and
+        `qzeros` ([out, in / 32]: fp16, and int16 or float32), w = (code - zero) * scale; any other
+        quantized tensor dequantized. q/k rows back in Hugging Face's order."""
         from gguf.quants import dequantize
 
         heads, kv_heads = self.config["num_attention_heads"], self.config["num_key_value_heads"]
@@ -147,13 +154,11 @@ class GGUFFile:
             out_features = int(t.shape[-1]) if len(t.shape) > 1 else None
             kind = t.tensor_type.name
             if name.removesuffix(".weight") in self.code_layers:
-                codes, scales = _codes(np.asarray(t.data), kind, out_features)
+                parts = _codes(np.asarray(t.data), kind, out_features)
                 rows = _unpermute_rows(name, heads, kv_heads, out_features)
-                if rows is not None:
-                    codes, scales = codes[rows], scales[rows]
                 layer = name.removesuffix(".weight")
-                yield f"{layer}.qweight", codes.to(device)
-                yield f"{layer}.scales", scales.to(device)
+                for suffix, part in zip(("qweight", "scales", "qzeros"), parts):
+                    yield f"{layer}.{suffix}", (part if rows is None else part[rows]).to(device)
                 continue
             if kind in FLOAT_TYPES:
                 array = np.asarray(t.data)
@@ -164,7 +169,7 @@ class GGUFFile:
                     tensor = torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type).copy())
                 except NotImplementedError:
                     raise LoadError(f"{self.path}: tensor {t.name} is {kind}, which the gguf package cannot dequantize; "
-                                    "vibee reads F32, F16, BF16, Q8_0 and Q4_0, and dequantizes the types gguf does") from None
+                                    "vibee reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1, and dequantizes the types gguf does") from None
             shape = [int(d) for d in reversed(t.shape)]  # GGUF lists the fastest dimension first
             tensor = tensor.reshape(shape)
             rows = _unpermute_rows(name, heads, kv_heads, shape[0]) if len(shape) == 2 else None
@@ -173,19 +178,32 @@ class GGUFFile:
             yield name, tensor.to(device=device, dtype=dtype)
 
 
-def _codes(blocks: np.ndarray, kind: str, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [out, in] (int16) and fp16 scales [out, in / 32] of Q8_0 / Q4_0 rows: each block is an
-    fp16 scale d, then 32 int8 codes (Q8_0: w = q * d) or 16 bytes whose low nibbles are codes
-    0..15 and high nibbles 16..31, stored plus 8 (Q4_0: w = (q - 8) * d)."""
-    width = 2 + (BLOCK if kind == "Q8_0" else BLOCK // 2)
+def _codes(blocks: np.ndarray, kind: str, out_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [out, in] (int16), fp16 scales and zero points [out, in / 32] of Q8_0 / Q4_0 / Q4_1
+    rows, w = (code - zero) * scale. A block is an fp16 scale d (Q4_1: then an fp16 minimum m),
+    then 32 int8 codes q (Q8_0: w = q * d, stored here + 128 with zero 128) or 16 bytes whose low
+    nibbles are codes 0..15 and high nibbles 16..31 (Q4_0: w = (q - 8) * d; Q4_1: w = q * d + m,
+    zero -m / d in float32; a block with d = 0 is all m: codes 1, zero 0, scale m)."""
+    head = 4 if kind == "Q4_1" else 2
+    width = head + (BLOCK if kind == "Q8_0" else BLOCK // 2)
     rows = blocks.reshape(out_features, -1, width)
-    scales = torch.from_numpy(rows[:, :, :2].copy().view(np.float16)[..., 0])
-    payload = rows[:, :, 2:]
+    d = rows[:, :, :2].copy().view(np.float16)[..., 0]
+    payload = rows[:, :, head:]
     if kind == "Q8_0":
-        codes = payload.view(np.int8).astype(np.int16)
+        codes = payload.view(np.int8).astype(np.int16) + 128
     else:
-        codes = np.concatenate([payload & 0xF, payload >> 4], axis=-1).astype(np.int16) - 8
-    return torch.from_numpy(codes.reshape(out_features, -1)), scales
+        codes = np.concatenate([payload & 0xF, payload >> 4], axis=-1).astype(np.int16)
+    if kind != "Q4_1":
+        zeros = np.full(d.shape, 128 if kind == "Q8_0" else 8, dtype=np.int16)
+        return torch.from_numpy(codes.reshape(out_features, -1)), torch.from_numpy(d), torch.from_numpy(zeros)
+    m = rows[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    flat = d == 0
+    codes[flat] = 1
+    scales = np.where(flat, m.astype(np.float16), d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zeros = np.where(flat, np.float32(0), -m / d.astype(np.float32)).astype(np.float32)
+    return (torch.from_numpy(codes.reshape(out_features, -1)), torch.from_numpy(scales),
+            torch.from_numpy(zeros))
 
 
 def _unpermute_rows(name: str, heads: int, kv_heads: int, rows: int) -> torch.Tensor | None:

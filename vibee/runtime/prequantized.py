@@ -33,7 +33,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 class CheckpointQuantization:
     """What a checkpoint's quantization_config says, checked."""
 
-    method: str  # "gptq", "awq" or "gguf" (Q8_0 / Q4_0 codes, gguf_file.py)
+    method: str  # "gptq", "awq" or "gguf" (Q8_0 / Q4_0 / Q4_1 codes, gguf_file.py)
     bits: int
     group_size: int  # -1: one group per output row
     symmetric: bool  # every zero point is 2^(bits-1): the generated module's symmetric codes
@@ -98,12 +98,11 @@ def _fields(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_layer(q: CheckpointQuantization, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
                  where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [out, in], scales [out, G] and zero points [out, G] (both integer tensors int16,
-    w = (code - zero) * scale) of one layer's checkpoint tensors."""
-    if q.method == "gguf":  # gguf_file.py hands over signed codes [out, in] and scales [out, groups]
-        middle = 1 << (q.bits - 1)
-        codes, scales = tensors["qweight"].to(torch.int16) + middle, tensors["scales"]
-        return codes.contiguous(), scales.contiguous(), torch.full_like(codes[:, : scales.shape[1]], middle)
+    """Codes [out, in], scales [out, G] and zero points [out, G] (codes int16, zeros int16 or, for
+    GGUF Q4_1, float32; w = (code - zero) * scale) of one layer's checkpoint tensors."""
+    if q.method == "gguf":  # gguf_file.py hands them over: codes [out, in], scales and zeros [out, groups]
+        codes, scales, zeros = (tensors[k].contiguous() for k in ("qweight", "scales", "qzeros"))
+        return codes, scales, zeros
     qweight, qzeros, scales = (tensors[k] for k in ("qweight", "qzeros", "scales"))
     groups = scales.shape[0]
     if q.method == "gptq":
@@ -131,13 +130,14 @@ def unpack_layer(q: CheckpointQuantization, tensors: dict[str, torch.Tensor], ou
 def quantized_weight(quant: Any, q: CheckpointQuantization, codes: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor, dtype: torch.dtype) -> Any:
     """The generated module's QuantizedWeight for unpacked codes: symmetric codes centred on 0,
-    asymmetric ones with their zero points."""
+    asymmetric ones with their zero points (uint8; float32 where they are fractional)."""
     out_features, in_features = codes.shape
     group_size = in_features if q.group_size == -1 else q.group_size
     if q.symmetric:
         packed, zero_points = quant.pack_codes(codes - (1 << (q.bits - 1))), None
     else:
-        packed, zero_points = quant.pack_codes(codes), zeros.to(torch.uint8)
+        fractional = zeros.is_floating_point()
+        packed, zero_points = quant.pack_codes(codes), zeros.to(torch.float32 if fractional else torch.uint8)
     return quant.QuantizedWeight(packed, scales.to(dtype), zero_points, (out_features, in_features), q.bits, group_size)
 
 

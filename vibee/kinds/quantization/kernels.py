@@ -170,19 +170,30 @@ def _qgemv_kernel(
 
 
 @triton.jit
+def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
+    """code - zero of codes f as _code_at gives them (2^23 + u): exact for whole zero points;
+    a fractional one is taken off after 2^23 + offset, as 2^23 + zero would round it."""
+    if FRACTIONAL_ZEROS:
+        return (f - OFFSET) - zero
+    else:
+        return f - (zero + OFFSET)
+
+
+@triton.jit
 def _qmm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
-    OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, JOIN_CODES: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """A [BLOCK_M, BLOCK_N] tile of y over one split of k: each [BLOCK_N, BLOCK_K] weight tile is
     dequantized in registers to x's dtype ((code - zero) * scale, rounded once) and fed to tl.dot
     with fp32 accumulation. SWAP_AB: computed as y.T = w @ x.T, the weight tile as the first
     operand (rows of the weight fill the MMA's M; a few rows of x only its N). JOIN_CODES: codes
-    unpacked with _codes_in_order, else with _codes_3d."""
+    unpacked with _codes_in_order, else with _codes_3d. FRACTIONAL_ZEROS: float zero points (GGUF
+    Q4_1's), taken off after 2^23 + offset, which would round them."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid = tl.program_id(0)
@@ -223,27 +234,29 @@ def _qmm_kernel(
             g = k0 // GROUP
             scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
             if HAS_ZEROS:
-                base = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32) + OFFSET
+                zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
             else:
-                base = tl.zeros([BLOCK_N], dtype=tl.float32) + OFFSET
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
             if JOIN_CODES:
                 f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
-                w = (f - base[:, None]) * scale[:, None]
+                w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
             else:
                 f = _codes_3d(words, CODE_BITS, MAGIC)
-                w = tl.reshape((f - base[:, None, None]) * scale[:, None, None], [BLOCK_N, BLOCK_K])
+                w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
+                               [BLOCK_N, BLOCK_K])
         else:
             g = tl.minimum(k_of_word, K - 1) // GROUP
             scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
             if HAS_ZEROS:
-                base = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32) + OFFSET
+                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
             else:
-                base = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32) + OFFSET
+                zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
             if JOIN_CODES:
                 f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
             else:
                 f = _codes_3d(words, CODE_BITS, MAGIC)
-            w = tl.reshape((f - base[:, :, None]) * scale[:, :, None], [BLOCK_N, BLOCK_K])
+            w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
+                           [BLOCK_N, BLOCK_K])
         w = w.to(x.dtype)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
