@@ -42,9 +42,24 @@ def q6_k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def q4_k_blocks(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Q4_K data for a [rows, cols] weight (cols a multiple of 256), which gguf cannot quantize:
+    random nibbles and 6-bit scales and minima under fp16 d = 2e-5 and dmin = 2e-4 per 256
+    weights (a block: d, dmin, 12 bytes of scales and minima, 128 of nibbles)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:2] = np.array([2e-5], dtype=np.float16).view(np.uint8)
+    blocks[..., 2:4] = np.array([2e-4], dtype=np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+K_QUANT_BLOCKS = {"Q4_K": q4_k_blocks, "Q6_K": q6_k_blocks}
+
+
 def write_gguf(path, kind: str, seed: int = 0, pre: str = "default", hidden: int = 64,
                kinds: dict[str, str] | None = None, output: str | None = None):
-    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0, Q4_1 or F32), those
+    """A tiny Llama as a .gguf file with its linear layers in `kind` (Q8_0, Q4_0, Q4_1, F32, or a
+    K-quant on a model 256 wide), those
     named in `kinds` (GGUF short name -> type) in theirs, and output.weight in `output` (a type
     gguf quantizes, or Q6_K) or F32; returns transformers' model with the weights gguf's
     dequantize gives for them."""
@@ -82,7 +97,8 @@ def write_gguf(path, kind: str, seed: int = 0, pre: str = "default", hidden: int
         writer.add_tensor("output.weight", state["lm_head.weight"])
     else:
         rows, cols = state["lm_head.weight"].shape
-        blocks = q6_k_blocks(rows, cols, seed) if output == "Q6_K" else quantize(state["lm_head.weight"], getattr(T, output))
+        blocks = (K_QUANT_BLOCKS[output](rows, cols, seed) if output in K_QUANT_BLOCKS
+                  else quantize(state["lm_head.weight"], getattr(T, output)))
         writer.add_tensor("output.weight", blocks, raw_dtype=getattr(T, output))
         hf.lm_head.weight.data.copy_(torch.from_numpy(dequantize(blocks, getattr(T, output)).reshape(rows, cols).copy()))
     for i in range(c.num_hidden_layers):
@@ -95,7 +111,7 @@ def write_gguf(path, kind: str, seed: int = 0, pre: str = "default", hidden: int
             layer_kind = (kinds or {}).get(short, kind)
             if w.ndim == 2 and layer_kind != "F32":
                 qtype = getattr(T, layer_kind)
-                blocks = quantize(w, qtype)
+                blocks = K_QUANT_BLOCKS[layer_kind](*w.shape, seed + i) if layer_kind in K_QUANT_BLOCKS else quantize(w, qtype)
                 writer.add_tensor(f"blk.{i}.{short}.weight", blocks, raw_dtype=qtype)
                 w = dequantize(blocks, qtype)  # what the file holds, by gguf's own reading
             else:
@@ -233,6 +249,55 @@ def test_q4_1_blocks_become_codes_scales_and_zero_points_exactly(tmp_path):
     got = (codes.double() - per_weight(zeros)) * per_weight(scales)
     expected = torch.from_numpy(dequantize(blocks, T.Q4_1).reshape(6, 128)).double()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_q4_k_blocks_become_codes_scales_and_zero_points_exactly():
+    """Every Q4_K sub-block of 32 as (code - zero) * scale gives what gguf's dequantize reads,
+    including sub-blocks whose 6-bit scale is 0 (constant: minus their minimum)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    from vibee.runtime.gguf_file import _codes
+
+    blocks = q4_k_blocks(4, 512, seed=3).reshape(4, 2, 144)
+    blocks[1, 0, 4] &= 0xC0  # scale 0 of row 1's first super-block (byte 4 + 0, low 6 bits): 0
+    blocks[2, 1, 12] &= 0xF0  # scale 4 of row 2's second super-block: its low bits (byte 4 + 8) ...
+    blocks[2, 1, 4] &= 0x3F  # ... and its top bits (byte 4 + 0, top 2 bits)
+    blocks = blocks.reshape(4, -1)
+    codes, scales, zeros = _codes(blocks, "Q4_K", 4)
+    assert codes.shape == (4, 512) and scales.shape == zeros.shape == (4, 16)
+    assert scales[1, 0] < 0 and zeros[1, 0] == 0 and scales[2, 12] <= 0
+    per_weight = lambda t: t.double().repeat_interleave(32, dim=1)  # noqa: E731
+    got = (codes.double() - per_weight(zeros)) * per_weight(scales)
+    expected = torch.from_numpy(dequantize(blocks, T.Q4_K).reshape(4, 512)).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_q4_k_layers_load_as_int4_codes(tmp_path):
+    path = tmp_path / "q4k.gguf"
+    hf, _ = write_gguf(path, "Q4_K", hidden=256, output="Q6_K")
+    ids = [3, 17, 42, 99, 5]
+    model, gen, got = logits_of(path, ids)
+    layers = [m for m in model.modules() if isinstance(m, gen.quantization.QuantLinear)]
+    assert len(layers) == 8 and gen.quantization.BITS == 4 and all(m.zeros.dtype == torch.float32 for m in layers)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_file_with_both_bit_widths_keeps_the_commoner_as_codes(tmp_path, caplog):
+    """One generated module holds one bit width: a Q4_0 file with Q8_0 down_proj layers keeps the
+    Q4_0 layers as int4 codes and loads the Q8_0 ones dequantized, with a warning."""
+    path = tmp_path / "widths.gguf"
+    hf, _ = write_gguf(path, "Q4_0", kinds={"ffn_down": "Q8_0"})
+    ids = [3, 17, 42, 99, 5]
+    model, gen, got = logits_of(path, ids)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, gen.quantization.QuantLinear)}
+    assert gen.quantization.BITS == 4 and quantized and not any(name.endswith("down_proj") for name in quantized)
+    assert "stored as Q8_0 load dequantized" in caplog.text
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_k_quant_output_weight_loads_dequantized(tmp_path):

@@ -1,13 +1,14 @@
 """GGUF model files (llama.cpp's format), read with the `gguf` package: a Llama-architecture file's
 metadata as a Hugging Face config, its tokenizer and chat template, and its tensors by Hugging
-Face name. Q8_0, Q4_0 and Q4_1 tensors (blocks of 32 weights: one fp16 scale d and codes
--128..127 or -8..7; Q4_1 codes 0..15 with d and an fp16 minimum m, w = code * d + m) load as the
-generated int8 / int4 codes as they are, not dequantized; float tensors as floats. Q4_1's zero
-point -m / d is fractional: its layers load into an asymmetric module with float32 zero points.
-Tensors of the other types the `gguf` package dequantizes (Q5_0, Q5_1, the K-quants: a Q4_0
-file's output.weight is usually Q6_K, a Q4_K_M file is Q4_K and Q6_K) load dequantized to the
-model's dtype, with a warning: they take that dtype's memory. So do code layers merged with a
-part of another type (q/k/v and gate/up are one layer in vibee's model).
+Face name. Q8_0, Q4_0, Q4_1 and Q4_K tensors load as the generated int8 / int4 codes as they are,
+not dequantized, in groups of 32 weights with one scale (see _codes); float tensors as floats.
+Q4_1's and Q4_K's zero points are fractional: their layers load into an asymmetric module with
+float32 zero points. One generated module holds one bit width: in a file with both, the width
+most layers have stays codes. Tensors of the other types the `gguf` package dequantizes (Q5_0,
+Q5_1, Q6_K: a Q4_0 file's output.weight is usually Q6_K, a Q4_K_M file has Q6_K layers) load
+dequantized to the model's dtype, with a warning: they take that dtype's memory. So do code
+layers merged with a part of another width or type (q/k/v and gate/up are one layer in vibee's
+model).
 
 llama.cpp's converter reorders each head's rows of q_proj and k_proj (RoPE's rotate-half halves
 interleaved); they are put back here, a row permutation, which moves whole quantized rows.
@@ -30,7 +31,8 @@ BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
-CODE_TYPES = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}  # name -> bits; blocks of 32 weights with an fp16 scale
+# name -> bits of the codes; each group of 32 weights has one scale (and, asymmetric, a zero point)
+CODE_TYPES = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4}
 SYMMETRIC_TYPES = ("Q8_0", "Q4_0")  # zero point 2^(bits-1): no zero points stored
 BLOCK = 32
 
@@ -93,9 +95,9 @@ class GGUFFile:
 
     def _quantization(self) -> CheckpointQuantization | None:
         """The codes' format; sets `code_layers`, the linear layers (Hugging Face prefixes) kept as
-        codes: a Q8_0/Q4_0/Q4_1 layer whose merged projection's other parts (q/k/v, gate/up: one
-        QuantLinear in vibee's model) are stored in the same type. Every other linear layer loads
-        dequantized (a warning names their types)."""
+        codes: a layer of a code type whose merged projection's other parts (q/k/v, gate/up: one
+        QuantLinear in vibee's model) are of code types with the same bit width, the width most
+        layers have. Every other linear layer loads dequantized (a warning names their types)."""
         from vibee.runtime.model import MERGED
 
         kinds = {}  # Hugging Face prefix of each linear layer -> its GGUF type
@@ -103,10 +105,10 @@ class GGUFFile:
             name = hf_name(t.name)
             if name is not None and name.startswith("model.layers.") and name.endswith("_proj.weight"):
                 kinds[name.removesuffix(".weight")] = t.tensor_type.name
-        codes = set(kinds.values()) & set(CODE_TYPES)
-        if len({CODE_TYPES[kind] for kind in codes}) > 1:
-            raise LoadError(f"{self.path}: the linear layers are {', '.join(sorted(set(kinds.values())))}; vibee keeps "
-                            "8-bit (Q8_0) or 4-bit (Q4_0, Q4_1) codes, one generated module per bit width, not both")
+        # One generated module per bit width: the width most layers have (4 on a tie) stays codes.
+        widths = [CODE_TYPES[kind] for kind in kinds.values() if kind in CODE_TYPES]
+        bits = max(sorted(set(widths)), key=widths.count, default=None)
+        codes = {kind for kind in kinds.values() if CODE_TYPES.get(kind) == bits}
         self.code_layers = set()
         for layer, kind in kinds.items():
             *block, leaf = layer.split(".", 3)  # "model", "layers", i; "self_attn.q_proj"
@@ -120,17 +122,17 @@ class GGUFFile:
             import logging
 
             logging.getLogger("vibee.loader").warning(
-                "%s: linear layers stored as %s load dequantized to the model's dtype (vibee keeps Q8_0, Q4_0 and "
-                "Q4_1 layers as codes where every part of their merged projection is stored in one of them)", self.path,
+                "%s: linear layers stored as %s load dequantized to the model's dtype (vibee keeps Q8_0, or Q4_0, "
+                "Q4_1 and Q4_K, layers as codes where every part of their merged projection is stored so)", self.path,
                 ", ".join(dequantized))
         if not self.code_layers:
             return None
         kept = {kinds[layer] for layer in self.code_layers}
-        # A Q4_0 layer in a file that also has Q4_1 ones takes zero point 8 in the asymmetric module.
-        return CheckpointQuantization("gguf", CODE_TYPES[min(kept)], BLOCK, kept <= set(SYMMETRIC_TYPES), False)
+        # A Q4_0 layer in a file that also has asymmetric ones takes zero point 8 in the asymmetric module.
+        return CheckpointQuantization("gguf", bits, BLOCK, kept <= set(SYMMETRIC_TYPES), False)
 
     def quantized_layers(self) -> frozenset[str]:
-        """The Hugging Face prefixes of the linear layers loaded as Q8_0 / Q4_0 / Q4_1 codes."""
+        """The Hugging Face prefixes of the linear layers loaded as codes."""
         return self.code_layers
 
     def tokenizer(self):
@@ -179,31 +181,53 @@ class GGUFFile:
 
 
 def _codes(blocks: np.ndarray, kind: str, out_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [out, in] (int16), fp16 scales and zero points [out, in / 32] of Q8_0 / Q4_0 / Q4_1
-    rows, w = (code - zero) * scale. A block is an fp16 scale d (Q4_1: then an fp16 minimum m),
-    then 32 int8 codes q (Q8_0: w = q * d, stored here + 128 with zero 128) or 16 bytes whose low
-    nibbles are codes 0..15 and high nibbles 16..31 (Q4_0: w = (q - 8) * d; Q4_1: w = q * d + m,
-    zero -m / d in float32; a block with d = 0 is all m: codes 1, zero 0, scale m)."""
-    head = 4 if kind == "Q4_1" else 2
-    width = head + (BLOCK if kind == "Q8_0" else BLOCK // 2)
-    rows = blocks.reshape(out_features, -1, width)
-    d = rows[:, :, :2].copy().view(np.float16)[..., 0]
-    payload = rows[:, :, head:]
-    if kind == "Q8_0":
-        codes = payload.view(np.int8).astype(np.int16) + 128
+    """Codes [out, in] (int16), scales and zero points [out, in / 32] of a code type's rows,
+    w = (code - zero) * scale:
+    - Q8_0: a block of 32 is an fp16 scale d and 32 int8 codes q, w = q * d (stored here + 128, zero 128);
+    - Q4_0: d, then 16 bytes whose low nibbles are codes 0..15 and high nibbles 16..31, w = (q - 8) * d;
+    - Q4_1: d, an fp16 minimum m, the nibbles as Q4_0's, w = q * d + m: zero -m / d in float32;
+    - Q4_K: a super-block of 256 is fp16 d and dmin, 12 bytes of eight 6-bit scales s and minima
+      m, and 128 bytes of nibbles (bytes 32c.. hold sub-block 2c in their low nibbles, 2c + 1 in
+      their high ones); sub-block j is w = q * (d * s_j) - dmin * m_j: zero dmin * m_j / (d * s_j).
+    A group whose scale is 0 is a constant (Q4_1: m; Q4_K: -dmin * m_j): codes 1, zero 0, that scale."""
+    if kind == "Q4_K":
+        codes, scales, minima = _q4_k(blocks.reshape(out_features, -1, 144))
     else:
-        codes = np.concatenate([payload & 0xF, payload >> 4], axis=-1).astype(np.int16)
-    if kind != "Q4_1":
-        zeros = np.full(d.shape, 128 if kind == "Q8_0" else 8, dtype=np.int16)
-        return torch.from_numpy(codes.reshape(out_features, -1)), torch.from_numpy(d), torch.from_numpy(zeros)
-    m = rows[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    flat = d == 0
+        head = 4 if kind == "Q4_1" else 2
+        rows = blocks.reshape(out_features, -1, head + (BLOCK if kind == "Q8_0" else BLOCK // 2))
+        scales = rows[:, :, :2].copy().view(np.float16)[..., 0]
+        payload = rows[:, :, head:]
+        if kind == "Q8_0":
+            codes = payload.view(np.int8).astype(np.int16) + 128
+        else:
+            codes = np.concatenate([payload & 0xF, payload >> 4], axis=-1).astype(np.int16)
+        if kind != "Q4_1":
+            zeros = np.full(scales.shape, 128 if kind == "Q8_0" else 8, dtype=np.int16)
+            return torch.from_numpy(codes.reshape(out_features, -1)), torch.from_numpy(scales), torch.from_numpy(zeros)
+        minima = -rows[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)  # w = q * d - minimum
+    flat = scales == 0
     codes[flat] = 1
-    scales = np.where(flat, m.astype(np.float16), d)
     with np.errstate(divide="ignore", invalid="ignore"):
-        zeros = np.where(flat, np.float32(0), -m / d.astype(np.float32)).astype(np.float32)
-    return (torch.from_numpy(codes.reshape(out_features, -1)), torch.from_numpy(scales),
-            torch.from_numpy(zeros))
+        zeros = np.where(flat, 0, minima / scales.astype(np.float32)).astype(np.float32)
+    scales = np.where(flat, -minima, scales.astype(np.float32)).astype(np.float32)
+    return (torch.from_numpy(codes.reshape(out_features, -1)), torch.from_numpy(scales), torch.from_numpy(zeros))
+
+
+def _q4_k(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K super-blocks [out, n, 144] -> codes [out, n * 8, 32] (int16) and each sub-block's
+    scale d * s_j and minimum dmin * m_j [out, n * 8] (float32)."""
+    out, n = rows.shape[:2]
+    d = rows[..., 0:2].copy().view(np.float16).astype(np.float32)  # [out, n, 1]
+    dmin = rows[..., 2:4].copy().view(np.float16).astype(np.float32)
+    packed = rows[..., 4:16].astype(np.uint8)
+    # Bytes 0-3 hold scales 0-3 (low 6 bits), bytes 4-7 minima 0-3; bytes 8-11 the low 4 bits of
+    # scale / minimum 4-7, whose top 2 bits are the top bits of bytes 0-3 / 4-7.
+    low, high, mixed = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    s = np.concatenate([low & 0x3F, (mixed & 0x0F) | ((low >> 2) & 0x30)], axis=-1).astype(np.float32)
+    m = np.concatenate([high & 0x3F, (mixed >> 4) | ((high >> 2) & 0x30)], axis=-1).astype(np.float32)
+    nibbles = rows[..., 16:].reshape(out, n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+    codes = (nibbles & 0xF).astype(np.int16).reshape(out, n * 8, 32)
+    return codes, (d * s).reshape(out, n * 8), (dmin * m).reshape(out, n * 8)
 
 
 def _unpermute_rows(name: str, heads: int, kv_heads: int, rows: int) -> torch.Tensor | None:
