@@ -55,6 +55,25 @@ def test_block_size_8_allocates_smaller_blocks(spec_text, gen_from_text):
     assert gen.run_tests() == 0
 
 
+def test_fp8_kv_dtype_stores_e4m3_rounded_and_saturated(spec_text, gen_from_text):
+    text = with_setting(spec_text("kv_cache"), "kv_dtype", "fp8")
+    # The shipped test cases promise exact round trips (max_abs_err: 0.0); fp8 cannot keep that promise.
+    gen = gen_from_text(text.replace("max_abs_err: 0.0", "max_abs_err: 0.3"), name="igla_kv_cache")
+    impl = gen.impl
+    cache = impl.PagedKVCache(num_layers=1, num_blocks=4, num_kv_heads=2, head_dim=8, dtype=torch.float32, block_size=16)
+    assert cache.k_pages[0].data.dtype == torch.float8_e4m3fn and cache.bytes_per_block() == 2 * 16 * 2 * 8
+    torch.manual_seed(0)
+    k, v = torch.randn(20, 2, 8) * 30, torch.randn(20, 2, 8) * 1e-3
+    k[3, 1, 2], k[4, 0, 0] = 1e4, -600.0  # past the largest e4m3 value: saturates, never NaN
+    cache.write(0, k, v, torch.arange(20))
+    got_k, got_v = cache.gather(0, [0, 1], 20)
+    assert got_k[3, 1, 2] == 448 and got_k[4, 0, 0] == -448
+    # e4m3: 3 mantissa bits, so half a step is 2^-4 of |x| (normals) or 2^-10 (subnormals, below 2^-6)
+    for got, want in ((got_k, k.clamp(-448, 448)), (got_v, v)):
+        assert ((got - want).abs() <= want.abs() / 16 + 2**-10).all()
+    assert gen.run_tests() == 0  # the generated suite, fp8 bounds included
+
+
 def test_int8_kv_dtype_stores_int8_with_bounded_error(spec_text, gen_from_text):
     text = with_setting(spec_text("kv_cache"), "kv_dtype", "int8")
     exact = gen_from_text(text, name="igla_kv_cache")
@@ -113,7 +132,7 @@ def test_gpu_memory_utilization_scales_the_cache(spec_text, gen_from_text):
     [
         ("block_size", "24", "block_size must be a power of two, got 24"),
         ("block_size", "512", "block_size must be between 1 and 256, got 512"),
-        ("kv_dtype", "fp8", "'int8'"),
+        ("kv_dtype", "int4", "'int8'"),
         ("gpu_memory_utilization", "1.5", "gpu_memory_utilization must be a fraction in (0, 1], got 1.5"),
     ],
 )
@@ -141,6 +160,7 @@ def test_explain_figures_follow_the_model_shape():
     assert shipped.kv_bytes_per_block(deeper) == 4 * shipped.kv_bytes_per_block(shape)
     int8 = KVCacheConfig(kv_dtype="int8")
     assert int8.kv_bytes_per_block(shape) == shipped.kv_bytes_per_block(shape) // 2 + 2 * 16 * 8 * 4
+    assert KVCacheConfig(kv_dtype="fp8").kv_bytes_per_block(shape) == shipped.kv_bytes_per_block(shape) // 2
 
 
 def test_explain_takes_the_model_shape_from_the_command_line(tmp_path):

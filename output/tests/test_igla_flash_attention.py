@@ -121,6 +121,14 @@ def decode_batch(kv_lens, heads=4, kv_heads=2, head_dim=D, dtype=torch.float32, 
     )
 
 
+def with_fp8_pages(batch):
+    """The batch with its K/V pages stored as float8 e4m3, as a kv_cache of kv_dtype fp8 holds
+    them (both modules read the same rounded values; attention widens them to q's dtype)."""
+    fp8 = types.SimpleNamespace(**vars(batch))
+    fp8.k_cache, fp8.v_cache = batch.k_cache.to(torch.float8_e4m3fn), batch.v_cache.to(torch.float8_e4m3fn)
+    return fp8
+
+
 def prefill(module, batch, **kw):
     return module.paged_prefill(batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, **kw)
 
@@ -443,6 +451,17 @@ def test_decode_matches_reference_across_page_boundaries():
 def test_decode_gqa_ratio_matches_reference(ratio):
     batch = decode_batch([9, 70], heads=8, kv_heads=8 // ratio, seed=ratio)
     assert_matches(decode(impl, batch), decode(ref, batch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_pages_match_reference(dtype):
+    """fp8 K/V pages (kv_dtype fp8) decode and prefill as the reference over the same values."""
+    p = PAGE_SIZE
+    tolerance = TOLERANCE["fp32" if dtype == torch.float32 else "bf16"]
+    batch = with_fp8_pages(decode_batch([1, p + 1, 3 * p + 2], dtype=dtype, seed=41))
+    assert_matches(decode(impl, batch), decode(ref, batch), max_rel_err=tolerance)
+    batch = with_fp8_pages(prefill_batch([3, 20], prefix_lens=[p, 5], dtype=dtype, seed=42))
+    assert_matches(prefill(impl, batch), prefill(ref, batch), max_rel_err=tolerance)
 
 
 def test_decode_equals_last_row_of_prefill():
@@ -794,6 +813,20 @@ def test_triton_decode_matches_reference(dtype, ratio):
         out = kernel_decode(batch, num_splits=splits)
         assert out.dtype == TORCH_DTYPES[dtype]
         assert_matches(out, want, max_rel_err=TOLERANCE[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_triton_fp8_pages_match_reference(dtype):
+    """fp8 K/V pages (kv_dtype fp8): the kernels widen them to q's dtype in registers."""
+    p = PAGE_SIZE
+    batch = with_fp8_pages(decode_batch([1, p + 1, 70], heads=8, kv_heads=2, dtype=TORCH_DTYPES[dtype], seed=43))
+    want = decode(ref, batch)
+    for splits in (1, 3):
+        assert_matches(kernel_decode(batch, num_splits=splits), want, max_rel_err=TOLERANCE[dtype])
+    batch = with_fp8_pages(prefill_batch([1, 17], prefix_lens=[0, 30], heads=8, kv_heads=2, dtype=TORCH_DTYPES[dtype],
+                                         seed=44))
+    assert_matches(kernel_prefill(batch), prefill(ref, batch), max_rel_err=TOLERANCE[dtype])
 
 
 @needs_kernels

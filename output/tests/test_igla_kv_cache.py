@@ -23,7 +23,8 @@ SPEC_KV_DTYPE = 'auto'
 SPEC_ENABLE_PREFIX_CACHING = True
 SPEC_GPU_MEMORY_UTILIZATION = 0.9
 # What each kv_dtype stores; None: the activation dtype.
-STORED_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
+STORED_DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
+                 "fp8": torch.float8_e4m3fn}
 
 
 
@@ -67,12 +68,15 @@ def storage_bound(written: torch.Tensor, blocks: torch.Tensor, one_write_per_blo
     """The largest |gathered - written| each element may show for the spec's kv_dtype, for float32
     activations `written` [tokens, heads, dim] whose tokens lie in `blocks` [tokens].
     int8: one step of the block's final scale, under 2 * max|x| / 127 over the block and head,
-    or half a step of max|x| / 127 when each block was written in one call."""
+    or half a step of max|x| / 127 when each block was written in one call. fp8: half a step of
+    e4m3, and what saturation at 448 takes off."""
     stored = STORED_DTYPES[SPEC_KV_DTYPE]
     if stored is None or stored == torch.float32:
         return torch.zeros_like(written)
     if stored in (torch.float16, torch.bfloat16):
         return written.abs() * torch.finfo(stored).eps + torch.finfo(stored).tiny
+    if stored == torch.float8_e4m3fn:  # 3 mantissa bits: half a step is 2^-4 of |x|, 2^-10 below 2^-6 (subnormals)
+        return written.abs().clamp(max=448) / 16 + 2**-10 + (written.abs() - 448).clamp(min=0)
     amax = torch.zeros(int(blocks.max()) + 1, written.shape[1])
     amax.scatter_reduce_(0, blocks.unsqueeze(-1).expand(-1, written.shape[1]), written.abs().amax(dim=-1), reduce="amax")
     steps = (0.5 if one_write_per_block else 2.0) * amax[blocks] / 127

@@ -282,17 +282,25 @@ def _masked_tile(x, valid):
     return x.masked_fill(~valid[:, :, None, None], 0).transpose(1, 2)
 
 
-def _paged_kv_loader(k_cache, v_cache, block_tables):
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _paged_kv_loader(k_cache, v_cache, block_tables, dtype):
     """KV position t of sequence s lives in page block_tables[s, t // page_size], slot
     t % page_size, page_size being the cache's (k_cache.shape[1]). Masked lanes read the
-    sequence's first slot and are zeroed."""
+    sequence's first slot and are zeroed. fp8 pages (kv_dtype fp8) are widened to `dtype`, the
+    queries', as the Triton kernels widen them."""
     page_size = k_cache.shape[1]
+    widen = k_cache.dtype in _FP8_DTYPES
 
     def load(seq, pos, valid):
         pos = torch.where(valid, pos, 0)
         page = block_tables[seq.unsqueeze(1), pos // page_size].long()
         slot = pos % page_size
-        return _masked_tile(k_cache[page, slot], valid), _masked_tile(v_cache[page, slot], valid)
+        k, v = k_cache[page, slot], v_cache[page, slot]
+        if widen:
+            k, v = k.to(dtype), v.to(dtype)
+        return _masked_tile(k, valid), _masked_tile(v, valid)
 
     return load
 
@@ -421,7 +429,7 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, 
     kv_lens = _ints(seq_lens, seq_lens_host)
     _check_cache(k_cache, block_tables, kv_lens)
     spans = _query_spans(cu_seqlens_q, kv_lens, q.shape[0], cu_seqlens_q_host)
-    load_kv = _paged_kv_loader(k_cache, v_cache, block_tables)
+    load_kv = _paged_kv_loader(k_cache, v_cache, block_tables, q.dtype)
     return _prefill_grid(q, spans, kv_lens, load_kv, num_kv_heads, causal, window, variants, scale, tile)
 
 
@@ -521,7 +529,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *, window=None, va
     seq = torch.arange(batch, device=device).repeat_interleave(splits)
     q_tiles = q.float()[seq].unsqueeze(2)  # [P, H, 1, D]
     q_pos = (lengths[seq] - 1).unsqueeze(1)
-    load_kv = _paged_kv_loader(k_cache, v_cache, block_tables)
+    load_kv = _paged_kv_loader(k_cache, v_cache, block_tables, q.dtype)
     o, lse, tiles = _attend_kv_tiles(q_tiles, q_pos, start.flatten(), end.flatten(), load_kv, num_kv_heads, MIN_BLOCK_KV, seq, scale, False, 0, mods)
     _count(decode_calls=1, decode_programs=batch * splits, decode_kv_tiles=int(tiles.sum()))
     out, _ = merge_splits(o.view(batch, splits, num_heads, head_dim), lse.view(batch, splits, num_heads))
@@ -617,7 +625,11 @@ def _tl_attend_tile(acc, m_i, l_i, q, k, v, keep, b, h, q_idx, kv_idx, num_heads
                  DOT_PRECISION: tl.constexpr):
     """One KV tile of the online softmax: scores, variants, masks, then the running row max
     m_i (base 2), row sum l_i and unnormalised output acc, rescaled when the max grows. A row
-    with nothing visible yet keeps m_i = -inf and adds zeros, never NaN."""
+    with nothing visible yet keeps m_i = -inf and adds zeros, never NaN. fp8 K/V (a kv_cache of
+    kv_dtype fp8) are widened to the queries' dtype here, as the torch path's loader does."""
+    if k.dtype.is_fp8():
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SCORE_MODS != 0 or MASK_MODS != 0:
         qk, keep = _tl_apply_variants(qk * sm_scale, keep, b, h, q_idx, kv_idx, num_heads, SCORE_MODS, MASK_MODS)
@@ -1242,7 +1254,7 @@ _torch_merge_splits = merge_splits
 
 def _takes_kernel_path(q, k, v, variants) -> bool:
     ok = (isinstance(q, torch.Tensor) and q.is_cuda and k.is_cuda and v.is_cuda and q.dim() == 3
-          and q.dtype in _KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+          and q.dtype in _KERNEL_DTYPES and k.dtype in (q.dtype, torch.float8_e4m3fn) and v.dtype == k.dtype
           and q.shape[-1] in HEAD_DIMS and _kernel_variants(variants) is not None)
     PATH_CALLS["triton" if ok else "torch"] += 1
     return ok

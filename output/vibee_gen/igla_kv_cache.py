@@ -27,7 +27,9 @@ import torch
 KV_DTYPE = 'auto'  # how pages store K/V ("auto": in the activation dtype)
 
 # None for "auto": pages then hold K/V in the activation dtype the cache is built with.
-STORAGE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}.get(KV_DTYPE)
+STORAGE_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
+                 "fp8": torch.float8_e4m3fn}.get(KV_DTYPE)
+FP8_MAX = 448.0  # the largest float8 e4m3 value: fp8 pages saturate there (the format has no infinity)
 
 
 @dataclass
@@ -370,7 +372,8 @@ class BlockManager:
 
 class KVPages:
     """One layer's K (or V): pages [num_blocks, block_size, num_kv_heads, head_dim] in the storage
-    dtype; a slot is block_id * block_size + offset."""
+    dtype;
+    a slot is block_id * block_size + offset."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, storage_dtype: torch.dtype,
                  device: torch.device | str):

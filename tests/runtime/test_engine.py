@@ -239,6 +239,18 @@ def test_int8_weights_serve(tiny, tmp_path, monkeypatch):
     assert len(tokens) == 8
 
 
+def test_fp8_kv_cache_serves_with_half_the_bytes_per_block(tiny, tmp_path, monkeypatch):
+    """`--kv-cache-dtype fp8`: float8 pages, half a float16 cache's bytes per block (a float32
+    model's would be a quarter), and decoding runs through them."""
+    monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
+    model_dir, _ = tiny
+    eng = engine(model_dir, kv_cache_dtype="fp8")
+    assert eng.runner.kv_cache.k_pages[0].data.dtype == torch.float8_e4m3fn
+    assert eng.runner.kv_cache.bytes_per_block() * 4 == engine(model_dir).runner.kv_cache.bytes_per_block()
+    (tokens,), = run(eng, prompts([10]), max_tokens=8, **GREEDY)
+    assert len(tokens) == 8
+
+
 def test_bad_requests_are_refused(tiny):
     model_dir, _ = tiny
     eng = engine(model_dir, max_model_len=64)

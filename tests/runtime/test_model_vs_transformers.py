@@ -230,6 +230,31 @@ def test_quantize_model_swaps_the_projections(models):
     assert torch.nn.functional.cosine_similarity(got, hf_logits(hf, seq), dim=-1).min() > 0.999
 
 
+def test_fp8_kv_cache_pages_are_read_as_they_are(models, tmp_path, monkeypatch):
+    """A kv_cache generated with kv_dtype fp8: pages hold float8 e4m3 and attention widens them;
+    logits stay close to float32 ones (3 mantissa bits per K/V value)."""
+    from vibee.runtime.generated import load_generated
+
+    monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
+    gen8 = load_generated(knobs={"kv_cache": {"kv_dtype": "fp8"}})
+    model_dir, hf = models("llama")
+    model = ours(model_dir)
+    runner = PagedRunner(model)
+    cfg = model.config
+    runner.cache = gen8.kv_cache.PagedKVCache(cfg.num_layers, 96, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32,
+                                              block_size=gen8.config("kv_cache").block_size)
+    assert runner.cache.k_pages[0].data.dtype == torch.float8_e4m3fn
+    seqs = prompts()
+    got = runner.step({i: (s, len(s)) for i, s in enumerate(seqs)})
+    seqs = [s + [int(g[-1].argmax())] for s, g in zip(seqs, got)]
+    decoded = runner.step({i: (s, 1) for i, s in enumerate(seqs)})  # decode reads the fp8 pages
+    errors = []
+    for s, logits in zip(seqs, decoded):
+        want = hf_logits(hf, s)[-1:]
+        errors.append((logits - want).abs().max().item())
+    assert 0 < max(errors) < 0.2
+
+
 def test_int8_kv_cache_pages_are_dequantized_for_attention(models, tmp_path, monkeypatch):
     """A kv_cache generated with kv_dtype int8: attention reads dequantized pages, so logits stay
     close to float32 ones (one int8 step of error per value, no more)."""

@@ -106,6 +106,8 @@ class AttentionBackend:
 
     int8 KV pages (a kv_cache generated with kv_dtype int8) hold a float32 scale per (block, kv
     head) that the attention kernels don't read: such pages are dequantized before the call.
+    fp8 pages (kv_dtype fp8) have no scale and go to the kernels as they are (they widen them);
+    a fresh prompt attends to its own unrounded K/V, as with 16-bit pages.
     Only the blocks in the step's block tables are converted, into a scratch copy laid out in
     block-table order, so the cost is one pass over the batch's KV per layer and step (in time
     and in scratch memory), on top of the attention itself.

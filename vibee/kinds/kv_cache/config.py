@@ -17,7 +17,7 @@ MAX_BLOCK_SIZE = 256
 GIB = 1 << 30
 
 # Bytes per stored element; "auto" stores K/V in the model's activation dtype.
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 # int8 blocks carry one float32 scale per (block, kv head), for K and for V.
 SCALE_BYTES = 4
 # config.json's torch_dtype in kv_dtype's spelling (a model that names none runs in bf16).
@@ -75,9 +75,10 @@ class KVCacheConfig(KindConfig):
         strict=True,
         description="Tokens per KV block (a power of two, 1..256): the unit of allocation, sharing and prefix caching.",
     )
-    kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8"] = knob("compile", flag="--kv-cache-dtype",
+    kv_dtype: Literal["auto", "fp16", "bf16", "fp32", "int8", "fp8"] = knob("compile", flag="--kv-cache-dtype",
         default="auto",
-        description="How K/V are stored: 'auto' in the activation dtype; 'int8' with a float32 scale per (block, kv head).",
+        description=("How K/V are stored: 'auto' in the activation dtype; 'int8' with a float32 scale per (block, kv head);"
+                     " 'fp8' as float8 e4m3 (no scale: values saturate at +-448), read by the attention kernels directly."),
     )
     enable_prefix_caching: bool = knob("runtime", flag="--enable-prefix-caching",
         default=True,
