@@ -33,6 +33,7 @@ OTHER_VALUE = {
     },
     "quantization": {
         "bits": 8,
+        "code_type": "fp8",
         "group_size": 64,
         "symmetric": False,
         "pack_format": "uint8",
@@ -88,6 +89,8 @@ def _with(spec, field: str, value):
     data = spec.config.model_dump()
     if field == "enable_chunked_prefill":  # a chunk cap needs chunked prefill
         data["long_prefill_token_threshold"] = 0
+    if field == "code_type":  # fp8 codes have one format: 8 bits, per channel, symmetric, round to nearest
+        data.update(bits=8, group_size=-1, symmetric=True, method="rtn")
     if isinstance(value, dict) and isinstance(data[field], dict) and field != "sharding":
         data[field] = {**data[field], **value}
     elif field == "sharding":

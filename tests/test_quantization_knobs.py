@@ -86,6 +86,40 @@ def test_symmetric_false_adds_zero_points_and_fits_positive_weights(gen_from_tex
     assert asymmetric.run_tests() == 0  # the generated suite, spec cases included, passes for the variant
 
 
+def fp8_spec(text: str) -> str:
+    """The shipped spec with code_type fp8 (bits 8, per channel), without its two cases about
+    integer groups (576-wide rows take groups of 64; a 100-wide row raises): fp8 has one scale per
+    row; and 8 bits a weight compress bf16 2x, not int4's 3.8x."""
+    text = text.replace("  bits: 4", "  bits: 8\n  code_type: fp8", 1).replace("min_compression: 3.8", "min_compression: 1.99")
+    start, end = text.index("      - name: narrow_model_width"), text.index("  - name: pack_int4")
+    return text[:start] + text[end:]
+
+
+def test_code_type_fp8_stores_e4m3_codes_per_channel(gen_from_text, quantization_spec):
+    fp8 = gen_from_text(fp8_spec(quantization_spec), "igla_quantization")
+    impl = fp8.impl
+    assert impl.CODE_TYPE == "fp8" and (impl.QMIN, impl.QMAX) == (-448, 448)
+    w = weight()
+    qw = impl.quantize_weight(w)
+    assert qw.qweight.dtype == torch.float8_e4m3fn and qw.scales.shape == (16, 1) and qw.zeros is None
+    # e4m3's relative step: the error follows each weight's size, not the row's largest one
+    small = w.abs() < w.abs().amax(dim=1, keepdim=True) / 64
+    err = (impl.dequantize(qw).float() - w).abs()
+    assert (err[small] <= w.abs()[small] / 16 + qw.scales.float().expand_as(w)[small] * 2**-10 + 1e-6).all()
+    int8 = gen_from_text(with_config(quantization_spec, "bits", 8), "igla_quantization").impl
+    assert mean_error(int8, w) < mean_error(impl, w)  # uniform int8 levels beat 3 mantissa bits on plain weights ...
+    w[:, 0] = 100 * w.abs().amax(dim=1)  # ... but not beside an outlier, which spreads int8's levels thin
+    assert mean_error(impl, w) < mean_error(int8, w) / 4
+    assert fp8.run_tests() == 0  # the generated suite (fp8 codes, W8A8 kernels in the interpreter) passes
+
+
+def test_code_type_fp8_with_integer_settings_is_an_error_at_its_line(gen_from_text, quantization_spec):
+    text = quantization_spec.replace("  bits: 4", "  bits: 4\n  code_type: fp8", 1)
+    with pytest.raises(SpecError) as caught:
+        gen_from_text(text, "igla_quantization")
+    assert "code_type fp8 takes bits 8" in caught.value.render() and "got bits 4, group_size 128" in caught.value.render()
+
+
 def test_bits_3_is_an_error_listing_the_allowed_values(gen_from_text, quantization_spec):
     with pytest.raises(SpecError) as caught:
         gen_from_text(with_config(quantization_spec, "bits", 3), "igla_quantization")

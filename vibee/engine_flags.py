@@ -33,8 +33,9 @@ ENGINE_OPTIONS = [
                  help="Off: recompute every token each step (the naive baseline, for measurement)."),
     click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                  help="Off: the generated reference attention."),
-    click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-                 help="Quantize weights at load time: sets quantization.bits (the spec decides the rest)."),
+    click.option("--quant", type=click.Choice(["none", "int8", "int4", "fp8"]), default="none", show_default=True,
+                 help="Quantize weights at load time: sets quantization.bits and code_type (the spec decides the rest); "
+                      "fp8: e4m3 weights, activations rounded to fp8 per row on GPUs with fp8 tensor cores (W8A8)."),
     click.option("--speculative/--no-speculative", default=False, show_default=True,
                  help="Speculative decoding with the spec's drafter (spec: speculative_decode)."),
     click.option("--draft-model", type=_DIR, default=None,

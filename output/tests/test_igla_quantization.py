@@ -27,7 +27,8 @@ SPEC_PACK_DTYPE = torch.int32
 SPEC_CODES_PER_WORD = 8
 SPEC_COMPUTE_DTYPE = torch.bfloat16
 SPEC_SKIP_MODULES = []
-SPEC_QMIN, SPEC_QMAX = ref.code_range(SPEC_BITS, SPEC_SYMMETRIC)
+SPEC_CODE_TYPE = 'int'
+SPEC_QMIN, SPEC_QMAX = ref.code_range(SPEC_BITS, SPEC_SYMMETRIC, SPEC_CODE_TYPE)
 
 EPS = torch.finfo(SPEC_COMPUTE_DTYPE).eps
 SCALE_BYTES = torch.finfo(SPEC_COMPUTE_DTYPE).bits // 8
@@ -264,7 +265,9 @@ def test_scales_and_codes_have_the_specs_layout() -> None:
     qw = impl.quantize_weight(make_weight(OUT_FEATURES, IN_FEATURES))
     assert qw.scales.shape == (OUT_FEATURES, IN_FEATURES // GROUP) and qw.group_size == GROUP
     assert qw.scales.dtype == SPEC_COMPUTE_DTYPE
-    if SPEC_BITS == 4:
+    if SPEC_CODE_TYPE == "fp8":
+        assert qw.qweight.dtype == torch.float8_e4m3fn and qw.qweight.shape == (OUT_FEATURES, IN_FEATURES)
+    elif SPEC_BITS == 4:
         assert qw.qweight.dtype == SPEC_PACK_DTYPE and qw.qweight.shape == (OUT_FEATURES, IN_FEATURES // SPEC_CODES_PER_WORD)
     else:
         assert qw.qweight.dtype == (torch.int8 if SPEC_SYMMETRIC else torch.uint8) and qw.qweight.shape == (OUT_FEATURES, IN_FEATURES)

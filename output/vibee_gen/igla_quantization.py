@@ -20,6 +20,7 @@ from torch import nn
 
 # What the spec chose.
 BITS = 4  # bits per weight code
+CODE_TYPE = 'int'  # "int": integer codes; "fp8": float8 e4m3 values (W8A8 on fp8 tensor cores)
 GROUP_SIZE = 128  # input weights per scale; -1: one group per output channel
 MIN_GROUP_SIZE = 32  # a row GROUP_SIZE does not divide takes a smaller power of two, down to this
 SYMMETRIC = True  # False: codes start at 0 and each group has a zero point
@@ -218,8 +219,9 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
         raise ValueError(f"this module reads {BITS}-bit codes, got a {qw.bits}-bit weight")
     out_features, in_features = qw.shape
     codes = unpack_codes(qw.qweight).reshape(out_features, -1, qw.group_size)
-    # code - zero is a whole number of at most 255 in size, exact in any of the compute dtypes, and
-    # torch multiplies 16-bit floats in float32 and rounds once: one rounding, to the scales' dtype.
+    # code - zero is a whole number of at most 255 in size (an fp8 code: 4 significant bits), exact in
+    # any of the compute dtypes, and torch multiplies 16-bit floats in float32 and rounds once: one
+    # rounding, to the scales' dtype.
     weight = codes.to(qw.scales.dtype) * qw.scales.unsqueeze(-1)
     return weight.reshape(out_features, in_features)
 

@@ -14,6 +14,7 @@ import torch
 BITS = 4
 GROUP_SIZE = 128  # -1: one group per output channel
 SYMMETRIC = True
+CODE_TYPE = 'int'  # "int" or "fp8" (float8 e4m3 codes)
 COMPUTE_DTYPE = torch.bfloat16
 PACK_DTYPE = torch.int32
 CODES_PER_WORD = 8
@@ -21,14 +22,17 @@ CODES_PER_WORD = 8
 
 @dataclass
 class ReferenceQuantization:
-    codes: torch.Tensor  # [out, in] int64, unpacked
+    codes: torch.Tensor  # [out, in] int64, unpacked (fp8: float64 values on e4m3's grid)
     scales: torch.Tensor  # [out, n_groups] float64 (values of the scale dtype)
     zeros: torch.Tensor  # [out, n_groups] int64 (all 0 when symmetric)
     weight: torch.Tensor  # [out, in] float64: (code - zero) * scale, exactly
 
 
-def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Smallest and largest code: [-2^(b-1), 2^(b-1) - 1] symmetric, [0, 2^b - 1] asymmetric."""
+def code_range(bits: int, symmetric: bool, code_type: str = "int") -> tuple[int, int]:
+    """Smallest and largest code: [-2^(b-1), 2^(b-1) - 1] symmetric, [0, 2^b - 1] asymmetric;
+    fp8 (e4m3): [-448, 448]."""
+    if code_type == "fp8":
+        return -448, 448
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -52,9 +56,23 @@ def stored_scale(exact: float, dtype: torch.dtype) -> float:
     return nearest if nearest >= exact else nearest + spacing_above(nearest, dtype)
 
 
-def quantize_group(values: list[float], bits: int, symmetric: bool, dtype: torch.dtype) -> tuple[list[int], float, int]:
+def e4m3_round(x: float) -> float:
+    """x rounded to the nearest float8 e4m3 value, ties to even: 3 mantissa bits below the leading
+    one, exponents down to -6 (below 2^-6, subnormal steps of 2^-9), saturating at 448."""
+    if x == 0.0:
+        return 0.0
+    _, exponent = math.frexp(abs(x))  # |x| = m * 2**exponent, 0.5 <= m < 1: the leading bit is 2**(exponent - 1)
+    step = 2.0 ** (max(exponent - 1, -6) - 3)
+    return max(-448.0, min(448.0, round(x / step) * step))
+
+
+def quantize_group(values: list[float], bits: int, symmetric: bool, dtype: torch.dtype,
+                   code_type: str = "int") -> tuple[list[float], float, int]:
     """Codes, scale and zero point of one group of weights."""
-    qmin, qmax = code_range(bits, symmetric)
+    qmin, qmax = code_range(bits, symmetric, code_type)
+    if code_type == "fp8":
+        scale = stored_scale(max(abs(v) for v in values) / qmax, dtype)
+        return [e4m3_round(v / scale) for v in values], scale, 0
     if symmetric:
         exact = max(abs(v) for v in values) / qmax
     else:
@@ -85,6 +103,7 @@ def quantize_reference(
     group_size: int = GROUP_SIZE,
     symmetric: bool = SYMMETRIC,
     dtype: torch.dtype = COMPUTE_DTYPE,
+    code_type: str = CODE_TYPE,
 ) -> ReferenceQuantization:
     """Quantize a [out, in] weight group by group, and the weight its codes stand for."""
     out_features, in_features = w.shape
@@ -94,7 +113,7 @@ def quantize_reference(
     for row in rows:
         row_codes, row_scales, row_zeros, row_weight = [], [], [], []
         for start in range(0, in_features, group):
-            group_codes, scale, zero = quantize_group(row[start : start + group], bits, symmetric, dtype)
+            group_codes, scale, zero = quantize_group(row[start : start + group], bits, symmetric, dtype, code_type)
             row_codes += group_codes
             row_scales.append(scale)
             row_zeros.append(zero)
@@ -104,7 +123,7 @@ def quantize_reference(
         zeros.append(row_zeros)
         weight.append(row_weight)
     return ReferenceQuantization(
-        codes=torch.tensor(codes, dtype=torch.int64).reshape(out_features, in_features),
+        codes=torch.tensor(codes, dtype=torch.float64 if code_type == "fp8" else torch.int64).reshape(out_features, in_features),
         scales=torch.tensor(scales, dtype=torch.float64).reshape(out_features, -1),
         zeros=torch.tensor(zeros, dtype=torch.int64).reshape(out_features, -1),
         weight=torch.tensor(weight, dtype=torch.float64).reshape(out_features, in_features),

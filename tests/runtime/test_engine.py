@@ -239,6 +239,21 @@ def test_int8_weights_serve(tiny, tmp_path, monkeypatch):
     assert len(tokens) == 8
 
 
+def test_fp8_weights_serve(tiny, tmp_path, monkeypatch):
+    """`--quant fp8`: e4m3 weights with one scale per output channel (on a CPU the weight alone is
+    fp8: dequantized, multiplied in the spec's compute dtype), reported as method fp8."""
+    monkeypatch.setenv("VIBEE_CACHE_DIR", str(tmp_path))
+    model_dir, _ = tiny
+    eng = engine(model_dir, quant="fp8")
+    assert eng.applied_quantization()["method"] == "fp8" and eng.applied_quantization()["group_size"] == -1
+    layers = [m for m in eng.model.modules() if type(m).__name__ == "QuantLinear"]
+    assert layers and all(m.qweight.dtype == torch.float8_e4m3fn for m in layers)
+    (tokens,), = run(eng, prompts([10]), max_tokens=8, **GREEDY)
+    assert len(tokens) == 8
+    with pytest.raises(ValueError, match="--quant fp8 has one format"):
+        engine(model_dir, quant="fp8", group_size=64)
+
+
 def test_fp8_kv_cache_serves_with_half_the_bytes_per_block(tiny, tmp_path, monkeypatch):
     """`--kv-cache-dtype fp8`: float8 pages, half a float16 cache's bytes per block (a float32
     model's would be a quarter), and decoding runs through them."""

@@ -124,8 +124,8 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
 @click.option("--text-file", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Score these files (default: the model's held-out files from its training_stats.json).")
 @click.option("--quant", "quants", default="none,int8,int4", show_default=True,
-              help="Comma-separated weight precisions to compare: none, int8, int4; int8/int4 may name the method "
-                   "after a colon (int4:rtn, int4:gptq, int4:awq; default: the spec's).")
+              help="Comma-separated weight precisions to compare: none, int8, int4, fp8; int8/int4 may name the "
+                   "method after a colon (int4:rtn, int4:gptq, int4:awq; default: the spec's).")
 @click.option("--group-size", type=int, default=None,
               help="Input weights per scale for the quantized rows (spec: quantization.group_size; default: the spec's).")
 @click.option("--device", default="auto", show_default=True)
@@ -150,9 +150,10 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
     out = Console()
     wanted = [q.strip() for q in quants.split(",") if q.strip()]
     methods = ("", ":rtn", ":gptq", ":awq")
-    bad = [q for q in wanted if q != "none" and q not in {f"{b}{m}" for b in ("int8", "int4") for m in methods}]
+    bad = [q for q in wanted if q not in {"none", "fp8"} and q not in {f"{b}{m}" for b in ("int8", "int4") for m in methods}]
     if bad or not wanted or len(set(wanted)) < len(wanted):
-        fail(f"--quant takes none, int8 and int4 (int8/int4 with :rtn, :gptq or :awq) separated by commas, once each, got {quants!r}")
+        fail(f"--quant takes none, int8, int4 and fp8 (int8/int4 with :rtn, :gptq or :awq) separated by commas, once each, "
+             f"got {quants!r}")
     rows, figures = [], {}
     base = engine_config(model=model, device=device, dtype=dtype)
     dev = base.resolve_device()
@@ -161,7 +162,7 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in text_files] or held_out_texts(base.model_dir)
     for quant in wanted:
         bits, _, method = quant.partition(":")
-        knobs = {} if bits == "none" else {"group_size": group_size, "quant_method": method or None}
+        knobs = {} if bits in ("none", "fp8") else {"group_size": group_size, "quant_method": method or None}
         config = engine_config(model=model, device=device, dtype=dtype, quant=bits,
                                **{k: v for k, v in knobs.items() if v is not None})
         try:

@@ -21,7 +21,9 @@ DEFAULT_DRAFT_MODEL_DIR = REPO_ROOT / "models" / "vibee-tiny-draft"
 MEDUSA_HEADS_FILE = "medusa_heads.safetensors"  # in a model's directory: its Medusa heads (scripts/train_medusa_heads.py)
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-QUANT_BITS = {"int8": 8, "int4": 4}
+# What --quant sets in the quantization spec (the spec decides the rest).
+QUANT_KNOBS = {"int8": {"bits": 8, "code_type": "int"}, "int4": {"bits": 4, "code_type": "int"},
+               "fp8": {"bits": 8, "code_type": "fp8"}}
 
 
 class EngineConfig(BaseModel):
@@ -36,7 +38,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     kv_cache: bool = True  # False: recompute every token each step (the naive baseline)
     flash_attn: bool = True  # False: the reference attention
-    quant: Literal["none", "int8", "int4"] = "none"
+    quant: Literal["none", "int8", "int4", "fp8"] = "none"
     speculative: bool = False  # the spec's drafter (--draft-model, --speculative-method and --medusa-heads imply it)
     draft_model: Path | None = None
     num_kv_blocks: int | None = Field(None, ge=1)  # fixes the KV cache size (tests, measurements)
@@ -102,6 +104,9 @@ class EngineConfig(BaseModel):
                             "used as they are; drop --quant, --group-size and --quant-method")
         elif self.knobs.get("quantization") and self.quant == "none":
             problems.append("--group-size and --quant-method shape the quantized weights; they need --quant int4 or int8")
+        elif self.quant == "fp8" and self.knobs.get("quantization"):
+            problems.append("--quant fp8 has one format (e4m3 codes, one scale per output channel, round to nearest): "
+                            "drop --group-size and --quant-method")
         if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
             problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
                             "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
@@ -136,7 +141,7 @@ class EngineConfig(BaseModel):
             if checkpoint is not None:  # a GPTQ/AWQ checkpoint: the generated module holds its format
                 quantization.update(checkpoint.knobs())
             else:
-                quantization["bits"] = QUANT_BITS[self.quant]
+                quantization.update(QUANT_KNOBS[self.quant])
             # A 16-bit model's quantized layers compute in its dtype; a float32 one's keep the spec's
             # (bf16 unless it says otherwise): torch's CPU int4/int8 kernels run 10-60x slower in float32.
             if dtype != "float32":

@@ -41,7 +41,7 @@ class CheckpointQuantization:
 
     def knobs(self) -> dict[str, Any]:
         """The quantization knobs the generated module needs to hold these codes."""
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "code_type": "int"}
 
     def tensor_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         """The checkpoint tensors of one [out, in] linear layer, by suffix (g_idx is optional)."""

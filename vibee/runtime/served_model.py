@@ -48,7 +48,8 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
     if config.quant != "none":
         model_dir = None if config.shape is not None else config.model_dir
         quant_stats = quantize(model, tokenizer, gen, model_dir, model_config.max_position_embeddings, device, progress)
-        method, source = gen.quantization.METHOD, "quantized at load"
+        method = "fp8" if gen.quantization.CODE_TYPE == "fp8" else gen.quantization.METHOD
+        source = "quantized at load"
     elif config.shape is None and loaded.quantization is not None:  # codes as the checkpoint holds them
         layers = sum(isinstance(m, gen.quantization.QuantLinear) for m in model.modules())
         quant_stats = gen.quantization.QuantStats(layers_quantized=layers, layers_skipped=0,

@@ -79,6 +79,15 @@ class QuantizationConfig(KindConfig):
             " A layer whose width it does not divide takes the largest smaller power of two that does, down to 32."
         ),
     )
+    code_type: Literal["int", "fp8"] = knob("compile",
+        "int",
+        description=(
+            "What a code is: 'int', an integer of `bits` bits with a scale per group (and, asymmetric, a zero point);"
+            " 'fp8', a float8 e4m3 value (bits 8, symmetric, one scale per output channel, method rtn) whose"
+            " QuantLinear also rounds its input to fp8 per row on GPUs with fp8 tensor cores (W8A8; elsewhere the"
+            " weight alone is fp8)."
+        ),
+    )
     symmetric: bool = knob("compile",
         True,
         strict=True,
@@ -151,6 +160,17 @@ class QuantizationConfig(KindConfig):
             return {**data, "group_size": PER_CHANNEL}
         return data
 
+    @model_validator(mode="after")
+    def _fp8_is_one_format(self) -> QuantizationConfig:
+        if self.code_type == "fp8":
+            wanted = {"bits": 8, "group_size": PER_CHANNEL, "symmetric": True, "method": "rtn"}
+            wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
+            if wrong:
+                got = ", ".join(f"{k} {v!r}" for k, v in wrong.items())
+                raise ValueError("code_type fp8 takes bits 8, group_size -1 (one scale per output channel), symmetric"
+                                 f" true and method rtn; got {got}")
+        return self
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> QuantizationConfig:
         """This config with some knobs set anew (a serve flag: --quant int8 is {"bits": 8}),
         validated. group_size follows bits: when bits is overridden without it, it goes back to
@@ -158,6 +178,8 @@ class QuantizationConfig(KindConfig):
         values = self.model_dump()
         if "bits" in overrides and "group_size" not in overrides:
             del values["group_size"]
+        if overrides.get("code_type") == "fp8":  # --quant fp8: one format, whatever the spec's integer codes were
+            values.update(symmetric=True, method="rtn")
         return type(self).model_validate({**values, **overrides})
 
     @field_validator("bits")
@@ -226,13 +248,16 @@ class QuantizationConfig(KindConfig):
         bpw = self.bits_per_weight(in_f)
         bf16 = out_f * in_f * 2
         quantized = self.weight_bytes(out_f, in_f)
-        if self.bits == 4:
+        if self.code_type == "fp8":
+            layout = "float8_e4m3fn of shape (out, in): one e4m3 value per byte"
+        elif self.bits == 4:
             per_word = CODES_PER_WORD[self.pack_format]
             layout = f"{self.pack_format} words of shape (out, in/{per_word}): {per_word} codes each, little-endian along in"
         else:
             layout = f"{'int8' if self.symmetric else 'uint8'} of shape (out, in): one code per byte"
         return {
-            "codes": f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {METHOD_NAMES[self.method]}",
+            "codes": ("fp8 e4m3, W8A8 on fp8 tensor cores" if self.code_type == "fp8" else
+                      f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric (uint8 zero points)'}, {METHOD_NAMES[self.method]}"),
             **({"calibration": f"{self.calibration_samples} x {self.calibration_seq_len} tokens of stdlib source"
                                + (f", damp {self.damp_percent}{', act order' if self.act_order else ''}" if self.method == "gptq" else "")}
                if self.method != "rtn" else {}),

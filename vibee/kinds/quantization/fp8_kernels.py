@@ -1,0 +1,120 @@
+"""The fp8 (W8A8) quantized matmul's Triton kernels: y = (x rounded to fp8 per row) @ w.T with
+fp32 accumulation, scaled per row and per output channel, for a code_type fp8 module.
+
+Static code: no spec changes it. The quantization templates copy it (from the marker below on)
+into a generated triton module whose code_type is fp8, so that module stands alone.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# ---- copied into generated modules from here ----
+
+FP8_MAX = 448.0  # the largest float8 e4m3 value
+
+
+@triton.jit
+def _e4m3(x):
+    """fp32 x (|x| <= 448) rounded to float8 e4m3's grid, ties to even, subnormals (steps of 2^-9
+    below 2^-6) kept, still in fp32, so that the cast to float8 after it is exact on every backend
+    (the interpreter's own cast rounds ties away from zero and flushes subnormals). x + 1.5 * 2^23
+    * step lies in a binade whose spacing is the step: the fp32 add rounds x to a multiple of it."""
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    magic = ((exponent + 147) << 23).to(tl.float32, bitcast=True) * 1.5  # 1.5 * 2^(exponent - 3 + 23)
+    return (x + magic) - magic
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    """Row m of x as fp8: s[m] = max|x[m]| / 448 (1 for a row of zeros), q[m] = x[m] / s[m] on
+    e4m3's grid."""
+    m = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    top = tl.max(amax, axis=0)
+    scale = tl.where(top > 0, tl.math.div_rn(top, 448.0), 1.0)
+    tl.store(s_ptr + m, scale)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        q = _e4m3(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+        tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+
+
+@triton.jit
+def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, K, stride_am, stride_bn, stride_ym,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile of y = (a @ b.T) * sa[:, None] * sb[None, :] + bias: a [M, K] and
+    b [N, K] fp8 (both K-major, as fp8 tensor cores take them), fp32 accumulation, the scales in
+    the epilogue. Tiles in column bands of GROUP_M row tiles, for L2 reuse of b."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + rk) < K
+        a = tl.load(a_ptr + rm_safe[:, None] * stride_am + (k0 + rk)[None, :], mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rn_safe[:, None] * stride_bn + (k0 + rk)[None, :], mask=k_mask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    sa = tl.load(sa_ptr + rm_safe)
+    sb = tl.load(sb_ptr + rn_safe).to(tl.float32)
+    y = acc * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(y_ptr + rm_safe[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (its rows in fp8 [M, K], their float32 scales [M]): x ~ q * s[:, None]."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=min(triton.next_power_of_2(k), 1024))
+    return q, s
+
+
+def fp8_tile(m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a product with m activation rows."""
+    if m <= 16:
+        return 16, 64, 128, 4, 4
+    if m <= 64:
+        return 64, 128, 128, 4, 4
+    return 128, 128, 128, 8, 4
+
+
+def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
+    [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        q, s = fp8_rows(x2)
+        block_m, block_n, block_k, warps, stages = fp8_tile(x2.shape[0])
+        grid = (triton.cdiv(x2.shape[0], block_m) * triton.cdiv(n, block_n),)
+        _fp8_mm_kernel[grid](
+            q, qweight, s, scales.reshape(-1), bias if bias is not None else s, y, x2.shape[0], n, k, q.stride(0),
+            qweight.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+        )
+    return y.reshape(*lead, n)
