@@ -165,7 +165,8 @@ SMALL_TILES = """\
   tiles:
     - {kernel: gemv, max_m: 1, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2, programs_per_sm: 64}
     - {kernel: mm, max_m: 8, block_m: 16, block_n: 32, block_k: 256, num_warps: 2, num_stages: 2, programs_per_sm: 4}
-    - {kernel: mm, block_m: 32, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2}
+    - {kernel: mm, max_m: 200, block_m: 32, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2}
+    - {kernel: dense, block_n: 32, block_k: 64, num_warps: 4, num_stages: 1}
 """
 
 
@@ -190,6 +191,7 @@ def test_the_specs_tiles_are_the_modules_launches(gen_from_text, quantization_sp
     assert small.pick_config(1, 4096, 4096, 4, 128, cpu) == small.KernelConfig("gemv", 1, 16, 32, 16, num_warps=2, num_stages=2)
     assert small.pick_config(8, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 16, 32, 256, 4, num_warps=2, num_stages=2)
     assert small.pick_config(9, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 32, 16, 32, 1, num_warps=2, num_stages=2)
+    assert small.pick_config(201, 4096, 4096, 4, 128, cpu) == small.KernelConfig("dense", 1, 32, 64, 1, num_warps=4, num_stages=1)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")

@@ -810,6 +810,8 @@ KERNEL_LAUNCHES = [
     pytest.param(37, dict(kernel="mm", block_m=32, block_n=16, block_k=256, join_codes=True), id="mm-join-k256"),
     pytest.param(37, dict(kernel="mm", block_m=16, block_n=32, block_k=256, swap_ab=True), id="mm3d-swap-k256"),
     pytest.param(70, None, id="mm"),
+    pytest.param(37, dict(kernel="dense", block_m=1, block_n=16, block_k=64), id="dense-k64"),
+    pytest.param(5, dict(kernel="dense", block_m=1, block_n=8, block_k=256, join_codes=True), id="dense-join-k256"),
 ]
 
 

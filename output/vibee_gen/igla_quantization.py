@@ -685,7 +685,7 @@ import triton.language as tl
 # 2^23 + u exactly (the xor of 0x80 turns a two's-complement byte into code + 128), and subtracting
 # 2^23 + offset (+ zero point) leaves code - zero exactly.
 #
-# Three kernels:
+# The kernels:
 #   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
 #                   words at a time, each code masked in place rather than shifted down (see the
 #                   kernel); each lane keeps its words' partial sums, scales each word's sum once
@@ -697,6 +697,8 @@ import triton.language as tl
 #                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
 #   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
 #                   the bias, casts.
+#   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
+#                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
 
 
 @triton.jit
@@ -839,6 +841,74 @@ def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
+                 GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
+                 OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr):
+    """The fp32 [BLOCK_N, BLOCK_K] weight tile (code - zero) * scale of rows rn_safe from k0, given
+    its loaded words [BLOCK_N, BLOCK_K / codes per word]. JOIN_CODES: codes unpacked with
+    _codes_in_order, else with _codes_3d."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    k_of_word = k0 + tl.arange(0, WORDS) * CODES
+    if SCALE_PER_TILE:
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if JOIN_CODES:
+            f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
+            w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
+        else:
+            f = _codes_3d(words, CODE_BITS, MAGIC)
+            w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
+                           [BLOCK_N, BLOCK_K])
+    else:
+        g = tl.minimum(k_of_word, K - 1) // GROUP
+        scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        if JOIN_CODES:
+            f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
+        else:
+            f = _codes_3d(words, CODE_BITS, MAGIC)
+        w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
+                       [BLOCK_N, BLOCK_K])
+    return w
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
+    GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
+    OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_K] tile of the dense weight (code - zero) * scale in w's dtype, rounded
+    once (the "dense" launch: a dequantizing pass, then the dense matmul)."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    rw = tl.arange(0, WORDS)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    w_ptrs = qw_ptr + rn_safe[:, None] * stride_qn + (k0 // CODES + rw)[None, :]
+    if EVEN_K:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=((k0 + rw * CODES) < K)[None, :], other=0)
+    w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
+                     MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qmm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -889,33 +959,8 @@ def _qmm_kernel(
         else:
             x = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
-        if SCALE_PER_TILE:
-            g = k0 // GROUP
-            scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
-            else:
-                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if JOIN_CODES:
-                f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
-                w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
-            else:
-                f = _codes_3d(words, CODE_BITS, MAGIC)
-                w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
-                               [BLOCK_N, BLOCK_K])
-        else:
-            g = tl.minimum(k_of_word, K - 1) // GROUP
-            scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
-            else:
-                zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-            if JOIN_CODES:
-                f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
-            else:
-                f = _codes_3d(words, CODE_BITS, MAGIC)
-            w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
-                           [BLOCK_N, BLOCK_K])
+        w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
+                         MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
         w = w.to(x.dtype)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
@@ -982,7 +1027,7 @@ class LaunchTile:
 class KernelConfig:
     """One launch of the quantized matmul: which kernel and its tile, split and warps."""
 
-    kernel: str  # "gemv" (M == 1, FMA) or "mm" (tl.dot)
+    kernel: str  # "gemv" (M == 1, FMA), "mm" (tl.dot) or "dense" (dequantize, then torch.matmul)
     block_m: int
     block_n: int
     block_k: int  # codes along the input dimension per iteration
@@ -1124,6 +1169,18 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
+    if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
+        weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
+        _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
+            fmt.words, scales, zeros if zeros is not None else scales, weight, out_features, in_features,
+            fmt.words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, weight.stride(0),
+            GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
+            CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=zeros is not None,
+            FRACTIONAL_ZEROS=zeros is not None and zeros.is_floating_point(), EVEN_K=in_features % cfg.block_k == 0,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return F.linear(x2, weight, bias).reshape(*lead, out_features).to(x.dtype)
     k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(in_features, k_per_split)
     part = torch.empty(split, m, out_features, dtype=torch.float32, device=x.device) if split > 1 else y

@@ -26,7 +26,7 @@ import triton.language as tl
 # 2^23 + u exactly (the xor of 0x80 turns a two's-complement byte into code + 128), and subtracting
 # 2^23 + offset (+ zero point) leaves code - zero exactly.
 #
-# Three kernels:
+# The kernels:
 #   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
 #                   words at a time, each code masked in place rather than shifted down (see the
 #                   kernel); each lane keeps its words' partial sums, scales each word's sum once
@@ -38,6 +38,8 @@ import triton.language as tl
 #                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
 #   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
 #                   the bias, casts.
+#   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
+#                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
 
 
 @triton.jit
@@ -180,6 +182,74 @@ def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
+                 GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
+                 OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr):
+    """The fp32 [BLOCK_N, BLOCK_K] weight tile (code - zero) * scale of rows rn_safe from k0, given
+    its loaded words [BLOCK_N, BLOCK_K / codes per word]. JOIN_CODES: codes unpacked with
+    _codes_in_order, else with _codes_3d."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    k_of_word = k0 + tl.arange(0, WORDS) * CODES
+    if SCALE_PER_TILE:
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if JOIN_CODES:
+            f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
+            w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
+        else:
+            f = _codes_3d(words, CODE_BITS, MAGIC)
+            w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
+                           [BLOCK_N, BLOCK_K])
+    else:
+        g = tl.minimum(k_of_word, K - 1) // GROUP
+        scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        if JOIN_CODES:
+            f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
+        else:
+            f = _codes_3d(words, CODE_BITS, MAGIC)
+        w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
+                       [BLOCK_N, BLOCK_K])
+    return w
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
+    GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
+    OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_K] tile of the dense weight (code - zero) * scale in w's dtype, rounded
+    once (the "dense" launch: a dequantizing pass, then the dense matmul)."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
+    rw = tl.arange(0, WORDS)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    w_ptrs = qw_ptr + rn_safe[:, None] * stride_qn + (k0 // CODES + rw)[None, :]
+    if EVEN_K:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=((k0 + rw * CODES) < K)[None, :], other=0)
+    w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
+                     MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qmm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -230,33 +300,8 @@ def _qmm_kernel(
         else:
             x = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
-        if SCALE_PER_TILE:
-            g = k0 // GROUP
-            scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
-            else:
-                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if JOIN_CODES:
-                f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
-                w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
-            else:
-                f = _codes_3d(words, CODE_BITS, MAGIC)
-                w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
-                               [BLOCK_N, BLOCK_K])
-        else:
-            g = tl.minimum(k_of_word, K - 1) // GROUP
-            scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
-            else:
-                zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-            if JOIN_CODES:
-                f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
-            else:
-                f = _codes_3d(words, CODE_BITS, MAGIC)
-            w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
-                           [BLOCK_N, BLOCK_K])
+        w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
+                         MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
         w = w.to(x.dtype)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)

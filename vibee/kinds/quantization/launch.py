@@ -14,7 +14,9 @@ from typing import Callable, Protocol
 import torch
 import triton
 
-from vibee.kinds.quantization.kernels import _qgemv_kernel, _qmm_kernel, _splitk_reduce_kernel
+import torch.nn.functional as F
+
+from vibee.kinds.quantization.kernels import _dequant_kernel, _qgemv_kernel, _qmm_kernel, _splitk_reduce_kernel
 
 
 class QuantizedWeight(Protocol):
@@ -56,7 +58,7 @@ class LaunchTile:
 class KernelConfig:
     """One launch of the quantized matmul: which kernel and its tile, split and warps."""
 
-    kernel: str  # "gemv" (M == 1, FMA) or "mm" (tl.dot)
+    kernel: str  # "gemv" (M == 1, FMA), "mm" (tl.dot) or "dense" (dequantize, then torch.matmul)
     block_m: int
     block_n: int
     block_k: int  # codes along the input dimension per iteration
@@ -198,6 +200,18 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
+    if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
+        weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
+        _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
+            fmt.words, scales, zeros if zeros is not None else scales, weight, out_features, in_features,
+            fmt.words.stride(0), scales.stride(0), zeros.stride(0) if zeros is not None else 0, weight.stride(0),
+            GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
+            CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=zeros is not None,
+            FRACTIONAL_ZEROS=zeros is not None and zeros.is_floating_point(), EVEN_K=in_features % cfg.block_k == 0,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return F.linear(x2, weight, bias).reshape(*lead, out_features).to(x.dtype)
     k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(in_features, k_per_split)
     part = torch.empty(split, m, out_features, dtype=torch.float32, device=x.device) if split > 1 else y

@@ -27,7 +27,9 @@ class MatmulTile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kernel: Literal["gemv", "mm"] = Field(description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot")
+    kernel: Literal["gemv", "mm", "dense"] = Field(
+        description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot; 'dense': dequantize the"
+                    " whole weight (block_n x block_k tiles), then torch.matmul")
     max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
     min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
     block_m: StrictInt = Field(1, description="activation rows per program (gemv: 1; mm: a power of two, 16..256)")
@@ -63,9 +65,9 @@ class MatmulTile(BaseModel):
     @field_validator("block_m")
     @classmethod
     def _block_m_fits_the_kernel(cls, value: int, info: ValidationInfo) -> int:
-        if info.data.get("kernel") == "gemv":
+        if info.data.get("kernel") in ("gemv", "dense"):
             if value != 1:
-                raise ValueError(f"a gemv tile takes one activation row: block_m must be 1, got {value}")
+                raise ValueError(f"a {info.data['kernel']} tile has no rows of its own: block_m must be 1 (or left out), got {value}")
             return value
         return _power_of_two("block_m", value, MIN_TILE, MAX_TILE)
 
