@@ -29,16 +29,16 @@ def _plan(gen) -> dict:
 
 
 def _attention_block() -> nn.Module:
-    """model.layers.0.self_attn.{q_proj,o_proj} and model.layers.0.mlp.{up_proj,down_proj}."""
+    """model.layers.0.self_attn.{qkv_proj,o_proj} and model.layers.0.mlp.{gate_up_proj,down_proj}, as vibee's model names them."""
     root = nn.Module()
     root.model = nn.Module()
     root.model.layers = nn.ModuleList([nn.Module()])
     layer = root.model.layers[0]
     layer.self_attn = nn.Module()
-    layer.self_attn.q_proj = nn.Linear(16, 16)
+    layer.self_attn.qkv_proj = nn.Linear(16, 16)
     layer.self_attn.o_proj = nn.Linear(16, 16)
     layer.mlp = nn.Module()
-    layer.mlp.up_proj = nn.Linear(16, 32)
+    layer.mlp.gate_up_proj = nn.Linear(16, 32)
     layer.mlp.down_proj = nn.Linear(32, 16)
     return root
 
@@ -59,7 +59,7 @@ def test_replicated_o_proj_is_left_unsharded(gen_from_text, spec_text):
     assert model.get_submodule("model.layers.0.self_attn.o_proj") is original
     assert list(original.weight.shape) == [16, 16]
     # the rest of the plan is untouched
-    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), changed.impl.ColumnParallelLinear)
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.qkv_proj"), changed.impl.ColumnParallelLinear)
     assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), changed.impl.RowParallelLinear)
     # and the generated tests of the changed spec agree with it
     assert changed.run_tests() == 0
@@ -80,8 +80,9 @@ def test_tp_size_four_quarters_every_shard(gen_from_text, spec_text):
         assert list(vocab.weight.shape) == [-(-10 // tp), 4]
         model = impl.parallelize(_attention_block(), 0, tp, None, **_plan(gen))
         shapes = {s.name.rsplit(".", 1)[-1]: s.local_shape for s in impl.describe_shards(model)}
-        assert shapes == {"q_proj": [16 // tp, 16], "o_proj": [16, 16 // tp], "up_proj": [32 // tp, 16], "down_proj": [16, 32 // tp]}
-        assert gen.spec.config.derived(shape_config("llama-3.2-1b"))["q_proj weight per rank"].startswith(f"[2048, 2048] column -> [{2048 // tp}, 2048]")
+        assert shapes == {"qkv_proj": [16 // tp, 16], "o_proj": [16, 16 // tp], "gate_up_proj": [32 // tp, 16], "down_proj": [16, 32 // tp]}
+        # 32 query heads and 8 kv heads of 64: q, k and v split by heads
+        assert gen.spec.config.derived(shape_config("llama-3.2-1b"))["qkv_proj weight per rank"].startswith(f"[3072, 2048] column -> [{3072 // tp}, 2048]")
 
 
 def test_longer_pattern_overrides_a_shorter_one(gen_from_text, spec_text):
@@ -126,8 +127,12 @@ def test_unknown_sharding_style_lists_the_allowed_ones(gen_from_text, spec_text)
 def test_explain_flags_heads_that_do_not_split_over_tp_size():
     from vibee.kinds.tensor_parallel.config import TensorParallelConfig
 
-    figures = TensorParallelConfig(tp_size=8).derived(shape_config("llama-3.2-1b").model_copy(update={"num_kv_heads": 4}))
-    assert figures["does not split over tp_size"] == "num_kv_heads 4"
+    shape = shape_config("llama-3.2-1b")  # 32 query heads, 8 kv heads of 64
+    fewer = TensorParallelConfig(tp_size=8).derived(shape.model_copy(update={"num_kv_heads": 4}))
+    assert "does not split over tp_size" not in fewer  # 4 kv heads over 8 ranks: a copy of one on each
+    assert fewer["kv heads"].startswith("4 over 8 ranks") and fewer["qkv_proj weight per rank"].startswith("[2560, 2048] column -> [384, 2048]")
+    uneven = TensorParallelConfig(tp_size=4).derived(shape.model_copy(update={"num_kv_heads": 6}))
+    assert uneven["does not split over tp_size"] == "num_kv_heads 6"
 
 
 def test_gathering_a_row_layer_is_an_error(gen_from_text, spec_text):

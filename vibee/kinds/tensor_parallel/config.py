@@ -17,16 +17,15 @@ if TYPE_CHECKING:
 
 ShardStyle = Literal["column", "row", "vocab", "replicated"]
 
-# Megatron-style plan for Llama-family decoders: the projections that fan out (q/k/v, gate/up)
-# split their output features, the ones that fan back in (o, down) split their input features,
-# so one all-reduce per attention block and one per MLP block brings the activations back whole.
+# Megatron-style plan for Llama-family decoders as vibee's model names their layers (q/k/v merged
+# into qkv_proj, gate/up into gate_up_proj): the projections that fan out split their output
+# features (a merged one part by part: each rank its heads of q, k and v, its half of gate and of
+# up), the ones that fan back in (o, down) split their input features, so one all-reduce per
+# attention block and one per MLP block brings the activations back whole.
 LLAMA_SHARDING: dict[str, str] = {
-    "q_proj": "column",
-    "k_proj": "column",
-    "v_proj": "column",
+    "qkv_proj": "column",
     "o_proj": "row",
-    "gate_proj": "column",
-    "up_proj": "column",
+    "gate_up_proj": "column",
     "down_proj": "row",
     "embed_tokens": "vocab",
     "lm_head": "column",
@@ -52,21 +51,38 @@ def matching_pattern(name: str, patterns) -> str | None:
 
 
 def llama_layers(shape: ModelConfig) -> list[tuple[str, str, tuple[int, int]]]:
-    """(module name as in a Hugging Face Llama checkpoint, nn type, full weight shape) of every
-    shardable layer of a model; one decoder layer stands for all of them."""
+    """(module name in vibee's model, nn type, full weight shape) of every shardable layer of a
+    model; one decoder layer stands for all of them."""
     h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     return [
         ("model.embed_tokens", "embedding", (v, h)),
-        ("model.layers.0.self_attn.q_proj", "linear", (q, h)),
-        ("model.layers.0.self_attn.k_proj", "linear", (kv, h)),
-        ("model.layers.0.self_attn.v_proj", "linear", (kv, h)),
+        ("model.layers.0.self_attn.qkv_proj", "linear", (q + 2 * kv, h)),
         ("model.layers.0.self_attn.o_proj", "linear", (h, q)),
-        ("model.layers.0.mlp.gate_proj", "linear", (i, h)),
-        ("model.layers.0.mlp.up_proj", "linear", (i, h)),
+        ("model.layers.0.mlp.gate_up_proj", "linear", (2 * i, h)),
         ("model.layers.0.mlp.down_proj", "linear", (h, i)),
         ("lm_head", "linear", (v, h)),
     ]
+
+
+def merged_parts(shape: ModelConfig) -> dict[str, list[tuple[int, int]]]:
+    """The merged projections' parts as (rows, unit), the parallel layers' `parts` argument:
+    q, k and v in whole heads, gate and up in rows."""
+    d = shape.head_dim
+    q, kv, i = shape.num_heads * d, shape.num_kv_heads * d, shape.intermediate_size
+    return {"qkv_proj": [(q, d), (kv, d), (kv, d)], "gate_up_proj": [(i, 1), (i, 1)]}
+
+
+def local_rows(parts: list[tuple[int, int]], tp: int) -> int | None:
+    """Rows of a merged column-parallel weight on one rank (each part's units split over the
+    ranks, or one unit each where there are fewer units than ranks); None when a part splits neither way."""
+    total = 0
+    for rows, unit in parts:
+        n = rows // unit
+        if n % tp and tp % n:
+            return None
+        total += (n // tp if n % tp == 0 else 1) * unit
+    return total
 
 
 # The nn type of each shardable layer name of the Llama family: a plan may not split an
@@ -118,7 +134,7 @@ class TensorParallelConfig(KindConfig):
     def _plan_fits_layer_types(cls, sharding: dict[str, str]) -> dict[str, str]:
         for pattern in sharding:
             if not _PATTERN.match(pattern):
-                raise ValueError(f"sharding pattern {pattern!r} must be a module name or a dotted suffix of one, e.g. q_proj or mlp.down_proj")
+                raise ValueError(f"sharding pattern {pattern!r} must be a module name or a dotted suffix of one, e.g. qkv_proj or mlp.down_proj")
         problems = []
         for short, nn_type in _LLAMA_NN_TYPES.items():
             style = _style(short, sharding)
@@ -147,12 +163,13 @@ class TensorParallelConfig(KindConfig):
     def plan_for(self, name: str) -> str:
         return _style(name, self.sharding)
 
-    def local_weight_shape(self, style: str, shape: tuple[int, int]) -> tuple[int, int]:
-        """One rank's share of a weight of `shape` (out x in for linears, vocab x dim for embeddings)."""
+    def local_weight_shape(self, style: str, shape: tuple[int, int], parts: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+        """One rank's share of a weight of `shape` (out x in for linears, vocab x dim for
+        embeddings); parts: a merged projection's, split part by part."""
         rows, cols = shape
         tp = self.tp_size
         if style == "column":
-            return rows // tp, cols
+            return (rows // tp if parts is None else local_rows(parts, tp) or 0), cols
         if style == "row":
             return rows, cols // tp
         if style == "vocab":
@@ -168,18 +185,24 @@ class TensorParallelConfig(KindConfig):
             "model": f"hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, heads {shape.num_heads}/"
             f"{shape.num_kv_heads} kv, head_dim {shape.head_dim}, vocab {shape.vocab_size}, {shape.num_layers} layers, {dtype}",
         }
-        uneven = [f"{name} {value}" for name, value in (("num_heads", shape.num_heads), ("num_kv_heads", shape.num_kv_heads),
-                                                        ("intermediate_size", shape.intermediate_size)) if value % tp]
+        uneven = [f"{name} {value}" for name, value in (("num_heads", shape.num_heads), ("intermediate_size", shape.intermediate_size))
+                  if value % tp]
+        if shape.num_kv_heads % tp and tp % shape.num_kv_heads:
+            uneven.append(f"num_kv_heads {shape.num_kv_heads}")
+        elif shape.num_kv_heads < tp:
+            out["kv heads"] = f"{shape.num_kv_heads} over {tp} ranks: each rank holds a copy of one ({tp // shape.num_kv_heads} ranks per head)"
         if uneven:
             out["does not split over tp_size"] = ", ".join(uneven)
         per_layer = embed_and_head = 0
+        parts = merged_parts(shape)
         for name, _, full in llama_layers(shape):
             style = self.plan_for(name)
-            local = self.local_weight_shape(style, full)
+            local = self.local_weight_shape(style, full, parts.get(name.rsplit(".", 1)[-1]))
             size = local[0] * local[1] * nbytes
             short = name.rsplit(".", 1)[-1]
             gathered = " + all-gather" if style == "column" and matching_pattern(name, self.sharding) in self.gather_output else ""
-            out[f"{short} weight per rank"] = f"{list(full)} {style}{gathered} -> {list(local)} ({_size(size)})"
+            out[f"{short} weight per rank"] = (f"{list(full)} {style}{gathered} -> {list(local)} ({_size(size)})" if local[0]
+                                                 else f"{list(full)} {style}: its heads do not split over {tp} ranks")
             if ".layers." in name:
                 per_layer += size
             else:
