@@ -1,0 +1,93 @@
+"""The model over tensor-parallel ranks (gloo processes on the CPU): each rank holds its shard of
+every layer by the spec's plan, and the logits every rank gets equal the unsharded model's."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.runtime.hf_models import make_model
+from vibee.runtime.attention import make_attention_batch
+from vibee.runtime.generated import load_generated
+from vibee.runtime.loader import load_model_dir
+from vibee.runtime.model import build_model
+from vibee.runtime.tensor_parallel import rank_heads, shard_model
+
+IDS = [3, 17, 42, 99, 5, 250, 7, 61, 12]
+
+
+def _logits(model_dir: Path, shard=None):
+    """(logits of IDS, the model, what shard(gen, model) returned): the model built from the
+    checkpoint, sharded first when given a shard."""
+    gen = load_generated()
+    model = build_model(load_model_dir(model_dir, dtype=torch.float32, progress=False), gen).eval()
+    shape = shard(gen, model) if shard is not None else None
+    batch = make_attention_batch([len(IDS)], [len(IDS)], None, 16, "cpu")
+    with torch.inference_mode():
+        logits = model.compute_logits(model(torch.tensor(IDS), batch.positions(), batch, None))
+    return logits, model, shape
+
+
+def _rank(rank: int, size: int, model_dir: Path, out: Path) -> None:
+    """One rank (a spawned process): join the gloo group, shard the model by the spec's plan, save its logits."""
+    gen = load_generated()
+    tp = gen.tensor_parallel
+    group = tp.init_tensor_parallel(rank, size, "gloo", init_method=f"file://{out / 'rendezvous'}")
+    plan = gen.config("tensor_parallel")
+
+    def shard(gen, model):
+        return shard_model(model, tp, rank, size, group, sharding=plan.sharding, gather_output=plan.gather_output)
+
+    try:
+        logits, model, shape = _logits(model_dir, shard)
+        torch.save({"logits": logits, "heads": (shape.num_heads, shape.num_kv_heads),
+                    "qkv_rows": model.model.layers[0].self_attn.qkv_proj.weight.shape[0]}, out / f"rank{rank}.pt")
+    finally:
+        tp.destroy_tensor_parallel()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Llama, 4 query heads and 2 KV heads of 16."""
+    model_dir = tmp_path_factory.mktemp("tp-llama")
+    make_model(model_dir, "llama", hidden=64, heads=4, kv_heads=2, layers=2)
+    return model_dir
+
+
+@pytest.mark.parametrize("size", [2, 4])  # 4: fewer KV heads than ranks, each rank a copy of one
+def test_sharded_ranks_give_the_unsharded_logits(tiny, tmp_path, size):
+    expected, _, _ = _logits(tiny)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank, args=(r, size, tiny, tmp_path)) for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    heads = rank_heads(4, 2, size)
+    for r in range(size):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["heads"] == heads and got["qkv_rows"] == (heads[0] + 2 * heads[1]) * 16
+        torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_that_do_not_split_are_named():
+    assert rank_heads(32, 8, 4) == (8, 2) and rank_heads(32, 8, 16) == (2, 1)
+    with pytest.raises(ValueError, match="6 KV heads do not split over --tensor-parallel-size 4"):
+        rank_heads(8, 6, 4)
+    with pytest.raises(ValueError, match="6 attention heads"):
+        rank_heads(6, 2, 4)
+
+
+def test_a_plan_that_splits_qkv_but_not_o_proj_is_refused(tiny):
+    gen = load_generated()
+    model = build_model(load_model_dir(tiny, dtype=torch.float32, progress=False), gen)
+    plan = gen.config("tensor_parallel")
+    with pytest.raises(ValueError, match="shard qkv_proj column and o_proj row"):
+        shard_model(model, gen.tensor_parallel, 0, 2, None, sharding={**plan.sharding, "o_proj": "replicated"},
+                    gather_output=plan.gather_output)
+    with pytest.raises(ValueError, match="gather_output"):
+        shard_model(model, gen.tensor_parallel, 0, 2, None, sharding=plan.sharding, gather_output=[])
