@@ -212,9 +212,9 @@ def column_rows(parts, tp_rank: int, tp_size: int) -> list[int]:
     tp_rank * n // tp_size, each held by tp_size / n ranks. ValueError when neither divides."""
     out, start = [], 0
     for rows, unit in parts:
-        n = rows // unit
         if unit < 1 or rows % unit:
             raise ValueError(f"ColumnParallelLinear: a part of {rows} rows is not whole units of {unit}")
+        n = rows // unit
         if n % tp_size == 0:
             first, count = tp_rank * (n // tp_size), n // tp_size
         elif tp_size % n == 0:
