@@ -46,13 +46,16 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
 
 
 @triton.jit
-def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, K, stride_am, stride_bn, stride_ym,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, stride_am, stride_bn, stride_ym,
+                   k_per_split, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] tile of y = (a @ b.T) * sa[:, None] * sb[None, :] + bias: a [M, K] and
     b [N, K] fp8 (both K-major, as fp8 tensor cores take them), fp32 accumulation, the scales in
-    the epilogue. Tiles in column bands of GROUP_M row tiles, for L2 reuse of b."""
+    the epilogue. Tiles in column bands of GROUP_M row tiles, for L2 reuse of b. PARTIALS: program
+    (tile, s) sums split s of k into part[s] (fp32, unscaled); _fp8_reduce_kernel finishes y."""
     pid = tl.program_id(0)
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     band = GROUP_M * tiles_n
@@ -66,18 +69,37 @@ def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, K, strid
     rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + rk) < K
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_mask = (k0 + rk) < k_end
         a = tl.load(a_ptr + rm_safe[:, None] * stride_am + (k0 + rk)[None, :], mask=k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + rn_safe[:, None] * stride_bn + (k0 + rk)[None, :], mask=k_mask[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)
-    sa = tl.load(sa_ptr + rm_safe)
-    sb = tl.load(sb_ptr + rn_safe).to(tl.float32)
-    y = acc * sa[:, None] * sb[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(y_ptr + rm_safe[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if PARTIALS:
+        tl.store(part_ptr + (tl.program_id(1) * M + rm_safe[:, None]) * N + rn[None, :], acc, mask=mask)
+    else:
+        sa = tl.load(sa_ptr + rm_safe)
+        sb = tl.load(sb_ptr + rn_safe).to(tl.float32)
+        y = acc * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm_safe[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_reduce_kernel(part_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y = (sum of the SPLIT partials, in split order) * sa[m] * sb[n] + bias[n]."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < M * N
+    m, n = i // N, i % N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + s * M * N + i, mask=valid, other=0.0)
+    y = acc * tl.load(sa_ptr + m, mask=valid, other=0.0) * tl.load(sb_ptr + n, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + n, mask=valid, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +121,21 @@ def fp8_tile(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 128, 8, 4
 
 
-def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def fp8_split(tiles: int, k: int, block_k: int, device: torch.device) -> int:
+    """Splits of k that bring the grid near two programs per SM (at most 8, each split at least
+    4 tiles of k): few rows make few tiles, and one SM cannot stream a weight's share alone."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    split = 1
+    while tiles * split * 2 <= 2 * sms and split < 8 and k // (block_k * split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+               split: int | None = None) -> torch.Tensor:
     """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
-    [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype."""
+    [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype. split:
+    splits of k (None: fp8_split's)."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -110,11 +144,21 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         q, s = fp8_rows(x2)
-        block_m, block_n, block_k, warps, stages = fp8_tile(x2.shape[0])
-        grid = (triton.cdiv(x2.shape[0], block_m) * triton.cdiv(n, block_n),)
-        _fp8_mm_kernel[grid](
-            q, qweight, s, scales.reshape(-1), bias if bias is not None else s, y, x2.shape[0], n, k, q.stride(0),
-            qweight.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+        m = x2.shape[0]
+        block_m, block_n, block_k, warps, stages = fp8_tile(m)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = fp8_split(tiles, k, block_k, x.device) if split is None else split
+        k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+        split = triton.cdiv(k, k_per_split)
+        part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+        sb = scales.reshape(-1)
+        b = bias if bias is not None else s
+        _fp8_mm_kernel[(tiles, split)](
+            q, qweight, s, sb, b, y, part, m, n, k, q.stride(0), qweight.stride(0), y.stride(0), k_per_split,
+            HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            GROUP_M=8, num_warps=warps, num_stages=stages,
         )
+        if split > 1:
+            _fp8_reduce_kernel[(triton.cdiv(m * n, 1024),)](part, s, sb, b, y, m, n, y.stride(0), SPLIT=split,
+                                                             HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
     return y.reshape(*lead, n)
