@@ -41,13 +41,16 @@ def rank_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> tuple[int, in
 def _paired(sharding: dict[str, str], tp: Any, fan_out: str, fan_in: str, names: list[str]) -> bool:
     """Whether the plan shards the fan-out projection column-wise and its fan-in twin row-wise
     (both, or neither: anything else leaves a layer's input or output split in the wrong way)."""
-    styles = {tp.shard_plan_for(name, sharding) for name in names}
     pairs = [(tp.shard_plan_for(name, sharding), tp.shard_plan_for(name.replace(fan_out, fan_in), sharding))
              for name in names]
-    if any(pair not in (("column", "row"), ("replicated", "replicated")) for pair in pairs):
-        raise ValueError(f"the sharding plan makes {fan_out} {pairs[0][0]!r} and {fan_in} {pairs[0][1]!r}: "
-                         f"shard {fan_out} column and {fan_in} row, or leave both replicated")
-    return styles == {"column"}
+    for name, (out_style, in_style) in zip(names, pairs):
+        if (out_style, in_style) not in (("column", "row"), ("replicated", "replicated")):
+            raise ValueError(f"the sharding plan makes {name} {out_style!r} and its {fan_in} {in_style!r}: "
+                             f"shard {fan_out} column and {fan_in} row, or leave both replicated")
+    split = {out_style == "column" for out_style, _ in pairs}
+    if len(split) > 1:
+        raise ValueError(f"the sharding plan splits {fan_out} in some layers and not in others; shard every layer alike")
+    return split == {True}
 
 
 def shard_model(model: Any, tp: Any, tp_rank: int, tp_size: int, group: Any, *, sharding: dict[str, str],
