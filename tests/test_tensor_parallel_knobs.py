@@ -68,8 +68,8 @@ def test_replicated_o_proj_is_left_unsharded(gen_from_text, spec_text):
 def test_tp_size_four_quarters_every_shard(gen_from_text, spec_text):
     text = spec_text("tensor_parallel")
     base = gen_from_text(text, NAME)
-    changed = gen_from_text(_swap(text, "\n  tp_size: 2 ", "\n  tp_size: 4 "), NAME)
-    for gen, tp in ((base, 2), (changed, 4)):
+    changed = gen_from_text(_swap(text, "\n  tp_size: 1 ", "\n  tp_size: 4 "), NAME)
+    for gen, tp in ((base, 1), (changed, 4)):
         impl = gen.impl
         assert gen.spec.config.tp_size == tp
         column = impl.ColumnParallelLinear(16, 32, tp_rank=0, tp_size=tp)
@@ -107,7 +107,7 @@ def test_backend_knob_picks_the_backend(gen_from_text, spec_text):
 
 
 def test_tp_size_not_a_power_of_two_is_an_error_at_its_line(gen_from_text, spec_text):
-    text = _swap(spec_text("tensor_parallel"), "\n  tp_size: 2 ", "\n  tp_size: 3 ")
+    text = _swap(spec_text("tensor_parallel"), "\n  tp_size: 1 ", "\n  tp_size: 3 ")
     with pytest.raises(SpecError, match="power of two") as err:
         gen_from_text(text, NAME)
     assert f":{_line_of(text, 'tp_size: 3')}:" in str(err.value)

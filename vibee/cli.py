@@ -232,10 +232,20 @@ def _add(node, value) -> None:
               help="Require 'Authorization: Bearer KEY' (also from VIBEE_API_KEY).")
 @engine_options
 def serve(host, port, api_key, **flags):
-    """Serve a model over the OpenAI API, on the modules generated from the specs."""
+    """Serve a model over the OpenAI API, on the modules generated from the specs.
+
+    Under torchrun (`torchrun --nproc-per-node N -m vibee serve --tensor-parallel-size N ...`),
+    rank 0 serves and the other ranks mirror its engine's steps over their shards."""
+    from vibee.runtime.rank_group import torchrun_place
     from vibee.runtime.serve import run_server
 
     config = engine_config(**flags)
+    place = torchrun_place()
+    if place is not None and place.rank > 0:
+        from vibee.runtime.rank_worker import run_rank_worker
+
+        with user_errors():
+            sys.exit(run_rank_worker(config))
     with user_errors():
         run_server(config, host=host, port=port, api_key=api_key)
 

@@ -80,6 +80,25 @@ class QuantizedWeight:
         return QuantizedWeight(self.qweight[start:stop], self.scales[start:stop], zeros, (stop - start, self.shape[1]),
                                self.bits, self.group_size)
 
+    def take_rows(self, index: torch.Tensor) -> "QuantizedWeight":
+        """The output rows `index` names, in its order (copies): a column-parallel shard."""
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantizedWeight(self.qweight[index], self.scales[index], zeros, (len(index), self.shape[1]),
+                               self.bits, self.group_size)
+
+    def columns(self, start: int, stop: int) -> "QuantizedWeight":
+        """Input features start..stop of this weight (copies): a row-parallel shard. It takes whole
+        groups; a row that is one group keeps its scale over any slice of it."""
+        one_group = self.group_size == self.shape[1]
+        if not one_group and (start % self.group_size or stop % self.group_size):
+            raise ValueError(f"input features {start}..{stop} cut through groups of {self.group_size}: "
+                             f"a shard must hold whole groups")
+        groups = slice(0, 1) if one_group else slice(start // self.group_size, stop // self.group_size)
+        qweight = pack_codes(unpack_codes(self.qweight)[:, start:stop])
+        zeros = None if self.zeros is None else self.zeros[:, groups].clone()
+        return QuantizedWeight(qweight, self.scales[:, groups].clone(), zeros, (self.shape[0], stop - start), self.bits,
+                               stop - start if one_group else self.group_size)
+
 
 def group_size_for(in_features: int) -> int:
     """Input weights that share a scale in a row of in_features weights: GROUP_SIZE, halved while

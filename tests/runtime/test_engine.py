@@ -280,8 +280,8 @@ def test_bad_requests_are_refused(tiny):
 
 def test_unbuilt_flags_are_refused(tiny):
     model_dir, _ = tiny
-    with pytest.raises(ValueError, match="tensor-parallel"):
-        engine(model_dir, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="speculative decoding over 2 tensor-parallel ranks is not built yet"):
+        engine(model_dir, tensor_parallel_size=2, speculative=True)
     with pytest.raises(ValueError, match="needs --speculative"):
         engine(model_dir, num_speculative_tokens=3)
 

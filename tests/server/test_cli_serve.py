@@ -39,11 +39,11 @@ def _env(tmp_path) -> dict:
     return {**os.environ, "VIBEE_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
 
-def _start_serving(model_dir, tmp_path):
+def _start_serving(model_dir, tmp_path, *args, launcher=(*VIBEE, "serve")):
     """(the `vibee serve` process, its log lines so far, its reader thread, its URL) once healthy.
     It leads a process group of its own, as a command started from a terminal does."""
     port = _free_port()
-    proc = subprocess.Popen([*VIBEE, "serve", "--model", str(model_dir), "--port", str(port), "--num-kv-blocks", "64"],
+    proc = subprocess.Popen([*launcher, "--model", str(model_dir), "--port", str(port), "--num-kv-blocks", "64", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path),
                             start_new_session=True)
     log: list[str] = []
@@ -128,7 +128,8 @@ def test_serve_exits_with_the_reason_when_the_engine_process_dies(model_dir, tmp
 
 @pytest.mark.parametrize("args, message", [
     (["--num-speculative-tokens", "3"], "--num-speculative-tokens needs --speculative"),
-    (["--tensor-parallel-size", "2"], "tensor-parallel serving is not built yet"),
+    (["--tensor-parallel-size", "2", "--speculative"], "speculative decoding over 2 tensor-parallel ranks is not built yet"),
+    (["--tensor-parallel-size", "3"], "tp_size"),
     (["--block-size", "24"], "block_size"),
     (["--max-model-len", "100000"], "longer than the model's max_position_embeddings"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),

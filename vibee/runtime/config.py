@@ -107,9 +107,6 @@ class EngineConfig(BaseModel):
         elif self.quant == "fp8" and self.knobs.get("quantization"):
             problems.append("--quant fp8 has one format (e4m3 codes, one scale per output channel, round to nearest): "
                             "drop --group-size and --quant-method")
-        if (self.knob("tensor_parallel", "tp_size") or 1) > 1:
-            problems.append("tensor-parallel serving is not built yet (the generated parallel layers exist in "
-                            "output/vibee_gen/igla_tensor_parallel.py); use --tensor-parallel-size 1")
         return problems
 
     def checkpoint_quantization(self):

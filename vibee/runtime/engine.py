@@ -19,11 +19,12 @@ from vibee.runtime.detokenizer import IncrementalDetokenizer
 from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.engine_report import EngineStats, applied_quantization, engine_info, engine_stats
 from vibee.runtime.generated import GeneratedModules, load_generated
-from vibee.runtime.kv_sizing import decide_num_blocks, run_worst_case_step
+from vibee.runtime.kv_sizing import decide_num_blocks, host_kv_swap, paged_kv_cache, run_worst_case_step
 from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
 from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.multi_step import MultiStep, plain_row
 from vibee.runtime.outputs import RequestOutput
+from vibee.runtime.rank_group import start_ranks
 from vibee.runtime.requests import Choice, Request, check_request, choice_generator, choice_output
 from vibee.runtime.round_steps import (chain_speculative_rounds, launch_multi_step, launch_speculative_rounds,
                                       read_speculative_rounds)
@@ -50,10 +51,22 @@ class LLMEngine:
         self.dtype_name = config.resolve_dtype(self.device)
         self.dtype = TORCH_DTYPES[self.dtype_name]
         self.gen: GeneratedModules = load_generated(config.spec_dir, config.knob_settings(self.dtype_name))
+        # tp_size > 1: workers mirror each forward over their shards (rank_group.py, rank_worker.py).
+        self.ranks = start_ranks(config, self.gen, self.device)
+        if self.ranks is not None:
+            self.device = self.ranks.device
+        try:
+            self._build(config, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, progress: bool) -> None:
         kv_spec = self.gen.configs.kv_cache
         batch_spec = self.gen.configs.continuous_batch
 
-        served = load_served_model(config, self.gen, dtype=self.dtype, device=self.device, progress=progress)
+        served = load_served_model(config, self.gen, dtype=self.dtype, device=self.device, progress=progress,
+                                   ranks=self.ranks)
         self.model, self.model_config, self.tokenizer = served.model, served.config, served.tokenizer
         self.weight_bytes_loaded, self.weight_bytes, self.quant_stats = (served.weight_bytes_loaded, served.weight_bytes,
                                                                           served.quant_stats)
@@ -68,9 +81,9 @@ class LLMEngine:
         self.max_num_batched_tokens = batch_spec.max_num_batched_tokens
 
         kv = self.gen.kv_cache
-        probe = kv.PagedKVCache(self.model_config.num_layers, 1, self.model_config.num_kv_heads,
-                                self.model_config.head_dim, dtype=self.dtype, device="meta", block_size=self.block_size)
-        self.kv_bytes_per_block = probe.bytes_per_block()
+        self.num_kv_heads = served.num_kv_heads  # this rank's: all of them, or its shard's
+        self.kv_bytes_per_block = paged_kv_cache(kv, self.model_config, self.num_kv_heads, 1, dtype=self.dtype,
+                                                 device="meta", block_size=self.block_size).bytes_per_block()
         # Before sizing: a draft model's weights and activations take GPU memory too.
         self.speculative = config.speculating
         self.speculator = (Speculator(self.gen, config, self.model, dtype=self.dtype,
@@ -86,22 +99,23 @@ class LLMEngine:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, block_size=self.block_size, wants_graphs=self._wants_graphs(),
             run_worst_case_step=self._run_worst_case_step)
+        if self.ranks is not None:
+            self.num_blocks = self.ranks.agree_num_blocks(self.num_blocks)
         scratch = 1 if self._wants_graphs() else 0
-        self.kv_cache = (kv.PagedKVCache(self.model_config.num_layers, self.num_blocks + scratch,
-                                         self.model_config.num_kv_heads, self.model_config.head_dim, dtype=self.dtype,
-                                         device=self.device, block_size=self.block_size) if self.use_kv_cache else None)
+        self.kv_cache = (paged_kv_cache(kv, self.model_config, self.num_kv_heads, self.num_blocks + scratch,
+                                        dtype=self.dtype, device=self.device, block_size=self.block_size)
+                         if self.use_kv_cache else None)
         self.block_manager = kv.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
         # preemption_mode swap: host slots for preempted sequences' KV, which the runner copies.
-        swap = batch_spec.preemption_mode == "swap" and self.kv_cache is not None
-        host_swap = kv.HostKVSwap(self.kv_cache, kv.HostKVSwap.num_slots_for(
-            int(batch_spec.swap_space_gib * 2**30), self.kv_bytes_per_block)) if swap else None
+        host_swap = host_kv_swap(kv, batch_spec, self.kv_cache, self.kv_bytes_per_block)
+        swap = host_swap is not None
         if self.speculator is not None:
             self.speculator.start_draft_cache(kv, num_blocks=self.num_blocks, max_batched_tokens=self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, device=self.device,
                                   block_size=self.block_size, num_blocks=self.num_blocks, graph_rows=decode_graph_rows(
                                       self.max_num_seqs, self.gen.configs.speculative_decode if self.speculative else None),
                                   max_model_len=self.max_model_len, max_num_batched_tokens=self.max_num_batched_tokens,
-                                  use_graphs=bool(scratch), host_swap=host_swap,
+                                  use_graphs=bool(scratch), host_swap=host_swap, ranks=self.ranks,
                                   num_splits=self.gen.flash_attention.num_splits_for(self.max_model_len))
         self.graphs, self.graph_error = self.runner.graphs, self.runner.graph_error
         if self.speculator is not None:
@@ -155,8 +169,14 @@ class LLMEngine:
         return self.speculator.acceptance
 
     def _wants_graphs(self) -> bool:
+        # Over ranks, steps run eagerly: each forward's inputs go to the workers first.
         return (self.device.startswith("cuda") and self.use_kv_cache and self.config.flash_attn
-                and not self.config.enforce_eager)
+                and not self.config.enforce_eager and self.ranks is None)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (if any); the engine takes no step after this."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.outputs import RequestOutput
+from vibee.runtime.rank_group import RankLost
 
 log = logging.getLogger("vibee.engine")
 
@@ -115,6 +116,10 @@ def run_engine_core(config: EngineConfig, conn: Connection, progress: bool) -> N
             EngineCore(engine, conn).run()
         except (EOFError, OSError):
             pass  # the server's process is gone: nobody to serve
+        except RankLost as exc:  # the server reports the engine process's exit to its clients
+            log.error("%s; stopping the engine", exc)
+        finally:
+            engine.close()
 
 
 class EngineCore:
@@ -132,6 +137,8 @@ class EngineCore:
             while self.conn.poll(0 if busy else IDLE_POLL_S):
                 self._handle(self.conn.recv())
                 busy = True  # drain everything that arrived before stepping
+            if engine.ranks is not None:
+                engine.ranks.check()  # a worker gone between steps ends the engine now, not at the next request
             if not engine.has_unfinished():
                 if self.stopping:
                     return
@@ -139,6 +146,8 @@ class EngineCore:
             try:
                 outputs = engine.step()
             except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
+                if engine.ranks is not None:  # ...unless over ranks, which this step may have left out of step
+                    raise RankLost(f"a step failed over {engine.ranks.size} tensor-parallel ranks: {exc}") from exc
                 log.exception("engine step failed; failing the requests in flight")
                 ids = engine.request_ids()
                 for request_id in ids:

@@ -108,7 +108,9 @@ def engine_info(engine: LLMEngine) -> dict[str, Any]:
         "speculative_decoding": {"enabled": e.speculative, **cfg["speculative_decode"],
                                  "draft_model": str(draft_dir or "") or None,
                                  "medusa_heads": str(medusa.path) if medusa is not None else None},
-        "tensor_parallel": {"enabled": False, **cfg["tensor_parallel"], "tp_size": 1},  # serving runs one rank
+        "tensor_parallel": ({"enabled": True, **cfg["tensor_parallel"], **e.ranks.describe(),
+                             "num_kv_heads_per_rank": e.num_kv_heads}
+                            if e.ranks is not None else {"enabled": False, **cfg["tensor_parallel"]}),
     }
 
 
@@ -180,6 +182,9 @@ def startup_summary(engine: LLMEngine) -> list[str]:
         f"model      {e.config.model_source} ({mc.architecture}, {mc.num_layers} layers, hidden {mc.hidden_size}, "
         f"{mc.num_heads}/{mc.num_kv_heads} heads) served as '{e.config.model_name}'",
         f"device     {e.device} {e.dtype_name}; max_model_len {e.max_model_len}",
+        *([f"ranks      tensor parallel over {e.ranks.size} ranks ({e.ranks.backend}, launched by {e.ranks.launcher}): "
+           f"{', '.join(e.ranks.devices)}; {e.num_kv_heads} KV heads per rank, steps run eagerly"]
+          if e.ranks is not None else []),
         f"weights    {format_bytes(e.weight_bytes_loaded)}" + (
             f" -> {format_bytes(e.weight_bytes)} after --quant {e.config.quant}" if e.config.quant != "none" else ""),
         f"kv cache   {e.num_blocks} blocks x {e.block_size} tokens = {e.kv_capacity_tokens} tokens "

@@ -17,6 +17,20 @@ from vibee.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 CUDA_GRAPH_RESERVE = 256 * 2**20
 
 
+def paged_kv_cache(kv: Any, model_config: Any, num_kv_heads: int, num_blocks: int, *, dtype: torch.dtype, device: str,
+                   block_size: int) -> Any:
+    """The generated kv_cache's PagedKVCache for a model's layers and this rank's KV heads."""
+    return kv.PagedKVCache(model_config.num_layers, num_blocks, num_kv_heads, model_config.head_dim, dtype=dtype,
+                           device=device, block_size=block_size)
+
+
+def host_kv_swap(kv: Any, batch_spec: Any, kv_cache: Any, bytes_per_block: int) -> Any:
+    """Host slots for preempted sequences' KV (preemption_mode swap, sized by swap_space_gib), else None."""
+    if batch_spec.preemption_mode != "swap" or kv_cache is None:
+        return None
+    return kv.HostKVSwap(kv_cache, kv.HostKVSwap.num_slots_for(int(batch_spec.swap_space_gib * 2**30), bytes_per_block))
+
+
 def decide_num_blocks(*, config, kv_spec, device: str, bytes_per_block: int, max_num_seqs: int,
                       max_num_batched_tokens: int, max_model_len: int,
                       block_size: int, wants_graphs: bool,

@@ -29,6 +29,18 @@ from vibee.runtime.warmup import warm_prefill
 MAX_VERIFY_ROWS = 256  # the most rows a speculative step's decode graph takes (see decode_graph_rows)
 
 
+def forward_rows(model, kv_cache, ids: torch.Tensor, batch, logit_rows: list[int], device: str):
+    """One eager forward: (hidden states of logit_rows, their logits), or (None, an empty
+    tensor) when no row samples. Tensor-parallel workers run the same (rank_worker.py)."""
+    keep = to_device(logit_rows, device) if 0 < len(logit_rows) < len(ids) else None  # None: every row
+    with torch.inference_mode():
+        hidden = model(ids, batch.positions(), batch, kv_cache)
+        if not logit_rows:
+            return None, hidden.new_empty(0)
+        kept = hidden if keep is None else hidden[keep]
+        return kept, model.compute_logits(kept)
+
+
 def decode_graph_rows(max_num_seqs: int, speculative_config=None) -> int:
     """Rows of the largest decode graph: a row per sequence, or when speculating (the
     speculative_decode config given) k + 1 per sequence that may draft, at most MAX_VERIFY_ROWS:
@@ -42,15 +54,17 @@ def decode_graph_rows(max_num_seqs: int, speculative_config=None) -> int:
 class ModelRunner:
     def __init__(self, model, kv_cache, block_manager, *, device: str, block_size: int, num_blocks: int,
                  graph_rows: int, max_model_len: int, max_num_batched_tokens: int, use_graphs: bool,
-                 num_splits: int, host_swap=None):
+                 num_splits: int, host_swap=None, ranks=None):
         """graph_rows: rows of the largest decode graph (and of `sampled`); use_graphs: capture
-        decode graphs (their padding rows write to block num_blocks, past the sequences' blocks)."""
+        decode graphs (their padding rows write to block num_blocks, past the sequences' blocks);
+        ranks: the tensor-parallel group whose workers mirror each forward and swap (or None)."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = block_size
         self.block_rows = BlockTableRows(block_manager.block_tables)
         self.host_swap = host_swap  # host slots for swapped-out KV (preemption_mode swap), else None
+        self.ranks = ranks
         self.sampled = torch.zeros(graph_rows, dtype=torch.long, device=device)
         # The last step's hidden states of its logits rows (a view of a graph's output, or the
         # eager forward's own tensor: keeping it costs no work), and seq_id -> (first row there,
@@ -81,6 +95,8 @@ class ModelRunner:
         and whether sampled[:rows] holds each logits row's argmax (a CUDA graph ran).
         placeholders: seq_id -> the row of `sampled` holding the token its placeholder stands for."""
         if sched.swap_out or sched.swap_in:  # first: this step's forward may write into blocks just swapped out
+            if self.ranks is not None:
+                self.ranks.send(("swap", sched.swap_out, sched.swap_in))
             self.host_swap.swap_out(sched.swap_out)
             self.host_swap.swap_in(sched.swap_in)
             if not sched.scheduled:
@@ -130,14 +146,10 @@ class ModelRunner:
         if sources:  # placeholders: the tokens the last step left on the device
             at, row = zip(*sources)
             ids[to_device(at, self.device)] = self.sampled[to_device(row, self.device)]
-        # None when every row is kept.
-        keep = to_device(logit_rows, self.device) if 0 < len(logit_rows) < len(input_ids) else None
-        with torch.inference_mode():
-            hidden = self.model(ids, batch.positions(), batch, self.kv_cache)
-            if not logit_rows:
-                return [], hidden.new_empty(0), False
-            self.last_hidden = hidden if keep is None else hidden[keep]
-            logits = self.model.compute_logits(self.last_hidden)
+        if self.ranks is not None:  # the workers run the same forward over their shards
+            self.ranks.send(("step", len(input_ids), query_lens, seq_lens, tables, logit_rows))
+            self.ranks.share_ids(ids)
+        self.last_hidden, logits = forward_rows(self.model, self.kv_cache, ids, batch, logit_rows, self.device)
         return plan, logits, False
 
     def _replay(self, input_ids, query_lens, seq_lens, tables: np.ndarray, sources) -> torch.Tensor:

@@ -29,10 +29,21 @@ class ServedModel:
     quant_stats: Any  # what quantize_model reported (None: full precision)
     quant_method: str | None = None  # how the codes were chosen: rtn, gptq (at load), or the checkpoint's gptq/awq
     quant_source: str | None = None  # "quantized at load" or "<method> checkpoint"
+    num_kv_heads: int = 0  # KV heads this rank computes (its KV cache holds them): all of them on one rank
+
+
+def shard_served_model(model: Any, gen: GeneratedModules, ranks: Any) -> int:
+    """Keep this rank's shard of every layer the spec's plan splits; returns its KV heads."""
+    from vibee.runtime.tensor_parallel import shard_model
+
+    plan = gen.configs.tensor_parallel
+    return shard_model(model, gen.tensor_parallel, ranks.rank, ranks.size, ranks.group, sharding=plan.sharding,
+                       gather_output=plan.gather_output, quant=gen.quantization).num_kv_heads
 
 
 def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: torch.dtype, device: str,
-                      progress: bool) -> ServedModel:
+                      progress: bool, ranks: Any = None) -> ServedModel:
+    """ranks: the tensor-parallel group (rank_group.RankGroup) whose rank's shard to keep, or None."""
     if config.shape is not None:  # random weights of a known shape; its tokenizer only spells ids
         model_config = shape_config(config.shape)
         tokenizer = SyntheticTokenizer(model_config.vocab_size)
@@ -55,8 +66,9 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
         quant_stats = gen.quantization.QuantStats(layers_quantized=layers, layers_skipped=0,
                                                   weight_bytes_before=loaded_bytes, weight_bytes_after=loaded_bytes)
         method, source = loaded.quantization.method, f"{loaded.quantization.method} checkpoint"
+    num_kv_heads = shard_served_model(model, gen, ranks) if ranks is not None else model_config.num_kv_heads
     return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats,
-                       method, source)
+                       method, source, num_kv_heads)
 
 
 def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path | None, max_len: int, device: str,

@@ -6,6 +6,7 @@ Each rank builds the whole model from the checkpoint, then shard_model keeps its
 sharded layer: q/k/v by heads (a copy of one KV head per rank where there are fewer KV heads
 than ranks), gate/up by rows, o/down by input features (their partial sums all-reduced), the
 embedding by vocabulary rows and lm_head by vocabulary rows, gathered back to full logits.
+Quantized layers are cut after quantization, codes and scales alike (quantized_shards.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from vibee.kinds.tensor_parallel.config import merged_parts
 from vibee.runtime.attention import AttentionBackend
+from vibee.runtime.quantized_shards import shard_quantized
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,10 @@ def _paired(sharding: dict[str, str], tp: Any, fan_out: str, fan_in: str, names:
 
 
 def shard_model(model: Any, tp: Any, tp_rank: int, tp_size: int, group: Any, *, sharding: dict[str, str],
-                gather_output: list[str]) -> RankShape:
+                gather_output: list[str], quant: Any = None) -> RankShape:
     """Swap model's layers for this rank's parallel twins (tp: the generated tensor_parallel
-    module) and point its attention at this rank's heads. Returns what the rank computes."""
+    module; quant: the generated quantization module, whose QuantLinears are cut the same way)
+    and point its attention at this rank's heads. Returns what the rank computes."""
     config = model.config
     layers = model.model.layers
     qkv = [f"model.layers.{i}.self_attn.qkv_proj" for i in range(len(layers))]
@@ -68,8 +71,11 @@ def shard_model(model: Any, tp: Any, tp_rank: int, tp_size: int, group: Any, *, 
                          "every rank samples from the full logits")
     num_heads, num_kv_heads = (rank_heads(config.num_heads, config.num_kv_heads, tp_size) if heads_split
                                else (config.num_heads, config.num_kv_heads))
-    tp.parallelize(model, tp_rank, tp_size, group, sharding=sharding, gather_output=gather_output,
-                   parts=merged_parts(config))
+    parts = merged_parts(config)
+    if quant is not None:
+        shard_quantized(model, tp, quant, tp_rank, tp_size, group, sharding=sharding, gather_output=gather_output,
+                        parts=parts)
+    tp.parallelize(model, tp_rank, tp_size, group, sharding=sharding, gather_output=gather_output, parts=parts)
     d = config.head_dim
     for layer in layers:
         attn = layer.self_attn

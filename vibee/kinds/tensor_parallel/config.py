@@ -108,7 +108,7 @@ class TensorParallelConfig(KindConfig):
         "max_abs_err", "local_weight_shape", "output_shape", "all_reduces", "all_gathers", "plan",
     })
 
-    tp_size: int = knob("runtime", flag="--tensor-parallel-size", aliases=("-tp",), default=2, description="ranks that share every sharded layer (a power of two, 1 to 8)")
+    tp_size: int = knob("runtime", flag="--tensor-parallel-size", aliases=("-tp",), default=1, description="ranks that share every sharded layer, one process each (a power of two, 1 to 8)")
     backend: Literal["auto", "nccl", "gloo"] = knob("runtime", "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo otherwise")
     sharding: dict[str, ShardStyle] = knob("runtime",
         default_factory=lambda: dict(LLAMA_SHARDING),

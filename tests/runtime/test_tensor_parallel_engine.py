@@ -1,0 +1,94 @@
+"""The engine over tensor-parallel ranks on the CPU (gloo): rank 0 schedules and samples, the
+workers it launches mirror each forward over their shards and KV caches; the greedy tokens are
+the tp = 1 engine's, with float and int8 weights, through swap preemption, and a worker that dies
+ends the engine's steps with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.runtime.hf_models import make_model
+from vibee.engine_flags import split_flags
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.rank_group import RankLost
+from vibee.runtime.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Stack:\n    def push(self, item", "for i in range("]
+
+
+def engine(model=None, **flags) -> LLMEngine:
+    settings, knobs = split_flags(flags)
+    return LLMEngine(EngineConfig(model=model, device="cpu", **settings, knobs=knobs), progress=False)
+
+
+def greedy(eng: LLMEngine, max_tokens: int = 24, prompts=PROMPTS) -> dict[str, list[int]]:
+    """Every prompt at once (they batch and finish at different steps), greedy; the engine closed after."""
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        for i, text in enumerate(prompts):
+            eng.add_request(str(i), eng.tokenizer.encode(text)[: 4 + 3 * i], params)
+        out = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0].token_ids
+        return out
+    finally:
+        eng.close()
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory):
+    """A transformers-saved Llama: 4 query heads, 2 KV heads (over 4 ranks each holds a copy of one)."""
+    path = tmp_path_factory.mktemp("tp-engine") / "llama"
+    make_model(path, "llama", hidden=64, heads=4, kv_heads=2, layers=2)
+    return path
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_two_ranks_give_the_one_rank_greedy_tokens_on_the_built_in_model(quant):
+    expected = greedy(engine(quant=quant))
+    eng = engine(quant=quant, tensor_parallel_size=2)
+    assert eng.ranks.size == 2 and eng.num_kv_heads == eng.model_config.num_kv_heads // 2
+    info = eng.info()["tensor_parallel"]
+    assert info["enabled"] and info["tp_size"] == 2 and info["backend"] == "gloo" and info["rank_devices"] == ["cpu"] * 2
+    assert greedy(eng) == expected
+
+
+def test_four_ranks_over_two_kv_heads_give_the_one_rank_tokens(gqa_dir):
+    expected = greedy(engine(gqa_dir), max_tokens=12)
+    eng = engine(gqa_dir, tensor_parallel_size=4)
+    assert eng.num_kv_heads == 1 and len(eng.ranks.workers) == 3
+    assert greedy(eng, max_tokens=12) == expected
+
+
+def test_swap_preemption_is_mirrored_by_the_workers(gqa_dir):
+    """Few KV blocks: sequences are swapped out and back on every rank alike."""
+    expected = greedy(engine(gqa_dir), max_tokens=40)
+    eng = engine(gqa_dir, tensor_parallel_size=2, num_kv_blocks=9, preemption_mode="swap")
+    got = greedy(eng, max_tokens=40)
+    assert eng.report.totals["preemptions"] > 0
+    assert got == expected
+
+
+def test_a_worker_that_dies_ends_the_steps_with_the_reason(gqa_dir):
+    eng = engine(gqa_dir, tensor_parallel_size=2)
+    try:
+        eng.ranks.workers[0].kill()
+        eng.ranks.workers[0].wait()
+        with pytest.raises(RankLost, match=r"rank 1 exited \(exit code -9\)"):
+            eng.ranks.check()
+        eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
+        with pytest.raises(RankLost, match="rank 1 exited"):
+            for _ in range(3):
+                eng.step()
+    finally:
+        eng.close()
+
+
+def test_quantized_groups_that_cut_across_a_shard_are_refused_with_the_size_to_use():
+    with pytest.raises(ValueError, match=r"o_proj: its 384 input features in groups of 128 do not split into whole "
+                                         r"groups over 2 ranks \(192 each\): quantize with --group-size 64"):
+        engine(quant="int4", tensor_parallel_size=2)
