@@ -62,3 +62,21 @@ def test_latency_limit_uses_the_copy_bandwidth_measured_in_the_run(tmp_path):
     assert r["bandwidth_gbs"] == pytest.approx(1000 * data["ceilings"]["copy_tb_s"])
     assert r["bandwidth_source"] == "device-to-device copy measured in this run"
     assert r["limit_tokens_per_s"] == pytest.approx(1e9 * r["bandwidth_gbs"] / r["bytes_per_step"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
+def test_latency_over_two_ranks_reads_half_the_sharded_weights(tmp_path):
+    """-tp 2: a worker rank is launched, both take the same steps, and rank 0's step reads its shard."""
+    args = ["latency", "--device", "cpu", "--prompt-len", "8", "--decode-steps", "2", "--warmup-steps", "0",
+            "--bandwidth-gbs", "10"]
+    runs = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}"
+        result = CliRunner().invoke(bench, [*args, "-tp", str(tp), "--result-dir", str(out)])
+        assert result.exit_code == 0, result.output
+        runs[tp] = json.loads(next(out.glob("latency-*.json")).read_text())
+    assert runs[2]["settings"]["tensor_parallel_size"] == 2
+    whole, shard = runs[1]["results"]["weight_bytes"], runs[2]["results"]["weight_bytes"]
+    assert shard < 0.6 * whole  # the norms stay whole on every rank
+    assert runs[2]["measured"]["context_lens"] == runs[1]["measured"]["context_lens"] == [9, 10]

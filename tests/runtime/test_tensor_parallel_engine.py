@@ -5,9 +5,14 @@ ends the engine's steps with the reason."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+from torch import nn
 
 from tests.runtime.hf_models import make_model
+from tests.spec_edit import with_knob
+from vibee.runtime.generated import REPO_ROOT
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.engine import LLMEngine
@@ -54,6 +59,20 @@ def test_two_ranks_give_the_one_rank_greedy_tokens_on_the_built_in_model(quant):
     assert eng.ranks.size == 2 and eng.num_kv_heads == eng.model_config.num_kv_heads // 2
     info = eng.info()["tensor_parallel"]
     assert info["enabled"] and info["tp_size"] == 2 and info["backend"] == "gloo" and info["rank_devices"] == ["cpu"] * 2
+    assert greedy(eng) == expected
+
+
+def test_a_plan_that_replicates_the_mlp_serves_it_whole_and_still_gives_the_one_rank_tokens(tmp_path):
+    """The spec's sharding plan decides what each rank holds: here every MLP stays whole."""
+    spec_dir = tmp_path / "specs"
+    shutil.copytree(REPO_ROOT / "specs" / "tri", spec_dir)
+    path = spec_dir / "igla_tensor_parallel.vibee"
+    path.write_text(with_knob(with_knob(path.read_text(), "gate_up_proj", "replicated"), "down_proj", "replicated"))
+    expected = greedy(engine())
+    eng = engine(spec_dir=spec_dir, tensor_parallel_size=2)
+    layer = eng.model.model.layers[0]
+    assert type(layer.mlp.down_proj) is nn.Linear and type(layer.mlp.gate_up_proj) is nn.Linear
+    assert isinstance(layer.self_attn.o_proj, eng.gen.tensor_parallel.RowParallelLinear)
     assert greedy(eng) == expected
 
 

@@ -83,6 +83,7 @@ def with_engine(config, work: Callable[[Any], dict[str, Any]]) -> dict[str, Any]
     try:
         return work(engine)
     finally:
+        engine.close()
         del engine
         gc.collect()
         try:

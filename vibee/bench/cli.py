@@ -108,6 +108,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
         results["speculative"] = spec = engine.stats()["speculative_decoding"]
         spec_rows = [["Draft acceptance rate", f"{100 * spec['acceptance_rate']:.1f}%"],
                      ["Tokens per verification step", spec["mean_emitted_tokens"]]]
+    engine.close()  # tensor-parallel workers stop with it
 
     settings = {"num_prompts": num_prompts, "input_len": f"{input_len[0]}:{input_len[1]}",
                 "output_len": f"{output_len[0]}:{output_len[1]}", "seed": seed, "temperature": temperature, "dataset": dataset,

@@ -27,70 +27,64 @@ from vibee.kinds.quantization.config import METHOD_NAMES
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--decode-steps", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True)
+@click.option("--quant", type=click.Choice(["none", "int8", "int4", "fp8"]), default="none", show_default=True)
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
 @click.option("--bandwidth-gbs", type=float, default=None,
               help="Memory bandwidth ceiling for the limit (default: a device-to-device copy measured in this run).")
 @click.option("--enforce-eager", is_flag=True, default=False, help="No CUDA graphs (on a GPU, steps replay graphs).")
+@click.option("--tensor-parallel-size", "-tp", "tp_size", type=click.IntRange(min=1, max=8), default=1, show_default=True,
+              help="Shard the model over N ranks, one process each (launched here, or by torchrun), every rank "
+                   "running the same steps; the figures are rank 0's, its limit from its shard's bytes.")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,
-            bandwidth_gbs, enforce_eager, result_dir):
+            bandwidth_gbs, enforce_eager, tp_size, result_dir):
     """Decode tokens/s of the model runner and the fraction of the memory-bandwidth limit."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from vibee.bench.ceilings import measure_ceilings
-    from vibee.bench.latency import measure_decode, plot_decode, summarize_decode, weight_bytes
-    from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
+    from vibee.bench.latency import measure_rank, plot_decode, summarize_decode, weight_bytes
+    from vibee.bench.latency_rank import latency_ranks
     from vibee.runtime.engine import TORCH_DTYPES
-    from vibee.runtime.served_model import quantize
-    from vibee.runtime.generated import load_generated
-    from vibee.runtime.loader import load_model_dir
-    from vibee.runtime.model import build_model
 
     out, err = Console(), Console(stderr=True)
-    config = engine_config(model=model, device=device, dtype=dtype, quant=quant, flash_attn=flash_attn)
-    dev = config.resolve_device()
-    dtype_name = config.resolve_dtype(dev)
+    params = {"shape": shape, "model": None if model is None else str(model), "device": device, "dtype": dtype,
+              "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
+              "warmup_steps": warmup_steps, "quant": quant, "flash_attn": flash_attn, "enforce_eager": enforce_eager,
+              "tp_size": tp_size}
+    progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
     with user_errors():
-        gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
-        fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
-        if shape is not None:
-            model_config = shape_config(shape)
-            runner = random_model(model_config, fa, dtype=TORCH_DTYPES[dtype_name], device=dev)
-            name = f"{shape} (random weights)"
-        else:
-            loaded = load_model_dir(config.model_dir, dtype=TORCH_DTYPES[dtype_name], device=dev, progress=True)
-            runner, model_config, name = build_model(loaded, gen, flash_attn=flash_attn).eval(), loaded.config, config.model_name
-        loaded_bytes = weight_bytes(runner)
-        if quant != "none":
-            tokenizer = SyntheticTokenizer(model_config.vocab_size) if shape is not None else loaded.tokenizer
-            quantize(runner, tokenizer, gen, None if shape is not None else config.model_dir,
-                     model_config.max_position_embeddings, dev, progress=True)
-    block_size = gen.configs.kv_cache.block_size
-    kv_bytes_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * \
+        ranks = latency_ranks(params)
+        try:
+            with progress:
+                task = progress.add_task("steps", total=warmup_steps + decode_steps)
+                run = measure_rank(params, ranks, on_step=lambda: progress.advance(task), progress=True)
+        except BaseException:
+            if ranks is not None:
+                ranks.close()
+            raise
+        if ranks is not None:
+            ranks.finish()
+    if ranks is not None and ranks.rank > 0:  # under torchrun: rank 0 reports
+        return
+    measured, runner, model_config, name = run["measured"], run["model"], run["model_config"], run["name"]
+    dev, dtype_name, loaded_bytes = run["device"], run["dtype_name"], run["loaded_bytes"]
+    block_size = run["gen"].configs.kv_cache.block_size
+    # What this rank's step reads: its shard of the weights and of the KV heads.
+    kv_bytes_per_token = 2 * model_config.num_layers * run["num_kv_heads"] * model_config.head_dim * \
         TORCH_DTYPES[dtype_name].itemsize
     ceilings = None if bandwidth_gbs else measure_ceilings(dev, TORCH_DTYPES[dtype_name])
     bandwidth = bandwidth_gbs or 1000 * ceilings.copy_tb_s
     bandwidth_source = "--bandwidth-gbs" if bandwidth_gbs else "device-to-device copy measured in this run"
-
-    progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
-    with progress:
-        task = progress.add_task("steps", total=warmup_steps + decode_steps)
-        use_graphs = dev.startswith("cuda") and flash_attn and not enforce_eager
-        splits = gen.flash_attention.num_splits_for(prompt_len + warmup_steps + decode_steps + 1) if use_graphs else None
-        measured = measure_decode(runner, gen.kv_cache, batch_size=batch_size, prompt_len=prompt_len,
-                                  decode_steps=decode_steps, warmup_steps=warmup_steps, device=dev,
-                                  block_size=block_size, on_step=lambda: progress.advance(task), num_splits=splits)
     summary = summarize_decode(measured, batch_size=batch_size, weight_bytes_=weight_bytes(runner),
                                kv_bytes_per_token=kv_bytes_per_token, bandwidth_gbs=bandwidth)
     summary["bandwidth_source"] = bandwidth_source
     settings = {"model": name, "device": dev, "dtype": dtype_name, "quant": quant, "flash_attn": flash_attn,
                 "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
                 "warmup_steps": warmup_steps, "block_size": block_size, "weight_bytes_loaded": loaded_bytes,
-                "cuda_graphs": splits is not None,
-                "modules": str(gen.source)}
+                "cuda_graphs": run["cuda_graphs"], "tensor_parallel_size": tp_size,
+                "modules": str(run["gen"].source)}
     env = environment(dev)
     s = summary
     rows = [["Tokens/s", s["tokens_per_s"]], ["Mean step (ms)", s["mean_step_ms"]],

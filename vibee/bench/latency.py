@@ -26,20 +26,67 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def measure_rank(params: dict[str, Any], ranks: Any = None, *, on_step=None, progress: bool = False) -> dict[str, Any]:
+    """Build the model `params` (the command's options) name, keep this rank's shard of it (ranks:
+    a RankGroup, or None for one rank) and measure its decode. Every rank runs this alike (SPMD,
+    as gpt-fast does): same prompts, same steps, each over its shard, the layers' collectives
+    pairing up (inside the CUDA graphs on GPUs). Returns the measurement and what it ran."""
+    from vibee.engine_flags import engine_config
+    from vibee.runtime.engine import TORCH_DTYPES
+    from vibee.runtime.generated import load_generated
+    from vibee.runtime.loader import load_model_dir
+    from vibee.runtime.model import build_model
+    from vibee.runtime.served_model import quantize, shard_served_model
+    from vibee.runtime.shapes import SyntheticTokenizer, random_model, shape_config
+
+    p = params
+    config = engine_config(model=p["model"], device=p["device"], dtype=p["dtype"], quant=p["quant"],
+                           flash_attn=p["flash_attn"])
+    dev = ranks.device if ranks is not None else config.resolve_device()
+    dtype_name = config.resolve_dtype(dev)
+    dtype = TORCH_DTYPES[dtype_name]
+    gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
+    fa = gen.flash_attention if p["flash_attn"] else gen.flash_attention_reference
+    if p["shape"] is not None:
+        model_config = shape_config(p["shape"])
+        model = random_model(model_config, fa, dtype=dtype, device=dev)
+        name, tokenizer = f"{p['shape']} (random weights)", SyntheticTokenizer(model_config.vocab_size)
+    else:
+        loaded = load_model_dir(config.model_dir, dtype=dtype, device=dev, progress=progress)
+        model, model_config = build_model(loaded, gen, flash_attn=p["flash_attn"]).eval(), loaded.config
+        name, tokenizer = config.model_name, loaded.tokenizer
+    loaded_bytes = weight_bytes(model)
+    if p["quant"] != "none":
+        quantize(model, tokenizer, gen, None if p["shape"] is not None else config.model_dir,
+                 model_config.max_position_embeddings, dev, progress=progress)
+    num_kv_heads = shard_served_model(model, gen, ranks) if ranks is not None else model_config.num_kv_heads
+    use_graphs = dev.startswith("cuda") and p["flash_attn"] and not p["enforce_eager"]
+    steps = p["prompt_len"] + p["warmup_steps"] + p["decode_steps"] + 1
+    splits = gen.flash_attention.num_splits_for(steps) if use_graphs else None
+    measured = measure_decode(model, gen.kv_cache, batch_size=p["batch_size"], prompt_len=p["prompt_len"],
+                              decode_steps=p["decode_steps"], warmup_steps=p["warmup_steps"], device=dev,
+                              block_size=gen.configs.kv_cache.block_size, on_step=on_step, num_splits=splits,
+                              num_kv_heads=num_kv_heads)
+    return {"measured": measured, "model": model, "model_config": model_config, "name": name, "gen": gen,
+            "device": dev, "dtype_name": dtype_name, "loaded_bytes": loaded_bytes, "num_kv_heads": num_kv_heads,
+            "cuda_graphs": splits is not None}
+
+
 def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, prompt_len: int, decode_steps: int,
                    warmup_steps: int, device: str, block_size: int, on_step=None,
-                   num_splits: int | None = None) -> dict[str, Any]:
+                   num_splits: int | None = None, num_kv_heads: int | None = None) -> dict[str, Any]:
     """Prefill batch_size prompts of prompt_len random tokens, then decode greedily; returns the
     per-step times (seconds) of the timed decode steps and the context length at each.
-    num_splits: replay each decode step as a CUDA graph (as the engine does) with this KV split count."""
+    num_splits: replay each decode step as a CUDA graph (as the engine does) with this KV split count.
+    num_kv_heads: the KV heads this rank's cache holds (default: the model's)."""
     from vibee.runtime.cuda_graphs import DecodeGraphs
 
     cfg = model.config
     total = prompt_len + warmup_steps + decode_steps + 1
     blocks_per_seq = math.ceil(total / block_size)
     # One block more than the sequences use: the scratch a captured batch's padding rows write to.
-    cache = kv_module.PagedKVCache(cfg.num_layers, batch_size * blocks_per_seq + 1, cfg.num_kv_heads, cfg.head_dim,
-                                   dtype=model.dtype, device=device, block_size=block_size)
+    cache = kv_module.PagedKVCache(cfg.num_layers, batch_size * blocks_per_seq + 1, num_kv_heads or cfg.num_kv_heads,
+                                   cfg.head_dim, dtype=model.dtype, device=device, block_size=block_size)
     graphs = None
     if num_splits is not None:
         graphs = DecodeGraphs(model, cache, max_batch=batch_size, max_model_len=blocks_per_seq * block_size,

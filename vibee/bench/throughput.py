@@ -150,4 +150,5 @@ def engine_settings(engine) -> dict[str, Any]:
         "flash_attn": cfg.flash_attn, "quant": cfg.quant, "enable_prefix_caching": engine.enable_prefix_caching,
         "num_scheduler_steps": engine.gen.configs.continuous_batch.num_scheduler_steps,
         "multi_step": engine.multi_step is not None,
+        "tensor_parallel_size": engine.ranks.size if engine.ranks is not None else 1,
     }

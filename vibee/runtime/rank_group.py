@@ -1,6 +1,6 @@
 """The ranks of a tensor-parallel engine: rank 0 is the engine (scheduler, sampler, server side),
 ranks 1..N-1 are workers (rank_worker.py) that mirror each forward over their own shard and KV
-cache.
+cache. (`bench latency -tp N` uses the same group, every rank taking the same steps.)
 
 Two ways to start: `vibee serve --tensor-parallel-size N` launches the N - 1 workers itself
 (`python -m vibee.runtime.rank_worker`, one per device), or `torchrun --nproc-per-node N -m vibee
@@ -90,9 +90,11 @@ class RankGroup:
         self.closed = False
 
     @classmethod
-    def start(cls, config: Any, tp: Any, size: int, backend: str, device: str) -> "RankGroup":
+    def start(cls, tp: Any, size: int, backend: str, device: str, *, command: list[str],
+              env: dict[str, str]) -> "RankGroup":
         """Rank 0: launch the workers (unless torchrun did) and join them. tp: the generated
-        tensor_parallel module; backend: the spec's (auto: nccl on GPUs, gloo otherwise)."""
+        tensor_parallel module; backend: the spec's (auto: nccl on GPUs, gloo otherwise);
+        command and env: what each worker runs, and what it needs to know besides its rank."""
         place = torchrun_place()
         workers: list[subprocess.Popen] = []
         if place is not None:
@@ -100,15 +102,14 @@ class RankGroup:
                 raise ValueError(f"torchrun started {place.size} processes but --tensor-parallel-size is {size}: "
                                  "give torchrun --nproc-per-node the tensor-parallel size")
             if place.rank != 0:
-                raise ValueError("only rank 0 runs the engine; the other ranks run vibee.runtime.rank_worker")
+                raise ValueError("RankGroup.start is rank 0's; the other ranks join with RankGroup.worker")
         else:
             port = _free_port()
             place = RankPlace(0, size, 0, "vibee", f"tcp://127.0.0.1:{port}")
-            env = {**os.environ, CONFIG_ENV: config.model_dump_json(), LAUNCHER_ENV: "vibee", "WORLD_SIZE": str(size),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            env = {**os.environ, **env, LAUNCHER_ENV: "vibee", "WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
             for rank in range(1, size):
-                workers.append(subprocess.Popen([sys.executable, "-m", "vibee.runtime.rank_worker"],
-                                                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+                workers.append(subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
         group = cls(tp, place, rank_device(device, place.local_rank), tp.resolve_backend(backend), workers)
         try:
             group.join()
@@ -190,6 +191,16 @@ class RankGroup:
                 self.send(("stop",))
             except RankLost:
                 pass
+        self._end_workers()
+
+    def finish(self) -> None:
+        """Every rank of a run where all ranks took the same steps (bench latency): meet, then
+        leave; rank 0 waits for the workers it launched."""
+        self._checked(dist.barrier, group=self.headers)
+        self.closed = True
+        self._end_workers()
+
+    def _end_workers(self) -> None:
         deadline = time.monotonic() + STOP_WAIT_S
         for proc in self.workers:
             try:
@@ -217,7 +228,9 @@ def start_ranks(config: Any, gen: Any, device: str) -> RankGroup | None:
     if config.speculating:
         raise ValueError(f"speculative decoding over {tp.tp_size} tensor-parallel ranks is not built yet: "
                          "drop --speculative/--draft-model, or use --tensor-parallel-size 1")
-    return RankGroup.start(config, gen.tensor_parallel, tp.tp_size, tp.backend, device)
+    return RankGroup.start(gen.tensor_parallel, tp.tp_size, tp.backend, device,
+                           command=[sys.executable, "-m", "vibee.runtime.rank_worker"],
+                           env={CONFIG_ENV: config.model_dump_json()})
 
 
 def worker_config() -> Any:
