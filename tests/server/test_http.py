@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from .fake_engine import FakeEngine, expected_text
 
@@ -94,7 +95,8 @@ def test_stream_error_in_band(make_server):
 
 
 def test_health(srv):
-    assert httpx.get(srv.url + "/health").status_code == 200
+    ok = httpx.get(srv.url + "/health")
+    assert ok.status_code == 200 and ok.json() == {"status": "ok"}
     srv.engine.alive = False
     _error(httpx.get(srv.url + "/health"), 503)
 
@@ -162,3 +164,42 @@ def test_api_key_scope(make_server):
     _error(httpx.post(s.url + "/v1/completions", content=b"{", headers={"Content-Type": "application/json"}), 401)
     assert httpx.get(s.url + "/v1/models", headers=good).status_code == 200
     assert httpx.post(s.url + "/tokenize", json={"prompt": "a"}, headers=good).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "x\udfff"], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": "ok", "stop": ["\ud83d"], "max_tokens": 2}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
+    ("/tokenize", {"prompt": "\udc00"}, "prompt"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(srv, path, body, param):
+    """JSON can spell a lone UTF-16 surrogate (\\ud800); it is not text any tokenizer takes."""
+    r = httpx.post(srv.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "lone UTF-16 surrogate" in err["message"], err
+    ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "a\U0001F600b", "max_tokens": 2})  # a real pair
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("n", [1_000_000, 17])
+def test_n_has_one_limit(srv, n):
+    """The protocol checks n against the engine's own limit, so every n past it gets the same message."""
+    from vibee.runtime.sampling_params import MAX_N
+
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "n": n})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert f"less than or equal to {MAX_N}" in r.json()["error"]["message"], r.text
+
+
+def test_openapi_documents_what_is_sent(srv):
+    doc = httpx.get(srv.url + "/openapi.json").json()
+    ops = [op for path in doc["paths"].values() for op in path.values()]
+    assert not [op for op in ops if "422" in op.get("responses", {})]
+    completions = doc["paths"]["/v1/completions"]["post"]["responses"]["400"]
+    assert completions["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(doc["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+    bad = httpx.post(srv.url + "/v1/completions", json={"prompt": 5})  # and a bad request is the documented 400
+    assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}

@@ -326,3 +326,14 @@ def test_api_key(make_server):
 
 def test_script_is_long_enough_for_tests():
     assert len(SCRIPT) > 40
+
+
+def test_system_fingerprint_in_bodies_and_every_stream_chunk(srv):
+    """One fingerprint for this server's configuration, on responses and on each chunk (OpenAI's shape)."""
+    messages = [{"role": "user", "content": "hi"}]
+    body = srv.client.completions.create(model="fake-model", prompt="hi", max_tokens=3)
+    chat = srv.client.chat.completions.create(model="fake-model", messages=messages, max_tokens=3)
+    stream = srv.client.chat.completions.create(model="fake-model", messages=messages, max_tokens=3, stream=True)
+    chunks = list(stream)
+    fingerprints = {body.system_fingerprint, chat.system_fingerprint, *(c.system_fingerprint for c in chunks)}
+    assert len(chunks) > 1 and len(fingerprints) == 1 and fingerprints.pop().startswith("fp_")

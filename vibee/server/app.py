@@ -12,6 +12,7 @@ from vibee.server import routes_completions, routes_info, routes_tokenize
 from vibee.server.auth import APIKeyMiddleware
 from vibee.server.errors import install_error_handlers
 from vibee.server.metrics import PrometheusObserver
+from vibee.server.openapi import install_openapi
 from vibee.server.state import EngineClient, ServerState
 
 
@@ -28,4 +29,5 @@ def create_app(engine: EngineClient, *, api_key: str | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     for routes in (routes_info, routes_tokenize, routes_completions):
         app.include_router(routes.router)
+    install_openapi(app)
     return app

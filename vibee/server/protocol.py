@@ -11,9 +11,10 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_LOGPROBS = 20  # SamplingParams's cap on top-logprob counts
+from vibee.runtime.sampling_params import MAX_LOGPROBS, MAX_N  # the engine's limits, checked here first
+
 
 
 def random_id(prefix: str) -> str:
@@ -24,9 +25,30 @@ def now() -> int:
     return int(time.time())
 
 
+def _lone_surrogate(value: Any) -> int | None:
+    """The index of the first lone surrogate in a string (JSON's "\\ud800" escapes decode to one; no
+    tokenizer takes it), searched through lists and dict values too; None when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # in C: a 10 MB prompt costs milliseconds
+        except UnicodeEncodeError as exc:
+            return exc.start
+        return None
+    items = value if isinstance(value, list) else value.values() if isinstance(value, dict) else ()
+    return next((at for at in map(_lone_surrogate, items) if at is not None), None)
+
+
 class _Request(BaseModel):
     # strict: "5" is not a number and 1 is not a bool (as OpenAI's API); ints still pass for floats.
     model_config = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode_text(cls, value: Any) -> Any:
+        at = _lone_surrogate(value)
+        if at is not None:
+            raise ValueError(f"the text has a lone UTF-16 surrogate at character {at}, which is not Unicode text")
+        return value
 
 
 class StreamOptions(_Request):
@@ -38,7 +60,7 @@ class _SamplingFields(_Request):
     """Fields the completions and chat endpoints share."""
 
     model: str | None = None  # None: the served model
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

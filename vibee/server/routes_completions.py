@@ -81,14 +81,16 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
             out.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         return JSONResponse(CompletionResponse(id=job.request_id, created=created, model=state.model_name,
-                                               choices=out, usage=job.usage(choices)).model_dump())
+                                               choices=out, usage=job.usage(choices),
+                                               system_fingerprint=state.system_fingerprint).model_dump())
 
     include_usage, continuous_usage = usage_options(req)
     running: dict[int, Choice] = {}
 
     def chunk(choices: list[dict[str, Any]], usage: UsageInfo | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"id": job.request_id, "object": "text_completion", "created": created,
-                                "model": state.model_name, "choices": choices}
+                                "model": state.model_name, "choices": choices,
+                                "system_fingerprint": state.system_fingerprint}
         if include_usage:
             body["usage"] = usage.model_dump() if usage is not None else None
         return body
@@ -160,14 +162,16 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
                                   logprobs=chat_logprobs(state, c.logprobs or [], top_n) if req.logprobs else None,
                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         return JSONResponse(ChatCompletionResponse(id=job.request_id, created=created, model=state.model_name,
-                                                   choices=out, usage=job.usage(choices)).model_dump())
+                                                   choices=out, usage=job.usage(choices),
+                                                   system_fingerprint=state.system_fingerprint).model_dump())
 
     include_usage, continuous_usage = usage_options(req)
     running: dict[int, Choice] = {i: Choice() for i in range(req.n)}
 
     def chunk(choice: dict[str, Any] | None, usage: UsageInfo | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"id": job.request_id, "object": "chat.completion.chunk", "created": created,
-                                "model": state.model_name, "choices": [choice] if choice else []}
+                                "model": state.model_name, "choices": [choice] if choice else [],
+                                "system_fingerprint": state.system_fingerprint}
         if include_usage:
             body["usage"] = usage.model_dump() if usage is not None else None
         return body

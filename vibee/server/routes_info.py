@@ -17,7 +17,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(state: State) -> Response:
     if state.is_alive():
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
     err = APIError(503, "The engine is not running.", code="engine_dead")
     return JSONResponse(err.body(), status_code=503)
 

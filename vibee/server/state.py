@@ -6,6 +6,7 @@ parameter `state: State` and FastAPI hands it over (no closures over create_app'
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Awaitable, Protocol
@@ -44,10 +45,21 @@ class ServerState:
     model_name: str
     created: int = field(default_factory=now)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod
     def for_engine(cls, engine: EngineClient) -> "ServerState":
         return cls(engine, CollectorRegistry(), served_model_name(engine))
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's backend fingerprint: it changes when what answers does (model, precision, specs, flags)."""
+        if self._fingerprint is None:
+            config = getattr(self.engine, "config", None)
+            described = config.model_dump_json() if hasattr(config, "model_dump_json") else repr(config)
+            digest = hashlib.sha256(f"{self.model_name}\n{described}".encode()).hexdigest()
+            self._fingerprint = f"fp_{digest[:10]}"
+        return self._fingerprint
 
     @property
     def max_model_len(self) -> int:
