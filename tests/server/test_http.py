@@ -203,3 +203,14 @@ def test_openapi_documents_what_is_sent(srv):
     assert set(doc["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
     bad = httpx.post(srv.url + "/v1/completions", json={"prompt": 5})  # and a bad request is the documented 400
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("message, param, words", [
+    ({"role": "tool"}, "messages[0].content", "tool message needs its content"),
+    ({"role": "tool", "content": "42"}, "messages[0].tool_call_id", "tool_call_id"),
+    ({"role": "user"}, "messages[0].content", "user message needs its content"),
+])
+def test_chat_messages_without_what_their_role_needs_are_400s(srv, message, param, words):
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [message]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"], r.text

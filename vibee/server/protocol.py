@@ -102,6 +102,7 @@ class ChatMessage(_Request):
     # A string, or content parts; only text parts are supported.
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ResponseFormat(_Request):

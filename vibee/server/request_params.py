@@ -75,6 +75,11 @@ def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_
     plain: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         content = message.content
+        if content is None and message.role != "assistant":  # an assistant turn may be tool calls alone
+            raise bad_request(f"A {message.role} message needs its content.", param=f"{param}[{i}].content")
+        if message.role == "tool" and not message.tool_call_id:
+            raise bad_request("A tool message needs the tool_call_id of the call it answers.",
+                              param=f"{param}[{i}].tool_call_id")
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
