@@ -230,8 +230,12 @@ def _add(node, value) -> None:
 @click.option("--served-model-name", default=None, help="Model name clients use (default: the directory's name).")
 @click.option("--api-key", envvar="VIBEE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (also from VIBEE_API_KEY).")
+@click.option("--max-request-mb", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
+              help="Largest request body taken (a larger one is a 413 before it is read).")
+@click.option("--max-choices-per-request", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most completions one request may ask for (prompts x n); more is a 400.")
 @engine_options
-def serve(host, port, api_key, **flags):
+def serve(host, port, api_key, max_request_mb, max_choices_per_request, **flags):
     """Serve a model over the OpenAI API, on the modules generated from the specs.
 
     Under torchrun (`torchrun --nproc-per-node N -m vibee serve --tensor-parallel-size N ...`),
@@ -246,8 +250,11 @@ def serve(host, port, api_key, **flags):
 
         with user_errors():
             sys.exit(run_rank_worker(config))
+    from vibee.server.state import ServerLimits
+
+    limits = ServerLimits(max_request_bytes=int(max_request_mb * 2**20), max_choices=max_choices_per_request)
     with user_errors():
-        run_server(config, host=host, port=port, api_key=api_key)
+        run_server(config, host=host, port=port, api_key=api_key, limits=limits)
 
 
 def _register_bench() -> None:

@@ -14,7 +14,7 @@ from .harness import serve
 
 @pytest.fixture
 def make_server():
-    """make_server(engine=None, api_key=None) -> SimpleNamespace(engine, app, url, client):
+    """make_server(engine=None, api_key=None, limits=None) -> SimpleNamespace(engine, app, url, client):
     `client` is an openai.OpenAI pointed at it (no retries, short timeout)."""
     import openai
 
@@ -22,9 +22,9 @@ def make_server():
 
     stack = contextlib.ExitStack()
 
-    def make(engine: FakeEngine | None = None, api_key: str | None = None) -> SimpleNamespace:
+    def make(engine: FakeEngine | None = None, api_key: str | None = None, limits=None) -> SimpleNamespace:
         engine = engine or FakeEngine()
-        app = create_app(engine, api_key=api_key)
+        app = create_app(engine, api_key=api_key, limits=limits)
         url = stack.enter_context(serve(app))
         client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=10)
         stack.callback(client.close)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 from rich.console import Console
 
@@ -22,8 +23,9 @@ console = Console(stderr=True, soft_wrap=True)
 GIL_SWITCH_INTERVAL_S = 0.0002  # see _serve
 
 
-def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | None,
+def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | None, limits: Any = None,
                graceful_timeout: float = 30.0, log_level: str = "info") -> None:
+    """limits: the server's ServerLimits (None: its defaults)."""
     import prometheus_client
 
     prometheus_client.disable_created_metrics()  # no *_created series: /metrics shows what people read
@@ -32,7 +34,7 @@ def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | Non
     engine = AsyncEngine.from_config(config, progress=True)
     died: list[str] = []
     try:  # whatever happens from here, the engine process is stopped before this one exits
-        _serve(engine, died, host=host, port=port, api_key=api_key, graceful_timeout=graceful_timeout,
+        _serve(engine, died, host=host, port=port, api_key=api_key, limits=limits, graceful_timeout=graceful_timeout,
                log_level=log_level)
     except KeyboardInterrupt:  # the re-raised SIGINT
         pass
@@ -45,7 +47,7 @@ def run_server(config: EngineConfig, *, host: str, port: int, api_key: str | Non
         sys.exit(1)
 
 
-def _serve(engine: AsyncEngine, died: list[str], *, host: str, port: int, api_key: str | None,
+def _serve(engine: AsyncEngine, died: list[str], *, host: str, port: int, api_key: str | None, limits: Any,
            graceful_timeout: float, log_level: str) -> None:
     import uvicorn
 
@@ -56,7 +58,7 @@ def _serve(engine: AsyncEngine, died: list[str], *, host: str, port: int, api_ke
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     for line in engine.facts.summary:
         console.print("  " + line, highlight=False)
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, limits=limits)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     console.print(f"[bold green]serving[/bold green] http://{shown_host}:{port}/v1  "
                   f"(OpenAI API; /metrics, /v1/inference/info, /v1/inference/stats)"

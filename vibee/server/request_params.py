@@ -69,6 +69,16 @@ def check_length(state: ServerState, ids: list[int], params: Any, *, prompt_para
             f"completion). Please reduce the prompt or {max_tokens_param}.", param=max_tokens_param)
 
 
+def check_choices(state: ServerState, num_prompts: int, n: int) -> None:
+    """A 400 when one request asks for more completions than the server takes from one client."""
+    limit = state.limits.max_choices
+    if num_prompts * n > limit:
+        asked = f"{num_prompts} prompts x n {n}" if num_prompts > 1 else f"n {n}"
+        raise bad_request(f"This request asks for {num_prompts * n} completions ({asked}); the server takes at most "
+                          f"{limit} per request (vibee serve --max-choices-per-request).",
+                          param="prompt" if num_prompts > 1 else "n")
+
+
 def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
                 param: str = "messages") -> str:
     """The prompt text the tokenizer's chat template makes of `messages` (text parts only)."""

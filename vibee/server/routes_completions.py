@@ -3,6 +3,7 @@ as a stream of chunks."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,7 +15,7 @@ from vibee.server.logprobs import chat_logprobs, completion_logprobs
 from vibee.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                    CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo, now,
                                    random_id)
-from vibee.server.request_params import chat_prompt, check_common, check_length, sampling_params
+from vibee.server.request_params import chat_prompt, check_choices, check_common, check_length, sampling_params
 from vibee.server.state import State
 from vibee.server.streaming import stream_job, usage_options
 
@@ -36,12 +37,13 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         prompt = [prompt]
     if not prompt:
         raise bad_request("The prompt is empty.", param="prompt")
+    check_choices(state, len(prompt), req.n)
     prompts: list[list[int]] = []
     texts: list[str] = []
     for i, p in enumerate(prompt):
         param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
         if isinstance(p, str):
-            ids = tokenizer.encode(p, add_special_tokens=req.add_special_tokens)
+            ids = await state.encode(p, add_special_tokens=req.add_special_tokens)
             texts.append(p)
         else:
             ids = list(p)
@@ -135,9 +137,10 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
 
-    text = chat_prompt(state, req.messages, req.add_generation_prompt)
+    check_choices(state, 1, req.n)
+    text = await asyncio.to_thread(chat_prompt, state, req.messages, req.add_generation_prompt)
     # The chat template writes the special tokens (BOS included) itself.
-    ids = state.engine.tokenizer.encode(text, add_special_tokens=False)
+    ids = await state.encode(text, add_special_tokens=False)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # OpenAI's default: as much as the context leaves

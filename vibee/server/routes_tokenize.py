@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
 from vibee.server.errors import bad_request
@@ -18,12 +20,11 @@ async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("Send exactly one of 'prompt' and 'messages'.",
                           param="prompt" if req.prompt is None else "messages")
-    tokenizer = state.engine.tokenizer
     if req.prompt is not None:
-        ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await state.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
-        text = chat_prompt(state, req.messages, req.add_generation_prompt)
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        text = await asyncio.to_thread(chat_prompt, state, req.messages, req.add_generation_prompt)
+        ids = await state.encode(text, add_special_tokens=False)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
 
 

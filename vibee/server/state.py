@@ -6,6 +6,7 @@ parameter `state: State` and FastAPI hands it over (no closures over create_app'
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -38,18 +39,32 @@ class EngineClient(Protocol):
     def add_observer(self, observer: Any) -> None: ...
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server (`vibee serve` flags)."""
+
+    max_request_bytes: int = 16 * 2**20  # a longer body is a 413 before it is read whole
+    max_choices: int = 256  # completions per request: prompts x n
+
+
 @dataclass
 class ServerState:
     engine: EngineClient
     registry: CollectorRegistry  # this app's Prometheus metrics
     model_name: str
+    limits: ServerLimits = field(default_factory=ServerLimits)
     created: int = field(default_factory=now)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod
-    def for_engine(cls, engine: EngineClient) -> "ServerState":
-        return cls(engine, CollectorRegistry(), served_model_name(engine))
+    def for_engine(cls, engine: EngineClient, limits: ServerLimits | None = None) -> "ServerState":
+        return cls(engine, CollectorRegistry(), served_model_name(engine), limits or ServerLimits())
+
+    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """The tokenizer's ids of `text`, computed off the event loop: a huge prompt must not stall
+        the streams and health checks the loop serves meanwhile."""
+        return await asyncio.to_thread(self.engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     @property
     def system_fingerprint(self) -> str:
