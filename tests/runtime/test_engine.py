@@ -61,6 +61,28 @@ def test_greedy_batch_equals_transformers(tiny):
         assert tokens == ref[0, len(prompt):].tolist()
 
 
+def test_prompt_logprobs_are_transformers_even_for_a_prefix_cache_hit(tiny):
+    """Each prompt token's logprob given the ones before it, with its top alternatives; the second
+    request finds the prompt in the prefix cache and still gets every position scored."""
+    model_dir, hf = tiny
+    eng = engine(model_dir, max_num_batched_tokens=16, max_num_seqs=4)  # the prompt prefills in chunks too
+    (prompt,) = prompts([37], seed=5)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    params = SamplingParams(max_tokens=2, prompt_logprobs=3, **GREEDY)
+    for attempt in range(2):
+        (out,) = generate(eng, [prompt], params)
+        if attempt:
+            assert out.outputs and eng.block_manager.prefix_cache_hits > 0
+        first, *scored = out.prompt_logprobs
+        assert first is None and len(scored) == len(prompt) - 1
+        for i, entry in enumerate(scored):
+            assert entry.token_id == prompt[i + 1]
+            assert entry.logprob == pytest.approx(ref[i, prompt[i + 1]].item(), abs=1e-5)
+            top_ids = [t for t, _ in entry.top]
+            assert top_ids == ref[i].topk(3).indices.tolist()
+
+
 @pytest.fixture(scope="module")
 def baseline(tiny):
     """Greedy tokens for a mixed batch with plenty of blocks and budget."""

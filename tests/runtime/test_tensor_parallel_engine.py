@@ -13,6 +13,7 @@ from torch import nn
 from tests.runtime.hf_models import make_model
 from tests.spec_edit import with_knob
 from vibee.runtime.generated import REPO_ROOT
+from vibee.runtime.offline import generate
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.engine import LLMEngine
@@ -52,13 +53,23 @@ def gqa_dir(tmp_path_factory):
     return path
 
 
+def scored(eng: LLMEngine) -> list[float]:
+    """The prompt logprobs of PROMPTS[0] (prompt_logprobs: the workers mirror the scoring forward)."""
+    (out,) = generate(eng, [eng.tokenizer.encode(PROMPTS[0])], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    return [e.logprob for e in out.prompt_logprobs[1:]]
+
+
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_two_ranks_give_the_one_rank_greedy_tokens_on_the_built_in_model(quant):
-    expected = greedy(engine(quant=quant))
+    one = engine(quant=quant)
+    expected_scores = scored(one)
+    expected = greedy(one)
     eng = engine(quant=quant, tensor_parallel_size=2)
     assert eng.ranks.size == 2 and eng.num_kv_heads == eng.model_config.num_kv_heads // 2
     info = eng.info()["tensor_parallel"]
     assert info["enabled"] and info["tp_size"] == 2 and info["backend"] == "gloo" and info["rank_devices"] == ["cpu"] * 2
+    # int8 layers compute in bf16: each rank's partial sums are rounded to it before the all-reduce
+    assert scored(eng) == pytest.approx(expected_scores, abs=1e-4 if quant == "none" else 0.05)
     assert greedy(eng) == expected
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import threading
 from types import SimpleNamespace
@@ -259,3 +260,70 @@ def test_32_concurrent_streams_finish_and_free_everything(real_engine_app):
     assert delta("vibee:prompt_tokens_total") == sum(r[1] for r in results)
     assert _metric(after, "vibee:num_requests_running") == 0
     assert _metric(after, "vibee:kv_cache_usage_perc") == 0
+
+
+def _hf_logprobs(model_dir, ids: list[int]) -> list[float]:
+    """transformers' logprob of each token after the first, given the ones before it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vibee.runtime.config import DEFAULT_MODEL_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir or DEFAULT_MODEL_DIR, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+
+
+def test_loglikelihood_requests_as_lm_evaluation_harness_sends_them(real_engine_app, engine_config):
+    """lm-eval's local-completions loglikelihood: token-id prompts, echo, logprobs 1, max_tokens 1;
+    it sums token_logprobs[ctxlen:-1] and calls the continuation greedy when each is its top's best."""
+    tok = real_engine_app.engine.tokenizer
+    context, continuation = tok.encode("def add(a, b):\n"), tok.encode("    return a + b\n", add_special_tokens=False)
+    ids = context + continuation
+    body = {"model": real_engine_app.model, "prompt": [ids, ids[:5]], "max_tokens": 1, "temperature": 0,
+            "logprobs": 1, "echo": True, "seed": 1234}
+    r = httpx.post(real_engine_app.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = sorted(r.json()["choices"], key=lambda c: c["index"])[0]
+    lp = choice["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    expected = _hf_logprobs(engine_config.model, ids)
+    assert lp["token_logprobs"][1:-1] == pytest.approx(expected, abs=1e-4)
+    got = lp["token_logprobs"][len(context):-1]
+    assert sum(got) == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-3)
+    for token_logprob, top in zip(got, lp["top_logprobs"][len(context):-1]):  # lm-eval's is_greedy needs both
+        assert token_logprob <= max(top.values()) + 1e-6 and len(top) <= 2
+    # max_tokens 0: the prompt alone, scored; nothing generated, nothing counted as completion
+    body.update(max_tokens=0, prompt=ids)
+    only = httpx.post(real_engine_app.url + "/v1/completions", json=body, timeout=120).json()
+    lp0 = only["choices"][0]["logprobs"]
+    assert lp0["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:-1], abs=1e-5)
+    assert only["usage"]["completion_tokens"] == 0 and only["choices"][0]["finish_reason"] == "length"
+    assert only["choices"][0]["text"] == tok.decode(ids)
+
+
+def test_echo_text_offsets_index_the_echoed_text(real_engine_app):
+    """A string prompt gets BOS, which the echoed text leaves out: offsets still index that text."""
+    body = {"model": real_engine_app.model, "prompt": "import os\nimport sys\n", "max_tokens": 4, "temperature": 0,
+            "logprobs": 0, "echo": True}
+    for stream in (False, True):
+        if stream:
+            with httpx.stream("POST", real_engine_app.url + "/v1/completions", json={**body, "stream": True},
+                              timeout=120) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+            offsets = [o for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                       for o in c["choices"][0]["logprobs"]["text_offset"]]
+            tokens = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                      for t in c["choices"][0]["logprobs"]["tokens"]]
+        else:
+            choice = httpx.post(real_engine_app.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+            text, offsets, tokens = choice["text"], choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+        assert text.startswith("import os") and offsets[0] == 0 and len(offsets) == len(tokens)
+        tokenizer = real_engine_app.engine.tokenizer
+        special = {tokenizer.decode([i], skip_special_tokens=False) for i in tokenizer.all_special_ids}
+        assert tokens[0] in special  # BOS: listed, but not in the text
+        for token, at in zip(tokens, offsets):
+            if token not in special:
+                assert text[at: at + len(token)] == token, (stream, token, at)

@@ -268,8 +268,8 @@ def _soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
 
 
 def _add_all(items: list[tuple[OutputStream, tuple]]) -> None:
-    for stream, (_, finished, num_cached, changes) in items:
-        stream.add(finished, num_cached, changes)
+    for stream, (_, finished, num_cached, changes, prompt_logprobs) in items:
+        stream.add(finished, num_cached, changes, prompt_logprobs)
 
 
 def _resolve(future: asyncio.Future, value: Any, error: BaseException | None) -> None:

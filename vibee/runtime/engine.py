@@ -196,6 +196,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} is already running")
         self.check_prompt(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, arrival_time or time.monotonic())
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = self.runner.score_prompt(req.prompt_token_ids, params.prompt_logprobs)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         for index in range(params.n):
             seq = self.gen.continuous_batch.Sequence(next(self._seq_ids), list(prompt_token_ids), params.max_tokens,

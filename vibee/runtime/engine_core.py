@@ -49,14 +49,15 @@ class EngineFacts:
 
 
 # (request_id, finished, num_cached_tokens, [(index, delta_text, delta_token_ids, delta_logprobs,
-#  finish_reason, stop_reason)]): a RequestOutput's news, without the tokens sent before.
-OutputDelta = tuple[str, bool, int, list[tuple[int, str, list[int], Any, str | None, Any]]]
+#  finish_reason, stop_reason)], prompt_logprobs): a RequestOutput's news, without the tokens sent
+# before (prompt_logprobs: in the request's first delta only, when asked for).
+OutputDelta = tuple[str, bool, int, list[tuple[int, str, list[int], Any, str | None, Any]], Any]
 
 
 def delta_of(out: RequestOutput) -> OutputDelta:
     return (out.request_id, out.finished, out.num_cached_tokens,
             [(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason, c.stop_reason)
-             for c in out.outputs])
+             for c in out.outputs], out.prompt_logprobs)
 
 
 class _StatsBuffer:

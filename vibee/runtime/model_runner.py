@@ -23,6 +23,7 @@ from vibee.runtime.block_table_rows import BlockTableRows
 from vibee.runtime.cuda_graphs import capture_decode_graphs
 from vibee.runtime.host_copy import to_device
 from vibee.runtime.prefill_graphs import capture_prefill_graphs
+from vibee.runtime.prompt_logprobs import prompt_logits, score_prompt
 from vibee.runtime.requests import token_slice
 from vibee.runtime.warmup import warm_prefill
 
@@ -88,6 +89,14 @@ class ModelRunner:
 
     def release(self, seq_id: int) -> None:
         self.block_rows.release(seq_id)
+
+    def score_prompt(self, prompt_token_ids: list[int], top: int) -> list[Any]:
+        """The prompt's own tokens' logprobs (prompt_logprobs.py), computed now, on every rank."""
+        ids = to_device(prompt_token_ids, self.device)
+        if self.ranks is not None:
+            self.ranks.send(("score", len(prompt_token_ids)))
+            self.ranks.share_ids(ids)
+        return score_prompt(prompt_logits(self.model, ids, block_size=self.block_size, device=self.device), ids, top)
 
     def run(self, sched, placeholders: dict[int, int]) -> tuple[list[tuple[Any, int, tuple[int, ...]]], torch.Tensor, bool]:
         """One forward over the step's tokens. Returns what to sample, as (sequence, first logits

@@ -19,13 +19,17 @@ def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
     for rid, prompt, p in zip(ids, prompts, params_list):
         engine.add_request(rid, prompt, p)
     final: dict[str, dict[int, CompletionOutput]] = {rid: {} for rid in ids}
+    prompt_logprobs: dict[str, list] = {}
     while engine.has_unfinished():
         for out in engine.step():
             for c in out.outputs:
                 final[out.request_id][c.index] = c
+            if out.prompt_logprobs is not None:
+                prompt_logprobs[out.request_id] = out.prompt_logprobs
         if on_step:
             on_step()
-    return [RequestOutput(rid, prompt, [final[rid][i] for i in sorted(final[rid])], True)
+    return [RequestOutput(rid, prompt, [final[rid][i] for i in sorted(final[rid])], True,
+                          prompt_logprobs=prompt_logprobs.get(rid))
             for rid, prompt in zip(ids, prompts)]
 
 

@@ -36,10 +36,13 @@ class OutputStream:
         self.finished = False
         self.finish_sent = False
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[Any] | None = None
         self.error: BaseException | None = None
         self.ready = asyncio.Event()
 
-    def add(self, finished: bool, num_cached_tokens: int, items: list[tuple]) -> None:
+    def add(self, finished: bool, num_cached_tokens: int, items: list[tuple], prompt_logprobs: Any = None) -> None:
+        if prompt_logprobs is not None:
+            self.prompt_logprobs = prompt_logprobs
         for index, delta_text, delta_ids, delta_logprobs, finish_reason, stop_reason in items:
             c = self.choices[index]
             c.text += delta_text
@@ -73,4 +76,5 @@ class OutputStream:
             c.sent_text, c.sent_tokens = len(c.text), len(c.token_ids)
         self.changed.clear()
         self.finish_sent = self.finished
-        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.num_cached_tokens)
+        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.num_cached_tokens,
+                             self.prompt_logprobs)

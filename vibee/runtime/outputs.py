@@ -56,6 +56,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]  # only the choices that changed in this step
     finished: bool  # every choice has finished
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With params.prompt_logprobs: one per prompt token, None for the first (nothing precedes it);
+    # in the request's first output (and every one after, on the server's side of the pipe).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -63,6 +63,7 @@ class RankWorker:
     def serve(self) -> None:
         """Mirror rank 0 until it says stop."""
         from vibee.runtime.model_runner import forward_rows
+        from vibee.runtime.prompt_logprobs import prompt_logits
 
         while True:
             header = self.ranks.receive()
@@ -72,6 +73,10 @@ class RankWorker:
                 ids = self.ranks.share_ids(torch.empty(num_tokens, dtype=torch.long, device=self.device))
                 batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
                 forward_rows(self.model, self.kv_cache, ids, batch, logit_rows, self.device)
+            elif kind == "score":  # a prompt's own logprobs: the same forward, the same logits chunks
+                ids = self.ranks.share_ids(torch.empty(header[1], dtype=torch.long, device=self.device))
+                for _ in prompt_logits(self.model, ids, block_size=self.block_size, device=self.device):
+                    pass
             elif kind == "swap":
                 self.host_swap.swap_out(header[1])
                 self.host_swap.swap_in(header[2])

@@ -46,6 +46,7 @@ class Request:
     first_token_time: float | None = None
     num_cached_tokens: int = 0
     inter_token_latencies: list[float] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None  # computed at admission; handed to the first output, then None
 
     @property
     def finished(self) -> bool:

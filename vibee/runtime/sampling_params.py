@@ -9,7 +9,7 @@ Ranges (the server reports a violation as a 400 with ``param`` = the field name)
   ``min_p``: [0, 1].
 - ``presence_penalty`` / ``frequency_penalty``: [-2, 2]; ``repetition_penalty``: > 0 (1 = off).
 - ``max_tokens``: >= 1. ``logprobs``: None, or 0..20 top alternatives (0 = only the sampled
-  token's logprob).
+  token's logprob); ``prompt_logprobs`` the same for each prompt token.
 - ``stop``: a string or a list of up to 16 non-empty strings of at most 256 characters each
   (OpenAI allows 4, vLLM any number; 16 keeps the per-token stop check cheap). Normalised to a
   list without duplicates. ``stop_token_ids``: ints >= 0.
@@ -83,6 +83,9 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[StrictInt] = Field(default_factory=list)
     ignore_eos: bool = Field(False, strict=True)
     logprobs: int | None = Field(None, strict=True)
+    # The prompt's own tokens' logprobs (vLLM's prompt_logprobs; OpenAI completions' echo with
+    # logprobs): this many top alternatives at each position, 0 = only the prompt token's.
+    prompt_logprobs: int | None = Field(None, strict=True)
     skip_special_tokens: bool = Field(True, strict=True)
     include_stop_str_in_output: bool = Field(False, strict=True)
 
@@ -179,11 +182,11 @@ class SamplingParams(BaseModel):
             raise ValueError(f"max_tokens must be at least 1, got {v}")
         return v
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "prompt_logprobs")
     @classmethod
-    def _check_logprobs(cls, v: int | None) -> int | None:
+    def _check_logprobs(cls, v: int | None, info) -> int | None:
         if v is not None and not 0 <= v <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {v}")
+            raise ValueError(f"{info.field_name} must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
 
     @field_validator("stop", mode="before")

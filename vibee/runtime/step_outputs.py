@@ -77,7 +77,8 @@ class StepOutputs:
                 choices.sort(key=lambda c: c.index)
             finished = req.finished
             outputs.append(RequestOutput(req.request_id, req.prompt_token_ids, [choice_output(c) for c in choices],
-                                         finished, req.num_cached_tokens))
+                                         finished, req.num_cached_tokens, req.prompt_logprobs))
+            req.prompt_logprobs = None  # reported once
             if finished:
                 self.retire(req, now)
 

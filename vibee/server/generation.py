@@ -53,13 +53,15 @@ class Job:
     n: int
     prompt_texts: list[str] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
+    prompt_logprobs: dict[int, list[Any]] = field(default_factory=dict)  # by prompt index, when asked for
+    prompt_only: bool = False  # max_tokens 0 with echo: the one token the engine samples is not sent
 
     def choice_index(self, prompt_index: int, index: int) -> int:
         return prompt_index * self.n + index
 
     def usage(self, choices: dict[int, Choice]) -> UsageInfo:
         prompt_tokens = sum(len(p) for p in self.prompts)
-        completion_tokens = sum(c.num_tokens for c in choices.values())
+        completion_tokens = 0 if self.prompt_only else sum(c.num_tokens for c in choices.values())
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens,
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens)))
@@ -187,6 +189,8 @@ async def collect(engine: EngineClient, raw: Request, job: Job, prompt_param: st
             while item is not None:
                 prompt_index, out = item
                 job.cached_tokens[prompt_index] = out.num_cached_tokens
+                if out.prompt_logprobs is not None:
+                    job.prompt_logprobs[prompt_index] = out.prompt_logprobs
                 for c in out.outputs:
                     choice = choices.setdefault(job.choice_index(prompt_index, c.index), Choice())
                     choice.text, choice.num_tokens = c.text, c.num_tokens

@@ -18,27 +18,38 @@ def _clean(x: float) -> float:
 
 
 def completion_logprobs(state: ServerState, entries: list[Any], top_n: int, choice: Choice,
-                        prompt_ids: list[int] | None = None) -> CompletionLogProbs:
-    """Advances `choice.text_offset` past every token listed."""
+                        prompt_ids: list[int] | None = None, prompt_entries: list[Any] | None = None,
+                        skip_special_tokens: bool = True) -> CompletionLogProbs:
+    """Advances `choice.text_offset` past every token listed. prompt_ids: echo's prompt tokens,
+    with their logprobs in prompt_entries (the engine's prompt_logprobs: None for the first).
+    Offsets index the text sent: a special token the text leaves out takes no characters."""
     out = CompletionLogProbs()
-    if prompt_ids:  # echo: prompt tokens, whose logprobs the engine doesn't compute
-        for t in prompt_ids:
-            text = state.token_text(t)
-            out.tokens.append(text)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            out.text_offset.append(choice.text_offset)
-            choice.text_offset += len(text)
-    for e in entries:
-        text = state.token_text(e.token_id)
+    special = state.engine.tokenizer.all_special_ids if skip_special_tokens else ()
+
+    def add(token_id: int, logprob: float | None, top: dict[str, float] | None) -> None:
+        text = state.token_text(token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(_clean(e.logprob))
-        top = {state.token_text(t): _clean(lp) for t, lp in list(e.top)[:top_n]}
-        top.setdefault(text, _clean(e.logprob))  # the sampled token is always listed (as vLLM does)
+        out.token_logprobs.append(logprob)
         out.top_logprobs.append(top)
         out.text_offset.append(choice.text_offset)
-        choice.text_offset += len(text)
+        if token_id not in special:
+            choice.text_offset += len(text)
+
+    for i, t in enumerate(prompt_ids or []):
+        e = prompt_entries[i] if prompt_entries else None
+        if e is None:  # the first token (nothing precedes it), or no prompt logprobs asked for
+            add(t, None, None)
+        else:
+            add(t, _clean(e.logprob), _tops(state, e, top_n))
+    for e in entries:
+        add(e.token_id, _clean(e.logprob), _tops(state, e, top_n))
     return out
+
+
+def _tops(state: ServerState, e: Any, top_n: int) -> dict[str, float]:
+    top = {state.token_text(t): _clean(lp) for t, lp in list(e.top)[:top_n]}
+    top.setdefault(state.token_text(e.token_id), _clean(e.logprob))  # the token itself is always listed (as vLLM does)
+    return top
 
 
 def chat_logprobs(state: ServerState, entries: list[Any], top_n: int) -> ChatLogProbs:

@@ -84,7 +84,7 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     # A string, a token list, or a batch of either (choice index = prompt index * n + choice).
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)

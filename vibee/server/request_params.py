@@ -21,13 +21,15 @@ def check_common(state: ServerState, req: Any) -> None:
         raise bad_request("logit_bias is not supported.", param="logit_bias")
 
 
-def sampling_params(req: Any, *, max_tokens: int, logprobs: int | None, chat: bool) -> Any:
+def sampling_params(req: Any, *, max_tokens: int, logprobs: int | None, chat: bool,
+                    prompt_logprobs: int | None = None) -> Any:
     from vibee.runtime.sampling_params import SamplingParams
 
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     kw: dict[str, Any] = dict(n=req.n, max_tokens=max_tokens, stop=stop,
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              skip_special_tokens=req.skip_special_tokens,
                               include_stop_str_in_output=req.include_stop_str_in_output)
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                  "repetition_penalty"):

@@ -29,6 +29,9 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         raise bad_request("suffix is not supported.", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (other than best_of == n).", param="best_of")
+    prompt_only = req.max_tokens == 0  # score the prompt: lm-evaluation-harness's loglikelihood requests
+    if prompt_only and not req.echo:
+        raise bad_request("max_tokens 0 returns only the prompt: it needs echo set to true.", param="max_tokens")
     tokenizer = state.engine.tokenizer
 
     # Normalise to a batch of token lists; remember each prompt's text for echo.
@@ -55,14 +58,16 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
 
     params = []
     for i, ids in enumerate(prompts):
-        # max_tokens null: whatever the context leaves (vLLM's meaning).
+        # max_tokens null: whatever the context leaves (vLLM's meaning); 0: the engine samples one token, unsent.
         max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - len(ids))
-        p = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, chat=False)
+        # echo with logprobs: the prompt's own tokens' logprobs too.
+        p = sampling_params(req, max_tokens=max(1, max_tokens), logprobs=req.logprobs, chat=False,
+                            prompt_logprobs=req.logprobs if req.echo else None)
         check_length(state, ids, p, prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
                      max_tokens_param="max_tokens")
         params.append(p)
 
-    job = Job(random_id("cmpl"), prompts, params, req.n, texts, [0] * len(prompts))
+    job = Job(random_id("cmpl"), prompts, params, req.n, texts, [0] * len(prompts), prompt_only=prompt_only)
     created = now()
     top_n = req.logprobs or 0
 
@@ -75,10 +80,13 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         for index in range(len(prompts) * req.n):
             c = choices.get(index, Choice())
             p_index = index // req.n
+            if prompt_only:
+                c.text, c.logprobs, c.finish_reason, c.stop_reason = "", [], "length", None
             logprobs = None
             if req.logprobs is not None:
                 logprobs = completion_logprobs(state, c.logprobs or [], top_n, c,
-                                               prompts[p_index] if req.echo else None)
+                                               prompts[p_index] if req.echo else None,
+                                               job.prompt_logprobs.get(p_index), req.skip_special_tokens)
             text = (texts[p_index] + c.text) if req.echo else c.text
             out.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason))
@@ -102,8 +110,12 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         for c in out.outputs:
             index = job.choice_index(prompt_index, c.index)
             choice = running.setdefault(index, Choice())
+            if prompt_only and choice.started:
+                continue  # the echo went out with the first output; the token sampled after it is not sent
             choice.num_tokens = c.num_tokens
-            text = c.delta_text
+            text, entries, finish_reason, stop_reason = c.delta_text, c.delta_logprobs or [], c.finish_reason, c.stop_reason
+            if prompt_only:
+                text, entries, finish_reason, stop_reason = "", [], "length", None
             echo_ids = None
             if not choice.started:
                 choice.started = True
@@ -112,11 +124,12 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
                     echo_ids = prompts[prompt_index]
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(state, c.delta_logprobs or [], top_n, choice, echo_ids).model_dump()
-            if not text and c.finish_reason is None and not (logprobs and logprobs["tokens"]):
+                logprobs = completion_logprobs(state, entries, top_n, choice, echo_ids, out.prompt_logprobs,
+                                               req.skip_special_tokens).model_dump()
+            if not text and finish_reason is None and not (logprobs and logprobs["tokens"]):
                 continue  # nothing new to say (text held back for a possible stop string)
             chunks.append(chunk([{"index": index, "text": text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}],
+                                  "finish_reason": finish_reason, "stop_reason": stop_reason}],
                                 job.usage(running) if continuous_usage else None))
         return chunks
 
