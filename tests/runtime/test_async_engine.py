@@ -151,3 +151,20 @@ def test_output_stream_merges_steps_the_reader_missed():
             await stream.next()
 
     asyncio.run(scenario())
+
+
+def test_an_abort_reports_the_gauges_it_leaves(config):
+    """With nothing left to step, no step would report the running/waiting/KV gauges an abort
+    changed: the engine process sends them with the abort's outputs."""
+    import multiprocessing
+
+    from vibee.runtime.engine_core import EngineCore
+
+    eng = LLMEngine(config, progress=False)
+    ours, theirs = multiprocessing.Pipe()
+    core = EngineCore(eng, theirs)
+    core._handle(("add", "r", prompts([12])[0], SamplingParams(max_tokens=8), None))
+    core._handle(("abort", "r"))
+    kind, deltas, steps, finished = ours.recv()
+    assert kind == "step" and deltas[0][1] is True  # the aborted request's final output
+    assert steps and (steps[-1].num_running, steps[-1].num_waiting, steps[-1].kv_cache_usage) == (0, 0, 0.0)

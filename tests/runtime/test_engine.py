@@ -412,3 +412,33 @@ def test_shape_runs_with_random_weights_and_no_files(monkeypatch):
     assert first.text == "".join(eng.tokenizer.decode([t]) for t in first.token_ids) and len(first.text) >= 7
     with pytest.raises(ValueError, match="--shape and --model"):
         LLMEngine(EngineConfig(shape="test-tiny", model=Path("."), device="cpu"), progress=False)
+
+
+def test_logit_bias_steers_and_bans_tokens(tiny):
+    model_dir, _ = tiny
+    eng = engine(model_dir)
+    (prompt,) = prompts([9], seed=7)
+    (plain,) = run_tokens(eng, [prompt], max_tokens=6)
+    (forced,) = run_tokens(eng, [prompt], max_tokens=6, logit_bias={"42": 100})  # as JSON spells the key
+    assert forced[0] == [42] * 6
+    (banned,) = run_tokens(eng, [prompt], max_tokens=6, logit_bias={plain[0][0]: -100})
+    assert banned[0][0] != plain[0][0]
+    with pytest.raises(ValueError, match=f"logit_bias names token id {VOCAB_SIZE}, outside the vocabulary"):
+        eng.add_request("bad", prompt, SamplingParams(logit_bias={VOCAB_SIZE: 1.0}))
+
+
+def test_min_tokens_holds_back_the_stop_tokens(tiny):
+    """The greedy continuation's first token made a stop token: it ends the request at once, unless
+    min_tokens keeps it from being sampled that early."""
+    model_dir, _ = tiny
+    eng = engine(model_dir)
+    (prompt,) = prompts([9], seed=7)
+    (plain,) = run_tokens(eng, [prompt], max_tokens=8)
+    stop = plain[0][0]
+    (stopped,) = run_tokens(eng, [prompt], max_tokens=8, stop_token_ids=[stop])
+    assert stopped[0] == [stop]
+    (held,) = run_tokens(eng, [prompt], max_tokens=8, stop_token_ids=[stop], min_tokens=4)
+    assert len(held[0]) >= 4 and stop not in held[0][:4]
+    assert held[0][-1] == stop or len(held[0]) == 8
+    with pytest.raises(ValueError, match=r"min_tokens \(9\) must be at most max_tokens \(8\)"):
+        SamplingParams(max_tokens=8, min_tokens=9)

@@ -163,6 +163,14 @@ def test_disconnect_frees_kv_blocks(real_engine_app):
     metrics = httpx.get(s.url + "/metrics").text
     assert 'vibee:request_success_total{finished_reason="abort"' in metrics
 
+    def gauges_idle() -> bool:  # no step follows the abort: the engine reports the gauges with it
+        lines = httpx.get(s.url + "/metrics").text.splitlines()
+        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in lines
+                  if line.startswith(("vibee:num_requests_running", "vibee:kv_cache_usage_perc"))}
+        return values == {"vibee:num_requests_running": 0.0, "vibee:kv_cache_usage_perc": 0.0}
+
+    assert wait_until(gauges_idle, timeout=10), httpx.get(s.url + "/metrics").text
+
 
 def test_concurrent_requests_are_batched(real_engine_app):
     s = real_engine_app

@@ -96,13 +96,24 @@ def test_stop_token_ids_eos_and_ignore_eos(make_server):
 def test_sampling_fields_reach_sampling_params(srv):
     srv.client.completions.create(
         model=MODEL, prompt="hi", max_tokens=3, temperature=0.7, top_p=0.9, seed=11, presence_penalty=0.5,
-        frequency_penalty=-0.5, user="someone", stop="xyz",
+        frequency_penalty=-0.5, user="someone", stop="xyz", logit_bias={"65": 3.5, "66": -100},
         extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "skip_special_tokens": False,
-                    "some_future_field": {"a": 1}})
+                    "min_tokens": 2, "some_future_field": {"a": 1}})
     _, _, p = srv.engine.started[-1]
     assert (p.temperature, p.top_p, p.seed, p.presence_penalty, p.frequency_penalty) == (0.7, 0.9, 11, 0.5, -0.5)
     assert (p.top_k, p.min_p, p.repetition_penalty, p.max_tokens, p.stop) == (5, 0.1, 1.2, 3, ["xyz"])
     assert p.skip_special_tokens is False and p.n == 1 and p.logprobs is None
+    assert p.logit_bias == {65: 3.5, 66: -100.0} and p.min_tokens == 2
+
+
+def test_bad_logit_bias_and_min_tokens_are_400s_naming_them(srv):
+    import openai
+
+    for extra, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                         ({"min_tokens": 9}, "min_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            srv.client.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body=extra)
+        assert err.value.body["param"] == param, err.value.body
 
 
 def test_completion_stream(srv):

@@ -370,7 +370,8 @@ class LLMEngine:
                 pending = self.sampler.launch_for(x, self.runner.sampled[: len(plain)], params)
             else:
                 pending = self.sampler.launch(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
-                                                              choice.generator) for seq, _, _, req, choice in plain])
+                                                              choice.generator, seq.stop_token_ids)
+                                                  for seq, _, _, req, choice in plain])
                 if len(plain) == len(sampling):  # where the next step reads them; not over a verifying step's argmax
                     self.runner.sampled[: len(plain)].copy_(pending.tokens)
         before = [len(s[0].output_token_ids) for s in sampling]

@@ -174,6 +174,8 @@ class EngineCore:
         elif kind in ("abort", "abort_all"):
             ids = [msg[1]] if kind == "abort" else engine.request_ids()
             finals = [engine.abort_request(request_id) for request_id in ids]
+            # The gauges as the aborts left them: with nothing left to step, no step would report them.
+            self.stats.steps.append(engine.step_outputs.gauges())
             self._send([f for f in finals if f is not None])
         elif kind == "call":
             _, call_id, name = msg

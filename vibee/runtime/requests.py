@@ -67,6 +67,9 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, *, vocab_
     bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    biased = [t for t in params.logit_bias if t >= vocab_size]
+    if biased:
+        raise ValueError(f"logit_bias names token id {biased[0]}, outside the vocabulary (0..{vocab_size - 1})")
     if n + params.max_tokens > max_model_len:
         raise ValueError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                          f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the "

@@ -22,7 +22,8 @@ random rows share the sampler-wide generator.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
+    stop_token_ids: Collection[int] = ()  # what ends the sequence (EOS included): held back before min_tokens
 
 
 @dataclass
@@ -197,6 +199,7 @@ class Sampler:
 
     def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> None:
         device = x.device
+        self._bias_and_hold(x, rows)
         rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         add = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
         if not rep and not add:
@@ -224,6 +227,20 @@ class Sampler:
             freq = _on(device, [rows[i].params.frequency_penalty for i in add], torch.float32)[:, None]
             pres = _on(device, [rows[i].params.presence_penalty for i in add], torch.float32)[:, None]
             x[ai] -= freq * counts + pres * (counts > 0).float()
+
+    @staticmethod
+    def _bias_and_hold(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        """logit_bias added; the stop tokens of rows short of min_tokens made impossible."""
+        row_ids, token_ids, values = [], [], []
+        for i, r in enumerate(rows):
+            for token, bias in r.params.logit_bias.items():
+                row_ids.append(i), token_ids.append(token), values.append(bias)
+            if len(r.output_token_ids) < r.params.min_tokens:
+                for token in r.stop_token_ids:
+                    row_ids.append(i), token_ids.append(token), values.append(-math.inf)
+        if row_ids:  # one index_put: a bias then a hold on the same token sums to -inf, as it should
+            x.index_put_((_on(x.device, row_ids), _on(x.device, token_ids)), _on(x.device, values, torch.float32),
+                         accumulate=True)
 
     # ---- random sampling ----
 

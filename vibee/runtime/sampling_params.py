@@ -10,6 +10,9 @@ Ranges (the server reports a violation as a 400 with ``param`` = the field name)
 - ``presence_penalty`` / ``frequency_penalty``: [-2, 2]; ``repetition_penalty``: > 0 (1 = off).
 - ``max_tokens``: >= 1. ``logprobs``: None, or 0..20 top alternatives (0 = only the sampled
   token's logprob); ``prompt_logprobs`` the same for each prompt token.
+- ``logit_bias``: token id (an int, or its decimal string as JSON keys are) -> a bias in
+  [-100, 100] added to that token's logit. ``min_tokens``: 0..max_tokens; before that many output
+  tokens, EOS and ``stop_token_ids`` cannot be sampled (stop strings still apply, as in vLLM).
 - ``stop``: a string or a list of up to 16 non-empty strings of at most 256 characters each
   (OpenAI allows 4, vLLM any number; 16 keeps the per-token stop check cheap). Normalised to a
   list without duplicates. ``stop_token_ids``: ints >= 0.
@@ -86,6 +89,10 @@ class SamplingParams(BaseModel):
     # The prompt's own tokens' logprobs (vLLM's prompt_logprobs; OpenAI completions' echo with
     # logprobs): this many top alternatives at each position, 0 = only the prompt token's.
     prompt_logprobs: int | None = Field(None, strict=True)
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias: -100..100).
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    # EOS and stop_token_ids cannot be sampled before this many output tokens (vLLM's min_tokens).
+    min_tokens: int = Field(0, strict=True)
     skip_special_tokens: bool = Field(True, strict=True)
     include_stop_str_in_output: bool = Field(False, strict=True)
 
@@ -189,6 +196,32 @@ class SamplingParams(BaseModel):
             raise ValueError(f"{info.field_name} must be between 0 and {MAX_LOGPROBS}, got {v}")
         return v
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError(f"logit_bias must map token ids to biases, got {type(v).__name__}")
+        out = {}
+        for key, bias in v.items():
+            token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be numbers between -100 and 100, got {bias!r} for {key!r}")
+            out[token] = float(bias)
+        return out
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _check_min_tokens(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"min_tokens must be at least 0, got {v}")
+        if v > info.data.get("max_tokens", v):
+            raise ValueError(f"min_tokens ({v}) must be at most max_tokens ({info.data['max_tokens']})")
+        return v
+
     @field_validator("stop", mode="before")
     @classmethod
     def _normalise_stop(cls, v: Any) -> Any:
@@ -241,4 +274,7 @@ class SamplingParams(BaseModel):
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether the logits are changed per row before sampling (penalties, a bias, a minimum
+        length): such rows take the sampler's general path, with every token on the host."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias) or self.min_tokens > 0)

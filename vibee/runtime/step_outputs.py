@@ -30,6 +30,14 @@ class StepOutputs:
         self.num_generated = 0  # tokens read back so far (the speed gate's numerator)
         self.last_read = 0.0  # perf_counter when the last step's tokens were read
 
+    def gauges(self, **figures) -> StepStats:
+        """The running/waiting/KV-use gauges as they stand, with a step's figures (none: zeros)."""
+        counts = dict(num_preemptions=0, prefix_cache_queries=0, prefix_cache_hits=0, num_prompt_tokens=0,
+                      num_generation_tokens=0, batch_size=0, step_time=0.0)
+        return StepStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                         kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
+                         **{**counts, **figures})
+
     def resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
         """A launched step's tokens, read back: placeholders replaced, stop tokens and strings
         applied, text made, outputs reported, finished requests retired, the step recorded."""
@@ -84,9 +92,7 @@ class StepOutputs:
 
         step_time = time.perf_counter() - max(launched.started, self.last_read)
         self.last_read = time.perf_counter()
-        stats = StepStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=1.0 - self.block_manager.num_free_blocks() / self.num_blocks,
+        stats = self.gauges(
             num_preemptions=len(launched.sched.preempted),
             prefix_cache_queries=(self.block_manager.prefix_cache_queries - launched.prefix_queries) * self.block_size,
             prefix_cache_hits=(self.block_manager.prefix_cache_hits - launched.prefix_hits) * self.block_size,

@@ -70,12 +70,13 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = None
     seed: int | None = None
     user: str | None = None  # accepted, unused
-    logit_bias: dict[str, float] | None = None  # refused when non-empty
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

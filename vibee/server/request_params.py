@@ -17,8 +17,6 @@ def check_common(state: ServerState, req: Any) -> None:
     state.check_model(req.model)
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported.", param="logit_bias")
 
 
 def sampling_params(req: Any, *, max_tokens: int, logprobs: int | None, chat: bool,
@@ -32,7 +30,7 @@ def sampling_params(req: Any, *, max_tokens: int, logprobs: int | None, chat: bo
                               skip_special_tokens=req.skip_special_tokens,
                               include_stop_str_in_output=req.include_stop_str_in_output)
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty"):
+                 "repetition_penalty", "logit_bias", "min_tokens"):
         value = getattr(req, name)
         if value is not None:
             kw[name] = value
