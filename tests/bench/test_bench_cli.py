@@ -237,6 +237,7 @@ def _tiny_random_model(root: Path) -> Path:
     ("default", []),
     ("random", []),
     ("random", ["--no-kv-cache", "--no-flash-attn", "--max-num-seqs", "2"]),
+    ("default", ["--structured-output", "text_regex"]),
 ])
 def test_throughput_end_to_end(tmp_path, model, extra):
     pytest.importorskip("vibee.runtime.engine", reason="the engine's modules are not all there yet")
@@ -267,6 +268,12 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     assert data["warmup"]["requests"] == 1
     assert "Output tokens/s" in next(out.glob("throughput-*.md")).read_text()
     assert "warm-up" in result.output
+    masks = r["grammar_masks"]
+    if "--structured-output" in extra:  # every output token was sampled under one row's mask
+        assert masks["rows"] == r["output_tokens"] and 1 <= masks["steps"] <= r["steps"]
+        assert masks["ms_per_step"] > 0 and "Grammar masks" in result.output
+    else:
+        assert masks is None
 
 
 @pytest.mark.slow

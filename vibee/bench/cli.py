@@ -66,8 +66,11 @@ for _command in (latency, perplexity, kernels):  # defined in vibee/bench/comman
 @click.option("--dataset", type=click.Choice(["random", "stdlib"]), default="random", show_default=True,
               help="Prompts of random tokens, or windows of Python standard-library source (real text).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--structured-output", type=click.Choice(["none", "json_object", "text_regex"]), default="none",
+              show_default=True, help="Constrain every request: any JSON object, or the regex [^<>]* (open to the "
+              "end, a mask over most of the vocabulary every step); reports the masks' host time.")
 @engine_options
-def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, temperature, **flags):
+def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, temperature, structured_output, **flags):
     """Offline engine throughput on random-token prompts (like vLLM's benchmark_throughput)."""
     import time
 
@@ -102,7 +105,11 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
               f"{warmup['output_tokens']} output tokens, not timed); timing {num_prompts} requests", highlight=False)
     if engine.speculative:
         engine.acceptance.reset()  # count the timed requests only
-    results = run_throughput(engine, workload, console=err, temperature=temperature)
+    from vibee.runtime.structured_output import grammar_for_json_object, grammar_for_regex
+
+    grammar = {"none": None, "json_object": grammar_for_json_object, "text_regex": lambda: grammar_for_regex("[^<>]*")}
+    grammar = grammar[structured_output]() if grammar[structured_output] else None
+    results = run_throughput(engine, workload, console=err, temperature=temperature, structured_output=grammar)
     spec_rows = []
     if engine.speculative:
         results["speculative"] = spec = engine.stats()["speculative_decoding"]
@@ -112,6 +119,7 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
 
     settings = {"num_prompts": num_prompts, "input_len": f"{input_len[0]}:{input_len[1]}",
                 "output_len": f"{output_len[0]}:{output_len[1]}", "seed": seed, "temperature": temperature, "dataset": dataset,
+                "structured_output": structured_output,
                 "ignore_eos": True, "prompt_vocab": vocab, "excluded_special_ids": len(special),
                 **engine_settings(engine)}
     env = environment(engine.device)
@@ -135,6 +143,9 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
             ["Preemptions", f"{r['preemptions']} ({r['preemption_mode']})"],
             *([["Swap-outs / swap-ins / recomputed instead", f"{r['swap_outs']} / {r['swap_ins']} / {r['swap_fallbacks']}"]]
               if r["preemption_mode"] == "swap" else []), *spec_rows,
+            *([["Grammar masks (host): ms per step / us per row",
+                f"{r['grammar_masks']['ms_per_step']:.3f} / {r['grammar_masks']['us_per_row']:.1f}"]]
+              if r["grammar_masks"] else []),
         ]),
         Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
         Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]),

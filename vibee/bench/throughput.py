@@ -74,14 +74,17 @@ def warm_up(engine, workload: Workload) -> dict[str, int]:
     return {"requests": 1, "prompt_tokens": len(prompt), "output_tokens": WARMUP_OUTPUT_TOKENS}
 
 
-def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0) -> dict[str, Any]:
-    """Add every request, step until all finish, and measure. Shows a progress bar on `console`."""
+def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0,
+                   structured_output: str | None = None) -> dict[str, Any]:
+    """Add every request, step until all finish, and measure. Shows a progress bar on `console`.
+    structured_output: a grammar every request keeps to (its masks' host time is reported)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vibee.runtime.sampling_params import SamplingParams
 
     peaks = StepPeaks()
     engine.add_observer(peaks)
+    masks_before = (engine.structured.mask_seconds, engine.structured.mask_steps, engine.structured.mask_rows)
     before = engine.stats()["batching"]
     n = len(workload.prompts)
     generated = 0
@@ -96,7 +99,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(zip(workload.prompts, workload.output_lens)):
             engine.add_request(f"bench-{i}", prompt,
-                               SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=out_len))
+                               SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=out_len,
+                                              structured_output=structured_output))
 
         def on_step(outs) -> None:
             nonlocal generated, finished
@@ -110,6 +114,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         elapsed = time.perf_counter() - start
         peaks.active = False
 
+    structured = engine.structured
+    masks = (structured.mask_seconds, structured.mask_steps, structured.mask_rows)
     after = engine.stats()["batching"]
     steps = after["steps"] - before["steps"]
     # avg_batch_size covers the engine's life; take the timed steps' share (the warm-up excluded).
@@ -135,6 +141,11 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         "preemptions": after["preemptions"] - before["preemptions"],
         "preemption_mode": after["preemption_mode"],
         **{key: after[key] - before[key] for key in ("swap_outs", "swap_ins", "swap_fallbacks")},
+        # Host time of the grammar masks (structured_output.py), over the timed run.
+        "grammar_masks": None if structured_output is None else {
+            "steps": masks[1] - masks_before[1], "rows": masks[2] - masks_before[2],
+            "ms_per_step": 1e3 * (masks[0] - masks_before[0]) / max(1, masks[1] - masks_before[1]),
+            "us_per_row": 1e6 * (masks[0] - masks_before[0]) / max(1, masks[2] - masks_before[2])},
     }
 
 

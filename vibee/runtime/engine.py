@@ -35,6 +35,7 @@ from vibee.runtime.speculation import Speculator
 from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.step_outputs import StepOutputs
 from vibee.runtime.stop_strings import StopStringMatcher
+from vibee.runtime.structured_output import StructuredOutputs
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,7 +129,10 @@ class LLMEngine:
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark,
             preemption_mode="swap" if swap else "recompute", num_swap_slots=host_swap.num_slots if swap else 0)
-        self.sampler = Sampler(seed=config.seed, device=self.device)
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                            eos_token_ids=self.eos_token_ids)
+        self.sampler = Sampler(seed=config.seed, device=self.device, structured=self.structured)
         # Plain decoding in rounds on the device (multi_step.py), with decode graphs; with --speculative
         # while the speed gate holds plain decoding, so that speculation is measured against it.
         self.multi_step = (MultiStep(self.graphs, self.sampler, max_rounds=batch_spec.num_scheduler_steps,
@@ -136,7 +140,6 @@ class LLMEngine:
                                      block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
                                      device=self.device)
                            if self.graphs is not None and batch_spec.num_scheduler_steps > 1 else None)
-        self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
         # With --speculative: whether drafting pays right now, measured against plain decoding.
         self.speed_gate = SpeedGate() if self.speculative else None
@@ -205,7 +208,9 @@ class LLMEngine:
             choice = Choice(index, seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
                              StopStringMatcher(list(params.stop), params.include_stop_str_in_output),
                              choice_generator(params.seed, index, self.device),
-                             logprobs=[] if params.logprobs is not None else None)
+                             logprobs=[] if params.logprobs is not None else None,
+                             constraint=(self.structured.constraint(params.structured_output)
+                                         if params.structured_output is not None else None))
             req.choices.append(choice)
         for choice in req.choices:  # all or nothing: a refused choice leaves none behind
             try:
@@ -370,7 +375,7 @@ class LLMEngine:
                 pending = self.sampler.launch_for(x, self.runner.sampled[: len(plain)], params)
             else:
                 pending = self.sampler.launch(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
-                                                              choice.generator, seq.stop_token_ids)
+                                                              choice.generator, seq.stop_token_ids, choice.constraint)
                                                   for seq, _, _, req, choice in plain])
                 if len(plain) == len(sampling):  # where the next step reads them; not over a verifying step's argmax
                     self.runner.sampled[: len(plain)].copy_(pending.tokens)

@@ -33,6 +33,7 @@ class Choice:
     emitted_tokens: int = 0  # output tokens already reported in a RequestOutput
     emitted_logprobs: int = 0
     reported_text: str = ""  # text already reported in a RequestOutput
+    constraint: Any = None  # its TokenConstraint when the request has a grammar (structured_output.py)
 
 
 @dataclass

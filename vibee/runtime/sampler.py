@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
     stop_token_ids: Collection[int] = ()  # what ends the sequence (EOS included): held back before min_tokens
+    constraint: Any = None  # the choice's TokenConstraint (structured_output.py) when it has a grammar
 
 
 @dataclass
@@ -118,13 +120,15 @@ class _PromptIdCache:
 
 class Sampler:
     def __init__(self, seed: int | None = None, device: torch.device | str | None = None,
-                 kernels: bool | None = None):
+                 kernels: bool | None = None, structured: Any = None):
         """``seed`` seeds the shared generator used by rows without their own (None: random).
         ``device`` creates that generator up front; others are made on first use per device.
         ``kernels``: sample plain batches (temperature only, shared generator) in one Triton
         kernel (vibee/runtime/sampling_kernel.py); None: on a CUDA device (on a CPU the kernel
-        needs TRITON_INTERPRET=1)."""
+        needs TRITON_INTERPRET=1). ``structured``: the StructuredOutputs that masks the rows
+        with a grammar."""
         self._seed = seed
+        self._structured = structured
         self._kernels = kernels
         self._generators: dict[torch.device, torch.Generator] = {}
         self._prompt_ids = _PromptIdCache()
@@ -200,6 +204,7 @@ class Sampler:
     def _apply_penalties(self, x: torch.Tensor, rows: Sequence[SamplingRow], vocab: int) -> None:
         device = x.device
         self._bias_and_hold(x, rows)
+        self._apply_grammars(x, rows)
         rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         add = [i for i, r in enumerate(rows) if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
         if not rep and not add:
@@ -227,6 +232,13 @@ class Sampler:
             freq = _on(device, [rows[i].params.frequency_penalty for i in add], torch.float32)[:, None]
             pres = _on(device, [rows[i].params.presence_penalty for i in add], torch.float32)[:, None]
             x[ai] -= freq * counts + pres * (counts > 0).float()
+
+    def _apply_grammars(self, x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        """Tokens outside a row's grammar made impossible. Before the penalties: a penalty
+        divides or subtracts, and -inf stays -inf."""
+        constrained = [(i, r.constraint, r.output_token_ids) for i, r in enumerate(rows) if r.constraint is not None]
+        if constrained:
+            self._structured.mask(x, constrained)
 
     @staticmethod
     def _bias_and_hold(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

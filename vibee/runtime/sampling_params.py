@@ -13,6 +13,8 @@ Ranges (the server reports a violation as a 400 with ``param`` = the field name)
 - ``logit_bias``: token id (an int, or its decimal string as JSON keys are) -> a bias in
   [-100, 100] added to that token's logit. ``min_tokens``: 0..max_tokens; before that many output
   tokens, EOS and ``stop_token_ids`` cannot be sampled (stop strings still apply, as in vLLM).
+- ``structured_output``: an llguidance grammar (JSON text) the output keeps to; checked against
+  the tokenizer where the engine adds the request.
 - ``stop``: a string or a list of up to 16 non-empty strings of at most 256 characters each
   (OpenAI allows 4, vLLM any number; 16 keeps the per-token stop check cheap). Normalised to a
   list without duplicates. ``stop_token_ids``: ints >= 0.
@@ -93,6 +95,9 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     # EOS and stop_token_ids cannot be sampled before this many output tokens (vLLM's min_tokens).
     min_tokens: int = Field(0, strict=True)
+    # Structured output: an llguidance grammar (vibee/runtime/structured_output.py's grammar_for_*)
+    # that every output token must keep to.
+    structured_output: str | None = Field(None, strict=True)
     skip_special_tokens: bool = Field(True, strict=True)
     include_stop_str_in_output: bool = Field(False, strict=True)
 
@@ -275,6 +280,6 @@ class SamplingParams(BaseModel):
     @property
     def has_penalties(self) -> bool:
         """Whether the logits are changed per row before sampling (penalties, a bias, a minimum
-        length): such rows take the sampler's general path, with every token on the host."""
+        length, a grammar): such rows take the sampler's general path, with every token on the host."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-                or bool(self.logit_bias) or self.min_tokens > 0)
+                or bool(self.logit_bias) or self.min_tokens > 0 or self.structured_output is not None)

@@ -56,6 +56,22 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
 
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the output always keeps to the schema, strict or not
+
+
+class ResponseFormat(_Request):
+    # text (no constraint), json_object (any JSON object), json_schema; vibee's: grammar (a Lark
+    # grammar in llguidance's dialect, `start` its top rule) and regex.
+    type: Literal["text", "json_object", "json_schema", "grammar", "regex"]
+    json_schema: JsonSchemaFormat | None = None
+    grammar: str | None = None
+    regex: str | None = None
+
+
 class _SamplingFields(_Request):
     """Fields the completions and chat endpoints share."""
 
@@ -80,6 +96,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None  # completions too, as vLLM
 
 
 class CompletionRequest(_SamplingFields):
@@ -104,10 +121,7 @@ class ChatMessage(_Request):
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
     tool_call_id: str | None = None  # a tool message: the call it answers
-
-
-class ResponseFormat(_Request):
-    type: str
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant message: the calls it made
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -116,7 +130,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True  # vLLM extension

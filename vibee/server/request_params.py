@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from vibee.server.errors import bad_request, one_line
 from vibee.server.protocol import ChatMessage, TextContentPart
 from vibee.server.state import ServerState
+from vibee.server.tool_calls import ToolPlan, call_text, tool_prompt
 
 
 def check_common(state: ServerState, req: Any) -> None:
@@ -20,7 +21,7 @@ def check_common(state: ServerState, req: Any) -> None:
 
 
 def sampling_params(req: Any, *, max_tokens: int, logprobs: int | None, chat: bool,
-                    prompt_logprobs: int | None = None) -> Any:
+                    prompt_logprobs: int | None = None, structured_output: str | None = None) -> Any:
     from vibee.runtime.sampling_params import SamplingParams
 
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -28,7 +29,8 @@ def sampling_params(req: Any, *, max_tokens: int, logprobs: int | None, chat: bo
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                               skip_special_tokens=req.skip_special_tokens,
-                              include_stop_str_in_output=req.include_stop_str_in_output)
+                              include_stop_str_in_output=req.include_stop_str_in_output,
+                              structured_output=structured_output)
     for name in ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "logit_bias", "min_tokens"):
         value = getattr(req, name)
@@ -80,8 +82,12 @@ def check_choices(state: ServerState, num_prompts: int, n: int) -> None:
 
 
 def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
-                param: str = "messages") -> str:
-    """The prompt text the tokenizer's chat template makes of `messages` (text parts only)."""
+                param: str = "messages", tools: ToolPlan | None = None) -> str:
+    """The prompt text the tokenizer's chat template makes of `messages` (text parts only), with
+    the request's tools: given to a template that renders them, else in a system message of vibee's."""
+    tokenizer = state.engine.tokenizer
+    template = getattr(tokenizer, "chat_template_text", "")
+    renders_tools = "tools" in template
     plain: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         content = message.content
@@ -103,9 +109,25 @@ def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            if "tool_calls" in template:
+                entry["tool_calls"] = message.tool_calls
+            else:  # the calls as the model wrote them
+                entry["content"] = "\n".join(t for t in (entry["content"], call_text(
+                    message.tool_calls, tools.format if tools else "hermes")) if t)
         plain.append(entry)
+    extra: dict[str, Any] = {}
+    if tools is not None and renders_tools:
+        extra["tools"] = tools.tools
+    elif tools is not None:
+        if plain and plain[0]["role"] == "system":
+            plain[0] = {**plain[0], "content": plain[0]["content"] + "\n\n" + tool_prompt(tools)}
+        else:
+            plain.insert(0, {"role": "system", "content": tool_prompt(tools)})
     try:
-        return state.engine.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # a template that raises (e.g. on roles it doesn't allow) is the user's 400
         raise bad_request(f"The chat template failed on these messages: {one_line(str(exc))}",
                           param=param) from None

@@ -15,9 +15,11 @@ from vibee.server.logprobs import chat_logprobs, completion_logprobs
 from vibee.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                    CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo, now,
                                    random_id)
+from vibee.server.response_format import checked_grammar, format_grammar
 from vibee.server.request_params import chat_prompt, check_choices, check_common, check_length, sampling_params
 from vibee.server.state import State
 from vibee.server.streaming import stream_job, usage_options
+from vibee.server.tool_calls import plan_tools
 
 router = APIRouter()
 
@@ -56,13 +58,14 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
             raise bad_request("The prompt is empty; it needs at least one token.", param=param)
         prompts.append(ids)
 
+    grammar = await checked_grammar(state, format_grammar(req.response_format), "response_format")
     params = []
     for i, ids in enumerate(prompts):
         # max_tokens null: whatever the context leaves (vLLM's meaning); 0: the engine samples one token, unsent.
         max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - len(ids))
         # echo with logprobs: the prompt's own tokens' logprobs too.
         p = sampling_params(req, max_tokens=max(1, max_tokens), logprobs=req.logprobs, chat=False,
-                            prompt_logprobs=req.logprobs if req.echo else None)
+                            prompt_logprobs=req.logprobs if req.echo else None, structured_output=grammar)
         check_length(state, ids, p, prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
                      max_tokens_param="max_tokens")
         params.append(p)
@@ -142,16 +145,21 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, raw: Request, state: State) -> Response:
     check_common(state, req)
-    if req.tools:
-        raise bad_request("Tool calling is not supported.", param="tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported (only 'text').",
-                          param="response_format")
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
+                       getattr(state.engine.tokenizer, "chat_template_text", ""))
+    grammar = format_grammar(req.response_format)
+    if grammar is not None and tools is not None and tools.grammar is not None:
+        raise bad_request("response_format and tools can't both shape one answer; set tool_choice to 'none' "
+                          "or drop response_format.", param="response_format")
+    if tools is not None and tools.grammar is not None:
+        grammar = await checked_grammar(state, tools.grammar, "tools")
+    else:
+        grammar = await checked_grammar(state, grammar, "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
 
     check_choices(state, 1, req.n)
-    text = await asyncio.to_thread(chat_prompt, state, req.messages, req.add_generation_prompt)
+    text = await asyncio.to_thread(chat_prompt, state, req.messages, req.add_generation_prompt, "messages", tools)
     # The chat template writes the special tokens (BOS included) itself.
     ids = await state.encode(text, add_special_tokens=False)
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -159,7 +167,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
         max_tokens = max(1, state.max_model_len - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, chat=True)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, chat=True, structured_output=grammar)
     check_length(state, ids, params, prompt_param="messages", max_tokens_param=max_tokens_param)
 
     job = Job(random_id("chatcmpl"), [ids], [params], req.n, [text], [0])
@@ -174,9 +182,11 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
         out = []
         for index in range(req.n):
             c = choices.get(index, Choice())
-            out.append(ChatChoice(index=index, message=ChatResponseMessage(content=c.text),
+            content, calls = tools.parse(c.text) if tools is not None else (c.text, [])
+            out.append(ChatChoice(index=index, message=ChatResponseMessage(content=content, tool_calls=calls),
                                   logprobs=chat_logprobs(state, c.logprobs or [], top_n) if req.logprobs else None,
-                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                  finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                                  stop_reason=c.stop_reason))
         return JSONResponse(ChatCompletionResponse(id=job.request_id, created=created, model=state.model_name,
                                                    choices=out, usage=job.usage(choices),
                                                    system_fingerprint=state.system_fingerprint).model_dump())
@@ -196,6 +206,9 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     opening = [chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}) for i in range(req.n)]
 
+    # With tools: a choice's text is held while it may still become calls (tool_calls.ToolPlan.may_be_call).
+    held: dict[int, str] = {i: "" for i in range(req.n)} if tools is not None and tools.grammar is not None else {}
+
     def make_chunks(prompt_index: int, out: Any) -> list[dict[str, Any]]:
         chunks = []
         for c in out.outputs:
@@ -204,10 +217,22 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
             logprobs = None
             if req.logprobs and c.delta_logprobs:
                 logprobs = chat_logprobs(state, c.delta_logprobs, top_n).model_dump()
-            if not c.delta_text and c.finish_reason is None and logprobs is None:
+            text, finish_reason, calls = c.delta_text, c.finish_reason, []
+            if c.index in held:
+                text = held.pop(c.index) + text
+                if finish_reason is not None:
+                    content, calls = tools.parse(text)
+                    text = content or ""
+                    if calls and finish_reason == "stop":
+                        finish_reason = "tool_calls"
+                elif tools.may_be_call(text):
+                    held[c.index], text = text, ""
+            if not text and not calls and finish_reason is None and logprobs is None:
                 continue
-            delta = {"content": c.delta_text} if (c.delta_text or c.finish_reason is None) else {}
-            body = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            delta: dict[str, Any] = {"content": text} if (text or (finish_reason is None and c.index not in held)) else {}
+            if calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+            body = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             if c.finish_reason is not None:
                 body["stop_reason"] = c.stop_reason
             chunks.append(chunk(body, job.usage(running) if continuous_usage else None))

@@ -56,6 +56,7 @@ class ServerState:
     created: int = field(default_factory=now)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    _structured: Any = field(default=None, repr=False)
 
     @classmethod
     def for_engine(cls, engine: EngineClient, limits: ServerLimits | None = None) -> "ServerState":
@@ -65,6 +66,18 @@ class ServerState:
         """The tokenizer's ids of `text`, computed off the event loop: a huge prompt must not stall
         the streams and health checks the loop serves meanwhile."""
         return await asyncio.to_thread(self.engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    def structured_outputs(self) -> Any:
+        """The tokenizer's grammar compiler (vibee/runtime/structured_output.py), made on first use:
+        requests' grammars are checked here, before the engine takes them."""
+        if self._structured is None:
+            from vibee.runtime.structured_output import StructuredOutputs
+
+            tokenizer = self.engine.tokenizer
+            eos = set(getattr(getattr(self.engine, "model_config", None), "eos_token_ids", None) or ())
+            self._structured = StructuredOutputs(tokenizer, vocab_size=self.vocab_size,
+                                                 eos_token_ids=eos | set(tokenizer.eos_token_ids))
+        return self._structured
 
     @property
     def system_fingerprint(self) -> str:
