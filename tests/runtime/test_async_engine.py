@@ -163,7 +163,7 @@ def test_an_abort_reports_the_gauges_it_leaves(config):
     eng = LLMEngine(config, progress=False)
     ours, theirs = multiprocessing.Pipe()
     core = EngineCore(eng, theirs)
-    core._handle(("add", "r", prompts([12])[0], SamplingParams(max_tokens=8), None))
+    core._handle(("add", "r", prompts([12])[0], SamplingParams(max_tokens=8), None, 0))
     core._handle(("abort", "r"))
     kind, deltas, steps, finished = ours.recv()
     assert kind == "step" and deltas[0][1] is True  # the aborted request's final output

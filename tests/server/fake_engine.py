@@ -181,7 +181,7 @@ class FakeEngine:
             choice.finish_reason = "length"
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, share_rank: int = 0) -> AsyncIterator[RequestOutput]:
         if self.closed:
             raise EngineClosed("the server is shutting down")
         self.check_prompt(prompt_token_ids, params)

@@ -121,9 +121,10 @@ class AsyncEngine:
     # --- requests -----------------------------------------------------------------------------
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, share_rank: int = 0) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it runs (each with everything new since the last one).
-        Leaving the loop early (the client went away) aborts the request and frees its KV blocks."""
+        Leaving the loop early (the client went away) aborts the request and frees its KV blocks.
+        share_rank: its first choice's place in a client request of several prompts (LLMEngine.add_request)."""
         if not self._accepting:
             raise EngineClosed("the server is shutting down")
         if self.dead is not None:
@@ -137,7 +138,7 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
-            self._send(("add", request_id, prompt, params, time.monotonic()))
+            self._send(("add", request_id, prompt, params, time.monotonic(), share_rank))
             while not finished:
                 out = await stream.next()
                 finished = out.finished

@@ -194,7 +194,11 @@ class LLMEngine:
                       max_model_len=self.max_model_len, kv_tokens=(self.num_blocks - watermark) * self.block_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, *, share_rank: int = 0) -> None:
+        """Queue a request. Its choices are ranks share_rank, share_rank + 1, ... among the
+        sequences of one client request: under the scheduler's "fair" policy (the spec's default)
+        every request's rank 0 runs before any request's rank 1, so n = 16 or a batch of prompts
+        takes turns with the requests behind it instead of going first whole."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already running")
         self.check_prompt(prompt_token_ids, params)
@@ -204,7 +208,8 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         for index in range(params.n):
             seq = self.gen.continuous_batch.Sequence(next(self._seq_ids), list(prompt_token_ids), params.max_tokens,
-                                                     arrival_time=req.arrival_time, stop_token_ids=frozenset(stop_ids))
+                                                     arrival_time=req.arrival_time, stop_token_ids=frozenset(stop_ids),
+                                                     share_rank=share_rank + index)
             choice = Choice(index, seq, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
                              StopStringMatcher(list(params.stop), params.include_stop_str_in_output),
                              choice_generator(params.seed, index, self.device),

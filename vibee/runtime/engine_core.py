@@ -5,7 +5,7 @@ every stream; this process only schedules, runs the GPU and detokenizes. Two pro
 GILs: streaming to hundreds of clients never delays a step (in one process it did: a 10 ms step
 took 20 ms beside a busy event loop), and a step never delays a client.
 
-Messages to the engine:   ("add", request_id, prompt_token_ids, params, arrival)
+Messages to the engine:   ("add", request_id, prompt_token_ids, params, arrival, share_rank)
                           ("abort", request_id) | ("abort_all",) | ("call", call_id, "info" | "stats")
                           ("shutdown",)  (finish what runs, then exit)
 Messages from the engine: ("ready", EngineFacts) | ("failed", message, user_error) at startup
@@ -166,9 +166,9 @@ class EngineCore:
         """One message from the server's process."""
         engine, kind = self.engine, msg[0]
         if kind == "add":
-            _, request_id, prompt, params, arrival = msg
+            _, request_id, prompt, params, arrival, share_rank = msg
             try:
-                engine.add_request(request_id, prompt, params, arrival)
+                engine.add_request(request_id, prompt, params, arrival, share_rank=share_rank)
             except ValueError as exc:
                 self.conn.send(("refused", request_id, str(exc)))
         elif kind in ("abort", "abort_all"):

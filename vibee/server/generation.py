@@ -105,7 +105,10 @@ async def _merge(engine: EngineClient, jobs: list[tuple[list[int], Any]],
 
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
-    agens = [engine.generate(ids, params, f"{request_id}-{i}") for i, (ids, params) in enumerate(jobs)]
+    # Under the scheduler's "fair" policy a request's choices take turns with other requests': prompt
+    # i's choices rank after the i * n choices of the prompts before it.
+    agens = [engine.generate(ids, params, f"{request_id}-{i}", share_rank=i * params.n)
+             for i, (ids, params) in enumerate(jobs)]
 
     async def pump(i: int, agen: Any) -> None:
         try:

@@ -28,7 +28,8 @@ class EngineClient(Protocol):
     tokenizer: Any
     config: Any
 
-    def generate(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[Any]: ...
+    def generate(self, prompt_token_ids: list[int], params: Any, request_id: str,
+                 share_rank: int = 0) -> AsyncIterator[Any]: ...
 
     def check_prompt(self, prompt_token_ids: list[int], params: Any) -> None: ...
 

@@ -33,6 +33,7 @@ class ContinuousBatchConfig(KindConfig):
             "prompt_lens",  # prompt length of each request, or one length for all
             "max_tokens",  # output tokens each request may generate (a list or one number; default 4)
             "priorities",  # priority of each request (lower runs sooner under policy: priority)
+            "share_ranks",  # each sequence's place among its client request's (policy fair serves rank 0s first)
             "arrival_steps",  # engine step at which each request is added (default: all before step 0)
             "stop_token_ids",  # token ids that finish a sequence when sampled (shared by every request)
             "num_blocks",  # KV blocks of the test's block space (default: enough for every request at once)
@@ -66,10 +67,12 @@ class ContinuousBatchConfig(KindConfig):
         }
     )
 
-    policy: Literal["fcfs", "priority"] = knob("runtime", flag="--scheduling-policy",
+    policy: Literal["fcfs", "priority", "fair"] = knob("runtime", flag="--scheduling-policy",
         default="fcfs",
-        description="Order of service: 'fcfs' (first come, first served) or 'priority' (lower Sequence.priority "
-        "first, then arrival). The same order picks preemption victims, from the back.",
+        description="Order of service: 'fcfs' (first come, first served), 'priority' (lower Sequence.priority "
+        "first, then arrival) or 'fair' (client requests take turns: every request's first sequence before any "
+        "request's second, by Sequence.share_rank, then arrival). The same order picks preemption victims, "
+        "from the back.",
     )
     max_num_seqs: int = knob("runtime", flag="--max-num-seqs", aliases=("--batch-size",), default=256, strict=True, description="Most sequences running at once (the decode batch size).")
     max_num_batched_tokens: int = knob("runtime", flag="--max-num-batched-tokens",

@@ -4,7 +4,7 @@ runtime passes it (a ValueError), without the IR."""
 
 from __future__ import annotations
 
-POLICIES = ("fcfs", "priority")
+POLICIES = ("fcfs", "priority", "fair")
 PREEMPTION_MODES = ("recompute", "swap")
 
 
