@@ -360,6 +360,23 @@ def test_preemption_victim_is_the_least_important_running_sequence(policy):
     assert_outputs_match_alone(requests, trace)
 
 
+def test_fair_policy_gives_a_later_request_a_seat():
+    # Two choices of one request (ranks 0 and 1) fill both seats; a second request's first choice
+    # arrives at step 2. Under fair it displaces the rank 1 choice at once, under fcfs it waits.
+    rng = random.Random(5)
+    requests = [Request(random_prompt(rng, 4), max_tokens=12, share_rank=r, arrival_step=a)
+                for r, a in ((0, 0), (1, 0), (0, 2))]
+    starts = {}
+    for policy in ("fair", "fcfs"):
+        settings = {**SPEC_SETTINGS, "policy": policy, "max_num_seqs": 2}
+        space = ref.CountingBlockSpace(plenty_of_blocks(requests, 4, 0.0), 4)
+        trace = simulate(requests, space, settings)
+        starts[policy] = next(step for step, items in enumerate(trace.steps) if any(i == 2 for i, _, _ in items))
+        assert trace.preempted == ([1] if policy == "fair" else [])
+        assert_outputs_match_alone(requests, trace)
+    assert starts["fair"] == 2 and starts["fcfs"] > 10
+
+
 def test_preemption_under_scarce_blocks_keeps_every_output():
     rng = random.Random(4)
     requests = [Request(random_prompt(rng, 5 + i), max_tokens=12) for i in range(6)]

@@ -184,7 +184,8 @@ class Scheduler:
 
     Running sequences are served first, most important first (by `policy`: "fcfs", first come
     first served; "priority", lower Sequence.priority first; "fair", lower Sequence.share_rank
-    first, so client requests take turns), then waiting ones are admitted while the step's token budget, max_num_seqs and
+    first, so client requests take turns, a waiting lower rank displacing the highest running one
+    when every seat is taken), then waiting ones are admitted while the step's token budget, max_num_seqs and
     the KV cache allow. When a running sequence needs a block and none is free, the least
     important running sequences give way: by recompute, or with preemption_mode "swap" by
     copying their computed blocks to `num_swap_slots` host slots (SchedulerOutput.swap_out) and
@@ -351,6 +352,19 @@ class Scheduler:
 
         # Running sequences first, most important first, so victims come off the back.
         self.running.sort(key=self._order_key)
+        # Under "fair", requests take turns for seats too: while every seat is taken, a waiting
+        # sequence of a lower share rank displaces the running one of the highest (a request's
+        # later choices give way to other requests' first ones, and resume after them).
+        displaced: list[Sequence] = []
+        k = 0  # waiting sequences, in order, that get a seat: a free one, else a displaced one's
+        while self.policy == "fair" and k < len(self.waiting) and self.running:
+            if k >= self.max_num_seqs - len(self.running):
+                if self.waiting[k].share_rank >= self.running[-1].share_rank:
+                    break
+                victim = self.running.pop()
+                self._preempt(victim, swap_out)  # requeued behind waiting[k]: its rank is higher
+                displaced.append(victim)
+            k += 1
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -391,7 +405,8 @@ class Scheduler:
             budget -= num_new_tokens
 
         self._num_steps += 1
-        self._last = SchedulerOutput(scheduled, preempted, self.max_num_batched_tokens - budget, swap_out, swap_in)
+        self._last = SchedulerOutput(scheduled, displaced + preempted, self.max_num_batched_tokens - budget, swap_out,
+                                     swap_in)
         return self._last
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:

@@ -143,3 +143,4 @@ def test_sampler_masks_before_logprobs(eng):
     assert first.token_id in allowed and first.token_id == max(allowed, key=lambda i: float(logits[0, i]))
     assert all(t in allowed for t, _ in first.top_logprobs if _ > float("-inf"))
     assert second.token_id == int(logits[1].argmax())
+

@@ -73,3 +73,38 @@ def test_a_prompt_being_tokenized_does_not_hold_up_other_clients(make_server):
     finally:
         tokenizer.release.set()
         held.join()
+
+
+class _CountingTokenizer:
+    """The fake tokenizer, recording the length of every text it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def encode(self, text, add_special_tokens=True):
+        self.lengths.append(len(text))
+        return self.inner.encode(text, add_special_tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_prompt_whose_head_is_too_long_is_refused_unread(make_server):
+    """Megabytes of prompt are not tokenized whole: the head (64 characters a token of context)
+    already has more tokens than the context, so the 400 comes from it."""
+    from vibee.server.state import HEAD_CHARS_PER_TOKEN
+
+    engine = FakeEngine(max_model_len=64)
+    tokenizer = engine.tokenizer = _CountingTokenizer(engine.tokenizer)
+    srv = make_server(engine)
+    head = 64 * HEAD_CHARS_PER_TOKEN
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x" * 1_000_000, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert f"first {head} characters alone" in r.json()["error"]["message"]
+    assert tokenizer.lengths == [head]
+    chat = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * 500_000}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+    assert max(tokenizer.lengths) == head
+    # A prompt within the head is tokenized once, whole, as before.
+    ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 1})
+    assert ok.status_code == 200 and tokenizer.lengths[-1] == 5

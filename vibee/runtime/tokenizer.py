@@ -183,8 +183,15 @@ class Tokenizer:
         """The tokenizer as tokenizer.json text (what llguidance builds its token trie from)."""
         return self._tok.to_str()
 
+    # tokenizers' encode() holds the GIL for the whole text (2 s for 2 MB here); encode_batch()
+    # releases it, so a long prompt tokenized in a server thread doesn't stall the event loop.
+    LONG_TEXT = 8192
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > self.LONG_TEXT:
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._prepend_bos:
             ids = [self.bos_token_id, *ids]
         elif add_special_tokens and self._strip_bos and ids[:1] == [self.bos_token_id]:

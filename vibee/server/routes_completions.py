@@ -48,7 +48,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
     for i, p in enumerate(prompt):
         param = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
         if isinstance(p, str):
-            ids = await state.encode(p, add_special_tokens=req.add_special_tokens)
+            ids = await state.encode(p, add_special_tokens=req.add_special_tokens, param=param)
             texts.append(p)
         else:
             ids = list(p)
@@ -161,7 +161,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     check_choices(state, 1, req.n)
     text = await asyncio.to_thread(chat_prompt, state, req.messages, req.add_generation_prompt, "messages", tools)
     # The chat template writes the special tokens (BOS included) itself.
-    ids = await state.encode(text, add_special_tokens=False)
+    ids = await state.encode(text, add_special_tokens=False, param="messages")
     max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # OpenAI's default: as much as the context leaves

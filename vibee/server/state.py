@@ -40,6 +40,12 @@ class EngineClient(Protocol):
     def add_observer(self, observer: Any) -> None: ...
 
 
+# Characters of a prompt tokenized first, per token of context: real vocabularies' tokens span a
+# few characters (at most 40 in the built-in model's), so a head this long that tokenizes to more
+# than the context proves the prompt too long without tokenizing megabytes of it.
+HEAD_CHARS_PER_TOKEN = 64
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """What one request may ask of the server (`vibee serve` flags)."""
@@ -63,10 +69,21 @@ class ServerState:
     def for_engine(cls, engine: EngineClient, limits: ServerLimits | None = None) -> "ServerState":
         return cls(engine, CollectorRegistry(), served_model_name(engine), limits or ServerLimits())
 
-    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    async def encode(self, text: str, *, add_special_tokens: bool, param: str | None = None) -> list[int]:
         """The tokenizer's ids of `text`, computed off the event loop: a huge prompt must not stall
-        the streams and health checks the loop serves meanwhile."""
-        return await asyncio.to_thread(self.engine.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        the streams and health checks the loop serves meanwhile. With `param` (a prompt to
+        generate from), a text whose head alone is longer than the context is a 400 before the
+        rest is tokenized (HEAD_CHARS_PER_TOKEN characters per token of context)."""
+        encode = self.engine.tokenizer.encode
+        head = self.max_model_len * HEAD_CHARS_PER_TOKEN
+        if param is not None and len(text) > head:
+            # A prefix's pre-tokens are the whole text's but for the last: at most one fewer token.
+            count = len(await asyncio.to_thread(encode, text[:head], add_special_tokens=add_special_tokens)) - 1
+            if count > self.max_model_len:
+                raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                  f"prompt's first {head} characters alone are more than {count} tokens. "
+                                  "Please reduce the prompt.", param=param)
+        return await asyncio.to_thread(encode, text, add_special_tokens=add_special_tokens)
 
     def structured_outputs(self) -> Any:
         """The tokenizer's grammar compiler (vibee/runtime/structured_output.py), made on first use:
