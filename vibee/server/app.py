@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from vibee.server import routes_completions, routes_info, routes_tokenize
+from vibee.server import routes_completions, routes_info, routes_tokenize, routes_web
 from vibee.server.auth import APIKeyMiddleware
 from vibee.server.body_limit import BodyLimitMiddleware
 from vibee.server.errors import install_error_handlers
@@ -30,7 +30,7 @@ def create_app(engine: EngineClient, *, api_key: str | None = None, limits: Serv
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.limits.max_request_bytes)
-    for routes in (routes_info, routes_tokenize, routes_completions):
+    for routes in (routes_info, routes_tokenize, routes_completions, routes_web):
         app.include_router(routes.router)
     install_openapi(app)
     return app

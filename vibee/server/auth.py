@@ -1,4 +1,5 @@
-"""The optional API key: `Authorization: Bearer <key>` on every path but probes, metrics and docs."""
+"""The optional API key: `Authorization: Bearer <key>` on every path but probes, metrics, docs and
+the page (which asks for the key and sends it with its API calls)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from fastapi.responses import JSONResponse
 from vibee.server.errors import APIError
 
 # Paths open without the key: probes and scrapers don't carry it.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect",
+                        "/", "/web/app.js", "/web/style.css"})
 
 
 class APIKeyMiddleware:
