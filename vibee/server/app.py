@@ -32,5 +32,5 @@ def create_app(engine: EngineClient, *, api_key: str | None = None, limits: Serv
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.limits.max_request_bytes)
     for routes in (routes_info, routes_tokenize, routes_completions, routes_web):
         app.include_router(routes.router)
-    install_openapi(app)
+    install_openapi(app, auth=bool(api_key))
     return app
