@@ -335,3 +335,30 @@ def test_echo_text_offsets_index_the_echoed_text(real_engine_app):
         for token, at in zip(tokens, offsets):
             if token not in special:
                 assert text[at: at + len(token)] == token, (stream, token, at)
+
+
+def test_vllm_prompt_logprobs_field(real_engine_app, engine_config):
+    """vLLM's prompt_logprobs: per prompt position, the prompt token (with its rank) and the k
+    likeliest, keyed by token id; None first; in the body, and in a stream's first chunk."""
+    tok = real_engine_app.engine.tokenizer
+    ids = tok.encode("def add(a, b):\n    return a + b\n")
+    body = {"model": real_engine_app.model, "prompt": ids, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    choice = httpx.post(real_engine_app.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    scored = choice["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    expected = _hf_logprobs(engine_config.model, ids)
+    for i, position in enumerate(scored[1:]):
+        mine = position[str(ids[i + 1])]
+        assert mine["logprob"] == pytest.approx(expected[i], abs=1e-4)
+        assert mine["decoded_token"] == tok.decode([ids[i + 1]], skip_special_tokens=False)
+        ranked = sorted(position.values(), key=lambda v: v["rank"])
+        assert [v["rank"] for v in ranked][:2] == [1, 2] and ranked[0]["logprob"] >= ranked[1]["logprob"]
+        # The prompt token's rank: 1 + the alternatives likelier than it.
+        assert mine["rank"] == 1 + sum(v["logprob"] > mine["logprob"] for v in ranked[:2]) or mine["rank"] > 2
+    unasked = httpx.post(real_engine_app.url + "/v1/completions", json={**body, "prompt_logprobs": None},
+                         timeout=120).json()["choices"][0]
+    assert unasked.get("prompt_logprobs") is None
+    with httpx.stream("POST", real_engine_app.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    firsts = [c["choices"][0] for c in chunks if c["choices"] and "prompt_logprobs" in c["choices"][0]]
+    assert len(firsts) == 1 and firsts[0]["prompt_logprobs"] == scored

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # the top_logprobs, best first
+    rank: int | None = None  # 1 + tokens likelier than it (vLLM's rank), where computed (prompt tokens)
 
 
 @dataclass

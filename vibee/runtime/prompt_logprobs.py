@@ -37,11 +37,13 @@ def score_prompt(chunks: Iterator[tuple[int, torch.Tensor]], ids: torch.Tensor, 
     for start, logits in chunks:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = ids[start + 1: start + 1 + len(logits)]
-        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        chosen_t = logprobs.gather(1, targets.unsqueeze(1))
+        ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()
+        chosen = chosen_t.squeeze(1).tolist()
         if top:
             values, indices = logprobs.topk(top, dim=-1)
             tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
         else:
             tops = [[] for _ in chosen]
-        out += [TokenLogprob(t, lp, alt) for t, lp, alt in zip(targets.tolist(), chosen, tops)]
+        out += [TokenLogprob(t, lp, alt, rank) for t, lp, alt, rank in zip(targets.tolist(), chosen, tops, ranks)]
     return out

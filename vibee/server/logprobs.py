@@ -46,6 +46,25 @@ def completion_logprobs(state: ServerState, entries: list[Any], top_n: int, choi
     return out
 
 
+def vllm_prompt_logprobs(state: ServerState, entries: list[Any] | None,
+                         top_n: int | None) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's prompt_logprobs of one prompt (None unless asked for): None at the first position,
+    then {token id: {logprob, rank, decoded_token}} for the prompt token and the top_n likeliest."""
+    if top_n is None or entries is None:
+        return None
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        position = {str(t): {"logprob": _clean(lp), "rank": r + 1, "decoded_token": state.token_text(t)}
+                    for r, (t, lp) in enumerate(list(e.top)[:top_n])}
+        position.setdefault(str(e.token_id), {"logprob": _clean(e.logprob), "rank": e.rank,
+                                              "decoded_token": state.token_text(e.token_id)})
+        out.append(position)
+    return out
+
+
 def _tops(state: ServerState, e: Any, top_n: int) -> dict[str, float]:
     top = {state.token_text(t): _clean(lp) for t, lp in list(e.top)[:top_n]}
     top.setdefault(state.token_text(e.token_id), _clean(e.logprob))  # the token itself is always listed (as vLLM does)

@@ -108,6 +108,7 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM: add BOS to string prompts
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: each choice's prompt_logprobs
 
 
 class TextContentPart(_Request):
@@ -180,6 +181,9 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
+    # vLLM's: per prompt position, None for the first, else {token id: {logprob, rank, decoded_token}}
+    # for the prompt's token and the prompt_logprobs likeliest.
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class CompletionResponse(_Response):

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from vibee.server.errors import bad_request
 from vibee.server.generation import Choice, ClientGone, Job, client_gone_response, collect
-from vibee.server.logprobs import chat_logprobs, completion_logprobs
+from vibee.server.logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from vibee.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                    CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo, now,
                                    random_id)
@@ -65,7 +65,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - len(ids))
         # echo with logprobs: the prompt's own tokens' logprobs too.
         p = sampling_params(req, max_tokens=max(1, max_tokens), logprobs=req.logprobs, chat=False,
-                            prompt_logprobs=req.logprobs if req.echo else None, structured_output=grammar)
+                            prompt_logprobs=_prompt_logprobs(req), structured_output=grammar)
         check_length(state, ids, p, prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
                      max_tokens_param="max_tokens")
         params.append(p)
@@ -92,7 +92,9 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
                                                job.prompt_logprobs.get(p_index), req.skip_special_tokens)
             text = (texts[p_index] + c.text) if req.echo else c.text
             out.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                        prompt_logprobs=vllm_prompt_logprobs(state, job.prompt_logprobs.get(p_index),
+                                                                             req.prompt_logprobs)))
         return JSONResponse(CompletionResponse(id=job.request_id, created=created, model=state.model_name,
                                                choices=out, usage=job.usage(choices),
                                                system_fingerprint=state.system_fingerprint).model_dump())
@@ -120,6 +122,7 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
             if prompt_only:
                 text, entries, finish_reason, stop_reason = "", [], "length", None
             echo_ids = None
+            first = not choice.started
             if not choice.started:
                 choice.started = True
                 if req.echo:
@@ -129,10 +132,16 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
             if req.logprobs is not None:
                 logprobs = completion_logprobs(state, entries, top_n, choice, echo_ids, out.prompt_logprobs,
                                                req.skip_special_tokens).model_dump()
-            if not text and finish_reason is None and not (logprobs and logprobs["tokens"]):
+            # vLLM sends a choice's prompt_logprobs with its first chunk.
+            scored = (vllm_prompt_logprobs(state, out.prompt_logprobs, req.prompt_logprobs)
+                      if first and req.prompt_logprobs is not None else None)
+            if not text and finish_reason is None and not (logprobs and logprobs["tokens"]) and scored is None:
                 continue  # nothing new to say (text held back for a possible stop string)
-            chunks.append(chunk([{"index": index, "text": text, "logprobs": logprobs,
-                                  "finish_reason": finish_reason, "stop_reason": stop_reason}],
+            body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                    "stop_reason": stop_reason}
+            if scored is not None:
+                body["prompt_logprobs"] = scored
+            chunks.append(chunk([body],
                                 job.usage(running) if continuous_usage else None))
         return chunks
 
@@ -140,6 +149,13 @@ async def completions(req: CompletionRequest, raw: Request, state: State) -> Res
         return chunk([], job.usage(running)) if include_usage else None
 
     return await stream_job(state.engine, raw, job, "prompt", make_chunks=make_chunks, final=final)
+
+
+def _prompt_logprobs(req: CompletionRequest) -> int | None:
+    """How many alternatives each prompt position is scored with: for echo with logprobs, for
+    vLLM's prompt_logprobs, or both (the larger)."""
+    asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+    return max(asked) if asked else None
 
 
 @router.post("/v1/chat/completions")
