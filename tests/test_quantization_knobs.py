@@ -177,12 +177,13 @@ def with_tiles(text: str, tiles: str) -> str:
 
 
 def test_default_tiles_are_the_measured_h100_h200_launches():
-    gemv_wide, gemv, skinny, mid, prefill = QuantizationConfig().tiles
+    gemv_wide, gemv, skinny, mid, lm_head, prefill = QuantizationConfig().tiles
     assert (gemv_wide.min_n, gemv_wide.block_n, gemv_wide.num_warps, gemv.block_n, gemv.num_warps) == (16384, 128, 8, 64, 4)
     assert (gemv.block_k, gemv.num_stages, gemv.programs_per_sm) == (128, 3, 8)
-    assert (skinny.max_m, skinny.block_m, skinny.block_n, skinny.block_k, skinny.programs_per_sm) == (16, 16, 64, 128, 2)
-    assert (mid.max_m, mid.block_m, mid.block_n, mid.min_block_n, mid.block_k, mid.programs_per_sm) == (64, 64, 128, 64, 64, 1)
-    assert (prefill.max_m, prefill.block_m, prefill.block_n, prefill.min_block_n, prefill.programs_per_sm) == (None, 128, 128, 64, 0)
+    assert (skinny.kernel, skinny.max_m, skinny.block_m, skinny.block_n, skinny.block_k) == ("slices", 16, 16, 128, 128)
+    assert (mid.kernel, mid.max_m, mid.block_m, mid.block_n, mid.min_block_n, mid.block_k, mid.programs_per_sm) == ("mm", 128, 64, 128, 64, 64, 2)
+    assert (lm_head.kernel, lm_head.max_m, lm_head.min_n) == ("mm", None, 32768)
+    assert (prefill.kernel, prefill.max_m, prefill.min_n) == ("dense", None, 0)
 
 
 def test_the_specs_tiles_are_the_modules_launches(gen_from_text, quantization_spec):

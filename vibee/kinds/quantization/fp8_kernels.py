@@ -5,6 +5,8 @@ Static code: no spec changes it. The quantization templates copy it (from the ma
 into a generated triton module whose code_type is fp8, so that module stands alone.
 """
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -26,23 +28,32 @@ def _e4m3(x):
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     """Row m of x as fp8: s[m] = max|x[m]| / 448 (1 for a row of zeros), q[m] = x[m] / s[m] on
-    e4m3's grid."""
+    e4m3's grid. ONE_PASS (BLOCK covers the row): the row is read once and kept in registers."""
     m = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        k = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    top = tl.max(amax, axis=0)
+        top = tl.max(tl.abs(x), axis=0)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        top = tl.max(amax, axis=0)
     scale = tl.where(top > 0, tl.math.div_rn(top, 448.0), 1.0)
     tl.store(s_ptr + m, scale)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    if ONE_PASS:
         q = _e4m3(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
         tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+    else:
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            q = _e4m3(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+            tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
 
 
 @triton.jit
@@ -108,8 +119,15 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
-        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=min(triton.next_power_of_2(k), 1024))
+        block = triton.next_power_of_2(k)
+        one_pass = block <= ONE_PASS_MAX
+        block = block if one_pass else 1024
+        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass,
+                               num_warps=8 if block >= 4096 else 4)
     return q, s
+
+
+ONE_PASS_MAX = 16384  # the longest row fp8_rows keeps in registers (64 fp32 a thread on 8 warps)
 
 
 def fp8_tile(m: int) -> tuple[int, int, int, int, int]:
@@ -131,34 +149,76 @@ def fp8_split(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     return split
 
 
+_ROWWISE: dict[torch.device, bool] = {}  # whether torch._scaled_mm takes row-wise scales on this device
+_FP32_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(scales) -> (the scales, their float32 row)
+
+
+def _fp32_scales(scales: torch.Tensor) -> torch.Tensor:
+    """scales [N, 1] as a float32 [1, N] row (what cuBLASLt takes), made once per weight: the
+    first call of a layer runs eagerly (the engine's warm-up) before any CUDA graph captures it.
+    Keyed by identity (a tensor's == is elementwise), checked against a reused id by a weak reference."""
+    hit = _FP32_SCALES.get(id(scales))
+    if hit is not None and hit[0]() is scales:
+        return hit[1]
+    row = scales.reshape(1, -1).float().contiguous()
+    _FP32_SCALES[id(scales)] = (weakref.ref(scales), row)
+    return row
+
+
+def _cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor | None:
+    """(q @ qweight.T) * s[:, None] * scales.T on cuBLASLt's fp8 GEMM (torch._scaled_mm, row-wise
+    scales, fp32 accumulation), or None where this torch, GPU or shape has no such kernel (then
+    the Triton kernel runs). It beats the Triton kernel on Hopper at every size measured."""
+    device = q.device
+    if device.type != "cuda" or _ROWWISE.get(device) is False or dtype != torch.bfloat16:
+        return None
+    if q.shape[1] % 16 or qweight.shape[0] % 16:
+        return None
+    try:
+        y = torch._scaled_mm(q, qweight.t(), scale_a=s.reshape(-1, 1), scale_b=_fp32_scales(scales), out_dtype=dtype)
+    except (RuntimeError, TypeError, AttributeError):
+        _ROWWISE[device] = False
+        return None
+    _ROWWISE[device] = True
+    return y
+
+
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               split: int | None = None) -> torch.Tensor:
+               split: int | None = None, cublas: bool = True) -> torch.Tensor:
     """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
     [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype. split:
-    splits of k (None: fp8_split's)."""
+    splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM where it
+    runs (bf16 on a GPU that has it), else the Triton kernel."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    if not x2.shape[0]:
+        return x.new_empty(*lead, n)
+    q, s = fp8_rows(x2)
+    y = _cublas_fp8(q, s, qweight, scales, x.dtype) if cublas and split is None else None
+    if y is not None:
+        if bias is not None:
+            y += bias
+        return y.reshape(*lead, n)
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        q, s = fp8_rows(x2)
-        m = x2.shape[0]
-        block_m, block_n, block_k, warps, stages = fp8_tile(m)
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = fp8_split(tiles, k, block_k, x.device) if split is None else split
-        k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        split = triton.cdiv(k, k_per_split)
-        part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-        sb = scales.reshape(-1)
-        b = bias if bias is not None else s
-        _fp8_mm_kernel[(tiles, split)](
-            q, qweight, s, sb, b, y, part, m, n, k, q.stride(0), qweight.stride(0), y.stride(0), k_per_split,
-            HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            GROUP_M=8, num_warps=warps, num_stages=stages,
-        )
-        if split > 1:
-            _fp8_reduce_kernel[(triton.cdiv(m * n, 1024),)](part, s, sb, b, y, m, n, y.stride(0), SPLIT=split,
-                                                             HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
+    m = x2.shape[0]
+    block_m, block_n, block_k, warps, stages = fp8_tile(m)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = fp8_split(tiles, k, block_k, x.device) if split is None else split
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    sb = scales.reshape(-1)
+    b = bias if bias is not None else s
+    _fp8_mm_kernel[(tiles, split)](
+        q, qweight, s, sb, b, y, part, m, n, k, q.stride(0), qweight.stride(0), y.stride(0), k_per_split,
+        HAS_BIAS=bias is not None, PARTIALS=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    if split > 1:
+        _fp8_reduce_kernel[(triton.cdiv(m * n, 1024),)](part, s, sb, b, y, m, n, y.stride(0), SPLIT=split,
+                                                         HAS_BIAS=bias is not None, BLOCK=1024, num_warps=4)
     return y.reshape(*lead, n)

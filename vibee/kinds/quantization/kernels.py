@@ -36,6 +36,10 @@ import triton.language as tl
 #   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
 #                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
 #                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
+#   _qmm_slices_kernel  4-bit codes, few rows of x: code position i of a tile's words is a k-slice
+#                   (inputs 8j + i), dequantized where it is used and multiplied by one tl.dot with
+#                   the same strided slice of x, split from x's tile in registers; the weight is the
+#                   first operand (y.T = w @ x.T), so a few rows of x fill only the MMA's N.
 #   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
 #                   the bias, casts.
 #   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
@@ -325,6 +329,106 @@ def _qmm_kernel(
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _slice_of(words, i: tl.constexpr, scale, zero):
+    """Code position i of every word (inputs 8j + i), (u - zero) * scale rounded once to scale's
+    dtype, as dequantize() gives it; zero includes the stored offset."""
+    u = ((words >> (4 * i)) & 0xF).to(tl.float32)
+    return ((u - zero) * scale.to(tl.float32)).to(scale.dtype)
+
+
+@triton.jit
+def _x_slices(x3, R: tl.constexpr, W: tl.constexpr):
+    """x3 [R, W, 8] (inputs 8j + i at [:, j, i]) -> the eight [R, W] slices x3[:, :, i], by
+    halving the last dimension (each thread holds its 8 inputs side by side: no data moves)."""
+    c = tl.reshape(x3, [R, W, 2, 2, 2])  # i = 4a + 2b + c
+    c0, c1 = tl.split(c)
+    c00, c01 = tl.split(c0)
+    c10, c11 = tl.split(c1)
+    x0, x4 = tl.split(c00)
+    x2, x6 = tl.split(c01)
+    x1, x5 = tl.split(c10)
+    x3_, x7 = tl.split(c11)
+    return x0, x1, x2, x3_, x4, x5, x6, x7
+
+
+@triton.jit
+def _qmm_slices_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
+    GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """A [BLOCK_N, BLOCK_M] tile of y.T over one split of k, 4-bit codes: per k tile the eight
+    code positions of its words are eight k-slices of W = BLOCK_K / 8 inputs (8j + i), each
+    dequantized to the scales' dtype and multiplied by tl.dot with x's matching slice (fp32
+    accumulation). Each slice is taken from the words with a shift and a mask where it is used,
+    and x's from its tile in registers: no tile is reordered through shared memory for it."""
+    W: tl.constexpr = BLOCK_K // 8
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    rm_safe = tl.where(m_mask, rm, 0).to(tl.int64)
+    rn_safe = tl.where(n_mask, rn, 0).to(tl.int64)
+    rw = tl.arange(0, W)
+    ri = tl.arange(0, 8)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    dtype = s_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_of_word = k0 + rw * 8
+        w_ptrs = qw_ptr + rn_safe[:, None] * stride_qn + (k0 // 8 + rw)[None, :]
+        x_ptrs = x_ptr + rm_safe[:, None, None] * stride_xm + k_of_word[None, :, None] + ri[None, None, :]
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+            x3 = tl.load(x_ptrs, mask=m_mask[:, None, None], other=0.0)
+        else:
+            words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
+            x3 = tl.load(x_ptrs, mask=m_mask[:, None, None] & (k_of_word < K)[None, :, None], other=0.0)
+        if SCALE_PER_TILE:
+            g = k0 // GROUP
+            scale = tl.broadcast_to(tl.load(s_ptr + rn_safe * stride_sn + g)[:, None], [BLOCK_N, W])
+            if HAS_ZEROS:
+                zero = tl.broadcast_to(tl.load(z_ptr + rn_safe * stride_zn + g)[:, None], [BLOCK_N, W])
+        else:
+            g = tl.minimum(k_of_word, K - 1) // GROUP
+            scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :])
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :])
+        if HAS_ZEROS:
+            zero = zero.to(tl.float32) + CODE_OFFSET
+        else:
+            zero = CODE_OFFSET
+        x0, x1, x2, x3_, x4, x5, x6, x7 = _x_slices(x3.to(dtype), BLOCK_M, W)
+        acc = tl.dot(_slice_of(words, 0, scale, zero), tl.trans(x0), acc)
+        acc = tl.dot(_slice_of(words, 1, scale, zero), tl.trans(x1), acc)
+        acc = tl.dot(_slice_of(words, 2, scale, zero), tl.trans(x2), acc)
+        acc = tl.dot(_slice_of(words, 3, scale, zero), tl.trans(x3_), acc)
+        acc = tl.dot(_slice_of(words, 4, scale, zero), tl.trans(x4), acc)
+        acc = tl.dot(_slice_of(words, 5, scale, zero), tl.trans(x5), acc)
+        acc = tl.dot(_slice_of(words, 6, scale, zero), tl.trans(x6), acc)
+        acc = tl.dot(_slice_of(words, 7, scale, zero), tl.trans(x7), acc)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if PARTIALS:
+        tl.store(part_ptr + pid_k * M * N + rm_safe[None, :] * N + rn[:, None], acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_safe).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm_safe[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit

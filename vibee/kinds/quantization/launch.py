@@ -16,7 +16,8 @@ import triton
 
 import torch.nn.functional as F
 
-from vibee.kinds.quantization.kernels import _dequant_kernel, _qgemv_kernel, _qmm_kernel, _splitk_reduce_kernel
+from vibee.kinds.quantization.kernels import (_dequant_kernel, _qgemv_kernel, _qmm_kernel, _qmm_slices_kernel,
+                                              _splitk_reduce_kernel)
 
 
 class QuantizedWeight(Protocol):
@@ -42,7 +43,7 @@ class LaunchTile:
     has at most max_m rows (None: any) and whose weight has at least min_n output rows; the first
     row that matches is taken."""
 
-    kernel: str  # "gemv" (M == 1, FMA) or "mm" (tl.dot)
+    kernel: str  # "gemv" (M == 1, FMA), "mm" or "slices" (tl.dot), "dense"
     max_m: int | None
     min_n: int
     block_m: int
@@ -58,7 +59,7 @@ class LaunchTile:
 class KernelConfig:
     """One launch of the quantized matmul: which kernel and its tile, split and warps."""
 
-    kernel: str  # "gemv" (M == 1, FMA), "mm" (tl.dot) or "dense" (dequantize, then torch.matmul)
+    kernel: str  # "gemv" (M == 1, FMA), "mm" (tl.dot), "slices" (4-bit, tl.dot by code position) or "dense"
     block_m: int
     block_n: int
     block_k: int  # codes along the input dimension per iteration
@@ -127,6 +128,14 @@ def _block_k(in_features: int, largest: int, smallest: int = 32) -> int:
     while block > smallest and in_features % block:
         block //= 2
     return block
+
+
+def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, in_features: int) -> bool:
+    """Whether the slices kernel reads this weight: 4-bit codes, 16-bit compute (its dots are not
+    fp32-exact), whole zero points (if any) and at least one 128-code tile per row (tl.dot's 16
+    words per code position)."""
+    return (fmt.code_bits == 4 and dtype in (torch.bfloat16, torch.float16) and in_features >= 128
+            and (zeros is None or not zeros.is_floating_point()))
 
 
 def _scale_per_tile(in_features: int, group_size: int, block_k: int) -> bool:
@@ -200,6 +209,10 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
+    if cfg.kernel == "slices" and not _slices_take(fmt, dtype, zeros, in_features):
+        cfg = KernelConfig("mm", cfg.block_m, cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, cfg.num_stages)
+    if cfg.kernel == "slices" and cfg.block_k < 128:
+        raise ValueError(f"the slices kernel takes block_k of at least 128 (16 words per code position), got {cfg.block_k}")
     if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
         weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
@@ -234,6 +247,16 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    elif cfg.kernel == "slices":
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
+        _qmm_slices_kernel[grid](
+            x2, fmt.words, scales, z_arg, b_arg, y, part,
+            m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
+            k_per_split, GROUP=fmt.group_size, SCALE_PER_TILE=consts["SCALE_PER_TILE"], CODE_OFFSET=fmt.offset - _MAGIC_F,
+            HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=consts["EVEN_K"],
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
         _qmm_kernel[grid](
@@ -243,7 +266,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    if split > 1 and cfg.kernel == "mm":
+    if split > 1 and cfg.kernel in ("mm", "slices"):
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * out_features, block),)](
             part, b_arg, y, m * out_features, out_features, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,

@@ -27,8 +27,9 @@ class MatmulTile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kernel: Literal["gemv", "mm", "dense"] = Field(
-        description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot; 'dense': dequantize the"
+    kernel: Literal["gemv", "mm", "slices", "dense"] = Field(
+        description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot; 'slices': 4-bit codes in"
+                    " 16-bit compute, tl.dot per code position (other formats take 'mm'); 'dense': dequantize the"
                     " whole weight (block_n x block_k tiles), then torch.matmul")
     max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
     min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
@@ -115,15 +116,18 @@ class MatmulTile(BaseModel):
 
 
 def measured_tiles() -> list[MatmulTile]:
-    """H100/H200 sweeps (weights cold in L2, CUDA graphs). GEMV: tiles of one group (128 codes,
-    one scale per row), 3 stages and about 8 programs per SM were within 7% of the best at every
-    Llama-3.2-1B / 8B projection; from 16,384 rows (gate_up, lm_head) 128-row tiles on 8 warps
-    (lm_head: 100 -> 86 us). Prefill: the best at m = 256 (128x128x64, 4 warps, 4 stages; 64 wide
-    when 128-wide tiles leave SMs idle). The skinny tiles (2..16 rows) are not tuned yet."""
+    """H100 sweeps at Llama-3.2-1B's projections and the 8B's MLP (weights cold in L2, CUDA
+    graphs). GEMV: tiles of one group (128 codes, one scale per row), 3 stages and about 8
+    programs per SM were within 7% of the best at every projection; from 16,384 rows (gate_up,
+    lm_head) 128-row tiles on 8 warps. 2..16 rows: the slices kernel (0.6-0.8x mm's time). Up to
+    128 rows: mm tiles split over k (2048 x 8192 at 256 rows: 123 -> 47 us). More: dequantize,
+    then cuBLAS (2.1-2.4x mm at 2048 rows), except a vocabulary-sized lm_head (its dense copy
+    costs more than mm loses)."""
     return [
         MatmulTile(kernel="gemv", max_m=1, min_n=16384, block_n=128, block_k=128, num_warps=8, num_stages=3, programs_per_sm=8),
         MatmulTile(kernel="gemv", max_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3, programs_per_sm=8),
-        MatmulTile(kernel="mm", max_m=16, block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, programs_per_sm=2),
-        MatmulTile(kernel="mm", max_m=64, block_m=64, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4, programs_per_sm=1),
-        MatmulTile(kernel="mm", block_m=128, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4),
+        MatmulTile(kernel="slices", max_m=16, block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=3, programs_per_sm=1),
+        MatmulTile(kernel="mm", max_m=128, block_m=64, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4, programs_per_sm=2),
+        MatmulTile(kernel="mm", min_n=32768, block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4),
+        MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3),
     ]
