@@ -181,6 +181,36 @@ def test_preemption_with_few_blocks_loses_nothing(model_dir, rounds_seen):
     assert eng.block_manager.num_free_blocks() == eng.num_blocks
 
 
+def test_a_sequence_displaced_under_fair_gives_back_its_row(model_dir, rounds_seen):
+    """Policy fair, two seats: after rounds gave both choices of an n = 2 request a device row, a
+    later request displaces the second choice. The displaced sequence gives its row back (there
+    is one per seat; on the GPU a served hostile load ran out of them), and every text is plain
+    decoding's."""
+    def run(**flags):
+        eng = engine(model_dir, max_num_seqs=2, scheduling_policy="fair", **flags)
+        eng.add_request("many", PROMPTS[0], SamplingParams(n=2, max_tokens=40, **GREEDY))
+        for _ in range(4):
+            eng.step()
+        eng.add_request("one", PROMPTS[1], SamplingParams(max_tokens=24, **GREEDY), share_rank=0)
+        tokens, waited = {}, False
+        while eng.has_unfinished():
+            for out in eng.step():
+                for c in out.outputs:
+                    tokens[(out.request_id, c.index)] = list(c.token_ids)
+            if eng.multi_step is not None and eng.scheduler.waiting:  # displaced: it holds no row while it waits
+                waited = True
+                assert not {seq.seq_id for seq in eng.scheduler.waiting} & set(eng.multi_step.rounds._rows)
+        assert waited or eng.multi_step is None
+        return tokens, eng
+
+    expected, _ = run(num_scheduler_steps=1)
+    rounds_seen.clear()
+    got, eng = run()
+    assert got == expected and rounds_seen
+    assert eng.stats()["batching"]["preemptions"] > 0
+    assert eng.block_manager.num_free_blocks() == eng.num_blocks
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rounds_in_cuda_graphs_give_plain_greedy_text_and_sample():

@@ -114,10 +114,13 @@ class DeviceRounds:
         width = max_model_len + k + 1 if k else 2
         # Each sequence's tokens, one row per sequence; a step gathers its sequences' rows into
         # `work`, which the rounds read and append to, and puts them back after the last round.
-        self.tokens = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
+        # Twice the seats: a sequence that ends (or is preempted) in the step in flight keeps its
+        # row until the host reads that step, while the next step may already seat another.
+        row_slots = 2 * max_rows
+        self.tokens = torch.zeros(row_slots, width, dtype=torch.int32, device=device)
         self.work = torch.zeros(self.max_rows, width, dtype=torch.int32, device=device)
         self.lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # 0: a padding row
-        self.row_lens = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # each row's length after its last step
+        self.row_lens = torch.zeros(row_slots, dtype=torch.long, device=device)  # each row's length after its last step
         # A sequence stops growing at its limit: the slots the scheduler gave it for the step.
         self.limits = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.sample = sample
@@ -130,7 +133,7 @@ class DeviceRounds:
         self._emitted = (0.0, 0.0)  # tokens emitted and live rounds run, each step's decayed by 0.9
         self.num_steps = self.num_rounds = 0  # engine steps that ran rounds, and their rounds
         self.catch_up_tokens = 0  # what the proposer computed before the last step's rounds
-        self._free = list(range(self.max_rows - 1, -1, -1))
+        self._free = list(range(row_slots - 1, -1, -1))
         self.sizes = [b for b in graphs.sizes if b <= self.max_rows] or [self.max_rows]
         if self.max_rows not in self.sizes:
             self.sizes.append(self.max_rows)

@@ -341,6 +341,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         for seq in sched.preempted:  # drafts proposed for this step; it will prefill again first
             seq.draft_token_ids = []
+            self._drop_device_state(seq.seq_id)
         if sched.is_empty:
             return None
         if rounds and self.speculator.rounds.fits(sched, num_running):
@@ -417,6 +418,15 @@ class LLMEngine:
         reasons = {c.finish_reason for c in req.choices}
         self.report.totals["requests_finished"] += 1
         self.report.request_finished(req, "length" if reasons == {"length"} else "stop" if "stop" in reasons else "abort", now)
+
+    def _drop_device_state(self, seq_id: int) -> None:
+        """A preempted sequence gives back its rows of the device rounds (one per seat: kept while
+        it waits, they run out once displaced sequences outnumber the seats) and the draft's
+        cache; it uploads its tokens again when it next runs."""
+        if self.multi_step is not None:
+            self.multi_step.forget(seq_id)
+        if self.speculator is not None:
+            self.speculator.preempted(seq_id)
 
     def _release(self, seq_id: int) -> None:
         """What the engine kept for a sequence that is done (the scheduler freed its blocks)."""

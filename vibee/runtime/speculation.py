@@ -269,6 +269,17 @@ class Speculator:
         if self.medusa is not None:  # its next drafts read the hidden state at the last accepted token
             self.medusa.record(seq_id, num_accepted)
 
+    def preempted(self, seq_id: int) -> None:
+        """A sequence lost its KV blocks: what lives beside them on the device goes too (its
+        rounds' row, the draft's cache, Medusa's hidden state); the gate and the n-gram index,
+        which only read its tokens, stay."""
+        if self.rounds is not None:
+            self.rounds.forget(seq_id)
+        if self.medusa is not None:
+            self.medusa.forget(seq_id)
+        if self.draft_model is not None:
+            self.drafter.forget(seq_id)
+
     def forget(self, seq_id: int) -> None:
         """A sequence finished or was aborted: the gate and the draft's cache drop what they kept."""
         self.gate.forget(seq_id)
