@@ -144,3 +144,26 @@ def test_sampler_masks_before_logprobs(eng):
     assert all(t in allowed for t, _ in first.top_logprobs if _ > float("-inf"))
     assert second.token_id == int(logits[1].argmax())
 
+
+
+def test_an_llguidance_that_takes_one_end_token_still_constrains(eng, monkeypatch):
+    """llguidance 1.6 (on the GPU machine) takes one end token where 1.9 takes a list: the
+    tokenizer's own is given, and outputs still parse."""
+    import llguidance
+
+    real = llguidance.LLTokenizer
+    given = []
+
+    def one_end_token(*args, eos_token=None, **kw):
+        if not isinstance(eos_token, int):
+            raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+        given.append(eos_token)
+        return real(*args, eos_token=eos_token, **kw)
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", one_end_token)
+    fresh = StructuredOutputs(eng.tokenizer, vocab_size=eng.model_config.vocab_size, eos_token_ids=eng.eos_token_ids)
+    monkeypatch.setattr(eng, "structured", fresh)
+    monkeypatch.setattr(eng.sampler, "_structured", fresh)
+    for c in finished(run(eng, grammar_for_json_object(), n=4, max_tokens=60)):
+        assert isinstance(json.loads(c.text), dict)
+    assert given == [min(eng.tokenizer.eos_token_ids)]

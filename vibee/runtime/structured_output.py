@@ -92,8 +92,13 @@ class StructuredOutputs:
                 raise GrammarError("this model has no end-of-sequence token, so a constrained output could not end")
             if not hasattr(self._tokenizer, "tokenizer_json"):
                 raise GrammarError("structured output needs the model's tokenizer.json; this tokenizer has none")
-            self._ll = llguidance.LLTokenizer(self._tokenizer.tokenizer_json(), n_vocab=self.vocab_size,
-                                              eos_token=self.eos_token_ids)
+            try:
+                self._ll = llguidance.LLTokenizer(self._tokenizer.tokenizer_json(), n_vocab=self.vocab_size,
+                                                  eos_token=self.eos_token_ids)
+            except TypeError:  # llguidance 1.6 (the GPU machine's) takes one end token, 1.9 a list: the tokenizer's own
+                own = sorted(getattr(self._tokenizer, "eos_token_ids", ()) or self.eos_token_ids)
+                self._ll = llguidance.LLTokenizer(self._tokenizer.tokenizer_json(), n_vocab=self.vocab_size,
+                                                  eos_token=own[0])
             self._executor = llguidance.LLExecutor()
         return self._ll
 
