@@ -362,3 +362,24 @@ def test_vllm_prompt_logprobs_field(real_engine_app, engine_config):
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     firsts = [c["choices"][0] for c in chunks if c["choices"] and "prompt_logprobs" in c["choices"][0]]
     assert len(firsts) == 1 and firsts[0]["prompt_logprobs"] == scored
+
+
+def test_chat_prompt_logprobs_score_the_templated_prompt(real_engine_app, engine_config):
+    """vLLM's prompt_logprobs on chat: the response's prompt_logprobs score the prompt the chat
+    template made (its token ids from /tokenize), as transformers does; streamed, a 400."""
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    ids = httpx.post(real_engine_app.url + "/tokenize", json={"model": real_engine_app.model, "messages": messages},
+                     timeout=60).json()["tokens"]
+    body = {"model": real_engine_app.model, "messages": messages, "max_tokens": 2, "temperature": 0,
+            "prompt_logprobs": 1}
+    reply = httpx.post(real_engine_app.url + "/v1/chat/completions", json=body, timeout=120).json()
+    scored = reply["prompt_logprobs"]
+    assert len(scored) == len(ids) == reply["usage"]["prompt_tokens"] and scored[0] is None
+    expected = _hf_logprobs(engine_config.model, ids)
+    for i, position in enumerate(scored[1:]):
+        assert position[str(ids[i + 1])]["logprob"] == pytest.approx(expected[i], abs=1e-4)
+    plain = httpx.post(real_engine_app.url + "/v1/chat/completions", json={**body, "prompt_logprobs": None},
+                       timeout=120).json()
+    assert plain.get("prompt_logprobs") is None
+    streamed = httpx.post(real_engine_app.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"

@@ -135,6 +135,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     add_generation_prompt: bool = True  # vLLM extension
     parallel_tool_calls: bool | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM: the templated prompt's, not streamed
 
 
 class TokenizeRequest(_Request):
@@ -237,6 +238,8 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    # vLLM's (with prompt_logprobs): per position of the templated prompt, as a completion choice's.
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class ModelCard(_Response):

@@ -173,6 +173,8 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
         grammar = await checked_grammar(state, grammar, "response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    if req.prompt_logprobs is not None and req.stream:  # as vLLM: the response body carries them
+        raise bad_request("prompt_logprobs are not available when stream is true.", param="prompt_logprobs")
 
     check_choices(state, 1, req.n)
     text = await asyncio.to_thread(chat_prompt, state, req.messages, req.add_generation_prompt, "messages", tools)
@@ -183,7 +185,8 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
         max_tokens = max(1, state.max_model_len - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, chat=True, structured_output=grammar)
+    params = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, chat=True,
+                             prompt_logprobs=req.prompt_logprobs, structured_output=grammar)
     check_length(state, ids, params, prompt_param="messages", max_tokens_param=max_tokens_param)
 
     job = Job(random_id("chatcmpl"), [ids], [params], req.n, [text], [0])
@@ -203,9 +206,10 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
                                   logprobs=chat_logprobs(state, c.logprobs or [], top_n) if req.logprobs else None,
                                   finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
                                   stop_reason=c.stop_reason))
-        return JSONResponse(ChatCompletionResponse(id=job.request_id, created=created, model=state.model_name,
-                                                   choices=out, usage=job.usage(choices),
-                                                   system_fingerprint=state.system_fingerprint).model_dump())
+        return JSONResponse(ChatCompletionResponse(
+            id=job.request_id, created=created, model=state.model_name, choices=out, usage=job.usage(choices),
+            system_fingerprint=state.system_fingerprint,
+            prompt_logprobs=vllm_prompt_logprobs(state, job.prompt_logprobs.get(0), req.prompt_logprobs)).model_dump())
 
     include_usage, continuous_usage = usage_options(req)
     running: dict[int, Choice] = {i: Choice() for i in range(req.n)}
