@@ -2,7 +2,8 @@
 fp32 accumulation, scaled per row and per output channel, for a code_type fp8 module.
 
 Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into a generated triton module whose code_type is fp8, so that module stands alone.
+into a generated triton module whose code_type is fp8, after fp8_rounding.py, so that module
+stands alone.
 """
 
 import weakref
@@ -11,21 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from vibee.kinds.quantization.fp8_rounding import _e4m3
+
 # ---- copied into generated modules from here ----
-
-FP8_MAX = 448.0  # the largest float8 e4m3 value
-
-
-@triton.jit
-def _e4m3(x):
-    """fp32 x (|x| <= 448) rounded to float8 e4m3's grid, ties to even, subnormals (steps of 2^-9
-    below 2^-6) kept, still in fp32, so that the cast to float8 after it is exact on every backend
-    (the interpreter's own cast rounds ties away from zero and flushes subnormals). x + 1.5 * 2^23
-    * step lies in a binade whose spacing is the step: the fp32 add rounds x to a multiple of it."""
-    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    magic = ((exponent + 147) << 23).to(tl.float32, bitcast=True) * 1.5  # 1.5 * 2^(exponent - 3 + 23)
-    return (x + magic) - magic
-
 
 @triton.jit
 def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
