@@ -45,6 +45,9 @@ def _rank(rank: int, size: int, model_dir: Path, out: Path) -> None:
         logits, model, shape = _logits(model_dir, shard)
         torch.save({"logits": logits, "heads": (shape.num_heads, shape.num_kv_heads),
                     "qkv_rows": model.model.layers[0].self_attn.qkv_proj.weight.shape[0]}, out / f"rank{rank}.pt")
+        # Every rank done before any tears the group down: a peer's socket closing under a rank
+        # still in gloo aborted it (SIGABRT) now and then with 4 ranks on 2 busy cores.
+        torch.distributed.barrier(group)
     finally:
         tp.destroy_tensor_parallel()
 
