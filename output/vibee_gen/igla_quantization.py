@@ -932,6 +932,29 @@ def _dequant_kernel(
 
 
 @triton.jit
+def _program_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile and split of k: its rows of x (rm) and of the weight (rn), their
+    masks and in-range copies (int64, rows past the end read row 0 and are not stored), and the
+    split's [k_begin, k_end). Tiles go in column bands of GROUP_M row tiles, so that programs that
+    run together share weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_begin = tl.program_id(1) * k_per_split
+    return (rm, rn, m_mask, n_mask, tl.where(m_mask, rm, 0).to(tl.int64), tl.where(n_mask, rn, 0).to(tl.int64),
+            k_begin, tl.minimum(k_begin + k_per_split, K))
+
+
+@triton.jit
 def _qmm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -948,26 +971,11 @@ def _qmm_kernel(
     Q4_1's), taken off after 2^23 + offset, which would round them."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    # Tiles in column bands of GROUP_M row tiles: programs that run together share weight tiles in L2.
-    band = GROUP_M * tiles_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    rm_safe = tl.where(m_mask, rm, 0).to(tl.int64)
-    rn_safe = tl.where(n_mask, rn, 0).to(tl.int64)
+    rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
+                                                                             GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     rw = tl.arange(0, WORDS)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
@@ -1046,25 +1054,11 @@ def _qmm_slices_kernel(
     accumulation). Each slice is taken from the words with a shift and a mask where it is used,
     and x's from its tile in registers: no tile is reordered through shared memory for it."""
     W: tl.constexpr = BLOCK_K // 8
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * tiles_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    rm_safe = tl.where(m_mask, rm, 0).to(tl.int64)
-    rn_safe = tl.where(n_mask, rn, 0).to(tl.int64)
+    rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
+                                                                             GROUP_M)
     rw = tl.arange(0, W)
     ri = tl.arange(0, 8)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
     dtype = s_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
