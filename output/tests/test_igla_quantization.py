@@ -871,6 +871,16 @@ def test_triton_rows_that_no_tile_divides_use_masked_loads(fmt) -> None:
 
 
 @interpreter_only
+def test_the_specs_launches_take_576_wide_rows_in_16_bit() -> None:
+    """A 135M Llama's 576-wide rows (9 x 64: no 128-code tile divides them) in fp16 at 1, 8 and 40
+    rows: every launch the spec's table picks reads them, with masked loads where a tile is wider."""
+    qw, weight = kernel_case((4, "int32", True, 64), 24, 576, torch.float16)
+    for rows in (1, 8, 40):
+        x = make_input(rows, 576)
+        assert_close_to_reference(impl.triton_quant_linear(x.half(), qw), x, weight, None, torch.float16)
+
+
+@interpreter_only
 @pytest.mark.parametrize("rows", [1, 6, 40])
 def test_triton_runs_the_specs_quant_linear(rows: int) -> None:
     """The spec's format as QuantLinear makes it (fp16: the interpreter's bf16 dot is wrong), with

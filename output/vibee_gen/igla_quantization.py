@@ -1238,6 +1238,8 @@ def pick_launch(tiles: tuple[LaunchTile, ...], m: int, n: int, k: int, device: t
         raise ValueError(f"no tile of the table covers m={m}, n={n}")
     sms = _num_sms(device)
     block_n, block_k = tile.block_n, _block_k(k, tile.block_k)
+    if tile.kernel == "slices":  # 16 words per code position at least: a row no such tile divides takes masked loads
+        block_k = max(block_k, min(tile.block_k, 128))
     while block_n > tile.min_block_n and triton.cdiv(m, tile.block_m) * triton.cdiv(n, block_n) < sms:
         block_n //= 2
     split = 1
