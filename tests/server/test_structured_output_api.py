@@ -94,14 +94,21 @@ def test_named_and_required_tool_calls(served, stream):
                           ("required", {"get_weather", "get_time"})]:
         kw = dict(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=60,
                   temperature=0.0, parallel_tool_calls=False)
-        if stream:
-            calls, finish, content = {}, None, ""
+        if stream:  # a call's id, type and name come once, then its arguments' text piece by piece
+            calls, pieces, finish, content = {}, {}, None, ""
             for chunk in client.chat.completions.create(stream=True, **kw):
                 delta = chunk.choices[0].delta
                 content += delta.content or ""
                 for call in delta.tool_calls or []:
-                    calls[call.index] = call
+                    if call.id is not None:
+                        assert call.index not in calls and call.function.name and call.type == "function"
+                        calls[call.index] = call
+                    else:
+                        assert call.index in calls and call.function.name is None
+                    pieces.setdefault(call.index, []).append(call.function.arguments or "")
                 finish = chunk.choices[0].finish_reason or finish
+            for index, call in calls.items():
+                call.function.arguments = "".join(pieces[index])
             calls = [calls[i] for i in sorted(calls)]
             assert content == ""
         else:

@@ -19,7 +19,7 @@ from vibee.server.response_format import checked_grammar, format_grammar
 from vibee.server.request_params import chat_prompt, check_choices, check_common, check_length, sampling_params
 from vibee.server.state import State
 from vibee.server.streaming import stream_job, usage_options
-from vibee.server.tool_calls import plan_tools
+from vibee.server.tool_calls import CallStream, plan_tools
 
 router = APIRouter()
 
@@ -226,8 +226,10 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
     opening = [chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}) for i in range(req.n)]
 
-    # With tools: a choice's text is held while it may still become calls (tool_calls.ToolPlan.may_be_call).
+    # With tools: a choice's text is held while it may still become calls (tool_calls.ToolPlan.may_be_call);
+    # once it is one, its calls stream as they are written (tool_calls.CallStream).
     held: dict[int, str] = {i: "" for i in range(req.n)} if tools is not None and tools.grammar is not None else {}
+    calling: dict[int, CallStream] = {}
 
     def make_chunks(prompt_index: int, out: Any) -> list[dict[str, Any]]:
         chunks = []
@@ -239,10 +241,20 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
                 logprobs = chat_logprobs(state, c.delta_logprobs, top_n).model_dump()
             text, finish_reason, calls = c.delta_text, c.finish_reason, []
             if c.index in held:
-                text = held.pop(c.index) + text
-                if finish_reason is not None:
-                    content, calls = tools.parse(text)
+                text = held.pop(c.index) + text  # the whole output so far
+                if c.index not in calling and tools.is_call(text):
+                    calling[c.index] = CallStream(tools)
+                stream = calling.get(c.index)
+                if stream is not None:
+                    calls = stream.deltas(text)
+                if stream is not None and stream.sent:  # calls are streaming: no content, whatever follows
+                    held[c.index], text = text, ""
+                    if finish_reason == "stop":
+                        finish_reason = "tool_calls"
+                elif finish_reason is not None:
+                    content, whole = tools.parse(text)
                     text = content or ""
+                    calls = [{"index": k, **call} for k, call in enumerate(whole)]
                     if calls and finish_reason == "stop":
                         finish_reason = "tool_calls"
                 elif tools.may_be_call(text):
@@ -251,7 +263,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: Request, state: Stat
                 continue
             delta: dict[str, Any] = {"content": text} if (text or (finish_reason is None and c.index not in held)) else {}
             if calls:
-                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+                delta["tool_calls"] = calls
             body = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             if c.finish_reason is not None:
                 body["stop_reason"] = c.stop_reason

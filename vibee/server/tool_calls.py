@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vibee.runtime.structured_output import grammar_for_lark
@@ -61,6 +61,13 @@ class ToolPlan:
                           "function": {"name": call.get("name"), "arguments": json.dumps(arguments, ensure_ascii=False)}})
         return (None, calls) if calls else (text, [])
 
+    def is_call(self, text: str) -> bool:
+        """Whether a streamed output that begins with `text` is calls (it will not be plain text)."""
+        if self.choice == "none":
+            return False
+        opening = "{" if self.format == "llama" else OPEN.strip()
+        return self.choice != "auto" or text.lstrip().startswith(opening)
+
     def may_be_call(self, text: str) -> bool:
         """Whether a streamed output that begins with `text` can still become calls (its deltas
         are held until it is known)."""
@@ -71,6 +78,92 @@ class ToolPlan:
         start = text.lstrip()
         opening = "{" if self.format == "llama" else OPEN.strip()
         return start.startswith(opening) or opening.startswith(start)
+
+
+def _json_value_end(text: str, start: int) -> int | None:
+    """Where the JSON object or array opening at text[start] ends (the index after its closing
+    bracket), or None while it is still open (strings and escapes are skipped)."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+@dataclass
+class CallStream:
+    """A streamed output's calls as they are written: each call's name once it is whole, then
+    its arguments' JSON text piece by piece (OpenAI's streamed tool_calls deltas). The grammar
+    writes a call exactly as `{"name": "<name>", "arguments": ` + the arguments + `}` (hermes:
+    inside <tool_call> tags; llama: "parameters"); text that does not read so yields nothing
+    more, and the whole calls come at the end instead."""
+
+    plan: ToolPlan
+    sent: list[int] = field(default_factory=list)  # per call begun: characters of its arguments sent
+    ids: list[str] = field(default_factory=list)
+    broken: bool = False
+
+    def deltas(self, text: str) -> list[dict[str, Any]]:
+        """The tool_calls deltas that the output `text` (everything so far) adds to what was sent."""
+        out: list[dict[str, Any]] = []
+        if self.broken:
+            return out
+        for index, (name, arguments) in enumerate(self._calls(text)):
+            piece = arguments[self.sent[index]:] if index < len(self.sent) else arguments
+            if index == len(self.sent):  # a new call: its id, type and name come first, once
+                self.sent.append(0)
+                self.ids.append(f"call_{uuid.uuid4().hex[:24]}")
+                out.append({"index": index, "id": self.ids[index], "type": "function",
+                            "function": {"name": name, "arguments": piece}})
+            elif piece:
+                out.append({"index": index, "function": {"arguments": piece}})
+            self.sent[index] = len(arguments)
+        return out
+
+    def _calls(self, text: str) -> list[tuple[str, str]]:
+        """(name, arguments text so far) of each call begun in text whose name is whole."""
+        key = "parameters" if self.plan.format == "llama" else "arguments"
+        head, calls, at = '{"name": "', [], 0
+        body = text.lstrip()
+        while True:
+            if self.plan.format == "hermes":
+                if not body.startswith(OPEN, at):
+                    self.broken = not OPEN.startswith(body[at:])
+                    break
+                at += len(OPEN)
+            if not body.startswith(head, at):
+                self.broken = not head.startswith(body[at:])
+                break
+            end = body.find('"', at + len(head))
+            if end < 0:
+                break
+            lead = f'", "{key}": '
+            if not body.startswith(lead, end):
+                self.broken = not lead.startswith(body[end:])
+                break
+            start = end + len(lead)
+            close = _json_value_end(body, start) if start < len(body) else None
+            calls.append((body[at + len(head): end], body[start: len(body) if close is None else close]))
+            # The call's own closing brace, then (hermes) its closing tag and a newline before the next.
+            after = "}" if self.plan.format == "llama" else "}" + CLOSE + "\n"
+            if close is None or self.plan.format == "llama" or not body.startswith(after, close):
+                break
+            at = close + len(after)
+        return calls
 
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None,
