@@ -281,12 +281,8 @@ class Speculator:
             self.drafter.forget(seq_id)
 
     def forget(self, seq_id: int) -> None:
-        """A sequence finished or was aborted: the gate and the draft's cache drop what they kept."""
+        """A sequence finished or was aborted: the gate, the n-gram index and what preempted()
+        drops go."""
         self.gate.forget(seq_id)
         self.ngram_indexes.pop(seq_id, None)
-        if self.rounds is not None:
-            self.rounds.forget(seq_id)
-        if self.medusa is not None:
-            self.medusa.forget(seq_id)
-        if self.draft_model is not None:
-            self.drafter.forget(seq_id)
+        self.preempted(seq_id)
