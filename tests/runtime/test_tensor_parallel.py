@@ -45,9 +45,6 @@ def _rank(rank: int, size: int, model_dir: Path, out: Path) -> None:
         logits, model, shape = _logits(model_dir, shard)
         torch.save({"logits": logits, "heads": (shape.num_heads, shape.num_kv_heads),
                     "qkv_rows": model.model.layers[0].self_attn.qkv_proj.weight.shape[0]}, out / f"rank{rank}.pt")
-        # Every rank done before any tears the group down: a peer's socket closing under a rank
-        # still in gloo aborted it (SIGABRT) now and then with 4 ranks on 2 busy cores.
-        torch.distributed.barrier(group)
     finally:
         tp.destroy_tensor_parallel()
 
@@ -69,6 +66,10 @@ def test_sharded_ranks_give_the_unsharded_logits(tiny, tmp_path, size):
         p.start()
     for p in procs:
         p.join(timeout=240)
+    for p in procs:  # none left behind: a rank still waiting on a dead peer would hold up the test run's exit
+        if p.is_alive():
+            p.kill()
+            p.join()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     heads = rank_heads(4, 2, size)
     for r in range(size):

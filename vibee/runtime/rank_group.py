@@ -139,7 +139,10 @@ class RankGroup:
     # --- what crosses each step -----------------------------------------------------------------
 
     def send(self, header: tuple) -> None:
-        """Rank 0: a step's header to every worker."""
+        """Rank 0: a step's header to every worker, once each worker it launched is known to run:
+        a broadcast to a peer already gone may wait (the headers' timeout is the server's idle
+        time) instead of failing."""
+        self.check()
         self._checked(dist.broadcast_object_list, [header], src=0, group=self.headers)
 
     def receive(self) -> tuple:
