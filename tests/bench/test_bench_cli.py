@@ -238,6 +238,8 @@ def _tiny_random_model(root: Path) -> Path:
     ("random", []),
     ("random", ["--no-kv-cache", "--no-flash-attn", "--max-num-seqs", "2"]),
     ("default", ["--structured-output", "text_regex"]),
+    ("default", ["--structured-output", "json_object"]),
+    ("default", ["--structured-output", "json_schema"]),
 ])
 def test_throughput_end_to_end(tmp_path, model, extra):
     pytest.importorskip("vibee.runtime.engine", reason="the engine's modules are not all there yet")
@@ -272,6 +274,9 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     if "--structured-output" in extra:  # every output token was sampled under one row's mask
         assert masks["rows"] == r["output_tokens"] and 1 <= masks["steps"] <= r["steps"]
         assert masks["ms_per_step"] > 0 and "Grammar masks" in result.output
+        # JSON mode (any depth) is not regular: llguidance on the host; the others are token DFAs.
+        on_host = extra[-1] == "json_object"
+        assert (masks["host_requests"], masks["device_requests"]) == ((4, 0) if on_host else (0, 4))
     else:
         assert masks is None
 

@@ -37,11 +37,11 @@ def rounds_seen(monkeypatch):
     seen = []
     real = DeviceRounds.start
 
-    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False):
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, **grammar):
         if not self.k:  # plain rounds, not speculation's
             seen.append((len(seqs), rounds))
             EVENTS.append("start")
-        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained)
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, **grammar)
 
     real_finish = DeviceRounds.finish
 

@@ -39,11 +39,11 @@ def rounds_seen(monkeypatch):
     seen = []
     real = DeviceRounds.start
 
-    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False):
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, **grammar):
         if self.k:  # speculation's rounds, not plain multi-steps
             seen.append((len(seqs), rounds))
             CHAINED.append(chained)
-        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained)
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, **grammar)
 
     CHAINED.clear()
     monkeypatch.setattr(DeviceRounds, "start", start)

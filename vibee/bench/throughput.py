@@ -84,7 +84,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
 
     peaks = StepPeaks()
     engine.add_observer(peaks)
-    masks_before = (engine.structured.mask_seconds, engine.structured.mask_steps, engine.structured.mask_rows)
+    masks_before = (engine.structured.mask_seconds, engine.structured.mask_steps, engine.structured.mask_rows,
+                    dict(engine.structured.requests_by_path))
     before = engine.stats()["batching"]
     n = len(workload.prompts)
     generated = 0
@@ -145,7 +146,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         "grammar_masks": None if structured_output is None else {
             "steps": masks[1] - masks_before[1], "rows": masks[2] - masks_before[2],
             "ms_per_step": 1e3 * (masks[0] - masks_before[0]) / max(1, masks[1] - masks_before[1]),
-            "us_per_row": 1e6 * (masks[0] - masks_before[0]) / max(1, masks[2] - masks_before[2])},
+            "us_per_row": 1e6 * (masks[0] - masks_before[0]) / max(1, masks[2] - masks_before[2]),
+            **{f"{path}_requests": n - masks_before[3][path] for path, n in structured.requests_by_path.items()}},
     }
 
 

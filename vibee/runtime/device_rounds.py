@@ -94,13 +94,16 @@ class PlainProposer(StatelessProposer):
 
 class DeviceRounds:
     def __init__(self, proposer: Any, graphs: Any, *, k: int, max_rows: int, max_model_len: int,
-                 block_size: int, padding_slot: int, device: str, sample: bool = False, seed: torch.Tensor | None = None):
+                 block_size: int, padding_slot: int, device: str, sample: bool = False, seed: torch.Tensor | None = None,
+                 grammar: Any = None):
         """proposer: a round's drafts on fixed shapes (NgramProposer, draft_rounds.DraftModelProposer,
         PlainProposer); graphs: the engine's DecodeGraphs (their buffers are the verification's
         inputs); k: the drafts per round; max_rows: the most sequences one step holds (their k + 1
         rows each fit the largest decode graph). sample: each row's token is drawn at its
         sequence's temperature (sampling_kernel.py; 0: argmax) instead of the graph's argmax, with
         noise from `seed` (int64 [1] on the device, advanced every round); only without drafts.
+        grammar: the token-DFA table (token_dfa.GrammarTable): with sample, each row's logits are
+        masked by its state's row before the draw, and the state advanced by the token drawn.
         Without drafts nothing reads a sequence's older tokens: its row keeps the last two."""
         if sample and k:
             raise ValueError("rounds that verify drafts do so greedily: sample only without drafts (k = 0)")
@@ -125,6 +128,10 @@ class DeviceRounds:
         self.limits = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.sample = sample
         self.seed = seed
+        if grammar is not None and not sample:
+            raise ValueError("only sampling rounds (k = 0) take a grammar")
+        self.grammar = grammar
+        self.grammar_states = torch.zeros(self.max_rows, dtype=torch.long, device=device)  # table rows; 0: free
         self.temperatures = torch.zeros(graphs.sizes[-1], dtype=torch.float32, device=device)  # per graph row
         self.allow = torch.zeros(self.max_rows, dtype=torch.long, device=device)
         self.last = torch.zeros(self.max_rows, k + 3, dtype=torch.long, device=device)  # targets, drafted, accepted
@@ -239,13 +246,15 @@ class DeviceRounds:
                 item.draft_token_ids = ()
 
     def start(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool], rooms: list[int], caps: list[int],
-              rounds: int, temperatures: list[float] | None = None, chained: bool = False) -> tuple:
+              rounds: int, temperatures: list[float] | None = None, chained: bool = False,
+              grammar_rows: list[int] | None = None) -> tuple:
         """Queue `rounds` rounds for these sequences and the copy of what they emit to the host;
         finish() reads it. Each sequence stops at its length + rooms[i] or at caps[i], whichever
         is less (the slots the scheduler holds for it; its prompt plus max_tokens);
         temperatures: each one's (rounds that sample). chained: the rounds queue behind rounds
         whose tokens the host has not read: each sequence starts from the length those leave it,
-        known only on the device (the host's tokens lag theirs)."""
+        known only on the device (the host's tokens lag theirs). grammar_rows: each sequence's
+        state in the grammar table (0: unconstrained), where sampling rounds with a grammar start."""
         k, graphs = self.k, self.graphs
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
@@ -256,8 +265,9 @@ class DeviceRounds:
         self.catch_up_tokens = self.proposer.before(seqs, tables)  # a prefill of the drafter's
         w = tables.shape[1]
         temps = [] if temperatures is None else np.asarray(temperatures, dtype=np.float64).view(np.int64)
+        states = [] if self.grammar is None else (grammar_rows or [0] * real)
         host = np.concatenate([rows, [seq.num_tokens for seq in seqs], rooms, caps, np.asarray(allowed, dtype=np.int64),
-                               temps, tables.reshape(-1)]).astype(np.int64)
+                               temps, states, tables.reshape(-1)]).astype(np.int64)
         sent = torch.from_numpy(host).to(self.device, non_blocking=True)
         rows_d = sent[:real]
         self.lens[:batch].zero_()
@@ -268,6 +278,10 @@ class DeviceRounds:
         if temperatures is not None:
             self.temperatures[:real] = sent[at: at + real].view(torch.float64)
             self.temperatures[real:].zero_()
+            at += real
+        if self.grammar is not None:
+            self.grammar_states[:real] = sent[at: at + real]
+            self.grammar_states[real:].zero_()
             at += real
         self.work[:real] = self.tokens[rows_d]
         # Graph row s * (k + 1) + j is sequence s's token j (its decode token, then its drafts);
@@ -351,8 +365,12 @@ class DeviceRounds:
                       positions=graphs.positions, slot_mapping=graphs.slot_mapping, seq_lens=graphs.seq_lens)
         _, logits = graphs.forward(b)
         if self.sample:
+            if self.grammar is not None:
+                self.grammar.mask(logits[:batch], self.grammar_states[:batch])
             gumbel_sample(logits, self.temperatures[:b], self.seed, out=graphs.sampled[:b])
             self.seed.add_(1)
+            if self.grammar is not None:
+                self.grammar_states[:batch] = self.grammar.advance(self.grammar_states[:batch], graphs.sampled[:batch])
         finish_round(drafts, num_drafts, graphs.sampled, work, lens, limits, self.last)
 
     @torch.inference_mode()

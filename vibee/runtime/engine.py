@@ -131,14 +131,14 @@ class LLMEngine:
             preemption_mode="swap" if swap else "recompute", num_swap_slots=host_swap.num_slots if swap else 0)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.structured = StructuredOutputs(self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                            eos_token_ids=self.eos_token_ids)
+                                            eos_token_ids=self.eos_token_ids, device=self.device)
         self.sampler = Sampler(seed=config.seed, device=self.device, structured=self.structured)
         # Plain decoding in rounds on the device (multi_step.py), with decode graphs; with --speculative
         # while the speed gate holds plain decoding, so that speculation is measured against it.
         self.multi_step = (MultiStep(self.graphs, self.sampler, max_rounds=batch_spec.num_scheduler_steps,
                                      max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
                                      block_size=self.block_size, padding_slot=self.num_blocks * self.block_size,
-                                     device=self.device)
+                                     device=self.device, grammar=self.structured.table)
                            if self.graphs is not None and batch_spec.num_scheduler_steps > 1 else None)
 
         # With --speculative: whether drafting pays right now, measured against plain decoding.
@@ -206,6 +206,8 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = self.runner.score_prompt(req.prompt_token_ids, params.prompt_logprobs)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        constraints = (self.structured.constraints(params.structured_output, params.n)
+                       if params.structured_output is not None else [None] * params.n)
         for index in range(params.n):
             seq = self.gen.continuous_batch.Sequence(next(self._seq_ids), list(prompt_token_ids), params.max_tokens,
                                                      arrival_time=req.arrival_time, stop_token_ids=frozenset(stop_ids),
@@ -214,8 +216,7 @@ class LLMEngine:
                              StopStringMatcher(list(params.stop), params.include_stop_str_in_output),
                              choice_generator(params.seed, index, self.device),
                              logprobs=[] if params.logprobs is not None else None,
-                             constraint=(self.structured.constraint(params.structured_output)
-                                         if params.structured_output is not None else None))
+                             constraint=constraints[index])
             req.choices.append(choice)
         for choice in req.choices:  # all or nothing: a refused choice leaves none behind
             try:
@@ -223,11 +224,13 @@ class LLMEngine:
             except ValueError:
                 for other in req.choices:
                     self.scheduler.abort(other.seq.seq_id)
+                    if other.constraint is not None:
+                        other.constraint.release()
                 raise
             self._by_seq[choice.seq.seq_id] = (req, choice)
         self._requests[request_id] = req
         self._num_penalized += params.has_penalties
-        self._num_unplain += not plain_row(params, req.choices[0].generator)
+        self._num_unplain += not plain_row(params, req.choices[0].generator, req.choices[0].constraint)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request wherever it is; its KV blocks are freed now (a step in flight that
@@ -237,7 +240,7 @@ class LLMEngine:
         if req is None:
             return None
         self._num_penalized -= req.params.has_penalties
-        self._num_unplain -= not plain_row(req.params, req.choices[0].generator)
+        self._num_unplain -= not plain_row(req.params, req.choices[0].generator, req.choices[0].constraint)
         changed = []
         for choice in req.choices:
             self.scheduler.abort(choice.seq.seq_id)
@@ -412,7 +415,7 @@ class LLMEngine:
     def _retire(self, req: Request, now: float) -> None:
         del self._requests[req.request_id]
         self._num_penalized -= req.params.has_penalties
-        self._num_unplain -= not plain_row(req.params, req.choices[0].generator)
+        self._num_unplain -= not plain_row(req.params, req.choices[0].generator, req.choices[0].constraint)
         for choice in req.choices:
             self._release(choice.seq.seq_id)
         reasons = {c.finish_reason for c in req.choices}
@@ -430,7 +433,9 @@ class LLMEngine:
 
     def _release(self, seq_id: int) -> None:
         """What the engine kept for a sequence that is done (the scheduler freed its blocks)."""
-        self._by_seq.pop(seq_id, None)
+        entry = self._by_seq.pop(seq_id, None)
+        if entry is not None and entry[1].constraint is not None:
+            entry[1].constraint.release()
         self.runner.release(seq_id)
         if self.speculator is not None:
             self.speculator.forget(seq_id)

@@ -10,7 +10,8 @@ a step of r rounds is scheduled, packed and read once; the text, stops and outpu
 r tokens per sequence are made while the next step's rounds run.
 
 Rounds run only when every running sequence decodes a plain row (temperature only: no
-penalties, logprobs, top-k/top-p/min-p or seeded generator), and no waiting request could join
+penalties, logprobs, top-k/top-p/min-p or seeded generator; a grammar only as a token DFA, whose
+states the rounds mask and advance on the device), and no waiting request could join
 (admitting one is a prefill, the host's to run). Each sequence holds KV slots for its rounds
 (placeholder drafts the scheduler allocates as lookahead) and stops at its max_tokens on the
 device; what it computes past a stop token or string is dropped, as after a verified draft.
@@ -24,23 +25,27 @@ import numpy as np
 import torch
 
 from vibee.runtime.device_rounds import DeviceRounds, PlainProposer
+from vibee.runtime.token_dfa import DFAConstraint
 
 
-def plain_row(params: Any, generator: Any) -> bool:
-    """Whether a request's rows can be sampled in rounds: temperature (or greedy) alone."""
-    return (generator is None and not params.has_penalties and params.logprobs is None and params.top_p >= 1.0
-            and params.top_k < 1 and params.min_p <= 0.0)
+def plain_row(params: Any, generator: Any, constraint: Any = None) -> bool:
+    """Whether a request's rows can be sampled in rounds: temperature (or greedy) alone, and a
+    grammar only as a token DFA (constraint: a choice's; the rounds mask and advance it)."""
+    on_device = isinstance(constraint, DFAConstraint)
+    return (generator is None and not (params.has_logit_rules if on_device else params.has_penalties)
+            and params.logprobs is None and params.top_p >= 1.0 and params.top_k < 1 and params.min_p <= 0.0)
 
 
 class MultiStep:
     def __init__(self, graphs: Any, sampler: Any, *, max_rounds: int, max_num_seqs: int, max_model_len: int,
-                 block_size: int, padding_slot: int, device: str):
-        """max_rounds: the continuous_batch spec's num_scheduler_steps (rounds per engine step)."""
+                 block_size: int, padding_slot: int, device: str, grammar: Any = None):
+        """max_rounds: the continuous_batch spec's num_scheduler_steps (rounds per engine step);
+        grammar: the token-DFA table (token_dfa.GrammarTable) whose constrained rows the rounds mask."""
         self.sampler, self.device, self.max_rounds = sampler, device, max_rounds
         self.seed = torch.zeros(1, dtype=torch.long, device=device)
         self.rounds = DeviceRounds(PlainProposer(max_num_seqs, device), graphs, k=0, max_rows=max_num_seqs,
                                    max_model_len=max_model_len, block_size=block_size, padding_slot=padding_slot,
-                                   device=device, sample=True, seed=self.seed)
+                                   device=device, sample=True, seed=self.seed, grammar=grammar)
         self._planned: dict[int, int] = {}  # seq_id -> tokens the planned step may emit
 
     def ready(self, scheduler: Any, max_num_batched_tokens: int) -> int:
@@ -83,10 +88,12 @@ class MultiStep:
         rooms = [self._planned[seq.seq_id] for seq in seqs]
         caps = [seq.num_tokens + room for seq, room in zip(seqs, rooms)]
         temperatures = [0.0 if p.is_greedy else p.temperature for p in (by_seq[seq.seq_id][0].params for seq in seqs)]
+        grammar_rows = [_grammar_row(by_seq[seq.seq_id][1].constraint, seq) for seq in seqs]
         # Fresh noise for every step, from the sampler's generator (seeded engines repeat).
         self.seed.copy_(torch.randint(2**62, (1,), device=self.device,
                                       generator=self.sampler.shared_generator(self.device)))
-        return self.rounds.start(seqs, tables, [True] * len(seqs), rooms, caps, rounds, temperatures)
+        return self.rounds.start(seqs, tables, [True] * len(seqs), rooms, caps, rounds, temperatures,
+                                 grammar_rows=grammar_rows)
 
     def finish(self, started: tuple) -> list[list[int]]:
         """Each sequence's tokens from the step's rounds (waits for them)."""
@@ -98,3 +105,12 @@ class MultiStep:
     def figures(self) -> dict[str, Any]:
         return {"steps": self.rounds.num_steps, "rounds": self.rounds.num_rounds, "max_rounds": self.max_rounds,
                 "captured": sorted(self.rounds.round_graphs)}
+
+
+def _grammar_row(constraint: Any, seq: Any) -> int:
+    """A sequence's row of the token-DFA table as its rounds start (0: unconstrained). Its output
+    tokens are all on the host then: a grammar keeps the engine from overlapping steps."""
+    if constraint is None:
+        return 0
+    constraint.advance(seq.output_token_ids)
+    return constraint.table_row()

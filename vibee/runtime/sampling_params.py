@@ -281,5 +281,10 @@ class SamplingParams(BaseModel):
     def has_penalties(self) -> bool:
         """Whether the logits are changed per row before sampling (penalties, a bias, a minimum
         length, a grammar): such rows take the sampler's general path, with every token on the host."""
+        return self.has_logit_rules or self.structured_output is not None
+
+    @property
+    def has_logit_rules(self) -> bool:
+        """has_penalties but for a grammar (which a token DFA applies in decode rounds too)."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-                or bool(self.logit_bias) or self.min_tokens > 0 or self.structured_output is not None)
+                or bool(self.logit_bias) or self.min_tokens > 0)

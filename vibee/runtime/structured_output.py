@@ -10,6 +10,10 @@ forward runs on the device, copied there, and the sampler sets every other logit
 logprobs, greedy or random sampling. When the grammar is complete only EOS is allowed, so the
 choice ends with finish_reason "stop".
 
+A regular grammar (a regex, or a JSON schema with a regular form) is not masked this way: its
+token DFA (token_dfa.py) is loaded into a table on the device, whose rows mask and advance the
+choice on the device, in decode rounds too, with no host round trip per token.
+
 Grammars are llguidance's JSON grammar text (``grammar_for_*``); requests carry it in
 SamplingParams.structured_output so the engine process needs nothing else.
 """
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from vibee.runtime.host_copy import to_device
+from vibee.runtime.token_dfa import DFAConstraint, GrammarTable, NotRegular, TokenDFAs, regular_pattern, token_bytes
 
 
 class GrammarError(ValueError):
@@ -71,10 +76,16 @@ class StructuredOutputs:
     """One tokenizer's view for llguidance, made on first use (the token trie takes about a
     second on a large vocabulary; masks are cheap after it)."""
 
-    def __init__(self, tokenizer: Any, *, vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(self, tokenizer: Any, *, vocab_size: int, eos_token_ids: Sequence[int], device: str = "cpu",
+                 table_bytes: int = 64 << 20):
+        """table_bytes: the device memory of the token-DFA table (its rows are the states of the
+        regular constraints running at once; a DFA that finds no room is masked on the host)."""
         self._tokenizer = tokenizer
         self.vocab_size = max(vocab_size, tokenizer.vocab_size)  # the logits may be wider than the vocabulary
         self.eos_token_ids = sorted(eos_token_ids)
+        # Made now, not on first use: decode rounds captured in CUDA graphs read its buffers.
+        self.table = GrammarTable.for_budget(table_bytes, self.vocab_size, device)
+        self._dfas: TokenDFAs | None = None
         self._ll: Any = None
         self._executor: Any = None
         # Host time of the masks (advancing the matchers, computing and queueing the bitmasks):
@@ -82,6 +93,7 @@ class StructuredOutputs:
         self.mask_seconds = 0.0
         self.mask_steps = 0
         self.mask_rows = 0
+        self.requests_by_path = {"device": 0, "host": 0}  # constrained requests by where their masks run
 
     @property
     def ll_tokenizer(self) -> Any:
@@ -111,6 +123,28 @@ class StructuredOutputs:
         if failed:
             raise GrammarError(f"the grammar is not usable: {messages[0].rstrip()}")
 
+    def constraints(self, grammar: str, n: int) -> list[Any]:
+        """n choices' constraints: on the device's token-DFA table when the grammar is regular and
+        its DFA fits, else llguidance's host masks."""
+        pattern = regular_pattern(grammar)
+        if pattern is not None:
+            try:
+                constraints = self.dfas.constraints(pattern, n)
+                self.requests_by_path["device"] += 1
+                return constraints
+            except NotRegular:
+                pass
+        constraints = [self.constraint(grammar) for _ in range(n)]
+        self.requests_by_path["host"] += 1
+        return constraints
+
+    @property
+    def dfas(self) -> TokenDFAs:
+        if self._dfas is None:
+            tokens = token_bytes(self.ll_tokenizer, min(self._tokenizer.vocab_size, self.vocab_size))
+            self._dfas = TokenDFAs(self.table, tokens, self.eos_token_ids)
+        return self._dfas
+
     def constraint(self, grammar: str) -> "TokenConstraint":
         import llguidance
 
@@ -119,10 +153,27 @@ class StructuredOutputs:
             raise GrammarError(f"the grammar is not usable: {matcher.get_error().rstrip()}")
         return TokenConstraint(matcher)
 
-    def mask(self, x: torch.Tensor, rows: Sequence[tuple[int, "TokenConstraint", Sequence[int]]]) -> None:
+    def mask(self, x: torch.Tensor, rows: Sequence[tuple[int, Any, Sequence[int]]]) -> None:
         """Set the logits of x [N, vocab] that the grammar forbids to -inf: rows are (row of x,
-        its constraint, the choice's output tokens so far, which the constraint catches up on)."""
+        its constraint, the choice's output tokens so far, which the constraint catches up on).
+        Token-DFA rows are masked on the device from their states' rows of the table; the rest
+        by llguidance's bitmasks, computed on the host."""
         started = time.perf_counter()
+        dfa_rows = [row for row in rows if isinstance(row[1], DFAConstraint)]
+        if dfa_rows:
+            states = [0] * len(x)
+            for r, constraint, output in dfa_rows:
+                constraint.advance(output)
+                states[r] = constraint.table_row()
+            self.table.mask(x, to_device(states, x.device, torch.long))
+        rows = [row for row in rows if not isinstance(row[1], DFAConstraint)]
+        if rows:
+            self._mask_on_host(x, rows)
+        self.mask_seconds += time.perf_counter() - started
+        self.mask_steps += 1
+        self.mask_rows += len(rows) + len(dfa_rows)
+
+    def _mask_on_host(self, x: torch.Tensor, rows: Sequence[tuple[int, "TokenConstraint", Sequence[int]]]) -> None:
         words = (self.vocab_size + 31) // 32
         bits = torch.zeros(len(rows), words, dtype=torch.int32, pin_memory=x.is_cuda)
         for _, constraint, output in rows:
@@ -140,9 +191,6 @@ class StructuredOutputs:
         allowed = ((device_bits[:, :, None] >> shifts) & 1).view(len(rows), words * 32)[:, : x.shape[1]].bool()
         index = to_device([r for r, _, _ in rows], x.device, torch.long)
         x[index] = x[index].masked_fill(~allowed, float("-inf"))
-        self.mask_seconds += time.perf_counter() - started
-        self.mask_steps += 1
-        self.mask_rows += len(rows)
 
 
 class TokenConstraint:
@@ -160,6 +208,9 @@ class TokenConstraint:
     @property
     def complete(self) -> bool:
         return self.matcher.is_stopped() or self.matcher.is_accepting()
+
+    def release(self) -> None:
+        """Nothing to give back (a token DFA gives back its table rows)."""
 
     def advance(self, output_token_ids: Sequence[int]) -> None:
         new = list(output_token_ids[self.consumed:])

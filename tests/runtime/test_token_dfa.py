@@ -1,0 +1,212 @@
+"""Regular constraints on the device (vibee/runtime/token_dfa.py): the token DFA allows, at every
+step, exactly the tokens llguidance's host mask allows (an independent implementation of the same
+regex), its outputs match the regex, its table rows come and go with requests, and decode rounds
+on the device mask and advance it, giving the tokens of per-step decoding."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tests.runtime.eager_graphs import use_eager_graphs
+from vibee.engine_flags import split_flags
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.device_rounds import DeviceRounds
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.multi_step import plain_row
+from vibee.runtime.offline import generate
+from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.structured_output import (StructuredOutputs, TokenConstraint, grammar_for_json_object,
+                                             grammar_for_json_schema, grammar_for_lark, grammar_for_regex)
+from vibee.runtime.token_dfa import (DFAConstraint, GrammarTable, NotRegular, TokenDFAs, compile_dfa, regular_pattern,
+                                    token_bytes)
+
+REGEX = r"(GET|POST) /[a-z]{1,8}(/[a-z0-9]{1,4}){0,2} HTTP/1\.[01]"
+
+
+@pytest.fixture(scope="module")
+def eng():
+    return LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokens(eng):
+    return token_bytes(eng.structured.ll_tokenizer, eng.tokenizer.vocab_size)
+
+
+def text_of(tokens, ids):
+    return b"".join(tokens[i] for i in ids).decode("utf-8")
+
+
+@pytest.mark.parametrize("pattern", [REGEX, r"[a-z]+( [0-9]{2})?", r"\{\"id\": [0-9]{1,3}\}"])
+def test_the_dfa_allows_exactly_the_tokens_that_keep_a_match_possible(eng, tokens, pattern):
+    """Random walks through the DFA: at each step the allowed tokens are those after which the
+    text is still a prefix of a match (the regex library's partial matching, token by token),
+    and the end tokens once it is a whole match; llguidance's host mask allows a subset (it
+    keeps forced text to its canonical tokens). A walk ends at an end token, its text a match."""
+    import regex
+
+    structured = eng.structured
+    eos = sorted(eng.eos_token_ids)
+    dfa = compile_dfa(pattern, tokens, eos, structured.vocab_size, max_states=1000)
+    compiled = regex.compile(pattern.encode())
+    rng = np.random.default_rng(0)
+    for walk in range(3):
+        ll = structured.constraint(grammar_for_regex(pattern))
+        state, out, text = 0, [], b""
+        for _ in range(60):
+            viable = [t for t, b in enumerate(tokens) if b is not None and t not in eos
+                      and compiled.fullmatch(text + b, partial=True)]
+            if compiled.fullmatch(text):
+                viable = sorted(viable + eos)
+            assert dfa.allowed(state).tolist() == viable, (walk, text)
+            words = (structured.vocab_size + 31) // 32
+            bits = np.zeros(words, dtype=np.uint32)
+            ll.advance(out)
+            structured._executor.unsafe_compute_mask_ptr([(ll.matcher, 0)], bits.ctypes.data, words * 4, 1)
+            host = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[: structured.vocab_size])
+            assert set(host.tolist()) <= set(viable) and len(host), (walk, text)
+            token = int(rng.choice(dfa.allowed(state)))
+            out.append(token)
+            state = int(dfa.next[state, token])
+            if token in eos:
+                break
+            text += tokens[token]
+        assert out[-1] in eos and re.fullmatch(pattern, text.decode())
+
+
+def test_regular_grammars_are_found_and_the_rest_left_to_llguidance():
+    for pattern in ["a/b", r"a\/b", r"x{2,3}\d", "[^<>]*", r"a\\/b"]:
+        expected = pattern.replace(r"\/", "/") if not pattern.startswith(r"a\\") else pattern
+        assert regular_pattern(grammar_for_regex(pattern)) == expected
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    assert re.fullmatch(regular_pattern(grammar_for_json_schema(schema)), '{"n": 42}')
+    assert regular_pattern(grammar_for_json_object()) is None  # any depth: not regular
+    assert regular_pattern(grammar_for_lark('start: "a"+')) is None
+    assert regular_pattern("not a grammar") is None
+
+
+def test_table_rows_are_lent_per_pattern_and_given_back(tokens):
+    """Choices of one pattern share its rows, across requests; another pattern takes its own, and
+    one that finds no room is refused; rows go back when the last choice of a pattern is done."""
+    sizes = TokenDFAs(GrammarTable(capacity=1000, vocab_size=len(tokens), device="cpu"), tokens, [0])
+    n, m = sizes.compile(REGEX).num_states, sizes.compile(r"[0-9]{3}").num_states
+    k = sizes.compile(r"[a-f]{4}").num_states
+    capacity = 1 + n + m + (k - 1)  # room for two patterns, one row short of a third
+    table = GrammarTable(capacity=capacity, vocab_size=len(tokens) + 4, device="cpu")
+    dfas = TokenDFAs(table, tokens, [0])
+    first = dfas.constraints(REGEX, 3)  # a request of three choices
+    again = dfas.constraints(REGEX, 1)  # another request, same pattern: the same rows
+    assert {c.loaded.first for c in first + again} == {1} and table.free_rows == capacity - 1 - n
+    second = dfas.constraints(r"[0-9]{3}", 1)
+    assert second[0].loaded.first == 1 + n
+    with pytest.raises(NotRegular, match="free rows"):
+        dfas.constraints(r"[a-f]{4}", 1)
+    for c in first:
+        c.release()
+    assert table.free_rows == k - 1  # still held by the other request's choice
+    again[0].release()
+    assert table.free_rows == n  # the hole it left, before the other load
+    assert dfas.constraints(REGEX, 1)[0].loaded.first == 1  # loaded afresh where it was
+    second[0].release()
+
+
+def test_a_full_table_leaves_the_grammar_to_llguidance(eng):
+    small = StructuredOutputs(eng.tokenizer, vocab_size=eng.structured.vocab_size, eos_token_ids=eng.eos_token_ids,
+                              table_bytes=1)  # two rows: the free state and one
+    assert isinstance(small.constraints(grammar_for_regex(REGEX), 1)[0], TokenConstraint)
+    [on_device] = eng.structured.constraints(grammar_for_regex(REGEX), 1)
+    assert isinstance(on_device, DFAConstraint)
+    on_device.release()
+
+
+def test_table_mask_and_advance_follow_the_dfa(eng, tokens):
+    table = eng.structured.table
+    [c] = eng.structured.dfas.constraints(r"[a-z]{2,5}", 1)
+    try:
+        dfa = c.loaded.dfa
+        logits = torch.zeros(3, table.vocab_size)
+        states = torch.tensor([0, c.table_row(), c.loaded.first + 1])
+        table.mask(logits, states)
+        assert torch.isfinite(logits[0]).all()  # the free state allows everything
+        for row, state in ((1, 0), (2, 1)):
+            assert torch.isfinite(logits[row]).nonzero().flatten().tolist() == dfa.allowed(state).tolist()
+        token = int(dfa.allowed(0)[0])
+        moved = table.advance(states, torch.tensor([5, token, token]))
+        assert moved[0] == 0 and moved[1] == c.loaded.first + dfa.next[0, token]
+    finally:
+        c.release()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernel runs in the interpreter on a CPU")
+def test_the_bitmask_kernel_masks_as_the_table_does(eng):
+    from vibee.runtime.token_mask_kernel import apply_token_bitmask
+
+    table = eng.structured.table
+    [c] = eng.structured.dfas.constraints(REGEX, 1)
+    try:
+        states = torch.tensor([0, c.table_row(), c.loaded.first + 5, c.loaded.first + c.loaded.dfa.num_states - 1])
+        width = table.vocab_size + 7  # logits wider than the table: never allowed to a constrained row
+        logits = torch.randn(4, width)
+        expected = logits.clone()
+        expected[:, : table.vocab_size].masked_fill_(table.next[states, :] < 0, float("-inf"))
+        expected[1:, table.vocab_size:] = float("-inf")
+        apply_token_bitmask(logits, table.bits, states, table.vocab_size)
+        assert torch.equal(logits, expected)
+    finally:
+        c.release()
+
+
+def test_only_a_device_grammar_lets_a_row_run_in_rounds(eng):
+    params = SamplingParams(structured_output=grammar_for_regex(REGEX), max_tokens=8)
+    [dfa] = eng.structured.constraints(params.structured_output, 1)
+    try:
+        assert plain_row(params, None, dfa)
+        assert not plain_row(params, None, eng.structured.constraint(params.structured_output))
+        penalized = SamplingParams(structured_output=params.structured_output, presence_penalty=0.5)
+        assert not plain_row(penalized, None, dfa)
+    finally:
+        dfa.release()
+
+
+@pytest.fixture
+def rounds_seen(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("rounds sample in a Triton kernel: on a CPU it needs TRITON_INTERPRET=1")
+    use_eager_graphs(monkeypatch)
+    seen = []
+    real = DeviceRounds.start
+
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, grammar_rows=None):
+        seen.append(list(grammar_rows or []))
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, grammar_rows)
+
+    monkeypatch.setattr(DeviceRounds, "start", start)
+    return seen
+
+
+def test_rounds_mask_and_advance_the_dfa_on_the_device(rounds_seen):
+    """A constrained and a free request decoded in rounds give the tokens of per-step decoding
+    (greedy), the constrained one a match of its regex ended by EOS."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, structured_output=grammar_for_regex(REGEX)),
+              SamplingParams(max_tokens=24, temperature=0.0)]
+
+    def run(steps):
+        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 2})
+        e = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
+        outs = generate(e, prompts, params)
+        assert e.structured.table._free == [(1, e.structured.table.capacity - 1)]  # rows given back
+        return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+
+    eng_rounds, in_rounds = run(4)
+    assert eng_rounds.multi_step is not None and any(rows and rows[0] > 0 for rows in rounds_seen)
+    rounds_seen.clear()
+    _, per_step = run(1)
+    assert not rounds_seen and in_rounds == per_step
+    tokens, text, reason = in_rounds[0]
+    assert reason == "stop" and re.fullmatch(REGEX, text)

@@ -1,0 +1,355 @@
+"""Token-level DFAs: a regular constraint (a regex, or a JSON schema that is one) compiled once
+against the vocabulary into tables the device reads, so that its rows are masked and advanced on
+the device, inside decode rounds, with no host round trip per token.
+
+interegular builds the DFA over characters and every token is walked through it (numpy over the
+vocabulary): for each state, the tokens allowed and the state each leads to; outlines_core writes
+a JSON schema as a regex. That becomes two tables per constraint: next[s, t],
+the state token t leads to from state s (-1: t is not allowed), and bits[s], the allowed tokens
+as a bitmask (32 tokens a word). An engine keeps one GrammarTable on the device, whose row 0 is
+the free state (every token allowed, next state 0) that unconstrained rows sit in; a constraint's
+DFA is loaded at an offset, its states renumbered to the table's rows. The end-of-sequence tokens
+are allowed in final states only and lead to a sink that allows only them, so a constraint that
+is complete ends its choice with finish_reason "stop", as llguidance's host masks do.
+
+A grammar that is not regular (json_object, Lark grammars, tools) stays with llguidance
+(structured_output.py), as does one whose DFA does not fit the table's free rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class NotRegular(ValueError):
+    """A constraint this module can't compile (the host's llguidance takes it)."""
+
+
+def regex_for_schema(schema: Any) -> str:
+    """The regex of JSON text valid under `schema` (a dict or its JSON text), or NotRegular."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    try:
+        return build_regex_from_schema(text)
+    except Exception as exc:  # noqa: BLE001 - outlines_core raises its own types for what it can't express
+        raise NotRegular(f"the schema has no regular form: {exc}") from None
+
+
+def regular_pattern(grammar: str) -> str | None:
+    """The regex of an llguidance grammar (structured_output.py's grammar_for_*) when it is one:
+    a regex grammar, or a JSON schema outlines_core writes as a regex; None for the rest (JSON
+    objects of any depth, Lark grammars, tools), which only llguidance constrains."""
+    try:
+        parts = json.loads(grammar)["grammars"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(parts) != 1:
+        return None
+    part = parts[0]
+    schema, lark = part.get("json_schema"), part.get("lark_grammar")
+    if schema is not None:
+        schema = {k: v for k, v in schema.items() if k != "x-guidance"} if isinstance(schema, dict) else schema
+        if schema == {"type": "object"}:  # JSON mode: any object, of any depth (not regular)
+            return None
+        try:
+            return regex_for_schema(schema)
+        except NotRegular:
+            return None
+    match = re.fullmatch(r"start: /(.*)/", lark or "", flags=re.S)
+    if part.get("name") != "regex" or match is None:
+        return None
+    # llguidance writes the regex as a Lark literal, its slashes escaped: undo that, pair by pair.
+    return re.sub(r"\\(.)", lambda m: "/" if m.group(1) == "/" else m.group(0), match.group(1), flags=re.S)
+
+
+@dataclass(frozen=True)
+class TokenDFA:
+    """A constraint's tables, states 0..S-1 (0 the initial state, S-1 the end sink)."""
+
+    next: np.ndarray  # int32 [S, V]: the state a token leads to, -1 where it is not allowed
+    final: np.ndarray  # bool [S]: the output so far is a whole match (end tokens allowed)
+
+    @property
+    def num_states(self) -> int:
+        return self.next.shape[0]
+
+    def allowed(self, state: int) -> np.ndarray:
+        return np.flatnonzero(self.next[state] >= 0)
+
+
+def token_bytes(ll_tokenizer: Any, size: int) -> list[bytes | None]:
+    """Each token's bytes as the tokenizer writes them (None: a special token, never allowed
+    but as an end token)."""
+    special = getattr(ll_tokenizer, "is_special_token", None)
+    out: list[bytes | None] = []
+    for i in range(size):
+        if special is not None and special(i):
+            out.append(None)
+            continue
+        b = ll_tokenizer.decode_bytes([i])
+        out.append(b if b else None)
+    return out
+
+
+def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int], vocab_size: int,
+                max_states: int) -> TokenDFA:
+    """The token DFA of `pattern` (Python regex syntax, matched against the whole output) over a
+    vocabulary whose token i is tokens[i]; vocab_size (>= len(tokens)) is the logits' width.
+    NotRegular when the pattern does not compile or has more than max_states states.
+
+    interegular turns the pattern into a DFA over characters (with classes of characters); every
+    token is walked through it from every state at once, one character position at a time
+    (numpy over the vocabulary). States from which no match can be completed are dropped, so a
+    token is allowed exactly when the text stays a prefix of some match. A token that is not
+    whole UTF-8 text (a piece of a character) is never allowed."""
+    import interegular
+
+    if not eos_token_ids:
+        raise NotRegular("the model has no end-of-sequence token")
+    eos = sorted(eos_token_ids)
+    try:
+        fsm = interegular.parse_pattern(pattern).to_fsm()
+    except Exception as exc:  # noqa: BLE001 - interegular's parse errors have no common base
+        raise NotRegular(f"the pattern has no DFA: {exc}") from None
+    live = _live_states(fsm)
+    if fsm.initial not in live:
+        raise NotRegular("the pattern matches no text")
+    order = [fsm.initial] + sorted(live - {fsm.initial})
+    number = {state: j for j, state in enumerate(order)}
+    sink = len(order)
+    if sink + 1 > max_states:
+        raise NotRegular(f"its DFA has {sink + 1} states, more than the {max_states} the table has free")
+    other = fsm.alphabet[interegular.fsm.anything_else] if interegular.fsm.anything_else in fsm.alphabet else -1
+    classes = 1 + max(fsm.alphabet.values())
+    step = np.full((sink, classes), -1, dtype=np.int32)  # state (our numbering) x character class -> state
+    for state, moves in fsm.map.items():
+        if state in number:
+            for cls, to in moves.items():
+                if to in number:
+                    step[number[state], cls] = number[to]
+    chars, lengths = _token_classes(tokens, fsm.alphabet, other, eos)
+    # Tokens longest first: character position p moves only the first (tokens longer than p) of them.
+    by_length = np.argsort(-lengths, kind="stable")
+    chars, lengths = chars[by_length], lengths[by_length]
+    longer = [int(np.count_nonzero(lengths > p)) for p in range(chars.shape[1])]
+    table = np.full((sink + 1, vocab_size), -1, dtype=np.int32)
+    for state in range(sink):
+        at = np.where(lengths > 0, state, -1).astype(np.int32)  # length 0: special, empty, not whole UTF-8 text
+        for pos, n in enumerate(longer):
+            head = at[:n]
+            alive = head >= 0
+            head[alive] = step[head[alive], chars[:n, pos][alive]]
+        table[state, by_length] = at
+    final = np.zeros(sink + 1, dtype=bool)
+    for state in fsm.finals & live:
+        final[number[state]] = True
+    table[np.flatnonzero(final)[:, None], eos] = sink
+    table[sink, eos] = sink
+    final[sink] = True
+    return TokenDFA(table, final)
+
+
+def _live_states(fsm: Any) -> set[int]:
+    """The states from which a final state can be reached."""
+    back: dict[int, set[int]] = {}
+    for state, moves in fsm.map.items():
+        for to in moves.values():
+            back.setdefault(to, set()).add(state)
+    live, todo = set(fsm.finals), list(fsm.finals)
+    while todo:
+        for prev in back.get(todo.pop(), ()):
+            if prev not in live:
+                live.add(prev)
+                todo.append(prev)
+    return live
+
+
+def _token_classes(tokens: Sequence[bytes | None], alphabet: Any, other: int,
+                   eos: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """[V, longest token] the character class of each token's characters, and [V] each token's
+    length in characters; length 0 for a token with no usable text (special, an end token,
+    empty, not whole UTF-8) or with a character the pattern's alphabet has no class for."""
+    texts: list[str] = []
+    for i, b in enumerate(tokens):
+        try:
+            texts.append(b.decode("utf-8") if b and i not in eos else "")
+        except UnicodeDecodeError:
+            texts.append("")
+    width = max(map(len, texts), default=0) or 1
+    chars = np.zeros((len(tokens), width), dtype=np.int32)
+    lengths = np.zeros(len(tokens), dtype=np.int64)
+    for i, text in enumerate(texts):
+        row = [alphabet[c] if c in alphabet else other for c in text]
+        if row and min(row) >= 0:
+            chars[i, : len(row)] = row
+            lengths[i] = len(row)
+    return chars, lengths
+
+
+def _bitmask(allowed: np.ndarray) -> np.ndarray:
+    """bool [S, V] -> int32 [S, ceil(V / 32)]: bit j of word w says whether token 32 w + j is allowed."""
+    s, v = allowed.shape
+    padded = np.zeros((s, -(-v // 32) * 32), dtype=bool)
+    padded[:, :v] = allowed
+    words = (padded.reshape(s, -1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(axis=-1)
+    return words.astype(np.uint32).view(np.int32)
+
+
+class GrammarTable:
+    """The device's tables of every loaded DFA: next [capacity, V] and bits [capacity, V / 32],
+    row 0 the free state. Rows are handed out in runs, one run per loaded DFA, and taken back
+    when its last choice is done."""
+
+    def __init__(self, capacity: int, vocab_size: int, device: str | torch.device):
+        self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
+        self.words = -(-vocab_size // 32)
+        self.next = torch.zeros(capacity, vocab_size, dtype=torch.int32, device=self.device)
+        self.bits = torch.full((capacity, self.words), -1, dtype=torch.int32, device=self.device)
+        self._free: list[tuple[int, int]] = [(1, capacity - 1)]  # (first row, rows), by first row
+
+    @classmethod
+    def for_budget(cls, budget_bytes: int, vocab_size: int, device: str | torch.device) -> "GrammarTable":
+        """As many rows as budget_bytes hold (at least 2: the free state and one)."""
+        per_row = 4 * vocab_size + 4 * -(-vocab_size // 32)
+        return cls(max(2, budget_bytes // per_row), vocab_size, device)
+
+    @property
+    def free_rows(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def load(self, dfa: TokenDFA) -> int:
+        """Copy dfa into a free run of rows; returns its first row (state s is row first + s).
+        NotRegular when no run is long enough."""
+        n = dfa.num_states
+        for j, (first, size) in enumerate(self._free):
+            if size >= n:
+                self._free[j:j + 1] = [(first + n, size - n)] if size > n else []
+                break
+        else:
+            raise NotRegular(f"its DFA has {n} states and the device's grammar table {self.free_rows} free rows")
+        moved = np.where(dfa.next >= 0, dfa.next + first, -1).astype(np.int32)
+        self.next[first:first + n] = torch.from_numpy(moved).to(self.device)
+        self.bits[first:first + n] = torch.from_numpy(_bitmask(dfa.next >= 0)).to(self.device)
+        return first
+
+    def unload(self, first: int, n: int) -> None:
+        runs = sorted(self._free + [(first, n)])
+        merged: list[tuple[int, int]] = []
+        for start, size in runs:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        self._free = merged
+
+    def mask(self, logits: torch.Tensor, states: torch.Tensor) -> None:
+        """Set logits[i, t] to -inf where row i's state (a table row; 0: free) does not allow
+        token t, in place, on the device (rows in the free state are not touched)."""
+        rows, width = logits.shape
+        if rows == 0:
+            return
+        if logits.is_cuda:
+            from vibee.runtime.token_mask_kernel import apply_token_bitmask
+
+            apply_token_bitmask(logits, self.bits, states, min(width, self.vocab_size))
+            return
+        allowed = self.next[states.long(), : min(width, self.vocab_size)] >= 0
+        logits[:, : allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
+        if width > self.vocab_size:
+            logits[:, self.vocab_size:].masked_fill_((states != 0)[:, None], float("-inf"))
+
+    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's state after its token (tokens the state allows; the free state stays)."""
+        return self.next[states.long(), tokens.long().clamp(0, self.vocab_size - 1)]
+
+
+class DFAConstraint:
+    """One choice's place in its loaded DFA. Like llguidance's TokenConstraint, it catches up on
+    the choice's output tokens lazily, on the host, when the host needs its state: to mask a step
+    it samples, or to start rounds (which advance it on the device meanwhile)."""
+
+    def __init__(self, loaded: "LoadedDFA"):
+        self.loaded = loaded
+        self.state = 0  # in the DFA's own numbering; -1: a token it does not allow was taken
+        self.consumed = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.state < 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and bool(self.loaded.dfa.final[self.state])
+
+    def advance(self, output_token_ids: Sequence[int]) -> None:
+        table = self.loaded.dfa.next
+        for token in output_token_ids[self.consumed:]:
+            if self.state < 0:
+                break
+            self.state = int(table[self.state, token]) if 0 <= token < table.shape[1] else -1
+        self.consumed = len(output_token_ids)
+
+    def table_row(self) -> int:
+        """The grammar table's row of the current state (the end sink once failed: end the choice)."""
+        dfa = self.loaded.dfa
+        return self.loaded.first + (self.state if self.state >= 0 else dfa.num_states - 1)
+
+    def release(self) -> None:
+        self.loaded.release()
+
+
+class LoadedDFA:
+    """A DFA loaded into the table, shared by every choice constrained by its pattern (across
+    requests); unloaded when the last one is done."""
+
+    def __init__(self, table: GrammarTable, dfa: TokenDFA, on_unload: Any = None):
+        self.table, self.dfa, self.users, self._on_unload = table, dfa, 0, on_unload
+        self.first = table.load(dfa)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.table.unload(self.first, self.dfa.num_states)
+            if self._on_unload is not None:
+                self._on_unload()
+
+
+class TokenDFAs:
+    """An engine's compiler of regular constraints: compiled DFAs kept by pattern (a few, most
+    recent first), and loaded into its grammar table once per pattern while any choice uses it."""
+
+    def __init__(self, table: GrammarTable, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
+                 keep: int = 16):
+        self.table, self.tokens, self.eos_token_ids = table, tokens, sorted(eos_token_ids)
+        self._compiled: OrderedDict[str, TokenDFA] = OrderedDict()
+        self._loaded: dict[str, LoadedDFA] = {}
+        self._keep = keep
+
+    def compile(self, pattern: str) -> TokenDFA:
+        dfa = self._compiled.get(pattern)
+        if dfa is None:
+            dfa = compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1)
+            self._compiled[pattern] = dfa
+            while len(self._compiled) > self._keep:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(pattern)
+        return dfa
+
+    def constraints(self, pattern: str, n: int) -> list[DFAConstraint]:
+        """n choices' constraints on pattern's loaded DFA (NotRegular: it has none, or the table
+        has no room for it now)."""
+        loaded = self._loaded.get(pattern)
+        if loaded is None:
+            loaded = LoadedDFA(self.table, self.compile(pattern), lambda: self._loaded.pop(pattern, None))
+            self._loaded[pattern] = loaded
+        loaded.users += n
+        return [DFAConstraint(loaded) for _ in range(n)]
