@@ -130,7 +130,7 @@ def test_table_mask_and_advance_follow_the_dfa(eng, tokens):
     try:
         dfa = c.loaded.dfa
         logits = torch.zeros(3, table.vocab_size)
-        states = torch.tensor([0, c.table_row(), c.loaded.first + 1])
+        states = torch.tensor([0, int(table.states[c.slot]), c.loaded.first + 1])
         table.mask(logits, states)
         assert torch.isfinite(logits[0]).all()  # the free state allows everything
         for row, state in ((1, 0), (2, 1)):
@@ -138,6 +138,8 @@ def test_table_mask_and_advance_follow_the_dfa(eng, tokens):
         token = int(dfa.allowed(0)[0])
         moved = table.advance(states, torch.tensor([5, token, token]))
         assert moved[0] == 0 and moved[1] == c.loaded.first + dfa.next[0, token]
+        table.advance_slots(torch.tensor([0, c.slot]), torch.tensor([5, token]))  # the choice's state, on the device
+        assert table.states[0] == 0 and table.states[c.slot] == moved[1]
     finally:
         c.release()
 
@@ -149,7 +151,7 @@ def test_the_bitmask_kernel_masks_as_the_table_does(eng):
     table = eng.structured.table
     [c] = eng.structured.dfas.constraints(REGEX, 1)
     try:
-        states = torch.tensor([0, c.table_row(), c.loaded.first + 5, c.loaded.first + c.loaded.dfa.num_states - 1])
+        states = torch.tensor([0, int(table.states[c.slot]), c.loaded.first + 5, c.loaded.first + c.loaded.dfa.num_states - 1])
         width = table.vocab_size + 7  # logits wider than the table: never allowed to a constrained row
         logits = torch.randn(4, width)
         expected = logits.clone()
@@ -173,6 +175,18 @@ def test_only_a_device_grammar_lets_a_row_run_in_rounds(eng):
         dfa.release()
 
 
+def test_only_a_host_grammar_keeps_steps_from_overlapping(eng):
+    """A token DFA's state is on the device: its request needs no tokens on the host before the
+    next step; llguidance's (JSON mode) does."""
+    eng.add_request("dfa", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_regex(REGEX)))
+    assert eng._num_penalized == 0 and eng._can_overlap()
+    eng.add_request("host", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_json_object()))
+    assert eng._num_penalized == 1 and not eng._can_overlap()
+    eng.abort_request("dfa")
+    eng.abort_request("host")
+    assert eng._num_penalized == 0 and eng.structured.table._free == [(1, eng.structured.table.capacity - 1)]
+
+
 @pytest.fixture
 def rounds_seen(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -181,9 +195,9 @@ def rounds_seen(monkeypatch):
     seen = []
     real = DeviceRounds.start
 
-    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, grammar_rows=None):
-        seen.append(list(grammar_rows or []))
-        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, grammar_rows)
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, grammar_slots=None):
+        seen.append(list(grammar_slots or []))
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, grammar_slots)
 
     monkeypatch.setattr(DeviceRounds, "start", start)
     return seen
@@ -204,7 +218,7 @@ def test_rounds_mask_and_advance_the_dfa_on_the_device(rounds_seen):
         return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
 
     eng_rounds, in_rounds = run(4)
-    assert eng_rounds.multi_step is not None and any(rows and rows[0] > 0 for rows in rounds_seen)
+    assert eng_rounds.multi_step is not None and any(slots and slots[0] > 0 for slots in rounds_seen)
     rounds_seen.clear()
     _, per_step = run(1)
     assert not rounds_seen and in_rounds == per_step

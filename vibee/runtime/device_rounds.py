@@ -247,14 +247,15 @@ class DeviceRounds:
 
     def start(self, seqs: list[Any], tables: np.ndarray, allowed: list[bool], rooms: list[int], caps: list[int],
               rounds: int, temperatures: list[float] | None = None, chained: bool = False,
-              grammar_rows: list[int] | None = None) -> tuple:
+              grammar_slots: list[int] | None = None) -> tuple:
         """Queue `rounds` rounds for these sequences and the copy of what they emit to the host;
         finish() reads it. Each sequence stops at its length + rooms[i] or at caps[i], whichever
         is less (the slots the scheduler holds for it; its prompt plus max_tokens);
         temperatures: each one's (rounds that sample). chained: the rounds queue behind rounds
         whose tokens the host has not read: each sequence starts from the length those leave it,
-        known only on the device (the host's tokens lag theirs). grammar_rows: each sequence's
-        state in the grammar table (0: unconstrained), where sampling rounds with a grammar start."""
+        known only on the device (the host's tokens lag theirs). grammar_slots: each sequence's
+        slot of the grammar table (0: unconstrained), whose state the rounds start from and leave
+        advanced by the tokens they emit."""
         k, graphs = self.k, self.graphs
         real = len(seqs)
         batch = self.sizes[bisect.bisect_left(self.sizes, real)]  # padded with rows of length 0
@@ -265,9 +266,9 @@ class DeviceRounds:
         self.catch_up_tokens = self.proposer.before(seqs, tables)  # a prefill of the drafter's
         w = tables.shape[1]
         temps = [] if temperatures is None else np.asarray(temperatures, dtype=np.float64).view(np.int64)
-        states = [] if self.grammar is None else (grammar_rows or [0] * real)
+        slots = [] if self.grammar is None else (grammar_slots or [0] * real)
         host = np.concatenate([rows, [seq.num_tokens for seq in seqs], rooms, caps, np.asarray(allowed, dtype=np.int64),
-                               temps, states, tables.reshape(-1)]).astype(np.int64)
+                               temps, slots, tables.reshape(-1)]).astype(np.int64)
         sent = torch.from_numpy(host).to(self.device, non_blocking=True)
         rows_d = sent[:real]
         self.lens[:batch].zero_()
@@ -280,7 +281,8 @@ class DeviceRounds:
             self.temperatures[real:].zero_()
             at += real
         if self.grammar is not None:
-            self.grammar_states[:real] = sent[at: at + real]
+            slots_d = sent[at: at + real]
+            self.grammar_states[:real] = self.grammar.states[slots_d]
             self.grammar_states[real:].zero_()
             at += real
         self.work[:real] = self.tokens[rows_d]
@@ -299,6 +301,8 @@ class DeviceRounds:
                 out[r] = self.last[:real]
         self.tokens[rows_d] = self.work[:real]
         self.row_lens[rows_d] = self.lens[:real]
+        if self.grammar is not None:
+            self.grammar.states[slots_d] = self.grammar_states[:real]
         if out.is_cuda:
             host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host_out.copy_(out, non_blocking=True)
@@ -369,9 +373,11 @@ class DeviceRounds:
                 self.grammar.mask(logits[:batch], self.grammar_states[:batch])
             gumbel_sample(logits, self.temperatures[:b], self.seed, out=graphs.sampled[:b])
             self.seed.add_(1)
-            if self.grammar is not None:
-                self.grammar_states[:batch] = self.grammar.advance(self.grammar_states[:batch], graphs.sampled[:batch])
         finish_round(drafts, num_drafts, graphs.sampled, work, lens, limits, self.last)
+        if self.grammar is not None:  # a row's state moves by the token it emitted (none once done)
+            states = self.grammar_states[:batch]
+            moved = self.grammar.advance(states, graphs.sampled[:batch])
+            self.grammar_states[:batch] = torch.where(self.last[:batch, 2] >= 0, moved, states)
 
     @torch.inference_mode()
     def step_times(self, repeats: int = 50) -> dict[str, float]:

@@ -36,6 +36,7 @@ from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.step_outputs import StepOutputs
 from vibee.runtime.stop_strings import StopStringMatcher
 from vibee.runtime.structured_output import StructuredOutputs
+from vibee.runtime.token_dfa import DFAConstraint
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -144,7 +145,7 @@ class LLMEngine:
         # With --speculative: whether drafting pays right now, measured against plain decoding.
         self.speed_gate = SpeedGate() if self.speculative else None
         self._in_flight: LaunchedStep | None = None  # the step whose tokens are not read yet
-        self._num_penalized = 0  # requests with penalties: they need every token on the host before a step
+        self._num_penalized = 0  # requests with penalties or a host grammar: every token on the host before a step
         self._num_unplain = 0  # requests whose rows can't be sampled in rounds (multi_step.plain_row)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, Choice]] = {}
@@ -229,7 +230,7 @@ class LLMEngine:
                 raise
             self._by_seq[choice.seq.seq_id] = (req, choice)
         self._requests[request_id] = req
-        self._num_penalized += params.has_penalties
+        self._num_penalized += _needs_host_tokens(req)
         self._num_unplain += not plain_row(params, req.choices[0].generator, req.choices[0].constraint)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -239,7 +240,7 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
-        self._num_penalized -= req.params.has_penalties
+        self._num_penalized -= _needs_host_tokens(req)
         self._num_unplain -= not plain_row(req.params, req.choices[0].generator, req.choices[0].constraint)
         changed = []
         for choice in req.choices:
@@ -414,7 +415,7 @@ class LLMEngine:
 
     def _retire(self, req: Request, now: float) -> None:
         del self._requests[req.request_id]
-        self._num_penalized -= req.params.has_penalties
+        self._num_penalized -= _needs_host_tokens(req)
         self._num_unplain -= not plain_row(req.params, req.choices[0].generator, req.choices[0].constraint)
         for choice in req.choices:
             self._release(choice.seq.seq_id)
@@ -459,3 +460,11 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         """Live measured figures; nothing here is a constant."""
         return engine_stats(self)
+
+
+def _needs_host_tokens(req: Request) -> bool:
+    """Whether a request's next step needs its last tokens on the host: penalties, a bias or a
+    minimum length, or a grammar llguidance masks there (a token DFA's state is on the device)."""
+    params = req.params
+    return params.has_logit_rules or (params.structured_output is not None
+                                      and not isinstance(req.choices[0].constraint, DFAConstraint))

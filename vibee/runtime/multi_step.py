@@ -88,12 +88,12 @@ class MultiStep:
         rooms = [self._planned[seq.seq_id] for seq in seqs]
         caps = [seq.num_tokens + room for seq, room in zip(seqs, rooms)]
         temperatures = [0.0 if p.is_greedy else p.temperature for p in (by_seq[seq.seq_id][0].params for seq in seqs)]
-        grammar_rows = [_grammar_row(by_seq[seq.seq_id][1].constraint, seq) for seq in seqs]
+        grammar_slots = [_grammar_slot(by_seq[seq.seq_id][1].constraint) for seq in seqs]
         # Fresh noise for every step, from the sampler's generator (seeded engines repeat).
         self.seed.copy_(torch.randint(2**62, (1,), device=self.device,
                                       generator=self.sampler.shared_generator(self.device)))
         return self.rounds.start(seqs, tables, [True] * len(seqs), rooms, caps, rounds, temperatures,
-                                 grammar_rows=grammar_rows)
+                                 grammar_slots=grammar_slots)
 
     def finish(self, started: tuple) -> list[list[int]]:
         """Each sequence's tokens from the step's rounds (waits for them)."""
@@ -107,10 +107,7 @@ class MultiStep:
                 "captured": sorted(self.rounds.round_graphs)}
 
 
-def _grammar_row(constraint: Any, seq: Any) -> int:
-    """A sequence's row of the token-DFA table as its rounds start (0: unconstrained). Its output
-    tokens are all on the host then: a grammar keeps the engine from overlapping steps."""
-    if constraint is None:
-        return 0
-    constraint.advance(seq.output_token_ids)
-    return constraint.table_row()
+def _grammar_slot(constraint: Any) -> int:
+    """A sequence's slot of the token-DFA table (0: unconstrained; a plain row's grammar, if
+    any, is a token DFA)."""
+    return constraint.slot if isinstance(constraint, DFAConstraint) else 0

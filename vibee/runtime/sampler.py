@@ -188,6 +188,8 @@ class Sampler:
             tokens[gi] = x[gi].argmax(dim=-1)
             tokens[ri] = self._sample_random(x[ri], [rows[i] for i in rand])
 
+        if self._structured is not None and any(r.constraint is not None for r in rows):
+            self._structured.advance([r.constraint for r in rows], tokens)  # token-DFA states, on the device
         return self._launch_results(x, tokens, params)
 
     def _fused(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> bool:

@@ -156,22 +156,30 @@ class StructuredOutputs:
     def mask(self, x: torch.Tensor, rows: Sequence[tuple[int, Any, Sequence[int]]]) -> None:
         """Set the logits of x [N, vocab] that the grammar forbids to -inf: rows are (row of x,
         its constraint, the choice's output tokens so far, which the constraint catches up on).
-        Token-DFA rows are masked on the device from their states' rows of the table; the rest
-        by llguidance's bitmasks, computed on the host."""
+        Token-DFA rows are masked on the device from their states (kept there, in their slots:
+        their tokens so far are not needed); the rest by llguidance's bitmasks, computed on the host."""
         started = time.perf_counter()
         dfa_rows = [row for row in rows if isinstance(row[1], DFAConstraint)]
         if dfa_rows:
-            states = [0] * len(x)
-            for r, constraint, output in dfa_rows:
-                constraint.advance(output)
-                states[r] = constraint.table_row()
-            self.table.mask(x, to_device(states, x.device, torch.long))
+            slots = [0] * len(x)
+            for r, constraint, _ in dfa_rows:
+                slots[r] = constraint.slot
+            self.table.mask(x, self.table.states[to_device(slots, x.device, torch.long)])
         rows = [row for row in rows if not isinstance(row[1], DFAConstraint)]
         if rows:
             self._mask_on_host(x, rows)
         self.mask_seconds += time.perf_counter() - started
         self.mask_steps += 1
         self.mask_rows += len(rows) + len(dfa_rows)
+
+    def advance(self, constraints: Sequence[Any], tokens: torch.Tensor) -> None:
+        """After a step's sampling: each token-DFA choice's state moves by its token, on the
+        device (constraints[i] is row i's, None for a free row; llguidance's catch up lazily)."""
+        rows = [i for i, c in enumerate(constraints) if isinstance(c, DFAConstraint)]
+        if rows:
+            index = to_device(rows, tokens.device, torch.long)
+            slots = to_device([constraints[i].slot for i in rows], tokens.device, torch.long)
+            self.table.advance_slots(slots, tokens[index])
 
     def _mask_on_host(self, x: torch.Tensor, rows: Sequence[tuple[int, "TokenConstraint", Sequence[int]]]) -> None:
         words = (self.vocab_size + 31) // 32

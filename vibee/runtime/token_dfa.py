@@ -8,7 +8,8 @@ a JSON schema as a regex. That becomes two tables per constraint: next[s, t],
 the state token t leads to from state s (-1: t is not allowed), and bits[s], the allowed tokens
 as a bitmask (32 tokens a word). An engine keeps one GrammarTable on the device, whose row 0 is
 the free state (every token allowed, next state 0) that unconstrained rows sit in; a constraint's
-DFA is loaded at an offset, its states renumbered to the table's rows. The end-of-sequence tokens
+DFA is loaded at an offset, its states renumbered to the table's rows, and each constrained choice
+keeps its state in a slot of the table, on the device. The end-of-sequence tokens
 are allowed in final states only and lead to a sink that allows only them, so a constraint that
 is complete ends its choice with finish_reason "stop", as llguidance's host masks do.
 
@@ -209,12 +210,18 @@ class GrammarTable:
     row 0 the free state. Rows are handed out in runs, one run per loaded DFA, and taken back
     when its last choice is done."""
 
-    def __init__(self, capacity: int, vocab_size: int, device: str | torch.device):
+    def __init__(self, capacity: int, vocab_size: int, device: str | torch.device, slots: int = 4096):
+        """slots: the constrained choices that can run at once (each keeps its state on the device)."""
         self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
         self.words = -(-vocab_size // 32)
         self.next = torch.zeros(capacity, vocab_size, dtype=torch.int32, device=self.device)
         self.bits = torch.full((capacity, self.words), -1, dtype=torch.int32, device=self.device)
         self._free: list[tuple[int, int]] = [(1, capacity - 1)]  # (first row, rows), by first row
+        # Each constrained choice's state (a row of the table) in its slot, on the device: the
+        # sampler and the decode rounds read and advance it there, so the host never needs a
+        # choice's last token to mask its next one. Slot 0 is every unconstrained row's (state 0).
+        self.states = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._free_slots = list(range(slots - 1, 0, -1))
 
     @classmethod
     def for_budget(cls, budget_bytes: int, vocab_size: int, device: str | torch.device) -> "GrammarTable":
@@ -240,6 +247,22 @@ class GrammarTable:
         self.next[first:first + n] = torch.from_numpy(moved).to(self.device)
         self.bits[first:first + n] = torch.from_numpy(_bitmask(dfa.next >= 0)).to(self.device)
         return first
+
+    def take_slot(self, state: int) -> int:
+        """A slot for a new choice, starting in `state` (NotRegular when every slot is taken)."""
+        if not self._free_slots:
+            raise NotRegular(f"all {len(self.states) - 1} slots of the device's grammar table are taken")
+        slot = self._free_slots.pop()
+        self.states[slot] = state
+        return slot
+
+    def give_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
+    def advance_slots(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The states in these slots (on the device) after these tokens: states[slots] moves by
+        next (slot 0 stays free)."""
+        self.states[slots] = self.advance(self.states[slots], tokens)
 
     def unload(self, first: int, n: int) -> None:
         runs = sorted(self._free + [(first, n)])
@@ -269,41 +292,19 @@ class GrammarTable:
 
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Each row's state after its token (tokens the state allows; the free state stays)."""
-        return self.next[states.long(), tokens.long().clamp(0, self.vocab_size - 1)]
+        return self.next[states.long(), tokens.long().clamp(0, self.vocab_size - 1)].long()
 
 
 class DFAConstraint:
-    """One choice's place in its loaded DFA. Like llguidance's TokenConstraint, it catches up on
-    the choice's output tokens lazily, on the host, when the host needs its state: to mask a step
-    it samples, or to start rounds (which advance it on the device meanwhile)."""
+    """One choice's place in its loaded DFA: a slot of the table, whose state lives on the device
+    (masked and advanced there, per step and in decode rounds); the host only holds the slot."""
 
     def __init__(self, loaded: "LoadedDFA"):
         self.loaded = loaded
-        self.state = 0  # in the DFA's own numbering; -1: a token it does not allow was taken
-        self.consumed = 0
-
-    @property
-    def failed(self) -> bool:
-        return self.state < 0
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed and bool(self.loaded.dfa.final[self.state])
-
-    def advance(self, output_token_ids: Sequence[int]) -> None:
-        table = self.loaded.dfa.next
-        for token in output_token_ids[self.consumed:]:
-            if self.state < 0:
-                break
-            self.state = int(table[self.state, token]) if 0 <= token < table.shape[1] else -1
-        self.consumed = len(output_token_ids)
-
-    def table_row(self) -> int:
-        """The grammar table's row of the current state (the end sink once failed: end the choice)."""
-        dfa = self.loaded.dfa
-        return self.loaded.first + (self.state if self.state >= 0 else dfa.num_states - 1)
+        self.slot = loaded.table.take_slot(loaded.first)
 
     def release(self) -> None:
+        self.loaded.table.give_slot(self.slot)
         self.loaded.release()
 
 
@@ -352,4 +353,14 @@ class TokenDFAs:
             loaded = LoadedDFA(self.table, self.compile(pattern), lambda: self._loaded.pop(pattern, None))
             self._loaded[pattern] = loaded
         loaded.users += n
-        return [DFAConstraint(loaded) for _ in range(n)]
+        made: list[DFAConstraint] = []
+        try:
+            for _ in range(n):
+                made.append(DFAConstraint(loaded))
+        except NotRegular:
+            for c in made:
+                c.loaded.table.give_slot(c.slot)
+            loaded.users -= n - 1
+            loaded.release()  # the last of the n: unloads it if no one else uses it
+            raise
+        return made
