@@ -115,6 +115,18 @@ def test_table_rows_are_lent_per_pattern_and_given_back(tokens):
     second[0].release()
 
 
+def test_a_free_form_object_in_a_schema_is_left_to_llguidance(eng, tokens):
+    """Its regex (a depth-bounded JSON value) is too long to compile on the engine's thread; the
+    refusal is remembered, not recomputed."""
+    schema = {"type": "object", "properties": {"meta": {"type": "object"}}, "required": ["meta"]}
+    grammar = grammar_for_json_schema(schema)
+    pattern = regular_pattern(grammar)
+    with pytest.raises(NotRegular, match="characters"):
+        compile_dfa(pattern, tokens, [0], len(tokens), max_states=1000)
+    assert isinstance(eng.structured.constraints(grammar, 1)[0], TokenConstraint)
+    assert isinstance(eng.structured.dfas._compiled[pattern], NotRegular)
+
+
 def test_a_full_table_leaves_the_grammar_to_llguidance(eng):
     small = StructuredOutputs(eng.tokenizer, vocab_size=eng.structured.vocab_size, eos_token_ids=eng.eos_token_ids,
                               table_bytes=1)  # two rows: the free state and one
@@ -224,3 +236,27 @@ def test_rounds_mask_and_advance_the_dfa_on_the_device(rounds_seen):
     assert not rounds_seen and in_rounds == per_step
     tokens, text, reason = in_rounds[0]
     assert reason == "stop" and re.fullmatch(REGEX, text)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_rounds_in_cuda_graphs_mask_and_advance_the_dfa():
+    """The built-in model in float32 with real CUDA graphs: a regex-constrained request beside a
+    free one, decoded in captured rounds (the bitmask kernel and the state's advance inside
+    the graph), gives per-step decoding's tokens; its text matches, ended by EOS."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, structured_output=grammar_for_regex(REGEX)),
+              SamplingParams(max_tokens=24, temperature=0.0)]
+
+    def run(steps):
+        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 2})
+        e = LLMEngine(EngineConfig(device="cuda", dtype="float32", seed=0, **settings, knobs=knobs), progress=False)
+        outs = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in generate(e, prompts, params)]
+        return e, outs
+
+    eng, in_rounds = run(4)
+    assert eng.multi_step is not None and eng.multi_step.rounds.round_graphs
+    assert eng.stats()["batching"]["multi_step"]["rounds"] > 0
+    _, per_step = run(1)
+    assert in_rounds == per_step
+    assert in_rounds[0][2] == "stop" and re.fullmatch(REGEX, in_rounds[0][1])

@@ -63,7 +63,7 @@ for _command in (latency, perplexity, kernels, adversary):  # defined in command
 
 
 # A record whose JSON is a regular language (94 DFA states): decoded from a token DFA on the
-# device, loaded once for every request (a 128k vocabulary's table holds 126 states).
+# device, loaded once for every request (a 128k vocabulary's table holds 252 states).
 BENCH_SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
     "email": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4}},

@@ -34,6 +34,12 @@ class NotRegular(ValueError):
     """A constraint this module can't compile (the host's llguidance takes it)."""
 
 
+# Longer patterns go to llguidance: the character DFA of a schema with a free-form object (a
+# depth-bounded JSON value, ~7,000 characters of regex) takes seconds to build, on the engine's
+# thread; the schemas of records and tool arguments are a few hundred characters.
+MAX_PATTERN_CHARS = 2000
+
+
 def regex_for_schema(schema: Any) -> str:
     """The regex of JSON text valid under `schema` (a dict or its JSON text), or NotRegular."""
     from outlines_core.json_schema import build_regex_from_schema
@@ -116,6 +122,8 @@ def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Seq
 
     if not eos_token_ids:
         raise NotRegular("the model has no end-of-sequence token")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise NotRegular(f"the pattern has {len(pattern)} characters, more than the {MAX_PATTERN_CHARS} compiled here")
     eos = sorted(eos_token_ids)
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
@@ -206,15 +214,19 @@ def _bitmask(allowed: np.ndarray) -> np.ndarray:
 
 
 class GrammarTable:
-    """The device's tables of every loaded DFA: next [capacity, V] and bits [capacity, V / 32],
-    row 0 the free state. Rows are handed out in runs, one run per loaded DFA, and taken back
-    when its last choice is done."""
+    """The device's tables of every loaded DFA: next [capacity, V] (int16: a row number) and bits
+    [capacity, V / 32], row 0 the free state. Rows are handed out in runs, one run per loaded
+    DFA, and taken back when its last choice is done."""
+
+    MAX_ROWS = 2**15 - 1  # next holds row numbers in int16
 
     def __init__(self, capacity: int, vocab_size: int, device: str | torch.device, slots: int = 4096):
         """slots: the constrained choices that can run at once (each keeps its state on the device)."""
+        if not 2 <= capacity <= self.MAX_ROWS:
+            raise ValueError(f"a grammar table has 2 to {self.MAX_ROWS} rows, got {capacity}")
         self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
         self.words = -(-vocab_size // 32)
-        self.next = torch.zeros(capacity, vocab_size, dtype=torch.int32, device=self.device)
+        self.next = torch.zeros(capacity, vocab_size, dtype=torch.int16, device=self.device)
         self.bits = torch.full((capacity, self.words), -1, dtype=torch.int32, device=self.device)
         self._free: list[tuple[int, int]] = [(1, capacity - 1)]  # (first row, rows), by first row
         # Each constrained choice's state (a row of the table) in its slot, on the device: the
@@ -226,8 +238,8 @@ class GrammarTable:
     @classmethod
     def for_budget(cls, budget_bytes: int, vocab_size: int, device: str | torch.device) -> "GrammarTable":
         """As many rows as budget_bytes hold (at least 2: the free state and one)."""
-        per_row = 4 * vocab_size + 4 * -(-vocab_size // 32)
-        return cls(max(2, budget_bytes // per_row), vocab_size, device)
+        per_row = 2 * vocab_size + 4 * -(-vocab_size // 32)
+        return cls(min(cls.MAX_ROWS, max(2, budget_bytes // per_row)), vocab_size, device)
 
     @property
     def free_rows(self) -> int:
@@ -243,7 +255,7 @@ class GrammarTable:
                 break
         else:
             raise NotRegular(f"its DFA has {n} states and the device's grammar table {self.free_rows} free rows")
-        moved = np.where(dfa.next >= 0, dfa.next + first, -1).astype(np.int32)
+        moved = np.where(dfa.next >= 0, dfa.next + first, -1).astype(np.int16)
         self.next[first:first + n] = torch.from_numpy(moved).to(self.device)
         self.bits[first:first + n] = torch.from_numpy(_bitmask(dfa.next >= 0)).to(self.device)
         return first
@@ -331,18 +343,25 @@ class TokenDFAs:
     def __init__(self, table: GrammarTable, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
                  keep: int = 16):
         self.table, self.tokens, self.eos_token_ids = table, tokens, sorted(eos_token_ids)
-        self._compiled: OrderedDict[str, TokenDFA] = OrderedDict()
+        self._compiled: OrderedDict[str, TokenDFA | NotRegular] = OrderedDict()  # NotRegular: why it has none
         self._loaded: dict[str, LoadedDFA] = {}
         self._keep = keep
 
     def compile(self, pattern: str) -> TokenDFA:
+        """pattern's DFA, compiled once (and a pattern that has none refused again at once)."""
         dfa = self._compiled.get(pattern)
         if dfa is None:
-            dfa = compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1)
+            try:
+                dfa = compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size,
+                                  self.table.capacity - 1)
+            except NotRegular as exc:
+                dfa = exc
             self._compiled[pattern] = dfa
             while len(self._compiled) > self._keep:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(pattern)
+        if isinstance(dfa, NotRegular):
+            raise dfa
         return dfa
 
     def constraints(self, pattern: str, n: int) -> list[DFAConstraint]:
