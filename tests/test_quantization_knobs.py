@@ -164,7 +164,7 @@ def test_derived_figures_count_scales_and_zero_points():
 SMALL_TILES = """\
   tiles:
     - {kernel: gemv, max_m: 1, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2, programs_per_sm: 64}
-    - {kernel: mm, max_m: 8, block_m: 16, block_n: 32, block_k: 256, num_warps: 2, num_stages: 2, programs_per_sm: 4}
+    - {kernel: mm, max_m: 8, block_m: 16, block_n: 32, block_k: 256, num_warps: 2, num_stages: 2, programs_per_sm: 4, swap_ab: true, join_codes: true}
     - {kernel: mm, max_m: 200, block_m: 32, block_n: 16, block_k: 32, num_warps: 2, num_stages: 2}
     - {kernel: dense, block_n: 32, block_k: 64, num_warps: 4, num_stages: 1}
 """
@@ -182,6 +182,7 @@ def test_default_tiles_are_the_measured_h100_h200_launches():
     assert (gemv.block_k, gemv.num_stages, gemv.programs_per_sm) == (128, 3, 8)
     assert (skinny.kernel, skinny.max_m, skinny.block_m, skinny.block_n, skinny.block_k) == ("slices", 16, 16, 128, 128)
     assert (mid.kernel, mid.max_m, mid.block_m, mid.block_n, mid.min_block_n, mid.block_k, mid.programs_per_sm) == ("mm", 128, 64, 128, 64, 64, 2)
+    assert (mid.swap_ab, mid.join_codes, lm_head.swap_ab, lm_head.join_codes) == (True, True, False, False)
     assert (lm_head.kernel, lm_head.max_m, lm_head.min_n) == ("mm", None, 32768)
     assert (prefill.kernel, prefill.max_m, prefill.min_n) == ("dense", None, 0)
 
@@ -190,7 +191,8 @@ def test_the_specs_tiles_are_the_modules_launches(gen_from_text, quantization_sp
     small = gen_from_text(with_tiles(quantization_spec, SMALL_TILES), "igla_quantization").impl
     cpu = torch.device("cpu")
     assert small.pick_config(1, 4096, 4096, 4, 128, cpu) == small.KernelConfig("gemv", 1, 16, 32, 16, num_warps=2, num_stages=2)
-    assert small.pick_config(8, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 16, 32, 256, 4, num_warps=2, num_stages=2)
+    assert small.pick_config(8, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 16, 32, 256, 4, num_warps=2, num_stages=2,
+                                                                                join_codes=True, swap_ab=True)
     assert small.pick_config(9, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 32, 16, 32, 1, num_warps=2, num_stages=2)
     assert small.pick_config(201, 4096, 4096, 4, 128, cpu) == small.KernelConfig("dense", 1, 32, 64, 1, num_warps=4, num_stages=1)
 
@@ -213,8 +215,12 @@ def test_changed_tiles_still_compute_the_product(gen_from_text, quantization_spe
         ("    - {kernel: mm, max_m: 16, block_m: 16, block_n: 64, block_k: 64}\n", "the last row of tiles must cover every product"),
         ("    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64}\n    - {kernel: mm, block_m: 64, block_n: 64, block_k: 64}\n",
          r"tiles\[1\] is never used: tiles\[0\] comes first"),
+        ("    - {kernel: gemv, max_m: 1, block_n: 64, block_k: 128, swap_ab: true}\n    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64}\n",
+         "swap_ab is the mm kernel's"),
+        ("    - {kernel: slices, max_m: 16, block_m: 16, block_n: 64, block_k: 128, join_codes: true}\n"
+         "    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64}\n", "join_codes is the mm and dense kernels'"),
     ],
-    ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed"],
+    ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed", "swap-gemv", "join-slices"],
 )
 def test_bad_tiles_are_spec_errors(gen_from_text, quantization_spec, tiles, message):
     with pytest.raises(SpecError) as caught:

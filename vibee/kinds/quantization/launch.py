@@ -53,6 +53,8 @@ class LaunchTile:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # split-K brings the grid near this many programs per SM; 0: no split
+    swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
+    join_codes: bool = False  # "mm", "dense": codes unpacked by joining positions (else one 3-D tensor)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ def pick_launch(tiles: tuple[LaunchTile, ...], m: int, n: int, k: int, device: t
         tiles_mn = triton.cdiv(m, tile.block_m) * triton.cdiv(n, block_n)
         # The GEMV's splits may be one tile of k each; tl.dot's need a few to pipeline loads.
         split = _split(tiles_mn, k, block_k, tile.programs_per_sm * sms, min_tiles=1 if tile.kernel == "gemv" else 4)
-    return KernelConfig(tile.kernel, tile.block_m, block_n, block_k, split, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return KernelConfig(tile.kernel, tile.block_m, block_n, block_k, split, num_warps=tile.num_warps,
+                        num_stages=tile.num_stages, join_codes=tile.join_codes, swap_ab=tile.swap_ab)
 
 
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:

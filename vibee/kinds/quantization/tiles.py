@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator, model_validator
 
 # Launch tiles: tl.dot needs 16 in every dimension; a k tile is whole 32-bit words of 8-bit codes
 # (and launch.py never shrinks it below 32).
@@ -40,6 +40,10 @@ class MatmulTile(BaseModel):
     num_warps: StrictInt = Field(4, description="warps per program (power of two, 1..32)")
     num_stages: StrictInt = Field(3, description="software-pipelining stages of the k loop (1..8)")
     programs_per_sm: StrictInt = Field(0, description="split-K brings the grid near this many programs per SM (0..64); 0: no split")
+    swap_ab: StrictBool = Field(False, description="'mm': computed as y.T = w @ x.T, the dequantized weight tile as"
+                                                   " tl.dot's first operand (rows of x fill only the MMA's N)")
+    join_codes: StrictBool = Field(False, description="'mm' and 'dense': codes unpacked in input order by joining the"
+                                                      " code positions (else one 3-D shift and a reshape)")
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +106,10 @@ class MatmulTile(BaseModel):
             raise ValueError(f"a gemv tile takes one activation row: max_m must be 1, got {self.max_m}")
         if self.min_block_n > self.block_n:
             raise ValueError(f"min_block_n {self.min_block_n} is wider than block_n {self.block_n}")
+        if self.swap_ab and self.kernel != "mm":
+            raise ValueError(f"swap_ab is the mm kernel's: a {self.kernel} tile has no operands to swap")
+        if self.join_codes and self.kernel not in ("mm", "dense"):
+            raise ValueError(f"join_codes is the mm and dense kernels': a {self.kernel} tile unpacks codes its own way")
         return self
 
     def covers(self, other: MatmulTile) -> bool:
@@ -111,8 +119,9 @@ class MatmulTile(BaseModel):
     def summary(self) -> str:
         split = f", split-K to {self.programs_per_sm} programs/SM" if self.programs_per_sm else ""
         narrow = f" (down to {self.min_block_n} wide)" if self.min_block_n < self.block_n else ""
+        flags = "".join(f", {name}" for name in ("swap_ab", "join_codes") if getattr(self, name))
         return (f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k}{narrow}, "
-                f"{self.num_warps} warps, {self.num_stages} stages{split}")
+                f"{self.num_warps} warps, {self.num_stages} stages{split}{flags}")
 
 
 def measured_tiles() -> list[MatmulTile]:
@@ -120,14 +129,17 @@ def measured_tiles() -> list[MatmulTile]:
     graphs). GEMV: tiles of one group (128 codes, one scale per row), 3 stages and about 8
     programs per SM were within 7% of the best at every projection; from 16,384 rows (gate_up,
     lm_head) 128-row tiles on 8 warps. 2..16 rows: the slices kernel (0.6-0.8x mm's time). Up to
-    128 rows: mm tiles split over k (2048 x 8192 at 256 rows: 123 -> 47 us). More: dequantize,
+    128 rows: mm tiles split over k (2048 x 8192 at 256 rows: 123 -> 47 us), the weight as tl.dot's
+    first operand with codes joined in order (H200: that family's best tile beat the 3-D unpacking's
+    pick by 1.3-2.1x at 64 and 128 rows at all five shapes swept). More: dequantize,
     then cuBLAS (2.1-2.4x mm at 2048 rows), except a vocabulary-sized lm_head (its dense copy
     costs more than mm loses)."""
     return [
         MatmulTile(kernel="gemv", max_m=1, min_n=16384, block_n=128, block_k=128, num_warps=8, num_stages=3, programs_per_sm=8),
         MatmulTile(kernel="gemv", max_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3, programs_per_sm=8),
         MatmulTile(kernel="slices", max_m=16, block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=3, programs_per_sm=1),
-        MatmulTile(kernel="mm", max_m=128, block_m=64, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4, programs_per_sm=2),
+        MatmulTile(kernel="mm", max_m=128, block_m=64, block_n=128, min_block_n=64, block_k=64, num_warps=4, num_stages=4,
+                   programs_per_sm=2, swap_ab=True, join_codes=True),
         MatmulTile(kernel="mm", min_n=32768, block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4),
         MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3),
     ]
