@@ -260,3 +260,41 @@ def test_on_the_gpu_rounds_in_cuda_graphs_mask_and_advance_the_dfa():
     _, per_step = run(1)
     assert in_rounds == per_step
     assert in_rounds[0][2] == "stop" and re.fullmatch(REGEX, in_rounds[0][1])
+
+
+def test_the_engine_process_compiles_a_new_dfa_off_its_loop(monkeypatch):
+    """A request whose regex is new waits for its DFA on the compiler's thread; a request behind
+    it is added (and could step) at once; the first is added when its DFA is done, which the
+    next request of the same regex finds compiled."""
+    import multiprocessing
+    import threading
+
+    from vibee.runtime import token_dfa
+    from vibee.runtime.engine_core import EngineCore
+
+    gate = threading.Event()
+    real = token_dfa.compile_dfa
+
+    def slow(*args, **kwargs):
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(token_dfa, "compile_dfa", slow)
+    eng = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0), progress=False)
+    ours, theirs = multiprocessing.Pipe()  # ours kept open: the core sends the abort's outputs
+    core = EngineCore(eng, theirs)
+    constrained = SamplingParams(max_tokens=8, structured_output=grammar_for_regex(r"[a-z]{3} [0-9]{2}"))
+    core._handle(("add", "regex", [5, 6, 7], constrained, None, 0))
+    core._handle(("add", "plain", [8, 9], SamplingParams(max_tokens=4), None, 0))
+    core._add_compiled()
+    assert eng.request_ids() == ["plain"] and len(core._compiling) == 1
+    gate.set()
+    core._compiling[0][2].result(timeout=30)
+    core._add_compiled()
+    assert sorted(eng.request_ids()) == ["plain", "regex"] and not core._compiling
+    assert isinstance(eng._by_seq[eng._requests["regex"].choices[0].seq.seq_id][1].constraint, DFAConstraint)
+    core._handle(("add", "again", [5, 6], constrained, None, 0))  # compiled: added at once
+    assert "again" in eng.request_ids()
+    core._handle(("add", "gone", [5], SamplingParams(max_tokens=4, structured_output=grammar_for_regex("x+y")), None, 0))
+    core._handle(("abort", "gone"))  # aborted while compiling: never added
+    assert not core._compiling

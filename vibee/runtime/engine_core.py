@@ -13,6 +13,10 @@ Messages from the engine: ("ready", EngineFacts) | ("failed", message, user_erro
                           ("refused", request_id, message) | ("reply", call_id, value)
                           ("step_failed", [request_id], message)
 Only what changed crosses the pipe (an OutputDelta per changed request), never a whole sequence.
+
+A request whose grammar needs a token DFA not compiled yet waits for it off the loop: the DFA is
+built on a thread of its own (up to a second at a 128k vocabulary) while the steps go on, and the
+request is added once it is done; the other requests never wait for it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import signal
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -27,10 +32,12 @@ from typing import Any
 from vibee.runtime.config import EngineConfig
 from vibee.runtime.outputs import RequestOutput
 from vibee.runtime.rank_group import RankLost
+from vibee.runtime.token_dfa import NotRegular
 
 log = logging.getLogger("vibee.engine")
 
 IDLE_POLL_S = 0.5  # how long an idle engine waits for a message before checking again
+COMPILE_POLL_S = 0.002  # how long an engine with nothing to step waits while a grammar compiles
 
 
 @dataclass
@@ -130,18 +137,22 @@ class EngineCore:
         self.stats = _StatsBuffer()
         engine.add_observer(self.stats)
         self.stopping = False
+        # ("add" messages, the token DFA their grammar waits for): added once it is compiled.
+        self._compiling: list[tuple[tuple, str, Future]] = []
+        self._compiler: ThreadPoolExecutor | None = None
 
     def run(self) -> None:
         engine = self.engine
         while True:
+            self._add_compiled()
             busy = engine.has_unfinished()
-            while self.conn.poll(0 if busy else IDLE_POLL_S):
+            while self.conn.poll(0 if busy else COMPILE_POLL_S if self._compiling else IDLE_POLL_S):
                 self._handle(self.conn.recv())
                 busy = True  # drain everything that arrived before stepping
             if engine.ranks is not None:
                 engine.ranks.check()  # a worker gone between steps ends the engine now, not at the next request
             if not engine.has_unfinished():
-                if self.stopping:
+                if self.stopping and not self._compiling:  # an accepted request still compiling runs first
                     return
                 continue
             try:
@@ -158,6 +169,31 @@ class EngineCore:
                 continue
             self._send(outputs)
 
+    def _add(self, msg: tuple) -> None:
+        _, request_id, prompt, params, arrival, share_rank = msg
+        try:
+            self.engine.add_request(request_id, prompt, params, arrival, share_rank=share_rank)
+        except ValueError as exc:
+            self.conn.send(("refused", request_id, str(exc)))
+
+    def _add_compiled(self) -> None:
+        """Add the requests whose token DFA is now compiled (in arrival order among them)."""
+        if not any(future.done() for _, _, future in self._compiling):
+            return
+        waiting = []
+        for msg, pattern, future in self._compiling:
+            if future.done():
+                try:
+                    dfa = future.result()
+                except Exception as exc:  # noqa: BLE001 - a compiler bug: the grammar goes to llguidance
+                    log.exception("compiling a token DFA failed")
+                    dfa = NotRegular(f"compiling its DFA failed: {exc}")
+                self.engine.structured.dfas.install(pattern, dfa)
+                self._add(msg)
+            else:
+                waiting.append((msg, pattern, future))
+        self._compiling = waiting
+
     def _send(self, outputs: list[RequestOutput]) -> None:
         steps, finished = self.stats.take()
         self.conn.send(("step", [delta_of(o) for o in outputs], steps, finished))
@@ -166,13 +202,16 @@ class EngineCore:
         """One message from the server's process."""
         engine, kind = self.engine, msg[0]
         if kind == "add":
-            _, request_id, prompt, params, arrival, share_rank = msg
-            try:
-                engine.add_request(request_id, prompt, params, arrival, share_rank=share_rank)
-            except ValueError as exc:
-                self.conn.send(("refused", request_id, str(exc)))
+            pattern = engine.structured.pattern_to_compile(msg[3].structured_output)
+            if pattern is None:
+                self._add(msg)
+            else:
+                if self._compiler is None:
+                    self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vibee-grammar")
+                self._compiling.append((msg, pattern, self._compiler.submit(engine.structured.dfas.compile_apart, pattern)))
         elif kind in ("abort", "abort_all"):
-            ids = [msg[1]] if kind == "abort" else engine.request_ids()
+            ids = [msg[1]] if kind == "abort" else engine.request_ids() + [m[1] for m, _, _ in self._compiling]
+            self._compiling = [entry for entry in self._compiling if entry[0][1] not in ids]
             finals = [engine.abort_request(request_id) for request_id in ids]
             # The gauges as the aborts left them: with nothing left to step, no step would report them.
             self.stats.steps.append(engine.step_outputs.gauges())

@@ -84,7 +84,8 @@ class StructuredOutputs:
         self.vocab_size = max(vocab_size, tokenizer.vocab_size)  # the logits may be wider than the vocabulary
         self.eos_token_ids = sorted(eos_token_ids)
         # Made now, not on first use: decode rounds captured in CUDA graphs read its buffers.
-        self.table = GrammarTable.for_budget(table_bytes, self.vocab_size, device)
+        # None (table_bytes 0): a checker of grammars only (the server's), every grammar on llguidance.
+        self.table = GrammarTable.for_budget(table_bytes, self.vocab_size, device) if table_bytes else None
         self._dfas: TokenDFAs | None = None
         self._ll: Any = None
         self._executor: Any = None
@@ -126,7 +127,7 @@ class StructuredOutputs:
     def constraints(self, grammar: str, n: int) -> list[Any]:
         """n choices' constraints: on the device's token-DFA table when the grammar is regular and
         its DFA fits, else llguidance's host masks."""
-        pattern = regular_pattern(grammar)
+        pattern = regular_pattern(grammar) if self.table is not None else None
         if pattern is not None:
             try:
                 constraints = self.dfas.constraints(pattern, n)
@@ -137,6 +138,15 @@ class StructuredOutputs:
         constraints = [self.constraint(grammar) for _ in range(n)]
         self.requests_by_path["host"] += 1
         return constraints
+
+    def pattern_to_compile(self, grammar: str | None) -> str | None:
+        """The regex of a grammar whose token DFA is not compiled yet (None: no grammar, not a
+        regular one, already compiled, or no table): the engine process compiles it on a thread
+        of its own (TokenDFAs.compile_apart) before it adds the request, so that no step waits on it."""
+        if grammar is None or self.table is None:
+            return None
+        pattern = regular_pattern(grammar)
+        return pattern if pattern is not None and not self.dfas.compiled(pattern) else None
 
     @property
     def dfas(self) -> TokenDFAs:

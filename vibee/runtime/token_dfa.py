@@ -351,18 +351,28 @@ class TokenDFAs:
         """pattern's DFA, compiled once (and a pattern that has none refused again at once)."""
         dfa = self._compiled.get(pattern)
         if dfa is None:
-            try:
-                dfa = compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size,
-                                  self.table.capacity - 1)
-            except NotRegular as exc:
-                dfa = exc
-            self._compiled[pattern] = dfa
-            while len(self._compiled) > self._keep:
-                self._compiled.popitem(last=False)
+            dfa = self.compile_apart(pattern)
+            self.install(pattern, dfa)
         self._compiled.move_to_end(pattern)
         if isinstance(dfa, NotRegular):
             raise dfa
         return dfa
+
+    def compiled(self, pattern: str) -> bool:
+        return pattern in self._compiled
+
+    def compile_apart(self, pattern: str) -> TokenDFA | NotRegular:
+        """compile() without touching the cache (safe on another thread): the DFA, or why there is none."""
+        try:
+            return compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1)
+        except NotRegular as exc:
+            return exc
+
+    def install(self, pattern: str, dfa: TokenDFA | NotRegular) -> None:
+        """Keep compile_apart's result for pattern (the most recent `keep` patterns are kept)."""
+        self._compiled[pattern] = dfa
+        while len(self._compiled) > self._keep:
+            self._compiled.popitem(last=False)
 
     def constraints(self, pattern: str, n: int) -> list[DFAConstraint]:
         """n choices' constraints on pattern's loaded DFA (NotRegular: it has none, or the table

@@ -94,7 +94,8 @@ class ServerState:
             tokenizer = self.engine.tokenizer
             eos = set(getattr(getattr(self.engine, "model_config", None), "eos_token_ids", None) or ())
             self._structured = StructuredOutputs(tokenizer, vocab_size=self.vocab_size,
-                                                 eos_token_ids=eos | set(tokenizer.eos_token_ids))
+                                                 eos_token_ids=eos | set(tokenizer.eos_token_ids),
+                                                 table_bytes=0)  # checks grammars; the engine's decodes them
         return self._structured
 
     @property
