@@ -22,7 +22,7 @@ def test_kernels_command_times_each_kernel(tmp_path):
     assert [r["kernel"] for r in rows[:2]] == ["attention prefill (causal, contiguous K/V)",
                                                "attention prefill (causal, paged K/V)"]
     assert [r["kernel"].split(" (")[0] for r in rows[2:]] == ["attention decode", "quantized GEMV", "quantized GEMM",
-                                                              "kv write"]
+                                                              "kv write", "grammar token mask"]
     for r in rows:
         assert r["vibee_us"] > 0 and r["baseline_us"] > 0
         assert r["vibee_rate"] == pytest.approx(r["vibee_rate"])  # finite
@@ -44,7 +44,7 @@ def test_kernels_are_held_to_ceilings_measured_in_the_run(tmp_path):
     prefill = by_kernel["attention prefill"]
     assert prefill["ceiling"] == pytest.approx(prefill["baseline_rate"])  # torch SDPA, timed in the same run
     assert prefill["ceiling_source"] == "torch SDPA, this run"
-    for memory_bound in ("attention decode", "quantized GEMV", "kv write"):
+    for memory_bound in ("attention decode", "quantized GEMV", "kv write", "grammar token mask"):
         assert by_kernel[memory_bound]["ceiling"] == copy
     assert by_kernel["quantized GEMM"]["ceiling"] == matmul
     for r in data["results"]:

@@ -298,3 +298,23 @@ def test_the_engine_process_compiles_a_new_dfa_off_its_loop(monkeypatch):
     core._handle(("add", "gone", [5], SamplingParams(max_tokens=4, structured_output=grammar_for_regex("x+y")), None, 0))
     core._handle(("abort", "gone"))  # aborted while compiling: never added
     assert not core._compiling
+
+
+def test_preempted_constrained_sequences_keep_their_dfa_state(rounds_seen):
+    """A KV cache too small for the batch preempts (recompute) constrained sequences mid-output,
+    in rounds and between them; each keeps its state in its slot, and the greedy tokens are
+    those of an engine with room for all."""
+    prompts = [[5 + i, 6, 7, 8 + i] * 7 for i in range(4)]  # 28 tokens: two blocks of 16 each, three with the output
+    params = SamplingParams(max_tokens=40, temperature=0.0, structured_output=grammar_for_regex(REGEX))
+
+    def run(**flags):
+        settings, knobs = split_flags({"num_scheduler_steps": 4, "max_num_seqs": 4, **flags})
+        e = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
+        outs = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in generate(e, prompts, params)]
+        return e, outs
+
+    tight, squeezed = run(num_kv_blocks=7)
+    _, roomy = run()
+    assert tight.stats()["batching"]["preemptions"] > 0 and rounds_seen
+    assert squeezed == roomy
+    assert all(reason == "stop" and re.fullmatch(REGEX, text) for _, text, reason in squeezed)

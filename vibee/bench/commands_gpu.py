@@ -211,7 +211,7 @@ def perplexity(model, text_files, quants, group_size, device, dtype, window, max
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--shapes", type=click.Choice(["h100", "small"]), default=None,
               help="h100: the issue's target shapes (default on a GPU); small: CPU-sized (default on a CPU).")
-@click.option("--only", default="prefill,decode,gemv,gemm,kv_write", show_default=True,
+@click.option("--only", default="prefill,decode,gemv,gemm,kv_write,token_mask", show_default=True,
               help="Comma-separated kernels to time.")
 @click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
@@ -227,7 +227,7 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
 
     out, err = Console(), Console(stderr=True)
     wanted = [w.strip() for w in only.split(",") if w.strip()]
-    known = ("prefill", "decode", "gemv", "gemm", "kv_write")
+    known = ("prefill", "decode", "gemv", "gemm", "kv_write", "token_mask")
     if not wanted or any(w not in known for w in wanted):
         fail(f"--only takes {', '.join(known)} separated by commas, got {only!r}")
     config = engine_config(device=device, dtype=dtype, spec_dir=spec_dir, quant="int4")
@@ -243,6 +243,7 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
         "gemv": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemv"], torch_dtype, dev, "quantized GEMV"),
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
         "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, gen.config("kv_cache").block_size, shape_set["kv_write"], torch_dtype, dev)],
+        "token_mask": lambda: [kb.bench_token_mask(shape_set["token_mask"], torch_dtype, dev)],
     }
     err.print("measuring the device's copy bandwidth and matmul throughput ...", highlight=False)
     ceilings = measure_ceilings(dev, torch_dtype)

@@ -24,12 +24,14 @@ SHAPES = {
     "h100": dict(prefill=dict(batch=8, heads=32, kv_heads=32, seq=4096, head_dim=128),
                  decode=dict(batch=64, heads=32, kv_heads=8, kv_len=4096, head_dim=128),
                  gemv=dict(m=1, k=4096, n=14336), gemm=dict(m=256, k=4096, n=14336),
-                 kv_write=dict(tokens=4096, kv_heads=8, head_dim=128)),
+                 kv_write=dict(tokens=4096, kv_heads=8, head_dim=128),
+                 token_mask=dict(batch=256, vocab=128256)),
     # Small enough for a CPU.
     "small": dict(prefill=dict(batch=2, heads=4, kv_heads=2, seq=128, head_dim=64),
                   decode=dict(batch=4, heads=4, kv_heads=2, kv_len=256, head_dim=64),
                   gemv=dict(m=1, k=256, n=512), gemm=dict(m=32, k=256, n=512),
-                  kv_write=dict(tokens=128, kv_heads=2, head_dim=64)),
+                  kv_write=dict(tokens=128, kv_heads=2, head_dim=64),
+                  token_mask=dict(batch=4, vocab=4096)),
 }
 
 
@@ -240,6 +242,39 @@ def bench_kv_write(kv, block_size: int, shape: dict, dtype, device) -> Timing:
     moved = 2 * (k.numel() * k.element_size() + k.numel() * flat_k.element_size())  # K and V: read + written
     return Timing(f"kv write ({str(cache.storage_dtype).split('.')[-1]} pages)", f"T{t} Hkv{hkv} D{d}", "TB/s", moved,
                   ours, "torch index_copy_", base, *_copy_ceiling(device, dtype))
+
+
+def bench_token_mask(shape: dict, dtype, device) -> Timing:
+    """A decode step's grammar masking (token_dfa.py), every row constrained: each row's state's
+    bitmask read and the logits it forbids set to -inf, then the states advanced by the drawn
+    tokens; against the plain torch way (each state's allowed tokens as a bool row, gathered and
+    masked_fill'ed). The states allow about half the vocabulary each."""
+    import numpy as np
+
+    from vibee.runtime.token_dfa import GrammarTable, TokenDFA
+
+    b, v, n = shape["batch"], shape["vocab"], 63
+    rng = np.random.default_rng(0)
+    allowed = rng.random((n, v)) < 0.5
+    dfa = TokenDFA(np.where(allowed, rng.integers(0, n, (n, v)), -1).astype(np.int32), np.zeros(n, dtype=bool))
+    table = GrammarTable(capacity=n + 1, vocab_size=v, device=device)
+    first = table.load(dfa)
+    states = torch.from_numpy(first + rng.integers(0, n, b)).to(device)
+    logits = torch.randn(b, v, dtype=dtype, device=device)
+    tokens = torch.from_numpy(rng.integers(0, v, b)).to(device)
+    allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), allowed])).to(device)
+
+    def ours():
+        table.mask(logits, states)
+        table.advance(states, tokens)
+
+    def torch_mask():
+        logits.masked_fill_(~allowed_d[states], float("-inf"))
+        table.next[states, tokens]
+
+    moved = logits.numel() * logits.element_size() + b * table.words * 4  # the logits once, and the bitmasks
+    return Timing("grammar token mask (token DFA)", f"B{b} V{v}", "TB/s", moved, time_call(ours, device),
+                  "torch bool-row gather + masked_fill_", time_call(torch_mask, device), *_copy_ceiling(device, dtype))
 
 
 def _copy_ceiling(device: str, dtype) -> tuple[float, str]:
