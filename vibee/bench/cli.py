@@ -62,14 +62,6 @@ for _command in (latency, perplexity, kernels, adversary):  # defined in command
 # --- throughput ----------------------------------------------------------------------------------
 
 
-# A record whose JSON is a regular language (94 DFA states): decoded from a token DFA on the
-# device, loaded once for every request (a 128k vocabulary's table holds 252 states).
-BENCH_SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    "email": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4}},
-    "required": ["name", "age", "email", "tags"]}
-
-
 @bench.command()
 @_workload_options
 @click.option("--dataset", type=click.Choice(["random", "stdlib"]), default="random", show_default=True,
@@ -87,7 +79,8 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
 
     from rich.console import Console
 
-    from vibee.bench.throughput import check_workload, engine_settings, run_throughput, warm_up, workload_vocab
+    from vibee.bench.throughput import (bench_grammar, check_workload, engine_settings, run_throughput, warm_up,
+                                        workload_vocab)
     from vibee.runtime.engine import LLMEngine
     from vibee.runtime.offline import freeze_heap
 
@@ -116,13 +109,8 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
               f"{warmup['output_tokens']} output tokens, not timed); timing {num_prompts} requests", highlight=False)
     if engine.speculative:
         engine.acceptance.reset()  # count the timed requests only
-    from vibee.runtime.structured_output import grammar_for_json_object, grammar_for_json_schema, grammar_for_regex
-
-    grammar = {"none": None, "json_object": grammar_for_json_object,
-               "json_schema": lambda: grammar_for_json_schema(BENCH_SCHEMA),
-               "text_regex": lambda: grammar_for_regex("[^<>]*")}
-    grammar = grammar[structured_output]() if grammar[structured_output] else None
-    results = run_throughput(engine, workload, console=err, temperature=temperature, structured_output=grammar)
+    results = run_throughput(engine, workload, console=err, temperature=temperature,
+                             structured_output=bench_grammar(structured_output))
     spec_rows = []
     if engine.speculative:
         results["speculative"] = spec = engine.stats()["speculative_decoding"]

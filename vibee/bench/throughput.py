@@ -74,6 +74,24 @@ def warm_up(engine, workload: Workload) -> dict[str, int]:
     return {"requests": 1, "prompt_tokens": len(prompt), "output_tokens": WARMUP_OUTPUT_TOKENS}
 
 
+
+# A record whose JSON is a regular language (94 DFA states): decoded from a token DFA on the
+# device, loaded once for every request (a 128k vocabulary's table holds 252 states).
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "email": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4}},
+    "required": ["name", "age", "email", "tags"]}
+
+
+def bench_grammar(name: str) -> str | None:
+    """The grammar of `--structured-output` NAME: none, json_object (llguidance on the host),
+    json_schema (BENCH_SCHEMA) or text_regex ([^<>]*, open to the end), both token DFAs."""
+    from vibee.runtime.structured_output import grammar_for_json_object, grammar_for_json_schema, grammar_for_regex
+
+    makers = {"none": lambda: None, "json_object": grammar_for_json_object,
+              "json_schema": lambda: grammar_for_json_schema(BENCH_SCHEMA), "text_regex": lambda: grammar_for_regex("[^<>]*")}
+    return makers[name]()
+
 def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0,
                    structured_output: str | None = None) -> dict[str, Any]:
     """Add every request, step until all finish, and measure. Shows a progress bar on `console`.
