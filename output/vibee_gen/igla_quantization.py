@@ -689,6 +689,29 @@ from typing import Callable
 import triton
 import triton.language as tl
 
+@triton.jit
+def _program_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile and split of k: its rows of x (rm) and of the weight (rn), their
+    masks and in-range copies (int64, rows past the end read row 0 and are not stored), and the
+    split's [k_begin, k_end). Tiles go in column bands of GROUP_M row tiles, so that programs that
+    run together share weight tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    k_begin = tl.program_id(1) * k_per_split
+    return (rm, rn, m_mask, n_mask, tl.where(m_mask, rm, 0).to(tl.int64), tl.where(n_mask, rn, 0).to(tl.int64),
+            k_begin, tl.minimum(k_begin + k_per_split, K))
+
+
 # Every kernel reads qweight, scales (and zeros) as the quantizer stored them and dequantizes in
 # registers. The stored layout is already the one the kernels want: qweight is [out, in / codes per
 # word], row-major, codes little-endian along the input dimension, so an output row's codes are one
@@ -929,29 +952,6 @@ def _dequant_kernel(
                      MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
     mask = (rn < N)[:, None] & (rk < K)[None, :]
     tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _program_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile and split of k: its rows of x (rm) and of the weight (rn), their
-    masks and in-range copies (int64, rows past the end read row 0 and are not stored), and the
-    split's [k_begin, k_end). Tiles go in column bands of GROUP_M row tiles, so that programs that
-    run together share weight tiles in L2."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * tiles_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    k_begin = tl.program_id(1) * k_per_split
-    return (rm, rn, m_mask, n_mask, tl.where(m_mask, rm, 0).to(tl.int64), tl.where(n_mask, rn, 0).to(tl.int64),
-            k_begin, tl.minimum(k_begin + k_per_split, K))
 
 
 @triton.jit

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from vibee.kinds.quantization.fp8_rounding import _e4m3
+from vibee.kinds.quantization.tile_order import _program_tile
 
 # ---- copied into generated modules from here ----
 
@@ -53,28 +54,16 @@ def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, part_ptr, M, N
     b [N, K] fp8 (both K-major, as fp8 tensor cores take them), fp32 accumulation, the scales in
     the epilogue. Tiles in column bands of GROUP_M row tiles, for L2 reuse of b. PARTIALS: program
     (tile, s) sums split s of k into part[s] (fp32, unscaled); _fp8_reduce_kernel finishes y."""
-    pid = tl.program_id(0)
-    k_begin = tl.program_id(1) * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * tiles_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
+                                                                             GROUP_M)
     rk = tl.arange(0, BLOCK_K)
-    rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
-    rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_mask = (k0 + rk) < k_end
         a = tl.load(a_ptr + rm_safe[:, None] * stride_am + (k0 + rk)[None, :], mask=k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + rn_safe[:, None] * stride_bn + (k0 + rk)[None, :], mask=k_mask[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
     if PARTIALS:
         tl.store(part_ptr + (tl.program_id(1) * M + rm_safe[:, None]) * N + rn[None, :], acc, mask=mask)
     else:
