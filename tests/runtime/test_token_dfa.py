@@ -5,6 +5,7 @@ on the device mask and advance it, giving the tokens of per-step decoding."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -47,7 +48,8 @@ def test_the_dfa_allows_exactly_the_tokens_that_keep_a_match_possible(eng, token
     """Random walks through the DFA: at each step the allowed tokens are those after which the
     text is still a prefix of a match (the regex library's partial matching, token by token),
     and the end tokens once it is a whole match; llguidance's host mask allows a subset (it
-    keeps forced text to its canonical tokens). A walk ends at an end token, its text a match."""
+    keeps forced text to its canonical tokens; so does the DFA given the tokenizer, below). A walk
+    ends at an end token, its text a match."""
     import regex
 
     structured = eng.structured
@@ -318,3 +320,70 @@ def test_preempted_constrained_sequences_keep_their_dfa_state(rounds_seen):
     assert tight.stats()["batching"]["preemptions"] > 0 and rounds_seen
     assert squeezed == roomy
     assert all(reason == "stop" and re.fullmatch(REGEX, text) for _, text, reason in squeezed)
+
+
+def test_forced_text_keeps_to_its_canonical_tokens_as_llguidance_does(eng, tokens):
+    """With the tokenizer's encode, a state whose next characters are forced allows only the first
+    of their canonical tokens (the last one free): on a tool call's fixed text, field names and
+    enum values the DFA then allows exactly llguidance's host mask at every step of random walks;
+    without it, other spellings of the forced text are allowed too."""
+    structured = eng.structured
+    eos = sorted(eng.eos_token_ids)
+    pattern = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,10}", '
+               r'"unit": "(celsius|fahrenheit)"\}\}\n</tool_call>')
+    encode = lambda text: eng.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    dfa = compile_dfa(pattern, tokens, eos, structured.vocab_size, max_states=1000, encode=encode)
+    every = compile_dfa(pattern, tokens, eos, structured.vocab_size, max_states=1000)
+    assert (every.next >= 0).sum() > (dfa.next >= 0).sum()
+    rng = np.random.default_rng(1)
+    words = (structured.vocab_size + 31) // 32
+    for walk in range(4):
+        ll = structured.constraint(grammar_for_regex(pattern))
+        state, out = 0, []
+        while not out or out[-1] not in eos:
+            bits = np.zeros(words, dtype=np.uint32)
+            ll.advance(out)
+            structured._executor.unsafe_compute_mask_ptr([(ll.matcher, 0)], bits.ctypes.data, words * 4, 1)
+            host = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[: structured.vocab_size])
+            assert dfa.allowed(state).tolist() == host.tolist(), (walk, out)
+            token = int(rng.choice(dfa.allowed(state)))
+            out.append(token)
+            state = int(dfa.next[state, token])
+        assert re.fullmatch(pattern, text_of(tokens, out[:-1]))
+
+
+@pytest.mark.parametrize("template", ["", "{{ tools }} parameters"])  # hermes, llama
+def test_tool_plans_compile_to_regexes_of_their_calls(template):
+    """A tool plan with regular argument schemas is one regex (a token DFA on the device): it
+    matches the calls the plan allows, as call_text writes them, and not others; "auto" also
+    matches text that does not open as a call does."""
+    from vibee.server.tool_calls import call_text, plan_tools
+
+    weather = {"type": "function", "function": {"name": "get.weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+
+    def call(name, args):
+        return {"function": {"name": name, "arguments": json.dumps(args)}}
+
+    paris, utc = call("get.weather", {"city": "Paris", "unit": "c"}), call("now", {})
+    for choice in ["auto", "required", {"type": "function", "function": {"name": "now"}}]:
+        plan = plan_tools([weather, clock], choice, None, template)
+        pattern = regular_pattern(plan.grammar)
+        assert pattern is not None, choice
+
+        def matches(text, pattern=pattern):
+            return re.fullmatch(pattern, text) is not None
+
+        named = isinstance(choice, dict)
+        assert matches(call_text([utc], plan.format))
+        assert matches(call_text([paris], plan.format)) is not named
+        assert not matches(call_text([call("get.weather", {"city": "Paris", "unit": "k"})], plan.format))
+        assert not matches(call_text([call("getXweather", {"city": "Paris", "unit": "c"})], plan.format))
+        several = plan.format == "hermes" and not named
+        assert matches(call_text([paris, utc], plan.format)) is several
+        plain = ["Sunny.", "", "  \n", "<tool", "{x" if plan.format == "hermes" else "<tool_call>"]
+        assert all(matches(text) is (choice == "auto") for text in plain)
+        opening = "<tool_call>" if plan.format == "hermes" else "{"
+        assert not matches(" \n" + opening + " whatever")

@@ -89,7 +89,10 @@ def test_vibee_grammar_and_regex(served):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_named_and_required_tool_calls(served, stream):
-    _, client, model = served
+    """Tool plans whose argument schemas are regular run as token DFAs on the device: the calls
+    come back whole within 60 tokens (forced text kept to its canonical tokens)."""
+    url, client, model = served
+    on_device = httpx.get(url + "/v1/inference/stats").json()["structured_output"]["device_requests"]
     for choice, names in [({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
                           ("required", {"get_weather", "get_time"})]:
         kw = dict(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=60,
@@ -119,6 +122,7 @@ def test_named_and_required_tool_calls(served, stream):
         assert calls[0].function.name in names and calls[0].id.startswith("call_")
         args = json.loads(calls[0].function.arguments)
         assert set(args) == ({"zone"} if calls[0].function.name == "get_time" else {"city", "unit"})
+    assert httpx.get(url + "/v1/inference/stats").json()["structured_output"]["device_requests"] == on_device + 2
 
 
 def test_auto_tools_answer_text_or_calls(served):

@@ -155,6 +155,9 @@ def engine_stats(engine: LLMEngine) -> dict[str, Any]:
                        "busy_fraction": t["busy_time"] / max(1e-9, now - started)},
         # Work the attention module did (kernel calls, programs, KV tiles) since the server started.
         "attention": _plain(getattr(attention, "COUNTERS", {})),
+        # Constrained requests (response_format, tools) by where their masks ran: token DFAs on the
+        # device, or llguidance on the host (grammars that are not regular).
+        "structured_output": {f"{path}_requests": n for path, n in e.structured.requests_by_path.items()},
         "speculative_decoding": ({"enabled": True, **e.acceptance.figures(), "gate": e.speculator.gate.figures(),
                                   "speed_gate": e.speed_gate.figures(),
                                   "device_rounds": e.speculator.rounds.figures() if e.speculator.rounds else None}

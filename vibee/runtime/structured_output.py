@@ -152,7 +152,8 @@ class StructuredOutputs:
     def dfas(self) -> TokenDFAs:
         if self._dfas is None:
             tokens = token_bytes(self.ll_tokenizer, min(self._tokenizer.vocab_size, self.vocab_size))
-            self._dfas = TokenDFAs(self.table, tokens, self.eos_token_ids)
+            self._dfas = TokenDFAs(self.table, tokens, self.eos_token_ids,
+                                   encode=lambda text: self._tokenizer.encode(text, add_special_tokens=False))
         return self._dfas
 
     def constraint(self, grammar: str) -> "TokenConstraint":

@@ -13,8 +13,10 @@ keeps its state in a slot of the table, on the device. The end-of-sequence token
 are allowed in final states only and lead to a sink that allows only them, so a constraint that
 is complete ends its choice with finish_reason "stop", as llguidance's host masks do.
 
-A grammar that is not regular (json_object, Lark grammars, tools) stays with llguidance
-(structured_output.py), as does one whose DFA does not fit the table's free rows.
+Text the pattern forces keeps to its canonical tokens when the tokenizer's encode is given, as
+llguidance's masks do (tool calls' fixed text needs it: vibee/server/tool_calls.py writes a tool
+plan as one regex). A grammar that is not regular (json_object, Lark grammars) stays with
+llguidance (structured_output.py), as does one whose DFA does not fit the table's free rows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +110,7 @@ def token_bytes(ll_tokenizer: Any, size: int) -> list[bytes | None]:
 
 
 def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int], vocab_size: int,
-                max_states: int) -> TokenDFA:
+                max_states: int, encode: Callable[[str], list[int]] | None = None) -> TokenDFA:
     """The token DFA of `pattern` (Python regex syntax, matched against the whole output) over a
     vocabulary whose token i is tokens[i]; vocab_size (>= len(tokens)) is the logits' width.
     NotRegular when the pattern does not compile or has more than max_states states.
@@ -117,7 +119,8 @@ def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Seq
     token is walked through it from every state at once, one character position at a time
     (numpy over the vocabulary). States from which no match can be completed are dropped, so a
     token is allowed exactly when the text stays a prefix of some match. A token that is not
-    whole UTF-8 text (a piece of a character) is never allowed."""
+    whole UTF-8 text (a piece of a character) is never allowed. With `encode` (text -> the
+    tokenizer's ids), forced text is kept to its canonical tokens (_canonical_forced_text)."""
     import interegular
 
     if not eos_token_ids:
@@ -161,10 +164,54 @@ def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Seq
     final = np.zeros(sink + 1, dtype=bool)
     for state in fsm.finals & live:
         final[number[state]] = True
+    if encode is not None:
+        _canonical_forced_text(table, step, final, fsm.alphabet.by_transition, tokens, encode)
     table[np.flatnonzero(final)[:, None], eos] = sink
     table[sink, eos] = sink
     final[sink] = True
     return TokenDFA(table, final)
+
+
+def _canonical_forced_text(table: np.ndarray, step: np.ndarray, final: np.ndarray, by_class: dict[int, list[Any]],
+                           tokens: Sequence[bytes | None], encode: Callable[[str], list[int]]) -> None:
+    """Where the next characters are forced (one character leads on, and the text so far is not a
+    match) and the tokenizer writes them as two tokens or more, allow only the first of those:
+    the model then reads the tokens it was trained on (as llguidance's host masks do, and as a
+    tool call's fixed `{"name": "...", "arguments": ` needs: a small model drifts when any
+    spelling of it is allowed). The last token of forced text stays free, as it may run on into
+    what follows. A tokenization that does not spell the text back (a prefix space, byte pieces)
+    leaves the state as it is."""
+    single = {cls: chars[0] for cls, chars in by_class.items() if len(chars) == 1 and isinstance(chars[0], str)}
+    forced: dict[int, str] = {}
+
+    def forced_text(state: int) -> str:  # the characters forced from state on (iterative: chains run long)
+        chain, at = [], state
+        while at not in forced:
+            moves = np.flatnonzero(step[at] >= 0)
+            if final[at] or len(moves) != 1 or int(moves[0]) not in single:
+                forced[at] = ""
+                break
+            chain.append((at, single[int(moves[0])]))
+            at = int(step[at, moves[0]])
+            if len(chain) > step.shape[0]:  # a forced cycle has no final state: never live, never here
+                break
+        text = forced.get(at, "")
+        for at, char in reversed(chain):
+            text = char + text
+            forced[at] = text
+        return forced.get(state, "")
+
+    for state in range(step.shape[0]):
+        text = forced_text(state)
+        if len(text) < 2:
+            continue
+        ids = encode(text)
+        if len(ids) < 2 or any(i >= len(tokens) or tokens[i] is None for i in ids) \
+                or b"".join(tokens[i] for i in ids) != text.encode("utf-8") or table[state, ids[0]] < 0:
+            continue
+        to = table[state, ids[0]]
+        table[state] = -1
+        table[state, ids[0]] = to
 
 
 def _live_states(fsm: Any) -> set[int]:
@@ -341,8 +388,9 @@ class TokenDFAs:
     recent first), and loaded into its grammar table once per pattern while any choice uses it."""
 
     def __init__(self, table: GrammarTable, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
-                 keep: int = 16):
+                 keep: int = 16, encode: Callable[[str], list[int]] | None = None):
         self.table, self.tokens, self.eos_token_ids = table, tokens, sorted(eos_token_ids)
+        self.encode = encode  # the tokenizer's: forced text kept to its canonical tokens
         self._compiled: OrderedDict[str, TokenDFA | NotRegular] = OrderedDict()  # NotRegular: why it has none
         self._loaded: dict[str, LoadedDFA] = {}
         self._keep = keep
@@ -364,7 +412,8 @@ class TokenDFAs:
     def compile_apart(self, pattern: str) -> TokenDFA | NotRegular:
         """compile() without touching the cache (safe on another thread): the DFA, or why there is none."""
         try:
-            return compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1)
+            return compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1,
+                               encode=self.encode)
         except NotRegular as exc:
             return exc
 

@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from vibee.runtime.structured_output import grammar_for_lark
+from vibee.runtime.structured_output import grammar_for_lark, grammar_for_regex
+from vibee.runtime.token_dfa import MAX_PATTERN_CHARS, NotRegular, regex_for_schema
 from vibee.server.errors import bad_request
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
@@ -201,7 +202,9 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_to
     fmt = "llama" if ("tools" in chat_template and "<tool_call>" not in chat_template
                       and "parameters" in chat_template) else "hermes"
     plan = ToolPlan(list(tools), choice, fmt, parallel_tool_calls is not False, None)
-    plan.grammar = None if choice == "none" else grammar_for_lark(_lark(plan))
+    if choice != "none":
+        pattern = _pattern(plan)
+        plan.grammar = grammar_for_regex(pattern) if pattern is not None else grammar_for_lark(_lark(plan))
     return plan
 
 
@@ -230,6 +233,45 @@ def _lark(plan: ToolPlan) -> str:
     opening = "\\{" if plan.format == "llama" else "<tool_call>"
     # Text that does not begin as a call does (leading whitespace included).
     return f"start: TEXT | {calls}\nTEXT: /(.|\\n)*/ & ~/\\s*{opening}(.|\\n)*/\n"
+
+
+def _pattern(plan: ToolPlan) -> str | None:
+    """The plan's grammar as one regex, which the engine compiles to a token DFA on the device (the
+    same language as _lark's, arguments as outlines-core writes their schemas: one optional space
+    around ':' and ','); None when an argument schema has no regular form or the regex would be
+    too long to compile there (then _lark's grammar goes to llguidance's host masks)."""
+    functions = [f for f in plan.functions if plan.choice in ("auto", "required", f["name"])]
+    args = "parameters" if plan.format == "llama" else "arguments"
+    bodies = []
+    for f in functions:
+        try:
+            arguments = regex_for_schema(f.get("parameters", {"type": "object", "properties": {}}))
+        except NotRegular:
+            return None
+        name = f["name"].replace(".", r"\.")  # names are letters, digits, '_', '.' and '-'
+        bodies.append(rf'\{{"name": "{name}", "{args}": {arguments}\}}')
+    call = bodies[0] if len(bodies) == 1 else "(" + "|".join(f"({b})" for b in bodies) + ")"
+    if plan.format == "llama":
+        calls, opening = call, "{"
+    else:
+        call = r"<tool_call>\n" + call + r"\n</tool_call>"
+        several = plan.parallel and plan.choice in ("auto", "required")
+        calls, opening = (f"{call}(\\n{call})*" if several else call), "<tool_call>"
+    pattern = calls if plan.choice != "auto" else f"({_not_starting_with(opening)})|({calls})"
+    return pattern if len(pattern) <= MAX_PATTERN_CHARS else None
+
+
+def _not_starting_with(literal: str) -> str:
+    """A regex of the text that does not begin, after any whitespace, with `literal` (plain text
+    of a tool plan's "auto"): only whitespace, or a first other character that differs from the
+    literal's, or a proper prefix of it, or one that parts from it later."""
+    any_text = r"(.|\n)*"
+    rest = ""  # past the literal's last character: nothing may follow a whole literal
+    for i in range(len(literal) - 1, 0, -1):
+        char = re.escape(literal[i])
+        rest = f"(|[^{char}]{any_text}" + (f"|{char}{rest})" if rest else ")")
+    first = re.escape(literal[0])
+    return rf"[ \t\n\r]*(|[^\s{first}]{any_text}|{first}{rest})"
 
 
 def tool_prompt(plan: ToolPlan) -> str:
