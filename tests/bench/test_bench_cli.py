@@ -268,6 +268,8 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     s = data["settings"]
     assert s["device"] == "cpu" and s["dtype"] == "float32" and s["kv_cache"] == ("--no-kv-cache" not in extra)
     assert data["warmup"]["requests"] == 1
+    # A constrained run warms up under the same grammar (its DFA and mask kernels built untimed).
+    assert sum(data["warmup"]["constrained"].values()) == ("--structured-output" in extra)
     assert "Output tokens/s" in next(out.glob("throughput-*.md")).read_text()
     assert "warm-up" in result.output
     masks = r["grammar_masks"]

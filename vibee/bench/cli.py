@@ -103,14 +103,15 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
         check_workload(engine, workload)
     except ValueError as exc:
         fail(str(exc))
-    warmup = warm_up(engine, workload)
+    grammar = bench_grammar(structured_output)
+    warmup = warm_up(engine, workload, grammar)
     freeze_heap()
     err.print(f"warm-up done ({warmup['requests']} request, {warmup['prompt_tokens']} prompt + "
               f"{warmup['output_tokens']} output tokens, not timed); timing {num_prompts} requests", highlight=False)
     if engine.speculative:
         engine.acceptance.reset()  # count the timed requests only
     results = run_throughput(engine, workload, console=err, temperature=temperature,
-                             structured_output=bench_grammar(structured_output))
+                             structured_output=grammar)
     spec_rows = []
     if engine.speculative:
         results["speculative"] = spec = engine.stats()["speculative_decoding"]
