@@ -1,4 +1,4 @@
-"""Regular constraints on the device (vibee/runtime/token_dfa.py): the token DFA allows, at every
+"""Regular constraints on the device (vibee/runtime/token_dfa.py, grammar_table.py): the token DFA allows, at every
 step, exactly the tokens llguidance's host mask allows (an independent implementation of the same
 regex), its outputs match the regex, its table rows come and go with requests, and decode rounds
 on the device mask and advance it, giving the tokens of per-step decoding."""
@@ -23,8 +23,8 @@ from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.structured_output import (StructuredOutputs, TokenConstraint, grammar_for_json_object,
                                              grammar_for_json_schema, grammar_for_lark, grammar_for_regex)
-from vibee.runtime.token_dfa import (DFAConstraint, GrammarTable, NotRegular, TokenDFAs, compile_dfa, regular_pattern,
-                                    token_bytes)
+from vibee.runtime.grammar_table import DFAConstraint, GrammarTable, TokenDFAs
+from vibee.runtime.token_dfa import NotRegular, compile_dfa, regular_pattern, token_bytes
 
 REGEX = r"(GET|POST) /[a-z]{1,8}(/[a-z0-9]{1,4}){0,2} HTTP/1\.[01]"
 
@@ -271,17 +271,17 @@ def test_the_engine_process_compiles_a_new_dfa_off_its_loop(monkeypatch):
     import multiprocessing
     import threading
 
-    from vibee.runtime import token_dfa
+    from vibee.runtime import grammar_table
     from vibee.runtime.engine_core import EngineCore
 
     gate = threading.Event()
-    real = token_dfa.compile_dfa
+    real = grammar_table.compile_dfa
 
     def slow(*args, **kwargs):
         assert gate.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(token_dfa, "compile_dfa", slow)
+    monkeypatch.setattr(grammar_table, "compile_dfa", slow)
     eng = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0), progress=False)
     ours, theirs = multiprocessing.Pipe()  # ours kept open: the core sends the abort's outputs
     core = EngineCore(eng, theirs)

@@ -251,7 +251,8 @@ def bench_token_mask(shape: dict, dtype, device) -> Timing:
     masked_fill'ed). The states allow about half the vocabulary each."""
     import numpy as np
 
-    from vibee.runtime.token_dfa import GrammarTable, TokenDFA
+    from vibee.runtime.grammar_table import GrammarTable
+    from vibee.runtime.token_dfa import TokenDFA
 
     b, v, n = shape["batch"], shape["vocab"], 63
     rng = np.random.default_rng(0)

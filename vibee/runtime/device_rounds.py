@@ -102,7 +102,7 @@ class DeviceRounds:
         rows each fit the largest decode graph). sample: each row's token is drawn at its
         sequence's temperature (sampling_kernel.py; 0: argmax) instead of the graph's argmax, with
         noise from `seed` (int64 [1] on the device, advanced every round); only without drafts.
-        grammar: the token-DFA table (token_dfa.GrammarTable): with sample, each row's logits are
+        grammar: the token-DFA table (grammar_table.GrammarTable): with sample, each row's logits are
         masked by its state's row before the draw, and the state advanced by the token drawn.
         Without drafts nothing reads a sequence's older tokens: its row keeps the last two."""
         if sample and k:

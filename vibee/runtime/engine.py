@@ -36,7 +36,7 @@ from vibee.runtime.speed_gate import SpeedGate
 from vibee.runtime.step_outputs import StepOutputs
 from vibee.runtime.stop_strings import StopStringMatcher
 from vibee.runtime.structured_output import StructuredOutputs
-from vibee.runtime.token_dfa import DFAConstraint
+from vibee.runtime.grammar_table import DFAConstraint
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

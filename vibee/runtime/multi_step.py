@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from vibee.runtime.device_rounds import DeviceRounds, PlainProposer
-from vibee.runtime.token_dfa import DFAConstraint
+from vibee.runtime.grammar_table import DFAConstraint
 
 
 def plain_row(params: Any, generator: Any, constraint: Any = None) -> bool:
@@ -40,7 +40,7 @@ class MultiStep:
     def __init__(self, graphs: Any, sampler: Any, *, max_rounds: int, max_num_seqs: int, max_model_len: int,
                  block_size: int, padding_slot: int, device: str, grammar: Any = None):
         """max_rounds: the continuous_batch spec's num_scheduler_steps (rounds per engine step);
-        grammar: the token-DFA table (token_dfa.GrammarTable) whose constrained rows the rounds mask."""
+        grammar: the token-DFA table (grammar_table.GrammarTable) whose constrained rows the rounds mask."""
         self.sampler, self.device, self.max_rounds = sampler, device, max_rounds
         self.seed = torch.zeros(1, dtype=torch.long, device=device)
         self.rounds = DeviceRounds(PlainProposer(max_num_seqs, device), graphs, k=0, max_rows=max_num_seqs,

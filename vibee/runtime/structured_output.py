@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from vibee.runtime.host_copy import to_device
-from vibee.runtime.token_dfa import DFAConstraint, GrammarTable, NotRegular, TokenDFAs, regular_pattern, token_bytes
+from vibee.runtime.grammar_table import DFAConstraint, GrammarTable, TokenDFAs
+from vibee.runtime.token_dfa import NotRegular, regular_pattern, token_bytes
 
 
 class GrammarError(ValueError):

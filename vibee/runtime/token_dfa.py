@@ -6,10 +6,7 @@ interegular builds the DFA over characters and every token is walked through it 
 vocabulary): for each state, the tokens allowed and the state each leads to; outlines_core writes
 a JSON schema as a regex. That becomes two tables per constraint: next[s, t],
 the state token t leads to from state s (-1: t is not allowed), and bits[s], the allowed tokens
-as a bitmask (32 tokens a word). An engine keeps one GrammarTable on the device, whose row 0 is
-the free state (every token allowed, next state 0) that unconstrained rows sit in; a constraint's
-DFA is loaded at an offset, its states renumbered to the table's rows, and each constrained choice
-keeps its state in a slot of the table, on the device. The end-of-sequence tokens
+as a bitmask (32 tokens a word), which grammar_table.py loads onto the device. The end-of-sequence tokens
 are allowed in final states only and lead to a sink that allows only them, so a constraint that
 is complete ends its choice with finish_reason "stop", as llguidance's host masks do.
 
@@ -23,13 +20,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 
 class NotRegular(ValueError):
@@ -249,196 +244,3 @@ def _token_classes(tokens: Sequence[bytes | None], alphabet: Any, other: int,
             chars[i, : len(row)] = row
             lengths[i] = len(row)
     return chars, lengths
-
-
-def _bitmask(allowed: np.ndarray) -> np.ndarray:
-    """bool [S, V] -> int32 [S, ceil(V / 32)]: bit j of word w says whether token 32 w + j is allowed."""
-    s, v = allowed.shape
-    padded = np.zeros((s, -(-v // 32) * 32), dtype=bool)
-    padded[:, :v] = allowed
-    words = (padded.reshape(s, -1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(axis=-1)
-    return words.astype(np.uint32).view(np.int32)
-
-
-class GrammarTable:
-    """The device's tables of every loaded DFA: next [capacity, V] (int16: a row number) and bits
-    [capacity, V / 32], row 0 the free state. Rows are handed out in runs, one run per loaded
-    DFA, and taken back when its last choice is done."""
-
-    MAX_ROWS = 2**15 - 1  # next holds row numbers in int16
-
-    def __init__(self, capacity: int, vocab_size: int, device: str | torch.device, slots: int = 4096):
-        """slots: the constrained choices that can run at once (each keeps its state on the device)."""
-        if not 2 <= capacity <= self.MAX_ROWS:
-            raise ValueError(f"a grammar table has 2 to {self.MAX_ROWS} rows, got {capacity}")
-        self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
-        self.words = -(-vocab_size // 32)
-        self.next = torch.zeros(capacity, vocab_size, dtype=torch.int16, device=self.device)
-        self.bits = torch.full((capacity, self.words), -1, dtype=torch.int32, device=self.device)
-        self._free: list[tuple[int, int]] = [(1, capacity - 1)]  # (first row, rows), by first row
-        # Each constrained choice's state (a row of the table) in its slot, on the device: the
-        # sampler and the decode rounds read and advance it there, so the host never needs a
-        # choice's last token to mask its next one. Slot 0 is every unconstrained row's (state 0).
-        self.states = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._free_slots = list(range(slots - 1, 0, -1))
-
-    @classmethod
-    def for_budget(cls, budget_bytes: int, vocab_size: int, device: str | torch.device) -> "GrammarTable":
-        """As many rows as budget_bytes hold (at least 2: the free state and one)."""
-        per_row = 2 * vocab_size + 4 * -(-vocab_size // 32)
-        return cls(min(cls.MAX_ROWS, max(2, budget_bytes // per_row)), vocab_size, device)
-
-    @property
-    def free_rows(self) -> int:
-        return max((n for _, n in self._free), default=0)
-
-    def load(self, dfa: TokenDFA) -> int:
-        """Copy dfa into a free run of rows; returns its first row (state s is row first + s).
-        NotRegular when no run is long enough."""
-        n = dfa.num_states
-        for j, (first, size) in enumerate(self._free):
-            if size >= n:
-                self._free[j:j + 1] = [(first + n, size - n)] if size > n else []
-                break
-        else:
-            raise NotRegular(f"its DFA has {n} states and the device's grammar table {self.free_rows} free rows")
-        moved = np.where(dfa.next >= 0, dfa.next + first, -1).astype(np.int16)
-        self.next[first:first + n] = torch.from_numpy(moved).to(self.device)
-        self.bits[first:first + n] = torch.from_numpy(_bitmask(dfa.next >= 0)).to(self.device)
-        return first
-
-    def take_slot(self, state: int) -> int:
-        """A slot for a new choice, starting in `state` (NotRegular when every slot is taken)."""
-        if not self._free_slots:
-            raise NotRegular(f"all {len(self.states) - 1} slots of the device's grammar table are taken")
-        slot = self._free_slots.pop()
-        self.states[slot] = state
-        return slot
-
-    def give_slot(self, slot: int) -> None:
-        self._free_slots.append(slot)
-
-    def advance_slots(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The states in these slots (on the device) after these tokens: states[slots] moves by
-        next (slot 0 stays free)."""
-        self.states[slots] = self.advance(self.states[slots], tokens)
-
-    def unload(self, first: int, n: int) -> None:
-        runs = sorted(self._free + [(first, n)])
-        merged: list[tuple[int, int]] = []
-        for start, size in runs:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + size)
-            else:
-                merged.append((start, size))
-        self._free = merged
-
-    def mask(self, logits: torch.Tensor, states: torch.Tensor) -> None:
-        """Set logits[i, t] to -inf where row i's state (a table row; 0: free) does not allow
-        token t, in place, on the device (rows in the free state are not touched)."""
-        rows, width = logits.shape
-        if rows == 0:
-            return
-        if logits.is_cuda:
-            from vibee.runtime.token_mask_kernel import apply_token_bitmask
-
-            apply_token_bitmask(logits, self.bits, states, min(width, self.vocab_size))
-            return
-        allowed = self.next[states.long(), : min(width, self.vocab_size)] >= 0
-        logits[:, : allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
-        if width > self.vocab_size:
-            logits[:, self.vocab_size:].masked_fill_((states != 0)[:, None], float("-inf"))
-
-    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Each row's state after its token (tokens the state allows; the free state stays)."""
-        return self.next[states.long(), tokens.long().clamp(0, self.vocab_size - 1)].long()
-
-
-class DFAConstraint:
-    """One choice's place in its loaded DFA: a slot of the table, whose state lives on the device
-    (masked and advanced there, per step and in decode rounds); the host only holds the slot."""
-
-    def __init__(self, loaded: "LoadedDFA"):
-        self.loaded = loaded
-        self.slot = loaded.table.take_slot(loaded.first)
-
-    def release(self) -> None:
-        self.loaded.table.give_slot(self.slot)
-        self.loaded.release()
-
-
-class LoadedDFA:
-    """A DFA loaded into the table, shared by every choice constrained by its pattern (across
-    requests); unloaded when the last one is done."""
-
-    def __init__(self, table: GrammarTable, dfa: TokenDFA, on_unload: Any = None):
-        self.table, self.dfa, self.users, self._on_unload = table, dfa, 0, on_unload
-        self.first = table.load(dfa)
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            self.table.unload(self.first, self.dfa.num_states)
-            if self._on_unload is not None:
-                self._on_unload()
-
-
-class TokenDFAs:
-    """An engine's compiler of regular constraints: compiled DFAs kept by pattern (a few, most
-    recent first), and loaded into its grammar table once per pattern while any choice uses it."""
-
-    def __init__(self, table: GrammarTable, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
-                 keep: int = 16, encode: Callable[[str], list[int]] | None = None):
-        self.table, self.tokens, self.eos_token_ids = table, tokens, sorted(eos_token_ids)
-        self.encode = encode  # the tokenizer's: forced text kept to its canonical tokens
-        self._compiled: OrderedDict[str, TokenDFA | NotRegular] = OrderedDict()  # NotRegular: why it has none
-        self._loaded: dict[str, LoadedDFA] = {}
-        self._keep = keep
-
-    def compile(self, pattern: str) -> TokenDFA:
-        """pattern's DFA, compiled once (and a pattern that has none refused again at once)."""
-        dfa = self._compiled.get(pattern)
-        if dfa is None:
-            dfa = self.compile_apart(pattern)
-            self.install(pattern, dfa)
-        self._compiled.move_to_end(pattern)
-        if isinstance(dfa, NotRegular):
-            raise dfa
-        return dfa
-
-    def compiled(self, pattern: str) -> bool:
-        return pattern in self._compiled
-
-    def compile_apart(self, pattern: str) -> TokenDFA | NotRegular:
-        """compile() without touching the cache (safe on another thread): the DFA, or why there is none."""
-        try:
-            return compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1,
-                               encode=self.encode)
-        except NotRegular as exc:
-            return exc
-
-    def install(self, pattern: str, dfa: TokenDFA | NotRegular) -> None:
-        """Keep compile_apart's result for pattern (the most recent `keep` patterns are kept)."""
-        self._compiled[pattern] = dfa
-        while len(self._compiled) > self._keep:
-            self._compiled.popitem(last=False)
-
-    def constraints(self, pattern: str, n: int) -> list[DFAConstraint]:
-        """n choices' constraints on pattern's loaded DFA (NotRegular: it has none, or the table
-        has no room for it now)."""
-        loaded = self._loaded.get(pattern)
-        if loaded is None:
-            loaded = LoadedDFA(self.table, self.compile(pattern), lambda: self._loaded.pop(pattern, None))
-            self._loaded[pattern] = loaded
-        loaded.users += n
-        made: list[DFAConstraint] = []
-        try:
-            for _ in range(n):
-                made.append(DFAConstraint(loaded))
-        except NotRegular:
-            for c in made:
-                c.loaded.table.give_slot(c.slot)
-            loaded.users -= n - 1
-            loaded.release()  # the last of the n: unloads it if no one else uses it
-            raise
-        return made
