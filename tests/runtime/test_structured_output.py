@@ -86,6 +86,19 @@ def test_lark_outputs_parse_under_lark(eng):
         parser.parse(c.text)
 
 
+def test_regular_lark_outputs_parse_under_lark_and_decode_on_the_device(eng):
+    """A Lark grammar without recursion is a token DFA (lark_regex.py); BOUNDED_LARK above, which
+    recurses, stays with llguidance."""
+    grammar = 'start: call (";" call)?\ncall: NAME "(" [NUMBER ("," NUMBER)~0..2] ")"\nNAME: /[a-z_]{1,8}/\nNUMBER: /[0-9]{1,2}/'
+    before = dict(eng.structured.requests_by_path)
+    parser = lark.Lark(grammar)
+    for c in finished(run(eng, grammar_for_lark(grammar), n=6, max_tokens=40)):
+        parser.parse(c.text)
+    assert eng.structured.requests_by_path["device"] == before["device"] + 1
+    run(eng, grammar_for_lark(BOUNDED_LARK), n=1, max_tokens=4)
+    assert eng.structured.requests_by_path["host"] == before["host"] + 1
+
+
 def test_regex_outputs_match(eng):
     for c in finished(run(eng, grammar_for_regex(REGEX), n=6, max_tokens=30)):
         assert re.fullmatch(REGEX, c.text), c.text

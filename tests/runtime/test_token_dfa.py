@@ -88,7 +88,8 @@ def test_regular_grammars_are_found_and_the_rest_left_to_llguidance():
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     assert re.fullmatch(regular_pattern(grammar_for_json_schema(schema)), '{"n": 42}')
     assert regular_pattern(grammar_for_json_object()) is None  # any depth: not regular
-    assert regular_pattern(grammar_for_lark('start: "a"+')) is None
+    assert re.fullmatch(regular_pattern(grammar_for_lark('start: "a"+ ("," NAME)?\nNAME: /[a-z]+/')), "aa,b")
+    assert regular_pattern(grammar_for_lark('start: "(" start ")" | "x"')) is None  # recursion: not regular
     assert regular_pattern("not a grammar") is None
 
 

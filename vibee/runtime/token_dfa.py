@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vibee.runtime.lark_regex import lark_regex
+
 
 class NotRegular(ValueError):
     """A constraint this module can't compile (the host's llguidance takes it)."""
@@ -50,12 +52,13 @@ def regex_for_schema(schema: Any) -> str:
 
 def regular_pattern(grammar: str) -> str | None:
     """The regex of an llguidance grammar (structured_output.py's grammar_for_*) when it is one:
-    a regex grammar, or a JSON schema outlines_core writes as a regex; None for the rest (JSON
-    objects of any depth, Lark grammars, tools), which only llguidance constrains."""
+    a regex grammar, a JSON schema outlines_core writes as a regex, or a Lark grammar without
+    recursion (lark_regex.py); None for the rest (JSON objects of any depth, recursive Lark
+    grammars, llguidance's Lark extensions), which only llguidance constrains."""
     try:
         parts = json.loads(grammar)["grammars"]
     except (ValueError, KeyError, TypeError):
-        return None
+        return lark_regex(grammar)  # grammar_for_lark's: the Lark text as written
     if len(parts) != 1:
         return None
     part = parts[0]

@@ -1,0 +1,54 @@
+"""Lark grammars without recursion as one regex (vibee/runtime/lark_regex.py): the regex accepts
+exactly the strings Lark's own Earley parser accepts (every string up to a length over the
+grammar's characters), and what a regex can't say is left to llguidance (None)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from vibee.runtime.lark_regex import lark_regex
+
+REGULAR = [
+    ('start: "yes" | "no"', "yesno"),
+    ('start: greeting ("," NAME)* "!"?\ngreeting: "hi" | "h" [" x"]\nNAME: /[a-b]+/', "hi,ab! x"),
+    ('start: item~2..3 "."?\n?item: DIGIT | "-"\nDIGIT: "0".."2"', "0129-."),
+    ('start: pair -> both\npair: A B | B\nA: "a"+\nB: "b" "b"?', "ab"),
+    ('start: ("a" | "aa") "ab"', "ab"),  # terminals overlap: the grammar's language, as Earley reads it
+]
+
+
+@pytest.mark.parametrize("grammar,alphabet", REGULAR)
+def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
+    import lark
+
+    parser = lark.Lark(grammar, parser="earley", lexer="dynamic")
+    pattern = lark_regex(grammar)
+    assert pattern is not None
+    accepted = 0
+    for n in range(6 if len(set(alphabet)) <= 4 else 5):
+        for chars in itertools.product(sorted(set(alphabet)), repeat=n):
+            text = "".join(chars)
+            try:
+                parser.parse(text)
+                parses = True
+            except lark.exceptions.LarkError:
+                parses = False
+            assert (re.fullmatch(pattern, text) is not None) == parses, (grammar, text)
+            accepted += parses
+    assert accepted  # the comparison saw strings of the language, not only refusals
+
+
+@pytest.mark.parametrize("grammar", [
+    'start: "(" start ")" | "x"',  # recursion
+    'start: a\na: "x" b?\nb: "y" a',  # recursion through another rule
+    'start: WORD+\nWORD: /[a-z]+/\n%ignore " "',  # ignored text between terminals
+    'start: "Hi"i',  # a flagged literal
+    'start: %json {"type": "object"}',  # llguidance's extension
+    'start: undefined_rule',
+    'not a grammar',
+])
+def test_what_a_regex_does_not_say_the_same_way_has_none(grammar):
+    assert lark_regex(grammar) is None
