@@ -24,19 +24,18 @@ def lark_regex(text: str) -> str | None:
     from lark.exceptions import LarkError
     from lark.load_grammar import GrammarBuilder, PrepareLiterals, TerminalTreeToPattern
 
+    # GrammarBuilder's definitions are Lark's internals (as Lark 1.3 has them): a Lark whose
+    # internals differ leaves every grammar to llguidance (AttributeError below) rather than err.
     builder = GrammarBuilder()
     try:
         builder.load_grammar(text, "<grammar>")
-    except (LarkError, ValueError, TypeError, KeyError, AssertionError):
-        return None  # llguidance's dialect, or an error llguidance reports with its line and caret
-    definitions = builder._definitions
-    if builder._ignore_names or "start" not in definitions or any(d.params for d in definitions.values()):
-        return None
-    try:
+        definitions = builder._definitions
+        if builder._ignore_names or "start" not in definitions or any(d.params for d in definitions.values()):
+            return None
         tree = _inlined(definitions, "start", ())
         pattern = TerminalTreeToPattern().transform(PrepareLiterals().transform(tree))
-    except (_NotRegular, LarkError, AssertionError):
-        return None
+    except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AttributeError, AssertionError):
+        return None  # not regular, llguidance's dialect, or an error llguidance reports with its caret
     return None if pattern.flags else pattern.to_regexp()
 
 
