@@ -4,16 +4,16 @@ the device, inside decode rounds, with no host round trip per token.
 
 interegular builds the DFA over characters and every token is walked through it (numpy over the
 vocabulary): for each state, the tokens allowed and the state each leads to; outlines_core writes
-a JSON schema as a regex. That becomes two tables per constraint: next[s, t],
-the state token t leads to from state s (-1: t is not allowed), and bits[s], the allowed tokens
-as a bitmask (32 tokens a word), which grammar_table.py loads onto the device. The end-of-sequence tokens
-are allowed in final states only and lead to a sink that allows only them, so a constraint that
-is complete ends its choice with finish_reason "stop", as llguidance's host masks do.
+a JSON schema as a regex, lark_regex.py a Lark grammar without recursion. The table next[s, t]
+is the state token t leads to from state s (-1: t is not allowed); grammar_table.py loads it onto
+the device with its bitmask. The end-of-sequence tokens are allowed in final states only and
+lead to a sink that allows only them, so a constraint that is complete ends its choice with
+finish_reason "stop", as llguidance's host masks do.
 
 Text the pattern forces keeps to its canonical tokens when the tokenizer's encode is given, as
 llguidance's masks do (tool calls' fixed text needs it: vibee/server/tool_calls.py writes a tool
-plan as one regex). A grammar that is not regular (json_object, Lark grammars) stays with
-llguidance (structured_output.py), as does one whose DFA does not fit the table's free rows.
+plan as one regex). A grammar that is not regular (json_object, recursive Lark grammars) stays
+with llguidance (structured_output.py), as does one whose DFA does not fit the table's free rows.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ tool_choice "none" generates text (the template still sees the tools); "required
 more (one when parallel_tool_calls is false); a named function exactly one call of it; "auto"
 (the default with tools) either plain text, which may not start with the call's opening, or
 calls. A template that does not render `tools` gets them in a system message of vibee's, with
-the format to answer in.
+the format to answer in. A plan is one regex when its parameter schemas have a regular form (a
+token DFA on the device), else a Lark grammar with `%json` parts (llguidance's host masks).
 """
 
 from __future__ import annotations
