@@ -82,6 +82,11 @@ class LLMEngine:
         self.max_num_seqs = batch_spec.max_num_seqs
         self.max_num_batched_tokens = batch_spec.max_num_batched_tokens
 
+        # Before sizing the KV cache, so that the grammar table's device memory is counted as in use.
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                            eos_token_ids=self.eos_token_ids, device=self.device)
+
         kv = self.gen.kv_cache
         self.num_kv_heads = served.num_kv_heads  # this rank's: all of them, or its shard's
         self.kv_bytes_per_block = paged_kv_cache(kv, self.model_config, self.num_kv_heads, 1, dtype=self.dtype,
@@ -130,9 +135,6 @@ class LLMEngine:
             enable_chunked_prefill=batch_spec.enable_chunked_prefill,
             long_prefill_token_threshold=batch_spec.long_prefill_token_threshold, watermark=batch_spec.watermark,
             preemption_mode="swap" if swap else "recompute", num_swap_slots=host_swap.num_slots if swap else 0)
-        self.eos_token_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        self.structured = StructuredOutputs(self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                            eos_token_ids=self.eos_token_ids, device=self.device)
         self.sampler = Sampler(seed=config.seed, device=self.device, structured=self.structured)
         # Plain decoding in rounds on the device (multi_step.py), with decode graphs; with --speculative
         # while the speed gate holds plain decoding, so that speculation is measured against it.
