@@ -31,3 +31,25 @@ def use_eager_graphs(monkeypatch) -> list[int]:
     monkeypatch.setattr(PrefillGraphs, "capture", capture_prefill)
     monkeypatch.setattr(LLMEngine, "_wants_graphs", lambda self: True)
     return replayed
+
+
+def watch_round_starts(monkeypatch, record) -> None:
+    """Eager graphs (use_eager_graphs), and record(rounds_object, seqs, rounds, chained, grammar_slots)
+    before every DeviceRounds.start; skips the test outside the Triton interpreter, since rounds
+    sample in a Triton kernel."""
+    import os
+
+    import pytest
+
+    from vibee.runtime.device_rounds import DeviceRounds
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("rounds sample in a Triton kernel: on a CPU it needs TRITON_INTERPRET=1")
+    use_eager_graphs(monkeypatch)
+    real = DeviceRounds.start
+
+    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, grammar_slots=None):
+        record(self, seqs, rounds, chained, grammar_slots)
+        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, grammar_slots)
+
+    monkeypatch.setattr(DeviceRounds, "start", start)

@@ -5,12 +5,11 @@ at num_scheduler_steps 1; CUDA graphs are stood in for by eager replays of the s
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from tests.runtime.eager_graphs import use_eager_graphs
+from tests.runtime.eager_graphs import watch_round_starts
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine
 from vibee.runtime.device_rounds import DeviceRounds
@@ -31,18 +30,14 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def rounds_seen(monkeypatch):
     """Eager graphs for every engine; returns (sequences, rounds) of each multi-step."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("rounds sample in a Triton kernel: on a CPU it needs TRITON_INTERPRET=1")
-    use_eager_graphs(monkeypatch)
     seen = []
-    real = DeviceRounds.start
 
-    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, **grammar):
-        if not self.k:  # plain rounds, not speculation's
+    def record(rounds_object, seqs, rounds, chained, grammar_slots):
+        if not rounds_object.k:  # plain rounds, not speculation's
             seen.append((len(seqs), rounds))
             EVENTS.append("start")
-        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, **grammar)
 
+    watch_round_starts(monkeypatch, record)
     real_finish = DeviceRounds.finish
 
     def finish(self, started):
@@ -51,7 +46,6 @@ def rounds_seen(monkeypatch):
         return real_finish(self, started)
 
     EVENTS.clear()
-    monkeypatch.setattr(DeviceRounds, "start", start)
     monkeypatch.setattr(DeviceRounds, "finish", finish)
     return seen
 

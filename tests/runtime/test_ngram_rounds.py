@@ -5,12 +5,11 @@ of the same buffers (tests/runtime/eager_graphs.py)."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from tests.runtime.eager_graphs import use_eager_graphs
+from tests.runtime.eager_graphs import watch_round_starts
 from tests.runtime.hf_models import make_model
 from tests.runtime.test_engine import GREEDY, engine
 from vibee.runtime.device_rounds import DeviceRounds
@@ -33,20 +32,15 @@ PROMPTS = [[7, 8, 9, 10, 11] * 4 + [7, 8], [20, 21, 22] * 5, [40 + i % 6 for i i
 @pytest.fixture
 def rounds_seen(monkeypatch):
     """Eager graphs for every engine; returns the list of (batch, rounds) of each rounds step."""
-    if os.environ.get("TRITON_INTERPRET") != "1":  # plain decoding runs multi-steps, which sample in Triton
-        pytest.skip("rounds sample in a Triton kernel: on a CPU it needs TRITON_INTERPRET=1")
-    use_eager_graphs(monkeypatch)
     seen = []
-    real = DeviceRounds.start
 
-    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, **grammar):
-        if self.k:  # speculation's rounds, not plain multi-steps
+    def record(rounds_object, seqs, rounds, chained, grammar_slots):
+        if rounds_object.k:  # speculation's rounds, not plain multi-steps
             seen.append((len(seqs), rounds))
             CHAINED.append(chained)
-        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, **grammar)
 
     CHAINED.clear()
-    monkeypatch.setattr(DeviceRounds, "start", start)
+    watch_round_starts(monkeypatch, record)
     return seen
 
 

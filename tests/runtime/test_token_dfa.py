@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.runtime.eager_graphs import use_eager_graphs
+from tests.runtime.eager_graphs import watch_round_starts
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
-from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.engine import LLMEngine
 from vibee.runtime.multi_step import plain_row
 from vibee.runtime.offline import generate
@@ -204,17 +203,9 @@ def test_only_a_host_grammar_keeps_steps_from_overlapping(eng):
 
 @pytest.fixture
 def rounds_seen(monkeypatch):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("rounds sample in a Triton kernel: on a CPU it needs TRITON_INTERPRET=1")
-    use_eager_graphs(monkeypatch)
+    """Eager graphs for every engine; returns each rounds step's grammar slots."""
     seen = []
-    real = DeviceRounds.start
-
-    def start(self, seqs, tables, allowed, rooms, caps, rounds, temperatures=None, chained=False, grammar_slots=None):
-        seen.append(list(grammar_slots or []))
-        return real(self, seqs, tables, allowed, rooms, caps, rounds, temperatures, chained, grammar_slots)
-
-    monkeypatch.setattr(DeviceRounds, "start", start)
+    watch_round_starts(monkeypatch, lambda rounds_object, seqs, rounds, chained, slots: seen.append(list(slots or [])))
     return seen
 
 
