@@ -20,15 +20,16 @@ from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.engine_report import EngineStats, applied_quantization, engine_info, engine_stats
 from vibee.runtime.generated import GeneratedModules, load_generated
 from vibee.runtime.kv_sizing import decide_num_blocks, host_kv_swap, paged_kv_cache, run_worst_case_step
-from vibee.runtime.launched_step import PLACEHOLDER, LaunchedStep
+from vibee.runtime.launched_step import LaunchedStep
 from vibee.runtime.model_runner import ModelRunner, decode_graph_rows
 from vibee.runtime.multi_step import MultiStep, plain_row
+from vibee.runtime.one_step import launch_step
 from vibee.runtime.outputs import RequestOutput
 from vibee.runtime.rank_group import start_ranks
 from vibee.runtime.requests import Choice, Request, check_request, choice_generator, choice_output
 from vibee.runtime.round_steps import (chain_speculative_rounds, launch_multi_step, launch_speculative_rounds,
                                       read_speculative_rounds)
-from vibee.runtime.sampler import Sampler, SamplingRow
+from vibee.runtime.sampler import Sampler
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.served_model import load_served_model, max_model_len_for
 from vibee.runtime.speculation import Speculator
@@ -360,60 +361,8 @@ class LLMEngine:
                                      (t0, queries0, hits0))
         if plain_rounds:
             DeviceRounds.unplan(sched)
-        now = time.monotonic()
-        new_prompt_tokens = computed_prefill = 0
-        for item in sched.scheduled:
-            if item.is_prefill:  # a sequence's first step always is
-                computed_prefill += item.num_new_tokens
-                req = self._by_seq[item.seq.seq_id][0]
-                if req.first_scheduled_time is None:
-                    new_prompt_tokens += len(req.prompt_token_ids)
-                    req.first_scheduled_time = now
-                    # Admission set num_computed_tokens to the prompt tokens the prefix cache had.
-                    req.num_cached_tokens = item.seq.num_computed_tokens
-
-        plan, logits, rows_argmax = self.runner.run(sched, previous.placeholders if previous is not None else {})
-        # (sequence, first logits row, drafts, request, choice) of each sequence that samples.
-        sampling = [(seq, row, drafts, *self._by_seq[seq.seq_id]) for seq, row, drafts in plan]
-        # Plain rows sample one token; speculative rows verify their drafts (k + 1 logits each).
-        plain = [s for s in sampling if not s[2]]
-        pending = None
-        if plain:
-            params = [req.params for _, _, _, req, _ in plain]
-            # Every row plain: the logits are theirs, in order; no gather (its index copy waits for the GPU).
-            x = logits if len(plain) == len(logits) else logits[[row for _, row, _, _, _ in plain]]
-            if rows_argmax and len(plain) == len(logits) and all(p.is_greedy and not p.has_penalties for p in params):
-                # The graph's argmax is what sample() would pick: only the copies are queued.
-                pending = self.sampler.launch_for(x, self.runner.sampled[: len(plain)], params)
-            else:
-                pending = self.sampler.launch(x, [SamplingRow(req.params, req.prompt_token_ids, seq.output_token_ids,
-                                                              choice.generator, seq.stop_token_ids, choice.constraint)
-                                                  for seq, _, _, req, choice in plain])
-                if len(plain) == len(sampling):  # where the next step reads them; not over a verifying step's argmax
-                    self.runner.sampled[: len(plain)].copy_(pending.tokens)
-        before = [len(s[0].output_token_ids) for s in sampling]
-        launched = LaunchedStep(sched, sampling, before, pending, None, {}, t0, new_prompt_tokens, computed_prefill,
-                             queries0, hits0)
-        if pending is not None and len(plain) == len(sampling) and self._can_overlap():
-            launched.placeholders = {s[0].seq_id: j for j, s in enumerate(plain)}
-            self.scheduler.update(sched, dict.fromkeys(launched.placeholders, PLACEHOLDER))
-            return launched
-        # Read now: the drafts' verification decides what the step emitted.
-        plain_results = self.sampler.collect(pending) if pending is not None else []
-        results = {s[0].seq_id: [r] for s, r in zip(plain, plain_results)}
-        sampled: dict[int, Any] = {seq_id: rs[0].token_id for seq_id, rs in results.items()}
-        # A graph's argmax of every row: greedy verification needs no logits on the host.
-        targets = self.runner.sampled[: len(logits)].tolist() if rows_argmax and len(plain) < len(sampling) else None
-        for seq, row, drafts, _, _ in sampling:
-            if drafts:
-                req, choice = self._by_seq[seq.seq_id]
-                results[seq.seq_id] = self.speculator.verify(
-                    req, choice, drafts, logits[row: row + len(drafts) + 1],
-                    None if targets is None else targets[row: row + len(drafts) + 1], self.sampler)
-                sampled[seq.seq_id] = [r.token_id for r in results[seq.seq_id]]
-        launched.results = results
-        self.scheduler.update(sched, sampled)
-        return launched
+        return launch_step(sched, previous, self.runner, self.sampler, self.speculator, self.scheduler, self._by_seq,
+                           self._can_overlap(), (t0, queries0, hits0))
 
     def _retire(self, req: Request, now: float) -> None:
         del self._requests[req.request_id]
