@@ -87,13 +87,23 @@ BENCH_SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "email", "tags"]}
 
 
+# Two functions a client offers with tool_choice "required" (the chat server's grammar for them).
+BENCH_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
+    "type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}}}
+    for name, properties in [("get_weather", {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}),
+                             ("get_time", {"zone": {"type": "string"}})]]
+
+
 def bench_grammar(name: str) -> str | None:
     """The grammar of `--structured-output` NAME: none, json_object (llguidance on the host),
-    json_schema (BENCH_SCHEMA) or text_regex ([^<>]*, open to the end), both token DFAs."""
+    json_schema (BENCH_SCHEMA), text_regex ([^<>]*, open to the end) or tool_call (BENCH_TOOLS,
+    one call required), the last three token DFAs."""
     from vibee.runtime.structured_output import grammar_for_json_object, grammar_for_json_schema, grammar_for_regex
+    from vibee.server.tool_calls import plan_tools
 
     makers = {"none": lambda: None, "json_object": grammar_for_json_object,
-              "json_schema": lambda: grammar_for_json_schema(BENCH_SCHEMA), "text_regex": lambda: grammar_for_regex("[^<>]*")}
+              "json_schema": lambda: grammar_for_json_schema(BENCH_SCHEMA), "text_regex": lambda: grammar_for_regex("[^<>]*"),
+              "tool_call": lambda: plan_tools(BENCH_TOOLS, "required", False, "").grammar}
     return makers[name]()
 
 def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0,
