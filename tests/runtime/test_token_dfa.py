@@ -378,4 +378,4 @@ def test_tool_plans_compile_to_regexes_of_their_calls(template):
         plain = ["Sunny.", "", "  \n", "<tool", "{x" if plan.format == "hermes" else "<tool_call>"]
         assert all(matches(text) is (choice == "auto") for text in plain)
         opening = "<tool_call>" if plan.format == "hermes" else "{"
-        assert not matches(" \n" + opening + " whatever")
+        assert not matches(" \n" + opening + " whatever") and not matches(opening)

@@ -272,7 +272,7 @@ def _not_starting_with(literal: str) -> str:
         char = re.escape(literal[i])
         rest = f"(|[^{char}]{any_text}" + (f"|{char}{rest})" if rest else ")")
     first = re.escape(literal[0])
-    return rf"\s*(|[^\s{first}]{any_text}|{first}{rest})"
+    return rf"\s*(|[^\s{first}]{any_text}" + (f"|{first}{rest})" if rest else ")")
 
 
 def tool_prompt(plan: ToolPlan) -> str:
