@@ -259,8 +259,10 @@ def serve(host, port, api_key, max_request_mb, max_choices_per_request, **flags)
 
 def _register_bench() -> None:
     from vibee.bench.cli import bench
+    from vibee.bench.commands_profile import profile
 
     main.add_command(bench)
+    main.add_command(profile)
 
 
 _register_bench()

@@ -31,6 +31,23 @@ def measure_rank(params: dict[str, Any], ranks: Any = None, *, on_step=None, pro
     a RankGroup, or None for one rank) and measure its decode. Every rank runs this alike (SPMD,
     as gpt-fast does): same prompts, same steps, each over its shard, the layers' collectives
     pairing up (inside the CUDA graphs on GPUs). Returns the measurement and what it ran."""
+    p = params
+    run = build_rank_model(params, ranks, progress=progress)
+    model, gen, dev = run["model"], run["gen"], run["device"]
+    steps = p["prompt_len"] + p["warmup_steps"] + p["decode_steps"] + 1
+    splits = gen.flash_attention.num_splits_for(steps) if run["cuda_graphs"] else None
+    run["measured"] = measure_decode(model, gen.kv_cache, batch_size=p["batch_size"], prompt_len=p["prompt_len"],
+                                     decode_steps=p["decode_steps"], warmup_steps=p["warmup_steps"], device=dev,
+                                     block_size=gen.configs.kv_cache.block_size, on_step=on_step, num_splits=splits,
+                                     num_kv_heads=run["num_kv_heads"])
+    run["cuda_graphs"] = splits is not None
+    return run
+
+
+def build_rank_model(params: dict[str, Any], ranks: Any = None, *, progress: bool = False) -> dict[str, Any]:
+    """The model `params` name (a shape with random weights, or a checkpoint), quantized as they
+    say and sharded for this rank: the model, its config, name and generated modules, the device
+    and dtype, the bytes loaded, this rank's KV heads and whether decode steps replay CUDA graphs."""
     from vibee.engine_flags import engine_config
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
@@ -41,7 +58,7 @@ def measure_rank(params: dict[str, Any], ranks: Any = None, *, on_step=None, pro
 
     p = params
     config = engine_config(model=p["model"], device=p["device"], dtype=p["dtype"], quant=p["quant"],
-                           flash_attn=p["flash_attn"])
+                           flash_attn=p["flash_attn"], spec_dir=p.get("spec_dir"))
     dev = ranks.device if ranks is not None else config.resolve_device()
     dtype_name = config.resolve_dtype(dev)
     dtype = TORCH_DTYPES[dtype_name]
@@ -61,15 +78,9 @@ def measure_rank(params: dict[str, Any], ranks: Any = None, *, on_step=None, pro
                  model_config.max_position_embeddings, dev, progress=progress)
     num_kv_heads = shard_served_model(model, gen, ranks) if ranks is not None else model_config.num_kv_heads
     use_graphs = dev.startswith("cuda") and p["flash_attn"] and not p["enforce_eager"]
-    steps = p["prompt_len"] + p["warmup_steps"] + p["decode_steps"] + 1
-    splits = gen.flash_attention.num_splits_for(steps) if use_graphs else None
-    measured = measure_decode(model, gen.kv_cache, batch_size=p["batch_size"], prompt_len=p["prompt_len"],
-                              decode_steps=p["decode_steps"], warmup_steps=p["warmup_steps"], device=dev,
-                              block_size=gen.configs.kv_cache.block_size, on_step=on_step, num_splits=splits,
-                              num_kv_heads=num_kv_heads)
-    return {"measured": measured, "model": model, "model_config": model_config, "name": name, "gen": gen,
+    return {"model": model, "model_config": model_config, "name": name, "gen": gen, "tokenizer": tokenizer,
             "device": dev, "dtype_name": dtype_name, "loaded_bytes": loaded_bytes, "num_kv_heads": num_kv_heads,
-            "cuda_graphs": splits is not None}
+            "cuda_graphs": use_graphs}
 
 
 def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, prompt_len: int, decode_steps: int,

@@ -1,0 +1,147 @@
+"""`vibee profile`: the step's kernels attributed to the model's scopes, the work each scope counts,
+the command's report and plot, and a GPU run where the kernels are CUDA kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from vibee.bench.profile_step import OTHER, attention_work, counted_scopes, fold_layer, profile_decode, scope_rows
+from vibee.cli import main
+from vibee.runtime import fused
+from vibee.runtime.config import DEFAULT_MODEL_DIR
+
+needs_model = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
+
+
+def _tiny(quant: str = "none", device: str = "cpu"):
+    from vibee.bench.latency import build_rank_model
+
+    params = {"shape": None, "model": None, "device": device, "dtype": "float32" if device == "cpu" else "auto",
+              "quant": quant, "flash_attn": True, "enforce_eager": True}
+    return build_rank_model(params)
+
+
+def test_fold_layer_names_a_kind_of_work_across_layers():
+    assert fold_layer("model.layers.12.mlp.down_proj") == "layers.*.mlp.down_proj"
+    assert fold_layer("model.norm") == "norm" and fold_layer("lm_head") == "lm_head"
+
+
+def test_attention_work_counts_the_causal_pairs_one_by_one():
+    q_lens, seq_lens, h, kv, d = [1, 3, 5], [7, 3, 9], 4, 2, 8
+    pairs = 0
+    for n, s in zip(q_lens, seq_lens):
+        for i in range(n):  # new token i sits at position s - n + i and sees every key up to itself
+            pairs += s - n + i + 1
+    nbytes, flops = attention_work(q_lens, seq_lens, h, kv, d, q_bytes=2, kv_bytes=1)
+    assert flops == 4 * pairs * h * d
+    assert nbytes == (sum(q_lens) + sum(seq_lens)) * 2 * kv * d * 1 + 2 * sum(q_lens) * h * d * 2
+
+
+@needs_model
+def test_scopes_count_each_layers_work_and_own_every_kernel():
+    run = _tiny()
+    model, gen, cfg = run["model"], run["gen"], run["model_config"]
+    batch, context = 2, 16
+    p = profile_decode(model, gen.kv_cache, batch_size=batch, context_len=context, device="cpu",
+                       block_size=gen.configs.kv_cache.block_size, steps=2, warmup_steps=1)
+    layers, hidden, inner = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    expected_flops = {"layers.*.self_attn.qkv_proj": 2 * batch * hidden * (q_out + 2 * kv_out) * layers,
+                      "layers.*.self_attn.o_proj": 2 * batch * q_out * hidden * layers,
+                      "layers.*.mlp.gate_up_proj": 2 * batch * hidden * 2 * inner * layers,
+                      "lm_head": 2 * batch * hidden * cfg.vocab_size}
+    for scope, flops in expected_flops.items():
+        assert p.work[scope].flops == flops, scope
+    # A float32 linear reads its weight once at least: bytes cover the stacked q, k, v rows.
+    assert p.work["layers.*.self_attn.qkv_proj"].bytes > 4 * hidden * (q_out + 2 * kv_out) * layers
+    # Every sequence's KV at the profiled steps' mean length is read, per layer.
+    attn = p.work["layers.*.self_attn.attention"]
+    kv_read = batch * (context + 0.5) * 2 * kv_out * 4 * layers
+    assert attn.calls == layers and attn.bytes > kv_read
+    assert {"embed_tokens", "layers.*.input_layernorm", "layers.*.post_attention_layernorm", "layers.*.self_attn.rope",
+            "norm", "argmax"} <= set(p.work)
+    # The time is all accounted for: every op's own time lands in exactly one scope.
+    assert sum(k.seconds for k in p.kernels) == pytest.approx(p.kernel_seconds)
+    by_scope = {}
+    for k in p.kernels:
+        by_scope.setdefault(k.scope, set()).add(k.kernel)
+    assert any("mm" in name or "linear" in name for name in by_scope["lm_head"])
+    rows = {r.scope: r for r in scope_rows(p, bandwidth_bytes_s=1e10, flops_s=1e11)}
+    qkv = rows["layers.*.self_attn.qkv_proj"]
+    assert qkv.limit_seconds == pytest.approx(max(qkv.bytes / 1e10, qkv.flops / 1e11))
+    assert rows[OTHER].bytes == 0 if OTHER in rows else True
+
+
+@needs_model
+def test_counted_scopes_put_everything_back():
+    run = _tiny()
+    model = run["model"]
+    originals = {name: getattr(fused, name) for name in ("linear", "silu_mul_linear", "rms_norm", "apply_rope_qk", "silu_mul")}
+    backend = model.attention
+    from vibee.bench.profile_step import Tally
+
+    with counted_scopes(model, Tally()):
+        assert fused.linear is not originals["linear"] and model.attention is not backend
+        assert any(m._forward_pre_hooks for m in model.modules())
+    assert {name: getattr(fused, name) for name in originals} == originals
+    assert model.attention is backend
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+@needs_model
+def test_quantized_layers_are_scopes_with_their_stored_bytes():
+    run = _tiny("int8")
+    model, gen = run["model"], run["gen"]
+    p = profile_decode(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
+                       block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    layer = model.model.layers[0].mlp.gate_up_proj
+    assert type(layer) is not nn.Linear  # quantized
+    stored = sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+    x_and_y = (layer.in_features + layer.out_features) * 4
+    assert p.work["layers.*.mlp.gate_up_proj"].bytes == stored * len(model.model.layers) + x_and_y * len(model.model.layers)
+
+
+@needs_model
+def test_profile_command_reports_plots_and_compares(tmp_path):
+    result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
+                                       "--context-len", "12", "--steps", "1", "--compare-quant", "int8",
+                                       "--result-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (path,) = tmp_path.glob("profile-*.json")
+    data = json.loads(path.read_text())
+    a, b = data["variants"]["A"], data["variants"]["B"]
+    assert a["settings"].endswith("quant none") and b["settings"].endswith("quant int8")
+    scopes_a = {s["scope"]: s for s in a["scopes"]}
+    scopes_b = {s["scope"]: s for s in b["scopes"]}
+    # The compared precision took effect: int8 weights are a quarter of float32's bytes.
+    assert scopes_b["layers.*.mlp.gate_up_proj"]["bytes"] < 0.5 * scopes_a["layers.*.mlp.gate_up_proj"]["bytes"]
+    assert a["summary"]["kernel_seconds"] > 0 and 0 < a["summary"]["fraction_of_limit"]
+    assert data["ceilings"]["copy_tb_s"] > 0
+    md = path.with_suffix(".md").read_text()
+    assert "B against A" in md and "layers.*.self_attn.attention" in md
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_command_refuses_a_context_with_no_prompt(tmp_path):
+    result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--context-len", "3", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--context-len" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernels_land_in_their_scopes():
+    run = _tiny(device="cuda")
+    model, gen = run["model"], run["gen"]
+    p = profile_decode(model, gen.kv_cache, batch_size=4, context_len=64, device="cuda",
+                       block_size=gen.configs.kv_cache.block_size, steps=2, warmup_steps=2)
+    scopes = {k.scope for k in p.kernels}
+    for scope in ("layers.*.self_attn.qkv_proj", "layers.*.self_attn.attention", "layers.*.self_attn.rope",
+                  "layers.*.input_layernorm", "lm_head"):
+        assert scope in scopes, (scope, sorted(scopes))
+    unlinked = sum(k.seconds for k in p.kernels if k.scope == OTHER)
+    assert unlinked < 0.2 * p.kernel_seconds, [k for k in p.kernels if k.scope == OTHER]
