@@ -65,6 +65,10 @@ def test_scopes_count_each_layers_work_and_own_every_kernel():
     assert attn.calls == layers and attn.bytes > kv_read
     assert {"embed_tokens", "layers.*.input_layernorm", "layers.*.post_attention_layernorm", "layers.*.self_attn.rope",
             "norm", "argmax"} <= set(p.work)
+    # silu_mul_linear's own silu_mul is its work, not a scope of its own counted twice.
+    down = p.work["layers.*.mlp.down_proj (+ silu*mul)"]
+    assert "layers.*.mlp.silu_mul" not in p.work
+    assert down.bytes == (batch * 2 * inner + inner * hidden + batch * hidden) * 4 * layers
     # The time is all accounted for: every op's own time lands in exactly one scope.
     assert sum(k.seconds for k in p.kernels) == pytest.approx(p.kernel_seconds)
     by_scope = {}
@@ -75,6 +79,42 @@ def test_scopes_count_each_layers_work_and_own_every_kernel():
     qkv = rows["layers.*.self_attn.qkv_proj"]
     assert qkv.limit_seconds == pytest.approx(max(qkv.bytes / 1e10, qkv.flops / 1e11))
     assert rows[OTHER].bytes == 0 if OTHER in rows else True
+
+
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def elapsed_us(self):
+        return self.end - self.start
+
+
+class _Event:
+    def __init__(self, name, device, start, end, id=0):
+        self.name, self.device_type, self.id, self.time_range = name, device, id, _Range(start, end)
+
+
+def test_cuda_kernels_go_to_the_scope_open_at_their_launch():
+    from vibee.bench.profile_step import attribute
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [_Event("vibee::layers.*.mlp", cpu, 0, 100), _Event("vibee::layers.*.mlp.down_proj", cpu, 50, 90),
+              _Event("aten::mm", cpu, 55, 60, id=7),  # an op's id is no CUPTI id: never a launch
+              _Event("cuLaunchKernelEx", cpu, 10, 12, id=7), _Event("cudaLaunchKernel", cpu, 60, 61, id=8),
+              _Event("cuLaunchKernel", cpu, 95, 96, id=9), _Event("cuLaunchKernel", cpu, 120, 121, id=10),
+              _Event("silu_mul_kernel", cuda, 200, 203, id=7), _Event("gemm", cuda, 203, 213, id=8),
+              _Event("tail", cuda, 213, 214, id=9), _Event("argmax", cuda, 214, 216, id=10),
+              _Event("Memcpy HtoD", cuda, 216, 220, id=99)]
+
+    class Prof:
+        def events(self):
+            return events
+
+    kernels, total = attribute(Prof(), "cuda")
+    got = {(k.scope, k.kernel): (k.launches, k.seconds) for k in kernels}
+    assert got == {("layers.*.mlp", "silu_mul_kernel"): (1, 3e-6), ("layers.*.mlp.down_proj", "gemm"): (1, 10e-6),
+                   ("layers.*.mlp", "tail"): (1, 1e-6), (OTHER, "argmax"): (1, 2e-6), (OTHER, "Memcpy HtoD"): (1, 4e-6)}
+    assert total == pytest.approx(20e-6)
 
 
 @needs_model

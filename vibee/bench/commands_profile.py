@@ -113,9 +113,11 @@ def _profile_variant(params: dict[str, Any], *, batch_size: int, context_len: in
     warmup = 2
     with Progress(TextColumn(f"[bold]profiling {_describe(params)}"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
         task = bar.add_task("steps", total=warmup + steps)
+        # On a GPU the decode attention gets the fixed split count the engine's graphs use.
+        splits = gen.flash_attention.num_splits_for(context_len + steps) if run["cuda_graphs"] else None
         prof = profile_decode(model, gen.kv_cache, batch_size=batch_size, context_len=context_len, device=dev,
                               block_size=block_size, num_kv_heads=run["num_kv_heads"], steps=steps, warmup_steps=warmup,
-                              on_step=lambda: bar.advance(task))
+                              num_splits=splits, on_step=lambda: bar.advance(task))
     graph_step = None
     if run["cuda_graphs"]:  # the same step replayed as a CUDA graph: what a served step costs
         decode = 8

@@ -12,6 +12,7 @@ row is one kind of work summed over the layers.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections import defaultdict
@@ -123,38 +124,43 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
     def owner(weight: torch.Tensor, what: str) -> str:
         return names.get(weight.data_ptr(), what)
 
+    depth = [0]
+
+    def counted(name: str, scope: str, nbytes: Callable[[], int], flops: int, *args):
+        """originals[name](*args) in its scope, its work counted; a call made inside another
+        counted call (silu_mul_linear's own silu_mul) is part of the outer one's work and scope."""
+        if depth[0]:
+            return originals[name](*args)
+        tally.add(scope, nbytes(), flops)
+        depth[0] += 1
+        try:
+            with _scope(scope):
+                return originals[name](*args)
+        finally:
+            depth[0] -= 1
+
     def linear(x, weight, bias=None):
-        scope = owner(weight, "linear")
-        tally.add(scope, _nbytes(x, weight, bias) + x.numel() // weight.shape[1] * weight.shape[0] * x.element_size(),
-                  _linear_flops(x, weight.shape[1], weight.shape[0]))
-        with _scope(scope):
-            return originals["linear"](x, weight, bias)
+        y_bytes = x.numel() // weight.shape[1] * weight.shape[0] * x.element_size()
+        return counted("linear", owner(weight, "linear"), lambda: _nbytes(x, weight, bias) + y_bytes,
+                       _linear_flops(x, weight.shape[1], weight.shape[0]), x, weight, bias)
 
     def silu_mul_linear(gate_up, weight, bias=None):
-        scope = owner(weight, "silu_mul_linear") + " (+ silu*mul)"
+        # The least it moves: gate_up read once, the weight, the output (silu * up never stored).
         rows = gate_up.numel() // gate_up.shape[-1]
-        tally.add(scope, _nbytes(gate_up, weight, bias) + rows * weight.shape[0] * gate_up.element_size(),
-                  2 * rows * weight.shape[1] * weight.shape[0])
-        with _scope(scope):
-            return originals["silu_mul_linear"](gate_up, weight, bias)
+        return counted("silu_mul_linear", owner(weight, "silu_mul_linear") + " (+ silu*mul)",
+                       lambda: _nbytes(gate_up, weight, bias) + rows * weight.shape[0] * gate_up.element_size(),
+                       2 * rows * weight.shape[1] * weight.shape[0], gate_up, weight, bias)
 
     def rms_norm(x, weight, eps, residual=None):
-        scope = owner(weight, "rms_norm")
         # x (and the residual) read, the output (and the new residual) written, the weight read.
-        tally.add(scope, 2 * _nbytes(x) + 2 * _nbytes(residual) + _nbytes(weight), 0)
-        with _scope(scope):
-            return originals["rms_norm"](x, weight, eps, residual)
+        return counted("rms_norm", owner(weight, "rms_norm"),
+                       lambda: 2 * _nbytes(x) + 2 * _nbytes(residual) + _nbytes(weight), 0, x, weight, eps, residual)
 
-    def apply_rope_qk(q, k, *args, **kw):
-        tally.add("layers.*.self_attn.rope", 2 * _nbytes(q, k), 0)
-        with _scope("layers.*.self_attn.rope"):
-            return originals["apply_rope_qk"](q, k, *args, **kw)
+    def apply_rope_qk(q, k, *args):
+        return counted("apply_rope_qk", "layers.*.self_attn.rope", lambda: 2 * _nbytes(q, k), 0, q, k, *args)
 
     def silu_mul(gate, up):
-        scope = "layers.*.mlp.silu_mul"
-        tally.add(scope, 3 * _nbytes(gate), 0)
-        with _scope(scope):
-            return originals["silu_mul"](gate, up)
+        return counted("silu_mul", "layers.*.mlp.silu_mul", lambda: 3 * _nbytes(gate), 0, gate, up)
 
     wrappers = {"linear": linear, "silu_mul_linear": silu_mul_linear, "rms_norm": rms_norm,
                 "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul}
@@ -205,41 +211,55 @@ class KernelTime:
 
 
 def attribute(prof, device_kind: str) -> tuple[list[KernelTime], float]:
-    """(time per (scope, kernel), total kernel time) from a finished torch.profiler run. CUDA: each
-    kernel's time goes to the innermost scope around the op that launched it; kernels of no scope
-    (copies, memsets) go to OTHER. CPU: each op's own time, to its innermost scope."""
+    """(time per (scope, kernel), total kernel time) from a finished torch.profiler run. CUDA: a
+    kernel (or copy) goes to the innermost scope open when the host launched it: its launch is the
+    runtime or driver call of the same correlation id (Triton's launches are driver calls that
+    torch links to no op, so the op tree cannot say); launches outside every scope go to OTHER.
+    CPU: each op's own time, to its innermost scope."""
     events = prof.events()
-
-    def scope_of(evt) -> str:
-        while evt is not None:
-            if evt.name.startswith(SCOPE_PREFIX):
-                return evt.name[len(SCOPE_PREFIX):]
-            evt = evt.cpu_parent
-        return OTHER
-
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     times: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
     if device_kind == "cuda":
-        total = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-        for evt in events:
-            if evt.device_type != torch.autograd.DeviceType.CPU:
-                continue
-            for k in evt.kernels:
-                slot = times[(scope_of(evt), k.name)]
-                slot[0] += 1
-                slot[1] += k.duration
-        attributed = sum(v[1] for v in times.values())
-        if total - attributed > 0.5:  # microseconds
-            times[(OTHER, "(kernels not linked to an op)")] = [0, total - attributed]
-    else:
+        ranges = sorted((e.time_range.start, e.time_range.end, e.name[len(SCOPE_PREFIX):])
+                        for e in cpu if e.name.startswith(SCOPE_PREFIX))
+        starts = [r[0] for r in ranges]
+        # The CUDA runtime's and driver's calls (cudaLaunchKernel, cuLaunchKernelEx, cudaMemcpyAsync):
+        # their ids are CUPTI correlation ids, shared with the device activity they started.
+        launched_at = {e.id: e.time_range.start for e in cpu if e.name.startswith("cu")}
+
+        def scope_at(t: float | None) -> str:
+            if t is None:
+                return OTHER
+            # Scopes nest: the innermost one holding t is the latest-starting one that holds it.
+            for begin, end, name in reversed(ranges[:bisect.bisect_right(starts, t)]):
+                if end >= t:
+                    return name
+            return OTHER
+
         total = 0.0
-        for evt in events:
-            if evt.device_type != torch.autograd.DeviceType.CPU or evt.name.startswith(SCOPE_PREFIX):
-                continue
-            if evt.self_cpu_time_total > 0:
-                slot = times[(scope_of(evt), evt.name)]
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                us = e.time_range.elapsed_us()
+                slot = times[(scope_at(launched_at.get(e.id)), e.name)]
                 slot[0] += 1
-                slot[1] += evt.self_cpu_time_total
-                total += evt.self_cpu_time_total
+                slot[1] += us
+                total += us
+    else:
+        def scope_of(evt) -> str:
+            while evt is not None:
+                if evt.name.startswith(SCOPE_PREFIX):
+                    return evt.name[len(SCOPE_PREFIX):]
+                evt = evt.cpu_parent
+            return OTHER
+
+        total = 0.0
+        for evt in cpu:
+            if evt.name.startswith(SCOPE_PREFIX) or evt.self_cpu_time_total <= 0:
+                continue
+            slot = times[(scope_of(evt), evt.name)]
+            slot[0] += 1
+            slot[1] += evt.self_cpu_time_total
+            total += evt.self_cpu_time_total
     kernels = [KernelTime(scope, kernel, n, us / 1e6) for (scope, kernel), (n, us) in times.items()]
     return kernels, total / 1e6
 
@@ -262,10 +282,12 @@ class StepProfile:
 
 def profile_decode(model: nn.Module, kv_module: Any, *, batch_size: int, context_len: int, device: str,
                    block_size: int, num_kv_heads: int | None = None, steps: int = 3, warmup_steps: int = 2,
-                   on_step: Callable[[], None] | None = None) -> StepProfile:
+                   num_splits: int | None = None, on_step: Callable[[], None] | None = None) -> StepProfile:
     """Prefill batch_size prompts of context_len - warmup_steps - 1 random tokens, decode
     warmup_steps steps untimed (the kernels compile), then profile `steps` greedy decode steps
-    (eager: each launch is seen with its scope). Returns the per-step averages."""
+    (eager: each launch is seen with its scope). num_splits: the decode attention's fixed KV
+    split count, as the engine's CUDA graphs pass it (None: chosen per call from the lengths,
+    which reads them back). Returns the per-step averages."""
     from torch.profiler import ProfilerActivity, profile
 
     from vibee.runtime.attention import make_attention_batch
@@ -297,6 +319,7 @@ def profile_decode(model: nn.Module, kv_module: Any, *, batch_size: int, context
                 tally.counting = True
                 prof.start()
             batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
+            batch.num_splits = num_splits
             hidden = model(tokens, batch.positions(), batch, cache)
             logits = model.compute_logits(hidden)
             with _scope("argmax"):
