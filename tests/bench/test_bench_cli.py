@@ -277,9 +277,8 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     if "--structured-output" in extra:  # every output token was sampled under one row's mask
         assert masks["rows"] == r["output_tokens"] and 1 <= masks["steps"] <= r["steps"]
         assert masks["ms_per_step"] > 0 and "Grammar masks" in result.output
-        # JSON mode (any depth) is not regular: llguidance on the host; the others are token DFAs.
-        on_host = extra[-1] == "json_object"
-        assert (masks["host_requests"], masks["device_requests"]) == ((4, 0) if on_host else (0, 4))
+        # All on the device: JSON mode as its automaton with a stack, the others as token DFAs.
+        assert (masks["host_requests"], masks["device_requests"]) == (0, 4)
     else:
         assert masks is None
 

@@ -171,7 +171,7 @@ def test_the_bitmask_kernel_masks_as_the_table_does(eng):
         expected = logits.clone()
         expected[:, : table.vocab_size].masked_fill_(table.next[states, :] < 0, float("-inf"))
         expected[1:, table.vocab_size:] = float("-inf")
-        apply_token_bitmask(logits, table.bits, states, table.vocab_size)
+        apply_token_bitmask(logits, table.bits, states, table.vocab_size, table.effect, table.effects, table.json_rows)
         assert torch.equal(logits, expected)
     finally:
         c.release()
@@ -190,15 +190,18 @@ def test_only_a_device_grammar_lets_a_row_run_in_rounds(eng):
 
 
 def test_only_a_host_grammar_keeps_steps_from_overlapping(eng):
-    """A token DFA's state is on the device: its request needs no tokens on the host before the
-    next step; llguidance's (JSON mode) does."""
+    """A token DFA's state is on the device, and so is JSON mode's (with its stack): their
+    requests need no tokens on the host before the next step; llguidance's (a recursive Lark
+    grammar) does."""
     eng.add_request("dfa", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_regex(REGEX)))
+    eng.add_request("json", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_json_object()))
     assert eng._num_penalized == 0 and eng._can_overlap()
-    eng.add_request("host", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_json_object()))
+    eng.add_request("host", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_lark('start: "(" start ")" | "x"')))
     assert eng._num_penalized == 1 and not eng._can_overlap()
-    eng.abort_request("dfa")
-    eng.abort_request("host")
-    assert eng._num_penalized == 0 and eng.structured.table._free == [(1, eng.structured.table.capacity - 1)]
+    for request in ("dfa", "json", "host"):
+        eng.abort_request(request)
+    table = eng.structured.table
+    assert eng._num_penalized == 0 and table._free == [(1 + table.json_rows, table.capacity - 1 - table.json_rows)]
 
 
 @pytest.fixture
@@ -220,7 +223,8 @@ def test_rounds_mask_and_advance_the_dfa_on_the_device(rounds_seen):
         settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 2})
         e = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
         outs = generate(e, prompts, params)
-        assert e.structured.table._free == [(1, e.structured.table.capacity - 1)]  # rows given back
+        t = e.structured.table
+        assert t._free == [(1 + t.json_rows, t.capacity - 1 - t.json_rows)]  # rows given back
         return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
 
     eng_rounds, in_rounds = run(4)

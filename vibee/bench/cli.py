@@ -69,9 +69,9 @@ for _command in (latency, perplexity, kernels, adversary):  # defined in command
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--structured-output", type=click.Choice(["none", "json_object", "json_schema", "text_regex", "tool_call"]),
               default="none", show_default=True,
-              help="Constrain every request: any JSON object (llguidance's host masks), a JSON schema of a record, "
+              help="Constrain every request: any JSON object (a token automaton with a stack), a JSON schema of a record, "
               "the regex [^<>]* (open to the end, a mask over most of the vocabulary every step) or a required call "
-              "of one of two tools (the last three token DFAs on the device); reports where the masks ran and their "
+              "of one of two tools (the last three token DFAs; all on the device); reports where the masks ran and their "
               "host time.")
 @engine_options
 def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, temperature, structured_output, **flags):

@@ -95,9 +95,9 @@ BENCH_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
 
 
 def bench_grammar(name: str) -> str | None:
-    """The grammar of `--structured-output` NAME: none, json_object (llguidance on the host),
-    json_schema (BENCH_SCHEMA), text_regex ([^<>]*, open to the end) or tool_call (BENCH_TOOLS,
-    one call required), the last three token DFAs."""
+    """The grammar of `--structured-output` NAME: none, json_object (JSON mode's token automaton
+    with a stack), json_schema (BENCH_SCHEMA), text_regex ([^<>]*, open to the end) or tool_call
+    (BENCH_TOOLS, one call required), the last three token DFAs; all on the device."""
     from vibee.runtime.structured_output import grammar_for_json_object, grammar_for_json_schema, grammar_for_regex
     from vibee.server.tool_calls import plan_tools
 

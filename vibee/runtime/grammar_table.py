@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vibee.runtime.token_dfa import NotRegular, TokenDFA, compile_dfa
+from vibee.runtime import json_pda
+from vibee.runtime.json_pda import TokenPDA, compile_json_pda
+from vibee.runtime.token_dfa import JSON_OBJECT, NotRegular, TokenDFA, compile_dfa
+
+# A row's state is one int64: its table row, and for JSON mode's rows the stack of open
+# containers (json_pda.py) as a depth and a word of bits above it.
+ROW_BITS, DEPTH_BITS = 16, 6
+DEPTH_SHIFT, STACK_SHIFT = ROW_BITS, ROW_BITS + DEPTH_BITS
+assert json_pda.MAX_DEPTH < 2**DEPTH_BITS and STACK_SHIFT + json_pda.MAX_DEPTH < 63
 
 
 def _bitmask(allowed: np.ndarray) -> np.ndarray:
@@ -28,19 +36,32 @@ def _bitmask(allowed: np.ndarray) -> np.ndarray:
 class GrammarTable:
     """The device's tables of every loaded DFA: next [capacity, V] (int16: a row number) and bits
     [capacity, V / 32], row 0 the free state. Rows are handed out in runs, one run per loaded
-    DFA, and taken back when its last choice is done."""
+    DFA, and taken back when its last choice is done. With json_mode, rows 1..JSON_ROWS are kept
+    for JSON mode's pushdown automaton, whose stack effects (json_pda.py) sit beside them: effect
+    [JSON_ROWS, V] (int16, a row of effects [MAX_EFFECTS, 8]). They are made with the table, at a
+    fixed place, since decode rounds captured in CUDA graphs read them."""
 
     MAX_ROWS = 2**15 - 1  # next holds row numbers in int16
+    JSON_ROWS = json_pda.NUM_STATES
+    MAX_EFFECTS = 1024
 
-    def __init__(self, capacity: int, vocab_size: int, device: str | torch.device, slots: int = 4096):
+    def __init__(self, capacity: int, vocab_size: int, device: str | torch.device, slots: int = 4096,
+                 json_mode: bool = False):
         """slots: the constrained choices that can run at once (each keeps its state on the device)."""
-        if not 2 <= capacity <= self.MAX_ROWS:
-            raise ValueError(f"a grammar table has 2 to {self.MAX_ROWS} rows, got {capacity}")
+        reserved = self.JSON_ROWS if json_mode else 0
+        if not 2 + reserved <= capacity <= self.MAX_ROWS:
+            raise ValueError(f"a grammar table has {2 + reserved} to {self.MAX_ROWS} rows, got {capacity}")
         self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
         self.words = -(-vocab_size // 32)
         self.next = torch.zeros(capacity, vocab_size, dtype=torch.int16, device=self.device)
         self.bits = torch.full((capacity, self.words), -1, dtype=torch.int32, device=self.device)
-        self._free: list[tuple[int, int]] = [(1, capacity - 1)]  # (first row, rows), by first row
+        self.json_rows = reserved
+        self.effect = torch.zeros(max(reserved, 1), vocab_size if reserved else 1, dtype=torch.int16, device=self.device)
+        self.effects = torch.zeros(self.MAX_EFFECTS if reserved else 1, json_pda.EFFECT_FIELDS, dtype=torch.long,
+                                   device=self.device)
+        self.effects[:, json_pda.MAX_DEPTH_BEFORE] = json_pda.MAX_DEPTH  # effect 0: none
+        self.effects[:, json_pda.EXACT_DEPTH] = -1
+        self._free: list[tuple[int, int]] = [(1 + reserved, capacity - 1 - reserved)]  # (first row, rows), by first row
         # Each constrained choice's state (a row of the table) in its slot, on the device: the
         # sampler and the decode rounds read and advance it there, so the host never needs a
         # choice's last token to mask its next one. Slot 0 is every unconstrained row's (state 0).
@@ -49,17 +70,21 @@ class GrammarTable:
 
     @classmethod
     def for_budget(cls, budget_bytes: int, vocab_size: int, device: str | torch.device) -> "GrammarTable":
-        """As many rows as budget_bytes hold (at least 2: the free state and one)."""
+        """As many rows as budget_bytes hold beside JSON mode's effects (at least JSON mode's rows,
+        the free state and one)."""
         per_row = 2 * vocab_size + 4 * -(-vocab_size // 32)
-        return cls(min(cls.MAX_ROWS, max(2, budget_bytes // per_row)), vocab_size, device)
+        rows = (budget_bytes - 2 * cls.JSON_ROWS * vocab_size - 64 * cls.MAX_EFFECTS) // per_row
+        return cls(min(cls.MAX_ROWS, max(2 + cls.JSON_ROWS, rows)), vocab_size, device, json_mode=True)
 
     @property
     def free_rows(self) -> int:
         return max((n for _, n in self._free), default=0)
 
-    def load(self, dfa: TokenDFA) -> int:
+    def load(self, dfa: TokenDFA | TokenPDA) -> int:
         """Copy dfa into a free run of rows; returns its first row (state s is row first + s).
-        NotRegular when no run is long enough."""
+        NotRegular when no run is long enough. JSON mode's automaton goes to its own rows."""
+        if isinstance(dfa, TokenPDA):
+            return self._load_json(dfa)
         n = dfa.num_states
         for j, (first, size) in enumerate(self._free):
             if size >= n:
@@ -70,6 +95,20 @@ class GrammarTable:
         moved = np.where(dfa.next >= 0, dfa.next + first, -1).astype(np.int16)
         self.next[first:first + n] = torch.from_numpy(moved).to(self.device)
         self.bits[first:first + n] = torch.from_numpy(_bitmask(dfa.next >= 0)).to(self.device)
+        return first
+
+    def _load_json(self, pda: TokenPDA) -> int:
+        if not self.json_rows:
+            raise NotRegular("this grammar table keeps no rows for JSON mode")
+        if pda.num_states != self.json_rows or len(pda.effects) > self.MAX_EFFECTS:
+            raise NotRegular(f"JSON mode's automaton has {pda.num_states} states and {len(pda.effects)} stack "
+                             f"effects, the table room for {self.json_rows} and {self.MAX_EFFECTS}")
+        first, n = 1, pda.num_states
+        moved = np.where(pda.next >= 0, pda.next + first, -1).astype(np.int16)
+        self.next[first:first + n] = torch.from_numpy(moved).to(self.device)
+        self.bits[first:first + n] = torch.from_numpy(_bitmask(pda.next >= 0)).to(self.device)
+        self.effect[:, : pda.effect.shape[1]] = torch.from_numpy(pda.effect.astype(np.int16)).to(self.device)
+        self.effects[: len(pda.effects)] = torch.from_numpy(pda.effects).to(self.device)
         return first
 
     def take_slot(self, state: int) -> int:
@@ -89,6 +128,8 @@ class GrammarTable:
         self.states[slots] = self.advance(self.states[slots], tokens)
 
     def unload(self, first: int, n: int) -> None:
+        if first <= self.json_rows:  # JSON mode's rows stay its own (loaded again as they were)
+            return
         runs = sorted(self._free + [(first, n)])
         merged: list[tuple[int, int]] = []
         for start, size in runs:
@@ -99,24 +140,57 @@ class GrammarTable:
         self._free = merged
 
     def mask(self, logits: torch.Tensor, states: torch.Tensor) -> None:
-        """Set logits[i, t] to -inf where row i's state (a table row; 0: free) does not allow
-        token t, in place, on the device (rows in the free state are not touched)."""
+        """Set logits[i, t] to -inf where row i's state (a table row, with a stack in JSON mode's
+        rows; 0: free) does not allow token t, in place, on the device (rows in the free state are
+        not touched)."""
         rows, width = logits.shape
         if rows == 0:
             return
         if logits.is_cuda:
             from vibee.runtime.token_mask_kernel import apply_token_bitmask
 
-            apply_token_bitmask(logits, self.bits, states, min(width, self.vocab_size))
+            apply_token_bitmask(logits, self.bits, states, min(width, self.vocab_size), self.effect, self.effects,
+                                self.json_rows)
             return
-        allowed = self.next[states.long(), : min(width, self.vocab_size)] >= 0
-        logits[:, : allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
+        row, depth, stack = unpack(states)
+        cols = min(width, self.vocab_size)
+        allowed = self.next[row, :cols] >= 0
+        if self.json_rows:
+            effects = self.effects[self._effect_ids(row, slice(0, cols))]
+            allowed &= json_pda.effect_allows(effects, depth[:, None], stack[:, None])
+        logits[:, :cols].masked_fill_(~allowed, float("-inf"))
         if width > self.vocab_size:
-            logits[:, self.vocab_size:].masked_fill_((states != 0)[:, None], float("-inf"))
+            logits[:, self.vocab_size:].masked_fill_((row != 0)[:, None], float("-inf"))
+
+    def _effect_ids(self, row: torch.Tensor, cols) -> torch.Tensor:
+        """JSON mode's stack effects of these rows' tokens (0, none, for every other row)."""
+        in_json = (row >= 1) & (row <= self.json_rows)
+        ids = self.effect[(row - 1).clamp(0, self.json_rows - 1)][:, cols] if isinstance(cols, slice) else \
+            self.effect[(row - 1).clamp(0, self.json_rows - 1), cols]
+        return torch.where(in_json.view(-1, *([1] * (ids.dim() - 1))), ids.long(), 0)
 
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Each row's state after its token (tokens the state allows; the free state stays)."""
-        return self.next[states.long(), tokens.long().clamp(0, self.vocab_size - 1)].long()
+        """Each row's state after its token (tokens the state allows; the free state stays); in
+        JSON mode's rows the stack pops and pushes as the token does."""
+        row, depth, stack = unpack(states)
+        tokens = tokens.long().clamp(0, self.vocab_size - 1)
+        moved = self.next[row, tokens].long()
+        if not self.json_rows:
+            return moved
+        e = self.effects[self._effect_ids(row, tokens)]
+        pops, pushes = e[:, json_pda.POPS], e[:, json_pda.PUSHES]
+        stack = ((stack >> pops) << pushes) | e[:, json_pda.PUSH_BITS]
+        return pack(moved, depth - pops + pushes, stack)
+
+
+def pack(row: torch.Tensor, depth: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """States from rows, depths and stacks (a disallowed move's row -1 stays negative)."""
+    return torch.where(row < 0, row, row | (depth << DEPTH_SHIFT) | (stack << STACK_SHIFT))
+
+
+def unpack(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    states = states.long()
+    return (states & (2**ROW_BITS - 1), (states >> DEPTH_SHIFT) & (2**DEPTH_BITS - 1), states >> STACK_SHIFT)
 
 
 class DFAConstraint:
@@ -174,9 +248,14 @@ class TokenDFAs:
     def compiled(self, pattern: str) -> bool:
         return pattern in self._compiled
 
-    def compile_apart(self, pattern: str) -> TokenDFA | NotRegular:
-        """compile() without touching the cache (safe on another thread): the DFA, or why there is none."""
+    def compile_apart(self, pattern: str | tuple) -> TokenDFA | TokenPDA | NotRegular:
+        """compile() without touching the cache (safe on another thread): the DFA, or why there is
+        none. pattern JSON_OBJECT: JSON mode's pushdown automaton."""
         try:
+            if pattern == JSON_OBJECT:
+                if not self.table.json_rows:
+                    raise NotRegular("this grammar table keeps no rows for JSON mode")
+                return compile_json_pda(self.tokens, self.eos_token_ids, self.table.vocab_size, encode=self.encode)
             return compile_dfa(pattern, self.tokens, self.eos_token_ids, self.table.vocab_size, self.table.capacity - 1,
                                encode=self.encode)
         except NotRegular as exc:

@@ -13,7 +13,8 @@ choice ends with finish_reason "stop".
 A regular grammar (a regex, a JSON schema with a regular form, a Lark grammar without recursion,
 a tool plan) is not masked this way: its
 token DFA (token_dfa.py) is loaded into a table on the device, whose rows mask and advance the
-choice on the device, in decode rounds too, with no host round trip per token.
+choice on the device, in decode rounds too, with no host round trip per token. So is JSON mode,
+as a token automaton with a stack of open containers (json_pda.py).
 
 Grammars are llguidance's JSON grammar text (``grammar_for_*``); requests carry it in
 SamplingParams.structured_output so the engine process needs nothing else.
@@ -31,7 +32,7 @@ import torch
 
 from vibee.runtime.host_copy import to_device
 from vibee.runtime.grammar_table import DFAConstraint, GrammarTable, TokenDFAs
-from vibee.runtime.token_dfa import NotRegular, regular_pattern, token_bytes
+from vibee.runtime.token_dfa import NotRegular, device_pattern, token_bytes
 
 
 class GrammarError(ValueError):
@@ -133,7 +134,7 @@ class StructuredOutputs:
     def constraints(self, grammar: str, n: int) -> list[Any]:
         """n choices' constraints: on the device's token-DFA table when the grammar is regular and
         its DFA fits, else llguidance's host masks."""
-        pattern = regular_pattern(grammar) if self.table is not None else None
+        pattern = device_pattern(grammar) if self.table is not None else None
         if pattern is not None:
             try:
                 constraints = self.dfas.constraints(pattern, n)
@@ -151,7 +152,7 @@ class StructuredOutputs:
         of its own (TokenDFAs.compile_apart) before it adds the request, so that no step waits on it."""
         if grammar is None or self.table is None:
             return None
-        pattern = regular_pattern(grammar)
+        pattern = device_pattern(grammar)
         return pattern if pattern is not None and not self.dfas.compiled(pattern) else None
 
     @property

@@ -12,8 +12,9 @@ finish_reason "stop", as llguidance's host masks do.
 
 Text the pattern forces keeps to its canonical tokens when the tokenizer's encode is given, as
 llguidance's masks do (tool calls' fixed text needs it: vibee/server/tool_calls.py writes a tool
-plan as one regex). A grammar that is not regular (json_object, recursive Lark grammars) stays
-with llguidance (structured_output.py), as does one whose DFA does not fit the table's free rows.
+plan as one regex). JSON mode (json_object) is not regular: json_pda.py compiles it to a token
+automaton with a stack. Other grammars that are not regular (recursive Lark grammars) stay with
+llguidance (structured_output.py), as does one whose DFA does not fit the table's free rows.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ def regex_for_schema(schema: Any) -> str:
         return build_regex_from_schema(text)
     except Exception as exc:  # noqa: BLE001 - outlines_core raises its own types for what it can't express
         raise NotRegular(f"the schema has no regular form: {exc}") from None
+
+
+# JSON mode's key where a regex would be: its constraint is a pushdown automaton (json_pda.py).
+JSON_OBJECT = ("json_object",)
+
+
+def device_pattern(grammar: str) -> str | tuple | None:
+    """What the device constrains `grammar` with: its regex (regular_pattern), JSON_OBJECT for
+    JSON mode as grammar_for_json_object writes it (compact, any depth), else None (llguidance)."""
+    try:
+        parts = json.loads(grammar)["grammars"]
+        if len(parts) == 1 and parts[0].get("json_schema") == {"type": "object", "x-guidance": {"whitespace_flexible": False}}:
+            return JSON_OBJECT
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return regular_pattern(grammar)
 
 
 def regular_pattern(grammar: str) -> str | None:
