@@ -167,6 +167,22 @@ def test_profile_command_reports_plots_and_compares(tmp_path):
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+@needs_model
+def test_profile_compares_a_spec_variant(tmp_path):
+    import shutil
+
+    variant = tmp_path / "specs"
+    shutil.copytree("specs/tri", variant)
+    spec = variant / "igla_kv_cache.vibee"
+    spec.write_text(spec.read_text().replace("block_size: 16 ", "block_size: 8 ", 1))
+    result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--dtype", "float32", "--context-len", "12",
+                                       "--steps", "1", "--compare", str(variant), "--result-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next((tmp_path / "out").glob("profile-*.json")).read_text())
+    a, b = data["variants"]["A"], data["variants"]["B"]
+    assert (a["kv_block_size"], b["kv_block_size"]) == (16, 8) and str(variant) in b["settings"]
+
+
 def test_profile_command_refuses_a_context_with_no_prompt(tmp_path):
     result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--context-len", "3", "--result-dir", str(tmp_path)])
     assert result.exit_code == 2 and "--context-len" in result.output

@@ -71,7 +71,8 @@ def profile(shape, model, spec_dir, device, dtype, quant, batch_size, context_le
         sections.append(Section(f"{label}: longest kernels", ["Scope", "Kernel", "Launches", "µs/step"],
                                 [[k.scope, k.kernel[:80], k.launches, 1e6 * k.seconds]
                                  for k in sorted(result["profile"].kernels, key=lambda k: -k.seconds)[:TOP_KERNELS]]))
-        data_variants[label] = {"settings": _describe(params), "summary": summary,
+        data_variants[label] = {"settings": _describe(params), "modules": result["modules"],
+                                "kv_block_size": result["kv_block_size"], "summary": summary,
                                 "scopes": [r.__dict__ | {"fraction": r.fraction} for r in rows],
                                 "kernels": [k.__dict__ for k in result["profile"].kernels]}
     if len(results) == 2:
@@ -128,7 +129,7 @@ def _profile_variant(params: dict[str, Any], *, batch_size: int, context_len: in
                                   num_kv_heads=run["num_kv_heads"])
         graph_step = sorted(measured["step_times_s"])[decode // 2]
     result = {"profile": prof, "graph_step_s": graph_step, "name": run["name"], "device": dev,
-              "dtype_name": run["dtype_name"]}
+              "dtype_name": run["dtype_name"], "modules": str(gen.source), "kv_block_size": block_size}
     del run, model
     gc.collect()
     if dev.startswith("cuda"):
