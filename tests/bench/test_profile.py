@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from vibee.bench.profile_step import OTHER, attention_work, counted_scopes, fold_layer, profile_decode, scope_rows
+from vibee.bench.profile_step import OTHER, attention_work, counted_scopes, fold_layer, profile_step, scope_rows
 from vibee.cli import main
 from vibee.runtime import fused
 from vibee.runtime.config import DEFAULT_MODEL_DIR
@@ -47,7 +47,7 @@ def test_scopes_count_each_layers_work_and_own_every_kernel():
     run = _tiny()
     model, gen, cfg = run["model"], run["gen"], run["model_config"]
     batch, context = 2, 16
-    p = profile_decode(model, gen.kv_cache, batch_size=batch, context_len=context, device="cpu",
+    p = profile_step(model, gen.kv_cache, batch_size=batch, context_len=context, device="cpu",
                        block_size=gen.configs.kv_cache.block_size, steps=2, warmup_steps=1)
     layers, hidden, inner = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -118,6 +118,22 @@ def test_cuda_kernels_go_to_the_scope_open_at_their_launch():
 
 
 @needs_model
+def test_a_prefill_step_counts_its_prompts_tokens_and_causal_pairs():
+    run = _tiny()
+    model, gen, cfg = run["model"], run["gen"], run["model_config"]
+    batch, prompt = 2, 8
+    p = profile_step(model, gen.kv_cache, batch_size=batch, context_len=prompt, device="cpu", phase="prefill",
+                     block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    hidden, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    tokens = batch * prompt
+    assert p.work["layers.*.self_attn.qkv_proj"].flops == 2 * tokens * hidden * (q_out + 2 * kv_out) * cfg.num_layers
+    pairs = batch * prompt * (prompt + 1) // 2  # each new token sees itself and the ones before it
+    assert p.work["layers.*.self_attn.attention"].flops == 4 * pairs * q_out * cfg.num_layers
+    # Only the last position of each prompt is sampled: lm_head's rows are the batch's.
+    assert p.work["lm_head"].flops == 2 * batch * hidden * cfg.vocab_size
+
+
+@needs_model
 def test_counted_scopes_put_everything_back():
     run = _tiny()
     model = run["model"]
@@ -137,7 +153,7 @@ def test_counted_scopes_put_everything_back():
 def test_quantized_layers_are_scopes_with_their_stored_bytes():
     run = _tiny("int8")
     model, gen = run["model"], run["gen"]
-    p = profile_decode(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
+    p = profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
                        block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
     layer = model.model.layers[0].mlp.gate_up_proj
     assert type(layer) is not nn.Linear  # quantized
@@ -176,11 +192,13 @@ def test_profile_compares_a_spec_variant(tmp_path):
     spec = variant / "igla_kv_cache.vibee"
     spec.write_text(spec.read_text().replace("block_size: 16 ", "block_size: 8 ", 1))
     result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--dtype", "float32", "--context-len", "12",
-                                       "--steps", "1", "--compare", str(variant), "--result-dir", str(tmp_path / "out")])
+                                       "--steps", "1", "--phase", "prefill", "--compare", str(variant),
+                                       "--result-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     data = json.loads(next((tmp_path / "out").glob("profile-*.json")).read_text())
     a, b = data["variants"]["A"], data["variants"]["B"]
     assert (a["kv_block_size"], b["kv_block_size"]) == (16, 8) and str(variant) in b["settings"]
+    assert data["phase"] == "prefill" and a["summary"]["graph_step_seconds"] is None
 
 
 def test_profile_command_refuses_a_context_with_no_prompt(tmp_path):
@@ -193,7 +211,7 @@ def test_profile_command_refuses_a_context_with_no_prompt(tmp_path):
 def test_cuda_kernels_land_in_their_scopes():
     run = _tiny(device="cuda")
     model, gen = run["model"], run["gen"]
-    p = profile_decode(model, gen.kv_cache, batch_size=4, context_len=64, device="cuda",
+    p = profile_step(model, gen.kv_cache, batch_size=4, context_len=64, device="cuda",
                        block_size=gen.configs.kv_cache.block_size, steps=2, warmup_steps=2)
     scopes = {k.scope for k in p.kernels}
     for scope in ("layers.*.self_attn.qkv_proj", "layers.*.self_attn.attention", "layers.*.self_attn.rope",

@@ -27,9 +27,11 @@ TOP_KERNELS = 15
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--quant", type=click.Choice(QUANTS), default="none", show_default=True)
+@click.option("--phase", type=click.Choice(["decode", "prefill"]), default="decode", show_default=True,
+              help="decode: one new token a sequence; prefill: whole prompts of --context-len tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences in the step.")
 @click.option("--context-len", type=click.IntRange(min=4), default=512, show_default=True,
-              help="Every sequence's length at the profiled step (its KV read).")
+              help="Every sequence's length at the profiled step (its KV read; in prefill, its prompt).")
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="Decode steps profiled (averaged).")
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True)
 @click.option("--compare", "compare_dir", type=_DIR, default=None,
@@ -38,9 +40,9 @@ TOP_KERNELS = 15
               help="A second precision, profiled the same way and shown beside the first.")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/profile"),
               show_default=True)
-def profile(shape, model, spec_dir, device, dtype, quant, batch_size, context_len, steps, flash_attn, compare_dir,
+def profile(shape, model, spec_dir, device, dtype, quant, phase, batch_size, context_len, steps, flash_attn, compare_dir,
             compare_quant, result_dir):
-    """Each kernel of a decode step: its time, the bytes and FLOPs of its work, and the share of
+    """Each kernel of a decode (or prefill) step: its time, the bytes and FLOPs of its work, and the share of
     the bandwidth or compute ceiling it reaches; the step's total against its limit; a plot."""
     from rich.console import Console
 
@@ -56,14 +58,14 @@ def profile(shape, model, spec_dir, device, dtype, quant, batch_size, context_le
     results, ceilings = [], None
     with user_errors():
         for label, params in variants:
-            result = _profile_variant(params, batch_size=batch_size, context_len=context_len, steps=steps)
+            result = _profile_variant(params, phase=phase, batch_size=batch_size, context_len=context_len, steps=steps)
             if ceilings is None:
                 ceilings = measure_ceilings(result["device"], TORCH_DTYPES[result["dtype_name"]])
             results.append((label, params, result))
     bandwidth, compute = ceilings.copy_tb_s * 1e12, ceilings.matmul_tflop_s * 1e12
     first = results[0][2]
     env = environment(first["device"])
-    title = f"vibee profile: {first['name']}, batch {batch_size}, context {context_len} on {env.get('device_name', first['device'])}"
+    title = f"vibee profile: {first['name']}, {phase}, batch {batch_size}, context {context_len} on {env.get('device_name', first['device'])}"
     sections, data_variants = [], {}
     for label, params, result in results:
         rows, summary = _rows(result, bandwidth, compute)
@@ -85,7 +87,7 @@ def profile(shape, model, spec_dir, device, dtype, quant, batch_size, context_le
              f"Ceilings measured in this run: {ceilings.how}: {ceilings.copy_tb_s:.2f} TB/s, "
              f"{ceilings.matmul_tflop_s:.1f} TFLOP/s ({ceilings.dtype})."]
     sections.append(Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]))
-    data = {"benchmark": "profile", "batch_size": batch_size, "context_len": context_len, "steps": steps,
+    data = {"benchmark": "profile", "phase": phase, "batch_size": batch_size, "context_len": context_len, "steps": steps,
             "variants": data_variants, "ceilings": ceilings.as_dict(), "environment": env}
     json_path = finish(out, result_dir, "profile", data, title, sections, notes)
     png = plot_profile([(label, _rows(r, bandwidth, compute)[0]) for label, _, r in results],
@@ -97,30 +99,31 @@ def _describe(params: dict[str, Any]) -> str:
     return f"specs {params['spec_dir'] or 'specs/tri'}, quant {params['quant']}"
 
 
-def _profile_variant(params: dict[str, Any], *, batch_size: int, context_len: int, steps: int) -> dict[str, Any]:
-    """Build the variant's model, profile its step, time the step as the engine runs it (CUDA
+def _profile_variant(params: dict[str, Any], *, phase: str, batch_size: int, context_len: int,
+                     steps: int) -> dict[str, Any]:
+    """Build the variant's model, profile its step, time a decode step as the engine runs it (CUDA
     graph replay on a GPU) and free the model before the next variant."""
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from vibee.bench.latency import build_rank_model, measure_decode
-    from vibee.bench.profile_step import profile_decode
+    from vibee.bench.profile_step import profile_step
 
     err = Console(stderr=True)
     run = build_rank_model(params, progress=True)
     model, gen, dev = run["model"], run["gen"], run["device"]
     block_size = gen.configs.kv_cache.block_size
     warmup = 2
-    with Progress(TextColumn(f"[bold]profiling {_describe(params)}"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
+    with Progress(TextColumn(f"[bold]profiling {phase}, {_describe(params)}"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
         task = bar.add_task("steps", total=warmup + steps)
         # On a GPU the decode attention gets the fixed split count the engine's graphs use.
         splits = gen.flash_attention.num_splits_for(context_len + steps) if run["cuda_graphs"] else None
-        prof = profile_decode(model, gen.kv_cache, batch_size=batch_size, context_len=context_len, device=dev,
-                              block_size=block_size, num_kv_heads=run["num_kv_heads"], steps=steps, warmup_steps=warmup,
-                              num_splits=splits, on_step=lambda: bar.advance(task))
+        prof = profile_step(model, gen.kv_cache, batch_size=batch_size, context_len=context_len, device=dev,
+                            block_size=block_size, phase=phase, num_kv_heads=run["num_kv_heads"], steps=steps,
+                            warmup_steps=warmup, num_splits=splits, on_step=lambda: bar.advance(task))
     graph_step = None
-    if run["cuda_graphs"]:  # the same step replayed as a CUDA graph: what a served step costs
+    if run["cuda_graphs"] and phase == "decode":  # the same step replayed as a CUDA graph: what a served step costs
         decode = 8
         prompt_len = max(1, context_len - warmup - decode // 2)
         splits = gen.flash_attention.num_splits_for(prompt_len + warmup + decode + 1)

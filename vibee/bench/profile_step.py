@@ -1,4 +1,4 @@
-"""`vibee profile`'s measurement: one decode step of the model runner, kernel by kernel.
+"""`vibee profile`'s measurement: one decode (or prefill) step of the model runner, kernel by kernel.
 
 The step runs eagerly under torch.profiler with every piece of the model's work in a named scope
 (a profiler range): the fused kernels' wrappers (vibee/runtime/fused.py), the quantized layers,
@@ -280,51 +280,64 @@ class StepProfile:
         return list(seen)
 
 
-def profile_decode(model: nn.Module, kv_module: Any, *, batch_size: int, context_len: int, device: str,
-                   block_size: int, num_kv_heads: int | None = None, steps: int = 3, warmup_steps: int = 2,
-                   num_splits: int | None = None, on_step: Callable[[], None] | None = None) -> StepProfile:
-    """Prefill batch_size prompts of context_len - warmup_steps - 1 random tokens, decode
-    warmup_steps steps untimed (the kernels compile), then profile `steps` greedy decode steps
-    (eager: each launch is seen with its scope). num_splits: the decode attention's fixed KV
-    split count, as the engine's CUDA graphs pass it (None: chosen per call from the lengths,
-    which reads them back). Returns the per-step averages."""
+def profile_step(model: nn.Module, kv_module: Any, *, batch_size: int, context_len: int, device: str,
+                 block_size: int, phase: str = "decode", num_kv_heads: int | None = None, steps: int = 3,
+                 warmup_steps: int = 2, num_splits: int | None = None,
+                 on_step: Callable[[], None] | None = None) -> StepProfile:
+    """Profile `steps` steps of `phase` after warmup_steps untimed ones (the kernels compile), eager
+    (each launch is seen with its scope); returns the per-step averages.
+    decode: prefill batch_size prompts of context_len - warmup_steps - 1 random tokens, then greedy
+    decode steps, so that the first profiled one reads context_len tokens of KV per sequence.
+    prefill: every step prefills batch_size fresh prompts of context_len tokens (and samples the
+    last position's token), as a step that admits them does.
+    num_splits: the decode attention's fixed KV split count, as the engine's CUDA graphs pass it
+    (None: chosen per call from the lengths, which reads them back)."""
     from torch.profiler import ProfilerActivity, profile
 
     from vibee.runtime.attention import make_attention_batch
 
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"phase must be decode or prefill, got {phase!r}")
     cfg = model.config
-    prompt_len = context_len - warmup_steps - 1
+    prompt_len = context_len - warmup_steps - 1 if phase == "decode" else context_len
     if prompt_len < 1:
         raise ValueError(f"--context-len {context_len} leaves no prompt before {warmup_steps} warm-up steps")
-    total = context_len + steps
-    blocks_per_seq = math.ceil(total / block_size)
+    blocks_per_seq = math.ceil((context_len + steps) / block_size)
     cache = kv_module.PagedKVCache(cfg.num_layers, batch_size * blocks_per_seq, num_kv_heads or cfg.num_kv_heads,
                                    cfg.head_dim, dtype=model.dtype, device=device, block_size=block_size)
     tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(batch_size)]
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch_size * prompt_len,), generator=g).to(device)
+    last = torch.arange(1, batch_size + 1, device=device) * prompt_len - 1
     tally = Tally()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     prof = profile(activities=activities)
-    with torch.inference_mode(), counted_scopes(model, tally):
+
+    def sample(hidden: torch.Tensor) -> torch.Tensor:
+        logits = model.compute_logits(hidden)
+        with _scope("argmax"):
+            tally.add("argmax", _nbytes(logits), 0)
+            return logits.argmax(dim=-1)
+
+    def prefill() -> torch.Tensor:
         batch = make_attention_batch([prompt_len] * batch_size, [prompt_len] * batch_size, tables, block_size, device)
-        hidden = model(ids, batch.positions(), batch, cache)
-        last = torch.arange(1, batch_size + 1, device=device) * prompt_len - 1
-        tokens = model.compute_logits(hidden[last]).argmax(dim=-1)
+        return sample(model(ids, batch.positions(), batch, cache)[last])
+
+    with torch.inference_mode(), counted_scopes(model, tally):
+        tokens = prefill() if phase == "decode" else None
         length = prompt_len
         for step in range(warmup_steps + steps):
-            length += 1
             if step == warmup_steps:
                 _sync(device)
                 tally.counting = True
                 prof.start()
-            batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
-            batch.num_splits = num_splits
-            hidden = model(tokens, batch.positions(), batch, cache)
-            logits = model.compute_logits(hidden)
-            with _scope("argmax"):
-                tally.add("argmax", _nbytes(logits), 0)
-                tokens = logits.argmax(dim=-1)
+            if phase == "prefill":
+                prefill()
+            else:
+                length += 1
+                batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
+                batch.num_splits = num_splits
+                tokens = sample(model(tokens, batch.positions(), batch, cache))
             _sync(device)
             if on_step:
                 on_step()
