@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vibee.runtime.device_rounds import DeviceRounds, PlainProposer
+from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.grammar_table import DFAConstraint
+from vibee.runtime.round_proposers import PlainProposer
 
 
 def plain_row(params: Any, generator: Any, constraint: Any = None) -> bool:

@@ -10,7 +10,7 @@ import torch
 
 from vibee.runtime.attention import make_attention_batch
 from vibee.runtime.config import DEFAULT_DRAFT_MODEL_DIR, EngineConfig
-from vibee.runtime.device_rounds import DeviceRounds, NgramProposer
+from vibee.runtime.device_rounds import DeviceRounds
 from vibee.runtime.draft_rounds import DraftModelProposer
 from vibee.runtime.draft_runner import DraftRunner
 from vibee.runtime.generated import GeneratedModules
@@ -18,6 +18,7 @@ from vibee.runtime.kv_sizing import worst_case_step
 from vibee.runtime.loader import load_model_dir
 from vibee.runtime.medusa_drafter import MedusaDrafter, heads_path
 from vibee.runtime.model import build_model
+from vibee.runtime.round_proposers import NgramProposer
 from vibee.runtime.sampler import SampleResult, Sampler
 
 
