@@ -299,3 +299,44 @@ def plot_kernels(rows: list[dict[str, Any]], path, title: str):
     ax.set_ylabel("fraction of the ceiling measured in this run")
     ax.legend()
     return save(fig, path, title)
+
+
+def bench_json_mask(shape: dict, dtype, device) -> Timing:
+    """The same masking and advance for JSON mode's rows (json_pda.py): each row in a state of the
+    automaton with a stack of open containers, so every token's stack effect is checked against
+    the row's stack too. The vocabulary is random bytes from JSON's structural characters and a
+    few letters (its effects are those a real one has); against the torch bool-row gather of the
+    DFA part alone."""
+    import numpy as np
+
+    from vibee.runtime.grammar_table import GrammarTable, pack
+    from vibee.runtime.json_pda import compile_json_pda
+
+    b, v = shape["batch"], shape["vocab"]
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b'{}[]",:0123456789-.eEtrufalsn abcxyz\\', dtype=np.uint8)
+    tokens = [bytes(rng.choice(alphabet, size=int(rng.integers(1, 8))).tolist()) for _ in range(v - 1)] + [None]
+    pda = compile_json_pda(tokens, [v - 1], v)
+    table = GrammarTable(capacity=GrammarTable.JSON_ROWS + 2, vocab_size=v, device=device, json_mode=True)
+    first = table.load(pda)
+    depth = rng.integers(1, 12, b)
+    stack = np.array([int(rng.integers(0, 2**int(d))) for d in depth])
+    states = pack(torch.from_numpy(first + rng.integers(0, pda.num_states - 1, b)), torch.from_numpy(depth),
+                  torch.from_numpy(stack)).to(device)
+    logits = torch.randn(b, v, dtype=dtype, device=device)
+    tokens_d = torch.from_numpy(rng.integers(0, v, b)).to(device)
+    allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), pda.next >= 0])).to(device)
+    rows = (states & 0xFFFF) - first + 1
+
+    def ours():
+        table.mask(logits, states)
+        table.advance(states, tokens_d)
+
+    def torch_mask():
+        logits.masked_fill_(~allowed_d[rows], float("-inf"))
+        table.next[rows, tokens_d]
+
+    moved = logits.numel() * logits.element_size() + b * table.words * 4 + b * v * 2  # + each token's effect id
+    return Timing("grammar token mask (JSON mode)", f"B{b} V{v}", "TB/s", moved, time_call(ours, device),
+                  "torch bool-row gather + masked_fill_ (no stack)", time_call(torch_mask, device),
+                  *_copy_ceiling(device, dtype))
