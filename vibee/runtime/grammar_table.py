@@ -156,18 +156,19 @@ class GrammarTable:
         cols = min(width, self.vocab_size)
         allowed = self.next[row, :cols] >= 0
         if self.json_rows:
-            effects = self.effects[self._effect_ids(row, slice(0, cols))]
-            allowed &= json_pda.effect_allows(effects, depth[:, None], stack[:, None])
+            # Which of the few effects each row's stack allows, then each token's by its effect id.
+            fits = json_pda.effect_allows(self.effects[None], depth[:, None], stack[:, None])  # [rows, effects]
+            allowed &= fits.gather(1, self._effect_ids(row, slice(0, cols)))
         logits[:, :cols].masked_fill_(~allowed, float("-inf"))
         if width > self.vocab_size:
             logits[:, self.vocab_size:].masked_fill_((row != 0)[:, None], float("-inf"))
 
-    def _effect_ids(self, row: torch.Tensor, cols) -> torch.Tensor:
-        """JSON mode's stack effects of these rows' tokens (0, none, for every other row)."""
+    def _effect_ids(self, row: torch.Tensor, cols: slice | torch.Tensor) -> torch.Tensor:
+        """JSON mode's stack effects (ids) of these rows' tokens: cols a slice of the vocabulary
+        ([rows, cols]) or one token a row ([rows]); 0, none, for every row outside JSON mode's."""
         in_json = (row >= 1) & (row <= self.json_rows)
-        ids = self.effect[(row - 1).clamp(0, self.json_rows - 1)][:, cols] if isinstance(cols, slice) else \
-            self.effect[(row - 1).clamp(0, self.json_rows - 1), cols]
-        return torch.where(in_json.view(-1, *([1] * (ids.dim() - 1))), ids.long(), 0)
+        ids = self.effect[(row - 1).clamp(0, self.json_rows - 1), cols].long()
+        return torch.where(in_json.view(-1, *([1] * (ids.dim() - 1))), ids, 0)
 
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Each row's state after its token (tokens the state allows; the free state stays); in
