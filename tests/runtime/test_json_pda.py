@@ -22,21 +22,11 @@ from vibee.runtime.grammar_table import GrammarTable, pack, unpack
 from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.structured_output import grammar_for_json_object
-from vibee.runtime.token_dfa import JSON_OBJECT, device_pattern, token_bytes
+from vibee.runtime.token_dfa import JSON_OBJECT, device_pattern
 
 DEEP = ['{"a":[[{"b":[{"c":{}}]},"x",[]],1,{"d":{"e":[true,false,null]}}],"f":-0.5e+3}',
         '{"":[{},[],[[[[[[[]]]]]]],{"k":{"k":{"k":{"k":"v"}}}}],"n":[1,2.0,3e4,-7]}',
         '{"s":"a\\"b\\\\c\\n\\u001f\\u007F","t":["é😀",{"u":[]}]}']
-
-
-@pytest.fixture(scope="module")
-def eng():
-    return LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0), progress=False)
-
-
-@pytest.fixture(scope="module")
-def tokens(eng):
-    return token_bytes(eng.structured.ll_tokenizer, eng.tokenizer.vocab_size)
 
 
 @pytest.fixture(scope="module")

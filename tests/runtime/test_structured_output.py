@@ -14,8 +14,6 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine
 from vibee.runtime.offline import generate
 from vibee.runtime.sampler import Sampler, SamplingRow
 from vibee.runtime.sampling_params import SamplingParams
@@ -46,11 +44,6 @@ NUMBER: /[0-9]{1,2}/
 """
 
 REGEX = r"(GET|POST) /[a-z]{1,8}(/[a-z0-9]{1,4}){0,2} HTTP/1\.[01]"
-
-
-@pytest.fixture(scope="module")
-def eng():
-    return LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0), progress=False)
 
 
 def run(eng, grammar, *, n=4, temperature=1.0, max_tokens=80, prompt="def parse(", **kw):

@@ -23,19 +23,9 @@ from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.structured_output import (StructuredOutputs, TokenConstraint, grammar_for_json_object,
                                              grammar_for_json_schema, grammar_for_lark, grammar_for_regex)
 from vibee.runtime.grammar_table import DFAConstraint, GrammarTable, TokenDFAs
-from vibee.runtime.token_dfa import NotRegular, compile_dfa, regular_pattern, token_bytes
+from vibee.runtime.token_dfa import NotRegular, compile_dfa, regular_pattern
 
 REGEX = r"(GET|POST) /[a-z]{1,8}(/[a-z0-9]{1,4}){0,2} HTTP/1\.[01]"
-
-
-@pytest.fixture(scope="module")
-def eng():
-    return LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0), progress=False)
-
-
-@pytest.fixture(scope="module")
-def tokens(eng):
-    return token_bytes(eng.structured.ll_tokenizer, eng.tokenizer.vocab_size)
 
 
 def text_of(tokens, ids):
