@@ -67,8 +67,9 @@ def profile(shape, model, spec_dir, device, dtype, quant, phase, batch_size, con
     env = environment(first["device"])
     title = f"vibee profile: {first['name']}, {phase}, batch {batch_size}, context {context_len} on {env.get('device_name', first['device'])}"
     sections, data_variants = [], {}
+    rows_of = {label: _rows(result, bandwidth, compute) for label, _, result in results}
     for label, params, result in results:
-        rows, summary = _rows(result, bandwidth, compute)
+        rows, summary = rows_of[label]
         sections.append(Section(f"{label}: {_describe(params)}", _HEADER, _table(rows, summary)))
         sections.append(Section(f"{label}: longest kernels", ["Scope", "Kernel", "Launches", "µs/step"],
                                 [[k.scope, k.kernel[:80], k.launches, 1e6 * k.seconds]
@@ -78,7 +79,7 @@ def profile(shape, model, spec_dir, device, dtype, quant, phase, batch_size, con
                                 "scopes": [r.__dict__ | {"fraction": r.fraction} for r in rows],
                                 "kernels": [k.__dict__ for k in result["profile"].kernels]}
     if len(results) == 2:
-        sections.append(_comparison(*(_rows(r, bandwidth, compute)[0] for _, _, r in results),
+        sections.append(_comparison(*(rows_of[label][0] for label, _, _ in results),
                                     *(r["profile"].kernel_seconds for _, _, r in results)))
     notes = [f"Eager steps under torch.profiler, {steps} averaged, after warm-up; a kernel belongs to the innermost "
              "named scope it was launched in (module paths, layers folded). Work is the least a scope must move "
@@ -90,8 +91,7 @@ def profile(shape, model, spec_dir, device, dtype, quant, phase, batch_size, con
     data = {"benchmark": "profile", "phase": phase, "batch_size": batch_size, "context_len": context_len, "steps": steps,
             "variants": data_variants, "ceilings": ceilings.as_dict(), "environment": env}
     json_path = finish(out, result_dir, "profile", data, title, sections, notes)
-    png = plot_profile([(label, _rows(r, bandwidth, compute)[0]) for label, _, r in results],
-                       json_path.with_suffix(".png"), title)
+    png = plot_profile([(label, rows_of[label][0]) for label, _, _ in results], json_path.with_suffix(".png"), title)
     out.print(f"wrote {png}", highlight=False)
 
 
