@@ -986,6 +986,28 @@ def test_each_of_the_specs_tiles_computes_the_product_in_the_interpreter(row: in
     assert_close_to_reference(y, x, weight, None, torch.float16)
 
 
+def test_distinct_launches_are_every_launch_pick_config_makes_with_its_fewest_rows() -> None:
+    max_rows = 600
+    for n in sorted({max(t["min_n"], 24) for t in SPEC_TILES} | {4096}):
+        launches = impl.distinct_launches(impl.TILES, max_rows, n, 4096, torch.device("cpu"))
+        picked = [impl.pick_config(m, n, 4096, SPEC_BITS, SPEC_GROUP_SIZE, torch.device("cpu")) for m in range(1, max_rows + 1)]
+        assert [config for _, config in launches] == list(dict.fromkeys(picked)), n
+        assert all(picked.index(config) + 1 == m for m, config in launches), n
+
+
+def test_compile_kernels_runs_the_launches_of_each_distinct_layer_once(monkeypatch) -> None:
+    """Layers of one shape and format compile once; every layer the kernels take is covered."""
+    calls = []
+    monkeypatch.setattr(impl, "_triton_format", lambda x, qw: impl._format(qw))  # as if on a GPU
+    monkeypatch.setattr(impl, "compile_launches", lambda qw, bias, tiles, rows: calls.append((qw.shape, bias is None, tiles, rows)) or 3)
+    group = max(SPEC_GROUP_SIZE, 32)
+    model = nn.Sequential(*[impl.QuantLinear.from_linear(nn.Linear(group * 2, n, bias=b), dtype=torch.float16)
+                            for n, b in [(32, True), (32, True), (64, True), (32, False)]])
+    assert impl.compile_kernels(model, 77) == 9
+    assert calls == [((32, group * 2), False, impl.TILES, 77), ((64, group * 2), False, impl.TILES, 77),
+                     ((32, group * 2), True, impl.TILES, 77)]
+
+
 # GPU: bf16 at Llama-3-8B MLP shapes (up: 4096 -> 14336, down: 14336 -> 4096).
 GPU_SHAPES = [(rows, k, n) for k, n in [(4096, 14336), (14336, 4096)] for rows in (1, 7, 256)]
 
@@ -1061,6 +1083,25 @@ def test_triton_kernels_read_every_format_on_the_gpu(fmt, rows: int) -> None:
     for flags in GPU_VARIANTS[rows]:
         config = dataclasses.replace(picked, **flags)
         assert_matches_in_bf16(impl.triton_quant_linear(x, qw, bias, config=config), expected)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_after_compile_kernels_no_product_up_to_max_rows_compiles(monkeypatch) -> None:
+    """What the engine relies on at load: after compile_kernels, products of any row count up to
+    max_rows launch kernels Triton has compiled (no compile while serving)."""
+    import triton.knobs
+
+    layer, _ = gpu_layer(4096, 14336)
+    model = nn.Sequential(layer)
+    assert impl.compile_kernels(model, 300) >= 1
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["fn"].name))
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    for rows in range(1, 301):
+        layer(x[:rows])
+    torch.cuda.synchronize()
+    assert compiled == []
 
 
 @pytest.mark.gpu

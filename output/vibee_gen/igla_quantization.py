@@ -747,6 +747,9 @@ def _program_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 #                   the bias, casts.
 #   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
 #                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
+#
+# The row count (M, MN) is not specialized on: a kernel compiles once per set of constexprs, which
+# the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
 
 
 @triton.jit
@@ -956,7 +959,7 @@ def _dequant_kernel(
     tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _qmm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -1042,7 +1045,7 @@ def _x_slices(x3, R: tl.constexpr, W: tl.constexpr):
     return x0, x1, x2, x3_, x4, x5, x6, x7
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _qmm_slices_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -1105,7 +1108,7 @@ def _qmm_slices_kernel(
         tl.store(y_ptr + rm_safe[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MN"])
 def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y = sum over splits of the fp32 partials (in split order) + bias, in y's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -1255,6 +1258,30 @@ def pick_launch(tiles: tuple[LaunchTile, ...], m: int, n: int, k: int, device: t
                         num_stages=tile.num_stages, join_codes=tile.join_codes, swap_ab=tile.swap_ab)
 
 
+def distinct_launches(tiles: tuple[LaunchTile, ...], max_rows: int, n: int, k: int,
+                      device: torch.device) -> list[tuple[int, KernelConfig]]:
+    """Each launch pick_launch makes for [m, k] @ [k, n] products of 1..max_rows rows, with the
+    fewest rows that take it (the kernels compile once per launch, whatever m is)."""
+    first: dict[KernelConfig, int] = {}
+    for m in range(1, max_rows + 1):
+        first.setdefault(pick_launch(tiles, m, n, k, device), m)
+    return [(m, config) for config, m in first.items()]
+
+
+def compile_launches(qw: QuantizedWeight, bias: torch.Tensor | None, tiles: tuple[LaunchTile, ...],
+                     max_rows: int) -> int:
+    """Run every distinct launch of qw for 1..max_rows rows once, on zeros, so that Triton compiles
+    them now: a first compile takes about a second, and mid-serving it stalls every request (H200,
+    `bench throughput --quant int4`: four compiles inside the timed loop took 4.1 of its 8.8 s).
+    Returns the launches run."""
+    fmt = _format(qw)
+    n, k = qw.shape
+    launches = distinct_launches(tiles, max_rows, n, k, qw.qweight.device)
+    for m, config in launches:
+        _launch(torch.zeros(m, k, dtype=qw.scales.dtype, device=qw.qweight.device), qw, fmt, bias, config, None)
+    return len(launches)
+
+
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
     """Split-K factor that brings tiles * split near `programs`, each split a whole number of tiles
     of block_k (at most 16 splits, at least min_tiles tiles of k per split)."""
@@ -1278,8 +1305,9 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
-            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig]) -> torch.Tensor:
-    """x @ dequantize(qw).T + bias with `config`, or the launch pick(m, n, k, code bits, group size, device) gives."""
+            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None) -> torch.Tensor:
+    """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
+    group size, device) gives."""
     out_features, in_features = qw.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}")
@@ -1444,3 +1472,23 @@ def _quant_linear_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 QuantLinear.forward = _quant_linear_forward
+
+
+def compile_kernels(model: nn.Module, max_rows: int) -> int:
+    """Compile now every Triton launch model's quantized layers take for products of 1..max_rows
+    rows (the engine calls it at load, with its largest step's tokens), so that none compiles while
+    serving. Layers on the torch path have none; each distinct weight format and shape runs once.
+    Returns the launches run."""
+    seen, launches = set(), 0
+    for module in model.modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        qw = module.quantized_weight()
+        if _triton_format(qw.scales, qw) is None:  # the scales stand for an x of the compute dtype
+            continue
+        key = (qw.shape, qw.bits, qw.group_size, qw.qweight.dtype, qw.scales.dtype,
+               None if qw.zeros is None else qw.zeros.dtype, module.bias is None, qw.qweight.device)
+        if key not in seen:
+            seen.add(key)
+            launches += compile_launches(qw, module.bias, TILES, max_rows)
+    return launches

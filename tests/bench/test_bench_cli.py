@@ -271,7 +271,9 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     assert data["warmup"]["requests"] == 1
     # A constrained run warms up under the same grammar (its DFA and mask kernels built untimed).
     assert sum(data["warmup"]["constrained"].values()) == ("--structured-output" in extra)
-    assert "Output tokens/s" in next(out.glob("throughput-*.md")).read_text()
+    md = next(out.glob("throughput-*.md")).read_text()
+    assert "Output tokens/s" in md and "Triton compiles inside the timed loop" in md
+    assert set(r["jit_compiles"]) == {"count", "seconds", "kernels"}
     assert "warm-up" in result.output
     masks = r["grammar_masks"]
     if "--structured-output" in extra:  # every output token was sampled under one row's mask

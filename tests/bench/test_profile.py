@@ -90,8 +90,9 @@ class _Range:
 
 
 class _Event:
-    def __init__(self, name, device, start, end, id=0):
+    def __init__(self, name, device, start, end, id=0, is_user_annotation=False):
         self.name, self.device_type, self.id, self.time_range = name, device, id, _Range(start, end)
+        self.is_user_annotation = is_user_annotation
 
 
 def test_cuda_kernels_go_to_the_scope_open_at_their_launch():
@@ -104,7 +105,10 @@ def test_cuda_kernels_go_to_the_scope_open_at_their_launch():
               _Event("cuLaunchKernel", cpu, 95, 96, id=9), _Event("cuLaunchKernel", cpu, 120, 121, id=10),
               _Event("silu_mul_kernel", cuda, 200, 203, id=7), _Event("gemm", cuda, 203, 213, id=8),
               _Event("tail", cuda, 213, 214, id=9), _Event("argmax", cuda, 214, 216, id=10),
-              _Event("Memcpy HtoD", cuda, 216, 220, id=99)]
+              _Event("Memcpy HtoD", cuda, 216, 220, id=99),
+              # The scopes' own ranges on the GPU's timeline (profiler annotations, no kernels).
+              _Event("vibee::layers.*.mlp", cuda, 200, 214, id=3, is_user_annotation=True),
+              _Event("vibee::layers.*.mlp.down_proj", cuda, 203, 214, id=4, is_user_annotation=True)]
 
     class Prof:
         def events(self):

@@ -132,6 +132,10 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
     notes = [f"Warm-up: {warmup['requests']} request ({warmup['prompt_tokens']} prompt + {warmup['output_tokens']} "
              "output tokens) ran before timing and is not counted. Times cover adding all requests and stepping "
              "until the last one finished."]
+    if results["jit_compiles"]["count"]:
+        notes.append(f"{results['jit_compiles']['count']} Triton kernel compiles "
+                     f"({', '.join(results['jit_compiles']['kernels'])}) fell inside the timed loop: the figures include "
+                     f"their {results['jit_compiles']['seconds']:.1f} s.")
     r = results
     sections = [
         Section("Results", ["Metric", "Value"], [
@@ -144,6 +148,8 @@ def throughput(num_prompts, input_len, output_len, seed, result_dir, dataset, te
              "off" if r["multi_step"] is None else f"{r['multi_step']['steps']} ({r['multi_step']['rounds']} rounds)"],
             ["Max running sequences", r["max_running"]], ["Peak KV cache usage", f"{100 * r['peak_kv_cache_usage']:.1f}%"],
             ["Preemptions", f"{r['preemptions']} ({r['preemption_mode']})"],
+            ["Triton compiles inside the timed loop",
+             f"{r['jit_compiles']['count']} ({r['jit_compiles']['seconds']:.2f} s)"],
             *([["Swap-outs / swap-ins / recomputed instead", f"{r['swap_outs']} / {r['swap_ins']} / {r['swap_fallbacks']}"]]
               if r["preemption_mode"] == "swap" else []), *spec_rows,
             *([["Grammars: on the device (token DFA) / on the host (llguidance)",

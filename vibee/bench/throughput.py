@@ -114,6 +114,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
 
     from vibee.runtime.sampling_params import SamplingParams
 
+    from vibee.bench.jit_compiles import JitCompiles
+
     peaks = StepPeaks()
     engine.add_observer(peaks)
     masks_before = (engine.structured.mask_seconds, engine.structured.mask_steps, engine.structured.mask_rows,
@@ -126,7 +128,7 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
     progress = Progress(TextColumn("[bold]requests"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[tok_s]:>9.1f} output tok/s"), TimeElapsedColumn(),
                         console=console, transient=False, disable=console is None)
-    with progress:
+    with progress, JitCompiles() as jit:
         task = progress.add_task("requests", total=n, tok_s=0.0)
         peaks.active = True
         start = time.perf_counter()
@@ -171,6 +173,9 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         # Engine steps that ran plain decode steps as rounds on the device, and those rounds (None: off).
         "multi_step": None if after["multi_step"] is None else {
             key: after["multi_step"][key] - before["multi_step"][key] for key in ("steps", "rounds")},
+        # Triton kernels compiled inside the timed loop (their time is in elapsed_s): 0 when the
+        # warm-up and the engine's load compiled everything the run launches.
+        "jit_compiles": jit.summary(),
         "preemptions": after["preemptions"] - before["preemptions"],
         "preemption_mode": after["preemption_mode"],
         **{key: after[key] - before[key] for key in ("swap_outs", "swap_ins", "swap_fallbacks")},

@@ -67,6 +67,8 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
                                                   weight_bytes_before=loaded_bytes, weight_bytes_after=loaded_bytes)
         method, source = loaded.quantization.method, f"{loaded.quantization.method} checkpoint"
     num_kv_heads = shard_served_model(model, gen, ranks) if ranks is not None else model_config.num_kv_heads
+    if quant_stats is not None and torch.device(device).type == "cuda":
+        compile_quantized_kernels(model, gen, progress)
     return ServedModel(model, model_config, tokenizer, loaded_bytes, gen.quantization.weight_bytes(model), quant_stats,
                        method, source, num_kv_heads)
 
@@ -95,6 +97,18 @@ def quantize(model: Any, tokenizer: Any, gen: GeneratedModules, model_dir: Path 
         task = bar.add_task("", total=None)
         return gen.quantization.quantize_model(model, knobs.skip_modules, calibrate,
                                                lambda done, total: bar.update(task, completed=done, total=total), folds)
+
+
+def compile_quantized_kernels(model: Any, gen: GeneratedModules, progress: bool) -> int:
+    """Compile the quantized layers' kernel launches for every step size up to the largest step
+    (max_num_batched_tokens) now, not on the first step of that size while requests wait."""
+    rows = gen.configs.continuous_batch.max_num_batched_tokens
+    if not progress:
+        return gen.quantization.compile_kernels(model, rows)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"compiling the quantized layers' kernels for 1..{rows} rows"):
+        return gen.quantization.compile_kernels(model, rows)
 
 
 def max_model_len_for(config: EngineConfig, model_config: Any) -> int:

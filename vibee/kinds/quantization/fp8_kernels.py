@@ -46,7 +46,7 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
             tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, stride_am, stride_bn, stride_ym,
                    k_per_split, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -75,7 +75,7 @@ def _fp8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, part_ptr, M, N
         tl.store(y_ptr + rm_safe[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_reduce_kernel(part_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y = (sum of the SPLIT partials, in split order) * sa[m] * sb[n] + bias[n]."""
@@ -125,6 +125,17 @@ def fp8_split(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     while tiles * split * 2 <= 2 * sms and split < 8 and k // (block_k * split * 2) >= 4:
         split *= 2
     return split
+
+
+def fp8_launch_rows(max_rows: int, n: int, k: int, device: torch.device) -> list[int]:
+    """The fewest rows of each distinct launch (tile and split) of the Triton kernel for [m, k] @
+    [k, n] products of 1..max_rows rows (it compiles once per launch, whatever m is)."""
+    first: dict[tuple, int] = {}
+    for m in range(1, max_rows + 1):
+        block_m, block_n, block_k, warps, stages = fp8_tile(m)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        first.setdefault((block_m, block_n, block_k, warps, stages, fp8_split(tiles, k, block_k, device)), m)
+    return sorted(first.values())
 
 
 _ROWWISE: dict[torch.device, bool] = {}  # whether torch._scaled_mm takes row-wise scales on this device

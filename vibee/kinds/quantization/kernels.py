@@ -46,6 +46,9 @@ from vibee.kinds.quantization.tile_order import _program_tile
 #                   the bias, casts.
 #   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
 #                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
+#
+# The row count (M, MN) is not specialized on: a kernel compiles once per set of constexprs, which
+# the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
 
 
 @triton.jit
@@ -255,7 +258,7 @@ def _dequant_kernel(
     tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _qmm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -341,7 +344,7 @@ def _x_slices(x3, R: tl.constexpr, W: tl.constexpr):
     return x0, x1, x2, x3_, x4, x5, x6, x7
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _qmm_slices_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
@@ -404,7 +407,7 @@ def _qmm_slices_kernel(
         tl.store(y_ptr + rm_safe[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MN"])
 def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y = sum over splits of the fp32 partials (in split order) + bias, in y's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -168,6 +168,30 @@ def pick_launch(tiles: tuple[LaunchTile, ...], m: int, n: int, k: int, device: t
                         num_stages=tile.num_stages, join_codes=tile.join_codes, swap_ab=tile.swap_ab)
 
 
+def distinct_launches(tiles: tuple[LaunchTile, ...], max_rows: int, n: int, k: int,
+                      device: torch.device) -> list[tuple[int, KernelConfig]]:
+    """Each launch pick_launch makes for [m, k] @ [k, n] products of 1..max_rows rows, with the
+    fewest rows that take it (the kernels compile once per launch, whatever m is)."""
+    first: dict[KernelConfig, int] = {}
+    for m in range(1, max_rows + 1):
+        first.setdefault(pick_launch(tiles, m, n, k, device), m)
+    return [(m, config) for config, m in first.items()]
+
+
+def compile_launches(qw: QuantizedWeight, bias: torch.Tensor | None, tiles: tuple[LaunchTile, ...],
+                     max_rows: int) -> int:
+    """Run every distinct launch of qw for 1..max_rows rows once, on zeros, so that Triton compiles
+    them now: a first compile takes about a second, and mid-serving it stalls every request (H200,
+    `bench throughput --quant int4`: four compiles inside the timed loop took 4.1 of its 8.8 s).
+    Returns the launches run."""
+    fmt = _format(qw)
+    n, k = qw.shape
+    launches = distinct_launches(tiles, max_rows, n, k, qw.qweight.device)
+    for m, config in launches:
+        _launch(torch.zeros(m, k, dtype=qw.scales.dtype, device=qw.qweight.device), qw, fmt, bias, config, None)
+    return len(launches)
+
+
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
     """Split-K factor that brings tiles * split near `programs`, each split a whole number of tiles
     of block_k (at most 16 splits, at least min_tiles tiles of k per split)."""
@@ -191,8 +215,9 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
-            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig]) -> torch.Tensor:
-    """x @ dequantize(qw).T + bias with `config`, or the launch pick(m, n, k, code bits, group size, device) gives."""
+            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None) -> torch.Tensor:
+    """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
+    group size, device) gives."""
     out_features, in_features = qw.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}")
