@@ -1,4 +1,4 @@
-"""The quantization kind's static Triton code (vibee/kinds/quantization/kernels.py, launch.py) is
+"""The quantization kind's static Triton code (vibee/kinds/quantization/unpack.py, kernels.py, launch.py) is
 ordinary Python: it imports and runs on its own (here in Triton's interpreter), and the generated
 module carries a verbatim copy of it, launched with the spec's tiles."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vibee.codegen.render import STATIC_COPY_MARKER, static_source
-from vibee.kinds.quantization import kernels, launch
+from vibee.kinds.quantization import kernels, launch, unpack
 from vibee.kinds.quantization.config import QuantizationConfig
 from vibee.kinds.quantization.tiles import MatmulTile
 
@@ -75,7 +75,7 @@ def test_a_tile_of_another_shape_computes_the_same_product():
     torch.testing.assert_close(y.double(), x.double() @ weight.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("module", [kernels, launch], ids=["kernels.py", "launch.py"])
+@pytest.mark.parametrize("module", [unpack, kernels, launch], ids=["unpack.py", "kernels.py", "launch.py"])
 def test_generated_module_carries_the_static_code_verbatim(module):
     path = Path(module.__file__)
     text = path.read_text(encoding="utf-8")

@@ -1087,6 +1087,31 @@ def test_triton_kernels_read_every_format_on_the_gpu(fmt, rows: int) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fmt", [(4, "int32", True, -1), (4, "uint8", False, 128), (4, "int32", True, 128)],
+                         ids=["sym-perchannel", "asym-g128", "sym-g128"])
+def test_packed_16_bit_unpacking_gives_the_fp32_unpackings_products_exactly(fmt, dtype) -> None:
+    """The same weights either way (code - zero, times the scale, rounded once): the same products
+    bit for bit, in both tl.dot orientations, the slices kernel and the dense launch; a tile spanning
+    groups refuses it."""
+    qw, _ = random_gpu_case(fmt, 2048, 4096)
+    qw = impl.QuantizedWeight(qw.qweight, qw.scales.to(dtype), qw.zeros, qw.shape, qw.bits, qw.group_size)
+    x = torch.randn(256, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(4)).to(dtype)
+    launches = [(7, impl.KernelConfig("mm", 16, 64, 128, num_warps=4, num_stages=3, join_codes=True)),
+                (7, impl.KernelConfig("slices", 16, 128, 128, split_k=2)),
+                (256, impl.KernelConfig("mm", 128, 128, 64, split_k=2, swap_ab=True, join_codes=True)),
+                (256, impl.KernelConfig("mm", 64, 128, 64)), (256, impl.KernelConfig("dense", 1, 64, 128))]
+    for rows, config in launches:
+        fp32 = impl.triton_quant_linear(x[:rows], qw, config=dataclasses.replace(config, packed16=False))
+        packed = impl.triton_quant_linear(x[:rows], qw, config=dataclasses.replace(config, packed16=True))
+        assert torch.equal(packed, fp32), (rows, config)
+    if qw.group_size < 256:  # 256-code tiles span two groups: a scale per word
+        with pytest.raises(ValueError, match="packed16"):
+            impl.triton_quant_linear(x[:7], qw, config=impl.KernelConfig("mm", 16, 64, 256, packed16=True))
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_after_compile_kernels_no_product_up_to_max_rows_compiles(monkeypatch) -> None:
     """What the engine relies on at load: after compile_kernels, products of any row count up to
     max_rows launch kernels Triton has compiled (no compile while serving)."""

@@ -728,29 +728,6 @@ def _program_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 # float with one integer op and no int->float conversion: the fp32 whose bits are 0x4B000000 | u is
 # 2^23 + u exactly (the xor of 0x80 turns a two's-complement byte into code + 128), and subtracting
 # 2^23 + offset (+ zero point) leaves code - zero exactly.
-#
-# The kernels:
-#   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
-#                   words at a time, each code masked in place rather than shifted down (see the
-#                   kernel); each lane keeps its words' partial sums, scales each word's sum once
-#                   (one scale per row when the tile lies in one group), and the lanes are summed
-#                   after the loop. Split-K over the input dimension so that every SM has several
-#                   programs in flight; the last split of a row tile adds the partials.
-#   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
-#                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
-#                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
-#   _qmm_slices_kernel  4-bit codes, few rows of x: code position i of a tile's words is a k-slice
-#                   (inputs 8j + i), dequantized where it is used and multiplied by one tl.dot with
-#                   the same strided slice of x, split from x's tile in registers; the weight is the
-#                   first operand (y.T = w @ x.T), so a few rows of x fill only the MMA's N.
-#   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
-#                   the bias, casts.
-#   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
-#                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
-#
-# The row count (M, MN) is not specialized on: a kernel compiles once per set of constexprs, which
-# the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
-
 
 @triton.jit
 def _code_at(words, i: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
@@ -787,6 +764,171 @@ def _codes_3d(words, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
     u = (words[:, :, None] >> shifts[None, None, :]) & ((1 << CODE_BITS) - 1)
     return (u ^ MAGIC).to(tl.float32, bitcast=True)
 
+
+# 4-bit codes straight to 16-bit weights, two per 32-bit register (sm_90's packed bf16 arithmetic,
+# or f16x2 anywhere): nibbles s and s + 4 of a word go into the low mantissa bits of a pair of
+# 128.0 (bf16; 1024.0 for fp16, whose step there is also 1), subtracting the pair 128 + zero leaves
+# code - zero exactly, and one packed multiply by the scale rounds it once, as dequantize() does.
+# About 2 instructions a weight where the fp32 unpacking takes ~6 (H100 SASS of the mm loop).
+_NIBBLE_PAIRS_ASM = """{
+.reg .b32 t1, t2, t3, c0, c1, c2, c3;
+shr.u32 t1, $4, 4;
+shr.u32 t2, $4, 8;
+shr.u32 t3, $4, 12;
+lop3.b32 c0, $4, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 c1, t1, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 c2, t2, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 c3, t3, 0x000F000F, MAGIC, 0xEA;
+sub.TYPE c0, c0, $6;
+sub.TYPE c1, c1, $6;
+sub.TYPE c2, c2, $6;
+sub.TYPE c3, c3, $6;
+mul.rn.TYPE $0, c0, $5;
+mul.rn.TYPE $1, c1, $5;
+mul.rn.TYPE $2, c2, $5;
+mul.rn.TYPE $3, c3, $5;
+}"""
+NIBBLES_TO_BF16X2 = tl.constexpr(_NIBBLE_PAIRS_ASM.replace("MAGIC", "0x43004300").replace("TYPE", "bf16x2"))
+NIBBLES_TO_F16X2 = tl.constexpr(_NIBBLE_PAIRS_ASM.replace("MAGIC", "0x64006400").replace("TYPE", "f16x2"))
+
+
+@triton.jit
+def _pair16(value, IS_BF16: tl.constexpr):
+    """[...] 16-bit floats -> int32 holding the value in both halves (an x2 operand)."""
+    if IS_BF16:
+        bits = value.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        bits = value.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _half16(pairs, HIGH: tl.constexpr, IS_BF16: tl.constexpr):
+    """The low or high 16-bit float of each int32 of pairs."""
+    bits = (pairs >> 16) if HIGH else pairs
+    if IS_BF16:
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _packed_pairs(words, scale, zero, ZERO_CODE: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
+                  IS_BF16: tl.constexpr):
+    """[R, W] words of 4-bit codes, one scale per row ([R]) and the code standing for 0.0 (zero
+    [R], whole, or None: ZERO_CODE for every row) -> four int32 [R, W]: the 16-bit weights
+    (code - zero) * scale of code positions (s, s + 4) in the low and high halves of the s-th, by
+    packed 16-bit arithmetic."""
+    scale2 = _pair16(scale, IS_BF16)[:, None] + tl.zeros([R, W], dtype=tl.int32)
+    one: tl.constexpr = 128.0 if IS_BF16 else 1024.0  # the step of 16-bit floats there is 1
+    if zero is None:  # a constant pair: no per-row tensor to lay out
+        bits: tl.constexpr = (0x4300 if IS_BF16 else 0x6400) + ZERO_CODE
+        base2 = tl.full([R, W], bits * 0x10001, tl.int32)
+    else:
+        base2 = _pair16(zero + one, IS_BF16)[:, None] + tl.zeros([R, W], dtype=tl.int32)
+    if IS_BF16:
+        return tl.inline_asm_elementwise(NIBBLES_TO_BF16X2, "=r,=r,=r,=r,r,r,r", [words, scale2, base2],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(NIBBLES_TO_F16X2, "=r,=r,=r,=r,r,r,r", [words, scale2, base2],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _packed_weight_tile(words, scale, zero, ZERO_CODE: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
+                        IS_BF16: tl.constexpr):
+    """_packed_pairs' weights as the [R, W * 8] 16-bit tile in input order."""
+    p0, p1, p2, p3 = _packed_pairs(words, scale, zero, ZERO_CODE, R, W, IS_BF16)
+    c = tl.join(
+        tl.join(tl.join(_half16(p0, False, IS_BF16), _half16(p0, True, IS_BF16)),
+                tl.join(_half16(p2, False, IS_BF16), _half16(p2, True, IS_BF16))),
+        tl.join(tl.join(_half16(p1, False, IS_BF16), _half16(p1, True, IS_BF16)),
+                tl.join(_half16(p3, False, IS_BF16), _half16(p3, True, IS_BF16))),
+    )
+    return tl.reshape(c, [R, W * 8])
+
+
+@triton.jit
+def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
+    """code - zero of codes f as _code_at gives them (2^23 + u): exact for whole zero points;
+    a fractional one is taken off after 2^23 + offset, as 2^23 + zero would round it."""
+    if FRACTIONAL_ZEROS:
+        return (f - OFFSET) - zero
+    else:
+        return f - (zero + OFFSET)
+
+
+@triton.jit
+def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
+                 GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
+                 OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr, PACKED16: tl.constexpr):
+    """The fp32 [BLOCK_N, BLOCK_K] weight tile (code - zero) * scale of rows rn_safe from k0, given
+    its loaded words [BLOCK_N, BLOCK_K / codes per word]. JOIN_CODES: codes unpacked with
+    _codes_in_order, else with _codes_3d. PACKED16 (4-bit codes, one scale per row and tile,
+    whole zero points, a 16-bit scales' dtype, a GPU): the tile in the scales' dtype from
+    _packed_weight_tile, the same values."""
+    CODES: tl.constexpr = 32 // CODE_BITS
+    WORDS: tl.constexpr = BLOCK_K // CODES
+    k_of_word = k0 + tl.arange(0, WORDS) * CODES
+    if SCALE_PER_TILE:
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if PACKED16:  # the code standing for 0.0: the stored offset (symmetric codes: 8) + the zero point
+            OFFSET_CODE: tl.constexpr = int(OFFSET - 8388608.0)
+            w = _packed_weight_tile(words, scale, zero + OFFSET_CODE if HAS_ZEROS else None, OFFSET_CODE, BLOCK_N, WORDS,
+                                    s_ptr.dtype.element_ty == tl.bfloat16)
+        elif JOIN_CODES:
+            f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
+            w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
+        else:
+            f = _codes_3d(words, CODE_BITS, MAGIC)
+            w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
+                           [BLOCK_N, BLOCK_K])
+    else:
+        g = tl.minimum(k_of_word, K - 1) // GROUP
+        scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
+        else:
+            zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        if JOIN_CODES:
+            f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
+        else:
+            f = _codes_3d(words, CODE_BITS, MAGIC)
+        w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
+                       [BLOCK_N, BLOCK_K])
+    return w
+
+
+# Every kernel reads qweight, scales (and zeros) as the quantizer stored them (unpack.py says how)
+# and dequantizes in registers.
+#
+# The kernels:
+#   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
+#                   words at a time, each code masked in place rather than shifted down (see the
+#                   kernel); each lane keeps its words' partial sums, scales each word's sum once
+#                   (one scale per row when the tile lies in one group), and the lanes are summed
+#                   after the loop. Split-K over the input dimension so that every SM has several
+#                   programs in flight; the last split of a row tile adds the partials.
+#   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
+#                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
+#                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
+#   _qmm_slices_kernel  4-bit codes, few rows of x: code position i of a tile's words is a k-slice
+#                   (inputs 8j + i), dequantized where it is used and multiplied by one tl.dot with
+#                   the same strided slice of x, split from x's tile in registers; the weight is the
+#                   first operand (y.T = w @ x.T), so a few rows of x fill only the MMA's N.
+#   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
+#                   the bias, casts.
+#   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
+#                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
+#
+# The row count (M, MN) is not specialized on: a kernel compiles once per set of constexprs, which
+# the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
 
 @triton.jit
 def _qgemv_kernel(
@@ -882,62 +1024,11 @@ def _qgemv_kernel(
 
 
 @triton.jit
-def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
-    """code - zero of codes f as _code_at gives them (2^23 + u): exact for whole zero points;
-    a fractional one is taken off after 2^23 + offset, as 2^23 + zero would round it."""
-    if FRACTIONAL_ZEROS:
-        return (f - OFFSET) - zero
-    else:
-        return f - (zero + OFFSET)
-
-
-@triton.jit
-def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
-                 GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
-                 OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr):
-    """The fp32 [BLOCK_N, BLOCK_K] weight tile (code - zero) * scale of rows rn_safe from k0, given
-    its loaded words [BLOCK_N, BLOCK_K / codes per word]. JOIN_CODES: codes unpacked with
-    _codes_in_order, else with _codes_3d."""
-    CODES: tl.constexpr = 32 // CODE_BITS
-    WORDS: tl.constexpr = BLOCK_K // CODES
-    k_of_word = k0 + tl.arange(0, WORDS) * CODES
-    if SCALE_PER_TILE:
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
-        else:
-            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if JOIN_CODES:
-            f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
-            w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
-        else:
-            f = _codes_3d(words, CODE_BITS, MAGIC)
-            w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
-                           [BLOCK_N, BLOCK_K])
-    else:
-        g = tl.minimum(k_of_word, K - 1) // GROUP
-        scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
-        else:
-            zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        if JOIN_CODES:
-            f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
-        else:
-            f = _codes_3d(words, CODE_BITS, MAGIC)
-        w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
-                       [BLOCK_N, BLOCK_K])
-    return w
-
-
-@triton.jit
 def _dequant_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
     OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr, PACKED16: tl.constexpr,
 ):
     """One [BLOCK_N, BLOCK_K] tile of the dense weight (code - zero) * scale in w's dtype, rounded
     once (the "dense" launch: a dequantizing pass, then the dense matmul)."""
@@ -954,7 +1045,7 @@ def _dequant_kernel(
     else:
         words = tl.load(w_ptrs, mask=((k0 + rw * CODES) < K)[None, :], other=0)
     w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
-                     MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
+                     MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES, PACKED16)
     mask = (rn < N)[:, None] & (rk < K)[None, :]
     tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -967,6 +1058,7 @@ def _qmm_kernel(
     OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, JOIN_CODES: tl.constexpr, SWAP_AB: tl.constexpr,
+    PACKED16: tl.constexpr,
 ):
     """A [BLOCK_M, BLOCK_N] tile of y over one split of k: each [BLOCK_N, BLOCK_K] weight tile is
     dequantized in registers to x's dtype ((code - zero) * scale, rounded once) and fed to tl.dot
@@ -996,7 +1088,7 @@ def _qmm_kernel(
             x = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
         w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
-                         MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
+                         MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES, PACKED16)
         w = w.to(x.dtype)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
@@ -1051,13 +1143,15 @@ def _qmm_slices_kernel(
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PACKED16: tl.constexpr,
 ):
     """A [BLOCK_N, BLOCK_M] tile of y.T over one split of k, 4-bit codes: per k tile the eight
     code positions of its words are eight k-slices of W = BLOCK_K / 8 inputs (8j + i), each
     dequantized to the scales' dtype and multiplied by tl.dot with x's matching slice (fp32
     accumulation). Each slice is taken from the words with a shift and a mask where it is used,
-    and x's from its tile in registers: no tile is reordered through shared memory for it."""
+    and x's from its tile in registers: no tile is reordered through shared memory for it.
+    PACKED16 (one scale per row and tile): slices s and s + 4 come out of one register of
+    unpack.py's _packed_pairs."""
     W: tl.constexpr = BLOCK_K // 8
     pid_k = tl.program_id(1)
     rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
@@ -1078,27 +1172,41 @@ def _qmm_slices_kernel(
             x3 = tl.load(x_ptrs, mask=m_mask[:, None, None] & (k_of_word < K)[None, :, None], other=0.0)
         if SCALE_PER_TILE:
             g = k0 // GROUP
-            scale = tl.broadcast_to(tl.load(s_ptr + rn_safe * stride_sn + g)[:, None], [BLOCK_N, W])
-            if HAS_ZEROS:
-                zero = tl.broadcast_to(tl.load(z_ptr + rn_safe * stride_zn + g)[:, None], [BLOCK_N, W])
+            row_scale = tl.load(s_ptr + rn_safe * stride_sn + g)
+            scale = tl.broadcast_to(row_scale[:, None], [BLOCK_N, W])
+            if HAS_ZEROS:  # the code standing for 0.0, as stored
+                row_zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32) + CODE_OFFSET
+                zero = tl.broadcast_to(row_zero[:, None], [BLOCK_N, W])
+            else:
+                row_zero = None
+                zero = CODE_OFFSET
         else:
             g = tl.minimum(k_of_word, K - 1) // GROUP
             scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :])
             if HAS_ZEROS:
-                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :])
-        if HAS_ZEROS:
-            zero = zero.to(tl.float32) + CODE_OFFSET
-        else:
-            zero = CODE_OFFSET
+                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32) + CODE_OFFSET
+            else:
+                zero = CODE_OFFSET
         x0, x1, x2, x3_, x4, x5, x6, x7 = _x_slices(x3.to(dtype), BLOCK_M, W)
-        acc = tl.dot(_slice_of(words, 0, scale, zero), tl.trans(x0), acc)
-        acc = tl.dot(_slice_of(words, 1, scale, zero), tl.trans(x1), acc)
-        acc = tl.dot(_slice_of(words, 2, scale, zero), tl.trans(x2), acc)
-        acc = tl.dot(_slice_of(words, 3, scale, zero), tl.trans(x3_), acc)
-        acc = tl.dot(_slice_of(words, 4, scale, zero), tl.trans(x4), acc)
-        acc = tl.dot(_slice_of(words, 5, scale, zero), tl.trans(x5), acc)
-        acc = tl.dot(_slice_of(words, 6, scale, zero), tl.trans(x6), acc)
-        acc = tl.dot(_slice_of(words, 7, scale, zero), tl.trans(x7), acc)
+        if PACKED16:
+            p0, p1, p2, p3 = _packed_pairs(words, row_scale, row_zero, int(CODE_OFFSET), BLOCK_N, W, dtype == tl.bfloat16)
+            acc = tl.dot(_half16(p0, False, dtype == tl.bfloat16), tl.trans(x0), acc)
+            acc = tl.dot(_half16(p1, False, dtype == tl.bfloat16), tl.trans(x1), acc)
+            acc = tl.dot(_half16(p2, False, dtype == tl.bfloat16), tl.trans(x2), acc)
+            acc = tl.dot(_half16(p3, False, dtype == tl.bfloat16), tl.trans(x3_), acc)
+            acc = tl.dot(_half16(p0, True, dtype == tl.bfloat16), tl.trans(x4), acc)
+            acc = tl.dot(_half16(p1, True, dtype == tl.bfloat16), tl.trans(x5), acc)
+            acc = tl.dot(_half16(p2, True, dtype == tl.bfloat16), tl.trans(x6), acc)
+            acc = tl.dot(_half16(p3, True, dtype == tl.bfloat16), tl.trans(x7), acc)
+        else:
+            acc = tl.dot(_slice_of(words, 0, scale, zero), tl.trans(x0), acc)
+            acc = tl.dot(_slice_of(words, 1, scale, zero), tl.trans(x1), acc)
+            acc = tl.dot(_slice_of(words, 2, scale, zero), tl.trans(x2), acc)
+            acc = tl.dot(_slice_of(words, 3, scale, zero), tl.trans(x3_), acc)
+            acc = tl.dot(_slice_of(words, 4, scale, zero), tl.trans(x4), acc)
+            acc = tl.dot(_slice_of(words, 5, scale, zero), tl.trans(x5), acc)
+            acc = tl.dot(_slice_of(words, 6, scale, zero), tl.trans(x6), acc)
+            acc = tl.dot(_slice_of(words, 7, scale, zero), tl.trans(x7), acc)
     out_mask = n_mask[:, None] & m_mask[None, :]
     if PARTIALS:
         tl.store(part_ptr + pid_k * M * N + rm_safe[None, :] * N + rn[:, None], acc, mask=out_mask)
@@ -1161,6 +1269,7 @@ class KernelConfig:
     group_m: int = 8  # "mm": output tiles grouped along M for L2 reuse
     join_codes: bool = False  # "mm": codes unpacked by joining positions (else one 3-D tensor)
     swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
+    packed16: bool | None = None  # 4-bit codes unpacked by packed 16-bit arithmetic ("mm", "slices", "dense"); None: the default
 
 
 @dataclass(frozen=True)
@@ -1228,6 +1337,18 @@ def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, i
     words per code position)."""
     return (fmt.code_bits == 4 and dtype in (torch.bfloat16, torch.float16) and in_features >= 128
             and (zeros is None or not zeros.is_floating_point()))
+
+
+def _packed16_runs(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, scale_per_tile: bool,
+                   device: torch.device) -> bool:
+    """Whether the kernels can unpack 4-bit codes by packed 16-bit arithmetic (kernels.py,
+    _packed_weight_tile): one scale per row and tile, whole zero points, a 16-bit compute dtype,
+    on a GPU (bf16x2 arithmetic from sm_90); not in the interpreter (inline PTX)."""
+    if fmt.code_bits != 4 or not scale_per_tile or device.type != "cuda" or (zeros is not None and zeros.is_floating_point()):
+        return False
+    if dtype == torch.float16:
+        return True
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _scale_per_tile(in_features: int, group_size: int, block_k: int) -> bool:
@@ -1333,6 +1454,12 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         cfg = KernelConfig("mm", cfg.block_m, cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, cfg.num_stages)
     if cfg.kernel == "slices" and cfg.block_k < 128:
         raise ValueError(f"the slices kernel takes block_k of at least 128 (16 words per code position), got {cfg.block_k}")
+    def packed16(block_k: int) -> bool:
+        runs = _packed16_runs(fmt, dtype, zeros, _scale_per_tile(in_features, fmt.group_size, block_k), x.device)
+        if cfg.packed16 and not runs:
+            raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
+        return bool(cfg.packed16)  # None: off until timed on a GPU (CPU-compiled for sm_90 only so far)
+
     if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
         weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
@@ -1341,7 +1468,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
             CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=zeros is not None,
             FRACTIONAL_ZEROS=zeros is not None and zeros.is_floating_point(), EVEN_K=in_features % cfg.block_k == 0,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes, PACKED16=packed16(cfg.block_k),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return F.linear(x2, weight, bias).reshape(*lead, out_features).to(x.dtype)
@@ -1375,7 +1502,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             k_per_split, GROUP=fmt.group_size, SCALE_PER_TILE=consts["SCALE_PER_TILE"], CODE_OFFSET=fmt.offset - _MAGIC_F,
             HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=consts["EVEN_K"],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PACKED16=packed16(cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
@@ -1384,7 +1511,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
             k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PACKED16=packed16(cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if split > 1 and cfg.kernel in ("mm", "slices"):
         block = 1024

@@ -10,23 +10,12 @@ import triton
 import triton.language as tl
 
 from vibee.kinds.quantization.tile_order import _program_tile
+from vibee.kinds.quantization.unpack import _half16, _packed_pairs, _weight_tile
 
 # ---- copied into generated modules from here ----
 
-# Every kernel reads qweight, scales (and zeros) as the quantizer stored them and dequantizes in
-# registers. The stored layout is already the one the kernels want: qweight is [out, in / codes per
-# word], row-major, codes little-endian along the input dimension, so an output row's codes are one
-# contiguous run of words and a tile [BLOCK_N rows, BLOCK_K codes] is BLOCK_N runs of BLOCK_K /
-# codes-per-word words (coalesced loads along each row). There is no repack at load time: the kernels
-# read 32-bit words, and the other storages are the same bytes under another dtype (little-endian),
-# viewed without a copy:
-#   int4 in int32 words     code k of word j (bits 4k..4k+3) is input 8j + k
-#   int4 in uint8 bytes     4 bytes make a word whose bits 4k..4k+3 hold input 8j + k: the same
-#   int8 codes (int8/uint8) 4 bytes make a word whose bits 8k..8k+7 hold input 4j + k
-# A code u (as stored: 4-bit codes offset to unsigned, int8 codes in two's complement) becomes a
-# float with one integer op and no int->float conversion: the fp32 whose bits are 0x4B000000 | u is
-# 2^23 + u exactly (the xor of 0x80 turns a two's-complement byte into code + 128), and subtracting
-# 2^23 + offset (+ zero point) leaves code - zero exactly.
+# Every kernel reads qweight, scales (and zeros) as the quantizer stored them (unpack.py says how)
+# and dequantizes in registers.
 #
 # The kernels:
 #   _qgemv_kernel   M == 1: fp32 FMAs over [BLOCK_N rows, words] 2-D tiles, one code position of the
@@ -49,43 +38,6 @@ from vibee.kinds.quantization.tile_order import _program_tile
 #
 # The row count (M, MN) is not specialized on: a kernel compiles once per set of constexprs, which
 # the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
-
-
-@triton.jit
-def _code_at(words, i: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
-    """Code i of every word as the fp32 2^23 + u (u as stored, + 128 for two's-complement bytes):
-    subtract 2^23 + offset (+ zero point) to get code - zero exactly."""
-    u = (words >> (i * CODE_BITS)) & ((1 << CODE_BITS) - 1)
-    return (u ^ MAGIC).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _codes_in_order(words, R: tl.constexpr, W: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
-    """[R, W] words -> [R, W * codes per word] codes as _code_at gives them, in input order. Built
-    by joining the per-position tensors (join keeps the new axis in each thread, so a thread holds
-    its words' codes side by side): joining p_i with p_(i + C/2) first, then + C/4, ..., makes the
-    flattened index word * C + i."""
-    if CODE_BITS == 4:
-        c = tl.join(
-            tl.join(tl.join(_code_at(words, 0, 4, MAGIC), _code_at(words, 4, 4, MAGIC)),
-                    tl.join(_code_at(words, 2, 4, MAGIC), _code_at(words, 6, 4, MAGIC))),
-            tl.join(tl.join(_code_at(words, 1, 4, MAGIC), _code_at(words, 5, 4, MAGIC)),
-                    tl.join(_code_at(words, 3, 4, MAGIC), _code_at(words, 7, 4, MAGIC))),
-        )
-        return tl.reshape(c, [R, W * 8])
-    else:
-        c = tl.join(tl.join(_code_at(words, 0, 8, MAGIC), _code_at(words, 2, 8, MAGIC)),
-                    tl.join(_code_at(words, 1, 8, MAGIC), _code_at(words, 3, 8, MAGIC)))
-        return tl.reshape(c, [R, W * 4])
-
-
-@triton.jit
-def _codes_3d(words, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
-    """[R, W] words -> [R, W, codes per word], codes as _code_at gives them (one broadcast shift)."""
-    shifts = tl.arange(0, 32 // CODE_BITS) * CODE_BITS
-    u = (words[:, :, None] >> shifts[None, None, :]) & ((1 << CODE_BITS) - 1)
-    return (u ^ MAGIC).to(tl.float32, bitcast=True)
-
 
 @triton.jit
 def _qgemv_kernel(
@@ -181,62 +133,11 @@ def _qgemv_kernel(
 
 
 @triton.jit
-def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
-    """code - zero of codes f as _code_at gives them (2^23 + u): exact for whole zero points;
-    a fractional one is taken off after 2^23 + offset, as 2^23 + zero would round it."""
-    if FRACTIONAL_ZEROS:
-        return (f - OFFSET) - zero
-    else:
-        return f - (zero + OFFSET)
-
-
-@triton.jit
-def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
-                 GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
-                 OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr):
-    """The fp32 [BLOCK_N, BLOCK_K] weight tile (code - zero) * scale of rows rn_safe from k0, given
-    its loaded words [BLOCK_N, BLOCK_K / codes per word]. JOIN_CODES: codes unpacked with
-    _codes_in_order, else with _codes_3d."""
-    CODES: tl.constexpr = 32 // CODE_BITS
-    WORDS: tl.constexpr = BLOCK_K // CODES
-    k_of_word = k0 + tl.arange(0, WORDS) * CODES
-    if SCALE_PER_TILE:
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32)
-        else:
-            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if JOIN_CODES:
-            f = _codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC)
-            w = _less_zero(f, zero[:, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None]
-        else:
-            f = _codes_3d(words, CODE_BITS, MAGIC)
-            w = tl.reshape(_less_zero(f, zero[:, None, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, None, None],
-                           [BLOCK_N, BLOCK_K])
-    else:
-        g = tl.minimum(k_of_word, K - 1) // GROUP
-        scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
-        else:
-            zero = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        if JOIN_CODES:
-            f = tl.reshape(_codes_in_order(words, BLOCK_N, WORDS, CODE_BITS, MAGIC), [BLOCK_N, WORDS, CODES])
-        else:
-            f = _codes_3d(words, CODE_BITS, MAGIC)
-        w = tl.reshape(_less_zero(f, zero[:, :, None], OFFSET, FRACTIONAL_ZEROS) * scale[:, :, None],
-                       [BLOCK_N, BLOCK_K])
-    return w
-
-
-@triton.jit
 def _dequant_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
     OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, JOIN_CODES: tl.constexpr, PACKED16: tl.constexpr,
 ):
     """One [BLOCK_N, BLOCK_K] tile of the dense weight (code - zero) * scale in w's dtype, rounded
     once (the "dense" launch: a dequantizing pass, then the dense matmul)."""
@@ -253,7 +154,7 @@ def _dequant_kernel(
     else:
         words = tl.load(w_ptrs, mask=((k0 + rw * CODES) < K)[None, :], other=0)
     w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
-                     MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
+                     MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES, PACKED16)
     mask = (rn < N)[:, None] & (rk < K)[None, :]
     tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -266,6 +167,7 @@ def _qmm_kernel(
     OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, JOIN_CODES: tl.constexpr, SWAP_AB: tl.constexpr,
+    PACKED16: tl.constexpr,
 ):
     """A [BLOCK_M, BLOCK_N] tile of y over one split of k: each [BLOCK_N, BLOCK_K] weight tile is
     dequantized in registers to x's dtype ((code - zero) * scale, rounded once) and fed to tl.dot
@@ -295,7 +197,7 @@ def _qmm_kernel(
             x = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
         w = _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn, GROUP, SCALE_PER_TILE, CODE_BITS,
-                         MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES)
+                         MAGIC, OFFSET, HAS_ZEROS, FRACTIONAL_ZEROS, BLOCK_N, BLOCK_K, JOIN_CODES, PACKED16)
         w = w.to(x.dtype)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
@@ -350,13 +252,15 @@ def _qmm_slices_kernel(
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PACKED16: tl.constexpr,
 ):
     """A [BLOCK_N, BLOCK_M] tile of y.T over one split of k, 4-bit codes: per k tile the eight
     code positions of its words are eight k-slices of W = BLOCK_K / 8 inputs (8j + i), each
     dequantized to the scales' dtype and multiplied by tl.dot with x's matching slice (fp32
     accumulation). Each slice is taken from the words with a shift and a mask where it is used,
-    and x's from its tile in registers: no tile is reordered through shared memory for it."""
+    and x's from its tile in registers: no tile is reordered through shared memory for it.
+    PACKED16 (one scale per row and tile): slices s and s + 4 come out of one register of
+    unpack.py's _packed_pairs."""
     W: tl.constexpr = BLOCK_K // 8
     pid_k = tl.program_id(1)
     rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
@@ -377,27 +281,41 @@ def _qmm_slices_kernel(
             x3 = tl.load(x_ptrs, mask=m_mask[:, None, None] & (k_of_word < K)[None, :, None], other=0.0)
         if SCALE_PER_TILE:
             g = k0 // GROUP
-            scale = tl.broadcast_to(tl.load(s_ptr + rn_safe * stride_sn + g)[:, None], [BLOCK_N, W])
-            if HAS_ZEROS:
-                zero = tl.broadcast_to(tl.load(z_ptr + rn_safe * stride_zn + g)[:, None], [BLOCK_N, W])
+            row_scale = tl.load(s_ptr + rn_safe * stride_sn + g)
+            scale = tl.broadcast_to(row_scale[:, None], [BLOCK_N, W])
+            if HAS_ZEROS:  # the code standing for 0.0, as stored
+                row_zero = tl.load(z_ptr + rn_safe * stride_zn + g).to(tl.float32) + CODE_OFFSET
+                zero = tl.broadcast_to(row_zero[:, None], [BLOCK_N, W])
+            else:
+                row_zero = None
+                zero = CODE_OFFSET
         else:
             g = tl.minimum(k_of_word, K - 1) // GROUP
             scale = tl.load(s_ptr + rn_safe[:, None] * stride_sn + g[None, :])
             if HAS_ZEROS:
-                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :])
-        if HAS_ZEROS:
-            zero = zero.to(tl.float32) + CODE_OFFSET
-        else:
-            zero = CODE_OFFSET
+                zero = tl.load(z_ptr + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32) + CODE_OFFSET
+            else:
+                zero = CODE_OFFSET
         x0, x1, x2, x3_, x4, x5, x6, x7 = _x_slices(x3.to(dtype), BLOCK_M, W)
-        acc = tl.dot(_slice_of(words, 0, scale, zero), tl.trans(x0), acc)
-        acc = tl.dot(_slice_of(words, 1, scale, zero), tl.trans(x1), acc)
-        acc = tl.dot(_slice_of(words, 2, scale, zero), tl.trans(x2), acc)
-        acc = tl.dot(_slice_of(words, 3, scale, zero), tl.trans(x3_), acc)
-        acc = tl.dot(_slice_of(words, 4, scale, zero), tl.trans(x4), acc)
-        acc = tl.dot(_slice_of(words, 5, scale, zero), tl.trans(x5), acc)
-        acc = tl.dot(_slice_of(words, 6, scale, zero), tl.trans(x6), acc)
-        acc = tl.dot(_slice_of(words, 7, scale, zero), tl.trans(x7), acc)
+        if PACKED16:
+            p0, p1, p2, p3 = _packed_pairs(words, row_scale, row_zero, int(CODE_OFFSET), BLOCK_N, W, dtype == tl.bfloat16)
+            acc = tl.dot(_half16(p0, False, dtype == tl.bfloat16), tl.trans(x0), acc)
+            acc = tl.dot(_half16(p1, False, dtype == tl.bfloat16), tl.trans(x1), acc)
+            acc = tl.dot(_half16(p2, False, dtype == tl.bfloat16), tl.trans(x2), acc)
+            acc = tl.dot(_half16(p3, False, dtype == tl.bfloat16), tl.trans(x3_), acc)
+            acc = tl.dot(_half16(p0, True, dtype == tl.bfloat16), tl.trans(x4), acc)
+            acc = tl.dot(_half16(p1, True, dtype == tl.bfloat16), tl.trans(x5), acc)
+            acc = tl.dot(_half16(p2, True, dtype == tl.bfloat16), tl.trans(x6), acc)
+            acc = tl.dot(_half16(p3, True, dtype == tl.bfloat16), tl.trans(x7), acc)
+        else:
+            acc = tl.dot(_slice_of(words, 0, scale, zero), tl.trans(x0), acc)
+            acc = tl.dot(_slice_of(words, 1, scale, zero), tl.trans(x1), acc)
+            acc = tl.dot(_slice_of(words, 2, scale, zero), tl.trans(x2), acc)
+            acc = tl.dot(_slice_of(words, 3, scale, zero), tl.trans(x3_), acc)
+            acc = tl.dot(_slice_of(words, 4, scale, zero), tl.trans(x4), acc)
+            acc = tl.dot(_slice_of(words, 5, scale, zero), tl.trans(x5), acc)
+            acc = tl.dot(_slice_of(words, 6, scale, zero), tl.trans(x6), acc)
+            acc = tl.dot(_slice_of(words, 7, scale, zero), tl.trans(x7), acc)
     out_mask = n_mask[:, None] & m_mask[None, :]
     if PARTIALS:
         tl.store(part_ptr + pid_k * M * N + rm_safe[None, :] * N + rn[:, None], acc, mask=out_mask)
@@ -418,4 +336,3 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-

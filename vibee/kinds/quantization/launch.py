@@ -71,6 +71,7 @@ class KernelConfig:
     group_m: int = 8  # "mm": output tiles grouped along M for L2 reuse
     join_codes: bool = False  # "mm": codes unpacked by joining positions (else one 3-D tensor)
     swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
+    packed16: bool | None = None  # 4-bit codes unpacked by packed 16-bit arithmetic ("mm", "slices", "dense"); None: the default
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,18 @@ def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, i
     words per code position)."""
     return (fmt.code_bits == 4 and dtype in (torch.bfloat16, torch.float16) and in_features >= 128
             and (zeros is None or not zeros.is_floating_point()))
+
+
+def _packed16_runs(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, scale_per_tile: bool,
+                   device: torch.device) -> bool:
+    """Whether the kernels can unpack 4-bit codes by packed 16-bit arithmetic (kernels.py,
+    _packed_weight_tile): one scale per row and tile, whole zero points, a 16-bit compute dtype,
+    on a GPU (bf16x2 arithmetic from sm_90); not in the interpreter (inline PTX)."""
+    if fmt.code_bits != 4 or not scale_per_tile or device.type != "cuda" or (zeros is not None and zeros.is_floating_point()):
+        return False
+    if dtype == torch.float16:
+        return True
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _scale_per_tile(in_features: int, group_size: int, block_k: int) -> bool:
@@ -243,6 +256,12 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         cfg = KernelConfig("mm", cfg.block_m, cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, cfg.num_stages)
     if cfg.kernel == "slices" and cfg.block_k < 128:
         raise ValueError(f"the slices kernel takes block_k of at least 128 (16 words per code position), got {cfg.block_k}")
+    def packed16(block_k: int) -> bool:
+        runs = _packed16_runs(fmt, dtype, zeros, _scale_per_tile(in_features, fmt.group_size, block_k), x.device)
+        if cfg.packed16 and not runs:
+            raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
+        return bool(cfg.packed16)  # None: off until timed on a GPU (CPU-compiled for sm_90 only so far)
+
     if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
         weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
@@ -251,7 +270,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
             CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=zeros is not None,
             FRACTIONAL_ZEROS=zeros is not None and zeros.is_floating_point(), EVEN_K=in_features % cfg.block_k == 0,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes, PACKED16=packed16(cfg.block_k),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return F.linear(x2, weight, bias).reshape(*lead, out_features).to(x.dtype)
@@ -285,7 +304,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             k_per_split, GROUP=fmt.group_size, SCALE_PER_TILE=consts["SCALE_PER_TILE"], CODE_OFFSET=fmt.offset - _MAGIC_F,
             HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=consts["EVEN_K"],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PACKED16=packed16(cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
@@ -294,7 +313,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
             k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PACKED16=packed16(cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if split > 1 and cfg.kernel in ("mm", "slices"):
         block = 1024
