@@ -71,7 +71,7 @@ class KernelConfig:
     group_m: int = 8  # "mm": output tiles grouped along M for L2 reuse
     join_codes: bool = False  # "mm": codes unpacked by joining positions (else one 3-D tensor)
     swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
-    packed16: bool | None = None  # 4-bit codes unpacked by packed 16-bit arithmetic ("mm", "slices", "dense"); None: the default
+    packed16: bool | None = None  # 4-bit codes unpacked by packed 16-bit arithmetic ("mm", "slices", "dense"); None: wherever it runs
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         runs = _packed16_runs(fmt, dtype, zeros, _scale_per_tile(in_features, fmt.group_size, block_k), x.device)
         if cfg.packed16 and not runs:
             raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
-        return bool(cfg.packed16)  # None: off until timed on a GPU (CPU-compiled for sm_90 only so far)
+        return runs if cfg.packed16 is None else cfg.packed16
 
     if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
         weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
