@@ -1339,16 +1339,18 @@ def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, i
             and (zeros is None or not zeros.is_floating_point()))
 
 
-def _packed16_runs(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, scale_per_tile: bool,
-                   device: torch.device) -> bool:
-    """Whether the kernels can unpack 4-bit codes by packed 16-bit arithmetic (kernels.py,
-    _packed_weight_tile): one scale per row and tile, whole zero points, a 16-bit compute dtype,
-    on a GPU (bf16x2 arithmetic from sm_90); not in the interpreter (inline PTX)."""
-    if fmt.code_bits != 4 or not scale_per_tile or device.type != "cuda" or (zeros is not None and zeros.is_floating_point()):
-        return False
-    if dtype == torch.float16:
-        return True
-    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+def _packed16(cfg: KernelConfig, fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, in_features: int,
+              device: torch.device) -> bool:
+    """Whether cfg's launch unpacks 4-bit codes by packed 16-bit arithmetic (unpack.py,
+    _packed_pairs): where it runs, unless cfg.packed16 says otherwise. It runs with one scale per
+    row and tile, whole zero points and a 16-bit compute dtype on a GPU (bf16x2 arithmetic from
+    sm_90); not in the interpreter (inline PTX)."""
+    runs = (fmt.code_bits == 4 and _scale_per_tile(in_features, fmt.group_size, cfg.block_k) and device.type == "cuda"
+            and (zeros is None or not zeros.is_floating_point())
+            and (dtype == torch.float16 or dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)))
+    if cfg.packed16 and not runs:
+        raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
+    return runs if cfg.packed16 is None else cfg.packed16
 
 
 def _scale_per_tile(in_features: int, group_size: int, block_k: int) -> bool:
@@ -1454,12 +1456,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         cfg = KernelConfig("mm", cfg.block_m, cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, cfg.num_stages)
     if cfg.kernel == "slices" and cfg.block_k < 128:
         raise ValueError(f"the slices kernel takes block_k of at least 128 (16 words per code position), got {cfg.block_k}")
-    def packed16(block_k: int) -> bool:
-        runs = _packed16_runs(fmt, dtype, zeros, _scale_per_tile(in_features, fmt.group_size, block_k), x.device)
-        if cfg.packed16 and not runs:
-            raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
-        return runs if cfg.packed16 is None else cfg.packed16
-
+    packed16 = cfg.kernel != "gemv" and _packed16(cfg, fmt, dtype, zeros, in_features, x.device)
     if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
         weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
@@ -1468,7 +1465,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             GROUP=fmt.group_size, SCALE_PER_TILE=_scale_per_tile(in_features, fmt.group_size, cfg.block_k),
             CODE_BITS=fmt.code_bits, MAGIC=fmt.magic, OFFSET=fmt.offset, HAS_ZEROS=zeros is not None,
             FRACTIONAL_ZEROS=zeros is not None and zeros.is_floating_point(), EVEN_K=in_features % cfg.block_k == 0,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes, PACKED16=packed16(cfg.block_k),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, JOIN_CODES=cfg.join_codes, PACKED16=packed16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return F.linear(x2, weight, bias).reshape(*lead, out_features).to(x.dtype)
@@ -1502,7 +1499,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             k_per_split, GROUP=fmt.group_size, SCALE_PER_TILE=consts["SCALE_PER_TILE"], CODE_OFFSET=fmt.offset - _MAGIC_F,
             HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=consts["EVEN_K"],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            PACKED16=packed16(cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
@@ -1511,7 +1508,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
             k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
-            PACKED16=packed16(cfg.block_k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if split > 1 and cfg.kernel in ("mm", "slices"):
         block = 1024
