@@ -12,6 +12,7 @@ import click
 from vibee.engine_flags import engine_config, engine_options, user_errors
 from vibee.bench.adversary import adversary
 from vibee.bench.commands_gpu import kernels, latency, perplexity
+from vibee.bench.commands_tiles import tiles
 from vibee.bench.report import (Section, environment, fail, finish, parse_range, random_workload,
                                 stdlib_workload)
 
@@ -55,7 +56,7 @@ def bench() -> None:
     """Benchmarks: the offline engine (throughput) and a running server (serve)."""
 
 
-for _command in (latency, perplexity, kernels, adversary):  # defined in commands_gpu.py and adversary.py
+for _command in (latency, perplexity, kernels, adversary, tiles):  # commands_gpu.py, adversary.py, commands_tiles.py
     bench.add_command(_command)
 
 

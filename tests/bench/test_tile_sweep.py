@@ -1,0 +1,142 @@
+"""`vibee bench tiles`: the candidates it times, the first-match table it derives from the times,
+the spec lines it writes (which the spec loader reads back as the same table), and the command."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vibee.bench.cli import bench
+from vibee.bench.tile_sweep import Measured, candidates, derive_table, spec_lines
+from vibee.ir.load import load_specs
+
+SPEC = Path(__file__).resolve().parents[2] / "specs" / "tri" / "igla_quantization.vibee"
+
+
+def first_match(table, m: int, n: int):
+    return next(t for t in table if (t.max_m is None or m <= t.max_m) and n >= t.min_n)
+
+
+def launch(tile):
+    """A tile's launch, whatever products it covers."""
+    return tile.model_copy(update={"max_m": None, "min_n": 0})
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 32, 64, 100, 128, 200, 256, 512])
+def test_candidates_fit_the_row_count(m):
+    tiles = candidates(m)
+    kinds = {t.kernel for t in tiles}
+    assert ("gemv" in kinds) == (m == 1) and ("slices" in kinds) == (1 < m <= 16) and ("dense" in kinds) == (m >= 32)
+    assert all(t.block_m >= min(m, 256) for t in tiles if t.kernel == "mm")  # one tile tall covers the rows
+    assert len(set(tiles)) == len(tiles)
+
+
+def _measured(m: int, n: int, k: int, best: int, slower=None) -> Measured:
+    """Times over a 10 us dense product: 1.0x for `best`, 2.0x for the rest, None at `slower`."""
+    times = [10e-6 * (1.0 if c == best else 2.0) for c in range(len(candidates(m)))]
+    if slower is not None:
+        times[slower] = None
+    return Measured(n, k, m, 10e-6, 15e-6, times)
+
+
+def test_derived_table_takes_each_widths_best_at_each_row_count():
+    dense = len(candidates(512)) - 1
+    results = [
+        _measured(1, 16384, 2048, 3), _measured(1, 3072, 2048, 0), _measured(1, 2048, 2048, 0),
+        # 64 rows: the wide weight's best differs; the two 2048-row weights agree
+        _measured(64, 16384, 2048, 5), _measured(64, 3072, 2048, 1), _measured(64, 2048, 2048, 1), _measured(64, 2048, 8192, 1),
+        # past 256 rows: A for wide and narrow weights, dense between (three rows, first match); a failed launch is never taken
+        _measured(512, 16384, 2048, 2, slower=0), _measured(512, 3072, 2048, dense), _measured(512, 2048, 2048, 2),
+    ]
+    table = derive_table(results)
+    for r in results:
+        assert launch(first_match(table, r.m, r.n)) == launch(candidates(r.m)[r.best()]), (r.m, r.n)
+    assert [(t.max_m, t.min_n) for t in table] == [(1, 16384), (1, 0), (64, 16384), (64, 0), (None, 16384), (None, 3072), (None, 0)]
+    assert launch(first_match(table, 40, 3072)) == launch(candidates(64)[1])  # between row counts: the next one's row
+    assert table[-1].max_m is None and table[-1].min_n == 0  # covers every product, as the spec requires
+
+
+def test_two_weights_of_one_width_share_the_candidate_with_the_least_summed_time():
+    a, b = _measured(64, 2048, 2048, 1), _measured(64, 2048, 8192, 2)
+    b.times[1] = 10e-6 * 1.1  # 1 is a near-best for b; 2 is 2.0x for a
+    (row,) = derive_table([a, b])
+    assert launch(row) == launch(candidates(64)[1])
+
+
+def test_spec_lines_load_back_as_the_same_table(tmp_path):
+    results = [_measured(1, 4096, 2048, 1), _measured(32, 4096, 2048, 4), _measured(32, 2048, 2048, len(candidates(32)) - 1),
+               _measured(256, 4096, 2048, 0)]
+    table = derive_table(results)
+    text = re.sub(r"^  tiles:\n(?:    - .*\n)+", "  tiles:\n" + "\n".join(spec_lines(table)) + "\n",
+                  SPEC.read_text(encoding="utf-8"), count=1, flags=re.M)
+    path = tmp_path / SPEC.name
+    path.write_text(text, encoding="utf-8")
+    (spec,), _ = load_specs([path])
+    assert spec.config.tiles == table
+
+
+def test_the_command_needs_a_gpu_or_the_interpreter(monkeypatch, tmp_path):
+    result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--weights", "64y128", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--weights takes" in result.output
+    # (it refuses before importing any kernel: modules decorated now would stay compiled, not interpreted)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--result-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "run it on a GPU" in result.output
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
+def test_the_command_times_every_candidate_and_writes_the_table(tmp_path):
+    result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--weights", "64x128,32x128", "--rows", "1,32",
+                                        "--result-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(tmp_path.glob("tiles-*.json")).read_text())
+    assert [(r["n"], r["m"]) for r in data["results"]] == [(64, 1), (64, 32), (32, 1), (32, 32)]
+    assert all(len(r["candidates"]) == len(candidates(r["m"])) and all(c["seconds"] for c in r["candidates"])
+               for r in data["results"])  # every candidate launched and matched the dequantized product
+    snippet = next(tmp_path.glob("tiles-*.tiles.vibee")).read_text()
+    assert snippet.startswith("  tiles:\n    - {kernel: gemv, max_m: 1") and len(data["table"]) == snippet.count("    - {")
+
+
+class _FakeQuant:
+    """The generated module's surface sweep() uses, on plain torch: candidates 64 wide fail to
+    launch, 128-deep mm tiles give a wrong product."""
+
+    LaunchTile = dict
+
+    @staticmethod
+    def quantize_weight(w, dtype):
+        return w
+
+    @staticmethod
+    def dequantize(qw):
+        return qw
+
+    @staticmethod
+    def pick_launch(tiles, m, n, k, device):
+        return tiles[0]
+
+    @staticmethod
+    def triton_quant_linear(x, qw, config=None):
+        import torch.nn.functional as F
+
+        if config is not None and config["block_n"] == 64:
+            raise RuntimeError("out of shared memory")
+        y = F.linear(x, qw)
+        return y * 2 if config is not None and config["kernel"] == "mm" and config["block_k"] == 128 else y
+
+
+def test_sweep_skips_launches_that_fail_or_compute_wrongly():
+    import torch
+
+    from vibee.bench.tile_sweep import sweep
+
+    (r,) = sweep(_FakeQuant, [(32, 64)], [64], device="cpu", dtype=torch.float32, time_call=lambda fn, device: fn() is None or 1e-6)
+    tiles = candidates(64)
+    for i, tile in enumerate(tiles):
+        failed, wrong = tile.block_n == 64, tile.kernel == "mm" and tile.block_k == 128
+        assert (r.times[i] is None) == (failed or wrong), tile
+        assert (i in r.errors) == failed and (not failed or "out of shared memory" in r.errors[i])
+    assert tiles[r.best()].kernel in ("mm", "dense") and r.times[r.best()] is not None

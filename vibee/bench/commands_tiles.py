@@ -1,0 +1,127 @@
+"""`vibee bench tiles`: retune the quantization spec's launch tiles for this GPU (tile_sweep.py
+measures and derives the table; this reports it and writes it out as spec lines)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from vibee.bench.report import Section, environment, fail, finish
+from vibee.engine_flags import engine_config, user_errors
+
+
+def _counts(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        fail(f"{what} takes positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _weights(text: str) -> list[tuple[int, int]]:
+    """'NxK,...' -> [(n, k), ...]."""
+    try:
+        pairs = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        fail(f"--weights takes output x input sizes separated by commas (e.g. 3072x2048,16384x2048), got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
+def model_weights(shape: str) -> list[tuple[int, int]]:
+    """The distinct [n, k] linear weights of a known shape's layers (merged qkv and gate/up, as served) and lm_head."""
+    from vibee.runtime.shapes import shape_config
+
+    c = shape_config(shape)
+    d = c.head_dim
+    weights = [((c.num_heads + 2 * c.num_kv_heads) * d, c.hidden_size), (c.hidden_size, c.num_heads * d),
+               (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size), (c.vocab_size, c.hidden_size)]
+    return list(dict.fromkeys(weights))
+
+
+@click.command()
+@click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default="llama-3.2-1b", show_default=True,
+              help="Time the linear weights of this model shape (qkv, o, gate_up, down, lm_head).")
+@click.option("--weights", default=None, help="Instead of --shape: [out x in] weights, e.g. 3072x2048,16384x2048.")
+@click.option("--rows", default=",".join(map(str, (1, 16, 32, 64, 128, 256, 512))), show_default=True,
+              help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any.")
+@click.option("--quant", type=click.Choice(["int4", "int8"]), default="int4", show_default=True)
+@click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
+              show_default=True)
+def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
+    """Time the quantized kernels' candidate launch tiles at each row count and weight on this GPU, and print the
+    spec `tiles:` table that takes the fastest (paste it into the quantization spec)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vibee.bench import tile_sweep
+    from vibee.bench.kernels import time_call
+    from vibee.runtime.engine import TORCH_DTYPES
+    from vibee.runtime.generated import load_generated
+
+    out, err = Console(), Console(stderr=True)
+    counts = sorted(set(_counts(rows, "--rows")))
+    config = engine_config(device=device, dtype="auto", spec_dir=spec_dir, quant=quant)
+    dev = config.resolve_device()
+    if not dev.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        fail("bench tiles times the Triton kernels: run it on a GPU (TRITON_INTERPRET=1 runs it on the CPU, slowly, "
+             "to check that it works)")
+    products = _weights(weights) if weights else model_weights(shape)
+    dtype_name = "bfloat16" if dev.startswith("cuda") else "float32"  # the interpreter's bf16 tl.dot is wrong
+    with user_errors():
+        gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
+    quant_module = gen.quantization
+    if not hasattr(quant_module, "pick_launch"):
+        fail("the quantization spec has no launch tiles to tune (its target is not triton, or its codes are fp8)")
+    total = len(products) * len(counts)
+    with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("", total=total)
+
+        def on_product(name: str) -> None:
+            bar.update(task, advance=0 if bar.tasks[0].description == "" else 1, description=name)
+
+        measured = tile_sweep.sweep(quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name],
+                                    time_call=time_call, on_product=on_product)
+        bar.update(task, completed=total)
+    table = tile_sweep.derive_table(measured)
+    lines = tile_sweep.spec_lines(table)
+
+    def us(s):
+        return f"{1e6 * s:.1f}"
+
+    product_rows = []
+    for r in measured:
+        best = r.best()
+        tile = tile_sweep.candidates(r.m)[best]
+        product_rows.append([f"{r.n}x{r.k}", r.m, us(r.dense_s), f"{us(r.table_s)} ({r.table_s / r.dense_s:.2f}x)",
+                             f"{us(r.times[best])} ({r.times[best] / r.dense_s:.2f}x)", tile.summary()])
+    env = environment(dev)
+    title = f"vibee bench tiles on {env.get('device_name', dev)} ({quant}, {dtype_name})"
+    notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
+             "x: over the dense F.linear of the same weight. 'spec table': the launch the current spec picks.",
+             "Paste the table into the quantization spec's config (tiles:) to use it: " + str(config.spec_dir)]
+    failed = sum(len(r.errors) for r in measured)
+    if failed:
+        notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
+    sections = [Section("Products", ["weight", "rows", "dense µs", "spec table µs", "best µs", "best tile"], product_rows),
+                Section("Derived table (first match by max_m, min_n)", ["tiles:"], [[line.strip()] for line in lines]),
+                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
+    data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": quant, "rows": counts,
+                                               "weights": products, "spec_dir": str(config.spec_dir)},
+            "results": [{"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s,
+                         "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i)}
+                                        for i, (t, s) in enumerate(zip(tile_sweep.candidates(r.m), r.times))]}
+                        for r in measured],
+            "table": [t.model_dump() for t in table], "environment": env}
+    json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
+    snippet = json_path.with_suffix(".tiles.vibee")
+    snippet.write_text("  tiles:\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    out.print(f"wrote {snippet}", highlight=False)

@@ -1,0 +1,124 @@
+"""`vibee bench tiles`: the quantized kernels' launch tiles timed per row count and weight shape on
+this GPU, and the spec `tiles:` table that takes the fastest (first match by max_m, min_n). The
+shipped table was tuned on an H100 and the H200 prefers others (128 rows: 1.09-1.18x bf16's time
+there, 1.28-1.78x here), so retuning for a GPU is one command, its output pasted into the spec."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vibee.kinds.quantization.tiles import MatmulTile
+
+ROWS = (1, 16, 32, 64, 128, 256, 512)  # a row count's table row covers the counts above the one before; the last any M
+
+
+def candidates(m: int) -> list[MatmulTile]:
+    """The tiles timed for m activation rows: the GEMV's for one row; code-position slices up to 16;
+    mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
+    to 128 rows; dequantize-then-cuBLAS from 32."""
+    if m == 1:
+        return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
+                for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
+    tiles = []
+    if m <= 16:
+        tiles += [MatmulTile(kernel="slices", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
+                  for bn, w in ((64, 4), (128, 8)) for p in (1, 2)]
+    block_m = min(max(16, 1 << (m - 1).bit_length()), 256)
+    tiles += [MatmulTile(kernel="mm", block_m=block_m, block_n=bn, block_k=bk, num_warps=8 if block_m == 256 else 4,
+                         num_stages=3, programs_per_sm=p, swap_ab=swap, join_codes=True)
+              for swap in (True, False) for bn in (64, 128) for bk in (64, 128) for p in ((0, 2) if m <= 128 else (0,))]
+    if m >= 32:
+        tiles.append(MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3))
+    return tiles
+
+
+@dataclass
+class Measured:
+    """One product [m, k] @ [k, n]: bf16's (the dense dtype's) F.linear time, the spec's current
+    table's, and each candidate's (candidates(m) order; None where it did not launch, see errors, or
+    its product was wrong)."""
+
+    n: int
+    k: int
+    m: int
+    dense_s: float
+    table_s: float
+    times: list[float | None] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)  # candidate -> why it did not launch
+
+    def best(self) -> int:
+        """Index of the fastest correct candidate."""
+        return min((t, i) for i, t in enumerate(self.times) if t is not None)[1]
+
+
+def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, device: str, dtype: torch.dtype,
+          time_call: Callable[[Callable[[], object], str], float], on_product: Callable[[str], None] = lambda _: None,
+          ) -> list[Measured]:
+    """Time every candidate on every [n, k] weight (random, quantized by the spec's quantizer) at each
+    row count. A candidate whose product is off the dequantized weight's by more than 1% is dropped."""
+    results = []
+    for n, k in weights:
+        gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
+        weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+        qw = quant.quantize_weight(weight, dtype=dtype)
+        dense = quant.dequantize(qw)
+        for m in rows:
+            on_product(f"{m}x{k} @ {k}x{n}")
+            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+            want = F.linear(x.float(), dense.float())
+            measured = Measured(n, k, m, time_call(lambda: F.linear(x, weight), device),
+                                time_call(lambda: quant.triton_quant_linear(x, qw), device))
+            for tile in candidates(m):
+                config = quant.pick_launch((quant.LaunchTile(**tile.model_dump()),), m, n, k, x.device)
+                try:
+                    y = quant.triton_quant_linear(x, qw, config=config)
+                except Exception as exc:  # noqa: BLE001 (a launch this GPU or product cannot take: shared memory, registers)
+                    measured.errors[len(measured.times)] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    measured.times.append(None)
+                    continue
+                ok = (y.float() - want).norm() <= 0.01 * want.norm()
+                measured.times.append(time_call(lambda: quant.triton_quant_linear(x, qw, config=config), device) if ok else None)
+            results.append(measured)
+    return results
+
+
+def derive_table(results: Sequence[Measured]) -> list[MatmulTile]:
+    """The first-match table that takes, for each row count and weight width, the candidate with the
+    least summed time over bf16's among the weights of that width (widths sharing a best merge into
+    one row; the narrowest run of a row count takes min_n 0, the last row count any M)."""
+    rows: list[MatmulTile] = []
+    counts = sorted({r.m for r in results})
+    for i, m in enumerate(counts):
+        by_width: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        for r in (r for r in results if r.m == m):
+            for c, t in enumerate(r.times):
+                by_width[r.n][c] += float("inf") if t is None else t / r.dense_s
+        runs: list[tuple[int, int]] = []  # (candidate, narrowest width), widest first
+        for n in sorted(by_width, reverse=True):
+            best = min(by_width[n], key=by_width[n].get)
+            if runs and runs[-1][0] == best:
+                runs[-1] = (best, n)
+            else:
+                runs.append((best, n))
+        tiles = candidates(m)
+        for j, (c, n) in enumerate(runs):
+            rows.append(tiles[c].model_copy(update={"max_m": None if i == len(counts) - 1 else m,
+                                                    "min_n": 0 if j == len(runs) - 1 else n}))
+    return rows
+
+
+def spec_lines(table: Sequence[MatmulTile]) -> list[str]:
+    """The table as the spec writes it (`tiles:` rows, fields left at their defaults omitted)."""
+    default = {name: f.default for name, f in MatmulTile.model_fields.items() if f.default is not None}
+    lines = []
+    for tile in table:
+        fields = {k: v for k, v in tile.model_dump().items()
+                  if not (k in default and v == default[k]) and not (k == "min_block_n" and v == tile.block_n)
+                  and not (k == "max_m" and v is None)}
+        lines.append("    - {" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()) + "}")
+    return lines
