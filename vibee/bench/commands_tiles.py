@@ -84,9 +84,12 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
     with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=err) as bar:
         task = bar.add_task("", total=total)
+        started = 0
 
-        def on_product(name: str) -> None:
-            bar.update(task, advance=0 if bar.tasks[0].description == "" else 1, description=name)
+        def on_product(name: str) -> None:  # called as each product starts: the ones before it are done
+            nonlocal started
+            bar.update(task, completed=started, description=name)
+            started += 1
 
         measured = tile_sweep.sweep(quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name],
                                     time_call=time_call, on_product=on_product)
