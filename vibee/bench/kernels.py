@@ -264,18 +264,26 @@ def bench_token_mask(shape: dict, dtype, device) -> Timing:
     logits = torch.randn(b, v, dtype=dtype, device=device)
     tokens = torch.from_numpy(rng.integers(0, v, b)).to(device)
     allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), allowed])).to(device)
+    moved = logits.numel() * logits.element_size() + b * table.words * 4  # the logits once, and the bitmasks
+    return _time_masking("grammar token mask (token DFA)", "torch bool-row gather + masked_fill_", table, logits,
+                         states, states, tokens, allowed_d, moved, device, dtype)
+
+
+def _time_masking(label: str, baseline: str, table, logits: torch.Tensor, states: torch.Tensor, rows: torch.Tensor,
+                  tokens: torch.Tensor, allowed: torch.Tensor, moved: int, device: str, dtype) -> Timing:
+    """The grammar table's mask and advance of `states` by `tokens`, against the torch bool-row
+    gather and masked_fill_ of the same table `rows` (allowed: a bool row per table row)."""
 
     def ours():
         table.mask(logits, states)
         table.advance(states, tokens)
 
     def torch_mask():
-        logits.masked_fill_(~allowed_d[states], float("-inf"))
-        table.next[states, tokens]
+        logits.masked_fill_(~allowed[rows], float("-inf"))
+        table.next[rows, tokens]
 
-    moved = logits.numel() * logits.element_size() + b * table.words * 4  # the logits once, and the bitmasks
-    return Timing("grammar token mask (token DFA)", f"B{b} V{v}", "TB/s", moved, time_call(ours, device),
-                  "torch bool-row gather + masked_fill_", time_call(torch_mask, device), *_copy_ceiling(device, dtype))
+    return Timing(label, f"B{logits.shape[0]} V{logits.shape[1]}", "TB/s", moved, time_call(ours, device), baseline,
+                  time_call(torch_mask, device), *_copy_ceiling(device, dtype))
 
 
 def _copy_ceiling(device: str, dtype) -> tuple[float, str]:
@@ -327,16 +335,6 @@ def bench_json_mask(shape: dict, dtype, device) -> Timing:
     tokens_d = torch.from_numpy(rng.integers(0, v, b)).to(device)
     allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), pda.next >= 0])).to(device)
     rows = (states & 0xFFFF) - first + 1
-
-    def ours():
-        table.mask(logits, states)
-        table.advance(states, tokens_d)
-
-    def torch_mask():
-        logits.masked_fill_(~allowed_d[rows], float("-inf"))
-        table.next[rows, tokens_d]
-
     moved = logits.numel() * logits.element_size() + b * table.words * 4 + b * v * 2  # + each token's effect id
-    return Timing("grammar token mask (JSON mode)", f"B{b} V{v}", "TB/s", moved, time_call(ours, device),
-                  "torch bool-row gather + masked_fill_ (no stack)", time_call(torch_mask, device),
-                  *_copy_ceiling(device, dtype))
+    return _time_masking("grammar token mask (JSON mode)", "torch bool-row gather + masked_fill_ (no stack)", table,
+                         logits, states, rows, tokens_d, allowed_d, moved, device, dtype)
