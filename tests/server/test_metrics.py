@@ -47,3 +47,28 @@ def test_counters_ignore_negative_deltas_and_registries_are_separate():
     assert a.get_sample_value("vibee:generation_tokens_total", {"model_name": ""}) == 0
     text = generate_latest(b).decode()
     assert "# TYPE vibee:generation_tokens_total counter" in text
+
+
+def test_kernel_compiles_while_serving_are_counted_from_the_observers_start():
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from vibee.runtime.jit_compiles import JitCompiles
+
+    reg = CollectorRegistry()
+    with JitCompiles() as compiles:
+        knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name="_before_serving"))  # a compile at load: not counted
+        knobs.runtime.jit_post_compile_hook(fn=SimpleNamespace(name="_before_serving"))
+        obs = PrometheusObserver(reg, model_name="m", compiles=compiles)
+        obs.on_step(_step())
+        assert reg.get_sample_value("vibee:kernel_compiles_total", {"model_name": "m"}) == 0
+        for name in ("_a", "_b"):
+            knobs.runtime.jit_cache_hook(fn=SimpleNamespace(name=name))
+            knobs.runtime.jit_post_compile_hook(fn=SimpleNamespace(name=name))
+        obs.on_step(_step())
+        obs.on_step(_step())
+    assert reg.get_sample_value("vibee:kernel_compiles_total", {"model_name": "m"}) == 2
+    assert reg.get_sample_value("vibee:kernel_compile_seconds_total", {"model_name": "m"}) >= 0
+    assert "# TYPE vibee:kernel_compiles_total counter" in generate_latest(PrometheusObserver(CollectorRegistry())
+                                                                           .registry).decode()

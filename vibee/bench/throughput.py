@@ -112,7 +112,7 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
     structured_output: a grammar every request keeps to (its masks' host time is reported)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vibee.bench.jit_compiles import JitCompiles
+    from vibee.runtime.jit_compiles import JitCompiles
     from vibee.runtime.sampling_params import SamplingParams
 
     peaks = StepPeaks()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from vibee.runtime.jit_compiles import JitCompiles
 from vibee.server import routes_completions, routes_info, routes_tokenize, routes_web
 from vibee.server.auth import APIKeyMiddleware
 from vibee.server.body_limit import BodyLimitMiddleware
@@ -22,7 +23,8 @@ def create_app(engine: EngineClient, *, api_key: str | None = None, limits: Serv
     /metrics and the docs needs `Authorization: Bearer <api_key>`; limits: what one request may
     ask (body size, completions), the defaults of ServerLimits when None."""
     state = ServerState.for_engine(engine, limits)
-    engine.add_observer(PrometheusObserver(state.registry, model_name=state.model_name))
+    engine.add_observer(PrometheusObserver(state.registry, model_name=state.model_name,
+                                           compiles=JitCompiles.process_wide()))
 
     app = FastAPI(title="vibee", summary="OpenAI-compatible LLM inference server")
     app.state.server = state

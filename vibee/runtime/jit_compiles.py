@@ -12,7 +12,17 @@ from collections import Counter
 
 class JitCompiles:
     """`with JitCompiles() as jit:` counts the kernels Triton compiled (or loaded from its disk
-    cache) inside the block: jit.count, jit.seconds, jit.kernels (name -> count)."""
+    cache) inside the block: jit.count, jit.seconds, jit.kernels (name -> count).
+    JitCompiles.process_wide(): one instance counting from its first call to the process's end
+    (the server's /metrics)."""
+
+    _process: JitCompiles | None = None
+
+    @classmethod
+    def process_wide(cls) -> JitCompiles:
+        if cls._process is None:
+            cls._process = cls().__enter__()
+        return cls._process
 
     def __init__(self) -> None:
         self.count = 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from triton import knobs
 
-from vibee.bench.jit_compiles import JitCompiles
+from vibee.runtime.jit_compiles import JitCompiles
 
 
 def test_counts_each_compile_between_the_hooks_and_chains_and_restores_the_previous_ones(monkeypatch):
