@@ -769,7 +769,7 @@ def _codes_3d(words, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
 # or f16x2 anywhere): nibbles s and s + 4 of a word go into the low mantissa bits of a pair of
 # 128.0 (bf16; 1024.0 for fp16, whose step there is also 1), subtracting the pair 128 + zero leaves
 # code - zero exactly, and one packed multiply by the scale rounds it once, as dequantize() does.
-# About 2 instructions a weight where the fp32 unpacking takes ~6 (H100 SASS of the mm loop).
+# About 2 instructions a weight where the fp32 unpacking takes ~6 (the sm_90 SASS of the mm loop).
 _NIBBLE_PAIRS_ASM = """{
 .reg .b32 t1, t2, t3, c0, c1, c2, c3;
 shr.u32 t1, $4, 4;
