@@ -98,6 +98,8 @@ def test_the_command_times_every_candidate_and_writes_the_table(tmp_path):
                for r in data["results"])  # every candidate launched and matched the dequantized product
     snippet = next(tmp_path.glob("tiles-*.tiles.vibee")).read_text()
     assert snippet.startswith("  tiles:\n    - {kernel: gemv, max_m: 1") and len(data["table"]) == snippet.count("    - {")
+    assert "to use it: " + str(SPEC) in " ".join(result.output.split())
+    assert all(c["wrong"] is None for r in data["results"] for c in r["candidates"])
 
 
 class _FakeQuant:
@@ -139,4 +141,5 @@ def test_sweep_skips_launches_that_fail_or_compute_wrongly():
         failed, wrong = tile.block_n == 64, tile.kernel == "mm" and tile.block_k == 128
         assert (r.times[i] is None) == (failed or wrong), tile
         assert (i in r.errors) == failed and (not failed or "out of shared memory" in r.errors[i])
+        assert (i in r.wrong) == (wrong and not failed) and (i not in r.wrong or abs(r.wrong[i] - 1.0) < 1e-6)
     assert tiles[r.best()].kernel in ("mm", "dense") and r.times[r.best()] is not None

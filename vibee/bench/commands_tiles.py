@@ -110,17 +110,22 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
     title = f"vibee bench tiles on {env.get('device_name', dev)} ({quant}, {dtype_name})"
     notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
              "x: over the dense F.linear of the same weight. 'spec table': the launch the current spec picks.",
-             "Paste the table into the quantization spec's config (tiles:) to use it: " + str(config.spec_dir)]
+             f"Paste the table into the quantization spec's config (tiles:) to use it: {gen.specs['quantization'].path}"]
     failed = sum(len(r.errors) for r in measured)
     if failed:
         notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
+    wrong = sorted({tile_sweep.candidates(r.m)[i].summary() for r in measured for i in r.wrong})
+    if wrong:
+        notes.append("These launches computed a wrong product here (over 1% off the dequantized weight's; a kernel or "
+                     "compiler bug, in the JSON as 'wrong') and were skipped: " + "; ".join(wrong))
     sections = [Section("Products", ["weight", "rows", "dense µs", "spec table µs", "best µs", "best tile"], product_rows),
                 Section("Derived table (first match by max_m, min_n)", ["tiles:"], [[line.strip()] for line in lines]),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
     data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": quant, "rows": counts,
                                                "weights": products, "spec_dir": str(config.spec_dir)},
             "results": [{"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s,
-                         "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i)}
+                         "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i),
+                                         "wrong": r.wrong.get(i)}
                                         for i, (t, s) in enumerate(zip(tile_sweep.candidates(r.m), r.times))]}
                         for r in measured],
             "table": [t.model_dump() for t in table], "environment": env}

@@ -50,6 +50,7 @@ class Measured:
     table_s: float
     times: list[float | None] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)  # candidate -> why it did not launch
+    wrong: dict[int, float] = field(default_factory=dict)  # candidate -> its product's relative error (> 1%)
 
     def best(self) -> int:
         """Index of the fastest correct candidate."""
@@ -81,8 +82,12 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
                     measured.errors[len(measured.times)] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     measured.times.append(None)
                     continue
-                ok = (y.float() - want).norm() <= 0.01 * want.norm()
-                measured.times.append(time_call(lambda: quant.triton_quant_linear(x, qw, config=config), device) if ok else None)
+                error = ((y.float() - want).norm() / want.norm()).item()
+                if not error <= 0.01:  # NaN included
+                    measured.wrong[len(measured.times)] = error
+                    measured.times.append(None)
+                    continue
+                measured.times.append(time_call(lambda: quant.triton_quant_linear(x, qw, config=config), device))
             results.append(measured)
     return results
 
