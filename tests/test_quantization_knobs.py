@@ -219,8 +219,13 @@ def test_changed_tiles_still_compute_the_product(gen_from_text, quantization_spe
          "swap_ab is the mm kernel's"),
         ("    - {kernel: slices, max_m: 16, block_m: 16, block_n: 64, block_k: 128, join_codes: true}\n"
          "    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64}\n", "join_codes is the mm and dense kernels'"),
+        ("    - {kernel: wgmma, block_m: 64, block_n: 64, block_k: 64, num_warps: 2}\n", "num_warps must be 4 or 8, got 2"),
+        ("    - {kernel: wgmma, block_m: 64, block_n: 64, block_k: 64, num_warps: 8}\n", "must be multiples of 128, got 64 and 64"),
+        ("    - {kernel: wgmma, block_m: 256, block_n: 128, block_k: 64}\n", "keeps 256 fp32 accumulators per thread"),
+        ("    - {kernel: wgmma, block_m: 64, block_n: 128, block_k: 32}\n", "block_k from 64 to 256"),
     ],
-    ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed", "swap-gemv", "join-slices"],
+    ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed", "swap-gemv", "join-slices", "wgmma-warps",
+         "wgmma-rows", "wgmma-registers", "wgmma-k"],
 )
 def test_bad_tiles_are_spec_errors(gen_from_text, quantization_spec, tiles, message):
     with pytest.raises(SpecError) as caught:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vibee.codegen.render import STATIC_COPY_MARKER, static_source
-from vibee.kinds.quantization import kernels, launch, unpack
+from vibee.kinds.quantization import kernels, launch, unpack, wgmma
 from vibee.kinds.quantization.config import QuantizationConfig
 from vibee.kinds.quantization.tiles import MatmulTile
 
@@ -75,7 +75,71 @@ def test_a_tile_of_another_shape_computes_the_same_product():
     torch.testing.assert_close(y.double(), x.double() @ weight.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("module", [unpack, kernels, launch], ids=["unpack.py", "kernels.py", "launch.py"])
+@interpreter_only
+def test_a_wgmma_launch_where_it_cannot_run_computes_the_product_by_the_mm_kernel():
+    """The interpreter has no wgmma (nor a CPU): the launch falls back to an mm tile that is right on every GPU."""
+    qw, weight = int4_weight(40, 256, 128, torch.float16)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).half()
+    assert not launch._wgmma_takes(launch._format(qw), torch.float16, None, 256, 64, x.device)
+    y = launch._launch(x, qw, launch._format(qw), None, launch.KernelConfig("wgmma", 256, 128, 64, 1, 8, 4), None)
+    expected = x.double() @ weight.T
+    assert (y.double() - expected).abs().max() <= 4e-3 * (x.double().abs() @ weight.abs().T).max()
+
+
+_COMPILE_FOR_SM90 = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from vibee.kinds.quantization.wgmma import _w4_wgmma_kernel
+
+constexprs = json.loads(sys.argv[1])
+names = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "M", "N", "K", "stride_xm", "stride_qn",
+         "stride_sn", "stride_zn", "stride_ym", "k_per_split"]
+signature = dict(zip(names, ["*bf16", "*i32", "*bf16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9))
+signature.update({name: "constexpr" for name in constexprs})
+aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+           if name in ("x_ptr", "qw_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "K", "stride_xm", "stride_qn", "stride_ym", "k_per_split")}
+source = GluonASTSource(fn=_w4_wgmma_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": constexprs["WARPS"]})
+import os, subprocess, tempfile
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+with tempfile.TemporaryDirectory() as tmp:  # ptxas's own report (Triton's compile keeps it quiet)
+    open(os.path.join(tmp, "k.ptx"), "w").write(compiled.asm["ptx"])
+    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+                            capture_output=True, text=True).stderr
+print(json.dumps({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared, "ptxas": report}))
+"""
+
+
+def compile_wgmma_for_sm90(**constexprs) -> dict:
+    """wgmma.py's kernel compiled for an H100/H200 here (Triton's bundled ptxas, no GPU), in a
+    process of its own: under TRITON_INTERPRET a Gluon kernel is the interpreter's, not compilable."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps(constexprs)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(wgmma.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("block_m, block_n, warps, zeros, partials", [(128, 128, 4, True, False), (256, 128, 8, False, True)])
+def test_the_wgmma_kernel_compiles_for_sm90_to_async_wgmma_without_serializing(block_m, block_n, warps, zeros, partials):
+    """Its point is the overlap: the k loop's wgmmas are issued async, with one wait per tile that
+    leaves one outstanding, and ptxas keeps them so (its warning C7515: serialized, each waited for)."""
+    compiled = compile_wgmma_for_sm90(GROUP=128, OFFSET=8388608.0 + (0 if zeros else 8), HAS_ZEROS=zeros, HAS_BIAS=True,
+                                      PARTIALS=partials, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=64, STAGES=4, WARPS=warps)
+    ptx = compiled["ptx"]
+    assert ptx.count("wgmma.mma_async") == block_n // (16 * warps) * 4  # 4 k16 steps of 64 rows per warpgroup
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx and compiled["shared"] <= 228 * 1024
+    assert "Compiling entry function" in compiled["ptxas"] and "C7515" not in compiled["ptxas"], compiled["ptxas"]
+
+
+@pytest.mark.parametrize("module", [unpack, kernels, wgmma, launch], ids=["unpack.py", "kernels.py", "wgmma.py", "launch.py"])
 def test_generated_module_carries_the_static_code_verbatim(module):
     path = Path(module.__file__)
     text = path.read_text(encoding="utf-8")

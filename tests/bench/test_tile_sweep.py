@@ -30,7 +30,8 @@ def test_candidates_fit_the_row_count(m):
     tiles = candidates(m)
     kinds = {t.kernel for t in tiles}
     assert ("gemv" in kinds) == (m == 1) and ("slices" in kinds) == (1 < m <= 16) and ("dense" in kinds) == (m >= 32)
-    assert all(t.block_m >= min(m, 256) for t in tiles if t.kernel == "mm")  # one tile tall covers the rows
+    assert ("wgmma" in kinds) == (m >= 64)
+    assert all(t.block_m >= min(m, 256) for t in tiles if t.kernel in ("mm", "wgmma"))  # one tile tall covers the rows
     assert len(set(tiles)) == len(tiles)
 
 

@@ -20,7 +20,7 @@ ROWS = (1, 16, 32, 64, 128, 256, 512)  # a row count's table row covers the coun
 def candidates(m: int) -> list[MatmulTile]:
     """The tiles timed for m activation rows: the GEMV's for one row; code-position slices up to 16;
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
-    to 128 rows; dequantize-then-cuBLAS from 32."""
+    to 128 rows; wgmma tiles m rows tall from 64; dequantize-then-cuBLAS from 32."""
     if m == 1:
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
                 for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
@@ -32,6 +32,9 @@ def candidates(m: int) -> list[MatmulTile]:
     tiles += [MatmulTile(kernel="mm", block_m=block_m, block_n=bn, block_k=bk, num_warps=8 if block_m == 256 else 4,
                          num_stages=3, programs_per_sm=p, swap_ab=swap, join_codes=True)
               for swap in (True, False) for bn in (64, 128) for bk in (64, 128) for p in ((0, 2) if m <= 128 else (0,))]
+    if m >= 64:  # Hopper's wgmma kernel (elsewhere its launch runs an mm tile): 128 weight rows, split over k or not
+        tiles += [MatmulTile(kernel="wgmma", block_m=block_m, block_n=128, block_k=64, num_warps=4 if block_m <= 128 else 8,
+                             num_stages=4, programs_per_sm=p) for p in (0, 2)]
     if m >= 32:
         tiles.append(MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3))
     return tiles

@@ -27,10 +27,11 @@ class MatmulTile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kernel: Literal["gemv", "mm", "slices", "dense"] = Field(
+    kernel: Literal["gemv", "mm", "slices", "wgmma", "dense"] = Field(
         description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot; 'slices': 4-bit codes in"
-                    " 16-bit compute, tl.dot per code position (other formats take 'mm'); 'dense': dequantize the"
-                    " whole weight (block_n x block_k tiles), then torch.matmul")
+                    " 16-bit compute, tl.dot per code position (other formats take 'mm'); 'wgmma': 4-bit codes on"
+                    " Hopper, unpacked while the previous tile's async wgmma runs (elsewhere 'mm'); 'dense': dequantize"
+                    " the whole weight (block_n x block_k tiles), then torch.matmul")
     max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
     min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
     block_m: StrictInt = Field(1, description="activation rows per program (gemv: 1; mm: a power of two, 16..256)")
@@ -110,7 +111,24 @@ class MatmulTile(BaseModel):
             raise ValueError(f"swap_ab is the mm kernel's: a {self.kernel} tile has no operands to swap")
         if self.join_codes and self.kernel not in ("mm", "dense"):
             raise ValueError(f"join_codes is the mm and dense kernels': a {self.kernel} tile unpacks codes its own way")
+        if self.kernel == "wgmma":
+            self._fits_wgmma()
         return self
+
+    def _fits_wgmma(self) -> None:
+        """A warpgroup (4 warps) takes 64 weight rows per wgmma and its fp32 accumulators live in registers."""
+        if self.num_warps not in (4, 8):
+            raise ValueError(f"a wgmma tile runs on one or two warpgroups: num_warps must be 4 or 8, got {self.num_warps}")
+        rows = 16 * self.num_warps
+        if self.min_block_n % rows:
+            raise ValueError(f"a wgmma tile on {self.num_warps} warps takes weight rows {rows} at a time: block_n and "
+                             f"min_block_n must be multiples of {rows}, got {self.block_n} and {self.min_block_n}")
+        if not 64 <= self.block_k <= 256:
+            raise ValueError(f"a wgmma tile takes block_k from 64 to 256 (128-byte rows of x's tile), got {self.block_k}")
+        per_thread = self.block_m * self.block_n // (32 * self.num_warps)
+        if per_thread > 128:
+            raise ValueError(f"a {self.block_m}x{self.block_n} wgmma tile on {self.num_warps} warps keeps {per_thread} fp32 "
+                             "accumulators per thread: at most 128 fit in registers (fewer rows or more warps)")
 
     def covers(self, other: MatmulTile) -> bool:
         """Whether every product other matches is matched by self too."""
