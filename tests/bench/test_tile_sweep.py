@@ -79,6 +79,15 @@ def test_spec_lines_load_back_as_the_same_table(tmp_path):
     assert spec.config.tiles == table
 
 
+def test_the_default_sweep_takes_the_weights_of_both_shapes_once_each():
+    from vibee.bench.commands_tiles import model_weights, shapes_weights
+
+    both = shapes_weights(("llama-3.2-1b", "llama-3.1-8b"))
+    assert both == model_weights("llama-3.2-1b") + model_weights("llama-3.1-8b")  # no weight shared between them
+    assert (28672, 4096) in both and (2048, 8192) in both and shapes_weights(("llama-3.2-1b",) * 2) == model_weights("llama-3.2-1b")
+    assert bench.commands["tiles"].params[0].default == ("llama-3.2-1b", "llama-3.1-8b")
+
+
 def test_the_command_needs_a_gpu_or_the_interpreter(monkeypatch, tmp_path):
     result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--weights", "64y128", "--result-dir", str(tmp_path)])
     assert result.exit_code == 2 and "--weights takes" in result.output

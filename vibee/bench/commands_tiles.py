@@ -44,9 +44,17 @@ def model_weights(shape: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(weights))
 
 
+def shapes_weights(shapes: tuple[str, ...]) -> list[tuple[int, int]]:
+    """The distinct weights of several shapes, in order: a table derived from one shape's widths sends
+    other widths to launches tuned for its nearest (the 1B's table sent 14336-row weights to dense)."""
+    return list(dict.fromkeys(w for shape in shapes for w in model_weights(shape)))
+
+
 @click.command()
-@click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default="llama-3.2-1b", show_default=True,
-              help="Time the linear weights of this model shape (qkv, o, gate_up, down, lm_head).")
+@click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), multiple=True,
+              default=("llama-3.2-1b", "llama-3.1-8b"), show_default=True,
+              help="Time the linear weights of this model shape (qkv, o, gate_up, down, lm_head); repeat it for several: "
+                   "the table covers the weight widths of all of them.")
 @click.option("--weights", default=None, help="Instead of --shape: [out x in] weights, e.g. 3072x2048,16384x2048.")
 @click.option("--rows", default=",".join(map(str, (1, 16, 32, 64, 128, 256, 512))), show_default=True,
               help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any.")
@@ -73,7 +81,7 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
     if not dev.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         fail("bench tiles times the Triton kernels: run it on a GPU (TRITON_INTERPRET=1 runs it on the CPU, slowly, "
              "to check that it works)")
-    products = _weights(weights) if weights else model_weights(shape)
+    products = _weights(weights) if weights else shapes_weights(shape)
     dtype_name = "bfloat16" if dev.startswith("cuda") else "float32"  # the interpreter's bf16 tl.dot is wrong
     with user_errors():
         gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
