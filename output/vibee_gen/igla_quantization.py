@@ -1403,6 +1403,7 @@ class _Format:
 
 
 _NUM_SMS: dict[int, int] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1412,6 +1413,14 @@ def _num_sms(device: torch.device) -> int:
     if index not in _NUM_SMS:
         _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _NUM_SMS[index]
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability, asked once per device (launches ask on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def _format(qw: QuantizedWeight) -> _Format:
@@ -1461,10 +1470,10 @@ def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, i
 def _wgmma_takes(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, in_features: int, block_k: int,
                  device: torch.device) -> bool:
     """Whether wgmma.py's kernel reads this weight here: Gluon, an sm_90 GPU (wgmma is Hopper's
-    alone), 4-bit codes, 16-bit compute, whole k tiles of 64 or more and one scale per row and tile, and whole
-    zero points (if any); the "wgmma" launch runs the mm kernel elsewhere."""
-    return (gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
-            and fmt.code_bits == 4 and dtype in (torch.bfloat16, torch.float16) and block_k >= 64 and in_features % block_k == 0
+    alone), 4-bit codes, 16-bit compute, whole k tiles of 64 or more and one scale per row and
+    tile, and whole zero points (if any); the "wgmma" launch runs the mm kernel elsewhere."""
+    return (gluon is not None and device.type == "cuda" and _capability(device) == (9, 0) and fmt.code_bits == 4
+            and dtype in (torch.bfloat16, torch.float16) and block_k >= 64 and in_features % block_k == 0
             and fmt.group_size % block_k == 0 and (zeros is None or not zeros.is_floating_point()))
 
 
@@ -1476,7 +1485,7 @@ def _packed16(cfg: KernelConfig, fmt: _Format, dtype: torch.dtype, zeros: torch.
     sm_90); not in the interpreter (inline PTX)."""
     runs = (fmt.code_bits == 4 and _scale_per_tile(in_features, fmt.group_size, cfg.block_k) and device.type == "cuda"
             and (zeros is None or not zeros.is_floating_point())
-            and (dtype == torch.float16 or dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)))
+            and (dtype == torch.float16 or dtype == torch.bfloat16 and _capability(device) >= (9, 0)))
     if cfg.packed16 and not runs:
         raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
     return runs if cfg.packed16 is None else cfg.packed16
