@@ -79,6 +79,21 @@ def test_greedy_ties_go_to_the_first_column_as_torch_argmax():
 
 
 @needs_kernels
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_count_as_the_largest_so_every_row_names_a_column(temperature):
+    """A row of NaN logits (an upstream fault: a wrong int4 tile once gave whole rows of them) must
+    still give a token of the vocabulary: 2^31 - 1 faulted the next step's embedding gather and
+    ended the server. NaN wins as in torch.argmax; several tie to the first."""
+    logits = torch.zeros(4, 2048, device=DEVICE)
+    logits[0] = float("nan")
+    logits[1, 700], logits[1, 5] = float("nan"), 3.0
+    logits[2, [1500, 40]] = float("nan")
+    logits[3, 1200:] = float("nan")
+    got = gumbel_sample(logits, torch.full((4,), temperature, device=DEVICE), torch.tensor([1], device=DEVICE), block=16)
+    assert got.tolist() == [0, 700, 40, 1200] == logits.argmax(dim=-1).tolist()
+
+
+@needs_kernels
 def test_kernel_keeps_minus_infinity_out_and_reads_strided_rows():
     logits = torch.full((3, 2 * 96), float("-inf"), device=DEVICE)
     logits[:, [5, 70]] = 0.0

@@ -24,7 +24,8 @@ MAX_CHUNKS = 64  # programs a row's vocabulary is split over
 def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, *, block: int = BLOCK,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens (long [n]) drawn from softmax(logits / temperatures[:, None]) row by row; a row
-    with temperature 0 takes its argmax (the first column of the largest logit, as torch's). logits
+    with temperature 0 takes its argmax (the first column of the largest logit, as torch's; NaN
+    counts as the largest, as there). logits
     [n, vocab] (any float dtype, last dimension contiguous), temperatures float32 [n], seed int64
     [1], all on one device (on a CPU the kernel needs TRITON_INTERPRET=1). block: columns per
     iteration (a power of 2; the draws don't depend on it); out: where to write the tokens (long [n]).
@@ -83,6 +84,10 @@ def _gumbel_kernel(logits_ptr, stride_row, temps_ptr, seed_ptr, score_ptr, col_p
         cols = start + lanes
         valid = cols < vocab
         x = tl.load(logits_ptr + row * stride_row + cols, mask=valid, other=float("-inf")).to(tl.float32)
+        # NaN counts as the largest logit, as in torch.argmax: a row of NaN (a numerical fault
+        # upstream) still names a column, not 2^31 - 1, which the next step's embedding gather
+        # would fault on, taking every request on the GPU down with it.
+        x = tl.where(x != x, float("inf"), x)
         u = tl.rand(seed, row * vocab + cols)
         # E = -log(u) > 0; u == 0 would make E infinite (a token that can never win), fine.
         e = tl.maximum(-tl.log(u), 1.1754943508222875e-38)
