@@ -80,26 +80,45 @@ def test_a_wgmma_launch_where_it_cannot_run_computes_the_product_by_the_mm_kerne
     """The interpreter has no wgmma (nor a CPU): the launch falls back to an mm tile that is right on every GPU."""
     qw, weight = int4_weight(40, 256, 128, torch.float16)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).half()
-    assert not launch._wgmma_takes(launch._format(qw), torch.float16, None, 256, 64, x.device)
+    assert not launch._wgmma_takes(launch._format(qw), torch.float16, qw.scales, None, 256, 64, x.device)
     y = launch._launch(x, qw, launch._format(qw), None, launch.KernelConfig("wgmma", 256, 128, 64, 1, 8, 4), None)
     expected = x.double() @ weight.T
     assert (y.double() - expected).abs().max() <= 4e-3 * (x.double().abs() @ weight.abs().T).max()
+
+
+def test_tma_brings_the_wgmma_operands_only_in_whole_aligned_chunks():
+    """TMA's boxes start 16-byte aligned and span 16 bytes at least: 8 scales (16 uint8 zero points) per
+    row; a weight whose rows hold fewer groups, or whose tensors start off 16 bytes, runs the mm kernel."""
+    words = torch.zeros(64, 256, dtype=torch.int32)  # 2048 inputs
+    scales = torch.zeros(64, 16, dtype=torch.bfloat16)  # groups of 128
+    zeros = torch.zeros(64, 16, dtype=torch.uint8)
+    assert wgmma.wgmma_tma_ready(words, scales, None, 128) and wgmma.wgmma_tma_ready(words, scales, zeros, 128)
+    assert not wgmma.wgmma_tma_ready(words[:, :128], scales[:, :8], zeros[:, :8], 128)  # 8 zero points: half a box
+    assert wgmma.wgmma_tma_ready(words[:, :128], scales[:, :8], None, 128)
+    assert not wgmma.wgmma_tma_ready(words, torch.zeros(64, 9, dtype=torch.bfloat16), None, 128)  # 576 = 9 groups of 64
+    assert not wgmma.wgmma_tma_ready(words, scales, zeros.to(torch.int32), 128)  # zero points as uint8 only
+    assert not wgmma.wgmma_tma_ready(words, torch.zeros(64 * 16 + 1, dtype=torch.bfloat16)[1:].view(64, 16), None, 128)
 
 
 _COMPILE_FOR_SM90 = """
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from vibee.kinds.quantization.wgmma import _w4_wgmma_kernel
 
 constexprs = json.loads(sys.argv[1])
-names = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "M", "N", "K", "stride_xm", "stride_qn",
-         "stride_sn", "stride_zn", "stride_ym", "k_per_split"]
-signature = dict(zip(names, ["*bf16", "*i32", "*bf16", "*u8", "*bf16", "*bf16", "*fp32"] + ["i32"] * 9))
+bm, bn = constexprs["BLOCK_M"], constexprs["BLOCK_N"]
+def desc(dtype, name, block):  # a TMA descriptor argument as wgmma_linear makes it
+    return f"tensordesc<{name}{block},{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
+signature = {"x_desc": desc(gl.bfloat16, "bf16", [bm, 64]), "w_desc": desc(gl.int32, "i32", [bn, 8]),
+             "s_desc": desc(gl.bfloat16, "bf16", [bn, 8]), "z_desc": desc(gl.uint8, "u8", [bn, 16]),
+             "b_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
+             "k_per_split": "i32"}
 signature.update({name: "constexpr" for name in constexprs})
-aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-           if name in ("x_ptr", "qw_ptr", "s_ptr", "y_ptr", "part_ptr", "N", "K", "stride_xm", "stride_qn", "stride_ym", "k_per_split")}
+aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
+           if name in ("y_ptr", "part_ptr", "count_ptr", "N", "K", "stride_ym", "k_per_split")}
 source = GluonASTSource(fn=_w4_wgmma_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": constexprs["WARPS"]})
 import os, subprocess, tempfile
@@ -131,11 +150,12 @@ def compile_wgmma_for_sm90(**constexprs) -> dict:
 def test_the_wgmma_kernel_compiles_for_sm90_to_async_wgmma_without_serializing(block_m, block_n, warps, zeros, partials):
     """Its point is the overlap: the k loop's wgmmas are issued async, with one wait per tile that
     leaves one outstanding, and ptxas keeps them so (its warning C7515: serialized, each waited for)."""
-    compiled = compile_wgmma_for_sm90(GROUP=128, OFFSET=8388608.0 + (0 if zeros else 8), HAS_ZEROS=zeros, HAS_BIAS=True,
-                                      PARTIALS=partials, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=64, STAGES=4, WARPS=warps)
+    compiled = compile_wgmma_for_sm90(GROUP=128, ZERO_CODE=0 if zeros else 8, HAS_ZEROS=zeros, HAS_BIAS=True,
+                                      SPLIT_K=2 if partials else 1, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=64, STAGES=4, WARPS=warps)
     ptx = compiled["ptx"]
     assert ptx.count("wgmma.mma_async") == block_n // (16 * warps) * 4  # 4 k16 steps of 64 rows per warpgroup
     assert "wgmma.wait_group.sync.aligned 1;" in ptx and compiled["shared"] <= 228 * 1024
+    assert ptx.count("atom.global.gpu.acq_rel.add") == int(partials)  # split-K: the tile's counter, one thread's atomic
     assert "Compiling entry function" in compiled["ptxas"] and "C7515" not in compiled["ptxas"], compiled["ptxas"]
 
 

@@ -30,7 +30,7 @@ def test_candidates_fit_the_row_count(m):
     tiles = candidates(m)
     kinds = {t.kernel for t in tiles}
     assert ("gemv" in kinds) == (m == 1) and ("slices" in kinds) == (1 < m <= 16) and ("dense" in kinds) == (m >= 32)
-    assert ("wgmma" in kinds) == (m >= 64)
+    assert ("wgmma" in kinds) == (m >= 32)
     assert all(t.block_m >= min(m, 256) for t in tiles if t.kernel in ("mm", "wgmma"))  # one tile tall covers the rows
     assert len(set(tiles)) == len(tiles)
 
@@ -65,6 +65,16 @@ def test_two_weights_of_one_width_share_the_candidate_with_the_least_summed_time
     b.times[1] = 10e-6 * 1.1  # 1 is a near-best for b; 2 is 2.0x for a
     (row,) = derive_table([a, b])
     assert launch(row) == launch(candidates(64)[1])
+
+
+def test_a_launch_wrong_at_one_product_is_taken_at_none():
+    """mm 128x64x128 split-K swap_ab gave NaN at 128 x 14336 @ 14336 x 4096 on an H100 and was the best elsewhere."""
+    fine, broken = _measured(128, 6144, 4096, 3), _measured(128, 4096, 14336, 1)
+    broken.times[3], broken.wrong[3] = None, float("nan")
+    fine.times[1] = 10e-6 * 1.5  # the next best where 3 is right
+    (row,) = derive_table([fine, broken])
+    assert launch(row) == launch(candidates(128)[1])
+    assert launch(derive_table([fine])[0]) == launch(candidates(128)[3])
 
 
 def test_spec_lines_load_back_as_the_same_table(tmp_path):

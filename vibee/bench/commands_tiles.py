@@ -50,13 +50,18 @@ def shapes_weights(shapes: tuple[str, ...]) -> list[tuple[int, int]]:
     return list(dict.fromkeys(w for shape in shapes for w in model_weights(shape)))
 
 
+# A row count's table row covers the counts above the one before, the last any M (4096: a long prefill's
+# chunk, where dequantize-then-cuBLAS wins; with 512 last, 8192-token chunks took a 256-row tile)
+ROWS = (1, 16, 32, 64, 128, 256, 512, 4096)
+
+
 @click.command()
 @click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), multiple=True,
               default=("llama-3.2-1b", "llama-3.1-8b"), show_default=True,
               help="Time the linear weights of this model shape (qkv, o, gate_up, down, lm_head); repeat it for several: "
                    "the table covers the weight widths of all of them.")
 @click.option("--weights", default=None, help="Instead of --shape: [out x in] weights, e.g. 3072x2048,16384x2048.")
-@click.option("--rows", default=",".join(map(str, (1, 16, 32, 64, 128, 256, 512))), show_default=True,
+@click.option("--rows", default=",".join(map(str, ROWS)), show_default=True,
               help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any.")
 @click.option("--quant", type=click.Choice(["int4", "int8"]), default="int4", show_default=True)
 @click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)

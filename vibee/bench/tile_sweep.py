@@ -14,13 +14,12 @@ import torch.nn.functional as F
 
 from vibee.kinds.quantization.tiles import MatmulTile
 
-ROWS = (1, 16, 32, 64, 128, 256, 512)  # a row count's table row covers the counts above the one before; the last any M
-
 
 def candidates(m: int) -> list[MatmulTile]:
     """The tiles timed for m activation rows: the GEMV's for one row; code-position slices up to 16;
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
-    to 128 rows; wgmma tiles m rows tall from 64; dequantize-then-cuBLAS from 32."""
+    to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
+    warpgroups, split over k to one program per SM, two or not; dequantize-then-cuBLAS from 32."""
     if m == 1:
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
                 for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
@@ -32,10 +31,11 @@ def candidates(m: int) -> list[MatmulTile]:
     tiles += [MatmulTile(kernel="mm", block_m=block_m, block_n=bn, block_k=bk, num_warps=8 if block_m == 256 else 4,
                          num_stages=3, programs_per_sm=p, swap_ab=swap, join_codes=True)
               for swap in (True, False) for bn in (64, 128) for bk in (64, 128) for p in ((0, 2) if m <= 128 else (0,))]
-    if m >= 64:  # Hopper's wgmma kernel (elsewhere its launch runs an mm tile): 128 weight rows, split over k or not
-        tiles += [MatmulTile(kernel="wgmma", block_m=block_m, block_n=128, block_k=64, num_warps=4 if block_m <= 128 else 8,
-                             num_stages=4, programs_per_sm=p) for p in (0, 2)]
-    if m >= 32:
+    if m >= 32:  # Hopper's wgmma kernel (elsewhere its launch runs an mm tile), 64 or 128 weight rows; then dequantize-then-cuBLAS
+        wgmma_m = max(block_m, 64)
+        shapes = [(64, 4)] + [(128, w) for w in {64: (4,), 128: (4, 8), 256: (8,)}[wgmma_m]]  # (block_n, warps)
+        tiles += [MatmulTile(kernel="wgmma", block_m=wgmma_m, block_n=bn, block_k=64, num_warps=w, num_stages=4,
+                             programs_per_sm=p) for bn, w in shapes for p in (0, 1, 2)]
         tiles.append(MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3))
     return tiles
 
@@ -98,14 +98,17 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
 def derive_table(results: Sequence[Measured]) -> list[MatmulTile]:
     """The first-match table that takes, for each row count and weight width, the candidate with the
     least summed time over bf16's among the weights of that width (widths sharing a best merge into
-    one row; the narrowest run of a row count takes min_n 0, the last row count any M)."""
+    one row; the narrowest run of a row count takes min_n 0, the last row count any M). A launch
+    that computed a wrong product anywhere is taken nowhere: its bug may hide at a shape not swept."""
     rows: list[MatmulTile] = []
     counts = sorted({r.m for r in results})
+    wrong = {candidates(r.m)[c] for r in results for c in r.wrong}
     for i, m in enumerate(counts):
+        tiles = candidates(m)
         by_width: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
         for r in (r for r in results if r.m == m):
             for c, t in enumerate(r.times):
-                by_width[r.n][c] += float("inf") if t is None else t / r.dense_s
+                by_width[r.n][c] += float("inf") if t is None or tiles[c] in wrong else t / r.dense_s
         runs: list[tuple[int, int]] = []  # (candidate, narrowest width), widest first
         for n in sorted(by_width, reverse=True):
             best = min(by_width[n], key=by_width[n].get)
@@ -113,7 +116,6 @@ def derive_table(results: Sequence[Measured]) -> list[MatmulTile]:
                 runs[-1] = (best, n)
             else:
                 runs.append((best, n))
-        tiles = candidates(m)
         for j, (c, n) in enumerate(runs):
             rows.append(tiles[c].model_copy(update={"max_m": None if i == len(counts) - 1 else m,
                                                     "min_n": 0 if j == len(runs) - 1 else n}))

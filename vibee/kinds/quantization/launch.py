@@ -18,10 +18,7 @@ import torch.nn.functional as F
 
 from vibee.kinds.quantization.kernels import (_dequant_kernel, _qgemv_kernel, _qmm_kernel, _qmm_slices_kernel,
                                               _splitk_reduce_kernel)
-from vibee.kinds.quantization.wgmma import gluon
-
-if gluon is not None:
-    from vibee.kinds.quantization.wgmma import _w4_wgmma_kernel
+from vibee.kinds.quantization.wgmma import gluon, wgmma_linear, wgmma_tma_ready
 
 
 class QuantizedWeight(Protocol):
@@ -154,14 +151,14 @@ def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, i
             and (zeros is None or not zeros.is_floating_point()))
 
 
-def _wgmma_takes(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, in_features: int, block_k: int,
-                 device: torch.device) -> bool:
+def _wgmma_takes(fmt: _Format, dtype: torch.dtype, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
+                 block_k: int, device: torch.device) -> bool:
     """Whether wgmma.py's kernel reads this weight here: Gluon, an sm_90 GPU (wgmma is Hopper's
-    alone), 4-bit codes, 16-bit compute, whole k tiles of 64 or more and one scale per row and
-    tile, and whole zero points (if any); the "wgmma" launch runs the mm kernel elsewhere."""
+    alone), 4-bit codes, 16-bit compute, k tiles of 64 inside one group, and operands TMA can bring
+    (wgmma_tma_ready); the "wgmma" launch runs the mm kernel elsewhere."""
     return (gluon is not None and device.type == "cuda" and _capability(device) == (9, 0) and fmt.code_bits == 4
-            and dtype in (torch.bfloat16, torch.float16) and block_k >= 64 and in_features % block_k == 0
-            and fmt.group_size % block_k == 0 and (zeros is None or not zeros.is_floating_point()))
+            and dtype in (torch.bfloat16, torch.float16) and block_k == 64 and in_features % block_k == 0
+            and fmt.group_size % block_k == 0 and wgmma_tma_ready(fmt.words, scales, zeros, fmt.group_size))
 
 
 def _packed16(cfg: KernelConfig, fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, in_features: int,
@@ -279,7 +276,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
     if cfg.kernel == "slices" and not _slices_take(fmt, dtype, zeros, in_features):
         cfg = KernelConfig("mm", cfg.block_m, cfg.block_n, min(cfg.block_k, 64), cfg.split_k, cfg.num_warps, cfg.num_stages)
-    if cfg.kernel == "wgmma" and not _wgmma_takes(fmt, dtype, zeros, in_features, cfg.block_k, x.device):
+    if cfg.kernel == "wgmma" and not _wgmma_takes(fmt, dtype, scales, zeros, in_features, cfg.block_k, x.device):
         # a tile the mm kernel computes right on sm_90 too (its 256-row, 8-warp swap_ab tile does not)
         cfg = KernelConfig("mm", min(cfg.block_m, 128), min(cfg.block_n, 128), 64, cfg.split_k, 4, 3, join_codes=True)
     if cfg.kernel == "slices" and cfg.block_k < 128:
@@ -320,15 +317,10 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
-        if x2.data_ptr() % 16:  # cp.async moves 16-byte vectors of x
-            x2 = x2.clone()
-        _w4_wgmma_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(m, cfg.block_m), split)](
-            x2, fmt.words, scales, z_arg, b_arg, y, part,
-            m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
-            k_per_split, GROUP=fmt.group_size, OFFSET=fmt.offset, HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None,
-            PARTIALS=split > 1, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
-            WARPS=cfg.num_warps, num_warps=cfg.num_warps,
-        )
+        tiles = triton.cdiv(out_features, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+        counters = _tile_counters(x.device, tiles) if split > 1 else fmt.words
+        wgmma_linear(x2, fmt.words, scales, zeros, bias, y, part, counters, k_per_split, split, fmt.group_size,
+                     int(fmt.offset - _MAGIC_F), cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     elif cfg.kernel == "slices":
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
         _qmm_slices_kernel[grid](
@@ -348,7 +340,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
             PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    if split > 1 and cfg.kernel in ("mm", "slices", "wgmma"):
+    if split > 1 and cfg.kernel in ("mm", "slices"):
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * out_features, block),)](
             part, b_arg, y, m * out_features, out_features, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,

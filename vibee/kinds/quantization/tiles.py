@@ -30,7 +30,7 @@ class MatmulTile(BaseModel):
     kernel: Literal["gemv", "mm", "slices", "wgmma", "dense"] = Field(
         description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot; 'slices': 4-bit codes in"
                     " 16-bit compute, tl.dot per code position (other formats take 'mm'); 'wgmma': 4-bit codes on"
-                    " Hopper, unpacked while the previous tile's async wgmma runs (elsewhere 'mm'); 'dense': dequantize"
+                    " Hopper, brought by TMA and unpacked while the previous tile's async wgmma runs (elsewhere 'mm'); 'dense': dequantize"
                     " the whole weight (block_n x block_k tiles), then torch.matmul")
     max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
     min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
@@ -123,8 +123,9 @@ class MatmulTile(BaseModel):
         if self.min_block_n % rows:
             raise ValueError(f"a wgmma tile on {self.num_warps} warps takes weight rows {rows} at a time: block_n and "
                              f"min_block_n must be multiples of {rows}, got {self.block_n} and {self.min_block_n}")
-        if not 64 <= self.block_k <= 256:
-            raise ValueError(f"a wgmma tile takes block_k from 64 to 256 (128-byte rows of x's tile), got {self.block_k}")
+        if self.block_k != 64:
+            raise ValueError(f"a wgmma tile takes block_k 64 (a word per thread of 8-word rows, 128-byte rows of x's tile), "
+                             f"got {self.block_k}")
         per_thread = self.block_m * self.block_n // (32 * self.num_warps)
         if per_thread > 128:
             raise ValueError(f"a {self.block_m}x{self.block_n} wgmma tile on {self.num_warps} warps keeps {per_thread} fp32 "

@@ -7,10 +7,22 @@ shared memory Triton's pipeliner waits on each MMA before the next unpacking; th
 took 1.2-1.5x bf16's time at 256 rows on an H100. Here the unpacking of tile i runs while the async
 wgmma of tile i - 1 is in flight (warpgroup_mma_wait(1) keeps one outstanding).
 
-Static code, copied (from the marker below on) into every generated triton module; launch.py calls
-it for the "wgmma" launch where `_wgmma_takes` (sm_90, 4-bit codes in int32 words, 16-bit compute,
-groups of whole tiles, whole zero points); elsewhere that launch runs the mm kernel.
+Why TMA brings every operand (x's tile, the words, a 16-byte chunk of scales and of zero points per
+row): the fence.proxy.async before each wgmma is a MEMBAR in SASS that waits for every generic load
+still in flight. Fed by cp.async and register loads, each k tile cost ~1.2 us whatever its size
+(H100, session 33); fed by TMA, whose copies complete on an mbarrier instead, the kernel took
+0.90x bf16's time at 256 rows of the 1B's 16384x2048 weight where the cp.async one took 1.24x.
+
+Static code, copied (from the marker below on) into every generated triton module after unpack.py;
+launch.py calls `wgmma_linear` for the "wgmma" launch where `_wgmma_takes` (sm_90, 4-bit codes in
+int32 words, 16-bit compute, 64-code tiles inside a group, TMA-aligned rows, uint8 zero points);
+elsewhere that launch runs the mm kernel.
 """
+
+import torch
+import triton
+
+from vibee.kinds.quantization.unpack import NIBBLES_TO_BF16X2, NIBBLES_TO_F16X2
 
 # ---- copied into generated modules from here ----
 
@@ -18,116 +30,210 @@ try:  # Gluon is Triton's from 3.5; without it the "wgmma" launch runs the mm ke
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia import hopper
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton
     gluon = None
+
+_SCALE_CHUNK = 8  # scales per row a TMA box brings: 16 bytes, TMA's least row
+_ZERO_CHUNK = 16  # uint8 zero points per row a TMA box brings
 
 if gluon is not None:
 
     @gluon.jit
-    def _w4_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
-                         M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
-                         GROUP: gl.constexpr, OFFSET: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, PARTIALS: gl.constexpr,
-                         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
+    def _pair16(value, IS_BF16: gl.constexpr):
+        """[...] floats -> int32 holding the value as a 16-bit float in both halves (an x2 operand)."""
+        if IS_BF16:
+            bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        else:
+            bits = value.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return bits | (bits << 16)
+
+    @gluon.jit
+    def _half16(pairs, HIGH: gl.constexpr, IS_BF16: gl.constexpr):
+        """The low or high 16-bit float of each int32 of pairs."""
+        bits = (pairs >> 16) if HIGH else pairs
+        if IS_BF16:
+            return bits.to(gl.int16).to(gl.bfloat16, bitcast=True)
+        else:
+            return bits.to(gl.int16).to(gl.float16, bitcast=True)
+
+    @gluon.jit
+    def _chunk_pick(chunk, g, cols, layout: gl.constexpr):
+        """Column g % chunk width of each row of a [rows, width] tile, as fp32 in `layout` (one
+        nonzero term per row: exact)."""
+        picked = gl.sum(gl.where(cols[None, :] == g % chunk.shape[1], chunk.to(gl.float32), 0.0), axis=1)
+        return gl.convert_layout(picked, layout)
+
+    @gluon.jit(do_not_specialize=["M"])  # one compile for every row count (compile_launches runs one each)
+    def _w4_wgmma_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_ym, k_per_split,
+                         GROUP: gl.constexpr, ZERO_CODE: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                         SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                          STAGES: gl.constexpr, WARPS: gl.constexpr):
         """A [BLOCK_N, BLOCK_M] tile of y.T over one split of k: weight rows fill wgmma's M (64 per
-        warpgroup), activation rows its N. Per k tile of BLOCK_K inputs (one scale per row: a group
-        holds whole tiles): x's tile arrives by cp.async in a ring of STAGES; the tile's int32 words
-        (loaded a tile ahead into registers) are unpacked as 2^23 + code in a float's bits, less
-        OFFSET (2^23 + the code standing for 0) and the zero point, times the scale, rounded once to x's dtype (dequantize()'s value), and
-        stored to one of two shared tiles; wgmma reads both operands from shared memory."""
-        dtype: gl.constexpr = x_ptr.dtype.element_ty
+        warpgroup), activation rows its N. Per k tile of 64 inputs (inside one group), TMA brings x's
+        tile, the weight rows' 8 words and a chunk of their scales (and zero points) into a ring of
+        STAGES slots; the words are unpacked by packed 16-bit arithmetic (unpack.py's nibble pairs:
+        (code - zero) * scale rounded once, dequantize()'s value) into one of two shared tiles, and
+        wgmma reads both operands from shared memory. SPLIT_K > 1: each split stores an fp32
+        partial, and the last program of the tile to finish (a counter per tile, put back to 0) adds
+        them up in split order (deterministic) and stores y: no second kernel, no second pass."""
+        dtype: gl.constexpr = x_desc.dtype
+        IS_BF16: gl.constexpr = dtype == gl.bfloat16
         WORDS: gl.constexpr = BLOCK_K // 8
+        CHUNK: gl.constexpr = s_desc.block_type.shape[1]
+        ZCHUNK: gl.constexpr = z_desc.block_type.shape[1]
+        gl.static_assert(WORDS == CHUNK, "the scales' chunks share the words' layout of rows: BLOCK_K is 64")
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
-        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        xs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], smem)
-        ws = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], smem)
-        plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-        words_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], plain)
+        w_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        xs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        words_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
+        scales_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, CHUNK], s_desc.layout)
+        zeros_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, ZCHUNK], z_desc.layout)
+        ws = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], w_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(STAGES):
+            mbarrier.init(bars.index(b), count=1)
 
-        # x's tile: 16-byte vectors along k
-        xl: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [WARPS, 1], [1, 0])
-        rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, xl))
-        rkx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, xl))
+        # unpacking: a thread holds one word of a row; the scales' chunk is laid out with the same rows
+        lw: gl.constexpr = gl.BlockedLayout([1, 1], [32 // WORDS, WORDS], [WARPS, 1], [1, 0])
+        lz: gl.constexpr = gl.BlockedLayout([1, ZCHUNK // WORDS], [32 // WORDS, WORDS], [WARPS, 1], [1, 0])
+        rows: gl.constexpr = gl.SliceLayout(1, lw)
+        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, lw))
+        zcols = gl.arange(0, ZCHUNK, layout=gl.SliceLayout(0, lz))
+
         k_begin = pid_k * k_per_split
         n_k = gl.minimum(k_per_split, K - k_begin) // BLOCK_K
-        x_tile = x_ptr + gl.minimum(rm, M - 1)[:, None] * stride_xm + (k_begin + rkx)[None, :]
-        x_live = gl.broadcast((rm < M)[:, None], x_tile)[0]
-
-        # the words' tile, copied in 16-byte vectors (4 words) like x's
-        cl: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4], [WARPS, 1], [1, 0])
-        rnc = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cl)), N - 1)
-        w_tile = qw_ptr + rnc[:, None] * stride_qn + (k_begin // 8 + gl.arange(0, WORDS, layout=gl.SliceLayout(0, cl)))[None, :]
-
-        # unpacking: one word per thread and element, its 8 codes along a third dimension
-        l3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [32 // WORDS, WORDS, 1], [WARPS, 1, 1], [2, 1, 0])
-        lw: gl.constexpr = gl.SliceLayout(2, l3)
-        rn_safe = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, lw)), N - 1)
-        shifts = (gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3))) * 4).to(gl.uint32)
-        s_rows = s_ptr + rn_safe * stride_sn
-        z_rows = z_ptr + rn_safe * stride_zn
-
+        row_n = pid_n * BLOCK_N
+        row_m = pid_m * BLOCK_M
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes
+                                + (z_desc.block_type.nbytes if HAS_ZEROS else 0))
         for i in gl.static_range(STAGES - 1):
-            cp.async_copy_global_to_shared(xs.index(i), x_tile + i * BLOCK_K, mask=x_live & (i < n_k))
-            cp.async_copy_global_to_shared(words_s.index(i), w_tile + i * WORDS)
-            cp.commit_group()
-        # scales (and zeros) two tiles ahead in registers; the words STAGES - 1 ahead in shared memory
-        scale = gl.load(s_rows + k_begin // GROUP)
-        scale_next = gl.load(s_rows + (k_begin + BLOCK_K * (1 < n_k)) // GROUP)
-        zero = scale
-        zero_next = scale
-        if HAS_ZEROS:
-            zero = gl.load(z_rows + k_begin // GROUP)
-            zero_next = gl.load(z_rows + (k_begin + BLOCK_K * (1 < n_k)) // GROUP)
+            live = i < n_k
+            k = k_begin + i * BLOCK_K
+            mbarrier.expect(bars.index(i), nbytes, pred=live)
+            tma.async_copy_global_to_shared(x_desc, [row_m, k], bars.index(i), xs.index(i), pred=live)
+            tma.async_copy_global_to_shared(w_desc, [row_n, k // 8], bars.index(i), words_s.index(i), pred=live)
+            tma.async_copy_global_to_shared(s_desc, [row_n, k // GROUP // CHUNK * CHUNK], bars.index(i), scales_s.index(i),
+                                            pred=live)
+            if HAS_ZEROS:
+                tma.async_copy_global_to_shared(z_desc, [row_n, k // GROUP // ZCHUNK * ZCHUNK], bars.index(i),
+                                                zeros_s.index(i), pred=live)
         # every split has a tile (the launch's split); a zero-trip path would set acc outside the wgmma
         # pipeline, and ptxas then serializes every wgmma (its warning C7515)
         gl.assume(n_k > 0)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         for i in range(n_k):
-            g_after = (k_begin + ((i + 2) % n_k) * BLOCK_K) // GROUP
-            scale_after = gl.load(s_rows + g_after)
-            zero_after = zero
-            if HAS_ZEROS:
-                offset = OFFSET + zero.to(gl.float32)
-                zero_after = gl.load(z_rows + g_after)
+            slot = i % STAGES
+            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            g = (k_begin + i * BLOCK_K) // GROUP
+            scale = _chunk_pick(scales_s.index(slot).load(lw), g, cols, rows)
+            scale2 = _pair16(scale, IS_BF16)[:, None] + gl.zeros([BLOCK_N, WORDS], gl.int32, layout=lw)
+            if HAS_ZEROS:  # the pair 1.0-step base (128 bf16, 1024 fp16) + zero point
+                zero = _chunk_pick(zeros_s.index(slot).load(lz), g, zcols, rows)
+                base2 = _pair16(zero + (128.0 if IS_BF16 else 1024.0), IS_BF16)[:, None] + gl.zeros([BLOCK_N, WORDS], gl.int32, layout=lw)
             else:
-                offset = gl.full([BLOCK_N], OFFSET, gl.float32, layout=gl.SliceLayout(1, lw))
-            cp.wait_group(STAGES - 2)  # this thread's copies of tile i are in; the barrier: everyone's
-            gl.thread_barrier()
-            words = words_s.index(i % STAGES).load(lw)
-            bits = ((words.to(gl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
-            w = (bits.to(gl.float32, bitcast=True) - offset[:, None, None]) * scale.to(gl.float32)[:, None, None]
+                BASE: gl.constexpr = ((0x4300 if IS_BF16 else 0x6400) + ZERO_CODE) * 0x10001
+                base2 = gl.full([BLOCK_N, WORDS], BASE, gl.int32, layout=lw)
+            words = words_s.index(slot).load(lw)
+            if IS_BF16:
+                p0, p1, p2, p3 = gl.inline_asm_elementwise(NIBBLES_TO_BF16X2, "=r,=r,=r,=r,r,r,r", [words, scale2, base2],
+                                                           dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+            else:
+                p0, p1, p2, p3 = gl.inline_asm_elementwise(NIBBLES_TO_F16X2, "=r,=r,=r,=r,r,r,r", [words, scale2, base2],
+                                                           dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+            # codes (s, s + 4) of a word are pair s: joined back into input order as unpack.py does
+            c = gl.join(gl.join(gl.join(_half16(p0, False, IS_BF16), _half16(p0, True, IS_BF16)),
+                                gl.join(_half16(p2, False, IS_BF16), _half16(p2, True, IS_BF16))),
+                        gl.join(gl.join(_half16(p1, False, IS_BF16), _half16(p1, True, IS_BF16)),
+                                gl.join(_half16(p3, False, IS_BF16), _half16(p3, True, IS_BF16))))
             w_buf = ws.index(i % 2)
-            w_buf.store(gl.reshape(w.to(dtype), [BLOCK_N, BLOCK_K]))
+            w_buf.store(gl.reshape(c, [BLOCK_N, BLOCK_K]))
             hopper.fence_async_shared()
             gl.thread_barrier()
-            x_buf = xs.index(i % STAGES)
+            x_buf = xs.index(slot)
             acc = hopper.warpgroup_mma(w_buf, x_buf.permute((1, 0)), acc, is_async=True)
             acc, _, _ = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc, w_buf, x_buf])
-            j = i + STAGES - 1  # into the slot of tile i - 1, whose MMA the wait saw finish
-            cp.async_copy_global_to_shared(xs.index(j % STAGES), x_tile + j * BLOCK_K, mask=x_live & (j < n_k))
-            cp.async_copy_global_to_shared(words_s.index(j % STAGES), w_tile + (j % n_k) * WORDS)
-            cp.commit_group()
-            scale = scale_next
-            scale_next = scale_after
-            zero = zero_next
-            zero_next = zero_after
+            # into tile i - 1's slot: its wgmma is done, and every thread read its words before the barrier
+            j = i + STAGES - 1
+            sj = j % STAGES
+            live = j < n_k
+            k = k_begin + j * BLOCK_K
+            mbarrier.expect(bars.index(sj), nbytes, pred=live)
+            tma.async_copy_global_to_shared(x_desc, [row_m, k], bars.index(sj), xs.index(sj), pred=live)
+            tma.async_copy_global_to_shared(w_desc, [row_n, k // 8], bars.index(sj), words_s.index(sj), pred=live)
+            tma.async_copy_global_to_shared(s_desc, [row_n, k // GROUP // CHUNK * CHUNK], bars.index(sj), scales_s.index(sj),
+                                            pred=live)
+            if HAS_ZEROS:
+                tma.async_copy_global_to_shared(z_desc, [row_n, k // GROUP // ZCHUNK * ZCHUNK], bars.index(sj),
+                                                zeros_s.index(sj), pred=live)
         acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        cp.wait_group(0)
+        for b in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(b))
 
         # y's rows are n-contiguous: threads run along n
         ol: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, WARPS], [0, 1])
         out = gl.convert_layout(acc, ol)
-        on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ol))
-        om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ol))
+        on = row_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ol))
+        om = row_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ol))
         live = (on < N)[:, None] & (om < M)[None, :]
-        if PARTIALS:
-            gl.store(part_ptr + pid_k * M * N + om[None, :] * N + on[:, None], out, mask=live)
+        if SPLIT_K > 1:
+            at = om[None, :] * N + on[:, None]
+            gl.store(part_ptr + pid_k * M * N + at, out, mask=live)
+            # every thread's partial stored before the counter's release (one thread does the atomic)
+            gl.thread_barrier()
+            tile = pid_m * gl.num_programs(0) + pid_n
+            finished = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if finished == SPLIT_K - 1:
+                out = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ol)
+                for split in gl.static_range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
+                    out += gl.load(part_ptr + split * M * N + at, mask=live, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    out += gl.load(b_ptr + gl.minimum(on, N - 1)).to(gl.float32)[:, None]
+                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], out.to(dtype), mask=live)
+                gl.store(count_ptr + tile, 0)
         else:
             if HAS_BIAS:
                 out += gl.load(b_ptr + gl.minimum(on, N - 1)).to(gl.float32)[:, None]
             gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], out.to(dtype), mask=live)
+
+    _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int32: gl.int32, torch.uint8: gl.uint8}
+
+
+def wgmma_tma_ready(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int) -> bool:
+    """Whether TMA can bring these operands: 16-byte aligned bases and rows, a whole chunk of scales
+    (and zero points, as uint8) per box, so groups per row a multiple of 8 (16 with zero points)."""
+    groups = scales.shape[1]
+    tensors = (words, scales) if zeros is None else (words, scales, zeros)
+    return (all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+            and groups % _SCALE_CHUNK == 0 and (zeros is None or zeros.dtype == torch.uint8 and groups % _ZERO_CHUNK == 0))
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """A TMA descriptor of t's [block] boxes, laid out in shared memory as wgmma (x) or the unpacking reads them."""
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
+
+
+def wgmma_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, y: torch.Tensor, part: torch.Tensor, counters: torch.Tensor, k_per_split: int, split: int,
+                 group_size: int, zero_code: int, block_m: int, block_n: int, block_k: int, num_warps: int,
+                 num_stages: int) -> None:
+    """y = x @ dequantize(words, scales, zeros).T (+ bias), 4-bit codes of zero_code standing for
+    0.0 where there are no zero points; split > 1: through the fp32 partials part[split] and one
+    zeroed int32 counter per output tile (the kernel leaves them at 0)."""
+    m, k = x.shape
+    n = words.shape[0]
+    if x.data_ptr() % 16:  # TMA's boxes start 16-byte aligned
+        x = x.clone()
+    z = zeros if zeros is not None else torch.empty(block_n, _ZERO_CHUNK, dtype=torch.uint8, device=x.device)
+    _w4_wgmma_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
+        _descriptor(x, [block_m, block_k]), _descriptor(words, [block_n, block_k // 8]),
+        _descriptor(scales, [block_n, _SCALE_CHUNK]), _descriptor(z, [block_n, _ZERO_CHUNK]),
+        bias if bias is not None else scales, y, part, counters, m, n, k, y.stride(0), k_per_split,
+        GROUP=group_size, ZERO_CODE=zero_code, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, STAGES=num_stages, WARPS=num_warps, num_warps=num_warps,
+    )
