@@ -922,12 +922,13 @@ def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
 #                   (inputs 8j + i), dequantized where it is used and multiplied by one tl.dot with
 #                   the same strided slice of x, split from x's tile in registers; the weight is the
 #                   first operand (y.T = w @ x.T), so a few rows of x fill only the MMA's N.
-#   _splitk_reduce_kernel  sums _qmm_kernel's split-K partials (fixed order: deterministic), adds
-#                   the bias, casts.
+#   Split-K (all three): each split stores an fp32 partial; the last program of a tile to finish
+#                   (a counter per tile) adds them in split order (deterministic), adds the bias and
+#                   stores y, so no second kernel runs (_sum_splits).
 #   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
 #                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
 #
-# The row count (M, MN) is not specialized on: a kernel compiles once per set of constexprs, which
+# The row count (M) is not specialized on: a kernel compiles once per set of constexprs, which
 # the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
 
 @triton.jit
@@ -1050,13 +1051,31 @@ def _dequant_kernel(
     tl.store(w_ptr + rn_safe[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _sum_splits(acc, part_ptr, count_ptr, offs, mask, MN, SPLIT_K: tl.constexpr):
+    """Split-K's fix-up for a tile of y (program_id(0)) over split program_id(1): store this split's
+    fp32 partial; the last split of the tile to finish (its counter) gets the sum of all partials,
+    in split order, and puts the counter back to 0. Returns (acc, whether this program stores y)."""
+    tl.store(part_ptr + tl.program_id(1) * MN + offs, acc, mask=mask)
+    # Every thread's store before the counter's release (one thread does the atomic).
+    tl.debug_barrier()
+    tile = tl.program_id(0)
+    last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        for s in tl.static_range(SPLIT_K):  # .cg: from L2, where the other programs' partials are
+            acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(count_ptr + tile, 0)
+    return acc, last
+
+
 @triton.jit(do_not_specialize=["M"])
 def _qmm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr,
     OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr, JOIN_CODES: tl.constexpr, SWAP_AB: tl.constexpr,
     PACKED16: tl.constexpr,
 ):
@@ -1068,7 +1087,6 @@ def _qmm_kernel(
     Q4_1's), taken off after 2^23 + offset, which would round them."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
-    pid_k = tl.program_id(1)
     rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
                                                                              GROUP_M)
     rk = tl.arange(0, BLOCK_K)
@@ -1102,7 +1120,11 @@ def _qmm_kernel(
         out_offs = rm_safe[:, None] * N + rn[None, :]
         y_offs = rm_safe[:, None] * stride_ym + rn[None, :]
         out_mask = m_mask[:, None] & n_mask[None, :]
-    if not PARTIALS:
+    if SPLIT_K > 1:
+        acc, stores = _sum_splits(acc, part_ptr, count_ptr, out_offs, out_mask, M * N, SPLIT_K)
+    else:
+        stores = True
+    if stores:
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn_safe).to(tl.float32)
             if SWAP_AB:
@@ -1110,8 +1132,6 @@ def _qmm_kernel(
             else:
                 acc += bias[None, :]
         tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
 
 
 @triton.jit
@@ -1139,10 +1159,10 @@ def _x_slices(x3, R: tl.constexpr, W: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _qmm_slices_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PACKED16: tl.constexpr,
 ):
     """A [BLOCK_N, BLOCK_M] tile of y.T over one split of k, 4-bit codes: per k tile the eight
@@ -1153,7 +1173,6 @@ def _qmm_slices_kernel(
     PACKED16 (one scale per row and tile): slices s and s + 4 come out of one register of
     unpack.py's _packed_pairs."""
     W: tl.constexpr = BLOCK_K // 8
-    pid_k = tl.program_id(1)
     rm, rn, m_mask, n_mask, rm_safe, rn_safe, k_begin, k_end = _program_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N,
                                                                              GROUP_M)
     rw = tl.arange(0, W)
@@ -1208,25 +1227,14 @@ def _qmm_slices_kernel(
             acc = tl.dot(_slice_of(words, 6, scale, zero), tl.trans(x6), acc)
             acc = tl.dot(_slice_of(words, 7, scale, zero), tl.trans(x7), acc)
     out_mask = n_mask[:, None] & m_mask[None, :]
-    if PARTIALS:
-        tl.store(part_ptr + pid_k * M * N + rm_safe[None, :] * N + rn[:, None], acc, mask=out_mask)
+    if SPLIT_K > 1:
+        acc, stores = _sum_splits(acc, part_ptr, count_ptr, rm_safe[None, :] * N + rn[:, None], out_mask, M * N, SPLIT_K)
     else:
+        stores = True
+    if stores:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn_safe).to(tl.float32)[:, None]
         tl.store(y_ptr + rm_safe[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit(do_not_specialize=["MN"])
-def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """y = sum over splits of the fp32 partials (in split order) + bias, in y's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 try:  # Gluon is Triton's from 3.5; without it the "wgmma" launch runs the mm kernel
@@ -1646,17 +1654,17 @@ def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) 
     return split
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for the GEMV's split-K fix-up, one per row tile, kept per device
-    (the kernel leaves them at 0); grown when a launch has more tiles."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
+    """Zeroed int32 counters for split-K's fix-up, one per output tile, kept per device (the
+    kernels leave them at 0); a launch with more tiles gets a larger buffer, and the smaller ones
+    stay allocated: a captured CUDA graph may still point at them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
@@ -1716,10 +1724,12 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     z_arg = zeros if has_zeros else scales
     b_arg = bias if bias is not None else scales
     z_stride = zeros.stride(0) if has_zeros else 0
+    tiles = triton.cdiv(out_features, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m))
+    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile
+    counters = _tile_counters(x.device, tiles) if split > 1 else part
     if cfg.kernel == "gemv":
-        grid = (triton.cdiv(out_features, cfg.block_n), split)
+        grid = (tiles, split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
-        counters = _tile_counters(x.device, grid[0]) if split > 1 else part
         _qgemv_kernel[grid](
             x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
@@ -1727,33 +1737,25 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
-        tiles = triton.cdiv(out_features, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-        counters = _tile_counters(x.device, tiles) if split > 1 else fmt.words
         wgmma_linear(x2, fmt.words, scales, zeros, bias, y, part, counters, k_per_split, split, fmt.group_size,
                      int(fmt.offset - _MAGIC_F), cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     elif cfg.kernel == "slices":
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
-        _qmm_slices_kernel[grid](
-            x2, fmt.words, scales, z_arg, b_arg, y, part,
+        _qmm_slices_kernel[(tiles, split)](
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
             k_per_split, GROUP=fmt.group_size, SCALE_PER_TILE=consts["SCALE_PER_TILE"], CODE_OFFSET=fmt.offset - _MAGIC_F,
-            HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=consts["EVEN_K"],
+            HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, SPLIT_K=split, EVEN_K=consts["EVEN_K"],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
-        _qmm_kernel[grid](
-            x2, fmt.words, scales, z_arg, b_arg, y, part,
+        _qmm_kernel[(tiles, split)](
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
-            k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), SPLIT_K=split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
             PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if split > 1 and cfg.kernel in ("mm", "slices"):
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * out_features, block),)](
-            part, b_arg, y, m * out_features, out_features, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
     return y.reshape(*lead, out_features).to(x.dtype)
 

@@ -16,8 +16,7 @@ import triton
 
 import torch.nn.functional as F
 
-from vibee.kinds.quantization.kernels import (_dequant_kernel, _qgemv_kernel, _qmm_kernel, _qmm_slices_kernel,
-                                              _splitk_reduce_kernel)
+from vibee.kinds.quantization.kernels import _dequant_kernel, _qgemv_kernel, _qmm_kernel, _qmm_slices_kernel
 from vibee.kinds.quantization.wgmma import gluon, wgmma_linear, wgmma_tma_ready
 
 
@@ -236,17 +235,17 @@ def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) 
     return split
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for the GEMV's split-K fix-up, one per row tile, kept per device
-    (the kernel leaves them at 0); grown when a launch has more tiles."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
+    """Zeroed int32 counters for split-K's fix-up, one per output tile, kept per device (the
+    kernels leave them at 0); a launch with more tiles gets a larger buffer, and the smaller ones
+    stay allocated: a captured CUDA graph may still point at them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
@@ -306,10 +305,12 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     z_arg = zeros if has_zeros else scales
     b_arg = bias if bias is not None else scales
     z_stride = zeros.stride(0) if has_zeros else 0
+    tiles = triton.cdiv(out_features, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m))
+    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile
+    counters = _tile_counters(x.device, tiles) if split > 1 else part
     if cfg.kernel == "gemv":
-        grid = (triton.cdiv(out_features, cfg.block_n), split)
+        grid = (tiles, split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
-        counters = _tile_counters(x.device, grid[0]) if split > 1 else part
         _qgemv_kernel[grid](
             x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
@@ -317,33 +318,25 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
-        tiles = triton.cdiv(out_features, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-        counters = _tile_counters(x.device, tiles) if split > 1 else fmt.words
         wgmma_linear(x2, fmt.words, scales, zeros, bias, y, part, counters, k_per_split, split, fmt.group_size,
                      int(fmt.offset - _MAGIC_F), cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     elif cfg.kernel == "slices":
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
-        _qmm_slices_kernel[grid](
-            x2, fmt.words, scales, z_arg, b_arg, y, part,
+        _qmm_slices_kernel[(tiles, split)](
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
             k_per_split, GROUP=fmt.group_size, SCALE_PER_TILE=consts["SCALE_PER_TILE"], CODE_OFFSET=fmt.offset - _MAGIC_F,
-            HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, PARTIALS=split > 1, EVEN_K=consts["EVEN_K"],
+            HAS_ZEROS=has_zeros, HAS_BIAS=bias is not None, SPLIT_K=split, EVEN_K=consts["EVEN_K"],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(out_features, cfg.block_n), split)
-        _qmm_kernel[grid](
-            x2, fmt.words, scales, z_arg, b_arg, y, part,
+        _qmm_kernel[(tiles, split)](
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             m, out_features, in_features, x2.stride(0), fmt.words.stride(0), scales.stride(0), z_stride, y.stride(0),
-            k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), PARTIALS=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            k_per_split, **consts, FRACTIONAL_ZEROS=has_zeros and zeros.is_floating_point(), SPLIT_K=split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", JOIN_CODES=cfg.join_codes, SWAP_AB=cfg.swap_ab,
             PACKED16=packed16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if split > 1 and cfg.kernel in ("mm", "slices"):
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * out_features, block),)](
-            part, b_arg, y, m * out_features, out_features, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
     return y.reshape(*lead, out_features).to(x.dtype)
 
