@@ -4,13 +4,14 @@ the spec lines it writes (which the spec loader reads back as the same table), a
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from vibee.bench.cli import bench
-from vibee.bench.tile_sweep import Measured, candidates, derive_table, spec_lines
+from vibee.bench.tile_sweep import Measured, candidates, derive_table, paste_table, spec_lines
 from vibee.ir.load import load_specs
 
 SPEC = Path(__file__).resolve().parents[2] / "specs" / "tri" / "igla_quantization.vibee"
@@ -81,12 +82,15 @@ def test_spec_lines_load_back_as_the_same_table(tmp_path):
     results = [_measured(1, 4096, 2048, 1), _measured(32, 4096, 2048, 4), _measured(32, 2048, 2048, len(candidates(32)) - 1),
                _measured(256, 4096, 2048, 0)]
     table = derive_table(results)
-    text = re.sub(r"^  tiles:\n(?:    - .*\n)+", "  tiles:\n" + "\n".join(spec_lines(table)) + "\n",
-                  SPEC.read_text(encoding="utf-8"), count=1, flags=re.M)
+    text = SPEC.read_text(encoding="utf-8")
+    pasted = paste_table(text, table)
+    assert pasted.split("  tiles:\n")[0] == text.split("  tiles:\n")[0]  # the comments above the block kept
     path = tmp_path / SPEC.name
-    path.write_text(text, encoding="utf-8")
+    path.write_text(pasted, encoding="utf-8")
     (spec,), _ = load_specs([path])
     assert spec.config.tiles == table
+    with pytest.raises(ValueError, match="no `tiles:` block"):
+        paste_table(re.sub(r"^  tiles:\n(?:    - .*\n)+", "", text, flags=re.M), table)
 
 
 def test_the_default_sweep_takes_the_weights_of_both_shapes_once_each():
@@ -118,8 +122,27 @@ def test_the_command_times_every_candidate_and_writes_the_table(tmp_path):
                for r in data["results"])  # every candidate launched and matched the dequantized product
     snippet = next(tmp_path.glob("tiles-*.tiles.vibee")).read_text()
     assert snippet.startswith("  tiles:\n    - {kernel: gemv, max_m: 1") and len(data["table"]) == snippet.count("    - {")
-    assert "to use it: " + str(SPEC) in " ".join(result.output.split())
+    assert "or rerun with --write-spec: " + str(SPEC) in " ".join(result.output.split())
     assert all(c["wrong"] is None for r in data["results"] for c in r["candidates"])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
+def test_write_spec_puts_the_derived_table_into_the_spec(tmp_path):
+    specs = tmp_path / "specs"
+    shutil.copytree(SPEC.parent, specs)
+    args = ["tiles", "--device", "cpu", "--weights", "32x128", "--rows", "1,32", "--spec-dir", str(specs),
+            "--result-dir", str(tmp_path / "out"), "--write-spec"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(next((tmp_path / "out").glob("tiles-*.json")).read_text())
+    (spec,), _ = load_specs([specs / SPEC.name])
+    assert [t.model_dump() for t in spec.config.tiles] == data["table"] and "vibee gen" in result.output
+    # a spec without the block is left as it was
+    path = specs / SPEC.name
+    bare = re.sub(r"^  tiles:\n(?:    - .*\n)+", "", path.read_text(encoding="utf-8"), flags=re.M)
+    path.write_text(bare, encoding="utf-8")
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 2 and "no `tiles:` block" in result.output and path.read_text(encoding="utf-8") == bare
 
 
 class _FakeQuant:

@@ -68,9 +68,11 @@ ROWS = (1, 16, 32, 64, 128, 256, 512, 4096)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
-def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
+@click.option("--write-spec", is_flag=True,
+              help="Write the derived table into the quantization spec's `tiles:` (the rest of the file kept); then `vibee gen`.")
+def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec):
     """Time the quantized kernels' candidate launch tiles at each row count and weight on this GPU, and print the
-    spec `tiles:` table that takes the fastest (paste it into the quantization spec)."""
+    spec `tiles:` table that takes the fastest (paste it into the quantization spec, or --write-spec)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -123,7 +125,8 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
     title = f"vibee bench tiles on {env.get('device_name', dev)} ({quant}, {dtype_name})"
     notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
              "x: over the dense F.linear of the same weight. 'spec table': the launch the current spec picks.",
-             f"Paste the table into the quantization spec's config (tiles:) to use it: {gen.specs['quantization'].path}"]
+             f"Paste the table into the quantization spec's config (tiles:) to use it, or rerun with --write-spec: "
+             f"{gen.specs['quantization'].path}"]
     failed = sum(len(r.errors) for r in measured)
     if failed:
         notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
@@ -146,3 +149,27 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir):
     snippet = json_path.with_suffix(".tiles.vibee")
     snippet.write_text("  tiles:\n" + "\n".join(lines) + "\n", encoding="utf-8")
     out.print(f"wrote {snippet}", highlight=False)
+    if write_spec:
+        _write_spec(Path(gen.specs["quantization"].path), table, out)
+
+
+def _write_spec(path: Path, table, out) -> None:
+    """The table into the spec at path, only if the spec then loads with exactly that table (else the
+    file is left as it was and the command fails)."""
+    from vibee.bench import tile_sweep
+    from vibee.ir.load import load_specs
+
+    old = path.read_text(encoding="utf-8")
+    try:
+        new = tile_sweep.paste_table(old, table)
+    except ValueError as exc:
+        fail(f"{path}: {exc}; paste the table above by hand")
+    path.write_text(new, encoding="utf-8")
+    try:
+        (spec,), _ = load_specs([path])
+        if list(spec.config.tiles) != list(table):
+            raise ValueError("the spec read back a different table")
+    except Exception as exc:  # noqa: BLE001 (any failure puts the file back)
+        path.write_text(old, encoding="utf-8")
+        fail(f"{path}: the table did not load back ({exc}); the spec is unchanged")
+    out.print(f"wrote the table into {path}; run `vibee gen {path}` to regenerate its modules", highlight=False)

@@ -5,6 +5,7 @@ there, 1.28-1.78x here), so retuning for a GPU is one command, its output pasted
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,3 +133,14 @@ def spec_lines(table: Sequence[MatmulTile]) -> list[str]:
                   and not (k == "max_m" and v is None)}
         lines.append("    - {" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()) + "}")
     return lines
+
+
+_TILES_BLOCK = re.compile(r"^  tiles:\n(?:    - .*\n)+", re.M)
+
+
+def paste_table(spec_text: str, table: Sequence[MatmulTile]) -> str:
+    """spec_text with its config's `tiles:` rows replaced by table's; everything else (the comments
+    above the block included) kept as it was."""
+    if len(_TILES_BLOCK.findall(spec_text)) != 1:
+        raise ValueError("the spec has no `tiles:` block (one `- {...}` row a line, under its config) to replace")
+    return _TILES_BLOCK.sub(lambda _: "  tiles:\n" + "\n".join(spec_lines(table)) + "\n", spec_text, count=1)
