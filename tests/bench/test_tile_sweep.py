@@ -121,6 +121,7 @@ def test_the_command_times_every_candidate_and_writes_the_table(tmp_path):
     assert all(len(r["candidates"]) == len(candidates(r["m"])) and all(c["seconds"] for c in r["candidates"])
                for r in data["results"])  # every candidate launched and matched the dequantized product
     snippet = next(tmp_path.glob("tiles-*.tiles.vibee")).read_text()
+    assert next(tmp_path.glob("tiles-*.png")).read_bytes().startswith(b"\x89PNG")
     assert snippet.startswith("  tiles:\n    - {kernel: gemv, max_m: 1") and len(data["table"]) == snippet.count("    - {")
     assert "or rerun with --write-spec: " + str(SPEC) in " ".join(result.output.split())
     assert all(c["wrong"] is None for r in data["results"] for c in r["candidates"])

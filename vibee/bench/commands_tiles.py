@@ -148,7 +148,8 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
     json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
     snippet = json_path.with_suffix(".tiles.vibee")
     snippet.write_text("  tiles:\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    out.print(f"wrote {snippet}", highlight=False)
+    png = plot_tiles(measured, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {snippet} and {png}", highlight=False)
     if write_spec:
         _write_spec(Path(gen.specs["quantization"].path), table, out)
 
@@ -173,3 +174,28 @@ def _write_spec(path: Path, table, out) -> None:
         path.write_text(old, encoding="utf-8")
         fail(f"{path}: the table did not load back ({exc}); the spec is unchanged")
     out.print(f"wrote the table into {path}; run `vibee gen {path}` to regenerate its modules", highlight=False)
+
+
+def plot_tiles(measured, path: Path, title: str) -> Path:
+    """Quantized time over the dense F.linear's per weight against the row count: the best candidate
+    (what the derived table launches, solid) and the current spec table (dashed), 1.0 marked."""
+    from vibee.bench.plot import figure, save
+
+    fig, ax = figure(figsize=(9, 5.5))
+    weights = list(dict.fromkeys((r.n, r.k) for r in measured))
+    colors = [f"C{i % 10}" for i in range(len(weights))]
+    for (n, k), color in zip(weights, colors):
+        runs = sorted((r for r in measured if (r.n, r.k) == (n, k)), key=lambda r: r.m)
+        rows = [r.m for r in runs]
+        ax.plot(rows, [r.times[r.best()] / r.dense_s for r in runs], "o-", color=color, label=f"{n}x{k}")
+        ax.plot(rows, [r.table_s / r.dense_s for r in runs], "--", color=color, alpha=0.6)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log", base=2)
+    counts = sorted({r.m for r in measured})
+    ax.set_xticks(counts, [str(m) for m in counts])
+    ax.set_xlabel("activation rows (M)")
+    ax.set_ylabel("time over the dense F.linear (lower is faster)")
+    ax.plot([], [], "k--", alpha=0.6, label="spec table before")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    return save(fig, path, title)
