@@ -20,7 +20,7 @@ def candidates(m: int) -> list[MatmulTile]:
     """The tiles timed for m activation rows: the GEMV's for one row; code-position slices up to 16;
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
-    warpgroups, split over k to one program per SM, two or not; dequantize-then-cuBLAS from 32."""
+    warpgroups, 2-4 stages, split over k to one program per SM, two or not; dequantize-then-cuBLAS from 32."""
     if m == 1:
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
                 for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
@@ -35,8 +35,9 @@ def candidates(m: int) -> list[MatmulTile]:
     if m >= 32:  # Hopper's wgmma kernel (elsewhere its launch runs an mm tile), 64 or 128 weight rows; then dequantize-then-cuBLAS
         wgmma_m = max(block_m, 64)
         shapes = [(64, 4)] + [(128, w) for w in {64: (4,), 128: (4, 8), 256: (8,)}[wgmma_m]]  # (block_n, warps)
-        tiles += [MatmulTile(kernel="wgmma", block_m=wgmma_m, block_n=bn, block_k=64, num_warps=w, num_stages=4,
-                             programs_per_sm=p) for bn, w in shapes for p in (0, 1, 2)]
+        # 2-4 stages: fewer leave shared memory for a second or third program per SM (its latency hiding)
+        tiles += [MatmulTile(kernel="wgmma", block_m=wgmma_m, block_n=bn, block_k=64, num_warps=w, num_stages=stages,
+                             programs_per_sm=p) for bn, w in shapes for stages in (2, 3, 4) for p in (0, 1, 2)]
         tiles.append(MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3))
     return tiles
 
