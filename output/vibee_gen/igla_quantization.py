@@ -1252,24 +1252,6 @@ _ZERO_CHUNK = 16  # uint8 zero points per row a TMA box brings
 if gluon is not None:
 
     @gluon.jit
-    def _pair16(value, IS_BF16: gl.constexpr):
-        """[...] floats -> int32 holding the value as a 16-bit float in both halves (an x2 operand)."""
-        if IS_BF16:
-            bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        else:
-            bits = value.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        return bits | (bits << 16)
-
-    @gluon.jit
-    def _half16(pairs, HIGH: gl.constexpr, IS_BF16: gl.constexpr):
-        """The low or high 16-bit float of each int32 of pairs."""
-        bits = (pairs >> 16) if HIGH else pairs
-        if IS_BF16:
-            return bits.to(gl.int16).to(gl.bfloat16, bitcast=True)
-        else:
-            return bits.to(gl.int16).to(gl.float16, bitcast=True)
-
-    @gluon.jit
     def _chunk_pick(chunk, g, cols, layout: gl.constexpr):
         """Column g % chunk width of each row of a [rows, width] tile, as fp32 in `layout` (one
         nonzero term per row: exact)."""
