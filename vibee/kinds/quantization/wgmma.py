@@ -41,6 +41,25 @@ _ZERO_CHUNK = 16  # uint8 zero points per row a TMA box brings
 if gluon is not None:
 
     @gluon.jit
+    def _load_tile(x_desc, w_desc, s_desc, z_desc, ring, slot, row_m, row_n, k, live, GROUP: gl.constexpr,
+                   HAS_ZEROS: gl.constexpr):
+        """TMA copies of k tile k's operands (x's tile, the words, the chunk of scales and zero points
+        holding its group) into slot `slot` of the ring (xs, words, scales, zeros, barriers), completing
+        on the slot's barrier; none where not live (past the split's last tile)."""
+        xs, words_s, scales_s, zeros_s, bars = ring
+        chunk: gl.constexpr = s_desc.block_type.shape[1]
+        zchunk: gl.constexpr = z_desc.block_type.shape[1]
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes
+                                + (z_desc.block_type.nbytes if HAS_ZEROS else 0))
+        bar = bars.index(slot)
+        mbarrier.expect(bar, nbytes, pred=live)
+        tma.async_copy_global_to_shared(x_desc, [row_m, k], bar, xs.index(slot), pred=live)
+        tma.async_copy_global_to_shared(w_desc, [row_n, k // 8], bar, words_s.index(slot), pred=live)
+        tma.async_copy_global_to_shared(s_desc, [row_n, k // GROUP // chunk * chunk], bar, scales_s.index(slot), pred=live)
+        if HAS_ZEROS:
+            tma.async_copy_global_to_shared(z_desc, [row_n, k // GROUP // zchunk * zchunk], bar, zeros_s.index(slot), pred=live)
+
+    @gluon.jit
     def _chunk_pick(chunk, g, cols, layout: gl.constexpr):
         """Column g % chunk width of each row of a [rows, width] tile, as fp32 in `layout` (one
         nonzero term per row: exact)."""
@@ -92,19 +111,9 @@ if gluon is not None:
         n_k = gl.minimum(k_per_split, K - k_begin) // BLOCK_K
         row_n = pid_n * BLOCK_N
         row_m = pid_m * BLOCK_M
-        nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                + (z_desc.block_type.nbytes if HAS_ZEROS else 0))
+        ring = (xs, words_s, scales_s, zeros_s, bars)
         for i in gl.static_range(STAGES - 1):
-            live = i < n_k
-            k = k_begin + i * BLOCK_K
-            mbarrier.expect(bars.index(i), nbytes, pred=live)
-            tma.async_copy_global_to_shared(x_desc, [row_m, k], bars.index(i), xs.index(i), pred=live)
-            tma.async_copy_global_to_shared(w_desc, [row_n, k // 8], bars.index(i), words_s.index(i), pred=live)
-            tma.async_copy_global_to_shared(s_desc, [row_n, k // GROUP // CHUNK * CHUNK], bars.index(i), scales_s.index(i),
-                                            pred=live)
-            if HAS_ZEROS:
-                tma.async_copy_global_to_shared(z_desc, [row_n, k // GROUP // ZCHUNK * ZCHUNK], bars.index(i),
-                                                zeros_s.index(i), pred=live)
+            _load_tile(x_desc, w_desc, s_desc, z_desc, ring, i, row_m, row_n, k_begin + i * BLOCK_K, i < n_k, GROUP, HAS_ZEROS)
         # every split has a tile (the launch's split); a zero-trip path would set acc outside the wgmma
         # pipeline, and ptxas then serializes every wgmma (its warning C7515)
         gl.assume(n_k > 0)
@@ -142,17 +151,8 @@ if gluon is not None:
             acc, _, _ = hopper.warpgroup_mma_wait(num_outstanding=1, deps=[acc, w_buf, x_buf])
             # into tile i - 1's slot: its wgmma is done, and every thread read its words before the barrier
             j = i + STAGES - 1
-            sj = j % STAGES
-            live = j < n_k
-            k = k_begin + j * BLOCK_K
-            mbarrier.expect(bars.index(sj), nbytes, pred=live)
-            tma.async_copy_global_to_shared(x_desc, [row_m, k], bars.index(sj), xs.index(sj), pred=live)
-            tma.async_copy_global_to_shared(w_desc, [row_n, k // 8], bars.index(sj), words_s.index(sj), pred=live)
-            tma.async_copy_global_to_shared(s_desc, [row_n, k // GROUP // CHUNK * CHUNK], bars.index(sj), scales_s.index(sj),
-                                            pred=live)
-            if HAS_ZEROS:
-                tma.async_copy_global_to_shared(z_desc, [row_n, k // GROUP // ZCHUNK * ZCHUNK], bars.index(sj),
-                                                zeros_s.index(sj), pred=live)
+            _load_tile(x_desc, w_desc, s_desc, z_desc, ring, j % STAGES, row_m, row_n, k_begin + j * BLOCK_K, j < n_k, GROUP,
+                       HAS_ZEROS)
         acc = hopper.warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         for b in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(b))
