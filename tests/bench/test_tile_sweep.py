@@ -34,6 +34,7 @@ def test_candidates_fit_the_row_count(m):
     assert ("wgmma" in kinds) == (m >= 32)
     assert all(t.block_m >= min(m, 256) for t in tiles if t.kernel in ("mm", "wgmma"))  # one tile tall covers the rows
     assert len(set(tiles)) == len(tiles)
+    assert candidates(m, wgmma=False) == [t for t in tiles if t.kernel != "wgmma"]  # off sm_90 the wgmma launch is an mm tile
 
 
 def _measured(m: int, n: int, k: int, best: int, slower=None) -> Measured:
@@ -41,7 +42,7 @@ def _measured(m: int, n: int, k: int, best: int, slower=None) -> Measured:
     times = [10e-6 * (1.0 if c == best else 2.0) for c in range(len(candidates(m)))]
     if slower is not None:
         times[slower] = None
-    return Measured(n, k, m, 10e-6, 15e-6, times)
+    return Measured(n, k, m, 10e-6, 15e-6, candidates(m), times)
 
 
 def test_derived_table_takes_each_widths_best_at_each_row_count():
@@ -118,7 +119,7 @@ def test_the_command_times_every_candidate_and_writes_the_table(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(next(tmp_path.glob("tiles-*.json")).read_text())
     assert [(r["n"], r["m"]) for r in data["results"]] == [(64, 1), (64, 32), (32, 1), (32, 32)]
-    assert all(len(r["candidates"]) == len(candidates(r["m"])) and all(c["seconds"] for c in r["candidates"])
+    assert all(len(r["candidates"]) == len(candidates(r["m"], wgmma=False)) and all(c["seconds"] for c in r["candidates"])
                for r in data["results"])  # every candidate launched and matched the dequantized product
     snippet = next(tmp_path.glob("tiles-*.tiles.vibee")).read_text()
     assert next(tmp_path.glob("tiles-*.png")).read_bytes().startswith(b"\x89PNG")
@@ -181,6 +182,7 @@ def test_sweep_skips_launches_that_fail_or_compute_wrongly():
 
     (r,) = sweep(_FakeQuant, [(32, 64)], [64], device="cpu", dtype=torch.float32, time_call=lambda fn, device: fn() is None or 1e-6)
     tiles = candidates(64)
+    assert r.tiles == tiles
     for i, tile in enumerate(tiles):
         failed, wrong = tile.block_n == 64, tile.kernel == "mm" and tile.block_k == 128
         assert (r.times[i] is None) == (failed or wrong), tile

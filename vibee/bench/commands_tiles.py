@@ -78,6 +78,8 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
 
     from vibee.bench import tile_sweep
     from vibee.bench.kernels import time_call
+    import torch
+
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
 
@@ -95,6 +97,9 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
     quant_module = gen.quantization
     if not hasattr(quant_module, "pick_launch"):
         fail("the quantization spec has no launch tiles to tune (its target is not triton, or its codes are fp8)")
+    # wgmma tiles where that kernel runs (elsewhere their launch is an mm tile the sweep times anyway)
+    wgmma = (dev.startswith("cuda") and getattr(quant_module, "gluon", None) is not None
+             and torch.cuda.get_device_capability(torch.device(dev)) == (9, 0))
     total = len(products) * len(counts)
     with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=err) as bar:
@@ -107,7 +112,7 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
             started += 1
 
         measured = tile_sweep.sweep(quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name],
-                                    time_call=time_call, on_product=on_product)
+                                    time_call=time_call, on_product=on_product, wgmma=wgmma)
         bar.update(task, completed=total)
     table = tile_sweep.derive_table(measured)
     lines = tile_sweep.spec_lines(table)
@@ -118,19 +123,20 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
     product_rows = []
     for r in measured:
         best = r.best()
-        tile = tile_sweep.candidates(r.m)[best]
+        tile = r.tiles[best]
         product_rows.append([f"{r.n}x{r.k}", r.m, us(r.dense_s), f"{us(r.table_s)} ({r.table_s / r.dense_s:.2f}x)",
                              f"{us(r.times[best])} ({r.times[best] / r.dense_s:.2f}x)", tile.summary()])
     env = environment(dev)
     title = f"vibee bench tiles on {env.get('device_name', dev)} ({quant}, {dtype_name})"
     notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
-             "x: over the dense F.linear of the same weight. 'spec table': the launch the current spec picks.",
+             "x: over the dense F.linear of the same weight. 'spec table': the launch the current spec picks."
+             + ("" if wgmma else " No wgmma candidates: that kernel runs on sm_90 GPUs only."),
              f"Paste the table into the quantization spec's config (tiles:) to use it, or rerun with --write-spec: "
              f"{gen.specs['quantization'].path}"]
     failed = sum(len(r.errors) for r in measured)
     if failed:
         notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
-    wrong = sorted({tile_sweep.candidates(r.m)[i].summary() for r in measured for i in r.wrong})
+    wrong = sorted({r.tiles[i].summary() for r in measured for i in r.wrong})
     if wrong:
         notes.append("These launches computed a wrong product here (over 1% off the dequantized weight's; a kernel or "
                      "compiler bug, in the JSON as 'wrong') and were skipped: " + "; ".join(wrong))
@@ -142,7 +148,7 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
             "results": [{"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s,
                          "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i),
                                          "wrong": r.wrong.get(i)}
-                                        for i, (t, s) in enumerate(zip(tile_sweep.candidates(r.m), r.times))]}
+                                        for i, (t, s) in enumerate(zip(r.tiles, r.times))]}
                         for r in measured],
             "table": [t.model_dump() for t in table], "environment": env}
     json_path = finish(out, result_dir, "tiles", data, title, sections, notes)

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from vibee.kinds.quantization.tiles import MatmulTile
 
 
-def candidates(m: int) -> list[MatmulTile]:
+def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
     """The tiles timed for m activation rows: the GEMV's for one row; code-position slices up to 16;
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
-    warpgroups, 2-4 stages, split over k to one program per SM, two or not; dequantize-then-cuBLAS from 32."""
+    warpgroups, 2-4 stages, split over k to one program per SM, two or not (wgmma: where the kernel
+    runs, an sm_90 GPU; elsewhere its launch is an mm tile); dequantize-then-cuBLAS from 32."""
     if m == 1:
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
                 for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
@@ -32,12 +33,13 @@ def candidates(m: int) -> list[MatmulTile]:
     tiles += [MatmulTile(kernel="mm", block_m=block_m, block_n=bn, block_k=bk, num_warps=8 if block_m == 256 else 4,
                          num_stages=3, programs_per_sm=p, swap_ab=swap, join_codes=True)
               for swap in (True, False) for bn in (64, 128) for bk in (64, 128) for p in ((0, 2) if m <= 128 else (0,))]
-    if m >= 32:  # Hopper's wgmma kernel (elsewhere its launch runs an mm tile), 64 or 128 weight rows; then dequantize-then-cuBLAS
+    if m >= 32 and wgmma:  # Hopper's wgmma kernel, 64 or 128 weight rows
         wgmma_m = max(block_m, 64)
         shapes = [(64, 4)] + [(128, w) for w in {64: (4,), 128: (4, 8), 256: (8,)}[wgmma_m]]  # (block_n, warps)
         # 2-4 stages: fewer leave shared memory for a second or third program per SM (its latency hiding)
         tiles += [MatmulTile(kernel="wgmma", block_m=wgmma_m, block_n=bn, block_k=64, num_warps=w, num_stages=stages,
                              programs_per_sm=p) for bn, w in shapes for stages in (2, 3, 4) for p in (0, 1, 2)]
+    if m >= 32:
         tiles.append(MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3))
     return tiles
 
@@ -45,7 +47,7 @@ def candidates(m: int) -> list[MatmulTile]:
 @dataclass
 class Measured:
     """One product [m, k] @ [k, n]: bf16's (the dense dtype's) F.linear time, the spec's current
-    table's, and each candidate's (candidates(m) order; None where it did not launch, see errors, or
+    table's, the candidates timed and each one's time (None where it did not launch, see errors, or
     its product was wrong)."""
 
     n: int
@@ -53,6 +55,7 @@ class Measured:
     m: int
     dense_s: float
     table_s: float
+    tiles: list[MatmulTile]
     times: list[float | None] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)  # candidate -> why it did not launch
     wrong: dict[int, float] = field(default_factory=dict)  # candidate -> its product's relative error (> 1%)
@@ -64,9 +67,10 @@ class Measured:
 
 def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, device: str, dtype: torch.dtype,
           time_call: Callable[[Callable[[], object], str], float], on_product: Callable[[str], None] = lambda _: None,
-          ) -> list[Measured]:
-    """Time every candidate on every [n, k] weight (random, quantized by the spec's quantizer) at each
-    row count. A candidate whose product is off the dequantized weight's by more than 1% is dropped."""
+          wgmma: bool = True) -> list[Measured]:
+    """Time every candidate (candidates(m, wgmma)) on every [n, k] weight (random, quantized by the
+    spec's quantizer) at each row count. A candidate whose product is off the dequantized weight's by
+    more than 1% is dropped."""
     results = []
     for n, k in weights:
         gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
@@ -78,8 +82,8 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
             x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
             want = F.linear(x.float(), dense.float())
             measured = Measured(n, k, m, time_call(lambda: F.linear(x, weight), device),
-                                time_call(lambda: quant.triton_quant_linear(x, qw), device))
-            for tile in candidates(m):
+                                time_call(lambda: quant.triton_quant_linear(x, qw), device), candidates(m, wgmma))
+            for tile in measured.tiles:
                 config = quant.pick_launch((quant.LaunchTile(**tile.model_dump()),), m, n, k, x.device)
                 try:
                     y = quant.triton_quant_linear(x, qw, config=config)
@@ -104,23 +108,22 @@ def derive_table(results: Sequence[Measured]) -> list[MatmulTile]:
     that computed a wrong product anywhere is taken nowhere: its bug may hide at a shape not swept."""
     rows: list[MatmulTile] = []
     counts = sorted({r.m for r in results})
-    wrong = {candidates(r.m)[c] for r in results for c in r.wrong}
+    wrong = {r.tiles[c] for r in results for c in r.wrong}
     for i, m in enumerate(counts):
-        tiles = candidates(m)
-        by_width: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+        by_width: dict[int, dict[MatmulTile, float]] = defaultdict(lambda: defaultdict(float))
         for r in (r for r in results if r.m == m):
-            for c, t in enumerate(r.times):
-                by_width[r.n][c] += float("inf") if t is None or tiles[c] in wrong else t / r.dense_s
-        runs: list[tuple[int, int]] = []  # (candidate, narrowest width), widest first
+            for tile, t in zip(r.tiles, r.times):
+                by_width[r.n][tile] += float("inf") if t is None or tile in wrong else t / r.dense_s
+        runs: list[tuple[MatmulTile, int]] = []  # (candidate, narrowest width), widest first
         for n in sorted(by_width, reverse=True):
             best = min(by_width[n], key=by_width[n].get)
             if runs and runs[-1][0] == best:
                 runs[-1] = (best, n)
             else:
                 runs.append((best, n))
-        for j, (c, n) in enumerate(runs):
-            rows.append(tiles[c].model_copy(update={"max_m": None if i == len(counts) - 1 else m,
-                                                    "min_n": 0 if j == len(runs) - 1 else n}))
+        for j, (tile, n) in enumerate(runs):
+            rows.append(tile.model_copy(update={"max_m": None if i == len(counts) - 1 else m,
+                                                "min_n": 0 if j == len(runs) - 1 else n}))
     return rows
 
 
