@@ -1422,7 +1422,7 @@ def wgmma_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zer
     n = words.shape[0]
     if x.data_ptr() % 16:  # TMA's boxes start 16-byte aligned
         x = x.clone()
-    z = zeros if zeros is not None else torch.empty(block_n, _ZERO_CHUNK, dtype=torch.uint8, device=x.device)
+    z = zeros if zeros is not None else scales.view(torch.uint8)  # a descriptor the kernel never reads: no allocation
     _w4_wgmma_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         _descriptor(x, [block_m, block_k]), _descriptor(words, [block_n, block_k // 8]),
         _descriptor(scales, [block_n, _SCALE_CHUNK]), _descriptor(z, [block_n, _ZERO_CHUNK]),
