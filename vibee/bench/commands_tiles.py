@@ -76,10 +76,10 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vibee.bench import tile_sweep
-    from vibee.bench.kernels import time_call
     import torch
 
+    from vibee.bench import tile_sweep
+    from vibee.bench.kernels import time_call
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
 
@@ -183,8 +183,9 @@ def _write_spec(path: Path, table, out) -> None:
 
 
 def plot_tiles(measured, path: Path, title: str) -> Path:
-    """Quantized time over the dense F.linear's per weight against the row count: the best candidate
-    (what the derived table launches, solid) and the current spec table (dashed), 1.0 marked."""
+    """Quantized time over the dense F.linear's per weight against the row count: the fastest
+    candidate (solid; the derived table's launch unless widths merged) and the spec's current table
+    (dashed), 1.0 marked."""
     from vibee.bench.plot import figure, save
 
     fig, ax = figure(figsize=(9, 5.5))
