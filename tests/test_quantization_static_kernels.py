@@ -159,6 +159,54 @@ def test_the_wgmma_kernel_compiles_for_sm90_to_async_wgmma_without_serializing(b
     assert "Compiling entry function" in compiled["ptxas"] and "C7515" not in compiled["ptxas"], compiled["ptxas"]
 
 
+_GEMV_FOR_SM90 = """
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vibee.kinds.quantization.kernels import _qgemv_kernel
+
+constexprs = json.loads(sys.argv[1])
+signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16",
+             "part_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "stride_qn": "i32", "stride_sn": "i32",
+             "stride_zn": "i32", "k_per_split": "i32"}
+signature.update({name: "constexpr" for name in constexprs})
+compiled = triton.compile(ASTSource(fn=_qgemv_kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+with tempfile.TemporaryDirectory() as tmp:
+    open(os.path.join(tmp, "k.ptx"), "w").write(compiled.asm["ptx"])
+    subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")], check=True)
+    sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stdout
+print(json.dumps({"ptx": compiled.asm["ptx"], "sass": sass}))
+"""
+
+
+@pytest.mark.parametrize("one_lop3", [True, False])
+def test_the_gemv_takes_one_integer_op_a_code_on_a_gpu(one_lop3):
+    """The GEMV is bound by its arithmetic (H100: 1.1-1.6x the time of the same loads with none):
+    on a GPU (ONE_LOP3) each code is masked and or-ed into 2^23 by one LOP3, where the compiler,
+    given two immediates, spends two."""
+    import json
+    import subprocess
+    import sys
+
+    constexprs = dict(GROUP=128, SCALE_PER_TILE=True, CODE_BITS=4, FLIP=0, CODE_OFFSET=8.0, HAS_ZEROS=False, HAS_BIAS=False,
+                      SPLIT_K=1, EVEN_K=True, BLOCK_N=64, BLOCK_K=128, ONE_LOP3=one_lop3)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _GEMV_FOR_SM90, json.dumps(constexprs)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = json.loads(done.stdout.splitlines()[-1])
+    codes = 64 * 128 // 128  # per thread and k tile: BLOCK_N * BLOCK_K over 4 warps' threads
+    separate_ors = compiled["ptx"].count("1258291200")  # 0x4B000000 or-ed in by its own instruction
+    lop3s = compiled["sass"].count("LOP3")
+    if one_lop3:
+        assert separate_ors == 0 and compiled["ptx"].count("lop3.b32") >= codes and lop3s < 1.5 * codes, lop3s
+    else:
+        assert separate_ors == codes and lop3s > 1.5 * codes, lop3s  # what the test tells apart
+
+
 @pytest.mark.parametrize("module", [unpack, kernels, wgmma, launch], ids=["unpack.py", "kernels.py", "wgmma.py", "launch.py"])
 def test_generated_module_carries_the_static_code_verbatim(module):
     path = Path(module.__file__)

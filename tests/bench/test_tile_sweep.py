@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from vibee.bench.cli import bench
-from vibee.bench.tile_sweep import Measured, candidates, derive_table, paste_table, spec_lines
+from vibee.bench.tile_sweep import Measured, candidates, derive_table, paste_table, spec_lines, splice_table
 from vibee.ir.load import load_specs
+from vibee.kinds.quantization.tiles import MatmulTile
 
 SPEC = Path(__file__).resolve().parents[2] / "specs" / "tri" / "igla_quantization.vibee"
 
@@ -189,3 +190,16 @@ def test_sweep_skips_launches_that_fail_or_compute_wrongly():
         assert (i in r.errors) == failed and (not failed or "out of shared memory" in r.errors[i])
         assert (i in r.wrong) == (wrong and not failed) and (i not in r.wrong or abs(r.wrong[i] - 1.0) < 1e-6)
     assert tiles[r.best()].kernel in ("mm", "dense") and r.times[r.best()] is not None
+
+
+def test_a_sweep_of_fewer_row_counts_retunes_only_their_rows():
+    gemv = MatmulTile(kernel="gemv", max_m=1, block_n=64, block_k=128)
+    current = [gemv, MatmulTile(kernel="slices", max_m=16, block_m=16, block_n=64, block_k=128),
+               MatmulTile(kernel="mm", block_m=64, block_n=64, block_k=64)]
+    swept = [MatmulTile(kernel="slices", min_n=4096, block_m=16, block_n=128, block_k=128),
+             gemv.model_copy(update={"max_m": None, "block_n": 128})]  # derive_table's from --rows 1: the last any
+    spliced = splice_table(swept, current, 1)
+    assert [t.max_m for t in spliced] == [1, 1, 16, None] and spliced[2:] == current[1:]
+    assert [t.block_n for t in spliced[:2]] == [128, 128]
+    # a sweep reaching past every bounded row of the table is the whole table
+    assert splice_table(swept, current, 16) == swept and splice_table(swept, [current[-1]], 1) == swept

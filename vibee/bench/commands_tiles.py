@@ -62,7 +62,8 @@ ROWS = (1, 16, 32, 64, 128, 256, 512, 4096)
                    "the table covers the weight widths of all of them.")
 @click.option("--weights", default=None, help="Instead of --shape: [out x in] weights, e.g. 3072x2048,16384x2048.")
 @click.option("--rows", default=",".join(map(str, ROWS)), show_default=True,
-              help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any.")
+              help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any "
+                   "(or, where the spec's table has rows for more rows, up to it: those rows are kept).")
 @click.option("--quant", type=click.Choice(["int4", "int8"]), default="int4", show_default=True)
 @click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
@@ -114,7 +115,8 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
         measured = tile_sweep.sweep(quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name],
                                     time_call=time_call, on_product=on_product, wgmma=wgmma)
         bar.update(task, completed=total)
-    table = tile_sweep.derive_table(measured)
+    # Row counts above the sweep's keep the spec's rows (a sweep of --rows 1 retunes only the GEMV's)
+    table = tile_sweep.splice_table(tile_sweep.derive_table(measured), gen.specs["quantization"].config.tiles, counts[-1])
     lines = tile_sweep.spec_lines(table)
 
     def us(s):

@@ -22,9 +22,9 @@ def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
     warpgroups, 2-4 stages, split over k to one program per SM, two or not (wgmma: where the kernel
     runs, an sm_90 GPU; elsewhere its launch is an mm tile); dequantize-then-cuBLAS from 32."""
-    if m == 1:
+    if m == 1:  # more rows a thread (128 on 4 warps) spread x's loads and conversions over more codes
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
-                for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
+                for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for p in (4, 8)]
     tiles = []
     if m <= 16:
         tiles += [MatmulTile(kernel="slices", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
@@ -125,6 +125,17 @@ def derive_table(results: Sequence[Measured]) -> list[MatmulTile]:
             rows.append(tile.model_copy(update={"max_m": None if i == len(counts) - 1 else m,
                                                 "min_n": 0 if j == len(runs) - 1 else n}))
     return rows
+
+
+def splice_table(swept: Sequence[MatmulTile], current: Sequence[MatmulTile], largest: int) -> list[MatmulTile]:
+    """swept (derive_table's, from row counts up to `largest`) in place of current's rows for up to
+    largest rows, so that a sweep of a few row counts retunes only those: where current has rows for
+    more rows (max_m over largest), swept's last row count stops at largest and those rows follow
+    it; otherwise swept is the whole table."""
+    beyond = [t for t in current if t.max_m is None or t.max_m > largest]
+    if not any(t.max_m is not None for t in beyond):
+        return list(swept)
+    return [t.model_copy(update={"max_m": largest}) if t.max_m is None else t for t in swept] + beyond
 
 
 def spec_lines(table: Sequence[MatmulTile]) -> list[str]:

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from vibee.kinds.quantization.tile_order import _program_tile
-from vibee.kinds.quantization.unpack import _half16, _packed_pairs, _weight_tile
+from vibee.kinds.quantization.unpack import _code_in_place, _half16, _packed_pairs, _weight_tile
 
 # ---- copied into generated modules from here ----
 
@@ -46,7 +46,7 @@ def _qgemv_kernel(
     N, K, stride_qn, stride_sn, stride_zn, k_per_split,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -58,10 +58,11 @@ def _qgemv_kernel(
 
     Few integer ops per code, as the kernel is otherwise bound by them, not by memory: a code is
     masked in place (u * 2^s, s its bit offset within a half word, so below 2^16) and or-ed into
-    the fp32 2^23 (one LOP3), which less 2^23 is u * 2^s exactly; x is pre-scaled by 2^-s (exact)
-    once per tile for all rows. The upper half word is shifted down once per word. The zero is
-    taken out once per word: sum_i x_i (u_i - zero) = sum_i x_i u_i - zero * sum_i x_i.
-    FLIP (0x80 for two's-complement int8 codes) turns a byte into code + 128 in the same LOP3."""
+    the fp32 2^23 (one LOP3 on a GPU: _code_in_place), which less 2^23 is u * 2^s exactly; x is
+    pre-scaled by 2^-s (exact) once per tile for all rows. The upper half word is shifted down once
+    per word. The zero is taken out once per word: sum_i x_i (u_i - zero) = sum_i x_i u_i - zero *
+    sum_i x_i. FLIP (0x80 for two's-complement int8 codes) turns every byte of a word into code +
+    128 with one XOR per word."""
     CODES: tl.constexpr = 32 // CODE_BITS
     HALF: tl.constexpr = CODES // 2
     MASK: tl.constexpr = (1 << CODE_BITS) - 1
@@ -82,6 +83,8 @@ def _qgemv_kernel(
             words = tl.load(w_ptrs)
         else:
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
+        if FLIP:  # FLIP is 0x80: every byte's top bit, 0x80808080 as an int32
+            words = words ^ -0x7F7F7F80
         high = words >> 16
         part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         x_sum = tl.zeros([WORDS], dtype=tl.float32)
@@ -96,7 +99,7 @@ def _qgemv_kernel(
             else:
                 src = high
             shift = CODE_BITS * (i % HALF)
-            f = (((src & (MASK << shift)) ^ (FLIP << shift)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            f = _code_in_place(src, MASK << shift, ONE_LOP3) - 8388608.0
             part += f * (xi * (1.0 / (1 << shift)))[None, :]
         if SCALE_PER_TILE:  # the whole tile is in one group: one scale (and zero) per row
             g = k0 // GROUP

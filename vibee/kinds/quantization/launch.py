@@ -315,7 +315,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
         wgmma_linear(x2, fmt.words, scales, zeros, bias, y, part, counters, k_per_split, split, fmt.group_size,

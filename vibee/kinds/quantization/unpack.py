@@ -33,6 +33,19 @@ def _code_at(words, i: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexp
 
 
 @triton.jit
+def _code_in_place(src, MASK: tl.constexpr, ONE_LOP3: tl.constexpr):
+    """The fp32 whose bits are 0x4B000000 | (src & MASK): 2^23 + the masked bits, exactly. ONE_LOP3
+    (a GPU): one `lop3` with the mask in a register; left to the compiler, the two immediates take
+    an AND and an OR (one LOP3 each, the GEMV's loop twice as many integer ops as codes)."""
+    if ONE_LOP3:
+        mask = tl.full(src.shape, MASK, tl.int32)
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x4B000000, 0xEA;", "=r,r,r", [src, mask],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return ((src & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _codes_in_order(words, R: tl.constexpr, W: tl.constexpr, CODE_BITS: tl.constexpr, MAGIC: tl.constexpr):
     """[R, W] words -> [R, W * codes per word] codes as _code_at gives them, in input order. Built
     by joining the per-position tensors (join keeps the new axis in each thread, so a thread holds
