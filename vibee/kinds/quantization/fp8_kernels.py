@@ -154,11 +154,18 @@ def _fp32_scales(scales: torch.Tensor) -> torch.Tensor:
     return row
 
 
+# Up to this many rows the Triton kernel runs even where cuBLASLt's would: H100, each Llama-3.2-1B
+# projection at 1 and 16 rows (fp8_rows included, CUDA graphs after an L2 flush), it took 0.69-1.00x
+# cuBLASLt row-wise's time (2048x8192: 20.6 against 29.9 us at one row); at 64 rows the 16384-row
+# weight already lost (1.12x), and from 256 rows every one.
+TRITON_MAX_ROWS = 16
+
+
 def _cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor | None:
     """(q @ qweight.T) * s[:, None] * scales.T on cuBLASLt's fp8 GEMM (torch._scaled_mm, row-wise
     scales, fp32 accumulation), or None where this torch, GPU or shape has no such kernel (then
-    the Triton kernel runs). It beats the Triton kernel on Hopper at every size measured."""
+    the Triton kernel runs). It beats the Triton kernel on Hopper past TRITON_MAX_ROWS rows."""
     device = q.device
     if device.type != "cuda" or _ROWWISE.get(device) is False or dtype != torch.bfloat16:
         return None
@@ -177,8 +184,8 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
                split: int | None = None, cublas: bool = True) -> torch.Tensor:
     """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
     [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype. split:
-    splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM where it
-    runs (bf16 on a GPU that has it), else the Triton kernel."""
+    splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM for more
+    than TRITON_MAX_ROWS rows where it runs (bf16 on a GPU that has it), else the Triton kernel."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -187,7 +194,7 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     if not x2.shape[0]:
         return x.new_empty(*lead, n)
     q, s = fp8_rows(x2)
-    y = _cublas_fp8(q, s, qweight, scales, x.dtype) if cublas and split is None else None
+    y = _cublas_fp8(q, s, qweight, scales, x.dtype) if cublas and split is None and x2.shape[0] > TRITON_MAX_ROWS else None
     if y is not None:
         if bias is not None:
             y += bias
