@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from vibee.runtime.sampler import Sampler, SamplingRow
-from vibee.runtime.sampling_kernel import gumbel_sample
+from vibee.runtime.sampling_kernel import argmax_rows, gumbel_sample, triton_argmax_rows
 from vibee.runtime.sampling_params import SamplingParams
 
 needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -76,6 +76,7 @@ def test_greedy_ties_go_to_the_first_column_as_torch_argmax():
     logits[3] = float("-inf")
     got = gumbel_sample(logits, torch.zeros(4, device=DEVICE), torch.tensor([1], device=DEVICE), block=16)
     assert got.tolist() == [2, 2, 1999, 0] == logits.argmax(dim=-1).tolist()
+    assert triton_argmax_rows(logits, block=16).tolist() == [2, 2, 1999, 0]  # the graphs' argmax, no noise
 
 
 @needs_kernels
@@ -91,6 +92,7 @@ def test_nan_logits_count_as_the_largest_so_every_row_names_a_column(temperature
     logits[3, 1200:] = float("nan")
     got = gumbel_sample(logits, torch.full((4,), temperature, device=DEVICE), torch.tensor([1], device=DEVICE), block=16)
     assert got.tolist() == [0, 700, 40, 1200] == logits.argmax(dim=-1).tolist()
+    assert triton_argmax_rows(logits, block=16).tolist() == [0, 700, 40, 1200]
 
 
 @needs_kernels
@@ -177,3 +179,18 @@ def test_kernel_path_logprobs_are_the_model_distribution():
     lp = torch.log_softmax(logits.float()[0], dim=-1)
     assert result.logprob == pytest.approx(float(lp[result.token_id]), abs=1e-5)
     assert [t for t, _ in result.top_logprobs] == [1, 0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab, block", [(300, 64), (300, 1024), (5000, 16)])
+def test_the_graphs_argmax_is_torchs(dtype, vocab, block):
+    """triton_argmax_rows (the decode and prefill graphs' argmax on a GPU) against torch.argmax:
+    one chunk a row, several, the 64-chunk cap with several blocks a chunk (5000 at 16), rows
+    with ties across chunks, written into a slice of a longer buffer as the graphs do."""
+    torch.manual_seed(1)
+    logits = (torch.randn(6, vocab) * 2).round().to(dtype).to(DEVICE)  # rounded: many ties
+    out = torch.full((8,), -1, dtype=torch.long, device=DEVICE)
+    got = triton_argmax_rows(logits, block=block, out=out[:6])
+    assert got.data_ptr() == out.data_ptr() and out.tolist()[:6] == logits.argmax(dim=-1).tolist() and out[6:].tolist() == [-1, -1]
+    assert argmax_rows(logits.cpu()).tolist() == logits.cpu().argmax(dim=-1).tolist()  # elsewhere: torch's

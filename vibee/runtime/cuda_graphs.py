@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vibee.runtime.attention import AttentionBatch
+from vibee.runtime.sampling_kernel import argmax_rows
 
 HEAD_ROWS = 5  # the staging buffer's per-row fields: ids, positions, slots, seq_lens, sources
 
@@ -113,7 +114,7 @@ class DecodeGraphs:
         ids = torch.where(sources >= 0, self.sampled[sources.clamp(min=0)], self.input_ids[:b])
         hidden = self.model(ids, self.positions[:b], self._batch(b), self.kv_cache)
         logits = self.model.compute_logits(hidden)
-        torch.argmax(logits, dim=-1, out=self.sampled[:b])
+        argmax_rows(logits, out=self.sampled[:b])
         return hidden, logits
 
     @torch.inference_mode()

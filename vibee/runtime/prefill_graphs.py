@@ -20,6 +20,7 @@ import torch
 
 from vibee.runtime.attention import AttentionBatch
 from vibee.runtime.host_copy import to_device
+from vibee.runtime.sampling_kernel import argmax_rows
 from vibee.runtime.warmup import FIRST_BUCKET
 
 MAX_PREFILL_GRAPH_TOKENS = 1024  # longer prompts are compute-bound: launches no longer matter
@@ -66,7 +67,7 @@ class PrefillGraphs:
         hidden = self.model(self.input_ids[:t], self.positions[:t], self._batches[t], self.kv_cache)
         self.hidden[t] = hidden.index_select(0, self.last_index)
         self.logits[t] = self.model.compute_logits(self.hidden[t])
-        torch.argmax(self.logits[t], dim=-1, out=self.sampled[:1])
+        argmax_rows(self.logits[t], out=self.sampled[:1])
 
     @torch.inference_mode()
     def capture(self) -> None:
