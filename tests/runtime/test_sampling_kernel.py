@@ -194,3 +194,10 @@ def test_the_graphs_argmax_is_torchs(dtype, vocab, block):
     got = triton_argmax_rows(logits, block=block, out=out[:6])
     assert got.data_ptr() == out.data_ptr() and out.tolist()[:6] == logits.argmax(dim=-1).tolist() and out[6:].tolist() == [-1, -1]
     assert argmax_rows(logits.cpu()).tolist() == logits.cpu().argmax(dim=-1).tolist()  # elsewhere: torch's
+
+
+def test_more_logits_than_32_bit_offsets_reach_is_an_error_before_any_launch():
+    logits = torch.zeros(1, 2**15).expand(2**16, 2**15)  # 2^31 logits in one row's memory
+    for call in (lambda: triton_argmax_rows(logits), lambda: gumbel_sample(logits, torch.zeros(2**16), torch.tensor([1]))):
+        with pytest.raises(ValueError, match="32-bit"):
+            call()

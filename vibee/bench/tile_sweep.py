@@ -22,9 +22,9 @@ def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
     warpgroups, 2-4 stages, split over k to one program per SM, two or not (wgmma: where the kernel
     runs, an sm_90 GPU; elsewhere its launch is an mm tile); dequantize-then-cuBLAS from 32."""
-    if m == 1:  # more rows a thread (128 on 4 warps) spread x's loads and conversions over more codes
+    if m == 1:  # (128 rows on 4 warps and 256 on 8 never won on an H100: 1B and 8B weights, 2026-12-06)
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
-                for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for p in (4, 8)]
+                for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
     tiles = []
     if m <= 16:
         tiles += [MatmulTile(kernel="slices", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)

@@ -33,9 +33,6 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.
     A row's vocabulary is split over up to MAX_CHUNKS programs, whose bests a second kernel picks
     from: at batch 1 one program walking a 128K vocabulary alone reads its 126 blocks one after
     another on one SM while the rest of the GPU idles."""
-    n, vocab = logits.shape
-    if n * vocab >= 2**31:
-        raise ValueError(f"{n} rows of {vocab} logits: the noise counter is 32-bit (fewer rows per call)")
     return _launch(logits, temperatures, seed, block, out, noisy=True)
 
 
@@ -60,6 +57,8 @@ def _launch(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor
     """The kernels over logits: one program a row where one chunk covers it, else up to MAX_CHUNKS
     a row and _pick_kernel. Without noise, temperatures and seed are not read."""
     n, vocab = logits.shape
+    if n * vocab >= 2**31:
+        raise ValueError(f"{n} rows of {vocab} logits: the kernels' offsets and noise counter are 32-bit (fewer rows per call)")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if out is None:
