@@ -182,22 +182,27 @@ print(json.dumps({"ptx": compiled.asm["ptx"], "sass": sass}))
 """
 
 
-@pytest.mark.parametrize("one_lop3", [True, False])
-def test_the_gemv_takes_one_integer_op_a_code_on_a_gpu(one_lop3):
-    """The GEMV is bound by its arithmetic (H100: 1.1-1.6x the time of the same loads with none):
-    on a GPU (ONE_LOP3) each code is masked and or-ed into 2^23 by one LOP3, where the compiler,
-    given two immediates, spends two."""
+def compile_gemv_for_sm90(**constexprs) -> dict:
+    """The GEMV compiled for an H100/H200 here (no GPU), in a process of its own (not the interpreter's)."""
     import json
     import subprocess
     import sys
 
-    constexprs = dict(GROUP=128, SCALE_PER_TILE=True, CODE_BITS=4, FLIP=0, CODE_OFFSET=8.0, HAS_ZEROS=False, HAS_BIAS=False,
-                      SPLIT_K=1, EVEN_K=True, BLOCK_N=64, BLOCK_K=128, ONE_LOP3=one_lop3)
+    defaults = dict(GROUP=128, SCALE_PER_TILE=True, CODE_BITS=4, FLIP=0, CODE_OFFSET=8.0, HAS_ZEROS=False, HAS_BIAS=False,
+                    SPLIT_K=1, EVEN_K=True, BLOCK_N=64, BLOCK_K=128, ONE_LOP3=True, PACKED16=False, STAGES=1)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _GEMV_FOR_SM90, json.dumps(constexprs)], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    done = subprocess.run([sys.executable, "-c", _GEMV_FOR_SM90, json.dumps({**defaults, **constexprs})], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    compiled = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("one_lop3", [True, False])
+def test_the_gemv_takes_one_integer_op_a_code_on_a_gpu(one_lop3):
+    """The GEMV is bound by its arithmetic (H100: 1.1-1.6x the time of the same loads with none):
+    on a GPU (ONE_LOP3) each code is masked and or-ed into 2^23 by one LOP3, where the compiler,
+    given two immediates, spends two (the fp32 path: int8 codes, fractional zero points)."""
+    compiled = compile_gemv_for_sm90(ONE_LOP3=one_lop3)
     codes = 64 * 128 // 128  # per thread and k tile: BLOCK_N * BLOCK_K over 4 warps' threads
     separate_ors = compiled["ptx"].count("1258291200")  # 0x4B000000 or-ed in by its own instruction
     lop3s = compiled["sass"].count("LOP3")
@@ -205,6 +210,38 @@ def test_the_gemv_takes_one_integer_op_a_code_on_a_gpu(one_lop3):
         assert separate_ors == 0 and compiled["ptx"].count("lop3.b32") >= codes and lop3s < 1.5 * codes, lop3s
     else:
         assert separate_ors == codes and lop3s > 1.5 * codes, lop3s  # what the test tells apart
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_the_packed_gemv_takes_four_f16x2_fmas_a_word_on_a_gpu(zeros):
+    """PACKED16 (4-bit codes, whole zero points): a word's 8 products are 4 packed f16x2 multiplies
+    and adds, not 8 fp32 FMAs, and its sum goes to fp32 once."""
+    word_rows = 64 * 16 // 128  # words per thread and k tile: BLOCK_N * BLOCK_K / 8 over 4 warps' threads
+    packed = compile_gemv_for_sm90(PACKED16=True, HAS_ZEROS=zeros, CODE_OFFSET=0.0 if zeros else 8.0)
+    ptx = packed["ptx"]
+    assert ptx.count("fma.rn.f16x2") == 3 * word_rows and ptx.count("mul.rn.f16x2") == word_rows
+    assert ptx.count("cvt.f32.f16") == 2 * word_rows
+    fp32 = compile_gemv_for_sm90(PACKED16=False, HAS_ZEROS=zeros, CODE_OFFSET=0.0 if zeros else 8.0)
+    assert "fma.rn.f16x2" not in fp32["ptx"] and fp32["sass"].count("FFMA") >= 8 * word_rows > 2 * packed["sass"].count("FFMA")
+
+
+def test_the_gemv_takes_the_packed_products_wherever_they_run():
+    """Unlike the tile kernels' 16-bit weights, the GEMV's f16x2 products take any x dtype and group
+    (x is scaled into fp16's range a word at a time): 4-bit codes with whole zero points on a GPU;
+    not int8 codes, fractional (GGUF Q4_1) zero points or the interpreter, and asking for it there
+    is an error."""
+    words = torch.zeros(8, 16, dtype=torch.int32)
+    four, eight = launch._Format(4, 0, 8388616.0, 32, words), launch._Format(8, 0, 8388736.0, 32, words)
+    gemv, cuda = launch.KernelConfig("gemv", 1, 64, 128), torch.device("cuda")
+    whole, fractional = torch.zeros(8, 4, dtype=torch.uint8), torch.zeros(8, 4, dtype=torch.float16)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert launch._packed16(gemv, four, dtype, None, 128, cuda) and launch._packed16(gemv, four, dtype, whole, 128, cuda)
+    assert not launch._packed16(gemv, four, torch.float32, None, 128, torch.device("cpu"))
+    assert not launch._packed16(gemv, eight, torch.bfloat16, None, 128, cuda)
+    assert not launch._packed16(gemv, four, torch.bfloat16, fractional, 128, cuda)
+    assert not launch._packed16(launch.KernelConfig("gemv", 1, 64, 128, packed16=False), four, torch.bfloat16, None, 128, cuda)
+    with pytest.raises(ValueError, match="packed16 takes 4-bit codes"):
+        launch._packed16(launch.KernelConfig("gemv", 1, 64, 128, packed16=True), eight, torch.bfloat16, None, 128, cuda)
 
 
 @pytest.mark.parametrize("module", [unpack, kernels, wgmma, launch], ids=["unpack.py", "kernels.py", "wgmma.py", "launch.py"])

@@ -17,14 +17,15 @@ from vibee.kinds.quantization.tiles import MatmulTile
 
 
 def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
-    """The tiles timed for m activation rows: the GEMV's for one row; code-position slices up to 16;
+    """The tiles timed for m activation rows: the GEMV's for one row (64-256 rows, its k loop
+    pipelined or not); code-position slices up to 16;
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
     warpgroups, 2-4 stages, split over k to one program per SM, two or not (wgmma: where the kernel
     runs, an sm_90 GPU; elsewhere its launch is an mm tile); dequantize-then-cuBLAS from 32."""
-    if m == 1:  # (128 rows on 4 warps and 256 on 8 never won on an H100: 1B and 8B weights, 2026-12-06)
-        return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)
-                for bn, w in ((64, 4), (128, 8)) for p in (4, 8)]
+    if m == 1:  # 1 stage: each tile's words loaded when it is reached; 3: two tiles ahead (cp.async)
+        return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=stages, programs_per_sm=p)
+                for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for p in (4, 8) for stages in (1, 3)]
     tiles = []
     if m <= 16:
         tiles += [MatmulTile(kernel="slices", block_m=16, block_n=bn, block_k=128, num_warps=w, num_stages=3, programs_per_sm=p)

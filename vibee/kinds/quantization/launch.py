@@ -71,7 +71,7 @@ class KernelConfig:
     group_m: int = 8  # "mm": output tiles grouped along M for L2 reuse
     join_codes: bool = False  # "mm": codes unpacked by joining positions (else one 3-D tensor)
     swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
-    packed16: bool | None = None  # 4-bit codes unpacked by packed 16-bit arithmetic ("mm", "slices", "dense"); None: wherever it runs
+    packed16: bool | None = None  # 4-bit codes unpacked by packed 16-bit arithmetic (not "wgmma"); None: wherever it runs
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,18 @@ def _wgmma_takes(fmt: _Format, dtype: torch.dtype, scales: torch.Tensor, zeros: 
 
 def _packed16(cfg: KernelConfig, fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, in_features: int,
               device: torch.device) -> bool:
-    """Whether cfg's launch unpacks 4-bit codes by packed 16-bit arithmetic (unpack.py,
-    _packed_pairs): where it runs, unless cfg.packed16 says otherwise. It runs with one scale per
-    row and tile, whole zero points and a 16-bit compute dtype on a GPU (bf16x2 arithmetic from
-    sm_90); not in the interpreter (inline PTX)."""
-    runs = (fmt.code_bits == 4 and _scale_per_tile(in_features, fmt.group_size, cfg.block_k) and device.type == "cuda"
-            and (zeros is None or not zeros.is_floating_point())
-            and (dtype == torch.float16 or dtype == torch.bfloat16 and _capability(device) >= (9, 0)))
+    """Whether cfg's launch unpacks 4-bit codes by packed 16-bit arithmetic (unpack.py): where it
+    runs, unless cfg.packed16 says otherwise. It runs with whole zero points on a GPU (inline PTX:
+    not in the interpreter); the GEMV's f16x2 products (_nibble_dots) take any x, the tile kernels'
+    16-bit weights (_packed_pairs) one scale per row and tile and a 16-bit compute dtype (bf16x2
+    arithmetic from sm_90)."""
+    runs = fmt.code_bits == 4 and device.type == "cuda" and (zeros is None or not zeros.is_floating_point())
+    if cfg.kernel != "gemv":
+        runs = runs and _scale_per_tile(in_features, fmt.group_size, cfg.block_k) and (
+            dtype == torch.float16 or dtype == torch.bfloat16 and _capability(device) >= (9, 0))
     if cfg.packed16 and not runs:
-        raise ValueError("packed16 takes 4-bit codes, one scale per tile, whole zero points and a 16-bit dtype on a GPU")
+        raise ValueError("packed16 takes 4-bit codes and whole zero points on a GPU (and, but for the gemv kernel, "
+                         "one scale per tile and a 16-bit dtype)")
     return runs if cfg.packed16 is None else cfg.packed16
 
 
@@ -280,7 +283,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
         cfg = KernelConfig("mm", min(cfg.block_m, 128), min(cfg.block_n, 128), 64, cfg.split_k, 4, 3, join_codes=True)
     if cfg.kernel == "slices" and cfg.block_k < 128:
         raise ValueError(f"the slices kernel takes block_k of at least 128 (16 words per code position), got {cfg.block_k}")
-    packed16 = cfg.kernel not in ("gemv", "wgmma") and _packed16(cfg, fmt, dtype, zeros, in_features, x.device)
+    packed16 = cfg.kernel != "wgmma" and _packed16(cfg, fmt, dtype, zeros, in_features, x.device)
     if cfg.kernel == "dense":  # one dequantizing pass over the weight, then cuBLAS (large m: compute-bound)
         weight = torch.empty(out_features, in_features, dtype=dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(out_features, cfg.block_n), triton.cdiv(in_features, cfg.block_k))](
@@ -315,7 +318,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", num_warps=cfg.num_warps,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
+            STAGES=cfg.num_stages, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":

@@ -156,6 +156,68 @@ def _packed_weight_tile(words, scale, zero, ZERO_CODE: tl.constexpr, R: tl.const
     return tl.reshape(c, [R, W * 8])
 
 
+# The GEMV's packed path (kernels.py, _qgemv_kernel's PACKED16): a word's 8 products x * (code -
+# zero) in f16x2 arithmetic, about 2 instructions a code where fp32 takes ~5. Masks 0x000F000F and
+# 0x00F000F0 of the word (and of it shifted down a byte) put codes (s, s + 4) into the mantissas of a
+# pair of 1024.0: 1024 + u for s = 0, 2 and 1024 + 16u for s = 1, 3 (exact: the step there is 1);
+# taking off the pair 1024 + zero (1024 + 16 zero) leaves (16) (code - zero) exactly, and the x
+# pairs of s = 1, 3 are x / 16. Four packed FMAs sum the word's products in two halves (|x| < 2, so
+# under 4 * 15 * 2); the halves go to fp32 once per word.
+NIBBLE_DOTS_F16X2 = tl.constexpr("""{
+.reg .b32 t, c, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 c, $1, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 c, c, $2;
+mul.rn.f16x2 acc, c, $4;
+lop3.b32 c, $1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 c, c, $3;
+fma.rn.f16x2 acc, c, $5, acc;
+shr.u32 t, $1, 8;
+lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 c, c, $2;
+fma.rn.f16x2 acc, c, $6, acc;
+lop3.b32 c, t, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 c, c, $3;
+fma.rn.f16x2 acc, c, $7, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}""")
+
+
+@triton.jit
+def _f16x2(low, high):
+    """Two fp32 tensors -> int32 holding them as fp16, low in the low half (round to nearest)."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [low, high], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibble_dots(words, zero_code, x0, x1, x2, x3, x4, x5, x6, x7, R: tl.constexpr, W: tl.constexpr):
+    """[R, W] words of 4-bit codes, the code standing for 0.0 (whole: [R, 1] or [R, W] int32) and
+    x's eight [W] inputs of each word -> [R, W] fp32: sum_i x_i (code_i - zero) / p and p [W], p
+    the power of two of each word's largest |x_i| (x / p is under 2: fp16's range). A GPU only
+    (inline PTX)."""
+    big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                     tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+    p_bits = big.to(tl.int32, bitcast=True) & 0x7F800000  # 0 for 0 and subnormal words: they count 0
+    inv = (0x7F000000 - p_bits).to(tl.float32, bitcast=True)  # 1 / p, exactly
+    inv16 = (0x7D000000 - p_bits).to(tl.float32, bitcast=True)  # 1 / (16 p)
+    zero0 = 0x64006400 + zero_code * 0x10001  # the pairs 1024 + zero, 1024 + 16 zero
+    zero1 = 0x64006400 + zero_code * 0x100010
+    dots = tl.inline_asm_elementwise(
+        NIBBLE_DOTS_F16X2, "=r,r,r,r,r,r,r,r",
+        [words, tl.broadcast_to(zero0, (R, W)), tl.broadcast_to(zero1, (R, W)),
+         tl.broadcast_to(_f16x2(x0 * inv, x4 * inv)[None, :], (R, W)),
+         tl.broadcast_to(_f16x2(x1 * inv16, x5 * inv16)[None, :], (R, W)),
+         tl.broadcast_to(_f16x2(x2 * inv, x6 * inv)[None, :], (R, W)),
+         tl.broadcast_to(_f16x2(x3 * inv16, x7 * inv16)[None, :], (R, W))],
+        dtype=tl.float32, is_pure=True, pack=1)
+    return dots, p_bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _less_zero(f, zero, OFFSET: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr):
     """code - zero of codes f as _code_at gives them (2^23 + u): exact for whole zero points;
