@@ -681,7 +681,7 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# ---- Triton kernels (vibee/kinds/quantization/kernels.py) ---------------------------------------
+# ---- Triton kernels (vibee/kinds/quantization/gemv.py, kernels.py) -------------------------------
 
 import functools
 from typing import Callable
@@ -861,7 +861,7 @@ def _packed_weight_tile(words, scale, zero, ZERO_CODE: tl.constexpr, R: tl.const
     return tl.reshape(c, [R, W * 8])
 
 
-# The GEMV's packed path (kernels.py, _qgemv_kernel's PACKED16): a word's 8 products x * (code -
+# The GEMV's packed path (gemv.py, _qgemv_kernel's PACKED16): a word's 8 products x * (code -
 # zero) in f16x2 arithmetic, about 2 instructions a code where fp32 takes ~5. Masks 0x000F000F and
 # 0x00F000F0 of the word (and of it shifted down a byte) put codes (s, s + 4) into the mantissas of a
 # pair of 1024.0: 1024 + u for s = 0, 2 and 1024 + 16u for s = 1, 3 (exact: the step there is 1);
@@ -980,31 +980,12 @@ def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
     return w
 
 
-# Every kernel reads qweight, scales (and zeros) as the quantizer stored them (unpack.py says how)
-# and dequantizes in registers.
-#
-# The kernels:
-#   _qgemv_kernel   M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of
-#                   the words at a time, each code masked in place rather than shifted down; or
-#                   f16x2 for 4-bit codes on a GPU); each lane keeps its words' partial sums, scales each word's sum once
-#                   (one scale per row when the tile lies in one group), and the lanes are summed
-#                   after the loop. Split-K over the input dimension so that every SM has several
-#                   programs in flight; the last split of a row tile adds the partials.
-#   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
-#                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
-#                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
-#   _qmm_slices_kernel  4-bit codes, few rows of x: code position i of a tile's words is a k-slice
-#                   (inputs 8j + i), dequantized where it is used and multiplied by one tl.dot with
-#                   the same strided slice of x, split from x's tile in registers; the weight is the
-#                   first operand (y.T = w @ x.T), so a few rows of x fill only the MMA's N.
-#   Split-K (all three): each split stores an fp32 partial; the last program of a tile to finish
-#                   (a counter per tile) adds them in split order (deterministic), adds the bias and
-#                   stores y, so no second kernel runs (_sum_splits).
-#   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
-#                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
-#
-# The row count (M) is not specialized on: a kernel compiles once per set of constexprs, which
-# the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
+# _qgemv_kernel, M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of the
+# words at a time, each code masked in place rather than shifted down; or f16x2 for 4-bit codes on
+# a GPU); each lane keeps its words' partial sums, scales each word's sum once (one scale per row
+# when the tile lies in one group), and the lanes are summed after the loop. Split-K over the input
+# dimension so that every SM has several programs in flight; the last split of a row tile adds the
+# partials (as kernels.py's tile kernels do).
 
 @triton.jit
 def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr):
@@ -1164,6 +1145,26 @@ def _qgemv_kernel(
             tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
             tl.store(count_ptr + pid_n, 0)
 
+
+# Every kernel reads qweight, scales (and zeros) as the quantizer stored them (unpack.py says how)
+# and dequantizes in registers.
+#
+# The kernels (the GEMV, M == 1, is gemv.py's):
+#   _qmm_kernel     M > 1: dequantize a [BLOCK_N, BLOCK_K] tile to the compute dtype (the same value
+#                   dequantize() gives: (code - zero) * scale rounded once) and tl.dot with fp32
+#                   accumulation; SWAP_AB computes y.T = w @ x.T instead.
+#   _qmm_slices_kernel  4-bit codes, few rows of x: code position i of a tile's words is a k-slice
+#                   (inputs 8j + i), dequantized where it is used and multiplied by one tl.dot with
+#                   the same strided slice of x, split from x's tile in registers; the weight is the
+#                   first operand (y.T = w @ x.T), so a few rows of x fill only the MMA's N.
+#   Split-K (both, as the GEMV): each split stores an fp32 partial; the last program of a tile to
+#                   finish (a counter per tile) adds them in split order (deterministic), adds the
+#                   bias and stores y, so no second kernel runs (_sum_splits).
+#   _dequant_kernel the "dense" launch: the whole weight dequantized to the compute dtype (the tile
+#                   _qmm_kernel makes, _weight_tile), which torch.matmul then multiplies.
+#
+# The row count (M) is not specialized on: a kernel compiles once per set of constexprs, which
+# the launch alone decides, so launch.compile_launches can compile every launch a layer takes at load.
 
 @triton.jit
 def _dequant_kernel(

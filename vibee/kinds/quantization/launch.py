@@ -16,7 +16,8 @@ import triton
 
 import torch.nn.functional as F
 
-from vibee.kinds.quantization.kernels import _dequant_kernel, _qgemv_kernel, _qmm_kernel, _qmm_slices_kernel
+from vibee.kinds.quantization.gemv import _qgemv_kernel
+from vibee.kinds.quantization.kernels import _dequant_kernel, _qmm_kernel, _qmm_slices_kernel
 from vibee.kinds.quantization.wgmma import gluon, wgmma_linear, wgmma_tma_ready
 
 

@@ -1,5 +1,5 @@
-"""Unpacking the stored codes into weights inside the quantized kernels (kernels.py): a tile of
-words to its fp32 (or, packed, 16-bit) weight tile (code - zero) * scale.
+"""Unpacking the stored codes into weights inside the quantized kernels (gemv.py, kernels.py): a
+tile of words to its fp32 (or, packed, 16-bit) weight tile (code - zero) * scale.
 
 Static code, copied (from the marker below on) into every generated triton module before the
 kernels."""
@@ -156,7 +156,7 @@ def _packed_weight_tile(words, scale, zero, ZERO_CODE: tl.constexpr, R: tl.const
     return tl.reshape(c, [R, W * 8])
 
 
-# The GEMV's packed path (kernels.py, _qgemv_kernel's PACKED16): a word's 8 products x * (code -
+# The GEMV's packed path (gemv.py, _qgemv_kernel's PACKED16): a word's 8 products x * (code -
 # zero) in f16x2 arithmetic, about 2 instructions a code where fp32 takes ~5. Masks 0x000F000F and
 # 0x00F000F0 of the word (and of it shifted down a byte) put codes (s, s + 4) into the mantissas of a
 # pair of 1024.0: 1024 + u for s = 0, 2 and 1024 + 16u for s = 1, 3 (exact: the step there is 1);
