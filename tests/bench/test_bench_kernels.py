@@ -57,3 +57,23 @@ def test_kernels_are_held_to_ceilings_measured_in_the_run(tmp_path):
 def test_unknown_kernel_is_refused(tmp_path):
     result = CliRunner().invoke(bench, ["kernels", "--device", "cpu", "--only", "softmax", "--result-dir", str(tmp_path)])
     assert result.exit_code == 2 and "--only takes" in result.output
+
+
+def test_time_call_gives_the_time_of_one_call_of_several(monkeypatch):
+    """Several calls (one per copy of the operands) are timed together and the time is per call."""
+    from vibee.bench import kernels
+
+    clock = [0.0]
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    calls = [0, 0, 0]
+
+    def call(i):
+        def run():
+            calls[i] += 1
+            clock[0] += 2.0 + i  # 2, 3 and 4 "seconds"
+        return run
+
+    assert kernels.time_call([call(0), call(1), call(2)], "cpu", repeats=12) == 3.0
+    assert calls[0] == calls[1] == calls[2] == 4  # a warm-up and 3 timed runs each
+    assert kernels.time_call(call(0), "cpu", repeats=12) == 2.0
+    assert kernels.operand_copies(1 << 20, "cpu") == 1  # no L2 to outgrow on a CPU

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -156,11 +157,11 @@ class _FakeQuant:
 
     @staticmethod
     def quantize_weight(w, dtype):
-        return w
+        return SimpleNamespace(qweight=w.clone(), scales=w[:, :1].clone(), zeros=None)
 
     @staticmethod
     def dequantize(qw):
-        return qw
+        return qw.qweight
 
     @staticmethod
     def pick_launch(tiles, m, n, k, device):
@@ -172,8 +173,14 @@ class _FakeQuant:
 
         if config is not None and config["block_n"] == 64:
             raise RuntimeError("out of shared memory")
-        y = F.linear(x, qw)
+        y = F.linear(x, qw.qweight)
         return y * 2 if config is not None and config["kernel"] == "mm" and config["block_k"] == 128 else y
+
+
+def _run_all(fns, device):
+    for f in fns:
+        f()
+    return 1e-6
 
 
 def test_sweep_skips_launches_that_fail_or_compute_wrongly():
@@ -181,7 +188,7 @@ def test_sweep_skips_launches_that_fail_or_compute_wrongly():
 
     from vibee.bench.tile_sweep import sweep
 
-    (r,) = sweep(_FakeQuant, [(32, 64)], [64], device="cpu", dtype=torch.float32, time_call=lambda fn, device: fn() is None or 1e-6)
+    (r,) = sweep(_FakeQuant, [(32, 64)], [64], device="cpu", dtype=torch.float32, time_call=_run_all)
     tiles = candidates(64)
     assert r.tiles == tiles
     for i, tile in enumerate(tiles):
@@ -190,6 +197,51 @@ def test_sweep_skips_launches_that_fail_or_compute_wrongly():
         assert (i in r.errors) == failed and (not failed or "out of shared memory" in r.errors[i])
         assert (i in r.wrong) == (wrong and not failed) and (i not in r.wrong or abs(r.wrong[i] - 1.0) < 1e-6)
     assert tiles[r.best()].kernel in ("mm", "dense") and r.times[r.best()] is not None
+
+
+def test_sweep_times_every_call_over_distinct_copies_of_the_weight(monkeypatch):
+    """As a model's layers: each timing cycles through operand_copies(bytes) weights of its own
+    (on a GPU, together twice the L2), the quantized ones and the dense baseline's alike."""
+    import torch
+    import torch.nn.functional as F
+
+    from vibee.bench import tile_sweep
+
+    read: list[list[int]] = []  # per timing: the weights its calls read
+    asked: list[int] = []
+
+    timing = [False]
+
+    def linear(x, w):
+        if timing[0]:
+            read[-1].append(w.data_ptr())
+        return F.linear(x, w)
+
+    monkeypatch.setattr(tile_sweep, "F", SimpleNamespace(linear=linear))
+
+    class Spy(_FakeQuant):
+        @staticmethod
+        def triton_quant_linear(x, qw, config=None):
+            if timing[0]:
+                read[-1].append(qw.qweight.data_ptr())
+            return _FakeQuant.triton_quant_linear(x, qw, config)
+
+    def time_call(fns, device):
+        read.append([])
+        timing[0] = True
+        for f in fns:
+            f()
+        timing[0] = False
+        return 1e-6
+
+    def copies(nbytes, device):
+        asked.append(nbytes)
+        return 3
+
+    tile_sweep.sweep(Spy, [(32, 64)], [1], device="cpu", dtype=torch.float32, time_call=time_call,
+                     operand_copies=copies)
+    assert asked == [32 * 64 * 4 + 32 * 4]  # codes and scales of the one weight
+    assert len(read) > 2 and all(len(r) == 3 and len(set(r)) == 3 for r in read), read
 
 
 def test_a_sweep_of_fewer_row_counts_retunes_only_their_rows():

@@ -80,7 +80,7 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
     import torch
 
     from vibee.bench import tile_sweep
-    from vibee.bench.kernels import time_call
+    from vibee.bench.kernels import operand_copies, time_call
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
 
@@ -113,7 +113,8 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
             started += 1
 
         measured = tile_sweep.sweep(quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name],
-                                    time_call=time_call, on_product=on_product, wgmma=wgmma)
+                                    time_call=time_call, on_product=on_product, wgmma=wgmma,
+                                    operand_copies=operand_copies)
         bar.update(task, completed=total)
     # Row counts above the sweep's keep the spec's rows (a sweep of --rows 1 retunes only the GEMV's)
     table = tile_sweep.splice_table(tile_sweep.derive_table(measured), gen.specs["quantization"].config.tiles, counts[-1])

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,25 +63,49 @@ class Timing:
                 "fraction_of_ceiling": None if not self.ceiling else vibee_rate / self.ceiling}
 
 
-def time_call(fn: Callable[[], Any], device: str, repeats: int = 50, graph: bool = True) -> float:
-    """Median seconds per call. CUDA: the call captured in a CUDA graph and replayed, with L2
-    flushed before each replay (weights come from HBM, as in a model), so the time is the GPU's
-    alone: an eager call of a microsecond kernel is bound by its Python launch instead, and the
-    engine runs decode in graphs too. graph=False, or a call that cannot be captured: timed
-    eagerly by triton's do_bench (fine for milliseconds-long kernels). CPU: wall clock."""
+def time_call(fn: Callable[[], Any] | Sequence[Callable[[], Any]], device: str, repeats: int = 50,
+              graph: bool = True) -> float:
+    """Median seconds per call. fn: one call, or several alike over distinct operands (a model's
+    layers: see operand_copies). CUDA: the calls captured back to back in one CUDA graph and
+    replayed, with L2 flushed before each replay by reading a buffer larger than it (weights come
+    from HBM, as in a model), so the time is the GPU's alone: an eager call of a microsecond kernel
+    is bound by its Python launch instead, and the engine runs decode in graphs too. graph=False,
+    or calls that cannot be captured: timed eagerly by triton's do_bench (fine for
+    milliseconds-long kernels). CPU: wall clock.
+
+    Why several calls and a read: a graph of one kernel carries the graph's own launch (an empty
+    kernel times 4.9 us on an H100), and a flush that writes (zero_) leaves L2 full of dirty lines
+    whose write-back the timed kernel pays for. Reading 29 MB on an H100 (2026-12-06): 18.4 us
+    a call after a zero_ flush, 14.3 after a read, 11.8 a call with eight buffers in one graph."""
+    fns = list(fn) if isinstance(fn, Sequence) else [fn]
+
+    def run_all() -> None:
+        for f in fns:
+            f()
+
     if device.startswith("cuda"):
         if not graph:
             import triton.testing
 
-            return triton.testing.do_bench(fn, warmup=10, rep=max(20, repeats), return_mode="median") / 1000.0
-        return _time_cuda_graph(fn, repeats)
-    fn()
+            return triton.testing.do_bench(run_all, warmup=10, rep=max(20, repeats), return_mode="median") / 1000.0 / len(fns)
+        return _time_cuda_graph(run_all, repeats) / len(fns)
+    run_all()
     times = []
     for _ in range(max(3, repeats // 4)):
         t0 = time.perf_counter()
-        fn()
+        run_all()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2] / len(fns)
+
+
+def operand_copies(nbytes: int, device: str, least: int = 4, most: int = 16) -> int:
+    """How many distinct copies of a call's operands (nbytes) time_call should cycle through: enough
+    that together they are twice the L2 (each call reads its own from HBM), and at least `least`
+    so that the graph's launch is spread over several calls."""
+    if not device.startswith("cuda"):
+        return 1
+    l2 = torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
+    return max(least, min(most, math.ceil(2 * l2 / max(1, nbytes))))
 
 
 def _time_cuda_graph(fn: Callable[[], Any], repeats: int) -> float:
@@ -98,11 +123,12 @@ def _time_cuda_graph(fn: Callable[[], Any], repeats: int) -> float:
             fn()
     except RuntimeError:  # the call reads device values on the host
         return triton.testing.do_bench(fn, warmup=10, rep=max(20, repeats), return_mode="median") / 1000.0
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=torch.cuda.current_device())  # > L2
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device=torch.cuda.current_device())  # 256 MB > L2
+    largest = torch.empty((), dtype=torch.int32, device=flush.device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for start, end in zip(starts, ends):
-        flush.zero_()
+        torch.amax(flush, dim=0, out=largest)  # read: L2 left holding clean lines
         start.record()
         graph.replay()
         end.record()
@@ -198,23 +224,28 @@ def torch_int4_linear(weight: torch.Tensor, group_size: int) -> Callable[[torch.
 
 def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> list[Timing]:
     """The quantized linear against a dense matmul, and for 4 bits against torch's int4 kernel
-    where this torch has one for the device (bf16 only)."""
+    where this torch has one for the device (bf16 only); each timed over distinct copies of its
+    weight (operand_copies), as a model's layers are."""
     m, k, n = shape["m"], shape["k"], shape["n"]
     torch.manual_seed(0)
     linear = torch.nn.Linear(k, n, bias=False, dtype=dtype, device=device)
     qlinear = quant.QuantLinear.from_linear(linear)  # in the compute dtype serving gives it (bf16 for a float32 model)
+    qw = qlinear.quantized_weight()
+    packed = sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros) if t is not None)
+    copies = operand_copies(packed, device)
+    qlinears = [qlinear] + [quant.QuantLinear.from_linear(linear) for _ in range(copies - 1)]
+    weights = [linear.weight] + [linear.weight.clone() for _ in range(copies - 1)]
     x = torch.randn(m, k, dtype=dtype, device=device)
-    ours = time_call(lambda: qlinear(x), device)
-    baselines = [(f"torch {str(dtype).split('.')[-1]} matmul", time_call(lambda: F.linear(x, linear.weight), device))]
+    ours = time_call([lambda q=q: q(x) for q in qlinears], device)
+    baselines = [(f"torch {str(dtype).split('.')[-1]} matmul", time_call([lambda w=w: F.linear(x, w) for w in weights], device))]
     if quant.BITS == 4 and dtype == torch.bfloat16 and device.startswith("cuda"):
-        int4 = torch_int4_linear(linear.weight, quant.GROUP_SIZE)
-        if int4 is not None:
-            baselines.append((f"torch int4 (tinygemm, group {quant.GROUP_SIZE})", time_call(lambda: int4(x), device)))
+        int4 = [torch_int4_linear(linear.weight, quant.GROUP_SIZE) for _ in range(copies)]
+        if int4[0] is not None:
+            baselines.append((f"torch int4 (tinygemm, group {quant.GROUP_SIZE})",
+                              time_call([lambda f=f: f(x) for f in int4], device)))
     label, shape_name = f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}"
     if m <= 16:  # memory-bound: rate is the packed weight (+ scales) read
-        qw = qlinear.quantized_weight()
-        work = sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros) if t is not None)
-        return [Timing(label, shape_name, "TB/s", work, ours, base, seconds, *_copy_ceiling(device, dtype))
+        return [Timing(label, shape_name, "TB/s", packed, ours, base, seconds, *_copy_ceiling(device, dtype))
                 for base, seconds in baselines]
     dense = measure_ceilings(device, dtype)
     matmul = (dense.matmul_tflop_s, f"{dense.dtype} matmul, this run")

@@ -67,23 +67,30 @@ class Measured:
 
 
 def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, device: str, dtype: torch.dtype,
-          time_call: Callable[[Callable[[], object], str], float], on_product: Callable[[str], None] = lambda _: None,
-          wgmma: bool = True) -> list[Measured]:
+          time_call: Callable[[Sequence[Callable[[], object]], str], float],
+          on_product: Callable[[str], None] = lambda _: None, wgmma: bool = True,
+          operand_copies: Callable[[int, str], int] = lambda nbytes, device: 1) -> list[Measured]:
     """Time every candidate (candidates(m, wgmma)) on every [n, k] weight (random, quantized by the
-    spec's quantizer) at each row count. A candidate whose product is off the dequantized weight's by
-    more than 1% is dropped."""
+    spec's quantizer) at each row count, each call over operand_copies(bytes, device) distinct
+    copies of the weight (a model's layers: bench/kernels.py's time_call says why). A candidate
+    whose product is off the dequantized weight's by more than 1% is dropped."""
     results = []
     for n, k in weights:
         gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
         weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
         qw = quant.quantize_weight(weight, dtype=dtype)
         dense = quant.dequantize(qw)
+        extra = operand_copies(sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros)
+                                   if t is not None), device) - 1
+        qws = [qw] + [quant.quantize_weight(weight, dtype=dtype) for _ in range(extra)]
+        weights_ = [weight] + [weight.clone() for _ in range(extra)]
         for m in rows:
             on_product(f"{m}x{k} @ {k}x{n}")
             x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
             want = F.linear(x.float(), dense.float())
-            measured = Measured(n, k, m, time_call(lambda: F.linear(x, weight), device),
-                                time_call(lambda: quant.triton_quant_linear(x, qw), device), candidates(m, wgmma))
+            measured = Measured(n, k, m, time_call([lambda w=w: F.linear(x, w) for w in weights_], device),
+                                time_call([lambda q=q: quant.triton_quant_linear(x, q) for q in qws], device),
+                                candidates(m, wgmma))
             for tile in measured.tiles:
                 config = quant.pick_launch((quant.LaunchTile(**tile.model_dump()),), m, n, k, x.device)
                 try:
@@ -97,7 +104,8 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
                     measured.wrong[len(measured.times)] = error
                     measured.times.append(None)
                     continue
-                measured.times.append(time_call(lambda: quant.triton_quant_linear(x, qw, config=config), device))
+                measured.times.append(time_call([lambda q=q, c=config: quant.triton_quant_linear(x, q, config=c)
+                                                 for q in qws], device))
             results.append(measured)
     return results
 
