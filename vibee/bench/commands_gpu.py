@@ -263,8 +263,10 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
              for r in rows]
     env = environment(dev)
     title = f"vibee bench kernels on {env.get('device_name', dev)} ({dtype_name})"
-    notes = ["Times are medians. CUDA: each call captured in a CUDA graph and replayed after an L2 flush, so "
-             "they are GPU time (what a graph-replayed decode step sees), not Python launch time.",
+    notes = ["Times are medians per call. CUDA: calls over distinct copies of their operands (together twice "
+             "the L2, four at least, as a model's layers) captured back to back in a CUDA graph and replayed "
+             "after an L2 flush by a read, so they are GPU time (what a graph-replayed decode step sees), not "
+             "Python launch time.",
              f"Ceilings were measured in this run on this device: {ceilings.how}. Memory-bound kernels are held "
              "to the copy bandwidth, GEMMs to the matmul, attention prefill to torch SDPA's rate in this run."]
     sections = [Section("Kernels", ["kernel", "shape", "vibee µs", "vibee rate", "torch counterpart", "torch µs",
