@@ -156,16 +156,31 @@ def _fp32_scales(scales: torch.Tensor) -> torch.Tensor:
 
 # Up to this many rows the Triton kernel runs even where cuBLASLt's would: H100, each Llama-3.2-1B
 # projection at 1 and 16 rows (fp8_rows included, CUDA graphs after an L2 flush), it took 0.69-1.00x
-# cuBLASLt row-wise's time (2048x8192: 20.6 against 29.9 us at one row); at 64 rows the 16384-row
-# weight already lost (1.12x), and from 256 rows every one.
+# cuBLASLt row-wise's time (2048x8192: 20.6 against 29.9 us at one row).
 TRITON_MAX_ROWS = 16
+
+
+def triton_takes(m: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether the Triton kernel runs an [m, k] @ [k, n] product where cuBLASLt's row-wise fp8 GEMM
+    could: up to TRITON_MAX_ROWS rows, and up to 16 rows a split where fp8_split splits k at least
+    4 ways (a narrow weight: cuBLASLt does not split k, so its 128x128 tiles leave SMs idle).
+    H100, 2026-12-06, each call over copies of the weight, fp8_rows included: Triton / cuBLASLt us
+    at 32, 64, 128, 256 rows: 3072x2048 (4 splits) 9.8/11.3, 10.4/11.4, 13.5/11.6, 19.6/11.8;
+    2048x8192 (8 splits) 14.6/25.9, 15.6/26.1, 18.4/26.4, 29.4/27.2; 16384x2048 (2 splits)
+    21.2/19.1 at 32 rows (cuBLASLt also ahead at 64-256); 128256x2048 (1 split) 98.2/104.2 at 32
+    rows, 120.3/109.0 at 128."""
+    if m <= TRITON_MAX_ROWS:
+        return True
+    block_m, block_n, block_k, _, _ = fp8_tile(m)
+    split = fp8_split(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, device)
+    return split >= 4 and m <= 16 * split
 
 
 def _cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor | None:
     """(q @ qweight.T) * s[:, None] * scales.T on cuBLASLt's fp8 GEMM (torch._scaled_mm, row-wise
     scales, fp32 accumulation), or None where this torch, GPU or shape has no such kernel (then
-    the Triton kernel runs). It beats the Triton kernel on Hopper past TRITON_MAX_ROWS rows."""
+    the Triton kernel runs). It beats the Triton kernel on Hopper where triton_takes says no."""
     device = q.device
     if device.type != "cuda" or _ROWWISE.get(device) is False or dtype != torch.bfloat16:
         return None
@@ -184,8 +199,8 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
                split: int | None = None, cublas: bool = True) -> torch.Tensor:
     """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
     [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype. split:
-    splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM for more
-    than TRITON_MAX_ROWS rows where it runs (bf16 on a GPU that has it), else the Triton kernel."""
+    splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM where
+    triton_takes says no and it runs (bf16 on a GPU that has it), else the Triton kernel."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -194,7 +209,8 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     if not x2.shape[0]:
         return x.new_empty(*lead, n)
     q, s = fp8_rows(x2)
-    y = _cublas_fp8(q, s, qweight, scales, x.dtype) if cublas and split is None and x2.shape[0] > TRITON_MAX_ROWS else None
+    use_cublas = cublas and split is None and not triton_takes(x2.shape[0], n, k, x.device)
+    y = _cublas_fp8(q, s, qweight, scales, x.dtype) if use_cublas else None
     if y is not None:
         if bias is not None:
             y += bias
