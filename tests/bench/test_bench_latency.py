@@ -80,3 +80,43 @@ def test_latency_over_two_ranks_reads_half_the_sharded_weights(tmp_path):
     whole, shard = runs[1]["results"]["weight_bytes"], runs[2]["results"]["weight_bytes"]
     assert shard < 0.6 * whole  # the norms stay whole on every rank
     assert runs[2]["measured"]["context_lens"] == runs[1]["measured"]["context_lens"] == [9, 10]
+
+
+def test_decode_replays_the_split_count_the_engines_graph_for_its_batch_uses(monkeypatch):
+    """The engine's decode graph for b sequences splits the KV only until b * kv_heads * splits
+    programs fill the GPU (cuda_graphs.splits_for_batch); benchmarks that replay steps as graphs
+    use the same count, not the one a single sequence would take."""
+    from types import SimpleNamespace
+
+    from vibee.bench import kernels, latency
+
+    fa = SimpleNamespace(num_splits_for=lambda n: 16)
+    configs = SimpleNamespace(kv_cache=SimpleNamespace(block_size=16))
+    run = {"model": None, "device": "cpu", "cuda_graphs": True, "num_kv_heads": 8, "name": "m", "dtype_name": "float32",
+           "gen": SimpleNamespace(flash_attention=fa, kv_cache=None, source="gen", configs=configs)}
+    seen: dict = {}
+    monkeypatch.setattr(latency, "build_rank_model", lambda params, ranks=None, progress=False: dict(run))
+    monkeypatch.setattr(latency, "measure_decode", lambda *args, **kwargs: seen.update(kwargs) or {})
+    for batch, splits in ((1, 16), (64, 2), (128, 1)):
+        latency.measure_rank(dict(prompt_len=8, warmup_steps=1, decode_steps=2, batch_size=batch))
+        assert seen["num_splits"] == splits, batch
+
+    from vibee.bench import commands_profile, profile_step
+
+    profiled: dict = {}
+    steps = {"step_times_s": [0.0] * 8}
+    monkeypatch.setattr(latency, "measure_decode", lambda *args, **kwargs: seen.update(kwargs) or steps)
+    monkeypatch.setattr(profile_step, "profile_step", lambda *args, **kwargs: profiled.update(kwargs) or {})
+    commands_profile._profile_variant({"spec_dir": None, "quant": "none"}, phase="decode", batch_size=128,
+                                      context_len=64, steps=2)
+    assert profiled["num_splits"] == seen["num_splits"] == 1
+
+    asked = []
+
+    def paged_decode(q, k_cache, v_cache, tables, lens, num_splits):
+        asked.append(num_splits)
+        return q
+
+    fa.paged_decode = paged_decode
+    kernels.bench_decode(fa, dict(batch=64, heads=16, kv_heads=8, kv_len=32, head_dim=8), torch.float32, "cpu")
+    assert set(asked) == {2}

@@ -109,6 +109,7 @@ def _profile_variant(params: dict[str, Any], *, phase: str, batch_size: int, con
 
     from vibee.bench.latency import build_rank_model, measure_decode
     from vibee.bench.profile_step import profile_step
+    from vibee.runtime.cuda_graphs import num_sms, splits_for_batch
 
     err = Console(stderr=True)
     run = build_rank_model(params, progress=True)
@@ -117,8 +118,9 @@ def _profile_variant(params: dict[str, Any], *, phase: str, batch_size: int, con
     warmup = 2
     with Progress(TextColumn(f"[bold]profiling {phase}, {_describe(params)}"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
         task = bar.add_task("steps", total=warmup + steps)
-        # On a GPU the decode attention gets the fixed split count the engine's graphs use.
-        splits = gen.flash_attention.num_splits_for(context_len + steps) if run["cuda_graphs"] else None
+        # On a GPU the decode attention gets the fixed split count the engine's graph for this batch uses.
+        splits = (splits_for_batch(gen.flash_attention.num_splits_for(context_len + steps), batch_size,
+                                   run["num_kv_heads"], num_sms(dev)) if run["cuda_graphs"] else None)
         prof = profile_step(model, gen.kv_cache, batch_size=batch_size, context_len=context_len, device=dev,
                             block_size=block_size, phase=phase, num_kv_heads=run["num_kv_heads"], steps=steps,
                             warmup_steps=warmup, num_splits=splits, on_step=lambda: bar.advance(task))
@@ -126,7 +128,8 @@ def _profile_variant(params: dict[str, Any], *, phase: str, batch_size: int, con
     if run["cuda_graphs"] and phase == "decode":  # the same step replayed as a CUDA graph: what a served step costs
         decode = 8
         prompt_len = max(1, context_len - warmup - decode // 2)
-        splits = gen.flash_attention.num_splits_for(prompt_len + warmup + decode + 1)
+        splits = splits_for_batch(gen.flash_attention.num_splits_for(prompt_len + warmup + decode + 1), batch_size,
+                                  run["num_kv_heads"], num_sms(dev))
         measured = measure_decode(model, gen.kv_cache, batch_size=batch_size, prompt_len=prompt_len, decode_steps=decode,
                                   warmup_steps=warmup, device=dev, block_size=block_size, num_splits=splits,
                                   num_kv_heads=run["num_kv_heads"])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vibee.bench.ceilings import measure_ceilings
+from vibee.runtime.cuda_graphs import num_sms, splits_for_batch
 
 SHAPES = {
     # The targets.
@@ -191,7 +192,8 @@ def bench_decode(fa, shape: dict, dtype, device) -> Timing:
     k_cache, tables = _paged(k, PAGE_SIZE)
     v_cache, _ = _paged(v, PAGE_SIZE)
     lens = torch.full((b,), n, dtype=torch.int32, device=device)
-    splits = fa.num_splits_for(n)  # fixed, as the engine's CUDA graphs run it (nothing read back to the host)
+    # fixed, as the engine's CUDA graph for b sequences runs it (nothing read back to the host)
+    splits = splits_for_batch(fa.num_splits_for(n), b, hkv, num_sms(device))
     ours = time_call(lambda: fa.paged_decode(q, k_cache, v_cache, tables, lens, num_splits=splits), device)
     qt, kt, vt = q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2)
     base = time_call(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=hkv != h), device)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vibee.runtime.attention import make_attention_batch
+from vibee.runtime.cuda_graphs import num_sms, splits_for_batch
 from vibee.runtime.model import LlamaForCausalLM
 
 
@@ -35,7 +36,9 @@ def measure_rank(params: dict[str, Any], ranks: Any = None, *, on_step=None, pro
     run = build_rank_model(params, ranks, progress=progress)
     model, gen, dev = run["model"], run["gen"], run["device"]
     steps = p["prompt_len"] + p["warmup_steps"] + p["decode_steps"] + 1
-    splits = gen.flash_attention.num_splits_for(steps) if run["cuda_graphs"] else None
+    # the split count the engine's graph for this batch uses
+    splits = (splits_for_batch(gen.flash_attention.num_splits_for(steps), p["batch_size"], run["num_kv_heads"],
+                               num_sms(dev)) if run["cuda_graphs"] else None)
     run["measured"] = measure_decode(model, gen.kv_cache, batch_size=p["batch_size"], prompt_len=p["prompt_len"],
                                      decode_steps=p["decode_steps"], warmup_steps=p["warmup_steps"], device=dev,
                                      block_size=gen.configs.kv_cache.block_size, on_step=on_step, num_splits=splits,

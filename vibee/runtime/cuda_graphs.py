@@ -29,6 +29,13 @@ from vibee.runtime.sampling_kernel import argmax_rows
 HEAD_ROWS = 5  # the staging buffer's per-row fields: ids, positions, slots, seq_lens, sources
 
 
+def num_sms(device: torch.device | str) -> int:
+    """The streaming multiprocessors of a CUDA device (elsewhere an H100's 132: only split counts
+    depend on it)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def splits_for_batch(num_splits: int, batch: int, kv_heads: int, num_sms: int) -> int:
     """The KV split count of a captured batch: num_splits (what max_model_len needs), but no more
     than it takes for batch * kv_heads * splits programs to reach ~4 per SM. A large batch fills
@@ -69,7 +76,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.padding_slot = padding_slot
         self.num_splits = num_splits  # the most any size uses (see splits_for_batch)
-        sms = torch.cuda.get_device_properties(model.device).multi_processor_count if model.device.type == "cuda" else 132
+        sms = num_sms(model.device)
         self.splits = {b: splits_for_batch(num_splits, b, model.config.num_kv_heads, sms) for b in self.sizes}
         device = model.device
         n, width = self.sizes[-1], math.ceil(max_model_len / block_size)
