@@ -65,6 +65,27 @@ def test_launcher_runs_the_kernels_with_the_default_tiles(rows: int, dtype: torc
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("in_features", [256, 200], ids=["even", "ragged"])
+def test_the_gemv_takes_silu_gate_times_up_as_it_loads_x(dtype: torch.dtype, in_features: int):
+    """silu_mul: one row [gate | up] in, the product with silu(gate) * up out, the same to the bit
+    as the runtime's silu_mul kernel then the GEMV (a one-token step's down projection, one kernel)."""
+    from vibee.runtime import fused
+
+    qw, _ = int4_weight(24, in_features, 8, dtype)
+    gate_up = (torch.randn(1, 2 * in_features, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
+    gemv = launch.KernelConfig("gemv", 1, 16, 64, split_k=2)
+    fused_y = launch._launch(gate_up, qw, launch._format(qw), None, gemv, None, silu_mul=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    two_kernels = launch._launch(fused.triton_silu_mul(gate, up), qw, launch._format(qw), None, gemv, None)
+    assert torch.equal(fused_y, two_kernels) and not torch.equal(fused_y, launch._launch(gate, qw, launch._format(qw), None, gemv, None))
+    with pytest.raises(ValueError, match="silu_mul is the gemv kernel's"):
+        launch._launch(gate_up, qw, launch._format(qw), None, launch.KernelConfig("mm", 16, 16, 64), None, silu_mul=True)
+    with pytest.raises(ValueError, match="twice that with silu_mul"):
+        launch._launch(gate, qw, launch._format(qw), None, gemv, None, silu_mul=True)
+
+
+@interpreter_only
 def test_a_tile_of_another_shape_computes_the_same_product():
     qw, weight = int4_weight(40, 512, 128, torch.float32)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
@@ -189,7 +210,7 @@ def compile_gemv_for_sm90(**constexprs) -> dict:
     import sys
 
     defaults = dict(GROUP=128, SCALE_PER_TILE=True, CODE_BITS=4, FLIP=0, CODE_OFFSET=8.0, HAS_ZEROS=False, HAS_BIAS=False,
-                    SPLIT_K=1, EVEN_K=True, BLOCK_N=64, BLOCK_K=128, ONE_LOP3=True, PACKED16=False, STAGES=1)
+                    SPLIT_K=1, EVEN_K=True, BLOCK_N=64, BLOCK_K=128, ONE_LOP3=True, PACKED16=False, STAGES=1, SILU_MUL=False)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _GEMV_FOR_SM90, json.dumps({**defaults, **constexprs})], capture_output=True,
                           text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)

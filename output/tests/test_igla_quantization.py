@@ -893,6 +893,28 @@ def test_triton_runs_the_specs_quant_linear(rows: int) -> None:
     assert_close_to_reference(y.reshape(-1, 40), x.reshape(-1, 2 * IN_FEATURES), exact_weight(qw), layer.bias, torch.float16)
 
 
+def silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a row [gate | up], each rounded to its dtype as the runtime's silu_mul does."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    silu = (gate / (1.0 + torch.exp(-gate))).to(gate_up.dtype)
+    return (silu.float() * up).to(gate_up.dtype)
+
+
+@interpreter_only
+def test_the_gemv_multiplies_by_silu_gate_times_up_itself() -> None:
+    """A down projection's one row: [gate | up] in, the product with silu(gate) * up out, in one
+    kernel (within the last bit of exp of computing silu * up first)."""
+    layer = impl.QuantLinear.from_linear(make_linear(40, IN_FEATURES), dtype=torch.float16)
+    qw = layer.quantized_weight()
+    gate_up = (torch.randn(1, 2 * IN_FEATURES, generator=torch.Generator().manual_seed(8)) * 3).half()
+    gemv = impl.KernelConfig("gemv", 1, 16, 32)
+    y = impl.triton_quant_linear(gate_up, qw, layer.bias, config=gemv, silu_mul_input=True)
+    two_kernels = impl.triton_quant_linear(silu_times_up(gate_up), qw, layer.bias, config=gemv)
+    torch.testing.assert_close(y, two_kernels, rtol=2e-3, atol=1e-3)
+    assert not torch.allclose(y, impl.triton_quant_linear(gate_up[:, :IN_FEATURES], qw, layer.bias, config=gemv), rtol=2e-3, atol=1e-3)
+    assert layer.silu_mul_forward(gate_up) is None  # CPU tensors: the caller multiplies first, then the torch path
+
+
 def test_cpu_tensors_take_the_torch_path(monkeypatch) -> None:
     layer = impl.QuantLinear.from_linear(make_linear(OUT_FEATURES, IN_FEATURES))
     x = make_input(3, IN_FEATURES)
@@ -1068,6 +1090,23 @@ def test_triton_quant_linear_on_the_gpu_at_llama_shapes(rows: int, in_features: 
     expected = ref.linear_reference(x, weight, layer.bias)
     assert_matches_in_bf16(y, expected)
     assert_matches_in_bf16(y, impl._torch_quant_linear(x, qw, layer.bias).double())  # dequantize, then matmul
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_down_projections_one_row_takes_silu_times_up_into_its_gemv_on_the_gpu() -> None:
+    """silu_mul_forward: one kernel where the model ran silu_mul, then the GEMV; more rows, or another
+    dtype than the scales', are left to the caller (None)."""
+    layer, _ = gpu_layer(2048, 512)
+    gate_up = torch.randn(1, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(5)).bfloat16() * 3
+    y = layer.silu_mul_forward(gate_up)
+    qw = layer.quantized_weight()
+    gemv = impl.pick_config(1, 512, 2048, qw.bits, qw.group_size, gate_up.device).kernel == "gemv"
+    assert (y is not None) == gemv  # the spec's one-row tile is the GEMV's, or there is no fusion
+    if y is not None:
+        assert y.shape == (1, 512)
+        assert_matches_in_bf16(y, layer(silu_times_up(gate_up)).double())
+    assert layer.silu_mul_forward(torch.cat([gate_up, gate_up])) is None and layer.silu_mul_forward(gate_up.half()) is None
 
 
 @pytest.mark.gpu

@@ -988,12 +988,23 @@ def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
 # partials (as kernels.py's tile kernels do).
 
 @triton.jit
-def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr):
-    """Input i of each word's run of x, in fp32 (0 past K)."""
+def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """Input i of each word's run of x, in fp32 (0 past K). SILU_MUL: x is a row [gate | up] of
+    2K and the input is silu(gate) * up, each rounded to x's dtype as the runtime's silu_mul
+    rounds (silu before the multiply): the MLP's down projection takes gate_up as it comes."""
     if EVEN_K:
-        return tl.load(x_ptr + k_of_word + i).to(tl.float32)
+        v = tl.load(x_ptr + k_of_word + i)
     else:
-        return tl.load(x_ptr + k_of_word + i, mask=k_of_word < K, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + k_of_word + i, mask=k_of_word < K, other=0.0)
+    if SILU_MUL:
+        if EVEN_K:
+            up = tl.load(x_ptr + K + k_of_word + i)
+        else:
+            up = tl.load(x_ptr + K + k_of_word + i, mask=k_of_word < K, other=0.0)
+        g32 = v.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(v.dtype)
+        v = (silu.to(tl.float32) * up.to(tl.float32)).to(v.dtype)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -1023,7 +1034,7 @@ def _gemv_scale_zero(s_ptr, z_ptr, rn, k0, k_of_word, K, stride_sn, stride_zn, G
 def _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP: tl.constexpr,
                     SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr, CODE_OFFSET: tl.constexpr,
                     HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                    ONE_LOP3: tl.constexpr):
+                    ONE_LOP3: tl.constexpr, SILU_MUL: tl.constexpr):
     """[BLOCK_N, WORDS] sums over each word's codes of x * (code - zero) * scale, in fp32 (the
     GEMV's docstring says how)."""
     CODES: tl.constexpr = 32 // CODE_BITS
@@ -1035,7 +1046,7 @@ def _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn,
     part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     x_sum = tl.zeros([WORDS], dtype=tl.float32)
     for i in tl.static_range(CODES):
-        xi = _x_input(x_ptr, k_of_word, i, K, EVEN_K)
+        xi = _x_input(x_ptr, k_of_word, i, K, EVEN_K, SILU_MUL)
         x_sum += xi
         if i < HALF:
             src = words
@@ -1056,7 +1067,7 @@ def _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn,
 @triton.jit
 def _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP: tl.constexpr,
                       SCALE_PER_TILE: tl.constexpr, CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SILU_MUL: tl.constexpr):
     """_fp32_word_dots' sums for 4-bit codes and whole zero points by f16x2 arithmetic (unpack.py,
     _nibble_dots): x scaled by a power of two a word into fp16's range, the products exact to
     fp16's rounding, each word's sum in fp32."""
@@ -1067,10 +1078,10 @@ def _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_s
         zero_code = zero.to(tl.int32) + OFFSET_CODE
     else:
         zero_code = tl.full([BLOCK_N, 1], OFFSET_CODE, tl.int32)
-    dots, p = _nibble_dots(words, zero_code, _x_input(x_ptr, k_of_word, 0, K, EVEN_K), _x_input(x_ptr, k_of_word, 1, K, EVEN_K),
-                           _x_input(x_ptr, k_of_word, 2, K, EVEN_K), _x_input(x_ptr, k_of_word, 3, K, EVEN_K),
-                           _x_input(x_ptr, k_of_word, 4, K, EVEN_K), _x_input(x_ptr, k_of_word, 5, K, EVEN_K),
-                           _x_input(x_ptr, k_of_word, 6, K, EVEN_K), _x_input(x_ptr, k_of_word, 7, K, EVEN_K),
+    dots, p = _nibble_dots(words, zero_code, _x_input(x_ptr, k_of_word, 0, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 1, K, EVEN_K, SILU_MUL),
+                           _x_input(x_ptr, k_of_word, 2, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 3, K, EVEN_K, SILU_MUL),
+                           _x_input(x_ptr, k_of_word, 4, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 5, K, EVEN_K, SILU_MUL),
+                           _x_input(x_ptr, k_of_word, 6, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 7, K, EVEN_K, SILU_MUL),
                            BLOCK_N, WORDS)
     return dots * (scale * p[None, :])
 
@@ -1082,7 +1093,7 @@ def _qgemv_kernel(
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
-    PACKED16: tl.constexpr, STAGES: tl.constexpr,
+    PACKED16: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -1100,7 +1111,8 @@ def _qgemv_kernel(
     sum_i x_i. FLIP (0x80 for two's-complement int8 codes) turns every byte of a word into code +
     128 with one XOR per word. PACKED16 (4-bit codes, whole zero points, a GPU): the products by
     f16x2 arithmetic instead (_packed_word_dots; sm_90 SASS of the loop: 0.77-0.82x the
-    instructions). STAGES > 1: Triton's pipeliner loads the words of later tiles ahead (cp.async)."""
+    instructions). STAGES > 1: Triton's pipeliner loads the words of later tiles ahead (cp.async).
+    SILU_MUL: x is [gate | up] (2K) and the product is with silu(gate) * up (_x_input)."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid_n = tl.program_id(0)
@@ -1122,11 +1134,11 @@ def _qgemv_kernel(
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
         if PACKED16:
             acc += _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP,
-                                     SCALE_PER_TILE, CODE_OFFSET, HAS_ZEROS, EVEN_K, BLOCK_N, WORDS)
+                                     SCALE_PER_TILE, CODE_OFFSET, HAS_ZEROS, EVEN_K, BLOCK_N, WORDS, SILU_MUL)
         else:
             acc += _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP,
                                    SCALE_PER_TILE, CODE_BITS, FLIP, CODE_OFFSET, HAS_ZEROS, EVEN_K, BLOCK_N, WORDS,
-                                   ONE_LOP3)
+                                   ONE_LOP3, SILU_MUL)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -1766,13 +1778,17 @@ def compile_launches(qw: QuantizedWeight, bias: torch.Tensor | None, tiles: tupl
     """Run every distinct launch of qw for 1..max_rows rows once, on zeros, so that Triton compiles
     them now: a first compile takes about a second, and mid-serving it stalls every request (H200,
     `bench throughput --quant int4`: four compiles inside the timed loop took 4.1 of its 8.8 s).
+    The one-row GEMV also compiles taking silu(gate) * up (a down projection's, see _launch).
     Returns the launches run."""
     fmt = _format(qw)
     n, k = qw.shape
-    launches = distinct_launches(tiles, max_rows, n, k, qw.qweight.device)
+    device, dtype = qw.qweight.device, qw.scales.dtype
+    launches = distinct_launches(tiles, max_rows, n, k, device)
     for m, config in launches:
-        _launch(torch.zeros(m, k, dtype=qw.scales.dtype, device=qw.qweight.device), qw, fmt, bias, config, None)
-    return len(launches)
+        _launch(torch.zeros(m, k, dtype=dtype, device=device), qw, fmt, bias, config, None)
+        if m == 1 and config.kernel == "gemv":
+            _launch(torch.zeros(1, 2 * k, dtype=dtype, device=device), qw, fmt, bias, config, None, silu_mul=True)
+    return len(launches) + sum(m == 1 and config.kernel == "gemv" for m, config in launches)
 
 
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
@@ -1798,15 +1814,21 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
-            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None) -> torch.Tensor:
+            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None,
+            silu_mul: bool = False) -> torch.Tensor:
     """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
-    group size, device) gives."""
+    group size, device) gives. silu_mul: x is one row [gate | up] of twice the weight's inputs, in
+    the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x."""
     out_features, in_features = qw.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}")
+    width = 2 * in_features if silu_mul else in_features
+    if x.shape[-1] != width:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}"
+                         + (" (twice that with silu_mul: gate and up)" if silu_mul else ""))
     dtype = qw.scales.dtype
+    if silu_mul and (x.numel() != width or x.dtype != dtype):
+        raise ValueError(f"silu_mul takes one row of x in the scales' dtype ({dtype}), got {tuple(x.shape)} {x.dtype}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).to(dtype)
+    x2 = x.reshape(-1, width).to(dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -1820,6 +1842,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
     if cfg.kernel == "gemv" and m != 1:
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
+    if silu_mul and cfg.kernel != "gemv":
+        raise ValueError(f"silu_mul is the gemv kernel's, not the {cfg.kernel} kernel's")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
     if cfg.kernel == "slices" and not _slices_take(fmt, dtype, zeros, in_features):
@@ -1865,7 +1889,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
-            STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            STAGES=cfg.num_stages, SILU_MUL=silu_mul, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
@@ -1940,12 +1964,15 @@ def pick_config(m: int, n: int, k: int, code_bits: int, group_size: int, device:
 
 
 def triton_quant_linear(
-    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, config: KernelConfig | None = None
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, config: KernelConfig | None = None,
+    silu_mul_input: bool = False,
 ) -> torch.Tensor:
     """quant_linear on the Triton kernels: x [..., in] @ dequantize(qw).T + bias in the scales'
     dtype, returned in x's dtype. The format (bits, group size, zero points, packing) is read from
-    qw, so any QuantizedWeight works, not only this spec's; `config` overrides pick_config."""
-    return _launch(x, qw, _format(qw), bias, config, pick_config)
+    qw, so any QuantizedWeight works, not only this spec's; `config` overrides pick_config.
+    silu_mul_input: x is one row [gate | up] (2 * in, the scales' dtype) and the GEMV multiplies
+    by silu(gate) * up."""
+    return _launch(x, qw, _format(qw), bias, config, pick_config, silu_mul=silu_mul_input)
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
@@ -1995,6 +2022,24 @@ def _quant_linear_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 QuantLinear.forward = _quant_linear_forward
+
+
+def _quant_linear_silu_mul_forward(self: QuantLinear, gate_up: torch.Tensor) -> torch.Tensor | None:
+    """self(silu(gate) * up) for one row gate_up = [gate | up] on a GPU by one kernel: the GEMV
+    takes silu(gate) * up as it loads its input, rounded as the runtime's silu_mul rounds (a
+    one-token step's down projection, without the elementwise kernel before it). None where that
+    does not apply (more rows, not CUDA, another dtype than the scales', a launch other than the
+    GEMV): then the caller multiplies first and calls the layer."""
+    qw = self.quantized_weight()
+    if gate_up.numel() != 2 * qw.shape[1] or gate_up.dtype != qw.scales.dtype:
+        return None
+    fmt = _triton_format(gate_up, qw)
+    if fmt is None or pick_config(1, qw.shape[0], qw.shape[1], fmt.code_bits, fmt.group_size, gate_up.device).kernel != "gemv":
+        return None
+    return _launch(gate_up, qw, fmt, self.bias, None, pick_config, silu_mul=True)
+
+
+QuantLinear.silu_mul_forward = _quant_linear_silu_mul_forward
 
 
 def compile_kernels(model: nn.Module, max_rows: int) -> int:

@@ -208,6 +208,42 @@ def test_triton_silu_mul_reads_the_halves_of_gate_up_in_place(dtype):
     torch.testing.assert_close(got, fused.torch_silu_mul(gate, up), **tolerances(dtype))
 
 
+def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_gate_up_whole():
+    """The MLP hands gate_up to a down projection that takes silu(gate) * up into its own kernel
+    (the Triton target's QuantLinear at one row); when it declines (None), silu_mul runs first."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    from vibee.runtime.model import MLP
+
+    class Down(nn.Module):
+        def __init__(self, takes: bool):
+            super().__init__()
+            self.takes, self.seen = takes, []
+
+        def silu_mul_forward(self, gate_up):
+            self.seen.append(("fused", gate_up.shape[-1]))
+            return gate_up[..., :3] * 0 + 7 if self.takes else None
+
+        def forward(self, x):
+            self.seen.append(("after silu_mul", x.shape[-1]))
+            return x[..., :3]
+
+    mlp = MLP(SimpleNamespace(hidden_size=3, intermediate_size=4, mlp_bias=False), torch.float32)
+    mlp.gate_up_proj = nn.Linear(3, 8, bias=False)
+    x = torch.randn(1, 3)
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    for takes in (True, False):
+        mlp.down_proj = Down(takes)
+        y = mlp(x)
+        if takes:
+            assert mlp.down_proj.seen == [("fused", 8)] and torch.equal(y, torch.full((1, 3), 7.0))
+        else:
+            assert mlp.down_proj.seen == [("fused", 8), ("after silu_mul", 4)]
+            assert torch.equal(y, fused.silu_mul(gate, up)[..., :3])
+
+
 @needs_kernels
 def test_model_with_kernels_matches_torch_path(monkeypatch):
     """A tiny Llama run through the Triton launchers (every fused op dispatched to them) gives the

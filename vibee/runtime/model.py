@@ -186,6 +186,11 @@ class MLP(nn.Module):
         gate_up = _project(self.gate_up_proj, x)
         if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
             return fused.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        # Quantized (the Triton target's QuantLinear): its one-row GEMV takes silu * up itself too.
+        silu_mul_forward = getattr(self.down_proj, "silu_mul_forward", None)
+        y = silu_mul_forward(gate_up) if silu_mul_forward is not None else None
+        if y is not None:
+            return y
         # The halves are column slices of gate_up; the Triton silu_mul reads them in place.
         gate, up = gate_up.chunk(2, dim=-1)
         return _project(self.down_proj, fused.silu_mul(gate, up))

@@ -21,12 +21,23 @@ from vibee.kinds.quantization.unpack import _code_in_place, _nibble_dots
 # partials (as kernels.py's tile kernels do).
 
 @triton.jit
-def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr):
-    """Input i of each word's run of x, in fp32 (0 past K)."""
+def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """Input i of each word's run of x, in fp32 (0 past K). SILU_MUL: x is a row [gate | up] of
+    2K and the input is silu(gate) * up, each rounded to x's dtype as the runtime's silu_mul
+    rounds (silu before the multiply): the MLP's down projection takes gate_up as it comes."""
     if EVEN_K:
-        return tl.load(x_ptr + k_of_word + i).to(tl.float32)
+        v = tl.load(x_ptr + k_of_word + i)
     else:
-        return tl.load(x_ptr + k_of_word + i, mask=k_of_word < K, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + k_of_word + i, mask=k_of_word < K, other=0.0)
+    if SILU_MUL:
+        if EVEN_K:
+            up = tl.load(x_ptr + K + k_of_word + i)
+        else:
+            up = tl.load(x_ptr + K + k_of_word + i, mask=k_of_word < K, other=0.0)
+        g32 = v.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(v.dtype)
+        v = (silu.to(tl.float32) * up.to(tl.float32)).to(v.dtype)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -56,7 +67,7 @@ def _gemv_scale_zero(s_ptr, z_ptr, rn, k0, k_of_word, K, stride_sn, stride_zn, G
 def _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP: tl.constexpr,
                     SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr, CODE_OFFSET: tl.constexpr,
                     HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                    ONE_LOP3: tl.constexpr):
+                    ONE_LOP3: tl.constexpr, SILU_MUL: tl.constexpr):
     """[BLOCK_N, WORDS] sums over each word's codes of x * (code - zero) * scale, in fp32 (the
     GEMV's docstring says how)."""
     CODES: tl.constexpr = 32 // CODE_BITS
@@ -68,7 +79,7 @@ def _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn,
     part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     x_sum = tl.zeros([WORDS], dtype=tl.float32)
     for i in tl.static_range(CODES):
-        xi = _x_input(x_ptr, k_of_word, i, K, EVEN_K)
+        xi = _x_input(x_ptr, k_of_word, i, K, EVEN_K, SILU_MUL)
         x_sum += xi
         if i < HALF:
             src = words
@@ -89,7 +100,7 @@ def _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn,
 @triton.jit
 def _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP: tl.constexpr,
                       SCALE_PER_TILE: tl.constexpr, CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, SILU_MUL: tl.constexpr):
     """_fp32_word_dots' sums for 4-bit codes and whole zero points by f16x2 arithmetic (unpack.py,
     _nibble_dots): x scaled by a power of two a word into fp16's range, the products exact to
     fp16's rounding, each word's sum in fp32."""
@@ -100,10 +111,10 @@ def _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_s
         zero_code = zero.to(tl.int32) + OFFSET_CODE
     else:
         zero_code = tl.full([BLOCK_N, 1], OFFSET_CODE, tl.int32)
-    dots, p = _nibble_dots(words, zero_code, _x_input(x_ptr, k_of_word, 0, K, EVEN_K), _x_input(x_ptr, k_of_word, 1, K, EVEN_K),
-                           _x_input(x_ptr, k_of_word, 2, K, EVEN_K), _x_input(x_ptr, k_of_word, 3, K, EVEN_K),
-                           _x_input(x_ptr, k_of_word, 4, K, EVEN_K), _x_input(x_ptr, k_of_word, 5, K, EVEN_K),
-                           _x_input(x_ptr, k_of_word, 6, K, EVEN_K), _x_input(x_ptr, k_of_word, 7, K, EVEN_K),
+    dots, p = _nibble_dots(words, zero_code, _x_input(x_ptr, k_of_word, 0, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 1, K, EVEN_K, SILU_MUL),
+                           _x_input(x_ptr, k_of_word, 2, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 3, K, EVEN_K, SILU_MUL),
+                           _x_input(x_ptr, k_of_word, 4, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 5, K, EVEN_K, SILU_MUL),
+                           _x_input(x_ptr, k_of_word, 6, K, EVEN_K, SILU_MUL), _x_input(x_ptr, k_of_word, 7, K, EVEN_K, SILU_MUL),
                            BLOCK_N, WORDS)
     return dots * (scale * p[None, :])
 
@@ -115,7 +126,7 @@ def _qgemv_kernel(
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
-    PACKED16: tl.constexpr, STAGES: tl.constexpr,
+    PACKED16: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -133,7 +144,8 @@ def _qgemv_kernel(
     sum_i x_i. FLIP (0x80 for two's-complement int8 codes) turns every byte of a word into code +
     128 with one XOR per word. PACKED16 (4-bit codes, whole zero points, a GPU): the products by
     f16x2 arithmetic instead (_packed_word_dots; sm_90 SASS of the loop: 0.77-0.82x the
-    instructions). STAGES > 1: Triton's pipeliner loads the words of later tiles ahead (cp.async)."""
+    instructions). STAGES > 1: Triton's pipeliner loads the words of later tiles ahead (cp.async).
+    SILU_MUL: x is [gate | up] (2K) and the product is with silu(gate) * up (_x_input)."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid_n = tl.program_id(0)
@@ -155,11 +167,11 @@ def _qgemv_kernel(
             words = tl.load(w_ptrs, mask=(k_of_word < K)[None, :], other=0)
         if PACKED16:
             acc += _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP,
-                                     SCALE_PER_TILE, CODE_OFFSET, HAS_ZEROS, EVEN_K, BLOCK_N, WORDS)
+                                     SCALE_PER_TILE, CODE_OFFSET, HAS_ZEROS, EVEN_K, BLOCK_N, WORDS, SILU_MUL)
         else:
             acc += _fp32_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_sn, stride_zn, GROUP,
                                    SCALE_PER_TILE, CODE_BITS, FLIP, CODE_OFFSET, HAS_ZEROS, EVEN_K, BLOCK_N, WORDS,
-                                   ONE_LOP3)
+                                   ONE_LOP3, SILU_MUL)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         if HAS_BIAS:

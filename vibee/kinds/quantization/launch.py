@@ -221,13 +221,17 @@ def compile_launches(qw: QuantizedWeight, bias: torch.Tensor | None, tiles: tupl
     """Run every distinct launch of qw for 1..max_rows rows once, on zeros, so that Triton compiles
     them now: a first compile takes about a second, and mid-serving it stalls every request (H200,
     `bench throughput --quant int4`: four compiles inside the timed loop took 4.1 of its 8.8 s).
+    The one-row GEMV also compiles taking silu(gate) * up (a down projection's, see _launch).
     Returns the launches run."""
     fmt = _format(qw)
     n, k = qw.shape
-    launches = distinct_launches(tiles, max_rows, n, k, qw.qweight.device)
+    device, dtype = qw.qweight.device, qw.scales.dtype
+    launches = distinct_launches(tiles, max_rows, n, k, device)
     for m, config in launches:
-        _launch(torch.zeros(m, k, dtype=qw.scales.dtype, device=qw.qweight.device), qw, fmt, bias, config, None)
-    return len(launches)
+        _launch(torch.zeros(m, k, dtype=dtype, device=device), qw, fmt, bias, config, None)
+        if m == 1 and config.kernel == "gemv":
+            _launch(torch.zeros(1, 2 * k, dtype=dtype, device=device), qw, fmt, bias, config, None, silu_mul=True)
+    return len(launches) + sum(m == 1 and config.kernel == "gemv" for m, config in launches)
 
 
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
@@ -253,15 +257,21 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
-            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None) -> torch.Tensor:
+            pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None,
+            silu_mul: bool = False) -> torch.Tensor:
     """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
-    group size, device) gives."""
+    group size, device) gives. silu_mul: x is one row [gate | up] of twice the weight's inputs, in
+    the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x."""
     out_features, in_features = qw.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}")
+    width = 2 * in_features if silu_mul else in_features
+    if x.shape[-1] != width:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}"
+                         + (" (twice that with silu_mul: gate and up)" if silu_mul else ""))
     dtype = qw.scales.dtype
+    if silu_mul and (x.numel() != width or x.dtype != dtype):
+        raise ValueError(f"silu_mul takes one row of x in the scales' dtype ({dtype}), got {tuple(x.shape)} {x.dtype}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).to(dtype)
+    x2 = x.reshape(-1, width).to(dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -275,6 +285,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
     if cfg.kernel == "gemv" and m != 1:
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
+    if silu_mul and cfg.kernel != "gemv":
+        raise ValueError(f"silu_mul is the gemv kernel's, not the {cfg.kernel} kernel's")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
     if cfg.kernel == "slices" and not _slices_take(fmt, dtype, zeros, in_features):
@@ -320,7 +332,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
-            STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            STAGES=cfg.num_stages, SILU_MUL=silu_mul, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
