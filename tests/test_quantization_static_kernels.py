@@ -86,6 +86,21 @@ def test_the_gemv_takes_silu_gate_times_up_as_it_loads_x(dtype: torch.dtype, in_
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("width", [200, 20000], ids=["one-pass", "two-pass"])
+def test_fp8_rows_of_gate_up_are_those_of_the_runtimes_silu_mul(dtype: torch.dtype, width: int):
+    """The fp8 down projection's rows: silu(gate) * up rounded to fp8 in one kernel, the same to the
+    bit as the runtime's silu_mul kernel and then fp8_rows."""
+    from vibee.kinds.quantization.fp8_kernels import fp8_rows
+    from vibee.runtime import fused
+
+    gate_up = (torch.randn(2, 2 * width, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    q, s = fp8_rows(gate_up, silu_mul=True)
+    want_q, want_s = fp8_rows(fused.triton_silu_mul(*gate_up.chunk(2, dim=-1)))
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@interpreter_only
 def test_a_tile_of_another_shape_computes_the_same_product():
     qw, weight = int4_weight(40, 512, 128, torch.float32)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))

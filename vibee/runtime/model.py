@@ -186,7 +186,7 @@ class MLP(nn.Module):
         gate_up = _project(self.gate_up_proj, x)
         if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
             return fused.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
-        # Quantized (the Triton target's QuantLinear): its one-row GEMV takes silu * up itself too.
+        # Quantized layers that take silu * up themselves: the int GEMV's one row, fp8's rounding of its rows.
         silu_mul_forward = getattr(self.down_proj, "silu_mul_forward", None)
         y = silu_mul_forward(gate_up) if silu_mul_forward is not None else None
         if y is not None:

@@ -18,20 +18,34 @@ from vibee.kinds.quantization.tile_order import _program_tile
 # ---- copied into generated modules from here ----
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+def _row_input(x_ptr, m, k, K, stride_xm, SILU_MUL: tl.constexpr):
+    """x[m, k] in fp32 (0 past K); SILU_MUL: row m is [gate | up] and the value is silu(gate) * up,
+    each rounded to x's dtype as the runtime's silu_mul rounds (silu before the multiply)."""
+    v = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0)
+    if SILU_MUL:
+        up = tl.load(x_ptr + m * stride_xm + K + k, mask=k < K, other=0.0)
+        g32 = v.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(v.dtype)
+        v = (silu.to(tl.float32) * up.to(tl.float32)).to(v.dtype)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                     SILU_MUL: tl.constexpr):
     """Row m of x as fp8: s[m] = max|x[m]| / 448 (1 for a row of zeros), q[m] = x[m] / s[m] on
-    e4m3's grid. ONE_PASS (BLOCK covers the row): the row is read once and kept in registers."""
+    e4m3's grid. ONE_PASS (BLOCK covers the row): the row is read once and kept in registers.
+    SILU_MUL: x's rows are [gate | up] (2K) and the row rounded is silu(gate) * up (_row_input)."""
     m = tl.program_id(0).to(tl.int64)
     if ONE_PASS:
         k = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        x = _row_input(x_ptr, m, k, K, stride_xm, SILU_MUL)
         top = tl.max(tl.abs(x), axis=0)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
+            amax = tl.maximum(amax, tl.abs(_row_input(x_ptr, m, k, K, stride_xm, SILU_MUL)))
         top = tl.max(amax, axis=0)
     scale = tl.where(top > 0, tl.math.div_rn(top, 448.0), 1.0)
     tl.store(s_ptr + m, scale)
@@ -41,7 +55,7 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
     else:
         for k0 in range(0, K, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            x = _row_input(x_ptr, m, k, K, stride_xm, SILU_MUL)
             q = _e4m3(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
             tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
 
@@ -91,16 +105,17 @@ def _fp8_reduce_kernel(part_ptr, sa_ptr, sb_ptr, bias_ptr, y_ptr, M, N, stride_y
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=valid)
 
 
-def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (its rows in fp8 [M, K], their float32 scales [M]): x ~ q * s[:, None]."""
-    m, k = x.shape
+def fp8_rows(x: torch.Tensor, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (its rows in fp8 [M, K], their float32 scales [M]): x ~ q * s[:, None].
+    silu_mul: x is [M, 2K], rows [gate | up], and the rows rounded are silu(gate) * up."""
+    m, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block = triton.next_power_of_2(k)
         one_pass = block <= ONE_PASS_MAX
         block = block if one_pass else 1024
-        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass,
+        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=one_pass, SILU_MUL=silu_mul,
                                num_warps=8 if block >= 4096 else 4)
     return q, s
 
@@ -196,19 +211,24 @@ def _cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales:
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               split: int | None = None, cublas: bool = True) -> torch.Tensor:
+               split: int | None = None, cublas: bool = True, silu_mul: bool = False) -> torch.Tensor:
     """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
     [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype. split:
     splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM where
-    triton_takes says no and it runs (bf16 on a GPU that has it), else the Triton kernel."""
-    lead, k = x.shape[:-1], x.shape[-1]
+    triton_takes says no and it runs (bf16 on a GPU that has it), else the Triton kernel.
+    silu_mul: x is [..., 2K], [gate | up], and the product is with silu(gate) * up (rounded with
+    the rows: no elementwise kernel before it)."""
+    lead, k = x.shape[:-1], qweight.shape[1]
     n = qweight.shape[0]
-    x2 = x.reshape(-1, k)
+    if x.shape[-1] != (2 * k if silu_mul else k):
+        twice = " (twice that with silu_mul: gate and up)" if silu_mul else ""
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight {k}{twice}")
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if not x2.shape[0]:
         return x.new_empty(*lead, n)
-    q, s = fp8_rows(x2)
+    q, s = fp8_rows(x2, silu_mul)
     use_cublas = cublas and split is None and not triton_takes(x2.shape[0], n, k, x.device)
     y = _cublas_fp8(q, s, qweight, scales, x.dtype) if use_cublas else None
     if y is not None:
