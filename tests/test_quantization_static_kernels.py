@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vibee.codegen.render import STATIC_COPY_MARKER, static_source
-from vibee.kinds.quantization import gemv, kernels, launch, unpack, wgmma
+from vibee.kinds.quantization import gemv, kernels, launch, silu_mul, unpack, wgmma
 from vibee.kinds.quantization.config import QuantizationConfig
 from vibee.kinds.quantization.tiles import MatmulTile
 
@@ -327,7 +327,8 @@ def test_the_gemv_takes_the_packed_products_wherever_they_run():
         launch._packed16(launch.KernelConfig("gemv", 1, 64, 128, packed16=True), eight, torch.bfloat16, None, 128, cuda)
 
 
-@pytest.mark.parametrize("module", [unpack, gemv, kernels, wgmma, launch], ids=["unpack.py", "gemv.py", "kernels.py", "wgmma.py", "launch.py"])
+@pytest.mark.parametrize("module", [unpack, silu_mul, gemv, kernels, wgmma, launch],
+                         ids=["unpack.py", "silu_mul.py", "gemv.py", "kernels.py", "wgmma.py", "launch.py"])
 def test_generated_module_carries_the_static_code_verbatim(module):
     path = Path(module.__file__)
     text = path.read_text(encoding="utf-8")

@@ -980,6 +980,14 @@ def _weight_tile(words, s_ptr, z_ptr, rn_safe, k0, K, stride_sn, stride_zn,
     return w
 
 
+@triton.jit
+def _silu_times_up(gate, up):
+    """silu(gate) * up in gate's dtype (both as loaded), in fp32 arithmetic."""
+    g32 = gate.to(tl.float32)
+    silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
 # _qgemv_kernel, M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of the
 # words at a time, each code masked in place rather than shifted down; or f16x2 for 4-bit codes on
 # a GPU); each lane keeps its words' partial sums, scales each word's sum once (one scale per row
@@ -1001,9 +1009,7 @@ def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr, SILU_MU
             up = tl.load(x_ptr + K + k_of_word + i)
         else:
             up = tl.load(x_ptr + K + k_of_word + i, mask=k_of_word < K, other=0.0)
-        g32 = v.to(tl.float32)
-        silu = (g32 / (1.0 + tl.exp(-g32))).to(v.dtype)
-        v = (silu.to(tl.float32) * up.to(tl.float32)).to(v.dtype)
+        v = _silu_times_up(v, up)
     return v.to(tl.float32)
 
 

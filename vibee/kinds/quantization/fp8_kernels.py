@@ -2,7 +2,7 @@
 fp32 accumulation, scaled per row and per output channel, for a code_type fp8 module.
 
 Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into a generated triton module whose code_type is fp8, after fp8_rounding.py, so that module
+into a generated triton module whose code_type is fp8, after fp8_rounding.py and silu_mul.py, so that module
 stands alone.
 """
 
@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from vibee.kinds.quantization.fp8_rounding import _e4m3
+from vibee.kinds.quantization.silu_mul import _silu_times_up
 from vibee.kinds.quantization.tile_order import _program_tile
 
 # ---- copied into generated modules from here ----
@@ -24,9 +25,7 @@ def _row_input(x_ptr, m, k, K, stride_xm, SILU_MUL: tl.constexpr):
     v = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0)
     if SILU_MUL:
         up = tl.load(x_ptr + m * stride_xm + K + k, mask=k < K, other=0.0)
-        g32 = v.to(tl.float32)
-        silu = (g32 / (1.0 + tl.exp(-g32))).to(v.dtype)
-        v = (silu.to(tl.float32) * up.to(tl.float32)).to(v.dtype)
+        v = _silu_times_up(v, up)
     return v.to(tl.float32)
 
 

@@ -2,13 +2,14 @@
 dense weight.
 
 Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into every generated triton module, after unpack.py and before kernels.py; launch.py picks its
+into every generated triton module, after unpack.py and silu_mul.py and before kernels.py; launch.py picks its
 tile (constexprs) from the spec's tile table.
 """
 
 import triton
 import triton.language as tl
 
+from vibee.kinds.quantization.silu_mul import _silu_times_up
 from vibee.kinds.quantization.unpack import _code_in_place, _nibble_dots
 
 # ---- copied into generated modules from here ----
@@ -34,9 +35,7 @@ def _x_input(x_ptr, k_of_word, i: tl.constexpr, K, EVEN_K: tl.constexpr, SILU_MU
             up = tl.load(x_ptr + K + k_of_word + i)
         else:
             up = tl.load(x_ptr + K + k_of_word + i, mask=k_of_word < K, other=0.0)
-        g32 = v.to(tl.float32)
-        silu = (g32 / (1.0 + tl.exp(-g32))).to(v.dtype)
-        v = (silu.to(tl.float32) * up.to(tl.float32)).to(v.dtype)
+        v = _silu_times_up(v, up)
     return v.to(tl.float32)
 
 
