@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from vibee.bench.ceilings import measure_ceilings
 from vibee.bench.cli import bench
-from vibee.bench.latency import summarize_decode
+from vibee.bench.latency import summarize_decode, weight_bytes
 from vibee.runtime.shapes import shape_config
 from vibee.runtime.config import DEFAULT_MODEL_DIR
 
@@ -25,6 +25,18 @@ def test_limit_arithmetic():
     assert s["limit_tokens_per_s"] == pytest.approx(2 / limit_step)
     assert "fraction_of_limit" not in summarize_decode(measured, batch_size=2, weight_bytes_=1, kv_bytes_per_token=1,
                                                        bandwidth_gbs=None)
+
+
+def test_weight_bytes_count_an_untied_lookup_table_by_its_rows():
+    # A quantized model's bf16 table only serves the lookup (lm_head reads its own codes): a step
+    # reads the looked-up rows of it; tied to lm_head, the whole table; loaded, always the whole.
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(100, 8), "head": torch.nn.Linear(8, 100, bias=False),
+                                 "norm": torch.nn.LayerNorm(8)})
+    table, head, norm = 100 * 8 * 4, 8 * 100 * 4, 2 * 8 * 4
+    assert weight_bytes(model) == table + head + norm
+    assert weight_bytes(model, 3) == 3 * 8 * 4 + head + norm
+    model["head"].weight = model["embed"].weight
+    assert weight_bytes(model, 3) == weight_bytes(model) == table + norm
 
 
 @pytest.mark.parametrize("shape, params", [("llama-3.2-1b", 1_235_814_400), ("llama-3.1-8b", 8_030_261_248)])

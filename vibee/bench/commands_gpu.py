@@ -77,7 +77,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     ceilings = None if bandwidth_gbs else measure_ceilings(dev, TORCH_DTYPES[dtype_name])
     bandwidth = bandwidth_gbs or 1000 * ceilings.copy_tb_s
     bandwidth_source = "--bandwidth-gbs" if bandwidth_gbs else "device-to-device copy measured in this run"
-    summary = summarize_decode(measured, batch_size=batch_size, weight_bytes_=weight_bytes(runner),
+    summary = summarize_decode(measured, batch_size=batch_size, weight_bytes_=weight_bytes(runner, batch_size),
                                kv_bytes_per_token=kv_bytes_per_token, bandwidth_gbs=bandwidth)
     summary["bandwidth_source"] = bandwidth_source
     settings = {"model": name, "device": dev, "dtype": dtype_name, "quant": quant, "flash_attn": flash_attn,
