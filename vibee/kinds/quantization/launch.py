@@ -327,8 +327,9 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     if cfg.kernel == "gemv":
         grid = (tiles, split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
+        act = torch.empty(in_features, dtype=dtype, device=x.device) if silu_mul else y  # silu(gate) * up
         _qgemv_kernel[grid](
-            x2, fmt.words, scales, z_arg, b_arg, y, part, counters,
+            x2, fmt.words, scales, z_arg, b_arg, y, part, counters, act,
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
