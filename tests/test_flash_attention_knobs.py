@@ -67,15 +67,17 @@ def test_fixed_split_kv_sets_the_decode_split_count(spec_text, gen_from_text):
     text = spec_text("flash_attention")
     auto = gen_from_text(text, "igla_flash_attention").impl
     fixed = gen_from_text(replace_once(text, "split_kv: auto", "split_kv: 3"), "igla_flash_attention").impl
-    assert auto.num_splits_for(1000) == 16  # auto: max_splits once there are enough 32-token tiles
+    assert auto.MIN_BLOCK_KV == 128
+    assert auto.num_splits_for(3000) == 16  # auto: max_splits once there are enough 128-token tiles
+    assert auto.num_splits_for(1000) == 8
     assert fixed.num_splits_for(1000) == 3
-    assert fixed.num_splits_for(40) == 2  # never more splits than 32-token tiles
+    assert fixed.num_splits_for(200) == 2  # never more splits than 128-token tiles
 
     gen = torch.Generator().manual_seed(1)
-    pages = torch.randn(8, 16, 2, 16, generator=gen), torch.randn(8, 16, 2, 16, generator=gen)
-    block_tables = torch.arange(8, dtype=torch.int32).view(1, 8)
+    pages = torch.randn(20, 16, 2, 16, generator=gen), torch.randn(20, 16, 2, 16, generator=gen)
+    block_tables = torch.arange(20, dtype=torch.int32).view(1, 20)
     q = torch.randn(1, 4, 16, generator=gen)
-    seq_lens = torch.tensor([120], dtype=torch.int32)
+    seq_lens = torch.tensor([300], dtype=torch.int32)  # three 128-token tiles
     fixed.reset_counters()
     out = fixed.paged_decode(q, *pages, block_tables, seq_lens)
     assert fixed.COUNTERS.decode_programs == 3
