@@ -109,7 +109,7 @@ def test_decode_replays_the_split_count_the_engines_graph_for_its_batch_uses(mon
     seen: dict = {}
     monkeypatch.setattr(latency, "build_rank_model", lambda params, ranks=None, progress=False: dict(run))
     monkeypatch.setattr(latency, "measure_decode", lambda *args, **kwargs: seen.update(kwargs) or {})
-    for batch, splits in ((1, 16), (64, 2), (128, 1)):
+    for batch, splits in ((1, 16), (32, 2), (128, 1)):
         latency.measure_rank(dict(prompt_len=8, warmup_steps=1, decode_steps=2, batch_size=batch))
         assert seen["num_splits"] == splits, batch
 
@@ -130,5 +130,5 @@ def test_decode_replays_the_split_count_the_engines_graph_for_its_batch_uses(mon
         return q
 
     fa.paged_decode = paged_decode
-    kernels.bench_decode(fa, dict(batch=64, heads=16, kv_heads=8, kv_len=32, head_dim=8), torch.float32, "cpu")
+    kernels.bench_decode(fa, dict(batch=32, heads=16, kv_heads=8, kv_len=32, head_dim=8), torch.float32, "cpu")
     assert set(asked) == {2}
