@@ -167,6 +167,30 @@ def test_quantized_layers_are_scopes_with_their_stored_bytes():
 
 
 @needs_model
+def test_a_down_projection_that_takes_silu_times_up_itself_is_its_own_scope(monkeypatch):
+    # On a GPU a quantized down projection's one row takes gate_up whole (silu_mul_forward), so the
+    # model never calls the layer: the profile scopes and counts that call as the layer's.
+    run = _tiny("int8")
+    model, gen = run["model"], run["gen"]
+    down = model.model.layers[0].mlp.down_proj
+    taken = []
+
+    def silu_mul_forward(self, gate_up):
+        taken.append(gate_up.shape[-1])
+        return gate_up.new_zeros(*gate_up.shape[:-1], self.out_features)
+
+    monkeypatch.setattr(type(down), "silu_mul_forward", silu_mul_forward)
+    p = profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
+                     block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    layers = len(model.model.layers)
+    stored = sum(t.numel() * t.element_size() for t in (*down.parameters(), *down.buffers()))
+    gate_up_and_y = (2 * down.in_features + down.out_features) * 4
+    assert taken and p.work["layers.*.mlp.down_proj (+ silu*mul)"].bytes == (stored + gate_up_and_y) * layers
+    assert "layers.*.mlp.down_proj" not in p.work
+    assert "silu_mul_forward" not in vars(down)  # put back
+
+
+@needs_model
 def test_profile_command_reports_plots_and_compares(tmp_path):
     result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
                                        "--context-len", "12", "--steps", "1", "--compare-quant", "int8",

@@ -184,10 +184,29 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
     def leave(module, args, output):
         module.__dict__.pop("_vibee_profile_scope").close()
 
+    def silu_mul_scoped(module):
+        """A quantized layer's silu_mul_forward (its kernel takes gate_up whole: the model does not
+        call the layer) in the layer's scope, counted as the bf16 path's silu_mul_linear is."""
+        method = module.silu_mul_forward
+
+        def silu_mul_forward(gate_up):
+            scope = paths[module] + " (+ silu*mul)"
+            with _scope(scope):
+                y = method(gate_up)
+            if y is not None:
+                rows = gate_up.numel() // gate_up.shape[-1]
+                tally.add(scope, _storage_bytes(module) + _nbytes(gate_up, y), 2 * rows * module.in_features * module.out_features)
+            return y
+        return silu_mul_forward
+
+    scoped = []
     for module in model.modules():
         layer_like = hasattr(module, "in_features") and hasattr(module, "out_features") and type(module) is not nn.Linear
         if isinstance(module, nn.Embedding) or layer_like:
             handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        if layer_like and callable(getattr(module, "silu_mul_forward", None)):
+            module.silu_mul_forward = silu_mul_scoped(module)
+            scoped.append(module)
     backend = model.attention
     try:
         for name, fn in wrappers.items():
@@ -200,6 +219,8 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
         model.attention = backend
         for h in handles:
             h.remove()
+        for module in scoped:
+            del module.silu_mul_forward  # the class's method again
 
 
 @dataclass
