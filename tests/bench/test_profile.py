@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from vibee.bench.profile_step import OTHER, attention_work, counted_scopes, fold_layer, profile_step, scope_rows
+from vibee.bench.profile_scopes import attention_work, counted_scopes, fold_layer
+from vibee.bench.profile_step import OTHER, profile_step, scope_rows
 from vibee.cli import main
 from vibee.runtime import fused
 from vibee.runtime.config import DEFAULT_MODEL_DIR
@@ -143,7 +144,7 @@ def test_counted_scopes_put_everything_back():
     model = run["model"]
     originals = {name: getattr(fused, name) for name in ("linear", "silu_mul_linear", "rms_norm", "apply_rope_qk", "silu_mul")}
     backend = model.attention
-    from vibee.bench.profile_step import Tally
+    from vibee.bench.profile_scopes import Tally
 
     with counted_scopes(model, Tally()):
         assert fused.linear is not originals["linear"] and model.attention is not backend
