@@ -255,3 +255,16 @@ def test_a_sweep_of_fewer_row_counts_retunes_only_their_rows():
     assert [t.block_n for t in spliced[:2]] == [128, 128]
     # a sweep reaching past every bounded row of the table is the whole table
     assert splice_table(swept, current, 16) == swept and splice_table(swept, [current[-1]], 1) == swept
+
+
+def test_a_sweep_from_more_rows_keeps_the_rows_for_fewer():
+    gemv = MatmulTile(kernel="gemv", max_m=1, block_n=64, block_k=128)
+    current = [gemv, MatmulTile(kernel="slices", max_m=16, block_m=16, block_n=64, block_k=128),
+               MatmulTile(kernel="wgmma", max_m=128, block_m=128, block_n=64, block_k=64),
+               MatmulTile(kernel="dense", block_n=64, block_k=128)]
+    swept = [MatmulTile(kernel="mm", max_m=16, block_m=16, block_n=128, block_k=64),
+             MatmulTile(kernel="wgmma", block_m=64, block_n=128, block_k=64)]  # derive_table's from --rows 16,64
+    spliced = splice_table(swept, current, 64, 16)
+    assert spliced == [gemv, swept[0], swept[1].model_copy(update={"max_m": 64})] + current[2:]
+    # the GEMV's row stays first where the sweep runs to any M
+    assert splice_table(swept, current[:2], 64, 16) == [gemv] + swept

@@ -116,8 +116,9 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
                                     time_call=time_call, on_product=on_product, wgmma=wgmma,
                                     operand_copies=operand_copies)
         bar.update(task, completed=total)
-    # Row counts above the sweep's keep the spec's rows (a sweep of --rows 1 retunes only the GEMV's)
-    table = tile_sweep.splice_table(tile_sweep.derive_table(measured), gen.specs["quantization"].config.tiles, counts[-1])
+    # Row counts outside the sweep's keep the spec's rows (--rows 1 retunes only the GEMV's, --rows 16,... all but it)
+    table = tile_sweep.splice_table(tile_sweep.derive_table(measured), gen.specs["quantization"].config.tiles,
+                                    counts[-1], counts[0])
     lines = tile_sweep.spec_lines(table)
 
     def us(s):

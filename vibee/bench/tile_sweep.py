@@ -136,15 +136,19 @@ def derive_table(results: Sequence[Measured]) -> list[MatmulTile]:
     return rows
 
 
-def splice_table(swept: Sequence[MatmulTile], current: Sequence[MatmulTile], largest: int) -> list[MatmulTile]:
-    """swept (derive_table's, from row counts up to `largest`) in place of current's rows for up to
-    largest rows, so that a sweep of a few row counts retunes only those: where current has rows for
-    more rows (max_m over largest), swept's last row count stops at largest and those rows follow
-    it; otherwise swept is the whole table."""
+def splice_table(swept: Sequence[MatmulTile], current: Sequence[MatmulTile], largest: int,
+                 smallest: int = 1) -> list[MatmulTile]:
+    """swept (derive_table's, from row counts smallest..largest) in place of current's rows for
+    those counts, so that a sweep of a few row counts retunes only them: current's rows for fewer
+    rows than smallest (max_m under it: `--rows 16,...` keeps the GEMV's) come first; where current
+    has rows for more rows than largest (max_m over it), swept's last row count stops at largest and
+    those rows follow it; otherwise swept runs to any M."""
+    below = [t for t in current if t.max_m is not None and t.max_m < smallest]
     beyond = [t for t in current if t.max_m is None or t.max_m > largest]
-    if not any(t.max_m is not None for t in beyond):
-        return list(swept)
-    return [t.model_copy(update={"max_m": largest}) if t.max_m is None else t for t in swept] + beyond
+    if any(t.max_m is not None for t in beyond):
+        swept = [t.model_copy(update={"max_m": largest}) if t.max_m is None else t for t in swept]
+        return below + list(swept) + beyond
+    return below + list(swept)
 
 
 def spec_lines(table: Sequence[MatmulTile]) -> list[str]:
