@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from vibee.bench.cli import bench
-from vibee.bench.tile_sweep import Measured, candidates, derive_table, paste_table, spec_lines, splice_table
+from vibee.bench.tile_sweep import Measured, candidates, derive_table, paste_table, splice_table
 from vibee.ir.load import load_specs
 from vibee.kinds.quantization.tiles import MatmulTile
 
