@@ -305,3 +305,23 @@ def test_throughput_compares_preemption_by_swap_and_recompute(tmp_path, mode):
         assert "Swap-outs / swap-ins" in result.output
     else:
         assert r["swap_outs"] == r["swap_ins"] == 0
+
+
+@pytest.mark.slow
+def test_throughput_repeats_the_load_with_nothing_for_the_prefix_cache(tmp_path):
+    """--repeat 3 times the requests three times in one engine; with prefix caching on, no pass
+    reuses an earlier one's blocks (each moves the prompts' first tokens), and the report is the
+    median pass."""
+    model_args = ["--model", str(_tiny_random_model(tmp_path))]
+    out = tmp_path / "results"
+    result = CliRunner().invoke(bench, ["throughput", *model_args, "--num-prompts", "3", "--input-len", "40",
+                                        "--output-len", "4", "--device", "cpu", "--seed", "1", "--block-size", "8",
+                                        "--enable-prefix-caching", "--repeat", "3", "--result-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(out.glob("throughput-*.json")).read_text())
+    r = data["results"]
+    assert data["settings"]["repeat"] == 3 and data["settings"]["enable_prefix_caching"]
+    assert len(r["passes"]) == 3 and [p["prefix_cache_hit_tokens"] for p in r["passes"]] == [0, 0, 0]
+    rates = sorted(p["output_tokens_per_s"] for p in r["passes"])
+    assert r["output_tokens_per_s"] == rates[1] and r["output_tokens"] == 3 * 4
+    assert "each of 3 passes" in result.output

@@ -157,3 +157,21 @@ def test_stdlib_workload_cuts_real_source_windows():
     for prompt in a.prompts:
         window = "".join(map(chr, prompt))
         assert any(window in text for text in sources)
+
+
+def test_a_repeated_pass_changes_each_prompt_first_token_only():
+    from vibee.bench.report import first_tokens_varied
+
+    workload = random_workload(20, (1, 6), (2, 9), 12, {0, 5}, seed=3)
+    assert first_tokens_varied(workload, 0, 12, {0, 5}) is workload
+    starts = [[p[0] for p in workload.prompts]]
+    for i in (1, 2, 9):
+        varied = first_tokens_varied(workload, i, 12, {0, 5})
+        assert varied.output_lens == workload.output_lens and varied.input_lens == workload.input_lens
+        assert [p[1:] for p in varied.prompts] == [p[1:] for p in workload.prompts]
+        assert all(p[0] not in (0, 5) for p in varied.prompts)
+        starts.append([p[0] for p in varied.prompts])
+    # no prompt starts in one pass as it did in another: the prefix cache can reuse nothing
+    assert all(len({s[j] for s in starts}) == len(starts) for j in range(20))
+    with pytest.raises(ValueError, match="10 passes"):
+        first_tokens_varied(workload, 9, 10, {0, 5})

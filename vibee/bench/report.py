@@ -60,6 +60,26 @@ def random_workload(num_prompts: int, input_range: tuple[int, int], output_range
     return Workload(prompts, outputs)
 
 
+def first_tokens_varied(workload: Workload, pass_index: int, vocab_size: int, exclude_ids: Iterable[int] = ()) -> Workload:
+    """The workload for timed pass `pass_index` of a repeated run: the same lengths and tokens, but
+    each prompt's first token moved pass_index places along the vocabulary minus `exclude_ids`, so
+    that no prompt starts as an earlier pass's did (the prefix cache chains a block's hash to the
+    blocks before it: one changed first token leaves nothing of an earlier pass to reuse)."""
+    if pass_index == 0:
+        return workload
+    excluded = set(exclude_ids)
+    allowed = [i for i in range(vocab_size) if i not in excluded]
+    if len(allowed) <= pass_index:
+        raise ValueError(f"{pass_index + 1} passes need as many token ids to start prompts with; the vocabulary "
+                         f"has {len(allowed)}")
+    place = {token: i for i, token in enumerate(allowed)}
+    prompts = []
+    for prompt in workload.prompts:
+        first = place.get(prompt[0], 0) if prompt else 0
+        prompts.append([allowed[(first + pass_index) % len(allowed)], *prompt[1:]] if prompt else prompt)
+    return Workload(prompts, list(workload.output_lens))
+
+
 def stdlib_workload(tokenize, num_prompts: int, input_range: tuple[int, int], output_range: tuple[int, int],
                     seed: int = 0) -> Workload:
     """Prompts cut from the Python standard library's source (text every machine has): for each,

@@ -69,7 +69,8 @@ def warm_up(engine, workload: Workload, structured_output: str | None = None) ->
     an H100 measured 5,632 output tok/s against 29,787 unconstrained)."""
     from vibee.runtime.sampling_params import SamplingParams
 
-    prompt = workload.prompts[0][:WARMUP_PROMPT_TOKENS]
+    # The first prompt's tokens reversed: the prefix cache then has none of a timed prompt's blocks.
+    prompt = workload.prompts[0][:WARMUP_PROMPT_TOKENS][::-1]
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=WARMUP_OUTPUT_TOKENS,
                             structured_output=structured_output)
     engine.add_request("bench-warmup", prompt, params)
@@ -120,6 +121,7 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
     masks_before = (engine.structured.mask_seconds, engine.structured.mask_steps, engine.structured.mask_rows,
                     dict(engine.structured.requests_by_path))
     before = engine.stats()["batching"]
+    hits_before = engine.block_manager.prefix_cache_hits
     n = len(workload.prompts)
     generated = 0
     finished = 0
@@ -169,6 +171,8 @@ def run_throughput(engine, workload: Workload, *, console=None, temperature: flo
         "max_running": peaks.max_running,
         "peak_kv_cache_usage": peaks.peak_kv_usage,
         "admitting_steps": peaks.admitting_steps,
+        # Prompt tokens the prefix cache handed over (0 with prefix caching off).
+        "prefix_cache_hit_tokens": (engine.block_manager.prefix_cache_hits - hits_before) * engine.block_size,
         # Engine steps that ran plain decode steps as rounds on the device, and those rounds (None: off).
         "multi_step": None if after["multi_step"] is None else {
             key: after["multi_step"][key] - before["multi_step"][key] for key in ("steps", "rounds")},
