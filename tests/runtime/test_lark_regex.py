@@ -1,6 +1,7 @@
-"""Lark grammars without recursion as one regex (vibee/runtime/lark_regex.py): the regex accepts
-exactly the strings Lark's own Earley parser accepts (every string up to a length over the
-grammar's characters), and what a regex can't say is left to llguidance (None)."""
+"""Lark grammars whose language is regular as one regex (vibee/runtime/lark_regex.py), recursion at
+one end of a rule's alternatives included: the regex accepts exactly the strings Lark's own Earley
+parser accepts (every string up to a length over the grammar's characters), and what a regex can't
+say is left to llguidance (None)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ REGULAR = [
     ('start: item~2..3 "."?\n?item: DIGIT | "-"\nDIGIT: "0".."2"', "0129-."),
     ('start: pair -> both\npair: A B | B\nA: "a"+\nB: "b" "b"?', "ab"),
     ('start: ("a" | "aa") "ab"', "ab"),  # terminals overlap: the grammar's language, as Earley reads it
+    # recursion at the end of a rule (x: a x | b is a* b), at its start (x: x a | b is b a*), through others
+    ('start: "x" start | "y"', "xy"),
+    ('start: expr\nexpr: expr OP NUM | NUM\nOP: "+" | "-"\nNUM: "1".."2"', "12+-"),
+    ('start: a\na: "x" b?\nb: "y" a', "xy"),
+    ('start: "[" [items] "]"\nitems: "1" | "1" "," items', "[],1"),
+    ('start: line "."\nline: word (" " line)?\nword: "a" | "b"', "ab ."),  # at the end of an optional group
 ]
 
 
@@ -42,8 +49,11 @@ def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
 
 
 @pytest.mark.parametrize("grammar", [
-    'start: "(" start ")" | "x"',  # recursion
-    'start: a\na: "x" b?\nb: "y" a',  # recursion through another rule
+    'start: "(" start ")" | "x"',  # a rule inside itself (balanced brackets: not a regular language)
+    'start: a\na: "(" b ")" | "x"\nb: a a?',  # the same through another rule
+    'start: "x" start',  # recursion that never ends: no string at all
+    'start: ("x" start)+ | "y"',  # recursion inside a repetition
+    'start: line+\nline: word (" " line)? "."\nword: "a"',  # as many dots as words: not regular
     'start: WORD+\nWORD: /[a-z]+/\n%ignore " "',  # ignored text between terminals
     'start: "Hi"i',  # a flagged literal
     'start: %json {"type": "object"}',  # llguidance's extension

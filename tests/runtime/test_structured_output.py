@@ -80,14 +80,16 @@ def test_lark_outputs_parse_under_lark(eng):
 
 
 def test_regular_lark_outputs_parse_under_lark_and_decode_on_the_device(eng):
-    """A Lark grammar without recursion is a token DFA (lark_regex.py); BOUNDED_LARK above, which
-    recurses, stays with llguidance."""
-    grammar = 'start: call (";" call)?\ncall: NAME "(" [NUMBER ("," NUMBER)~0..2] ")"\nNAME: /[a-z_]{1,8}/\nNUMBER: /[0-9]{1,2}/'
+    """A Lark grammar whose language is regular is a token DFA (lark_regex.py), a list written as
+    recursion at a rule's end too; BOUNDED_LARK above, which nests a rule inside itself, stays
+    with llguidance."""
     before = dict(eng.structured.requests_by_path)
-    parser = lark.Lark(grammar)
-    for c in finished(run(eng, grammar_for_lark(grammar), n=6, max_tokens=40)):
-        parser.parse(c.text)
-    assert eng.structured.requests_by_path["device"] == before["device"] + 1
+    for grammar in ('start: call (";" call)?\ncall: NAME "(" [NUMBER ("," NUMBER)~0..2] ")"\nNAME: /[a-z_]{1,8}/\n'
+                    'NUMBER: /[0-9]{1,2}/', 'start: "[" items "]"\nitems: NUMBER | NUMBER "," items\nNUMBER: /[0-9]{1,2}/'):
+        parser = lark.Lark(grammar)
+        for c in finished(run(eng, grammar_for_lark(grammar), n=6, max_tokens=40)):
+            parser.parse(c.text)
+    assert eng.structured.requests_by_path["device"] == before["device"] + 2
     run(eng, grammar_for_lark(BOUNDED_LARK), n=1, max_tokens=4)
     assert eng.structured.requests_by_path["host"] == before["host"] + 1
 

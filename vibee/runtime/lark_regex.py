@@ -1,9 +1,13 @@
 """A Lark grammar whose language is regular, written as one regex (so that it decodes from a token
 DFA on the device, token_dfa.py): every rule and terminal a rule uses is put in its place, and the
-EBNF operators (`*`, `+`, `?`, `[...]`, `~ n..m`) become the regex's own. A grammar that refers to a
-rule from inside itself (recursion), or uses what a regex can't say the same way (`%ignore`,
-templates, case-insensitive or other flagged literals) or Lark can't read (llguidance's extensions:
-`%json`, `&`, `~` on terminals, special tokens) has no regex here and stays with llguidance.
+EBNF operators (`*`, `+`, `?`, `[...]`, `~ n..m`) become the regex's own. A rule that refers to
+itself (directly or through others) only at the end of its alternatives, `x: a x | b`, is solved as
+`a* b`, and only at their start, `x: x a | b`, as `b a*` (Arden's lemma: the grammar's language,
+not an approximation): lists written recursively decode on the device. Recursion anywhere else (a
+rule nested inside itself, `"(" x ")"`, or at both ends), or what a regex can't say the same way
+(`%ignore`, templates, case-insensitive or other flagged literals) or Lark can't read
+(llguidance's extensions: `%json`, `&`, `~` on terminals, special tokens) has no regex here and
+stays with llguidance.
 
 The regex stands for the grammar's language as a context-free grammar (Lark's Earley parser
 accepts exactly it); llguidance's lexer takes the longest terminal at each point, which refuses
@@ -40,12 +44,12 @@ def lark_regex(text: str) -> str | None:
 
 
 def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...]) -> Any:
-    """A copy of rule or terminal `name`'s tree with every rule and terminal it names in its place."""
+    """A copy of rule or terminal `name`'s tree with every rule and terminal it names in its place;
+    a reference to `name` itself is solved here (_solved), one to a rule it is inside of is left
+    for that rule to solve."""
     from lark import Tree
     from lark.grammar import Symbol
 
-    if name in stack:
-        raise _NotRegular(f"{name} refers to itself")
     definition = definitions.get(name)
     if definition is None or definition.tree is None:
         raise _NotRegular(f"{name} is declared, not defined")
@@ -55,11 +59,88 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...]) -> 
         node = todo.pop()
         for i, child in enumerate(node.children):
             if isinstance(child, Symbol):
-                node.children[i] = _inlined(definitions, child.name, (*stack, name))
+                if child.name != name and child.name not in stack:
+                    node.children[i] = _inlined(definitions, child.name, (*stack, name))
             elif isinstance(child, Tree):
                 if child.data == "alias":  # `a b -> name`: a name for the tree, not a change to the language
                     child = node.children[i] = child.children[0]
                 elif child.data == "template_usage":
                     raise _NotRegular("templates")
                 todo.append(child)
-    return tree
+    return _solved(tree, name)
+
+
+def _mentions(tree: Any, name: str) -> bool:
+    from lark import Tree
+    from lark.grammar import Symbol
+
+    if isinstance(tree, Symbol):
+        return tree.name == name
+    return isinstance(tree, Tree) and any(_mentions(child, name) for child in tree.children)
+
+
+def _solved(tree: Any, name: str) -> Any:
+    """The language of `name: tree` without `name` in it: tree = A name | B gives A* B, tree =
+    name A | B gives B A*; _NotRegular where name is inside itself otherwise."""
+    from lark import Token, Tree
+
+    if not _mentions(tree, name):
+        return tree
+    for at_end in (True, False):
+        try:
+            repeated, rest = _split(tree, name, at_end)
+        except _NotRegular:
+            continue
+        if rest is None:
+            raise _NotRegular(f"{name} never ends (every alternative refers to it again)")
+        if repeated is None:
+            return rest
+        star = Tree("expr", [repeated, Token("OP", "*")])
+        return _sequence([star, rest] if at_end else [rest, star])
+    raise _NotRegular(f"{name} refers to itself other than at one end of its alternatives")
+
+
+def _sequence(items: list[Any]) -> Any:
+    from lark import Tree
+
+    return Tree("expansion", items)
+
+
+def _alternatives(options: list[Any]) -> Any:
+    """`a | b | ...` of the options that are there (None: the empty language, no string)."""
+    from lark import Tree
+
+    present = [o for o in options if o is not None]
+    return Tree("expansions", present) if present else None
+
+
+def _split(tree: Any, name: str, at_end: bool) -> tuple[Any, Any]:
+    """(A, B) with tree's language = A name | B (at_end) or name A | B, name in neither; None for
+    a part with no strings. _NotRegular where name is anywhere but that end."""
+    from lark.grammar import Symbol
+
+    if not _mentions(tree, name):
+        return None, tree
+    if isinstance(tree, Symbol):  # name itself: the empty string before (or after) it
+        return _sequence([]), None
+    if tree.data == "expansions":
+        parts = [_split(child, name, at_end) for child in tree.children]
+        return _alternatives([a for a, _ in parts]), _alternatives([b for _, b in parts])
+    if tree.data == "expansion":
+        items = list(tree.children)
+        end, others = (items[-1], items[:-1]) if at_end else (items[0], items[1:])
+        if any(_mentions(item, name) for item in others):
+            raise _NotRegular(f"{name} inside itself")
+        a, b = _split(end, name, at_end)
+
+        def around(part):  # a copy of the other items each time: a tree must not hold one node twice
+            rest = copy.deepcopy(others)
+            return None if part is None else _sequence(rest + [part] if at_end else [part] + rest)
+        return around(a), around(b)
+    if tree.data == "value":
+        return _split(tree.children[0], name, at_end)
+    optional = tree.data == "maybe" or tree.data == "expr" and len(tree.children) == 2 and tree.children[1] == "?"
+    if optional:  # [x] and x?: x or nothing
+        a, b = _split(tree.children[0], name, at_end)
+        return a, _alternatives([b, _sequence([])])
+    raise _NotRegular(f"{name} repeated ({tree.data})")
