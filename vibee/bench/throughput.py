@@ -205,3 +205,46 @@ def engine_settings(engine) -> dict[str, Any]:
         "multi_step": engine.multi_step is not None,
         "tensor_parallel_size": engine.ranks.size if engine.ranks is not None else 1,
     }
+
+
+def report_sections(results: dict[str, Any], settings: dict[str, Any], env: dict[str, Any], warmup: dict[str, Any],
+                    spec_rows: list[list[Any]]) -> tuple[list[Any], list[str]]:
+    """`bench throughput`'s report: its sections (results, settings, environment) and notes."""
+    from vibee.bench.report import Section
+
+    repeat = settings["repeat"]
+    notes = [f"Warm-up: {warmup['requests']} request ({warmup['prompt_tokens']} prompt + {warmup['output_tokens']} "
+             "output tokens) ran before timing and is not counted. Times cover adding all requests and stepping "
+             "until the last one finished."]
+    if results["jit_compiles"]["count"]:
+        notes.append(f"{results['jit_compiles']['count']} Triton kernel compiles "
+                     f"({', '.join(results['jit_compiles']['kernels'])}) fell inside the timed loop: the figures include "
+                     f"their {results['jit_compiles']['seconds']:.1f} s.")
+    r = results
+    sections = [
+        Section("Results", ["Metric", "Value"], [
+            ["Elapsed (s)", r["elapsed_s"]], ["Requests", r["num_requests"]],
+            ["Requests/s", r["requests_per_s"]], ["Output tokens/s", r["output_tokens_per_s"]],
+            *([[f"Output tokens/s, each of {repeat} passes (the median's above)",
+                " / ".join(f"{p['output_tokens_per_s']:.1f}" for p in r["passes"])]] if repeat > 1 else []),
+            ["Total tokens/s (prompt + output)", r["total_tokens_per_s"]],
+            ["Prompt tokens", r["prompt_tokens"]], ["Output tokens", r["output_tokens"]],
+            ["Engine steps", r["steps"]], ["Mean batch size", r["mean_batch_size"]],
+            ["Multi-steps (decode rounds on the device)",
+             "off" if r["multi_step"] is None else f"{r['multi_step']['steps']} ({r['multi_step']['rounds']} rounds)"],
+            ["Max running sequences", r["max_running"]], ["Peak KV cache usage", f"{100 * r['peak_kv_cache_usage']:.1f}%"],
+            ["Preemptions", f"{r['preemptions']} ({r['preemption_mode']})"],
+            ["Triton compiles inside the timed loop",
+             f"{r['jit_compiles']['count']} ({r['jit_compiles']['seconds']:.2f} s)"],
+            *([["Swap-outs / swap-ins / recomputed instead", f"{r['swap_outs']} / {r['swap_ins']} / {r['swap_fallbacks']}"]]
+              if r["preemption_mode"] == "swap" else []), *spec_rows,
+            *([["Grammars: on the device (token DFA) / on the host (llguidance)",
+                f"{r['grammar_masks']['device_requests']} / {r['grammar_masks']['host_requests']} requests"],
+               ["Grammar masks outside rounds (host time): ms per step / us per row",
+                f"{r['grammar_masks']['ms_per_step']:.3f} / {r['grammar_masks']['us_per_row']:.1f}"]]
+              if r["grammar_masks"] else []),
+        ]),
+        Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
+        Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()]),
+    ]
+    return sections, notes
