@@ -222,7 +222,7 @@ def test_changed_tiles_still_compute_the_product(gen_from_text, quantization_spe
         ("    - {kernel: wgmma, block_m: 64, block_n: 64, block_k: 64, num_warps: 2}\n", "num_warps must be 4 or 8, got 2"),
         ("    - {kernel: wgmma, block_m: 64, block_n: 64, block_k: 64, num_warps: 8}\n", "must be multiples of 128, got 64 and 64"),
         ("    - {kernel: wgmma, block_m: 256, block_n: 128, block_k: 64}\n", "keeps 256 fp32 accumulators per thread"),
-        ("    - {kernel: wgmma, block_m: 64, block_n: 128, block_k: 128}\n", "takes block_k 64"),
+        ("    - {kernel: wgmma, block_m: 64, block_n: 128, block_k: 256}\n", "takes block_k 64 or 128"),
     ],
     ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed", "swap-gemv", "join-slices", "wgmma-warps",
          "wgmma-rows", "wgmma-registers", "wgmma-k"],

@@ -145,10 +145,10 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from vibee.kinds.quantization.wgmma import _w4_wgmma_kernel
 
 constexprs = json.loads(sys.argv[1])
-bm, bn = constexprs["BLOCK_M"], constexprs["BLOCK_N"]
+bm, bn, bk = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
 def desc(dtype, name, block):  # a TMA descriptor argument as wgmma_linear makes it
     return f"tensordesc<{name}{block},{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
-signature = {"x_desc": desc(gl.bfloat16, "bf16", [bm, 64]), "w_desc": desc(gl.int32, "i32", [bn, 8]),
+signature = {"x_desc": desc(gl.bfloat16, "bf16", [bm, bk]), "w_desc": desc(gl.int32, "i32", [bn, bk // 8]),
              "s_desc": desc(gl.bfloat16, "bf16", [bn, 8]), "z_desc": desc(gl.uint8, "u8", [bn, 16]),
              "b_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
              "k_per_split": "i32"}
@@ -182,14 +182,17 @@ def compile_wgmma_for_sm90(**constexprs) -> dict:
 
 
 @pytest.mark.skipif(wgmma.gluon is None, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("block_m, block_n, warps, zeros, partials", [(128, 128, 4, True, False), (256, 128, 8, False, True)])
-def test_the_wgmma_kernel_compiles_for_sm90_to_async_wgmma_without_serializing(block_m, block_n, warps, zeros, partials):
+@pytest.mark.parametrize("block_m, block_n, block_k, warps, zeros, partials",
+                         [(128, 128, 64, 4, True, False), (256, 128, 64, 8, False, True), (128, 64, 128, 4, True, True)])
+def test_the_wgmma_kernel_compiles_for_sm90_to_async_wgmma_without_serializing(block_m, block_n, block_k, warps, zeros,
+                                                                                partials):
     """Its point is the overlap: the k loop's wgmmas are issued async, with one wait per tile that
     leaves one outstanding, and ptxas keeps them so (its warning C7515: serialized, each waited for)."""
     compiled = compile_wgmma_for_sm90(GROUP=128, ZERO_CODE=0 if zeros else 8, HAS_ZEROS=zeros, HAS_BIAS=True,
-                                      SPLIT_K=2 if partials else 1, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=64, STAGES=4, WARPS=warps)
+                                      SPLIT_K=2 if partials else 1, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+                                      STAGES=4 if block_k == 64 else 3, WARPS=warps)
     ptx = compiled["ptx"]
-    assert ptx.count("wgmma.mma_async") == block_n // (16 * warps) * 4  # 4 k16 steps of 64 rows per warpgroup
+    assert ptx.count("wgmma.mma_async") == block_n // (16 * warps) * block_k // 16  # k16 steps of 64 rows per warpgroup
     assert "wgmma.wait_group.sync.aligned 1;" in ptx and compiled["shared"] <= 228 * 1024
     assert ptx.count("atom.global.gpu.acq_rel.add") == int(partials)  # split-K: the tile's counter, one thread's atomic
     assert "Compiling entry function" in compiled["ptxas"] and "C7515" not in compiled["ptxas"], compiled["ptxas"]

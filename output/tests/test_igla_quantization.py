@@ -1144,9 +1144,11 @@ SLICES = dict(kernel="slices", block_m=16, block_k=128)
 WGMMA = dict(kernel="wgmma", block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=False, join_codes=False)
 GPU_VARIANTS = {
     1: [dict(), dict(packed16=False), dict(block_k=512, split_k=1), dict(SLICES, split_k=4)],
-    7: [dict(join_codes=j, swap_ab=s) for j in (True, False) for s in (False, True)] + [SLICES, dict(WGMMA, split_k=2)],
+    7: [dict(join_codes=j, swap_ab=s) for j in (True, False) for s in (False, True)] + [SLICES, dict(WGMMA, split_k=2)]
+    + [dict(WGMMA, block_k=128, num_stages=3, split_k=2)],
     256: [dict(join_codes=j, swap_ab=s) for j in (True, False) for s in (False, True)] + [dict(SLICES, block_m=64)]
-    + [dict(WGMMA, block_m=256, num_warps=8, split_k=1), dict(WGMMA, block_m=128, block_n=256, num_warps=8, num_stages=3, split_k=2)],
+    + [dict(WGMMA, block_m=256, num_warps=8, split_k=1), dict(WGMMA, block_m=128, block_n=256, num_warps=8, num_stages=3, split_k=2)]
+    + [dict(WGMMA, block_m=128, block_n=64, block_k=128, num_stages=3, split_k=1)],
 }
 
 

@@ -154,10 +154,10 @@ def _slices_take(fmt: _Format, dtype: torch.dtype, zeros: torch.Tensor | None, i
 def _wgmma_takes(fmt: _Format, dtype: torch.dtype, scales: torch.Tensor, zeros: torch.Tensor | None, in_features: int,
                  block_k: int, device: torch.device) -> bool:
     """Whether wgmma.py's kernel reads this weight here: Gluon, an sm_90 GPU (wgmma is Hopper's
-    alone), 4-bit codes, 16-bit compute, k tiles of 64 inside one group, and operands TMA can bring
+    alone), 4-bit codes, 16-bit compute, k tiles of 64 or 128 inside one group, and operands TMA can bring
     (wgmma_tma_ready); the "wgmma" launch runs the mm kernel elsewhere."""
     return (gluon is not None and device.type == "cuda" and _capability(device) == (9, 0) and fmt.code_bits == 4
-            and dtype in (torch.bfloat16, torch.float16) and block_k == 64 and in_features % block_k == 0
+            and dtype in (torch.bfloat16, torch.float16) and block_k in (64, 128) and in_features % block_k == 0
             and fmt.group_size % block_k == 0 and wgmma_tma_ready(fmt.words, scales, zeros, fmt.group_size))
 
 

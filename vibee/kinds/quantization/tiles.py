@@ -123,9 +123,9 @@ class MatmulTile(BaseModel):
         if self.min_block_n % rows:
             raise ValueError(f"a wgmma tile on {self.num_warps} warps takes weight rows {rows} at a time: block_n and "
                              f"min_block_n must be multiples of {rows}, got {self.block_n} and {self.min_block_n}")
-        if self.block_k != 64:
-            raise ValueError(f"a wgmma tile takes block_k 64 (a word per thread of 8-word rows, 128-byte rows of x's tile), "
-                             f"got {self.block_k}")
+        if self.block_k not in (64, 128):
+            raise ValueError(f"a wgmma tile takes block_k 64 or 128 (8- or 16-word rows of codes, x's tile in 128-byte "
+                             f"TMA boxes), got {self.block_k}")
         per_thread = self.block_m * self.block_n // (32 * self.num_warps)
         if per_thread > 128:
             raise ValueError(f"a {self.block_m}x{self.block_n} wgmma tile on {self.num_warps} warps keeps {per_thread} fp32 "

@@ -72,7 +72,8 @@ if gluon is not None:
                          SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr,
                          STAGES: gl.constexpr, WARPS: gl.constexpr):
         """A [BLOCK_N, BLOCK_M] tile of y.T over one split of k: weight rows fill wgmma's M (64 per
-        warpgroup), activation rows its N. Per k tile of 64 inputs (inside one group), TMA brings x's
+        warpgroup), activation rows its N. Per k tile of 64 or 128 inputs (inside one group: 128 halves
+        the loop's waits and barriers per input, for 1.6x the shared memory a stage), TMA brings x's
         tile, the weight rows' 8 words and a chunk of their scales (and zero points) into a ring of
         STAGES slots; the words are unpacked by packed 16-bit arithmetic (unpack.py's nibble pairs:
         (code - zero) * scale rounded once, dequantize()'s value) into one of two shared tiles, and
@@ -84,7 +85,7 @@ if gluon is not None:
         WORDS: gl.constexpr = BLOCK_K // 8
         CHUNK: gl.constexpr = s_desc.block_type.shape[1]
         ZCHUNK: gl.constexpr = z_desc.block_type.shape[1]
-        gl.static_assert(WORDS == CHUNK, "the scales' chunks share the words' layout of rows: BLOCK_K is 64")
+        gl.static_assert(BLOCK_K % GROUP == 0 or GROUP % BLOCK_K == 0, "a k tile lies inside one group")
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
@@ -100,11 +101,13 @@ if gluon is not None:
         for b in gl.static_range(STAGES):
             mbarrier.init(bars.index(b), count=1)
 
-        # unpacking: a thread holds one word of a row; the scales' chunk is laid out with the same rows
+        # unpacking: a thread holds one word of a row; the scales' chunk is laid out by the same rows
+        # (the same layout at 8 words a row, BLOCK_K 64: its pick needs no conversion)
         lw: gl.constexpr = gl.BlockedLayout([1, 1], [32 // WORDS, WORDS], [WARPS, 1], [1, 0])
+        ls: gl.constexpr = gl.BlockedLayout([1, 1], [32 // CHUNK, CHUNK], [WARPS, 1], [1, 0])
         lz: gl.constexpr = gl.BlockedLayout([1, ZCHUNK // WORDS], [32 // WORDS, WORDS], [WARPS, 1], [1, 0])
         rows: gl.constexpr = gl.SliceLayout(1, lw)
-        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, lw))
+        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, ls))
         zcols = gl.arange(0, ZCHUNK, layout=gl.SliceLayout(0, lz))
 
         k_begin = pid_k * k_per_split
@@ -122,7 +125,7 @@ if gluon is not None:
             slot = i % STAGES
             mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
             g = (k_begin + i * BLOCK_K) // GROUP
-            scale = _chunk_pick(scales_s.index(slot).load(lw), g, cols, rows)
+            scale = _chunk_pick(scales_s.index(slot).load(ls), g, cols, rows)
             scale2 = _pair16(scale, IS_BF16)[:, None] + gl.zeros([BLOCK_N, WORDS], gl.int32, layout=lw)
             if HAS_ZEROS:  # the pair 1.0-step base (128 bf16, 1024 fp16) + zero point
                 zero = _chunk_pick(zeros_s.index(slot).load(lz), g, zcols, rows)
