@@ -22,8 +22,8 @@ def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
     warpgroups, 64 deep on 2-4 stages or 128 deep on 2-3, split over k to one program per SM, two or
-    not (wgmma: where the kernel
-    runs, an sm_90 GPU; elsewhere its launch is an mm tile); dequantize-then-cuBLAS from 32."""
+    not (wgmma: where the kernel runs, an sm_90 GPU; elsewhere its launch is an mm tile);
+    dequantize-then-cuBLAS from 32."""
     if m == 1:  # 1 stage: each tile's words loaded when it is reached; 3: two tiles ahead (cp.async)
         return [MatmulTile(kernel="gemv", max_m=1, block_n=bn, block_k=128, num_warps=w, num_stages=stages, programs_per_sm=p)
                 for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for p in (4, 8) for stages in (1, 3)]
