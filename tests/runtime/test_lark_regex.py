@@ -1,5 +1,5 @@
 """Lark grammars whose language is regular as one regex (vibee/runtime/lark_regex.py), recursion at
-one end of a rule's alternatives included: the regex accepts exactly the strings Lark's own Earley
+one end of a rule's alternatives and %ignore included: the regex accepts exactly the strings Lark's own Earley
 parser accepts (every string up to a length over the grammar's characters), and what a regex can't
 say is left to llguidance (None)."""
 
@@ -24,6 +24,10 @@ REGULAR = [
     ('start: a\na: "x" b?\nb: "y" a', "xy"),
     ('start: "[" [items] "]"\nitems: "1" | "1" "," items', "[],1"),
     ('start: line "."\nline: word (" " line)?\nword: "a" | "b"', "ab ."),  # at the end of an optional group
+    # %ignore: its text before any token of a rule and after the last, never inside a terminal
+    ('start: WORD+\nWORD: /[a-b]+/\n%ignore " "', "ab "),
+    ('start: NUM ("+" NUM)*\nNUM: DIGIT DIGIT?\nDIGIT: "1".."2"\n%ignore " "', "12+ "),
+    ('start: "x" start | "y"\n%ignore " "\n%ignore "-"', "xy -"),
 ]
 
 
@@ -54,7 +58,6 @@ def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
     'start: "x" start',  # recursion that never ends: no string at all
     'start: ("x" start)+ | "y"',  # recursion inside a repetition
     'start: line+\nline: word (" " line)? "."\nword: "a"',  # as many dots as words: not regular
-    'start: WORD+\nWORD: /[a-z]+/\n%ignore " "',  # ignored text between terminals
     'start: "Hi"i',  # a flagged literal
     'start: %json {"type": "object"}',  # llguidance's extension
     'start: undefined_rule',

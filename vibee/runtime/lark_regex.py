@@ -3,11 +3,12 @@ DFA on the device, token_dfa.py): every rule and terminal a rule uses is put in 
 EBNF operators (`*`, `+`, `?`, `[...]`, `~ n..m`) become the regex's own. A rule that refers to
 itself (directly or through others) only at the end of its alternatives, `x: a x | b`, is solved as
 `a* b`, and only at their start, `x: x a | b`, as `b a*` (Arden's lemma: the grammar's language,
-not an approximation): lists written recursively decode on the device. Recursion anywhere else (a
-rule nested inside itself, `"(" x ")"`, or at both ends), or what a regex can't say the same way
-(`%ignore`, templates, case-insensitive or other flagged literals) or Lark can't read
-(llguidance's extensions: `%json`, `&`, `~` on terminals, special tokens) has no regex here and
-stays with llguidance.
+not an approximation): lists written recursively decode on the device. `%ignore`d terminals may
+stand before each token of a rule and after the last (never inside a terminal), as Lark's lexer
+skips them. Recursion anywhere else (a rule nested inside itself, `"(" x ")"`, or at both ends), or
+what a regex can't say the same way (templates, case-insensitive or other flagged literals) or Lark
+can't read (llguidance's extensions: `%json`, `&`, `~` on terminals, special tokens) has no regex
+here and stays with llguidance.
 
 The regex stands for the grammar's language as a context-free grammar (Lark's Earley parser
 accepts exactly it); llguidance's lexer takes the longest terminal at each point, which refuses
@@ -34,25 +35,41 @@ def lark_regex(text: str) -> str | None:
     try:
         builder.load_grammar(text, "<grammar>")
         definitions = builder._definitions
-        if builder._ignore_names or "start" not in definitions or any(d.params for d in definitions.values()):
+        if "start" not in definitions or any(d.params for d in definitions.values()):
             return None
-        tree = _inlined(definitions, "start", ())
+        ignored = _ignored(definitions, builder._ignore_names)
+        tree = _inlined(definitions, "start", (), ignored)
+        if ignored is not None:  # ignored text after the last token too
+            tree = _sequence([tree, copy.deepcopy(ignored)])
         pattern = TerminalTreeToPattern().transform(PrepareLiterals().transform(tree))
     except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AttributeError, AssertionError):
         return None  # not regular, llguidance's dialect, or an error llguidance reports with its caret
     return None if pattern.flags else pattern.to_regexp()
 
 
-def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...]) -> Any:
+def _ignored(definitions: dict[str, Any], names: list[str]) -> Any:
+    """`(I1 | I2 | ...)*` of the terminals %ignore names (None: none): what may stand before each
+    token of a rule."""
+    from lark import Token, Tree
+
+    if not names:
+        return None
+    either = _alternatives([_inlined(definitions, name, (), None) for name in names])
+    return Tree("expr", [either, Token("OP", "*")])
+
+
+def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ignored: Any) -> Any:
     """A copy of rule or terminal `name`'s tree with every rule and terminal it names in its place;
     a reference to `name` itself is solved here (_solved), one to a rule it is inside of is left
-    for that rule to solve."""
+    for that rule to solve. In a rule, each token (a terminal or a literal) follows `ignored`
+    (%ignore's text, if any); inside a terminal nothing is ignored."""
     from lark import Tree
     from lark.grammar import Symbol
 
     definition = definitions.get(name)
     if definition is None or definition.tree is None:
         raise _NotRegular(f"{name} is declared, not defined")
+    in_rule = ignored is not None and not definition.is_term
     tree = copy.deepcopy(definition.tree)
     todo = [tree]
     while todo:
@@ -60,13 +77,18 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...]) -> 
         for i, child in enumerate(node.children):
             if isinstance(child, Symbol):
                 if child.name != name and child.name not in stack:
-                    node.children[i] = _inlined(definitions, child.name, (*stack, name))
+                    inlined = _inlined(definitions, child.name, (*stack, name), ignored)
+                    token = in_rule and definitions[child.name].is_term
+                    node.children[i] = _sequence([copy.deepcopy(ignored), inlined]) if token else inlined
             elif isinstance(child, Tree):
                 if child.data == "alias":  # `a b -> name`: a name for the tree, not a change to the language
                     child = node.children[i] = child.children[0]
                 elif child.data == "template_usage":
                     raise _NotRegular("templates")
-                todo.append(child)
+                if in_rule and child.data in ("literal", "range"):  # an anonymous token
+                    node.children[i] = _sequence([copy.deepcopy(ignored), child])
+                else:
+                    todo.append(child)
     return _solved(tree, name)
 
 
