@@ -28,6 +28,9 @@ REGULAR = [
     ('start: WORD+\nWORD: /[a-b]+/\n%ignore " "', "ab "),
     ('start: NUM ("+" NUM)*\nNUM: DIGIT DIGIT?\nDIGIT: "1".."2"\n%ignore " "', "12+ "),
     ('start: "x" start | "y"\n%ignore " "\n%ignore "-"', "xy -"),
+    # case-insensitive literals, alone or among others (Lark writes the flag inline: (?i:...))
+    ('start: "Hi"i', "hHiI"),
+    ('start: "Hi"i "!"? /[a]/i', "hHiIaA!"),
 ]
 
 
@@ -58,7 +61,7 @@ def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
     'start: "x" start',  # recursion that never ends: no string at all
     'start: ("x" start)+ | "y"',  # recursion inside a repetition
     'start: line+\nline: word (" " line)? "."\nword: "a"',  # as many dots as words: not regular
-    'start: "Hi"i',  # a flagged literal
+    'start: /a.b/s',  # a flag other than case-insensitive
     'start: %json {"type": "object"}',  # llguidance's extension
     'start: undefined_rule',
     'not a grammar',

@@ -6,9 +6,9 @@ itself (directly or through others) only at the end of its alternatives, `x: a x
 not an approximation): lists written recursively decode on the device. `%ignore`d terminals may
 stand before each token of a rule and after the last (never inside a terminal), as Lark's lexer
 skips them. Recursion anywhere else (a rule nested inside itself, `"(" x ")"`, or at both ends), or
-what a regex can't say the same way (templates, case-insensitive or other flagged literals) or Lark
-can't read (llguidance's extensions: `%json`, `&`, `~` on terminals, special tokens) has no regex
-here and stays with llguidance.
+what a regex can't say the same way (templates, a grammar that is one literal flagged other than
+case-insensitive) or Lark can't read (llguidance's extensions: `%json`, `&`, `~` on terminals,
+special tokens) has no regex here and stays with llguidance.
 
 The regex stands for the grammar's language as a context-free grammar (Lark's Earley parser
 accepts exactly it); llguidance's lexer takes the longest terminal at each point, which refuses
@@ -44,7 +44,11 @@ def lark_regex(text: str) -> str | None:
         pattern = TerminalTreeToPattern().transform(PrepareLiterals().transform(tree))
     except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AttributeError, AssertionError):
         return None  # not regular, llguidance's dialect, or an error llguidance reports with its caret
-    return None if pattern.flags else pattern.to_regexp()
+    if not pattern.flags:
+        return pattern.to_regexp()
+    # A flagged pattern alone (inside others Lark already writes its flags inline): case-insensitive
+    # is a flag token_dfa's regex parser (interegular) reads; the others stay with llguidance.
+    return f"(?i:{pattern.to_regexp()})" if set(pattern.flags) == {"i"} else None
 
 
 def _ignored(definitions: dict[str, Any], names: list[str]) -> Any:
