@@ -197,6 +197,19 @@ def test_the_specs_tiles_are_the_modules_launches(gen_from_text, quantization_sp
     assert small.pick_config(201, 4096, 4096, 4, 128, cpu) == small.KernelConfig("dense", 1, 32, 64, 1, num_warps=4, num_stages=1)
 
 
+def test_a_tile_row_for_a_gpu_reaches_the_module_and_applies_only_there(gen_from_text, quantization_spec, monkeypatch):
+    tiles = SMALL_TILES.replace("  tiles:\n", "  tiles:\n    - {kernel: mm, max_m: 8, block_m: 16, block_n: 64, block_k: 64, "
+                                               "gpu: H200}\n", 1)
+    small = gen_from_text(with_tiles(quantization_spec, tiles), "igla_quantization").impl
+    cpu = torch.device("cpu")
+    assert small.TILES[0].gpu == "H200" and small.TILES[1].gpu is None
+    assert small.pick_config(8, 4096, 4096, 4, 128, cpu).block_n == 32  # not a GPU: the H200's row is passed over
+    monkeypatch.setattr(small, "_device_name", lambda device: "NVIDIA H200")
+    small.pick_config.cache_clear()  # its launches are kept per device
+    assert small.pick_config(8, 4096, 4096, 4, 128, cpu) == small.KernelConfig("mm", 16, 64, 64, 1)
+    assert small.pick_config(1, 4096, 4096, 4, 128, cpu).kernel == "mm"  # its max_m 8 covers one row too
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
 def test_changed_tiles_still_compute_the_product(gen_from_text, quantization_spec):
     small = gen_from_text(with_tiles(quantization_spec, SMALL_TILES), "igla_quantization")
@@ -223,9 +236,14 @@ def test_changed_tiles_still_compute_the_product(gen_from_text, quantization_spe
         ("    - {kernel: wgmma, block_m: 64, block_n: 64, block_k: 64, num_warps: 8}\n", "must be multiples of 128, got 64 and 64"),
         ("    - {kernel: wgmma, block_m: 256, block_n: 128, block_k: 64}\n", "keeps 256 fp32 accumulators per thread"),
         ("    - {kernel: wgmma, block_m: 64, block_n: 128, block_k: 256}\n", "takes block_k 64 or 128"),
+        ("    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64, gpu: H200}\n", "no max_m, min_n 0 and no gpu"),
+        ("    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64, gpu: \"H200'; x\"}\n    - {kernel: dense, block_n: 64, block_k: 64}\n",
+         "gpu must be part of a GPU's name"),
+        ("    - {kernel: mm, block_m: 16, block_n: 64, block_k: 64, gpu: H200}\n    - {kernel: mm, max_m: 8, block_m: 16, block_n: 64, "
+         "block_k: 64, gpu: H200}\n    - {kernel: dense, block_n: 64, block_k: 64}\n", r"tiles\[1\] is never used"),
     ],
     ids=["block_n", "block_k", "gemv-rows", "no-catch-all", "shadowed", "swap-gemv", "join-slices", "wgmma-warps",
-         "wgmma-rows", "wgmma-registers", "wgmma-k"],
+         "wgmma-rows", "wgmma-registers", "wgmma-k", "gpu-catch-all", "gpu-name", "gpu-shadowed"],
 )
 def test_bad_tiles_are_spec_errors(gen_from_text, quantization_spec, tiles, message):
     with pytest.raises(SpecError) as caught:

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from vibee.bench.cli import bench
-from vibee.bench.tile_sweep import Measured, candidates, derive_table, paste_table, splice_table
+from vibee.bench.tile_sweep import Measured, candidates, derive_table, gpu_rows, paste_table, spec_lines, splice_table
 from vibee.ir.load import load_specs
 from vibee.kinds.quantization.tiles import MatmulTile
 
@@ -88,13 +88,14 @@ def test_spec_lines_load_back_as_the_same_table(tmp_path):
     results = [_measured(1, 4096, 2048, 1), _measured(32, 4096, 2048, 4), _measured(32, 2048, 2048, len(candidates(32)) - 1),
                _measured(256, 4096, 2048, 0)]
     table = derive_table(results)
+    table = gpu_rows(derive_table(results[1:3]), table, 32, 32, "H100 80GB HBM3")  # a GPU's rows, its name quoted
     text = SPEC.read_text(encoding="utf-8")
     pasted = paste_table(text, table)
     assert pasted.split("  tiles:\n")[0] == text.split("  tiles:\n")[0]  # the comments above the block kept
     path = tmp_path / SPEC.name
     path.write_text(pasted, encoding="utf-8")
     (spec,), _ = load_specs([path])
-    assert spec.config.tiles == table
+    assert spec.config.tiles == table and any(t.gpu == "H100 80GB HBM3" for t in table)
     with pytest.raises(ValueError, match="no `tiles:` block"):
         paste_table(re.sub(r"^  tiles:\n(?:    - .*\n)+", "", text, flags=re.M), table)
 
@@ -271,3 +272,32 @@ def test_a_sweep_from_more_rows_keeps_the_rows_for_fewer():
     assert spliced == [gemv, swept[0], swept[1].model_copy(update={"max_m": 64})] + current[2:]
     # the GEMV's row stays first where the sweep runs to any M
     assert splice_table(swept, current[:2], 64, 16) == [gemv] + swept
+
+
+def test_gpu_rows_sit_where_their_row_counts_begin_and_leave_the_rest():
+    from vibee.kinds.quantization.config import QuantizationConfig
+
+    gemv = MatmulTile(kernel="gemv", max_m=1, block_n=64, block_k=128)
+    current = [gemv, MatmulTile(kernel="mm", max_m=16, block_m=16, block_n=64, block_k=64),
+               MatmulTile(kernel="wgmma", max_m=128, block_m=128, block_n=64, block_k=64),
+               MatmulTile(kernel="dense", block_n=64, block_k=128)]
+    swept = [MatmulTile(kernel="wgmma", max_m=64, min_n=4096, block_m=64, block_n=128, block_k=64),
+             MatmulTile(kernel="mm", max_m=64, block_m=64, block_n=64, block_k=64),
+             MatmulTile(kernel="wgmma", block_m=128, block_n=64, block_k=128, num_stages=3)]  # derive_table's from --rows 64,128
+    table = gpu_rows(swept, current, 64, 128, "H200")
+    assert table[:2] == current[:2] and table[5:] == current[2:]  # fewer rows' rows ahead, any device's kept
+    assert [(t.gpu, t.max_m) for t in table[2:5]] == [("H200", 64), ("H200", 64), ("H200", 128)]
+    # a second sweep on that GPU replaces its rows; another GPU's rows go beside them
+    again = gpu_rows(swept[1:], table, 64, 128, "H200")
+    assert [t.gpu for t in again] == [None, None, "H200", "H200", None, None]
+    other = gpu_rows(swept, table, 64, 128, "H100 80GB HBM3")
+    assert [t.gpu for t in other].count("H100 80GB HBM3") == 3 and [t.gpu for t in other].count("H200") == 3
+    assert QuantizationConfig(tiles=other).tiles == other  # a valid table: every row reachable, the last any device's
+    assert 'gpu: "H100 80GB HBM3"' in "\n".join(spec_lines(other))
+
+
+def test_gpu_rows_need_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--gpu-rows", "--weights", "64x64", "--rows", "1",
+                                        "--result-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "--gpu-rows tags the rows with this GPU's name" in result.output

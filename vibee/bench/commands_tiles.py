@@ -71,7 +71,10 @@ ROWS = (1, 16, 32, 64, 128, 256, 512, 4096)
               show_default=True)
 @click.option("--write-spec", is_flag=True,
               help="Write the derived table into the quantization spec's `tiles:` (the rest of the file kept); then `vibee gen`.")
-def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec):
+@click.option("--gpu-rows", is_flag=True,
+              help="Make the derived rows this GPU's alone (`gpu: <its name>`, ahead of the rows for any device, which "
+                   "stay): a table tuned on one GPU kept beside another's (the shipped rows are an H100's).")
+def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec, gpu_rows):
     """Time the quantized kernels' candidate launch tiles at each row count and weight on this GPU, and print the
     spec `tiles:` table that takes the fastest (paste it into the quantization spec, or --write-spec)."""
     from rich.console import Console
@@ -91,6 +94,10 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
     if not dev.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         fail("bench tiles times the Triton kernels: run it on a GPU (TRITON_INTERPRET=1 runs it on the CPU, slowly, "
              "to check that it works)")
+    if gpu_rows and not dev.startswith("cuda"):
+        fail("--gpu-rows tags the rows with this GPU's name: run it on a GPU")
+    # the name without its vendor: "NVIDIA H100 80GB HBM3" -> "H100 80GB HBM3" (a row matches names holding it)
+    gpu_name = torch.cuda.get_device_name(torch.device(dev)).removeprefix("NVIDIA ") if gpu_rows else None
     products = _weights(weights) if weights else shapes_weights(shape)
     dtype_name = "bfloat16" if dev.startswith("cuda") else "float32"  # the interpreter's bf16 tl.dot is wrong
     with user_errors():
@@ -117,8 +124,11 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec)
                                     operand_copies=operand_copies)
         bar.update(task, completed=total)
     # Row counts outside the sweep's keep the spec's rows (--rows 1 retunes only the GEMV's, --rows 16,... all but it)
-    table = tile_sweep.splice_table(tile_sweep.derive_table(measured), gen.specs["quantization"].config.tiles,
-                                    counts[-1], counts[0])
+    current = gen.specs["quantization"].config.tiles
+    if gpu_rows:
+        table = tile_sweep.gpu_rows(tile_sweep.derive_table(measured), current, counts[0], counts[-1], gpu_name)
+    else:
+        table = tile_sweep.splice_table(tile_sweep.derive_table(measured), current, counts[-1], counts[0])
     lines = tile_sweep.spec_lines(table)
 
     def us(s):

@@ -154,6 +154,19 @@ def splice_table(swept: Sequence[MatmulTile], current: Sequence[MatmulTile], lar
     return below + list(swept)
 
 
+def gpu_rows(swept: Sequence[MatmulTile], current: Sequence[MatmulTile], smallest: int, largest: int,
+             gpu: str) -> list[MatmulTile]:
+    """current with swept's rows (derive_table's, from row counts smallest..largest) as rows for
+    this `gpu` alone: tagged with it, the last one stopping at largest, placed where current's rows
+    for smallest rows begin (rows for fewer rows stay ahead of them: the table is first-match), in
+    place of current's rows for that gpu over those counts; the rows for any device and for other
+    GPUs are kept as they are."""
+    tagged = [t.model_copy(update={"gpu": gpu, "max_m": largest if t.max_m is None else t.max_m}) for t in swept]
+    kept = [t for t in current if not (t.gpu == gpu and t.max_m is not None and smallest <= t.max_m <= largest)]
+    at = next((i for i, t in enumerate(kept) if t.max_m is None or t.max_m >= smallest), len(kept))
+    return kept[:at] + tagged + kept[at:]
+
+
 def spec_lines(table: Sequence[MatmulTile]) -> list[str]:
     """The table as the spec writes it (`tiles:` rows, fields left at their defaults omitted)."""
     default = {name: f.default for name, f in MatmulTile.model_fields.items() if f.default is not None}
@@ -161,9 +174,15 @@ def spec_lines(table: Sequence[MatmulTile]) -> list[str]:
     for tile in table:
         fields = {k: v for k, v in tile.model_dump().items()
                   if not (k in default and v == default[k]) and not (k == "min_block_n" and v == tile.block_n)
-                  and not (k == "max_m" and v is None)}
-        lines.append("    - {" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items()) + "}")
+                  and v is not None}
+        lines.append("    - {" + ", ".join(f"{k}: {_spec_value(k, v)}" for k, v in fields.items()) + "}")
     return lines
+
+
+def _spec_value(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if key == "gpu" else str(value)  # a GPU's name may hold spaces (its validator: no quotes)
 
 
 _TILES_BLOCK = re.compile(r"^  tiles:\n(?:    - .*\n)+", re.M)

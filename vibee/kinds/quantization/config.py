@@ -110,7 +110,8 @@ class QuantizationConfig(KindConfig):
         default_factory=measured_tiles,
         description=(
             "Launch tiles of the Triton kernels, by activation rows M and weight rows N: the first row whose max_m"
-            " (none: any) is >= M and whose min_n is <= N. The last row must cover every product (no max_m, min_n 0)."
+            " (none: any) is >= M and whose min_n is <= N (and whose gpu, if any, is in the device's name). The last"
+            " row must cover every product (no max_m, min_n 0, no gpu)."
         ),
     )
     method: Literal["rtn", "gptq", "awq"] = knob("compile",
@@ -205,8 +206,8 @@ class QuantizationConfig(KindConfig):
     @field_validator("tiles")
     @classmethod
     def _tiles_cover_every_product_once(cls, value: list[MatmulTile]) -> list[MatmulTile]:
-        if not value or value[-1].max_m is not None or value[-1].min_n != 0:
-            raise ValueError("the last row of tiles must cover every product: no max_m and min_n 0")
+        if not value or value[-1].max_m is not None or value[-1].min_n != 0 or value[-1].gpu is not None:
+            raise ValueError("the last row of tiles must cover every product: no max_m, min_n 0 and no gpu")
         for i, later in enumerate(value):
             for j, earlier in enumerate(value[:i]):
                 if earlier.covers(later):

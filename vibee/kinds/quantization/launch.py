@@ -56,6 +56,7 @@ class LaunchTile:
     programs_per_sm: int  # split-K brings the grid near this many programs per SM; 0: no split
     swap_ab: bool = False  # "mm": y.T = w @ x.T, the weight tile as tl.dot's first operand
     join_codes: bool = False  # "mm", "dense": codes unpacked by joining positions (else one 3-D tensor)
+    gpu: str | None = None  # a row for GPUs whose name holds this (None: any device)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class _Format:
 
 _NUM_SMS: dict[int, int] = {}
 _CAPABILITY: dict[int, tuple[int, int]] = {}
+_NAMES: dict[int, str] = {}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -97,6 +99,17 @@ def _num_sms(device: torch.device) -> int:
     if index not in _NUM_SMS:
         _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _NUM_SMS[index]
+
+
+def _device_name(device: torch.device) -> str:
+    """The CUDA device's name, asked once per device (a tile row's gpu is matched against it); empty
+    off a GPU, where no row for a GPU applies."""
+    if device.type != "cuda":
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NAMES:
+        _NAMES[index] = torch.cuda.get_device_name(index)
+    return _NAMES[index]
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -185,10 +198,13 @@ def _scale_per_tile(in_features: int, group_size: int, block_k: int) -> bool:
 
 
 def pick_launch(tiles: tuple[LaunchTile, ...], m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """The launch for an [m, k] @ [k, n] product: the first tile of the table that matches, its
-    block_k halved until it divides k, block_n narrowed while the tiles leave SMs idle, and a
-    split of k that brings the grid near the tile's programs per SM."""
-    tile = next((t for t in tiles if (t.max_m is None or m <= t.max_m) and n >= t.min_n), None)
+    """The launch for an [m, k] @ [k, n] product: the first tile of the table that matches (a row
+    for a GPU only on a device whose name holds it), its block_k halved until it divides k, block_n
+    narrowed while the tiles leave SMs idle, and a split of k that brings the grid near the tile's
+    programs per SM."""
+    name = _device_name(device)
+    tile = next((t for t in tiles if (t.max_m is None or m <= t.max_m) and n >= t.min_n
+                 and (t.gpu is None or t.gpu in name)), None)
     if tile is None:
         raise ValueError(f"no tile of the table covers m={m}, n={n}")
     sms = _num_sms(device)

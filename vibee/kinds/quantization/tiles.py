@@ -4,6 +4,7 @@ launch.py reads the same rows (as LaunchTile) in the generated module."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator, model_validator
@@ -45,6 +46,8 @@ class MatmulTile(BaseModel):
                                                    " tl.dot's first operand (rows of x fill only the MMA's N)")
     join_codes: StrictBool = Field(False, description="'mm' and 'dense': codes unpacked in input order by joining the"
                                                       " code positions (else one 3-D shift and a reshape)")
+    gpu: str | None = Field(None, description="this row is for GPUs whose name (torch.cuda.get_device_name) contains"
+                                              " this, e.g. 'H200' (bench tiles --gpu-rows writes such rows); none: any device")
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +69,13 @@ class MatmulTile(BaseModel):
         high = MAX_PROGRAMS_PER_SM if info.field_name == "programs_per_sm" else 2**31
         if not 0 <= value <= high:
             raise ValueError(f"{info.field_name} must be from 0 to {high}, got {value}")
+        return value
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}", value):
+            raise ValueError(f"gpu must be part of a GPU's name (letters, digits, spaces, '.', '_', '-'), got {value!r}")
         return value
 
     @field_validator("block_m")
@@ -133,14 +143,16 @@ class MatmulTile(BaseModel):
 
     def covers(self, other: MatmulTile) -> bool:
         """Whether every product other matches is matched by self too."""
-        return (self.max_m is None or other.max_m is not None and other.max_m <= self.max_m) and self.min_n <= other.min_n
+        return ((self.gpu is None or self.gpu == other.gpu) and self.min_n <= other.min_n
+                and (self.max_m is None or other.max_m is not None and other.max_m <= self.max_m))
 
     def summary(self) -> str:
         split = f", split-K to {self.programs_per_sm} programs/SM" if self.programs_per_sm else ""
         narrow = f" (down to {self.min_block_n} wide)" if self.min_block_n < self.block_n else ""
         flags = "".join(f", {name}" for name in ("swap_ab", "join_codes") if getattr(self, name))
+        gpu = f" (on {self.gpu})" if self.gpu else ""
         return (f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k}{narrow}, "
-                f"{self.num_warps} warps, {self.num_stages} stages{split}{flags}")
+                f"{self.num_warps} warps, {self.num_stages} stages{split}{flags}{gpu}")
 
 
 def measured_tiles() -> list[MatmulTile]:
