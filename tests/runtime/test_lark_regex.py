@@ -24,6 +24,7 @@ REGULAR = [
     ('start: a\na: "x" b?\nb: "y" a', "xy"),
     ('start: "[" [items] "]"\nitems: "1" | "1" "," items', "[],1"),
     ('start: line "."\nline: word (" " line)?\nword: "a" | "b"', "ab ."),  # at the end of an optional group
+    ('start: start "a" | "b" start | "c"', "abc"),  # at the start of one alternative, the end of another: b* c a*
     # %ignore: its text before any token of a rule and after the last, never inside a terminal
     ('start: WORD+\nWORD: /[a-b]+/\n%ignore " "', "ab "),
     ('start: NUM ("+" NUM)*\nNUM: DIGIT DIGIT?\nDIGIT: "1".."2"\n%ignore " "', "12+ "),
@@ -60,6 +61,7 @@ def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
     'start: a\na: "(" b ")" | "x"\nb: a a?',  # the same through another rule
     'start: "x" start',  # recursion that never ends: no string at all
     'start: ("x" start)+ | "y"',  # recursion inside a repetition
+    'start: start "a" start | "b"',  # at both ends of one alternative
     'start: line+\nline: word (" " line)? "."\nword: "a"',  # as many dots as words: not regular
     'start: /a.b/s',  # a flag other than case-insensitive
     'start: %json {"type": "object"}',  # llguidance's extension

@@ -1,14 +1,14 @@
 """A Lark grammar whose language is regular, written as one regex (so that it decodes from a token
 DFA on the device, token_dfa.py): every rule and terminal a rule uses is put in its place, and the
 EBNF operators (`*`, `+`, `?`, `[...]`, `~ n..m`) become the regex's own. A rule that refers to
-itself (directly or through others) only at the end of its alternatives, `x: a x | b`, is solved as
-`a* b`, and only at their start, `x: x a | b`, as `b a*` (Arden's lemma: the grammar's language,
-not an approximation): lists written recursively decode on the device. `%ignore`d terminals may
-stand before each token of a rule and after the last (never inside a terminal), as Lark's lexer
-skips them. Recursion anywhere else (a rule nested inside itself, `"(" x ")"`, or at both ends), or
-what a regex can't say the same way (templates, a grammar that is one literal flagged other than
-case-insensitive) or Lark can't read (llguidance's extensions: `%json`, `&`, `~` on terminals,
-special tokens) has no regex here and stays with llguidance.
+itself (directly or through others) only at the end or the start of its alternatives, `x: a x | b`
+or `x: x c | b` or both, is solved as `a* b c*` (Arden's lemma: the grammar's language, not an
+approximation): lists written recursively decode on the device. `%ignore`d terminals may stand
+before each token of a rule and after the last (never inside a terminal), as Lark's lexer skips
+them. Recursion anywhere else (a rule nested inside itself, `"(" x ")"`, or at both ends of one
+alternative), or what a regex can't say the same way (templates, a grammar that is one literal
+flagged other than case-insensitive) or Lark can't read (llguidance's extensions: `%json`, `&`,
+`~` on terminals, special tokens) has no regex here and stays with llguidance.
 
 The regex stands for the grammar's language as a context-free grammar (Lark's Earley parser
 accepts exactly it); llguidance's lexer takes the longest terminal at each point, which refuses
@@ -106,24 +106,34 @@ def _mentions(tree: Any, name: str) -> bool:
 
 
 def _solved(tree: Any, name: str) -> Any:
-    """The language of `name: tree` without `name` in it: tree = A name | B gives A* B, tree =
-    name A | B gives B A*; _NotRegular where name is inside itself otherwise."""
+    """The language of `name: tree` without `name` in it: each alternative refers to name at most
+    at its end (A name), or at its start (name C), or not at all (B), and then name is A* B C*
+    (Arden's lemma, both ways); _NotRegular where name is inside an alternative otherwise."""
     from lark import Token, Tree
 
     if not _mentions(tree, name):
         return tree
-    for at_end in (True, False):
-        try:
-            repeated, rest = _split(tree, name, at_end)
-        except _NotRegular:
-            continue
-        if rest is None:
-            raise _NotRegular(f"{name} never ends (every alternative refers to it again)")
-        if repeated is None:
-            return rest
-        star = Tree("expr", [repeated, Token("OP", "*")])
-        return _sequence([star, rest] if at_end else [rest, star])
-    raise _NotRegular(f"{name} refers to itself other than at one end of its alternatives")
+    before, rest, after = [], [], []
+    for alternative in tree.children if tree.data == "expansions" else [tree]:
+        for at_end, repeated in ((True, before), (False, after)):
+            try:
+                a, b = _split(alternative, name, at_end)
+            except _NotRegular:
+                continue
+            repeated.append(a)
+            rest.append(b)
+            break
+        else:
+            raise _NotRegular(f"{name} refers to itself other than at one end of an alternative")
+    core = _alternatives(rest)
+    if core is None:
+        raise _NotRegular(f"{name} never ends (every alternative refers to it again)")
+    heads, tails = _alternatives(before), _alternatives(after)
+    items = [Tree("expr", [heads, Token("OP", "*")])] if heads is not None else []
+    items.append(core)
+    if tails is not None:
+        items.append(Tree("expr", [tails, Token("OP", "*")]))
+    return _sequence(items)
 
 
 def _sequence(items: list[Any]) -> Any:
