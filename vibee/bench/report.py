@@ -73,10 +73,7 @@ def first_tokens_varied(workload: Workload, pass_index: int, vocab_size: int, ex
         raise ValueError(f"{pass_index + 1} passes need as many token ids to start prompts with; the vocabulary "
                          f"has {len(allowed)}")
     place = {token: i for i, token in enumerate(allowed)}
-    prompts = []
-    for prompt in workload.prompts:
-        first = place.get(prompt[0], 0) if prompt else 0
-        prompts.append([allowed[(first + pass_index) % len(allowed)], *prompt[1:]] if prompt else prompt)
+    prompts = [[allowed[(place.get(p[0], 0) + pass_index) % len(allowed)], *p[1:]] for p in workload.prompts]
     return Workload(prompts, list(workload.output_lens))
 
 

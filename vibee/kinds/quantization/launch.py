@@ -8,6 +8,7 @@ torch module's QuantizedWeight and the kernels; the tile table comes from the sp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -87,37 +88,31 @@ class _Format:
     words: torch.Tensor  # qweight viewed as int32 words: [out, in * code_bits / 32]
 
 
-_NUM_SMS: dict[int, int] = {}
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-_NAMES: dict[int, str] = {}
+@functools.lru_cache(maxsize=None)
+def _properties(index: int):
+    """CUDA device index's properties, asked once (launches ask on every call)."""
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_properties(device: torch.device):
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: any number (it only steers the split)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    return _device_properties(device).multi_processor_count
 
 
 def _device_name(device: torch.device) -> str:
-    """The CUDA device's name, asked once per device (a tile row's gpu is matched against it); empty
-    off a GPU, where no row for a GPU applies."""
-    if device.type != "cuda":
-        return ""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NAMES:
-        _NAMES[index] = torch.cuda.get_device_name(index)
-    return _NAMES[index]
+    """The CUDA device's name (a tile row's gpu is matched against it); empty off a GPU, where no
+    row for a GPU applies."""
+    return _device_properties(device).name if device.type == "cuda" else ""
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    """The CUDA device's compute capability, asked once per device (launches ask on every call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index]
+    properties = _device_properties(device)
+    return properties.major, properties.minor
 
 
 def _format(qw: QuantizedWeight) -> _Format:
