@@ -151,6 +151,53 @@ def test_triton_rope_qk_strided(dtype):
         torch.testing.assert_close(a, b, **tolerances(dtype))
 
 
+def sentinel_pages(blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    return tuple(torch.full((blocks, block_size, kv_heads, head_dim), fill, dtype=dtype, device=KERNEL_DEVICE)
+                 for fill in (7.0, -7.0))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,page_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                              (torch.float32, torch.float16)])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_triton_rope_qk_stores_rotated_k_and_v_at_their_slots(dtype, page_dtype, slot_dtype):
+    """With kv_write the kernel's q and k are the plain kernel's, and the pages hold the rotated k
+    and v at each token's slot in the page dtype, as PagedKVCache.write would store them; a slot
+    of -1 stores nothing and no other row changes. v is a view of a QKV output (strided)."""
+    t, h, kv, d, block_size = 5, 4, 2, 16, 4
+    qkv = randn(t, (h + 2 * kv) * d, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, kv * d, kv * d], dim=-1))
+    positions = torch.tensor([3, 0, 100, 7, 2047], device=KERNEL_DEVICE)
+    slots = torch.tensor([5, 0, -1, 22, 13], dtype=slot_dtype, device=KERNEL_DEVICE)
+    freq = inv_freq(d).to(KERNEL_DEVICE)
+    k_pages, v_pages = sentinel_pages(6, block_size, kv, d, page_dtype)
+    got_q, got_k = fused.triton_apply_rope_qk(q, k, positions, freq, 1.1, fused.KVWrite(v, k_pages, v_pages, slots))
+    plain_q, plain_k = fused.triton_apply_rope_qk(q, k, positions, freq, 1.1)
+    assert torch.equal(got_q, plain_q) and torch.equal(got_k, plain_k)
+    want_k, want_v = sentinel_pages(6, block_size, kv, d, page_dtype)
+    keep = slots >= 0
+    want_k.view(-1, kv, d)[slots[keep].long()] = plain_k[keep].to(page_dtype)
+    want_v.view(-1, kv, d)[slots[keep].long()] = v[keep].to(page_dtype)
+    assert torch.equal(k_pages, want_k) and torch.equal(v_pages, want_v)
+
+
+def test_kv_write_is_checked_and_only_on_a_gpu():
+    t, kv, d = 2, 2, 8
+    q, k, v = torch.zeros(t, 4, d), torch.zeros(t, kv, d), torch.zeros(t, kv, d)
+    slots = torch.tensor([0, 1])
+    pages = torch.zeros(3, 4, kv, d)
+    with pytest.raises(ValueError, match="only on CUDA"):
+        fused.apply_rope_qk(q, k, torch.arange(t), inv_freq(d), 1.0, kv_write=fused.KVWrite(v, pages, pages, slots))
+    bad = [fused.KVWrite(v, torch.zeros(3, 4, kv + 1, d), pages, slots),  # heads
+           fused.KVWrite(v, pages, torch.zeros(3, 8, kv, d), slots),  # k and v pages unlike
+           fused.KVWrite(v[:, :1], pages, pages, slots),  # v unlike k
+           fused.KVWrite(v, pages, pages, slots.float()),  # slots' dtype
+           fused.KVWrite(v, pages, pages, slots[:1])]  # a slot for each token
+    for write in bad:
+        with pytest.raises(ValueError):
+            fused.triton_apply_rope_qk(q, k, torch.arange(t), inv_freq(d), 1.0, write)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 384), (3, 1500)])
@@ -269,6 +316,64 @@ def test_model_with_kernels_matches_torch_path(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@needs_kernels
+def test_rope_kernel_writes_the_kv_cache_where_it_runs(monkeypatch):
+    """With the fused ops dispatched to their kernels, each layer's K/V reach the paged cache
+    through RoPE's kernel and the cache's own write is never called; a prompt then two decode
+    steps give the torch path's logits and pages."""
+    from tests.runtime.hf_models import generated, make_model
+    from vibee.runtime.attention import make_attention_batch
+    from vibee.runtime.loader import load_model_dir
+    from vibee.runtime.model import build_model
+
+    model_dir = Path(tempfile.mkdtemp(prefix="vibee-fused-kv-"))
+    make_model(model_dir, "llama")
+    loaded = load_model_dir(model_dir, dtype=torch.float32, device=KERNEL_DEVICE, progress=False)
+    model = build_model(loaded, generated(), flash_attn=False).eval()
+    cfg, kv = model.config, generated().kv_cache
+    ids = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def run(kernels: bool):
+        monkeypatch.setattr(fused, "_use_triton", lambda x: kernels)
+        cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32, block_size=4,
+                                device=KERNEL_DEVICE)
+        writes = []
+        real_write = cache.write
+        cache.write = lambda *a: (writes.append(a[0]), real_write(*a))
+        logits, table = [], [5, 2, 7, 0]
+        for q_len, seq_len in ((11, 11), (1, 12), (1, 13)):
+            batch = make_attention_batch([q_len], [seq_len], [table], 4, device=KERNEL_DEVICE)
+            step = torch.tensor(ids[seq_len - q_len: seq_len], device=KERNEL_DEVICE)
+            with torch.no_grad():
+                logits.append(model.compute_logits(model(step, batch.positions(), batch, cache)))
+        return logits, cache, writes
+
+    want, want_cache, want_writes = run(False)
+    got, got_cache, got_writes = run(True)
+    assert got_writes == [] and len(want_writes) == 3 * cfg.num_layers
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip((*got_cache.k_pages, *got_cache.v_pages), (*want_cache.k_pages, *want_cache.v_pages)):
+        torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-5)
+
+
+def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
+    """int8 pages (a scale per block and head) and steps without a cache keep the cache's write."""
+    from types import SimpleNamespace
+    from vibee.runtime.attention import AttentionBackend, make_attention_batch
+    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+    batch = make_attention_batch([1], [3], [[0]], 4)
+    k = torch.zeros(1, 2, 8)
+    plain = SimpleNamespace(data=torch.zeros(2, 4, 2, 8))
+    scaled = SimpleNamespace(data=torch.zeros(2, 4, 2, 8, dtype=torch.int8), scale=torch.ones(2, 2))
+    cache = lambda pages: SimpleNamespace(k_pages=[pages], v_pages=[pages])  # noqa: E731
+    assert AttentionBackend.pages_to_write(0, batch, cache(plain), k)[2] is batch.slot_mapping
+    assert AttentionBackend.pages_to_write(0, batch, cache(scaled), k) is None
+    assert AttentionBackend.pages_to_write(0, batch, None, k) is None
+    monkeypatch.setattr(fused, "_use_triton", lambda x: False)
+    assert AttentionBackend.pages_to_write(0, batch, cache(plain), k) is None
+
+
 # ---- GPU: bf16 at Llama-3.2-1B sizes through the dispatchers --------------------------------
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER = 2048, 32, 8, 64, 8192
@@ -312,6 +417,31 @@ def test_gpu_rope_qk_bf16(tokens):
     want = fused.torch_apply_rope_qk(q, k, positions, freq, 1.0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **BF16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("page_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_gpu_rope_qk_stores_kv_bf16(page_dtype):
+    """The dispatcher's fused K/V store at Llama-3.2-1B heads, 16-token blocks, a padded slot:
+    the pages hold what PagedKVCache.write stores (the page dtype's conversion of the same k, v)."""
+    t = 64
+    q = randn(t, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=1)
+    k = randn(t, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=2)
+    v = randn(t, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=3)
+    positions = torch.arange(t, device="cuda") + 1000
+    slots = torch.randperm(40 * 16, generator=torch.Generator().manual_seed(4))[:t].cuda()
+    slots[5] = -1
+    pages = [torch.zeros(40, 16, KV_HEADS, HEAD_DIM, device="cuda").to(page_dtype) for _ in range(2)]
+    freq = llama3_inv_freq().cuda()
+    got_q, got_k = fused.apply_rope_qk(q, k, positions, freq, 1.0, kv_write=fused.KVWrite(v, *pages, slots))
+    plain = fused.apply_rope_qk(q, k, positions, freq, 1.0)
+    assert torch.equal(got_q, plain[0]) and torch.equal(got_k, plain[1])
+    keep = slots >= 0
+    for page, x in zip(pages, (got_k, v)):
+        want = torch.zeros_like(page)
+        want.view(-1, KV_HEADS, HEAD_DIM)[slots[keep]] = x[keep].to(page_dtype)
+        assert torch.equal(page.view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.gpu

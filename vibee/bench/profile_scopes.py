@@ -67,14 +67,15 @@ def _scope(name: str) -> Iterator[None]:
 
 
 def attention_work(q_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-                   q_bytes: int, kv_bytes: int) -> tuple[int, int]:
-    """(bytes, FLOPs) of one layer's attention over a batch: the new tokens' K/V written, every
-    sequence's K/V read once, q read and the output written; QK^T and PV for each (query, key)
-    pair a causal query sees (a sequence's n new tokens are its last of s)."""
+                   q_bytes: int, kv_bytes: int, write_kv: bool = True) -> tuple[int, int]:
+    """(bytes, FLOPs) of one layer's attention over a batch: the new tokens' K/V written (unless
+    RoPE's kernel stored them), every sequence's K/V read once, q read and the output written;
+    QK^T and PV for each (query, key) pair a causal query sees (a sequence's n new tokens are its
+    last of s)."""
     pairs = sum(n * s - n * (n - 1) // 2 for n, s in zip(q_lens, seq_lens))
     new = sum(q_lens)
     kv_row = 2 * num_kv_heads * head_dim * kv_bytes  # one token's K and V
-    nbytes = new * kv_row + sum(seq_lens) * kv_row + 2 * new * num_heads * head_dim * q_bytes
+    nbytes = new * kv_row * write_kv + sum(seq_lens) * kv_row + 2 * new * num_heads * head_dim * q_bytes
     return nbytes, 4 * pairs * num_heads * head_dim
 
 
@@ -93,7 +94,8 @@ class _CountedAttention:
                                         else batch.cu_seqlens_q.tolist())).tolist()
             seq_lens = list(batch.seq_lens_host) if batch.seq_lens_host is not None else batch.seq_lens.tolist()
             kv_elt = kv_cache.k_pages[layer].data.element_size() if kv_cache is not None else k.element_size()
-            nbytes, flops = attention_work(q_lens, seq_lens, q.shape[1], k.shape[1], q.shape[2], q.element_size(), kv_elt)
+            nbytes, flops = attention_work(q_lens, seq_lens, q.shape[1], k.shape[1], q.shape[2], q.element_size(), kv_elt,
+                                           write_kv=not kw.get("kv_written", False))
             self.tally.add("layers.*.self_attn.attention", nbytes, flops)
         with _scope("layers.*.self_attn.attention"):
             return self.backend(layer, q, k, v, batch, kv_cache, **kw)
@@ -119,16 +121,16 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
 
     depth = [0]
 
-    def counted(name: str, scope: str, nbytes: Callable[[], int], flops: int, *args):
-        """originals[name](*args) in its scope, its work counted; a call made inside another
+    def counted(name: str, scope: str, nbytes: Callable[[], int], flops: int, *args, **kwargs):
+        """originals[name](*args, **kwargs) in its scope, its work counted; a call made inside another
         counted call (silu_mul_linear's own silu_mul) is part of the outer one's work and scope."""
         if depth[0]:
-            return originals[name](*args)
+            return originals[name](*args, **kwargs)
         tally.add(scope, nbytes(), flops)
         depth[0] += 1
         try:
             with _scope(scope):
-                return originals[name](*args)
+                return originals[name](*args, **kwargs)
         finally:
             depth[0] -= 1
 
@@ -149,8 +151,11 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
         return counted("rms_norm", owner(weight, "rms_norm"),
                        lambda: 2 * _nbytes(x) + 2 * _nbytes(residual) + _nbytes(weight), 0, x, weight, eps, residual)
 
-    def apply_rope_qk(q, k, *args):
-        return counted("apply_rope_qk", "layers.*.self_attn.rope", lambda: 2 * _nbytes(q, k), 0, q, k, *args)
+    def apply_rope_qk(q, k, *args, kv_write=None):
+        # q and k read and written; with kv_write also v read and the K/V rows stored in the pages
+        scope = "layers.*.self_attn.rope" + ("" if kv_write is None else " (+ KV write)")
+        kv = 0 if kv_write is None else _nbytes(kv_write.v) + 2 * k.numel() * kv_write.k_pages.element_size()
+        return counted("apply_rope_qk", scope, lambda: 2 * _nbytes(q, k) + kv, 0, q, k, *args, kv_write=kv_write)
 
     def silu_mul(gate, up):
         return counted("silu_mul", "layers.*.mlp.silu_mul", lambda: 3 * _nbytes(gate), 0, gate, up)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from vibee.kinds.flash_attention.interface import AttentionFunctions
+from vibee.runtime import fused
 from vibee.runtime.host_copy import to_device
 
 
@@ -124,11 +125,25 @@ class AttentionBackend:
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.variants = tuple(variants)
 
+    @staticmethod
+    def pages_to_write(layer: int, batch: AttentionBatch, kv_cache: Any, k: torch.Tensor) -> tuple | None:
+        """(k pages, v pages, slots) that the step's K/V may be stored into by RoPE's kernel
+        (fused.KVWrite): pages without scales (16-bit, fp8) on k's device, a batch with slots,
+        where RoPE runs its kernel (a GPU). None where the cache's own write must run (no cache,
+        int8 pages with their scales, the torch path)."""
+        if kv_cache is None or batch.block_tables is None or batch.slot_mapping is None or not fused._use_triton(k):
+            return None
+        k_pages, v_pages = kv_cache.k_pages[layer], kv_cache.v_pages[layer]
+        if getattr(k_pages, "scale", None) is not None or k_pages.data.device != k.device:
+            return None
+        return k_pages.data, v_pages.data, batch.slot_mapping
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch,
-                 kv_cache: Any, *, window: int | None = None) -> torch.Tensor:
+                 kv_cache: Any, *, window: int | None = None, kv_written: bool = False) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] of the step's new tokens -> out [T, H, D] in q's dtype.
         window: this layer's sliding window (a query sees the `window` latest keys, itself
-        included), passed to the generated kernels as their runtime argument; None: no window."""
+        included), passed to the generated kernels as their runtime argument; None: no window.
+        kv_written: k and v are already in the cache (RoPE's kernel stored them: pages_to_write)."""
         variants = self.variants
         # The batch's lengths on the host, where it has them: the calls then read nothing back
         # (each read is a sync with the device, once per layer).
@@ -138,7 +153,8 @@ class AttentionBackend:
             out = self.fa.varlen_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_q, causal=True,
                                            variants=variants, scale=self.scale, window=window, **own_kv)
             return out.to(dtype=q.dtype, device=q.device)
-        kv_cache.write(layer, k, v, batch.slot_mapping)
+        if not kv_written:
+            kv_cache.write(layer, k, v, batch.slot_mapping)
         if batch.fresh and not batch.is_decode and getattr(kv_cache.k_pages[layer], "scale", None) is None:
             # Fresh prompts: the step's own K/V are all there is to attend to, contiguous (the
             # kernel's fast path; the paged one gathers 16-token pages). int8 pages are read back

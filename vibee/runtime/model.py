@@ -168,9 +168,13 @@ class Attention(nn.Module):
         q, k, v = _project(self.qkv_proj, x).split(self.split_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
-        q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window)
+        # On a GPU RoPE's kernel also stores the new K/V in the cache's pages: one kernel a layer fewer.
+        pages = backend.pages_to_write(self.layer, batch, kv_cache, k)
+        kv_write = None if pages is None else fused.KVWrite(v, *pages)
+        q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
+                                   kv_write=kv_write)
+        out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=kv_write is not None)
         return _project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
 
 
