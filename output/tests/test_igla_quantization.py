@@ -915,6 +915,66 @@ def test_the_gemv_multiplies_by_silu_gate_times_up_itself() -> None:
     assert layer.silu_mul_forward(gate_up) is None  # CPU tensors: the caller multiplies first, then the torch path
 
 
+def rope_reference(y: torch.Tensor, position: int, inv_freq: torch.Tensor, scaling: float, q_heads: int,
+                   kv_heads: int) -> torch.Tensor:
+    """One token's QKV row y [1, (q + 2 kv) * d] as the runtime's RoPE leaves it: q and k heads
+    rotated in pairs (i, i + d / 2) by cos/sin of position * inv_freq (float32) times scaling,
+    rounded to y's dtype, each product and each sum rounded; v heads as they are."""
+    dtype, half = y.dtype, inv_freq.numel()
+    heads = y.reshape(q_heads + 2 * kv_heads, 2 * half)
+    angle = position * inv_freq.float()
+    c, s = ((f(angle) * scaling).to(dtype).float() for f in (torch.cos, torch.sin))
+    a1, a2 = heads[:, :half].float(), heads[:, half:].float()
+    o1 = ((a1 * c).to(dtype).float() + (-a2 * s).to(dtype).float()).to(dtype)
+    o2 = ((a2 * c).to(dtype).float() + (a1 * s).to(dtype).float()).to(dtype)
+    out = heads.clone()
+    out[: q_heads + kv_heads] = torch.cat([o1, o2], dim=1)[: q_heads + kv_heads]
+    return out.reshape(y.shape)
+
+
+def rope_fields(rope) -> dict:
+    """A RopeTarget's fields by name (QuantLinear.rope_forward's keywords), the tensors themselves."""
+    return {f.name: getattr(rope, f.name) for f in dataclasses.fields(rope)}
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+@interpreter_only
+@pytest.mark.parametrize("split", [1, 2])
+def test_the_gemv_stores_a_qkv_row_as_rope_leaves_it_and_its_kv_in_the_pages(split: int) -> None:
+    """A QKV projection's one row through the GEMV with a RopeTarget: y is the plain GEMV's row
+    rotated as the runtime's RoPE rotates it (q and k heads; v untouched), and the k and v heads
+    are in the pages at the token's slot, nothing else of the pages written."""
+    q_heads, kv_heads, d = 4, 2, 16
+    n = (q_heads + 2 * kv_heads) * d
+    layer = impl.QuantLinear.from_linear(make_linear(n, IN_FEATURES), dtype=torch.float16)
+    qw = layer.quantized_weight()
+    x = make_input(1, IN_FEATURES, seed=9).half()
+    gemv = impl.KernelConfig("gemv", 1, 32, 32, split_k=split)
+    plain = impl.triton_quant_linear(x, qw, layer.bias, config=gemv)
+    pages = [torch.full((3, 4, kv_heads, d), 9.0, dtype=torch.float16) for _ in range(2)]
+    rope = impl.RopeTarget(torch.tensor([37]), rope_inv_freq(d), 1.25, q_heads, kv_heads, d, torch.tensor([6]), *pages)
+    y = impl.triton_quant_linear(x, qw, layer.bias, config=gemv, rope=rope)
+    want = rope_reference(plain, 37, rope_inv_freq(d), 1.25, q_heads, kv_heads)
+    torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)  # cos/sin may round one step apart
+    assert torch.equal(y[:, (q_heads + kv_heads) * d:], plain[:, (q_heads + kv_heads) * d:])
+    assert not torch.allclose(want, plain, rtol=1e-3, atol=1e-3)
+    heads = y.reshape(-1, d)
+    for page, first in zip(pages, (q_heads, q_heads + kv_heads)):
+        assert torch.equal(page[1, 2], heads[first: first + kv_heads])  # slot 6: block 1, offset 2
+        page[1, 2] = 9.0
+        assert torch.equal(page, torch.full_like(page, 9.0))
+    skipped = [torch.full((3, 4, kv_heads, d), 9.0, dtype=torch.float16) for _ in range(2)]
+    impl.triton_quant_linear(x, qw, layer.bias, config=gemv,
+                             rope=dataclasses.replace(rope, slots=torch.tensor([-1]), k_pages=skipped[0], v_pages=skipped[1]))
+    assert all(torch.equal(p, torch.full_like(p, 9.0)) for p in skipped)  # slot -1: no store
+    with pytest.raises(ValueError, match="whole heads"):
+        impl.triton_quant_linear(x, qw, layer.bias, config=impl.KernelConfig("gemv", 1, 8, 32), rope=rope)
+    assert layer.rope_forward(x, **rope_fields(rope)) is None  # CPU tensors: the caller runs RoPE and the cache's write
+
+
 def test_cpu_tensors_take_the_torch_path(monkeypatch) -> None:
     layer = impl.QuantLinear.from_linear(make_linear(OUT_FEATURES, IN_FEATURES))
     x = make_input(3, IN_FEATURES)
@@ -1122,6 +1182,32 @@ def test_a_down_projections_one_row_takes_silu_times_up_into_its_gemv_on_the_gpu
         assert y.shape == (1, 512)
         assert_matches_in_bf16(y, layer(silu_times_up(gate_up)).double())
     assert layer.silu_mul_forward(torch.cat([gate_up, gate_up])) is None and layer.silu_mul_forward(gate_up.half()) is None
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_qkv_projections_one_row_rotates_and_stores_kv_in_its_gemv_on_the_gpu() -> None:
+    """rope_forward at Llama-3.2-1B's heads (32 q, 8 kv of 64): the layer's own row rotated as
+    the runtime's RoPE does, k and v in 16-token bf16 pages at the slot; where the one-row launch
+    is not the GEMV, or more rows come, None."""
+    q_heads, kv_heads, d = 32, 8, 64
+    layer, _ = gpu_layer(2048, (q_heads + 2 * kv_heads) * d)
+    x = torch.randn(1, 2048, device="cuda", generator=torch.Generator("cuda").manual_seed(6)).bfloat16()
+    pages = [torch.zeros(8, 16, kv_heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    freq = rope_inv_freq(d, 500000.0).cuda()
+    rope = impl.RopeTarget(torch.tensor([1234], device="cuda"), freq, 1.0, q_heads, kv_heads, d,
+                           torch.tensor([37], device="cuda"), *pages)
+    y = layer.rope_forward(x, **rope_fields(rope))
+    qw = layer.quantized_weight()
+    config = impl.pick_config(1, qw.shape[0], 2048, qw.bits, qw.group_size, x.device)
+    assert (y is not None) == (config.kernel == "gemv" and config.block_n % d == 0)
+    if y is not None:
+        want = rope_reference(layer(x), 1234, freq, 1.0, q_heads, kv_heads)
+        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+        heads = y.reshape(-1, d)
+        assert torch.equal(pages[0][2, 5], heads[q_heads: q_heads + kv_heads])
+        assert torch.equal(pages[1][2, 5], heads[q_heads + kv_heads:])
+    assert layer.rope_forward(torch.cat([x, x]), **rope_fields(rope)) is None
 
 
 @pytest.mark.gpu

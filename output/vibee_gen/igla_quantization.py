@@ -988,6 +988,102 @@ def _silu_times_up(gate, up):
     return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
+try:  # the precise cosf/sinf torch and the runtime's RoPE kernel use on a GPU
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older Triton
+    libdevice = None
+
+
+@triton.jit
+def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size,
+                stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
+    whole heads. Stored into y_ptr as the runtime's RoPE leaves q and k: rounded to y's dtype,
+    then rotated in pairs (i, i + HEAD_DIM / 2) by cos/sin of the token's position (times
+    scaling) rounded to the dtype, each product and each sum rounded; v heads as they are. The
+    k and v heads also go to the pages [blocks, block_size, KV_HEADS, HEAD_DIM] at the token's
+    slot (block * block_size + offset; -1 stores none), in the pages' dtype."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    dtype = y_ptr.dtype.element_ty
+    x1, x2 = tl.split(tl.permute(tl.reshape(y.to(dtype), [HEADS, 2, HALF]), (0, 2, 1)))
+    head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + d)
+    if USE_LIBDEVICE:
+        cos32 = libdevice.cos(angle)
+        sin32 = libdevice.sin(angle)
+    else:
+        cos32 = tl.cos(angle)
+        sin32 = tl.sin(angle)
+    c = (cos32 * scaling).to(dtype).to(tl.float32)
+    s = (sin32 * scaling).to(dtype).to(tl.float32)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    rotated = head < Q_HEADS + KV_HEADS
+    o1 = tl.where(rotated, ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype), x1)
+    o2 = tl.where(rotated, ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype), x2)
+    live = head * HEAD_DIM < N
+    out = y_ptr + head * HEAD_DIM + d
+    tl.store(out, o1, mask=live)
+    tl.store(out + HALF, o2, mask=live)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    on_page = live & (slot >= 0) & (head >= Q_HEADS)
+    kv_head = tl.where(rotated, head - Q_HEADS, head - Q_HEADS - KV_HEADS)
+    at = (tl.maximum(slot, 0) // block_size) * stride_pb + (tl.maximum(slot, 0) % block_size) * stride_ps \
+        + tl.maximum(kv_head, 0) * stride_ph + d
+    is_k = on_page & rotated
+    is_v = on_page & ~rotated
+    tl.store(k_pages_ptr + at, o1.to(k_pages_ptr.dtype.element_ty), mask=is_k)
+    tl.store(k_pages_ptr + at + HALF, o2.to(k_pages_ptr.dtype.element_ty), mask=is_k)
+    tl.store(v_pages_ptr + at, o1.to(v_pages_ptr.dtype.element_ty), mask=is_v)
+    tl.store(v_pages_ptr + at + HALF, o2.to(v_pages_ptr.dtype.element_ty), mask=is_v)
+
+
+@dataclass(frozen=True)
+class RopeTarget:
+    """A one-token QKV projection's RoPE and KV store: the token's position, the rotation's
+    float32 inverse frequencies [head_dim / 2] and cos/sin factor, the heads of the projection's
+    output ([q_heads | kv_heads | kv_heads] of head_dim rows), the token's slot and the KV pages
+    [blocks, block_size, kv_heads, head_dim] its k and v heads go to."""
+
+    positions: torch.Tensor  # [1]
+    inv_freq: torch.Tensor
+    scaling: float
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    slots: torch.Tensor  # int32/int64 [1]; -1: none
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+
+
+def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
+    """Whether the epilogue can store this projection from tiles of block_n rows: whole heads of a
+    power-of-two head_dim a tile, the output exactly the heads, pages of the layout it writes."""
+    d = rope.head_dim
+    pages = rope.k_pages
+    return (d >= 2 and d & (d - 1) == 0 and block_n % d == 0 and out_features == (rope.q_heads + 2 * rope.kv_heads) * d
+            and pages.dim() == 4 and tuple(pages.shape[2:]) == (rope.kv_heads, d) and pages.stride(3) == 1
+            and rope.v_pages.shape == pages.shape and rope.v_pages.stride() == pages.stride()
+            and rope.positions.numel() == 1 and rope.slots.numel() == 1 and rope.inv_freq.numel() == d // 2)
+
+
+def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
+    """The GEMV's RoPE arguments: rope's, or (None) stand-ins the kernel never reads."""
+    if rope is None:
+        return dict(pos_ptr=y, inv_freq_ptr=y, scaling=1.0, slot_ptr=y, k_pages_ptr=y, v_pages_ptr=y, block_size=1,
+                    stride_pb=0, stride_ps=0, stride_ph=0, ROPE=False, HEAD_DIM=2, Q_HEADS=1, KV_HEADS=1,
+                    USE_LIBDEVICE=False)
+    pages = rope.k_pages
+    return dict(pos_ptr=rope.positions, inv_freq_ptr=rope.inv_freq.to(device=y.device, dtype=torch.float32).contiguous(),
+                scaling=float(rope.scaling), slot_ptr=rope.slots, k_pages_ptr=pages, v_pages_ptr=rope.v_pages,
+                block_size=pages.shape[1], stride_pb=pages.stride(0), stride_ps=pages.stride(1),
+                stride_ph=pages.stride(2), ROPE=True, HEAD_DIM=rope.head_dim, Q_HEADS=rope.q_heads,
+                KV_HEADS=rope.kv_heads, USE_LIBDEVICE=y.is_cuda and libdevice is not None)
+
+
 # _qgemv_kernel, M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of the
 # words at a time, each code masked in place rather than shifted down; or f16x2 for 4-bit codes on
 # a GPU); each lane keeps its words' partial sums, scales each word's sum once (one scale per row
@@ -1088,10 +1184,13 @@ def _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_s
 def _qgemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, act_ptr,
     N, K, stride_qn, stride_sn, stride_zn, k_per_split,
+    pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
     PACKED16: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -1114,7 +1213,10 @@ def _qgemv_kernel(
     runtime's silu_mul rounds it: each program first writes its split's inputs into act_ptr (K of
     x's dtype) in a 1-D layout, then reads them there as x. Computed where the loop loads x, every
     lane of a word's column worked it out again: 13.8 us a call at 2048x8192 on an H100, against
-    11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign)."""
+    11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign).
+    ROPE: the weight is a QKV projection's (Q_HEADS, KV_HEADS heads of HEAD_DIM rows, BLOCK_N
+    whole heads); y is stored by rope_epilogue.py's _rope_store (q and k rotated for the token's
+    position, k and v also into the KV pages at its slot): the pointers after k_per_split are its."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid_n = tl.program_id(0)
@@ -1153,7 +1255,11 @@ def _qgemv_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             y += tl.load(b_ptr + rn).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        if ROPE:
+            _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
+                        block_size, stride_pb, stride_ps, stride_ph, BLOCK_N, HEAD_DIM, Q_HEADS, KV_HEADS, USE_LIBDEVICE)
+        else:
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(part_ptr + pid_k * N + rn, y, mask=n_mask)
         # Every thread's store before the counter's release (one thread does the atomic).
@@ -1165,7 +1271,12 @@ def _qgemv_kernel(
                 y += tl.load(part_ptr + s * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn).to(tl.float32)
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+            if ROPE:
+                _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
+                            block_size, stride_pb, stride_ps, stride_ph, BLOCK_N, HEAD_DIM, Q_HEADS, KV_HEADS,
+                            USE_LIBDEVICE)
+            else:
+                tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
             tl.store(count_ptr + pid_n, 0)
 
 
@@ -1838,10 +1949,11 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
             pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None,
-            silu_mul: bool = False) -> torch.Tensor:
+            silu_mul: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
     """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
     group size, device) gives. silu_mul: x is one row [gate | up] of twice the weight's inputs, in
-    the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x."""
+    the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x.
+    rope: the GEMV of one row stores y as RoPE leaves it and k, v in the pages (rope_epilogue.py)."""
     out_features, in_features = qw.shape
     width = 2 * in_features if silu_mul else in_features
     if x.shape[-1] != width:
@@ -1865,8 +1977,12 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
     if cfg.kernel == "gemv" and m != 1:
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
-    if silu_mul and cfg.kernel != "gemv":
-        raise ValueError(f"silu_mul is the gemv kernel's, not the {cfg.kernel} kernel's")
+    if (silu_mul or rope is not None) and cfg.kernel != "gemv":
+        raise ValueError(f"silu_mul and rope are the gemv kernel's, not the {cfg.kernel} kernel's")
+    if rope is not None and not rope_takes(rope, out_features, cfg.block_n):
+        raise ValueError(f"rope: {out_features} rows of {rope.q_heads} + 2 x {rope.kv_heads} heads of {rope.head_dim} "
+                         f"in tiles of {cfg.block_n} rows, pages {tuple(rope.k_pages.shape)}: not whole heads a tile, "
+                         "or not the epilogue's layout")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
     if cfg.kernel == "slices" and not _slices_take(fmt, dtype, zeros, in_features):
@@ -1913,7 +2029,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
-            STAGES=cfg.num_stages, SILU_MUL=silu_mul, num_warps=cfg.num_warps,
+            STAGES=cfg.num_stages, SILU_MUL=silu_mul, **rope_arguments(rope, y), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
@@ -1992,14 +2108,15 @@ def pick_config(m: int, n: int, k: int, code_bits: int, group_size: int, device:
 
 def triton_quant_linear(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, config: KernelConfig | None = None,
-    silu_mul_input: bool = False,
+    silu_mul_input: bool = False, rope: RopeTarget | None = None,
 ) -> torch.Tensor:
     """quant_linear on the Triton kernels: x [..., in] @ dequantize(qw).T + bias in the scales'
     dtype, returned in x's dtype. The format (bits, group size, zero points, packing) is read from
     qw, so any QuantizedWeight works, not only this spec's; `config` overrides pick_config.
     silu_mul_input: x is one row [gate | up] (2 * in, the scales' dtype) and the GEMV multiplies
-    by silu(gate) * up."""
-    return _launch(x, qw, _format(qw), bias, config, pick_config, silu_mul=silu_mul_input)
+    by silu(gate) * up. rope: the GEMV stores a QKV projection's row as RoPE leaves it and its k,
+    v heads in the KV pages (QuantLinear.rope_forward)."""
+    return _launch(x, qw, _format(qw), bias, config, pick_config, silu_mul=silu_mul_input, rope=rope)
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
@@ -2067,6 +2184,29 @@ def _quant_linear_silu_mul_forward(self: QuantLinear, gate_up: torch.Tensor) -> 
 
 
 QuantLinear.silu_mul_forward = _quant_linear_silu_mul_forward
+
+
+def _quant_linear_rope_forward(self: QuantLinear, x: torch.Tensor, **rope_target) -> torch.Tensor | None:
+    """self(x) for one token's row x through a QKV projection on a GPU, its output stored as
+    RoPE leaves it (q and k heads rotated for the token's position) and its k and v heads stored
+    in the KV pages at the token's slot, all by the GEMV (rope_epilogue.py): a batch-1 decode step
+    runs no RoPE kernel and no KV write. rope_target: RopeTarget's fields by name. None where
+    that does not apply (more rows, not CUDA, another dtype than the scales', a launch other than
+    the GEMV, tiles not of whole heads): then the caller runs the layer, RoPE and the cache's write."""
+    rope = RopeTarget(**rope_target)
+    qw = self.quantized_weight()
+    if x.numel() != qw.shape[1] or x.dtype != qw.scales.dtype:
+        return None
+    fmt = _triton_format(x, qw)
+    if fmt is None:
+        return None
+    config = pick_config(1, qw.shape[0], qw.shape[1], fmt.code_bits, fmt.group_size, x.device)
+    if config.kernel != "gemv" or not rope_takes(rope, qw.shape[0], config.block_n):
+        return None
+    return _launch(x, qw, fmt, self.bias, config, None, rope=rope)
+
+
+QuantLinear.rope_forward = _quant_linear_rope_forward
 
 
 def compile_kernels(model: nn.Module, max_rows: int) -> int:

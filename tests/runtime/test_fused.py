@@ -316,64 +316,6 @@ def test_model_with_kernels_matches_torch_path(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@needs_kernels
-def test_rope_kernel_writes_the_kv_cache_where_it_runs(monkeypatch):
-    """With the fused ops dispatched to their kernels, each layer's K/V reach the paged cache
-    through RoPE's kernel and the cache's own write is never called; a prompt then two decode
-    steps give the torch path's logits and pages."""
-    from tests.runtime.hf_models import generated, make_model
-    from vibee.runtime.attention import make_attention_batch
-    from vibee.runtime.loader import load_model_dir
-    from vibee.runtime.model import build_model
-
-    model_dir = Path(tempfile.mkdtemp(prefix="vibee-fused-kv-"))
-    make_model(model_dir, "llama")
-    loaded = load_model_dir(model_dir, dtype=torch.float32, device=KERNEL_DEVICE, progress=False)
-    model = build_model(loaded, generated(), flash_attn=False).eval()
-    cfg, kv = model.config, generated().kv_cache
-    ids = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def run(kernels: bool):
-        monkeypatch.setattr(fused, "_use_triton", lambda x: kernels)
-        cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32, block_size=4,
-                                device=KERNEL_DEVICE)
-        writes = []
-        real_write = cache.write
-        cache.write = lambda *a: (writes.append(a[0]), real_write(*a))
-        logits, table = [], [5, 2, 7, 0]
-        for q_len, seq_len in ((11, 11), (1, 12), (1, 13)):
-            batch = make_attention_batch([q_len], [seq_len], [table], 4, device=KERNEL_DEVICE)
-            step = torch.tensor(ids[seq_len - q_len: seq_len], device=KERNEL_DEVICE)
-            with torch.no_grad():
-                logits.append(model.compute_logits(model(step, batch.positions(), batch, cache)))
-        return logits, cache, writes
-
-    want, want_cache, want_writes = run(False)
-    got, got_cache, got_writes = run(True)
-    assert got_writes == [] and len(want_writes) == 3 * cfg.num_layers
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    for a, b in zip((*got_cache.k_pages, *got_cache.v_pages), (*want_cache.k_pages, *want_cache.v_pages)):
-        torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-5)
-
-
-def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
-    """int8 pages (a scale per block and head) and steps without a cache keep the cache's write."""
-    from types import SimpleNamespace
-    from vibee.runtime.attention import AttentionBackend, make_attention_batch
-    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
-    batch = make_attention_batch([1], [3], [[0]], 4)
-    k = torch.zeros(1, 2, 8)
-    plain = SimpleNamespace(data=torch.zeros(2, 4, 2, 8))
-    scaled = SimpleNamespace(data=torch.zeros(2, 4, 2, 8, dtype=torch.int8), scale=torch.ones(2, 2))
-    cache = lambda pages: SimpleNamespace(k_pages=[pages], v_pages=[pages])  # noqa: E731
-    assert AttentionBackend.pages_to_write(0, batch, cache(plain), k)[2] is batch.slot_mapping
-    assert AttentionBackend.pages_to_write(0, batch, cache(scaled), k) is None
-    assert AttentionBackend.pages_to_write(0, batch, None, k) is None
-    monkeypatch.setattr(fused, "_use_triton", lambda x: False)
-    assert AttentionBackend.pages_to_write(0, batch, cache(plain), k) is None
-
-
 # ---- GPU: bf16 at Llama-3.2-1B sizes through the dispatchers --------------------------------
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INNER = 2048, 32, 8, 64, 8192

@@ -163,19 +163,34 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         t = x.shape[0]
+        # On a GPU the new K/V go to the cache's pages from RoPE's kernel, or for one token through a
+        # quantized projection's GEMV, from the projection itself (rotated there too): a kernel or two
+        # fewer a layer.
+        pages = backend.pages_to_write(self.layer, batch, kv_cache, x)
+        qkv = self._rotated_by_projection(x, rope, pages) if pages is not None and t == 1 else None
         # Column slices of the [T, q + 2 kv] output (row stride q + 2 kv): RoPE writes new
         # contiguous q and k, the KV cache write and attention read v through its strides.
-        q, k, v = _project(self.qkv_proj, x).split(self.split_sizes, dim=-1)
+        q, k, v = (qkv if qkv is not None else _project(self.qkv_proj, x)).split(self.split_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        # On a GPU RoPE's kernel also stores the new K/V in the cache's pages: one kernel a layer fewer.
-        pages = backend.pages_to_write(self.layer, batch, kv_cache, k)
-        kv_write = None if pages is None else fused.KVWrite(v, *pages)
-        q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
-                                   kv_write=kv_write)
-        out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=kv_write is not None)
+        if qkv is None:
+            kv_write = None if pages is None else fused.KVWrite(v, *pages)
+            q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
+                                       kv_write=kv_write)
+        out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=pages is not None)
         return _project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
+
+    def _rotated_by_projection(self, x: torch.Tensor, rope: "RopeInputs", pages: tuple) -> torch.Tensor | None:
+        """The QKV row of one token with q and k rotated and k, v stored in `pages` by the projection
+        itself (a quantized layer's GEMV: rope_forward); None where the layer has no such launch."""
+        rope_forward = getattr(self.qkv_proj, "rope_forward", None)
+        if rope_forward is None:
+            return None
+        k_pages, v_pages, slots = pages
+        return rope_forward(x, positions=rope.positions, inv_freq=rope.inv_freq, scaling=rope.attention_scaling,
+                            q_heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim, slots=slots,
+                            k_pages=k_pages, v_pages=v_pages)
 
 
 class MLP(nn.Module):

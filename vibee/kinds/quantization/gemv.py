@@ -2,13 +2,14 @@
 dense weight.
 
 Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into every generated triton module, after unpack.py and silu_mul.py and before kernels.py; launch.py picks its
+into every generated triton module, after unpack.py, silu_mul.py and rope_epilogue.py and before kernels.py; launch.py picks its
 tile (constexprs) from the spec's tile table.
 """
 
 import triton
 import triton.language as tl
 
+from vibee.kinds.quantization.rope_epilogue import _rope_store
 from vibee.kinds.quantization.silu_mul import _silu_times_up
 from vibee.kinds.quantization.unpack import _code_in_place, _nibble_dots
 
@@ -114,10 +115,13 @@ def _packed_word_dots(words, x_ptr, k_of_word, s_ptr, z_ptr, rn, k0, K, stride_s
 def _qgemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, act_ptr,
     N, K, stride_qn, stride_sn, stride_zn, k_per_split,
+    pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
     PACKED16: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -140,7 +144,10 @@ def _qgemv_kernel(
     runtime's silu_mul rounds it: each program first writes its split's inputs into act_ptr (K of
     x's dtype) in a 1-D layout, then reads them there as x. Computed where the loop loads x, every
     lane of a word's column worked it out again: 13.8 us a call at 2048x8192 on an H100, against
-    11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign)."""
+    11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign).
+    ROPE: the weight is a QKV projection's (Q_HEADS, KV_HEADS heads of HEAD_DIM rows, BLOCK_N
+    whole heads); y is stored by rope_epilogue.py's _rope_store (q and k rotated for the token's
+    position, k and v also into the KV pages at its slot): the pointers after k_per_split are its."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid_n = tl.program_id(0)
@@ -179,7 +186,11 @@ def _qgemv_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             y += tl.load(b_ptr + rn).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+        if ROPE:
+            _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
+                        block_size, stride_pb, stride_ps, stride_ph, BLOCK_N, HEAD_DIM, Q_HEADS, KV_HEADS, USE_LIBDEVICE)
+        else:
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(part_ptr + pid_k * N + rn, y, mask=n_mask)
         # Every thread's store before the counter's release (one thread does the atomic).
@@ -191,5 +202,10 @@ def _qgemv_kernel(
                 y += tl.load(part_ptr + s * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn).to(tl.float32)
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+            if ROPE:
+                _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
+                            block_size, stride_pb, stride_ps, stride_ph, BLOCK_N, HEAD_DIM, Q_HEADS, KV_HEADS,
+                            USE_LIBDEVICE)
+            else:
+                tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
             tl.store(count_ptr + pid_n, 0)

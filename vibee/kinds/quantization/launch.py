@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from vibee.kinds.quantization.gemv import _qgemv_kernel
 from vibee.kinds.quantization.kernels import _dequant_kernel, _qmm_kernel, _qmm_slices_kernel
+from vibee.kinds.quantization.rope_epilogue import RopeTarget, rope_arguments, rope_takes
 from vibee.kinds.quantization.wgmma import gluon, wgmma_linear, wgmma_tma_ready
 
 
@@ -269,10 +270,11 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
             pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None,
-            silu_mul: bool = False) -> torch.Tensor:
+            silu_mul: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
     """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
     group size, device) gives. silu_mul: x is one row [gate | up] of twice the weight's inputs, in
-    the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x."""
+    the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x.
+    rope: the GEMV of one row stores y as RoPE leaves it and k, v in the pages (rope_epilogue.py)."""
     out_features, in_features = qw.shape
     width = 2 * in_features if silu_mul else in_features
     if x.shape[-1] != width:
@@ -296,8 +298,12 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
     if cfg.kernel == "gemv" and m != 1:
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
-    if silu_mul and cfg.kernel != "gemv":
-        raise ValueError(f"silu_mul is the gemv kernel's, not the {cfg.kernel} kernel's")
+    if (silu_mul or rope is not None) and cfg.kernel != "gemv":
+        raise ValueError(f"silu_mul and rope are the gemv kernel's, not the {cfg.kernel} kernel's")
+    if rope is not None and not rope_takes(rope, out_features, cfg.block_n):
+        raise ValueError(f"rope: {out_features} rows of {rope.q_heads} + 2 x {rope.kv_heads} heads of {rope.head_dim} "
+                         f"in tiles of {cfg.block_n} rows, pages {tuple(rope.k_pages.shape)}: not whole heads a tile, "
+                         "or not the epilogue's layout")
     if cfg.block_k % (32 // fmt.code_bits) or (cfg.kernel == "mm" and cfg.block_k < 16):
         raise ValueError(f"block_k {cfg.block_k} is not whole {fmt.code_bits}-bit words (or under tl.dot's 16)")
     if cfg.kernel == "slices" and not _slices_take(fmt, dtype, zeros, in_features):
@@ -344,7 +350,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
-            STAGES=cfg.num_stages, SILU_MUL=silu_mul, num_warps=cfg.num_warps,
+            STAGES=cfg.num_stages, SILU_MUL=silu_mul, **rope_arguments(rope, y), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
