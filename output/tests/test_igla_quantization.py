@@ -1203,7 +1203,8 @@ def test_a_qkv_projections_one_row_rotates_and_stores_kv_in_its_gemv_on_the_gpu(
     assert (y is not None) == (config.kernel == "gemv" and config.block_n % d == 0)
     if y is not None:
         want = rope_reference(layer(x), 1234, freq, 1.0, q_heads, kv_heads)
-        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+        # libdevice's cos/sin and torch's can differ in the last bit: a product then rounds one step apart
+        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=torch.finfo(torch.bfloat16).eps)
         heads = y.reshape(-1, d)
         assert torch.equal(pages[0][2, 5], heads[q_heads: q_heads + kv_heads])
         assert torch.equal(pages[1][2, 5], heads[q_heads + kv_heads:])
