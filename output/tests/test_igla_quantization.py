@@ -1203,8 +1203,11 @@ def test_a_qkv_projections_one_row_rotates_and_stores_kv_in_its_gemv_on_the_gpu(
     assert (y is not None) == (config.kernel == "gemv" and config.block_n % d == 0)
     if y is not None:
         want = rope_reference(layer(x), 1234, freq, 1.0, q_heads, kv_heads)
-        # libdevice's cos/sin and torch's can differ in the last bit: a product then rounds one step apart
-        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=torch.finfo(torch.bfloat16).eps)
+        # libdevice's cos/sin and torch's can differ in the last bit: a product then rounds one step
+        # apart, and where the two products of a sum nearly cancel that step is the products' (up to
+        # the largest |y|), not the sum's
+        step = torch.finfo(torch.bfloat16).eps * want.abs().max().item()
+        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=2 * step)
         heads = y.reshape(-1, d)
         assert torch.equal(pages[0][2, 5], heads[q_heads: q_heads + kv_heads])
         assert torch.equal(pages[1][2, 5], heads[q_heads + kv_heads:])
