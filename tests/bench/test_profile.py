@@ -192,6 +192,32 @@ def test_a_down_projection_that_takes_silu_times_up_itself_is_its_own_scope(monk
 
 
 @needs_model
+def test_projections_that_add_and_normalise_themselves_are_their_own_scopes(monkeypatch):
+    # On a GPU a quantized o_proj's or down_proj's one row also does the add + RMSNorm after it
+    # (add_norm_forward): the profile scopes and counts that call as the layer's, and the norm it
+    # replaced has no scope left (but the first layer's input norm).
+    run = _tiny("int8")
+    model = run["model"]
+    o = model.model.layers[0].self_attn.o_proj
+    taken = []
+
+    def add_norm_forward(self, x, residual, weight, eps, silu_mul=False):
+        taken.append(silu_mul)
+        return residual * 0 + 1, residual + 1
+
+    monkeypatch.setattr(type(o), "add_norm_forward", add_norm_forward)
+    p = profile_step(model, run["gen"].kv_cache, batch_size=1, context_len=8, device="cpu",
+                     block_size=run["gen"].configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    layers = len(model.model.layers)
+    stored = sum(t.numel() * t.element_size() for t in (*o.parameters(), *o.buffers()))
+    assert p.work["layers.*.self_attn.o_proj (+ add + norm)"].bytes == (stored + (o.in_features + 3 * o.out_features) * 4) * layers
+    assert p.work["layers.*.mlp.down_proj (+ silu*mul) (+ add + norm)"].calls == layers
+    assert p.work["layers.*.input_layernorm"].calls == 1 and "norm" not in p.work
+    assert "layers.*.post_attention_layernorm" not in p.work and "layers.*.self_attn.o_proj" not in p.work
+    assert True in taken and False in taken and "add_norm_forward" not in vars(o)  # put back
+
+
+@needs_model
 def test_profile_command_reports_plots_and_compares(tmp_path):
     result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
                                        "--context-len", "12", "--steps", "1", "--compare-quant", "int8",
