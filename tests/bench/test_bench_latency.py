@@ -59,6 +59,7 @@ def test_latency_command_writes_figures_and_plot(tmp_path):
     r = data["results"]
     assert r["decode_steps"] == 3 and r["tokens_per_s"] > 0 and 0 < r["fraction_of_limit"]
     assert data["measured"]["context_lens"] == [10, 11, 12]  # prompt 8, one warm-up step, then 3 timed
+    assert data["measured"]["timing"] == data["settings"]["step_timing"] == "each step waited for (host clock)"  # eager
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert r["bandwidth_gbs"] == 10 and r["bandwidth_source"] == "--bandwidth-gbs" and data["ceilings"] is None
 
@@ -111,7 +112,9 @@ def test_decode_replays_the_split_count_the_engines_graph_for_its_batch_uses(mon
     monkeypatch.setattr(latency, "measure_decode", lambda *args, **kwargs: seen.update(kwargs) or {})
     for batch, splits in ((1, 16), (32, 2), (128, 1)):
         latency.measure_rank(dict(prompt_len=8, warmup_steps=1, decode_steps=2, batch_size=batch))
-        assert seen["num_splits"] == splits, batch
+        assert seen["num_splits"] == splits and seen["sync_steps"] is False, batch
+    latency.measure_rank(dict(prompt_len=8, warmup_steps=1, decode_steps=2, batch_size=1, sync_steps=True))
+    assert seen["sync_steps"] is True  # --sync-steps
 
     from vibee.bench import commands_profile, profile_step
 
@@ -132,3 +135,22 @@ def test_decode_replays_the_split_count_the_engines_graph_for_its_batch_uses(mon
     fa.paged_decode = paged_decode
     kernels.bench_decode(fa, dict(batch=32, heads=16, kv_heads=8, kv_len=32, head_dim=8), torch.float32, "cpu")
     assert set(asked) == {2}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not (DEFAULT_MODEL_DIR / "config.json").exists(),
+                    reason="needs a CUDA GPU and the default model")
+def test_replayed_steps_are_timed_back_to_back_on_the_gpu_unless_each_is_waited_for():
+    """Replayed steps go back to back (a CUDA event before each and after the last) as the engine
+    launches them; with sync_steps each is waited for and timed on the host clock."""
+    from vibee.bench.latency import build_rank_model, measure_decode
+
+    params = dict(shape=None, model=None, device="cuda", dtype="bfloat16", quant="none", flash_attn=True,
+                  enforce_eager=False)
+    run = build_rank_model(params)
+    for sync, timing in ((False, "back to back (CUDA events)"), (True, "each step waited for (host clock)")):
+        m = measure_decode(run["model"], run["gen"].kv_cache, batch_size=2, prompt_len=8, decode_steps=5, warmup_steps=2,
+                           device="cuda", block_size=run["gen"].configs.kv_cache.block_size,
+                           num_splits=run["gen"].flash_attention.num_splits_for(16), sync_steps=sync)
+        assert m["timing"] == timing and m["context_lens"] == [11, 12, 13, 14, 15]
+        assert len(m["step_times_s"]) == 5 and all(t > 0 for t in m["step_times_s"])

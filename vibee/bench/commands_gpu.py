@@ -32,13 +32,16 @@ from vibee.kinds.quantization.config import METHOD_NAMES
 @click.option("--bandwidth-gbs", type=float, default=None,
               help="Memory bandwidth ceiling for the limit (default: a device-to-device copy measured in this run).")
 @click.option("--enforce-eager", is_flag=True, default=False, help="No CUDA graphs (on a GPU, steps replay graphs).")
+@click.option("--sync-steps", is_flag=True, default=False,
+              help="Wait for each step before preparing the next, so that each also pays its host work (default: "
+                   "replayed steps go back to back, as the engine launches them, timed on the GPU).")
 @click.option("--tensor-parallel-size", "-tp", "tp_size", type=click.IntRange(min=1, max=8), default=1, show_default=True,
               help="Shard the model over N ranks, one process each (launched here, or by torchrun), every rank "
                    "running the same steps; the figures are rank 0's, its limit from its shard's bytes.")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,
-            bandwidth_gbs, enforce_eager, tp_size, result_dir):
+            bandwidth_gbs, enforce_eager, sync_steps, tp_size, result_dir):
     """Decode tokens/s of the model runner and the fraction of the memory-bandwidth limit."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -52,7 +55,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     params = {"shape": shape, "model": None if model is None else str(model), "device": device, "dtype": dtype,
               "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
               "warmup_steps": warmup_steps, "quant": quant, "flash_attn": flash_attn, "enforce_eager": enforce_eager,
-              "tp_size": tp_size}
+              "tp_size": tp_size, "sync_steps": sync_steps}
     progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
     with user_errors():
         ranks = latency_ranks(params)
@@ -83,7 +86,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     settings = {"model": name, "device": dev, "dtype": dtype_name, "quant": quant, "flash_attn": flash_attn,
                 "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
                 "warmup_steps": warmup_steps, "block_size": block_size, "weight_bytes_loaded": loaded_bytes,
-                "cuda_graphs": run["cuda_graphs"], "tensor_parallel_size": tp_size,
+                "cuda_graphs": run["cuda_graphs"], "step_timing": measured["timing"], "tensor_parallel_size": tp_size,
                 "modules": str(run["gen"].source)}
     env = environment(dev)
     s = summary
@@ -96,7 +99,10 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
                  ["Fraction of the limit", f"{100 * s['fraction_of_limit']:.1f}%"]]
     title = f"vibee bench latency: {name} on {env.get('device_name', dev)}"
     notes = [f"Greedy decode after a {prompt_len}-token prompt; {warmup_steps} warm-up steps are not timed. The "
-             "limit is the bytes a step must read (weights once, plus the batch's KV) over the bandwidth ceiling."]
+             "limit is the bytes a step must read (weights once, plus the batch's KV) over the bandwidth ceiling.",
+             f"Steps timed {measured['timing']}: " + (
+                 "launched as the engine launches them, the host preparing a step while the one before runs."
+                 if measured["timing"].startswith("back") else "each step's host work is in its time.")]
     sections = [Section("Results", ["Metric", "Value"], rows),
                 Section("Settings", ["Setting", "Value"], [[k, v] for k, v in settings.items()]),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]

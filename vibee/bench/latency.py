@@ -42,7 +42,7 @@ def measure_rank(params: dict[str, Any], ranks: Any = None, *, on_step=None, pro
     run["measured"] = measure_decode(model, gen.kv_cache, batch_size=p["batch_size"], prompt_len=p["prompt_len"],
                                      decode_steps=p["decode_steps"], warmup_steps=p["warmup_steps"], device=dev,
                                      block_size=gen.configs.kv_cache.block_size, on_step=on_step, num_splits=splits,
-                                     num_kv_heads=run["num_kv_heads"])
+                                     num_kv_heads=run["num_kv_heads"], sync_steps=p.get("sync_steps", False))
     run["cuda_graphs"] = splits is not None
     return run
 
@@ -88,11 +88,17 @@ def build_rank_model(params: dict[str, Any], ranks: Any = None, *, progress: boo
 
 def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, prompt_len: int, decode_steps: int,
                    warmup_steps: int, device: str, block_size: int, on_step=None,
-                   num_splits: int | None = None, num_kv_heads: int | None = None) -> dict[str, Any]:
+                   num_splits: int | None = None, num_kv_heads: int | None = None,
+                   sync_steps: bool = False) -> dict[str, Any]:
     """Prefill batch_size prompts of prompt_len random tokens, then decode greedily; returns the
     per-step times (seconds) of the timed decode steps and the context length at each.
     num_splits: replay each decode step as a CUDA graph (as the engine does) with this KV split count.
-    num_kv_heads: the KV heads this rank's cache holds (default: the model's)."""
+    The replayed steps are launched back to back, as the engine launches them (its host prepares
+    step i + 1 while step i runs; the tokens never leave the GPU), each timed on the GPU's timeline
+    by CUDA events from its inputs' copy to the next step's: the host's time shows only where the
+    GPU waits for it. sync_steps: wait for each step to finish before preparing the next (every
+    step then also pays its preparation on the host); eager steps always do (they read lengths on
+    the host). num_kv_heads: the KV heads this rank's cache holds (default: the model's)."""
     from vibee.runtime.cuda_graphs import DecodeGraphs
 
     cfg = model.config
@@ -122,23 +128,37 @@ def measure_decode(model: LlamaForCausalLM, kv_module, *, batch_size: int, promp
         if graphs is not None:  # each step's argmax stays in the graphs' buffer, the next step's input
             graphs.sampled[:batch_size].copy_(tokens)
             no_ids, feedback = [0] * batch_size, list(range(batch_size))
+        back_to_back = graphs is not None and not sync_steps
+        marks = []  # back to back: a CUDA event before each timed step and after the last
         for step in range(warmup_steps + decode_steps):
             length += 1
-            _sync(device)
+            timed = step >= warmup_steps
+            if not (back_to_back and timed):
+                _sync(device)
             t0 = time.perf_counter()
+            if back_to_back and timed:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
             if graphs is not None:  # as the engine replays a greedy step: the tokens never leave the GPU
                 graphs.run(no_ids, [length] * batch_size, table_rows, feedback)
             else:
                 batch = make_attention_batch([1] * batch_size, [length] * batch_size, tables, block_size, device)
                 hidden = model(tokens, batch.positions(), batch, cache)
                 tokens = model.compute_logits(hidden).argmax(dim=-1)
-            _sync(device)
-            if step >= warmup_steps:
-                times.append(time.perf_counter() - t0)
+            if timed:
+                if not back_to_back:
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
                 contexts.append(length)
             if on_step:
                 on_step()
-    return {"step_times_s": times, "context_lens": contexts}
+        if marks:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+            marks[-1].synchronize()
+            times = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+    return {"step_times_s": times, "context_lens": contexts,
+            "timing": "back to back (CUDA events)" if back_to_back else "each step waited for (host clock)"}
 
 
 def weight_bytes(model: torch.nn.Module, rows: int | None = None) -> int:
