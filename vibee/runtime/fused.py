@@ -322,7 +322,8 @@ _GRID_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 def _grid_counter(device: torch.device) -> torch.Tensor:
     """The GEMV's zeroed int32 counter of finished row tiles (the kernel puts it back to 0), one per
-    device, kept: a captured CUDA graph points at it."""
+    device, kept: a captured CUDA graph points at it. Launches that share it must run one after
+    another (one stream), as the quantized GEMV's split-K counters."""
     counter = _GRID_COUNTERS.get(device)
     if counter is None:
         counter = _GRID_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)

@@ -193,7 +193,7 @@ class Attention(nn.Module):
         self.window = config.layer_window(layer)
 
     def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache,
-                norm: RMSNorm, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                norm: RMSNorm, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """norm(o_proj(attention of x), residual): (the normalised row, the stream after the add)."""
         t = x.shape[0]
         # On a GPU the new K/V go to the cache's pages from RoPE's kernel, or for one token through a
