@@ -356,7 +356,7 @@ BF16 = {"rtol": 2 * torch.finfo(torch.bfloat16).eps, "atol": torch.finfo(torch.b
 
 def llama3_inv_freq() -> torch.Tensor:
     """Llama-3.2's rope (theta 500000, llama3 scaling factor 32, context 8192)."""
-    from vibee.runtime.model import rope_inv_freq
+    from vibee.runtime.rope import rope_inv_freq
     from types import SimpleNamespace
     cfg = SimpleNamespace(head_dim=HEAD_DIM, rope_theta=500000.0,
                           rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
