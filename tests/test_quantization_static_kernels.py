@@ -5,7 +5,6 @@ module carries a verbatim copy of it, launched with the spec's tiles."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from vibee.codegen.render import STATIC_COPY_MARKER, static_source
-from vibee.kinds.quantization import gemv, kernels, launch, norm_epilogue, rope_epilogue, silu_mul, unpack, wgmma
+from vibee.kinds.quantization import gemv, kernels, launch, rope_epilogue, silu_mul, unpack, wgmma
 from vibee.kinds.quantization.config import QuantizationConfig
 from vibee.kinds.quantization.tiles import MatmulTile
 
@@ -80,7 +79,7 @@ def test_the_gemv_takes_silu_gate_times_up_as_it_loads_x(dtype: torch.dtype, in_
     gate, up = gate_up.chunk(2, dim=-1)
     two_kernels = launch._launch(fused.triton_silu_mul(gate, up), qw, launch._format(qw), None, gemv, None)
     assert torch.equal(fused_y, two_kernels) and not torch.equal(fused_y, launch._launch(gate, qw, launch._format(qw), None, gemv, None))
-    with pytest.raises(ValueError, match="silu_mul, rope and norm are the gemv kernel.s"):
+    with pytest.raises(ValueError, match="silu_mul and rope are the gemv kernel's"):
         launch._launch(gate_up, qw, launch._format(qw), None, launch.KernelConfig("mm", 16, 16, 64), None, silu_mul=True)
     with pytest.raises(ValueError, match="twice that with silu_mul"):
         launch._launch(gate, qw, launch._format(qw), None, gemv, None, silu_mul=True)
@@ -211,18 +210,16 @@ signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8
              "part_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "stride_qn": "i32", "stride_sn": "i32",
              "stride_zn": "i32", "k_per_split": "i32", "act_ptr": "*bf16", "pos_ptr": "*i64", "inv_freq_ptr": "*fp32",
              "scaling": "fp32", "slot_ptr": "*i64", "k_pages_ptr": "*bf16", "v_pages_ptr": "*bf16", "block_size": "i32",
-             "stride_pb": "i32", "stride_ps": "i32", "stride_ph": "i32", "res_ptr": "*bf16", "norm_w_ptr": "*bf16",
-             "eps": "fp32", "h_ptr": "*bf16", "normed_ptr": "*bf16", "grid_count_ptr": "*i32"}
+             "stride_pb": "i32", "stride_ps": "i32", "stride_ph": "i32"}
 signature.update({name: "constexpr" for name in constexprs})
 compiled = triton.compile(ASTSource(fn=_qgemv_kernel, signature=signature, constexprs=constexprs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 with tempfile.TemporaryDirectory() as tmp:
     open(os.path.join(tmp, "k.ptx"), "w").write(compiled.asm["ptx"])
-    ptxas = subprocess.run([os.path.join(bin_dir, "ptxas"), "-v", "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o",
-                            os.path.join(tmp, "k.cubin")], check=True, capture_output=True, text=True).stderr
+    subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")], check=True)
     sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stdout
-print(json.dumps({"ptx": compiled.asm["ptx"], "sass": sass, "ptxas": ptxas}))
+print(json.dumps({"ptx": compiled.asm["ptx"], "sass": sass}))
 """
 
 
@@ -234,7 +231,7 @@ def compile_gemv_for_sm90(**constexprs) -> dict:
 
     defaults = dict(GROUP=128, SCALE_PER_TILE=True, CODE_BITS=4, FLIP=0, CODE_OFFSET=8.0, HAS_ZEROS=False, HAS_BIAS=False,
                     SPLIT_K=1, EVEN_K=True, BLOCK_N=64, BLOCK_K=128, ONE_LOP3=True, PACKED16=False, STAGES=1, SILU_MUL=False,
-                    ROPE=False, HEAD_DIM=2, Q_HEADS=1, KV_HEADS=1, USE_LIBDEVICE=False, ADD_NORM=False, NORM_BLOCK=1)
+                    ROPE=False, HEAD_DIM=2, Q_HEADS=1, KV_HEADS=1, USE_LIBDEVICE=False)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _GEMV_FOR_SM90, json.dumps({**defaults, **constexprs})], capture_output=True,
                           text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
@@ -301,21 +298,6 @@ def test_the_gemv_with_its_rope_epilogue_compiles_for_a_gpu(split):
     assert "cos" not in plain["ptx"] and rope["ptx"].count("st.global") > plain["ptx"].count("st.global")
 
 
-@pytest.mark.parametrize("split", [1, 4])
-def test_the_gemv_with_its_add_norm_epilogue_compiles_for_a_gpu(split):
-    """The o_proj / down_proj GEMV's add + RMSNorm epilogue (Llama-3.2-1B's 2,048-wide row) compiles
-    for sm_90: one more acq_rel atomic than the plain GEMV (the grid's counter), the correctly
-    rounded sqrt and division of the runtime's norm, and no more registers than the GEMV's loop
-    (the tail normalises the row in chunks)."""
-    norm = compile_gemv_for_sm90(ADD_NORM=True, NORM_BLOCK=2048, BLOCK_N=128, SPLIT_K=split, PACKED16=True)
-    plain = compile_gemv_for_sm90(BLOCK_N=128, SPLIT_K=split, PACKED16=True)
-    atomics = [c["ptx"].count("atom.global.gpu.acq_rel.add") for c in (norm, plain)]
-    assert atomics == [int(split > 1) + 1, int(split > 1)]
-    assert "sqrt.rn.f32" in norm["ptx"] and "div.rn.f32" in norm["ptx"] and "sqrt" not in plain["ptx"]
-    registers = [int(re.search(r"Used (\d+) registers", c["ptxas"]).group(1)) for c in (norm, plain)]
-    assert registers[0] <= registers[1], registers
-
-
 @pytest.mark.parametrize("one_lop3", [True, False])
 def test_the_gemv_takes_one_integer_op_a_code_on_a_gpu(one_lop3):
     """The GEMV is bound by its arithmetic (H100: 1.1-1.6x the time of the same loads with none):
@@ -363,9 +345,8 @@ def test_the_gemv_takes_the_packed_products_wherever_they_run():
         launch._packed16(launch.KernelConfig("gemv", 1, 64, 128, packed16=True), eight, torch.bfloat16, None, 128, cuda)
 
 
-@pytest.mark.parametrize("module", [unpack, silu_mul, rope_epilogue, norm_epilogue, gemv, kernels, wgmma, launch],
-                         ids=["unpack.py", "silu_mul.py", "rope_epilogue.py", "norm_epilogue.py", "gemv.py", "kernels.py",
-                              "wgmma.py", "launch.py"])
+@pytest.mark.parametrize("module", [unpack, silu_mul, rope_epilogue, gemv, kernels, wgmma, launch],
+                         ids=["unpack.py", "silu_mul.py", "rope_epilogue.py", "gemv.py", "kernels.py", "wgmma.py", "launch.py"])
 def test_generated_module_carries_the_static_code_verbatim(module):
     path = Path(module.__file__)
     text = path.read_text(encoding="utf-8")

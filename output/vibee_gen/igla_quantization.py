@@ -1084,74 +1084,6 @@ def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
                 KV_HEADS=rope.kv_heads, USE_LIBDEVICE=y.is_cuda and libdevice is not None)
 
 
-# The row is normalised in chunks of at most this many values: one chunk holds 16 fp32 values a
-# thread of 4 warps, so the tail never needs more registers than the GEMV's loop.
-NORM_CHUNK = 2048
-
-
-@triton.jit
-def _add_norm_tail(y_ptr, N, res_ptr, norm_w_ptr, eps, h_ptr, out_ptr, grid_count_ptr, tiles,
-                   NORM_BLOCK: tl.constexpr):
-    """Called by each program after it stored its rows of y: the last of the grid's `tiles` row
-    tiles to get here (a counter, put back to 0) reads the whole row y [N] from L2, stores
-    h = y + residual rounded to y's dtype and out = weight * normalised(h), as the runtime's
-    rms_norm kernel computes them: the sum of squares of h in fp32, h * 1/sqrt(mean + eps)
-    rounded to the dtype, times the weight. A row over NORM_BLOCK is summed chunk by chunk."""
-    tl.debug_barrier()  # every thread's store of y before the counter's release
-    finished = tl.atomic_add(grid_count_ptr, 1, sem="acq_rel", scope="gpu")
-    if finished == tiles - 1:
-        dtype = y_ptr.dtype.element_ty
-        sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
-        for c0 in range(0, N, NORM_BLOCK):  # .cg: from L2, where the other programs' rows are
-            cols = c0 + tl.arange(0, NORM_BLOCK)
-            mask = cols < N
-            y = tl.load(y_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")
-            r = tl.load(res_ptr + cols, mask=mask, other=0.0)
-            h = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(h_ptr + cols, h, mask=mask)
-            sum_sq += h.to(tl.float32) * h.to(tl.float32)
-        inv_rms = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(sum_sq, axis=0) / N + eps))
-        for c0 in range(0, N, NORM_BLOCK):  # h again from y and the residual: no store to read back
-            cols = c0 + tl.arange(0, NORM_BLOCK)
-            mask = cols < N
-            y = tl.load(y_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")
-            r = tl.load(res_ptr + cols, mask=mask, other=0.0)
-            h = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            normed = (h.to(tl.float32) * inv_rms).to(dtype)
-            w = tl.load(norm_w_ptr + cols, mask=mask, other=0.0)
-            tl.store(out_ptr + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(grid_count_ptr, 0)
-
-
-@dataclass(frozen=True)
-class NormTarget:
-    """The add + RMSNorm after a one-row projection: the residual stream [N] the output joins, the
-    norm's weight [N] and eps, and where the new stream h and the normalised row go ([N] each)."""
-
-    residual: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-    h: torch.Tensor
-    out: torch.Tensor
-
-
-def norm_takes(norm: NormTarget, out_features: int, dtype: torch.dtype) -> bool:
-    """Whether the epilogue can do this norm: every tensor one contiguous row of the projection's
-    outputs in its dtype (the runtime's norm rounds to x's dtype and multiplies in the weight's)."""
-    return all(t.numel() == out_features and t.dtype == dtype and t.is_contiguous()
-               for t in (norm.residual, norm.weight, norm.h, norm.out))
-
-
-def norm_arguments(norm: NormTarget | None, y: torch.Tensor, counters: torch.Tensor, tiles: int) -> dict:
-    """The GEMV's add + RMSNorm arguments: norm's (the grid's counter is counters[tiles], after the
-    row tiles' own), or (None) stand-ins the kernel never reads."""
-    if norm is None:
-        return dict(res_ptr=y, norm_w_ptr=y, eps=0.0, h_ptr=y, normed_ptr=y, grid_count_ptr=y, ADD_NORM=False, NORM_BLOCK=1)
-    return dict(res_ptr=norm.residual, norm_w_ptr=norm.weight, eps=float(norm.eps), h_ptr=norm.h, normed_ptr=norm.out,
-                grid_count_ptr=counters[tiles:], ADD_NORM=True,
-                NORM_BLOCK=min(triton.next_power_of_2(y.shape[-1]), NORM_CHUNK))
-
-
 # _qgemv_kernel, M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of the
 # words at a time, each code masked in place rather than shifted down; or f16x2 for 4-bit codes on
 # a GPU); each lane keeps its words' partial sums, scales each word's sum once (one scale per row
@@ -1253,13 +1185,12 @@ def _qgemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, act_ptr,
     N, K, stride_qn, stride_sn, stride_zn, k_per_split,
     pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph,
-    res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
     PACKED16: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -1285,9 +1216,7 @@ def _qgemv_kernel(
     11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign).
     ROPE: the weight is a QKV projection's (Q_HEADS, KV_HEADS heads of HEAD_DIM rows, BLOCK_N
     whole heads); y is stored by rope_epilogue.py's _rope_store (q and k rotated for the token's
-    position, k and v also into the KV pages at its slot): the pointers after k_per_split are its.
-    ADD_NORM: y joins the residual stream; the last row tile to be stored also adds y to the
-    residual and normalises it (norm_epilogue.py's _add_norm_tail, the pointers after stride_ph)."""
+    position, k and v also into the KV pages at its slot): the pointers after k_per_split are its."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid_n = tl.program_id(0)
@@ -1331,9 +1260,6 @@ def _qgemv_kernel(
                         block_size, stride_pb, stride_ps, stride_ph, BLOCK_N, HEAD_DIM, Q_HEADS, KV_HEADS, USE_LIBDEVICE)
         else:
             tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-        if ADD_NORM:
-            _add_norm_tail(y_ptr, N, res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr, tl.num_programs(0),
-                           NORM_BLOCK)
     else:
         tl.store(part_ptr + pid_k * N + rn, y, mask=n_mask)
         # Every thread's store before the counter's release (one thread does the atomic).
@@ -1352,9 +1278,6 @@ def _qgemv_kernel(
             else:
                 tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
             tl.store(count_ptr + pid_n, 0)
-            if ADD_NORM:
-                _add_norm_tail(y_ptr, N, res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr,
-                               tl.num_programs(0), NORM_BLOCK)
 
 
 # Every kernel reads qweight, scales (and zeros) as the quantizer stored them (unpack.py says how)
@@ -1985,31 +1908,21 @@ def distinct_launches(tiles: tuple[LaunchTile, ...], max_rows: int, n: int, k: i
 
 
 def compile_launches(qw: QuantizedWeight, bias: torch.Tensor | None, tiles: tuple[LaunchTile, ...],
-                     max_rows: int, joins_stream: bool = False) -> int:
+                     max_rows: int) -> int:
     """Run every distinct launch of qw for 1..max_rows rows once, on zeros, so that Triton compiles
     them now: a first compile takes about a second, and mid-serving it stalls every request (H200,
     `bench throughput --quant int4`: four compiles inside the timed loop took 4.1 of its 8.8 s).
-    The one-row GEMV also compiles taking silu(gate) * up (a down projection's, see _launch), and
-    for a layer whose output joins the residual stream (joins_stream: o_proj, down_proj) with the
-    add + RMSNorm after it, on x and on silu(gate) * up. Returns the launches run."""
+    The one-row GEMV also compiles taking silu(gate) * up (a down projection's, see _launch).
+    Returns the launches run."""
     fmt = _format(qw)
     n, k = qw.shape
     device, dtype = qw.qweight.device, qw.scales.dtype
     launches = distinct_launches(tiles, max_rows, n, k, device)
-    runs = 0
     for m, config in launches:
         _launch(torch.zeros(m, k, dtype=dtype, device=device), qw, fmt, bias, config, None)
-        runs += 1
-        if m != 1 or config.kernel != "gemv":
-            continue
-        row = torch.zeros(n, dtype=dtype, device=device)
-        norm = NormTarget(row, row, 1e-6, torch.empty_like(row), torch.empty_like(row))
-        variants = [dict(silu_mul=True)] + ([dict(norm=norm), dict(silu_mul=True, norm=norm)] if joins_stream else [])
-        for variant in variants:
-            width = 2 * k if variant.get("silu_mul") else k
-            _launch(torch.zeros(1, width, dtype=dtype, device=device), qw, fmt, bias, config, None, **variant)
-        runs += len(variants)
-    return runs
+        if m == 1 and config.kernel == "gemv":
+            _launch(torch.zeros(1, 2 * k, dtype=dtype, device=device), qw, fmt, bias, config, None, silu_mul=True)
+    return len(launches) + sum(m == 1 and config.kernel == "gemv" for m, config in launches)
 
 
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
@@ -2036,24 +1949,19 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
             pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None,
-            silu_mul: bool = False, rope: RopeTarget | None = None, norm: NormTarget | None = None) -> torch.Tensor:
+            silu_mul: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
     """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
     group size, device) gives. silu_mul: x is one row [gate | up] of twice the weight's inputs, in
     the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x.
-    rope: the GEMV of one row stores y as RoPE leaves it and k, v in the pages (rope_epilogue.py).
-    norm: the GEMV of one row (x in the scales' dtype) also stores norm.h = y + norm.residual and
-    norm.out = the RMSNorm of h (norm_epilogue.py); y is returned as without it."""
+    rope: the GEMV of one row stores y as RoPE leaves it and k, v in the pages (rope_epilogue.py)."""
     out_features, in_features = qw.shape
     width = 2 * in_features if silu_mul else in_features
     if x.shape[-1] != width:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}"
                          + (" (twice that with silu_mul: gate and up)" if silu_mul else ""))
     dtype = qw.scales.dtype
-    if (silu_mul or norm is not None) and (x.numel() != width or x.dtype != dtype):
-        raise ValueError(f"silu_mul and norm take one row of x in the scales' dtype ({dtype}), got {tuple(x.shape)} {x.dtype}")
-    if norm is not None and (rope is not None or not norm_takes(norm, out_features, dtype)):
-        raise ValueError(f"norm: residual, weight, h and out must be contiguous rows of {out_features} {dtype} values"
-                         + (", and rope stores y itself: not both" if rope is not None else ""))
+    if silu_mul and (x.numel() != width or x.dtype != dtype):
+        raise ValueError(f"silu_mul takes one row of x in the scales' dtype ({dtype}), got {tuple(x.shape)} {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, width).to(dtype)
     if x2.stride(-1) != 1:
@@ -2069,8 +1977,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
     if cfg.kernel == "gemv" and m != 1:
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
-    if (silu_mul or rope is not None or norm is not None) and cfg.kernel != "gemv":
-        raise ValueError(f"silu_mul, rope and norm are the gemv kernel's, not the {cfg.kernel} kernel's")
+    if (silu_mul or rope is not None) and cfg.kernel != "gemv":
+        raise ValueError(f"silu_mul and rope are the gemv kernel's, not the {cfg.kernel} kernel's")
     if rope is not None and not rope_takes(rope, out_features, cfg.block_n):
         raise ValueError(f"rope: {out_features} rows of {rope.q_heads} + 2 x {rope.kv_heads} heads of {rope.head_dim} "
                          f"in tiles of {cfg.block_n} rows, pages {tuple(rope.k_pages.shape)}: not whole heads a tile, "
@@ -2110,9 +2018,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     b_arg = bias if bias is not None else scales
     z_stride = zeros.stride(0) if has_zeros else 0
     tiles = triton.cdiv(out_features, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m))
-    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile;
-    # the norm's last row tile by one more after them
-    counters = _tile_counters(x.device, tiles + 1) if split > 1 or norm is not None else part
+    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile
+    counters = _tile_counters(x.device, tiles) if split > 1 else part
     if cfg.kernel == "gemv":
         grid = (tiles, split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
@@ -2122,8 +2029,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
-            STAGES=cfg.num_stages, SILU_MUL=silu_mul, **rope_arguments(rope, y), **norm_arguments(norm, y, counters, tiles),
-            num_warps=cfg.num_warps,
+            STAGES=cfg.num_stages, SILU_MUL=silu_mul, **rope_arguments(rope, y), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":
@@ -2202,16 +2108,15 @@ def pick_config(m: int, n: int, k: int, code_bits: int, group_size: int, device:
 
 def triton_quant_linear(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, config: KernelConfig | None = None,
-    silu_mul_input: bool = False, rope: RopeTarget | None = None, norm: NormTarget | None = None,
+    silu_mul_input: bool = False, rope: RopeTarget | None = None,
 ) -> torch.Tensor:
     """quant_linear on the Triton kernels: x [..., in] @ dequantize(qw).T + bias in the scales'
     dtype, returned in x's dtype. The format (bits, group size, zero points, packing) is read from
     qw, so any QuantizedWeight works, not only this spec's; `config` overrides pick_config.
     silu_mul_input: x is one row [gate | up] (2 * in, the scales' dtype) and the GEMV multiplies
     by silu(gate) * up. rope: the GEMV stores a QKV projection's row as RoPE leaves it and its k,
-    v heads in the KV pages (QuantLinear.rope_forward). norm: the GEMV of one row also adds it to
-    norm.residual into norm.h and stores the RMSNorm of that in norm.out (QuantLinear.add_norm_forward)."""
-    return _launch(x, qw, _format(qw), bias, config, pick_config, silu_mul=silu_mul_input, rope=rope, norm=norm)
+    v heads in the KV pages (QuantLinear.rope_forward)."""
+    return _launch(x, qw, _format(qw), bias, config, pick_config, silu_mul=silu_mul_input, rope=rope)
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
@@ -2304,51 +2209,21 @@ def _quant_linear_rope_forward(self: QuantLinear, x: torch.Tensor, **rope_target
 QuantLinear.rope_forward = _quant_linear_rope_forward
 
 
-def _quant_linear_add_norm_forward(self: QuantLinear, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                   eps: float, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(rms_norm(h) * weight, h) with h = self(x) + residual, for one row x on a GPU, by one
-    kernel: the GEMV's last row tile adds the row to the residual stream and normalises it
-    (norm_epilogue.py), as the runtime's rms_norm computes them; a one-token step's o_proj and
-    down_proj, without the norm kernel after them. silu_mul: x is [gate | up] and the product
-    is with silu(gate) * up (silu_mul_forward's). None where that does not apply (more rows, not
-    CUDA, another dtype than the scales', a launch other than the GEMV): then the caller runs the
-    layer and the norm."""
-    qw = self.quantized_weight()
-    n, k = qw.shape
-    dtype = qw.scales.dtype
-    if x.numel() != (2 * k if silu_mul else k) or x.dtype != dtype or residual.numel() != n or residual.dtype != dtype:
-        return None
-    fmt = _triton_format(x, qw)
-    if fmt is None or pick_config(1, n, k, fmt.code_bits, fmt.group_size, x.device).kernel != "gemv":
-        return None
-    lead = residual.shape
-    norm = NormTarget(residual.reshape(-1).contiguous(), weight.contiguous(), eps,
-                      torch.empty(n, dtype=dtype, device=x.device), torch.empty(n, dtype=dtype, device=x.device))
-    if not norm_takes(norm, n, dtype):
-        return None
-    _launch(x, qw, fmt, self.bias, None, pick_config, silu_mul=silu_mul, norm=norm)
-    return norm.out.view(lead), norm.h.view(lead)
-
-
-QuantLinear.add_norm_forward = _quant_linear_add_norm_forward
-
-
 def compile_kernels(model: nn.Module, max_rows: int) -> int:
     """Compile now every Triton launch model's quantized layers take for products of 1..max_rows
     rows (the engine calls it at load, with its largest step's tokens), so that none compiles while
     serving. Layers on the torch path have none; each distinct weight format and shape runs once.
     Returns the launches run."""
     seen, launches = set(), 0
-    for name, module in model.named_modules():
+    for module in model.modules():
         if not isinstance(module, QuantLinear):
             continue
         qw = module.quantized_weight()
         if _triton_format(qw.scales, qw) is None:  # the scales stand for an x of the compute dtype
             continue
-        joins_stream = name.endswith(("o_proj", "down_proj"))  # add_norm_forward's layers
         key = (qw.shape, qw.bits, qw.group_size, qw.qweight.dtype, qw.scales.dtype,
-               None if qw.zeros is None else qw.zeros.dtype, module.bias is None, qw.qweight.device, joins_stream)
+               None if qw.zeros is None else qw.zeros.dtype, module.bias is None, qw.qweight.device)
         if key not in seen:
             seen.add(key)
-            launches += compile_launches(qw, module.bias, TILES, max_rows, joins_stream)
+            launches += compile_launches(qw, module.bias, TILES, max_rows)
     return launches

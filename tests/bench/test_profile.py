@@ -192,29 +192,32 @@ def test_a_down_projection_that_takes_silu_times_up_itself_is_its_own_scope(monk
 
 
 @needs_model
-def test_projections_that_add_and_normalise_themselves_are_their_own_scopes(monkeypatch):
-    # On a GPU a quantized o_proj's or down_proj's one row also does the add + RMSNorm after it
-    # (add_norm_forward): the profile scopes and counts that call as the layer's, and the norm it
-    # replaced has no scope left (but the first layer's input norm).
+def test_a_qkv_projection_that_rotates_and_stores_kv_itself_is_its_own_scope(monkeypatch):
+    # On a GPU a quantized qkv projection's one row also runs RoPE and the KV write (rope_forward),
+    # so the model calls neither the layer nor RoPE's kernel: the profile scopes and counts that call.
     run = _tiny("int8")
-    model = run["model"]
-    o = model.model.layers[0].self_attn.o_proj
+    model, gen = run["model"], run["gen"]
+    qkv = model.model.layers[0].self_attn.qkv_proj
     taken = []
 
-    def add_norm_forward(self, x, residual, weight, eps, silu_mul=False):
-        taken.append(silu_mul)
-        return residual * 0 + 1, residual + 1
+    def rope_forward(self, x, **rope):
+        taken.append(sorted(rope))
+        return x.new_zeros(*x.shape[:-1], self.out_features)
 
-    monkeypatch.setattr(type(o), "add_norm_forward", add_norm_forward)
-    p = profile_step(model, run["gen"].kv_cache, batch_size=1, context_len=8, device="cpu",
-                     block_size=run["gen"].configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    monkeypatch.setattr(type(qkv), "rope_forward", rope_forward, raising=False)
+    def pages_to_write(layer, batch, kv_cache, x):  # as on a GPU, for the one-token steps
+        return (kv_cache.k_pages[layer].data, kv_cache.v_pages[layer].data, batch.slot_mapping) if len(x) == 1 else None
+
+    monkeypatch.setattr(type(model.attention), "pages_to_write", staticmethod(pages_to_write))
+    p = profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
+                     block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
     layers = len(model.model.layers)
-    stored = sum(t.numel() * t.element_size() for t in (*o.parameters(), *o.buffers()))
-    assert p.work["layers.*.self_attn.o_proj (+ add + norm)"].bytes == (stored + (o.in_features + 3 * o.out_features) * 4) * layers
-    assert p.work["layers.*.mlp.down_proj (+ silu*mul) (+ add + norm)"].calls == layers
-    assert p.work["layers.*.input_layernorm"].calls == 1 and "norm" not in p.work
-    assert "layers.*.post_attention_layernorm" not in p.work and "layers.*.self_attn.o_proj" not in p.work
-    assert True in taken and False in taken and "add_norm_forward" not in vars(o)  # put back
+    stored = sum(t.numel() * t.element_size() for t in (*qkv.parameters(), *qkv.buffers()))
+    x_and_y = (qkv.in_features + qkv.out_features) * 4
+    assert taken and "k_pages" in taken[0]
+    assert p.work["layers.*.self_attn.qkv_proj (+ rope, KV write)"].bytes == (stored + x_and_y) * layers
+    assert "layers.*.self_attn.qkv_proj" not in p.work and not any("rope" in s and "qkv" not in s for s in p.work)
+    assert "rope_forward" not in vars(qkv)  # put back
 
 
 @needs_model

@@ -247,35 +247,6 @@ def test_triton_gemv_takes_silu_mul_of_its_input(dtype, k):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("k, n, silu_mul, chunk", [(512, 37, False, 2048), (600, 9, True, 2048), (512, 37, False, 16)],
-                         ids=["o_proj", "down_proj", "chunks-of-16"])
-def test_triton_gemv_adds_its_row_to_the_stream_and_normalises_it(monkeypatch, dtype, k, n, silu_mul, chunk):
-    """add_norm: the GEMV's last row tile gives rms_norm(y, weight, eps, residual) of its own row
-    y, exactly as the norm's kernel after the GEMV would (a row summed in chunks: within a step),
-    and its counter is back at 0 (twice the same)."""
-    monkeypatch.setattr(fused, "NORM_CHUNK", chunk)
-    x = randn(1, (2 if silu_mul else 1) * k, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=3.0 if silu_mul else 1.0)
-    w = randn(n, k, dtype=dtype, device=KERNEL_DEVICE, seed=2, scale=0.05)
-    b = randn(n, dtype=dtype, device=KERNEL_DEVICE, seed=3)
-    r = randn(1, n, dtype=dtype, device=KERNEL_DEVICE, seed=4)
-    nw = randn(n, dtype=dtype, device=KERNEL_DEVICE, seed=5)
-    y = fused.triton_gemv(x, w, b, silu_mul_input=silu_mul)
-    want = fused.triton_rms_norm(y, nw, 1e-5, r)
-    for _ in range(2):
-        got = fused.triton_gemv(x, w, b, silu_mul_input=silu_mul, add_norm=(r, nw, 1e-5))
-        assert got[0].shape == got[1].shape == (1, n)
-        assert torch.equal(got[1], want[1])
-        if chunk >= n:
-            assert torch.equal(got[0], want[0])
-        else:
-            torch.testing.assert_close(got[0], want[0], **tolerances(dtype))
-    assert not torch.allclose(got[0], fused.triton_rms_norm(y, nw, 1e-5)[0], **tolerances(dtype))  # the residual is in
-    assert not fused._GRID_COUNTERS[torch.device(KERNEL_DEVICE)].any()
-    assert fused.linear_add_norm(x, w, b, r, nw, 1e-5, silu_mul) is None or KERNEL_DEVICE == "cuda"  # CPU: the caller's norm
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
 def test_triton_silu_mul_reads_the_halves_of_gate_up_in_place(dtype):
     gate_up = randn(5, 2 * 300, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=4.0)
     gate, up = gate_up.chunk(2, dim=-1)  # row stride 600: column slices, not contiguous
@@ -291,7 +262,7 @@ def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_
 
     import torch.nn as nn
 
-    from vibee.runtime.model import MLP, RMSNorm
+    from vibee.runtime.model import MLP
 
     class Down(nn.Module):
         def __init__(self, takes: bool):
@@ -310,17 +281,14 @@ def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_
     mlp.gate_up_proj = nn.Linear(3, 8, bias=False)
     x = torch.randn(1, 3)
     gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-    norm, residual = RMSNorm(3, 1e-6, torch.float32, "cpu"), torch.randn(1, 3)
     for takes in (True, False):
         mlp.down_proj = Down(takes)
-        y = mlp(x, norm, residual)
+        y = mlp(x)
         if takes:
-            assert mlp.down_proj.seen == [("fused", 8)]
-            want = norm(torch.full((1, 3), 7.0), residual)
+            assert mlp.down_proj.seen == [("fused", 8)] and torch.equal(y, torch.full((1, 3), 7.0))
         else:
             assert mlp.down_proj.seen == [("fused", 8), ("after silu_mul", 4)]
-            want = norm(fused.silu_mul(gate, up)[..., :3], residual)
-        assert all(torch.equal(a, b) for a, b in zip(y, want))
+            assert torch.equal(y, fused.silu_mul(gate, up)[..., :3])
 
 
 @needs_kernels
@@ -449,25 +417,6 @@ def test_gpu_silu_mul_linear_one_token_bf16():
     want = torch.nn.functional.linear(a.float(), w.float())
     got = fused.silu_mul_linear(gate_up, w)
     torch.testing.assert_close(got.float(), want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("silu_mul", [False, True], ids=["o_proj", "down_proj"])
-def test_gpu_linear_add_norm_one_token_bf16(silu_mul):
-    """A one-token o_proj / down_proj with the add + RMSNorm after it, by the GEMV alone: the
-    stream exactly the GEMV's row plus the residual, the norm as the norm's kernel computes it
-    (its sum of squares may add up in another order: within a step of bf16)."""
-    k = INNER if silu_mul else HEADS * HEAD_DIM
-    x = randn(1, (2 if silu_mul else 1) * k, dtype=torch.bfloat16, device="cuda", seed=1)
-    w = randn(HIDDEN, k, dtype=torch.bfloat16, device="cuda", seed=2, scale=0.02)
-    r = randn(1, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=3)
-    nw = randn(HIDDEN, dtype=torch.bfloat16, device="cuda", seed=4)
-    y = fused.silu_mul_linear(x, w) if silu_mul else fused.linear(x, w)
-    want = fused.rms_norm(y, nw, 1e-5, r)
-    got = fused.linear_add_norm(x, w, None, r, nw, 1e-5, silu_mul)
-    assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[0], want[0], rtol=2 * torch.finfo(torch.bfloat16).eps, atol=0)
 
 
 @pytest.mark.gpu

@@ -160,15 +160,8 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
     def silu_mul(gate, up):
         return counted("silu_mul", "layers.*.mlp.silu_mul", lambda: 3 * _nbytes(gate), 0, gate, up)
 
-    def linear_add_norm(x, weight, bias, residual, norm_weight, eps, silu_mul_input=False):
-        # x, the weight and the residual read; the stream and the normalised row written
-        scope = owner(weight, "linear_add_norm") + (" (+ silu*mul)" if silu_mul_input else "") + " (+ add + norm)"
-        return counted("linear_add_norm", scope, lambda: _nbytes(x, weight, bias, norm_weight) + 3 * _nbytes(residual),
-                       _linear_flops(x, x.shape[-1] // (2 if silu_mul_input else 1), weight.shape[0]),
-                       x, weight, bias, residual, norm_weight, eps, silu_mul_input)
-
     wrappers = {"linear": linear, "silu_mul_linear": silu_mul_linear, "rms_norm": rms_norm,
-                "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul, "linear_add_norm": linear_add_norm}
+                "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul}
     originals = {name: getattr(fused, name) for name in wrappers}
     paths = {module: fold_layer(path) for path, module in model.named_modules()}
     handles = []
@@ -190,26 +183,23 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
         module.__dict__.pop("_vibee_profile_scope").close()
 
     def fused_scoped(module, name):
-        """A quantized layer's fused forward (silu_mul_forward, rope_forward, add_norm_forward: the
-        model calls the method, not the layer) in the layer's scope, its weight read once, its
-        input read and its output written (the stream's add reads the residual and writes h and
-        the normalised row), counted as the bf16 path's fused ops are."""
+        """A quantized layer's fused forward (silu_mul_forward, rope_forward: the model calls the
+        method, not the layer) in the layer's scope, its weight read once, its input read and its
+        output written, counted as the bf16 path's fused ops are."""
         method = getattr(module, name)
 
         def forward(x, *args, **kwargs):
-            silu = name == "silu_mul_forward" or kwargs.get("silu_mul", False)
-            scope = paths[module] + (" (+ silu*mul)" if silu else "") + {
-                "rope_forward": " (+ rope, KV write)", "add_norm_forward": " (+ add + norm)"}.get(name, "")
+            scope = paths[module] + {"silu_mul_forward": " (+ silu*mul)", "rope_forward": " (+ rope, KV write)"}[name]
             with _scope(scope):
                 out = method(x, *args, **kwargs)
             if out is not None:
                 rows = x.numel() // x.shape[-1]
-                written = rows * module.out_features * x.element_size() * (3 if name == "add_norm_forward" else 1)
+                written = rows * module.out_features * x.element_size()
                 tally.add(scope, _storage_bytes(module) + _nbytes(x) + written, 2 * rows * module.in_features * module.out_features)
             return out
         return forward
 
-    fused_methods = ("silu_mul_forward", "rope_forward", "add_norm_forward")
+    fused_methods = ("silu_mul_forward", "rope_forward")
     scoped = []
     for module in model.modules():
         layer_like = hasattr(module, "in_features") and hasattr(module, "out_features") and type(module) is not nn.Linear

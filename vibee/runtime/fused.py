@@ -1,7 +1,6 @@
 """Fused ops of the decoder layer: add + RMSNorm, RoPE on q and k (its kernel in rope_kernel.py,
 optionally storing the rotated k and v in the KV cache's pages), SiLU * mul, and a one-token GEMV
-(optionally with SiLU * mul fused into its input, and with the add + RMSNorm after it done by its
-last row tile: linear_add_norm).
+(optionally with SiLU * mul fused into its input).
 
 A decode step of a small model is bound by kernel launches, not by its weights: RMSNorm in
 float32 is about seven elementwise kernels, RoPE about ten for q and k, SiLU * up two, plus the
@@ -33,14 +32,11 @@ from vibee.runtime.rope_kernel import KVWrite, triton_apply_rope_qk
 try:  # Triton is a Linux dependency; without it everything runs on the torch fallbacks
     import triton
     import triton.language as tl
-
-    # the quantized GEMV's add + RMSNorm tail, the same arithmetic as _rms_norm_kernel below
-    from vibee.kinds.quantization.norm_epilogue import NORM_CHUNK, _add_norm_tail
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["rms_norm", "apply_rope_qk", "silu_mul", "linear", "silu_mul_linear", "linear_add_norm", "torch_rms_norm", "torch_apply_rope_qk",
+__all__ = ["rms_norm", "apply_rope_qk", "silu_mul", "linear", "silu_mul_linear", "torch_rms_norm", "torch_apply_rope_qk",
            "torch_silu_mul", "rope_cos_sin", "triton_rms_norm", "triton_apply_rope_qk", "triton_silu_mul", "triton_gemv",
            "HAVE_TRITON", "KVWrite"]
 
@@ -135,20 +131,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                    norm_weight: torch.Tensor, eps: float, silu_mul_input: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """rms_norm(F.linear(x, weight, bias), norm_weight, eps, residual) for a one-token step on CUDA
-    by the GEMV alone (its last row tile adds the row to the stream and normalises it); with
-    silu_mul_input, of silu_mul_linear(x, ...). None where the GEMV does not apply: then the
-    caller runs the projection and the norm."""
-    k = weight.shape[1] * (2 if silu_mul_input else 1)
-    if not (_gemv_applies(x, weight) and x.shape[-1] == k and residual.shape[-1] == weight.shape[0]
-            and residual.numel() == weight.shape[0] and residual.dtype == x.dtype == norm_weight.dtype):
-        return None
-    return triton_gemv(x, weight, bias, silu_mul_input=silu_mul_input, add_norm=(residual, norm_weight, eps))
-
-
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(silu_mul(gate, up), weight, bias) for gate_up = cat(gate, up) along the last dim;
     a one-token step on CUDA computes silu(gate) * up inside the GEMV's loads."""
@@ -196,13 +178,11 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr,
-                     grid_count_ptr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows, a = x, or with SILU_MUL
         a = silu(x[:K]) * x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K]
-        float32 partial sums, added up after the loop. ADD_NORM: the last program to store its
-        rows also stores h = y + residual and the RMSNorm of h (the quantized GEMV's tail)."""
+        float32 partial sums, added up after the loop."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
@@ -229,9 +209,6 @@ if HAVE_TRITON:
         if HAS_BIAS:
             y += tl.load(b_ptr + rn).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-        if ADD_NORM:
-            _add_norm_tail(y_ptr, N, res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr, tl.num_programs(0),
-                           NORM_BLOCK)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -282,13 +259,11 @@ def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                silu_mul_input: bool = False, add_norm: tuple | None = None):
+                silu_mul_input: bool = False) -> torch.Tensor:
     """x [..., K] (one row) @ weight[N, K].T + bias -> [..., N] in x's dtype; silu_mul_input: x is
     [..., 2K] = cat(gate, up) and the kernel multiplies by silu(gate) * up. Tiles from an H100
     sweep at Llama-3.2-1B's projections: 4 rows (8 from 8,192 rows up) by 512 inputs, no split
-    (a few hundred programs or more already), 8 warps for 8,192 inputs and more.
-    add_norm = (residual, norm weight, eps), all in x's dtype: returns rms_norm(y, norm weight,
-    eps, residual), i.e. (normalised h, h) with h = y + residual, instead of y."""
+    (a few hundred programs or more already), 8 warps for 8,192 inputs and more."""
     n, k = weight.shape
     assert x.shape[-1] == (2 * k if silu_mul_input else k) and x.numel() == x.shape[-1], "one row of x"
     x1 = x.reshape(-1)
@@ -296,35 +271,8 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x1 = x1.contiguous()
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     block_n, block_k = (4 if n <= 4096 else 8), 512
-    tiles = triton.cdiv(n, block_n)
-    if add_norm is not None:
-        residual, norm_weight, eps = add_norm
-        assert residual.numel() == norm_weight.numel() == n and residual.dtype == norm_weight.dtype == x.dtype
-        residual, norm_weight = residual.reshape(-1).contiguous(), norm_weight.contiguous()
-        h, normed = torch.empty_like(y), torch.empty_like(y)
-        norm_args = (residual, norm_weight, float(eps), h, normed, _grid_counter(x.device))
-    else:
-        norm_args = (y, y, 0.0, y, y, y)
-    _gemv_kernel[(tiles,)](
-        x1, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), *norm_args,
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x1, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
         SILU_MUL=silu_mul_input, HAS_BIAS=bias is not None, EVEN=k % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, ADD_NORM=add_norm is not None,
-        NORM_BLOCK=min(triton.next_power_of_2(n), NORM_CHUNK) if add_norm is not None else 1,
-        num_warps=8 if k >= 8192 else 4, num_stages=3)
-    lead = (*x.shape[:-1], n)
-    if add_norm is not None:
-        return normed.view(lead), h.view(lead)
-    return y.view(lead)
-
-
-_GRID_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _grid_counter(device: torch.device) -> torch.Tensor:
-    """The GEMV's zeroed int32 counter of finished row tiles (the kernel puts it back to 0), one per
-    device, kept: a captured CUDA graph points at it. Launches that share it must run one after
-    another (one stream), as the quantized GEMV's split-K counters."""
-    counter = _GRID_COUNTERS.get(device)
-    if counter is None:
-        counter = _GRID_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if k >= 8192 else 4, num_stages=3)
+    return y.view(*x.shape[:-1], n)

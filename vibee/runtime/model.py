@@ -54,37 +54,6 @@ def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-def _silu_mul_project(layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """layer(silu(gate) * up) for gate_up = [gate | up] (a down projection)."""
-    if type(layer) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
-        return fused.silu_mul_linear(gate_up, layer.weight, layer.bias)
-    # Quantized layers that take silu * up themselves: the int GEMV's one row, fp8's rounding of its rows.
-    silu_mul_forward = getattr(layer, "silu_mul_forward", None)
-    y = silu_mul_forward(gate_up) if silu_mul_forward is not None else None
-    if y is not None:
-        return y
-    # The halves are column slices of gate_up; the Triton silu_mul reads them in place.
-    gate, up = gate_up.chunk(2, dim=-1)
-    return _project(layer, fused.silu_mul(gate, up))
-
-
-def _project_then_norm(layer: nn.Module, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor,
-                       silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """norm(y, residual) for y = layer(x) (layer(silu(gate) * up) with silu_mul, x = [gate | up]):
-    (the normalised row, the stream y + residual). A one-row GEMV adds and normalises itself
-    where it can (no norm kernel after it): fused.linear_add_norm for an unquantized layer, a
-    quantized layer's add_norm_forward; else the layer, then the norm's kernel."""
-    if type(layer) is nn.Linear:
-        out = fused.linear_add_norm(x, layer.weight, layer.bias, residual, norm.weight, norm.eps, silu_mul)
-    else:
-        fold = getattr(layer, "add_norm_forward", None)
-        out = fold(x, residual, norm.weight, norm.eps, silu_mul=silu_mul) if fold is not None else None
-    if out is not None:
-        return out
-    y = _silu_mul_project(layer, x) if silu_mul else _project(layer, x)
-    return norm(y, residual)
-
-
 # Merged projections: module -> the Hugging Face projections stacked (in this order) along its
 # output rows. Their checkpoint tensors are copied into the row ranges by load_weights.
 MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -104,9 +73,7 @@ class Attention(nn.Module):
         # generated attention: Mistral and Qwen2 run the same kernels as Llama.
         self.window = config.layer_window(layer)
 
-    def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache,
-                norm: RMSNorm, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm(o_proj(attention of x), residual): (the normalised row, the stream after the add)."""
+    def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         t = x.shape[0]
         # On a GPU the new K/V go to the cache's pages from RoPE's kernel, or for one token through a
         # quantized projection's GEMV, from the projection itself (rotated there too): a kernel or two
@@ -124,7 +91,7 @@ class Attention(nn.Module):
             q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
                                        kv_write=kv_write)
         out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=pages is not None)
-        return _project_then_norm(self.o_proj, out.reshape(t, self.num_heads * self.head_dim), norm, residual)
+        return _project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
 
     def _rotated_by_projection(self, x: torch.Tensor, rope: "RopeInputs", pages: tuple) -> torch.Tensor | None:
         """The QKV row of one token with q and k rotated and k, v stored in `pages` by the projection
@@ -146,10 +113,18 @@ class MLP(nn.Module):
         self.gate_up_proj = _linear(hidden, 2 * inner, bias, dtype)
         self.down_proj = _linear(inner, hidden, bias, dtype)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """norm(down(silu(gate) * up), residual) of x: (the normalised row, the stream after the add)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = _project(self.gate_up_proj, x)
-        return _project_then_norm(self.down_proj, gate_up, norm, residual, silu_mul=True)
+        if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
+            return fused.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+        # Quantized layers that take silu * up themselves: the int GEMV's one row, fp8's rounding of its rows.
+        silu_mul_forward = getattr(self.down_proj, "silu_mul_forward", None)
+        y = silu_mul_forward(gate_up) if silu_mul_forward is not None else None
+        if y is not None:
+            return y
+        # The halves are column slices of gate_up; the Triton silu_mul reads them in place.
+        gate, up = gate_up.chunk(2, dim=-1)
+        return _project(self.down_proj, fused.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -160,13 +135,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
 
-    def forward(self, normed, residual, rope, backend, batch, kv_cache, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """normed: this layer's input_layernorm output, residual: the stream it normalised. Returns
-        (next_norm's output, the stream after this layer): each sublayer's output is added to the
-        stream by the norm after it, the next layer's input_layernorm (or the final norm) included,
-        so that a one-token projection can do the add and the norm itself (_project_then_norm)."""
-        normed, residual = self.self_attn(normed, rope, backend, batch, kv_cache, self.post_attention_layernorm, residual)
-        return self.mlp(normed, next_norm, residual)
+    def forward(self, x, residual, rope, backend, batch, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for layer 0, residual None), residual:
+        the stream before it. Returns (this layer's MLP output, the stream before it); the add of
+        each sublayer's output to the stream happens in the next norm."""
+        normed, residual = self.input_layernorm(x, residual)
+        attn = self.self_attn(normed, rope, backend, batch, kv_cache)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -283,12 +259,10 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos_sin = None if fused.HAVE_TRITON and h.is_cuda else self.rotary(positions, h.dtype)
         rope = RopeInputs(positions, self.rotary.inv_freq, self.rotary.attention_scaling, cos_sin)
-        layers = self.model.layers
-        normed, residual = layers[0].input_layernorm(h)
-        for i, layer in enumerate(layers):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            normed, residual = layer(normed, residual, rope, self.attention, batch, kv_cache, next_norm)
-        return normed
+        residual = None
+        for layer in self.model.layers:
+            h, residual = layer(h, residual, rope, self.attention, batch, kv_cache)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return _project(self.lm_head, hidden).float()

@@ -2,14 +2,13 @@
 dense weight.
 
 Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into every generated triton module, after unpack.py, silu_mul.py, rope_epilogue.py and norm_epilogue.py and before
-kernels.py; launch.py picks its tile (constexprs) from the spec's tile table.
+into every generated triton module, after unpack.py, silu_mul.py and rope_epilogue.py and before kernels.py; launch.py picks its
+tile (constexprs) from the spec's tile table.
 """
 
 import triton
 import triton.language as tl
 
-from vibee.kinds.quantization.norm_epilogue import _add_norm_tail
 from vibee.kinds.quantization.rope_epilogue import _rope_store
 from vibee.kinds.quantization.silu_mul import _silu_times_up
 from vibee.kinds.quantization.unpack import _code_in_place, _nibble_dots
@@ -117,13 +116,12 @@ def _qgemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr, act_ptr,
     N, K, stride_qn, stride_sn, stride_zn, k_per_split,
     pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph,
-    res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr,
     GROUP: tl.constexpr, SCALE_PER_TILE: tl.constexpr, CODE_BITS: tl.constexpr, FLIP: tl.constexpr,
     CODE_OFFSET: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_LOP3: tl.constexpr,
     PACKED16: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
 ):
     """y[n] = sum_k x[k] (u[n, k] - zero) scale[n, k // GROUP] + bias[n] for BLOCK_N rows; u is
     the code as stored (offset to unsigned), zero the offset or zero point.
@@ -149,9 +147,7 @@ def _qgemv_kernel(
     11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign).
     ROPE: the weight is a QKV projection's (Q_HEADS, KV_HEADS heads of HEAD_DIM rows, BLOCK_N
     whole heads); y is stored by rope_epilogue.py's _rope_store (q and k rotated for the token's
-    position, k and v also into the KV pages at its slot): the pointers after k_per_split are its.
-    ADD_NORM: y joins the residual stream; the last row tile to be stored also adds y to the
-    residual and normalises it (norm_epilogue.py's _add_norm_tail, the pointers after stride_ph)."""
+    position, k and v also into the KV pages at its slot): the pointers after k_per_split are its."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES
     pid_n = tl.program_id(0)
@@ -195,9 +191,6 @@ def _qgemv_kernel(
                         block_size, stride_pb, stride_ps, stride_ph, BLOCK_N, HEAD_DIM, Q_HEADS, KV_HEADS, USE_LIBDEVICE)
         else:
             tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
-        if ADD_NORM:
-            _add_norm_tail(y_ptr, N, res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr, tl.num_programs(0),
-                           NORM_BLOCK)
     else:
         tl.store(part_ptr + pid_k * N + rn, y, mask=n_mask)
         # Every thread's store before the counter's release (one thread does the atomic).
@@ -216,6 +209,3 @@ def _qgemv_kernel(
             else:
                 tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
             tl.store(count_ptr + pid_n, 0)
-            if ADD_NORM:
-                _add_norm_tail(y_ptr, N, res_ptr, norm_w_ptr, eps, h_ptr, normed_ptr, grid_count_ptr,
-                               tl.num_programs(0), NORM_BLOCK)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from vibee.kinds.quantization.gemv import _qgemv_kernel
 from vibee.kinds.quantization.kernels import _dequant_kernel, _qmm_kernel, _qmm_slices_kernel
-from vibee.kinds.quantization.norm_epilogue import NormTarget, norm_arguments, norm_takes
 from vibee.kinds.quantization.rope_epilogue import RopeTarget, rope_arguments, rope_takes
 from vibee.kinds.quantization.wgmma import gluon, wgmma_linear, wgmma_tma_ready
 
@@ -230,31 +229,21 @@ def distinct_launches(tiles: tuple[LaunchTile, ...], max_rows: int, n: int, k: i
 
 
 def compile_launches(qw: QuantizedWeight, bias: torch.Tensor | None, tiles: tuple[LaunchTile, ...],
-                     max_rows: int, joins_stream: bool = False) -> int:
+                     max_rows: int) -> int:
     """Run every distinct launch of qw for 1..max_rows rows once, on zeros, so that Triton compiles
     them now: a first compile takes about a second, and mid-serving it stalls every request (H200,
     `bench throughput --quant int4`: four compiles inside the timed loop took 4.1 of its 8.8 s).
-    The one-row GEMV also compiles taking silu(gate) * up (a down projection's, see _launch), and
-    for a layer whose output joins the residual stream (joins_stream: o_proj, down_proj) with the
-    add + RMSNorm after it, on x and on silu(gate) * up. Returns the launches run."""
+    The one-row GEMV also compiles taking silu(gate) * up (a down projection's, see _launch).
+    Returns the launches run."""
     fmt = _format(qw)
     n, k = qw.shape
     device, dtype = qw.qweight.device, qw.scales.dtype
     launches = distinct_launches(tiles, max_rows, n, k, device)
-    runs = 0
     for m, config in launches:
         _launch(torch.zeros(m, k, dtype=dtype, device=device), qw, fmt, bias, config, None)
-        runs += 1
-        if m != 1 or config.kernel != "gemv":
-            continue
-        row = torch.zeros(n, dtype=dtype, device=device)
-        norm = NormTarget(row, row, 1e-6, torch.empty_like(row), torch.empty_like(row))
-        variants = [dict(silu_mul=True)] + ([dict(norm=norm), dict(silu_mul=True, norm=norm)] if joins_stream else [])
-        for variant in variants:
-            width = 2 * k if variant.get("silu_mul") else k
-            _launch(torch.zeros(1, width, dtype=dtype, device=device), qw, fmt, bias, config, None, **variant)
-        runs += len(variants)
-    return runs
+        if m == 1 and config.kernel == "gemv":
+            _launch(torch.zeros(1, 2 * k, dtype=dtype, device=device), qw, fmt, bias, config, None, silu_mul=True)
+    return len(launches) + sum(m == 1 and config.kernel == "gemv" for m, config in launches)
 
 
 def _split(tiles: int, k: int, block_k: int, programs: int, min_tiles: int = 4) -> int:
@@ -281,24 +270,19 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tensor | None, config: KernelConfig | None,
             pick: Callable[[int, int, int, int, int, torch.device], KernelConfig] | None,
-            silu_mul: bool = False, rope: RopeTarget | None = None, norm: NormTarget | None = None) -> torch.Tensor:
+            silu_mul: bool = False, rope: RopeTarget | None = None) -> torch.Tensor:
     """x @ dequantize(qw).T + bias with `config`, or (config None) the launch pick(m, n, k, code bits,
     group size, device) gives. silu_mul: x is one row [gate | up] of twice the weight's inputs, in
     the scales' dtype, and the product is with silu(gate) * up, taken by the GEMV as it loads x.
-    rope: the GEMV of one row stores y as RoPE leaves it and k, v in the pages (rope_epilogue.py).
-    norm: the GEMV of one row (x in the scales' dtype) also stores norm.h = y + norm.residual and
-    norm.out = the RMSNorm of h (norm_epilogue.py); y is returned as without it."""
+    rope: the GEMV of one row stores y as RoPE leaves it and k, v in the pages (rope_epilogue.py)."""
     out_features, in_features = qw.shape
     width = 2 * in_features if silu_mul else in_features
     if x.shape[-1] != width:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight {in_features}"
                          + (" (twice that with silu_mul: gate and up)" if silu_mul else ""))
     dtype = qw.scales.dtype
-    if (silu_mul or norm is not None) and (x.numel() != width or x.dtype != dtype):
-        raise ValueError(f"silu_mul and norm take one row of x in the scales' dtype ({dtype}), got {tuple(x.shape)} {x.dtype}")
-    if norm is not None and (rope is not None or not norm_takes(norm, out_features, dtype)):
-        raise ValueError(f"norm: residual, weight, h and out must be contiguous rows of {out_features} {dtype} values"
-                         + (", and rope stores y itself: not both" if rope is not None else ""))
+    if silu_mul and (x.numel() != width or x.dtype != dtype):
+        raise ValueError(f"silu_mul takes one row of x in the scales' dtype ({dtype}), got {tuple(x.shape)} {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, width).to(dtype)
     if x2.stride(-1) != 1:
@@ -314,8 +298,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     cfg = config or pick(m, out_features, in_features, fmt.code_bits, fmt.group_size, x.device)
     if cfg.kernel == "gemv" and m != 1:
         raise ValueError(f"the gemv kernel takes one row of x, got {m}")
-    if (silu_mul or rope is not None or norm is not None) and cfg.kernel != "gemv":
-        raise ValueError(f"silu_mul, rope and norm are the gemv kernel's, not the {cfg.kernel} kernel's")
+    if (silu_mul or rope is not None) and cfg.kernel != "gemv":
+        raise ValueError(f"silu_mul and rope are the gemv kernel's, not the {cfg.kernel} kernel's")
     if rope is not None and not rope_takes(rope, out_features, cfg.block_n):
         raise ValueError(f"rope: {out_features} rows of {rope.q_heads} + 2 x {rope.kv_heads} heads of {rope.head_dim} "
                          f"in tiles of {cfg.block_n} rows, pages {tuple(rope.k_pages.shape)}: not whole heads a tile, "
@@ -355,9 +339,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     b_arg = bias if bias is not None else scales
     z_stride = zeros.stride(0) if has_zeros else 0
     tiles = triton.cdiv(out_features, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m))
-    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile;
-    # the norm's last row tile by one more after them
-    counters = _tile_counters(x.device, tiles + 1) if split > 1 or norm is not None else part
+    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile
+    counters = _tile_counters(x.device, tiles) if split > 1 else part
     if cfg.kernel == "gemv":
         grid = (tiles, split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}
@@ -367,8 +350,7 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
             out_features, in_features, fmt.words.stride(0), scales.stride(0), z_stride, k_per_split,
             **gemv_consts, FLIP=fmt.magic & 0x80, CODE_OFFSET=fmt.offset - _MAGIC_F, SPLIT_K=split,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ONE_LOP3=x.device.type == "cuda", PACKED16=packed16,
-            STAGES=cfg.num_stages, SILU_MUL=silu_mul, **rope_arguments(rope, y), **norm_arguments(norm, y, counters, tiles),
-            num_warps=cfg.num_warps,
+            STAGES=cfg.num_stages, SILU_MUL=silu_mul, **rope_arguments(rope, y), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     elif cfg.kernel == "wgmma":

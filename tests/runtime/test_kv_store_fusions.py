@@ -1,9 +1,7 @@
-"""What a one-token step folds into fewer kernels on a GPU. Where a layer's new K/V reach the paged
-cache: from RoPE's kernel (fused.KVWrite), or, for one token through a quantized QKV projection,
-from the projection's GEMV, which rotates q and k too (QuantLinear.rope_forward); either way the
-cache's own write and, for the GEMV, RoPE's kernel are not launched. And the add + RMSNorm after
-a quantized o_proj or down_proj, done by the projection's GEMV (QuantLinear.add_norm_forward): no
-norm kernel but the first layer's. The logits and the pages are the torch path's.
+"""Where a layer's new K/V reach the paged cache on a GPU: from RoPE's kernel (fused.KVWrite), or,
+for one token through a quantized QKV projection, from the projection's GEMV, which rotates q and k
+too (QuantLinear.rope_forward). Either way the cache's own write and, for the GEMV, RoPE's kernel are
+not launched; the logits and the pages are the torch path's.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: the tests send the model's
 fused ops (and the quantized layers) to them as a GPU would."""
@@ -23,47 +21,42 @@ from vibee.runtime import fused
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 APPLY_ROPE_QK = fused.apply_rope_qk
-RMS_NORM = fused.rms_norm
 needs_kernels = pytest.mark.skipif(
     not fused.HAVE_TRITON or (not INTERPRETED and not torch.cuda.is_available()),
     reason="needs Triton with a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
 
 
-def tiny_model(quantize: tuple[str, ...] = (), dtype: torch.dtype = torch.float32):
+def tiny_model(quantize: bool):
     from tests.runtime.hf_models import generated, make_model
     from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
 
     model_dir = Path(tempfile.mkdtemp(prefix="vibee-kv-store-"))
     make_model(model_dir, "llama")
-    loaded = load_model_dir(model_dir, dtype=dtype, device=DEVICE, progress=False)
+    loaded = load_model_dir(model_dir, dtype=torch.float32, device=DEVICE, progress=False)
     model = build_model(loaded, generated(), flash_attn=False).eval()
-    for layer in model.model.layers:  # these projections in int4, their scales in the model's dtype
-        for name in quantize:
-            parent, _, attr = name.rpartition(".")
-            module = layer.get_submodule(parent)
-            setattr(module, attr, generated().quantization.QuantLinear.from_linear(getattr(module, attr),
-                                                                                  dtype=dtype))
+    if quantize:  # the QKV projections in int4, their scales in the model's float32
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj = generated().quantization.QuantLinear.from_linear(layer.self_attn.qkv_proj,
+                                                                                      dtype=torch.float32)
     return model
 
 
 def run_steps(model, monkeypatch, kernels: bool):
     """A prompt of 11 tokens then two decode steps on a fresh paged cache, the fused ops on their
     kernels or not; returns each step's logits, the cache, the layers the cache's write was called
-    for, the token counts RoPE's kernel or torch path ran on and those the norms ran on."""
+    for and the token counts RoPE's kernel or torch path ran on."""
     from tests.runtime.hf_models import generated
     from vibee.runtime.attention import make_attention_batch
 
     monkeypatch.setattr(fused, "_use_triton", lambda x: kernels)
     cfg, kv = model.config, generated().kv_cache
-    cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, block_size=4,
+    cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32, block_size=4,
                             device=DEVICE)
     writes, ropes = [], []
     real_write = cache.write
     cache.write = lambda *a: (writes.append(a[0]), real_write(*a))
     monkeypatch.setattr(fused, "apply_rope_qk", lambda q, *a, **kw: (ropes.append(q.shape[0]), APPLY_ROPE_QK(q, *a, **kw))[1])
-    norms = []
-    monkeypatch.setattr(fused, "rms_norm", lambda x, *a, **kw: (norms.append(x.shape[0]), RMS_NORM(x, *a, **kw))[1])
     ids = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(0)).tolist()
     logits, table = [], [5, 2, 7, 0]
     for q_len, seq_len in ((11, 11), (1, 12), (1, 13)):
@@ -71,20 +64,20 @@ def run_steps(model, monkeypatch, kernels: bool):
         step = torch.tensor(ids[seq_len - q_len: seq_len], device=DEVICE)
         with torch.no_grad():
             logits.append(model.compute_logits(model(step, batch.positions(), batch, cache)))
-    return logits, cache, writes, ropes, norms
+    return logits, cache, writes, ropes
 
 
-def assert_same_steps(got, want, tolerance: float = 1e-4) -> None:
+def assert_same_steps(got, want) -> None:
     for a, b in zip(got[0], want[0]):
-        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip((*got[1].k_pages, *got[1].v_pages), (*want[1].k_pages, *want[1].v_pages)):
-        torch.testing.assert_close(a.data, b.data, rtol=tolerance / 10, atol=tolerance / 10)
+        torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
 def test_rope_kernel_writes_the_kv_cache_where_it_runs(monkeypatch):
     """Unquantized: every step's K/V reach the cache through RoPE's kernel, never the cache's write."""
-    model = tiny_model()
+    model = tiny_model(quantize=False)
     layers = model.config.num_layers
     want = run_steps(model, monkeypatch, kernels=False)
     got = run_steps(model, monkeypatch, kernels=True)
@@ -99,7 +92,7 @@ def test_a_quantized_qkv_gemv_rotates_and_stores_kv_at_one_token(monkeypatch):
     projection's GEMV (rope_forward): no RoPE call and no cache write at one token."""
     from tests.runtime.hf_models import generated
     impl = generated().quantization
-    model = tiny_model(("self_attn.qkv_proj",))
+    model = tiny_model(quantize=True)
     layers = model.config.num_layers
     want = run_steps(model, monkeypatch, kernels=False)
     # the quantized layers' kernels on CPU tensors, as on a GPU
@@ -108,37 +101,6 @@ def test_a_quantized_qkv_gemv_rotates_and_stores_kv_at_one_token(monkeypatch):
     assert got[2] == [] and got[3] == [11] * layers
     assert want[3] == [11] * layers + [1] * 2 * layers
     assert_same_steps(got, want)
-
-
-@needs_kernels
-def test_quantized_o_and_down_gemvs_add_and_normalise_at_one_token(monkeypatch):
-    """int4 o_proj and down_proj: at one token each adds its row to the residual stream and
-    normalises it (add_norm_forward), so a decode step runs one norm kernel, the first layer's
-    input norm, where the torch path runs two a layer and the final one; the prompt runs them all."""
-    from tests.runtime.hf_models import generated
-    impl = generated().quantization
-    model = tiny_model(("self_attn.o_proj", "mlp.down_proj"))
-    layers = model.config.num_layers
-    want = run_steps(model, monkeypatch, kernels=False)
-    monkeypatch.setattr(impl, "_triton_format", lambda x, qw: impl._format(qw))
-    got = run_steps(model, monkeypatch, kernels=True)
-    every = 2 * layers + 1
-    assert want[4] == [11] * every + [1] * 2 * every
-    assert got[4] == [11] * every + [1] * 2
-    assert_same_steps(got, want)
-
-
-@needs_kernels
-def test_unquantized_o_and_down_gemvs_add_and_normalise_at_one_token(monkeypatch):
-    """fp16 (the GEMV's dtypes): at one token fused.linear_add_norm folds the norm after o_proj
-    and down_proj into their GEMVs as the quantized layers do."""
-    model = tiny_model(dtype=torch.float16)
-    every = 2 * model.config.num_layers + 1
-    want = run_steps(model, monkeypatch, kernels=False)
-    got = run_steps(model, monkeypatch, kernels=True)
-    assert want[4] == [11] * every + [1] * 2 * every
-    assert got[4] == [11] * every + [1] * 2
-    assert_same_steps(got, want, tolerance=2e-2)
 
 
 def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
