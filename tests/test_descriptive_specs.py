@@ -56,5 +56,28 @@ def test_type_named_like_a_generated_class_is_a_spec_error(gen_from_text, spec_t
     from vibee.frontend.errors import SpecError
 
     text = DESCRIPTIVE.format(kind="continuous_batch", Kind="ContinuousBatch").replace("ContinuousBatchNotes:", "Scheduler:")
-    with pytest.raises(SpecError, match="type 'Scheduler' clashes with a name the generated continuous_batch module binds"):
-        gen_from_text(text, name="igla_continuous_batch", target="torch")
+    for _ in range(2):  # the second time from the checks remembered for this spec and text
+        with pytest.raises(SpecError, match="type 'Scheduler' clashes with a name the generated continuous_batch module binds"):
+            gen_from_text(text, name="igla_continuous_batch", target="torch")
+
+
+def test_a_plan_checks_each_rendered_file_once_per_spec(monkeypatch, spec_text, tmp_path):
+    """Rendered files are parsed and checked once per spec and text: a process that builds many
+    engines (tests, the server's restarts) plans the same six specs each time."""
+    from vibee.codegen import generate
+    from vibee.ir.load import load_specs
+
+    checked = []
+    monkeypatch.setattr(generate, "_CHECKED", {})
+    monkeypatch.setattr(generate, "clashes", lambda spec, text, template: checked.append(template) or [])
+    path = tmp_path / "igla_kv_cache.vibee"
+    path.write_text(spec_text("kv_cache"), encoding="utf-8")
+    (spec,), _ = load_specs([path])
+    generate.plan([spec], tmp_path)
+    assert len(checked) == 3
+    generate.plan([spec], tmp_path)
+    assert len(checked) == 3
+    path.write_text(spec_text("kv_cache").replace("block_size: 16", "block_size: 8"), encoding="utf-8")
+    (changed,), _ = load_specs([path])
+    generate.plan([changed], tmp_path)
+    assert len(checked) == 6
