@@ -8,3 +8,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "format_matrix: a kernel check on a fixed format, the same whatever the spec says")
+    config.addinivalue_line("markers", "kernels: runs the Triton kernels in the interpreter")

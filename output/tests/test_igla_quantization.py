@@ -728,8 +728,14 @@ import dataclasses
 import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter_only = pytest.mark.skipif(not INTERPRET, reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def interpreter_only(test):
+    """A test that runs the Triton kernels on the CPU (TRITON_INTERPRET=1), marked `kernels`."""
+    skipped = pytest.mark.skipif(not INTERPRET, reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
+    return pytest.mark.kernels(skipped(test))
+
 
 # (bits, storage of the codes, symmetric, group size): the spec's own format first.
 SPEC_STORAGE = 'int32'

@@ -25,6 +25,8 @@ from vibee.runtime.served_model import quantize
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
 
 CALIBRATION = {"calibration_samples": 16, "calibration_seq_len": 256}
+# What an engine needs to calibrate at load and serve: the quality is test_gptq_moves_the_logits_...'s.
+SERVING_CALIBRATION = {"calibration_samples": 4, "calibration_seq_len": 64}
 
 
 def words(text: str) -> list[int]:
@@ -81,7 +83,7 @@ def test_gptq_moves_the_logits_less_than_round_to_nearest():
 
 
 def test_engine_serves_gptq_weights_and_reports_the_method():
-    knobs = {"quantization": {"method": "gptq", **CALIBRATION}}
+    knobs = {"quantization": {"method": "gptq", **SERVING_CALIBRATION}}
     engine = LLMEngine(EngineConfig(device="cpu", quant="int4", knobs=knobs), progress=False)
     info = engine.applied_quantization()
     assert info["method"] == "gptq" and info["bits"] == 4 and info["source"] == "quantized at load"
@@ -110,7 +112,7 @@ def test_awq_folds_leave_the_float_model_unchanged():
 
 
 def test_engine_serves_awq_weights():
-    knobs = {"quantization": {"method": "awq", **CALIBRATION}}
+    knobs = {"quantization": {"method": "awq", **SERVING_CALIBRATION}}
     engine = LLMEngine(EngineConfig(device="cpu", quant="int4", knobs=knobs), progress=False)
     assert engine.applied_quantization()["method"] == "awq"
     prompt = engine.tokenizer.encode("import os\n", add_special_tokens=False)
