@@ -154,15 +154,25 @@ def test_counted_scopes_put_everything_back():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
+def _stored_bytes(layer) -> int:
+    """What a layer's weights take in memory: what its one-row forward reads."""
+    return sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+
+
+def _one_token_step(model, gen):
+    """The profile of one batch-1 decode step at context 8 on the CPU."""
+    return profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
+                        block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+
+
 @needs_model
 def test_quantized_layers_are_scopes_with_their_stored_bytes():
     run = _tiny("int8")
     model, gen = run["model"], run["gen"]
-    p = profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
-                       block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    p = _one_token_step(model, gen)
     layer = model.model.layers[0].mlp.gate_up_proj
     assert type(layer) is not nn.Linear  # quantized
-    stored = sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+    stored = _stored_bytes(layer)
     x_and_y = (layer.in_features + layer.out_features) * 4
     assert p.work["layers.*.mlp.gate_up_proj"].bytes == stored * len(model.model.layers) + x_and_y * len(model.model.layers)
 
@@ -181,10 +191,9 @@ def test_a_down_projection_that_takes_silu_times_up_itself_is_its_own_scope(monk
         return gate_up.new_zeros(*gate_up.shape[:-1], self.out_features)
 
     monkeypatch.setattr(type(down), "silu_mul_forward", silu_mul_forward)
-    p = profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
-                     block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    p = _one_token_step(model, gen)
     layers = len(model.model.layers)
-    stored = sum(t.numel() * t.element_size() for t in (*down.parameters(), *down.buffers()))
+    stored = _stored_bytes(down)
     gate_up_and_y = (2 * down.in_features + down.out_features) * 4
     assert taken and p.work["layers.*.mlp.down_proj (+ silu*mul)"].bytes == (stored + gate_up_and_y) * layers
     assert "layers.*.mlp.down_proj" not in p.work
@@ -209,10 +218,9 @@ def test_a_qkv_projection_that_rotates_and_stores_kv_itself_is_its_own_scope(mon
         return (kv_cache.k_pages[layer].data, kv_cache.v_pages[layer].data, batch.slot_mapping) if len(x) == 1 else None
 
     monkeypatch.setattr(type(model.attention), "pages_to_write", staticmethod(pages_to_write))
-    p = profile_step(model, gen.kv_cache, batch_size=1, context_len=8, device="cpu",
-                     block_size=gen.configs.kv_cache.block_size, steps=1, warmup_steps=1)
+    p = _one_token_step(model, gen)
     layers = len(model.model.layers)
-    stored = sum(t.numel() * t.element_size() for t in (*qkv.parameters(), *qkv.buffers()))
+    stored = _stored_bytes(qkv)
     x_and_y = (qkv.in_features + qkv.out_features) * 4
     assert taken and "k_pages" in taken[0]
     assert p.work["layers.*.self_attn.qkv_proj (+ rope, KV write)"].bytes == (stored + x_and_y) * layers
