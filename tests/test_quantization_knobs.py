@@ -121,6 +121,44 @@ def test_code_type_fp8_stores_e4m3_codes_per_channel(gen_from_text, quantization
     assert fp8.run_tests(*VARIANT_SUITE) == 0  # the generated suite (fp8 codes, W8A8 kernels in the interpreter) passes
 
 
+def with_fp8_tiles(text: str, rows: str, max_rows: int = 16) -> str:
+    """The spec text with its fp8_tiles table replaced by `rows` (lines of "    - {...}") and fp8_triton_max_rows set."""
+    changed, count = re.subn(r"^  fp8_tiles:\n(?:    - .*\n)+", "  fp8_tiles:\n" + rows, text, count=1, flags=re.M)
+    assert count == 1, "the spec has no fp8_tiles: table"
+    return with_config(changed, "fp8_triton_max_rows", max_rows)
+
+
+def test_fp8_tiles_and_triton_rows_choose_the_w8a8_launch(gen_from_text, quantization_spec):
+    rows = ("    - {max_m: 4, block_m: 16, block_n: 32, block_k: 64, num_warps: 2, num_stages: 2}\n"
+            "    - {block_m: 32, block_n: 16, block_k: 32, num_warps: 1, num_stages: 1}\n")
+    variant = gen_from_text(with_fp8_tiles(fp8_spec(quantization_spec), rows, max_rows=3), "igla_quantization")
+    impl = variant.impl
+    assert [impl.fp8_tile(m) for m in (1, 4, 5, 300)] == [(16, 32, 64, 2, 2)] * 2 + [(32, 16, 32, 1, 1)] * 2
+    cpu = torch.device("cpu")
+    assert impl.TRITON_MAX_ROWS == 3 and impl.triton_takes(3, 40, 256, cpu) and not impl.triton_takes(4, 40, 256, cpu)
+    shipped = gen_from_text(fp8_spec(quantization_spec), "igla_quantization").impl
+    assert shipped.fp8_tile(5) == (16, 64, 128, 4, 4) and shipped.triton_takes(16, 40, 256, cpu)
+    explained = variant.spec.config.derived()  # vibee explain
+    assert explained["fp8 tile for M <= 4"] == "16x32x64, 2 warps, 2 stages" and "fp8 tile for M any" in explained
+    assert explained["fp8 Triton kernel"].startswith("up to 3 rows") and not any(k.startswith("tile for") for k in explained)
+    # its suite: the W8A8 products on these tiles in the interpreter, the Triton/cuBLASLt split at 3 rows
+    assert variant.run_tests(*VARIANT_SUITE, "-k", "fp8 or w8a8 or cublas") == 0
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("    - {max_m: 16, block_m: 16, block_n: 64, block_k: 128}\n", "the last row of fp8_tiles must cover every product"),
+    ("    - {max_m: 64, block_m: 64, block_n: 64, block_k: 128}\n    - {max_m: 16, block_m: 16, block_n: 64, block_k: 128}\n"
+     "    - {block_m: 128, block_n: 128, block_k: 128}\n", r"fp8_tiles\[1\] is never used: its max_m 16 is not above"),
+    ("    - {block_m: 128, block_n: 128, block_k: 16}\n", "block_k must be a power of two from 32 to 256, got 16"),
+    ("    - {block_m: 128, block_n: 100, block_k: 128}\n", "block_n must be a power of two from 16 to 256, got 100"),
+], ids=["no-catch-all", "shadowed", "block-k", "block-n"])
+def test_bad_fp8_tiles_are_spec_errors(gen_from_text, quantization_spec, rows, message):
+    with pytest.raises(SpecError) as caught:
+        gen_from_text(with_fp8_tiles(quantization_spec, rows), "igla_quantization")
+    rendered = caught.value.render()
+    assert re.search(r"igla_quantization\.vibee:\d+:\d+: error: .*" + message, rendered), rendered
+
+
 def test_code_type_fp8_with_integer_settings_is_an_error_at_its_line(gen_from_text, quantization_spec):
     text = quantization_spec.replace("  bits: 4", "  bits: 4\n  code_type: fp8", 1)
     with pytest.raises(SpecError) as caught:

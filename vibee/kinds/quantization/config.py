@@ -11,7 +11,7 @@ from pydantic import field_validator, model_validator
 
 from vibee.ir.spec import KindConfig, knob
 from vibee.kinds.quantization.layout import quantized_weight_bytes
-from vibee.kinds.quantization.tiles import MatmulTile, measured_tiles
+from vibee.kinds.quantization.tiles import FP8_TRITON_MAX_ROWS, Fp8Tile, MatmulTile, measured_fp8_tiles, measured_tiles
 
 BITS_ALLOWED = (4, 8)
 MIN_GROUP_SIZE = 32
@@ -114,6 +114,23 @@ class QuantizationConfig(KindConfig):
             " row must cover every product (no max_m, min_n 0, no gpu)."
         ),
     )
+    fp8_tiles: list[Fp8Tile] = knob("compile",
+        default_factory=measured_fp8_tiles,
+        description=(
+            "code_type fp8: launch tiles of the W8A8 Triton kernel by activation rows M: the first row whose max_m"
+            " (none: any) is >= M. max_m grows down the table and the last row has none."
+        ),
+    )
+    fp8_triton_max_rows: int = knob("compile",
+        FP8_TRITON_MAX_ROWS,
+        ge=0,
+        le=4096,
+        description=(
+            "code_type fp8: up to this many activation rows the Triton kernel runs even where cuBLASLt's fp8 GEMM"
+            " could (bf16 on a GPU whose torch has it); more rows take cuBLASLt, but where the Triton kernel splits"
+            " k 4 ways or more (a narrow weight) and has at most 16 rows a split."
+        ),
+    )
     method: Literal["rtn", "gptq", "awq"] = knob("compile",
         "rtn",
         flag="--quant-method",
@@ -214,6 +231,17 @@ class QuantizationConfig(KindConfig):
                     raise ValueError(f"tiles[{i}] is never used: tiles[{j}] comes first and matches every product it would")
         return value
 
+    @field_validator("fp8_tiles")
+    @classmethod
+    def _fp8_tiles_grow_and_cover_every_product(cls, value: list[Fp8Tile]) -> list[Fp8Tile]:
+        if not value or value[-1].max_m is not None:
+            raise ValueError("the last row of fp8_tiles must cover every product: no max_m")
+        bounds = [t.max_m for t in value[:-1]]
+        for i, (earlier, later) in enumerate(zip(bounds, bounds[1:]), start=1):
+            if later <= earlier:
+                raise ValueError(f"fp8_tiles[{i}] is never used: its max_m {later} is not above fp8_tiles[{i - 1}]'s {earlier}")
+        return value
+
     @field_validator("skip_modules")
     @classmethod
     def _skip_modules_are_names(cls, value: list[str]) -> list[str]:
@@ -267,7 +295,10 @@ class QuantizationConfig(KindConfig):
             "bits per weight": f"{bpw:.3f} (codes {self.bits} + scales/zeros {bpw - self.bits:.3f}, group {group})",
             "compression vs bf16": f"{16 / bpw:.2f}x",
             f"weight {out_f}x{in_f} (Llama-3-8B down_proj)": f"{quantized / 2**20:.1f} MiB (bf16: {bf16 / 2**20:.1f} MiB)",
-            **{f"tile for M {_rows(t.max_m)}, N >= {t.min_n}": t.summary() for t in self.tiles},
+            **({f"fp8 tile for M {_rows(t.max_m)}": t.summary() for t in self.fp8_tiles}
+               | {"fp8 Triton kernel": f"up to {self.fp8_triton_max_rows} rows (more: cuBLASLt, but narrow weights)"}
+               if self.code_type == "fp8" else
+               {f"tile for M {_rows(t.max_m)}, N >= {t.min_n}": t.summary() for t in self.tiles}),
         }
 
 

@@ -1,9 +1,10 @@
 """The fp8 (W8A8) quantized matmul's Triton kernels: y = (x rounded to fp8 per row) @ w.T with
 fp32 accumulation, scaled per row and per output channel, for a code_type fp8 module.
 
-Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into a generated triton module whose code_type is fp8, after fp8_rounding.py and silu_mul.py, so that module
-stands alone.
+Static code. The quantization templates copy it (from the marker below on) into a generated
+triton module whose code_type is fp8, after fp8_rounding.py and silu_mul.py, so that module stands
+alone; that module defines FP8_TILES and TRITON_MAX_ROWS from the spec (fp8_tiles,
+fp8_triton_max_rows). Imported from here, the defaults below stand in for them.
 """
 
 import weakref
@@ -15,6 +16,10 @@ import triton.language as tl
 from vibee.kinds.quantization.fp8_rounding import _e4m3
 from vibee.kinds.quantization.silu_mul import _silu_times_up
 from vibee.kinds.quantization.tile_order import _program_tile
+from vibee.kinds.quantization.tiles import FP8_TRITON_MAX_ROWS, measured_fp8_tiles
+
+FP8_TILES = tuple(tile.launch() for tile in measured_fp8_tiles())
+TRITON_MAX_ROWS = FP8_TRITON_MAX_ROWS
 
 # ---- copied into generated modules from here ----
 
@@ -123,12 +128,12 @@ ONE_PASS_MAX = 16384  # the longest row fp8_rows keeps in registers (64 fp32 a t
 
 
 def fp8_tile(m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a product with m activation rows."""
-    if m <= 16:
-        return 16, 64, 128, 4, 4
-    if m <= 64:
-        return 64, 128, 128, 4, 4
-    return 128, 128, 128, 8, 4
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a product with m activation rows:
+    the first row of FP8_TILES whose max_m (None: any) is at least m."""
+    for max_m, *launch in FP8_TILES:
+        if max_m is None or m <= max_m:
+            return tuple(launch)
+    raise ValueError(f"no row of FP8_TILES takes {m} rows: the last row must have no max_m")
 
 
 def fp8_split(tiles: int, k: int, block_k: int, device: torch.device) -> int:
@@ -166,12 +171,6 @@ def _fp32_scales(scales: torch.Tensor) -> torch.Tensor:
     row = scales.reshape(1, -1).float().contiguous()
     _FP32_SCALES[id(scales)] = (weakref.ref(scales), row)
     return row
-
-
-# Up to this many rows the Triton kernel runs even where cuBLASLt's would: H100, each Llama-3.2-1B
-# projection at 1 and 16 rows (fp8_rows included, CUDA graphs after an L2 flush), it took 0.69-1.00x
-# cuBLASLt row-wise's time (2048x8192: 20.6 against 29.9 us at one row).
-TRITON_MAX_ROWS = 16
 
 
 def triton_takes(m: int, n: int, k: int, device: torch.device) -> bool:

@@ -1,6 +1,7 @@
 """The launch tiles of the quantization kind's Triton kernels, as the spec writes them (config
 `tiles`): a table of rows by activation rows M and weight rows N, and the measured defaults.
-launch.py reads the same rows (as LaunchTile) in the generated module."""
+launch.py reads the same rows (as LaunchTile) in the generated module. The fp8 kernel's table
+(config `fp8_tiles`, by M only) is Fp8Tile's; fp8_kernels.py reads its rows as tuples."""
 
 from __future__ import annotations
 
@@ -173,4 +174,70 @@ def measured_tiles() -> list[MatmulTile]:
                    programs_per_sm=2, swap_ab=True, join_codes=True),
         MatmulTile(kernel="mm", min_n=32768, block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4),
         MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3),
+    ]
+
+
+class Fp8Tile(BaseModel):
+    """One row of the fp8 (W8A8) Triton kernel's tile table (config `fp8_tiles`): the launch for
+    products whose activation has at most max_m rows (none: any). The first matching row wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
+    block_m: StrictInt = Field(description="activation rows per program (power of two, 16..256)")
+    block_n: StrictInt = Field(description="weight output rows per program (power of two, 16..256)")
+    block_k: StrictInt = Field(description="fp8 values along the input per step (power of two, 32..256)")
+    num_warps: StrictInt = Field(4, description="warps per program (power of two, 1..32)")
+    num_stages: StrictInt = Field(4, description="software-pipelining stages of the k loop (1..8)")
+
+    @field_validator("max_m")
+    @classmethod
+    def _max_m_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_m must be at least 1 (or left out: any M), got {value}")
+        return value
+
+    @field_validator("block_m", "block_n")
+    @classmethod
+    def _tile_power_of_two(cls, value: int, info: ValidationInfo) -> int:
+        return _power_of_two(info.field_name, value, MIN_TILE, MAX_TILE)
+
+    @field_validator("block_k")
+    @classmethod
+    def _block_k_power_of_two(cls, value: int) -> int:
+        return _power_of_two("block_k", value, 32, MAX_TILE)  # fp8 tl.dot takes k in steps of 32
+
+    @field_validator("num_warps")
+    @classmethod
+    def _warps_power_of_two(cls, value: int) -> int:
+        return _power_of_two("num_warps", value, 1, MAX_WARPS)
+
+    @field_validator("num_stages")
+    @classmethod
+    def _stages_in_range(cls, value: int) -> int:
+        if not 1 <= value <= MAX_STAGES:
+            raise ValueError(f"num_stages must be from 1 to {MAX_STAGES}, got {value}")
+        return value
+
+    def launch(self) -> tuple[int | None, int, int, int, int, int]:
+        """(max_m, block_m, block_n, block_k, num_warps, num_stages): the row as the kernels read it."""
+        return self.max_m, self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages
+
+    def summary(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}, {self.num_warps} warps, {self.num_stages} stages"
+
+
+# Up to this many rows the fp8 Triton kernel runs even where cuBLASLt's would: H100, each
+# Llama-3.2-1B projection at 1 and 16 rows (fp8_rows included, CUDA graphs after an L2 flush), it
+# took 0.69-1.00x cuBLASLt row-wise's time (2048x8192: 20.6 against 29.9 us at one row).
+FP8_TRITON_MAX_ROWS = 16
+
+
+def measured_fp8_tiles() -> list[Fp8Tile]:
+    """The fp8 kernel's tiles by activation rows (H100, Llama-3.2-1B's projections): 16-row tiles
+    up to 16 rows, 64 up to 64, then 128 x 128 on 8 warps."""
+    return [
+        Fp8Tile(max_m=16, block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4),
+        Fp8Tile(max_m=64, block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4),
+        Fp8Tile(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4),
     ]
