@@ -6,9 +6,9 @@ launch.py reads the same rows (as LaunchTile) in the generated module. The fp8 k
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator, model_validator
 
 # Launch tiles: tl.dot needs 16 in every dimension; a k tile is whole 32-bit words of 8-bit codes
 # (and launch.py never shrinks it below 32).
@@ -23,6 +23,24 @@ def _power_of_two(name: str, value: int, low: int, high: int) -> int:
     return value
 
 
+def _max_m_positive(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"max_m must be at least 1 (or left out: any M), got {value}")
+    return value
+
+
+def _stages_in_range(value: int) -> int:
+    if not 1 <= value <= MAX_STAGES:
+        raise ValueError(f"num_stages must be from 1 to {MAX_STAGES}, got {value}")
+    return value
+
+
+# The fields both tile tables have, with their checks.
+MaxRows = Annotated[StrictInt | None, AfterValidator(_max_m_positive)]
+Warps = Annotated[StrictInt, AfterValidator(lambda value: _power_of_two("num_warps", value, 1, MAX_WARPS))]
+Stages = Annotated[StrictInt, AfterValidator(_stages_in_range)]
+
+
 class MatmulTile(BaseModel):
     """One row of the kernels' tile table: the launch for products whose activation has at most
     max_m rows (none: any) and whose weight at least min_n output rows. The first matching row wins."""
@@ -34,14 +52,14 @@ class MatmulTile(BaseModel):
                     " 16-bit compute, tl.dot per code position (other formats take 'mm'); 'wgmma': 4-bit codes on"
                     " Hopper, brought by TMA and unpacked while the previous tile's async wgmma runs (elsewhere 'mm'); 'dense': dequantize"
                     " the whole weight (block_n x block_k tiles), then torch.matmul")
-    max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
+    max_m: MaxRows = Field(None, description="the most activation rows this row covers; none: any number")
     min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
     block_m: StrictInt = Field(1, description="activation rows per program (gemv: 1; mm: a power of two, 16..256)")
     block_n: StrictInt = Field(description="weight output rows per program (power of two, 16..256)")
     min_block_n: StrictInt = Field(description="block_n halves down to this while the grid has fewer programs than SMs (default: block_n)")
     block_k: StrictInt = Field(description="codes along the input per step (power of two, 32..512), halved until it divides the row")
-    num_warps: StrictInt = Field(4, description="warps per program (power of two, 1..32)")
-    num_stages: StrictInt = Field(3, description="software-pipelining stages of the k loop (1..8)")
+    num_warps: Warps = Field(4, description="warps per program (power of two, 1..32)")
+    num_stages: Stages = Field(3, description="software-pipelining stages of the k loop (1..8)")
     programs_per_sm: StrictInt = Field(0, description="split-K brings the grid near this many programs per SM (0..64); 0: no split")
     swap_ab: StrictBool = Field(False, description="'mm': computed as y.T = w @ x.T, the dequantized weight tile as"
                                                    " tl.dot's first operand (rows of x fill only the MMA's N)")
@@ -56,13 +74,6 @@ class MatmulTile(BaseModel):
         if isinstance(data, dict) and "min_block_n" not in data and "block_n" in data:
             return {**data, "min_block_n": data["block_n"]}
         return data
-
-    @field_validator("max_m")
-    @classmethod
-    def _max_m_positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"max_m must be at least 1 (or left out: any M), got {value}")
-        return value
 
     @field_validator("min_n", "programs_per_sm")
     @classmethod
@@ -99,18 +110,6 @@ class MatmulTile(BaseModel):
     @classmethod
     def _block_k_power_of_two(cls, value: int) -> int:
         return _power_of_two("block_k", value, MIN_BLOCK_K, MAX_BLOCK_K)
-
-    @field_validator("num_warps")
-    @classmethod
-    def _warps_power_of_two(cls, value: int) -> int:
-        return _power_of_two("num_warps", value, 1, MAX_WARPS)
-
-    @field_validator("num_stages")
-    @classmethod
-    def _stages_in_range(cls, value: int) -> int:
-        if not 1 <= value <= MAX_STAGES:
-            raise ValueError(f"num_stages must be from 1 to {MAX_STAGES}, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _rows_fit_the_kernel(self) -> MatmulTile:
@@ -183,19 +182,12 @@ class Fp8Tile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_m: StrictInt | None = Field(None, description="the most activation rows this row covers; none: any number")
+    max_m: MaxRows = Field(None, description="the most activation rows this row covers; none: any number")
     block_m: StrictInt = Field(description="activation rows per program (power of two, 16..256)")
     block_n: StrictInt = Field(description="weight output rows per program (power of two, 16..256)")
     block_k: StrictInt = Field(description="fp8 values along the input per step (power of two, 32..256)")
-    num_warps: StrictInt = Field(4, description="warps per program (power of two, 1..32)")
-    num_stages: StrictInt = Field(4, description="software-pipelining stages of the k loop (1..8)")
-
-    @field_validator("max_m")
-    @classmethod
-    def _max_m_positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"max_m must be at least 1 (or left out: any M), got {value}")
-        return value
+    num_warps: Warps = Field(4, description="warps per program (power of two, 1..32)")
+    num_stages: Stages = Field(4, description="software-pipelining stages of the k loop (1..8)")
 
     @field_validator("block_m", "block_n")
     @classmethod
@@ -206,18 +198,6 @@ class Fp8Tile(BaseModel):
     @classmethod
     def _block_k_power_of_two(cls, value: int) -> int:
         return _power_of_two("block_k", value, 32, MAX_TILE)  # fp8 tl.dot takes k in steps of 32
-
-    @field_validator("num_warps")
-    @classmethod
-    def _warps_power_of_two(cls, value: int) -> int:
-        return _power_of_two("num_warps", value, 1, MAX_WARPS)
-
-    @field_validator("num_stages")
-    @classmethod
-    def _stages_in_range(cls, value: int) -> int:
-        if not 1 <= value <= MAX_STAGES:
-            raise ValueError(f"num_stages must be from 1 to {MAX_STAGES}, got {value}")
-        return value
 
     def launch(self) -> tuple[int | None, int, int, int, int, int]:
         """(max_m, block_m, block_n, block_k, num_warps, num_stages): the row as the kernels read it."""
