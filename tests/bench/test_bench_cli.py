@@ -241,6 +241,7 @@ def _tiny_random_model(root: Path) -> Path:
     ("default", ["--structured-output", "json_object"]),
     ("default", ["--structured-output", "json_schema"]),
     ("default", ["--structured-output", "tool_call"]),
+    ("default", ["--structured-output", "lark_expr"]),
 ])
 def test_throughput_end_to_end(tmp_path, model, extra):
     pytest.importorskip("vibee.runtime.engine", reason="the engine's modules are not all there yet")

@@ -23,6 +23,7 @@ from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.structured_output import (StructuredOutputs, TokenConstraint, grammar_for_json_object,
                                              grammar_for_json_schema, grammar_for_lark, grammar_for_regex)
 from vibee.runtime.grammar_table import DFAConstraint, GrammarTable, TokenDFAs
+from vibee.runtime.lark_regex import NESTED_LARK
 from vibee.runtime.token_dfa import NotRegular, compile_dfa, regular_pattern
 
 REGEX = r"(GET|POST) /[a-z]{1,8}(/[a-z0-9]{1,4}){0,2} HTTP/1\.[01]"
@@ -78,7 +79,9 @@ def test_regular_grammars_are_found_and_the_rest_left_to_llguidance():
     assert re.fullmatch(regular_pattern(grammar_for_json_schema(schema)), '{"n": 42}')
     assert regular_pattern(grammar_for_json_object()) is None  # any depth: not regular
     assert re.fullmatch(regular_pattern(grammar_for_lark('start: "a"+ ("," NAME)?\nNAME: /[a-z]+/')), "aa,b")
-    assert regular_pattern(grammar_for_lark('start: "(" start ")" | "x"')) is None  # recursion: not regular
+    nested = 'start: "(" start ")" | "x"'  # not regular: compiled as the grammar nested up to a depth
+    assert regular_pattern(grammar_for_lark(nested)) == (NESTED_LARK, nested)
+    assert regular_pattern(grammar_for_lark('start: %json {"type": "array"}')) is None  # llguidance's extension
     assert regular_pattern("not a grammar") is None
 
 
@@ -181,12 +184,13 @@ def test_only_a_device_grammar_lets_a_row_run_in_rounds(eng):
 
 def test_only_a_host_grammar_keeps_steps_from_overlapping(eng):
     """A token DFA's state is on the device, and so is JSON mode's (with its stack): their
-    requests need no tokens on the host before the next step; llguidance's (a recursive Lark
-    grammar) does."""
+    requests need no tokens on the host before the next step; llguidance's (a Lark grammar with its
+    `%json` extension) does."""
     eng.add_request("dfa", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_regex(REGEX)))
     eng.add_request("json", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_json_object()))
     assert eng._num_penalized == 0 and eng._can_overlap()
-    eng.add_request("host", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=grammar_for_lark('start: "(" start ")" | "x"')))
+    host_only = grammar_for_lark('start: %json {"type": "array"}')
+    eng.add_request("host", [5, 6, 7], SamplingParams(max_tokens=4, structured_output=host_only))
     assert eng._num_penalized == 1 and not eng._can_overlap()
     for request in ("dfa", "json", "host"):
         eng.abort_request(request)

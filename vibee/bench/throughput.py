@@ -95,16 +95,29 @@ BENCH_TOOLS = [{"type": "function", "function": {"name": name, "parameters": {
                              ("get_time", {"zone": {"type": "string"}})]]
 
 
+# Arithmetic in a Lark grammar: a rule nested inside itself (brackets), open to the end.
+BENCH_LARK = """start: expr
+expr: term (("+" | "-") term)*
+term: factor (("*" | "/") factor)*
+factor: NUMBER | "(" expr ")" | "-" factor
+NUMBER: /[0-9]+/
+%ignore " "
+"""
+
+
 def bench_grammar(name: str) -> str | None:
     """The grammar of `--structured-output` NAME: none, json_object (JSON mode's token automaton
-    with a stack), json_schema (BENCH_SCHEMA), text_regex ([^<>]*, open to the end) or tool_call
-    (BENCH_TOOLS, one call required), the last three token DFAs; all on the device."""
-    from vibee.runtime.structured_output import grammar_for_json_object, grammar_for_json_schema, grammar_for_regex
+    with a stack), json_schema (BENCH_SCHEMA), text_regex ([^<>]*, open to the end), tool_call
+    (BENCH_TOOLS, one call required) or lark_expr (BENCH_LARK, nested up to 16 deep), the last four
+    token DFAs; all on the device."""
+    from vibee.runtime.structured_output import (grammar_for_json_object, grammar_for_json_schema, grammar_for_lark,
+                                                 grammar_for_regex)
     from vibee.server.tool_calls import plan_tools
 
     makers = {"none": lambda: None, "json_object": grammar_for_json_object,
               "json_schema": lambda: grammar_for_json_schema(BENCH_SCHEMA), "text_regex": lambda: grammar_for_regex("[^<>]*"),
-              "tool_call": lambda: plan_tools(BENCH_TOOLS, "required", False, "").grammar}
+              "tool_call": lambda: plan_tools(BENCH_TOOLS, "required", False, "").grammar,
+              "lark_expr": lambda: grammar_for_lark(BENCH_LARK)}
     return makers[name]()
 
 def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0,

@@ -5,10 +5,19 @@ itself (directly or through others) only at the end or the start of its alternat
 or `x: x c | b` or both, is solved as `a* b c*` (Arden's lemma: the grammar's language, not an
 approximation): lists written recursively decode on the device. `%ignore`d terminals may stand
 before each token of a rule and after the last (never inside a terminal), as Lark's lexer skips
-them. Recursion anywhere else (a rule nested inside itself, `"(" x ")"`, or at both ends of one
-alternative), or what a regex can't say the same way (templates, a grammar that is one literal
-flagged other than case-insensitive) or Lark can't read (llguidance's extensions: `%json`, `&`,
-`~` on terminals, special tokens) has no regex here and stays with llguidance.
+them. What a regex can't say the same way (templates, a grammar that is one literal flagged other
+than case-insensitive) or Lark can't read (llguidance's extensions: `%json`, `&`, `~` on terminals,
+special tokens) stays with llguidance.
+
+A rule nested inside itself (`x: "(" x ")" | "a"`, and through other rules: `value: "[" value
+("," value)* "]" | NUMBER`) is not regular. It is unrolled NESTING levels deep (level 0 takes the
+rule's alternatives that need no nesting, level k+1 the rule with level k in each place it names
+itself): the grammar's language up to that depth, exactly, and no deeper. That language is built as
+a DAG (each level shared by the next, not copied) and made a DFA level by level with interegular's
+operations (lark_fsm), each level reduced, since one regex of it would double in size at each level
+where the rule is named twice. One bracket type grows the DFA by a few states a level; several
+(JSON's arrays in objects in arrays...) multiply it, and a DFA past MAX_NESTED_STATES stays with
+llguidance (exactly, at any depth).
 
 The regex stands for the grammar's language as a context-free grammar (Lark's Earley parser
 accepts exactly it); llguidance's lexer takes the longest terminal at each point, which refuses
@@ -20,14 +29,58 @@ import copy
 from typing import Any
 
 
+# How deep a rule nested inside itself is unrolled (the device's language: that deep, no deeper), and
+# the most states a level's DFA may have (several bracket types multiply the states at each level).
+NESTING = 16
+MAX_NESTED_STATES = 2048
+
+# device_pattern's key for a grammar whose rules nest: (NESTED_LARK, its text), compiled by lark_fsm.
+NESTED_LARK = "nested_lark"
+
+
 class _NotRegular(Exception):
     pass
 
 
 def lark_regex(text: str) -> str | None:
-    """The regex of Lark grammar `text` (its `start` rule), or None when it has none here."""
+    """The regex of Lark grammar `text` (its `start` rule), or None when it has none here (a rule
+    nested inside itself included)."""
+    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern
+
+    tree = _start(text, nesting=0)
+    try:
+        pattern = TerminalTreeToPattern().transform(PrepareLiterals().transform(tree)) if tree is not None else None
+    except Exception:  # noqa: BLE001 - Lark's own errors at a bad range and the like: llguidance reports them
+        return None
+    return _flagged(pattern) if pattern is not None else None
+
+
+def lark_pattern(text: str) -> str | tuple[str, str] | None:
+    """What the device constrains Lark grammar `text` with: its regex, (NESTED_LARK, text) when its
+    rules nest (lark_fsm compiles it, on the engine's compile thread), or None (llguidance)."""
+    tree = _start(text, NESTING)
+    if tree is None:
+        return None
+    return (NESTED_LARK, text) if _has(tree, "nested") else lark_regex(text)
+
+
+def lark_fsm(text: str, nesting: int = NESTING) -> Any:
+    """interegular's DFA of Lark grammar `text`, its rules nested up to `nesting` deep, or None
+    (not a grammar here, or a DFA past MAX_NESTED_STATES)."""
     from lark.exceptions import LarkError
-    from lark.load_grammar import GrammarBuilder, PrepareLiterals, TerminalTreeToPattern
+
+    tree = _start(text, nesting)
+    try:
+        return _fsm(tree, {}).reduce() if tree is not None else None
+    except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AssertionError):
+        return None
+
+
+def _start(text: str, nesting: int) -> Any:
+    """The tree of `text`'s start rule, every rule and terminal in its place (a DAG where rules
+    nest), or None."""
+    from lark.exceptions import LarkError
+    from lark.load_grammar import GrammarBuilder
 
     # GrammarBuilder's definitions are Lark's internals (as Lark 1.3 has them): a Lark whose
     # internals differ leaves every grammar to llguidance (AttributeError below) rather than err.
@@ -38,16 +91,19 @@ def lark_regex(text: str) -> str | None:
         if "start" not in definitions or any(d.params for d in definitions.values()):
             return None
         ignored = _ignored(definitions, builder._ignore_names)
-        tree = _inlined(definitions, "start", (), ignored)
+        tree = _inlined(definitions, "start", (), ignored, nesting)
         if ignored is not None:  # ignored text after the last token too
             tree = _sequence([tree, copy.deepcopy(ignored)])
-        pattern = TerminalTreeToPattern().transform(PrepareLiterals().transform(tree))
+        return tree
     except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AttributeError, AssertionError):
         return None  # not regular, llguidance's dialect, or an error llguidance reports with its caret
+
+
+def _flagged(pattern: Any) -> str | None:
+    """A Lark pattern as a regex: a flagged pattern alone (inside others Lark already writes its flags
+    inline) keeps case-insensitive, a flag interegular reads; the others stay with llguidance."""
     if not pattern.flags:
         return pattern.to_regexp()
-    # A flagged pattern alone (inside others Lark already writes its flags inline): case-insensitive
-    # is a flag token_dfa's regex parser (interegular) reads; the others stay with llguidance.
     return f"(?i:{pattern.to_regexp()})" if set(pattern.flags) == {"i"} else None
 
 
@@ -58,11 +114,11 @@ def _ignored(definitions: dict[str, Any], names: list[str]) -> Any:
 
     if not names:
         return None
-    either = _alternatives([_inlined(definitions, name, (), None) for name in names])
+    either = _alternatives([_inlined(definitions, name, (), None, 0) for name in names])
     return Tree("expr", [either, Token("OP", "*")])
 
 
-def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ignored: Any) -> Any:
+def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ignored: Any, nesting: int) -> Any:
     """A copy of rule or terminal `name`'s tree with every rule and terminal it names in its place;
     a reference to `name` itself is solved here (_solved), one to a rule it is inside of is left
     for that rule to solve. In a rule, each token (a terminal or a literal) follows `ignored`
@@ -81,7 +137,7 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ign
         for i, child in enumerate(node.children):
             if isinstance(child, Symbol):
                 if child.name != name and child.name not in stack:
-                    inlined = _inlined(definitions, child.name, (*stack, name), ignored)
+                    inlined = _inlined(definitions, child.name, (*stack, name), ignored, nesting)
                     token = in_rule and definitions[child.name].is_term
                     node.children[i] = _sequence([copy.deepcopy(ignored), inlined]) if token else inlined
             elif isinstance(child, Tree):
@@ -93,38 +149,62 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ign
                     node.children[i] = _sequence([copy.deepcopy(ignored), child])
                 else:
                     todo.append(child)
-    return _solved(tree, name)
+    return _solved(tree, name, nesting)
 
 
-def _mentions(tree: Any, name: str) -> bool:
+def _mentions(tree: Any, name: str, seen: dict[int, bool] | None = None) -> bool:
+    """Whether tree (a DAG where rules nest: each node looked at once) refers to rule `name`."""
     from lark import Tree
     from lark.grammar import Symbol
 
     if isinstance(tree, Symbol):
         return tree.name == name
-    return isinstance(tree, Tree) and any(_mentions(child, name) for child in tree.children)
+    if not isinstance(tree, Tree):
+        return False
+    seen = {} if seen is None else seen
+    if id(tree) not in seen:
+        seen[id(tree)] = any(_mentions(child, name, seen) for child in tree.children)
+    return seen[id(tree)]
 
 
-def _solved(tree: Any, name: str) -> Any:
-    """The language of `name: tree` without `name` in it: each alternative refers to name at most
-    at its end (A name), or at its start (name C), or not at all (B), and then name is A* B C*
-    (Arden's lemma, both ways); _NotRegular where name is inside an alternative otherwise."""
+def _has(tree: Any, data: str, seen: dict[int, bool] | None = None) -> bool:
+    """Whether tree has a node `data` (a DAG: each node looked at once)."""
+    from lark import Tree
+
+    if not isinstance(tree, Tree):
+        return False
+    seen = {} if seen is None else seen
+    if id(tree) not in seen:
+        seen[id(tree)] = tree.data == data or any(_has(child, data, seen) for child in tree.children)
+    return seen[id(tree)]
+
+
+def _solved(tree: Any, name: str, nesting: int) -> Any:
+    """The language of `name: tree` without `name` in it. Each alternative that refers to name at
+    its end (A name) or its start (name C), or not at all (B), makes name A* B C* (Arden's lemma,
+    both ways). Where name is also (or only) nested inside an alternative, A, B or C still name it,
+    and that is unrolled `nesting` levels deep (_unrolled); _NotRegular at nesting 0."""
     from lark import Token, Tree
 
     if not _mentions(tree, name):
         return tree
     before, rest, after = [], [], []
     for alternative in tree.children if tree.data == "expansions" else [tree]:
-        for at_end, repeated in ((True, before), (False, after)):
-            try:
-                a, b = _split(alternative, name, at_end)
-            except _NotRegular:
-                continue
-            repeated.append(a)
-            rest.append(b)
-            break
+        split = None
+        for nested in (False, True):  # at an end with name nowhere else first
+            for at_end, repeated in ((True, before), (False, after)):
+                try:
+                    split = (repeated, *_split(alternative, name, at_end, nested))
+                    break
+                except _NotRegular:
+                    continue
+            if split is not None:
+                break
+        if split is None:  # name only inside it (in brackets, in a repetition): unrolled whole
+            rest.append(alternative)
         else:
-            raise _NotRegular(f"{name} refers to itself other than at one end of an alternative")
+            split[0].append(split[1])
+            rest.append(split[2])
     core = _alternatives(rest)
     if core is None:
         raise _NotRegular(f"{name} never ends (every alternative refers to it again)")
@@ -133,7 +213,57 @@ def _solved(tree: Any, name: str) -> Any:
     items.append(core)
     if tails is not None:
         items.append(Tree("expr", [tails, Token("OP", "*")]))
-    return _sequence(items)
+    solved = _sequence(items)
+    if not _mentions(solved, name):
+        return solved
+    if nesting == 0:
+        raise _NotRegular(f"{name} inside itself")
+    return _unrolled(solved, name, nesting)
+
+
+def _unrolled(tree: Any, name: str, nesting: int) -> Any:
+    """`name: tree` nested at most `nesting` deep: level 0 is tree without the alternatives that
+    name it, level k+1 tree with level k for name. Each level is a node `nested` [tree, k] that
+    the next one shares (not a copy), so the DAG grows by one tree a level."""
+    from lark import Tree
+
+    level = _substituted(tree, name, None, {})
+    if level is None:
+        raise _NotRegular(f"{name} never ends (every alternative refers to it again)")
+    level = Tree("nested", [level, 0])
+    for k in range(1, nesting + 1):
+        level = Tree("nested", [_substituted(tree, name, level, {}), k])
+    return level
+
+
+def _substituted(tree: Any, name: str, by: Any, done: dict[int, Any]) -> Any:
+    """tree with `by` in each place that names `name` (by None: the empty language, and then None
+    for a tree that has no string left). Parts that do not name it are shared, not copied."""
+    from lark import Tree
+    from lark.grammar import Symbol
+
+    if isinstance(tree, Symbol) and tree.name == name:
+        return by
+    if not isinstance(tree, Tree) or not _mentions(tree, name):
+        return tree
+    if id(tree) in done:
+        return done[id(tree)]
+    children = [_substituted(child, name, by, done) for child in tree.children]
+    data, first = tree.data, children[0] if children else None
+    if data == "expansions":
+        out = _alternatives(children)
+    elif data == "expansion" or data in ("value", "nested"):
+        out = None if any(c is None for c in children) else Tree(data, children)
+    elif data == "maybe" or data == "expr" and len(children) == 2 and children[1] in ("?", "*"):
+        out = Tree(data, children) if first is not None else _sequence([])
+    elif data == "expr" and first is None:  # x+ or x ~ n..m of nothing: nothing, or the empty string at n = 0
+        out = _sequence([]) if children[1] == "~" and int(children[2]) == 0 else None
+    elif data == "expr":
+        out = Tree(data, children)
+    else:
+        raise _NotRegular(f"{name} inside {data}")
+    done[id(tree)] = out
+    return out
 
 
 def _sequence(items: list[Any]) -> Any:
@@ -150,9 +280,10 @@ def _alternatives(options: list[Any]) -> Any:
     return Tree("expansions", present) if present else None
 
 
-def _split(tree: Any, name: str, at_end: bool) -> tuple[Any, Any]:
-    """(A, B) with tree's language = A name | B (at_end) or name A | B, name in neither; None for
-    a part with no strings. _NotRegular where name is anywhere but that end."""
+def _split(tree: Any, name: str, at_end: bool, nested: bool) -> tuple[Any, Any]:
+    """(A, B) with tree's language = A name | B (at_end) or name A | B, name in neither (with
+    `nested`: name may stand inside A or B too, in the other items of a sequence); None for a part
+    with no strings. _NotRegular where name is anywhere but that end."""
     from lark.grammar import Symbol
 
     if not _mentions(tree, name):
@@ -160,23 +291,74 @@ def _split(tree: Any, name: str, at_end: bool) -> tuple[Any, Any]:
     if isinstance(tree, Symbol):  # name itself: the empty string before (or after) it
         return _sequence([]), None
     if tree.data == "expansions":
-        parts = [_split(child, name, at_end) for child in tree.children]
+        parts = [_split(child, name, at_end, nested) for child in tree.children]
         return _alternatives([a for a, _ in parts]), _alternatives([b for _, b in parts])
     if tree.data == "expansion":
         items = list(tree.children)
         end, others = (items[-1], items[:-1]) if at_end else (items[0], items[1:])
-        if any(_mentions(item, name) for item in others):
+        if not nested and any(_mentions(item, name) for item in others):
             raise _NotRegular(f"{name} inside itself")
-        a, b = _split(end, name, at_end)
+        a, b = _split(end, name, at_end, nested)
 
         def around(part):  # a copy of the other items each time: a tree must not hold one node twice
             rest = copy.deepcopy(others)
             return None if part is None else _sequence(rest + [part] if at_end else [part] + rest)
         return around(a), around(b)
     if tree.data == "value":
-        return _split(tree.children[0], name, at_end)
+        return _split(tree.children[0], name, at_end, nested)
     optional = tree.data == "maybe" or tree.data == "expr" and len(tree.children) == 2 and tree.children[1] == "?"
     if optional:  # [x] and x?: x or nothing
-        a, b = _split(tree.children[0], name, at_end)
+        a, b = _split(tree.children[0], name, at_end, nested)
         return a, _alternatives([b, _sequence([])])
     raise _NotRegular(f"{name} repeated ({tree.data})")
+
+
+def _fsm(tree: Any, done: dict[int, Any]) -> Any:
+    """interegular's FSM of a tree (a DAG where rules nest, each node made once): a part with no
+    nesting in it through its regex, as lark_regex writes it; the rest with FSM operations, each
+    level reduced and held to MAX_NESTED_STATES."""
+    import interegular
+    from interegular.fsm import FSM, epsilon
+    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern
+
+    if id(tree) in done:
+        return done[id(tree)]
+    if not _has(tree, "nested"):
+        regex = _flagged(TerminalTreeToPattern().transform(PrepareLiterals().transform(copy.deepcopy(tree))))
+        if regex is None:
+            raise _NotRegular("a flag interegular does not read")
+        made = interegular.parse_pattern(regex).to_fsm()
+    else:
+        data, children = tree.data, tree.children
+        if data == "nested":  # level k may have (k + 1) / (NESTING + 1) of the states: a DFA that
+            # grows by more than that share a level (several bracket types) stops early, not at the cap
+            made = _fsm(children[0], done).reduce()
+            level = children[1]
+            if len(made.states) > MAX_NESTED_STATES * (level + 1) // (NESTING + 1):
+                raise _NotRegular(f"level {level} has {len(made.states)} states, more than its share of {MAX_NESTED_STATES}")
+        elif data == "expansion":
+            made = FSM.concatenate(*(_fsm(child, done) for child in children))
+        elif data == "expansions":
+            made = FSM.union(*(_fsm(child, done) for child in children))
+        elif data == "value":
+            made = _fsm(children[0], done)
+        else:
+            inner = _fsm(children[0], done)
+            op = "?" if data == "maybe" else children[1]
+            maybe = FSM.union(inner, epsilon(inner.alphabet))
+            if op == "?":
+                made = maybe
+            elif op == "*":
+                made = inner.star()
+            elif op == "+":
+                made = FSM.concatenate(inner, inner.star())
+            elif op == "~":  # n, or n..m: n times, then up to m - n times more
+                low = int(children[2])
+                high = int(children[3]) if len(children) > 3 else low
+                if high < low:
+                    raise _NotRegular("a bad range")
+                made = FSM.concatenate(inner.times(low), maybe.times(high - low))
+            else:
+                raise _NotRegular(f"an operator {op}")
+    done[id(tree)] = made
+    return made

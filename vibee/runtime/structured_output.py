@@ -10,8 +10,8 @@ forward runs on the device, copied there, and the sampler sets every other logit
 logprobs, greedy or random sampling. When the grammar is complete only EOS is allowed, so the
 choice ends with finish_reason "stop".
 
-A regular grammar (a regex, a JSON schema with a regular form, a Lark grammar without recursion,
-a tool plan) is not masked this way: its
+A regular grammar (a regex, a JSON schema with a regular form, a Lark grammar, its nested rules up
+to a depth, a tool plan) is not masked this way: its
 token DFA (token_dfa.py) is loaded into a table on the device, whose rows mask and advance the
 choice on the device, in decode rounds too, with no host round trip per token. So is JSON mode,
 as a token automaton with a stack of open containers (json_pda.py).

@@ -4,7 +4,8 @@ the device, inside decode rounds, with no host round trip per token.
 
 interegular builds the DFA over characters and every token is walked through it (numpy over the
 vocabulary): for each state, the tokens allowed and the state each leads to; outlines_core writes
-a JSON schema as a regex, lark_regex.py a Lark grammar without recursion. The table next[s, t]
+a JSON schema as a regex, lark_regex.py a Lark grammar as one (or, where its rules nest, as a DFA
+of the grammar nested up to a depth). The table next[s, t]
 is the state token t leads to from state s (-1: t is not allowed); grammar_table.py loads it onto
 the device with its bitmask. The end-of-sequence tokens are allowed in final states only and
 lead to a sink that allows only them, so a constraint that is complete ends its choice with
@@ -13,7 +14,7 @@ finish_reason "stop", as llguidance's host masks do.
 Text the pattern forces keeps to its canonical tokens when the tokenizer's encode is given, as
 llguidance's masks do (tool calls' fixed text needs it: vibee/server/tool_calls.py writes a tool
 plan as one regex). JSON mode (json_object) is not regular: json_pda.py compiles it to a token
-automaton with a stack. Other grammars that are not regular (recursive Lark grammars) stay with
+automaton with a stack. A Lark grammar whose DFA nested that deep has too many states stays with
 llguidance (structured_output.py), as does one whose DFA does not fit the table's free rows.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vibee.runtime.lark_regex import lark_regex
+from vibee.runtime.lark_regex import NESTED_LARK, lark_fsm, lark_pattern
 
 
 class NotRegular(ValueError):
@@ -56,8 +57,9 @@ JSON_OBJECT = ("json_object",)
 
 
 def device_pattern(grammar: str) -> str | tuple | None:
-    """What the device constrains `grammar` with: its regex (regular_pattern), JSON_OBJECT for
-    JSON mode as grammar_for_json_object writes it (compact, any depth), else None (llguidance)."""
+    """What the device constrains `grammar` with: its regex or a nested Lark grammar's key
+    (regular_pattern), JSON_OBJECT for JSON mode as grammar_for_json_object writes it (compact, any
+    depth), else None (llguidance)."""
     try:
         parts = json.loads(grammar)["grammars"]
         if len(parts) == 1 and parts[0].get("json_schema") == {"type": "object", "x-guidance": {"whitespace_flexible": False}}:
@@ -67,15 +69,15 @@ def device_pattern(grammar: str) -> str | tuple | None:
     return regular_pattern(grammar)
 
 
-def regular_pattern(grammar: str) -> str | None:
+def regular_pattern(grammar: str) -> str | tuple | None:
     """The regex of an llguidance grammar (structured_output.py's grammar_for_*) when it is one:
-    a regex grammar, a JSON schema outlines_core writes as a regex, or a Lark grammar without
-    recursion (lark_regex.py); None for the rest (JSON objects of any depth, recursive Lark
-    grammars, llguidance's Lark extensions), which only llguidance constrains."""
+    a regex grammar, a JSON schema outlines_core writes as a regex, or a Lark grammar (lark_regex.py:
+    its regex, or (NESTED_LARK, text) where its rules nest); None for the rest (JSON objects of any
+    depth, llguidance's Lark extensions), which only llguidance constrains."""
     try:
         parts = json.loads(grammar)["grammars"]
     except (ValueError, KeyError, TypeError):
-        return lark_regex(grammar)  # grammar_for_lark's: the Lark text as written
+        return lark_pattern(grammar)  # grammar_for_lark's: the Lark text as written
     if len(parts) != 1:
         return None
     part = parts[0]
@@ -124,11 +126,12 @@ def token_bytes(ll_tokenizer: Any, size: int) -> list[bytes | None]:
     return out
 
 
-def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int], vocab_size: int,
+def compile_dfa(pattern: str | tuple, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int], vocab_size: int,
                 max_states: int, encode: Callable[[str], list[int]] | None = None) -> TokenDFA:
-    """The token DFA of `pattern` (Python regex syntax, matched against the whole output) over a
-    vocabulary whose token i is tokens[i]; vocab_size (>= len(tokens)) is the logits' width.
-    NotRegular when the pattern does not compile or has more than max_states states.
+    """The token DFA of `pattern` (Python regex syntax, matched against the whole output, or
+    (NESTED_LARK, text): a Lark grammar whose rules nest, lark_fsm's DFA) over a vocabulary whose
+    token i is tokens[i]; vocab_size (>= len(tokens)) is the logits' width. NotRegular when the
+    pattern does not compile or has more than max_states states.
 
     interegular turns the pattern into a DFA over characters (with classes of characters); every
     token is walked through it from every state at once, one character position at a time
@@ -140,13 +143,18 @@ def compile_dfa(pattern: str, tokens: Sequence[bytes | None], eos_token_ids: Seq
 
     if not eos_token_ids:
         raise NotRegular("the model has no end-of-sequence token")
-    if len(pattern) > MAX_PATTERN_CHARS:
+    if isinstance(pattern, tuple) and pattern[0] == NESTED_LARK:
+        fsm = lark_fsm(pattern[1])
+        if fsm is None:
+            raise NotRegular("its rules nest into more states than the device's DFA holds")
+    elif len(pattern) > MAX_PATTERN_CHARS:
         raise NotRegular(f"the pattern has {len(pattern)} characters, more than the {MAX_PATTERN_CHARS} compiled here")
+    else:
+        try:
+            fsm = interegular.parse_pattern(pattern).to_fsm()
+        except Exception as exc:  # noqa: BLE001 - interegular's parse errors have no common base
+            raise NotRegular(f"the pattern has no DFA: {exc}") from None
     eos = sorted(eos_token_ids)
-    try:
-        fsm = interegular.parse_pattern(pattern).to_fsm()
-    except Exception as exc:  # noqa: BLE001 - interegular's parse errors have no common base
-        raise NotRegular(f"the pattern has no DFA: {exc}") from None
     live = _live_states(fsm)
     if fsm.initial not in live:
         raise NotRegular("the pattern matches no text")
