@@ -42,37 +42,46 @@ class _NotRegular(Exception):
     pass
 
 
+# What a grammar this module can't take raises: not regular, llguidance's dialect, or an error
+# llguidance reports with its caret (a Lark whose internals differ: AttributeError).
+_REFUSED = (_NotRegular, ValueError, TypeError, KeyError, AttributeError, AssertionError)
+
+
 def lark_regex(text: str) -> str | None:
     """The regex of Lark grammar `text` (its `start` rule), or None when it has none here (a rule
     nested inside itself included)."""
-    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern
-
-    tree = _start(text, nesting=0)
-    try:
-        pattern = TerminalTreeToPattern().transform(PrepareLiterals().transform(tree)) if tree is not None else None
-    except Exception:  # noqa: BLE001 - Lark's own errors at a bad range and the like: llguidance reports them
-        return None
-    return _flagged(pattern) if pattern is not None else None
+    return _regex(_start(text, nesting=0))
 
 
 def lark_pattern(text: str) -> str | tuple[str, str] | None:
     """What the device constrains Lark grammar `text` with: its regex, (NESTED_LARK, text) when its
     rules nest (lark_fsm compiles it, on the engine's compile thread), or None (llguidance)."""
     tree = _start(text, NESTING)
-    if tree is None:
-        return None
-    return (NESTED_LARK, text) if _has(tree, "nested") else lark_regex(text)
+    return (NESTED_LARK, text) if tree is not None and _has(tree, "nested") else _regex(tree)
 
 
 def lark_fsm(text: str, nesting: int = NESTING) -> Any:
     """interegular's DFA of Lark grammar `text`, its rules nested up to `nesting` deep, or None
-    (not a grammar here, or a DFA past MAX_NESTED_STATES)."""
+    (not a grammar here, or a level of it past its share of MAX_NESTED_STATES)."""
     from lark.exceptions import LarkError
 
     tree = _start(text, nesting)
     try:
         return _fsm(tree, {}).reduce() if tree is not None else None
-    except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AssertionError):
+    except (LarkError, *_REFUSED):
+        return None
+
+
+def _regex(tree: Any) -> str | None:
+    """The regex of a tree with no nesting in it (None for None, or what a regex can't say)."""
+    from lark.exceptions import LarkError
+    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern
+
+    if tree is None:
+        return None
+    try:
+        return _flagged(TerminalTreeToPattern().transform(PrepareLiterals().transform(copy.deepcopy(tree))))
+    except (LarkError, *_REFUSED):
         return None
 
 
@@ -83,7 +92,7 @@ def _start(text: str, nesting: int) -> Any:
     from lark.load_grammar import GrammarBuilder
 
     # GrammarBuilder's definitions are Lark's internals (as Lark 1.3 has them): a Lark whose
-    # internals differ leaves every grammar to llguidance (AttributeError below) rather than err.
+    # internals differ leaves every grammar to llguidance (AttributeError) rather than err.
     builder = GrammarBuilder()
     try:
         builder.load_grammar(text, "<grammar>")
@@ -95,8 +104,8 @@ def _start(text: str, nesting: int) -> Any:
         if ignored is not None:  # ignored text after the last token too
             tree = _sequence([tree, copy.deepcopy(ignored)])
         return tree
-    except (_NotRegular, LarkError, ValueError, TypeError, KeyError, AttributeError, AssertionError):
-        return None  # not regular, llguidance's dialect, or an error llguidance reports with its caret
+    except (LarkError, *_REFUSED):
+        return None
 
 
 def _flagged(pattern: Any) -> str | None:
@@ -319,14 +328,13 @@ def _fsm(tree: Any, done: dict[int, Any]) -> Any:
     level reduced and held to MAX_NESTED_STATES."""
     import interegular
     from interegular.fsm import FSM, epsilon
-    from lark.load_grammar import PrepareLiterals, TerminalTreeToPattern
 
     if id(tree) in done:
         return done[id(tree)]
     if not _has(tree, "nested"):
-        regex = _flagged(TerminalTreeToPattern().transform(PrepareLiterals().transform(copy.deepcopy(tree))))
+        regex = _regex(tree)
         if regex is None:
-            raise _NotRegular("a flag interegular does not read")
+            raise _NotRegular("a part with no regex")
         made = interegular.parse_pattern(regex).to_fsm()
     else:
         data, children = tree.data, tree.children
