@@ -64,7 +64,10 @@ ROWS = (1, 16, 32, 64, 128, 256, 512, 4096)
 @click.option("--rows", default=",".join(map(str, ROWS)), show_default=True,
               help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any "
                    "(or, where the spec's table has rows for more rows, up to it: those rows are kept).")
-@click.option("--quant", type=click.Choice(["int4", "int8"]), default="int4", show_default=True)
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp8"]), default="int4", show_default=True,
+              help="The codes whose kernel is tuned: int4/int8 write the spec's `tiles:`, fp8 its `fp8_tiles:` and "
+                   "`fp8_triton_max_rows:` (the W8A8 Triton kernel's launches, and the rows up to which it runs where "
+                   "cuBLASLt's fp8 GEMM could).")
 @click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
@@ -78,7 +81,6 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     """Time the quantized kernels' candidate launch tiles at each row count and weight on this GPU, and print the
     spec `tiles:` table that takes the fastest (paste it into the quantization spec, or --write-spec)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import torch
 
@@ -94,6 +96,8 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     if not dev.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         fail("bench tiles times the Triton kernels: run it on a GPU (TRITON_INTERPRET=1 runs it on the CPU, slowly, "
              "to check that it works)")
+    if gpu_rows and quant == "fp8":
+        fail("--gpu-rows: the fp8 tile table has no rows for one GPU alone; run without it")
     if gpu_rows and not dev.startswith("cuda"):
         fail("--gpu-rows tags the rows with this GPU's name: run it on a GPU")
     # the name without its vendor: "NVIDIA H100 80GB HBM3" -> "H100 80GB HBM3" (a row matches names holding it)
@@ -103,26 +107,18 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     with user_errors():
         gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
     quant_module = gen.quantization
+    if quant == "fp8":
+        if not hasattr(quant_module, "fp8_linear"):
+            fail("the quantization spec has no fp8 kernel to tune (its target is not triton)")
+        return _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write_spec, out, err)
     if not hasattr(quant_module, "pick_launch"):
-        fail("the quantization spec has no launch tiles to tune (its target is not triton, or its codes are fp8)")
+        fail("the quantization spec has no launch tiles to tune (its target is not triton)")
     # wgmma tiles where that kernel runs (elsewhere their launch is an mm tile the sweep times anyway)
     wgmma = (dev.startswith("cuda") and getattr(quant_module, "gluon", None) is not None
              and torch.cuda.get_device_capability(torch.device(dev)) == (9, 0))
-    total = len(products) * len(counts)
-    with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=err) as bar:
-        task = bar.add_task("", total=total)
-        started = 0
-
-        def on_product(name: str) -> None:  # called as each product starts: the ones before it are done
-            nonlocal started
-            bar.update(task, completed=started, description=name)
-            started += 1
-
-        measured = tile_sweep.sweep(quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name],
-                                    time_call=time_call, on_product=on_product, wgmma=wgmma,
-                                    operand_copies=operand_copies)
-        bar.update(task, completed=total)
+    measured = _with_progress(err, len(products) * len(counts), lambda on_product: tile_sweep.sweep(
+        quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call,
+        on_product=on_product, wgmma=wgmma, operand_copies=operand_copies))
     # Row counts outside the sweep's keep the spec's rows (--rows 1 retunes only the GEMV's, --rows 16,... all but it)
     current = gen.specs["quantization"].config.tiles
     if gpu_rows:
@@ -174,21 +170,104 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
         _write_spec(Path(gen.specs["quantization"].path), table, out)
 
 
+def _with_progress(err, total: int, run):
+    """run(on_product) under a progress bar of `total` products (on_product(name) starts the next)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("", total=total)
+        started = 0
+
+        def on_product(name: str) -> None:  # called as each product starts: the ones before it are done
+            nonlocal started
+            bar.update(task, completed=started, description=name)
+            started += 1
+
+        measured = run(on_product)
+        bar.update(task, completed=total)
+    return measured
+
+
+def _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write_spec, out, err) -> None:
+    """bench tiles --quant fp8: time the W8A8 kernel's candidates and cuBLASLt, report the derived
+    fp8_tiles and fp8_triton_max_rows, and write them into the spec with --write-spec."""
+    from vibee.bench import fp8_tile_sweep
+    from vibee.bench.kernels import operand_copies, time_call
+    from vibee.runtime.engine import TORCH_DTYPES
+
+    spec = gen.specs["quantization"]
+    measured = _with_progress(err, len(products) * len(counts), lambda on_product: fp8_tile_sweep.sweep_fp8(
+        gen.quantization, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call,
+        on_product=on_product, operand_copies=operand_copies))
+    try:
+        table, max_rows = fp8_tile_sweep.derive_fp8(measured, spec.config.fp8_triton_max_rows)
+    except ValueError as exc:
+        fail(str(exc))
+    lines = fp8_tile_sweep.fp8_spec_lines(table)
+
+    def us(s, dense):
+        return "-" if s is None else f"{1e6 * s:.1f} ({s / dense:.2f}x)"
+
+    product_rows = []
+    for r in measured:
+        best = r.best()
+        product_rows.append([f"{r.n}x{r.k}", r.m, f"{1e6 * r.dense_s:.1f}", us(r.table_s, r.dense_s),
+                             us(r.times[best], r.dense_s), us(r.cublas_s, r.dense_s), r.tiles[best].summary()])
+    env = environment(dev)
+    title = f"vibee bench tiles on {env.get('device_name', dev)} (fp8, {dtype_name})"
+    notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
+             "x: over the dense F.linear of the same weight. 'spec': the launch the current spec picks (cuBLASLt past "
+             "fp8_triton_max_rows); 'cuBLASLt': its fp8 GEMM with row-wise scales ('-': this torch or GPU has none, and "
+             "fp8_triton_max_rows stays as it was).",
+             f"Paste these lines into the quantization spec's config, or rerun with --write-spec: {spec.path}"]
+    failed = sum(len(r.errors) for r in measured)
+    if failed:
+        notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
+    wrong = sorted({r.tiles[i].summary() for r in measured for i in r.wrong})
+    if wrong:
+        notes.append("These launches computed a wrong product here (over 1% off the dequantized weight's with the "
+                     "fp8-rounded rows) and were skipped: " + "; ".join(wrong))
+    derived = [*lines, f"  fp8_triton_max_rows: {max_rows}"]
+    sections = [Section("Products", ["weight", "rows", "dense µs", "spec µs", "best Triton µs", "cuBLASLt µs", "best tile"],
+                        product_rows),
+                Section("Derived (fp8_tiles: first match by max_m)", ["fp8_tiles:"], [[line.strip()] for line in derived]),
+                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
+    data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": "fp8", "rows": counts,
+                                               "weights": products, "spec_dir": str(config.spec_dir)},
+            "results": [{"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s, "cublas_s": r.cublas_s,
+                         "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i),
+                                         "wrong": r.wrong.get(i)}
+                                        for i, (t, s) in enumerate(zip(r.tiles, r.times))]}
+                        for r in measured],
+            "fp8_tiles": [t.model_dump() for t in table], "fp8_triton_max_rows": max_rows, "environment": env}
+    json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
+    snippet = json_path.with_suffix(".tiles.vibee")
+    snippet.write_text("  fp8_tiles:\n" + "\n".join(derived) + "\n", encoding="utf-8")
+    png = plot_tiles(measured, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {snippet} and {png}", highlight=False)
+    if write_spec:
+        _write_spec(Path(spec.path), (table, max_rows), out)
+
+
 def _write_spec(path: Path, table, out) -> None:
     """The table into the spec at path, only if the spec then loads with exactly that table (else the
-    file is left as it was and the command fails)."""
-    from vibee.bench import tile_sweep
+    file is left as it was and the command fails). table: `tiles:` rows, or (fp8_tiles rows,
+    fp8_triton_max_rows)."""
+    from vibee.bench import fp8_tile_sweep, tile_sweep
     from vibee.ir.load import load_specs
 
+    fp8 = isinstance(table, tuple)
     old = path.read_text(encoding="utf-8")
     try:
-        new = tile_sweep.paste_table(old, table)
+        new = fp8_tile_sweep.paste_fp8(old, *table) if fp8 else tile_sweep.paste_table(old, table)
     except ValueError as exc:
         fail(f"{path}: {exc}; paste the table above by hand")
     path.write_text(new, encoding="utf-8")
     try:
         (spec,), _ = load_specs([path])
-        if list(spec.config.tiles) != list(table):
+        got = (list(spec.config.fp8_tiles), spec.config.fp8_triton_max_rows) if fp8 else list(spec.config.tiles)
+        if got != ((list(table[0]), table[1]) if fp8 else list(table)):
             raise ValueError("the spec read back a different table")
     except Exception as exc:  # noqa: BLE001 (any failure puts the file back)
         path.write_text(old, encoding="utf-8")

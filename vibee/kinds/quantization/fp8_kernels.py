@@ -189,7 +189,7 @@ def triton_takes(m: int, n: int, k: int, device: torch.device) -> bool:
     return split >= 4 and m <= 16 * split
 
 
-def _cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor | None:
     """(q @ qweight.T) * s[:, None] * scales.T on cuBLASLt's fp8 GEMM (torch._scaled_mm, row-wise
     scales, fp32 accumulation), or None where this torch, GPU or shape has no such kernel (then
@@ -209,13 +209,16 @@ def _cublas_fp8(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, scales:
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               split: int | None = None, cublas: bool = True, silu_mul: bool = False) -> torch.Tensor:
+               split: int | None = None, cublas: bool = True, silu_mul: bool = False,
+               tile: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [..., K] @ (qweight * scales).T + bias with x rounded to fp8 per row (W8A8): qweight
     [N, K] float8_e4m3fn, scales [N, 1] one per output channel. Returned in x's dtype. split:
     splits of k of the Triton kernel (None: fp8_split's); cublas: cuBLASLt's fp8 GEMM where
     triton_takes says no and it runs (bf16 on a GPU that has it), else the Triton kernel.
     silu_mul: x is [..., 2K], [gate | up], and the product is with silu(gate) * up (rounded with
-    the rows: no elementwise kernel before it)."""
+    the rows: no elementwise kernel before it). tile: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages) on the Triton kernel in place of fp8_tile's (`vibee bench tiles --quant fp8`
+    times candidates so)."""
     lead, k = x.shape[:-1], qweight.shape[1]
     n = qweight.shape[0]
     if x.shape[-1] != (2 * k if silu_mul else k):
@@ -227,15 +230,15 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     if not x2.shape[0]:
         return x.new_empty(*lead, n)
     q, s = fp8_rows(x2, silu_mul)
-    use_cublas = cublas and split is None and not triton_takes(x2.shape[0], n, k, x.device)
-    y = _cublas_fp8(q, s, qweight, scales, x.dtype) if use_cublas else None
+    use_cublas = cublas and split is None and tile is None and not triton_takes(x2.shape[0], n, k, x.device)
+    y = cublas_fp8(q, s, qweight, scales, x.dtype) if use_cublas else None
     if y is not None:
         if bias is not None:
             y += bias
         return y.reshape(*lead, n)
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     m = x2.shape[0]
-    block_m, block_n, block_k, warps, stages = fp8_tile(m)
+    block_m, block_n, block_k, warps, stages = fp8_tile(m) if tile is None else tile
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = fp8_split(tiles, k, block_k, x.device) if split is None else split
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
