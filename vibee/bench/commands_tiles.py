@@ -138,11 +138,38 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
                              f"{us(r.times[best])} ({r.times[best] / r.dense_s:.2f}x)", tile.summary()])
     env = environment(dev)
     title = f"vibee bench tiles on {env.get('device_name', dev)} ({quant}, {dtype_name})"
-    notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
-             "x: over the dense F.linear of the same weight. 'spec table': the launch the current spec picks."
+    notes = [_timing(dev) + "'spec table': the launch the current spec picks."
              + ("" if wgmma else " No wgmma candidates: that kernel runs on sm_90 GPUs only."),
              f"Paste the table into the quantization spec's config (tiles:) to use it, or rerun with --write-spec: "
-             f"{gen.specs['quantization'].path}"]
+             f"{gen.specs['quantization'].path}", *_skipped(measured)]
+    sections = [Section("Products", ["weight", "rows", "dense µs", "spec table µs", "best µs", "best tile"], product_rows),
+                Section("Derived table (first match by max_m, min_n)", ["tiles:"], [[line.strip()] for line in lines]),
+                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
+    data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": quant, "rows": counts,
+                                               "weights": products, "spec_dir": str(config.spec_dir)},
+            "results": [_result(r) for r in measured], "table": [t.model_dump() for t in table], "environment": env}
+    _report(out, result_dir, data, title, sections, notes, measured, "  tiles:\n" + "\n".join(lines) + "\n")
+    if write_spec:
+        _write_spec(Path(gen.specs["quantization"].path), table, out)
+
+
+def _report(out, result_dir, data, title, sections, notes, measured, snippet_text: str) -> None:
+    """The report (JSON, Markdown, the console), the derived spec lines beside it and the plot."""
+    json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
+    snippet = json_path.with_suffix(".tiles.vibee")
+    snippet.write_text(snippet_text, encoding="utf-8")
+    png = plot_tiles(measured, json_path.with_suffix(".png"), title)
+    out.print(f"wrote {snippet} and {png}", highlight=False)
+
+
+def _timing(dev: str) -> str:
+    return (f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
+            "x: over the dense F.linear of the same weight. ")
+
+
+def _skipped(measured) -> list[str]:
+    """Notes on the candidates a sweep skipped: launches that failed, and launches whose product was wrong."""
+    notes = []
     failed = sum(len(r.errors) for r in measured)
     if failed:
         notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
@@ -150,24 +177,14 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     if wrong:
         notes.append("These launches computed a wrong product here (over 1% off the dequantized weight's; a kernel or "
                      "compiler bug, in the JSON as 'wrong') and were skipped: " + "; ".join(wrong))
-    sections = [Section("Products", ["weight", "rows", "dense µs", "spec table µs", "best µs", "best tile"], product_rows),
-                Section("Derived table (first match by max_m, min_n)", ["tiles:"], [[line.strip()] for line in lines]),
-                Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
-    data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": quant, "rows": counts,
-                                               "weights": products, "spec_dir": str(config.spec_dir)},
-            "results": [{"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s,
-                         "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i),
-                                         "wrong": r.wrong.get(i)}
-                                        for i, (t, s) in enumerate(zip(r.tiles, r.times))]}
-                        for r in measured],
-            "table": [t.model_dump() for t in table], "environment": env}
-    json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
-    snippet = json_path.with_suffix(".tiles.vibee")
-    snippet.write_text("  tiles:\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    png = plot_tiles(measured, json_path.with_suffix(".png"), title)
-    out.print(f"wrote {snippet} and {png}", highlight=False)
-    if write_spec:
-        _write_spec(Path(gen.specs["quantization"].path), table, out)
+    return notes
+
+
+def _result(r) -> dict:
+    """One product's times as the JSON keeps them."""
+    return {"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s,
+            "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i), "wrong": r.wrong.get(i)}
+                           for i, (t, s) in enumerate(zip(r.tiles, r.times))]}
 
 
 def _with_progress(err, total: int, run):
@@ -216,18 +233,11 @@ def _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write
                              us(r.times[best], r.dense_s), us(r.cublas_s, r.dense_s), r.tiles[best].summary()])
     env = environment(dev)
     title = f"vibee bench tiles on {env.get('device_name', dev)} (fp8, {dtype_name})"
-    notes = [f"Times are medians ({'CUDA graph replays after an L2 flush' if dev.startswith('cuda') else 'the Triton interpreter: not speeds'}); "
-             "x: over the dense F.linear of the same weight. 'spec': the launch the current spec picks (cuBLASLt past "
-             "fp8_triton_max_rows); 'cuBLASLt': its fp8 GEMM with row-wise scales ('-': this torch or GPU has none, and "
-             "fp8_triton_max_rows stays as it was).",
-             f"Paste these lines into the quantization spec's config, or rerun with --write-spec: {spec.path}"]
-    failed = sum(len(r.errors) for r in measured)
-    if failed:
-        notes.append(f"{failed} candidate launches failed on this device (their errors are in the JSON) and were skipped.")
-    wrong = sorted({r.tiles[i].summary() for r in measured for i in r.wrong})
-    if wrong:
-        notes.append("These launches computed a wrong product here (over 1% off the dequantized weight's with the "
-                     "fp8-rounded rows) and were skipped: " + "; ".join(wrong))
+    notes = [_timing(dev) + "'spec': the launch the current spec picks (cuBLASLt past fp8_triton_max_rows); "
+             "'cuBLASLt': its fp8 GEMM with row-wise scales ('-': this torch or GPU has none, and fp8_triton_max_rows "
+             "stays as it was).",
+             f"Paste these lines into the quantization spec's config, or rerun with --write-spec: {spec.path}",
+             *_skipped(measured)]
     derived = [*lines, f"  fp8_triton_max_rows: {max_rows}"]
     sections = [Section("Products", ["weight", "rows", "dense µs", "spec µs", "best Triton µs", "cuBLASLt µs", "best tile"],
                         product_rows),
@@ -235,17 +245,9 @@ def _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
     data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": "fp8", "rows": counts,
                                                "weights": products, "spec_dir": str(config.spec_dir)},
-            "results": [{"n": r.n, "k": r.k, "m": r.m, "dense_s": r.dense_s, "table_s": r.table_s, "cublas_s": r.cublas_s,
-                         "candidates": [{"tile": t.model_dump(), "seconds": s, "error": r.errors.get(i),
-                                         "wrong": r.wrong.get(i)}
-                                        for i, (t, s) in enumerate(zip(r.tiles, r.times))]}
-                        for r in measured],
+            "results": [{**_result(r), "cublas_s": r.cublas_s} for r in measured],
             "fp8_tiles": [t.model_dump() for t in table], "fp8_triton_max_rows": max_rows, "environment": env}
-    json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
-    snippet = json_path.with_suffix(".tiles.vibee")
-    snippet.write_text("  fp8_tiles:\n" + "\n".join(derived) + "\n", encoding="utf-8")
-    png = plot_tiles(measured, json_path.with_suffix(".png"), title)
-    out.print(f"wrote {snippet} and {png}", highlight=False)
+    _report(out, result_dir, data, title, sections, notes, measured, "  fp8_tiles:\n" + "\n".join(derived) + "\n")
     if write_spec:
         _write_spec(Path(spec.path), (table, max_rows), out)
 

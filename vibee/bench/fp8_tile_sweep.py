@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vibee.bench.tile_sweep import Measured
+from vibee.bench.tile_sweep import Measured, weight_copies
 from vibee.kinds.quantization.tiles import Fp8Tile
 
 
@@ -46,19 +46,14 @@ def sweep_fp8(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *,
     by more than 1% from the dequantized weight's with the fp8-rounded rows is dropped."""
     results = []
     for n, k in weights:
-        gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
-        weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
-        qw = quant.quantize_weight(weight, dtype=dtype)
-        dense = quant.dequantize(qw)
-        copies = operand_copies(qw.qweight.numel() * qw.qweight.element_size(), device)
-        qws = [qw] + [quant.quantize_weight(weight, dtype=dtype) for _ in range(copies - 1)]
-        weights_ = [weight] + [weight.clone() for _ in range(copies - 1)]
+        gen, weights_, qws = weight_copies(quant, n, k, device=device, dtype=dtype, operand_copies=operand_copies)
+        qw, dense = qws[0], quant.dequantize(qws[0])
         for m in rows:
             on_product(f"{m}x{k} @ {k}x{n}")
             x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-            q, scale = quant.fp8_rows(x)  # x rounded to fp8 per row, as every launch rounds it
-            want = F.linear(q.float() * scale.reshape(-1, 1).float(), dense.float())
-            cublas = quant.cublas_fp8(q, scale, qw.qweight, qw.scales, dtype)
+            codes, scale = quant.fp8_rows(x)  # x rounded to fp8 per row, as every launch rounds it
+            want = F.linear(codes.float() * scale.reshape(-1, 1).float(), dense.float())
+            cublas = quant.cublas_fp8(codes, scale, qw.qweight, qw.scales, dtype)
             measured = Fp8Measured(
                 n, k, m, time_call([lambda w=w: F.linear(x, w) for w in weights_], device),
                 time_call([lambda q=q: quant.triton_quant_linear(x, q) for q in qws], device), fp8_candidates(m),
@@ -66,19 +61,9 @@ def sweep_fp8(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *,
                     [lambda q=q: quant.cublas_fp8(*quant.fp8_rows(x), q.qweight, q.scales, dtype) for q in qws], device))
             for tile in measured.tiles:
                 launch = tile.launch()[1:]
-                try:
-                    y = quant.fp8_linear(x, qw.qweight, qw.scales, None, tile=launch)
-                except Exception as exc:  # noqa: BLE001 (a launch this GPU cannot take: shared memory, registers)
-                    measured.errors[len(measured.times)] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    measured.times.append(None)
-                    continue
-                error = ((y.float() - want).norm() / want.norm()).item()
-                if not error <= 0.01:  # NaN included
-                    measured.wrong[len(measured.times)] = error
-                    measured.times.append(None)
-                    continue
-                measured.times.append(time_call([lambda q=q, t=launch: quant.fp8_linear(x, q.qweight, q.scales, None, tile=t)
-                                                 for q in qws], device))
+                measured.add(lambda t=launch: quant.fp8_linear(x, qw.qweight, qw.scales, None, tile=t), want,
+                             lambda t=launch: time_call([lambda q=q: quant.fp8_linear(x, q.qweight, q.scales, None, tile=t)
+                                                         for q in qws], device), tolerance=0.01)
             results.append(measured)
     return results
 

@@ -68,6 +68,37 @@ class Measured:
         """Index of the fastest correct candidate."""
         return min((t, i) for i, t in enumerate(self.times) if t is not None)[1]
 
+    def add(self, launch: Callable[[], torch.Tensor], want: torch.Tensor, timed: Callable[[], float],
+            tolerance: float) -> None:
+        """The next candidate's time: timed() when launch() runs and its product is within tolerance
+        of want (relative); else None, and why in errors or wrong."""
+        try:
+            y = launch()
+        except Exception as exc:  # noqa: BLE001 (a launch this GPU or product cannot take: shared memory, registers)
+            self.errors[len(self.times)] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.times.append(None)
+            return
+        error = ((y.float() - want).norm() / want.norm()).item()
+        if not error <= tolerance:  # NaN included
+            self.wrong[len(self.times)] = error
+            self.times.append(None)
+            return
+        self.times.append(timed())
+
+
+def weight_copies(quant, n: int, k: int, *, device: str, dtype: torch.dtype,
+                  operand_copies: Callable[[int, str], int]) -> tuple[torch.Generator, list[torch.Tensor], list]:
+    """(a generator seeded by the shape, for the activations; copies of a random [n, k] weight;
+    as many copies of it quantized by the spec's quantizer): operand_copies(bytes, device) of
+    each, so that a timed call reads its weight from memory, not L2 (bench/kernels.py's time_call)."""
+    gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
+    weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+    qw = quant.quantize_weight(weight, dtype=dtype)
+    copies = operand_copies(sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros)
+                                if t is not None), device)
+    return (gen, [weight] + [weight.clone() for _ in range(copies - 1)],
+            [qw] + [quant.quantize_weight(weight, dtype=dtype) for _ in range(copies - 1)])
+
 
 def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, device: str, dtype: torch.dtype,
           time_call: Callable[[Sequence[Callable[[], object]], str], float],
@@ -79,14 +110,8 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
     whose product is off the dequantized weight's by more than 1% is dropped."""
     results = []
     for n, k in weights:
-        gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
-        weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
-        qw = quant.quantize_weight(weight, dtype=dtype)
-        dense = quant.dequantize(qw)
-        extra = operand_copies(sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros)
-                                   if t is not None), device) - 1
-        qws = [qw] + [quant.quantize_weight(weight, dtype=dtype) for _ in range(extra)]
-        weights_ = [weight] + [weight.clone() for _ in range(extra)]
+        gen, weights_, qws = weight_copies(quant, n, k, device=device, dtype=dtype, operand_copies=operand_copies)
+        qw, dense = qws[0], quant.dequantize(qws[0])
         for m in rows:
             on_product(f"{m}x{k} @ {k}x{n}")
             x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
@@ -96,19 +121,9 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
                                 candidates(m, wgmma))
             for tile in measured.tiles:
                 config = quant.pick_launch((quant.LaunchTile(**tile.model_dump()),), m, n, k, x.device)
-                try:
-                    y = quant.triton_quant_linear(x, qw, config=config)
-                except Exception as exc:  # noqa: BLE001 (a launch this GPU or product cannot take: shared memory, registers)
-                    measured.errors[len(measured.times)] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    measured.times.append(None)
-                    continue
-                error = ((y.float() - want).norm() / want.norm()).item()
-                if not error <= 0.01:  # NaN included
-                    measured.wrong[len(measured.times)] = error
-                    measured.times.append(None)
-                    continue
-                measured.times.append(time_call([lambda q=q, c=config: quant.triton_quant_linear(x, q, config=c)
-                                                 for q in qws], device))
+                measured.add(lambda c=config: quant.triton_quant_linear(x, qw, config=c), want,
+                             lambda c=config: time_call([lambda q=q: quant.triton_quant_linear(x, q, config=c)
+                                                         for q in qws], device), tolerance=0.01)
             results.append(measured)
     return results
 
