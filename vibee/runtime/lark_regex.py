@@ -26,6 +26,7 @@ a few strings of grammars whose terminals overlap (`("a" | "aa") "ab"` on "aab")
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 
@@ -53,10 +54,13 @@ def lark_regex(text: str) -> str | None:
     return _regex(_start(text, nesting=0))
 
 
+@functools.lru_cache(maxsize=64)
 def lark_pattern(text: str) -> str | tuple[str, str] | None:
     """What the device constrains Lark grammar `text` with: its regex, (NESTED_LARK, text) when its
-    rules nest (lark_fsm compiles it, on the engine's compile thread), or None (llguidance)."""
-    tree = _start(text, NESTING)
+    rules nest (lark_fsm unrolls and compiles it, on the engine's compile thread), or None
+    (llguidance). The engine asks on its loop for each request: one level of nesting tells, and
+    the answer is kept per grammar."""
+    tree = _start(text, nesting=1)
     return (NESTED_LARK, text) if tree is not None and _has(tree, "nested") else _regex(tree)
 
 
@@ -236,28 +240,30 @@ def _unrolled(tree: Any, name: str, nesting: int) -> Any:
     the next one shares (not a copy), so the DAG grows by one tree a level."""
     from lark import Tree
 
-    level = _substituted(tree, name, None, {})
+    mentions: dict[int, bool] = {}  # which nodes of tree name `name`: the same at every level
+    level = _substituted(tree, name, None, {}, mentions)
     if level is None:
         raise _NotRegular(f"{name} never ends (every alternative refers to it again)")
     level = Tree("nested", [level, 0])
     for k in range(1, nesting + 1):
-        level = Tree("nested", [_substituted(tree, name, level, {}), k])
+        level = Tree("nested", [_substituted(tree, name, level, {}, mentions), k])
     return level
 
 
-def _substituted(tree: Any, name: str, by: Any, done: dict[int, Any]) -> Any:
+def _substituted(tree: Any, name: str, by: Any, done: dict[int, Any], mentions: dict[int, bool]) -> Any:
     """tree with `by` in each place that names `name` (by None: the empty language, and then None
-    for a tree that has no string left). Parts that do not name it are shared, not copied."""
+    for a tree that has no string left). Parts that do not name it are shared, not copied.
+    mentions: _mentions' memo of tree's nodes."""
     from lark import Tree
     from lark.grammar import Symbol
 
     if isinstance(tree, Symbol) and tree.name == name:
         return by
-    if not isinstance(tree, Tree) or not _mentions(tree, name):
+    if not isinstance(tree, Tree) or not _mentions(tree, name, mentions):
         return tree
     if id(tree) in done:
         return done[id(tree)]
-    children = [_substituted(child, name, by, done) for child in tree.children]
+    children = [_substituted(child, name, by, done, mentions) for child in tree.children]
     data, first = tree.data, children[0] if children else None
     if data == "expansions":
         out = _alternatives(children)
