@@ -6,6 +6,7 @@ unconstrained requests; a grammar that can't be used is refused when the request
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Literal
 
@@ -80,7 +81,7 @@ def test_lark_outputs_parse_under_lark(eng):
         parser.parse(c.text)
 
 
-def test_lark_outputs_parse_under_lark_and_decode_on_the_device(eng):
+def test_lark_outputs_parse_under_lark_and_decode_on_the_device(eng, caplog):
     """A Lark grammar is a token DFA: a regular one (lark_regex.py), a list written as recursion at
     a rule's end, one with %ignore, and rules nested inside themselves (LARK, BOUNDED_LARK: up to
     16 deep). Nesting of two bracket types outgrows the DFA's states and stays with llguidance."""
@@ -96,8 +97,14 @@ def test_lark_outputs_parse_under_lark_and_decode_on_the_device(eng):
     run(eng, grammar_for_lark(BOUNDED_LARK), n=1, max_tokens=4)  # its outputs parse: test_lark_outputs_parse_under_lark
     assert eng.structured.requests_by_path["device"] == before["device"] + 5
     two_brackets = 'start: v\nv: "[" [v ("," v)*] "]" | "{" [v ("," v)*] "}" | NUMBER\nNUMBER: /[0-9]/'
-    run(eng, grammar_for_lark(two_brackets), n=1, max_tokens=4)
-    assert eng.structured.requests_by_path["host"] == before["host"] + 1
+    with caplog.at_level(logging.INFO, logger="vibee.engine"):
+        for _ in range(2):
+            run(eng, grammar_for_lark(two_brackets), n=1, max_tokens=4)
+    assert eng.structured.requests_by_path["host"] == before["host"] + 2
+    # why it went to the host, once a grammar
+    told = [r.getMessage() for r in caplog.records if "on the host" in r.getMessage()]
+    assert told == ["structured output on the host (llguidance's masks): its rules nest into more states than the "
+                    "device's DFA holds"]
 
 
 def test_regex_outputs_match(eng):

@@ -23,6 +23,7 @@ SamplingParams.structured_output so the engine process needs nothing else.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,9 @@ import torch
 from vibee.runtime.host_copy import to_device
 from vibee.runtime.grammar_table import DFAConstraint, GrammarTable, TokenDFAs
 from vibee.runtime.token_dfa import NotRegular, device_pattern, token_bytes
+
+
+log = logging.getLogger("vibee.engine")
 
 
 class GrammarError(ValueError):
@@ -102,6 +106,7 @@ class StructuredOutputs:
         self.mask_steps = 0
         self.mask_rows = 0
         self.requests_by_path = {"device": 0, "host": 0}  # constrained requests by where their masks run
+        self._told_host: set = set()  # device patterns logged as going to the host
 
     @property
     def ll_tokenizer(self) -> Any:
@@ -140,8 +145,11 @@ class StructuredOutputs:
                 constraints = self.dfas.constraints(pattern, n)
                 self.requests_by_path["device"] += 1
                 return constraints
-            except NotRegular:
-                pass
+            except NotRegular as exc:
+                # a grammar the device could take but did not: why (once a pattern, the cause of a slower run)
+                if pattern not in self._told_host:
+                    self._told_host.add(pattern)
+                    log.info("structured output on the host (llguidance's masks): %s", exc)
         constraints = [self.constraint(grammar) for _ in range(n)]
         self.requests_by_path["host"] += 1
         return constraints
