@@ -22,6 +22,7 @@ OTHER_VALUE = {
         "block_size": 32,
         "kv_dtype": "int8",
         "enable_prefix_caching": False,
+        "fuse_kv_store": False,
         "gpu_memory_utilization": 0.5,
     },
     "flash_attention": {

@@ -26,7 +26,8 @@ needs_kernels = pytest.mark.skipif(
     reason="needs Triton with a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
 
 
-def tiny_model(quantize: bool):
+def tiny_model(quantize: bool, gen=None):
+    """The tiny Llama over `gen` (default: the shipped specs' modules)."""
     from tests.runtime.hf_models import generated, make_model
     from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
@@ -34,7 +35,7 @@ def tiny_model(quantize: bool):
     model_dir = Path(tempfile.mkdtemp(prefix="vibee-kv-store-"))
     make_model(model_dir, "llama")
     loaded = load_model_dir(model_dir, dtype=torch.float32, device=DEVICE, progress=False)
-    model = build_model(loaded, generated(), flash_attn=False).eval()
+    model = build_model(loaded, gen or generated(), flash_attn=False).eval()
     if quantize:  # the QKV projections in int4, their scales in the model's float32
         for layer in model.model.layers:
             layer.self_attn.qkv_proj = generated().quantization.QuantLinear.from_linear(layer.self_attn.qkv_proj,
@@ -104,7 +105,8 @@ def test_a_quantized_qkv_gemv_rotates_and_stores_kv_at_one_token(monkeypatch):
 
 
 def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
-    """int8 pages (a scale per block and head) and steps without a cache keep the cache's write."""
+    """int8 pages (a scale per block and head), steps without a cache and the kv_cache spec's
+    fuse_kv_store off keep the cache's write."""
     from vibee.runtime.attention import AttentionBackend, make_attention_batch
     monkeypatch.setattr(fused, "_use_triton", lambda x: True)
     batch = make_attention_batch([1], [3], [[0]], 4)
@@ -112,8 +114,28 @@ def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
     plain = SimpleNamespace(data=torch.zeros(2, 4, 2, 8))
     scaled = SimpleNamespace(data=torch.zeros(2, 4, 2, 8, dtype=torch.int8), scale=torch.ones(2, 2))
     cache = lambda pages: SimpleNamespace(k_pages=[pages], v_pages=[pages])  # noqa: E731
-    assert AttentionBackend.pages_to_write(0, batch, cache(plain), k)[2] is batch.slot_mapping
-    assert AttentionBackend.pages_to_write(0, batch, cache(scaled), k) is None
-    assert AttentionBackend.pages_to_write(0, batch, None, k) is None
+    backend, unfused = (AttentionBackend(SimpleNamespace(), num_heads=2, num_kv_heads=2, head_dim=8, fuse_kv_store=fuse)
+                        for fuse in (True, False))
+    assert backend.pages_to_write(0, batch, cache(plain), k)[2] is batch.slot_mapping
+    assert backend.pages_to_write(0, batch, cache(scaled), k) is None
+    assert backend.pages_to_write(0, batch, None, k) is None
+    assert unfused.pages_to_write(0, batch, cache(plain), k) is None
     monkeypatch.setattr(fused, "_use_triton", lambda x: False)
-    assert AttentionBackend.pages_to_write(0, batch, cache(plain), k) is None
+    assert backend.pages_to_write(0, batch, cache(plain), k) is None
+
+
+@needs_kernels
+def test_the_kv_cache_specs_fuse_kv_store_off_keeps_the_caches_write(monkeypatch):
+    """fuse_kv_store: false in the kv_cache spec (a runtime knob: the same generated modules): on
+    the kernels' path, RoPE's kernel stores nothing and the cache's write runs every step, for the
+    same logits and pages."""
+    from vibee.runtime.generated import load_generated
+    gen = load_generated(knobs={"kv_cache": {"fuse_kv_store": False}})
+    assert not gen.configs.kv_cache.fuse_kv_store
+    model = tiny_model(quantize=False, gen=gen)
+    layers = model.config.num_layers
+    want = run_steps(model, monkeypatch, kernels=False)
+    got = run_steps(model, monkeypatch, kernels=True)
+    assert len(got[2]) == len(want[2]) == 3 * layers
+    assert got[3] == want[3] == [11] * layers + [1] * 2 * layers
+    assert_same_steps(got, want)

@@ -69,7 +69,7 @@ def build_rank_model(params: dict[str, Any], ranks: Any = None, *, progress: boo
     fa = gen.flash_attention if p["flash_attn"] else gen.flash_attention_reference
     if p["shape"] is not None:
         model_config = shape_config(p["shape"])
-        model = random_model(model_config, fa, dtype=dtype, device=dev)
+        model = random_model(model_config, fa, dtype=dtype, device=dev, fuse_kv_store=gen.configs.kv_cache.fuse_kv_store)
         name, tokenizer = f"{p['shape']} (random weights)", SyntheticTokenizer(model_config.vocab_size)
     else:
         loaded = load_model_dir(config.model_dir, dtype=dtype, device=dev, progress=progress)

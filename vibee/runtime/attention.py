@@ -115,7 +115,8 @@ class AttentionBackend:
     """
 
     def __init__(self, fa_module: AttentionFunctions, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scale: float | None = None, variants: Sequence[Any] = ()):
+                 scale: float | None = None, variants: Sequence[Any] = (), fuse_kv_store: bool = True):
+        """fuse_kv_store: the kv_cache spec's knob (pages_to_write)."""
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.fa = fa_module
@@ -124,14 +125,16 @@ class AttentionBackend:
         self.head_dim = head_dim
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.variants = tuple(variants)
+        self.fuse_kv_store = fuse_kv_store
 
-    @staticmethod
-    def pages_to_write(layer: int, batch: AttentionBatch, kv_cache: Any, k: torch.Tensor) -> tuple | None:
+    def pages_to_write(self, layer: int, batch: AttentionBatch, kv_cache: Any, k: torch.Tensor) -> tuple | None:
         """(k pages, v pages, slots) that the step's K/V may be stored into by RoPE's kernel
         (fused.KVWrite): pages without scales (16-bit, fp8) on k's device, a batch with slots,
-        where RoPE runs its kernel (a GPU). None where the cache's own write must run (no cache,
-        int8 pages with their scales, the torch path)."""
-        if kv_cache is None or batch.block_tables is None or batch.slot_mapping is None or not fused._use_triton(k):
+        where RoPE runs its kernel (a GPU), with the kv_cache spec's fuse_kv_store on. None where
+        the cache's own write must run (no cache, int8 pages with their scales, the torch path,
+        fuse_kv_store off)."""
+        if (not self.fuse_kv_store or kv_cache is None or batch.block_tables is None or batch.slot_mapping is None
+                or not fused._use_triton(k)):
             return None
         k_pages, v_pages = kv_cache.k_pages[layer], kv_cache.v_pages[layer]
         if getattr(k_pages, "scale", None) is not None or k_pages.data.device != k.device:

@@ -292,7 +292,8 @@ def build_model(loaded: Any, gen: GeneratedModules, *, flash_attn: bool = True) 
     fa: AttentionFunctions = gen.flash_attention if flash_attn else gen.flash_attention_reference
     config: ModelConfig = loaded.config
     check_head_dim(config, fa, str(loaded.model_dir / "config.json"))  # the reference takes any head_dim
-    backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                               fuse_kv_store=gen.configs.kv_cache.fuse_kv_store)
     pre = None
     if loaded.quantization is not None:  # a pre-quantized checkpoint: its layers become QuantLinear before any storage
         from vibee.runtime.prequantized import Prequantized

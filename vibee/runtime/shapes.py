@@ -28,9 +28,12 @@ def shape_config(shape: str) -> ModelConfig:
                        max_position_embeddings=131072, **SHAPES[shape])
 
 
-def random_model(config: ModelConfig, fa, *, dtype: torch.dtype, device: str, seed: int = 0) -> LlamaForCausalLM:
-    """The model with random weights (std 0.02, norms 1): speed does not depend on the values."""
-    backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+def random_model(config: ModelConfig, fa, *, dtype: torch.dtype, device: str, seed: int = 0,
+                 fuse_kv_store: bool = True) -> LlamaForCausalLM:
+    """The model with random weights (std 0.02, norms 1): speed does not depend on the values.
+    fuse_kv_store: the kv_cache spec's knob (AttentionBackend.pages_to_write)."""
+    backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                               fuse_kv_store=fuse_kv_store)
     model = LlamaForCausalLM(config, backend, dtype=dtype, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():

@@ -83,5 +83,5 @@ def shard_model(model: Any, tp: Any, tp_rank: int, tp_size: int, group: Any, *, 
         attn.split_sizes = (num_heads * d, num_kv_heads * d, num_kv_heads * d)
     old = model.attention
     model.attention = AttentionBackend(old.fa, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=d,
-                                       scale=old.scale, variants=old.variants)
+                                       scale=old.scale, variants=old.variants, fuse_kv_store=old.fuse_kv_store)
     return RankShape(tp_rank, tp_size, num_heads, num_kv_heads)

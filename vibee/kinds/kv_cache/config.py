@@ -85,6 +85,13 @@ class KVCacheConfig(KindConfig):
         strict=True,
         description="Reuse the KV of full blocks whose whole token prefix matches an earlier sequence.",
     )
+    fuse_kv_store: bool = knob("runtime",
+        default=True,
+        strict=True,
+        description=("On a GPU, a layer's new K/V are stored in their pages by the kernel that makes them (RoPE's; for"
+                     " one token through a quantized QKV projection, its GEMV): one kernel fewer a layer. false: the"
+                     " cache's own write kernel stores them after RoPE (int8 pages, with their scales, always take it)."),
+    )
     gpu_memory_utilization: float = knob("runtime", flag="--gpu-memory-utilization",
         default=0.9,
         strict=True,
