@@ -6,11 +6,10 @@ most `nesting` deep (a rule inside itself once is depth 1)."""
 
 from __future__ import annotations
 
-import itertools
-
 import lark
 import pytest
 
+from tests.runtime.lark_oracle import parses, strings
 from vibee.runtime import lark_regex
 from vibee.runtime.lark_regex import NESTED_LARK, NESTING, lark_fsm, lark_pattern, lark_regex as regex_of
 
@@ -50,17 +49,13 @@ def test_the_dfa_is_the_grammar_nested_up_to_its_depth(grammar, alphabet, rule, 
     fsm = lark_fsm(grammar, nesting)
     assert fsm is not None
     kept = refused = 0
-    for n in range(longest + 1):
-        for chars in itertools.product(sorted(set(alphabet)), repeat=n):
-            text = "".join(chars)
-            try:
-                depth = _depth(parser.parse(text), rule)
-            except lark.exceptions.LarkError:
-                depth = None
-            expected = depth is not None and depth <= nesting
-            assert _accepts(fsm, text) == expected, (grammar, text, depth)
-            kept += expected
-            refused += depth is not None and not expected
+    for text in strings(alphabet, longest):
+        tree = parses(parser, text)
+        depth = None if tree is None else _depth(tree, rule)
+        expected = depth is not None and depth <= nesting
+        assert _accepts(fsm, text) == expected, (grammar, text, depth)
+        kept += expected
+        refused += depth is not None and not expected
     assert kept and refused  # the strings seen nest both within the depth and past it
 
 
@@ -71,15 +66,8 @@ def test_the_dfa_is_the_grammar_nested_up_to_its_depth(grammar, alphabet, rule, 
 def test_recursion_that_needs_no_depth_gives_the_whole_language(grammar, alphabet):
     parser = lark.Lark(grammar, parser="earley", lexer="dynamic")
     fsm = lark_fsm(grammar, 1)
-    for n in range(7):
-        for chars in itertools.product(sorted(set(alphabet)), repeat=n):
-            text = "".join(chars)
-            try:
-                parser.parse(text)
-                parses = True
-            except lark.exceptions.LarkError:
-                parses = False
-            assert _accepts(fsm, text) == parses, (grammar, text)
+    for text in strings(alphabet, 6):
+        assert _accepts(fsm, text) == (parses(parser, text) is not None), (grammar, text)
 
 
 def test_the_device_nests_sixteen_deep_and_no_deeper():
