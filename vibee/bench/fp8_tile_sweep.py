@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vibee.bench.tile_sweep import Measured, weight_copies
+from vibee.bench.tile_sweep import Measured, products
 from vibee.kinds.quantization.tiles import Fp8Tile
 
 
@@ -45,26 +45,23 @@ def sweep_fp8(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *,
     call over operand_copies(bytes, device) copies of the weight. A launch whose product is off
     by more than 1% from the dequantized weight's with the fp8-rounded rows is dropped."""
     results = []
-    for n, k in weights:
-        gen, weights_, qws = weight_copies(quant, n, k, device=device, dtype=dtype, operand_copies=operand_copies)
-        qw, dense = qws[0], quant.dequantize(qws[0])
-        for m in rows:
-            on_product(f"{m}x{k} @ {k}x{n}")
-            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-            codes, scale = quant.fp8_rows(x)  # x rounded to fp8 per row, as every launch rounds it
-            want = F.linear(codes.float() * scale.reshape(-1, 1).float(), dense.float())
-            cublas = quant.cublas_fp8(codes, scale, qw.qweight, qw.scales, dtype)
-            measured = Fp8Measured(
-                n, k, m, time_call([lambda w=w: F.linear(x, w) for w in weights_], device),
-                time_call([lambda q=q: quant.triton_quant_linear(x, q) for q in qws], device), fp8_candidates(m),
-                cublas_s=None if cublas is None else time_call(
-                    [lambda q=q: quant.cublas_fp8(*quant.fp8_rows(x), q.qweight, q.scales, dtype) for q in qws], device))
-            for tile in measured.tiles:
-                launch = tile.launch()[1:]
-                measured.add(lambda t=launch: quant.fp8_linear(x, qw.qweight, qw.scales, None, tile=t), want,
-                             lambda t=launch: time_call([lambda q=q: quant.fp8_linear(x, q.qweight, q.scales, None, tile=t)
-                                                         for q in qws], device), tolerance=0.01)
-            results.append(measured)
+    for p in products(quant, weights, rows, device=device, dtype=dtype, on_product=on_product,
+                      operand_copies=operand_copies):
+        x, qws = p.x, p.qws
+        codes, scale = quant.fp8_rows(x)  # x rounded to fp8 per row, as every launch rounds it
+        want = F.linear(codes.float() * scale.reshape(-1, 1).float(), p.dense.float())
+        cublas = quant.cublas_fp8(codes, scale, qws[0].qweight, qws[0].scales, dtype)
+        measured = Fp8Measured(
+            p.n, p.k, p.m, time_call([lambda w=w: F.linear(x, w) for w in p.weights], device),
+            time_call([lambda q=q: quant.triton_quant_linear(x, q) for q in qws], device), fp8_candidates(p.m),
+            cublas_s=None if cublas is None else time_call(
+                [lambda q=q: quant.cublas_fp8(*quant.fp8_rows(x), q.qweight, q.scales, dtype) for q in qws], device))
+        for tile in measured.tiles:
+            launch = tile.launch()[1:]
+            measured.add(lambda t=launch: quant.fp8_linear(x, qws[0].qweight, qws[0].scales, None, tile=t), want,
+                         lambda t=launch: time_call([lambda q=q: quant.fp8_linear(x, q.qweight, q.scales, None, tile=t)
+                                                     for q in qws], device), tolerance=0.01)
+        results.append(measured)
     return results
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,18 +86,39 @@ class Measured:
         self.times.append(timed())
 
 
-def weight_copies(quant, n: int, k: int, *, device: str, dtype: torch.dtype,
-                  operand_copies: Callable[[int, str], int]) -> tuple[torch.Generator, list[torch.Tensor], list]:
-    """(a generator seeded by the shape, for the activations; copies of a random [n, k] weight;
-    as many copies of it quantized by the spec's quantizer): operand_copies(bytes, device) of
-    each, so that a timed call reads its weight from memory, not L2 (bench/kernels.py's time_call)."""
-    gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
-    weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
-    qw = quant.quantize_weight(weight, dtype=dtype)
-    copies = operand_copies(sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros)
-                                if t is not None), device)
-    return (gen, [weight] + [weight.clone() for _ in range(copies - 1)],
-            [qw] + [quant.quantize_weight(weight, dtype=dtype) for _ in range(copies - 1)])
+@dataclass
+class Product:
+    """One [m, k] @ [k, n] product of a sweep: its activation rows x, copies of a random weight
+    quantized by the spec's quantizer (qws[0] the one whose products are checked) and dense
+    (weights), and qws[0] dequantized."""
+
+    n: int
+    k: int
+    m: int
+    x: torch.Tensor
+    qws: list
+    weights: list[torch.Tensor]
+    dense: torch.Tensor
+
+
+def products(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, device: str, dtype: torch.dtype,
+             on_product: Callable[[str], None], operand_copies: Callable[[int, str], int]) -> Iterator[Product]:
+    """Each product of every [n, k] weight at each row count (on_product(name) as it starts), with
+    operand_copies(bytes, device) copies of the weight, so that a timed call reads its weight from
+    memory, not L2 (a model's layers: bench/kernels.py's time_call says why)."""
+    for n, k in weights:
+        gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
+        weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
+        qw = quant.quantize_weight(weight, dtype=dtype)
+        copies = operand_copies(sum(t.numel() * t.element_size() for t in (qw.qweight, qw.scales, qw.zeros)
+                                    if t is not None), device)
+        qws = [qw] + [quant.quantize_weight(weight, dtype=dtype) for _ in range(copies - 1)]
+        dense_copies = [weight] + [weight.clone() for _ in range(copies - 1)]
+        dense = quant.dequantize(qw)
+        for m in rows:
+            on_product(f"{m}x{k} @ {k}x{n}")
+            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+            yield Product(n, k, m, x, qws, dense_copies, dense)
 
 
 def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, device: str, dtype: torch.dtype,
@@ -109,22 +130,19 @@ def sweep(quant, weights: Sequence[tuple[int, int]], rows: Sequence[int], *, dev
     copies of the weight (a model's layers: bench/kernels.py's time_call says why). A candidate
     whose product is off the dequantized weight's by more than 1% is dropped."""
     results = []
-    for n, k in weights:
-        gen, weights_, qws = weight_copies(quant, n, k, device=device, dtype=dtype, operand_copies=operand_copies)
-        qw, dense = qws[0], quant.dequantize(qws[0])
-        for m in rows:
-            on_product(f"{m}x{k} @ {k}x{n}")
-            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-            want = F.linear(x.float(), dense.float())
-            measured = Measured(n, k, m, time_call([lambda w=w: F.linear(x, w) for w in weights_], device),
-                                time_call([lambda q=q: quant.triton_quant_linear(x, q) for q in qws], device),
-                                candidates(m, wgmma))
-            for tile in measured.tiles:
-                config = quant.pick_launch((quant.LaunchTile(**tile.model_dump()),), m, n, k, x.device)
-                measured.add(lambda c=config: quant.triton_quant_linear(x, qw, config=c), want,
-                             lambda c=config: time_call([lambda q=q: quant.triton_quant_linear(x, q, config=c)
-                                                         for q in qws], device), tolerance=0.01)
-            results.append(measured)
+    for p in products(quant, weights, rows, device=device, dtype=dtype, on_product=on_product,
+                      operand_copies=operand_copies):
+        x, qws = p.x, p.qws
+        want = F.linear(x.float(), p.dense.float())
+        measured = Measured(p.n, p.k, p.m, time_call([lambda w=w: F.linear(x, w) for w in p.weights], device),
+                            time_call([lambda q=q: quant.triton_quant_linear(x, q) for q in qws], device),
+                            candidates(p.m, wgmma))
+        for tile in measured.tiles:
+            config = quant.pick_launch((quant.LaunchTile(**tile.model_dump()),), p.m, p.n, p.k, x.device)
+            measured.add(lambda c=config: quant.triton_quant_linear(x, qws[0], config=c), want,
+                         lambda c=config: time_call([lambda q=q: quant.triton_quant_linear(x, q, config=c)
+                                                     for q in qws], device), tolerance=0.01)
+        results.append(measured)
     return results
 
 
