@@ -117,3 +117,15 @@ def test_the_engine_loop_asks_once_per_grammar_and_never_unrolls_it(monkeypatch)
     grammar = 'start: "(" start ")" | "y" | "z"'  # a text no other test asks about (the answers are kept)
     assert lark_pattern(grammar) == lark_pattern(grammar) == (NESTED_LARK, grammar)
     assert depths == [1]
+
+
+def test_a_grammar_text_past_the_limit_stays_with_llguidance(monkeypatch):
+    """The engine parses a grammar's text on its loop and keeps it as a key: a text past
+    MAX_LARK_CHARS (a request body may hold 16 MB) goes to llguidance unread."""
+    grammar = 'start: "(" start ")" | "w"\n'
+    padded = grammar + "// " + "c" * lark_regex.MAX_LARK_CHARS + "\n"
+    read = []
+    start = lark_regex._start
+    monkeypatch.setattr(lark_regex, "_start", lambda text, nesting: read.append(len(text)) or start(text, nesting))
+    assert lark_pattern(padded) is None and read == []
+    assert lark_pattern(grammar) == (NESTED_LARK, grammar) and read == [len(grammar)]

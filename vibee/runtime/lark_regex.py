@@ -38,6 +38,10 @@ MAX_NESTED_STATES = 2048
 # device_pattern's key for a grammar whose rules nest: (NESTED_LARK, its text), compiled by lark_fsm.
 NESTED_LARK = "nested_lark"
 
+# Longer grammar texts stay with llguidance: they would be parsed on the engine's loop and kept as
+# cache keys (a request body may hold 16 MB); grammars written for decoding are a few KB.
+MAX_LARK_CHARS = 20_000
+
 
 class _NotRegular(Exception):
     pass
@@ -60,6 +64,8 @@ def lark_pattern(text: str) -> str | tuple[str, str] | None:
     rules nest (lark_fsm unrolls and compiles it, on the engine's compile thread), or None
     (llguidance). The engine asks on its loop for each request: one level of nesting tells, and
     the answer is kept per grammar."""
+    if len(text) > MAX_LARK_CHARS:
+        return None
     tree = _start(text, nesting=1)
     return (NESTED_LARK, text) if tree is not None and _has(tree, "nested") else _regex(tree)
 
