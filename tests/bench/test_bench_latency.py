@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from vibee.bench.cli import bench
 from vibee.bench.latency import summarize_decode, weight_bytes
 from vibee.runtime.shapes import shape_config
 from vibee.runtime.config import DEFAULT_MODEL_DIR
+from vibee.runtime.generated import DEFAULT_SPEC_DIR
 
 
 def test_limit_arithmetic():
@@ -62,6 +64,20 @@ def test_latency_command_writes_figures_and_plot(tmp_path):
     assert data["measured"]["timing"] == data["settings"]["step_timing"] == "each step waited for (host clock)"  # eager
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert r["bandwidth_gbs"] == 10 and r["bandwidth_source"] == "--bandwidth-gbs" and data["ceilings"] is None
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
+def test_latency_runs_the_modules_of_the_spec_dir_it_is_given(tmp_path):
+    specs = tmp_path / "specs"
+    shutil.copytree(DEFAULT_SPEC_DIR, specs)
+    kv = specs / "igla_kv_cache.vibee"
+    kv.write_text(kv.read_text().replace("  block_size: 16 ", "  block_size: 32 ", 1))
+    result = CliRunner().invoke(bench, ["latency", "--device", "cpu", "--prompt-len", "8", "--decode-steps", "1",
+                                        "--warmup-steps", "0", "--bandwidth-gbs", "10", "--spec-dir", str(specs),
+                                        "--result-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(next((tmp_path / "out").glob("latency-*.json")).read_text())["settings"]
+    assert settings["block_size"] == 32
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")

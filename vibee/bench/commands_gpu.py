@@ -38,10 +38,12 @@ from vibee.kinds.quantization.config import METHOD_NAMES
 @click.option("--tensor-parallel-size", "-tp", "tp_size", type=click.IntRange(min=1, max=8), default=1, show_default=True,
               help="Shard the model over N ranks, one process each (launched here, or by torchrun), every rank "
                    "running the same steps; the figures are rank 0's, its limit from its shard's bytes.")
+@click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Directory of the six .vibee specs (default: specs/tri).")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,
-            bandwidth_gbs, enforce_eager, sync_steps, tp_size, result_dir):
+            bandwidth_gbs, enforce_eager, sync_steps, tp_size, spec_dir, result_dir):
     """Decode tokens/s of the model runner and the fraction of the memory-bandwidth limit."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -55,7 +57,7 @@ def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, w
     params = {"shape": shape, "model": None if model is None else str(model), "device": device, "dtype": dtype,
               "batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": decode_steps,
               "warmup_steps": warmup_steps, "quant": quant, "flash_attn": flash_attn, "enforce_eager": enforce_eager,
-              "tp_size": tp_size, "sync_steps": sync_steps}
+              "tp_size": tp_size, "sync_steps": sync_steps, "spec_dir": None if spec_dir is None else str(spec_dir)}
     progress = Progress(TextColumn("[bold]decode steps"), BarColumn(), MofNCompleteColumn(), console=err)
     with user_errors():
         ranks = latency_ranks(params)
