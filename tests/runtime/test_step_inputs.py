@@ -57,6 +57,17 @@ def test_attention_batch_matches_token_by_token(seed, as_array):
     assert derived.positions().tolist() == positions
 
 
+@pytest.mark.parametrize("query_lens", [[1], [2], [3, 1], [1, 1, 1], [5, 2, 7]])
+def test_slots_and_positions_start_16_bytes_in_whatever_the_batch(query_lens):
+    # Triton specializes pointers on 16-byte alignment: RoPE's kernel compiled anew mid-serving
+    # for batches whose token count had the other parity than every warm-up batch's.
+    seq_lens = [q + 3 for q in query_lens]
+    batch = make_attention_batch(query_lens, seq_lens, [[0, 1, 2]] * len(query_lens), 4)
+    base = batch.positions_tensor.untyped_storage().data_ptr()
+    for view in (batch.slot_mapping, batch.positions()):
+        assert (view.data_ptr() - base) % 16 == 0
+
+
 def test_attention_batch_without_kv_cache_and_empty():
     batch = make_attention_batch([3, 5], [3, 5], None, 16)
     assert batch.cu_seqlens_q.tolist() == [0, 3, 8] and batch.seq_lens.tolist() == [3, 5]

@@ -51,6 +51,10 @@ class AttentionBatch:
         return (self.seq_lens.long() - q_lens)[seq] + offset_in_seq
 
 
+def _even(i: int) -> int:
+    return i + (i & 1)
+
+
 def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
                          block_tables: Sequence[Sequence[int]] | np.ndarray | None,
                          block_size: int, device: torch.device | str = "cpu") -> AttentionBatch:
@@ -85,15 +89,21 @@ def make_attention_batch(query_lens: Sequence[int], seq_lens: Sequence[int],
     seq = np.repeat(np.arange(num_seqs), q_lens)
     positions = (kv_lens - q_lens)[seq] + np.arange(int(cu[-1])) - cu[:-1][seq]
     slots = table[seq, positions // block_size] * block_size + positions % block_size
-    host = np.concatenate([cu, kv_lens, slots, positions, table.reshape(-1)])
-    buf = to_device(host, device)
-    slots_at, positions_at = 2 * num_seqs + 1, 2 * num_seqs + 1 + len(slots)
+    # Slots and positions start 16 bytes in (an even int64 index): Triton specializes a pointer
+    # argument on 16-byte alignment, so with alignment following the batch's sizes a kernel reading
+    # them (RoPE's) compiled again for batches whose sizes no warm-up had, mid-serving.
+    slots_at = _even(2 * num_seqs + 1)
+    positions_at = _even(slots_at + len(slots))
     tables_at = positions_at + len(positions)
+    host = np.zeros(tables_at + table.size, dtype=np.int64)
+    for at, part in ((0, cu), (num_seqs + 1, kv_lens), (slots_at, slots), (positions_at, positions), (tables_at, table)):
+        host[at: at + part.size] = part.reshape(-1)
+    buf = to_device(host, device)
     return AttentionBatch(
         cu_seqlens_q=buf[: num_seqs + 1].to(torch.int32),
-        seq_lens=buf[num_seqs + 1: slots_at].to(torch.int32),
+        seq_lens=buf[num_seqs + 1: 2 * num_seqs + 1].to(torch.int32),
         block_tables=buf[tables_at:].view(table.shape).to(torch.int32),
-        slot_mapping=buf[slots_at: positions_at],
+        slot_mapping=buf[slots_at: slots_at + len(slots)],
         is_decode=bool((q_lens == 1).all()),
         fresh=bool(np.array_equal(q_lens, kv_lens)),
         cu_seqlens_q_host=cu.tolist(), seq_lens_host=kv_lens.tolist(),
