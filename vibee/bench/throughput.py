@@ -220,6 +220,12 @@ def engine_settings(engine) -> dict[str, Any]:
     }
 
 
+# Under this many seconds of timed work the report says its rates are too noisy to compare: on an
+# H100, 16 prompts x 64 tokens of the built-in model took 0.03 s (256 x 256 took 0.5 s), and the
+# README once compared structured-output modes by such runs.
+SHORT_RUN_S = 1.0
+
+
 def report_sections(results: dict[str, Any], settings: dict[str, Any], env: dict[str, Any], warmup: dict[str, Any],
                     spec_rows: list[list[Any]]) -> tuple[list[Any], list[str]]:
     """`bench throughput`'s report: its sections (results, settings, environment) and notes."""
@@ -229,6 +235,10 @@ def report_sections(results: dict[str, Any], settings: dict[str, Any], env: dict
     notes = [f"Warm-up: {warmup['requests']} request ({warmup['prompt_tokens']} prompt + {warmup['output_tokens']} "
              "output tokens) ran before timing and is not counted. Times cover adding all requests and stepping "
              "until the last one finished."]
+    if results["elapsed_s"] < SHORT_RUN_S:
+        notes.append(f"The timed part took {results['elapsed_s']:.2f} s, too short to compare runs by: a few "
+                     "milliseconds of host jitter move its rates by a tenth or more. Give it more prompts or output "
+                     "tokens (or --repeat).")
     if results["jit_compiles"]["count"]:
         notes.append(f"{results['jit_compiles']['count']} Triton kernel compiles "
                      f"({', '.join(results['jit_compiles']['kernels'])}) fell inside the timed loop: the figures include "
