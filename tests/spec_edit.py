@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
+
+SHIPPED_SPECS = Path(__file__).resolve().parents[1] / "specs" / "tri"
 
 
 def with_knob(text: str, key: str, value: str) -> str:
@@ -11,3 +15,11 @@ def with_knob(text: str, key: str, value: str) -> str:
     changed, count = pattern.subn(lambda m: m.group(1) + value + m.group(3), text, count=1)
     assert count == 1, f"the spec has no '{key}:' line"
     return changed
+
+
+def specs_with_knob(folder: Path, spec: str, key: str, value: str) -> Path:
+    """A copy of the shipped specs in folder with one knob of one spec file changed."""
+    shutil.copytree(SHIPPED_SPECS, folder)
+    path = folder / spec
+    path.write_text(with_knob(path.read_text(), key, value))
+    return folder

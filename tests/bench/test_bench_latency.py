@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.spec_edit import specs_with_knob
 from vibee.bench.ceilings import measure_ceilings
 from vibee.bench.cli import bench
 from vibee.bench.latency import summarize_decode, weight_bytes
 from vibee.runtime.shapes import shape_config
 from vibee.runtime.config import DEFAULT_MODEL_DIR
-from vibee.runtime.generated import DEFAULT_SPEC_DIR
 
 
 def test_limit_arithmetic():
@@ -68,10 +67,7 @@ def test_latency_command_writes_figures_and_plot(tmp_path):
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="no default model")
 def test_latency_runs_the_modules_of_the_spec_dir_it_is_given(tmp_path):
-    specs = tmp_path / "specs"
-    shutil.copytree(DEFAULT_SPEC_DIR, specs)
-    kv = specs / "igla_kv_cache.vibee"
-    kv.write_text(kv.read_text().replace("  block_size: 16 ", "  block_size: 32 ", 1))
+    specs = specs_with_knob(tmp_path / "specs", "igla_kv_cache.vibee", "block_size", "32")
     result = CliRunner().invoke(bench, ["latency", "--device", "cpu", "--prompt-len", "8", "--decode-steps", "1",
                                         "--warmup-steps", "0", "--bandwidth-gbs", "10", "--spec-dir", str(specs),
                                         "--result-dir", str(tmp_path / "out")])

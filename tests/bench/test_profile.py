@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from tests.spec_edit import specs_with_knob
 from vibee.bench.profile_scopes import attention_work, counted_scopes, fold_layer
 from vibee.bench.profile_step import OTHER, profile_step, scope_rows
 from vibee.cli import main
@@ -251,12 +252,7 @@ def test_profile_command_reports_plots_and_compares(tmp_path):
 
 @needs_model
 def test_profile_compares_a_spec_variant(tmp_path):
-    import shutil
-
-    variant = tmp_path / "specs"
-    shutil.copytree("specs/tri", variant)
-    spec = variant / "igla_kv_cache.vibee"
-    spec.write_text(spec.read_text().replace("block_size: 16 ", "block_size: 8 ", 1))
+    variant = specs_with_knob(tmp_path / "specs", "igla_kv_cache.vibee", "block_size", "8")
     result = CliRunner().invoke(main, ["profile", "--device", "cpu", "--dtype", "float32", "--context-len", "12",
                                        "--steps", "1", "--phase", "prefill", "--compare", str(variant),
                                        "--result-dir", str(tmp_path / "out")])
