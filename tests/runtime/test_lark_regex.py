@@ -61,6 +61,7 @@ def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
     'start: %json {"type": "object"}',  # llguidance's extension
     'start: undefined_rule',
     'not a grammar',
+    'start: X\n%import nowhere.X',  # a grammar file Lark can't find (llguidance refuses it too)
 ])
 def test_what_a_regex_does_not_say_the_same_way_has_none(grammar):
     assert lark_regex(grammar) is None

@@ -48,8 +48,9 @@ class _NotRegular(Exception):
 
 
 # What a grammar this module can't take raises: not regular, llguidance's dialect, or an error
-# llguidance reports with its caret (a Lark whose internals differ: AttributeError).
-_REFUSED = (_NotRegular, ValueError, TypeError, KeyError, AttributeError, AssertionError)
+# llguidance reports with its caret (a Lark whose internals differ: AttributeError; an %import of
+# a grammar file Lark can't find: OSError).
+_REFUSED = (_NotRegular, ValueError, TypeError, KeyError, AttributeError, AssertionError, OSError)
 
 
 def lark_regex(text: str) -> str | None:
