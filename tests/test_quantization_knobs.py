@@ -149,9 +149,11 @@ def test_fp8_tiles_and_triton_rows_choose_the_w8a8_launch(gen_from_text, quantiz
     ("    - {max_m: 16, block_m: 16, block_n: 64, block_k: 128}\n", "the last row of fp8_tiles must cover every product"),
     ("    - {max_m: 64, block_m: 64, block_n: 64, block_k: 128}\n    - {max_m: 16, block_m: 16, block_n: 64, block_k: 128}\n"
      "    - {block_m: 128, block_n: 128, block_k: 128}\n", r"fp8_tiles\[1\] is never used: its max_m 16 is not above"),
+    ("    - {block_m: 64, block_n: 64, block_k: 128}\n    - {max_m: 16, block_m: 16, block_n: 64, block_k: 128}\n"
+     "    - {block_m: 128, block_n: 128, block_k: 128}\n", r"fp8_tiles\[1:\] are never used: fp8_tiles\[0\] has no max_m"),
     ("    - {block_m: 128, block_n: 128, block_k: 16}\n", "block_k must be a power of two from 32 to 256, got 16"),
     ("    - {block_m: 128, block_n: 100, block_k: 128}\n", "block_n must be a power of two from 16 to 256, got 100"),
-], ids=["no-catch-all", "shadowed", "block-k", "block-n"])
+], ids=["no-catch-all", "shadowed", "catch-all-first", "block-k", "block-n"])
 def test_bad_fp8_tiles_are_spec_errors(gen_from_text, quantization_spec, rows, message):
     with pytest.raises(SpecError) as caught:
         gen_from_text(with_fp8_tiles(quantization_spec, rows), "igla_quantization")

@@ -237,6 +237,10 @@ class QuantizationConfig(KindConfig):
         if not value or value[-1].max_m is not None:
             raise ValueError("the last row of fp8_tiles must cover every product: no max_m")
         bounds = [t.max_m for t in value[:-1]]
+        if None in bounds:
+            i = bounds.index(None)
+            raise ValueError(f"fp8_tiles[{i + 1}:] are never used: fp8_tiles[{i}] has no max_m, so it takes every product;"
+                             " give it a max_m or move it last")
         for i, (earlier, later) in enumerate(zip(bounds, bounds[1:]), start=1):
             if later <= earlier:
                 raise ValueError(f"fp8_tiles[{i}] is never used: its max_m {later} is not above fp8_tiles[{i - 1}]'s {earlier}")
