@@ -1,0 +1,88 @@
+"""A Lark grammar's token pushdown automaton (lark_pda.py): every token it allows from a row keeps the
+text a prefix of the grammar's language and every token it refuses would not (or needs a deeper look
+at the stack than an effect takes), the row it leaves runs on as the character-level run does, and
+a row is complete exactly when the text is a sentence. Checked along random token sequences, over a
+hand-made vocabulary and the built-in model's."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
+from vibee.runtime.config import DEFAULT_MODEL_DIR
+from vibee.runtime.lark_pda import TokenPDA
+from vibee.runtime.lark_rtn import lark_rtn
+
+JSON_WITH_STRINGS = r'''
+start: value
+value: "[" [value ("," value)*] "]" | "{" [pair ("," pair)*] "}" | NUMBER | STRING
+pair: STRING ":" value
+NUMBER: /[0-9]+/
+STRING: /"[a-z ]*"/
+%ignore " "
+'''
+
+
+def walk_randomly(pda: TokenPDA, sequences: int, length: int, seed: int = 0) -> tuple[int, int]:
+    """(token steps checked, steps refused only for want of a deeper look)."""
+    rng = random.Random(seed)
+    rtn, tokens = pda.rtn, pda.tokens
+    checked = refused_deep = 0
+    usable = [t for t, text in enumerate(tokens) if text]
+    for _ in range(sequences):
+        row, text = pda.start(), ""
+        for _ in range(length):
+            allowed = pda.allowed(*row)
+            token = rng.choice(allowed) if allowed and rng.random() < 0.85 else rng.choice(usable)
+            after = pda.advance(*row, token)
+            runs = rtn.run(text + tokens[token]) is not None
+            assert runs or after is None, f"{tokens[token]!r} allowed after {text!r}"
+            checked += 1
+            if after is None:
+                refused_deep += runs
+                break
+            row, text = after, text + tokens[token]
+            assert pda.complete(*row) == rtn.accepts(text), text
+    return checked, refused_deep
+
+
+@pytest.mark.parametrize("grammar, vocabulary", [
+    (JSONISH, ["[", "]", "{", "}", ",", "k", ":", "1", "]]", "],", "},", "}]", "[[", "[1", "1,", "k:", ":[", "]}", "}}",
+               "]]]", ",k:", "11"]),
+    (CALLS, ["f", "(", ")", "[", "]", ",", "+", "1", "))", "),", "f(", "(1", "1)", "])", ")]", "1+", "+f(", ")))"]),
+    (SPACED, ["(", ")", "[", "]", ",", "+", "1", " ", " +", ") ", "])", "( ", ", ", "1)"]),
+])
+def test_tokens_follow_the_grammar_along_random_sequences(grammar, vocabulary):
+    pda = TokenPDA(lark_rtn(grammar), [None, *vocabulary])  # token 0 special: never allowed
+    checked, refused_deep = walk_randomly(pda, sequences=300, length=12)
+    assert checked > 1000
+    assert refused_deep <= checked // 50  # the depth limit refuses few steps
+    assert pda.advance(*pda.start(), 0) is None
+
+
+def test_tokens_that_return_below_their_start_read_the_rows_stack():
+    pda = TokenPDA(lark_rtn(JSONISH), ["[", "1", "],", "]}", "{", "k:", "]"])
+    row = pda.start()
+    for text in ("[", "[", "1"):
+        row = pda.advance(*row, pda.tokens.index(text))
+    assert row[2] == 3  # start's call of the outer value, the inner list's, the number's
+    assert pda.advance(*row, pda.tokens.index("],")) is not None  # closes the inner list, then a comma of the outer
+    assert pda.advance(*row, pda.tokens.index("]}")) is None  # the outer value is a list, not an object
+    row = pda.start()
+    for text in ("{", "k:", "[", "1"):
+        row = pda.advance(*row, pda.tokens.index(text))
+    assert pda.advance(*row, pda.tokens.index("]}")) is not None and pda.advance(*row, pda.tokens.index("],")) is not None
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "tokenizer.json").exists(), reason="no default model")
+def test_a_real_vocabulary_walks_the_grammar_without_the_depth_limit():
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    vocabulary = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+    pda = TokenPDA(lark_rtn(JSON_WITH_STRINGS), vocabulary)
+    assert pda.cut == 0 and len(pda.return_ids) <= 7
+    checked, refused_deep = walk_randomly(pda, sequences=40, length=16)
+    assert checked > 200 and refused_deep == 0

@@ -1,0 +1,168 @@
+"""A Lark grammar's recursive transition network (lark_rtn.py) compiled against a vocabulary into a
+token pushdown automaton: for each state and token, what the token needs of the stack and what it
+leaves there.
+
+A row's stack is a word of entries of `bits` bits each, the top in the lowest bits, entry 0 meaning
+"no entry" (so the bits below the stack's depth read as its bottom), return ids 1..R above it. A
+token walked from a state may push return ids (its own calls) and pop them again, which the table
+knows; it may also return below where it started, popping entries the row holds. What it does then
+depends on those entries: so its effect is read by the top K entries of the row's stack, K * bits
+<= COMBO_BITS, as one index ("combo") into its effect: whether the token is allowed with that top,
+and if so the state, pops and pushes it leaves. A context that would need a deeper look does not
+allow the token (a limit on tokenization, not on the language: the text stays reachable by shorter
+tokens). The state after a token is the RTN's (machine, state) pair, numbered.
+
+The host half only (TokenPDA.allowed / advance, and what the tests compare with the character-level
+run); the device rows are the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vibee.runtime.lark_rtn import RTN, START
+
+COMBO_BITS = 6  # the top entries an effect reads: its combos fit one int64 of validity bits
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A token's end from a state, for one top of the stack: the state, the entries it popped below
+    where it started, and the return ids it left pushed (bottom first)."""
+
+    state: int
+    pops: int
+    pushes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """How a token reads the stack from a state: `looks` top entries, and per combo of them (top
+    entry in the lowest bits) its outcome, absent where the token is not allowed."""
+
+    looks: int
+    outcomes: dict[int, Outcome]
+
+
+class TokenPDA:
+    """The token automaton of an RTN over a vocabulary (tokens[i]: token i's text, None for a
+    special token): states (machine, DFA state) numbered from 0 (START's initial state), return ids
+    1..R, `bits` bits an entry."""
+
+    def __init__(self, rtn: RTN, tokens: Sequence[str | None]):
+        self.rtn = rtn
+        self.states = [(m, s) for m in rtn.names for s in sorted(rtn.machines[m].states)]
+        start = (START, rtn.initial(START))
+        self.states.remove(start)
+        self.states.insert(0, start)
+        self.number = {state: i for i, state in enumerate(self.states)}
+        self.return_ids: dict[tuple[str, int], int] = {}
+        self.callees: dict[int, set[str]] = {}
+        for machine in rtn.names:
+            for state in rtn.machines[machine].states:
+                for callee, after in rtn.moves(machine, state)[1].items():
+                    r = self.return_ids.setdefault((machine, after), len(self.return_ids) + 1)
+                    self.callees.setdefault(r, set()).add(callee)
+        self.returns_to = {r: point for point, r in self.return_ids.items()}
+        self.bits = max(1, len(self.return_ids).bit_length())
+        self.max_looks = COMBO_BITS // self.bits
+        self.tokens = tokens
+        self.effects: dict[tuple[int, int], Effect] = {}
+        self.cut = 0  # (state, token) pairs some context of which needed a deeper look
+        for number, state in enumerate(self.states):
+            for token, text in enumerate(tokens):
+                if text:
+                    effect = self._effect(state, text)
+                    if effect is not None:
+                        self.effects[number, token] = effect
+
+    def _effect(self, state: tuple[str, int], text: str) -> Effect | None:
+        ends = self._walk(state, text)
+        deep = [e for e in ends if len(e[0]) > self.max_looks]
+        if deep:
+            self.cut += 1
+            ends = [e for e in ends if len(e[0]) <= self.max_looks]
+        if not ends:
+            return None
+        looks = max(len(popped) for popped, _, _ in ends)
+        mask = (1 << self.bits) - 1
+        outcomes = {}
+        for combo in range(1 << (looks * self.bits)):
+            tops = tuple((combo >> (j * self.bits)) & mask for j in range(looks))
+            hits = [(popped, end, own) for popped, end, own in ends if popped == tops[:len(popped)]]
+            if len(hits) > 1:  # the conflict check rules this out: a grammar's run is greedy
+                raise AssertionError(f"two ends of {text!r} from {state} on the stack top {tops}")
+            if hits:
+                popped, end, own = hits[0]
+                outcomes[combo] = Outcome(self.number[end], len(popped), own)
+        return Effect(looks, outcomes)
+
+    def _walk(self, state: tuple[str, int], text: str) -> list[tuple[tuple[int, ...], tuple[str, int], tuple[int, ...]]]:
+        """Every end of text run from state on any stack: (return ids popped below the start, top
+        first; the end state; the ids the token left pushed), one per stack top it can run on."""
+        rtn, ends = self.rtn, []
+
+        def run(i: int, at: tuple[str, int], own: tuple[int, ...], popped: tuple[int, ...]) -> None:
+            while i < len(text):
+                char = text[i]
+                machine, s = at
+                local, calls = rtn.moves(machine, s)
+                if char in local:
+                    at, i = (machine, local[char]), i + 1
+                    continue
+                callee = next((c for c in calls if char in rtn.first[c]), None)
+                if callee is not None:
+                    own = (*own, self.return_ids[(machine, calls[callee])])
+                    at = (callee, rtn.initial(callee))
+                    continue
+                if not rtn.accepting(machine, s):
+                    return
+                if own:  # returning from a call the token made
+                    at, own = self.returns_to[own[-1]], own[:-1]
+                    continue
+                if len(popped) > self.max_looks:  # deeper than any effect looks: one end says so
+                    ends.append(((*popped, 0), at, own))
+                    return
+                for r, callees in self.callees.items():  # below the start: each call of this machine
+                    if machine in callees:
+                        run(i, self.returns_to[r], own, (*popped, r))
+                return
+            ends.append((popped, at, own))
+
+        run(0, state, (), ())
+        return ends
+
+    # ---- the host's reading of the tables -----------------------------------------------------
+
+    def start(self) -> tuple[int, int, int]:
+        """(state, stack, depth) before any token."""
+        return 0, 0, 0
+
+    def advance(self, state: int, stack: int, depth: int, token: int) -> tuple[int, int, int] | None:
+        """The row after token (None: the token is not allowed there)."""
+        effect = self.effects.get((state, token))
+        if effect is None:
+            return None
+        combo = stack & ((1 << (effect.looks * self.bits)) - 1)
+        outcome = effect.outcomes.get(combo)
+        if outcome is None:
+            return None
+        stack >>= outcome.pops * self.bits
+        for r in outcome.pushes:
+            stack = (stack << self.bits) | r
+        return outcome.state, stack, depth - outcome.pops + len(outcome.pushes)
+
+    def allowed(self, state: int, stack: int, depth: int) -> list[int]:
+        return [t for t in range(len(self.tokens)) if self.advance(state, stack, depth, t) is not None]
+
+    def complete(self, state: int, stack: int, depth: int) -> bool:
+        """Whether the text so far is a whole sentence: every machine on the stack can return."""
+        machine, s = self.states[state]
+        mask = (1 << self.bits) - 1
+        for _ in range(depth + 1):
+            if not self.rtn.accepting(machine, s):
+                return False
+            machine, s = self.returns_to.get(stack & mask, (START, -1))
+            stack >>= self.bits
+        return machine == START
