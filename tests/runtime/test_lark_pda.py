@@ -86,3 +86,22 @@ def test_a_real_vocabulary_walks_the_grammar_without_the_depth_limit():
     assert pda.cut == 0 and len(pda.return_ids) <= 7
     checked, refused_deep = walk_randomly(pda, sequences=40, length=16)
     assert checked > 200 and refused_deep == 0
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "tokenizer.json").exists(), reason="no default model")
+def test_the_walk_over_the_whole_vocabulary_at_once_is_the_token_by_token_walk():
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    vocabulary = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+    for grammar in (JSON_WITH_STRINGS, SPACED):
+        pda = TokenPDA(lark_rtn(grammar), vocabulary)
+        reads = {True: 0, False: 0}  # allowed pairs whose token reads the row's stack, and the rest
+        for number, state in enumerate(pda.states):
+            for token in range(0, len(vocabulary), 3):
+                if vocabulary[token]:
+                    want = pda._effect(state, vocabulary[token])
+                    assert pda.effects.get((number, token)) == want, (state, vocabulary[token])
+                    if want is not None:
+                        reads[want.looks > 0] += 1
+        assert reads[False] > 50 and reads[True] > 10

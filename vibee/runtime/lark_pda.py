@@ -21,9 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from vibee.runtime.lark_rtn import RTN, START
 
 COMBO_BITS = 6  # the top entries an effect reads: its combos fit one int64 of validity bits
+MAX_OWN_BITS = 60  # a token's own calls kept in one int64 by the vectorized walk (more: walked one by one)
+DEAD, RETURN = -1, -2  # _char_table's entries that are not a state
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,109 @@ class TokenPDA:
         self.tokens = tokens
         self.effects: dict[tuple[int, int], Effect] = {}
         self.cut = 0  # (state, token) pairs some context of which needed a deeper look
+        chars, lengths, order = self._encode(tokens)
+        step, pushes = self._char_table(chars["alphabet"])
         for number, state in enumerate(self.states):
-            for token, text in enumerate(tokens):
-                if text:
-                    effect = self._effect(state, text)
-                    if effect is not None:
-                        self.effects[number, token] = effect
+            ends, slow = self._walk_all(number, chars["codes"], lengths, step, pushes)
+            for token, (end, own) in ends.items():
+                self.effects[number, int(order[token])] = Effect(0, {0: Outcome(end, 0, own)})
+            for token in slow:  # tokens that return below where they start: every stack top they could read
+                effect = self._effect(state, tokens[int(order[token])])
+                if effect is not None:
+                    self.effects[number, int(order[token])] = effect
+
+    def _encode(self, tokens: Sequence[str | None]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """The tokens (specials and empty ones left out) longest first as rows of character codes
+        into an alphabet of the characters they use; their lengths; each row's token id."""
+        ids = [i for i, text in enumerate(tokens) if text]
+        ids.sort(key=lambda i: -len(tokens[i]))
+        alphabet = sorted({c for i in ids for c in tokens[i]})
+        code = {c: j for j, c in enumerate(alphabet)}
+        width = max((len(tokens[i]) for i in ids), default=1)
+        codes = np.zeros((len(ids), width), dtype=np.int64)
+        for row, i in enumerate(ids):
+            codes[row, : len(tokens[i])] = [code[c] for c in tokens[i]]
+        lengths = np.array([len(tokens[i]) for i in ids], dtype=np.int64)
+        return {"alphabet": alphabet, "codes": codes}, lengths, np.array(ids, dtype=np.int64)
+
+    def _char_table(self, alphabet: list[str]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """step[state, char]: the state the character leads to (a move, or calls then the callee's
+        move: pushes[push[state, char]] the return ids it pushes), RETURN where the state returns
+        on it, DEAD where nothing takes it. Returned as (step, push) stacked, and the push tuples."""
+        rtn = self.rtn
+        n = len(self.states)
+        step = np.full((2, n, len(alphabet)), DEAD, dtype=np.int64)
+        step[1] = 0
+        pushes: list[tuple[int, ...]] = [()]
+        index = {(): 0}
+        for q, (machine, s) in enumerate(self.states):
+            for j, char in enumerate(alphabet):
+                at, own = (machine, s), ()
+                while True:
+                    local, calls = rtn.moves(*at)
+                    if char in local:
+                        step[0, q, j] = self.number[(at[0], local[char])]
+                        step[1, q, j] = index.setdefault(own, len(pushes))
+                        if step[1, q, j] == len(pushes):
+                            pushes.append(own)
+                        break
+                    callee = next((c for c in calls if char in rtn.first[c]), None)
+                    if callee is None:
+                        if not own and rtn.accepting(*at):
+                            step[0, q, j] = RETURN
+                        break
+                    own = (*own, self.return_ids[(at[0], calls[callee])])
+                    at = (callee, rtn.initial(callee))
+        return step, pushes
+
+    def _walk_all(self, start: int, codes: np.ndarray, lengths: np.ndarray, step: np.ndarray,
+                  pushes: list[tuple[int, ...]]) -> tuple[dict[int, tuple[int, tuple[int, ...]]], list[int]]:
+        """Every token (rows of codes) walked from state `start` at once, returns to its own calls
+        included: {row: (end state, ids left pushed)} for tokens that end alive, and the rows that
+        return below where they start (walked one by one, as they read the row's stack)."""
+        bits, mask = self.bits, (1 << self.bits) - 1
+        count = np.array([len(p) for p in pushes], dtype=np.int64)
+        packed = np.zeros(len(pushes), dtype=np.int64)  # a push tuple's ids, the last (top) in the lowest bits
+        for k, ids in enumerate(pushes):
+            for r in ids:
+                packed[k] = (packed[k] << bits) | r
+        back = np.zeros(len(self.return_ids) + 1, dtype=np.int64)
+        for r, point in self.returns_to.items():
+            back[r] = self.number[point]
+        rows = len(codes)
+        cur = np.full(rows, start, dtype=np.int64)
+        own = np.zeros(rows, dtype=np.int64)
+        depth = np.zeros(rows, dtype=np.int64)
+        slow = np.zeros(rows, dtype=bool)
+        for pos in range(codes.shape[1]):
+            todo = np.flatnonzero((lengths > pos) & (cur >= 0) & ~slow)
+            while len(todo):
+                c = codes[todo, pos]
+                to, push = step[0, cur[todo], c], step[1, cur[todo], c]
+                moved = to >= 0
+                m = todo[moved]
+                k = push[moved]
+                own[m] = (own[m] << (count[k] * bits)) | packed[k]
+                depth[m] += count[k]
+                cur[m] = to[moved]
+                slow[m[depth[m] * bits > MAX_OWN_BITS]] = True  # too many own calls to keep in a word
+                cur[todo[to == DEAD]] = -1
+                back_rows = todo[to == RETURN]
+                below = back_rows[depth[back_rows] == 0]
+                slow[below] = True
+                mine = back_rows[depth[back_rows] > 0]
+                cur[mine] = back[own[mine] & mask]
+                own[mine] >>= bits
+                depth[mine] -= 1
+                todo = mine  # the returned rows take the same character again
+        ends = {}
+        for row in np.flatnonzero((cur >= 0) & ~slow):
+            ids, word = [], int(own[row])
+            for _ in range(int(depth[row])):
+                ids.append(word & mask)
+                word >>= bits
+            ends[int(row)] = (int(cur[row]), tuple(reversed(ids)))
+        return ends, [int(r) for r in np.flatnonzero(slow)]
 
     def _effect(self, state: tuple[str, int], text: str) -> Effect | None:
         ends = self._walk(state, text)
