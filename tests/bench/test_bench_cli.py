@@ -242,6 +242,7 @@ def _tiny_random_model(root: Path) -> Path:
     ("default", ["--structured-output", "json_schema"]),
     ("default", ["--structured-output", "tool_call"]),
     ("default", ["--structured-output", "lark_expr"]),
+    ("default", ["--structured-output", "lark_json"]),
 ])
 def test_throughput_end_to_end(tmp_path, model, extra):
     pytest.importorskip("vibee.runtime.engine", reason="the engine's modules are not all there yet")
@@ -281,7 +282,7 @@ def test_throughput_end_to_end(tmp_path, model, extra):
     if "--structured-output" in extra:  # every output token was sampled under one row's mask
         assert masks["rows"] == r["output_tokens"] and 1 <= masks["steps"] <= r["steps"]
         assert masks["ms_per_step"] > 0 and "Grammar masks" in result.output
-        # All on the device: JSON mode as its automaton with a stack, the others as token DFAs.
+        # All on the device: JSON mode and lark_json as automata with a stack, the others as token DFAs.
         assert (masks["host_requests"], masks["device_requests"]) == (0, 4)
     else:
         assert masks is None

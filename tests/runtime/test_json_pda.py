@@ -126,7 +126,7 @@ def test_the_table_masks_and_advances_as_the_automaton(eng, pda, tokens):
         from vibee.runtime.token_mask_kernel import apply_token_bitmask
 
         kernel = torch.zeros(len(states), width)
-        apply_token_bitmask(kernel, table.bits, states, table.vocab_size, table.effect, table.effects, table.json_rows)
+        apply_token_bitmask(kernel, table, states)
         assert torch.equal(kernel, logits)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
 from vibee.runtime.config import DEFAULT_MODEL_DIR
-from vibee.runtime.lark_pda import TokenPDA
+from vibee.runtime.lark_pda import LarkPDA
 from vibee.runtime.lark_rtn import lark_rtn
 
 JSON_WITH_STRINGS = r'''
@@ -25,7 +25,7 @@ STRING: /"[a-z ]*"/
 '''
 
 
-def walk_randomly(pda: TokenPDA, sequences: int, length: int, seed: int = 0) -> tuple[int, int]:
+def walk_randomly(pda: LarkPDA, sequences: int, length: int, seed: int = 0) -> tuple[int, int]:
     """(token steps checked, steps refused only for want of a deeper look)."""
     rng = random.Random(seed)
     rtn, tokens = pda.rtn, pda.tokens
@@ -55,7 +55,7 @@ def walk_randomly(pda: TokenPDA, sequences: int, length: int, seed: int = 0) -> 
     (SPACED, ["(", ")", "[", "]", ",", "+", "1", " ", " +", ") ", "])", "( ", ", ", "1)"]),
 ])
 def test_tokens_follow_the_grammar_along_random_sequences(grammar, vocabulary):
-    pda = TokenPDA(lark_rtn(grammar), [None, *vocabulary])  # token 0 special: never allowed
+    pda = LarkPDA(lark_rtn(grammar), [None, *vocabulary])  # token 0 special: never allowed
     checked, refused_deep = walk_randomly(pda, sequences=300, length=12)
     assert checked > 1000
     assert refused_deep <= checked // 50  # the depth limit refuses few steps
@@ -63,7 +63,7 @@ def test_tokens_follow_the_grammar_along_random_sequences(grammar, vocabulary):
 
 
 def test_tokens_that_return_below_their_start_read_the_rows_stack():
-    pda = TokenPDA(lark_rtn(JSONISH), ["[", "1", "],", "]}", "{", "k:", "]"])
+    pda = LarkPDA(lark_rtn(JSONISH), ["[", "1", "],", "]}", "{", "k:", "]"])
     row = pda.start()
     for text in ("[", "[", "1"):
         row = pda.advance(*row, pda.tokens.index(text))
@@ -82,7 +82,7 @@ def test_a_real_vocabulary_walks_the_grammar_without_the_depth_limit():
 
     tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
     vocabulary = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
-    pda = TokenPDA(lark_rtn(JSON_WITH_STRINGS), vocabulary)
+    pda = LarkPDA(lark_rtn(JSON_WITH_STRINGS), vocabulary)
     assert pda.cut == 0 and len(pda.return_ids) <= 7
     checked, refused_deep = walk_randomly(pda, sequences=40, length=16)
     assert checked > 200 and refused_deep == 0
@@ -95,7 +95,7 @@ def test_the_walk_over_the_whole_vocabulary_at_once_is_the_token_by_token_walk()
     tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
     vocabulary = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
     for grammar in (JSON_WITH_STRINGS, SPACED):
-        pda = TokenPDA(lark_rtn(grammar), vocabulary)
+        pda = LarkPDA(lark_rtn(grammar), vocabulary)
         reads = {True: 0, False: 0}  # allowed pairs whose token reads the row's stack, and the rest
         for number, state in enumerate(pda.states):
             for token in range(0, len(vocabulary), 3):

@@ -31,6 +31,12 @@ NUM: /[0-9]/
 %ignore " "
 '''
 REGULAR = 'start: "a" "b"* "c"\n'
+# Wildcards (a negated class, a dot, \S) beside calls: they must not take a call as a character.
+WILDCARDS = r'''
+start: value
+value: "[" [value ("," value)*] "]" | STRING | "<" /\S/ ">" | "(" /./ ")"
+STRING: /"[^"]*"/
+'''
 
 
 @pytest.mark.parametrize("grammar, alphabet, longest", [
@@ -38,6 +44,7 @@ REGULAR = 'start: "a" "b"* "c"\n'
     (CALLS, "f(),[]+1", 5),
     (SPACED, "()[], +1", 5),
     (REGULAR, "abc", 6),
+    (WILDCARDS, '[],"<>(', 5),
 ])
 def test_the_greedy_run_accepts_what_earley_parses(grammar, alphabet, longest):
     from lark import Lark
@@ -85,3 +92,4 @@ def test_what_lark_or_a_regex_cannot_read_has_no_network():
     assert lark_rtn("start: ") is None or lark_rtn("start: ").names == ["start"]
     assert lark_rtn('start: x\nx: "a" x | y\n') is None  # y is not defined
     assert lark_rtn('start: "a"\n%import nowhere.X\n') is None
+    assert lark_rtn('start: a\na: "(" a ")" | /[\\S]/\n') is None  # a wildcard that can't be kept off the calls

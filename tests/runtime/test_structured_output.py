@@ -84,7 +84,8 @@ def test_lark_outputs_parse_under_lark(eng):
 def test_lark_outputs_parse_under_lark_and_decode_on_the_device(eng, caplog):
     """A Lark grammar is a token DFA: a regular one (lark_regex.py), a list written as recursion at
     a rule's end, one with %ignore, and rules nested inside themselves (LARK, BOUNDED_LARK: up to
-    16 deep). Nesting of two bracket types outgrows the DFA's states and stays with llguidance."""
+    16 deep), and nesting of two bracket types, which outgrows the DFA's states, as a token pushdown
+    automaton (lark_pda.py); one that is not LL(1) at the character level stays with llguidance."""
     before = dict(eng.structured.requests_by_path)
     for grammar in ('start: call (";" call)?\ncall: NAME "(" [NUMBER ("," NUMBER)~0..2] ")"\nNAME: /[a-z_]{1,8}/\n'
                     'NUMBER: /[0-9]{1,2}/', 'start: "[" items "]"\nitems: NUMBER | NUMBER "," items\nNUMBER: /[0-9]{1,2}/'):
@@ -95,16 +96,19 @@ def test_lark_outputs_parse_under_lark_and_decode_on_the_device(eng, caplog):
     run(eng, grammar_for_lark('start: "[" NUMBER ("," NUMBER)* "]"\nNUMBER: /[0-9]+/\n%ignore " "'), n=1, max_tokens=4)
     run(eng, grammar_for_lark(LARK), n=1, max_tokens=4)
     run(eng, grammar_for_lark(BOUNDED_LARK), n=1, max_tokens=4)  # its outputs parse: test_lark_outputs_parse_under_lark
-    assert eng.structured.requests_by_path["device"] == before["device"] + 5
-    two_brackets = 'start: v\nv: "[" [v ("," v)*] "]" | "{" [v ("," v)*] "}" | NUMBER\nNUMBER: /[0-9]/'
+    run(eng, grammar_for_lark('start: v\nv: "[" [v ("," v)*] "]" | "{" [v ("," v)*] "}" | NUMBER\nNUMBER: /[0-9]/'),
+        n=1, max_tokens=4)
+    assert eng.structured.requests_by_path["device"] == before["device"] + 6
+    greedy_would_err = 'start: a\na: "x" a? "x" | "[" a "]" | "{" a "}"\n'  # after "x", another "x" opens or closes
     with caplog.at_level(logging.INFO, logger="vibee.engine"):
         for _ in range(2):
-            run(eng, grammar_for_lark(two_brackets), n=1, max_tokens=4)
+            run(eng, grammar_for_lark(greedy_would_err), n=1, max_tokens=4)
     assert eng.structured.requests_by_path["host"] == before["host"] + 2
     # why it went to the host, once a grammar
     told = [r.getMessage() for r in caplog.records if "on the host" in r.getMessage()]
     assert told == ["structured output on the host (llguidance's masks): its rules nest into more states than the "
-                    "device's DFA holds"]
+                    "device's DFA holds; nor has it a pushdown automaton here: the grammar is not LL(1) at the "
+                    "character level: a, state 1: a move and a call of a both take 'x'"], told
 
 
 def test_regex_outputs_match(eng):

@@ -164,7 +164,7 @@ def test_the_bitmask_kernel_masks_as_the_table_does(eng):
         expected = logits.clone()
         expected[:, : table.vocab_size].masked_fill_(table.next[states, :] < 0, float("-inf"))
         expected[1:, table.vocab_size:] = float("-inf")
-        apply_token_bitmask(logits, table.bits, states, table.vocab_size, table.effect, table.effects, table.json_rows)
+        apply_token_bitmask(logits, table, states)
         assert torch.equal(logits, expected)
     finally:
         c.release()
@@ -195,7 +195,7 @@ def test_only_a_host_grammar_keeps_steps_from_overlapping(eng):
     for request in ("dfa", "json", "host"):
         eng.abort_request(request)
     table = eng.structured.table
-    assert eng._num_penalized == 0 and table._free == [(1 + table.json_rows, table.capacity - 1 - table.json_rows)]
+    assert eng._num_penalized == 0 and table.rows.runs == [(1 + table.json_rows, table.capacity - 1 - table.json_rows)]
 
 
 @pytest.fixture
@@ -218,7 +218,7 @@ def test_rounds_mask_and_advance_the_dfa_on_the_device(rounds_seen):
         e = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
         outs = generate(e, prompts, params)
         t = e.structured.table
-        assert t._free == [(1 + t.json_rows, t.capacity - 1 - t.json_rows)]  # rows given back
+        assert t.rows.runs == [(1 + t.json_rows, t.capacity - 1 - t.json_rows)]  # rows given back
         return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
 
     eng_rounds, in_rounds = run(4)

@@ -68,12 +68,13 @@ for _command in (latency, perplexity, kernels, adversary, tiles):  # commands_gp
               help="Prompts of random tokens, or windows of Python standard-library source (real text).")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--structured-output",
-              type=click.Choice(["none", "json_object", "json_schema", "text_regex", "tool_call", "lark_expr"]),
+              type=click.Choice(["none", "json_object", "json_schema", "text_regex", "tool_call", "lark_expr", "lark_json"]),
               default="none", show_default=True,
               help="Constrain every request: any JSON object (a token automaton with a stack), a JSON schema of a record, "
               "the regex [^<>]* (open to the end, a mask over most of the vocabulary every step), a required call "
-              "of one of two tools, or arithmetic in a Lark grammar with brackets nested up to 16 deep (the last four "
-              "token DFAs; all on the device); reports where the masks ran and their host time.")
+              "of one of two tools, arithmetic in a Lark grammar with brackets nested up to 16 deep (those four "
+              "token DFAs), or JSON-like lists and objects in a Lark grammar (a token automaton with a stack of "
+              "return points); all on the device; reports where the masks ran and their host time.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Time the requests this many times in one engine (pass i moves each prompt's first token i ids along, "
               "so the prefix cache holds nothing of an earlier pass); the report takes the median pass and lists them all.")

@@ -104,12 +104,21 @@ NUMBER: /[0-9]+/
 %ignore " "
 """
 
+# JSON-like values in a Lark grammar: two bracket types inside each other (its pushdown automaton).
+BENCH_LARK_JSON = r"""start: value
+value: "[" [value ("," value)*] "]" | "{" [pair ("," pair)*] "}" | NUMBER | STRING | "true" | "false" | "null"
+pair: STRING ":" value
+NUMBER: /-?[0-9]+(\.[0-9]+)?/
+STRING: /"[^"\\\n]*"/
+%ignore " "
+"""
+
 
 def bench_grammar(name: str) -> str | None:
     """The grammar of `--structured-output` NAME: none, json_object (JSON mode's token automaton
     with a stack), json_schema (BENCH_SCHEMA), text_regex ([^<>]*, open to the end), tool_call
-    (BENCH_TOOLS, one call required) or lark_expr (BENCH_LARK, nested up to 16 deep), the last four
-    token DFAs; all on the device."""
+    (BENCH_TOOLS, one call required), lark_expr (BENCH_LARK, nested up to 16 deep), those four token
+    DFAs, or lark_json (BENCH_LARK_JSON, lark_pda.py's automaton); all on the device."""
     from vibee.runtime.structured_output import (grammar_for_json_object, grammar_for_json_schema, grammar_for_lark,
                                                  grammar_for_regex)
     from vibee.server.tool_calls import plan_tools
@@ -117,7 +126,7 @@ def bench_grammar(name: str) -> str | None:
     makers = {"none": lambda: None, "json_object": grammar_for_json_object,
               "json_schema": lambda: grammar_for_json_schema(BENCH_SCHEMA), "text_regex": lambda: grammar_for_regex("[^<>]*"),
               "tool_call": lambda: plan_tools(BENCH_TOOLS, "required", False, "").grammar,
-              "lark_expr": lambda: grammar_for_lark(BENCH_LARK)}
+              "lark_expr": lambda: grammar_for_lark(BENCH_LARK), "lark_json": lambda: grammar_for_lark(BENCH_LARK_JSON)}
     return makers[name]()
 
 def run_throughput(engine, workload: Workload, *, console=None, temperature: float = 1.0,

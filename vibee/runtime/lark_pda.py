@@ -12,8 +12,12 @@ and if so the state, pops and pushes it leaves. A context that would need a deep
 allow the token (a limit on tokenization, not on the language: the text stays reachable by shorter
 tokens). The state after a token is the RTN's (machine, state) pair, numbered.
 
-The host half only (TokenPDA.allowed / advance, and what the tests compare with the character-level
-run); the device rows are the next step.
+LarkPDA is the host's reading (allowed / advance / complete, what the tests compare with the
+character-level run); its `tables` are what grammar_table.py loads onto the device: an effect id
+per (state, token) and, per distinct effect, one row of EFFECT_FIELDS int64s (a validity bit per
+combo, the combo's width, the most stack bits it adds, whether it is an end token, and per combo
+the row, pops and pushes it leaves, packed as FINAL_* say), so masking a row is a gather and a
+bit test per token and advancing it a gather, on the device, inside decode rounds.
 """
 
 from __future__ import annotations
@@ -23,11 +27,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vibee.runtime.lark_rtn import RTN, START
+from vibee.runtime.lark_rtn import RTN, START, lark_rtn
+from vibee.runtime.token_dfa import NotRegular
 
 COMBO_BITS = 6  # the top entries an effect reads: its combos fit one int64 of validity bits
 MAX_OWN_BITS = 60  # a token's own calls kept in one int64 by the vectorized walk (more: walked one by one)
 DEAD, RETURN = -1, -2  # _char_table's entries that are not a state
+
+# The device's effect rows (PDATables.effects): fields, then one packed outcome per combo.
+VALID, WIDTH, MAX_NET, CHECKS_STACK, FINAL = range(5)
+EFFECT_FIELDS = FINAL + (1 << COMBO_BITS)
+STACK_BITS = 41  # a row's stack on the device (grammar_table packs it above the row and depth, below the sign)
+# An outcome as one int64: the row it leaves, the stack bits it pops and pushes, the pushed bits.
+FINAL_ROW_BITS, FINAL_POPS_SHIFT, FINAL_PUSHES_SHIFT, FINAL_PUSHED_SHIFT = 15, 15, 21, 27
+MAX_PUSHED_BITS = 63 - FINAL_PUSHED_SHIFT
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,7 @@ class Effect:
     outcomes: dict[int, Outcome]
 
 
-class TokenPDA:
+class LarkPDA:
     """The token automaton of an RTN over a vocabulary (tokens[i]: token i's text, None for a
     special token): states (machine, DFA state) numbered from 0 (START's initial state), return ids
     1..R, `bits` bits an entry."""
@@ -61,13 +74,17 @@ class TokenPDA:
         self.states.remove(start)
         self.states.insert(0, start)
         self.number = {state: i for i, state in enumerate(self.states)}
-        self.return_ids: dict[tuple[str, int], int] = {}
-        self.callees: dict[int, set[str]] = {}
+        points: dict[tuple[str, int], set[str]] = {}  # return point -> the machines called before it
         for machine in rtn.names:
             for state in rtn.machines[machine].states:
                 for callee, after in rtn.moves(machine, state)[1].items():
-                    r = self.return_ids.setdefault((machine, after), len(self.return_ids) + 1)
-                    self.callees.setdefault(r, set()).add(callee)
+                    points.setdefault((machine, after), set()).add(callee)
+        # Return points where the caller may end come first (ids 1..accepting_ids): a stack of them
+        # only is one every machine on it can return from, which is when the end token is allowed.
+        order = sorted(points, key=lambda point: (not rtn.accepting(*point), point))
+        self.return_ids = {point: r for r, point in enumerate(order, start=1)}
+        self.callees = {self.return_ids[point]: callees for point, callees in points.items()}
+        self.accepting_ids = sum(rtn.accepting(*point) for point in order)
         self.returns_to = {r: point for point, r in self.return_ids.items()}
         self.bits = max(1, len(self.return_ids).bit_length())
         self.max_looks = COMBO_BITS // self.bits
@@ -234,6 +251,52 @@ class TokenPDA:
         run(0, state, (), ())
         return ends
 
+    # ---- the device's tables ------------------------------------------------------------------
+
+    def tables(self, eos_token_ids: Sequence[int], vocab_size: int) -> PDATables:
+        """The effect id of every (state, token) and the distinct effects, for the device. A state
+        past the RTN's, the sink, is where an end token leads: it allows end tokens only. Outcomes
+        that push more than MAX_PUSHED_BITS are left out (counted in `cut`, as deep looks are)."""
+        b = self.bits
+        sink = len(self.states)
+        effect = np.zeros((sink + 1, vocab_size), dtype=np.int32)
+        rows: list[np.ndarray] = []
+        ids: dict[tuple, int] = {}
+
+        def effect_id(key: tuple, width: int, outcomes: dict[int, tuple[int, int, tuple[int, ...]]], checks: int) -> int:
+            if key not in ids:
+                row = np.zeros(EFFECT_FIELDS, dtype=np.int64)
+                valid, net = 0, 0
+                for combo, (state, pops, pushes) in outcomes.items():
+                    pushed = 0
+                    for r in pushes:
+                        pushed = (pushed << b) | r
+                    row[FINAL + combo] = (state | pops * b << FINAL_POPS_SHIFT | len(pushes) * b << FINAL_PUSHES_SHIFT
+                                          | pushed << FINAL_PUSHED_SHIFT)
+                    valid |= 1 << combo
+                    net = max(net, (len(pushes) - pops) * b)
+                row[VALID] = valid - (1 << 64 if valid >> 63 else 0)  # combo 63 is the sign bit
+                row[WIDTH], row[MAX_NET], row[CHECKS_STACK] = width, net, checks
+                rows.append(row)
+                ids[key] = len(rows)  # 1..E: 0 is "not allowed"
+            return ids[key]
+
+        for (state, token), e in self.effects.items():
+            outcomes = {combo: (o.state, o.pops, o.pushes) for combo, o in e.outcomes.items()
+                        if len(o.pushes) * b <= MAX_PUSHED_BITS}
+            self.cut += len(outcomes) < len(e.outcomes)
+            if outcomes:
+                key = (e.looks, tuple(sorted(outcomes.items())))
+                effect[state, token] = effect_id(key, e.looks * b, outcomes, 0)
+        # An end token: where the state may end and every return point on the stack may too.
+        end = effect_id(("end",), 0, {0: (sink, 0, ())}, 1)
+        eos = [t for t in eos_token_ids if t < vocab_size]
+        for number, state in enumerate(self.states):
+            if self.rtn.accepting(*state):
+                effect[number, eos] = end
+        effect[sink, eos] = end
+        return PDATables(effect, np.stack(rows), b, self.accepting_ids)
+
     # ---- the host's reading of the tables -----------------------------------------------------
 
     def start(self) -> tuple[int, int, int]:
@@ -267,3 +330,70 @@ class TokenPDA:
             machine, s = self.returns_to.get(stack & mask, (START, -1))
             stack >>= self.bits
         return machine == START
+
+
+@dataclass(frozen=True)
+class PDATables:
+    """A LarkPDA on the device's terms: effect [states, vocab] (int32: 1 + a row of effects, 0 where
+    the token is not allowed), effects [E, EFFECT_FIELDS] (outcomes' rows count from the PDA's state
+    0), entry bits, and the return ids 1..accepting_ids whose callers may end there."""
+
+    effect: np.ndarray
+    effects: np.ndarray
+    bits: int
+    accepting_ids: int
+
+    @property
+    def num_states(self) -> int:
+        return self.effect.shape[0]
+
+
+def compile_lark_pda(text: str, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
+                     vocab_size: int) -> PDATables:
+    """The device tables of Lark grammar `text` over a vocabulary (tokens[i]: token i's bytes, None
+    for a special token); NotRegular where the grammar has no RTN here, is not LL(1) at the
+    character level, or has a rule that never ends. A token that is not whole UTF-8 text is never
+    allowed."""
+    if not eos_token_ids:
+        raise NotRegular("the model has no end-of-sequence token")
+    rtn = lark_rtn(text)
+    if rtn is None:
+        raise NotRegular("the grammar has no recursive transition network here (a construct the device can't take)")
+    conflicts = rtn.conflicts()
+    if conflicts:
+        raise NotRegular(f"the grammar is not LL(1) at the character level: {conflicts[0]}")
+    endless = _endless(rtn)
+    if endless:
+        raise NotRegular(f"rule {endless[0]} never ends (every way through it calls it again)")
+    texts: list[str | None] = []
+    for b in tokens:
+        try:
+            texts.append(b.decode("utf-8") if b else None)
+        except UnicodeDecodeError:  # a piece of a character
+            texts.append(None)
+    return LarkPDA(rtn, texts).tables(eos_token_ids, vocab_size)
+
+
+def _endless(rtn: RTN) -> list[str]:
+    """The machines that can't reach an accepting state (calls count as moves once their callee can)."""
+    ends: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name in rtn.names:
+            if name in ends:
+                continue
+            seen, todo = set(), [rtn.initial(name)]
+            while todo:
+                state = todo.pop()
+                if state in seen:
+                    continue
+                seen.add(state)
+                if rtn.accepting(name, state):
+                    ends.add(name)
+                    changed = True
+                    break
+                local, calls = rtn.moves(name, state)
+                todo.extend(local.values())
+                todo.extend(after for callee, after in calls.items() if callee in ends)
+    return [name for name in rtn.names if name not in ends]

@@ -16,8 +16,9 @@ itself): the grammar's language up to that depth, exactly, and no deeper. That l
 a DAG (each level shared by the next, not copied) and made a DFA level by level with interegular's
 operations (lark_fsm), each level reduced, since one regex of it would double in size at each level
 where the rule is named twice. One bracket type grows the DFA by a few states a level; several
-(JSON's arrays in objects in arrays...) multiply it, and a DFA past MAX_NESTED_STATES stays with
-llguidance (exactly, at any depth).
+(JSON's arrays in objects in arrays...) multiply it, and a grammar whose DFA passes
+MAX_NESTED_STATES goes to its token pushdown automaton (lark_rtn.py, lark_pda.py) where it has one,
+else to llguidance (exactly, at any depth).
 
 The regex stands for the grammar's language as a context-free grammar (Lark's Earley parser
 accepts exactly it); llguidance's lexer takes the longest terminal at each point, which refuses

@@ -199,12 +199,59 @@ def lark_rtn(text: str) -> RTN | None:
             if ignored is not None:  # a machine takes the ignored text after its last token
                 body = _sequence([body, copy.deepcopy(ignored)])
             pattern = _regex(body)
+            if pattern is not None:
+                pattern = _wildcards_without_calls(pattern, chr(CALL_BASE) + "-" + chr(CALL_BASE + len(machines) - 1))
             if pattern is None:
                 return None
             fsms[name] = _fsm(pattern)
         return RTN(fsms, IGNORABLE if ignored is not None else frozenset())
     except (LarkError, *_REFUSED):
         return None
+
+
+def _wildcards_without_calls(regex: str, calls: str) -> str | None:
+    """regex with its wildcards (negated classes, `.`, `\\S`, `\\W`, `\\D`) kept off the call characters
+    (`calls`, a class range): else a string's `[^"]*` would take a call as one of its characters.
+    None where that can't be written (a negated shorthand inside a class, a dot that matches newlines)."""
+    import re
+
+    if re.search(r"\(\?[a-zA-Z]*s", regex):  # (?s: a dot that takes newlines too
+        return None
+    negated = {"S": r"\s", "W": r"\w", "D": r"\d"}
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            escape = regex[i:i + 2]
+            if escape[1:] in negated:
+                if in_class:
+                    return None
+                out.append(f"[^{negated[escape[1]]}{calls}]")
+            else:
+                out.append(escape)
+            i += 2
+        elif in_class:
+            in_class = c != "]"
+            out.append(c)
+            i += 1
+        elif c == "[":
+            in_class, i = True, i + 1
+            negate = regex[i:i + 1] == "^"
+            i += negate
+            out.append("[^" if negate else "[")
+            if regex[i:i + 1] in ("]", "-"):  # a first "]" or "-" is a character of the class
+                out.append(regex[i])
+                i += 1
+            if negate:
+                out.append(calls)
+        elif c == ".":
+            out.append(f"[^\\n{calls}]")
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def _fsm(pattern: str) -> Any:

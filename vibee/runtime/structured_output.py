@@ -14,7 +14,8 @@ A regular grammar (a regex, a JSON schema with a regular form, a Lark grammar, i
 to a depth, a tool plan) is not masked this way: its
 token DFA (token_dfa.py) is loaded into a table on the device, whose rows mask and advance the
 choice on the device, in decode rounds too, with no host round trip per token. So is JSON mode,
-as a token automaton with a stack of open containers (json_pda.py).
+as a token automaton with a stack of open containers (json_pda.py), and a Lark grammar with
+several bracket types, as one with a stack of return points (lark_pda.py).
 
 Grammars are llguidance's JSON grammar text (``grammar_for_*``); requests carry it in
 SamplingParams.structured_output so the engine process needs nothing else.
@@ -87,7 +88,7 @@ class StructuredOutputs:
                  table_bytes: int | None = None):
         """table_bytes: the device memory of the token-DFA table (its rows are the states of the
         regular constraints running at once; a DFA that finds no room is masked on the host).
-        Default: 256 MB on a GPU, 984 rows at a 128k vocabulary (two small tools' plan takes
+        Default: 256 MB on a GPU, 841 free rows at a 128k vocabulary (two small tools' plan takes
         326-370 states), 64 MB elsewhere."""
         if table_bytes is None:
             table_bytes = (256 if str(device).startswith("cuda") else 64) << 20

@@ -1,0 +1,229 @@
+"""A Lark grammar's token pushdown automaton on the device (lark_pda.py's tables in grammar_table.py):
+the table's rows allow, at every step of random token walks, exactly the tokens LarkPDA allows
+(and the end token exactly where the text is a sentence), they advance to LarkPDA's state and
+stack, the Triton kernel (in the interpreter) masks as the torch path does, grammars with several
+bracket types route here from the nested-Lark DFA that cannot hold them, and the engine's outputs
+on such a grammar parse."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import lark
+import pytest
+import torch
+
+from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
+from tests.runtime.eager_graphs import watch_round_starts
+from vibee.engine_flags import split_flags
+from vibee.runtime import lark_pda
+from vibee.runtime.config import EngineConfig
+from vibee.runtime.engine import LLMEngine
+from vibee.runtime.grammar_table import GrammarTable, TokenDFAs, pack, unpack
+from vibee.runtime.lark_pda import LarkPDA, PDATables, compile_lark_pda
+from vibee.runtime.lark_regex import NESTED_LARK
+from vibee.runtime.lark_rtn import lark_rtn
+from vibee.runtime.offline import generate
+from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.structured_output import grammar_for_lark
+from vibee.runtime.token_dfa import NotRegular
+
+EOS = 0
+VOCABULARIES = {
+    "jsonish": (JSONISH, ["[", "]", "{", "}", ",", "k", ":", "1", "]]", "],", "},", "}]", "[[", "[1", "1,", "k:", ":[",
+                          "]}", "}}", "]]]", ",k:", "11"]),
+    "calls": (CALLS, ["f", "(", ")", "[", "]", ",", "+", "1", "))", "),", "f(", "(1", "1)", "])", ")]", "1+", "+f(",
+                      ")))"]),
+    "spaced": (SPACED, ["(", ")", "[", "]", ",", "+", "1", " ", " +", ") ", "])", "( ", ", ", "1)"]),
+}
+
+
+def _state(first: int, host: tuple[int, int, int], bits: int) -> torch.Tensor:
+    """The device state of LarkPDA's (state, stack, depth in entries): its depth is counted in bits."""
+    state, stack, depth = host
+    return pack(torch.tensor(first + state), torch.tensor(depth * bits), torch.tensor(stack))
+
+
+def _walks(pda: LarkPDA, sequences: int, length: int, seed: int = 0) -> list[list[tuple[tuple[int, int, int], int]]]:
+    """Random walks of (host row, the token taken from it), the end token last where the text may end."""
+    rng = random.Random(seed)
+    walks = []
+    for _ in range(sequences):
+        row, walk = pda.start(), []
+        for _ in range(length):
+            allowed = [t for t in pda.allowed(*row) if t != EOS]
+            if not allowed or (pda.complete(*row) and rng.random() < 0.15):
+                break
+            token = rng.choice(allowed)
+            walk.append((row, token))
+            row = pda.advance(*row, token)
+        walks.append(walk + [(row, EOS)] * pda.complete(*row))
+    return walks
+
+
+@pytest.mark.parametrize("name", sorted(VOCABULARIES))
+def test_the_tables_rows_mask_and_advance_as_the_automaton(name):
+    grammar, vocabulary = VOCABULARIES[name]
+    texts = [None, *vocabulary]  # token 0: the end token
+    pda = LarkPDA(lark_rtn(grammar), texts)
+    tables = compile_lark_pda(grammar, [t.encode() if t else None for t in texts], [EOS], len(texts) + 2)
+    table = GrammarTable(capacity=64, vocab_size=len(texts) + 2, device="cpu")
+    first = table.load(tables)
+    assert first == 1 and tables.num_states == len(pda.states) + 1  # and the sink an end token leads to
+    rows = [step for walk in _walks(pda, sequences=60, length=14) for step in walk]
+    states = torch.stack([_state(first, row, pda.bits) for row, _ in rows])
+    logits = torch.zeros(len(rows), table.vocab_size + 3)
+    table.mask(logits, states)
+    ended = 0
+    for i, (row, _) in enumerate(rows):
+        want = set(pda.allowed(*row)) - {EOS} | ({EOS} if pda.complete(*row) else set())
+        assert set(torch.nonzero(logits[i] == 0).flatten().tolist()) == want, (name, row)
+        ended += EOS in want
+    assert ended >= 30  # walks that end where their text may
+    moved = table.advance(states, torch.tensor([token for _, token in rows]))
+    sink = first + len(pda.states)
+    for i, (row, token) in enumerate(rows):
+        after = pda.advance(*row, token) if token != EOS else (sink - first, row[1], row[2])
+        at, depth, stack = (int(x) for x in unpack(moved[i:i + 1]))
+        assert (at - first, stack, depth) == (after[0], after[1], after[2] * pda.bits), (name, row, token)
+    # After the end token only the end token.
+    end_rows = moved[[i for i, (_, token) in enumerate(rows) if token == EOS]]
+    after_end = torch.zeros(len(end_rows), table.vocab_size)
+    table.mask(after_end, end_rows)
+    assert bool((torch.isinf(after_end[:, 1:])).all()) and bool((after_end[:, EOS] == 0).all())
+    _kernel_agrees(table, states, logits)
+
+
+def _kernel_agrees(table: GrammarTable, states: torch.Tensor, logits: torch.Tensor) -> None:
+    """The Triton kernel (in the interpreter) masks these rows, and a free row beside them, as the torch path did."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from vibee.runtime.token_mask_kernel import apply_token_bitmask
+
+        free = torch.cat([torch.zeros(1, dtype=torch.long), states])
+        kernel = torch.zeros(len(free), logits.shape[1])
+        apply_token_bitmask(kernel, table, free)
+        assert bool((kernel[0] == 0).all()) and torch.equal(kernel[1:], logits)
+
+
+def test_a_full_stack_refuses_what_would_overflow_it():
+    """Depth is counted in bits: a token whose pushes would pass STACK_BITS is refused; the row's
+    other tokens stay allowed."""
+    texts = [None, "[", "1", "]"]
+    tables = compile_lark_pda(JSONISH, [t.encode() if t else None for t in texts], [EOS], len(texts))
+    table = GrammarTable(capacity=64, vocab_size=len(texts), device="cpu")
+    first = table.load(tables)
+    pda = LarkPDA(lark_rtn(JSONISH), texts)
+    row = pda.start()
+    states = []
+    while True:
+        states.append(_state(first, row, pda.bits))
+        row = pda.advance(*row, 1)
+        if row[2] * pda.bits > lark_pda.STACK_BITS:
+            break
+    logits = torch.zeros(len(states), len(texts))
+    table.mask(logits, torch.stack(states))
+    opens = (logits[:, 1] == 0).tolist()
+    assert opens[:-1] == [True] * (len(states) - 1) and opens[-1] is False
+    assert bool(logits[-1, 3] == 0) and bool(logits[-1, 2] == float("-inf"))  # "]" pushes nothing; "1" calls a value
+    _kernel_agrees(table, torch.stack(states), logits)
+
+
+def test_loading_and_unloading_gives_back_rows_and_effects():
+    texts = [None, "[", "]", "{", "}", ",", "k", ":", "1"]
+    tables = compile_lark_pda(JSONISH, [t.encode() if t else None for t in texts], [EOS], len(texts))
+    table = GrammarTable(capacity=64, vocab_size=len(texts), device="cpu", pda_effects=2 * len(tables.effects))
+    a, b = table.load(tables), table.load(tables)
+    with pytest.raises(NotRegular, match="stack effects"):
+        table.load(tables)
+    assert table.rows.runs == [(b + tables.num_states, 64 - b - tables.num_states)]  # the refused load's rows back
+    table.unload(a, tables.num_states)
+    assert int(table.pda[a]) == 0 and int(table.pda[b]) != 0
+    assert table.load(tables) == a
+    table.unload(a, tables.num_states)
+    table.unload(b, tables.num_states)
+    assert table.rows.runs == [(1, 63)] and table.pda_effect_runs.runs == [(1, 2 * len(tables.effects))]
+
+
+TWO_BRACKETS = 'start: v\nv: "[" [v ("," v)*] "]" | "{" [v ("," v)*] "}" | "1"\n'
+
+
+def test_several_bracket_types_compile_to_a_pushdown_automaton():
+    tokens = [None, b"[", b"]", b"{", b"}", b",", b"1", b"[1", b"1]", b"],", b"},"]
+    dfas = TokenDFAs(GrammarTable(capacity=256, vocab_size=len(tokens), device="cpu"), tokens, [EOS])
+    assert isinstance(dfas.compile_apart((NESTED_LARK, TWO_BRACKETS)), PDATables)
+    # Not LL(1) at the character level: no DFA within the table and no PDA, and the reason says both.
+    ambiguous = 'start: a\na: "x" a? "x" | "[" a "]" | "{" a "}"\n'
+    reason = dfas.compile_apart((NESTED_LARK, ambiguous))
+    assert isinstance(reason, NotRegular) and "pushdown automaton" in str(reason) and "LL(1)" in str(reason)
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ('start: a\na: "(" a ")"\n', "never ends"),
+    ('start: "x" | %json {"type": "object"}', "no recursive transition network"),
+])
+def test_grammars_without_a_device_automaton_say_why(grammar, message):
+    with pytest.raises(NotRegular, match=message):
+        compile_lark_pda(grammar, [None, b"(", b")", b"x"], [EOS], 4)
+
+
+def test_the_engine_decodes_two_bracket_types_on_the_device(monkeypatch):
+    """Greedy outputs of the built-in model under a grammar of lists and objects: every
+    request is masked on the device, decode rounds give single steps' tokens, and each output
+    that stops parses under Lark's Earley parser."""
+    grammar = 'start: "[" v ("," v)* "]"\nv: "[" [v ("," v)*] "]" | "{" [pair ("," pair)*] "}" | NUMBER\n' \
+              'pair: "\\"k\\"" ":" v\nNUMBER: /[0-9]/\n'
+    prompts = ['[{"k":[1,[2]]},[3,{"k":5}]]\n[{"k":[4,[1]]},[2,{"k":7}]]\n', '[[1,{"k":2}],{"k":[3]}]\n[[5,{"k":6}],{"k":[8]}]\n',
+               '[{"k":{"k":[1]}}]\n[{"k":{"k":[2]}}]\n']
+    params = SamplingParams(max_tokens=32, temperature=0.0, structured_output=grammar_for_lark(grammar))
+    seen = []
+    watch_round_starts(monkeypatch, lambda rounds_object, seqs, rounds, chained, slots: seen.append(list(slots or [])))
+
+    def run(steps):
+        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 4})
+        eng = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
+        outs = generate(eng, [eng.tokenizer.encode(p, add_special_tokens=False) for p in prompts], [params] * 3)
+        assert eng.structured.requests_by_path == {"device": 3, "host": 0}
+        return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+
+    in_rounds = run(4)
+    assert any(slots and max(slots) > 0 for slots in seen)  # constrained rows ran in decode rounds
+    seen.clear()
+    assert run(1) == in_rounds and not seen
+    parser = lark.Lark(grammar, parser="earley")
+    stopped = [text for _, text, reason in in_rounds if reason == "stop"]
+    assert stopped, in_rounds
+    for text in stopped:
+        parser.parse(text)
+    for _, text, _ in in_rounds:  # what ran out of tokens is still a prefix of the language
+        assert lark_rtn(grammar).run(text) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_two_bracket_types_run_in_captured_rounds():
+    """The built-in model in float32 with real CUDA graphs: requests under a grammar of lists and
+    objects beside a free one, decoded in captured rounds (the kernel's effect test and the stack's
+    advance inside the graph), give per-step decoding's tokens; what stops parses."""
+    grammar = 'start: "[" v ("," v)* "]"\nv: "[" [v ("," v)*] "]" | "{" [pair ("," pair)*] "}" | NUMBER\n' \
+              'pair: "\\"k\\"" ":" v\nNUMBER: /[0-9]/\n'
+    constrained = SamplingParams(max_tokens=48, temperature=0.0, structured_output=grammar_for_lark(grammar))
+    params = [constrained, constrained, SamplingParams(max_tokens=24, temperature=0.0)]
+
+    def run(steps):
+        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 4})
+        e = LLMEngine(EngineConfig(device="cuda", dtype="float32", seed=0, **settings, knobs=knobs), progress=False)
+        prompts = [e.tokenizer.encode(p, add_special_tokens=False) for p in ('[[1,{"k":2}],{"k":[3]}]\n', '[{"k":[1]}]\n', "def f(")]
+        return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in generate(e, prompts, params)]
+
+    eng, in_rounds = run(4)
+    assert eng.multi_step is not None and eng.multi_step.rounds.round_graphs
+    assert eng.structured.requests_by_path["device"] == 2
+    _, per_step = run(1)
+    assert in_rounds == per_step
+    parser = lark.Lark(grammar, parser="earley")
+    for _, text, reason in in_rounds[:2]:
+        if reason == "stop":
+            parser.parse(text)
+        else:
+            assert lark_rtn(grammar).run(text) is not None
