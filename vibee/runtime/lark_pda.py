@@ -139,7 +139,7 @@ class LarkPDA:
                         break
                     callee = next((c for c in calls if char in rtn.first[c]), None)
                     if callee is None:
-                        if not own and rtn.accepting(*at):
+                        if not own and rtn.accepting(*at) and char in rtn.follow[at[0]]:  # else no caller takes it
                             step[0, q, j] = RETURN
                         break
                     own = (*own, self.return_ids[(at[0], calls[callee])])
@@ -234,7 +234,7 @@ class LarkPDA:
                     own = (*own, self.return_ids[(machine, calls[callee])])
                     at = (callee, rtn.initial(callee))
                     continue
-                if not rtn.accepting(machine, s):
+                if not rtn.accepting(machine, s) or char not in rtn.follow[machine]:
                     return
                 if own:  # returning from a call the token made
                     at, own = self.returns_to[own[-1]], own[:-1]
