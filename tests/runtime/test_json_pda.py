@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.runtime.decode_runs import decode
 from tests.runtime.eager_graphs import watch_round_starts
-from vibee.engine_flags import split_flags
 from vibee.runtime import json_pda
-from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine
 from vibee.runtime.grammar_table import GrammarTable, pack, unpack
-from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.structured_output import grammar_for_json_object
 from vibee.runtime.token_dfa import JSON_OBJECT, device_pattern
@@ -138,17 +135,11 @@ def test_engine_json_mode_parses_in_rounds_as_in_steps(monkeypatch):
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
     params = SamplingParams(max_tokens=64, temperature=0.0, structured_output=grammar_for_json_object())
 
-    def run(steps):
-        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 4})
-        e = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
-        outs = generate(e, prompts, [params] * len(prompts))
-        assert e.structured.requests_by_path == {"device": len(prompts), "host": 0}
-        return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
-
-    in_rounds = run(4)
+    eng, in_rounds = decode(prompts, [params] * len(prompts), rounds=4)
+    assert eng.structured.requests_by_path == {"device": len(prompts), "host": 0}
     assert any(slots and max(slots) > 0 for slots in seen)
     seen.clear()
-    assert run(1) == in_rounds and not seen
+    assert decode(prompts, [params] * len(prompts), rounds=1)[1] == in_rounds and not seen
     stopped = [text for _, text, reason in in_rounds if reason == "stop"]
     assert stopped, in_rounds
     for text in stopped:
@@ -165,15 +156,10 @@ def test_on_the_gpu_json_mode_runs_in_captured_rounds():
     params = [SamplingParams(max_tokens=64, temperature=0.0, structured_output=grammar_for_json_object())] * 2 + \
         [SamplingParams(max_tokens=24, temperature=0.0)]
 
-    def run(steps):
-        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 4})
-        e = LLMEngine(EngineConfig(device="cuda", dtype="float32", seed=0, **settings, knobs=knobs), progress=False)
-        return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in generate(e, prompts, params)]
-
-    eng, in_rounds = run(4)
+    eng, in_rounds = decode(prompts, params, rounds=4, device="cuda")
     assert eng.multi_step is not None and eng.multi_step.rounds.round_graphs
     assert eng.structured.requests_by_path["device"] == 2
-    _, per_step = run(1)
+    _, per_step = decode(prompts, params, rounds=1, device="cuda")
     assert in_rounds == per_step
     for _, text, reason in in_rounds[:2]:
         assert reason != "stop" or isinstance(json.loads(text), dict)

@@ -15,16 +15,13 @@ import pytest
 import torch
 
 from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
+from tests.runtime.decode_runs import decode
 from tests.runtime.eager_graphs import watch_round_starts
-from vibee.engine_flags import split_flags
 from vibee.runtime import lark_pda
-from vibee.runtime.config import EngineConfig
-from vibee.runtime.engine import LLMEngine
 from vibee.runtime.grammar_table import GrammarTable, TokenDFAs, pack, unpack
 from vibee.runtime.lark_pda import LarkPDA, PDATables, compile_lark_pda
 from vibee.runtime.lark_regex import NESTED_LARK
 from vibee.runtime.lark_rtn import lark_rtn
-from vibee.runtime.offline import generate
 from vibee.runtime.sampling_params import SamplingParams
 from vibee.runtime.structured_output import grammar_for_lark
 from vibee.runtime.token_dfa import NotRegular
@@ -179,17 +176,11 @@ def test_the_engine_decodes_two_bracket_types_on_the_device(monkeypatch):
     seen = []
     watch_round_starts(monkeypatch, lambda rounds_object, seqs, rounds, chained, slots: seen.append(list(slots or [])))
 
-    def run(steps):
-        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 4})
-        eng = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
-        outs = generate(eng, [eng.tokenizer.encode(p, add_special_tokens=False) for p in prompts], [params] * 3)
-        assert eng.structured.requests_by_path == {"device": 3, "host": 0}
-        return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
-
-    in_rounds = run(4)
+    eng, in_rounds = decode(prompts, [params] * 3, rounds=4)
+    assert eng.structured.requests_by_path == {"device": 3, "host": 0}
     assert any(slots and max(slots) > 0 for slots in seen)  # constrained rows ran in decode rounds
     seen.clear()
-    assert run(1) == in_rounds and not seen
+    assert decode(prompts, [params] * 3, rounds=1)[1] == in_rounds and not seen
     parser = lark.Lark(grammar, parser="earley")
     stopped = [text for _, text, reason in in_rounds if reason == "stop"]
     assert stopped, in_rounds
@@ -210,16 +201,11 @@ def test_on_the_gpu_two_bracket_types_run_in_captured_rounds():
     constrained = SamplingParams(max_tokens=48, temperature=0.0, structured_output=grammar_for_lark(grammar))
     params = [constrained, constrained, SamplingParams(max_tokens=24, temperature=0.0)]
 
-    def run(steps):
-        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 4})
-        e = LLMEngine(EngineConfig(device="cuda", dtype="float32", seed=0, **settings, knobs=knobs), progress=False)
-        prompts = [e.tokenizer.encode(p, add_special_tokens=False) for p in ('[[1,{"k":2}],{"k":[3]}]\n', '[{"k":[1]}]\n', "def f(")]
-        return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in generate(e, prompts, params)]
-
-    eng, in_rounds = run(4)
+    prompts = ['[[1,{"k":2}],{"k":[3]}]\n', '[{"k":[1]}]\n', "def f("]
+    eng, in_rounds = decode(prompts, params, rounds=4, device="cuda")
     assert eng.multi_step is not None and eng.multi_step.rounds.round_graphs
     assert eng.structured.requests_by_path["device"] == 2
-    _, per_step = run(1)
+    _, per_step = decode(prompts, params, rounds=1, device="cuda")
     assert in_rounds == per_step
     parser = lark.Lark(grammar, parser="earley")
     for _, text, reason in in_rounds[:2]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.runtime.decode_runs import decode
 from tests.runtime.eager_graphs import watch_round_starts
 from vibee.engine_flags import split_flags
 from vibee.runtime.config import EngineConfig
@@ -213,19 +214,13 @@ def test_rounds_mask_and_advance_the_dfa_on_the_device(rounds_seen):
     params = [SamplingParams(max_tokens=40, temperature=0.0, structured_output=grammar_for_regex(REGEX)),
               SamplingParams(max_tokens=24, temperature=0.0)]
 
-    def run(steps):
-        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 2})
-        e = LLMEngine(EngineConfig(device="cpu", cpu_kv_cache_gib=0.25, seed=0, **settings, knobs=knobs), progress=False)
-        outs = generate(e, prompts, params)
-        t = e.structured.table
-        assert t.rows.runs == [(1 + t.json_rows, t.capacity - 1 - t.json_rows)]  # rows given back
-        return e, [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
-
-    eng_rounds, in_rounds = run(4)
+    eng_rounds, in_rounds = decode(prompts, params, rounds=4, max_num_seqs=2)
     assert eng_rounds.multi_step is not None and any(slots and slots[0] > 0 for slots in rounds_seen)
     rounds_seen.clear()
-    _, per_step = run(1)
+    eng_steps, per_step = decode(prompts, params, rounds=1, max_num_seqs=2)
     assert not rounds_seen and in_rounds == per_step
+    for t in (eng_rounds.structured.table, eng_steps.structured.table):
+        assert t.rows.runs == [(1 + t.json_rows, t.capacity - 1 - t.json_rows)]  # rows given back
     tokens, text, reason = in_rounds[0]
     assert reason == "stop" and re.fullmatch(REGEX, text)
 
@@ -240,16 +235,10 @@ def test_on_the_gpu_rounds_in_cuda_graphs_mask_and_advance_the_dfa():
     params = [SamplingParams(max_tokens=40, temperature=0.0, structured_output=grammar_for_regex(REGEX)),
               SamplingParams(max_tokens=24, temperature=0.0)]
 
-    def run(steps):
-        settings, knobs = split_flags({"num_scheduler_steps": steps, "max_num_seqs": 2})
-        e = LLMEngine(EngineConfig(device="cuda", dtype="float32", seed=0, **settings, knobs=knobs), progress=False)
-        outs = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in generate(e, prompts, params)]
-        return e, outs
-
-    eng, in_rounds = run(4)
+    eng, in_rounds = decode(prompts, params, rounds=4, device="cuda", max_num_seqs=2)
     assert eng.multi_step is not None and eng.multi_step.rounds.round_graphs
     assert eng.stats()["batching"]["multi_step"]["rounds"] > 0
-    _, per_step = run(1)
+    _, per_step = decode(prompts, params, rounds=1, device="cuda", max_num_seqs=2)
     assert in_rounds == per_step
     assert in_rounds[0][2] == "stop" and re.fullmatch(REGEX, in_rounds[0][1])
 

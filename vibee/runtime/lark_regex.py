@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from typing import Any
 
 
@@ -144,6 +145,20 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ign
     a reference to `name` itself is solved here (_solved), one to a rule it is inside of is left
     for that rule to solve. In a rule, each token (a terminal or a literal) follows `ignored`
     (%ignore's text, if any); inside a terminal nothing is ignored."""
+    def place(named: str) -> tuple[Any, bool] | None:
+        if named == name or named in stack:
+            return None
+        return _inlined(definitions, named, (*stack, name), ignored, nesting), definitions[named].is_term
+
+    return _solved(_placed(definitions, name, ignored, place), name, nesting)
+
+
+def _placed(definitions: dict[str, Any], name: str, ignored: Any,
+            place: Callable[[str], tuple[Any, bool] | None]) -> Any:
+    """A copy of `name`'s tree with each rule or terminal it names put as place(that name) says:
+    (its tree, whether it is a token) or None (left as it is). In a rule, each token (a terminal, a
+    literal or one place() calls a token) follows `ignored`; `a b -> alias` is `a b`; templates
+    are refused."""
     from lark import Tree
     from lark.grammar import Symbol
 
@@ -157,10 +172,10 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ign
         node = todo.pop()
         for i, child in enumerate(node.children):
             if isinstance(child, Symbol):
-                if child.name != name and child.name not in stack:
-                    inlined = _inlined(definitions, child.name, (*stack, name), ignored, nesting)
-                    token = in_rule and definitions[child.name].is_term
-                    node.children[i] = _sequence([copy.deepcopy(ignored), inlined]) if token else inlined
+                placed = place(child.name)
+                if placed is not None:
+                    subtree, token = placed
+                    node.children[i] = _sequence([copy.deepcopy(ignored), subtree]) if in_rule and token else subtree
             elif isinstance(child, Tree):
                 if child.data == "alias":  # `a b -> name`: a name for the tree, not a change to the language
                     child = node.children[i] = child.children[0]
@@ -170,7 +185,7 @@ def _inlined(definitions: dict[str, Any], name: str, stack: tuple[str, ...], ign
                     node.children[i] = _sequence([copy.deepcopy(ignored), child])
                 else:
                     todo.append(child)
-    return _solved(tree, name, nesting)
+    return tree
 
 
 def _mentions(tree: Any, name: str, seen: dict[int, bool] | None = None) -> bool:

@@ -33,7 +33,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from vibee.runtime.lark_regex import _REFUSED, _ignored, _regex, _sequence
+from vibee.runtime.lark_regex import _REFUSED, _ignored, _placed, _regex, _sequence
 
 CALL_BASE = 0xE000  # machine i is called by the character chr(CALL_BASE + i)
 START = "start"
@@ -309,33 +309,12 @@ def _body(definitions: dict[str, Any], name: str, code: dict[str, int], ignored:
     """A copy of `name`'s tree with every rule and terminal that is not a machine in its place, and
     each machine it names as that machine's call character, preceded by ignored text as a token is."""
     from lark import Token, Tree
-    from lark.grammar import Symbol
 
-    definition = definitions.get(name)
-    if definition is None or definition.tree is None:
-        raise ValueError(f"{name} is declared, not defined")
-    in_rule = ignored is not None and not definition.is_term
-    tree = copy.deepcopy(definition.tree)
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        for i, child in enumerate(node.children):
-            if isinstance(child, Symbol):
-                if child.name in code:
-                    call = Tree("literal", [Token("STRING", '"' + chr(CALL_BASE + code[child.name]) + '"')])
-                    node.children[i] = _sequence([copy.deepcopy(ignored), call]) if in_rule else call
-                else:
-                    inner = definitions[child.name]
-                    inlined = _body(definitions, child.name, code, None if inner.is_term else ignored)
-                    node.children[i] = _sequence([copy.deepcopy(ignored), inlined]) if in_rule and inner.is_term else inlined
-            elif isinstance(child, Tree):
-                if child.data == "alias":  # `a b -> name`: a name for the tree, not a change to the language
-                    child = node.children[i] = child.children[0]
-                elif child.data == "template_usage":
-                    raise ValueError("templates")
-                if in_rule and child.data in ("literal", "range"):  # an anonymous token
-                    node.children[i] = _sequence([copy.deepcopy(ignored), child])
-                else:
-                    todo.append(child)
-    return tree
+    def place(named: str) -> tuple[Any, bool]:
+        if named in code:
+            return Tree("literal", [Token("STRING", '"' + chr(CALL_BASE + code[named]) + '"')]), True
+        inner = definitions[named]
+        return _body(definitions, named, code, None if inner.is_term else ignored), inner.is_term
+
+    return _placed(definitions, name, ignored, place)
 
