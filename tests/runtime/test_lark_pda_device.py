@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
+from tests.sm90 import ptx_for_sm90
 from tests.runtime.decode_runs import decode
 from tests.runtime.eager_graphs import watch_round_starts
 from vibee.runtime import lark_pda
@@ -188,6 +189,22 @@ def test_the_engine_decodes_two_bracket_types_on_the_device(monkeypatch):
         parser.parse(text)
     for _, text, _ in in_rounds:  # what ran out of tokens is still a prefix of the language
         assert lark_rtn(grammar).run(text) is not None
+
+
+@pytest.mark.parametrize("logits", ["*bf16", "*fp32"])
+def test_the_mask_kernel_compiles_for_sm90(logits):
+    """One kernel masks free, DFA, JSON-mode and Lark PDA rows: it compiles for an H100/H200 here."""
+    from vibee.runtime.grammar_table import PDA_IDS_SHIFT, PDA_ROW
+
+    names = ["logits_ptr", "stride_row", "bits_ptr", "stride_bits", "states_ptr", "width", "vocab", "effect_ptr",
+             "stride_effect", "effects_ptr", "json_rows", "next_ptr", "stride_next", "pda_ptr", "pda_effects_ptr"]
+    types = [logits, "i32", "*i32", "i32", "*i64", "i32", "i32", "*i16", "i32", "*i64", "i32", "*i16", "i32", "*i64", "*i64"]
+    constexprs = {"PDA_ROW": PDA_ROW, "PDA_IDS_SHIFT": PDA_IDS_SHIFT, "FIELDS": lark_pda.EFFECT_FIELDS,
+                  "VALID": lark_pda.VALID, "WIDTH": lark_pda.WIDTH, "MAX_NET": lark_pda.MAX_NET,
+                  "CHECKS_STACK": lark_pda.CHECKS_STACK, "STACK_BITS": lark_pda.STACK_BITS, "BLOCK": 1024}
+    ptx = ptx_for_sm90("vibee.runtime.token_mask_kernel", "_token_bitmask_kernel", dict(zip(names, types)), constexprs,
+                       num_warps=4)
+    assert ".target sm_90" in ptx and "st.global" in ptx
 
 
 @pytest.mark.gpu
