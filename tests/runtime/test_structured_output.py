@@ -106,9 +106,10 @@ def test_lark_outputs_parse_under_lark_and_decode_on_the_device(eng, caplog):
     assert eng.structured.requests_by_path["host"] == before["host"] + 2
     # why it went to the host, once a grammar
     told = [r.getMessage() for r in caplog.records if "on the host" in r.getMessage()]
-    assert told == ["structured output on the host (llguidance's masks): its rules nest into more states than the "
-                    "device's DFA holds; nor has it a pushdown automaton here: the grammar is not LL(1) at the "
-                    "character level: a, state 1: a move and a call of a both take 'x'"], told
+    assert len(told) == 1 and re.fullmatch(
+        r"structured output on the host \(llguidance's masks\): its rules nest into more states than the device's DFA "
+        r"holds; nor has it a pushdown automaton here: the grammar is not LL\(1\) at the character level: a, state \d+: "
+        r"a move and a call of a both take 'x'", told[0]), told  # interegular's state numbers vary between runs
 
 
 def test_regex_outputs_match(eng):
