@@ -230,3 +230,25 @@ def test_on_the_gpu_two_bracket_types_run_in_captured_rounds():
             parser.parse(text)
         else:
             assert lark_rtn(grammar).run(text) is not None
+
+
+def test_forced_text_keeps_to_the_tokenizers_spelling():
+    """Where the grammar forces `"key":` and the tokenizer writes it as `"` + `key"` + `:`, only `"` is
+    allowed there (not `"k`, which also spells a prefix), as token_dfa does; text the tokenizer does
+    not spell back, and states with a choice, are left as they are."""
+    grammar = 'start: v\nv: "{" "\\"key\\"" ":" v "}" | "[" [v ("," v)*] "]" | "1"\n'
+    texts = [None, "{", '"', 'key"', '"k', 'ey"', ":", "}", "[", "]", ",", "1", "k"]
+    spelled = {'"key":': [2, 3, 6]}  # the tokenizer's ids of the forced text (others: not spelled back)
+    pda = LarkPDA(lark_rtn(grammar), texts)
+    after_brace = pda.advance(*pda.start(), 1)
+    assert pda.allowed(*after_brace) == [2, 4]
+    assert pda.keep_canonical_forced_text(lambda text: spelled.get(text, [0, 0])) == 1
+    assert pda.allowed(*after_brace) == [2]
+    assert pda.allowed(*pda.advance(*after_brace, 2)) == [3, 12]  # the rest of the key: one token or a piece
+    tables = compile_lark_pda(grammar, [t.encode() if t else None for t in texts], [EOS], len(texts),
+                              encode=lambda text: spelled.get(text, [0, 0]))
+    table = GrammarTable(capacity=64, vocab_size=len(texts), device="cpu")
+    first = table.load(tables)
+    logits = torch.zeros(1, len(texts))
+    table.mask(logits, _state(first, after_brace, pda.bits)[None])
+    assert torch.nonzero(logits[0] == 0).flatten().tolist() == [2]

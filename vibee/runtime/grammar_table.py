@@ -360,7 +360,8 @@ class TokenDFAs:
             if not (isinstance(pattern, tuple) and pattern[0] == NESTED_LARK):
                 return exc
             try:
-                return compile_lark_pda(pattern[1], self.tokens, self.eos_token_ids, self.table.vocab_size)
+                return compile_lark_pda(pattern[1], self.tokens, self.eos_token_ids, self.table.vocab_size,
+                                        encode=self.encode)
             except NotRegular as not_pda:
                 return NotRegular(f"{exc}; nor has it a pushdown automaton here: {not_pda}")
 

@@ -22,7 +22,7 @@ bit test per token and advancing it a gather, on the device, inside decode round
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,6 +251,37 @@ class LarkPDA:
         run(0, state, (), ())
         return ends
 
+    def keep_canonical_forced_text(self, encode: Callable[[str], list[int]]) -> int:
+        """Where a machine's next characters are forced (one character leads on: no call, no other
+        move, not a state that may end or return) and the tokenizer writes them as two tokens or
+        more, allow only the first of those, as token_dfa does for a DFA: the model reads the
+        tokens it was trained on (a key of a Lark grammar, spelled one way). A tokenization that
+        does not spell the text back leaves the state as it is. Returns the states restricted."""
+        restricted = 0
+        keys: dict[int, list[tuple[int, int]]] = {}
+        for key in self.effects:
+            keys.setdefault(key[0], []).append(key)
+        for number, (machine, state) in enumerate(self.states):
+            text, at, seen = "", state, set()
+            while at not in seen and not self.rtn.accepting(machine, at):
+                seen.add(at)
+                local, calls = self.rtn.moves(machine, at)
+                if calls or len(local) != 1:
+                    break
+                (char, at), = local.items()
+                text += char
+            if len(text) < 2:
+                continue
+            ids = encode(text)
+            if (len(ids) < 2 or any(i >= len(self.tokens) or not self.tokens[i] for i in ids)
+                    or "".join(self.tokens[i] for i in ids) != text or (number, ids[0]) not in self.effects):
+                continue
+            for key in keys[number]:
+                if key[1] != ids[0]:
+                    del self.effects[key]
+            restricted += 1
+        return restricted
+
     # ---- the device's tables ------------------------------------------------------------------
 
     def tables(self, eos_token_ids: Sequence[int], vocab_size: int) -> PDATables:
@@ -349,11 +380,11 @@ class PDATables:
 
 
 def compile_lark_pda(text: str, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
-                     vocab_size: int) -> PDATables:
+                     vocab_size: int, encode: Callable[[str], list[int]] | None = None) -> PDATables:
     """The device tables of Lark grammar `text` over a vocabulary (tokens[i]: token i's bytes, None
     for a special token); NotRegular where the grammar has no RTN here, is not LL(1) at the
     character level, or has a rule that never ends. A token that is not whole UTF-8 text is never
-    allowed."""
+    allowed. With `encode` (text -> the tokenizer's ids), forced text keeps to its canonical tokens."""
     if not eos_token_ids:
         raise NotRegular("the model has no end-of-sequence token")
     rtn = lark_rtn(text)
@@ -371,7 +402,10 @@ def compile_lark_pda(text: str, tokens: Sequence[bytes | None], eos_token_ids: S
             texts.append(b.decode("utf-8") if b else None)
         except UnicodeDecodeError:  # a piece of a character
             texts.append(None)
-    return LarkPDA(rtn, texts).tables(eos_token_ids, vocab_size)
+    pda = LarkPDA(rtn, texts)
+    if encode is not None:
+        pda.keep_canonical_forced_text(encode)
+    return pda.tables(eos_token_ids, vocab_size)
 
 
 def _endless(rtn: RTN) -> list[str]:
