@@ -129,3 +129,8 @@ def test_a_grammar_text_past_the_limit_stays_with_llguidance(monkeypatch):
     monkeypatch.setattr(lark_regex, "_start", lambda text, nesting: read.append(len(text)) or start(text, nesting))
     assert lark_pattern(padded) is None and read == []
     assert lark_pattern(grammar) == (NESTED_LARK, grammar) and read == [len(grammar)]
+
+
+def test_a_lookaround_interegular_cannot_read_has_no_dfa():
+    """interegular has no FSM of a lookaround: no DFA (llguidance takes the grammar), not an exception."""
+    assert lark_fsm('start: "(" start ")" | /(?<=x)y/') is None

@@ -191,6 +191,40 @@ def test_the_engine_decodes_two_bracket_types_on_the_device(monkeypatch):
         assert lark_rtn(grammar).run(text) is not None
 
 
+# Lark's own JSON grammar, as its documentation writes it (common.ESCAPED_STRING read as a JSON string).
+LARK_JSON = r'''
+?start: value
+?value: object | array | string | SIGNED_NUMBER -> number | "true" -> true | "false" -> false | "null" -> null
+array  : "[" [value ("," value)*] "]"
+object : "{" [pair ("," pair)*] "}"
+pair   : string ":" value
+string : ESCAPED_STRING
+%import common.ESCAPED_STRING
+%import common.SIGNED_NUMBER
+%import common.WS
+%ignore WS
+'''
+
+
+def test_larks_json_grammar_decodes_on_the_device():
+    """The grammar users paste: decoded on the device (its nested DFA is too large); every output is a
+    prefix of its language, and a value the model finished parses under Lark's own parser of it (the
+    built-in code model writes newlines after it, which %ignore WS allows, until max_tokens)."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, structured_output=grammar_for_lark(LARK_JSON))
+    prompts = ['{"name": "vibee", "tags": ["a", "b"], "size": {"w": 1, "h": 2.5}}\n{"name": ',
+               '[{"id": 1, "ok": true}, {"id": 2, "ok": null}]\n[{"id": 3, ']
+    eng, outs = decode(prompts, [params] * 2, rounds=4)
+    assert eng.structured.requests_by_path == {"device": 2, "host": 0}
+    parser, rtn = lark.Lark(LARK_JSON), lark_rtn(LARK_JSON)
+    finished = 0
+    for _, text, reason in outs:
+        assert rtn.run(text) is not None, text
+        if reason == "stop" or rtn.accepts(text):
+            parser.parse(text)
+            finished += 1
+    assert finished, outs
+
+
 @pytest.mark.parametrize("logits", ["*bf16", "*fp32"])
 def test_the_mask_kernel_compiles_for_sm90(logits):
     """One kernel masks free, DFA, JSON-mode and Lark PDA rows: it compiles for an H100/H200 here."""

@@ -65,3 +65,18 @@ def test_the_regex_accepts_what_lark_parses(grammar, alphabet):
 ])
 def test_what_a_regex_does_not_say_the_same_way_has_none(grammar):
     assert lark_regex(grammar) is None
+
+
+@pytest.mark.parametrize("imported", ["ESCAPED_STRING", "ESCAPED_STRING -> TEXT"])
+def test_larks_escaped_string_is_a_json_string(imported):
+    """common.ESCAPED_STRING ends in a lookbehind no DFA has: it is read as a JSON string (no unescaped
+    quote or newline inside, a backslash escapes one character), under any name it is imported as."""
+    name = imported.split()[-1]
+    pattern = lark_regex(f"start: {name}\n%import common.{imported}\n")
+    assert pattern is not None
+    json_string = re.compile(r'"(?:[^"\\\n]|\\.)*"')
+    kept = 0
+    for text in strings('"\\a\n', 6):
+        assert (re.fullmatch(pattern, text) is not None) == (json_string.fullmatch(text) is not None), text
+        kept += json_string.fullmatch(text) is not None
+    assert kept > 10 and re.fullmatch(pattern, '"a\\"b"') and not re.fullmatch(pattern, '"a"b"')

@@ -93,3 +93,4 @@ def test_what_lark_or_a_regex_cannot_read_has_no_network():
     assert lark_rtn('start: x\nx: "a" x | y\n') is None  # y is not defined
     assert lark_rtn('start: "a"\n%import nowhere.X\n') is None
     assert lark_rtn('start: a\na: "(" a ")" | /[\\S]/\n') is None  # a wildcard that can't be kept off the calls
+    assert lark_rtn('start: a\na: "(" a ")" | /(?<=x)y/\n') is None  # a lookaround: interegular has no FSM of it

@@ -109,7 +109,7 @@ def _start(text: str, nesting: int) -> Any:
     builder = GrammarBuilder()
     try:
         builder.load_grammar(text, "<grammar>")
-        definitions = builder._definitions
+        definitions = _json_strings(builder._definitions)
         if "start" not in definitions or any(d.params for d in definitions.values()):
             return None
         ignored = _ignored(definitions, builder._ignore_names)
@@ -119,6 +119,30 @@ def _start(text: str, nesting: int) -> Any:
         return tree
     except (LarkError, *_REFUSED):
         return None
+
+
+# Lark's common.ESCAPED_STRING ends its body with a lookbehind, /(?<!\\)(\\\\)*?/, which no DFA has: it is
+# read as the JSON string it stands for: no unescaped quote or newline inside, a backslash escapes one
+# character (Lark's regex also takes `"a"b"` as one string, which no JSON writer means).
+_LOOKBEHIND_STRING = ("/.*?/", "/(?<!\\\\)(\\\\\\\\)*?/")
+_JSON_STRING = 'S: "\\"" /(?:[^"\\\\\\n]|\\\\.)*/ "\\""\n'
+
+
+def _json_strings(definitions: dict[str, Any]) -> dict[str, Any]:
+    """definitions with each terminal that is Lark's common.ESCAPED_STRING (under any name) as a JSON string."""
+    from lark import Token
+    from lark.load_grammar import GrammarBuilder
+
+    for definition in definitions.values():
+        tree = definition.tree
+        if not definition.is_term or tree is None:
+            continue
+        regexps = [t for t in tree.scan_values(lambda v: isinstance(v, Token) and v.type == "REGEXP")]
+        if tuple(regexps) == _LOOKBEHIND_STRING:
+            builder = GrammarBuilder()
+            builder.load_grammar(_JSON_STRING, "<json string>")
+            definition.tree = builder._definitions["S"].tree
+    return definitions
 
 
 def _flagged(pattern: Any) -> str | None:
@@ -351,11 +375,20 @@ def _split(tree: Any, name: str, at_end: bool, nested: bool) -> tuple[Any, Any]:
     raise _NotRegular(f"{name} repeated ({tree.data})")
 
 
+def _regex_fsm(regex: str) -> Any:
+    """interegular's FSM of a regex; _NotRegular where interegular can't make one (a lookaround)."""
+    import interegular
+
+    try:
+        return interegular.parse_pattern(regex).to_fsm()
+    except Exception as exc:  # noqa: BLE001 - interegular's errors have no common base
+        raise _NotRegular(f"interegular: {exc}") from None
+
+
 def _fsm(tree: Any, done: dict[int, Any]) -> Any:
     """interegular's FSM of a tree (a DAG where rules nest, each node made once): a part with no
     nesting in it through its regex, as lark_regex writes it; the rest with FSM operations, each
     level reduced and held to MAX_NESTED_STATES."""
-    import interegular
     from interegular.fsm import FSM, epsilon
 
     if id(tree) in done:
@@ -364,7 +397,7 @@ def _fsm(tree: Any, done: dict[int, Any]) -> Any:
         regex = _regex(tree)
         if regex is None:
             raise _NotRegular("a part with no regex")
-        made = interegular.parse_pattern(regex).to_fsm()
+        made = _regex_fsm(regex)
     else:
         data, children = tree.data, tree.children
         if data == "nested":  # level k may have (k + 1) / (NESTING + 1) of the states: a DFA that

@@ -33,7 +33,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from vibee.runtime.lark_regex import _REFUSED, _ignored, _placed, _regex, _sequence
+from vibee.runtime.lark_regex import _REFUSED, _ignored, _json_strings, _placed, _regex, _regex_fsm, _sequence
 
 CALL_BASE = 0xE000  # machine i is called by the character chr(CALL_BASE + i)
 START = "start"
@@ -187,7 +187,7 @@ def lark_rtn(text: str) -> RTN | None:
     builder = GrammarBuilder()
     try:
         builder.load_grammar(text, "<grammar>")
-        definitions = builder._definitions
+        definitions = _json_strings(builder._definitions)
         if START not in definitions or any(d.params for d in definitions.values()):
             return None
         machines = [START, *sorted(_feedback_rules(definitions) - {START})]
@@ -255,9 +255,7 @@ def _wildcards_without_calls(regex: str, calls: str) -> str | None:
 
 
 def _fsm(pattern: str) -> Any:
-    import interegular
-
-    return interegular.parse_pattern(pattern).to_fsm().reduce()
+    return _regex_fsm(pattern).reduce()
 
 
 def _rule_graph(definitions: dict[str, Any]) -> dict[str, set[str]]:
