@@ -270,7 +270,7 @@ def report_sections(results: dict[str, Any], settings: dict[str, Any], env: dict
              f"{r['jit_compiles']['count']} ({r['jit_compiles']['seconds']:.2f} s)"],
             *([["Swap-outs / swap-ins / recomputed instead", f"{r['swap_outs']} / {r['swap_ins']} / {r['swap_fallbacks']}"]]
               if r["preemption_mode"] == "swap" else []), *spec_rows,
-            *([["Grammars: on the device (token DFA) / on the host (llguidance)",
+            *([["Grammars: on the device (token automata) / on the host (llguidance)",
                 f"{r['grammar_masks']['device_requests']} / {r['grammar_masks']['host_requests']} requests"],
                ["Grammar masks outside rounds (host time): ms per step / us per row",
                 f"{r['grammar_masks']['ms_per_step']:.3f} / {r['grammar_masks']['us_per_row']:.1f}"]]

@@ -224,10 +224,12 @@ class GrammarTable:
         meta = self.pda[row]
         in_pda = (meta & PDA_ROW) != 0
         if bool(in_pda.any()):  # this path is the host's (no captured graph to keep the same)
+            # Which of the loaded effects each row's stack allows, then each token's by its effect id.
+            loaded = max(at + n for at, n in self._pda_loaded.values())
+            fits = _pda_fits(self.pda_effects[None, :loaded, : lark_pda.FINAL], depth[:, None], stack[:, None],
+                             _stack_may_end(meta, stack)[:, None])  # [rows, effects]
             ids = torch.where(in_pda[:, None], self.next[row, :cols].long(), 0).clamp(min=0)
-            e = self.pda_effects[:, : lark_pda.FINAL][ids]  # [rows, cols, the fields before the outcomes]
-            fits = _pda_fits(e, depth[:, None], stack[:, None], _stack_may_end(meta, stack)[:, None])
-            allowed &= fits | ~in_pda[:, None]
+            allowed &= fits.gather(1, ids) | ~in_pda[:, None]
         logits[:, :cols].masked_fill_(~allowed, float("-inf"))
         if width > self.vocab_size:
             logits[:, self.vocab_size:].masked_fill_((row != 0)[:, None], float("-inf"))
