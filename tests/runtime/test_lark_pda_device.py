@@ -141,6 +141,8 @@ def test_loading_and_unloading_gives_back_rows_and_effects():
     table.unload(a, tables.num_states)
     table.unload(b, tables.num_states)
     assert table.rows.runs == [(1, 63)] and table.pda_effect_runs.runs == [(1, 2 * len(tables.effects))]
+    with pytest.raises(ValueError, match="Lark PDA effects"):  # effect ids are int16 in next
+        GrammarTable(capacity=64, vocab_size=len(texts), device="cpu", pda_effects=2**15)
 
 
 TWO_BRACKETS = 'start: v\nv: "[" [v ("," v)*] "]" | "{" [v ("," v)*] "}" | "1"\n'
@@ -156,8 +158,13 @@ def test_several_bracket_types_compile_to_a_pushdown_automaton():
     assert isinstance(reason, NotRegular) and "pushdown automaton" in str(reason) and "LL(1)" in str(reason)
 
 
+# 65 return points (64 call sites in v, one in start) need 7 bits an entry, more than an effect reads.
+MANY_CALLS = "start: v\nv: " + " | ".join(f'"{chr(0x100 + i)}" v "{chr(0x100 + i)}"' for i in range(64)) + ' | "x"\n'
+
+
 @pytest.mark.parametrize("grammar, message", [
     ('start: a\na: "(" a ")"\n', "never ends"),
+    (MANY_CALLS, "return points"),
     ('start: "x" | %json {"type": "object"}', "no recursive transition network"),
 ])
 def test_grammars_without_a_device_automaton_say_why(grammar, message):

@@ -91,6 +91,8 @@ class GrammarTable:
         reserved = self.JSON_ROWS if json_mode else 0
         if not 2 + reserved <= capacity <= self.MAX_ROWS:
             raise ValueError(f"a grammar table has {2 + reserved} to {self.MAX_ROWS} rows, got {capacity}")
+        if not 1 <= pda_effects <= self.MAX_ROWS:  # next holds effect ids in int16 too
+            raise ValueError(f"a grammar table has room for 1 to {self.MAX_ROWS} Lark PDA effects, got {pda_effects}")
         self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
         self.words = -(-vocab_size // 32)
         self.next = torch.zeros(capacity, vocab_size, dtype=torch.int16, device=self.device)

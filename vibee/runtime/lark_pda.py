@@ -88,6 +88,9 @@ class LarkPDA:
         self.returns_to = {r: point for point, r in self.return_ids.items()}
         self.bits = max(1, len(self.return_ids).bit_length())
         self.max_looks = COMBO_BITS // self.bits
+        if not self.max_looks:  # no token could return below where it starts: no closing bracket
+            raise NotRegular(f"the grammar has {len(order)} return points, more than a token's look at the stack "
+                             f"({COMBO_BITS} bits) tells apart")
         self.tokens = tokens
         self.effects: dict[tuple[int, int], Effect] = {}
         self.cut = 0  # (state, token) pairs some context of which needed a deeper look
