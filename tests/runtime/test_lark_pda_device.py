@@ -14,6 +14,7 @@ import lark
 import pytest
 import torch
 
+from tests.runtime.test_lark_pda import RECURSIVE_LIST
 from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
 from tests.sm90 import ptx_for_sm90
 from tests.runtime.decode_runs import decode
@@ -34,6 +35,10 @@ VOCABULARIES = {
     "calls": (CALLS, ["f", "(", ")", "[", "]", ",", "+", "1", "))", "),", "f(", "(1", "1)", "])", ")]", "1+", "+f(",
                       ")))"]),
     "spaced": (SPACED, ["(", ")", "[", "]", ",", "+", "1", " ", " +", ") ", "])", "( ", ", ", "1)"]),
+    "tail calls": (RECURSIVE_LIST, ["[", "]", "{", "}", ",", "1", " ", "],", "]]", "}]", "[1", "1,", ", 1", "]}"]),
+    # a tail-calls b, b tail-calls a: a ")" may pop an entry pushed for a while b runs
+    "tail calls between rules": ('start: a\na: "(" a ")" | "x" b\nb: "+" b | "-" a | "."\n',
+                                 ["(", ")", "x", "+", "-", ".", "x.", ".)", "))", "x+", "-x", "+.", "(x", ".))"]),
 }
 
 

@@ -79,11 +79,21 @@ class LarkPDA:
             for state in rtn.machines[machine].states:
                 for callee, after in rtn.moves(machine, state)[1].items():
                     points.setdefault((machine, after), set()).add(callee)
+        # A call in tail position (its return point may end and takes nothing but ignored text, which
+        # the callee takes first) pushes nothing: the callee returns straight to its caller's caller.
+        # So a list written `elements: value | value "," elements` keeps one entry, not one an element.
+        tail = {point for point in points if self._is_tail(*point)}
         # Return points where the caller may end come first (ids 1..accepting_ids): a stack of them
         # only is one every machine on it can return from, which is when the end token is allowed.
-        order = sorted(points, key=lambda point: (not rtn.accepting(*point), point))
+        order = sorted(set(points) - tail, key=lambda point: (not rtn.accepting(*point), point))
         self.return_ids = {point: r for r, point in enumerate(order, start=1)}
-        self.callees = {self.return_ids[point]: callees for point, callees in points.items()}
+        # The machines that may be running above entry r: its callees, and what they call in tail position.
+        tail_callees = {name: set() for name in rtn.names}
+        for (machine, _), callees in points.items():
+            if (machine, _) in tail:
+                tail_callees[machine] |= callees
+        self.callees = {self.return_ids[point]: _reached(callees, tail_callees) for point, callees in points.items()
+                        if point not in tail}
         self.accepting_ids = sum(rtn.accepting(*point) for point in order)
         self.returns_to = {r: point for point, r in self.return_ids.items()}
         self.bits = max(1, len(self.return_ids).bit_length())
@@ -104,6 +114,10 @@ class LarkPDA:
                 effect = self._effect(state, tokens[int(order[token])])
                 if effect is not None:
                     self.effects[number, int(order[token])] = effect
+
+    def _is_tail(self, machine: str, after: int) -> bool:
+        local, calls = self.rtn.moves(machine, after)
+        return self.rtn.accepting(machine, after) and not calls and set(local) <= self.rtn.ignorable
 
     def _encode(self, tokens: Sequence[str | None]) -> tuple[dict, np.ndarray, np.ndarray]:
         """The tokens (specials and empty ones left out) longest first as rows of character codes
@@ -145,7 +159,9 @@ class LarkPDA:
                         if not own and rtn.accepting(*at) and char in rtn.follow[at[0]]:  # else no caller takes it
                             step[0, q, j] = RETURN
                         break
-                    own = (*own, self.return_ids[(at[0], calls[callee])])
+                    point = (at[0], calls[callee])
+                    if point in self.return_ids:  # else a tail call
+                        own = (*own, self.return_ids[point])
                     at = (callee, rtn.initial(callee))
         return step, pushes
 
@@ -234,7 +250,8 @@ class LarkPDA:
                     continue
                 callee = next((c for c in calls if char in rtn.first[c]), None)
                 if callee is not None:
-                    own = (*own, self.return_ids[(machine, calls[callee])])
+                    if (machine, calls[callee]) in self.return_ids:  # else a tail call
+                        own = (*own, self.return_ids[(machine, calls[callee])])
                     at = (callee, rtn.initial(callee))
                     continue
                 if not rtn.accepting(machine, s) or char not in rtn.follow[machine]:
@@ -409,6 +426,16 @@ def compile_lark_pda(text: str, tokens: Sequence[bytes | None], eos_token_ids: S
     if encode is not None:
         pda.keep_canonical_forced_text(encode)
     return pda.tables(eos_token_ids, vocab_size)
+
+
+def _reached(names: set[str], edges: dict[str, set[str]]) -> set[str]:
+    """names and every name reached from them along edges."""
+    reached, todo = set(names), list(names)
+    while todo:
+        for name in edges[todo.pop()] - reached:
+            reached.add(name)
+            todo.append(name)
+    return reached
 
 
 def _endless(rtn: RTN) -> list[str]:
