@@ -39,6 +39,9 @@ VOCABULARIES = {
     # a tail-calls b, b tail-calls a: a ")" may pop an entry pushed for a while b runs
     "tail calls between rules": ('start: a\na: "(" a ")" | "x" b\nb: "+" b | "-" a | "."\n',
                                  ["(", ")", "x", "+", "-", ".", "x.", ".)", "))", "x+", "-x", "+.", "(x", ".))"]),
+    # a value's continuation must nest twice (m1 then m2): "[1" leaves entries that need more room than its end
+    "deep continuations": ('start: v\nv: "[" v "," m1 "]" | "1"\nm1: "(" m1 ")" | "(" m2 ")"\nm2: "{" m2 "}" | "2"\n',
+                           ["[", "]", ",", "1", "(", ")", "{", "}", "2", "[1", "1]", ",(", "))", "]]", "2)", ")]"]),
 }
 
 
@@ -246,7 +249,7 @@ def test_the_mask_kernel_compiles_for_sm90(logits):
              "stride_effect", "effects_ptr", "json_rows", "next_ptr", "stride_next", "pda_ptr", "pda_effects_ptr"]
     types = [logits, "i32", "*i32", "i32", "*i64", "i32", "i32", "*i16", "i32", "*i64", "i32", "*i16", "i32", "*i64", "*i64"]
     constexprs = {"PDA_ROW": PDA_ROW, "PDA_IDS_SHIFT": PDA_IDS_SHIFT, "FIELDS": lark_pda.EFFECT_FIELDS,
-                  "VALID": lark_pda.VALID, "WIDTH": lark_pda.WIDTH, "MAX_NET": lark_pda.MAX_NET,
+                  "VALID": lark_pda.VALID, "WIDTH": lark_pda.WIDTH, "MAX_NEED": lark_pda.MAX_NEED,
                   "CHECKS_STACK": lark_pda.CHECKS_STACK, "STACK_BITS": lark_pda.STACK_BITS, "BLOCK": 1024}
     ptx = ptx_for_sm90("vibee.runtime.token_mask_kernel", "_token_bitmask_kernel", dict(zip(names, types)), constexprs,
                        num_warps=4)
@@ -298,3 +301,62 @@ def test_forced_text_keeps_to_the_tokenizers_spelling():
     logits = torch.zeros(1, len(texts))
     table.mask(logits, _state(first, after_brace, pda.bits)[None])
     assert torch.nonzero(logits[0] == 0).flatten().tolist() == [2]
+
+
+@pytest.mark.parametrize("name", sorted(VOCABULARIES))
+def test_a_row_at_the_stack_limit_can_always_finish(name):
+    """Walks on the device table that take the token leaving the deepest stack, then the shallowest:
+    no row ever has nothing allowed (a token is refused where what it leaves could not be finished
+    within the stack's bits), and every walk ends with the end token."""
+    grammar, vocabulary = VOCABULARIES[name]
+    texts = [None, *vocabulary]
+    tables = compile_lark_pda(grammar, [t.encode() if t else None for t in texts], [EOS], len(texts))
+    table = GrammarTable(capacity=64, vocab_size=len(texts), device="cpu")
+    state = torch.tensor([table.load(tables)])
+    rng = random.Random(0)
+    deepest = 0
+    for step in range(400):
+        logits = torch.zeros(1, len(texts))
+        table.mask(logits, state)
+        allowed = torch.nonzero(logits[0] == 0).flatten().tolist()
+        assert allowed, (name, step, [int(x) for x in unpack(state)])
+        if EOS in allowed and (step >= 100 or allowed == [EOS]):
+            break
+        allowed = [t for t in allowed if t != EOS]
+        depths = unpack(table.advance(state.expand(len(allowed)), torch.tensor(allowed)))[1].tolist()
+        # opening: the deepest, then one after which a bracket may open; closing: a token that ends a
+        # value before one that goes on, then the shallowest
+        scores = [(-d, texts[t][-1] not in "[{(,:+-") if step < 100 else (texts[t][-1] in ",:+- ", d)
+                  for t, d in zip(allowed, depths)]
+        token = rng.choice([t for t, score in zip(allowed, scores) if score == min(scores)])
+        state = table.advance(state, torch.tensor([token]))
+        deepest = max(deepest, int(unpack(state)[1]))
+    else:
+        raise AssertionError(f"{name}: no end token after 300 closing steps")
+    assert deepest > lark_pda.STACK_BITS - 8 or name == "tail calls between rules"  # the walk reached the limit
+
+
+def test_every_row_near_the_stack_limit_has_a_token_to_write():
+    """Opening "[" as long as it is allowed, then every sequence of up to four allowed tokens: each row
+    reached allows a token. "[1" opens two values at once, and what follows the inner one must nest
+    twice (m1, then m2): it is refused where that would not fit, though "[1" itself ends shallower."""
+    grammar, vocabulary = VOCABULARIES["deep continuations"]
+    texts = [None, *vocabulary]
+    tables = compile_lark_pda(grammar, [t.encode() if t else None for t in texts], [EOS], len(texts))
+    table = GrammarTable(capacity=64, vocab_size=len(texts), device="cpu")
+    state = torch.tensor([table.load(tables)])
+
+    def allowed(states: torch.Tensor) -> list[list[int]]:
+        logits = torch.zeros(len(states), len(texts))
+        table.mask(logits, states)
+        return [torch.nonzero(row == 0).flatten().tolist() for row in logits]
+
+    while texts.index("[") in allowed(state)[0]:
+        state = table.advance(state, torch.tensor([texts.index("[")]))
+    assert int(unpack(state)[1]) > lark_pda.STACK_BITS - 2 * tables.bits - 3
+    rows = state
+    for _ in range(4):
+        options = allowed(rows)
+        assert all(options), [int(x) for x in unpack(rows[[i for i, o in enumerate(options) if not o]])[1]]
+        pairs = [(i, t) for i, o in enumerate(options) for t in o if t != EOS]
+        rows = table.advance(rows[[i for i, _ in pairs]], torch.tensor([t for _, t in pairs]))

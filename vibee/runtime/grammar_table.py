@@ -268,9 +268,10 @@ class GrammarTable:
 
 def _pda_fits(e: torch.Tensor, depth: torch.Tensor, stack: torch.Tensor, may_end: torch.Tensor) -> torch.Tensor:
     """Whether Lark PDA effects e [..., EFFECT_FIELDS] allow their token on a stack of this depth
-    (bits): its combo's bit is set, what it pushes fits, and an end token has a stack that may end."""
+    (bits): its combo's bit is set, what it leaves can be finished within the stack's bits, and an end
+    token has a stack that may end."""
     combo = stack & ((1 << e[..., lark_pda.WIDTH]) - 1)
-    return ((((e[..., lark_pda.VALID] >> combo) & 1) == 1) & (depth + e[..., lark_pda.MAX_NET] <= lark_pda.STACK_BITS)
+    return ((((e[..., lark_pda.VALID] >> combo) & 1) == 1) & (depth + e[..., lark_pda.MAX_NEED] <= lark_pda.STACK_BITS)
             & ((e[..., lark_pda.CHECKS_STACK] == 0) | may_end))
 
 

@@ -15,7 +15,7 @@ tokens). The state after a token is the RTN's (machine, state) pair, numbered.
 LarkPDA is the host's reading (allowed / advance / complete, what the tests compare with the
 character-level run); its `tables` are what grammar_table.py loads onto the device: an effect id
 per (state, token) and, per distinct effect, one row of EFFECT_FIELDS int64s (a validity bit per
-combo, the combo's width, the most stack bits it adds, whether it is an end token, and per combo
+combo, the combo's width, the most stack bits finishing after it needs, whether it is an end token, and per combo
 the row, pops and pushes it leaves, packed as FINAL_* say), so masking a row is a gather and a
 bit test per token and advancing it a gather, on the device, inside decode rounds.
 """
@@ -35,7 +35,7 @@ MAX_OWN_BITS = 60  # a token's own calls kept in one int64 by the vectorized wal
 DEAD, RETURN = -1, -2  # _char_table's entries that are not a state
 
 # The device's effect rows (PDATables.effects): fields, then one packed outcome per combo.
-VALID, WIDTH, MAX_NET, CHECKS_STACK, FINAL = range(5)
+VALID, WIDTH, MAX_NEED, CHECKS_STACK, FINAL = range(5)
 EFFECT_FIELDS = FINAL + (1 << COMBO_BITS)
 STACK_BITS = 41  # a row's stack on the device (grammar_table packs it above the row and depth, below the sign)
 # An outcome as one int64: the row it leaves, the stack bits it pops and pushes, the pushed bits.
@@ -97,6 +97,9 @@ class LarkPDA:
         self.accepting_ids = sum(rtn.accepting(*point) for point in order)
         self.returns_to = {r: point for point, r in self.return_ids.items()}
         self.bits = max(1, len(self.return_ids).bit_length())
+        self.finish = self._finish_bits()
+        if self.finish[0] > STACK_BITS:
+            raise NotRegular(f"its shortest sentence needs {self.finish[0]} bits of stack, more than the {STACK_BITS} a row has")
         self.max_looks = COMBO_BITS // self.bits
         if not self.max_looks:  # no token could return below where it starts: no closing bracket
             raise NotRegular(f"the grammar has {len(order)} return points, more than a token's look at the stack "
@@ -114,6 +117,28 @@ class LarkPDA:
                 effect = self._effect(state, tokens[int(order[token])])
                 if effect is not None:
                     self.effects[number, int(order[token])] = effect
+
+    def _finish_bits(self) -> list[int]:
+        """Per state: the fewest stack bits above the row's depth that finishing its machine from
+        there needs at its peak (0 where it may end; a call needs its entry's bits and its callee's
+        own, then the state after it its own). A token is allowed only where what it leaves can be
+        finished within the stack's bits, so no row is left with nothing to write."""
+        rtn, never = self.rtn, 1 << 30
+        finish = {state: 0 if rtn.accepting(*state) else never for state in self.states}
+        changed = True
+        while changed:
+            changed = False
+            for (machine, s), best in finish.items():
+                local, calls = rtn.moves(machine, s)
+                for to in local.values():
+                    best = min(best, finish[(machine, to)])
+                for callee, after in calls.items():
+                    entry = self.bits if (machine, after) in self.return_ids else 0
+                    best = min(best, max(entry + finish[(callee, rtn.initial(callee))], finish[(machine, after)]))
+                if best < finish[(machine, s)]:
+                    finish[(machine, s)] = best
+                    changed = True
+        return [finish[state] for state in self.states]
 
     def _is_tail(self, machine: str, after: int) -> bool:
         local, calls = self.rtn.moves(machine, after)
@@ -317,7 +342,7 @@ class LarkPDA:
         def effect_id(key: tuple, width: int, outcomes: dict[int, tuple[int, int, tuple[int, ...]]], checks: int) -> int:
             if key not in ids:
                 row = np.zeros(EFFECT_FIELDS, dtype=np.int64)
-                valid, net = 0, 0
+                valid, need = 0, -(1 << 30)
                 for combo, (state, pops, pushes) in outcomes.items():
                     pushed = 0
                     for r in pushes:
@@ -325,9 +350,9 @@ class LarkPDA:
                     row[FINAL + combo] = (state | pops * b << FINAL_POPS_SHIFT | len(pushes) * b << FINAL_PUSHES_SHIFT
                                           | pushed << FINAL_PUSHED_SHIFT)
                     valid |= 1 << combo
-                    net = max(net, (len(pushes) - pops) * b)
+                    need = max(need, self._need(state, pops, pushes))
                 row[VALID] = valid - (1 << 64 if valid >> 63 else 0)  # combo 63 is the sign bit
-                row[WIDTH], row[MAX_NET], row[CHECKS_STACK] = width, net, checks
+                row[WIDTH], row[MAX_NEED], row[CHECKS_STACK] = width, need, checks
                 rows.append(row)
                 ids[key] = len(rows)  # 1..E: 0 is "not allowed"
             return ids[key]
@@ -347,6 +372,18 @@ class LarkPDA:
                 effect[number, eos] = end
         effect[sink, eos] = end
         return PDATables(effect, np.stack(rows), b, self.accepting_ids)
+
+    def _need(self, state: int, pops: int, pushes: tuple[int, ...]) -> int:
+        """The most stack bits above the row's depth before a token that finishing after it needs:
+        the end state's machine at the depth it leaves, then each machine the token's entries return
+        to, each at its entry's height (entries below were checked when they were pushed)."""
+        if state == len(self.states):  # the sink after an end token
+            return 0
+        b, base = self.bits, -pops * self.bits
+        need = base + len(pushes) * b + self.finish[state]
+        for height, r in enumerate(pushes):
+            need = max(need, base + height * b + self.finish[self.number[self.returns_to[r]]])
+        return need
 
     # ---- the host's reading of the tables -----------------------------------------------------
 

@@ -24,7 +24,7 @@ def _token_bitmask_kernel(logits_ptr, stride_row, bits_ptr, stride_bits, states_
                           effect_ptr, stride_effect, effects_ptr, json_rows,
                           next_ptr, stride_next, pda_ptr, pda_effects_ptr,
                           PDA_ROW: tl.constexpr, PDA_IDS_SHIFT: tl.constexpr, FIELDS: tl.constexpr,
-                          VALID: tl.constexpr, WIDTH: tl.constexpr, MAX_NET: tl.constexpr,
+                          VALID: tl.constexpr, WIDTH: tl.constexpr, MAX_NEED: tl.constexpr,
                           CHECKS_STACK: tl.constexpr, STACK_BITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -60,7 +60,7 @@ def _token_bitmask_kernel(logits_ptr, stride_row, bits_ptr, stride_bits, states_
     e = pda_effects_ptr + tl.maximum(ids, 0) * FIELDS
     valid = tl.load(e + VALID, mask=pda_cols, other=0)
     combo = stack & ((tl.full([BLOCK], 1, tl.int64) << tl.load(e + WIDTH, mask=pda_cols, other=0)) - 1)
-    ok = (((valid >> combo) & 1) != 0) & (depth + tl.load(e + MAX_NET, mask=pda_cols, other=0) <= STACK_BITS)
+    ok = (((valid >> combo) & 1) != 0) & (depth + tl.load(e + MAX_NEED, mask=pda_cols, other=0) <= STACK_BITS)
     ok = ok & ((tl.load(e + CHECKS_STACK, mask=pda_cols, other=0) == 0) | may_end)
     allowed = allowed & (ok | ~in_pda)
     # Columns past the table (logits wider than the vocabulary) are never allowed to a constrained row.
@@ -80,5 +80,5 @@ def apply_token_bitmask(logits: torch.Tensor, table: GrammarTable, states: torch
         table.effect, table.effect.stride(0), table.effects, table.json_rows,
         table.next, table.next.stride(0), table.pda, table.pda_effects,
         PDA_ROW=PDA_ROW, PDA_IDS_SHIFT=PDA_IDS_SHIFT, FIELDS=lark_pda.EFFECT_FIELDS, VALID=lark_pda.VALID,
-        WIDTH=lark_pda.WIDTH, MAX_NET=lark_pda.MAX_NET, CHECKS_STACK=lark_pda.CHECKS_STACK,
+        WIDTH=lark_pda.WIDTH, MAX_NEED=lark_pda.MAX_NEED, CHECKS_STACK=lark_pda.CHECKS_STACK,
         STACK_BITS=lark_pda.STACK_BITS, BLOCK=block, num_warps=4)
