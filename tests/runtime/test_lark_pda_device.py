@@ -249,8 +249,9 @@ def test_the_mask_kernel_compiles_for_sm90(logits):
              "stride_effect", "effects_ptr", "json_rows", "next_ptr", "stride_next", "pda_ptr", "pda_effects_ptr"]
     types = [logits, "i32", "*i32", "i32", "*i64", "i32", "i32", "*i16", "i32", "*i64", "i32", "*i16", "i32", "*i64", "*i64"]
     constexprs = {"PDA_ROW": PDA_ROW, "PDA_IDS_SHIFT": PDA_IDS_SHIFT, "FIELDS": lark_pda.EFFECT_FIELDS,
-                  "VALID": lark_pda.VALID, "WIDTH": lark_pda.WIDTH, "MAX_NEED": lark_pda.MAX_NEED,
-                  "CHECKS_STACK": lark_pda.CHECKS_STACK, "STACK_BITS": lark_pda.STACK_BITS, "BLOCK": 1024}
+                  "VALID": lark_pda.VALID, "WIDTH": lark_pda.WIDTH, "CHECKS_STACK": lark_pda.CHECKS_STACK,
+                  "FINAL": lark_pda.FINAL, "NEED_SHIFT": lark_pda.FINAL_NEED_SHIFT, "NEED_OFFSET": lark_pda.NEED_OFFSET,
+                  "STACK_BITS": lark_pda.STACK_BITS, "BLOCK": 1024}
     ptx = ptx_for_sm90("vibee.runtime.token_mask_kernel", "_token_bitmask_kernel", dict(zip(names, types)), constexprs,
                        num_warps=4)
     assert ".target sm_90" in ptx and "st.global" in ptx
@@ -338,7 +339,7 @@ def test_a_row_at_the_stack_limit_can_always_finish(name):
 
 def test_every_row_near_the_stack_limit_has_a_token_to_write():
     """Opening "[" as long as it is allowed, then every sequence of up to four allowed tokens: each row
-    reached allows a token. "[1" opens two values at once, and what follows the inner one must nest
+    reached allows a token (the kernel masks as the torch path does). "[1" opens two values at once, and what follows the inner one must nest
     twice (m1, then m2): it is refused where that would not fit, though "[1" itself ends shallower."""
     grammar, vocabulary = VOCABULARIES["deep continuations"]
     texts = [None, *vocabulary]
@@ -349,6 +350,7 @@ def test_every_row_near_the_stack_limit_has_a_token_to_write():
     def allowed(states: torch.Tensor) -> list[list[int]]:
         logits = torch.zeros(len(states), len(texts))
         table.mask(logits, states)
+        _kernel_agrees(table, states, logits)
         return [torch.nonzero(row == 0).flatten().tolist() for row in logits]
 
     while texts.index("[") in allowed(state)[0]:

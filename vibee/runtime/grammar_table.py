@@ -228,7 +228,7 @@ class GrammarTable:
         if bool(in_pda.any()):  # this path is the host's (no captured graph to keep the same)
             # Which of the loaded effects each row's stack allows, then each token's by its effect id.
             loaded = max(at + n for at, n in self._pda_loaded.values())
-            fits = _pda_fits(self.pda_effects[None, :loaded, : lark_pda.FINAL], depth[:, None], stack[:, None],
+            fits = _pda_fits(self.pda_effects[None, :loaded].expand(len(row), -1, -1), depth[:, None], stack[:, None],
                              _stack_may_end(meta, stack)[:, None])  # [rows, effects]
             ids = torch.where(in_pda[:, None], self.next[row, :cols].long(), 0).clamp(min=0)
             allowed &= fits.gather(1, ids) | ~in_pda[:, None]
@@ -267,11 +267,13 @@ class GrammarTable:
 
 
 def _pda_fits(e: torch.Tensor, depth: torch.Tensor, stack: torch.Tensor, may_end: torch.Tensor) -> torch.Tensor:
-    """Whether Lark PDA effects e [..., EFFECT_FIELDS] allow their token on a stack of this depth
-    (bits): its combo's bit is set, what it leaves can be finished within the stack's bits, and an end
-    token has a stack that may end."""
+    """Whether Lark PDA effects e [rows, effects, EFFECT_FIELDS] allow their token on each row's stack
+    (depth in bits): its combo's bit is set, what the combo's outcome leaves can be finished within
+    the stack's bits, and an end token has a stack that may end."""
     combo = stack & ((1 << e[..., lark_pda.WIDTH]) - 1)
-    return ((((e[..., lark_pda.VALID] >> combo) & 1) == 1) & (depth + e[..., lark_pda.MAX_NEED] <= lark_pda.STACK_BITS)
+    final = e[..., lark_pda.FINAL:].gather(-1, combo[..., None])[..., 0]
+    need = ((final >> lark_pda.FINAL_NEED_SHIFT) & 127) - lark_pda.NEED_OFFSET
+    return ((((e[..., lark_pda.VALID] >> combo) & 1) == 1) & (depth + need <= lark_pda.STACK_BITS)
             & ((e[..., lark_pda.CHECKS_STACK] == 0) | may_end))
 
 

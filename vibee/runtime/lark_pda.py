@@ -15,9 +15,9 @@ tokens). The state after a token is the RTN's (machine, state) pair, numbered.
 LarkPDA is the host's reading (allowed / advance / complete, what the tests compare with the
 character-level run); its `tables` are what grammar_table.py loads onto the device: an effect id
 per (state, token) and, per distinct effect, one row of EFFECT_FIELDS int64s (a validity bit per
-combo, the combo's width, the most stack bits finishing after it needs, whether it is an end token, and per combo
-the row, pops and pushes it leaves, packed as FINAL_* say), so masking a row is a gather and a
-bit test per token and advancing it a gather, on the device, inside decode rounds.
+combo, the combo's width, whether it is an end token, and per combo the row, pops and pushes it
+leaves and the stack bits finishing after it needs, packed as FINAL_* say), so masking a row is a
+few gathers and a bit test per token and advancing it a gather, on the device, inside decode rounds.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ MAX_OWN_BITS = 60  # a token's own calls kept in one int64 by the vectorized wal
 DEAD, RETURN = -1, -2  # _char_table's entries that are not a state
 
 # The device's effect rows (PDATables.effects): fields, then one packed outcome per combo.
-VALID, WIDTH, MAX_NEED, CHECKS_STACK, FINAL = range(5)
+VALID, WIDTH, CHECKS_STACK, FINAL = range(4)
 EFFECT_FIELDS = FINAL + (1 << COMBO_BITS)
 STACK_BITS = 41  # a row's stack on the device (grammar_table packs it above the row and depth, below the sign)
-# An outcome as one int64: the row it leaves, the stack bits it pops and pushes, the pushed bits.
-FINAL_ROW_BITS, FINAL_POPS_SHIFT, FINAL_PUSHES_SHIFT, FINAL_PUSHED_SHIFT = 15, 15, 21, 27
+# An outcome as one int64: the row it leaves, the stack bits it pops and pushes, the stack bits
+# above the row's depth that finishing after it needs (+ NEED_OFFSET), the pushed bits.
+FINAL_ROW_BITS, FINAL_POPS_SHIFT, FINAL_PUSHES_SHIFT, FINAL_NEED_SHIFT, FINAL_PUSHED_SHIFT = 15, 15, 21, 27, 34
+NEED_OFFSET = 64  # a need is -COMBO_BITS.. (pops below the start) to 63 (past STACK_BITS: never allowed)
 MAX_PUSHED_BITS = 63 - FINAL_PUSHED_SHIFT
 
 
@@ -342,17 +344,17 @@ class LarkPDA:
         def effect_id(key: tuple, width: int, outcomes: dict[int, tuple[int, int, tuple[int, ...]]], checks: int) -> int:
             if key not in ids:
                 row = np.zeros(EFFECT_FIELDS, dtype=np.int64)
-                valid, need = 0, -(1 << 30)
+                valid = 0
                 for combo, (state, pops, pushes) in outcomes.items():
                     pushed = 0
                     for r in pushes:
                         pushed = (pushed << b) | r
+                    need = min(self._need(state, pops, pushes), 127 - NEED_OFFSET) + NEED_OFFSET
                     row[FINAL + combo] = (state | pops * b << FINAL_POPS_SHIFT | len(pushes) * b << FINAL_PUSHES_SHIFT
-                                          | pushed << FINAL_PUSHED_SHIFT)
+                                          | need << FINAL_NEED_SHIFT | pushed << FINAL_PUSHED_SHIFT)
                     valid |= 1 << combo
-                    need = max(need, self._need(state, pops, pushes))
                 row[VALID] = valid - (1 << 64 if valid >> 63 else 0)  # combo 63 is the sign bit
-                row[WIDTH], row[MAX_NEED], row[CHECKS_STACK] = width, need, checks
+                row[WIDTH], row[CHECKS_STACK] = width, checks
                 rows.append(row)
                 ids[key] = len(rows)  # 1..E: 0 is "not allowed"
             return ids[key]

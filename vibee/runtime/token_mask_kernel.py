@@ -24,8 +24,9 @@ def _token_bitmask_kernel(logits_ptr, stride_row, bits_ptr, stride_bits, states_
                           effect_ptr, stride_effect, effects_ptr, json_rows,
                           next_ptr, stride_next, pda_ptr, pda_effects_ptr,
                           PDA_ROW: tl.constexpr, PDA_IDS_SHIFT: tl.constexpr, FIELDS: tl.constexpr,
-                          VALID: tl.constexpr, WIDTH: tl.constexpr, MAX_NEED: tl.constexpr,
-                          CHECKS_STACK: tl.constexpr, STACK_BITS: tl.constexpr, BLOCK: tl.constexpr):
+                          VALID: tl.constexpr, WIDTH: tl.constexpr, CHECKS_STACK: tl.constexpr, FINAL: tl.constexpr,
+                          NEED_SHIFT: tl.constexpr, NEED_OFFSET: tl.constexpr, STACK_BITS: tl.constexpr,
+                          BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     packed = tl.load(states_ptr + row).to(tl.int64)
@@ -46,7 +47,8 @@ def _token_bitmask_kernel(logits_ptr, stride_row, bits_ptr, stride_bits, states_
             & (depth <= tl.load(e + 6)) & ((exact < 0) | (depth == exact)))
     allowed = allowed & fits
     # A Lark PDA's rows (lark_pda.py): next holds each token's effect id; the effect's bit for the
-    # combo of the stack's top entries must be set, its pushes fit, and an end token needs a stack
+    # combo of the stack's top entries must be set, the combo's outcome must leave a row that can be
+    # finished within the stack's bits (its need, in the outcome), and an end token needs a stack
     # whose every entry returns where its caller may end (return ids at most the row's accepting ones).
     meta = tl.load(pda_ptr + state)
     in_pda = (meta & PDA_ROW) != 0
@@ -60,7 +62,8 @@ def _token_bitmask_kernel(logits_ptr, stride_row, bits_ptr, stride_bits, states_
     e = pda_effects_ptr + tl.maximum(ids, 0) * FIELDS
     valid = tl.load(e + VALID, mask=pda_cols, other=0)
     combo = stack & ((tl.full([BLOCK], 1, tl.int64) << tl.load(e + WIDTH, mask=pda_cols, other=0)) - 1)
-    ok = (((valid >> combo) & 1) != 0) & (depth + tl.load(e + MAX_NEED, mask=pda_cols, other=0) <= STACK_BITS)
+    need = ((tl.load(e + FINAL + combo, mask=pda_cols, other=0) >> NEED_SHIFT) & 127) - NEED_OFFSET
+    ok = (((valid >> combo) & 1) != 0) & (depth + need <= STACK_BITS)
     ok = ok & ((tl.load(e + CHECKS_STACK, mask=pda_cols, other=0) == 0) | may_end)
     allowed = allowed & (ok | ~in_pda)
     # Columns past the table (logits wider than the vocabulary) are never allowed to a constrained row.
@@ -80,5 +83,6 @@ def apply_token_bitmask(logits: torch.Tensor, table: GrammarTable, states: torch
         table.effect, table.effect.stride(0), table.effects, table.json_rows,
         table.next, table.next.stride(0), table.pda, table.pda_effects,
         PDA_ROW=PDA_ROW, PDA_IDS_SHIFT=PDA_IDS_SHIFT, FIELDS=lark_pda.EFFECT_FIELDS, VALID=lark_pda.VALID,
-        WIDTH=lark_pda.WIDTH, MAX_NEED=lark_pda.MAX_NEED, CHECKS_STACK=lark_pda.CHECKS_STACK,
-        STACK_BITS=lark_pda.STACK_BITS, BLOCK=block, num_warps=4)
+        WIDTH=lark_pda.WIDTH, CHECKS_STACK=lark_pda.CHECKS_STACK, FINAL=lark_pda.FINAL,
+        NEED_SHIFT=lark_pda.FINAL_NEED_SHIFT, NEED_OFFSET=lark_pda.NEED_OFFSET, STACK_BITS=lark_pda.STACK_BITS,
+        BLOCK=block, num_warps=4)
