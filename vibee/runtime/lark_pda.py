@@ -91,9 +91,9 @@ class LarkPDA:
         self.return_ids = {point: r for r, point in enumerate(order, start=1)}
         # The machines that may be running above entry r: its callees, and what they call in tail position.
         tail_callees = {name: set() for name in rtn.names}
-        for (machine, _), callees in points.items():
-            if (machine, _) in tail:
-                tail_callees[machine] |= callees
+        for point, callees in points.items():
+            if point in tail:
+                tail_callees[point[0]] |= callees
         self.callees = {self.return_ids[point]: _reached(callees, tail_callees) for point, callees in points.items()
                         if point not in tail}
         self.accepting_ids = sum(rtn.accepting(*point) for point in order)
@@ -289,7 +289,7 @@ class LarkPDA:
                 if len(popped) > self.max_looks:  # deeper than any effect looks: one end says so
                     ends.append(((*popped, 0), at, own))
                     return
-                for r, callees in self.callees.items():  # below the start: each call of this machine
+                for r, callees in self.callees.items():  # below the start: each entry whose callee reaches this machine
                     if machine in callees:
                         run(i, self.returns_to[r], own, (*popped, r))
                 return
