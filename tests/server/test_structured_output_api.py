@@ -87,6 +87,31 @@ def test_vibee_grammar_and_regex(served):
     assert re.fullmatch("[0-9]{4}-[0-9]{2}", r.json()["choices"][0]["message"]["content"])
 
 
+def test_larks_json_grammar_runs_on_the_device(served):
+    """Lark's own JSON grammar (lists and objects inside each other) over HTTP: compiled on the engine
+    process's grammar thread to its pushdown automaton, masked on the device; the text is a prefix
+    of the language, and a finished value parses under Lark."""
+    import lark
+
+    from tests.runtime.test_lark_pda_device import LARK_JSON
+    from vibee.runtime.lark_rtn import lark_rtn
+
+    url, _, _ = served
+    stats = lambda: httpx.get(url + "/v1/inference/stats").json()["structured_output"]  # noqa: E731
+    before = stats()
+    r = httpx.post(url + "/v1/completions", json={"prompt": '[{"id": 1, "tags": ["a"]}, [2, 3]]\n', "max_tokens": 40,
+                                                  "temperature": 0.0,
+                                                  "response_format": {"type": "grammar", "grammar": LARK_JSON}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    rtn = lark_rtn(LARK_JSON)
+    assert rtn.run(choice["text"]) is not None, choice["text"]
+    if choice["finish_reason"] == "stop" or rtn.accepts(choice["text"]):
+        lark.Lark(LARK_JSON).parse(choice["text"])
+    after = stats()
+    assert (after["device_requests"], after["host_requests"]) == (before["device_requests"] + 1, before["host_requests"])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_named_and_required_tool_calls(served, stream):
     """Tool plans whose argument schemas are regular run as token DFAs on the device: the calls
