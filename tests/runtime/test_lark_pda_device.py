@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.runtime.test_lark_pda import RECURSIVE_LIST
-from tests.runtime.test_lark_rtn import CALLS, JSONISH, SPACED
+from tests.runtime.test_lark_rtn import CALLS, JSONISH, LEFT_LIST, SPACED
 from tests.sm90 import ptx_for_sm90
 from tests.runtime.decode_runs import decode
 from tests.runtime.eager_graphs import watch_round_starts
@@ -39,6 +39,7 @@ VOCABULARIES = {
     # a tail-calls b, b tail-calls a: a ")" may pop an entry pushed for a while b runs
     "tail calls between rules": ('start: a\na: "(" a ")" | "x" b\nb: "+" b | "-" a | "."\n',
                                  ["(", ")", "x", "+", "-", ".", "x.", ".)", "))", "x+", "-x", "+.", "(x", ".))"]),
+    "left recursion": (LEFT_LIST, ["[", "]", "{", "}", ",", "1", "],", "]]", "[1", "1,", ",1", "}]", ",["]),
     # a value's continuation must nest twice (m1 then m2): "[1" leaves entries that need more room than its end
     "deep continuations": ('start: v\nv: "[" v "," m1 "]" | "1"\nm1: "(" m1 ")" | "(" m2 ")"\nm2: "{" m2 "}" | "2"\n',
                            ["[", "]", ",", "1", "(", ")", "{", "}", "2", "[1", "1]", ",(", "))", "]]", "2)", ")]"]),

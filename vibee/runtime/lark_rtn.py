@@ -33,7 +33,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from vibee.runtime.lark_regex import _REFUSED, _ignored, _json_strings, _placed, _regex, _regex_fsm, _sequence
+from vibee.runtime.lark_regex import (_REFUSED, _alternatives, _ignored, _json_strings, _placed, _regex, _regex_fsm,
+                                      _sequence, _split)
 
 CALL_BASE = 0xE000  # machine i is called by the character chr(CALL_BASE + i)
 START = "start"
@@ -192,6 +193,8 @@ def lark_rtn(text: str) -> RTN | None:
             return None
         machines = [START, *sorted(_feedback_rules(definitions) - {START})]
         code = {name: i for i, name in enumerate(machines)}
+        for name in machines:
+            definitions[name].tree = _without_left_recursion(definitions[name].tree, name)
         ignored = _ignored(definitions, builder._ignore_names)
         fsms = {}
         for name in machines:
@@ -207,6 +210,29 @@ def lark_rtn(text: str) -> RTN | None:
         return RTN(fsms, IGNORABLE if ignored is not None else frozenset())
     except (LarkError, *_REFUSED):
         return None
+
+
+def _without_left_recursion(tree: Any, name: str) -> Any:
+    """`name: tree` with its direct left recursion solved: the alternatives `name C` and the rest B
+    make `B C*` (Arden's lemma), so `elements: elements "," value | value` is a machine that reads a
+    list, not one that calls itself before a character. name elsewhere in an alternative (inside
+    brackets, at its end) stays a call; an alternative _split can't read stays as it is (and the
+    conflict check names the left recursion)."""
+    from lark import Token, Tree
+
+    heads, rest = [], []
+    for alternative in tree.children if tree.data == "expansions" else [tree]:
+        try:
+            head, other = _split(alternative, name, at_end=False, nested=True)
+        except _REFUSED:
+            head, other = None, alternative
+        if head is not None:
+            heads.append(head)
+        if other is not None:
+            rest.append(other)
+    if not heads or not rest:  # no left recursion, or nothing but (never ends: _endless says so)
+        return tree
+    return _sequence([_alternatives(rest), Tree("expr", [_alternatives(heads), Token("OP", "*")])])
 
 
 def _wildcards_without_calls(regex: str, calls: str) -> str | None:
