@@ -1,4 +1,4 @@
-"""A Lark grammar's token pushdown automaton on the device (lark_pda.py's tables in grammar_table.py):
+"""A Lark grammar's token pushdown automaton on the device (lark_pda_tables.py, in grammar_table.py):
 the table's rows allow, at every step of random token walks, exactly the tokens LarkPDA allows
 (and the end token exactly where the text is a sentence), they advance to LarkPDA's state and
 stack, the Triton kernel (in the interpreter) masks as the torch path does, grammars with several
@@ -19,9 +19,10 @@ from tests.runtime.test_lark_rtn import CALLS, JSONISH, LEFT_LIST, SPACED
 from tests.sm90 import ptx_for_sm90
 from tests.runtime.decode_runs import decode
 from tests.runtime.eager_graphs import watch_round_starts
-from vibee.runtime import lark_pda
+from vibee.runtime import lark_pda_tables
 from vibee.runtime.grammar_table import GrammarTable, TokenDFAs, pack, unpack
-from vibee.runtime.lark_pda import LarkPDA, PDATables, compile_lark_pda
+from vibee.runtime.lark_pda import LarkPDA
+from vibee.runtime.lark_pda_tables import PDATables, compile_lark_pda
 from vibee.runtime.lark_regex import NESTED_LARK
 from vibee.runtime.lark_rtn import lark_rtn
 from vibee.runtime.sampling_params import SamplingParams
@@ -126,7 +127,7 @@ def test_a_full_stack_refuses_what_would_overflow_it():
     while True:
         states.append(_state(first, row, pda.bits))
         row = pda.advance(*row, 1)
-        if row[2] * pda.bits > lark_pda.STACK_BITS:
+        if row[2] * pda.bits > lark_pda_tables.STACK_BITS:
             break
     logits = torch.zeros(len(states), len(texts))
     table.mask(logits, torch.stack(states))
@@ -249,10 +250,10 @@ def test_the_mask_kernel_compiles_for_sm90(logits):
     names = ["logits_ptr", "stride_row", "bits_ptr", "stride_bits", "states_ptr", "width", "vocab", "effect_ptr",
              "stride_effect", "effects_ptr", "json_rows", "next_ptr", "stride_next", "pda_ptr", "pda_effects_ptr"]
     types = [logits, "i32", "*i32", "i32", "*i64", "i32", "i32", "*i16", "i32", "*i64", "i32", "*i16", "i32", "*i64", "*i64"]
-    constexprs = {"PDA_ROW": PDA_ROW, "PDA_IDS_SHIFT": PDA_IDS_SHIFT, "FIELDS": lark_pda.EFFECT_FIELDS,
-                  "VALID": lark_pda.VALID, "WIDTH": lark_pda.WIDTH, "CHECKS_STACK": lark_pda.CHECKS_STACK,
-                  "FINAL": lark_pda.FINAL, "NEED_SHIFT": lark_pda.FINAL_NEED_SHIFT, "NEED_OFFSET": lark_pda.NEED_OFFSET,
-                  "STACK_BITS": lark_pda.STACK_BITS, "BLOCK": 1024}
+    constexprs = {"PDA_ROW": PDA_ROW, "PDA_IDS_SHIFT": PDA_IDS_SHIFT, "FIELDS": lark_pda_tables.EFFECT_FIELDS,
+                  "VALID": lark_pda_tables.VALID, "WIDTH": lark_pda_tables.WIDTH, "CHECKS_STACK": lark_pda_tables.CHECKS_STACK,
+                  "FINAL": lark_pda_tables.FINAL, "NEED_SHIFT": lark_pda_tables.FINAL_NEED_SHIFT, "NEED_OFFSET": lark_pda_tables.NEED_OFFSET,
+                  "STACK_BITS": lark_pda_tables.STACK_BITS, "BLOCK": 1024}
     ptx = ptx_for_sm90("vibee.runtime.token_mask_kernel", "_token_bitmask_kernel", dict(zip(names, types)), constexprs,
                        num_warps=4)
     assert ".target sm_90" in ptx and "st.global" in ptx
@@ -335,7 +336,7 @@ def test_a_row_at_the_stack_limit_can_always_finish(name):
         deepest = max(deepest, int(unpack(state)[1]))
     else:
         raise AssertionError(f"{name}: no end token after 300 closing steps")
-    assert deepest > lark_pda.STACK_BITS - 8 or name == "tail calls between rules"  # the walk reached the limit
+    assert deepest > lark_pda_tables.STACK_BITS - 8 or name == "tail calls between rules"  # the walk reached the limit
 
 
 def test_every_row_near_the_stack_limit_has_a_token_to_write():
@@ -356,7 +357,7 @@ def test_every_row_near_the_stack_limit_has_a_token_to_write():
 
     while texts.index("[") in allowed(state)[0]:
         state = table.advance(state, torch.tensor([texts.index("[")]))
-    assert int(unpack(state)[1]) > lark_pda.STACK_BITS - 2 * tables.bits - 3
+    assert int(unpack(state)[1]) > lark_pda_tables.STACK_BITS - 2 * tables.bits - 3
     rows = state
     for _ in range(4):
         options = allowed(rows)

@@ -4,7 +4,7 @@ unconstrained rows sit in; a DFA is loaded once per pattern (LoadedDFA) and shar
 that uses it, each choice (DFAConstraint) keeping its state in a slot of the table; TokenDFAs is an
 engine's compiler and loader of patterns. Two kinds of pushdown automata live in the same table:
 JSON mode's (json_pda.py, rows of its own) and Lark grammars whose rules nest in several ways
-(lark_pda.py, rows handed out as a DFA's are)."""
+(lark_pda.py, lark_pda_tables.py: rows handed out as a DFA's are)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vibee.runtime import json_pda, lark_pda
+from vibee.runtime import json_pda, lark_pda_tables
 from vibee.runtime.json_pda import TokenPDA, compile_json_pda
-from vibee.runtime.lark_pda import PDATables, compile_lark_pda
+from vibee.runtime.lark_pda_tables import PDATables, compile_lark_pda
 from vibee.runtime.lark_regex import NESTED_LARK
 from vibee.runtime.token_dfa import JSON_OBJECT, NotRegular, TokenDFA, compile_dfa
 
@@ -27,8 +27,8 @@ from vibee.runtime.token_dfa import JSON_OBJECT, NotRegular, TokenDFA, compile_d
 ROW_BITS, DEPTH_BITS = 16, 6
 DEPTH_SHIFT, STACK_SHIFT = ROW_BITS, ROW_BITS + DEPTH_BITS
 assert json_pda.MAX_DEPTH < 2**DEPTH_BITS and STACK_SHIFT + json_pda.MAX_DEPTH < 63
-assert lark_pda.STACK_BITS < 2**DEPTH_BITS and STACK_SHIFT + lark_pda.STACK_BITS == 63
-assert lark_pda.FINAL_ROW_BITS < ROW_BITS
+assert lark_pda_tables.STACK_BITS < 2**DEPTH_BITS and STACK_SHIFT + lark_pda_tables.STACK_BITS == 63
+assert lark_pda_tables.FINAL_ROW_BITS < ROW_BITS
 # A Lark PDA's row is marked in GrammarTable.pda by PDA_ROW, with its entry bits and accepting return ids.
 PDA_ROW, PDA_IDS_SHIFT = 1 << 16, 8
 
@@ -75,7 +75,7 @@ class GrammarTable:
     DFA, and taken back when its last choice is done. With json_mode, rows 1..JSON_ROWS are kept
     for JSON mode's pushdown automaton, whose stack effects (json_pda.py) sit beside them: effect
     [JSON_ROWS, V] (int16, a row of effects [MAX_EFFECTS, 8]). A Lark PDA's run of rows holds in
-    `next` its tokens' effect ids, rows of pda_effects [pda_effects, lark_pda.EFFECT_FIELDS] handed
+    `next` its tokens' effect ids, rows of pda_effects [pda_effects, lark_pda_tables.EFFECT_FIELDS] handed
     out in runs too, and is marked in `pda` (entry bits and accepting return ids, PDA_ROW). They are
     made with the table, at a fixed place, since decode rounds captured in CUDA graphs read them."""
 
@@ -104,7 +104,7 @@ class GrammarTable:
         self.effects[:, json_pda.MAX_DEPTH_BEFORE] = json_pda.MAX_DEPTH  # effect 0: none
         self.effects[:, json_pda.EXACT_DEPTH] = -1
         self.pda = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        self.pda_effects = torch.zeros(pda_effects + 1, lark_pda.EFFECT_FIELDS, dtype=torch.long, device=self.device)
+        self.pda_effects = torch.zeros(pda_effects + 1, lark_pda_tables.EFFECT_FIELDS, dtype=torch.long, device=self.device)
         self.rows = _Runs(1 + reserved, capacity - 1 - reserved)
         self.pda_effect_runs = _Runs(1, pda_effects)  # row 0: allows nothing
         self._pda_loaded: dict[int, tuple[int, int]] = {}  # a Lark PDA's first row -> its run of effects
@@ -119,7 +119,7 @@ class GrammarTable:
         """As many rows as budget_bytes hold beside JSON mode's effects and the Lark PDAs' (at least
         JSON mode's rows, the free state and one)."""
         per_row = 2 * vocab_size + 4 * -(-vocab_size // 32) + 8
-        fixed = 2 * cls.JSON_ROWS * vocab_size + 64 * cls.MAX_EFFECTS + 8 * lark_pda.EFFECT_FIELDS * cls.PDA_EFFECTS
+        fixed = 2 * cls.JSON_ROWS * vocab_size + 64 * cls.MAX_EFFECTS + 8 * lark_pda_tables.EFFECT_FIELDS * cls.PDA_EFFECTS
         rows = (budget_bytes - fixed) // per_row
         return cls(min(cls.MAX_ROWS, max(2 + cls.JSON_ROWS, rows)), vocab_size, device, json_mode=True)
 
@@ -158,8 +158,8 @@ class GrammarTable:
         self._pda_loaded[first] = (at, count)
         ids = np.where(pda.effect > 0, pda.effect - 1 + at, -1).astype(np.int16)
         effects = pda.effects.copy()
-        final = effects[:, lark_pda.FINAL:]
-        valid = (effects[:, lark_pda.VALID:lark_pda.VALID + 1] >> np.arange(final.shape[1])) & 1 == 1
+        final = effects[:, lark_pda_tables.FINAL:]
+        valid = (effects[:, lark_pda_tables.VALID:lark_pda_tables.VALID + 1] >> np.arange(final.shape[1])) & 1 == 1
         final[valid] += first  # outcomes' rows in the table's numbering
         self.next[first:first + n] = torch.from_numpy(ids).to(self.device)
         self.bits[first:first + n] = torch.from_numpy(_bitmask(pda.effect > 0)).to(self.device)
@@ -256,13 +256,13 @@ class GrammarTable:
             pops, pushes = j[:, json_pda.POPS], j[:, json_pda.PUSHES]
             moved = pack(moved, depth - pops + pushes, ((stack >> pops) << pushes) | j[:, json_pda.PUSH_BITS])
         # A Lark PDA's row moves by its token's outcome for the top of the row's stack.
-        combo = stack & ((1 << e[:, lark_pda.WIDTH]) - 1)
-        final = e.gather(1, (lark_pda.FINAL + combo)[:, None])[:, 0]
-        pops = (final >> lark_pda.FINAL_POPS_SHIFT) & 63
-        pushes = (final >> lark_pda.FINAL_PUSHES_SHIFT) & 63
-        after = pack(final & (2**lark_pda.FINAL_ROW_BITS - 1), depth - pops + pushes,
-                     ((stack >> pops) << pushes) | (final >> lark_pda.FINAL_PUSHED_SHIFT))
-        valid = ((e[:, lark_pda.VALID] >> combo) & 1) == 1
+        combo = stack & ((1 << e[:, lark_pda_tables.WIDTH]) - 1)
+        final = e.gather(1, (lark_pda_tables.FINAL + combo)[:, None])[:, 0]
+        pops = (final >> lark_pda_tables.FINAL_POPS_SHIFT) & 63
+        pushes = (final >> lark_pda_tables.FINAL_PUSHES_SHIFT) & 63
+        after = pack(final & (2**lark_pda_tables.FINAL_ROW_BITS - 1), depth - pops + pushes,
+                     ((stack >> pops) << pushes) | (final >> lark_pda_tables.FINAL_PUSHED_SHIFT))
+        valid = ((e[:, lark_pda_tables.VALID] >> combo) & 1) == 1
         return torch.where(in_pda, torch.where(valid, after, -1), moved)
 
 
@@ -270,21 +270,21 @@ def _pda_fits(e: torch.Tensor, depth: torch.Tensor, stack: torch.Tensor, may_end
     """Whether Lark PDA effects e [rows, effects, EFFECT_FIELDS] allow their token on each row's stack
     (depth in bits): its combo's bit is set, what the combo's outcome leaves can be finished within
     the stack's bits, and an end token has a stack that may end."""
-    combo = stack & ((1 << e[..., lark_pda.WIDTH]) - 1)
-    final = e[..., lark_pda.FINAL:].gather(-1, combo[..., None])[..., 0]
-    need = ((final >> lark_pda.FINAL_NEED_SHIFT) & 127) - lark_pda.NEED_OFFSET
-    return ((((e[..., lark_pda.VALID] >> combo) & 1) == 1) & (depth + need <= lark_pda.STACK_BITS)
-            & ((e[..., lark_pda.CHECKS_STACK] == 0) | may_end))
+    combo = stack & ((1 << e[..., lark_pda_tables.WIDTH]) - 1)
+    final = e[..., lark_pda_tables.FINAL:].gather(-1, combo[..., None])[..., 0]
+    need = ((final >> lark_pda_tables.FINAL_NEED_SHIFT) & 127) - lark_pda_tables.NEED_OFFSET
+    return ((((e[..., lark_pda_tables.VALID] >> combo) & 1) == 1) & (depth + need <= lark_pda_tables.STACK_BITS)
+            & ((e[..., lark_pda_tables.CHECKS_STACK] == 0) | may_end))
 
 
 def _stack_may_end(meta: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     """Per row: whether every entry of its stack (entries of meta's bits) is a return id whose caller
     may end there (at most meta's accepting ids)."""
     bits = meta & 0xFF
-    shifts = bits[:, None] * torch.arange(lark_pda.STACK_BITS, device=meta.device)
+    shifts = bits[:, None] * torch.arange(lark_pda_tables.STACK_BITS, device=meta.device)
     entries = (stack[:, None] >> shifts.clamp(max=62)) & ((1 << bits[:, None]) - 1)
     accepting = (meta[:, None] >> PDA_IDS_SHIFT) & 0xFF
-    return ((entries <= accepting) | (shifts >= lark_pda.STACK_BITS)).all(dim=1)
+    return ((entries <= accepting) | (shifts >= lark_pda_tables.STACK_BITS)).all(dim=1)
 
 
 def pack(row: torch.Tensor, depth: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,9 @@ and if so the state, pops and pushes it leaves. A context that would need a deep
 allow the token (a limit on tokenization, not on the language: the text stays reachable by shorter
 tokens). The state after a token is the RTN's (machine, state) pair, numbered.
 
-LarkPDA is the host's reading (allowed / advance / complete, what the tests compare with the
-character-level run); its `tables` are what grammar_table.py loads onto the device: an effect id
-per (state, token) and, per distinct effect, one row of EFFECT_FIELDS int64s (a validity bit per
-combo, the combo's width, whether it is an end token, and per combo the row, pops and pushes it
-leaves and the stack bits finishing after it needs, packed as FINAL_* say), so masking a row is a
-few gathers and a bit test per token and advancing it a gather, on the device, inside decode rounds.
+LarkPDA holds the effects and is the host's reading of them (allowed / advance / complete, what
+the tests compare with the character-level run); lark_pda_tables.py writes them as the device's
+tables.
 """
 
 from __future__ import annotations
@@ -27,23 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vibee.runtime.lark_rtn import RTN, START, lark_rtn
+from vibee.runtime.lark_rtn import RTN, START
 from vibee.runtime.token_dfa import NotRegular
 
 COMBO_BITS = 6  # the top entries an effect reads: its combos fit one int64 of validity bits
 MAX_OWN_BITS = 60  # a token's own calls kept in one int64 by the vectorized walk (more: walked one by one)
 DEAD, RETURN = -1, -2  # _char_table's entries that are not a state
-
-# The device's effect rows (PDATables.effects): fields, then one packed outcome per combo.
-VALID, WIDTH, CHECKS_STACK, FINAL = range(4)
-EFFECT_FIELDS = FINAL + (1 << COMBO_BITS)
-STACK_BITS = 41  # a row's stack on the device (grammar_table packs it above the row and depth, below the sign)
-# An outcome as one int64: the row it leaves, the stack bits it pops and pushes, the stack bits
-# above the row's depth that finishing after it needs (+ NEED_OFFSET), the pushed bits.
-FINAL_ROW_BITS, FINAL_POPS_SHIFT, FINAL_PUSHES_SHIFT, FINAL_NEED_SHIFT, FINAL_PUSHED_SHIFT = 15, 15, 21, 27, 34
-NEED_OFFSET = 64  # a need is -COMBO_BITS.. (pops below the start) to 63 (past STACK_BITS: never allowed)
-MAX_PUSHED_BITS = 63 - FINAL_PUSHED_SHIFT
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -99,9 +85,6 @@ class LarkPDA:
         self.accepting_ids = sum(rtn.accepting(*point) for point in order)
         self.returns_to = {r: point for point, r in self.return_ids.items()}
         self.bits = max(1, len(self.return_ids).bit_length())
-        self.finish = self._finish_bits()
-        if self.finish[0] > STACK_BITS:
-            raise NotRegular(f"its shortest sentence needs {self.finish[0]} bits of stack, more than the {STACK_BITS} a row has")
         self.max_looks = COMBO_BITS // self.bits
         if not self.max_looks:  # no token could return below where it starts: no closing bracket
             raise NotRegular(f"the grammar has {len(order)} return points, more than a token's look at the stack "
@@ -119,28 +102,6 @@ class LarkPDA:
                 effect = self._effect(state, tokens[int(order[token])])
                 if effect is not None:
                     self.effects[number, int(order[token])] = effect
-
-    def _finish_bits(self) -> list[int]:
-        """Per state: the fewest stack bits above the row's depth that finishing its machine from
-        there needs at its peak (0 where it may end; a call needs its entry's bits and its callee's
-        own, then the state after it its own). A token is allowed only where what it leaves can be
-        finished within the stack's bits, so no row is left with nothing to write."""
-        rtn, never = self.rtn, 1 << 30
-        finish = {state: 0 if rtn.accepting(*state) else never for state in self.states}
-        changed = True
-        while changed:
-            changed = False
-            for (machine, s), best in finish.items():
-                local, calls = rtn.moves(machine, s)
-                for to in local.values():
-                    best = min(best, finish[(machine, to)])
-                for callee, after in calls.items():
-                    entry = self.bits if (machine, after) in self.return_ids else 0
-                    best = min(best, max(entry + finish[(callee, rtn.initial(callee))], finish[(machine, after)]))
-                if best < finish[(machine, s)]:
-                    finish[(machine, s)] = best
-                    changed = True
-        return [finish[state] for state in self.states]
 
     def _is_tail(self, machine: str, after: int) -> bool:
         local, calls = self.rtn.moves(machine, after)
@@ -329,64 +290,6 @@ class LarkPDA:
             restricted += 1
         return restricted
 
-    # ---- the device's tables ------------------------------------------------------------------
-
-    def tables(self, eos_token_ids: Sequence[int], vocab_size: int) -> PDATables:
-        """The effect id of every (state, token) and the distinct effects, for the device. A state
-        past the RTN's, the sink, is where an end token leads: it allows end tokens only. Outcomes
-        that push more than MAX_PUSHED_BITS are left out (counted in `cut`, as deep looks are)."""
-        b = self.bits
-        sink = len(self.states)
-        effect = np.zeros((sink + 1, vocab_size), dtype=np.int32)
-        rows: list[np.ndarray] = []
-        ids: dict[tuple, int] = {}
-
-        def effect_id(key: tuple, width: int, outcomes: dict[int, tuple[int, int, tuple[int, ...]]], checks: int) -> int:
-            if key not in ids:
-                row = np.zeros(EFFECT_FIELDS, dtype=np.int64)
-                valid = 0
-                for combo, (state, pops, pushes) in outcomes.items():
-                    pushed = 0
-                    for r in pushes:
-                        pushed = (pushed << b) | r
-                    need = min(self._need(state, pops, pushes), 127 - NEED_OFFSET) + NEED_OFFSET
-                    row[FINAL + combo] = (state | pops * b << FINAL_POPS_SHIFT | len(pushes) * b << FINAL_PUSHES_SHIFT
-                                          | need << FINAL_NEED_SHIFT | pushed << FINAL_PUSHED_SHIFT)
-                    valid |= 1 << combo
-                row[VALID] = valid - (1 << 64 if valid >> 63 else 0)  # combo 63 is the sign bit
-                row[WIDTH], row[CHECKS_STACK] = width, checks
-                rows.append(row)
-                ids[key] = len(rows)  # 1..E: 0 is "not allowed"
-            return ids[key]
-
-        for (state, token), e in self.effects.items():
-            outcomes = {combo: (o.state, o.pops, o.pushes) for combo, o in e.outcomes.items()
-                        if len(o.pushes) * b <= MAX_PUSHED_BITS}
-            self.cut += len(outcomes) < len(e.outcomes)
-            if outcomes:
-                key = (e.looks, tuple(sorted(outcomes.items())))
-                effect[state, token] = effect_id(key, e.looks * b, outcomes, 0)
-        # An end token: where the state may end and every return point on the stack may too.
-        end = effect_id(("end",), 0, {0: (sink, 0, ())}, 1)
-        eos = [t for t in eos_token_ids if t < vocab_size]
-        for number, state in enumerate(self.states):
-            if self.rtn.accepting(*state):
-                effect[number, eos] = end
-        effect[sink, eos] = end
-        return PDATables(effect, np.stack(rows), b, self.accepting_ids)
-
-    def _need(self, state: int, pops: int, pushes: tuple[int, ...]) -> int:
-        """The most stack bits above the row's depth before a token that finishing after it needs:
-        the end state's machine at the depth it leaves, then each machine the token's entries return
-        to, each at its entry's height (entries below were checked when they were pushed)."""
-        if state == len(self.states):  # the sink after an end token
-            return 0
-        b, base = self.bits, -pops * self.bits
-        need = base + len(pushes) * b + self.finish[state]
-        for height, r in enumerate(pushes):
-            need = max(need, base + height * b + self.finish[self.number[self.returns_to[r]]])
-        return need
-
     # ---- the host's reading of the tables -----------------------------------------------------
 
     def start(self) -> tuple[int, int, int]:
@@ -422,51 +325,6 @@ class LarkPDA:
         return machine == START
 
 
-@dataclass(frozen=True)
-class PDATables:
-    """A LarkPDA on the device's terms: effect [states, vocab] (int32: 1 + a row of effects, 0 where
-    the token is not allowed), effects [E, EFFECT_FIELDS] (outcomes' rows count from the PDA's state
-    0), entry bits, and the return ids 1..accepting_ids whose callers may end there."""
-
-    effect: np.ndarray
-    effects: np.ndarray
-    bits: int
-    accepting_ids: int
-
-    @property
-    def num_states(self) -> int:
-        return self.effect.shape[0]
-
-
-def compile_lark_pda(text: str, tokens: Sequence[bytes | None], eos_token_ids: Sequence[int],
-                     vocab_size: int, encode: Callable[[str], list[int]] | None = None) -> PDATables:
-    """The device tables of Lark grammar `text` over a vocabulary (tokens[i]: token i's bytes, None
-    for a special token); NotRegular where the grammar has no RTN here, is not LL(1) at the
-    character level, or has a rule that never ends. A token that is not whole UTF-8 text is never
-    allowed. With `encode` (text -> the tokenizer's ids), forced text keeps to its canonical tokens."""
-    if not eos_token_ids:
-        raise NotRegular("the model has no end-of-sequence token")
-    rtn = lark_rtn(text)
-    if rtn is None:
-        raise NotRegular("the grammar has no recursive transition network here (a construct the device can't take)")
-    conflicts = rtn.conflicts()
-    if conflicts:
-        raise NotRegular(f"the grammar is not LL(1) at the character level: {conflicts[0]}")
-    endless = _endless(rtn)
-    if endless:
-        raise NotRegular(f"rule {endless[0]} never ends (every way through it calls it again)")
-    texts: list[str | None] = []
-    for b in tokens:
-        try:
-            texts.append(b.decode("utf-8") if b else None)
-        except UnicodeDecodeError:  # a piece of a character
-            texts.append(None)
-    pda = LarkPDA(rtn, texts)
-    if encode is not None:
-        pda.keep_canonical_forced_text(encode)
-    return pda.tables(eos_token_ids, vocab_size)
-
-
 def _reached(names: set[str], edges: dict[str, set[str]]) -> set[str]:
     """names and every name reached from them along edges."""
     reached, todo = set(names), list(names)
@@ -475,28 +333,3 @@ def _reached(names: set[str], edges: dict[str, set[str]]) -> set[str]:
             reached.add(name)
             todo.append(name)
     return reached
-
-
-def _endless(rtn: RTN) -> list[str]:
-    """The machines that can't reach an accepting state (calls count as moves once their callee can)."""
-    ends: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for name in rtn.names:
-            if name in ends:
-                continue
-            seen, todo = set(), [rtn.initial(name)]
-            while todo:
-                state = todo.pop()
-                if state in seen:
-                    continue
-                seen.add(state)
-                if rtn.accepting(name, state):
-                    ends.add(name)
-                    changed = True
-                    break
-                local, calls = rtn.moves(name, state)
-                todo.extend(local.values())
-                todo.extend(after for callee, after in calls.items() if callee in ends)
-    return [name for name in rtn.names if name not in ends]

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vibee.runtime import lark_pda
+from vibee.runtime import lark_pda_tables
 from vibee.runtime.grammar_table import PDA_IDS_SHIFT, PDA_ROW
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def apply_token_bitmask(logits: torch.Tensor, table: GrammarTable, states: torch
         logits, logits.stride(0), table.bits, table.bits.stride(0), states, width, min(width, table.vocab_size),
         table.effect, table.effect.stride(0), table.effects, table.json_rows,
         table.next, table.next.stride(0), table.pda, table.pda_effects,
-        PDA_ROW=PDA_ROW, PDA_IDS_SHIFT=PDA_IDS_SHIFT, FIELDS=lark_pda.EFFECT_FIELDS, VALID=lark_pda.VALID,
-        WIDTH=lark_pda.WIDTH, CHECKS_STACK=lark_pda.CHECKS_STACK, FINAL=lark_pda.FINAL,
-        NEED_SHIFT=lark_pda.FINAL_NEED_SHIFT, NEED_OFFSET=lark_pda.NEED_OFFSET, STACK_BITS=lark_pda.STACK_BITS,
+        PDA_ROW=PDA_ROW, PDA_IDS_SHIFT=PDA_IDS_SHIFT, FIELDS=lark_pda_tables.EFFECT_FIELDS, VALID=lark_pda_tables.VALID,
+        WIDTH=lark_pda_tables.WIDTH, CHECKS_STACK=lark_pda_tables.CHECKS_STACK, FINAL=lark_pda_tables.FINAL,
+        NEED_SHIFT=lark_pda_tables.FINAL_NEED_SHIFT, NEED_OFFSET=lark_pda_tables.NEED_OFFSET, STACK_BITS=lark_pda_tables.STACK_BITS,
         BLOCK=block, num_warps=4)
