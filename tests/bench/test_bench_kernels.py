@@ -22,8 +22,8 @@ def test_kernels_command_times_each_kernel(tmp_path):
     assert [r["kernel"] for r in rows[:2]] == ["attention prefill (causal, contiguous K/V)",
                                                "attention prefill (causal, paged K/V)"]
     assert [r["kernel"].split(" (")[0] for r in rows[2:]] == ["attention decode", "quantized GEMV", "quantized GEMM",
-                                                              "kv write", "grammar token mask",
-                                                              "grammar token mask"]  # token DFA, JSON mode
+                                                              "kv write", "grammar token mask", "grammar token mask",
+                                                              "grammar token mask"]  # token DFA, JSON mode, Lark PDA
     for r in rows:
         assert r["vibee_us"] > 0 and r["baseline_us"] > 0
         assert r["vibee_rate"] == pytest.approx(r["vibee_rate"])  # finite

@@ -252,7 +252,8 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
         "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, gen.config("kv_cache").block_size, shape_set["kv_write"], torch_dtype, dev)],
         "token_mask": lambda: [kb.bench_token_mask(shape_set["token_mask"], torch_dtype, dev),
-                               kb.bench_json_mask(shape_set["token_mask"], torch_dtype, dev)],
+                               kb.bench_json_mask(shape_set["token_mask"], torch_dtype, dev),
+                               kb.bench_lark_mask(shape_set["token_mask"], torch_dtype, dev)],
     }
     err.print("measuring the device's copy bandwidth and matmul throughput ...", highlight=False)
     ceilings = measure_ceilings(dev, torch_dtype)

@@ -371,3 +371,40 @@ def bench_json_mask(shape: dict, dtype, device) -> Timing:
     moved = logits.numel() * logits.element_size() + b * table.words * 4 + b * v * 2  # + each token's effect id
     return _time_masking("grammar token mask (JSON mode)", "torch bool-row gather + masked_fill_ (no stack)", table,
                          logits, states, rows, tokens_d, allowed_d, moved, device, dtype)
+
+
+def bench_lark_mask(shape: dict, dtype, device) -> Timing:
+    """The same masking and advance for a Lark grammar's pushdown-automaton rows (lark_pda.py):
+    BENCH_LARK_JSON's lists and objects with strings, each allowed token's effect read and tested
+    against the row's stack of return points. The vocabulary is random bytes from JSON's
+    characters and a few letters; each row is brought to its state by 16 tokens sampled under the
+    mask, those that open a list or an object favoured, so that rows hold stacks. Against the torch
+    bool-row gather of the tokens some stack allows."""
+    import numpy as np
+
+    from vibee.bench.throughput import BENCH_LARK_JSON
+    from vibee.runtime.grammar_table import GrammarTable
+    from vibee.runtime.lark_pda_tables import compile_lark_pda
+
+    b, v = shape["batch"], shape["vocab"]
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b'{}[]",:0123456789-. abctrufalsenxyz', dtype=np.uint8)
+    tokens = [bytes(rng.choice(alphabet, size=int(rng.integers(1, 8))).tolist()) for _ in range(v - 1)] + [None]
+    tables = compile_lark_pda(BENCH_LARK_JSON, tokens, [v - 1], v)
+    table = GrammarTable(capacity=tables.num_states + 2, vocab_size=v, device=device)
+    first = table.load(tables)
+    states = torch.full((b,), first, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    opens = torch.tensor([4.0 * (t is not None and t[:1] in (b"[", b"{")) for t in tokens], device=device)
+    for _ in range(16):
+        logits = opens.expand(b, v).clone()
+        table.mask(logits, states)
+        logits[:, v - 1] = float("-inf")  # no end token: the rows stay inside the grammar
+        states = table.advance(states, torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0])
+    logits = torch.randn(b, v, dtype=dtype, device=device)
+    tokens_d = torch.from_numpy(rng.integers(0, v, b)).to(device)
+    allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), tables.effect > 0])).to(device)
+    rows = (states & 0xFFFF) - first + 1
+    moved = logits.numel() * logits.element_size() + b * table.words * 4 + b * v * 2  # + each token's effect id
+    return _time_masking("grammar token mask (Lark PDA)", "torch bool-row gather + masked_fill_ (no stack)", table,
+                         logits, states, rows, tokens_d, allowed_d, moved, device, dtype)
