@@ -229,6 +229,7 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
     from rich.console import Console
 
     from vibee.bench import kernels as kb
+    from vibee.bench import mask_kernels as mk
     from vibee.bench.ceilings import measure_ceilings
     from vibee.runtime.engine import TORCH_DTYPES
     from vibee.runtime.generated import load_generated
@@ -251,9 +252,9 @@ def kernels(device, dtype, shapes, only, spec_dir, result_dir):
         "gemv": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemv"], torch_dtype, dev, "quantized GEMV"),
         "gemm": lambda: kb.bench_quant_linear(gen.quantization, shape_set["gemm"], torch_dtype, dev, "quantized GEMM"),
         "kv_write": lambda: [kb.bench_kv_write(gen.kv_cache, gen.config("kv_cache").block_size, shape_set["kv_write"], torch_dtype, dev)],
-        "token_mask": lambda: [kb.bench_token_mask(shape_set["token_mask"], torch_dtype, dev),
-                               kb.bench_json_mask(shape_set["token_mask"], torch_dtype, dev),
-                               kb.bench_lark_mask(shape_set["token_mask"], torch_dtype, dev)],
+        "token_mask": lambda: [mk.bench_token_mask(shape_set["token_mask"], torch_dtype, dev),
+                               mk.bench_json_mask(shape_set["token_mask"], torch_dtype, dev),
+                               mk.bench_lark_mask(shape_set["token_mask"], torch_dtype, dev)],
     }
     err.print("measuring the device's copy bandwidth and matmul throughput ...", highlight=False)
     ceilings = measure_ceilings(dev, torch_dtype)

@@ -200,7 +200,7 @@ def bench_decode(fa, shape: dict, dtype, device) -> Timing:
     kv_bytes = 2 * b * n * hkv * d * k.element_size()
     # Decode reads the KV once: memory-bound, so the ceiling is the copy bandwidth.
     return Timing("attention decode (paged)", f"B{b} H{h}/{hkv} KV{n} D{d} page{PAGE_SIZE}", "TB/s", kv_bytes,
-                  ours, "torch SDPA (contiguous KV)", base, *_copy_ceiling(device, dtype))
+                  ours, "torch SDPA (contiguous KV)", base, *copy_ceiling(device, dtype))
 
 
 def torch_int4_linear(weight: torch.Tensor, group_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -247,7 +247,7 @@ def bench_quant_linear(quant, shape: dict, dtype, device, name: str) -> list[Tim
                               time_call([lambda f=f: f(x) for f in int4], device)))
     label, shape_name = f"{name} (int{quant.BITS}, group {quant.GROUP_SIZE})", f"{m}x{k} @ {k}x{n}"
     if m <= 16:  # memory-bound: rate is the packed weight (+ scales) read
-        return [Timing(label, shape_name, "TB/s", packed, ours, base, seconds, *_copy_ceiling(device, dtype))
+        return [Timing(label, shape_name, "TB/s", packed, ours, base, seconds, *copy_ceiling(device, dtype))
                 for base, seconds in baselines]
     dense = measure_ceilings(device, dtype)
     matmul = (dense.matmul_tflop_s, f"{dense.dtype} matmul, this run")
@@ -274,52 +274,10 @@ def bench_kv_write(kv, block_size: int, shape: dict, dtype, device) -> Timing:
     base = time_call(torch_write, device)
     moved = 2 * (k.numel() * k.element_size() + k.numel() * flat_k.element_size())  # K and V: read + written
     return Timing(f"kv write ({str(cache.storage_dtype).split('.')[-1]} pages)", f"T{t} Hkv{hkv} D{d}", "TB/s", moved,
-                  ours, "torch index_copy_", base, *_copy_ceiling(device, dtype))
+                  ours, "torch index_copy_", base, *copy_ceiling(device, dtype))
 
 
-def bench_token_mask(shape: dict, dtype, device) -> Timing:
-    """A decode step's grammar masking (token_dfa.py), every row constrained: each row's state's
-    bitmask read and the logits it forbids set to -inf, then the states advanced by the drawn
-    tokens; against the plain torch way (each state's allowed tokens as a bool row, gathered and
-    masked_fill'ed). The states allow about half the vocabulary each."""
-    import numpy as np
-
-    from vibee.runtime.grammar_table import GrammarTable
-    from vibee.runtime.token_dfa import TokenDFA
-
-    b, v, n = shape["batch"], shape["vocab"], 63
-    rng = np.random.default_rng(0)
-    allowed = rng.random((n, v)) < 0.5
-    dfa = TokenDFA(np.where(allowed, rng.integers(0, n, (n, v)), -1).astype(np.int32), np.zeros(n, dtype=bool))
-    table = GrammarTable(capacity=n + 1, vocab_size=v, device=device)
-    first = table.load(dfa)
-    states = torch.from_numpy(first + rng.integers(0, n, b)).to(device)
-    logits = torch.randn(b, v, dtype=dtype, device=device)
-    tokens = torch.from_numpy(rng.integers(0, v, b)).to(device)
-    allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), allowed])).to(device)
-    moved = logits.numel() * logits.element_size() + b * table.words * 4  # the logits once, and the bitmasks
-    return _time_masking("grammar token mask (token DFA)", "torch bool-row gather + masked_fill_", table, logits,
-                         states, states, tokens, allowed_d, moved, device, dtype)
-
-
-def _time_masking(label: str, baseline: str, table, logits: torch.Tensor, states: torch.Tensor, rows: torch.Tensor,
-                  tokens: torch.Tensor, allowed: torch.Tensor, moved: int, device: str, dtype) -> Timing:
-    """The grammar table's mask and advance of `states` by `tokens`, against the torch bool-row
-    gather and masked_fill_ of the same table `rows` (allowed: a bool row per table row)."""
-
-    def ours():
-        table.mask(logits, states)
-        table.advance(states, tokens)
-
-    def torch_mask():
-        logits.masked_fill_(~allowed[rows], float("-inf"))
-        table.next[rows, tokens]
-
-    return Timing(label, f"B{logits.shape[0]} V{logits.shape[1]}", "TB/s", moved, time_call(ours, device), baseline,
-                  time_call(torch_mask, device), *_copy_ceiling(device, dtype))
-
-
-def _copy_ceiling(device: str, dtype) -> tuple[float, str]:
+def copy_ceiling(device: str, dtype) -> tuple[float, str]:
     return measure_ceilings(device, dtype).copy_tb_s, "copy, this run"
 
 
@@ -340,71 +298,3 @@ def plot_kernels(rows: list[dict[str, Any]], path, title: str):
     ax.set_ylabel("fraction of the ceiling measured in this run")
     ax.legend()
     return save(fig, path, title)
-
-
-def bench_json_mask(shape: dict, dtype, device) -> Timing:
-    """The same masking and advance for JSON mode's rows (json_pda.py): each row in a state of the
-    automaton with a stack of open containers, so every token's stack effect is checked against
-    the row's stack too. The vocabulary is random bytes from JSON's structural characters and a
-    few letters (its effects are those a real one has); against the torch bool-row gather of the
-    DFA part alone."""
-    import numpy as np
-
-    from vibee.runtime.grammar_table import GrammarTable, pack
-    from vibee.runtime.json_pda import compile_json_pda
-
-    b, v = shape["batch"], shape["vocab"]
-    rng = np.random.default_rng(0)
-    alphabet = np.frombuffer(b'{}[]",:0123456789-.eEtrufalsn abcxyz\\', dtype=np.uint8)
-    tokens = [bytes(rng.choice(alphabet, size=int(rng.integers(1, 8))).tolist()) for _ in range(v - 1)] + [None]
-    pda = compile_json_pda(tokens, [v - 1], v)
-    table = GrammarTable(capacity=GrammarTable.JSON_ROWS + 2, vocab_size=v, device=device, json_mode=True)
-    first = table.load(pda)
-    depth = rng.integers(1, 12, b)
-    stack = np.array([int(rng.integers(0, 2**int(d))) for d in depth])
-    states = pack(torch.from_numpy(first + rng.integers(0, pda.num_states - 1, b)), torch.from_numpy(depth),
-                  torch.from_numpy(stack)).to(device)
-    logits = torch.randn(b, v, dtype=dtype, device=device)
-    tokens_d = torch.from_numpy(rng.integers(0, v, b)).to(device)
-    allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), pda.next >= 0])).to(device)
-    rows = (states & 0xFFFF) - first + 1
-    moved = logits.numel() * logits.element_size() + b * table.words * 4 + b * v * 2  # + each token's effect id
-    return _time_masking("grammar token mask (JSON mode)", "torch bool-row gather + masked_fill_ (no stack)", table,
-                         logits, states, rows, tokens_d, allowed_d, moved, device, dtype)
-
-
-def bench_lark_mask(shape: dict, dtype, device) -> Timing:
-    """The same masking and advance for a Lark grammar's pushdown-automaton rows (lark_pda.py):
-    BENCH_LARK_JSON's lists and objects with strings, each allowed token's effect read and tested
-    against the row's stack of return points. The vocabulary is random bytes from JSON's
-    characters and a few letters; each row is brought to its state by 16 tokens sampled under the
-    mask, those that open a list or an object favoured, so that rows hold stacks. Against the torch
-    bool-row gather of the tokens some stack allows."""
-    import numpy as np
-
-    from vibee.bench.throughput import BENCH_LARK_JSON
-    from vibee.runtime.grammar_table import GrammarTable
-    from vibee.runtime.lark_pda_tables import compile_lark_pda
-
-    b, v = shape["batch"], shape["vocab"]
-    rng = np.random.default_rng(0)
-    alphabet = np.frombuffer(b'{}[]",:0123456789-. abctrufalsenxyz', dtype=np.uint8)
-    tokens = [bytes(rng.choice(alphabet, size=int(rng.integers(1, 8))).tolist()) for _ in range(v - 1)] + [None]
-    tables = compile_lark_pda(BENCH_LARK_JSON, tokens, [v - 1], v)
-    table = GrammarTable(capacity=tables.num_states + 2, vocab_size=v, device=device)
-    first = table.load(tables)
-    states = torch.full((b,), first, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    opens = torch.tensor([4.0 * (t is not None and t[:1] in (b"[", b"{")) for t in tokens], device=device)
-    for _ in range(16):
-        logits = opens.expand(b, v).clone()
-        table.mask(logits, states)
-        logits[:, v - 1] = float("-inf")  # no end token: the rows stay inside the grammar
-        states = table.advance(states, torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0])
-    logits = torch.randn(b, v, dtype=dtype, device=device)
-    tokens_d = torch.from_numpy(rng.integers(0, v, b)).to(device)
-    allowed_d = torch.from_numpy(np.concatenate([np.ones((1, v), dtype=bool), tables.effect > 0])).to(device)
-    rows = (states & 0xFFFF) - first + 1
-    moved = logits.numel() * logits.element_size() + b * table.words * 4 + b * v * 2  # + each token's effect id
-    return _time_masking("grammar token mask (Lark PDA)", "torch bool-row gather + masked_fill_ (no stack)", table,
-                         logits, states, rows, tokens_d, allowed_d, moved, device, dtype)

@@ -218,7 +218,8 @@ class GrammarTable:
             return
         row, depth, stack = unpack(states)
         cols = min(width, self.vocab_size)
-        allowed = self.next[row, :cols] >= 0
+        moves = self.next[row, :cols]  # next rows, or a Lark PDA's effect ids
+        allowed = moves >= 0
         if self.json_rows:
             # Which of the few effects each row's stack allows, then each token's by its effect id.
             fits = json_pda.effect_allows(self.effects[None], depth[:, None], stack[:, None])  # [rows, effects]
@@ -230,7 +231,7 @@ class GrammarTable:
             loaded = max(at + n for at, n in self._pda_loaded.values())
             fits = _pda_fits(self.pda_effects[None, :loaded].expand(len(row), -1, -1), depth[:, None], stack[:, None],
                              _stack_may_end(meta, stack)[:, None])  # [rows, effects]
-            ids = torch.where(in_pda[:, None], self.next[row, :cols].long(), 0).clamp(min=0)
+            ids = torch.where(in_pda[:, None], moves.long(), 0).clamp(min=0)
             allowed &= fits.gather(1, ids) | ~in_pda[:, None]
         logits[:, :cols].masked_fill_(~allowed, float("-inf"))
         if width > self.vocab_size:
