@@ -75,6 +75,12 @@ OTHER_VALUE = {
         "sharding": {"o_proj": "replicated"},
         "gather_output": [],
     },
+    "decoder": {
+        "rms_norm_warps": [{"num_warps": 2}],
+        "silu_mul_block": 256,
+        "one_token_gemv": False,
+        "gemv_tiles": [{"block_n": 16, "block_k": 256}],
+    },
 }
 
 

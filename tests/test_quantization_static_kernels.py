@@ -69,15 +69,15 @@ def test_launcher_runs_the_kernels_with_the_default_tiles(rows: int, dtype: torc
 @pytest.mark.parametrize("in_features", [256, 200], ids=["even", "ragged"])
 def test_the_gemv_takes_silu_gate_times_up_as_it_loads_x(dtype: torch.dtype, in_features: int):
     """silu_mul: one row [gate | up] in, the product with silu(gate) * up out, the same to the bit
-    as the runtime's silu_mul kernel then the GEMV (a one-token step's down projection, one kernel)."""
-    from vibee.runtime import fused
+    as the decoder spec's silu_mul kernel then the GEMV (a one-token step's down projection, one kernel)."""
+    from tests.runtime.hf_models import generated
 
     qw, _ = int4_weight(24, in_features, 8, dtype)
     gate_up = (torch.randn(1, 2 * in_features, generator=torch.Generator().manual_seed(3)) * 3).to(dtype)
     gemv = launch.KernelConfig("gemv", 1, 16, 64, split_k=2)
     fused_y = launch._launch(gate_up, qw, launch._format(qw), None, gemv, None, silu_mul=True)
     gate, up = gate_up.chunk(2, dim=-1)
-    two_kernels = launch._launch(fused.triton_silu_mul(gate, up), qw, launch._format(qw), None, gemv, None)
+    two_kernels = launch._launch(generated().decoder.triton_silu_mul(gate, up), qw, launch._format(qw), None, gemv, None)
     assert torch.equal(fused_y, two_kernels) and not torch.equal(fused_y, launch._launch(gate, qw, launch._format(qw), None, gemv, None))
     with pytest.raises(ValueError, match="silu_mul and rope are the gemv kernel's"):
         launch._launch(gate_up, qw, launch._format(qw), None, launch.KernelConfig("mm", 16, 16, 64), None, silu_mul=True)
@@ -90,13 +90,13 @@ def test_the_gemv_takes_silu_gate_times_up_as_it_loads_x(dtype: torch.dtype, in_
 @pytest.mark.parametrize("width", [200, 20000], ids=["one-pass", "two-pass"])
 def test_fp8_rows_of_gate_up_are_those_of_the_runtimes_silu_mul(dtype: torch.dtype, width: int):
     """The fp8 down projection's rows: silu(gate) * up rounded to fp8 in one kernel, the same to the
-    bit as the runtime's silu_mul kernel and then fp8_rows."""
+    bit as the decoder spec's silu_mul kernel and then fp8_rows."""
+    from tests.runtime.hf_models import generated
     from vibee.kinds.quantization.fp8_kernels import fp8_rows
-    from vibee.runtime import fused
 
     gate_up = (torch.randn(2, 2 * width, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
     q, s = fp8_rows(gate_up, silu_mul=True)
-    want_q, want_s = fp8_rows(fused.triton_silu_mul(*gate_up.chunk(2, dim=-1)))
+    want_q, want_s = fp8_rows(generated().decoder.triton_silu_mul(*gate_up.chunk(2, dim=-1)))
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 

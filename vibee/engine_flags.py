@@ -24,7 +24,7 @@ ENGINE_OPTIONS = [
                  help="A local Hugging Face model directory or a .gguf file (default: the built-in models/vibee-tiny)."),
     click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
                  help="Run a well-known model's shape with random weights and no tokenizer (measurements, load tests)."),
-    click.option("--spec-dir", type=_DIR, default=None, help="Directory of the six .vibee specs (default: specs/tri)."),
+    click.option("--spec-dir", type=_DIR, default=None, help="Directory of the .vibee specs, one per kind (default: specs/tri)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                  show_default=True, help="auto: float32 on a CPU, bfloat16 on a GPU."),

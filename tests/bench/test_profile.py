@@ -143,14 +143,15 @@ def test_a_prefill_step_counts_its_prompts_tokens_and_causal_pairs():
 def test_counted_scopes_put_everything_back():
     run = _tiny()
     model = run["model"]
-    originals = {name: getattr(fused, name) for name in ("linear", "silu_mul_linear", "rms_norm", "apply_rope_qk", "silu_mul")}
+    owners = {"linear": model.ops, "silu_mul_linear": model.ops, "rms_norm": model.ops, "silu_mul": model.ops, "apply_rope_qk": fused}
+    originals = {name: getattr(owner, name) for name, owner in owners.items()}
     backend = model.attention
     from vibee.bench.profile_scopes import Tally
 
     with counted_scopes(model, Tally()):
-        assert fused.linear is not originals["linear"] and model.attention is not backend
-        assert any(m._forward_pre_hooks for m in model.modules())
-    assert {name: getattr(fused, name) for name in originals} == originals
+        assert model.ops.linear is not originals["linear"] and fused.apply_rope_qk is not originals["apply_rope_qk"]
+        assert model.attention is not backend and any(m._forward_pre_hooks for m in model.modules())
+    assert {name: getattr(owner, name) for name, owner in owners.items()} == originals
     assert model.attention is backend
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 

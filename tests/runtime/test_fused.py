@@ -1,12 +1,14 @@
-"""The fused decoder ops (vibee/runtime/fused.py): each Triton launcher against its torch fallback.
+"""RoPE's kernel (vibee/runtime/fused.py) against its torch path, and the model's ops together: the
+decoder spec's (add + RMSNorm, SiLU * up, the GEMV; their own tests are output/tests/test_igla_decoder.py)
+and RoPE's, on the CPU path and on the kernels.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, in
 float32 and float16 (the interpreter's conversion to bf16 does not round to nearest even); the
 dispatchers keep CPU tensors on the torch path, so these tests call the `triton_*` launchers
 directly. GPU-marked tests run the dispatchers in bf16 at Llama-3.2-1B sizes on CUDA tensors.
 
-What may differ between a kernel and its fallback: the order of the float32 sum of squares and the
-last bit of sqrt/cos/sin/exp, so a rounded result can land one step of its dtype away."""
+What may differ between a kernel and its torch path: the last bit of cos/sin, so a rounded result
+can land one step of its dtype away."""
 
 from __future__ import annotations
 
@@ -58,15 +60,19 @@ def randn(*shape, dtype, device="cpu", seed=0, scale=1.0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_dispatch_is_the_torch_path(dtype):
+    """On a CPU the model's ops are transformers' expressions, whatever the decoder spec's target."""
+    from tests.runtime.hf_models import generated
+
+    ops = generated().decoder
     x, r, w = (randn(5, 64, dtype=dtype, seed=s) for s in range(3))
     w = w[0]
-    out, h = fused.rms_norm(x, w, 1e-6)
+    out, h = ops.rms_norm(x, w, 1e-6)
     assert h is x
     x32 = x.float()
     want = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)  # the old RMSNorm
     assert torch.equal(out, want)
-    out, h = fused.rms_norm(x, w, 1e-6, residual=r)
-    assert torch.equal(h, x + r) and torch.equal(out, fused.torch_rms_norm(x + r, w, 1e-6)[0])
+    out, h = ops.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(h, x + r) and torch.equal(out, ops.rms_norm(x + r, w, 1e-6)[0])
 
     q, k = randn(3, 4, 16, dtype=dtype, seed=4), randn(3, 2, 16, dtype=dtype, seed=5)
     pos, freq = torch.tensor([0, 5, 9]), inv_freq(16)
@@ -76,44 +82,16 @@ def test_cpu_dispatch_is_the_torch_path(dtype):
     assert all(torch.equal(a, b) for a, b in zip(got, fused.apply_rope_qk(q, k, pos, freq, 1.25, (cos, sin))))
 
     gate, up = randn(3, 40, dtype=dtype, seed=6), randn(3, 40, dtype=dtype, seed=7)
-    assert torch.equal(fused.silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+    assert torch.equal(ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
 
     x, w, b = randn(1, 40, dtype=dtype, seed=8), randn(24, 40, dtype=dtype, seed=9), randn(24, dtype=dtype, seed=10)
-    assert torch.equal(fused.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.equal(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
     gate_up = torch.cat([gate, up], dim=-1)[:1]
-    assert torch.equal(fused.silu_mul_linear(gate_up, w, b),
-                       torch.nn.functional.linear(fused.silu_mul(gate[:1], up[:1]), w, b))
+    assert torch.equal(ops.silu_mul_linear(gate_up, w, b),
+                       torch.nn.functional.linear(ops.silu_mul(gate[:1], up[:1]), w, b))
 
 
 # ---- the launchers (interpreter on CPU, or compiled on a GPU) -------------------------------
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("rows,features", [(1, 64), (7, 384), (13, 64)])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_triton_rms_norm(dtype, rows, features, with_residual):
-    x = randn(rows, features, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=3.0)
-    w = randn(features, dtype=dtype, device=KERNEL_DEVICE, seed=2)
-    residual = randn(rows, features, dtype=dtype, device=KERNEL_DEVICE, seed=3) if with_residual else None
-    out, h = fused.triton_rms_norm(x, w, 1e-5, residual)
-    want_out, want_h = fused.torch_rms_norm(x, w, 1e-5, residual)
-    assert out.dtype == want_out.dtype and out.shape == want_out.shape
-    assert torch.equal(h, want_h)  # the add rounds exactly as torch's
-    torch.testing.assert_close(out, want_out, **tolerances(dtype))
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-def test_triton_rms_norm_strided_and_3d(dtype):
-    x = strided(randn(5, 2, 64, dtype=dtype, device=KERNEL_DEVICE, seed=1).transpose(0, 1).contiguous())
-    residual = strided(randn(2, 5, 64, dtype=dtype, device=KERNEL_DEVICE, seed=2))
-    w = randn(64, dtype=dtype, device=KERNEL_DEVICE, seed=3)
-    out, h = fused.triton_rms_norm(x, w, 1e-6, residual)
-    want_out, want_h = fused.torch_rms_norm(x, w, 1e-6, residual)
-    assert out.shape == x.shape and h.shape == x.shape
-    assert torch.equal(h, want_h)
-    torch.testing.assert_close(out, want_out, **tolerances(dtype))
 
 
 @needs_kernels
@@ -198,63 +176,6 @@ def test_kv_write_is_checked_and_only_on_a_gpu():
             fused.triton_apply_rope_qk(q, k, torch.arange(t), inv_freq(d), 1.0, write)
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 64), (7, 384), (3, 1500)])
-def test_triton_silu_mul(dtype, shape):
-    gate = randn(*shape, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=4.0)
-    up = randn(*shape, dtype=dtype, device=KERNEL_DEVICE, seed=2)
-    got = fused.triton_silu_mul(gate, up)
-    want = fused.torch_silu_mul(gate, up)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    torch.testing.assert_close(got, want, **tolerances(dtype))
-
-
-def gemv_tolerances(dtype: torch.dtype, k: int) -> dict:
-    """A float32 sum of k products in another order, then the output's rounding."""
-    if dtype == torch.float32:
-        return {"rtol": 1e-5, "atol": 1e-5 * k ** 0.5}
-    return {"rtol": 2 * torch.finfo(dtype).eps, "atol": 2 * torch.finfo(dtype).eps}
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("k,n", [(512, 5), (1024, 37), (600, 9)])  # 600: a masked last tile
-@pytest.mark.parametrize("bias", [False, True])
-def test_triton_gemv(dtype, k, n, bias):
-    x = randn(1, k, dtype=dtype, device=KERNEL_DEVICE, seed=1)
-    w = randn(n, k, dtype=dtype, device=KERNEL_DEVICE, seed=2, scale=0.05)
-    b = randn(n, dtype=dtype, device=KERNEL_DEVICE, seed=3) if bias else None
-    got = fused.triton_gemv(x, w, b)
-    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
-    assert got.shape == (1, n) and got.dtype == dtype
-    torch.testing.assert_close(got, want, **gemv_tolerances(dtype, k))
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("k", [512, 600])
-def test_triton_gemv_takes_silu_mul_of_its_input(dtype, k):
-    gate_up = randn(1, 2 * k, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=3.0)
-    w = randn(7, k, dtype=dtype, device=KERNEL_DEVICE, seed=2, scale=0.05)
-    got = fused.triton_gemv(gate_up, w, silu_mul_input=True)
-    a = fused.torch_silu_mul(gate_up[:, :k], gate_up[:, k:])  # rounded to the dtype, as the kernel rounds it
-    want = torch.nn.functional.linear(a.float(), w.float()).to(dtype)
-    torch.testing.assert_close(got, want, **gemv_tolerances(dtype, k))
-    # Without the silu (plain GEMV of the gate half) the result is far off: the flag is honoured.
-    assert not torch.allclose(fused.triton_gemv(gate_up[:, :k].contiguous(), w), got, rtol=0.05, atol=0.05)
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-def test_triton_silu_mul_reads_the_halves_of_gate_up_in_place(dtype):
-    gate_up = randn(5, 2 * 300, dtype=dtype, device=KERNEL_DEVICE, seed=1, scale=4.0)
-    gate, up = gate_up.chunk(2, dim=-1)  # row stride 600: column slices, not contiguous
-    assert not gate.is_contiguous()
-    got = fused.triton_silu_mul(gate, up)
-    torch.testing.assert_close(got, fused.torch_silu_mul(gate, up), **tolerances(dtype))
-
-
 def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_gate_up_whole():
     """The MLP hands gate_up to a down projection that takes silu(gate) * up into its own kernel
     (the Triton target's QuantLinear at one row); when it declines (None), silu_mul runs first."""
@@ -262,6 +183,7 @@ def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_
 
     import torch.nn as nn
 
+    from tests.runtime.hf_models import generated
     from vibee.runtime.model import MLP
 
     class Down(nn.Module):
@@ -277,7 +199,8 @@ def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_
             self.seen.append(("after silu_mul", x.shape[-1]))
             return x[..., :3]
 
-    mlp = MLP(SimpleNamespace(hidden_size=3, intermediate_size=4, mlp_bias=False), torch.float32)
+    ops = generated().decoder
+    mlp = MLP(SimpleNamespace(hidden_size=3, intermediate_size=4, mlp_bias=False), torch.float32, ops)
     mlp.gate_up_proj = nn.Linear(3, 8, bias=False)
     x = torch.randn(1, 3)
     gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
@@ -288,13 +211,13 @@ def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_
             assert mlp.down_proj.seen == [("fused", 8)] and torch.equal(y, torch.full((1, 3), 7.0))
         else:
             assert mlp.down_proj.seen == [("fused", 8), ("after silu_mul", 4)]
-            assert torch.equal(y, fused.silu_mul(gate, up)[..., :3])
+            assert torch.equal(y, ops.silu_mul(gate, up)[..., :3])
 
 
 @needs_kernels
 def test_model_with_kernels_matches_torch_path(monkeypatch):
-    """A tiny Llama run through the Triton launchers (every fused op dispatched to them) gives the
-    torch path's output, float32."""
+    """A tiny Llama run through the Triton launchers (RoPE and the decoder spec's ops dispatched to
+    them) gives the torch path's output, float32."""
     from tests.runtime.hf_models import generated, make_model
     from vibee.runtime.attention import make_attention_batch
     from vibee.runtime.loader import load_model_dir
@@ -309,9 +232,11 @@ def test_model_with_kernels_matches_torch_path(monkeypatch):
     ids = torch.randint(0, 300, (11,), generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
     positions = torch.arange(11, device=KERNEL_DEVICE)
     with torch.no_grad():
-        monkeypatch.setattr(fused, "_use_triton", lambda x: False)
+        for owner in (fused, model.ops):
+            monkeypatch.setattr(owner, "_use_triton", lambda x: False)
         want = model(ids, positions, make_attention_batch([11], [11], None, 16, device=KERNEL_DEVICE), None)
-        monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+        for owner in (fused, model.ops):
+            monkeypatch.setattr(owner, "_use_triton", lambda x: True)
         got = model(ids, positions, make_attention_batch([11], [11], None, 16, device=KERNEL_DEVICE), None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -330,20 +255,6 @@ def llama3_inv_freq() -> torch.Tensor:
                           rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     return rope_inv_freq(cfg)[0]
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("tokens", [1, 7, 256])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_gpu_rms_norm_bf16(tokens, with_residual):
-    x = randn(tokens, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=1, scale=2.0)
-    w = randn(HIDDEN, dtype=torch.bfloat16, device="cuda", seed=2)
-    residual = randn(tokens, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=3) if with_residual else None
-    out, h = fused.rms_norm(x, w, 1e-5, residual)
-    want_out, want_h = fused.torch_rms_norm(x, w, 1e-5, residual)
-    assert torch.equal(h, want_h)
-    torch.testing.assert_close(out, want_out, **BF16)
 
 
 @pytest.mark.gpu
@@ -388,41 +299,11 @@ def test_gpu_rope_qk_stores_kv_bf16(page_dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("tokens", [1, 7, 256])
-def test_gpu_silu_mul_bf16(tokens):
-    gate = randn(tokens, INNER, dtype=torch.bfloat16, device="cuda", seed=1, scale=4.0)
-    up = randn(tokens, INNER, dtype=torch.bfloat16, device="cuda", seed=2)
-    torch.testing.assert_close(fused.silu_mul(gate, up), fused.torch_silu_mul(gate, up), **BF16)
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("k,n", [(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), (HIDDEN, 2 * INNER), (HIDDEN, 128256)])
-def test_gpu_linear_one_token_bf16(k, n):
-    """fused.linear of one token takes the GEMV (bf16, Llama-3.2-1B projections and lm_head)."""
-    x = randn(1, k, dtype=torch.bfloat16, device="cuda", seed=1)
-    w = randn(n, k, dtype=torch.bfloat16, device="cuda", seed=2, scale=0.02)
-    assert fused._gemv_applies(x, w)
-    want = torch.nn.functional.linear(x.float(), w.float())
-    got = fused.linear(x, w)
-    torch.testing.assert_close(got.float(), want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_silu_mul_linear_one_token_bf16():
-    gate_up = randn(1, 2 * INNER, dtype=torch.bfloat16, device="cuda", seed=1, scale=3.0)
-    w = randn(HIDDEN, INNER, dtype=torch.bfloat16, device="cuda", seed=2, scale=0.02)
-    a = fused.torch_silu_mul(gate_up[:, :INNER], gate_up[:, INNER:])
-    want = torch.nn.functional.linear(a.float(), w.float())
-    got = fused.silu_mul_linear(gate_up, w)
-    torch.testing.assert_close(got.float(), want, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
-
-
-@pytest.mark.gpu
-@needs_gpu
 def test_gpu_kernels_capture_in_a_cuda_graph():
-    """The three kernels replay from a CUDA graph with the results of a direct call."""
+    """RoPE's and the decoder spec's kernels replay from a CUDA graph with the results of a direct call."""
+    from tests.runtime.hf_models import generated
+
+    ops = generated().decoder
     x = randn(1, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=1)
     r = randn(1, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=2)
     w = randn(HIDDEN, dtype=torch.bfloat16, device="cuda", seed=3)
@@ -430,9 +311,13 @@ def test_gpu_kernels_capture_in_a_cuda_graph():
     k = randn(1, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=5)
     gate, up = randn(1, INNER, dtype=torch.bfloat16, device="cuda", seed=6), randn(1, INNER, dtype=torch.bfloat16, device="cuda", seed=7)
     pos, freq = torch.tensor([1234], device="cuda"), llama3_inv_freq().cuda()
+    gate_up = torch.cat([gate, up], -1)
+    w_up = randn(INNER, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=8, scale=0.02)
+    w_down = randn(HIDDEN, INNER, dtype=torch.bfloat16, device="cuda", seed=9, scale=0.02)
 
     def step():
-        return (*fused.rms_norm(x, w, 1e-5, r), *fused.apply_rope_qk(q, k, pos, freq, 1.0), fused.silu_mul(gate, up))
+        return (*ops.rms_norm(x, w, 1e-5, r), *fused.apply_rope_qk(q, k, pos, freq, 1.0), ops.silu_mul(gate, up),
+                ops.linear(x, w_up), ops.silu_mul_linear(gate_up, w_down))
 
     direct = step()
     torch.cuda.synchronize()

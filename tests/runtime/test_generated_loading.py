@@ -120,3 +120,13 @@ def test_group_size_flag_sets_the_quantized_groups():
     assert load_generated(knobs=int8).quantization.GROUP_SIZE == 64
     # without --quant nothing is quantized: the flag is refused rather than ignored
     assert any("--group-size" in p for p in EngineConfig(knobs={"quantization": {"group_size": 64}}).unbuilt_features())
+
+
+def test_a_spec_dir_without_a_kind_says_which_and_where_its_shipped_spec_is(tmp_path):
+    for path in DEFAULT_SPEC_DIR.glob("*.vibee"):
+        if path.stem != "igla_decoder":
+            shutil.copy(path, tmp_path / path.name)
+    with pytest.raises(SpecError) as err:
+        load_generated(tmp_path)
+    shown = str(err.value)
+    assert "no spec of kind decoder" in shown and "copy specs/tri/igla_decoder.vibee there" in shown, shown

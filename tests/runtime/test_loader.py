@@ -259,7 +259,8 @@ def test_tokenizer_files(broken):
 def test_load_weights_checks_names_and_shapes(llama_dir):
     loaded = load(llama_dir[0])
     tensors = dict(loaded.weights)
-    model = LlamaForCausalLM(loaded.config, build_model(loaded, generated()).attention)
+    built = build_model(loaded, generated())
+    model = LlamaForCausalLM(loaded.config, built.attention, built.ops)
     bad = {**tensors, "model.norm.weight": torch.ones(3)}
     with pytest.raises(LoadError, match=r"tensor model.norm.weight has shape \[3\], the config needs \[64\]"):
         model.load_weights(bad)

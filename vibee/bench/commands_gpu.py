@@ -39,7 +39,7 @@ from vibee.kinds.quantization.config import METHOD_NAMES
               help="Shard the model over N ranks, one process each (launched here, or by torchrun), every rank "
                    "running the same steps; the figures are rank 0's, its limit from its shard's bytes.")
 @click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Directory of the six .vibee specs (default: specs/tri).")
+              help="Directory of the .vibee specs, one per kind (default: specs/tri).")
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 def latency(shape, model, device, dtype, batch_size, prompt_len, decode_steps, warmup_steps, quant, flash_attn,

@@ -23,7 +23,7 @@ TOP_KERNELS = 15
 @click.option("--shape", type=click.Choice(["llama-3.2-1b", "llama-3.1-8b"]), default=None,
               help="A well-known model's shape with random weights (no files); default: --model.")
 @click.option("--model", type=_DIR, default=None, help="A local Hugging Face model directory (default: the built-in models/vibee-tiny).")
-@click.option("--spec-dir", type=_DIR, default=None, help="Directory of the six .vibee specs (default: specs/tri).")
+@click.option("--spec-dir", type=_DIR, default=None, help="Directory of the .vibee specs, one per kind (default: specs/tri).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--quant", type=click.Choice(QUANTS), default="none", show_default=True)

@@ -66,10 +66,9 @@ def build_rank_model(params: dict[str, Any], ranks: Any = None, *, progress: boo
     dtype_name = config.resolve_dtype(dev)
     dtype = TORCH_DTYPES[dtype_name]
     gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
-    fa = gen.flash_attention if p["flash_attn"] else gen.flash_attention_reference
     if p["shape"] is not None:
         model_config = shape_config(p["shape"])
-        model = random_model(model_config, fa, dtype=dtype, device=dev, fuse_kv_store=gen.configs.kv_cache.fuse_kv_store)
+        model = random_model(model_config, gen, flash_attn=p["flash_attn"], dtype=dtype, device=dev)
         name, tokenizer = f"{p['shape']} (random weights)", SyntheticTokenizer(model_config.vocab_size)
     else:
         loaded = load_model_dir(config.model_dir, dtype=dtype, device=dev, progress=progress)

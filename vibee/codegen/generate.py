@@ -111,7 +111,7 @@ def plan(specs: list[Spec], out_dir: Path) -> list[GeneratedFile]:
 
 
 # _checked's findings by (spec, rendered text, template): parsing the three files a spec renders
-# takes about 0.2 s, and each engine a process builds (a test's, the server's) plans all six specs.
+# takes about 0.2 s, and each engine a process builds (a test's, the server's) plans all the specs.
 _CHECKED: dict[tuple[str, str, str, str], list[Diagnostic]] = {}
 
 

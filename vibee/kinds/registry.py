@@ -52,6 +52,7 @@ KINDS: dict[str, Kind] = {
         Kind("speculative_decode", "SpeculativeDecodeConfig"),
         Kind("continuous_batch", "ContinuousBatchConfig"),
         Kind("tensor_parallel", "TensorParallelConfig"),
+        Kind("decoder", "DecoderConfig", has_kernels=True),
     )
 }
 KIND_NAMES = tuple(KINDS)

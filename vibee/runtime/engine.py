@@ -405,7 +405,7 @@ class LLMEngine:
         return applied_quantization(self.quant_stats, self.gen.quantization, self.quant_method, self.quant_source)
 
     def info(self) -> dict[str, Any]:
-        """The six optimizations as the specs and flags resolved them, plus the model."""
+        """The optimizations as the specs and flags resolved them, plus the model."""
         return engine_info(self)
 
     def stats(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """What the engine reports about itself: running totals and a recent window of steps (EngineStats,
-fed once a step, passed on to observers), the live figures `stats` serves, and `info`: the six
+fed once a step, passed on to observers), the live figures `stats` serves, and `info`: the
 optimizations as the specs and flags resolved them, plus the model."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def applied_quantization(quant_stats, quantization, method: str | None, source: 
 
 
 def engine_info(engine: LLMEngine) -> dict[str, Any]:
-    """The six optimizations as the specs and flags resolved them, plus the model."""
+    """The optimizations as the specs and flags resolved them, plus the model."""
     e = engine
     cfg = {kind: e.gen.config(kind).model_dump(mode="json") for kind in e.gen.specs}
     mc = e.model_config
@@ -111,6 +111,8 @@ def engine_info(engine: LLMEngine) -> dict[str, Any]:
         "tensor_parallel": ({"enabled": True, **cfg["tensor_parallel"], **e.ranks.describe(),
                              "num_kv_heads_per_rank": e.num_kv_heads}
                             if e.ranks is not None else {"enabled": False, **cfg["tensor_parallel"]}),
+        # The decoder layer's own kernels (add + RMSNorm, SiLU * up, the one-token GEMV): on a GPU with the triton target.
+        "decoder": {"kernels": bool(e.gen.decoder.KERNELS) and str(e.device).startswith("cuda"), **cfg["decoder"]},
     }
 
 

@@ -27,6 +27,8 @@ from vibee.ir.load import load_specs
 from vibee.ir.spec import KindConfig, Spec
 from vibee.kinds.continuous_batch.config import ContinuousBatchConfig
 from vibee.kinds.continuous_batch.interface import ContinuousBatchModule
+from vibee.kinds.decoder.config import DecoderConfig
+from vibee.kinds.decoder.interface import DecoderModule
 from vibee.kinds.flash_attention.config import FlashAttentionConfig
 from vibee.kinds.flash_attention.interface import AttentionFunctions, FlashAttentionModule
 from vibee.kinds.kv_cache.config import KVCacheConfig
@@ -56,6 +58,7 @@ class KindConfigs:
     speculative_decode: SpeculativeDecodeConfig
     continuous_batch: ContinuousBatchConfig
     tensor_parallel: TensorParallelConfig
+    decoder: DecoderConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class GeneratedModules:
     speculative_decode: SpeculativeDecodeModule
     continuous_batch: ContinuousBatchModule
     tensor_parallel: TensorParallelModule
+    decoder: DecoderModule
     configs: KindConfigs
     specs: dict[str, Spec]  # what each kind's module was generated from
     sources: dict[str, Path]  # the directory each kind's module was imported from
@@ -126,7 +130,7 @@ def _validated(spec: Spec, settings: dict[str, Any]) -> KindConfig:
 
 def load_generated(spec_dir: str | Path | None = None, knobs: KnobSettings | None = None,
                    target: str | None = None) -> GeneratedModules:
-    """Load the six specs of `spec_dir` (default specs/tri), apply the knob settings ({kind:
+    """Load the seven specs of `spec_dir` (default specs/tri), apply the knob settings ({kind:
     {config field: value}}), and import what they generate for `target` (default: each spec's
     `language:`). Raises SpecError for the specs, KnobError for a rejected setting."""
     spec_dir = Path(spec_dir) if spec_dir is not None else DEFAULT_SPEC_DIR
@@ -137,7 +141,9 @@ def load_generated(spec_dir: str | Path | None = None, knobs: KnobSettings | Non
     by_kind = {spec.kind: spec for spec in specs}
     missing = [k for k in KIND_NAMES if k not in by_kind]
     if missing:
-        raise SpecError([Diagnostic(f"{spec_dir}: no spec of kind {', '.join(missing)} (the server needs all six)", None)])
+        shipped = ", ".join(f"specs/tri/igla_{k}.vibee" for k in missing)
+        raise SpecError([Diagnostic(f"{spec_dir}: no spec of kind {', '.join(missing)} (the server needs one of each kind)", None,
+                                    f"copy {shipped} there and edit it")])
     unknown = [f"{kind}.{f}" for kind, values in (knobs or {}).items() for f in values
                if kind not in by_kind or f not in type(by_kind[kind].config).model_fields]
     if unknown:

@@ -18,6 +18,7 @@ from torch import nn
 
 from vibee.runtime import fused
 from vibee.runtime.attention import AttentionBackend, AttentionBatch
+from vibee.kinds.decoder.interface import DecoderModule
 from vibee.kinds.flash_attention.interface import AttentionFunctions
 from vibee.runtime.model_config import LoadError, ModelConfig
 from vibee.runtime.rope import RopeInputs, Rotary
@@ -30,15 +31,15 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: Any):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: Any, ops: DecoderModule):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
-        self.eps = eps
+        self.eps, self.ops = eps, ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised h, h) with h = x + residual (x when residual is None): the residual add
         fused into the norm (one kernel on CUDA)."""
-        return fused.rms_norm(x, self.weight, self.eps, residual)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
@@ -46,11 +47,11 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=bias, device="meta", dtype=dtype)
 
 
-def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); an unquantized layer goes through fused.linear (a one-token step on CUDA takes
-    its GEMV). A plain nn.Linear, not a subclass: the quantizer swaps exact nn.Linear layers."""
+def _project(ops: DecoderModule, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); an unquantized layer goes through the decoder spec's linear (a one-token step on
+    CUDA takes its GEMV). A plain nn.Linear, not a subclass: the quantizer swaps exact nn.Linear layers."""
     if type(layer) is nn.Linear:
-        return fused.linear(x, layer.weight, layer.bias)
+        return ops.linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
@@ -61,10 +62,11 @@ MERGED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_a
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, ops: DecoderModule):
         super().__init__()
         h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, h, kv, d
+        self.ops = ops
         self.split_sizes = (h * d, kv * d, kv * d)
         # q_proj, k_proj and v_proj of the checkpoint, stacked: one GEMV instead of three.
         self.qkv_proj = _linear(config.hidden_size, (h + 2 * kv) * d, config.attention_bias, dtype)
@@ -82,7 +84,7 @@ class Attention(nn.Module):
         qkv = self._rotated_by_projection(x, rope, pages) if pages is not None and t == 1 else None
         # Column slices of the [T, q + 2 kv] output (row stride q + 2 kv): RoPE writes new
         # contiguous q and k, the KV cache write and attention read v through its strides.
-        q, k, v = (qkv if qkv is not None else _project(self.qkv_proj, x)).split(self.split_sizes, dim=-1)
+        q, k, v = (qkv if qkv is not None else _project(self.ops, self.qkv_proj, x)).split(self.split_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -91,7 +93,7 @@ class Attention(nn.Module):
             q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
                                        kv_write=kv_write)
         out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=pages is not None)
-        return _project(self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
+        return _project(self.ops, self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
 
     def _rotated_by_projection(self, x: torch.Tensor, rope: "RopeInputs", pages: tuple) -> torch.Tensor | None:
         """The QKV row of one token with q and k rotated and k, v stored in `pages` by the projection
@@ -106,17 +108,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, ops: DecoderModule):
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.ops = ops
         # gate_proj and up_proj of the checkpoint, stacked: one GEMV instead of two.
         self.gate_up_proj = _linear(hidden, 2 * inner, bias, dtype)
         self.down_proj = _linear(inner, hidden, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = _project(self.gate_up_proj, x)
+        gate_up = _project(self.ops, self.gate_up_proj, x)
         if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
-            return fused.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
+            return self.ops.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
         # Quantized layers that take silu * up themselves: the int GEMV's one row, fp8's rounding of its rows.
         silu_mul_forward = getattr(self.down_proj, "silu_mul_forward", None)
         y = silu_mul_forward(gate_up) if silu_mul_forward is not None else None
@@ -124,16 +127,16 @@ class MLP(nn.Module):
             return y
         # The halves are column slices of gate_up; the Triton silu_mul reads them in place.
         gate, up = gate_up.chunk(2, dim=-1)
-        return _project(self.down_proj, fused.silu_mul(gate, up))
+        return _project(self.ops, self.down_proj, self.ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, ops: DecoderModule):
         super().__init__()
-        self.self_attn = Attention(config, layer, dtype)
-        self.mlp = MLP(config, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
+        self.self_attn = Attention(config, layer, dtype, ops)
+        self.mlp = MLP(config, dtype, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta", ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta", ops)
 
     def forward(self, x, residual, rope, backend, batch, kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embeddings for layer 0, residual None), residual:
@@ -146,11 +149,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, ops: DecoderModule):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta", dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta")
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, ops) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, "meta", ops)
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -186,15 +189,17 @@ class LlamaForCausalLM(nn.Module):
     norm; compute_logits(hidden rows) -> float32 logits. Parameters are uninitialised until
     load_weights (the model is only ever run with a checkpoint's weights)."""
 
-    def __init__(self, config: ModelConfig, attention: AttentionBackend, dtype: torch.dtype = torch.float32,
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, ops: DecoderModule, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", replace_linear: Callable[[str, nn.Linear], nn.Module | None] | None = None):
-        """replace_linear(name, layer): a module to take the (meta) linear layer's place, or None
+        """ops: the generated decoder module (add + RMSNorm, SiLU * up, the linear layers' GEMV).
+        replace_linear(name, layer): a module to take the (meta) linear layer's place, or None
         to keep it; called before any storage exists (a pre-quantized checkpoint's layers)."""
         super().__init__()
         self.config = config
         self.attention = attention
+        self.ops = ops
         self.dtype = dtype
-        self.model = DecoderModel(config, dtype)
+        self.model = DecoderModel(config, dtype, ops)
         self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
         for name, module in list(self.named_modules()) if replace_linear is not None else ():
             replacement = replace_linear(name, module) if type(module) is nn.Linear else None
@@ -265,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _project(self.lm_head, hidden).float()
+        return _project(self.ops, self.lm_head, hidden).float()
 
 
 def _split_merged_name(name: str) -> tuple[str, str | None, str]:
@@ -299,7 +304,7 @@ def build_model(loaded: Any, gen: GeneratedModules, *, flash_attn: bool = True) 
         from vibee.runtime.prequantized import Prequantized
 
         pre = Prequantized(loaded.quantization, loaded.quantized_layers, gen.quantization)
-    model = LlamaForCausalLM(config, backend, dtype=loaded.dtype, device=loaded.device,
+    model = LlamaForCausalLM(config, backend, gen.decoder, dtype=loaded.dtype, device=loaded.device,
                              replace_linear=None if pre is None else pre.replace_linear)
     model.load_weights(loaded.weights, other=None if pre is None else pre.take)
     if pre is not None:

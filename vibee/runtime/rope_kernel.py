@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older Triton or none
     libdevice = None
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = triton is not None
 
 
 class KVWrite(NamedTuple):

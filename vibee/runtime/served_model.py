@@ -47,9 +47,7 @@ def load_served_model(config: EngineConfig, gen: GeneratedModules, *, dtype: tor
     if config.shape is not None:  # random weights of a known shape; its tokenizer only spells ids
         model_config = shape_config(config.shape)
         tokenizer = SyntheticTokenizer(model_config.vocab_size)
-        fa = gen.flash_attention if config.flash_attn else gen.flash_attention_reference
-        model = random_model(model_config, fa, dtype=dtype, device=device, seed=config.seed,
-                             fuse_kv_store=gen.configs.kv_cache.fuse_kv_store)
+        model = random_model(model_config, gen, flash_attn=config.flash_attn, dtype=dtype, device=device, seed=config.seed)
     else:
         loaded = load_model_dir(config.model_dir, dtype=dtype, device=device, progress=progress)
         model_config, tokenizer = loaded.config, loaded.tokenizer

@@ -3,13 +3,16 @@ tests of the server) need a model's shape, not its weights or its tokenizer."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vibee.runtime.attention import AttentionBackend
 from vibee.runtime.model import LlamaForCausalLM
 from vibee.runtime.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from vibee.runtime.generated import GeneratedModules
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -28,13 +31,14 @@ def shape_config(shape: str) -> ModelConfig:
                        max_position_embeddings=131072, **SHAPES[shape])
 
 
-def random_model(config: ModelConfig, fa, *, dtype: torch.dtype, device: str, seed: int = 0,
-                 fuse_kv_store: bool = True) -> LlamaForCausalLM:
-    """The model with random weights (std 0.02, norms 1): speed does not depend on the values.
-    fuse_kv_store: the kv_cache spec's knob (AttentionBackend.pages_to_write)."""
+def random_model(config: ModelConfig, gen: GeneratedModules, *, flash_attn: bool = True, dtype: torch.dtype, device: str,
+                 seed: int = 0) -> LlamaForCausalLM:
+    """The model with random weights (std 0.02, norms 1) over the generated modules (the attention's
+    reference for flash_attn=False): speed does not depend on the values."""
+    fa = gen.flash_attention if flash_attn else gen.flash_attention_reference
     backend = AttentionBackend(fa, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                               fuse_kv_store=fuse_kv_store)
-    model = LlamaForCausalLM(config, backend, dtype=dtype, device=device)
+                               fuse_kv_store=gen.configs.kv_cache.fuse_kv_store)
+    model = LlamaForCausalLM(config, backend, gen.decoder, dtype=dtype, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):

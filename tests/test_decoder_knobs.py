@@ -1,0 +1,106 @@
+"""The decoder spec drives its module: each knob (rms_norm_warps, silu_mul_block, one_token_gemv,
+gemv_tiles) reaches the launches the generated module makes, the generated suite passes on the
+edited spec, and it fails when the module was generated without the edit (a generator that ignored
+the knob). Bad tables are located spec errors."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from vibee.frontend.errors import SpecError
+
+# Every knob of the shipped spec set to something else, as spec text.
+EDITS = {
+    "rms_norm_warps": "rms_norm_warps:\n    - {max_width: 128, num_warps: 2}\n    - {num_warps: 16}",
+    "silu_mul_block": "silu_mul_block: 64",
+    "one_token_gemv": "one_token_gemv: false",
+    "gemv_tiles": "gemv_tiles:\n    - {max_n: 100, block_n: 2, block_k: 64, num_warps: 1, num_stages: 1}\n    - {block_n: 16, block_k: 128, num_warps: 2, num_stages: 2}",
+}
+# The generated test that sees each knob.
+WATCHED_BY = {
+    "rms_norm_warps": "test_each_norm_launch_takes_the_specs_warps",
+    "silu_mul_block": "test_silu_mul_launches_take_the_specs_block",
+    "one_token_gemv": "test_one_token_steps_take_the_gemv_as_the_spec_says",
+    "gemv_tiles": "test_each_gemv_launch_takes_the_specs_tile",
+}
+
+
+def edited(text: str, knob: str) -> str:
+    """The spec with the knob's whole entry (a scalar line, or a key and its `- ` rows) replaced."""
+    changed, count = re.subn(rf"^  {knob}:.*\n(    - .*\n)*", "  " + EDITS[knob] + "\n", text, count=1, flags=re.M)
+    assert count == 1, knob
+    return changed
+
+
+class Spy:
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+
+
+def test_every_knob_has_an_edit_and_a_watching_test():
+    from vibee.kinds.decoder.config import DecoderConfig
+
+    assert set(EDITS) == set(WATCHED_BY) == set(DecoderConfig.model_fields)
+
+
+def test_edited_knobs_reach_the_launches_and_the_suite_passes(spec_text, gen_from_text, monkeypatch):
+    text = spec_text("decoder")
+    for knob in EDITS:
+        text = edited(text, knob)
+    gen = gen_from_text(text, name="igla_decoder")
+    impl = gen.impl
+    spies = {name: Spy() for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_gemv_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(impl, name, spy)
+    monkeypatch.setattr(impl, "_use_triton", lambda x: True)
+    meta = dict(device="meta", dtype=torch.float16)
+    for width in (128, 129):
+        impl.rms_norm(torch.empty(2, width, **meta), torch.empty(width, **meta), 1e-5)
+    impl.silu_mul(torch.empty(2, 200, **meta), torch.empty(2, 200, **meta))
+    impl.linear(torch.empty(1, 256, **meta), torch.empty(64, 256, **meta))  # one token: F.linear, no GEMV launch
+    impl.triton_gemv(torch.empty(1, 256, **meta), torch.empty(64, 256, **meta))
+    impl.triton_gemv(torch.empty(1, 256, **meta), torch.empty(101, 256, **meta))
+    assert [kw["num_warps"] for _, kw in spies["_rms_norm_kernel"].launches] == [2, 16]
+    assert [(grid, kw["BLOCK"]) for grid, kw in spies["_silu_mul_kernel"].launches] == [((2, 4), 64)]
+    assert [(grid, kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]) for grid, kw in spies["_gemv_kernel"].launches] == \
+        [((32,), 2, 64, 1, 1), ((7,), 16, 128, 2, 2)]
+    assert gen.run_tests() == 0
+
+
+@pytest.mark.parametrize("knob", list(EDITS))
+def test_the_generated_suite_fails_when_the_module_ignores_the_knob(spec_text, gen_from_text, knob):
+    """The edited spec's tests run against the module the shipped spec generates, as if the
+    generator had not read the knob: the test that watches it fails."""
+    shipped = gen_from_text(spec_text("decoder"), name="igla_decoder")
+    changed = gen_from_text(edited(spec_text("decoder"), knob), name="igla_decoder")
+    module = "vibee_gen/igla_decoder.py"
+    shutil.copy(shipped.out / module, changed.out / module)
+    assert changed.run_tests("-k", WATCHED_BY[knob]) != 0
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("gemv_tiles:\n    - {max_n: 4096, block_n: 4}", "the last row of gemv_tiles must cover every product"),
+    ("gemv_tiles:\n    - {block_n: 4}\n    - {block_n: 8}", "gemv_tiles[1] is never used: gemv_tiles[0] takes every product"),
+    ("gemv_tiles:\n    - {max_n: 64, min_k: 64, block_n: 4}\n    - {max_n: 32, min_k: 128, block_n: 4}\n    - {block_n: 8}",
+     "gemv_tiles[1] is never used"),
+    ("gemv_tiles:\n    - {block_n: 3}", "block_n must be a power of two"),
+    ("gemv_tiles:\n    - {block_n: 128, block_k: 4096}", "partial sums a program"),
+    ("rms_norm_warps:\n    - {num_warps: 4}\n    - {max_width: 64, num_warps: 1}", "rms_norm_warps[1:] are never used"),
+    ("rms_norm_warps:\n    - {max_width: 64, num_warps: 1}", "the last row of rms_norm_warps must cover every width"),
+    ("silu_mul_block: 1000", "silu_mul_block must be a power of two"),
+    ("one_token_gemv: 1", "one_token_gemv"),
+])
+def test_bad_tables_are_located_spec_errors(spec_text, gen_from_text, setting, message):
+    knob = setting.split(":")[0]
+    text = re.sub(rf"^  {knob}:.*\n(    - .*\n)*", "  " + setting + "\n", spec_text("decoder"), count=1, flags=re.M)
+    with pytest.raises(SpecError) as err:
+        gen_from_text(text, name="igla_decoder")
+    shown = str(err.value)
+    assert message in shown and "igla_decoder.vibee:" in shown, shown

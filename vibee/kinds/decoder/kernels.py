@@ -1,0 +1,81 @@
+"""The decoder kind's Triton kernels: add + RMSNorm, SiLU * up, and the one-token GEMV of 16-bit
+weights (optionally taking silu(gate) * up as its input).
+
+Static code: no spec changes it. The decoder's triton template copies it (from the marker below on)
+into the generated module after quantization/silu_mul.py; the spec's tables pick the constexprs and
+warps of each launch.
+
+The kernels keep the torch expressions' rounding order: float32 math, rounded to the input dtype
+where torch rounds (after the residual add, after the normalisation before the weight, silu before
+the multiply). What can differ is the order of the float32 sums and the last bit of rsqrt and exp.
+"""
+
+import triton
+import triton.language as tl
+
+from vibee.kinds.quantization.silu_mul import _silu_times_up
+
+# ---- copied into generated modules from here ----
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, n_cols, x_stride, res_stride, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: h = x + residual (rounded as torch's add), out = w * normalised(h)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + row * n_cols + cols, h, mask=mask)
+    else:
+        h = x
+    h32 = h.to(tl.float32)
+    mean_sq = tl.sum(h32 * h32, axis=0) / n_cols
+    normed = (h32 * tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, BLOCK: tl.constexpr):
+    """Grid (rows, column blocks); gate and up rows may be strided (the halves of gate_up)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(gate_ptr + row * gate_stride + cols, mask=mask, other=0.0)
+    u = tl.load(up_ptr + row * up_stride + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * n_cols + cols, _silu_times_up(g, u), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows, a = x, or with SILU_MUL
+    a = silu(x[:K]) * x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K]
+    float32 partial sums, added up after the loop."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        if EVEN:
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :])
+            a = tl.load(x_ptr + k)
+            if SILU_MUL:
+                a = _silu_times_up(a, tl.load(x_ptr + K + k))
+        else:
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
+            a = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            if SILU_MUL:
+                a = _silu_times_up(a, tl.load(x_ptr + K + k, mask=k < K, other=0.0))
+        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
