@@ -1,5 +1,5 @@
-"""The decoder spec drives its module: each knob (rms_norm_warps, silu_mul_block, one_token_gemv,
-gemv_tiles) reaches the launches the generated module makes, the generated suite passes on the
+"""The decoder spec drives its module: each knob (rms_norm_warps, rope_warps, silu_mul_block,
+one_token_gemv, gemv_tiles) reaches the launches the generated module makes, the generated suite passes on the
 edited spec, and it fails when the module was generated without the edit (a generator that ignored
 the knob). Bad tables are located spec errors."""
 
@@ -16,6 +16,7 @@ from vibee.frontend.errors import SpecError
 # Every knob of the shipped spec set to something else, as spec text.
 EDITS = {
     "rms_norm_warps": "rms_norm_warps:\n    - {max_width: 128, num_warps: 2}\n    - {num_warps: 16}",
+    "rope_warps": "rope_warps:\n    - {min_pairs: 64, num_warps: 8}\n    - {num_warps: 2}",
     "silu_mul_block": "silu_mul_block: 64",
     "one_token_gemv": "one_token_gemv: false",
     "gemv_tiles": "gemv_tiles:\n    - {max_n: 100, block_n: 2, block_k: 64, num_warps: 1, num_stages: 1}\n    - {block_n: 16, block_k: 128, num_warps: 2, num_stages: 2}",
@@ -23,6 +24,7 @@ EDITS = {
 # The generated test that sees each knob.
 WATCHED_BY = {
     "rms_norm_warps": "test_each_norm_launch_takes_the_specs_warps",
+    "rope_warps": "test_each_rope_launch_takes_the_specs_warps",
     "silu_mul_block": "test_silu_mul_launches_take_the_specs_block",
     "one_token_gemv": "test_one_token_steps_take_the_gemv_as_the_spec_says",
     "gemv_tiles": "test_each_gemv_launch_takes_the_specs_tile",
@@ -56,7 +58,7 @@ def test_edited_knobs_reach_the_launches_and_the_suite_passes(spec_text, gen_fro
         text = edited(text, knob)
     gen = gen_from_text(text, name="igla_decoder")
     impl = gen.impl
-    spies = {name: Spy() for name in ("_rms_norm_kernel", "_silu_mul_kernel", "_gemv_kernel")}
+    spies = {name: Spy() for name in ("_rms_norm_kernel", "_rope_qk_kernel", "_silu_mul_kernel", "_gemv_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(impl, name, spy)
     monkeypatch.setattr(impl, "_use_triton", lambda x: True)
@@ -64,11 +66,15 @@ def test_edited_knobs_reach_the_launches_and_the_suite_passes(spec_text, gen_fro
     for width in (128, 129):
         impl.rms_norm(torch.empty(2, width, **meta), torch.empty(width, **meta), 1e-5)
     impl.silu_mul(torch.empty(2, 200, **meta), torch.empty(2, 200, **meta))
+    for heads in (4, 2):  # 64 and 32 rotation pairs of q a token (head_dim 32)
+        impl.apply_rope_qk(torch.empty(3, heads, 32, **meta), torch.empty(3, 1, 32, **meta),
+                           torch.empty(3, dtype=torch.int64, device="meta"), torch.empty(16, device="meta"), 1.0)
     impl.linear(torch.empty(1, 256, **meta), torch.empty(64, 256, **meta))  # one token: F.linear, no GEMV launch
     impl.triton_gemv(torch.empty(1, 256, **meta), torch.empty(64, 256, **meta))
     impl.triton_gemv(torch.empty(1, 256, **meta), torch.empty(101, 256, **meta))
     assert [kw["num_warps"] for _, kw in spies["_rms_norm_kernel"].launches] == [2, 16]
     assert [(grid, kw["BLOCK"]) for grid, kw in spies["_silu_mul_kernel"].launches] == [((2, 4), 64)]
+    assert [(grid, kw["num_warps"]) for grid, kw in spies["_rope_qk_kernel"].launches] == [((3,), 8), ((3,), 2)]
     assert [(grid, kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]) for grid, kw in spies["_gemv_kernel"].launches] == \
         [((32,), 2, 64, 1, 1), ((7,), 16, 128, 2, 2)]
     assert gen.run_tests() == 0
@@ -95,6 +101,9 @@ def test_the_generated_suite_fails_when_the_module_ignores_the_knob(spec_text, g
     ("rms_norm_warps:\n    - {num_warps: 4}\n    - {max_width: 64, num_warps: 1}", "rms_norm_warps[1:] are never used"),
     ("rms_norm_warps:\n    - {max_width: 64, num_warps: 1}", "the last row of rms_norm_warps must cover every width"),
     ("silu_mul_block: 1000", "silu_mul_block must be a power of two"),
+    ("rope_warps:\n    - {min_pairs: 64, num_warps: 4}\n    - {min_pairs: 128, num_warps: 2}\n    - {num_warps: 1}",
+     "rope_warps[1] is never used"),
+    ("rope_warps:\n    - {min_pairs: 64, num_warps: 4}", "the last row of rope_warps must cover every step"),
     ("one_token_gemv: 1", "one_token_gemv"),
 ])
 def test_bad_tables_are_located_spec_errors(spec_text, gen_from_text, setting, message):

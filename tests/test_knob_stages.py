@@ -77,6 +77,7 @@ OTHER_VALUE = {
     },
     "decoder": {
         "rms_norm_warps": [{"num_warps": 2}],
+        "rope_warps": [{"num_warps": 2}],
         "silu_mul_block": 256,
         "one_token_gemv": False,
         "gemv_tiles": [{"block_n": 16, "block_k": 256}],

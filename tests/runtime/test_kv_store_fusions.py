@@ -1,10 +1,11 @@
-"""Where a layer's new K/V reach the paged cache on a GPU: from RoPE's kernel (fused.KVWrite), or,
+"""Where a layer's new K/V reach the paged cache on a GPU: from RoPE's kernel (the decoder module's
+KVWrite), or,
 for one token through a quantized QKV projection, from the projection's GEMV, which rotates q and k
 too (QuantLinear.rope_forward). Either way the cache's own write and, for the GEMV, RoPE's kernel are
 not launched; the logits and the pages are the torch path's.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: the tests send the model's
-fused ops (and the quantized layers) to them as a GPU would."""
+decoder ops (and the quantized layers) to them as a GPU would."""
 
 from __future__ import annotations
 
@@ -16,14 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vibee.runtime import fused
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
-APPLY_ROPE_QK = fused.apply_rope_qk
-needs_kernels = pytest.mark.skipif(
-    not fused.HAVE_TRITON or (not INTERPRETED and not torch.cuda.is_available()),
-    reason="needs Triton with a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+needs_kernels = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
+                                   reason="needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
 
 
 def tiny_model(quantize: bool, gen=None):
@@ -44,20 +41,28 @@ def tiny_model(quantize: bool, gen=None):
 
 
 def run_steps(model, monkeypatch, kernels: bool):
-    """A prompt of 11 tokens then two decode steps on a fresh paged cache, the fused ops on their
+    """A prompt of 11 tokens then two decode steps on a fresh paged cache, the decoder ops on their
     kernels or not; returns each step's logits, the cache, the layers the cache's write was called
     for and the token counts RoPE's kernel or torch path ran on."""
     from tests.runtime.hf_models import generated
     from vibee.runtime.attention import make_attention_batch
 
-    monkeypatch.setattr(fused, "_use_triton", lambda x: kernels)
+    ops = model.ops
+    monkeypatch.setattr(ops, "_use_triton", lambda x: kernels)
     cfg, kv = model.config, generated().kv_cache
     cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32, block_size=4,
                             device=DEVICE)
     writes, ropes = [], []
     real_write = cache.write
     cache.write = lambda *a: (writes.append(a[0]), real_write(*a))
-    monkeypatch.setattr(fused, "apply_rope_qk", lambda q, *a, **kw: (ropes.append(q.shape[0]), APPLY_ROPE_QK(q, *a, **kw))[1])
+    apply_rope_qk = getattr(ops.apply_rope_qk, "__wrapped__", ops.apply_rope_qk)  # the module's own, not an earlier run's counter
+
+    def counted(q, *args, **kwargs):
+        ropes.append(q.shape[0])
+        return apply_rope_qk(q, *args, **kwargs)
+
+    counted.__wrapped__ = apply_rope_qk
+    monkeypatch.setattr(ops, "apply_rope_qk", counted)
     ids = torch.randint(0, 300, (13,), generator=torch.Generator().manual_seed(0)).tolist()
     logits, table = [], [5, 2, 7, 0]
     for q_len, seq_len in ((11, 11), (1, 12), (1, 13)):
@@ -108,7 +113,6 @@ def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
     """int8 pages (a scale per block and head), steps without a cache and the kv_cache spec's
     fuse_kv_store off keep the cache's write."""
     from vibee.runtime.attention import AttentionBackend, make_attention_batch
-    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
     batch = make_attention_batch([1], [3], [[0]], 4)
     k = torch.zeros(1, 2, 8)
     plain = SimpleNamespace(data=torch.zeros(2, 4, 2, 8))
@@ -120,8 +124,6 @@ def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):
     assert backend.pages_to_write(0, batch, cache(scaled), k) is None
     assert backend.pages_to_write(0, batch, None, k) is None
     assert unfused.pages_to_write(0, batch, cache(plain), k) is None
-    monkeypatch.setattr(fused, "_use_triton", lambda x: False)
-    assert backend.pages_to_write(0, batch, cache(plain), k) is None
 
 
 @needs_kernels

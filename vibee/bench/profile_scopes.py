@@ -1,5 +1,5 @@
 """`vibee profile`'s scopes: the model's work in named profiler ranges, each counting the least it
-must do. counted_scopes swaps the decoder ops (the generated decoder module's, and fused.py's RoPE) for counting
+must do. counted_scopes swaps the decoder ops (the generated decoder module's) for counting
 ones, hooks the quantized layers and the embedding, and wraps the attention call; each scope
 adds the bytes it has to move at the least (weights once, activations in and out, the KV it
 reads and writes) and its FLOPs to a Tally. Scopes are named by module path with the layer index
@@ -104,11 +104,9 @@ class _CountedAttention:
 @contextmanager
 def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
     """While open: the model's work runs in named profiler scopes and is counted into `tally`.
-    The decoder module's ops and RoPE are swapped for counting ones (their weight names the layer),
+    The decoder module's ops are swapped for counting ones (their weight names the layer),
     the quantized layers and the embedding get hooks, and the attention backend a counting wrapper;
     all is put back on exit."""
-    from vibee.runtime import fused
-
     ops = model.ops
 
     names = {}  # a weight's storage -> the folded path of the module that owns it
@@ -164,8 +162,7 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
 
     wrappers = {"linear": linear, "silu_mul_linear": silu_mul_linear, "rms_norm": rms_norm,
                 "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul}
-    owners = {name: fused if name == "apply_rope_qk" else ops for name in wrappers}
-    originals = {name: getattr(owners[name], name) for name in wrappers}
+    originals = {name: getattr(ops, name) for name in wrappers}
     paths = {module: fold_layer(path) for path, module in model.named_modules()}
     handles = []
 
@@ -215,12 +212,12 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
     backend = model.attention
     try:
         for name, fn in wrappers.items():
-            setattr(owners[name], name, fn)
+            setattr(ops, name, fn)
         model.attention = _CountedAttention(backend, tally)
         yield
     finally:
         for name, fn in originals.items():
-            setattr(owners[name], name, fn)
+            setattr(ops, name, fn)
         model.attention = backend
         for h in handles:
             h.remove()

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from vibee.kinds.flash_attention.interface import AttentionFunctions
-from vibee.runtime import fused
 from vibee.runtime.host_copy import to_device
 
 
@@ -138,13 +137,12 @@ class AttentionBackend:
         self.fuse_kv_store = fuse_kv_store
 
     def pages_to_write(self, layer: int, batch: AttentionBatch, kv_cache: Any, k: torch.Tensor) -> tuple | None:
-        """(k pages, v pages, slots) that the step's K/V may be stored into by RoPE's kernel
-        (fused.KVWrite): pages without scales (16-bit, fp8) on k's device, a batch with slots,
-        where RoPE runs its kernel (a GPU), with the kv_cache spec's fuse_kv_store on. None where
-        the cache's own write must run (no cache, int8 pages with their scales, the torch path,
-        fuse_kv_store off)."""
-        if (not self.fuse_kv_store or kv_cache is None or batch.block_tables is None or batch.slot_mapping is None
-                or not fused._use_triton(k)):
+        """(k pages, v pages, slots) that the step's K/V may be stored into by RoPE's kernel (the
+        decoder module's KVWrite; the model asks only where its ops run kernels): pages without
+        scales (16-bit, fp8) on k's device, a batch with slots, with the kv_cache spec's
+        fuse_kv_store on. None where the cache's own write must run (no cache, int8 pages with
+        their scales, fuse_kv_store off)."""
+        if not self.fuse_kv_store or kv_cache is None or batch.block_tables is None or batch.slot_mapping is None:
             return None
         k_pages, v_pages = kv_cache.k_pages[layer], kv_cache.v_pages[layer]
         if getattr(k_pages, "scale", None) is not None or k_pages.data.device != k.device:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from vibee.runtime import fused
 from vibee.runtime.attention import AttentionBackend, AttentionBatch
 from vibee.kinds.decoder.interface import DecoderModule
 from vibee.kinds.flash_attention.interface import AttentionFunctions
@@ -80,7 +79,7 @@ class Attention(nn.Module):
         # On a GPU the new K/V go to the cache's pages from RoPE's kernel, or for one token through a
         # quantized projection's GEMV, from the projection itself (rotated there too): a kernel or two
         # fewer a layer.
-        pages = backend.pages_to_write(self.layer, batch, kv_cache, x)
+        pages = backend.pages_to_write(self.layer, batch, kv_cache, x) if self.ops.runs_kernels(x) else None
         qkv = self._rotated_by_projection(x, rope, pages) if pages is not None and t == 1 else None
         # Column slices of the [T, q + 2 kv] output (row stride q + 2 kv): RoPE writes new
         # contiguous q and k, the KV cache write and attention read v through its strides.
@@ -89,8 +88,8 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if qkv is None:
-            kv_write = None if pages is None else fused.KVWrite(v, *pages)
-            q, k = fused.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
+            kv_write = None if pages is None else self.ops.KVWrite(v, *pages)
+            q, k = self.ops.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
                                        kv_write=kv_write)
         out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=pages is not None)
         return _project(self.ops, self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
@@ -262,8 +261,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: Any) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
-        cos_sin = None if fused.HAVE_TRITON and h.is_cuda else self.rotary(positions, h.dtype)
-        rope = RopeInputs(positions, self.rotary.inv_freq, self.rotary.attention_scaling, cos_sin)
+        rotary = self.rotary  # the torch path takes cos/sin computed once a forward; the kernel computes its own
+        cos_sin = None if self.ops.runs_kernels(h) else self.ops.rope_cos_sin(positions, rotary.inv_freq, rotary.attention_scaling, h.dtype)
+        rope = RopeInputs(positions, rotary.inv_freq, rotary.attention_scaling, cos_sin)
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, rope, self.attention, batch, kv_cache)

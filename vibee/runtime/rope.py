@@ -1,7 +1,7 @@
 """RoPE's inputs on the host side: the inverse frequencies of a model's rotary embedding (plain,
 linear, llama3 and YaRN scaling, as transformers computes them), the module that keeps them, and
-what each layer's RoPE is handed per forward. The rotation itself runs in vibee/runtime/fused.py
-(torch path) or rope_kernel.py (a GPU)."""
+what each layer's RoPE is handed per forward. The rotation itself is the decoder spec's
+(apply_rope_qk of the generated decoder module: its torch path, or its kernel on a GPU)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from vibee.runtime import fused
 from vibee.runtime.model_config import ModelConfig
 
 
@@ -75,14 +74,12 @@ def _yarn(config: ModelConfig, inv_freq: torch.Tensor, factor: float) -> tuple[t
 
 
 class Rotary(nn.Module):
+    """A model's RoPE frequencies (a buffer on its device) and the factor cos/sin are scaled by."""
+
     def __init__(self, config: ModelConfig, device: torch.device | str):
         super().__init__()
         inv_freq, self.attention_scaling = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim] for the tokens' positions, computed in float32."""
-        return fused.rope_cos_sin(positions, self.inv_freq, self.attention_scaling, dtype)
 
 
 class RopeInputs(NamedTuple):

@@ -1,5 +1,6 @@
-"""Config of the decoder kind: the launches of the decoder layer's own kernels (add + RMSNorm,
-SiLU * up, and the one-token GEMV of unquantized weights, optionally taking SiLU * up as its input).
+"""Config of the decoder kind: the launches of the decoder layer's own kernels (add + RMSNorm, RoPE
+on q and k, SiLU * up, and the one-token GEMV of unquantized weights, optionally taking SiLU * up as
+its input).
 Every default lives here; the templates beside it read the resolved tables. All knobs are
 compile-time: they are constexprs and launch arguments of the generated launchers."""
 
@@ -84,6 +85,23 @@ class NormWarps(BaseModel):
     num_warps: Warps = Field(description="warps per program (a power of two, 1..32)")
 
 
+class RopeWarps(BaseModel):
+    """One row of RoPE's launch table (one program a token): a step whose q has heads x head_dim / 2
+    rotation pairs takes the first row with pairs >= min_pairs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_pairs: StrictInt = Field(0, description="the fewest (head, pair) rotations of q a token this row covers")
+    num_warps: Warps = Field(description="warps per program (a power of two, 1..32)")
+
+    @field_validator("min_pairs")
+    @classmethod
+    def _min_pairs_not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"min_pairs must be 0 or more, got {value}")
+        return value
+
+
 def measured_gemv_tiles() -> list[GemvTile]:
     """An H100 sweep at Llama-3.2-1B's projections (weights cold in L2): 4 rows a program up to
     4,096 outputs, 8 above; 512 inputs a step; 8 warps from 8,192 inputs (the down projection)."""
@@ -95,10 +113,15 @@ def measured_norm_warps() -> list[NormWarps]:
     return [NormWarps(max_width=512, num_warps=1), NormWarps(max_width=4096, num_warps=4), NormWarps(num_warps=8)]
 
 
+def measured_rope_warps() -> list[RopeWarps]:
+    return [RopeWarps(min_pairs=1024, num_warps=4), RopeWarps(num_warps=1)]
+
+
 class DecoderConfig(KindConfig):
     KIND: ClassVar[str] = "decoder"
     BEHAVIORS: ClassVar[dict[str, str]] = {
         "rms_norm": "rms_norm: the residual add and RMSNorm of a layer's input in one pass, (normalised, new residual)",
+        "apply_rope_qk": "apply_rope_qk: q and k rotated by their positions (rotate-half), on a GPU also storing k and v in the KV pages",
         "silu_mul": "silu_mul: silu(gate) * up of the MLP, rounded as the torch expression rounds it",
         "linear": "linear: F.linear, a one-token step on a GPU through the spec's GEMV",
         "silu_mul_linear": "silu_mul_linear: the down projection of silu(gate) * up, the GEMV taking [gate | up] whole",
@@ -107,6 +130,9 @@ class DecoderConfig(KindConfig):
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
         {
             "rows",  # tokens (rows of x); linear cases on the GEMV take 1
+            "heads",  # apply_rope_qk: query heads (default 4)
+            "kv_heads",  # apply_rope_qk: key heads (default 2)
+            "head_dim",  # apply_rope_qk (default 16)
             "width",  # the hidden size (rms_norm), the MLP's inner size (silu_mul), a linear layer's inputs
             "out_features",  # linear cases: the weight's output rows
             "residual",  # rms_norm: add a residual first (default true)
@@ -123,6 +149,8 @@ class DecoderConfig(KindConfig):
 
     rms_norm_warps: list[NormWarps] = knob("compile", default_factory=measured_norm_warps,
         description="Warps of the add + RMSNorm kernel by hidden-state width: the first row with width <= max_width; the last row has no max_width.")
+    rope_warps: list[RopeWarps] = knob("compile", default_factory=measured_rope_warps,
+        description="Warps of RoPE's kernel by q's rotation pairs a token (heads x head_dim / 2): the first row with pairs >= min_pairs; the last row has no min_pairs.")
     silu_mul_block: int = knob("compile", 1024, strict=True,
         description="Elements of a row per program of the SiLU * up kernel (a power of two, 16..8192).")
     one_token_gemv: StrictBool = knob("compile", True,
@@ -168,6 +196,21 @@ class DecoderConfig(KindConfig):
             raise ValueError("the last row of rms_norm_warps must cover every width: no max_width")
         return value
 
+    @field_validator("rope_warps")
+    @classmethod
+    def _rope_rows_shrink(cls, value: list[RopeWarps]) -> list[RopeWarps]:
+        if not value:
+            raise ValueError("rope_warps needs at least one row")
+        for i, row in enumerate(value[:-1]):
+            if not row.min_pairs:
+                raise ValueError(f"rope_warps[{i + 1}:] are never used: rope_warps[{i}] has no min_pairs, so it takes every step")
+            later = value[i + 1].min_pairs
+            if later >= row.min_pairs:
+                raise ValueError(f"rope_warps[{i + 1}] is never used: its min_pairs {later} is not below rope_warps[{i}]'s {row.min_pairs}")
+        if value[-1].min_pairs:
+            raise ValueError("the last row of rope_warps must cover every step: no min_pairs")
+        return value
+
     def derived(self, shape) -> dict[str, str]:
         """The launches a model shape's one-token step makes."""
         width = shape.hidden_size
@@ -176,7 +219,10 @@ class DecoderConfig(KindConfig):
         products = {"qkv_proj": (q_out + 2 * kv_out, width), "o_proj": (width, q_out),
                     "gate_up_proj": (2 * shape.intermediate_size, width), "down_proj": (width, shape.intermediate_size),
                     "lm_head": (shape.vocab_size, width)}
-        figures = {"rms_norm": f"{norm.num_warps} warps a row of {width}"}
+        pairs = shape.num_heads * shape.head_dim // 2
+        rope = next(r for r in self.rope_warps if pairs >= r.min_pairs)
+        figures = {"rms_norm": f"{norm.num_warps} warps a row of {width}",
+                   "rope": f"{rope.num_warps} warps a token ({pairs} rotation pairs of q)"}
         for name, (n, k) in products.items():
             tile = self.gemv_tile(n, k)
             figures[f"gemv {name} ({n} x {k})"] = tile.summary() if self.one_token_gemv else "F.linear (one_token_gemv: false)"
