@@ -102,6 +102,23 @@ class RopeWarps(BaseModel):
         return value
 
 
+def _check_bounded_rows(table: str, bounds: list[int | None], key: str, what: str, grows: bool) -> None:
+    """A table whose rows each take what is within their bound (None: everything), first match
+    first: every bound but the last is set and each is past the one before (above it when the
+    bounds are maxima, `grows`; below it when they are minima), and the last row takes the rest."""
+    if not bounds:
+        raise ValueError(f"{table} needs at least one row")
+    for i, bound in enumerate(bounds[:-1]):
+        if bound is None:
+            raise ValueError(f"{table}[{i + 1}:] are never used: {table}[{i}] has no {key}, so it takes every {what}")
+        later = bounds[i + 1]
+        if later is not None and (later <= bound if grows else later >= bound):
+            side = "above" if grows else "below"
+            raise ValueError(f"{table}[{i + 1}] is never used: its {key} {later} is not {side} {table}[{i}]'s {bound}")
+    if bounds[-1] is not None:
+        raise ValueError(f"the last row of {table} must cover every {what}: no {key}")
+
+
 def measured_gemv_tiles() -> list[GemvTile]:
     """An H100 sweep at Llama-3.2-1B's projections (weights cold in L2): 4 rows a program up to
     4,096 outputs, 8 above; 512 inputs a step; 8 warps from 8,192 inputs (the down projection)."""
@@ -184,31 +201,13 @@ class DecoderConfig(KindConfig):
     @field_validator("rms_norm_warps")
     @classmethod
     def _norm_rows_grow(cls, value: list[NormWarps]) -> list[NormWarps]:
-        if not value:
-            raise ValueError("rms_norm_warps needs at least one row")
-        for i, row in enumerate(value[:-1]):
-            if row.max_width is None:
-                raise ValueError(f"rms_norm_warps[{i + 1}:] are never used: rms_norm_warps[{i}] has no max_width, so it takes every width")
-            later = value[i + 1].max_width
-            if later is not None and later <= row.max_width:
-                raise ValueError(f"rms_norm_warps[{i + 1}] is never used: its max_width {later} is not above rms_norm_warps[{i}]'s {row.max_width}")
-        if value[-1].max_width is not None:
-            raise ValueError("the last row of rms_norm_warps must cover every width: no max_width")
+        _check_bounded_rows("rms_norm_warps", [row.max_width for row in value], "max_width", "width", grows=True)
         return value
 
     @field_validator("rope_warps")
     @classmethod
     def _rope_rows_shrink(cls, value: list[RopeWarps]) -> list[RopeWarps]:
-        if not value:
-            raise ValueError("rope_warps needs at least one row")
-        for i, row in enumerate(value[:-1]):
-            if not row.min_pairs:
-                raise ValueError(f"rope_warps[{i + 1}:] are never used: rope_warps[{i}] has no min_pairs, so it takes every step")
-            later = value[i + 1].min_pairs
-            if later >= row.min_pairs:
-                raise ValueError(f"rope_warps[{i + 1}] is never used: its min_pairs {later} is not below rope_warps[{i}]'s {row.min_pairs}")
-        if value[-1].min_pairs:
-            raise ValueError("the last row of rope_warps must cover every step: no min_pairs")
+        _check_bounded_rows("rope_warps", [row.min_pairs or None for row in value], "min_pairs", "step", grows=False)
         return value
 
     def derived(self, shape) -> dict[str, str]:
