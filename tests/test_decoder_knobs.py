@@ -113,3 +113,16 @@ def test_bad_tables_are_located_spec_errors(spec_text, gen_from_text, setting, m
         gen_from_text(text, name="igla_decoder")
     shown = str(err.value)
     assert message in shown and "igla_decoder.vibee:" in shown, shown
+
+
+def test_explain_shows_each_launch_of_a_one_token_step():
+    from vibee.kinds.decoder.config import DecoderConfig
+    from vibee.runtime.shapes import shape_config
+
+    shape = shape_config("llama-3.2-1b")
+    figures = DecoderConfig().derived(shape)
+    assert figures["rms_norm"] == "4 warps a row of 2048" and figures["rope"].startswith("4 warps a token (1024 ")
+    assert figures["gemv down_proj (2048 x 8192)"] == "4 rows x 512 inputs, 8 warps, 3 stages"  # the max_n 4096, min_k 8192 row
+    assert figures["gemv lm_head (128256 x 2048)"] == "8 rows x 512 inputs, 4 warps, 3 stages"
+    off = DecoderConfig(one_token_gemv=False).derived(shape)
+    assert off["gemv o_proj (2048 x 2048)"].startswith("F.linear")
