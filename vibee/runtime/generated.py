@@ -130,7 +130,7 @@ def _validated(spec: Spec, settings: dict[str, Any]) -> KindConfig:
 
 def load_generated(spec_dir: str | Path | None = None, knobs: KnobSettings | None = None,
                    target: str | None = None) -> GeneratedModules:
-    """Load the seven specs of `spec_dir` (default specs/tri), apply the knob settings ({kind:
+    """Load one spec of each kind from `spec_dir` (default specs/tri), apply the knob settings ({kind:
     {config field: value}}), and import what they generate for `target` (default: each spec's
     `language:`). Raises SpecError for the specs, KnobError for a rejected setting."""
     spec_dir = Path(spec_dir) if spec_dir is not None else DEFAULT_SPEC_DIR

@@ -90,7 +90,7 @@ class Attention(nn.Module):
         if qkv is None:
             kv_write = None if pages is None else self.ops.KVWrite(v, *pages)
             q, k = self.ops.apply_rope_qk(q, k, rope.positions, rope.inv_freq, rope.attention_scaling, rope.cos_sin,
-                                       kv_write=kv_write)
+                                          kv_write=kv_write)
         out = backend(self.layer, q, k, v, batch, kv_cache, window=self.window, kv_written=pages is not None)
         return _project(self.ops, self.o_proj, out.reshape(t, self.num_heads * self.head_dim))
 
