@@ -126,3 +126,17 @@ def test_explain_shows_each_launch_of_a_one_token_step():
     assert figures["gemv lm_head (128256 x 2048)"] == "8 rows x 512 inputs, 4 warps, 3 stages"
     off = DecoderConfig(one_token_gemv=False).derived(shape)
     assert off["gemv o_proj (2048 x 2048)"].startswith("F.linear")
+
+
+@pytest.mark.parametrize("setting, row", [
+    ("gemv_tiles:\n    - {max_n: 64, block_n: 4}\n    - {max_n: 9000, block_n: 8}", "{max_n: 9000, block_n: 8}"),
+    ("rope_warps:\n    - {min_pairs: 64, num_warps: 4}\n    - {min_pairs: 128, num_warps: 2}\n    - {num_warps: 1}",
+     "{min_pairs: 128, num_warps: 2}"),
+])
+def test_a_table_error_points_at_the_row_it_names(spec_text, gen_from_text, setting, row):
+    knob = setting.split(":")[0]
+    text = re.sub(rf"^  {knob}:.*\n(    - .*\n)*", "  " + setting + "\n", spec_text("decoder"), count=1, flags=re.M)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.strip() == f"- {row}")
+    with pytest.raises(SpecError) as err:
+        gen_from_text(text, name="igla_decoder")
+    assert f"igla_decoder.vibee:{line}:7:" in str(err.value), str(err.value)

@@ -68,7 +68,7 @@ def _config_error(root: Mapping, model: type, err: dict, c: Collector) -> None:
         if not msg.startswith(str(loc[-1]) if loc else "config") and loc:
             msg = f"{where}: {msg}"
         if isinstance(node, Sequence):  # a check of the whole list that names one element
-            node = _element_named(node, msg) or node
+            node = _row_named(node, msg, str(loc[-1])) or _element_named(node, msg) or node
     else:
         hint = _literal_hint(node, etype)
         msg = f"{where}: {msg[0].lower() + msg[1:] if msg else msg}" + (f", got {got!r}" if got is not None and "got" not in msg else "")
@@ -101,6 +101,17 @@ def _number(text: str, integer: bool) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _row_named(seq: Sequence, message: str, field: str) -> Node | None:
+    """The row of a table (a list of settings) that a check of the whole table names first:
+    "gemv_tiles[3] is never used: ..." -> row 3, "the last row of gemv_tiles ..." -> the last."""
+    m = re.search(rf"(?<![\w.]){re.escape(field)}\[(\d+)", message)
+    if m and int(m.group(1)) < len(seq.items):
+        return seq.items[int(m.group(1))]
+    if seq.items and f"last row of {field}" in message:
+        return seq.items[-1]
+    return None
 
 
 def _element_named(seq: Sequence, message: str) -> Node | None:
