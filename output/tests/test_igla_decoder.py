@@ -8,6 +8,7 @@ so it runs float32 and float16)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -190,6 +191,37 @@ def test_each_gemv_launch_takes_the_specs_tile(monkeypatch, dtype) -> None:
             assert grid == (-(-n // tile["block_n"]),) and kw["EVEN"] == (k % tile["block_k"] == 0) and kw["SILU_MUL"] == silu
 
 
+def meta_rope(q_heads: int, kv_heads: int, head_dim: int, slots: int = 1, pages: int = 4):
+    """A RopeTarget of meta tensors (for launches that are watched, not run)."""
+    page = torch.empty(pages, 16, kv_heads, head_dim, dtype=torch.float16, device="meta")
+    return impl.RopeTarget(torch.empty(1, dtype=torch.int64, device="meta"), torch.empty(head_dim // 2, device="meta"), 1.0,
+                           q_heads, kv_heads, head_dim, torch.empty(slots, dtype=torch.int64, device="meta"), page, page)
+
+
+def rope_fields(rope) -> dict:
+    """A RopeTarget's fields by name (rope_linear's keywords), the tensors themselves."""
+    return {f.name: getattr(rope, f.name) for f in dataclasses.fields(rope)}
+
+
+@needs_tables
+def test_each_qkv_gemv_launch_takes_the_specs_tile(monkeypatch) -> None:
+    """The QKV projection's GEMV with RoPE's epilogue launches as the plain GEMV of its weight: the
+    spec's tile, block_n / 2 rotation pairs a program (at least one)."""
+    spy = Spy()
+    monkeypatch.setattr(impl, "_gemv_rope_kernel", spy)
+    for n, k in gemv_corners():
+        if n % 2 or n < 6:
+            continue  # whole heads of 2 rows: (q_heads + 2) * 2 rows
+        x = torch.empty(1, k, dtype=torch.float16, device="meta")
+        impl.triton_gemv_rope(x, torch.empty(n, k, dtype=torch.float16, device="meta"), None, meta_rope(n // 2 - 2, 1, 2))
+        grid, kw = spy.launches[-1]
+        tile = spec_gemv_tile(n, k)
+        pairs = max(tile["block_n"] // 2, 1)
+        assert (kw["PAIRS"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]) == \
+            (pairs, tile["block_k"], tile["num_warps"], tile["num_stages"]), (n, k)
+        assert grid == (-(-(n // 2) // pairs),) and kw["EVEN"] == (k % tile["block_k"] == 0)
+
+
 @needs_tables
 def test_each_norm_launch_takes_the_specs_warps(monkeypatch) -> None:
     spy = Spy()
@@ -230,10 +262,12 @@ def test_silu_mul_launches_take_the_specs_block(monkeypatch) -> None:
 @needs_tables
 def test_one_token_steps_take_the_gemv_as_the_spec_says(monkeypatch) -> None:
     """With one_token_gemv a one-row linear layer on a GPU launches the GEMV (silu_mul_linear with
-    silu * up inside it); without, F.linear (and silu_mul's own kernel). Rows past one never do."""
-    gemv, silu = Spy(), Spy()
+    silu * up inside it, rope_linear with RoPE's epilogue); without, F.linear (and silu_mul's own
+    kernel; rope_linear declines and the caller runs RoPE). Rows past one never do."""
+    gemv, silu, rope = Spy(), Spy(), Spy()
     monkeypatch.setattr(impl, "_gemv_kernel", gemv)
     monkeypatch.setattr(impl, "_silu_mul_kernel", silu)
+    monkeypatch.setattr(impl, "_gemv_rope_kernel", rope)
     monkeypatch.setattr(impl, "_use_triton", lambda x: True)
     w = torch.empty(24, 64, dtype=torch.float16, device="meta")
     impl.linear(torch.empty(1, 64, dtype=torch.float16, device="meta"), w)
@@ -243,6 +277,12 @@ def test_one_token_steps_take_the_gemv_as_the_spec_says(monkeypatch) -> None:
     impl.linear(torch.empty(2, 64, dtype=torch.float16, device="meta"), w)
     impl.linear(torch.empty(1, 64, dtype=torch.float32, device="meta"), w.float())  # 16-bit weights only
     assert len(gemv.launches) == (2 if SPEC_ONE_TOKEN_GEMV else 0)
+    fields = rope_fields(meta_rope(2, 1, 6))  # 24 rows: (2 + 2 * 1) heads of 6
+    y = impl.rope_linear(torch.empty(1, 64, dtype=torch.float16, device="meta"), w, **fields)
+    assert (y is not None) == SPEC_ONE_TOKEN_GEMV and len(rope.launches) == int(SPEC_ONE_TOKEN_GEMV)
+    assert impl.rope_linear(torch.empty(2, 64, dtype=torch.float16, device="meta"), w, **fields) is None
+    assert impl.rope_linear(torch.empty(1, 64, dtype=torch.float16, device="meta"), w,
+                            **rope_fields(meta_rope(2, 1, 4))) is None  # 16 rows of heads, not the weight's 24
 
 
 @needs_tables
@@ -256,6 +296,12 @@ def test_bad_shapes_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="RoPE takes q"):
         impl.triton_apply_rope_qk(torch.empty(2, 4, 8, device="meta"), torch.empty(2, 2, 6, device="meta"),
                                   torch.empty(2, dtype=torch.int64, device="meta"), torch.empty(4, device="meta"), 1.0)
+    with pytest.raises(ValueError, match="whole heads"):
+        impl.triton_gemv_rope(torch.empty(1, 64, dtype=torch.float16, device="meta"),
+                              torch.empty(30, 64, dtype=torch.float16, device="meta"), None, meta_rope(2, 1, 6))
+    with pytest.raises(ValueError, match="whole heads"):  # a RopeTarget of two tokens
+        impl.triton_gemv_rope(torch.empty(1, 64, dtype=torch.float16, device="meta"),
+                              torch.empty(24, 64, dtype=torch.float16, device="meta"), None, meta_rope(2, 1, 6, slots=2))
     with pytest.raises(ValueError, match="gate and up must match"):
         impl.triton_silu_mul(torch.empty(2, 8, device="meta"), torch.empty(2, 8, dtype=torch.float16, device="meta"))
 
@@ -448,6 +494,46 @@ def test_the_gemv_takes_silu_mul_of_its_input(k: int) -> None:
     assert not torch.allclose(impl.triton_gemv(gate_up[:, :k].contiguous(), w), got, rtol=0.05, atol=0.05)
 
 
+@needs_kernels
+@pytest.mark.kernels
+@pytest.mark.parametrize("dtype, page_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                               (torch.float16, torch.float32)])
+@pytest.mark.parametrize("block_n, bias", [(4, True), (1, False), (16, True)])
+def test_the_qkv_gemv_stores_its_row_as_rope_leaves_it_and_its_kv_in_the_pages(dtype, page_dtype, block_n, bias) -> None:
+    """The GEMV with RoPE's epilogue: its row is the plain GEMV's with q and k heads rotated as the
+    torch path rotates them (v heads untouched), and the pages hold its k and v heads at the token's
+    slot and nothing else; slot -1 stores nothing. Tiles of 1, 4 and 16 rows (pairs within a head,
+    and a tile of more rows than a head); a masked last k step."""
+    q_heads, kv_heads, d, k = 4, 2, 8, 72
+    n = (q_heads + 2 * kv_heads) * d
+    tile = impl.GemvTile(None, 1, block_n, 32, 4, 1)
+    x = randn(1, k, dtype=dtype, device=KERNEL_DEVICE, seed=1)
+    w = randn(n, k, dtype=dtype, device=KERNEL_DEVICE, seed=2, scale=0.2)
+    b = randn(n, dtype=dtype, device=KERNEL_DEVICE, seed=3) if bias else None
+    plain = impl.triton_gemv(x, w, b, tile=tile)
+    k_pages, v_pages = sentinel_pages(3, 4, kv_heads, d, page_dtype)
+    position, freq = torch.tensor([37], device=KERNEL_DEVICE), inv_freq(d).to(KERNEL_DEVICE)
+    rope = impl.RopeTarget(position, freq, 1.25, q_heads, kv_heads, d, torch.tensor([6], device=KERNEL_DEVICE),
+                           k_pages, v_pages)
+    y = impl.triton_gemv_rope(x, w, b, rope, tile=tile)
+    assert y.shape == (1, n) and y.dtype == dtype
+    q, kk, v = plain.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    want_q, want_k = impl.torch_apply_rope_qk(q.view(1, q_heads, d), kk.view(1, kv_heads, d), position, freq, 1.25)
+    got_q, got_k, got_v = y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    torch.testing.assert_close(got_q.view(1, q_heads, d), want_q, **tolerances(dtype))
+    torch.testing.assert_close(got_k.view(1, kv_heads, d), want_k, **tolerances(dtype))
+    assert torch.equal(got_v, v)
+    assert not torch.allclose(got_q, q, rtol=1e-2, atol=1e-2)  # rotated
+    want_k_pages, want_v_pages = sentinel_pages(3, 4, kv_heads, d, page_dtype)
+    want_k_pages[1, 2] = got_k.view(kv_heads, d).to(page_dtype)  # slot 6: block 1, offset 2
+    want_v_pages[1, 2] = got_v.view(kv_heads, d).to(page_dtype)
+    assert torch.equal(k_pages, want_k_pages) and torch.equal(v_pages, want_v_pages)
+    untouched = sentinel_pages(3, 4, kv_heads, d, page_dtype)
+    none = impl.RopeTarget(position, freq, 1.25, q_heads, kv_heads, d, torch.tensor([-1], device=KERNEL_DEVICE), *untouched)
+    assert torch.equal(impl.triton_gemv_rope(x, w, b, none, tile=tile), y)
+    assert all(torch.equal(a, c) for a, c in zip(untouched, sentinel_pages(3, 4, kv_heads, d, page_dtype)))
+
+
 # --- GPU: bf16 at Llama-3.2-1B sizes through the dispatch ---------------------------------------------
 
 HIDDEN, QKV, INNER, VOCAB = 2048, 3072, 8192, 128256
@@ -534,3 +620,31 @@ def test_gpu_one_token_linear_bf16(n: int, k: int) -> None:
         a = impl.torch_silu_mul(gate_up[:, :k], gate_up[:, k:])
         torch.testing.assert_close(impl.silu_mul_linear(gate_up, w).float(), F.linear(a.float(), w.float()),
                                    rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("page_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_gpu_qkv_gemv_with_rope_bf16(page_dtype) -> None:
+    """Llama-3.2-1B's QKV projection for one token through rope_linear (the spec's tile for 3072 x
+    2048): the plain GEMV's row rotated by the RoPE kernel, and its k and v heads in the pages."""
+    x = randn(1, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=1)
+    w = randn(QKV, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=2, scale=0.02)
+    position, freq = torch.tensor([4321], device="cuda"), llama3_inv_freq().cuda()
+    pages = [torch.zeros(40, 16, 8, 64, device="cuda").to(page_dtype) for _ in range(2)]
+    slot = torch.tensor([123], device="cuda")
+    y = impl.rope_linear(x, w, None, positions=position, inv_freq=freq, scaling=1.0, q_heads=32, kv_heads=8,
+                         head_dim=64, slots=slot, k_pages=pages[0], v_pages=pages[1])
+    if not SPEC_ONE_TOKEN_GEMV:
+        assert y is None
+        return
+    q, k, v = impl.linear(x, w).split([2048, 512, 512], dim=-1)
+    want_q, want_k = impl.apply_rope_qk(q.view(1, 32, 64), k.view(1, 8, 64), position, freq, 1.0)
+    got_q, got_k, got_v = y.split([2048, 512, 512], dim=-1)
+    torch.testing.assert_close(got_q.view(1, 32, 64), want_q, **BF16)
+    torch.testing.assert_close(got_k.view(1, 8, 64), want_k, **BF16)
+    assert torch.equal(got_v, v)
+    for page, heads in zip(pages, (got_k, got_v)):
+        want = torch.zeros_like(page)
+        want.view(-1, 8, 64)[123] = heads.view(8, 64).to(page_dtype)
+        assert torch.equal(page.view(torch.uint8), want.view(torch.uint8))

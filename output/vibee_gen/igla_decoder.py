@@ -93,7 +93,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = True  # the triton target: CUDA tensors take the kernels below
 
 
-# ---- Triton kernels (vibee/kinds/quantization/silu_mul.py, vibee/kinds/decoder/kernels.py, rope.py) -
+# ---- Triton kernels (vibee/kinds/quantization/silu_mul.py and rope_epilogue.py, vibee/kinds/decoder/kernels.py, rope.py)
 
 @triton.jit
 def _silu_times_up(gate, up):
@@ -101,6 +101,123 @@ def _silu_times_up(gate, up):
     g32 = gate.to(tl.float32)
     silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
     return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+try:  # the precise cosf/sinf torch and the runtime's RoPE kernel use on a GPU
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older Triton
+    libdevice = None
+
+
+@triton.jit
+def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size,
+                stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
+    whole heads, stored by _rope_pairs_store."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [HEADS, 2, HALF]), (0, 2, 1)))
+    head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    _rope_pairs_store(x1, x2, head, d, head * HEAD_DIM < N, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
+                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS,
+                      KV_HEADS, USE_LIBDEVICE)
+
+
+@triton.jit
+def _rope_pairs_store(y1, y2, head, d, live, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
+                      block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr,
+                      KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Rotation pairs of one token's [q heads | k heads | v heads] row: y1 (fp32) at dim d < HEAD_DIM / 2
+    of head `head`, y2 at dim d + HEAD_DIM / 2 (any shapes that broadcast; `live` masks pairs past the
+    row). Stored into y_ptr as the runtime's RoPE leaves q and k: rounded to y's dtype, then rotated by
+    cos/sin of the token's position (times scaling) rounded to the dtype, each product and each sum
+    rounded; v heads as they are. The k and v heads also go to the pages [blocks, block_size,
+    KV_HEADS, HEAD_DIM] at the token's slot (block * block_size + offset; -1 stores none), in the
+    pages' dtype."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dtype = y_ptr.dtype.element_ty
+    x1 = y1.to(dtype)
+    x2 = y2.to(dtype)
+    angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + d)
+    if USE_LIBDEVICE:
+        cos32 = libdevice.cos(angle)
+        sin32 = libdevice.sin(angle)
+    else:
+        cos32 = tl.cos(angle)
+        sin32 = tl.sin(angle)
+    c = (cos32 * scaling).to(dtype).to(tl.float32)
+    s = (sin32 * scaling).to(dtype).to(tl.float32)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    rotated = head < Q_HEADS + KV_HEADS
+    o1 = tl.where(rotated, ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype), x1)
+    o2 = tl.where(rotated, ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype), x2)
+    out = y_ptr + head * HEAD_DIM + d
+    tl.store(out, o1, mask=live)
+    tl.store(out + HALF, o2, mask=live)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    on_page = live & (slot >= 0) & (head >= Q_HEADS)
+    kv_head = tl.where(rotated, head - Q_HEADS, head - Q_HEADS - KV_HEADS)
+    at = (tl.maximum(slot, 0) // block_size) * stride_pb + (tl.maximum(slot, 0) % block_size) * stride_ps \
+        + tl.maximum(kv_head, 0) * stride_ph + d
+    is_k = on_page & rotated
+    is_v = on_page & ~rotated
+    tl.store(k_pages_ptr + at, o1.to(k_pages_ptr.dtype.element_ty), mask=is_k)
+    tl.store(k_pages_ptr + at + HALF, o2.to(k_pages_ptr.dtype.element_ty), mask=is_k)
+    tl.store(v_pages_ptr + at, o1.to(v_pages_ptr.dtype.element_ty), mask=is_v)
+    tl.store(v_pages_ptr + at + HALF, o2.to(v_pages_ptr.dtype.element_ty), mask=is_v)
+
+
+@dataclass(frozen=True)
+class RopeTarget:
+    """A one-token QKV projection's RoPE and KV store: the token's position, the rotation's
+    float32 inverse frequencies [head_dim / 2] and cos/sin factor, the heads of the projection's
+    output ([q_heads | kv_heads | kv_heads] of head_dim rows), the token's slot and the KV pages
+    [blocks, block_size, kv_heads, head_dim] its k and v heads go to."""
+
+    positions: torch.Tensor  # [1]
+    inv_freq: torch.Tensor
+    scaling: float
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    slots: torch.Tensor  # int32/int64 [1]; -1: none
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+
+
+def rope_fits(rope: RopeTarget, out_features: int) -> bool:
+    """Whether an epilogue can store this projection's output: an even head_dim, the output exactly
+    the heads, pages of the layout it writes, one token."""
+    d = rope.head_dim
+    pages = rope.k_pages
+    return (d >= 2 and d % 2 == 0 and out_features == (rope.q_heads + 2 * rope.kv_heads) * d
+            and pages.dim() == 4 and tuple(pages.shape[2:]) == (rope.kv_heads, d) and pages.stride(3) == 1
+            and rope.v_pages.shape == pages.shape and rope.v_pages.stride() == pages.stride()
+            and rope.positions.numel() == 1 and rope.slots.numel() == 1 and rope.inv_freq.numel() == d // 2)
+
+
+def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
+    """Whether _rope_store can store this projection from tiles of block_n rows: rope_fits, and whole
+    heads of a power-of-two head_dim a tile."""
+    d = rope.head_dim
+    return rope_fits(rope, out_features) and d & (d - 1) == 0 and block_n % d == 0
+
+
+def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
+    """The GEMV's RoPE arguments: rope's, or (None) stand-ins the kernel never reads."""
+    if rope is None:
+        return dict(pos_ptr=y, inv_freq_ptr=y, scaling=1.0, slot_ptr=y, k_pages_ptr=y, v_pages_ptr=y, block_size=1,
+                    stride_pb=0, stride_ps=0, stride_ph=0, ROPE=False, HEAD_DIM=2, Q_HEADS=1, KV_HEADS=1,
+                    USE_LIBDEVICE=False)
+    pages = rope.k_pages
+    return dict(pos_ptr=rope.positions, inv_freq_ptr=rope.inv_freq.to(device=y.device, dtype=torch.float32).contiguous(),
+                scaling=float(rope.scaling), slot_ptr=rope.slots, k_pages_ptr=pages, v_pages_ptr=rope.v_pages,
+                block_size=pages.shape[1], stride_pb=pages.stride(0), stride_ps=pages.stride(1),
+                stride_ph=pages.stride(2), ROPE=True, HEAD_DIM=rope.head_dim, Q_HEADS=rope.q_heads,
+                KV_HEADS=rope.kv_heads, USE_LIBDEVICE=y.is_cuda and libdevice is not None)
 
 
 @triton.jit
@@ -137,14 +254,11 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows, a = x, or with SILU_MUL
-    a = silu(x[:K]) * x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K]
-    float32 partial sums, added up after the loop."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+def _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """sum_k w[rn, k] a[k] (fp32) for the BLOCK_N rows rn, a = x, or with SILU_MUL a = silu(x[:K]) *
+    x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K] float32 partial sums, added
+    up after the loop."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -160,10 +274,47 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.const
             if SILU_MUL:
                 a = _silu_times_up(a, tl.load(x_ptr + K + k, mask=k < K, other=0.0))
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows (a: _gemv_dot's)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL, EVEN, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
+                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HAS_BIAS: tl.constexpr,
+                      EVEN: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """One token's QKV projection, y = w @ x + bias, stored as RoPE leaves it, with its k and v heads
+    in the KV pages (rope_epilogue.py's _rope_pairs_store). A program takes PAIRS rotation pairs
+    (row d of a head with row d + HEAD_DIM / 2, whatever the head's kind), 2 * PAIRS weight rows
+    interleaved, so that it rotates what it computed: the grid is the plain GEMV's, no program waits
+    for another, and the step runs no RoPE kernel."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pair = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
+    live = pair < N // 2
+    pair = tl.where(live, pair, 0)
+    head = pair // HALF
+    d = pair % HALF
+    row1 = (head * HEAD_DIM + d).to(tl.int64)
+    rn = tl.reshape(tl.join(row1, row1 + HALF), [2 * PAIRS])  # row1[0], its partner, row1[1], ...
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, False, EVEN, 2 * PAIRS, BLOCK_K)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn).to(tl.float32)
+    y1, y2 = tl.split(tl.reshape(y, [PAIRS, 2]))
+    _rope_pairs_store(y1, y2, head, d, live, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr,
+                      v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS, KV_HEADS,
+                      USE_LIBDEVICE)
 
 
 @triton.jit
@@ -409,6 +560,34 @@ def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.view(*x.shape[:-1], n)
 
 
+def triton_gemv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rope: RopeTarget, *,
+                     tile: GemvTile | None = None) -> torch.Tensor:
+    """One token's QKV projection x [..., K] @ weight[N, K].T + bias by the GEMV, stored as RoPE
+    leaves it (q and k heads rotated for rope's position) with its k and v heads in rope's pages at
+    the token's slot: the GEMV, RoPE and the KV write in one kernel. tile: the launch (default: the
+    spec's gemv_tile(N, K)); its block_n / 2 rotation pairs a program (at least one)."""
+    n, k = weight.shape
+    if x.numel() != k or x.shape[-1] != k:
+        raise ValueError(f"the GEMV takes one row of {k} inputs, got x of shape {tuple(x.shape)}")
+    if not rope_fits(rope, n):
+        raise ValueError(f"RoPE's epilogue takes a projection of whole heads ([q | k | v] of an even head_dim, "
+                         f"{(rope.q_heads + 2 * rope.kv_heads) * rope.head_dim} rows here, got {n}), one token and "
+                         f"pages [blocks, block_size, {rope.kv_heads}, {rope.head_dim}]")
+    x1 = x.reshape(-1)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    t = tile or gemv_tile(n, k)
+    pairs = max(t.block_n // 2, 1)
+    args = rope_arguments(rope, y)
+    del args["ROPE"]  # the quantized GEMV's switch: this kernel always rotates
+    _gemv_rope_kernel[(triton.cdiv(n // 2, pairs),)](
+        x1, weight, bias if bias is not None else weight, y, n, k, weight.stride(0), **args,
+        HAS_BIAS=bias is not None, EVEN=k % t.block_k == 0, PAIRS=pairs, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return y.view(*x.shape[:-1], n)
+
+
 # ---- dispatch ---------------------------------------------------------------------------------------
 
 
@@ -463,6 +642,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _gemv_applies(x, weight):
         return triton_gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def rope_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                **rope_target) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) for one token's row through a QKV projection, on CUDA by the GEMV
+    with RoPE's epilogue: q and k heads rotated, k and v heads stored in the KV pages (the step runs
+    no RoPE kernel and no KV write). rope_target: RopeTarget's fields by name. None where the GEMV
+    does not take the row (see linear) or the output is not whole heads: the caller then projects,
+    rotates and writes."""
+    rope = RopeTarget(**rope_target)
+    if not _gemv_applies(x, weight) or not rope_fits(rope, weight.shape[0]):
+        return None
+    return triton_gemv_rope(x, weight, bias, rope)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -142,7 +142,7 @@ def test_a_prefill_step_counts_its_prompts_tokens_and_causal_pairs():
 def test_counted_scopes_put_everything_back():
     run = _tiny()
     model = run["model"]
-    names = ("linear", "silu_mul_linear", "rms_norm", "apply_rope_qk", "silu_mul")
+    names = ("linear", "silu_mul_linear", "rms_norm", "apply_rope_qk", "silu_mul", "rope_linear")
     originals = {name: getattr(model.ops, name) for name in names}
     backend = model.attention
     from vibee.bench.profile_scopes import Tally
@@ -224,10 +224,44 @@ def test_a_qkv_projection_that_rotates_and_stores_kv_itself_is_its_own_scope(mon
     layers = len(model.model.layers)
     stored = _stored_bytes(qkv)
     x_and_y = (qkv.in_features + qkv.out_features) * 4
+    kv_rows = 2 * model.config.num_kv_heads * model.config.head_dim * 4
     assert taken and "k_pages" in taken[0]
-    assert p.work["layers.*.self_attn.qkv_proj (+ rope, KV write)"].bytes == (stored + x_and_y) * layers
+    assert p.work["layers.*.self_attn.qkv_proj (+ rope, KV write)"].bytes == (stored + x_and_y + kv_rows) * layers
     assert "layers.*.self_attn.qkv_proj" not in p.work and not any("rope" in s and "qkv" not in s for s in p.work)
     assert "rope_forward" not in vars(qkv)  # put back
+
+
+@needs_model
+def test_an_unquantized_qkv_gemv_that_rotates_and_stores_kv_is_the_projections_scope(monkeypatch):
+    # On a GPU a 16-bit qkv projection's one row goes through the decoder spec's GEMV with RoPE's
+    # epilogue (ops.rope_linear): its scope is the projection's, counting the weight, x, the row and
+    # the K/V rows; one that declines (None) is counted where the model projects instead.
+    run = _tiny()
+    model, gen = run["model"], run["gen"]
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    taken = []
+
+    def rope_linear(x, weight, bias=None, **rope):
+        taken.append(sorted(rope))
+        return x.new_zeros(*x.shape[:-1], weight.shape[0]) if len(taken) % 2 else None
+
+    monkeypatch.setattr(model.ops, "rope_linear", rope_linear)
+    rope = model.ops.apply_rope_qk  # where rope_linear declines: RoPE on the CPU, the pages left alone
+    monkeypatch.setattr(model.ops, "apply_rope_qk", lambda q, k, *args, kv_write=None: rope(q, k, *args))
+
+    def pages_to_write(layer, batch, kv_cache, x):
+        return (kv_cache.k_pages[layer].data, kv_cache.v_pages[layer].data, batch.slot_mapping) if len(x) == 1 else None
+
+    monkeypatch.setattr(type(model.attention), "pages_to_write", staticmethod(pages_to_write))
+    monkeypatch.setattr(model.ops, "runs_kernels", lambda x: len(x) == 1)
+    p = _one_token_step(model, gen)
+    cfg = model.config
+    row_bytes = (qkv.in_features + qkv.out_features) * 4
+    kv_rows = 2 * cfg.num_kv_heads * cfg.head_dim * 4
+    fused, plain = p.work["layers.*.self_attn.qkv_proj (+ rope, KV write)"], p.work["layers.*.self_attn.qkv_proj"]
+    assert taken and "k_pages" in taken[0] and fused.calls and plain.calls  # every other call declined
+    assert fused.bytes == (_stored_bytes(qkv) + row_bytes + kv_rows) * fused.calls
+    assert plain.bytes == (_stored_bytes(qkv) + row_bytes) * plain.calls
 
 
 @needs_model

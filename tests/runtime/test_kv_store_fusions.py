@@ -1,8 +1,8 @@
 """Where a layer's new K/V reach the paged cache on a GPU: from RoPE's kernel (the decoder module's
-KVWrite), or,
-for one token through a quantized QKV projection, from the projection's GEMV, which rotates q and k
-too (QuantLinear.rope_forward). Either way the cache's own write and, for the GEMV, RoPE's kernel are
-not launched; the logits and the pages are the torch path's.
+KVWrite), or, for one token, from the QKV projection's GEMV, which rotates q and k too (the decoder
+module's rope_linear for 16-bit weights, QuantLinear.rope_forward for quantized ones). Either way the
+cache's own write and, for the GEMV, RoPE's kernel are not launched; the logits and the pages are the
+torch path's.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: the tests send the model's
 decoder ops (and the quantized layers) to them as a GPU would."""
@@ -23,15 +23,15 @@ needs_kernels = pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_availab
                                    reason="needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
 
 
-def tiny_model(quantize: bool, gen=None):
-    """The tiny Llama over `gen` (default: the shipped specs' modules)."""
+def tiny_model(quantize: bool, gen=None, dtype: torch.dtype = torch.float32):
+    """The tiny Llama over `gen` (default: the shipped specs' modules) in `dtype`."""
     from tests.runtime.hf_models import generated, make_model
     from vibee.runtime.loader import load_model_dir
     from vibee.runtime.model import build_model
 
     model_dir = Path(tempfile.mkdtemp(prefix="vibee-kv-store-"))
     make_model(model_dir, "llama")
-    loaded = load_model_dir(model_dir, dtype=torch.float32, device=DEVICE, progress=False)
+    loaded = load_model_dir(model_dir, dtype=dtype, device=DEVICE, progress=False)
     model = build_model(loaded, gen or generated(), flash_attn=False).eval()
     if quantize:  # the QKV projections in int4, their scales in the model's float32
         for layer in model.model.layers:
@@ -50,7 +50,7 @@ def run_steps(model, monkeypatch, kernels: bool):
     ops = model.ops
     monkeypatch.setattr(ops, "_use_triton", lambda x: kernels)
     cfg, kv = model.config, generated().kv_cache
-    cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=torch.float32, block_size=4,
+    cache = kv.PagedKVCache(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, block_size=4,
                             device=DEVICE)
     writes, ropes = [], []
     real_write = cache.write
@@ -73,11 +73,11 @@ def run_steps(model, monkeypatch, kernels: bool):
     return logits, cache, writes, ropes
 
 
-def assert_same_steps(got, want) -> None:
+def assert_same_steps(got, want, logits_tol: float = 1e-4, pages_tol: float = 1e-5) -> None:
     for a, b in zip(got[0], want[0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=logits_tol, atol=logits_tol)
     for a, b in zip((*got[1].k_pages, *got[1].v_pages), (*want[1].k_pages, *want[1].v_pages)):
-        torch.testing.assert_close(a.data, b.data, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.data, b.data, rtol=pages_tol, atol=pages_tol)
 
 
 @needs_kernels
@@ -107,6 +107,19 @@ def test_a_quantized_qkv_gemv_rotates_and_stores_kv_at_one_token(monkeypatch):
     assert got[2] == [] and got[3] == [11] * layers
     assert want[3] == [11] * layers + [1] * 2 * layers
     assert_same_steps(got, want)
+
+
+@needs_kernels
+def test_a_16_bit_qkv_gemv_rotates_and_stores_kv_at_one_token(monkeypatch):
+    """fp16 weights: each decode token's K/V through the decoder spec's QKV GEMV (rope_linear), the
+    prompt's through RoPE's kernel: no RoPE call and no cache write at one token."""
+    model = tiny_model(quantize=False, dtype=torch.float16)
+    layers = model.config.num_layers
+    want = run_steps(model, monkeypatch, kernels=False)
+    got = run_steps(model, monkeypatch, kernels=True)
+    assert got[2] == [] and got[3] == [11] * layers
+    assert want[3] == [11] * layers + [1] * 2 * layers
+    assert_same_steps(got, want, logits_tol=2e-2, pages_tol=1e-2)  # fp16: a few steps of 1e-3 (cuBLAS's reductions)
 
 
 def test_pages_to_write_leaves_scaled_pages_to_the_cache(monkeypatch):

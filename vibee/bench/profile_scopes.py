@@ -46,6 +46,14 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _kv_row_bytes(rope_target: dict) -> int:
+    """The K and V rows a one-token QKV projection with RoPE's epilogue stores in the pages (rope_target:
+    rope_forward's or rope_linear's keywords; none stored without them)."""
+    if "k_pages" not in rope_target:
+        return 0
+    return 2 * rope_target["kv_heads"] * rope_target["head_dim"] * rope_target["k_pages"].element_size()
+
+
 def _storage_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers (what a pass over its weight reads)."""
     return sum(_nbytes(t) for t in (*module.parameters(), *module.buffers()))
@@ -160,8 +168,19 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
     def silu_mul(gate, up):
         return counted("silu_mul", "layers.*.mlp.silu_mul", lambda: 3 * _nbytes(gate), 0, gate, up)
 
+    def rope_linear(x, weight, bias=None, **rope_target):
+        # One token's QKV GEMV that rotates and stores K/V itself: counted only where it ran (None:
+        # the model projects and rotates on, counted there). x, the weight and the row; the K/V rows.
+        scope = owner(weight, "rope_linear") + " (+ rope, KV write)"
+        with _scope(scope):
+            out = originals["rope_linear"](x, weight, bias, **rope_target)
+        if out is not None:
+            tally.add(scope, _nbytes(x, weight, bias, out) + _kv_row_bytes(rope_target),
+                      _linear_flops(x, weight.shape[1], weight.shape[0]))
+        return out
+
     wrappers = {"linear": linear, "silu_mul_linear": silu_mul_linear, "rms_norm": rms_norm,
-                "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul}
+                "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul, "rope_linear": rope_linear}
     originals = {name: getattr(ops, name) for name in wrappers}
     paths = {module: fold_layer(path) for path, module in model.named_modules()}
     handles = []
@@ -194,7 +213,7 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
                 out = method(x, *args, **kwargs)
             if out is not None:
                 rows = x.numel() // x.shape[-1]
-                written = rows * module.out_features * x.element_size()
+                written = rows * module.out_features * x.element_size() + _kv_row_bytes(kwargs)
                 tally.add(scope, _storage_bytes(module) + _nbytes(x) + written, 2 * rows * module.in_features * module.out_features)
             return out
         return forward

@@ -11,6 +11,7 @@ rotate-half layout and cos/sin computed in float32, SwiGLU MLP, attention scale 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
@@ -76,9 +77,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: "RopeInputs", backend: AttentionBackend, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         t = x.shape[0]
-        # On a GPU the new K/V go to the cache's pages from RoPE's kernel, or for one token through a
-        # quantized projection's GEMV, from the projection itself (rotated there too): a kernel or two
-        # fewer a layer.
+        # On a GPU the new K/V go to the cache's pages from RoPE's kernel, or for one token from the
+        # projection's GEMV itself (rotated there too): a kernel or two fewer a layer.
         pages = backend.pages_to_write(self.layer, batch, kv_cache, x) if self.ops.runs_kernels(x) else None
         qkv = self._rotated_by_projection(x, rope, pages) if pages is not None and t == 1 else None
         # Column slices of the [T, q + 2 kv] output (row stride q + 2 kv): RoPE writes new
@@ -96,8 +96,12 @@ class Attention(nn.Module):
 
     def _rotated_by_projection(self, x: torch.Tensor, rope: "RopeInputs", pages: tuple) -> torch.Tensor | None:
         """The QKV row of one token with q and k rotated and k, v stored in `pages` by the projection
-        itself (a quantized layer's GEMV: rope_forward); None where the layer has no such launch."""
-        rope_forward = getattr(self.qkv_proj, "rope_forward", None)
+        itself (the decoder spec's GEMV for 16-bit weights, a quantized layer's rope_forward); None
+        where the layer has no such launch."""
+        if type(self.qkv_proj) is nn.Linear:
+            rope_forward = functools.partial(self.ops.rope_linear, weight=self.qkv_proj.weight, bias=self.qkv_proj.bias)
+        else:
+            rope_forward = getattr(self.qkv_proj, "rope_forward", None)
         if rope_forward is None:
             return None
         k_pages, v_pages, slots = pages

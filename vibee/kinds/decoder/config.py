@@ -220,8 +220,12 @@ class DecoderConfig(KindConfig):
                     "lm_head": (shape.vocab_size, width)}
         pairs = shape.num_heads * shape.head_dim // 2
         rope = next(r for r in self.rope_warps if pairs >= r.min_pairs)
-        figures = {"rms_norm": f"{norm.num_warps} warps a row of {width}",
-                   "rope": f"{rope.num_warps} warps a token ({pairs} rotation pairs of q)"}
+        rope_kernel = f"{rope.num_warps} warps a token ({pairs} rotation pairs of q)"
+        if self.one_token_gemv:  # the qkv GEMV rotates and stores K/V itself where the cache's store is fused
+            qkv = self.gemv_tile(*products["qkv_proj"])
+            rope_kernel = (f"in the qkv_proj GEMV's epilogue ({max(qkv.block_n // 2, 1)} rotation pairs a program) where "
+                           f"the KV cache's store is fused; its own kernel otherwise: {rope_kernel}")
+        figures = {"rms_norm": f"{norm.num_warps} warps a row of {width}", "rope": rope_kernel}
         for name, (n, k) in products.items():
             tile = self.gemv_tile(n, k)
             figures[f"gemv {name} ({n} x {k})"] = tile.summary() if self.one_token_gemv else "F.linear (one_token_gemv: false)"

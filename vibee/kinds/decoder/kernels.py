@@ -1,9 +1,10 @@
 """The decoder kind's Triton kernels: add + RMSNorm, SiLU * up, and the one-token GEMV of 16-bit
-weights (optionally taking silu(gate) * up as its input).
+weights (optionally taking silu(gate) * up as its input, or, for a QKV projection, storing its
+output as RoPE leaves it and its K/V in the cache's pages).
 
 Static code: no spec changes it. The decoder's triton template copies it (from the marker below on)
-into the generated module after quantization/silu_mul.py; the spec's tables pick the constexprs and
-warps of each launch.
+into the generated module after quantization/silu_mul.py and rope_epilogue.py; the spec's tables
+pick the constexprs and warps of each launch.
 
 The kernels keep the torch expressions' rounding order: float32 math, rounded to the input dtype
 where torch rounds (after the residual add, after the normalisation before the weight, silu before
@@ -13,6 +14,7 @@ the multiply). What can differ is the order of the float32 sums and the last bit
 import triton
 import triton.language as tl
 
+from vibee.kinds.quantization.rope_epilogue import _rope_pairs_store
 from vibee.kinds.quantization.silu_mul import _silu_times_up
 
 # ---- copied into generated modules from here ----
@@ -52,14 +54,11 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows, a = x, or with SILU_MUL
-    a = silu(x[:K]) * x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K]
-    float32 partial sums, added up after the loop."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+def _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """sum_k w[rn, k] a[k] (fp32) for the BLOCK_N rows rn, a = x, or with SILU_MUL a = silu(x[:K]) *
+    x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K] float32 partial sums, added
+    up after the loop."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -75,7 +74,44 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.const
             if SILU_MUL:
                 a = _silu_times_up(a, tl.load(x_ptr + K + k, mask=k < K, other=0.0))
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows (a: _gemv_dot's)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL, EVEN, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
+                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HAS_BIAS: tl.constexpr,
+                      EVEN: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """One token's QKV projection, y = w @ x + bias, stored as RoPE leaves it, with its k and v heads
+    in the KV pages (rope_epilogue.py's _rope_pairs_store). A program takes PAIRS rotation pairs
+    (row d of a head with row d + HEAD_DIM / 2, whatever the head's kind), 2 * PAIRS weight rows
+    interleaved, so that it rotates what it computed: the grid is the plain GEMV's, no program waits
+    for another, and the step runs no RoPE kernel."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pair = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
+    live = pair < N // 2
+    pair = tl.where(live, pair, 0)
+    head = pair // HALF
+    d = pair % HALF
+    row1 = (head * HEAD_DIM + d).to(tl.int64)
+    rn = tl.reshape(tl.join(row1, row1 + HALF), [2 * PAIRS])  # row1[0], its partner, row1[1], ...
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, False, EVEN, 2 * PAIRS, BLOCK_K)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn).to(tl.float32)
+    y1, y2 = tl.split(tl.reshape(y, [PAIRS, 2]))
+    _rope_pairs_store(y1, y2, head, d, live, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr,
+                      v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS, KV_HEADS,
+                      USE_LIBDEVICE)

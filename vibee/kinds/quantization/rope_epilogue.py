@@ -1,11 +1,12 @@
-"""The GEMV's RoPE epilogue: a one-token QKV projection's output stored as the runtime's RoPE
+"""The GEMVs' RoPE epilogue: a one-token QKV projection's output stored as the runtime's RoPE
 kernel leaves it (q and k heads rotated, v as it is) and its k and v heads stored in the KV
 cache's pages, so that a decode step at batch 1 runs no RoPE kernel and no KV write kernel.
-RopeTarget is what the caller gives (QuantLinear.rope_forward), rope_arguments the kernel's
-arguments for it (or stand-ins the kernel never reads).
+RopeTarget is what the caller gives (QuantLinear.rope_forward, the decoder's rope_linear),
+rope_arguments the kernel's arguments for it (or stand-ins the kernel never reads).
 
-Static code: no spec changes it. The quantization templates copy it (from the marker below on)
-into every generated triton module before gemv.py.
+Static code: no spec changes it. The quantization and decoder templates copy it (from the marker
+below on) into every generated triton module, before the GEMVs that call it (quantization/gemv.py
+by whole heads a tile, decoder/kernels.py by rotation pairs).
 """
 
 from dataclasses import dataclass
@@ -27,17 +28,32 @@ def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_
                 stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
     """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
-    whole heads. Stored into y_ptr as the runtime's RoPE leaves q and k: rounded to y's dtype,
-    then rotated in pairs (i, i + HEAD_DIM / 2) by cos/sin of the token's position (times
-    scaling) rounded to the dtype, each product and each sum rounded; v heads as they are. The
-    k and v heads also go to the pages [blocks, block_size, KV_HEADS, HEAD_DIM] at the token's
-    slot (block * block_size + offset; -1 stores none), in the pages' dtype."""
+    whole heads, stored by _rope_pairs_store."""
     HALF: tl.constexpr = HEAD_DIM // 2
     HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
-    dtype = y_ptr.dtype.element_ty
-    x1, x2 = tl.split(tl.permute(tl.reshape(y.to(dtype), [HEADS, 2, HALF]), (0, 2, 1)))
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [HEADS, 2, HALF]), (0, 2, 1)))
     head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
     d = tl.arange(0, HALF)[None, :]
+    _rope_pairs_store(x1, x2, head, d, head * HEAD_DIM < N, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
+                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS,
+                      KV_HEADS, USE_LIBDEVICE)
+
+
+@triton.jit
+def _rope_pairs_store(y1, y2, head, d, live, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
+                      block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr,
+                      KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Rotation pairs of one token's [q heads | k heads | v heads] row: y1 (fp32) at dim d < HEAD_DIM / 2
+    of head `head`, y2 at dim d + HEAD_DIM / 2 (any shapes that broadcast; `live` masks pairs past the
+    row). Stored into y_ptr as the runtime's RoPE leaves q and k: rounded to y's dtype, then rotated by
+    cos/sin of the token's position (times scaling) rounded to the dtype, each product and each sum
+    rounded; v heads as they are. The k and v heads also go to the pages [blocks, block_size,
+    KV_HEADS, HEAD_DIM] at the token's slot (block * block_size + offset; -1 stores none), in the
+    pages' dtype."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dtype = y_ptr.dtype.element_ty
+    x1 = y1.to(dtype)
+    x2 = y2.to(dtype)
     angle = tl.load(pos_ptr).to(tl.float32) * tl.load(inv_freq_ptr + d)
     if USE_LIBDEVICE:
         cos32 = libdevice.cos(angle)
@@ -52,7 +68,6 @@ def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_
     rotated = head < Q_HEADS + KV_HEADS
     o1 = tl.where(rotated, ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype), x1)
     o2 = tl.where(rotated, ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype), x2)
-    live = head * HEAD_DIM < N
     out = y_ptr + head * HEAD_DIM + d
     tl.store(out, o1, mask=live)
     tl.store(out + HALF, o2, mask=live)
@@ -87,15 +102,22 @@ class RopeTarget:
     v_pages: torch.Tensor
 
 
-def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
-    """Whether the epilogue can store this projection from tiles of block_n rows: whole heads of a
-    power-of-two head_dim a tile, the output exactly the heads, pages of the layout it writes."""
+def rope_fits(rope: RopeTarget, out_features: int) -> bool:
+    """Whether an epilogue can store this projection's output: an even head_dim, the output exactly
+    the heads, pages of the layout it writes, one token."""
     d = rope.head_dim
     pages = rope.k_pages
-    return (d >= 2 and d & (d - 1) == 0 and block_n % d == 0 and out_features == (rope.q_heads + 2 * rope.kv_heads) * d
+    return (d >= 2 and d % 2 == 0 and out_features == (rope.q_heads + 2 * rope.kv_heads) * d
             and pages.dim() == 4 and tuple(pages.shape[2:]) == (rope.kv_heads, d) and pages.stride(3) == 1
             and rope.v_pages.shape == pages.shape and rope.v_pages.stride() == pages.stride()
             and rope.positions.numel() == 1 and rope.slots.numel() == 1 and rope.inv_freq.numel() == d // 2)
+
+
+def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
+    """Whether _rope_store can store this projection from tiles of block_n rows: rope_fits, and whole
+    heads of a power-of-two head_dim a tile."""
+    d = rope.head_dim
+    return rope_fits(rope, out_features) and d & (d - 1) == 0 and block_n % d == 0
 
 
 def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
