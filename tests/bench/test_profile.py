@@ -54,7 +54,7 @@ def test_scopes_count_each_layers_work_and_own_every_kernel():
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     expected_flops = {"layers.*.self_attn.qkv_proj": 2 * batch * hidden * (q_out + 2 * kv_out) * layers,
                       "layers.*.self_attn.o_proj": 2 * batch * q_out * hidden * layers,
-                      "layers.*.mlp.gate_up_proj": 2 * batch * hidden * 2 * inner * layers,
+                      "layers.*.mlp.gate_up_proj (+ silu*mul)": 2 * batch * hidden * 2 * inner * layers,
                       "lm_head": 2 * batch * hidden * cfg.vocab_size}
     for scope, flops in expected_flops.items():
         assert p.work[scope].flops == flops, scope
@@ -66,10 +66,11 @@ def test_scopes_count_each_layers_work_and_own_every_kernel():
     assert attn.calls == layers and attn.bytes > kv_read
     assert {"embed_tokens", "layers.*.input_layernorm", "layers.*.post_attention_layernorm", "layers.*.self_attn.rope",
             "norm", "argmax"} <= set(p.work)
-    # silu_mul_linear's own silu_mul is its work, not a scope of its own counted twice.
-    down = p.work["layers.*.mlp.down_proj (+ silu*mul)"]
-    assert "layers.*.mlp.silu_mul" not in p.work
-    assert down.bytes == (batch * 2 * inner + inner * hidden + batch * hidden) * 4 * layers
+    # linear_silu_mul's own linear and silu_mul are its work, not scopes of their own counted twice.
+    gate_up = p.work["layers.*.mlp.gate_up_proj (+ silu*mul)"]
+    assert "layers.*.mlp.silu_mul" not in p.work and "layers.*.mlp.gate_up_proj" not in p.work
+    assert gate_up.bytes == (batch * hidden + 2 * inner * hidden + batch * inner) * 4 * layers
+    assert p.work["layers.*.mlp.down_proj"].bytes == (batch * inner + inner * hidden + batch * hidden) * 4 * layers
     # The time is all accounted for: every op's own time lands in exactly one scope.
     assert sum(k.seconds for k in p.kernels) == pytest.approx(p.kernel_seconds)
     by_scope = {}
@@ -142,7 +143,7 @@ def test_a_prefill_step_counts_its_prompts_tokens_and_causal_pairs():
 def test_counted_scopes_put_everything_back():
     run = _tiny()
     model = run["model"]
-    names = ("linear", "silu_mul_linear", "rms_norm", "apply_rope_qk", "silu_mul", "rope_linear")
+    names = ("linear", "linear_silu_mul", "rms_norm", "apply_rope_qk", "silu_mul", "rope_linear")
     originals = {name: getattr(model.ops, name) for name in names}
     backend = model.attention
     from vibee.bench.profile_scopes import Tally
@@ -277,7 +278,7 @@ def test_profile_command_reports_plots_and_compares(tmp_path):
     scopes_a = {s["scope"]: s for s in a["scopes"]}
     scopes_b = {s["scope"]: s for s in b["scopes"]}
     # The compared precision took effect: int8 weights are a quarter of float32's bytes.
-    assert scopes_b["layers.*.mlp.gate_up_proj"]["bytes"] < 0.5 * scopes_a["layers.*.mlp.gate_up_proj"]["bytes"]
+    assert scopes_b["layers.*.self_attn.o_proj"]["bytes"] < 0.5 * scopes_a["layers.*.self_attn.o_proj"]["bytes"]
     assert a["summary"]["kernel_seconds"] > 0 and 0 < a["summary"]["fraction_of_limit"]
     assert data["ceilings"]["copy_tb_s"] > 0
     md = path.with_suffix(".md").read_text()

@@ -63,9 +63,8 @@ def test_cpu_dispatch_is_the_torch_path(dtype):
 
     x, w, b = randn(1, 40, dtype=dtype, seed=8), randn(24, 40, dtype=dtype, seed=9), randn(24, dtype=dtype, seed=10)
     assert torch.equal(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
-    gate_up = torch.cat([gate, up], dim=-1)[:1]
-    assert torch.equal(ops.silu_mul_linear(gate_up, w, b),
-                       torch.nn.functional.linear(ops.silu_mul(gate[:1], up[:1]), w, b))
+    gate_half, up_half = torch.nn.functional.linear(x, w, b).chunk(2, dim=-1)
+    assert torch.equal(ops.linear_silu_mul(x, w, b), ops.silu_mul(gate_half, up_half))
 
 
 def test_a_quantized_down_projection_that_multiplies_by_silu_gate_times_up_gets_gate_up_whole():
@@ -157,13 +156,12 @@ def test_gpu_kernels_capture_in_a_cuda_graph():
     k = randn(1, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda", seed=5)
     gate, up = randn(1, INNER, dtype=torch.bfloat16, device="cuda", seed=6), randn(1, INNER, dtype=torch.bfloat16, device="cuda", seed=7)
     pos, freq = torch.tensor([1234], device="cuda"), llama3_inv_freq().cuda()
-    gate_up = torch.cat([gate, up], -1)
     w_up = randn(INNER, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=8, scale=0.02)
-    w_down = randn(HIDDEN, INNER, dtype=torch.bfloat16, device="cuda", seed=9, scale=0.02)
+    w_gate_up = randn(2 * INNER, HIDDEN, dtype=torch.bfloat16, device="cuda", seed=9, scale=0.02)
 
     def step():
         return (*ops.rms_norm(x, w, 1e-5, r), *ops.apply_rope_qk(q, k, pos, freq, 1.0), ops.silu_mul(gate, up),
-                ops.linear(x, w_up), ops.silu_mul_linear(gate_up, w_down))
+                ops.linear(x, w_up), ops.linear_silu_mul(x, w_gate_up))
 
     direct = step()
     torch.cuda.synchronize()

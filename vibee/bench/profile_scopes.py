@@ -131,7 +131,7 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
 
     def counted(name: str, scope: str, nbytes: Callable[[], int], flops: int, *args, **kwargs):
         """originals[name](*args, **kwargs) in its scope, its work counted; a call made inside another
-        counted call (silu_mul_linear's own silu_mul) is part of the outer one's work and scope."""
+        counted call (linear_silu_mul's own linear and silu_mul) is part of the outer one's work and scope."""
         if depth[0]:
             return originals[name](*args, **kwargs)
         tally.add(scope, nbytes(), flops)
@@ -147,12 +147,12 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
         return counted("linear", owner(weight, "linear"), lambda: _nbytes(x, weight, bias) + y_bytes,
                        _linear_flops(x, weight.shape[1], weight.shape[0]), x, weight, bias)
 
-    def silu_mul_linear(gate_up, weight, bias=None):
-        # The least it moves: gate_up read once, the weight, the output (silu * up never stored).
-        rows = gate_up.numel() // gate_up.shape[-1]
-        return counted("silu_mul_linear", owner(weight, "silu_mul_linear") + " (+ silu*mul)",
-                       lambda: _nbytes(gate_up, weight, bias) + rows * weight.shape[0] * gate_up.element_size(),
-                       2 * rows * weight.shape[1] * weight.shape[0], gate_up, weight, bias)
+    def linear_silu_mul(x, weight, bias=None):
+        # The least it moves: x, the weight and silu(gate) * up written ([gate | up] never stored).
+        rows = x.numel() // x.shape[-1]
+        return counted("linear_silu_mul", owner(weight, "linear_silu_mul") + " (+ silu*mul)",
+                       lambda: _nbytes(x, weight, bias) + rows * weight.shape[0] // 2 * x.element_size(),
+                       _linear_flops(x, weight.shape[1], weight.shape[0]), x, weight, bias)
 
     def rms_norm(x, weight, eps, residual=None):
         # x (and the residual) read, the output (and the new residual) written, the weight read.
@@ -179,8 +179,9 @@ def counted_scopes(model: nn.Module, tally: Tally) -> Iterator[None]:
                       _linear_flops(x, weight.shape[1], weight.shape[0]))
         return out
 
-    wrappers = {"linear": linear, "silu_mul_linear": silu_mul_linear, "rms_norm": rms_norm,
-                "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul, "rope_linear": rope_linear}
+    wrappers = {"linear": linear, "rms_norm": rms_norm,
+                "apply_rope_qk": apply_rope_qk, "silu_mul": silu_mul, "rope_linear": rope_linear,
+                "linear_silu_mul": linear_silu_mul}
     originals = {name: getattr(ops, name) for name in wrappers}
     paths = {module: fold_layer(path) for path, module in model.named_modules()}
     handles = []

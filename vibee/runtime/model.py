@@ -120,11 +120,14 @@ class MLP(nn.Module):
         self.down_proj = _linear(inner, hidden, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = _project(self.ops, self.gate_up_proj, x)
-        if type(self.down_proj) is nn.Linear:  # unquantized: the GEMV of a one-token step takes silu * up itself
-            return self.ops.silu_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
-        # Quantized layers that take silu * up themselves: the int GEMV's one row, fp8's rounding of its rows.
+        # Quantized down projections that take [gate | up] whole and multiply silu * up themselves:
+        # the int GEMV's one row, fp8's rounding of its rows.
         silu_mul_forward = getattr(self.down_proj, "silu_mul_forward", None)
+        if type(self.gate_up_proj) is nn.Linear and silu_mul_forward is None:
+            # A one-token step's gate_up GEMV multiplies silu(gate) * up in its epilogue.
+            act = self.ops.linear_silu_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+            return _project(self.ops, self.down_proj, act)
+        gate_up = _project(self.ops, self.gate_up_proj, x)
         y = silu_mul_forward(gate_up) if silu_mul_forward is not None else None
         if y is not None:
             return y

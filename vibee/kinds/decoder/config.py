@@ -141,7 +141,7 @@ class DecoderConfig(KindConfig):
         "apply_rope_qk": "apply_rope_qk: q and k rotated by their positions (rotate-half), on a GPU also storing k and v in the KV pages",
         "silu_mul": "silu_mul: silu(gate) * up of the MLP, rounded as the torch expression rounds it",
         "linear": "linear: F.linear, a one-token step on a GPU through the spec's GEMV",
-        "silu_mul_linear": "silu_mul_linear: the down projection of silu(gate) * up, the GEMV taking [gate | up] whole",
+        "linear_silu_mul": "linear_silu_mul: a merged gate_up projection and silu(gate) * up, the GEMV multiplying them in its epilogue",
     }
     # What a spec test case may say; templates/test.py.j2 gives each key its meaning.
     TEST_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(

@@ -42,13 +42,14 @@ class DecoderModule(Protocol):
         """F.linear(x, weight, bias)."""
         ...
 
+    def linear_silu_mul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """silu_mul(gate, up) of [gate | up] = F.linear(x, weight, bias): a merged gate_up projection and
+        the MLP's activation (one kernel for a one-token step on a GPU)."""
+        ...
+
     def rope_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     **rope_target: Any) -> torch.Tensor | None:
         """F.linear(x, weight, bias) for one token's QKV row with q and k rotated and k, v stored in
         the KV pages by the same kernel (rope_target: quantization's RopeTarget fields by name); None
         where no such launch applies."""
-        ...
-
-    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """F.linear(silu_mul(gate, up), weight, bias) for gate_up = cat(gate, up) along the last dim."""
         ...

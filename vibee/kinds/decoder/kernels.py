@@ -1,6 +1,6 @@
 """The decoder kind's Triton kernels: add + RMSNorm, SiLU * up, and the one-token GEMV of 16-bit
-weights (optionally taking silu(gate) * up as its input, or, for a QKV projection, storing its
-output as RoPE leaves it and its K/V in the cache's pages).
+weights (plain; for a merged gate_up projection multiplying silu(gate) * up in its epilogue; for
+a QKV projection storing its output as RoPE leaves it and its K/V in the cache's pages).
 
 Static code: no spec changes it. The decoder's triton template copies it (from the marker below on)
 into the generated module after quantization/silu_mul.py and rope_epilogue.py; the spec's tables
@@ -54,11 +54,9 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, 
 
 
 @triton.jit
-def _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    """sum_k w[rn, k] a[k] (fp32) for the BLOCK_N rows rn, a = x, or with SILU_MUL a = silu(x[:K]) *
-    x[K:] rounded as silu_mul rounds. Each lane keeps [BLOCK_N, BLOCK_K] float32 partial sums, added
-    up after the loop."""
+def _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k w[rn, k] x[k] (fp32) for the BLOCK_N rows rn. Each lane keeps [BLOCK_N, BLOCK_K] float32
+    partial sums, added up after the loop."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -66,25 +64,21 @@ def _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL: tl.constexpr, EVEN: tl.c
         if EVEN:
             w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :])
             a = tl.load(x_ptr + k)
-            if SILU_MUL:
-                a = _silu_times_up(a, tl.load(x_ptr + K + k))
         else:
             w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
             a = tl.load(x_ptr + k, mask=k < K, other=0.0)
-            if SILU_MUL:
-                a = _silu_times_up(a, tl.load(x_ptr + K + k, mask=k < K, other=0.0))
         acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n] = sum_k w[n, k] a[k] + bias[n] for BLOCK_N rows (a: _gemv_dot's)."""
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] x[k] + bias[n] for BLOCK_N rows."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rn = tl.where(n_mask, rn, 0).to(tl.int64)  # rows past N read row 0 and are not stored
-    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, SILU_MUL, EVEN, BLOCK_N, BLOCK_K)
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, EVEN, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -108,10 +102,30 @@ def _gemv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, pos_ptr, inv_
     d = pair % HALF
     row1 = (head * HEAD_DIM + d).to(tl.int64)
     rn = tl.reshape(tl.join(row1, row1 + HALF), [2 * PAIRS])  # row1[0], its partner, row1[1], ...
-    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, False, EVEN, 2 * PAIRS, BLOCK_K)
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, EVEN, 2 * PAIRS, BLOCK_K)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn).to(tl.float32)
     y1, y2 = tl.split(tl.reshape(y, [PAIRS, 2]))
     _rope_pairs_store(y1, y2, head, d, live, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr,
                       v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS, KV_HEADS,
                       USE_LIBDEVICE)
+
+
+@triton.jit
+def _gemv_silu_mul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, INNER, K, stride_wn, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                          PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token's MLP input, y[j] = silu(gate[j]) * up[j] for [gate | up] = w @ x + bias (w of
+    2 * INNER rows), each half rounded to y's dtype first as the linear layer's output is, then as
+    silu_mul rounds. A program takes PAIRS of rows (j, INNER + j), interleaved, so that it multiplies
+    what it computed: the down projection's GEMV then reads a plain input, not [gate | up] with
+    silu worked out again by every program."""
+    j = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
+    live = j < INNER
+    j = tl.where(live, j, 0).to(tl.int64)
+    rn = tl.reshape(tl.join(j, j + INNER), [2 * PAIRS])  # gate row j, up row j, gate row j + 1, ...
+    y = _gemv_dot(x_ptr, w_ptr, rn, K, stride_wn, EVEN, 2 * PAIRS, BLOCK_K)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn).to(tl.float32)
+    gate, up = tl.split(tl.reshape(y, [PAIRS, 2]))
+    dtype = y_ptr.dtype.element_ty
+    tl.store(y_ptr + j, _silu_times_up(gate.to(dtype), up.to(dtype)), mask=live)
