@@ -64,16 +64,17 @@ ROWS = (1, 16, 32, 64, 128, 256, 512, 4096)
 @click.option("--rows", default=",".join(map(str, ROWS)), show_default=True,
               help="Activation row counts timed; each one's table row covers the counts above the previous one, the last any "
                    "(or, where the spec's table has rows for more rows, up to it: those rows are kept).")
-@click.option("--quant", type=click.Choice(["int4", "int8", "fp8"]), default="int4", show_default=True,
-              help="The codes whose kernel is tuned: int4/int8 write the spec's `tiles:`, fp8 its `fp8_tiles:` and "
-                   "`fp8_triton_max_rows:` (the W8A8 Triton kernel's launches, and the rows up to which it runs where "
-                   "cuBLASLt's fp8 GEMM could).")
+@click.option("--quant", type=click.Choice(["int4", "int8", "fp8", "none"]), default="int4", show_default=True,
+              help="The codes whose kernel is tuned: int4/int8 write the quantization spec's `tiles:`, fp8 its "
+                   "`fp8_tiles:` and `fp8_triton_max_rows:` (the W8A8 Triton kernel's launches, and the rows up to which "
+                   "it runs where cuBLASLt's fp8 GEMM could); none: the decoder spec's `gemv_tiles:` (the one-token GEMV "
+                   "of 16-bit weights; one row, --rows is not used).")
 @click.option("--spec-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--result-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results/bench"),
               show_default=True)
 @click.option("--write-spec", is_flag=True,
-              help="Write the derived table into the quantization spec's `tiles:` (the rest of the file kept); then `vibee gen`.")
+              help="Write the derived table into its spec (the rest of the file kept); then `vibee gen`.")
 @click.option("--gpu-rows", is_flag=True,
               help="Make the derived rows this GPU's alone (`gpu: <its name>`, ahead of the rows for any device, which "
                    "stay): a table tuned on one GPU kept beside another's (the shipped rows are an H100's).")
@@ -96,8 +97,9 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     if not dev.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         fail("bench tiles times the Triton kernels: run it on a GPU (TRITON_INTERPRET=1 runs it on the CPU, slowly, "
              "to check that it works)")
-    if gpu_rows and quant == "fp8":
-        fail("--gpu-rows: the fp8 tile table has no rows for one GPU alone; run without it")
+    if gpu_rows and quant in ("fp8", "none"):
+        fail(f"--gpu-rows: the {'fp8 tile' if quant == 'fp8' else 'decoder GEMV'} table has no rows for one GPU alone; "
+             "run without it")
     if gpu_rows and not dev.startswith("cuda"):
         fail("--gpu-rows tags the rows with this GPU's name: run it on a GPU")
     # the name without its vendor: "NVIDIA H100 80GB HBM3" -> "H100 80GB HBM3" (a row matches names holding it)
@@ -106,6 +108,11 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     dtype_name = "bfloat16" if dev.startswith("cuda") else "float32"  # the interpreter's bf16 tl.dot is wrong
     with user_errors():
         gen = load_generated(config.spec_dir, config.knob_settings(dtype_name))
+    if quant == "none":
+        if not hasattr(gen.decoder, "triton_gemv"):
+            fail("the decoder spec has no GEMV to tune (its target is not triton)")
+        from vibee.bench.commands_gemv_tiles import gemv_tiles
+        return gemv_tiles(gen, config, dev, dtype_name, products, result_dir, write_spec, out, err)
     quant_module = gen.quantization
     if quant == "fp8":
         if not hasattr(quant_module, "fp8_linear"):
@@ -150,15 +157,17 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
             "results": [_result(r) for r in measured], "table": [t.model_dump() for t in table], "environment": env}
     _report(out, result_dir, data, title, sections, notes, measured, "  tiles:\n" + "\n".join(lines) + "\n")
     if write_spec:
-        _write_spec(Path(gen.specs["quantization"].path), table, out)
+        _write_spec(Path(gen.specs["quantization"].path), lambda text: tile_sweep.paste_table(text, table),
+                    lambda spec: list(spec.config.tiles), list(table), out)
 
 
-def _report(out, result_dir, data, title, sections, notes, measured, snippet_text: str) -> None:
-    """The report (JSON, Markdown, the console), the derived spec lines beside it and the plot."""
+def _report(out, result_dir, data, title, sections, notes, measured, snippet_text: str, plot=None) -> None:
+    """The report (JSON, Markdown, the console), the derived spec lines beside it and the plot
+    (plot(measured, path, title); default plot_tiles)."""
     json_path = finish(out, result_dir, "tiles", data, title, sections, notes)
     snippet = json_path.with_suffix(".tiles.vibee")
     snippet.write_text(snippet_text, encoding="utf-8")
-    png = plot_tiles(measured, json_path.with_suffix(".png"), title)
+    png = (plot or plot_tiles)(measured, json_path.with_suffix(".png"), title)
     out.print(f"wrote {snippet} and {png}", highlight=False)
 
 
@@ -249,27 +258,24 @@ def _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write
             "fp8_tiles": [t.model_dump() for t in table], "fp8_triton_max_rows": max_rows, "environment": env}
     _report(out, result_dir, data, title, sections, notes, measured, "  fp8_tiles:\n" + "\n".join(derived) + "\n")
     if write_spec:
-        _write_spec(Path(spec.path), (table, max_rows), out)
+        _write_spec(Path(spec.path), lambda text: fp8_tile_sweep.paste_fp8(text, table, max_rows),
+                    lambda spec: (list(spec.config.fp8_tiles), spec.config.fp8_triton_max_rows), (list(table), max_rows), out)
 
 
-def _write_spec(path: Path, table, out) -> None:
-    """The table into the spec at path, only if the spec then loads with exactly that table (else the
-    file is left as it was and the command fails). table: `tiles:` rows, or (fp8_tiles rows,
-    fp8_triton_max_rows)."""
-    from vibee.bench import fp8_tile_sweep, tile_sweep
+def _write_spec(path: Path, paste, read_back, want, out) -> None:
+    """paste(the spec's text) written to the spec at path, only if the spec then loads with
+    read_back(spec) == want (else the file is left as it was and the command fails)."""
     from vibee.ir.load import load_specs
 
-    fp8 = isinstance(table, tuple)
     old = path.read_text(encoding="utf-8")
     try:
-        new = fp8_tile_sweep.paste_fp8(old, *table) if fp8 else tile_sweep.paste_table(old, table)
+        new = paste(old)
     except ValueError as exc:
         fail(f"{path}: {exc}; paste the table above by hand")
     path.write_text(new, encoding="utf-8")
     try:
         (spec,), _ = load_specs([path])
-        got = (list(spec.config.fp8_tiles), spec.config.fp8_triton_max_rows) if fp8 else list(spec.config.tiles)
-        if got != ((list(table[0]), table[1]) if fp8 else list(table)):
+        if read_back(spec) != want:
             raise ValueError("the spec read back a different table")
     except Exception as exc:  # noqa: BLE001 (any failure puts the file back)
         path.write_text(old, encoding="utf-8")

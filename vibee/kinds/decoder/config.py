@@ -1,6 +1,6 @@
 """Config of the decoder kind: the launches of the decoder layer's own kernels (add + RMSNorm, RoPE
-on q and k, SiLU * up, and the one-token GEMV of unquantized weights, optionally taking SiLU * up as
-its input).
+on q and k, SiLU * up, and the one-token GEMV of unquantized weights, with SiLU * up or RoPE in its
+epilogue for the gate_up and QKV projections).
 Every default lives here; the templates beside it read the resolved tables. All knobs are
 compile-time: they are constexprs and launch arguments of the generated launchers."""
 
