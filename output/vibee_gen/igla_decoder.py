@@ -555,16 +555,20 @@ def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(gate.shape)
 
 
+def _one_row(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K], one row of k inputs, as a flat tensor with unit stride (a view when it can be one)."""
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"the GEMV takes one row of {k} inputs, got x of shape {tuple(x.shape)}")
+    x1 = x.reshape(-1)
+    return x1 if x1.stride(0) == 1 else x1.contiguous()
+
+
 def triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 tile: GemvTile | None = None) -> torch.Tensor:
     """x [..., K] (one row) @ weight[N, K].T + bias -> [..., N] in x's dtype. tile: the launch
     (default: the spec's gemv_tile(N, K))."""
     n, k = weight.shape
-    if x.shape[-1] != k or x.numel() != k:
-        raise ValueError(f"the GEMV takes one row of {k} inputs, got x of shape {tuple(x.shape)}")
-    x1 = x.reshape(-1)
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
+    x1 = _one_row(x, k)
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     t = tile or gemv_tile(n, k)
     _gemv_kernel[(triton.cdiv(n, t.block_n),)](
@@ -580,15 +584,11 @@ def triton_gemv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     the token's slot: the GEMV, RoPE and the KV write in one kernel. tile: the launch (default: the
     spec's gemv_tile(N, K)); its block_n / 2 rotation pairs a program (at least one)."""
     n, k = weight.shape
-    if x.numel() != k or x.shape[-1] != k:
-        raise ValueError(f"the GEMV takes one row of {k} inputs, got x of shape {tuple(x.shape)}")
+    x1 = _one_row(x, k)
     if not rope_fits(rope, n):
         raise ValueError(f"RoPE's epilogue takes a projection of whole heads ([q | k | v] of an even head_dim, "
                          f"{(rope.q_heads + 2 * rope.kv_heads) * rope.head_dim} rows here, got {n}), one token and "
                          f"pages [blocks, block_size, {rope.kv_heads}, {rope.head_dim}]")
-    x1 = x.reshape(-1)
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     t = tile or gemv_tile(n, k)
     pairs = max(t.block_n // 2, 1)
@@ -607,12 +607,9 @@ def triton_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     the GEMV of a merged gate_up projection with silu * up in its epilogue -> [..., I]. tile: the
     launch (default: the spec's gemv_tile(2 I, K)); its block_n / 2 (gate, up) row pairs a program."""
     n, k = weight.shape
-    if x.numel() != k or x.shape[-1] != k or n % 2:
-        raise ValueError(f"the gate_up GEMV takes one row of {k} inputs and an even number of weight rows, got x of "
-                         f"shape {tuple(x.shape)} and {n} rows")
-    x1 = x.reshape(-1)
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
+    x1 = _one_row(x, k)
+    if n % 2:
+        raise ValueError(f"the gate_up GEMV takes an even number of weight rows ([gate | up]), got {n}")
     inner = n // 2
     y = torch.empty(inner, dtype=x.dtype, device=x.device)
     t = tile or gemv_tile(n, k)
