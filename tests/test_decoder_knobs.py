@@ -122,10 +122,10 @@ def test_explain_shows_each_launch_of_a_one_token_step():
     shape = shape_config("llama-3.2-1b")
     figures = DecoderConfig().derived(shape)
     assert figures["rms_norm"] == "4 warps a row of 2048"
-    assert figures["rope"].startswith("in the qkv_proj GEMV's epilogue (2 rotation pairs a program)")  # 4 rows
+    assert figures["rope"].startswith("in the qkv_proj GEMV's epilogue (1 rotation pair a program)")  # 2 rows
     assert figures["rope"].endswith("otherwise: 4 warps a token (1024 rotation pairs of q)")
-    assert figures["gemv down_proj (2048 x 8192)"] == "4 rows x 512 inputs, 8 warps, 3 stages"  # the max_n 4096, min_k 8192 row
-    assert figures["gemv lm_head (128256 x 2048)"] == "8 rows x 512 inputs, 4 warps, 3 stages"
+    assert figures["gemv down_proj (2048 x 8192)"] == "1 row x 512 inputs, 4 warps, 1 stage"  # the max_n 2048, min_k 8192 row
+    assert figures["gemv lm_head (128256 x 2048)"] == "2 rows x 1024 inputs, 4 warps, 1 stage"  # the last row
     off = DecoderConfig(one_token_gemv=False).derived(shape)
     assert off["gemv o_proj (2048 x 2048)"].startswith("F.linear") and off["rope"].startswith("4 warps a token")
 

@@ -71,7 +71,8 @@ class GemvTile(BaseModel):
         return wider and self.min_k <= other.min_k
 
     def summary(self) -> str:
-        return f"{self.block_n} rows x {self.block_k} inputs, {self.num_warps} warps, {self.num_stages} stages"
+        return (f"{self.block_n} row{'s' * (self.block_n != 1)} x {self.block_k} inputs, {self.num_warps} warps, "
+                f"{self.num_stages} stage{'s' * (self.num_stages != 1)}")
 
 
 class NormWarps(BaseModel):
@@ -120,10 +121,14 @@ def _check_bounded_rows(table: str, bounds: list[int | None], key: str, what: st
 
 
 def measured_gemv_tiles() -> list[GemvTile]:
-    """An H100 sweep at Llama-3.2-1B's projections (weights cold in L2): 4 rows a program up to
-    4,096 outputs, 8 above; 512 inputs a step; 8 warps from 8,192 inputs (the down projection)."""
-    return [GemvTile(max_n=4096, min_k=8192, block_n=4, num_warps=8), GemvTile(max_n=4096, block_n=4),
-            GemvTile(min_k=8192, block_n=8, num_warps=8), GemvTile(block_n=8)]
+    """`vibee bench tiles --quant none` on an H100 at Llama-3.2-1B's weights (2026-12-07): each row
+    the fastest launch at its weight (the down projection's 2048 x 8192, o_proj's 2048 x 2048,
+    qkv's 3072 x 2048, gate_up's 16384 x 2048, then lm_head's for the rest)."""
+    return [GemvTile(max_n=2048, min_k=8192, block_n=1, block_k=512, num_stages=1),
+            GemvTile(max_n=2048, min_k=2048, block_n=2, block_k=1024, num_stages=1),
+            GemvTile(max_n=3072, min_k=2048, block_n=2, block_k=1024),
+            GemvTile(max_n=16384, min_k=2048, block_n=1, block_k=1024),
+            GemvTile(block_n=2, block_k=1024, num_stages=1)]
 
 
 def measured_norm_warps() -> list[NormWarps]:
@@ -223,7 +228,8 @@ class DecoderConfig(KindConfig):
         rope_kernel = f"{rope.num_warps} warps a token ({pairs} rotation pairs of q)"
         if self.one_token_gemv:  # the qkv GEMV rotates and stores K/V itself where the cache's store is fused
             qkv = self.gemv_tile(*products["qkv_proj"])
-            rope_kernel = (f"in the qkv_proj GEMV's epilogue ({max(qkv.block_n // 2, 1)} rotation pairs a program) where "
+            pairs = max(qkv.block_n // 2, 1)
+            rope_kernel = (f"in the qkv_proj GEMV's epilogue ({pairs} rotation pair{'s' * (pairs != 1)} a program) where "
                            f"the KV cache's store is fused; its own kernel otherwise: {rope_kernel}")
         figures = {"rms_norm": f"{norm.num_warps} warps a row of {width}", "rope": rope_kernel}
         for name, (n, k) in products.items():
