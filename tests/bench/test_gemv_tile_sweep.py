@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from vibee.bench import gemv_tile_sweep
@@ -110,3 +111,38 @@ def test_the_command_times_the_launches_and_writes_them_into_the_decoder_spec(tm
     assert {(t.block_n, t.num_stages) for t in spec.config.gemv_tiles} <= {(4, 3), (8, 1)}
     assert next(out.glob("tiles-*.tiles.vibee")).read_text().startswith("  gemv_tiles:\n    - {max_n: 24, min_k: 256, ")
     assert next(out.glob("tiles-*.png")).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_shapes_qkv_and_gate_up_weights_run_through_their_epilogues():
+    from vibee.bench.gemv_tile_sweep import Epilogue, shapes_epilogues
+
+    assert shapes_epilogues(["llama-3.2-1b"]) == {(3072, 2048): Epilogue("rope", 32, 8, 64), (16384, 2048): Epilogue("silu_mul")}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
+def test_each_weight_is_timed_as_a_step_runs_it(monkeypatch):
+    """The QKV weight through the GEMV with RoPE's epilogue, gate_up's with silu * up, another plain:
+    every candidate's result checked against torch's float32 one, so a launch that ran the plain GEMV
+    where the step runs an epilogue would be dropped as wrong."""
+    from tests.runtime.hf_models import generated
+    from vibee.bench.gemv_tile_sweep import Epilogue, sweep_gemv
+
+    decoder = generated().decoder
+    monkeypatch.setattr(gemv_tile_sweep, "gemv_candidates", lambda: [GemvTile(block_n=4, block_k=32), GemvTile(block_n=1, block_k=64)])
+    epilogues = {(32, 64): Epilogue("rope", 2, 1, 8), (48, 64): Epilogue("silu_mul")}
+    weights = [(32, 64), (48, 64), (24, 64)]
+
+    def time_call(calls, device):
+        calls[0]()
+        return 1e-6
+
+    def sweep(weights):
+        return sweep_gemv(decoder, weights, device="cpu", dtype=torch.float32, time_call=time_call, epilogues=epilogues)
+
+    results = sweep(weights)
+    assert [(r.n, r.k) for r in results] == weights
+    assert all(t is not None for r in results for t in r.times) and not any(r.wrong or r.errors for r in results)
+    monkeypatch.setattr(decoder, "triton_gemv_rope", lambda x, w, bias, rope, tile=None: decoder.triton_gemv(x, w, tile=tile))
+    monkeypatch.setattr(decoder, "triton_gemv_silu_mul", lambda x, w, tile=None: decoder.triton_gemv(x, w, tile=tile)[:, :w.shape[0] // 2])
+    rope, silu = sweep([(32, 64), (48, 64)])
+    assert len(rope.wrong) == len(silu.wrong) == 2  # the plain GEMV is not what these weights run

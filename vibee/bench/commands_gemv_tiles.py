@@ -8,9 +8,10 @@ from pathlib import Path
 from vibee.bench.report import Section, environment, fail
 
 
-def gemv_tiles(gen, config, dev, dtype_name, weights, result_dir, write_spec, out, err) -> None:
-    """Time the decoder GEMV's candidates on one row of each weight, report the derived gemv_tiles
-    beside cuBLAS and the spec's own launch, and write them into the spec with --write-spec."""
+def gemv_tiles(gen, config, dev, dtype_name, weights, epilogues, result_dir, write_spec, out, err) -> None:
+    """Time the decoder GEMV's candidates on one row of each weight (epilogues: the weights a step runs
+    with silu * up's or RoPE's), report the derived gemv_tiles beside cuBLAS and the spec's own
+    launch, and write them into the spec with --write-spec."""
     from vibee.bench import gemv_tile_sweep
     from vibee.bench.commands_tiles import _report, _result, _skipped, _timing, _with_progress, _write_spec
     from vibee.bench.kernels import operand_copies, time_call
@@ -18,8 +19,8 @@ def gemv_tiles(gen, config, dev, dtype_name, weights, result_dir, write_spec, ou
 
     spec = gen.specs["decoder"]
     measured = _with_progress(err, len(weights), lambda on_product: gemv_tile_sweep.sweep_gemv(
-        gen.decoder, weights, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call, on_product=on_product,
-        operand_copies=operand_copies))
+        gen.decoder, weights, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call, epilogues=epilogues,
+        on_product=on_product, operand_copies=operand_copies))
     try:
         table = gemv_tile_sweep.derive_gemv_table(measured)
     except ValueError as exc:
@@ -32,14 +33,18 @@ def gemv_tiles(gen, config, dev, dtype_name, weights, result_dir, write_spec, ou
     product_rows = []
     for r in measured:
         best = r.best()
-        product_rows.append([f"{r.n}x{r.k}", f"{1e6 * r.dense_s:.1f}", us(r.table_s, r.dense_s),
-                             us(r.times[best], r.dense_s), r.tiles[best].summary()])
+        product_rows.append([f"{r.n}x{r.k}", epilogues.get((r.n, r.k), gemv_tile_sweep.Epilogue()).kind,
+                             f"{1e6 * r.dense_s:.1f}", us(r.table_s, r.dense_s), us(r.times[best], r.dense_s),
+                             r.tiles[best].summary()])
     env = environment(dev)
     title = f"vibee bench tiles on {env.get('device_name', dev)} (the decoder's one-token GEMV, {dtype_name})"
-    notes = [_timing(dev) + "'spec': the launch the current decoder spec picks; 'cuBLAS': F.linear.",
+    notes = [_timing(dev) + "'spec': the launch the current decoder spec picks; 'cuBLAS': F.linear alone. 'runs as': "
+             "the kernel a one-token step runs for the weight (the plain GEMV, gate_up's with silu * up, QKV's with RoPE "
+             "and the K/V store: --shape knows which; --weights times the plain GEMV).",
              f"Paste the table into the decoder spec's config (gemv_tiles:), or rerun with --write-spec: {spec.path}",
              *_skipped(measured)]
-    sections = [Section("Weights (one row)", ["weight", "cuBLAS µs", "spec µs", "best µs", "best launch"], product_rows),
+    sections = [Section("Weights (one row)", ["weight", "runs as", "cuBLAS µs", "spec µs", "best µs", "best launch"],
+                        product_rows),
                 Section("Derived table (first match by max_n, min_k)", ["gemv_tiles:"], [[line.strip()] for line in lines]),
                 Section("Environment", ["Item", "Value"], [[k, v] for k, v in env.items()])]
     data = {"benchmark": "tiles", "settings": {"device": dev, "dtype": dtype_name, "quant": "none", "rows": [1],

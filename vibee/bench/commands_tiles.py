@@ -112,7 +112,9 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
         if not hasattr(gen.decoder, "triton_gemv"):
             fail("the decoder spec has no GEMV to tune (its target is not triton)")
         from vibee.bench.commands_gemv_tiles import gemv_tiles
-        return gemv_tiles(gen, config, dev, dtype_name, products, result_dir, write_spec, out, err)
+        from vibee.bench.gemv_tile_sweep import shapes_epilogues
+        epilogues = {} if weights else shapes_epilogues(shape)
+        return gemv_tiles(gen, config, dev, dtype_name, products, epilogues, result_dir, write_spec, out, err)
     quant_module = gen.quantization
     if quant == "fp8":
         if not hasattr(quant_module, "fp8_linear"):

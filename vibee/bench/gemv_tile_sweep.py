@@ -1,12 +1,14 @@
 """`vibee bench tiles --quant none`: the decoder spec's one-token GEMV of 16-bit weights, its launch
-tiles timed per weight on this GPU beside cuBLAS (F.linear), and the `gemv_tiles` table that takes
-each weight's fastest (first match by max_n, min_k). The shipped rows are an H100's; the sweep
-retunes them for the GPU it runs on."""
+tiles timed per weight on this GPU beside cuBLAS (F.linear), each weight run as a step runs it
+(QKV's with RoPE's epilogue, gate_up's with silu * up's), and the `gemv_tiles` table that takes each
+weight's fastest (first match by max_n, min_k). The shipped rows are an H100's; the sweep retunes
+them for the GPU it runs on."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,29 +26,75 @@ def gemv_candidates() -> list[GemvTile]:
             if bn * bk <= MAX_TILE_ELEMENTS and bn * bk <= 128 * 32 * w]
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """How a one-token step runs a weight: the plain GEMV, a merged gate_up projection's with silu *
+    up ("silu_mul"), or a QKV projection's with RoPE and the K/V store ("rope", of these heads)."""
+
+    kind: str = "plain"
+    q_heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+
+
+def shapes_epilogues(shapes: Sequence[str]) -> dict[tuple[int, int], Epilogue]:
+    """The [n, k] weights of known shapes that a one-token step runs through an epilogue: QKV's and gate_up's."""
+    from vibee.runtime.shapes import shape_config
+
+    epilogues = {}
+    for shape in shapes:
+        c = shape_config(shape)
+        epilogues[((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size)] = Epilogue(
+            "rope", c.num_heads, c.num_kv_heads, c.head_dim)
+        epilogues[(2 * c.intermediate_size, c.hidden_size)] = Epilogue("silu_mul")
+    return epilogues
+
+
+def _runner(decoder, x: torch.Tensor, weight: torch.Tensor, epilogue: Epilogue) -> tuple[Callable, torch.Tensor]:
+    """run(w, tile) launching the weight's kernel on one row x (tile None: the spec's launch), and the
+    float32 result it should give (its rotation or silu * up done in float32 by torch)."""
+    y = F.linear(x.float(), weight.float())
+    if epilogue.kind == "silu_mul":
+        gate, up = y.chunk(2, dim=-1)
+        return (lambda w, tile: decoder.triton_gemv_silu_mul(x, w, tile=tile)), F.silu(gate) * up
+    if epilogue.kind == "rope":
+        h, kv, d = epilogue.q_heads, epilogue.kv_heads, epilogue.head_dim
+        position = torch.tensor([100], device=x.device)
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+        pages = [torch.zeros(4, 16, kv, d, dtype=x.dtype, device=x.device) for _ in range(2)]
+        rope = decoder.RopeTarget(position, inv_freq, 1.0, h, kv, d, torch.tensor([3], device=x.device), *pages)
+        q, k, v = y.split([h * d, kv * d, kv * d], dim=-1)
+        q, k = decoder.torch_apply_rope_qk(q.view(1, h, d), k.view(1, kv, d), position, inv_freq, 1.0)
+        want = torch.cat([q.reshape(1, -1), k.reshape(1, -1), v], dim=-1)
+        return (lambda w, tile: decoder.triton_gemv_rope(x, w, None, rope, tile=tile)), want
+    return (lambda w, tile: decoder.triton_gemv(x, w, tile=tile)), y
+
+
 def sweep_gemv(decoder, weights: Sequence[tuple[int, int]], *, device: str, dtype: torch.dtype,
                time_call: Callable[[Sequence[Callable[[], object]], str], float],
+               epilogues: Mapping[tuple[int, int], Epilogue] | None = None,
                on_product: Callable[[str], None] = lambda _: None,
                operand_copies: Callable[[int, str], int] = lambda nbytes, device: 1) -> list[Measured]:
     """Time F.linear, the spec's own launch and every gemv_candidates() launch of `decoder`'s (a
-    generated decoder module's) triton_gemv on one row and every [n, k] weight (random, near a
-    trained model's), each call over operand_copies(bytes, device) copies of the weight. A launch
-    whose product is off F.linear's in float32 by more than 1% is dropped."""
+    generated decoder module's) GEMV on one row of every [n, k] weight (random, near a trained
+    model's), as a step runs it (epilogues: the weights that take silu * up or RoPE's; the plain
+    GEMV otherwise), each call over operand_copies(bytes, device) copies of the weight. A launch
+    whose result is off the float32 one by more than 1% is dropped."""
     results = []
     for n, k in weights:
-        on_product(f"1x{k} @ {k}x{n}")
+        epilogue = (epilogues or {}).get((n, k), Epilogue())
+        on_product(f"1x{k} @ {k}x{n}" + ("" if epilogue.kind == "plain" else f" ({epilogue.kind})"))
         gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
         weight = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=dtype)
         copies = [weight] + [weight.clone() for _ in range(operand_copies(weight.numel() * weight.element_size(), device) - 1)]
         x = torch.randn(1, k, generator=gen).to(device=device, dtype=dtype)
-        want = F.linear(x.float(), weight.float())
+        run, want = _runner(decoder, x, weight, epilogue)
         measured = Measured(n, k, 1, time_call([lambda w=w: F.linear(x, w) for w in copies], device),
-                            time_call([lambda w=w: decoder.triton_gemv(x, w) for w in copies], device), gemv_candidates())
+                            time_call([lambda w=w: run(w, None) for w in copies], device), gemv_candidates())
         for tile in measured.tiles:
             launch = decoder.GemvTile(**tile.model_dump())
-            measured.add(lambda t=launch: decoder.triton_gemv(x, weight, tile=t), want,
-                         lambda t=launch: time_call([lambda w=w: decoder.triton_gemv(x, w, tile=t) for w in copies], device),
-                         tolerance=0.01)
+            measured.add(lambda t=launch: run(weight, t), want,
+                         lambda t=launch: time_call([lambda w=w: run(w, t) for w in copies], device), tolerance=0.01)
         results.append(measured)
     return results
 
