@@ -5,6 +5,7 @@ module carries a verbatim copy of it, launched with the spec's tiles."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from vibee.kinds.quantization.wgmma import _w4_wgmma_kernel
+from vibee.kinds.quantization.wgmma import _max_registers, _w4_wgmma_kernel
 
 constexprs = json.loads(sys.argv[1])
 bm, bn, bk = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
@@ -156,7 +157,8 @@ signature.update({name: "constexpr" for name in constexprs})
 aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
            if name in ("y_ptr", "part_ptr", "count_ptr", "N", "K", "stride_ym", "k_per_split")}
 source = GluonASTSource(fn=_w4_wgmma_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": constexprs["WARPS"]})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "maxnreg": _max_registers(constexprs["WARPS"], bn, bm)})
 import os, subprocess, tempfile
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 with tempfile.TemporaryDirectory() as tmp:  # ptxas's own report (Triton's compile keeps it quiet)
@@ -187,15 +189,21 @@ def compile_wgmma_for_sm90(**constexprs) -> dict:
 def test_the_wgmma_kernel_compiles_for_sm90_to_async_wgmma_without_serializing(block_m, block_n, block_k, warps, zeros,
                                                                                 partials):
     """Its point is the overlap: the k loop's wgmmas are issued async, with one wait per tile that
-    leaves one outstanding, and ptxas keeps them so (its warning C7515: serialized, each waited for)."""
+    leaves one outstanding, and ptxas keeps them so (its warning C7515: serialized, each waited for);
+    each warpgroup is a partition of its own (its barrier a named one of 128 threads, not the
+    program's), and the loader warp gives its registers back."""
     compiled = compile_wgmma_for_sm90(GROUP=128, ZERO_CODE=0 if zeros else 8, HAS_ZEROS=zeros, HAS_BIAS=True,
                                       SPLIT_K=2 if partials else 1, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
-                                      STAGES=4 if block_k == 64 else 3, WARPS=warps)
-    ptx = compiled["ptx"]
-    assert ptx.count("wgmma.mma_async") == block_n // (16 * warps) * block_k // 16  # k16 steps of 64 rows per warpgroup
+                                      STAGES=4 if block_k == 64 else 3, WARPS=warps, ROWS_REGS=232)
+    ptx, groups = compiled["ptx"], warps // 4
+    assert ptx.count("wgmma.mma_async") == block_n // 64 * block_k // 16  # k16 steps of 64 weight rows, over the warpgroups
     assert "wgmma.wait_group.sync.aligned 1;" in ptx and compiled["shared"] <= 228 * 1024
-    assert ptx.count("atom.global.gpu.acq_rel.add") == int(partials)  # split-K: the tile's counter, one thread's atomic
+    assert ptx.count("atom.global.gpu.acq_rel.add") == int(partials) * groups  # split-K: a counter per tile and warpgroup
     assert "Compiling entry function" in compiled["ptxas"] and "C7515" not in compiled["ptxas"], compiled["ptxas"]
+    assert " 0 bytes spill stores" in compiled["ptxas"], compiled["ptxas"]
+    named = set(re.findall(r"bar\.sync\s+(\d+), 128;", ptx))
+    assert len(named) == groups and "bar.sync \t0;" not in ptx, named  # each warpgroup waits on its own
+    assert re.search(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 \t40;", ptx)  # the loader warp's registers
 
 
 _GEMV_FOR_SM90 = """

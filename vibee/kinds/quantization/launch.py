@@ -339,8 +339,8 @@ def _launch(x: torch.Tensor, qw: QuantizedWeight, fmt: _Format, bias: torch.Tens
     b_arg = bias if bias is not None else scales
     z_stride = zeros.stride(0) if has_zeros else 0
     tiles = triton.cdiv(out_features, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, cfg.block_m))
-    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile
-    counters = _tile_counters(x.device, tiles) if split > 1 else part
+    # split-K: the last split of a tile adds the partials up, told by one zeroed counter per tile (and wgmma warpgroup)
+    counters = _tile_counters(x.device, tiles * (cfg.num_warps // 4 if cfg.kernel == "wgmma" else 1)) if split > 1 else part
     if cfg.kernel == "gemv":
         grid = (tiles, split)
         gemv_consts = {k: v for k, v in consts.items() if k not in ("MAGIC", "OFFSET")}

@@ -50,7 +50,8 @@ class MatmulTile(BaseModel):
     kernel: Literal["gemv", "mm", "slices", "wgmma", "dense"] = Field(
         description="'gemv': one activation row, fp32 FMAs; 'mm': dequantize a tile and tl.dot; 'slices': 4-bit codes in"
                     " 16-bit compute, tl.dot per code position (other formats take 'mm'); 'wgmma': 4-bit codes on"
-                    " Hopper, brought by TMA and unpacked while the previous tile's async wgmma runs (elsewhere 'mm'); 'dense': dequantize"
+                    " Hopper, brought by TMA by a loader warp, each warpgroup (num_warps / 4) unpacking its block_n / that many"
+                    " rows while its previous tile's async wgmma runs (elsewhere 'mm'); 'dense': dequantize"
                     " the whole weight (block_n x block_k tiles), then torch.matmul")
     max_m: MaxRows = Field(None, description="the most activation rows this row covers; none: any number")
     min_n: StrictInt = Field(0, description="the fewest weight output rows this row covers")
