@@ -35,8 +35,12 @@ def test_candidates_fit_the_row_count(m):
     assert ("gemv" in kinds) == (m == 1) and ("slices" in kinds) == (1 < m <= 16) and ("dense" in kinds) == (m >= 32)
     assert ("wgmma" in kinds) == (m >= 32)
     # wgmma tiles 64 deep and 128 deep (2-3 stages: a 128-deep stage holds twice x's tile)
+    # (6 stages of a 64-deep ring where x's tile is at most 128 rows)
     assert {(t.block_k, t.num_stages) for t in tiles if t.kernel == "wgmma"} == (
-        {(64, 2), (64, 3), (64, 4), (128, 2), (128, 3)} if m >= 32 else set())
+        {(64, 2), (64, 3), (64, 4), (128, 2), (128, 3)} | ({(64, 6)} if m <= 128 else set()) if m >= 32 else set())
+    # two warpgroups of 64 weight rows (8 warps, 128 wide) at every height
+    assert ({t.block_m for t in tiles if t.kernel == "wgmma" and t.num_warps == 8 and t.block_n == 128}
+            == ({max(64, t.block_m) for t in tiles if t.kernel == "mm"} if m >= 32 else set()))
     assert all(t.block_m >= min(m, 256) for t in tiles if t.kernel in ("mm", "wgmma"))  # one tile tall covers the rows
     assert len(set(tiles)) == len(tiles)
     assert candidates(m, wgmma=False) == [t for t in tiles if t.kernel != "wgmma"]  # off sm_90 the wgmma launch is an mm tile

@@ -21,7 +21,7 @@ def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
     pipelined or not); code-position slices up to 16;
     mm tiles m rows tall (16..256) both ways round, 64 or 128 wide and deep, split over k or not up
     to 128 rows; wgmma tiles m rows tall (64..256) from 32 rows, 64 or 128 weight rows on one or two
-    warpgroups, 64 deep on 2-4 stages or 128 deep on 2-3, split over k to one program per SM, two or
+    warpgroups, 64 deep on 2-4 stages (or 6, up to 128 rows tall) or 128 deep on 2-3, split over k to one program per SM, two or
     not (wgmma: where the kernel runs, an sm_90 GPU; elsewhere its launch is an mm tile);
     dequantize-then-cuBLAS from 32."""
     if m == 1:  # 1 stage: each tile's words loaded when it is reached; 3: two tiles ahead (cp.async)
@@ -37,11 +37,13 @@ def candidates(m: int, wgmma: bool = True) -> list[MatmulTile]:
               for swap in (True, False) for bn in (64, 128) for bk in (64, 128) for p in ((0, 2) if m <= 128 else (0,))]
     if m >= 32 and wgmma:  # Hopper's wgmma kernel, 64 or 128 weight rows
         wgmma_m = max(block_m, 64)
-        shapes = [(64, 4)] + [(128, w) for w in {64: (4,), 128: (4, 8), 256: (8,)}[wgmma_m]]  # (block_n, warps)
+        shapes = [(64, 4)] + [(128, w) for w in {64: (4, 8), 128: (4, 8), 256: (8,)}[wgmma_m]]  # (block_n, warps)
         # 2-4 stages: fewer leave shared memory for a second or third program per SM (its latency hiding);
-        # 128 deep: half the k loop's waits, twice x's tile a stage (2-3 stages fit)
+        # 6 where x's tile is at most 128 rows (it fits beside them); 128 deep: half the k loop's waits,
+        # twice x's tile a stage (2-3 stages fit)
+        shallow = (2, 3, 4, 6) if wgmma_m <= 128 else (2, 3, 4)
         tiles += [MatmulTile(kernel="wgmma", block_m=wgmma_m, block_n=bn, block_k=bk, num_warps=w, num_stages=stages,
-                             programs_per_sm=p) for bn, w in shapes for bk, depths in ((64, (2, 3, 4)), (128, (2, 3)))
+                             programs_per_sm=p) for bn, w in shapes for bk, depths in ((64, shallow), (128, (2, 3)))
                   for stages in depths for p in (0, 1, 2)]
     if m >= 32:
         tiles.append(MatmulTile(kernel="dense", block_n=64, block_k=128, num_warps=4, num_stages=3))
