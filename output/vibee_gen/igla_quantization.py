@@ -995,22 +995,6 @@ except ImportError:  # pragma: no cover - older Triton
 
 
 @triton.jit
-def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size,
-                stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
-    whole heads, stored by _rope_pairs_store."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
-    x1, x2 = tl.split(tl.permute(tl.reshape(y, [HEADS, 2, HALF]), (0, 2, 1)))
-    head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
-    d = tl.arange(0, HALF)[None, :]
-    _rope_pairs_store(x1, x2, head, d, head * HEAD_DIM < N, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
-                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS,
-                      KV_HEADS, USE_LIBDEVICE)
-
-
-@triton.jit
 def _rope_pairs_store(y1, y2, head, d, live, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr,
                       block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM: tl.constexpr, Q_HEADS: tl.constexpr,
                       KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
@@ -1084,13 +1068,6 @@ def rope_fits(rope: RopeTarget, out_features: int) -> bool:
             and rope.positions.numel() == 1 and rope.slots.numel() == 1 and rope.inv_freq.numel() == d // 2)
 
 
-def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
-    """Whether _rope_store can store this projection from tiles of block_n rows: rope_fits, and whole
-    heads of a power-of-two head_dim a tile."""
-    d = rope.head_dim
-    return rope_fits(rope, out_features) and d & (d - 1) == 0 and block_n % d == 0
-
-
 def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
     """The GEMV's RoPE arguments: rope's, or (None) stand-ins the kernel never reads."""
     if rope is None:
@@ -1103,6 +1080,29 @@ def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
                 block_size=pages.shape[1], stride_pb=pages.stride(0), stride_ps=pages.stride(1),
                 stride_ph=pages.stride(2), ROPE=True, HEAD_DIM=rope.head_dim, Q_HEADS=rope.q_heads,
                 KV_HEADS=rope.kv_heads, USE_LIBDEVICE=y.is_cuda and libdevice is not None)
+
+
+def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
+    """Whether _rope_store can store this projection from tiles of block_n rows: rope_fits, and whole
+    heads of a power-of-two head_dim a tile."""
+    d = rope.head_dim
+    return rope_fits(rope, out_features) and d & (d - 1) == 0 and block_n % d == 0
+
+
+@triton.jit
+def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size,
+                stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
+    whole heads, stored by _rope_pairs_store."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [HEADS, 2, HALF]), (0, 2, 1)))
+    head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    _rope_pairs_store(x1, x2, head, d, head * HEAD_DIM < N, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
+                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS,
+                      KV_HEADS, USE_LIBDEVICE)
 
 
 # _qgemv_kernel, M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of the
@@ -1236,7 +1236,7 @@ def _qgemv_kernel(
     lane of a word's column worked it out again: 13.8 us a call at 2048x8192 on an H100, against
     11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign).
     ROPE: the weight is a QKV projection's (Q_HEADS, KV_HEADS heads of HEAD_DIM rows, BLOCK_N
-    whole heads); y is stored by rope_epilogue.py's _rope_store (q and k rotated for the token's
+    whole heads); y is stored by _rope_store above (q and k rotated for the token's
     position, k and v also into the KV pages at its slot): the pointers after k_per_split are its."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES

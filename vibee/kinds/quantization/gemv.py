@@ -9,11 +9,35 @@ tile (constexprs) from the spec's tile table.
 import triton
 import triton.language as tl
 
-from vibee.kinds.quantization.rope_epilogue import _rope_store
+from vibee.kinds.quantization.rope_epilogue import RopeTarget, _rope_pairs_store, rope_fits
 from vibee.kinds.quantization.silu_mul import _silu_times_up
 from vibee.kinds.quantization.unpack import _code_in_place, _nibble_dots
 
 # ---- copied into generated modules from here ----
+
+
+def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
+    """Whether _rope_store can store this projection from tiles of block_n rows: rope_fits, and whole
+    heads of a power-of-two head_dim a tile."""
+    d = rope.head_dim
+    return rope_fits(rope, out_features) and d & (d - 1) == 0 and block_n % d == 0
+
+
+@triton.jit
+def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size,
+                stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
+    whole heads, stored by _rope_pairs_store."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [HEADS, 2, HALF]), (0, 2, 1)))
+    head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    _rope_pairs_store(x1, x2, head, d, head * HEAD_DIM < N, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
+                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS,
+                      KV_HEADS, USE_LIBDEVICE)
+
 
 # _qgemv_kernel, M == 1: FMAs over [BLOCK_N rows, words] 2-D tiles (fp32, one code position of the
 # words at a time, each code masked in place rather than shifted down; or f16x2 for 4-bit codes on
@@ -146,7 +170,7 @@ def _qgemv_kernel(
     lane of a word's column worked it out again: 13.8 us a call at 2048x8192 on an H100, against
     11.2 for silu_mul then the GEMV. Programs of one split write the same values (benign).
     ROPE: the weight is a QKV projection's (Q_HEADS, KV_HEADS heads of HEAD_DIM rows, BLOCK_N
-    whole heads); y is stored by rope_epilogue.py's _rope_store (q and k rotated for the token's
+    whole heads); y is stored by _rope_store above (q and k rotated for the token's
     position, k and v also into the KV pages at its slot): the pointers after k_per_split are its."""
     CODES: tl.constexpr = 32 // CODE_BITS
     WORDS: tl.constexpr = BLOCK_K // CODES

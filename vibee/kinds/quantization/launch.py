@@ -17,9 +17,9 @@ import triton
 
 import torch.nn.functional as F
 
-from vibee.kinds.quantization.gemv import _qgemv_kernel
+from vibee.kinds.quantization.gemv import _qgemv_kernel, rope_takes
 from vibee.kinds.quantization.kernels import _dequant_kernel, _qmm_kernel, _qmm_slices_kernel
-from vibee.kinds.quantization.rope_epilogue import RopeTarget, rope_arguments, rope_takes
+from vibee.kinds.quantization.rope_epilogue import RopeTarget, rope_arguments
 from vibee.kinds.quantization.wgmma import gluon, wgmma_linear, wgmma_tma_ready
 
 

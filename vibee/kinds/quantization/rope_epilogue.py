@@ -5,8 +5,8 @@ RopeTarget is what the caller gives (QuantLinear.rope_forward, the decoder's rop
 rope_arguments the kernel's arguments for it (or stand-ins the kernel never reads).
 
 Static code: no spec changes it. The quantization and decoder templates copy it (from the marker
-below on) into every generated triton module, before the GEMVs that call it (quantization/gemv.py
-by whole heads a tile, decoder/kernels.py by rotation pairs).
+below on) into every generated triton module, before the GEMVs that call it (quantization/gemv.py's
+_rope_store by whole heads a tile, decoder/kernels.py by rotation pairs).
 """
 
 from dataclasses import dataclass
@@ -21,22 +21,6 @@ try:  # the precise cosf/sinf torch and the runtime's RoPE kernel use on a GPU
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - older Triton
     libdevice = None
-
-
-@triton.jit
-def _rope_store(y, pid_n, y_ptr, N, pos_ptr, inv_freq_ptr, scaling, slot_ptr, k_pages_ptr, v_pages_ptr, block_size,
-                stride_pb, stride_ps, stride_ph, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """y [BLOCK_N] (fp32): rows pid_n * BLOCK_N... of one token's [q heads | k heads | v heads],
-    whole heads, stored by _rope_pairs_store."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    HEADS: tl.constexpr = BLOCK_N // HEAD_DIM
-    x1, x2 = tl.split(tl.permute(tl.reshape(y, [HEADS, 2, HALF]), (0, 2, 1)))
-    head = pid_n * HEADS + tl.arange(0, HEADS)[:, None]
-    d = tl.arange(0, HALF)[None, :]
-    _rope_pairs_store(x1, x2, head, d, head * HEAD_DIM < N, y_ptr, pos_ptr, inv_freq_ptr, scaling, slot_ptr,
-                      k_pages_ptr, v_pages_ptr, block_size, stride_pb, stride_ps, stride_ph, HEAD_DIM, Q_HEADS,
-                      KV_HEADS, USE_LIBDEVICE)
 
 
 @triton.jit
@@ -111,13 +95,6 @@ def rope_fits(rope: RopeTarget, out_features: int) -> bool:
             and pages.dim() == 4 and tuple(pages.shape[2:]) == (rope.kv_heads, d) and pages.stride(3) == 1
             and rope.v_pages.shape == pages.shape and rope.v_pages.stride() == pages.stride()
             and rope.positions.numel() == 1 and rope.slots.numel() == 1 and rope.inv_freq.numel() == d // 2)
-
-
-def rope_takes(rope: RopeTarget, out_features: int, block_n: int) -> bool:
-    """Whether _rope_store can store this projection from tiles of block_n rows: rope_fits, and whole
-    heads of a power-of-two head_dim a tile."""
-    d = rope.head_dim
-    return rope_fits(rope, out_features) and d & (d - 1) == 0 and block_n % d == 0
 
 
 def rope_arguments(rope: RopeTarget | None, y: torch.Tensor) -> dict:
