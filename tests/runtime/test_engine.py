@@ -300,10 +300,8 @@ def test_bad_requests_are_refused(tiny):
     assert not eng.has_unfinished()
 
 
-def test_unbuilt_flags_are_refused(tiny):
+def test_speculative_tokens_without_speculation_are_refused(tiny):
     model_dir, _ = tiny
-    with pytest.raises(ValueError, match="speculative decoding over 2 tensor-parallel ranks is not built yet"):
-        engine(model_dir, tensor_parallel_size=2, speculative=True)
     with pytest.raises(ValueError, match="needs --speculative"):
         engine(model_dir, num_speculative_tokens=3)
 

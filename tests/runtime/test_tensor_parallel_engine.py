@@ -1,7 +1,7 @@
 """The engine over tensor-parallel ranks on the CPU (gloo): rank 0 schedules and samples, the
 workers it launches mirror each forward over their shards and KV caches; the greedy tokens are
-the tp = 1 engine's, with float and int8 weights, through swap preemption, and a worker that dies
-ends the engine's steps with the reason."""
+the tp = 1 engine's, with float and int8 weights, through swap preemption and with speculative
+decoding, and a worker that dies ends the engine's steps with the reason."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from vibee.runtime.config import EngineConfig
 from vibee.runtime.engine import LLMEngine
 from vibee.runtime.rank_group import RankLost
 from vibee.runtime.sampling_params import SamplingParams
+from vibee.runtime.speed_gate import SpeedGate
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n", "class Stack:\n    def push(self, item", "for i in range("]
@@ -101,6 +102,35 @@ def test_swap_preemption_is_mirrored_by_the_workers(gqa_dir):
     got = greedy(eng, max_tokens=40)
     assert eng.report.totals["preemptions"] > 0
     assert got == expected
+
+
+def speculating(eng: LLMEngine, figures: dict) -> LLMEngine:
+    """eng drafting at every step (no speed gate), its speculation figures kept in `figures` as it closes."""
+    eng.speed_gate = SpeedGate.held()
+    close = eng.close
+
+    def closing():
+        figures.update(eng.stats()["speculative_decoding"])
+        close()
+
+    eng.close = closing
+    return eng
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "medusa"])
+def test_speculation_over_two_ranks_drafts_and_accepts_as_one_rank_does(method, gqa_dir):
+    """Rank 0 drafts (n-gram, its own unsharded draft model, or Medusa heads, which the workers run
+    beside it over the vocab-parallel lm_head) and the workers mirror the verifying forward: the
+    same tokens and the same drafts accepted at the same places as on one rank (whose tokens are
+    plain decoding's: the speculation tests)."""
+    flags = {"ngram": dict(speculative=True), "draft_model": dict(model=gqa_dir, draft_model=gqa_dir),
+             "medusa": dict(speculative_method="medusa")}[method]
+    one, two = {}, {}
+    expected = greedy(speculating(engine(**flags, num_speculative_tokens=3), one), max_tokens=16)
+    assert greedy(speculating(engine(**flags, num_speculative_tokens=3, tensor_parallel_size=2), two), max_tokens=16) == expected
+    assert two["num_accepted_tokens"] > 0 and two["num_drafts"] > 0
+    assert {k: two[k] for k in ("num_drafts", "num_accepted_tokens", "accepted_at_position")} == {
+        k: one[k] for k in ("num_drafts", "num_accepted_tokens", "accepted_at_position")}
 
 
 def test_a_worker_that_dies_ends_the_steps_with_the_reason(gqa_dir):

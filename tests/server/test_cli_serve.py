@@ -128,7 +128,6 @@ def test_serve_exits_with_the_reason_when_the_engine_process_dies(model_dir, tmp
 
 @pytest.mark.parametrize("args, message", [
     (["--num-speculative-tokens", "3"], "--num-speculative-tokens needs --speculative"),
-    (["--tensor-parallel-size", "2", "--speculative"], "speculative decoding over 2 tensor-parallel ranks is not built yet"),
     (["--tensor-parallel-size", "3"], "tp_size"),
     (["--block-size", "24"], "block_size"),
     (["--max-model-len", "100000"], "longer than the model's max_position_embeddings"),

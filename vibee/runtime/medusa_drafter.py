@@ -68,6 +68,8 @@ class MedusaDrafter:
         drafts: list[list[int]] = [[] for _ in candidates]
         if not rows:
             return drafts
+        if runner.ranks is not None:  # the lm_head is vocab-parallel: the workers draft alongside (rank_worker.py)
+            runner.ranks.send(("medusa", rows))
         with torch.inference_mode():
             hidden = runner.last_hidden[torch.tensor(rows, device=runner.last_hidden.device)]
             proposed = self.heads.propose(hidden, self.target.compute_logits, self.k).tolist()

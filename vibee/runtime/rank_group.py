@@ -228,9 +228,6 @@ def start_ranks(config: Any, gen: Any, device: str) -> RankGroup | None:
     tp = gen.configs.tensor_parallel
     if tp.tp_size == 1:
         return None
-    if config.speculating:
-        raise ValueError(f"speculative decoding over {tp.tp_size} tensor-parallel ranks is not built yet: "
-                         "drop --speculative/--draft-model, or use --tensor-parallel-size 1")
     return RankGroup.start(gen.tensor_parallel, tp.tp_size, tp.backend, device,
                            command=[sys.executable, "-m", "vibee.runtime.rank_worker"],
                            env={CONFIG_ENV: config.model_dump_json()})

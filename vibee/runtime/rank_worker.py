@@ -3,8 +3,9 @@
 A worker loads the same model and specs as rank 0, keeps its shard of each layer (the spec's
 plan), sizes and allocates its own paged KV cache over its KV heads, and then mirrors rank 0:
 for every header rank 0 sends it runs the same forward (the parallel layers' collectives pair
-up), swaps the same blocks, or stops. It samples nothing and keeps no sequences: the block
-tables come with each step.
+up), swaps the same blocks, runs the Medusa heads over the same hidden states (their logits are
+vocab-parallel), or stops. It samples nothing and keeps no sequences: the block tables come with
+each step.
 
 Started by rank 0 (`python -m vibee.runtime.rank_worker`, its EngineConfig in the environment)
 or by torchrun as `vibee serve` on a rank other than 0 (vibee/cli.py).
@@ -59,6 +60,16 @@ class RankWorker:
         self.kv_cache = (paged_kv_cache(gen.kv_cache, served.config, served.num_kv_heads, num_blocks, dtype=dtype,
                                         device=self.device, block_size=self.block_size) if config.kv_cache else None)
         self.host_swap = host_kv_swap(gen.kv_cache, batch_spec, self.kv_cache, bytes_per_block)
+        self.last_hidden = None  # the last step's final hidden states of its logits rows
+        # Medusa heads read the vocab-parallel lm_head: the worker runs them beside rank 0 on its own
+        # copy of each step's hidden states, so that their logits' all-gathers pair up
+        self.medusa = None
+        spec = gen.configs.speculative_decode
+        if config.speculating and spec.method == "medusa":
+            from vibee.runtime.medusa_drafter import MedusaDrafter, heads_path
+
+            self.medusa = MedusaDrafter(gen, self.model, heads_path(spec, None if config.shape is not None else config.model_dir),
+                                        spec.num_speculative_tokens, dtype=dtype, device=self.device)
 
     def serve(self) -> None:
         """Mirror rank 0 until it says stop."""
@@ -72,7 +83,11 @@ class RankWorker:
                 _, num_tokens, query_lens, seq_lens, tables, logit_rows = header
                 ids = self.ranks.share_ids(torch.empty(num_tokens, dtype=torch.long, device=self.device))
                 batch = make_attention_batch(query_lens, seq_lens, tables, self.block_size, self.device)
-                forward_rows(self.model, self.kv_cache, ids, batch, logit_rows, self.device)
+                self.last_hidden, _ = forward_rows(self.model, self.kv_cache, ids, batch, logit_rows, self.device)
+            elif kind == "medusa":  # rank 0 drafts from these rows of the last step's hidden states
+                with torch.inference_mode():
+                    rows = torch.tensor(header[1], device=self.last_hidden.device)
+                    self.medusa.heads.propose(self.last_hidden[rows], self.model.compute_logits, self.medusa.k)
             elif kind == "score":  # a prompt's own logprobs: the same forward, the same logits chunks
                 ids = self.ranks.share_ids(torch.empty(header[1], dtype=torch.long, device=self.device))
                 for _ in prompt_logits(self.model, ids, block_size=self.block_size, device=self.device):
