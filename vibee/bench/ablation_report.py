@@ -109,7 +109,8 @@ def table_rows(runs: dict[str, dict[str, Any]], spec: dict[str, dict[str, Any]],
                                 plain["output_tokens_per_s"], note=note))
     devices = f"{num_devices} CUDA device{'s' if num_devices != 1 else ''}" if num_devices else "no CUDA device"
     rows.append(claimed_row("tensor_parallel", "Tensor parallelism", f"{devices}: not measured", tok, None, None,
-                            note="tensor-parallel serving is not built yet (the generated parallel layers exist)"))
+                            note="the speed-up needs 2 or more GPUs; `vibee bench throughput -tp 2` (and `bench latency -tp 2`)"
+                                 " measure it there"))
     return rows
 
 def plot_ablation(rows: list[AblationRow], path: Path, title: str) -> Path:
@@ -210,6 +211,8 @@ def report_sections(rows: list[AblationRow], measured: dict[str, Any]) -> tuple[
         "approximated by the draft model's parameter bytes over the target's (0 for n-gram); at batch 1 a small "
         "model's step costs its kernel launches more than its bytes, so the draft's real cost is higher. With "
         "--speculative the speed gate keeps the faster mode, so the measured speed-up is that of the mix it chose.",
-        "Tensor parallelism: not measured; tensor-parallel serving is not built yet.",
+        "Tensor parallelism: not measured by the ablation (its engines run on one device); `vibee bench throughput "
+        "-tp 2` and `bench latency -tp 2` shard the served model over 2 ranks (GPUs, or gloo processes on a CPU, "
+        "which measure the collectives' overhead, not a speed-up).",
     ]
     return sections, notes
