@@ -155,6 +155,7 @@ def test_write_spec_puts_the_derived_table_into_the_spec(tmp_path):
     path.write_text(bare, encoding="utf-8")
     result = CliRunner().invoke(bench, [a if a != "1,32" else "1" for a in args])
     assert result.exit_code == 2 and "no `tiles:` block" in result.output and path.read_text(encoding="utf-8") == bare
+    assert "nothing was timed" in result.output and not list((tmp_path / "out").glob("tiles-*.json"))[1:]  # failed first
 
 
 class _FakeQuant:
@@ -305,3 +306,20 @@ def test_gpu_rows_need_a_gpu(tmp_path, monkeypatch):
     result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--gpu-rows", "--weights", "64x64", "--rows", "1",
                                         "--result-dir", str(tmp_path)])
     assert result.exit_code != 0 and "--gpu-rows tags the rows with this GPU's name" in result.output
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the command on the CPU: set TRITON_INTERPRET=1")
+@pytest.mark.parametrize("quant, spec_name, block", [("int4", "igla_quantization.vibee", "tiles"),
+                                                     ("fp8", "igla_quantization.vibee", "fp8_tiles"),
+                                                     ("none", "igla_decoder.vibee", "gemv_tiles")])
+def test_write_spec_fails_before_timing_where_the_spec_has_no_block_to_replace(tmp_path, quant, spec_name, block):
+    specs = tmp_path / "specs"
+    shutil.copytree(SPEC.parent, specs)
+    path = specs / spec_name
+    bare = re.sub(rf"^  {block}:\n(?:    - .*\n)+", "", path.read_text(encoding="utf-8"), flags=re.M)
+    assert bare != path.read_text(encoding="utf-8")
+    path.write_text(bare, encoding="utf-8")
+    result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--quant", quant, "--weights", "32x128", "--rows", "1",
+                                        "--spec-dir", str(specs), "--result-dir", str(tmp_path / "out"), "--write-spec"])
+    assert result.exit_code == 2 and f"no `{block}:` block" in result.output and "nothing was timed" in result.output
+    assert not (tmp_path / "out").exists() and path.read_text(encoding="utf-8") == bare

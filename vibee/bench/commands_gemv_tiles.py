@@ -13,11 +13,13 @@ def gemv_tiles(gen, config, dev, dtype_name, weights, epilogues, result_dir, wri
     with silu * up's or RoPE's), report the derived gemv_tiles beside cuBLAS and the spec's own
     launch, and write them into the spec with --write-spec."""
     from vibee.bench import gemv_tile_sweep
-    from vibee.bench.commands_tiles import _report, _result, _skipped, _timing, _with_progress, _write_spec
+    from vibee.bench.commands_tiles import _report, _result, _skipped, _timing, _with_progress, _writable, _write_spec
     from vibee.bench.kernels import operand_copies, time_call
     from vibee.runtime.engine import TORCH_DTYPES
 
     spec = gen.specs["decoder"]
+    if write_spec:
+        _writable(Path(spec.path), lambda text: gemv_tile_sweep.paste_gemv_table(text, list(spec.config.gemv_tiles)))
     measured = _with_progress(err, len(weights), lambda on_product: gemv_tile_sweep.sweep_gemv(
         gen.decoder, weights, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call, epilogues=epilogues,
         on_product=on_product, operand_copies=operand_copies))

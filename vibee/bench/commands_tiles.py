@@ -125,11 +125,13 @@ def tiles(shape, weights, rows, quant, spec_dir, device, result_dir, write_spec,
     # wgmma tiles where that kernel runs (elsewhere their launch is an mm tile the sweep times anyway)
     wgmma = (dev.startswith("cuda") and getattr(quant_module, "gluon", None) is not None
              and torch.cuda.get_device_capability(torch.device(dev)) == (9, 0))
+    current = gen.specs["quantization"].config.tiles
+    if write_spec:
+        _writable(Path(gen.specs["quantization"].path), lambda text: tile_sweep.paste_table(text, current))
     measured = _with_progress(err, len(products) * len(counts), lambda on_product: tile_sweep.sweep(
         quant_module, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call,
         on_product=on_product, wgmma=wgmma, operand_copies=operand_copies))
     # Row counts outside the sweep's keep the spec's rows (--rows 1 retunes only the GEMV's, --rows 16,... all but it)
-    current = gen.specs["quantization"].config.tiles
     if gpu_rows:
         table = tile_sweep.gpu_rows(tile_sweep.derive_table(measured), current, counts[0], counts[-1], gpu_name)
     else:
@@ -225,6 +227,9 @@ def _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write
     from vibee.runtime.engine import TORCH_DTYPES
 
     spec = gen.specs["quantization"]
+    if write_spec:
+        _writable(Path(spec.path), lambda text: fp8_tile_sweep.paste_fp8(text, list(spec.config.fp8_tiles),
+                                                                          spec.config.fp8_triton_max_rows))
     measured = _with_progress(err, len(products) * len(counts), lambda on_product: fp8_tile_sweep.sweep_fp8(
         gen.quantization, products, counts, device=dev, dtype=TORCH_DTYPES[dtype_name], time_call=time_call,
         on_product=on_product, operand_copies=operand_copies))
@@ -262,6 +267,15 @@ def _fp8_tiles(gen, config, dev, dtype_name, products, counts, result_dir, write
     if write_spec:
         _write_spec(Path(spec.path), lambda text: fp8_tile_sweep.paste_fp8(text, table, max_rows),
                     lambda spec: (list(spec.config.fp8_tiles), spec.config.fp8_triton_max_rows), (list(table), max_rows), out)
+
+
+def _writable(path: Path, paste) -> None:
+    """Fail before anything is timed where --write-spec could not put a table into the spec at path
+    (paste(its text) raises: no block to replace), rather than after a sweep of minutes."""
+    try:
+        paste(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        fail(f"{path}: {exc}; nothing was timed (paste the table by hand after a run without --write-spec)")
 
 
 def _write_spec(path: Path, paste, read_back, want, out) -> None:
