@@ -122,40 +122,46 @@ def test_the_command_needs_a_gpu_or_the_interpreter(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "run it on a GPU" in result.output
 
 
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One sweep in the interpreter (half a minute), --write-spec into a copy of the specs: both tests below
+    check it, the report and the spec it wrote."""
+    tmp_path = tmp_path_factory.mktemp("tiles")
+    specs, out = tmp_path / "specs", tmp_path / "out"
+    shutil.copytree(SPEC.parent, specs)
+    args = ["tiles", "--device", "cpu", "--weights", "64x128,32x128", "--rows", "1,32", "--spec-dir", str(specs),
+            "--result-dir", str(out), "--write-spec"]
+    return SimpleNamespace(result=CliRunner().invoke(bench, args), args=args, spec=specs / SPEC.name, out=out)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
-def test_the_command_times_every_candidate_and_writes_the_table(tmp_path):
-    result = CliRunner().invoke(bench, ["tiles", "--device", "cpu", "--weights", "64x128,32x128", "--rows", "1,32",
-                                        "--result-dir", str(tmp_path)])
+def test_the_command_times_every_candidate_and_writes_the_table(swept):
+    result = swept.result
     assert result.exit_code == 0, result.output
-    data = json.loads(next(tmp_path.glob("tiles-*.json")).read_text())
+    data = json.loads(next(swept.out.glob("tiles-*.json")).read_text())
     assert [(r["n"], r["m"]) for r in data["results"]] == [(64, 1), (64, 32), (32, 1), (32, 32)]
     assert all(len(r["candidates"]) == len(candidates(r["m"], wgmma=False)) and all(c["seconds"] for c in r["candidates"])
                for r in data["results"])  # every candidate launched and matched the dequantized product
-    snippet = next(tmp_path.glob("tiles-*.tiles.vibee")).read_text()
-    assert next(tmp_path.glob("tiles-*.png")).read_bytes().startswith(b"\x89PNG")
+    snippet = next(swept.out.glob("tiles-*.tiles.vibee")).read_text()
+    assert next(swept.out.glob("tiles-*.png")).read_bytes().startswith(b"\x89PNG")
     assert snippet.startswith("  tiles:\n    - {kernel: gemv, max_m: 1") and len(data["table"]) == snippet.count("    - {")
-    assert "or rerun with --write-spec: " + str(SPEC) in " ".join(result.output.split())
+    assert "or rerun with --write-spec: " + str(swept.spec) in " ".join(result.output.split())  # the spec it read
     assert all(c["wrong"] is None for r in data["results"] for c in r["candidates"])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton kernels on the CPU: set TRITON_INTERPRET=1")
-def test_write_spec_puts_the_derived_table_into_the_spec(tmp_path):
-    specs = tmp_path / "specs"
-    shutil.copytree(SPEC.parent, specs)
-    args = ["tiles", "--device", "cpu", "--weights", "32x128", "--rows", "1,32", "--spec-dir", str(specs),
-            "--result-dir", str(tmp_path / "out"), "--write-spec"]
-    result = CliRunner().invoke(bench, args)
+def test_write_spec_puts_the_derived_table_into_the_spec(swept):
+    result, path = swept.result, swept.spec
     assert result.exit_code == 0, result.output
-    data = json.loads(next((tmp_path / "out").glob("tiles-*.json")).read_text())
-    (spec,), _ = load_specs([specs / SPEC.name])
-    assert [t.model_dump() for t in spec.config.tiles] == data["table"] and "vibee gen" in result.output
+    data = json.loads(next(swept.out.glob("tiles-*.json")).read_text())
+    (spec,), _ = load_specs([path])
+    assert [t.model_dump() for t in spec.config.tiles] == data["table"] and "vibee gen" in " ".join(result.output.split())
     # a spec without the block is left as it was
-    path = specs / SPEC.name
     bare = re.sub(r"^  tiles:\n(?:    - .*\n)+", "", path.read_text(encoding="utf-8"), flags=re.M)
     path.write_text(bare, encoding="utf-8")
-    result = CliRunner().invoke(bench, [a if a != "1,32" else "1" for a in args])
+    result = CliRunner().invoke(bench, [a if a != "1,32" else "1" for a in swept.args])
     assert result.exit_code == 2 and "no `tiles:` block" in result.output and path.read_text(encoding="utf-8") == bare
-    assert "nothing was timed" in result.output and not list((tmp_path / "out").glob("tiles-*.json"))[1:]  # failed first
+    assert "nothing was timed" in result.output and not list(swept.out.glob("tiles-*.json"))[1:]  # failed first
 
 
 class _FakeQuant:

@@ -66,17 +66,18 @@ def test_kernel_draws_are_the_gumbel_max_of_its_noise(dtype, block):
 
 @needs_kernels
 def test_greedy_ties_go_to_the_first_column_as_torch_argmax():
-    """Vocab 2048 at block 16: 64 programs of two blocks a row. The tied columns sit in one
-    program's two blocks (2 and 17: lanes 2 and 1), in different programs (2 and 1500), and a
+    """Vocab 1040 at block 16 (65 blocks, past the 64-program cap): 33 programs of two blocks a row,
+    the last one's second past the vocabulary. The tied columns sit in one program's two blocks (2
+    and 17: lanes 2 and 1; 1007 and 1008: lanes 15 and 0), in different programs (2 and 900), and a
     row of -inf still names its first column."""
-    logits = torch.zeros(4, 2048, device=DEVICE)
+    logits = torch.zeros(4, 1040, device=DEVICE)
     logits[0, [17, 2]] = 1.0
-    logits[1, [1500, 2]] = 1.0
-    logits[2, [2000, 1999]] = 1.0
+    logits[1, [900, 2]] = 1.0
+    logits[2, [1008, 1007]] = 1.0
     logits[3] = float("-inf")
     got = gumbel_sample(logits, torch.zeros(4, device=DEVICE), torch.tensor([1], device=DEVICE), block=16)
-    assert got.tolist() == [2, 2, 1999, 0] == logits.argmax(dim=-1).tolist()
-    assert triton_argmax_rows(logits, block=256).tolist() == [2, 2, 1999, 0]  # the graphs' argmax, no noise
+    assert got.tolist() == [2, 2, 1007, 0] == logits.argmax(dim=-1).tolist()
+    assert triton_argmax_rows(logits, block=256).tolist() == [2, 2, 1007, 0]  # the graphs' argmax, no noise
 
 
 @needs_kernels
@@ -84,15 +85,16 @@ def test_greedy_ties_go_to_the_first_column_as_torch_argmax():
 def test_nan_logits_count_as_the_largest_so_every_row_names_a_column(temperature):
     """A row of NaN logits (an upstream fault: a wrong int4 tile once gave whole rows of them) must
     still give a token of the vocabulary: 2^31 - 1 faulted the next step's embedding gather and
-    ended the server. NaN wins as in torch.argmax; several tie to the first."""
-    logits = torch.zeros(4, 2048, device=DEVICE)
+    ended the server. NaN wins as in torch.argmax; several tie to the first. (The programs of
+    the ties test: vocab 1040 at block 16.)"""
+    logits = torch.zeros(4, 1040, device=DEVICE)
     logits[0] = float("nan")
     logits[1, 700], logits[1, 5] = float("nan"), 3.0
-    logits[2, [1500, 40]] = float("nan")
-    logits[3, 1200:] = float("nan")
+    logits[2, [1000, 40]] = float("nan")
+    logits[3, 592:] = float("nan")  # from the second block of program 18 on
     got = gumbel_sample(logits, torch.full((4,), temperature, device=DEVICE), torch.tensor([1], device=DEVICE), block=16)
-    assert got.tolist() == [0, 700, 40, 1200] == logits.argmax(dim=-1).tolist()
-    assert triton_argmax_rows(logits, block=256).tolist() == [0, 700, 40, 1200]
+    assert got.tolist() == [0, 700, 40, 592] == logits.argmax(dim=-1).tolist()
+    assert triton_argmax_rows(logits, block=256).tolist() == [0, 700, 40, 592]
 
 
 @needs_kernels
@@ -183,11 +185,12 @@ def test_kernel_path_logprobs_are_the_model_distribution():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab, block", [(300, 64), (300, 1024), (5000, 16)])
+@pytest.mark.parametrize("vocab, block", [(300, 64), (300, 1024), (2072, 16)])
 def test_the_graphs_argmax_is_torchs(dtype, vocab, block):
     """triton_argmax_rows (the decode and prefill graphs' argmax on a GPU) against torch.argmax:
-    one chunk a row, several, the 64-chunk cap with several blocks a chunk (5000 at 16), rows
-    with ties across chunks, written into a slice of a longer buffer as the graphs do."""
+    one chunk a row, several, the 64-chunk cap with several blocks a chunk (2072 at 16: 44 chunks
+    of three blocks, the last two of the last chunk past the vocabulary), rows with ties across
+    chunks, written into a slice of a longer buffer as the graphs do."""
     torch.manual_seed(1)
     logits = (torch.randn(6, vocab) * 2).round().to(dtype).to(DEVICE)  # rounded: many ties
     out = torch.full((8,), -1, dtype=torch.long, device=DEVICE)

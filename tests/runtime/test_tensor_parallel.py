@@ -20,10 +20,10 @@ from vibee.runtime.tensor_parallel import rank_heads, shard_model
 IDS = [3, 17, 42, 99, 5, 250, 7, 61, 12]
 
 
-def _logits(model_dir: Path, shard=None):
+def _logits(model_dir: Path, shard=None, gen=None):
     """(logits of IDS, the model, what shard(gen, model) returned): the model built from the
-    checkpoint, sharded first when given a shard."""
-    gen = load_generated()
+    checkpoint (on gen, default load_generated()), sharded first when given a shard."""
+    gen = gen if gen is not None else load_generated()
     model = build_model(load_model_dir(model_dir, dtype=torch.float32, progress=False), gen).eval()
     shape = shard(gen, model) if shard is not None else None
     batch = make_attention_batch([len(IDS)], [len(IDS)], None, 16, "cpu")
@@ -32,22 +32,32 @@ def _logits(model_dir: Path, shard=None):
     return logits, model, shape
 
 
-def _rank(rank: int, size: int, model_dir: Path, out: Path) -> None:
-    """One rank (a spawned process): join the gloo group, shard the model by the spec's plan, save its logits."""
+SIZES = (4, 2)  # 4: fewer KV heads than ranks, each rank a copy of one
+
+
+def _rank(rank: int, model_dir: Path, out: Path) -> None:
+    """One process (spawned): for each of SIZES it has a rank in, join that gloo group, shard the
+    model by the spec's plan, save its logits, leave the group."""
     gen = load_generated()
     tp = gen.tensor_parallel
-    group = tp.init_tensor_parallel(rank, size, "gloo", init_method=f"file://{out / 'rendezvous'}")
     plan = gen.config("tensor_parallel")
+    kept = []  # the sharded models, alive until the process leaves (below)
+    for size in SIZES:
+        if rank >= size:
+            break
+        group = tp.init_tensor_parallel(rank, size, "gloo", init_method=f"file://{out / f'rendezvous{size}'}")
 
-    def shard(gen, model):
-        return shard_model(model, tp, rank, size, group, sharding=plan.sharding, gather_output=plan.gather_output)
+        def shard(gen, model):
+            return shard_model(model, tp, rank, size, group, sharding=plan.sharding, gather_output=plan.gather_output)
 
-    try:
-        logits, model, shape = _logits(model_dir, shard)
-        torch.save({"logits": logits, "heads": (shape.num_heads, shape.num_kv_heads),
-                    "qkv_rows": model.model.layers[0].self_attn.qkv_proj.weight.shape[0]}, out / f"rank{rank}.pt")
-    finally:
-        tp.destroy_tensor_parallel()
+        try:
+            logits, model, shape = _logits(model_dir, shard, gen)
+            kept.append(model)
+            torch.save({"logits": logits, "heads": (shape.num_heads, shape.num_kv_heads),
+                        "qkv_rows": model.model.layers[0].self_attn.qkv_proj.weight.shape[0]},
+                       out / f"size{size}-rank{rank}.pt")
+        finally:
+            tp.destroy_tensor_parallel()
     # Saved and out of the group: leave without the interpreter's teardown, where the sharded
     # layers' last references to the gloo group free it with its threads still joinable
     # ("terminate called without an active exception", SIGABRT, now and then on busy cores).
@@ -62,11 +72,11 @@ def tiny(tmp_path_factory):
     return model_dir
 
 
-@pytest.mark.parametrize("size", [2, 4])  # 4: fewer KV heads than ranks, each rank a copy of one
-def test_sharded_ranks_give_the_unsharded_logits(tiny, tmp_path, size):
+def test_sharded_ranks_give_the_unsharded_logits(tiny, tmp_path):
+    """Over 4 ranks, then over 2 (one set of processes: ranks 0 and 1 of the four go on to the two)."""
     expected, _, _ = _logits(tiny)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, size, tiny, tmp_path)) for r in range(size)]
+    procs = [ctx.Process(target=_rank, args=(r, tiny, tmp_path)) for r in range(max(SIZES))]
     for p in procs:
         p.start()
     for p in procs:
@@ -76,11 +86,12 @@ def test_sharded_ranks_give_the_unsharded_logits(tiny, tmp_path, size):
             p.kill()
             p.join()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    heads = rank_heads(4, 2, size)
-    for r in range(size):
-        got = torch.load(tmp_path / f"rank{r}.pt")
-        assert got["heads"] == heads and got["qkv_rows"] == (heads[0] + 2 * heads[1]) * 16
-        torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
+    for size in SIZES:
+        heads = rank_heads(4, 2, size)
+        for r in range(size):
+            got = torch.load(tmp_path / f"size{size}-rank{r}.pt")
+            assert got["heads"] == heads and got["qkv_rows"] == (heads[0] + 2 * heads[1]) * 16, size
+            torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_heads_that_do_not_split_are_named():

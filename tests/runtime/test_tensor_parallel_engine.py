@@ -30,8 +30,9 @@ def engine(model=None, **flags) -> LLMEngine:
     return LLMEngine(EngineConfig(model=model, device="cpu", **settings, knobs=knobs), progress=False)
 
 
-def greedy(eng: LLMEngine, max_tokens: int = 24, prompts=PROMPTS) -> dict[str, list[int]]:
-    """Every prompt at once (they batch and finish at different steps), greedy; the engine closed after."""
+def greedy(eng: LLMEngine, max_tokens: int = 24, prompts=PROMPTS, close: bool = True) -> dict[str, list[int]]:
+    """Every prompt at once (they batch and finish at different steps), greedy; the engine closed
+    after (unless close is False)."""
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         for i, text in enumerate(prompts):
@@ -43,7 +44,8 @@ def greedy(eng: LLMEngine, max_tokens: int = 24, prompts=PROMPTS) -> dict[str, l
                     out[o.request_id] = o.outputs[0].token_ids
         return out
     finally:
-        eng.close()
+        if close:
+            eng.close()
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,29 @@ def scored(eng: LLMEngine) -> list[float]:
     return [e.logprob for e in out.prompt_logprobs[1:]]
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """quant -> (scored, greedy) of the one-rank engine of the built-in model, each run once per module."""
+    done = {}
+
+    def get(quant: str) -> tuple[list[float], dict[str, list[int]]]:
+        if quant not in done:
+            one = engine(quant=quant)
+            done[quant] = scored(one), greedy(one)
+        return done[quant]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def gqa_greedy(gqa_dir):
+    """The one-rank engine's greedy tokens of the GQA model, 40 a prompt (a test wanting fewer takes their prefix)."""
+    return greedy(engine(gqa_dir), max_tokens=40)
+
+
 @pytest.mark.parametrize("quant", ["none", "int8"])
-def test_two_ranks_give_the_one_rank_greedy_tokens_on_the_built_in_model(quant):
-    one = engine(quant=quant)
-    expected_scores = scored(one)
-    expected = greedy(one)
+def test_two_ranks_give_the_one_rank_greedy_tokens_on_the_built_in_model(quant, one_rank):
+    expected_scores, expected = one_rank(quant)
     eng = engine(quant=quant, tensor_parallel_size=2)
     assert eng.ranks.size == 2 and eng.num_kv_heads == eng.model_config.num_kv_heads // 2
     info = eng.info()["tensor_parallel"]
@@ -74,13 +94,13 @@ def test_two_ranks_give_the_one_rank_greedy_tokens_on_the_built_in_model(quant):
     assert greedy(eng) == expected
 
 
-def test_a_plan_that_replicates_the_mlp_serves_it_whole_and_still_gives_the_one_rank_tokens(tmp_path):
+def test_a_plan_that_replicates_the_mlp_serves_it_whole_and_still_gives_the_one_rank_tokens(tmp_path, one_rank):
     """The spec's sharding plan decides what each rank holds: here every MLP stays whole."""
     spec_dir = tmp_path / "specs"
     shutil.copytree(REPO_ROOT / "specs" / "tri", spec_dir)
     path = spec_dir / "igla_tensor_parallel.vibee"
     path.write_text(with_knob(with_knob(path.read_text(), "gate_up_proj", "replicated"), "down_proj", "replicated"))
-    expected = greedy(engine())
+    _, expected = one_rank("none")
     eng = engine(spec_dir=spec_dir, tensor_parallel_size=2)
     layer = eng.model.model.layers[0]
     assert type(layer.mlp.down_proj) is nn.Linear and type(layer.mlp.gate_up_proj) is nn.Linear
@@ -88,20 +108,31 @@ def test_a_plan_that_replicates_the_mlp_serves_it_whole_and_still_gives_the_one_
     assert greedy(eng) == expected
 
 
-def test_four_ranks_over_two_kv_heads_give_the_one_rank_tokens(gqa_dir):
-    expected = greedy(engine(gqa_dir), max_tokens=12)
+def test_four_ranks_over_two_kv_heads_give_the_one_rank_tokens(gqa_dir, gqa_greedy):
     eng = engine(gqa_dir, tensor_parallel_size=4)
     assert eng.num_kv_heads == 1 and len(eng.ranks.workers) == 3
-    assert greedy(eng, max_tokens=12) == expected
+    assert greedy(eng, max_tokens=12) == {i: tokens[:12] for i, tokens in gqa_greedy.items()}
 
 
-def test_swap_preemption_is_mirrored_by_the_workers(gqa_dir):
-    """Few KV blocks: sequences are swapped out and back on every rank alike."""
-    expected = greedy(engine(gqa_dir), max_tokens=40)
+def test_swap_preemption_is_mirrored_by_the_workers_then_a_worker_that_dies_ends_the_steps_with_the_reason(
+        gqa_dir, gqa_greedy):
+    """Few KV blocks: sequences are swapped out and back on every rank alike. Then (one rank group
+    for both checks) a worker is killed: the engine's next check and steps raise with the reason."""
     eng = engine(gqa_dir, tensor_parallel_size=2, num_kv_blocks=9, preemption_mode="swap")
-    got = greedy(eng, max_tokens=40)
-    assert eng.report.totals["preemptions"] > 0
-    assert got == expected
+    try:
+        got = greedy(eng, max_tokens=40, close=False)
+        assert eng.report.totals["preemptions"] > 0
+        assert got == gqa_greedy
+        eng.ranks.workers[0].kill()
+        eng.ranks.workers[0].wait()
+        with pytest.raises(RankLost, match=r"rank 1 exited \(exit code -9\)"):
+            eng.ranks.check()
+        eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
+        with pytest.raises(RankLost, match="rank 1 exited"):
+            for _ in range(3):
+                eng.step()
+    finally:
+        eng.close()
 
 
 def speculating(eng: LLMEngine, figures: dict) -> LLMEngine:
@@ -131,21 +162,6 @@ def test_speculation_over_two_ranks_drafts_and_accepts_as_one_rank_does(method, 
     assert two["num_accepted_tokens"] > 0 and two["num_drafts"] > 0
     assert {k: two[k] for k in ("num_drafts", "num_accepted_tokens", "accepted_at_position")} == {
         k: one[k] for k in ("num_drafts", "num_accepted_tokens", "accepted_at_position")}
-
-
-def test_a_worker_that_dies_ends_the_steps_with_the_reason(gqa_dir):
-    eng = engine(gqa_dir, tensor_parallel_size=2)
-    try:
-        eng.ranks.workers[0].kill()
-        eng.ranks.workers[0].wait()
-        with pytest.raises(RankLost, match=r"rank 1 exited \(exit code -9\)"):
-            eng.ranks.check()
-        eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4))
-        with pytest.raises(RankLost, match="rank 1 exited"):
-            for _ in range(3):
-                eng.step()
-    finally:
-        eng.close()
 
 
 def test_quantized_groups_that_cut_across_a_shard_are_refused_with_the_size_to_use():
